@@ -1,0 +1,13 @@
+//! vbackup-core: the pure, deterministic heart of vbackup.
+//!
+//! Contract: nothing in this crate performs IO, reads a clock, reads the environment or draws
+//! random numbers. Time arrives as an argument, identifiers come from counters, and every map that
+//! can reach an output is ordered. Given the same inputs, the core produces the same outputs, byte
+//! for byte. Errors are values; no input makes the core panic.
+//!
+//! The crate holds the libvirt-compatible XML formats ([`xml`]), the QMP vocabulary ([`qmp`]),
+//! and the per-domain state machine that decides every QMP command.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod xml;
