@@ -5,9 +5,12 @@
 //! can reach an output is ordered. Given the same inputs, the core produces the same outputs, byte
 //! for byte. Errors are values; no input makes the core panic.
 //!
-//! The crate holds the libvirt-compatible XML formats ([`xml`]), the QMP vocabulary ([`qmp`]),
-//! and the per-domain state machine that decides every QMP command.
+//! The crate holds the libvirt-compatible XML formats ([`xml`]), the domain model ([`model`]),
+//! the reader interface of pull exports ([`export`]), the QMP vocabulary, and the per-domain
+//! state machine that decides every QMP command.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod export;
+pub mod model;
 pub mod xml;

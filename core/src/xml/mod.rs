@@ -1,1 +1,3 @@
 //! libvirt-compatible `<domaincheckpoint>`, `<domainbackup>` and (a reader for) `<domain>` XML.
+
+pub mod schema;
