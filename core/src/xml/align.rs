@@ -20,23 +20,28 @@ fn fail(origin: Origin, path: &str, message: String) -> XmlError {
 /// The file name generated for a disk that has no explicit target or scratch image:
 /// `<path of the disk's top image>.<suffix>`. Only a disk whose top image is a local file gets
 /// one; for any other disk the caller must name the image.
-fn generated_store(disk: &DiskDef, suffix: &str, origin: Origin) -> Result<BackupStore, XmlError> {
+fn generated_store(
+    disk: &DiskDef,
+    suffix: &str,
+    origin: Origin,
+    path: &str,
+) -> Result<BackupStore, XmlError> {
     match disk.top() {
         Some(top) if top.storage == StorageType::File => match &top.path {
             Some(path) => Ok(BackupStore {
                 path: Some(format!("{path}.{suffix}")),
                 ..BackupStore::default()
             }),
-            None => Err(refuse_generation(disk, origin)),
+            None => Err(refuse_generation(disk, origin, path)),
         },
-        _ => Err(refuse_generation(disk, origin)),
+        _ => Err(refuse_generation(disk, origin, path)),
     }
 }
 
-fn refuse_generation(disk: &DiskDef, origin: Origin) -> XmlError {
+fn refuse_generation(disk: &DiskDef, origin: Origin, path: &str) -> XmlError {
     fail(
         origin,
-        BACKUP_DISK,
+        path,
         format!(
             "refusing to generate a file name for disk '{}': its source is not a local file",
             disk.target
@@ -123,7 +128,12 @@ pub fn align_backup(
         let backup = if backup_all && !dom_disk.is_empty() && !dom_disk.readonly {
             Some(DiskBackup {
                 storage: BackupStorage::File,
-                store: Some(generated_store(dom_disk, suffix, def.origin)?),
+                store: Some(generated_store(
+                    dom_disk,
+                    suffix,
+                    def.origin,
+                    "/domainbackup",
+                )?),
                 ..DiskBackup::default()
             })
         } else {
@@ -160,7 +170,7 @@ pub fn align_backup(
                     format!("no disk named '{}'", disk.name),
                 )
             })?;
-            let generated = generated_store(dom_disk, suffix, origin)?;
+            let generated = generated_store(dom_disk, suffix, origin, BACKUP_DISK)?;
             let store = backup.store.get_or_insert_with(BackupStore::default);
             store.path = generated.path;
         }

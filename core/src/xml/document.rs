@@ -30,14 +30,33 @@ pub fn load(text: &str) -> Result<Document<'_>, XmlError> {
         nodes_limit: MAX_NODES,
         ..roxmltree::ParsingOptions::default()
     };
-    let doc = Document::parse_with_options(text, options).map_err(malformed)?;
+    let doc = Document::parse_with_options(text, options).map_err(|e| malformed(text, e))?;
     check_depth(&doc)?;
     Ok(doc)
 }
 
-fn malformed(err: roxmltree::Error) -> XmlError {
+/// Line and column just past the end of `text`.
+fn end_position(text: &str) -> Position {
+    let line = text.matches('\n').count() + 1;
+    let column = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Position {
+        line: u32::try_from(line).unwrap_or(u32::MAX),
+        column: u32::try_from(column).unwrap_or(u32::MAX),
+    }
+}
+
+fn malformed(text: &str, err: roxmltree::Error) -> XmlError {
     use roxmltree::Error as E;
-    let pos = err.pos();
+    let pos = match err {
+        E::UnclosedRootNode | E::UnexpectedEndOfStream => end_position(text),
+        _ => {
+            let pos = err.pos();
+            Position {
+                line: pos.row,
+                column: pos.col,
+            }
+        }
+    };
     let (kind, message) = match &err {
         E::DtdDetected => (
             XmlErrorKind::Malformed,
@@ -75,10 +94,7 @@ fn malformed(err: roxmltree::Error) -> XmlError {
     };
     XmlError::new(
         kind,
-        Origin(Some(Position {
-            line: pos.row,
-            column: pos.col,
-        })),
+        Origin(Some(pos)),
         "/",
         format!("not well-formed XML: {message}"),
     )
@@ -103,10 +119,13 @@ fn check_depth(doc: &Document<'_>) -> Result<(), XmlError> {
     let mut stack = vec![(doc.root_element(), 1usize)];
     while let Some((node, depth)) = stack.pop() {
         if depth > MAX_DEPTH {
+            // The full path would be hundreds of components long.
+            let mut path: String = element_path(node).split_inclusive('/').take(5).collect();
+            path.push_str("...");
             return Err(XmlError::new(
                 XmlErrorKind::Limit,
                 origin(doc, node),
-                element_path(node),
+                path,
                 format!("elements nest deeper than the limit of {MAX_DEPTH}"),
             ));
         }

@@ -1,8 +1,8 @@
 //! The `<domain>` embedded in a checkpoint, kept as text.
 //!
-//! libvirt prints the domain nested one level inside `<domaincheckpoint>`. We store it as if it
-//! were a document of its own (its indentation reduced by the nesting it had in the source) and
-//! indent it again when formatting. Only whitespace between elements is touched; text content,
+//! libvirt prints the domain nested one level inside `<domaincheckpoint>`. We store it as it
+//! would print as a document of its own (two spaces per level) and indent it again when
+//! formatting. Only line breaks and indentation between elements are touched; text content,
 //! attributes, comments and CDATA are kept byte for byte.
 
 use roxmltree::{Document, Node};
@@ -23,27 +23,37 @@ fn indentation_ranges(text: &str, node: Node<'_, '_>) -> Vec<std::ops::Range<usi
         .collect()
 }
 
-/// The source text of `node`, its indentation reduced by the indentation of its own line.
+/// The source text of `node` with the whitespace between its elements laid out as libvirt lays
+/// it out for a document of its own: each line break followed by two spaces per nesting level.
 pub fn extract(text: &str, node: Node<'_, '_>) -> String {
     let range = node.range();
-    let line_start = text[..range.start].rfind('\n').map_or(0, |i| i + 1);
-    let lead = &text[line_start..range.start];
-    let base = if lead.bytes().all(|b| b == b' ' || b == b'\t') {
-        lead
-    } else {
-        ""
-    };
     let mut out = String::with_capacity(range.len());
     let mut at = range.start;
     for ws in indentation_ranges(text, node) {
         out.push_str(&text[at..ws.start]);
-        let mut lines = text[ws.clone()].split('\n');
-        if let Some(first) = lines.next() {
-            out.push_str(first);
-        }
-        for line in lines {
+        let source = &text[ws.clone()];
+        if source.contains('\n') {
+            // The node's depth below `node` (1 for a child of `node`); a break before the
+            // closing tag of the parent is one level shallower than one before a sibling.
+            let text_node = node
+                .descendants()
+                .find(|n| n.is_text() && n.range() == ws)
+                .unwrap_or(node);
+            let depth = text_node
+                .ancestors()
+                .skip(1)
+                .take_while(|a| *a != node)
+                .count()
+                + 1;
+            let depth = if text_node.next_sibling().is_some() {
+                depth
+            } else {
+                depth - 1
+            };
             out.push('\n');
-            out.push_str(line.strip_prefix(base).unwrap_or(line));
+            out.push_str(&"  ".repeat(depth));
+        } else {
+            out.push_str(source);
         }
         at = ws.end;
     }
@@ -82,18 +92,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn extract_then_indent_restores_the_source_layout() {
-        let text = "<a>\n  <domain type='x'>\n    <name>n</name>\n    <description>l1\n  l2</description>\n  </domain>\n</a>\n";
+    fn extracted_domain_is_laid_out_like_libvirt_and_indented_on_output() {
+        let text = "<a>\n  <domain type='x'>\n        <name>n</name>\n\n    <description>l1\n  l2</description>\n    <devices>\n\t<disk/>\n </devices>\n  </domain>\n</a>\n";
         let doc = Document::parse(text).unwrap();
         let node = doc.root_element().first_element_child().unwrap();
         let stored = extract(text, node);
         assert_eq!(
             stored,
-            "<domain type='x'>\n  <name>n</name>\n  <description>l1\n  l2</description>\n</domain>"
+            "<domain type='x'>\n  <name>n</name>\n  <description>l1\n  l2</description>\n  <devices>\n    <disk/>\n  </devices>\n</domain>"
         );
         assert_eq!(
             indent(&stored, "  "),
-            "  <domain type='x'>\n    <name>n</name>\n    <description>l1\n  l2</description>\n  </domain>\n"
+            "  <domain type='x'>\n    <name>n</name>\n    <description>l1\n  l2</description>\n    <devices>\n      <disk/>\n    </devices>\n  </domain>\n"
         );
     }
 }
