@@ -10,6 +10,40 @@ use super::error::{Origin, XmlError, XmlErrorKind};
 use crate::model::{DiskDef, DomainDef, ImageFormat, StorageType};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The domain's disks by target and by top-image path (a path shared by two disks maps to
+/// `None`), so that alignment stays linear in the number of disks.
+struct DiskIndex<'d> {
+    by_target: BTreeMap<&'d str, &'d DiskDef>,
+    by_path: BTreeMap<&'d str, Option<&'d DiskDef>>,
+}
+
+impl<'d> DiskIndex<'d> {
+    fn new(domain: &'d DomainDef) -> Self {
+        let mut by_target = BTreeMap::new();
+        let mut by_path = BTreeMap::new();
+        for disk in &domain.disks {
+            by_target.entry(disk.target.as_str()).or_insert(disk);
+            if let Some(path) = disk.top().and_then(|l| l.path.as_deref()) {
+                by_path
+                    .entry(path)
+                    .and_modify(|d| *d = None)
+                    .or_insert(Some(disk));
+            }
+        }
+        Self { by_target, by_path }
+    }
+
+    fn target(&self, name: &str) -> Option<&'d DiskDef> {
+        self.by_target.get(name).copied()
+    }
+
+    /// Like [`DomainDef::disk_by_target_or_path`].
+    fn target_or_path(&self, name: &str) -> Option<&'d DiskDef> {
+        self.target(name)
+            .or_else(|| self.by_path.get(name).copied().flatten())
+    }
+}
+
 const BACKUP_DISK: &str = "/domainbackup/disks/disk";
 const CHECKPOINT_DISK: &str = "/domaincheckpoint/disks/disk";
 
@@ -79,9 +113,10 @@ pub fn align_backup(
             "domain must have at least one disk to perform a backup".to_owned(),
         ));
     }
+    let index = DiskIndex::new(domain);
     let mut seen = BTreeSet::new();
     for disk in &def.disks {
-        let Some(dom_disk) = domain.disk(&disk.name) else {
+        let Some(dom_disk) = index.target(&disk.name) else {
             return Err(fail(
                 disk.origin,
                 BACKUP_DISK,
@@ -163,7 +198,7 @@ pub fn align_backup(
                     ),
                 ));
             }
-            let dom_disk = domain.disk(&disk.name).ok_or_else(|| {
+            let dom_disk = index.target(&disk.name).ok_or_else(|| {
                 fail(
                     origin,
                     BACKUP_DISK,
@@ -233,9 +268,10 @@ pub fn align_checkpoint(
             "domain must have at least one disk to perform checkpoints".to_owned(),
         ));
     }
+    let index = DiskIndex::new(domain);
     let mut listed: BTreeMap<&str, &CheckpointDisk> = BTreeMap::new();
     for disk in &def.disks {
-        let Some(dom_disk) = domain.disk_by_target_or_path(&disk.name) else {
+        let Some(dom_disk) = index.target_or_path(&disk.name) else {
             return Err(fail(
                 disk.origin,
                 CHECKPOINT_DISK,
