@@ -12,5 +12,8 @@
 #![deny(missing_docs)]
 
 pub mod export;
+pub mod link;
 pub mod model;
+pub mod qmp;
+pub mod trace;
 pub mod xml;
