@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{CommandId, Link, LinkError, Timestamp};
-use crate::qmp::{QmpCommand, QmpIn};
+use crate::qmp::{QmpCommand, QmpError, QmpEvent, QmpIn};
 use crate::trace::{TraceEntry, TraceLine};
 
 /// Renames recorded names (node names, job ids, export ids, paths...) to the names the replaying
@@ -93,40 +93,41 @@ impl NameMap {
         }
     }
 
-    /// Renames inside a trace entry. Ids are left alone (the replay maps them separately).
-    /// Renaming can only fail if it makes a typed message invalid, which token renaming of
-    /// names does not; such an entry is kept unrenamed.
+    /// Renames inside a trace entry: command arguments, reply values, error descriptions and
+    /// event data. Command and event names, action types and ids are left alone (ids are mapped
+    /// by the replay itself). A command whose renamed arguments no longer decode is kept
+    /// unrenamed, so renaming never loses an entry.
     pub fn apply_entry(&self, entry: &TraceEntry) -> TraceEntry {
         if self.names.is_empty() {
             return entry.clone();
         }
         match entry {
             TraceEntry::Send { id, command } => {
-                let renamed = self.apply(&command.to_wire(None));
-                match QmpCommand::from_wire(renamed) {
-                    Ok((_, command)) => TraceEntry::Send {
-                        id: id.clone(),
-                        command,
-                    },
-                    Err(_) => entry.clone(),
+                let arguments = command.arguments().map(|arguments| self.apply(&arguments));
+                let command = match QmpCommand::from_parts(command.name(), arguments) {
+                    Ok(renamed) => renamed,
+                    Err(_) => command.clone(),
+                };
+                TraceEntry::Send {
+                    id: id.clone(),
+                    command,
                 }
             }
-            TraceEntry::Recv(message) => {
-                let mut renamed = self.apply(&message.to_value());
-                // Reply ids are not names: restore the recorded one.
-                if let (QmpIn::Reply { id: Some(id), .. }, Value::Object(map)) =
-                    (message, &mut renamed)
-                {
-                    map.insert(
-                        "id".to_owned(),
-                        serde_json::to_value(id).unwrap_or(Value::Null),
-                    );
-                }
-                match QmpIn::from_value(renamed) {
-                    Ok(message) => TraceEntry::Recv(message),
-                    Err(_) => entry.clone(),
-                }
+            TraceEntry::Recv(QmpIn::Reply { id, result }) => TraceEntry::Recv(QmpIn::Reply {
+                id: id.clone(),
+                result: match result {
+                    Ok(value) => Ok(self.apply(value)),
+                    Err(error) => Err(QmpError {
+                        class: error.class.clone(),
+                        desc: self.apply_str(&error.desc),
+                    }),
+                },
+            }),
+            TraceEntry::Recv(QmpIn::Event(event)) => {
+                let renamed = QmpEvent::from_parts(event.name(), self.apply(&event.data()));
+                TraceEntry::Recv(QmpIn::Event(renamed.unwrap_or_else(|_| event.clone())))
             }
+            TraceEntry::Recv(QmpIn::Greeting(_)) => entry.clone(),
         }
     }
 }

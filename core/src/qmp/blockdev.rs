@@ -42,6 +42,12 @@ impl BlockdevRef {
     }
 }
 
+impl From<BlockdevOptions> for BlockdevRef {
+    fn from(options: BlockdevOptions) -> Self {
+        BlockdevRef::Inline(Box::new(options))
+    }
+}
+
 impl From<&str> for BlockdevRef {
     fn from(name: &str) -> Self {
         BlockdevRef::Node(name.to_owned())
@@ -153,6 +159,36 @@ impl BlockdevOptions {
             discard: None,
             extra: BTreeMap::new(),
         }
+    }
+
+    /// A `file` protocol node.
+    pub fn file(node_name: impl Into<String>, filename: impl Into<String>) -> Self {
+        BlockdevOptions::new(
+            node_name,
+            BlockdevDriver::File {
+                filename: filename.into(),
+            },
+        )
+    }
+
+    /// A `qcow2` format node over `file`; `backing` as in [`BlockdevDriver::Qcow2`].
+    pub fn qcow2(
+        node_name: impl Into<String>,
+        file: impl Into<BlockdevRef>,
+        backing: Option<BlockdevRefOrNull>,
+    ) -> Self {
+        BlockdevOptions::new(
+            node_name,
+            BlockdevDriver::Qcow2 {
+                file: file.into(),
+                backing,
+            },
+        )
+    }
+
+    /// A `raw` format node over `file`.
+    pub fn raw(node_name: impl Into<String>, file: impl Into<BlockdevRef>) -> Self {
+        BlockdevOptions::new(node_name, BlockdevDriver::Raw { file: file.into() })
     }
 
     fn to_entries(&self) -> Result<Vec<(String, Value)>, serde_json::Error> {
