@@ -5,5 +5,7 @@
 //! qemu-storage-daemon for managed domains, reads NBD exports, and keeps the on-disk store with
 //! atomic writes.
 
+pub mod live;
 pub mod qmp_socket;
+pub mod qsd;
 pub mod store;
