@@ -300,27 +300,31 @@ impl RunDir {
     }
 }
 
-/// Whether `pid` is a live (not zombie) qemu-storage-daemon, read from `/proc`.
+/// Whether `pid` is a live (not zombie) qemu-storage-daemon, read from `/proc/PID/stat`.
+///
+/// The command name there (at most 15 bytes, set at exec) guards against pid reuse. It is read
+/// from `stat` rather than `cmdline` because `cmdline` reads empty while a killed process is
+/// still tearing down, and such a process still holds its image locks: it counts as alive
+/// until it is a zombie. A zombie leader whose other threads are still exiting counts as alive
+/// too: Linux reports the leader as `Z` before the whole thread group is gone.
 pub fn daemon_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    // The state follows the parenthesised command name, which may itself contain ')'.
-    let state = stat
-        .rfind(')')
-        .and_then(|end| stat[end + 1..].split_whitespace().next());
-    if matches!(state, None | Some("Z") | Some("X")) {
+    // "PID (COMM) STATE ...": COMM may itself contain ')', so split at the last one.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = &stat[open + 1..close];
+    let state = stat[close + 1..].split_whitespace().next();
+    let expected = &QSD_PROGRAM[..QSD_PROGRAM.len().min(15)];
+    if comm != expected || state.is_none() || state == Some("X") {
         return false;
     }
-    // Guard against pid reuse: the pid must still belong to the daemon.
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| {
-            cmdline
-                .split(|&b| b == 0)
-                .next()
-                .is_some_and(|argv0| argv0.ends_with(QSD_PROGRAM.as_bytes()))
-        })
-        .unwrap_or(false)
+    if state != Some("Z") {
+        return true;
+    }
+    fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
 }
 
 /// Sends SIGKILL to `pid`. A pid that no longer exists is not an error.
