@@ -341,6 +341,12 @@ impl LiveLab {
         Ok(qsd)
     }
 
+    /// Takes ownership of a daemon process spawned elsewhere (with [`Qsd::take_child`]), so the
+    /// lab stops and reaps it.
+    pub fn adopt(&mut self, child: Child) {
+        self.daemons.push(child);
+    }
+
     /// Reconnects to the daemon in run directory `run`.
     pub fn reconnect(&self, run: &str) -> Result<Qsd, LiveError> {
         Ok(Qsd::reconnect(&self.file(run), Duration::from_secs(10))?)

@@ -459,6 +459,23 @@ impl Qsd {
         })
     }
 
+    /// Reconnects to the daemon running in `run_dir`, or starts one over `disks` if none runs
+    /// (no pid file, or its process is gone). A daemon that is running is trusted to have the
+    /// disks attached that it was started with; reconciling them is the caller's business.
+    pub fn connect_or_start(
+        run_dir: &Path,
+        disks: &[QsdDisk],
+        options: &QsdOptions,
+    ) -> Result<Qsd, QsdError> {
+        match Qsd::reconnect(run_dir, options.timeout) {
+            Ok(qsd) => Ok(qsd),
+            Err(QsdError::NotRunning { .. } | QsdError::DaemonGone { .. }) => {
+                Qsd::start(run_dir, disks, options)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.pid

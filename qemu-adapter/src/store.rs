@@ -8,6 +8,7 @@
 //! domains/<domain>/backups/<uuid>.xml
 //! domains/<domain>/journal.json
 //! locks/<domain>.lock
+//! run/<domain>/                 (a managed domain's qemu-storage-daemon files, see `qsd`)
 //! ```
 //!
 //! Contract:
@@ -257,6 +258,15 @@ impl DomainStore {
     /// The domain's directory (`domains/<name>`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The run directory of the domain's managed qemu-storage-daemon (`run/<name>`). It is
+    /// kept apart from `domains/<name>` so undefining a domain never pulls sockets from under a
+    /// running daemon. Not created here.
+    pub fn run_dir(&self) -> PathBuf {
+        let root = self.dir.parent().and_then(Path::parent);
+        root.map_or_else(|| PathBuf::from("run"), |r| r.join("run"))
+            .join(&self.name)
     }
 
     /// Whether `domain.xml` exists.

@@ -275,3 +275,21 @@ fn invalid_disk_definitions_are_refused_before_spawning() {
     }
     assert!(!lab.file("run").exists());
 }
+
+#[test]
+fn connect_or_start_starts_once_then_reconnects() {
+    require_qemu!();
+    let mut lab = LiveLab::new().unwrap();
+    let vda = one_disk(&lab);
+    let options = vbackup_qemu::qsd::QsdOptions::default();
+    let mut first =
+        Qsd::connect_or_start(&lab.file("run"), std::slice::from_ref(&vda), &options).unwrap();
+    let pid = first.pid();
+    // This process spawned it; the lab takes the child so it is stopped whatever happens.
+    lab.adopt(first.take_child().expect("spawned by this handle"));
+    drop(first);
+    let second = Qsd::connect_or_start(&lab.file("run"), &[vda], &options).unwrap();
+    assert_eq!(second.pid(), pid, "the running daemon was reused");
+    second.quit().unwrap();
+    assert!(lab.running_pids().is_empty());
+}

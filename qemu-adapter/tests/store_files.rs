@@ -39,6 +39,7 @@ fn documents_land_in_the_documented_layout() {
             .is_file()
     );
     assert_eq!(vm.read_journal().unwrap().as_deref(), Some("{}"));
+    assert_eq!(vm.run_dir(), store.root().join("run/vm1"));
     assert!(vm.is_defined());
     assert_eq!(store.list_domains().unwrap(), vec!["vm1".to_owned()]);
 }
