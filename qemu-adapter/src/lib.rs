@@ -4,3 +4,4 @@
 //! It speaks QMP to a real QEMU or qemu-storage-daemon over a unix socket, launches and stops
 //! qemu-storage-daemon for managed domains, reads NBD exports, and keeps the on-disk store with
 //! atomic writes.
+pub mod nbd;
