@@ -143,7 +143,7 @@ mod tests {
                 let len = (rng.next() % 40) as u32;
                 s.extend_from_slice(&len.to_be_bytes());
                 for _ in 0..len {
-                    s.push(if rng.next() % 3 == 0 {
+                    s.push(if rng.next().is_multiple_of(3) {
                         0
                     } else {
                         rng.next() as u8
