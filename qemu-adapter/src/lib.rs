@@ -6,6 +6,7 @@
 //! atomic writes.
 
 pub mod live;
+pub mod nbd;
 pub mod qmp_socket;
 pub mod qsd;
 pub mod store;
