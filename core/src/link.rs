@@ -96,7 +96,7 @@ impl fmt::Display for CommandId {
 }
 
 /// Why a link could not send or receive.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
     /// The peer closed the connection (or a replayed trace has nothing more to deliver).
     #[error("QMP connection closed")]
@@ -149,6 +149,20 @@ pub trait Link {
     /// `Ok(None)` when the deadline passed with nothing received; the link's clock then reads at
     /// least `deadline`.
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError>;
+}
+
+impl<L: Link + ?Sized> Link for Box<L> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+
+    fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
+        (**self).send(id, cmd)
+    }
+
+    fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
+        (**self).recv(deadline)
+    }
 }
 
 impl<L: Link + ?Sized> Link for &mut L {

@@ -47,7 +47,7 @@ fn empty_arguments_are_left_out() {
 
 #[test]
 fn checkpoint_transaction_encodes_like_libvirt() {
-    let tx = QmpCommand::Transaction(Transaction::new(vec![
+    let tx: QmpCommand = QmpCommand::Transaction(Transaction::new(vec![
         TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
             persistent: Some(true),
             disabled: Some(false),
@@ -83,6 +83,15 @@ fn checkpoint_transaction_encodes_like_libvirt() {
             {"type": "block-dirty-bitmap-merge", "data": {"node": "libvirt-10-format", "target": "backup-vda", "bitmaps": [{"node": "libvirt-2-format", "name": "c6"}]}},
             {"type": "blockdev-backup", "data": {"device": "libvirt-2-format", "job-id": "backup-vda-libvirt-2-format", "target": "libvirt-10-format", "sync": "none", "auto-finalize": true, "auto-dismiss": false}}
         ]}})
+    );
+    // The text form keeps struct order inside actions, whatever serde_json's map order.
+    let text = tx.encode(Some(&CommandId::Number(1)));
+    assert!(text.starts_with(
+        r#"{"execute":"transaction","arguments":{"actions":[{"type":"block-dirty-bitmap-add","data":{"node":"libvirt-2-format","name":"c7","persistent":true,"disabled":false}}"#
+    ), "{text}");
+    assert!(
+        text.ends_with(r#""sync":"none","auto-finalize":true,"auto-dismiss":false}}]},"id":1}"#),
+        "{text}"
     );
 }
 
@@ -511,4 +520,22 @@ fn decode_reads_bytes_and_reports_json_errors_with_position() {
         QmpCommand::decode(b"{\"execute\":\n  nope}"),
         Err(DecodeError::Json { line: 2, .. })
     ));
+}
+
+#[test]
+fn commands_serialize_as_their_wire_form_without_id() {
+    let cmd =
+        QmpCommand::BlockDirtyBitmapRemove(BlockDirtyBitmap::new("libvirt-2-format", "backup-vda"));
+    let value = serde_json::to_value(&cmd).unwrap();
+    assert_eq!(
+        value,
+        json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "libvirt-2-format", "name": "backup-vda"}})
+    );
+    assert_eq!(serde_json::from_value::<QmpCommand>(value).unwrap(), cmd);
+    let plan = vec![cmd, QmpCommand::QueryJobs];
+    assert_eq!(
+        serde_json::to_string(&plan).unwrap(),
+        r#"[{"execute":"block-dirty-bitmap-remove","arguments":{"node":"libvirt-2-format","name":"backup-vda"}},{"execute":"query-jobs"}]"#
+    );
+    assert!(serde_json::from_value::<QmpCommand>(json!({"execute": "job-dismiss"})).is_err());
 }

@@ -455,3 +455,27 @@ mod fuzz_like {
         }
     }
 }
+
+#[test]
+fn incoming_messages_and_events_serialize_as_their_wire_form() {
+    let message = QmpIn::decode(br#"{"event": "JOB_STATUS_CHANGE", "data": {"status": "null", "id": "j"}, "timestamp": {"seconds": 1, "microseconds": 1}}"#).unwrap();
+    let value = serde_json::to_value(&message).unwrap();
+    assert_eq!(
+        value,
+        json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "null", "id": "j"}})
+    );
+    assert_eq!(
+        serde_json::from_value::<QmpIn>(value.clone()).unwrap(),
+        message
+    );
+    let QmpIn::Event(event) = message else {
+        panic!()
+    };
+    assert_eq!(serde_json::to_value(&event).unwrap(), value);
+    assert_eq!(serde_json::from_value::<QmpEvent>(value).unwrap(), event);
+    assert_eq!(
+        serde_json::to_string(&QmpEvent::Resume).unwrap(),
+        r#"{"event":"RESUME"}"#
+    );
+    assert!(serde_json::from_value::<QmpEvent>(json!({"data": {}})).is_err());
+}

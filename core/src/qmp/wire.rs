@@ -10,7 +10,7 @@ use super::greeting::Greeting;
 use crate::link::CommandId;
 
 /// A message from QEMU: the greeting, a reply, or an event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QmpIn {
     /// The greeting, first thing on a new connection.
     Greeting(Greeting),
@@ -284,5 +284,20 @@ impl FrameDecoder {
         self.in_string = false;
         self.escaped = false;
         self.junk = false;
+    }
+}
+
+/// Serializes as the wire form ([`QmpIn::to_value`]).
+impl Serialize for QmpIn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+/// Reads the wire form ([`QmpIn::from_value`]).
+impl<'de> serde::Deserialize<'de> for QmpIn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        QmpIn::from_value(value).map_err(serde::de::Error::custom)
     }
 }
