@@ -539,3 +539,48 @@ fn commands_serialize_as_their_wire_form_without_id() {
     );
     assert!(serde_json::from_value::<QmpCommand>(json!({"execute": "job-dismiss"})).is_err());
 }
+
+#[test]
+fn shorthands_build_the_commands_libvirt_sends() {
+    let cases = [
+        (
+            QmpCommand::query_named_block_nodes(),
+            json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}),
+        ),
+        (
+            QmpCommand::job_dismiss("j"),
+            json!({"execute": "job-dismiss", "arguments": {"id": "j"}}),
+        ),
+        (
+            QmpCommand::job_cancel("j"),
+            json!({"execute": "job-cancel", "arguments": {"id": "j"}}),
+        ),
+        (
+            QmpCommand::job_finalize("j"),
+            json!({"execute": "job-finalize", "arguments": {"id": "j"}}),
+        ),
+        (
+            QmpCommand::block_job_cancel("j", true),
+            json!({"execute": "block-job-cancel", "arguments": {"device": "j", "force": true}}),
+        ),
+        (
+            QmpCommand::blockdev_del("n"),
+            json!({"execute": "blockdev-del", "arguments": {"node-name": "n"}}),
+        ),
+        (
+            QmpCommand::bitmap_remove("n", "b"),
+            json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "n", "name": "b"}}),
+        ),
+        (
+            QmpCommand::block_export_del("e"),
+            json!({"execute": "block-export-del", "arguments": {"id": "e"}}),
+        ),
+        (
+            QmpCommand::object_del("o"),
+            json!({"execute": "object-del", "arguments": {"id": "o"}}),
+        ),
+    ];
+    for (cmd, expected) in cases {
+        assert_eq!(wire(&cmd), expected);
+    }
+}

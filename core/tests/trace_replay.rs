@@ -212,6 +212,25 @@ fn replay_holds_back_messages_that_follow_an_unsent_command() {
 }
 
 #[test]
+fn replay_waiting_forever_for_a_recording_that_only_sends_more_is_stalled() {
+    // A recording that ends with a command nobody answered.
+    let text = "{\"dir\":\"send\",\"msg\":{\"execute\":\"query-jobs\",\"id\":1}}\n";
+    let mut link = ReplayLink::new(
+        trace::parse(text).unwrap(),
+        &NameMap::new(),
+        Timestamp::ZERO,
+    );
+    assert!(matches!(
+        link.recv(None),
+        Err(LinkError::Stalled { line: 1, .. })
+    ));
+    link.send(CommandId::Number(7), &QmpCommand::QueryJobs)
+        .unwrap();
+    assert!(link.is_finished());
+    assert_eq!(link.recv(None), Err(LinkError::Closed));
+}
+
+#[test]
 fn replay_lets_a_client_send_before_draining_earlier_events() {
     // blockdev-create's reply is followed by job events before the next command; a client may
     // send query-jobs as soon as it sees `concluded`, or even earlier, without reading the rest.

@@ -140,7 +140,8 @@ impl NameMap {
 /// - `recv` returns the recorded replies and events in order, with reply ids translated to the
 ///   ids the client used. A recorded message that follows a command not yet sent is held back
 ///   until that command is sent (it may be caused by it); until then `recv` times out at its
-///   deadline, or fails with [`LinkError::Stalled`] when asked to wait forever.
+///   deadline, or fails with [`LinkError::Stalled`] when asked to wait forever. Waiting forever
+///   after everything was played gives [`LinkError::Closed`].
 /// - The clock starts at the given time and moves only when `recv` times out: it jumps to the
 ///   deadline. Nothing sleeps.
 #[derive(Clone, Debug)]
@@ -274,11 +275,13 @@ impl Link for ReplayLink {
                 self.now = self.now.max(deadline);
                 Ok(None)
             }
+            // Waiting forever while the recording still expects a command can never end;
+            // once everything was played, the recorded peer is simply gone.
             None => match self.lines.get(self.next_send) {
                 Some(TraceLine {
                     line,
                     entry: TraceEntry::Send { command, .. },
-                }) if self.next_recv < self.lines.len() => Err(LinkError::Stalled {
+                }) => Err(LinkError::Stalled {
                     line: *line,
                     waiting_for: Box::new(command.clone()),
                 }),

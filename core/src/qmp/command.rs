@@ -225,6 +225,62 @@ impl Serialize for WireCommand<'_> {
     }
 }
 
+/// Shorthands for the commands the core sends most, in the form libvirt sends them.
+impl QmpCommand {
+    /// `query-named-block-nodes {"flat": true}`.
+    pub fn query_named_block_nodes() -> Self {
+        QmpCommand::QueryNamedBlockNodes(QueryNamedBlockNodes { flat: Some(true) })
+    }
+
+    /// `job-dismiss {"id": id}`.
+    pub fn job_dismiss(id: impl Into<String>) -> Self {
+        QmpCommand::JobDismiss(JobRef::new(id))
+    }
+
+    /// `job-cancel {"id": id}`.
+    pub fn job_cancel(id: impl Into<String>) -> Self {
+        QmpCommand::JobCancel(JobRef::new(id))
+    }
+
+    /// `job-finalize {"id": id}`.
+    pub fn job_finalize(id: impl Into<String>) -> Self {
+        QmpCommand::JobFinalize(JobRef::new(id))
+    }
+
+    /// `block-job-cancel {"device": job_id, "force": force}`.
+    pub fn block_job_cancel(job_id: impl Into<String>, force: bool) -> Self {
+        QmpCommand::BlockJobCancel(BlockJobCancel {
+            device: job_id.into(),
+            force: Some(force),
+        })
+    }
+
+    /// `blockdev-del {"node-name": node_name}`.
+    pub fn blockdev_del(node_name: impl Into<String>) -> Self {
+        QmpCommand::BlockdevDel(BlockdevDel {
+            node_name: node_name.into(),
+        })
+    }
+
+    /// `block-dirty-bitmap-remove {"node": node, "name": name}`.
+    pub fn bitmap_remove(node: impl Into<String>, name: impl Into<String>) -> Self {
+        QmpCommand::BlockDirtyBitmapRemove(BlockDirtyBitmap::new(node, name))
+    }
+
+    /// `block-export-del {"id": id}`.
+    pub fn block_export_del(id: impl Into<String>) -> Self {
+        QmpCommand::BlockExportDel(BlockExportDel {
+            id: id.into(),
+            mode: None,
+        })
+    }
+
+    /// `object-del {"id": id}`.
+    pub fn object_del(id: impl Into<String>) -> Self {
+        QmpCommand::ObjectDel(ObjectDel { id: id.into() })
+    }
+}
+
 impl QmpCommand {
     /// The wire form as a JSON value: `{"execute", "arguments"?, "id"?}`.
     pub fn to_wire(&self, id: Option<&CommandId>) -> Value {
