@@ -146,67 +146,74 @@ impl NameMap {
 ///   deadline. Nothing sleeps.
 #[derive(Clone, Debug)]
 pub struct ReplayLink {
-    lines: Vec<TraceLine>,
-    /// Index of the next recorded command not yet matched.
-    next_send: usize,
-    /// Index of the next recorded message not yet delivered.
-    next_recv: usize,
+    /// The recorded commands, in order.
+    commands: Vec<Recorded<(Option<CommandId>, QmpCommand)>>,
+    /// The recorded incoming messages, in order.
+    messages: Vec<Recorded<QmpIn>>,
+    /// Next command to match (index into `commands`).
+    next_command: usize,
+    /// Next message to deliver (index into `messages`).
+    next_message: usize,
     /// Recorded command id → the client's id for the same command.
     ids: BTreeMap<CommandId, CommandId>,
+    /// One past the last trace line.
+    end_line: usize,
     now: Timestamp,
+}
+
+/// A recorded item with its place in the recording.
+#[derive(Clone, Debug)]
+struct Recorded<T> {
+    /// Position among all entries of the recording (orders commands against messages).
+    seq: usize,
+    /// 1-based trace line.
+    line: usize,
+    item: T,
 }
 
 impl ReplayLink {
     /// A replay of `lines` (as read by [`crate::trace::parse`]) with recorded names renamed by
     /// `names`, its clock starting at `start`.
     pub fn new(lines: Vec<TraceLine>, names: &NameMap, start: Timestamp) -> Self {
-        let lines = lines
-            .into_iter()
-            .map(|line| TraceLine {
-                line: line.line,
-                entry: names.apply_entry(&line.entry),
-            })
-            .collect();
-        let mut link = ReplayLink {
-            lines,
-            next_send: 0,
-            next_recv: 0,
+        let end_line = lines.last().map_or(1, |line| line.line + 1);
+        let mut commands = Vec::new();
+        let mut messages = Vec::new();
+        for (seq, line) in lines.into_iter().enumerate() {
+            match names.apply_entry(&line.entry) {
+                TraceEntry::Send { id, command } => commands.push(Recorded {
+                    seq,
+                    line: line.line,
+                    item: (id, command),
+                }),
+                TraceEntry::Recv(message) => messages.push(Recorded {
+                    seq,
+                    line: line.line,
+                    item: message,
+                }),
+            }
+        }
+        ReplayLink {
+            commands,
+            messages,
+            next_command: 0,
+            next_message: 0,
             ids: BTreeMap::new(),
+            end_line,
             now: start,
-        };
-        link.next_send = link.find(0, true);
-        link.next_recv = link.find(0, false);
-        link
+        }
     }
 
     /// True when every recorded command was sent and every recorded message delivered.
     pub fn is_finished(&self) -> bool {
-        self.next_send >= self.lines.len() && self.next_recv >= self.lines.len()
+        self.next_command >= self.commands.len() && self.next_message >= self.messages.len()
     }
 
     /// The recorded commands not sent yet, with their trace lines.
     pub fn remaining_commands(&self) -> Vec<(usize, &QmpCommand)> {
-        self.lines[self.next_send.min(self.lines.len())..]
+        self.commands[self.next_command..]
             .iter()
-            .filter_map(|line| match &line.entry {
-                TraceEntry::Send { command, .. } => Some((line.line, command)),
-                TraceEntry::Recv(_) => None,
-            })
+            .map(|recorded| (recorded.line, &recorded.item.1))
             .collect()
-    }
-
-    /// Index of the first send (or recv) entry at or after `from`, or the length.
-    fn find(&self, from: usize, send: bool) -> usize {
-        self.lines
-            .iter()
-            .enumerate()
-            .skip(from)
-            .find(|(_, line)| matches!(line.entry, TraceEntry::Send { .. }) == send)
-            .map_or(self.lines.len(), |(index, _)| index)
-    }
-
-    fn end_line(&self) -> usize {
-        self.lines.last().map_or(1, |line| line.line + 1)
     }
 }
 
@@ -216,24 +223,17 @@ impl Link for ReplayLink {
     }
 
     fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
-        let Some(line) = self.lines.get(self.next_send) else {
+        let Some(recorded) = self.commands.get(self.next_command) else {
             return Err(LinkError::Diverged {
-                line: self.end_line(),
+                line: self.end_line,
                 expected: None,
                 got: Box::new(cmd.clone()),
             });
         };
-        let TraceEntry::Send {
-            id: recorded_id,
-            command: expected,
-        } = &line.entry
-        else {
-            unreachable_send_cursor();
-            return Err(LinkError::Closed);
-        };
+        let (recorded_id, expected) = &recorded.item;
         if expected.to_wire(None) != cmd.to_wire(None) {
             return Err(LinkError::Diverged {
-                line: line.line,
+                line: recorded.line,
                 expected: Some(Box::new(expected.clone())),
                 got: Box::new(cmd.clone()),
             });
@@ -241,58 +241,45 @@ impl Link for ReplayLink {
         if let Some(recorded_id) = recorded_id {
             self.ids.insert(recorded_id.clone(), id);
         }
-        self.next_send = self.find(self.next_send + 1, true);
+        self.next_command += 1;
         Ok(())
     }
 
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
-        if self.next_recv < self.next_send {
-            let line = &self.lines[self.next_recv];
-            let message = match &line.entry {
-                TraceEntry::Recv(QmpIn::Reply {
-                    id: Some(recorded),
+        let pending_command = self.commands.get(self.next_command);
+        if let Some(recorded) = self.messages.get(self.next_message)
+            && pending_command.is_none_or(|command| recorded.seq < command.seq)
+        {
+            let message = match &recorded.item {
+                QmpIn::Reply {
+                    id: Some(recorded_id),
                     result,
-                }) => QmpIn::Reply {
+                } => QmpIn::Reply {
                     id: Some(
                         self.ids
-                            .get(recorded)
+                            .get(recorded_id)
                             .cloned()
-                            .unwrap_or_else(|| recorded.clone()),
+                            .unwrap_or_else(|| recorded_id.clone()),
                     ),
                     result: result.clone(),
                 },
-                TraceEntry::Recv(message) => message.clone(),
-                TraceEntry::Send { .. } => {
-                    unreachable_send_cursor();
-                    return Err(LinkError::Closed);
-                }
+                message => message.clone(),
             };
-            self.next_recv = self.find(self.next_recv + 1, false);
+            self.next_message += 1;
             return Ok(Some(message));
         }
-        match deadline {
-            Some(deadline) => {
+        match (deadline, pending_command) {
+            (Some(deadline), _) => {
                 self.now = self.now.max(deadline);
                 Ok(None)
             }
             // Waiting forever while the recording still expects a command can never end;
             // once everything was played, the recorded peer is simply gone.
-            None => match self.lines.get(self.next_send) {
-                Some(TraceLine {
-                    line,
-                    entry: TraceEntry::Send { command, .. },
-                }) => Err(LinkError::Stalled {
-                    line: *line,
-                    waiting_for: Box::new(command.clone()),
-                }),
-                _ => Err(LinkError::Closed),
-            },
+            (None, Some(command)) => Err(LinkError::Stalled {
+                line: command.line,
+                waiting_for: Box::new(command.item.1.clone()),
+            }),
+            (None, None) => Err(LinkError::Closed),
         }
     }
-}
-
-/// The cursors only ever rest on entries of their own direction (`find` guarantees it); reaching
-/// the other kind is a bug in this module, reported in debug builds.
-fn unreachable_send_cursor() {
-    debug_assert!(false, "replay cursor on an entry of the wrong direction");
 }
