@@ -1,3 +1,4 @@
 //! libvirt-compatible `<domaincheckpoint>`, `<domainbackup>` and (a reader for) `<domain>` XML.
 
+pub mod relaxng;
 pub mod schema;
