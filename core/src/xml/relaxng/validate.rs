@@ -72,9 +72,18 @@ pub(crate) fn element_path(node: Node<'_, '_>) -> String {
     path
 }
 
+/// A value quoted in a message: at most 40 characters, control characters escaped so a message
+/// stays on one line.
 fn shorten(text: &str) -> String {
     const LIMIT: usize = 40;
-    let mut out: String = text.chars().take(LIMIT).collect();
+    let mut out = String::new();
+    for c in text.chars().take(LIMIT) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
     if text.chars().nth(LIMIT).is_some() {
         out.push('…');
     }
