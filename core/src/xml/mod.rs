@@ -18,6 +18,7 @@ pub mod domain;
 pub mod embedded;
 pub mod error;
 pub mod names;
+pub mod relaxng;
 pub mod schema;
 pub mod validate;
 pub mod writer;
