@@ -52,6 +52,12 @@ fn xmllint_verdicts(grammar: Grammar, files: &[PathBuf]) -> BTreeMap<PathBuf, bo
                 verdicts.insert(PathBuf::from(file), true);
             } else if let Some(file) = line.strip_suffix(" fails to validate") {
                 verdicts.insert(PathBuf::from(file), false);
+            } else if let Some((file, _)) = line.split_once(": parser error :") {
+                // libxml2 refused to parse it (for instance nesting deeper than its limit of
+                // 256): the document is rejected. `FILE:LINE: parser error : ...`.
+                if let Some((file, _)) = file.rsplit_once(':') {
+                    verdicts.entry(PathBuf::from(file)).or_insert(false);
+                }
             }
         }
         for file in chunk {
