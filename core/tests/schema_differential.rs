@@ -186,7 +186,7 @@ const DISK_NAMES: &[&str] = &[
     "vd",
     "",
 ];
-const YES_NO: &[&str] = &["yes", "no", " yes ", "maybe"];
+const YES_NO: &[&str] = &["yes", "no", " yes ", "maybe", "&#9;no", "YES"];
 const PATHS: &[&str] = &["/b/vda.qcow2", "/dev/sdz", "relative.qcow2", "/a b", ""];
 const NUMBERS: &[&str] = &[
     "0",

@@ -41,6 +41,7 @@ pub struct Validator<'s> {
     text_tests_memo: FastMap<PatId, (u32, u32)>,
     text_memo: FastMap<(PatId, u64), PatId>,
     pool: Vec<PatId>,
+    cache_limit: usize,
 }
 
 impl<'s> Validator<'s> {
@@ -57,6 +58,16 @@ impl<'s> Validator<'s> {
             text_tests_memo: FastMap::default(),
             text_memo: FastMap::default(),
             pool: Vec::new(),
+            cache_limit: CACHE_LIMIT,
+        }
+    }
+
+    /// A validator whose caches are dropped whenever they exceed `limit` entries (the default
+    /// bound is large; a small one trades speed for memory).
+    pub fn with_cache_limit(schema: &'s Schema, limit: usize) -> Self {
+        Validator {
+            cache_limit: limit,
+            ..Validator::new(schema)
         }
     }
 
@@ -67,8 +78,8 @@ impl<'s> Validator<'s> {
             + self.start_memo.len()
             + self.att_memo.len()
             + self.text_memo.len();
-        if size > CACHE_LIMIT {
-            *self = Validator::new(self.schema);
+        if size > self.cache_limit {
+            *self = Validator::with_cache_limit(self.schema, self.cache_limit);
         }
     }
 

@@ -340,3 +340,20 @@ fn a_reused_validator_gives_the_same_verdicts() {
         }
     }
 }
+
+#[test]
+fn dropping_the_caches_between_documents_keeps_verdicts() {
+    let s = schema(
+        "<element name='r'><zeroOrMore><element name='d'><attribute name='n'><data type='unsignedInt'/></attribute></element></zeroOrMore></element>",
+    );
+    let mut tiny = Validator::with_cache_limit(&s, 4);
+    for _ in 0..3 {
+        for (doc, ok) in [
+            ("<r><d n='1'/><d n='2'/></r>", true),
+            ("<r><d n='x'/></r>", false),
+        ] {
+            let d = roxmltree::Document::parse(doc).unwrap();
+            assert_eq!(tiny.validate(&d).is_ok(), ok, "{doc}");
+        }
+    }
+}
