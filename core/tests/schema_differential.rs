@@ -444,6 +444,12 @@ impl Builder<'_> {
             }
         }
         if self.chance(1) {
+            self.out.push_str(" xmlns='urn:elsewhere'");
+        }
+        if self.chance(1) {
+            self.out.push_str(" xml:lang='en'");
+        }
+        if self.chance(1) {
             self.out.push_str(" stray='1'");
         }
         let mut children: Vec<&str> = Vec::new();

@@ -211,7 +211,13 @@ fn any_name_ns_name_and_except() {
     accepts(&s, "<whatever/>");
     accepts(&s, "<whatever xmlns:x='urn:x' x:a='1' x:b='2'/>");
     rejects(&s, "<bad/>");
-    rejects(&s, "<whatever plain='1'/>");
+    let v = rejects(&s, "<whatever plain='1' xml:lang='en'/>");
+    assert_eq!(v.message, "unexpected attribute `plain`");
+    let v = rejects(&s, "<whatever xml:lang='en'/>");
+    assert_eq!(
+        v.message,
+        "unexpected attribute `lang` in namespace `http://www.w3.org/XML/1998/namespace`"
+    );
     let q = schema("<element name='q:e' xmlns:q='urn:q'><empty/></element>");
     accepts(&q, "<e xmlns='urn:q'/>");
     rejects(&q, "<e/>");

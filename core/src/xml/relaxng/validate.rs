@@ -90,6 +90,14 @@ fn shorten(text: &str) -> String {
     out
 }
 
+/// Names a namespace in a message, if there is one.
+fn in_namespace(ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if !ns.is_empty() => format!(" in namespace `{ns}`"),
+        _ => String::new(),
+    }
+}
+
 fn join_alternatives(items: &[String]) -> String {
     let mut items = items.to_vec();
     items.sort();
@@ -208,7 +216,11 @@ impl Validator<'_> {
             .lookup(tag.namespace().unwrap_or(""), tag.name());
         let mut p = self.start_tag_open(parent, sym);
         if p == NOT_ALLOWED {
-            let mut message = format!("unexpected element `{}`", tag.name());
+            let mut message = format!(
+                "unexpected element `{}`{}",
+                tag.name(),
+                in_namespace(tag.namespace())
+            );
             let expected = self.expected_elements(parent);
             if !expected.is_empty() {
                 message.push_str(&format!("; expected {}", join_alternatives(&expected)));
@@ -225,7 +237,11 @@ impl Validator<'_> {
             if next == NOT_ALLOWED {
                 let (start, len) = self.attribute_tests(p, sym);
                 let message = if len == 0 {
-                    format!("unexpected attribute `{}`", attr.name())
+                    format!(
+                        "unexpected attribute `{}`{}",
+                        attr.name(),
+                        in_namespace(attr.namespace())
+                    )
                 } else {
                     let tests: Vec<PatId> = self.arena_pool(start, len);
                     let mut expected = Vec::new();
