@@ -296,6 +296,18 @@ impl<'s> Validator<'s> {
 
     /// Whether an attribute value (or a whole text) matches a value pattern.
     pub(crate) fn value_matches(&mut self, p: PatId, text: &str) -> bool {
+        // Value patterns are nearly always leaves or choices of leaves: decide those directly,
+        // without building derivatives. A choice matches when one of its branches does.
+        match self.arena.get(p) {
+            Pat::Text => return true,
+            Pat::Empty => return is_whitespace(text),
+            Pat::NotAllowed => return false,
+            Pat::Data(..) | Pat::Value(..) | Pat::DataExcept(..) => {
+                return self.leaf_matches(p, text);
+            }
+            Pat::Choice(a, b) => return self.value_matches(a, text) || self.value_matches(b, text),
+            _ => {}
+        }
         if self.arena.nullable(p) && is_whitespace(text) {
             return true;
         }

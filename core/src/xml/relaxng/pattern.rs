@@ -221,6 +221,8 @@ pub(crate) enum NameClass {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Symbols {
     namespaces: FastMap<String, NamespaceSymbols>,
+    /// The names without namespace, the common case, looked up in one step.
+    unqualified: FastMap<String, u32>,
     other: u32,
     /// Namespace and local name of each symbol (`None` for "other" symbols).
     pub(crate) names: Vec<(String, Option<String>)>,
@@ -268,6 +270,9 @@ impl Symbols {
                         if let Some(entry) = table.namespaces.get_mut(ns.as_str()) {
                             entry.locals.insert(local.clone(), id);
                         }
+                        if ns.is_empty() {
+                            table.unqualified.insert(local.clone(), id);
+                        }
                     }
                 }
                 NameClass::AnyName(_) | NameClass::Choice(..) => {}
@@ -285,6 +290,9 @@ impl Symbols {
     /// The symbol of a name met in a document.
     #[inline]
     pub(crate) fn lookup(&self, ns: &str, local: &str) -> u32 {
+        if ns.is_empty() {
+            return self.unqualified.get(local).copied().unwrap_or(self.other);
+        }
         match self.namespaces.get(ns) {
             Some(entry) => entry.locals.get(local).copied().unwrap_or(entry.other),
             None => self.other,
