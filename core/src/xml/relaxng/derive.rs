@@ -114,10 +114,13 @@ impl<'s> Validator<'s> {
             return r;
         }
         let r = match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.start_tag_open(a, sym);
-                let y = self.start_tag_open(b, sym);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.start_tag_open(m, sym))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Element(class, slot) => {
                 if self.class_matches(class, sym) {
@@ -170,10 +173,13 @@ impl<'s> Validator<'s> {
                 };
                 self.arena.after(a, b2)
             }
-            Pat::Choice(a, b) => {
-                let x = self.apply_after(f, a);
-                let y = self.apply_after(f, b);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.apply_after(f, m))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             _ => NOT_ALLOWED,
         }
@@ -201,7 +207,12 @@ impl<'s> Validator<'s> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) | Pat::Group(a, b) | Pat::Interleave(a, b) => {
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.collect_attribute_tests(m, sym, out, depth + 1);
+                }
+            }
+            Pat::Group(a, b) | Pat::Interleave(a, b) => {
                 self.collect_attribute_tests(a, sym, out, depth + 1);
                 self.collect_attribute_tests(b, sym, out, depth + 1);
             }
@@ -257,10 +268,13 @@ impl<'s> Validator<'s> {
                 let x = self.attribute_uncached(a, sym, value);
                 self.arena.after(x, b)
             }
-            Pat::Choice(a, b) => {
-                let x = self.attribute_uncached(a, sym, value);
-                let y = self.attribute_uncached(b, sym, value);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.attribute_uncached(m, sym, value))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Group(a, b) => {
                 let x = self.attribute_uncached(a, sym, value);
@@ -305,7 +319,13 @@ impl<'s> Validator<'s> {
             Pat::Data(..) | Pat::Value(..) | Pat::DataExcept(..) => {
                 return self.leaf_matches(p, text);
             }
-            Pat::Choice(a, b) => return self.value_matches(a, text) || self.value_matches(b, text),
+            Pat::Choice(..) => {
+                return self
+                    .arena
+                    .members(p)
+                    .into_iter()
+                    .any(|m| self.value_matches(m, text));
+            }
             _ => {}
         }
         if self.arena.nullable(p) && is_whitespace(text) {
@@ -342,10 +362,13 @@ impl<'s> Validator<'s> {
                 let x = self.close_uncached(a, forgive, depth + 1);
                 self.arena.after(x, b)
             }
-            Pat::Choice(a, b) => {
-                let x = self.close_uncached(a, forgive, depth + 1);
-                let y = self.close_uncached(b, forgive, depth + 1);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.close_uncached(m, forgive, depth + 1))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Group(a, b) => {
                 let x = self.close_uncached(a, forgive, depth + 1);
@@ -392,7 +415,12 @@ impl<'s> Validator<'s> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) | Pat::Group(a, b) | Pat::Interleave(a, b) => {
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.collect_text_tests(m, out, depth + 1);
+                }
+            }
+            Pat::Group(a, b) | Pat::Interleave(a, b) => {
                 self.collect_text_tests(a, out, depth + 1);
                 self.collect_text_tests(b, out, depth + 1);
             }
@@ -475,10 +503,13 @@ impl<'s> Validator<'s> {
             return NOT_ALLOWED;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.text_uncached(a, text, depth + 1);
-                let y = self.text_uncached(b, text, depth + 1);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.text_uncached(m, text, depth + 1))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Interleave(a, b) => {
                 let x = self.text_uncached(a, text, depth + 1);
@@ -537,10 +568,13 @@ impl<'s> Validator<'s> {
 
     fn end_uncached(&mut self, p: PatId, forgive: bool) -> PatId {
         match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.end_uncached(a, forgive);
-                let y = self.end_uncached(b, forgive);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.end_uncached(m, forgive))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::After(a, b) => {
                 if forgive || self.arena.nullable(a) {

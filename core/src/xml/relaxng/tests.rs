@@ -363,3 +363,36 @@ fn dropping_the_caches_between_documents_keeps_verdicts() {
         }
     }
 }
+
+#[test]
+fn huge_choices_and_sequences_stay_within_bounds() {
+    let values: String = (0..20_000)
+        .map(|i| format!("<value>v{i}</value>"))
+        .collect();
+    let s = schema(&format!(
+        "<element name='r'><attribute name='a'><choice>{values}</choice></attribute></element>"
+    ));
+    accepts(&s, "<r a='v19999'/>");
+    let v = rejects(&s, "<r a='w'/>");
+    assert!(
+        v.message.starts_with("invalid value `w` for attribute `a`"),
+        "{}",
+        v.message
+    );
+    let elements: String = (0..1_000)
+        .map(|i| format!("<element name='e{i}'><empty/></element>"))
+        .collect();
+    let many = schema(&format!(
+        "<element name='r'><choice>{elements}</choice></element>"
+    ));
+    accepts(&many, "<r><e999/></r>");
+    rejects(&many, "<r><x/></r>");
+    let sequence: String = (0..2_000)
+        .map(|_| "<optional><element name='x'><empty/></element></optional>")
+        .collect();
+    let e = Schema::compile(&format!(
+        "<grammar {NS}><start><element name='r'><group>{sequence}</group></element></start></grammar>"
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("too deeply"), "{e}");
+}
