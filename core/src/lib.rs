@@ -11,6 +11,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod chain;
+pub mod checkpoint;
+pub mod error;
 pub mod export;
+pub mod jobs;
 pub mod model;
 pub mod xml;
