@@ -14,8 +14,12 @@
 pub mod backup;
 pub mod chain;
 pub mod checkpoint;
+pub mod domain;
 pub mod error;
 pub mod export;
 pub mod jobs;
+pub mod link;
 pub mod model;
+pub mod qmp;
+pub mod trace;
 pub mod xml;
