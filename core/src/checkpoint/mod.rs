@@ -5,6 +5,7 @@
 //! The tree here is metadata only: it never talks to QEMU. The domain state machine asks QEMU
 //! first and changes the tree only after QEMU confirmed.
 
+pub(crate) mod ops;
 mod tree;
 
 pub use tree::{CheckpointTree, DeleteScope, ListFilter, TreeChange};
