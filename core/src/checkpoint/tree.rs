@@ -328,23 +328,22 @@ impl CheckpointTree {
 
     /// Lists all checkpoints of the domain.
     pub fn list(&self, filter: ListFilter) -> Vec<&Checkpoint> {
-        let names: Vec<&str> = if filter.topological {
-            let mut out = Vec::with_capacity(self.entries.len());
+        let mut entries: Vec<&Entry> = Vec::with_capacity(self.entries.len());
+        if filter.topological {
             for root in &self.roots {
-                if filter.roots_or_descendants {
-                    out.push(root.as_str());
-                } else {
-                    out.push(root.as_str());
-                    self.push_descendants(root, &mut out);
+                if let Some(e) = self.entries.get(root) {
+                    entries.push(e);
+                    if !filter.roots_or_descendants {
+                        self.push_descendants(e, &mut entries);
+                    }
                 }
             }
-            out
         } else if filter.roots_or_descendants {
-            self.roots.iter().map(String::as_str).collect()
+            entries.extend(self.roots.iter().filter_map(|r| self.entries.get(r)));
         } else {
-            self.entries.keys().map(String::as_str).collect()
-        };
-        self.finish_list(names, filter)
+            entries.extend(self.entries.values());
+        }
+        Self::finish_list(entries, filter)
     }
 
     /// Lists the children (or, with `roots_or_descendants`, all descendants) of a checkpoint.
@@ -357,29 +356,32 @@ impl CheckpointTree {
             .entries
             .get(name)
             .ok_or_else(|| RequestError::NoCheckpoint(name.to_owned()))?;
-        let names: Vec<&str> = if filter.roots_or_descendants {
+        let entries: Vec<&Entry> = if filter.roots_or_descendants {
             let mut out = Vec::new();
-            self.push_descendants(name, &mut out);
+            self.push_descendants(entry, &mut out);
             if !filter.topological {
-                out.sort_unstable();
+                out.sort_unstable_by(|a, b| a.checkpoint.name.cmp(&b.checkpoint.name));
             }
             out
         } else {
-            entry.children.iter().map(String::as_str).collect()
+            entry
+                .children
+                .iter()
+                .filter_map(|c| self.entries.get(c))
+                .collect()
         };
-        Ok(self.finish_list(names, filter))
+        Ok(Self::finish_list(entries, filter))
     }
 
-    fn finish_list<'a>(&'a self, names: Vec<&'a str>, filter: ListFilter) -> Vec<&'a Checkpoint> {
+    fn finish_list(entries: Vec<&Entry>, filter: ListFilter) -> Vec<&Checkpoint> {
         // LEAVES and NO_LEAVES together select everything.
         let leaf_filter = match (filter.leaves, filter.no_leaves) {
             (true, false) => Some(true),
             (false, true) => Some(false),
             _ => None,
         };
-        names
+        entries
             .into_iter()
-            .filter_map(|n| self.entries.get(n))
             .filter(|e| leaf_filter.is_none_or(|want_leaf| e.children.is_empty() == want_leaf))
             .map(|e| &e.checkpoint)
             .collect()
@@ -389,29 +391,29 @@ impl CheckpointTree {
     /// name order.
     pub fn descendants_preorder(&self, name: &str) -> Vec<String> {
         let mut out = Vec::new();
-        self.push_descendants(name, &mut out);
-        out.into_iter().map(str::to_owned).collect()
+        if let Some(e) = self.entries.get(name) {
+            self.push_descendants(e, &mut out);
+        }
+        out.into_iter().map(|e| e.checkpoint.name.clone()).collect()
     }
 
-    fn push_descendants<'a>(&'a self, name: &str, out: &mut Vec<&'a str>) {
-        let Some(entry) = self.entries.get(name) else {
-            return;
-        };
+    fn push_descendants<'a>(&'a self, entry: &'a Entry, out: &mut Vec<&'a Entry>) {
         // An explicit stack of child iterators keeps the walk iterative; it visits each
         // checkpoint at most once because the links form a forest.
         let mut stack = vec![entry.children.iter()];
-        let bound = self.entries.len();
+        let bound = out.len() + self.entries.len();
         while let Some(top) = stack.last_mut() {
             match top.next() {
                 Some(child) => {
-                    out.push(child.as_str());
+                    let Some(ce) = self.entries.get(child) else {
+                        continue;
+                    };
+                    out.push(ce);
                     if out.len() > bound {
                         debug_assert!(false, "checkpoint tree has a cycle");
                         return;
                     }
-                    if let Some(ce) = self.entries.get(child) {
-                        stack.push(ce.children.iter());
-                    }
+                    stack.push(ce.children.iter());
                 }
                 None => {
                     stack.pop();
