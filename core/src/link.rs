@@ -15,6 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::qmp::{DecodeError, QmpCommand, QmpIn};
+use crate::trace::TraceEntry;
 
 /// A point in time in milliseconds on the driver's clock (wall clock, virtual clock or replay
 /// clock). Only differences between timestamps of one clock are meaningful.
@@ -95,7 +96,7 @@ impl fmt::Display for CommandId {
 }
 
 /// Why a link could not send or receive.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
     /// The peer closed the connection (or a replayed trace has nothing more to deliver).
     #[error("QMP connection closed")]
@@ -150,6 +151,20 @@ pub trait Link {
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError>;
 }
 
+impl<L: Link + ?Sized> Link for Box<L> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+
+    fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
+        (**self).send(id, cmd)
+    }
+
+    fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
+        (**self).recv(deadline)
+    }
+}
+
 impl<L: Link + ?Sized> Link for &mut L {
     fn now(&self) -> Timestamp {
         (**self).now()
@@ -161,5 +176,68 @@ impl<L: Link + ?Sized> Link for &mut L {
 
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
         (**self).recv(deadline)
+    }
+}
+
+/// Wraps a link and keeps every message that passes through it, in order, as trace entries:
+/// commands when they were sent successfully, and everything received. The driver (or a test)
+/// writes them out with [`crate::trace::format`]; two runs of a deterministic scenario give
+/// identical traces.
+#[derive(Clone, Debug)]
+pub struct Recorder<L> {
+    inner: L,
+    entries: Vec<TraceEntry>,
+}
+
+impl<L: Link> Recorder<L> {
+    /// Starts recording around `inner`.
+    pub fn new(inner: L) -> Self {
+        Recorder {
+            inner,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The messages recorded so far.
+    pub fn entries(&self) -> &[TraceEntry] {
+        &self.entries
+    }
+
+    /// Takes the messages recorded so far, leaving the recording empty.
+    pub fn take_entries(&mut self) -> Vec<TraceEntry> {
+        std::mem::take(&mut self.entries)
+    }
+
+    /// The wrapped link.
+    pub fn inner(&self) -> &L {
+        &self.inner
+    }
+
+    /// Ends recording: the wrapped link and the recorded messages.
+    pub fn into_parts(self) -> (L, Vec<TraceEntry>) {
+        (self.inner, self.entries)
+    }
+}
+
+impl<L: Link> Link for Recorder<L> {
+    fn now(&self) -> Timestamp {
+        self.inner.now()
+    }
+
+    fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
+        self.inner.send(id.clone(), cmd)?;
+        self.entries.push(TraceEntry::Send {
+            id: Some(id),
+            command: cmd.clone(),
+        });
+        Ok(())
+    }
+
+    fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
+        let message = self.inner.recv(deadline)?;
+        if let Some(message) = &message {
+            self.entries.push(TraceEntry::Recv(message.clone()));
+        }
+        Ok(message)
     }
 }

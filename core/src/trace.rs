@@ -28,7 +28,7 @@ impl Direction {
 }
 
 /// One message of a trace, typed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TraceEntry {
     /// A command sent, with its id.
     Send {
@@ -83,7 +83,7 @@ impl TraceEntry {
 }
 
 /// A trace line before typed decoding: the direction and the raw message.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawTraceLine {
     /// 1-based line number in the trace text.
     pub line: usize,
@@ -94,7 +94,7 @@ pub struct RawTraceLine {
 }
 
 /// A typed trace line.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceLine {
     /// 1-based line number in the trace text.
     pub line: usize,

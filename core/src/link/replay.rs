@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{CommandId, Link, LinkError, Timestamp};
-use crate::qmp::{QmpCommand, QmpIn};
+use crate::qmp::{QmpCommand, QmpError, QmpEvent, QmpIn};
 use crate::trace::{TraceEntry, TraceLine};
 
 /// Renames recorded names (node names, job ids, export ids, paths...) to the names the replaying
@@ -93,40 +93,41 @@ impl NameMap {
         }
     }
 
-    /// Renames inside a trace entry. Ids are left alone (the replay maps them separately).
-    /// Renaming can only fail if it makes a typed message invalid, which token renaming of
-    /// names does not; such an entry is kept unrenamed.
+    /// Renames inside a trace entry: command arguments, reply values, error descriptions and
+    /// event data. Command and event names, action types and ids are left alone (ids are mapped
+    /// by the replay itself). A command whose renamed arguments no longer decode is kept
+    /// unrenamed, so renaming never loses an entry.
     pub fn apply_entry(&self, entry: &TraceEntry) -> TraceEntry {
         if self.names.is_empty() {
             return entry.clone();
         }
         match entry {
             TraceEntry::Send { id, command } => {
-                let renamed = self.apply(&command.to_wire(None));
-                match QmpCommand::from_wire(renamed) {
-                    Ok((_, command)) => TraceEntry::Send {
-                        id: id.clone(),
-                        command,
-                    },
-                    Err(_) => entry.clone(),
+                let arguments = command.arguments().map(|arguments| self.apply(&arguments));
+                let command = match QmpCommand::from_parts(command.name(), arguments) {
+                    Ok(renamed) => renamed,
+                    Err(_) => command.clone(),
+                };
+                TraceEntry::Send {
+                    id: id.clone(),
+                    command,
                 }
             }
-            TraceEntry::Recv(message) => {
-                let mut renamed = self.apply(&message.to_value());
-                // Reply ids are not names: restore the recorded one.
-                if let (QmpIn::Reply { id: Some(id), .. }, Value::Object(map)) =
-                    (message, &mut renamed)
-                {
-                    map.insert(
-                        "id".to_owned(),
-                        serde_json::to_value(id).unwrap_or(Value::Null),
-                    );
-                }
-                match QmpIn::from_value(renamed) {
-                    Ok(message) => TraceEntry::Recv(message),
-                    Err(_) => entry.clone(),
-                }
+            TraceEntry::Recv(QmpIn::Reply { id, result }) => TraceEntry::Recv(QmpIn::Reply {
+                id: id.clone(),
+                result: match result {
+                    Ok(value) => Ok(self.apply(value)),
+                    Err(error) => Err(QmpError {
+                        class: error.class.clone(),
+                        desc: self.apply_str(&error.desc),
+                    }),
+                },
+            }),
+            TraceEntry::Recv(QmpIn::Event(event)) => {
+                let renamed = QmpEvent::from_parts(event.name(), self.apply(&event.data()));
+                TraceEntry::Recv(QmpIn::Event(renamed.unwrap_or_else(|_| event.clone())))
             }
+            TraceEntry::Recv(QmpIn::Greeting(_)) => entry.clone(),
         }
     }
 }
@@ -139,72 +140,80 @@ impl NameMap {
 /// - `recv` returns the recorded replies and events in order, with reply ids translated to the
 ///   ids the client used. A recorded message that follows a command not yet sent is held back
 ///   until that command is sent (it may be caused by it); until then `recv` times out at its
-///   deadline, or fails with [`LinkError::Stalled`] when asked to wait forever.
+///   deadline, or fails with [`LinkError::Stalled`] when asked to wait forever. Waiting forever
+///   after everything was played gives [`LinkError::Closed`].
 /// - The clock starts at the given time and moves only when `recv` times out: it jumps to the
 ///   deadline. Nothing sleeps.
 #[derive(Clone, Debug)]
 pub struct ReplayLink {
-    lines: Vec<TraceLine>,
-    /// Index of the next recorded command not yet matched.
-    next_send: usize,
-    /// Index of the next recorded message not yet delivered.
-    next_recv: usize,
+    /// The recorded commands, in order.
+    commands: Vec<Recorded<(Option<CommandId>, QmpCommand)>>,
+    /// The recorded incoming messages, in order.
+    messages: Vec<Recorded<QmpIn>>,
+    /// Next command to match (index into `commands`).
+    next_command: usize,
+    /// Next message to deliver (index into `messages`).
+    next_message: usize,
     /// Recorded command id → the client's id for the same command.
     ids: BTreeMap<CommandId, CommandId>,
+    /// One past the last trace line.
+    end_line: usize,
     now: Timestamp,
+}
+
+/// A recorded item with its place in the recording.
+#[derive(Clone, Debug)]
+struct Recorded<T> {
+    /// Position among all entries of the recording (orders commands against messages).
+    seq: usize,
+    /// 1-based trace line.
+    line: usize,
+    item: T,
 }
 
 impl ReplayLink {
     /// A replay of `lines` (as read by [`crate::trace::parse`]) with recorded names renamed by
     /// `names`, its clock starting at `start`.
     pub fn new(lines: Vec<TraceLine>, names: &NameMap, start: Timestamp) -> Self {
-        let lines = lines
-            .into_iter()
-            .map(|line| TraceLine {
-                line: line.line,
-                entry: names.apply_entry(&line.entry),
-            })
-            .collect();
-        let mut link = ReplayLink {
-            lines,
-            next_send: 0,
-            next_recv: 0,
+        let end_line = lines.last().map_or(1, |line| line.line + 1);
+        let mut commands = Vec::new();
+        let mut messages = Vec::new();
+        for (seq, line) in lines.into_iter().enumerate() {
+            match names.apply_entry(&line.entry) {
+                TraceEntry::Send { id, command } => commands.push(Recorded {
+                    seq,
+                    line: line.line,
+                    item: (id, command),
+                }),
+                TraceEntry::Recv(message) => messages.push(Recorded {
+                    seq,
+                    line: line.line,
+                    item: message,
+                }),
+            }
+        }
+        ReplayLink {
+            commands,
+            messages,
+            next_command: 0,
+            next_message: 0,
             ids: BTreeMap::new(),
+            end_line,
             now: start,
-        };
-        link.next_send = link.find(0, true);
-        link.next_recv = link.find(0, false);
-        link
+        }
     }
 
     /// True when every recorded command was sent and every recorded message delivered.
     pub fn is_finished(&self) -> bool {
-        self.next_send >= self.lines.len() && self.next_recv >= self.lines.len()
+        self.next_command >= self.commands.len() && self.next_message >= self.messages.len()
     }
 
     /// The recorded commands not sent yet, with their trace lines.
     pub fn remaining_commands(&self) -> Vec<(usize, &QmpCommand)> {
-        self.lines[self.next_send.min(self.lines.len())..]
+        self.commands[self.next_command..]
             .iter()
-            .filter_map(|line| match &line.entry {
-                TraceEntry::Send { command, .. } => Some((line.line, command)),
-                TraceEntry::Recv(_) => None,
-            })
+            .map(|recorded| (recorded.line, &recorded.item.1))
             .collect()
-    }
-
-    /// Index of the first send (or recv) entry at or after `from`, or the length.
-    fn find(&self, from: usize, send: bool) -> usize {
-        self.lines
-            .iter()
-            .enumerate()
-            .skip(from)
-            .find(|(_, line)| matches!(line.entry, TraceEntry::Send { .. }) == send)
-            .map_or(self.lines.len(), |(index, _)| index)
-    }
-
-    fn end_line(&self) -> usize {
-        self.lines.last().map_or(1, |line| line.line + 1)
     }
 }
 
@@ -214,24 +223,17 @@ impl Link for ReplayLink {
     }
 
     fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
-        let Some(line) = self.lines.get(self.next_send) else {
+        let Some(recorded) = self.commands.get(self.next_command) else {
             return Err(LinkError::Diverged {
-                line: self.end_line(),
+                line: self.end_line,
                 expected: None,
                 got: Box::new(cmd.clone()),
             });
         };
-        let TraceEntry::Send {
-            id: recorded_id,
-            command: expected,
-        } = &line.entry
-        else {
-            unreachable_send_cursor();
-            return Err(LinkError::Closed);
-        };
+        let (recorded_id, expected) = &recorded.item;
         if expected.to_wire(None) != cmd.to_wire(None) {
             return Err(LinkError::Diverged {
-                line: line.line,
+                line: recorded.line,
                 expected: Some(Box::new(expected.clone())),
                 got: Box::new(cmd.clone()),
             });
@@ -239,56 +241,45 @@ impl Link for ReplayLink {
         if let Some(recorded_id) = recorded_id {
             self.ids.insert(recorded_id.clone(), id);
         }
-        self.next_send = self.find(self.next_send + 1, true);
+        self.next_command += 1;
         Ok(())
     }
 
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
-        if self.next_recv < self.next_send {
-            let line = &self.lines[self.next_recv];
-            let message = match &line.entry {
-                TraceEntry::Recv(QmpIn::Reply {
-                    id: Some(recorded),
+        let pending_command = self.commands.get(self.next_command);
+        if let Some(recorded) = self.messages.get(self.next_message)
+            && pending_command.is_none_or(|command| recorded.seq < command.seq)
+        {
+            let message = match &recorded.item {
+                QmpIn::Reply {
+                    id: Some(recorded_id),
                     result,
-                }) => QmpIn::Reply {
+                } => QmpIn::Reply {
                     id: Some(
                         self.ids
-                            .get(recorded)
+                            .get(recorded_id)
                             .cloned()
-                            .unwrap_or_else(|| recorded.clone()),
+                            .unwrap_or_else(|| recorded_id.clone()),
                     ),
                     result: result.clone(),
                 },
-                TraceEntry::Recv(message) => message.clone(),
-                TraceEntry::Send { .. } => {
-                    unreachable_send_cursor();
-                    return Err(LinkError::Closed);
-                }
+                message => message.clone(),
             };
-            self.next_recv = self.find(self.next_recv + 1, false);
+            self.next_message += 1;
             return Ok(Some(message));
         }
-        match deadline {
-            Some(deadline) => {
+        match (deadline, pending_command) {
+            (Some(deadline), _) => {
                 self.now = self.now.max(deadline);
                 Ok(None)
             }
-            None => match self.lines.get(self.next_send) {
-                Some(TraceLine {
-                    line,
-                    entry: TraceEntry::Send { command, .. },
-                }) if self.next_recv < self.lines.len() => Err(LinkError::Stalled {
-                    line: *line,
-                    waiting_for: Box::new(command.clone()),
-                }),
-                _ => Err(LinkError::Closed),
-            },
+            // Waiting forever while the recording still expects a command can never end;
+            // once everything was played, the recorded peer is simply gone.
+            (None, Some(command)) => Err(LinkError::Stalled {
+                line: command.line,
+                waiting_for: Box::new(command.item.1.clone()),
+            }),
+            (None, None) => Err(LinkError::Closed),
         }
     }
-}
-
-/// The cursors only ever rest on entries of their own direction (`find` guarantees it); reaching
-/// the other kind is a bug in this module, reported in debug builds.
-fn unreachable_send_cursor() {
-    debug_assert!(false, "replay cursor on an entry of the wrong direction");
 }

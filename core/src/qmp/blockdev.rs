@@ -23,7 +23,7 @@ pub enum BlockdevDiscard {
 }
 
 /// A child node given by name or defined inline (QMP's `BlockdevRef`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BlockdevRef {
     /// An existing node, by node name.
@@ -42,6 +42,12 @@ impl BlockdevRef {
     }
 }
 
+impl From<BlockdevOptions> for BlockdevRef {
+    fn from(options: BlockdevOptions) -> Self {
+        BlockdevRef::Inline(Box::new(options))
+    }
+}
+
 impl From<&str> for BlockdevRef {
     fn from(name: &str) -> Self {
         BlockdevRef::Node(name.to_owned())
@@ -57,7 +63,7 @@ impl From<String> for BlockdevRef {
 /// A backing child: a reference, or `null` for "no backing, whatever the image header says"
 /// (QMP's `BlockdevRefOrNull`). Incremental targets whose header names a backing file are opened
 /// with `null`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BlockdevRefOrNull {
     /// `null`: open without a backing node.
@@ -67,7 +73,7 @@ pub enum BlockdevRefOrNull {
 }
 
 /// The driver-specific part of [`BlockdevOptions`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevDriver {
     /// `file`: a regular file.
     File {
@@ -125,7 +131,7 @@ impl BlockdevDriver {
 ///     })
 /// };
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockdevOptions {
     /// The node's name; QEMU generates `#blockNNN` when absent.
     pub node_name: Option<String>,
@@ -153,6 +159,36 @@ impl BlockdevOptions {
             discard: None,
             extra: BTreeMap::new(),
         }
+    }
+
+    /// A `file` protocol node.
+    pub fn file(node_name: impl Into<String>, filename: impl Into<String>) -> Self {
+        BlockdevOptions::new(
+            node_name,
+            BlockdevDriver::File {
+                filename: filename.into(),
+            },
+        )
+    }
+
+    /// A `qcow2` format node over `file`; `backing` as in [`BlockdevDriver::Qcow2`].
+    pub fn qcow2(
+        node_name: impl Into<String>,
+        file: impl Into<BlockdevRef>,
+        backing: Option<BlockdevRefOrNull>,
+    ) -> Self {
+        BlockdevOptions::new(
+            node_name,
+            BlockdevDriver::Qcow2 {
+                file: file.into(),
+                backing,
+            },
+        )
+    }
+
+    /// A `raw` format node over `file`.
+    pub fn raw(node_name: impl Into<String>, file: impl Into<BlockdevRef>) -> Self {
+        BlockdevOptions::new(node_name, BlockdevDriver::Raw { file: file.into() })
     }
 
     fn to_entries(&self) -> Result<Vec<(String, Value)>, serde_json::Error> {
@@ -243,7 +279,7 @@ pub struct BlockdevDel {
 }
 
 /// Arguments of `blockdev-reopen`: the complete new options of each node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockdevReopen {
     /// One entry per node, every option spelled out (unspecified options revert to defaults).
@@ -251,7 +287,7 @@ pub struct BlockdevReopen {
 }
 
 /// Arguments of `blockdev-create` (a job of type `create`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct BlockdevCreate {
     /// The job's id (libvirt: `create-<format node>`).
@@ -290,7 +326,7 @@ pub struct CreateFileOptions {
 }
 
 /// `blockdev-create` options of the `qcow2` driver: format an image on an existing protocol node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct CreateQcow2Options {
     /// The protocol node to format.
@@ -354,7 +390,7 @@ impl CreateQcow2Options {
 }
 
 /// The `options` of `blockdev-create`, tagged by `driver`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevCreateOptions {
     /// `driver: file`.
     File(CreateFileOptions),
@@ -380,19 +416,28 @@ impl BlockdevCreateOptions {
     }
 }
 
+/// `driver` followed by the driver's options, in their declaration order.
+#[derive(Serialize)]
+struct DriverThen<'a, T: Serialize> {
+    driver: &'a str,
+    #[serde(flatten)]
+    options: &'a T,
+}
+
 impl Serialize for BlockdevCreateOptions {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let body = match self {
-            BlockdevCreateOptions::File(options) => serde_json::to_value(options),
-            BlockdevCreateOptions::Qcow2(options) => serde_json::to_value(options),
-            BlockdevCreateOptions::Other { options, .. } => serde_json::to_value(options),
+        let driver = self.driver();
+        match self {
+            BlockdevCreateOptions::File(options) => {
+                DriverThen { driver, options }.serialize(serializer)
+            }
+            BlockdevCreateOptions::Qcow2(options) => {
+                DriverThen { driver, options }.serialize(serializer)
+            }
+            BlockdevCreateOptions::Other { options, .. } => {
+                DriverThen { driver, options }.serialize(serializer)
+            }
         }
-        .map_err(S::Error::custom)?;
-        let mut entries = vec![("driver".to_owned(), Value::from(self.driver()))];
-        if let Value::Object(map) = body {
-            entries.extend(map);
-        }
-        serialize_entries(&entries, serializer)
     }
 }
 

@@ -36,7 +36,7 @@ macro_rules! commands {
         /// assert_eq!(cmd.encode(Some(&CommandId::from(7))),
         ///     r#"{"execute":"job-dismiss","arguments":{"id":"backup-vda-libvirt-2-format"},"id":7}"#);
         /// ```
-        #[derive(Clone, Debug, PartialEq)]
+        #[derive(Clone, Debug, PartialEq, Eq)]
         pub enum QmpCommand {
             $( $(#[$am])* $av($aty), )*
             $( $(#[$nm])* $nv, )*
@@ -83,6 +83,16 @@ macro_rules! commands {
                         Ok(QmpCommand::$nv)
                     } )*
                     _ => Ok(QmpCommand::Other { execute: execute.to_owned(), arguments }),
+                }
+            }
+
+            /// Serializes the arguments straight from their typed form, so members keep the
+            /// declaration order of their struct.
+            fn serialize_arguments<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $( QmpCommand::$av(args) => args.serialize(serializer), )*
+                    $( QmpCommand::$nv => serializer.serialize_unit(), )*
+                    QmpCommand::Other { arguments, .. } => arguments.serialize(serializer),
                 }
             }
 
@@ -185,13 +195,90 @@ fn no_arguments(execute: &str, arguments: Option<Value>) -> Result<(), DecodeErr
     }
 }
 
-#[derive(Serialize)]
+/// The `arguments` member of a command, serialized from the typed form.
+struct ArgumentsOf<'a>(&'a QmpCommand);
+
+impl Serialize for ArgumentsOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_arguments(serializer)
+    }
+}
+
+/// The wire form of a command: `execute`, `arguments` (left out when empty), `id`.
 struct WireCommand<'a> {
-    execute: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    arguments: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    command: &'a QmpCommand,
     id: Option<&'a CommandId>,
+}
+
+impl Serialize for WireCommand<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("execute", self.command.name())?;
+        if self.command.arguments().is_some() {
+            map.serialize_entry("arguments", &ArgumentsOf(self.command))?;
+        }
+        if let Some(id) = self.id {
+            map.serialize_entry("id", id)?;
+        }
+        map.end()
+    }
+}
+
+/// Shorthands for the commands the core sends most, in the form libvirt sends them.
+impl QmpCommand {
+    /// `query-named-block-nodes {"flat": true}`.
+    pub fn query_named_block_nodes() -> Self {
+        QmpCommand::QueryNamedBlockNodes(QueryNamedBlockNodes { flat: Some(true) })
+    }
+
+    /// `job-dismiss {"id": id}`.
+    pub fn job_dismiss(id: impl Into<String>) -> Self {
+        QmpCommand::JobDismiss(JobRef::new(id))
+    }
+
+    /// `job-cancel {"id": id}`.
+    pub fn job_cancel(id: impl Into<String>) -> Self {
+        QmpCommand::JobCancel(JobRef::new(id))
+    }
+
+    /// `job-finalize {"id": id}`.
+    pub fn job_finalize(id: impl Into<String>) -> Self {
+        QmpCommand::JobFinalize(JobRef::new(id))
+    }
+
+    /// `block-job-cancel {"device": job_id, "force": force}`.
+    pub fn block_job_cancel(job_id: impl Into<String>, force: bool) -> Self {
+        QmpCommand::BlockJobCancel(BlockJobCancel {
+            device: job_id.into(),
+            force: Some(force),
+        })
+    }
+
+    /// `blockdev-del {"node-name": node_name}`.
+    pub fn blockdev_del(node_name: impl Into<String>) -> Self {
+        QmpCommand::BlockdevDel(BlockdevDel {
+            node_name: node_name.into(),
+        })
+    }
+
+    /// `block-dirty-bitmap-remove {"node": node, "name": name}`.
+    pub fn bitmap_remove(node: impl Into<String>, name: impl Into<String>) -> Self {
+        QmpCommand::BlockDirtyBitmapRemove(BlockDirtyBitmap::new(node, name))
+    }
+
+    /// `block-export-del {"id": id}`.
+    pub fn block_export_del(id: impl Into<String>) -> Self {
+        QmpCommand::BlockExportDel(BlockExportDel {
+            id: id.into(),
+            mode: None,
+        })
+    }
+
+    /// `object-del {"id": id}`.
+    pub fn object_del(id: impl Into<String>) -> Self {
+        QmpCommand::ObjectDel(ObjectDel { id: id.into() })
+    }
 }
 
 impl QmpCommand {
@@ -208,14 +295,10 @@ impl QmpCommand {
         Value::Object(map)
     }
 
-    /// The wire form as compact JSON text, members in the order `execute`, `arguments`, `id`,
-    /// without a line terminator.
+    /// The wire form as compact JSON text, members in the order `execute`, `arguments`, `id`
+    /// (arguments in the declaration order of their struct), without a line terminator.
     pub fn encode(&self, id: Option<&CommandId>) -> String {
-        let wire = WireCommand {
-            execute: self.name(),
-            arguments: self.arguments(),
-            id,
-        };
+        let wire = WireCommand { command: self, id };
         // Serializing strings, JSON values and ids into a String cannot fail.
         serde_json::to_string(&wire).unwrap_or_default()
     }
@@ -270,5 +353,28 @@ impl QmpCommand {
             ));
         }
         Ok((id, QmpCommand::from_parts(&execute, arguments)?))
+    }
+}
+
+/// Serializes as the wire form without an id (`{"execute", "arguments"?}`), so structures that
+/// hold commands (plans, journals, snapshots) show exactly what goes to QEMU.
+impl Serialize for QmpCommand {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireCommand {
+            command: self,
+            id: None,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Reads the wire form; an `id` member, if present, is ignored (use [`QmpCommand::decode`] to
+/// read it).
+impl<'de> serde::Deserialize<'de> for QmpCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        QmpCommand::from_wire(value)
+            .map(|(_, command)| command)
+            .map_err(serde::de::Error::custom)
     }
 }

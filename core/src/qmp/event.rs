@@ -155,7 +155,7 @@ pub struct Shutdown {
 }
 
 /// An event, typed when this version knows it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QmpEvent {
     /// `JOB_STATUS_CHANGE`.
     JobStatusChange(JobStatusChange),
@@ -265,5 +265,31 @@ impl QmpEvent {
             QmpEvent::BlockJobReady(data) => Some(&data.device),
             _ => None,
         }
+    }
+}
+
+/// Serializes as `{"event": NAME, "data": {...}}` (no `data` for events without any, no
+/// `timestamp`).
+impl Serialize for QmpEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut entries = vec![("event".to_owned(), Value::from(self.name()))];
+        let data = self.data();
+        if !data.is_null() {
+            entries.push(("data".to_owned(), data));
+        }
+        super::fields::serialize_entries(&entries, serializer)
+    }
+}
+
+/// Reads `{"event": NAME, "data"?: {...}}`; other members (`timestamp`) are ignored.
+impl<'de> Deserialize<'de> for QmpEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut map = Map::<String, Value>::deserialize(deserializer)?;
+        let Some(Value::String(name)) = map.remove("event") else {
+            return Err(D::Error::custom("an event needs an 'event' name"));
+        };
+        let data = map.remove("data").unwrap_or(Value::Null);
+        QmpEvent::from_parts(&name, data).map_err(D::Error::custom)
     }
 }

@@ -71,6 +71,30 @@ pub enum SocketAddressLegacy {
     Fd(FdSocketAddress),
 }
 
+impl SocketAddressLegacy {
+    /// A unix socket at `path`.
+    pub fn unix(path: impl Into<String>) -> Self {
+        SocketAddressLegacy::Unix(UnixSocketAddress {
+            path: path.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A TCP socket on `host`:`port`.
+    pub fn inet(host: impl Into<String>, port: u16) -> Self {
+        SocketAddressLegacy::Inet(InetSocketAddress {
+            host: host.into(),
+            port: port.to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// A file descriptor passed under `name`.
+    pub fn fd(name: impl Into<String>) -> Self {
+        SocketAddressLegacy::Fd(FdSocketAddress { name: name.into() })
+    }
+}
+
 /// Arguments of `nbd-server-start`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

@@ -3,11 +3,10 @@
 use std::collections::BTreeMap;
 
 use serde::de::Error as _;
-use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::fields::{serialize_entries, take_required};
+use super::fields::take_required;
 
 /// Which side of a TLS connection credentials are for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -79,7 +78,7 @@ pub struct Secret {
 }
 
 /// Arguments of `object-add`: one flat object tagged by `qom-type`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ObjectAdd {
     /// `qom-type: tls-creds-x509`.
     TlsCredsX509(TlsCredsX509),
@@ -116,22 +115,40 @@ impl ObjectAdd {
     }
 }
 
+/// `qom-type` followed by the object's properties, in their declaration order.
+#[derive(Serialize)]
+struct QomTypeThen<'a, T: Serialize> {
+    #[serde(rename = "qom-type")]
+    qom_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(flatten)]
+    props: &'a T,
+}
+
 impl Serialize for ObjectAdd {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut entries = vec![("qom-type".to_owned(), Value::from(self.qom_type()))];
-        let body = match self {
-            ObjectAdd::TlsCredsX509(creds) => serde_json::to_value(creds),
-            ObjectAdd::Secret(secret) => serde_json::to_value(secret),
-            ObjectAdd::Other { id, props, .. } => {
-                entries.push(("id".to_owned(), Value::from(id.as_str())));
-                serde_json::to_value(props)
+        let qom_type = self.qom_type();
+        match self {
+            ObjectAdd::TlsCredsX509(props) => QomTypeThen {
+                qom_type,
+                id: None,
+                props,
             }
+            .serialize(serializer),
+            ObjectAdd::Secret(props) => QomTypeThen {
+                qom_type,
+                id: None,
+                props,
+            }
+            .serialize(serializer),
+            ObjectAdd::Other { id, props, .. } => QomTypeThen {
+                qom_type,
+                id: Some(id),
+                props,
+            }
+            .serialize(serializer),
         }
-        .map_err(S::Error::custom)?;
-        if let Value::Object(map) = body {
-            entries.extend(map);
-        }
-        serialize_entries(&entries, serializer)
     }
 }
 

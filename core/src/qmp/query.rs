@@ -91,7 +91,7 @@ pub struct Qcow2Info {
 }
 
 /// Format-specific image information: `{"type": ..., "data": {...}}`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageInfoSpecific {
     /// qcow2.
     Qcow2(Qcow2Info),
@@ -144,7 +144,7 @@ impl<'de> Deserialize<'de> for ImageInfoSpecific {
 }
 
 /// Information about an image (`image` of a node).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
     /// The image's file name.
@@ -190,7 +190,7 @@ impl ImageInfo {
 }
 
 /// One node of `query-named-block-nodes` (or the `inserted` node of `query-block`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockDeviceInfo {
     /// The node's name (QEMU-generated `#blockNNN` for nodes nobody named).
@@ -236,7 +236,7 @@ impl BlockDeviceInfo {
 
 /// One device of `query-block`. Under qemu-storage-daemon the list is empty; nodes come from
 /// `query-named-block-nodes`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockInfo {
     /// The legacy device name (`""` for `-blockdev` devices).

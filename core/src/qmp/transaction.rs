@@ -1,16 +1,15 @@
 //! `transaction`: several actions applied atomically (all or none).
 
 use serde::de::Error as _;
-use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use super::backup::BlockdevBackup;
 use super::bitmap::{BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge};
-use super::fields::{reject_rest, serialize_entries, take, take_required};
+use super::fields::{reject_rest, take, take_required};
 
 /// One action of a transaction: `{"type": ..., "data": {...}}`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransactionAction {
     /// `block-dirty-bitmap-add`.
     BlockDirtyBitmapAdd(BlockDirtyBitmapAdd),
@@ -49,29 +48,30 @@ impl TransactionAction {
             TransactionAction::Other { action_type, .. } => action_type,
         }
     }
-
-    fn data(&self) -> Result<Value, serde_json::Error> {
-        match self {
-            TransactionAction::BlockDirtyBitmapAdd(data) => serde_json::to_value(data),
-            TransactionAction::BlockDirtyBitmapRemove(data)
-            | TransactionAction::BlockDirtyBitmapClear(data)
-            | TransactionAction::BlockDirtyBitmapEnable(data)
-            | TransactionAction::BlockDirtyBitmapDisable(data) => serde_json::to_value(data),
-            TransactionAction::BlockDirtyBitmapMerge(data) => serde_json::to_value(data),
-            TransactionAction::BlockdevBackup(data) => serde_json::to_value(data),
-            TransactionAction::Other { data, .. } => Ok(data.clone()),
-        }
-    }
 }
 
 impl Serialize for TransactionAction {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut entries = vec![("type".to_owned(), Value::from(self.action_type()))];
-        let data = self.data().map_err(S::Error::custom)?;
-        if !data.is_null() {
-            entries.push(("data".to_owned(), data));
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("type", self.action_type())?;
+        match self {
+            TransactionAction::BlockDirtyBitmapAdd(data) => map.serialize_entry("data", data)?,
+            TransactionAction::BlockDirtyBitmapRemove(data)
+            | TransactionAction::BlockDirtyBitmapClear(data)
+            | TransactionAction::BlockDirtyBitmapEnable(data)
+            | TransactionAction::BlockDirtyBitmapDisable(data) => {
+                map.serialize_entry("data", data)?
+            }
+            TransactionAction::BlockDirtyBitmapMerge(data) => map.serialize_entry("data", data)?,
+            TransactionAction::BlockdevBackup(data) => map.serialize_entry("data", data)?,
+            TransactionAction::Other { data, .. } => {
+                if !data.is_null() {
+                    map.serialize_entry("data", data)?;
+                }
+            }
         }
-        serialize_entries(&entries, serializer)
+        map.end()
     }
 }
 
@@ -135,7 +135,7 @@ pub struct TransactionProperties {
 /// let tx = Transaction::new(vec![TransactionAction::BlockDirtyBitmapAdd(
 ///     BlockDirtyBitmapAdd::new("libvirt-2-format", "c2"))]);
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transaction {
     /// The actions, applied in order, atomically.

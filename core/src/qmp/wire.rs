@@ -10,7 +10,7 @@ use super::greeting::Greeting;
 use crate::link::CommandId;
 
 /// A message from QEMU: the greeting, a reply, or an event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QmpIn {
     /// The greeting, first thing on a new connection.
     Greeting(Greeting),
@@ -108,9 +108,32 @@ impl QmpIn {
         Value::Object(map)
     }
 
-    /// The wire form as compact JSON text, without a line terminator.
+    /// The wire form as compact JSON text, without a line terminator. Members come in a fixed
+    /// order (`return`/`error` then `id`; `event` then `data`), whatever serde_json's map order.
     pub fn encode(&self) -> String {
-        self.to_value().to_string()
+        let entries: Vec<(String, Value)> = match self.to_value() {
+            Value::Object(map) => {
+                let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+                let rank = |key: &str| match key {
+                    "QMP" | "event" | "return" | "error" => 0,
+                    "data" => 1,
+                    _ => 2,
+                };
+                entries.sort_by_key(|(key, _)| rank(key));
+                entries
+            }
+            _ => Vec::new(),
+        };
+        serde_json::to_string(&Ordered(&entries)).unwrap_or_default()
+    }
+}
+
+/// Serializes entries as one object in the given order.
+struct Ordered<'a>(&'a [(String, Value)]);
+
+impl Serialize for Ordered<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        super::fields::serialize_entries(self.0, serializer)
     }
 }
 
@@ -139,6 +162,8 @@ pub struct FrameDecoder {
     escaped: bool,
     /// The current frame is junk (ends at a newline) rather than an object.
     junk: bool,
+    /// Dropping the rest of an oversized message, up to the next newline.
+    discarding: bool,
     limit_bytes: usize,
 }
 
@@ -158,6 +183,7 @@ impl FrameDecoder {
             in_string: false,
             escaped: false,
             junk: false,
+            discarding: false,
             limit_bytes,
         }
     }
@@ -173,8 +199,20 @@ impl FrameDecoder {
     }
 
     /// The next complete frame, if one is buffered. An oversized frame gives
-    /// `Err(DecodeError::TooLong)` once; its bytes are dropped.
+    /// `Err(DecodeError::TooLong)` once; its bytes are dropped up to the end of its line.
     pub fn next_frame(&mut self) -> Option<Result<Vec<u8>, DecodeError>> {
+        if self.discarding {
+            match self.buf.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    self.buf.drain(..=end);
+                    self.discarding = false;
+                }
+                None => {
+                    self.buf.clear();
+                    return None;
+                }
+            }
+        }
         // Leading whitespace between messages is skipped outright.
         if self.depth == 0 && !self.junk && !self.in_string {
             let skip = self.buf[self.scan..]
@@ -229,8 +267,9 @@ impl FrameDecoder {
             if self.scan > self.limit_bytes {
                 self.buf.drain(..self.scan);
                 self.reset_frame_state();
-                // The rest of the oversized message arrives as junk and is reported as such.
-                self.junk = true;
+                // The rest of the oversized message is dropped up to the end of its line, where
+                // the stream is back in step.
+                self.discarding = true;
                 return Some(Err(DecodeError::TooLong {
                     limit_bytes: self.limit_bytes,
                 }));
@@ -245,5 +284,20 @@ impl FrameDecoder {
         self.in_string = false;
         self.escaped = false;
         self.junk = false;
+    }
+}
+
+/// Serializes as the wire form ([`QmpIn::to_value`]).
+impl Serialize for QmpIn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+/// Reads the wire form ([`QmpIn::from_value`]).
+impl<'de> serde::Deserialize<'de> for QmpIn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        QmpIn::from_value(value).map_err(serde::de::Error::custom)
     }
 }
