@@ -53,7 +53,7 @@ fn checkpoint(name: &str) -> Checkpoint {
                 size_bytes: None,
             })
             .collect(),
-        domain: None,
+        domain_xml: None,
     }
 }
 

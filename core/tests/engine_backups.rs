@@ -457,6 +457,7 @@ fn backup_xml_has_every_default_filled_in() {
     assert_eq!(d.export_bitmap_name(), Some("backup-vda"));
     assert_eq!(d.index, 3);
     assert_eq!(plan.disks[1].index, 4);
+    insta::assert_snapshot!(plan.to_def().format());
 }
 
 trait ExportBitmap {

@@ -140,7 +140,7 @@ fn cp(name: &str, parent: Option<&str>) -> Checkpoint {
         parent: parent.map(Into::into),
         creation_time_s: 0,
         disks: vec![],
-        domain: None,
+        domain_xml: None,
     }
 }
 

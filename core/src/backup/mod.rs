@@ -6,6 +6,7 @@
 //! which stores); the engine fills what only a live QEMU can tell (node names, storage indexes,
 //! generated paths, export names, the TCP port) and decides every command.
 
+mod convert;
 pub(crate) mod run;
 
 use serde::{Deserialize, Serialize};

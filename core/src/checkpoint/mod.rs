@@ -5,14 +5,13 @@
 //! The tree here is metadata only: it never talks to QEMU. The domain state machine asks QEMU
 //! first and changes the tree only after QEMU confirmed.
 
+mod convert;
 pub(crate) mod ops;
 mod tree;
 
 pub use tree::{CheckpointTree, DeleteScope, ListFilter, TreeChange};
 
 use serde::{Deserialize, Serialize};
-
-use crate::model::DomainDef;
 
 /// One checkpoint's metadata, aligned against the domain: one entry per disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +26,9 @@ pub struct Checkpoint {
     pub creation_time_s: i64,
     /// Per-disk choice, in domain order.
     pub disks: Vec<CheckpointDisk>,
-    /// The inactive domain definition at the time of the checkpoint, when recorded.
-    pub domain: Option<DomainDef>,
+    /// The inactive domain definition at the time of the checkpoint, as `<domain>` XML, when
+    /// recorded.
+    pub domain_xml: Option<String>,
 }
 
 /// One disk of a checkpoint.

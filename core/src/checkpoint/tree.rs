@@ -540,7 +540,7 @@ mod tests {
             parent: parent.map(Into::into),
             creation_time_s: 0,
             disks: vec![],
-            domain: None,
+            domain_xml: None,
         }
     }
 

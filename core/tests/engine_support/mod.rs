@@ -932,7 +932,7 @@ pub fn checkpoint(name: &str, disks: &[&str]) -> Checkpoint {
                 size_bytes: None,
             })
             .collect(),
-        domain: None,
+        domain_xml: None,
     }
 }
 
