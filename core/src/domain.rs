@@ -24,7 +24,7 @@ use crate::error::{Error, RequestError};
 use crate::jobs::JobSlots;
 use crate::link::{CommandId, Timestamp};
 use crate::model::DomainDef;
-use crate::qmp::{QmpCommand, QmpError, QmpEvent};
+use crate::qmp::{ErrorClass, QmpCommand, QmpError, QmpEvent};
 
 pub(crate) use commands as cmd;
 
@@ -438,10 +438,10 @@ impl Domain {
                     .collect();
                 for id in expired {
                     if let Some(p) = ctx.pending.remove(&id) {
-                        let err = QmpError::generic(format!(
-                            "no reply to {} within {timeout} ms",
-                            p.name
-                        ));
+                        let err = QmpError::new(
+                            ErrorClass::Unknown(TIMEOUT_CLASS.into()),
+                            format!("no reply to {} within {timeout} ms", p.name),
+                        );
                         Self::on_reply(
                             &mut self.core,
                             &mut self.short,
@@ -647,8 +647,14 @@ impl Domain {
     }
 }
 
+/// Error class of the synthetic error a command gets when QEMU never answers it.
+const TIMEOUT_CLASS: &str = "vbackup-timeout";
+
 /// Converts a QEMU error reply into the engine's error.
 pub(crate) fn refused(command: &str, e: &QmpError) -> Error {
+    if e.class.as_str() == TIMEOUT_CLASS {
+        return Error::QemuMisbehaved(e.desc.clone());
+    }
     Error::QemuRefused {
         command: command.to_owned(),
         class: e.class.as_str().to_owned(),

@@ -320,3 +320,35 @@ fn second_checkpoint_operation_is_refused_while_one_is_in_flight() {
         }
     );
 }
+
+#[test]
+fn unanswered_command_times_out_as_qemu_misbehaving() {
+    use vbackup_core::domain::{Input, Output, RequestId};
+    use vbackup_core::link::Timestamp;
+    let mut h = lab_with_checkpoints(&[]);
+    let t0 = Timestamp::from_ms(1_000);
+    let out = h.domain.handle(
+        t0,
+        Input::Request(
+            RequestId(7),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda"]),
+                quiesce: false,
+            },
+        ),
+    );
+    assert!(matches!(out.first(), Some(Output::Send(..))));
+    let deadline = h
+        .domain
+        .next_deadline()
+        .expect("a deadline while a command is out");
+    assert_eq!(deadline, t0.plus_ms(60_000));
+    assert!(h.domain.handle(t0.plus_ms(59_999), Input::Tick).is_empty());
+    let out = h.domain.handle(deadline, Input::Tick);
+    let Some(Output::Respond(RequestId(7), Err(Error::QemuMisbehaved(msg)))) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert!(msg.contains("no reply to transaction"));
+    assert!(h.domain.view().checkpoints.is_empty());
+    assert_eq!(h.domain.next_deadline(), None);
+}
