@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vbackup_core::model::ImageFormat;
+use vbackup_core::qmp::{ErrorClass, QemuVersion, QmpCapability};
 use vbackup_qemu::live::{self, LiveLab};
 use vbackup_qemu::qmp_socket::{QmpSocket, QmpSocketError};
 use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdError, QsdLayer, daemon_alive, format_node};
@@ -38,7 +39,14 @@ fn started_daemon_attaches_disks_and_quit_ends_it() {
     let mut qsd = lab.start_qsd("run", &[vda, vdb]).unwrap();
     let pid = qsd.pid();
     assert!(daemon_alive(pid));
-    assert!(qsd.qmp().greeting().version >= (7, 0, 0));
+    assert!(
+        qsd.qmp().greeting().version.qemu
+            >= QemuVersion {
+                major: 7,
+                minor: 0,
+                micro: 0
+            }
+    );
 
     let nodes = qsd
         .execute("query-named-block-nodes", json!({"flat": true}))
@@ -157,19 +165,20 @@ fn monitor_demands_negotiation_and_refuses_a_second_one() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut qmp = QmpSocket::connect_unnegotiated(&socket, deadline).unwrap();
-    assert!(qmp.greeting().version.0 >= 7);
-    assert!(qmp.greeting().capabilities.iter().any(|c| c == "oob"));
+    assert!(qmp.greeting().version.qemu.major >= 7);
+    assert!(qmp.greeting().offers(&QmpCapability::Oob));
     let early = qmp.execute("query-jobs", None, deadline).unwrap_err();
-    let (class, desc) = early.qemu_error().expect("a QEMU error reply");
-    assert_eq!(class, "CommandNotFound");
-    assert!(desc.contains("capabilities negotiation"), "{desc}");
+    let error = early.qemu_error().expect("a QEMU error reply");
+    assert!(error.is_negotiation_pending(), "{error}");
     qmp.negotiate(deadline).unwrap();
     assert_eq!(
         qmp.execute("query-jobs", None, deadline).unwrap(),
         json!([])
     );
     let again = qmp.negotiate(deadline).unwrap_err();
-    assert_eq!(again.qemu_error().unwrap().0, "CommandNotFound");
+    let error = again.qemu_error().unwrap();
+    assert_eq!(error.class, ErrorClass::CommandNotFound);
+    assert!(error.desc.contains("already complete"), "{error}");
 }
 
 #[test]
