@@ -12,7 +12,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backup;
+pub mod chain;
+pub mod checkpoint;
+pub mod domain;
+pub mod error;
 pub mod export;
+pub mod jobs;
 pub mod link;
 pub mod model;
 pub mod qmp;
