@@ -516,7 +516,7 @@ impl Qsd {
         &mut self.qmp
     }
 
-    /// Runs one QMP command with the handle's timeout.
+    /// Runs one QMP command with the handle's timeout; `Value::Null` sends no `arguments`.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QsdError> {
         let deadline = Instant::now() + self.timeout;
         let arguments = (!arguments.is_null()).then_some(arguments);
