@@ -7,7 +7,7 @@
 //! `start`, `define`/`ref`/`parentRef` with `combine`, `div`, `element` and `attribute` with
 //! `name`/`anyName`/`nsName`/`choice`/`except` name classes, `choice`, `group`, `interleave`,
 //! `optional`, `zeroOrMore`, `oneOrMore`, `mixed`, `empty`, `text`, `notAllowed`, `value`, and
-//! `data` with the types of [`datatype`](self) (XML Schema `string`, `token`, the integer
+//! `data` with the datatypes (XML Schema `string`, `token`, the integer
 //! types, `boolean`, `anyURI`, `NCName`) and the facets `pattern`, `minInclusive`,
 //! `maxInclusive`, `minLength`, `maxLength`, `length`. `list`, `include` and `externalRef` are
 //! refused at compile time.
