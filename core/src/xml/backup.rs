@@ -187,10 +187,11 @@ pub struct Encryption {
 }
 
 /// A `<target>` (push) or `<scratch>` (pull).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BackupStore {
-    /// Absolute path of the file or block device (the grammar requires it on the element).
-    pub path: String,
+    /// Absolute path of the file or block device. The grammar requires it on the element, so
+    /// a parsed store always has one; alignment fills it in when it is missing.
+    pub path: Option<String>,
     /// Security labels.
     pub seclabels: Vec<Seclabel>,
     /// Encryption of the image.
@@ -330,7 +331,7 @@ fn format_disk(w: &mut Writer, mode: BackupMode, disk: &BackupDisk) {
         let element = mode.store_element();
         let tag = w
             .tag(element)
-            .attr(backup.storage.path_attribute(), &store.path);
+            .attr_opt(backup.storage.path_attribute(), store.path.as_deref());
         if store.seclabels.is_empty() && store.encryption.is_none() {
             tag.empty();
         } else {
@@ -747,9 +748,8 @@ fn read_store(
         return Err(ctx.schema(node, format!("path '{path}' must be absolute")));
     }
     let mut store = BackupStore {
-        path: path.to_owned(),
-        seclabels: Vec::new(),
-        encryption: None,
+        path: Some(path.to_owned()),
+        ..BackupStore::default()
     };
     let mut encryption = None;
     for child in ctx.element_children(node)? {
