@@ -95,7 +95,7 @@ impl CheckpointDef {
         if let Err(violations) = schema::validate(&doc, Grammar::Checkpoint) {
             return Err(schema_error(violations));
         }
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         read_checkpoint(&ctx, text, doc.root_element(), mode)
     }
 
