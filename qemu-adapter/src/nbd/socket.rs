@@ -117,7 +117,12 @@ impl NbdClient {
             if !out.is_empty() {
                 socket.write_all(&out)?;
             }
-            step?;
+            if let Err(e) = step {
+                // Best effort: the error to report is the handshake's, not the abort's.
+                let _ = socket.write_all(&hs.abort_bytes());
+                let _ = socket.shutdown();
+                return Err(e.into());
+            }
         }
         let (info, leftover) = hs.finish()?;
         if !leftover.is_empty() {
