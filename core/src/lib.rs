@@ -6,11 +6,21 @@
 //! for byte. Errors are values; no input makes the core panic.
 //!
 //! The crate holds the libvirt-compatible XML formats ([`xml`]), the domain model ([`model`]),
-//! the reader interface of pull exports ([`export`]), the QMP vocabulary, and the per-domain
-//! state machine that decides every QMP command.
+//! the reader interface of pull exports ([`export`]), the QMP vocabulary ([`qmp`]), the links QMP
+//! travels over and their clock ([`link`]), the recorded-trace format ([`trace`]), and the
+//! per-domain state machine that decides every QMP command.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backup;
+pub mod chain;
+pub mod checkpoint;
+pub mod domain;
+pub mod error;
 pub mod export;
+pub mod jobs;
+pub mod link;
 pub mod model;
+pub mod qmp;
+pub mod trace;
 pub mod xml;

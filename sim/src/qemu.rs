@@ -1,0 +1,340 @@
+//! The simulated QEMU process: the QMP entry point, the event queue and virtual time.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::args::Args;
+use crate::errors::QmpError;
+use crate::image::FileSystem;
+use crate::job::Job;
+use crate::nbd::{Export, NbdServer};
+use crate::node::Node;
+
+/// Which QEMU binary is simulated; they differ in `query-block` and in `quit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `qemu-system-x86_64`: devices exist, `quit` emits `SHUTDOWN`.
+    System,
+    /// `qemu-storage-daemon`: no devices, `query-block` is empty, no `SHUTDOWN`.
+    StorageDaemon,
+}
+
+/// Tunables of the simulation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Copy rate of backup jobs in bytes per second of virtual time (a job's `speed` can only
+    /// lower it).
+    pub throughput_bytes_per_s: u64,
+    /// Virtual duration of a `blockdev-create` job.
+    pub create_duration_ms: u64,
+    /// The simulated binary.
+    pub flavor: Flavor,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            throughput_bytes_per_s: 512 << 20,
+            create_duration_ms: 1,
+            flavor: Flavor::System,
+        }
+    }
+}
+
+/// An injected fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Backup jobs fail with EIO when they write to this node (the target).
+    TargetIoError {
+        /// Target node name.
+        node: String,
+    },
+    /// Backup jobs fail with ENOSPC when they write to this node (the target).
+    TargetNoSpace {
+        /// Target node name.
+        node: String,
+    },
+    /// Backup jobs fail with EIO when they read from this node (the source).
+    SourceIoError {
+        /// Source node name.
+        node: String,
+    },
+    /// The next command of this name is refused with this error (one shot).
+    RefuseCommand {
+        /// QMP command name.
+        command: String,
+        /// The error to answer.
+        error: QmpError,
+    },
+}
+
+/// A guest device (qemu-system only): what `query-block` lists and guest writes go through.
+#[derive(Debug, Clone)]
+pub(crate) struct Device {
+    pub id: String,
+    pub qdev: String,
+    pub node: String,
+}
+
+/// Everything a QEMU process holds in memory; lost by a crash.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub nodes: BTreeMap<String, Node>,
+    pub next_node_seq: u64,
+    pub next_anon_node: u64,
+    pub next_bitmap_uid: u64,
+    pub jobs: BTreeMap<String, Job>,
+    pub next_job_seq: u64,
+    pub next_txn: u64,
+    pub devices: Vec<Device>,
+    pub nbd: Option<NbdServer>,
+    pub exports: BTreeMap<String, Export>,
+    pub next_export_seq: u64,
+}
+
+impl State {
+    pub(crate) fn anon_node_name(&mut self) -> String {
+        // Real QEMU numbers implicit nodes in the thousands; the exact number is meaningless.
+        self.next_anon_node += 1;
+        format!("#block{}", 100 + self.next_anon_node)
+    }
+
+    pub(crate) fn bitmap_uid(&mut self) -> u64 {
+        self.next_bitmap_uid += 1;
+        self.next_bitmap_uid
+    }
+}
+
+/// A simulated QEMU process over an in-memory file system.
+///
+/// Every entry point takes the virtual time `now_ms`; jobs first progress up to it, so events a
+/// job produces in between are queued before the command's own. Time never goes backwards: an
+/// earlier `now_ms` is treated as the current time.
+#[derive(Debug)]
+pub struct Qemu {
+    pub(crate) fs: FileSystem,
+    pub(crate) st: State,
+    pub(crate) running: bool,
+    pub(crate) negotiated: bool,
+    pub(crate) events: Vec<Value>,
+    pub(crate) config: Config,
+    pub(crate) faults: Vec<Fault>,
+    pub(crate) now_ms: u64,
+}
+
+impl Qemu {
+    /// A running process (not yet negotiated) over `fs`.
+    pub fn new(fs: FileSystem, config: Config) -> Self {
+        Self {
+            fs,
+            st: State::default(),
+            running: true,
+            negotiated: false,
+            events: Vec::new(),
+            config,
+            faults: Vec::new(),
+            now_ms: 0,
+        }
+    }
+
+    /// A running process that has already done `qmp_capabilities`.
+    pub fn negotiated(fs: FileSystem, config: Config) -> Self {
+        let mut q = Self::new(fs, config);
+        q.negotiated = true;
+        q
+    }
+
+    /// The QMP greeting QEMU 10.0.2 sends on connect.
+    pub fn greeting() -> Value {
+        json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+            "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "capabilities": ["oob"]}})
+    }
+
+    /// The files (shared by every process lifetime).
+    pub fn fs(&self) -> &FileSystem {
+        &self.fs
+    }
+
+    /// Mutable access to the files, for offline tools between runs.
+    pub fn fs_mut(&mut self) -> &mut FileSystem {
+        &mut self.fs
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// True while the process runs (not after `quit` or [`Qemu::crash`]).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The current virtual time.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Adds a fault.
+    pub fn set_fault(&mut self, fault: Fault) {
+        self.faults.push(fault);
+    }
+
+    /// Removes every fault.
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+    }
+
+    /// Takes the queued events, oldest first.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Moves virtual time to `now_ms`, letting jobs progress and emit their events.
+    pub fn advance(&mut self, now_ms: u64) {
+        if self.running {
+            self.run_jobs_until(now_ms);
+        }
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// The virtual time of the next thing a job will do by itself, if any.
+    pub fn next_event_ms(&self) -> Option<u64> {
+        if !self.running {
+            return None;
+        }
+        self.next_milestone().map(|(t, _)| t)
+    }
+
+    /// Kills the process without a clean close: in-memory state is lost, persistent bitmaps
+    /// created since the image was opened never reach it, and loaded ones stay `in-use`.
+    pub fn crash(&mut self) {
+        self.st = State::default();
+        self.running = false;
+        self.negotiated = false;
+    }
+
+    /// Starts a fresh process over the same files. Nodes must be added again.
+    pub fn restart(&mut self) {
+        self.st = State::default();
+        self.running = true;
+        self.negotiated = false;
+    }
+
+    /// Attaches a guest device (`-device virtio-blk-pci,drive=NODE,id=ID`); its qdev path is
+    /// `/machine/peripheral/ID/virtio-backend`.
+    pub fn add_device(&mut self, id: &str, node: &str) -> Result<(), QmpError> {
+        if !self.st.nodes.contains_key(node) {
+            return Err(QmpError::generic(format!(
+                "Property 'virtio-blk-device.drive' can't find value '{node}'"
+            )));
+        }
+        if self.st.devices.iter().any(|d| d.id == id) {
+            return Err(QmpError::generic(format!("Duplicate device ID '{id}'")));
+        }
+        self.st.devices.push(Device {
+            id: id.to_string(),
+            qdev: format!("/machine/peripheral/{id}/virtio-backend"),
+            node: node.to_string(),
+        });
+        Ok(())
+    }
+
+    pub(crate) fn emit(&mut self, event: &str, data: Value) {
+        self.events.push(json!({
+            "event": event,
+            "data": data,
+            "timestamp": {"seconds": self.now_ms / 1000, "microseconds": (self.now_ms % 1000) * 1000},
+        }));
+    }
+
+    /// Executes one command in wire form, `{"execute": NAME, "arguments": {...}}`, at `now_ms`,
+    /// and answers what QEMU would put in `return` or `error`.
+    pub fn execute(&mut self, now_ms: u64, cmd: &Value) -> Result<Value, QmpError> {
+        if !self.running {
+            return Err(QmpError::not_running());
+        }
+        self.advance(now_ms);
+        let name = match cmd.get("execute").and_then(Value::as_str) {
+            Some(n) => n,
+            None => return Err(QmpError::generic("QMP input lacks member 'execute'")),
+        };
+        if let Some(pos) = self
+            .faults
+            .iter()
+            .position(|f| matches!(f, Fault::RefuseCommand { command, .. } if command == name))
+            && let Fault::RefuseCommand { error, .. } = self.faults.remove(pos)
+        {
+            return Err(error);
+        }
+        if name == "qmp_capabilities" {
+            if self.negotiated {
+                return Err(QmpError::negotiation_done());
+            }
+            self.negotiated = true;
+            return Ok(json!({}));
+        }
+        if !self.negotiated {
+            return Err(QmpError::negotiation_expected());
+        }
+        let args = Args::new(cmd.get("arguments"), "")?;
+        self.dispatch(name, &args)
+    }
+
+    fn dispatch(&mut self, name: &str, a: &Args<'_>) -> Result<Value, QmpError> {
+        match name {
+            "query-named-block-nodes" => self.cmd_query_named_block_nodes(a),
+            "query-block" => self.cmd_query_block(a),
+            "query-jobs" => self.cmd_query_jobs(a),
+            "query-block-jobs" => self.cmd_query_block_jobs(a),
+            "query-block-exports" => self.cmd_query_block_exports(a),
+            "blockdev-add" => self.cmd_blockdev_add(a),
+            "blockdev-del" => self.cmd_blockdev_del(a),
+            "blockdev-reopen" => self.cmd_blockdev_reopen(a),
+            "blockdev-create" => self.cmd_blockdev_create(a),
+            "block-dirty-bitmap-add" => self.cmd_bitmap_add(a).map(|_| json!({})),
+            "block-dirty-bitmap-remove" => self.cmd_bitmap_remove(a).map(|_| json!({})),
+            "block-dirty-bitmap-clear" => self.cmd_bitmap_clear(a).map(|_| json!({})),
+            "block-dirty-bitmap-enable" => self.cmd_bitmap_enable(a, true).map(|_| json!({})),
+            "block-dirty-bitmap-disable" => self.cmd_bitmap_enable(a, false).map(|_| json!({})),
+            "block-dirty-bitmap-merge" => self.cmd_bitmap_merge(a).map(|_| json!({})),
+            "blockdev-backup" => self.cmd_blockdev_backup(a),
+            "transaction" => self.cmd_transaction(a),
+            "job-dismiss" => self.cmd_job_verb(a, "id", crate::job::Verb::Dismiss, false),
+            "job-finalize" => self.cmd_job_verb(a, "id", crate::job::Verb::Finalize, false),
+            "job-cancel" => self.cmd_job_verb(a, "id", crate::job::Verb::Cancel, false),
+            "job-pause" => self.cmd_job_verb(a, "id", crate::job::Verb::Pause, false),
+            "job-resume" => self.cmd_job_verb(a, "id", crate::job::Verb::Resume, false),
+            "job-complete" => self.cmd_job_verb(a, "id", crate::job::Verb::Complete, false),
+            "block-job-cancel" => self.cmd_job_verb(a, "device", crate::job::Verb::Cancel, true),
+            "block-job-dismiss" => self.cmd_job_verb(a, "id", crate::job::Verb::Dismiss, true),
+            "block-job-finalize" => self.cmd_job_verb(a, "id", crate::job::Verb::Finalize, true),
+            "block-job-pause" => self.cmd_job_verb(a, "device", crate::job::Verb::Pause, true),
+            "block-job-resume" => self.cmd_job_verb(a, "device", crate::job::Verb::Resume, true),
+            "block-job-complete" => {
+                self.cmd_job_verb(a, "device", crate::job::Verb::Complete, true)
+            }
+            "block-job-set-speed" => self.cmd_job_set_speed(a),
+            "nbd-server-start" => self.cmd_nbd_server_start(a),
+            "nbd-server-stop" => self.cmd_nbd_server_stop(a),
+            "block-export-add" => self.cmd_block_export_add(a),
+            "block-export-del" => self.cmd_block_export_del(a),
+            "device_add" => self.cmd_device_add(a),
+            "human-monitor-command" => self.cmd_hmp(a),
+            "quit" => self.cmd_quit(a),
+            "query-version" => Ok(json!({"qemu": {"micro": 2, "minor": 0, "major": 10},
+                "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"})),
+            "query-status" => Ok(json!({"status": "running", "running": true})),
+            _ => Err(QmpError::command_not_found(name)),
+        }
+    }
+
+    fn cmd_device_add(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
+        let drive = a.str("drive")?;
+        let id = a.str("id")?;
+        a.str("driver")?;
+        self.add_device(id, drive)?;
+        Ok(json!({}))
+    }
+}
