@@ -15,7 +15,7 @@ use serde_json::json;
 use vbackup_core::export::ExportReader;
 use vbackup_qemu::nbd::copy::{copy_allocated, copy_dirty, select_ranges};
 use vbackup_qemu::nbd::{
-    BASE_ALLOCATION, FileSink, HandshakeError, NbdClient, NbdError, RequestError,
+    BASE_ALLOCATION, ExtentSink, FileSink, HandshakeError, NbdClient, NbdError, RequestError,
     dirty_bitmap_context,
 };
 
@@ -468,4 +468,90 @@ fn tcp_connection_reads_and_maps_like_unix() {
         nbdinfo_map(&uri, BASE_ALLOCATION)
     );
     c.disconnect().unwrap();
+}
+
+/// A sink that fails once it has received `limit` bytes.
+struct FailingSink {
+    received: u64,
+    limit: u64,
+}
+
+impl ExtentSink for FailingSink {
+    fn write_data(&mut self, _: u64, data: &[u8]) -> std::io::Result<()> {
+        self.received += data.len() as u64;
+        if self.received >= self.limit {
+            return Err(std::io::Error::other("destination full"));
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn failing_destination_stops_the_copy_and_leaves_the_connection_usable() {
+    let lab = Lab::new();
+    let mut c = lab.connect(&[]);
+    c.set_pipeline(16, 64 * 1024);
+    let mut sink = FailingSink {
+        received: 0,
+        limit: 3 * MIB,
+    };
+    match c.copy_extents(&[(0, SIZE)], &mut sink) {
+        Err(NbdError::Sink(e)) => assert_eq!(e.to_string(), "destination full"),
+        other => panic!("sink failure: {other:?}"),
+    }
+    // The replies still in flight were drained, so the next read sees its own data.
+    let mut buf = vec![0u8; 100];
+    c.read_at(20 * MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55));
+    c.disconnect().unwrap();
+    lab.qsd.quit();
+}
+
+/// A sink that kills the daemon once it has received `after` bytes and accepts everything.
+struct KillingSink<'a> {
+    qsd: &'a mut Qsd,
+    received: u64,
+    after: u64,
+}
+
+impl ExtentSink for KillingSink<'_> {
+    fn write_data(&mut self, _: u64, data: &[u8]) -> std::io::Result<()> {
+        let before = self.received;
+        self.received += data.len() as u64;
+        if before < self.after && self.received >= self.after {
+            self.qsd.kill();
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn server_dying_mid_copy_is_a_typed_error() {
+    let mut lab = Lab::new();
+    let mut c = lab.connect(&[]);
+    c.set_io_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    c.set_pipeline(4, 64 * 1024);
+    let mut sink = KillingSink {
+        qsd: &mut lab.qsd,
+        received: 0,
+        after: MIB,
+    };
+    match c.copy_extents(&[(0, SIZE)], &mut sink) {
+        Err(NbdError::Closed { .. }) | Err(NbdError::Io(_)) => {}
+        other => panic!("dead server: {other:?}"),
+    }
+    let mut one = [0u8; 1];
+    assert!(matches!(
+        c.read_at(0, &mut one),
+        Err(NbdError::Request(RequestError::Closed))
+    ));
 }

@@ -51,6 +51,19 @@ impl Socket {
         }
     }
 
+    fn set_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Socket::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Socket::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+        }
+    }
+
     fn shutdown(&mut self) -> std::io::Result<()> {
         match self {
             Socket::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -145,6 +158,14 @@ impl NbdClient {
     /// What the handshake negotiated.
     pub fn info(&self) -> &ExportInfo {
         &self.info
+    }
+
+    /// Bounds every socket read and write: a server that stalls longer makes the operation fail
+    /// with [`NbdError::Io`] (kind `WouldBlock` or `TimedOut`) and the client unusable, instead
+    /// of blocking forever. `None` (the default) waits indefinitely.
+    pub fn set_io_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), NbdError> {
+        self.socket.set_timeout(timeout)?;
+        Ok(())
     }
 
     /// Sets how many requests may be in flight and how large one bulk read request is

@@ -136,6 +136,12 @@ impl Qsd {
         self.ok("block-export-add", args);
     }
 
+    /// Kills the daemon at once (SIGKILL to the child this harness started) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Asks the daemon to quit and waits for it; kills it if it does not exit in time.
     pub fn quit(mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
