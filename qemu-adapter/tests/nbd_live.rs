@@ -15,8 +15,8 @@ use serde_json::json;
 use vbackup_core::export::ExportReader;
 use vbackup_qemu::nbd::copy::{copy_allocated, copy_dirty, select_ranges};
 use vbackup_qemu::nbd::{
-    BASE_ALLOCATION, ExtentSink, FileSink, HandshakeError, NbdClient, NbdError, RequestError,
-    dirty_bitmap_context,
+    BASE_ALLOCATION, ExtentSink, FileSink, HandshakeError, NbdClient, NbdError, NbdSink,
+    RequestError, dirty_bitmap_context,
 };
 
 const MIB: u64 = 1 << 20;
@@ -554,4 +554,78 @@ fn server_dying_mid_copy_is_a_typed_error() {
         c.read_at(0, &mut one),
         Err(NbdError::Request(RequestError::Closed))
     ));
+}
+
+#[test]
+fn dirty_extents_copied_into_a_qcow2_overlay_give_the_export_at_its_point_in_time() {
+    let mut lab = Lab::new();
+    let dir = lab.dir();
+    // The previous backup: the image as it was when the bitmap started recording.
+    let base_raw = dir.join("base.raw");
+    std::fs::write(&base_raw, base_image()).unwrap();
+    let base = dir.join("base.qcow2");
+    let inc = dir.join("inc.qcow2");
+    let (base_s, inc_s) = (base.to_str().unwrap(), inc.to_str().unwrap());
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            base_raw.to_str().unwrap(),
+            base_s,
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", base_s, "-F", "qcow2", inc_s,
+        ],
+    );
+    lab.qsd.add_qcow2("inc", &inc);
+    lab.qsd.export("inc", "inc", true, &[]);
+
+    let bitmap = dirty_bitmap_context(BITMAP);
+    let mut source = lab.connect(&[&bitmap]);
+    let mut target = NbdClient::connect_unix(&lab.nbd, "inc", &[]).unwrap();
+    let report = copy_dirty(&mut source, BITMAP, &mut NbdSink::new(&mut target)).unwrap();
+    target.wait_writes().unwrap();
+    target.flush().unwrap();
+    target.disconnect().unwrap();
+    source.disconnect().unwrap();
+    assert_eq!(
+        report.bytes_copied,
+        expected_dirty().iter().map(|r| r.1).sum::<u64>()
+    );
+
+    let reference = dir.join("nbdcopy.raw");
+    run("nbdcopy", &[&lab.uri(), reference.to_str().unwrap()]);
+    // Quitting closes the overlay, so qemu-img may open it.
+    lab.qsd.quit();
+    let out = run(
+        "qemu-img",
+        &["compare", "-F", "raw", inc_s, reference.to_str().unwrap()],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+
+    // Only the dirty granules live in the overlay; everything else comes from the backing file.
+    let map: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["map", "--output=json", inc_s])).unwrap();
+    let mut top: Vec<(u64, u64)> = Vec::new();
+    for e in map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+    {
+        let (o, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match top.last_mut() {
+            Some((to, tl)) if *to + *tl == o => *tl += l,
+            _ => top.push((o, l)),
+        }
+    }
+    assert_eq!(top, expected_dirty());
 }

@@ -37,7 +37,7 @@ pub mod robustness;
 pub mod socket;
 
 pub use client::{Cookie, Event, Transmission};
-pub use copy::{CopyReport, ExtentSink, FileSink};
+pub use copy::{CopyReport, ExtentSink, FileSink, NbdSink};
 pub use error::{HandshakeError, NbdError, ProtocolError, RequestError};
 pub use handshake::{ExportInfo, Handshake, HandshakeConfig, MetaContext};
 pub use socket::NbdClient;
