@@ -55,8 +55,6 @@ pub enum BackupTag {
     Poll,
     /// `query-jobs` for a statistics request.
     Stats(RequestId),
-    /// A `block-job-cancel`.
-    Cancel,
 }
 
 /// What a queued step is.
@@ -80,6 +78,8 @@ enum Effect {
     Export(usize),
     /// Cleanup: failures are ignored.
     BestEffort,
+    /// `query-jobs` deciding how the named backup job ended.
+    CheckJob(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,9 +116,10 @@ pub(crate) struct BackupRun {
     added_nodes: Vec<String>,
     added_objects: Vec<String>,
     nbd_started: bool,
-    nbd_stop_queued: bool,
-    poll_in_flight: bool,
-    poll_again: bool,
+    /// Whether the TLS objects' removal is queued (once, when the first pull disk ends).
+    objects_del_queued: bool,
+    /// Backup jobs whose conclusion is queued for checking.
+    checks_queued: BTreeSet<String>,
     nodes: NodeTable,
     spec: Option<BackupSpec>,
 }
@@ -161,9 +162,8 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects,
             nbd_started,
-            nbd_stop_queued: false,
-            poll_in_flight: false,
-            poll_again: false,
+            objects_del_queued: false,
+            checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: None,
         }
@@ -224,9 +224,8 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
-            nbd_stop_queued: false,
-            poll_in_flight: false,
-            poll_again: false,
+            objects_del_queued: false,
+            checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: Some(spec),
         })
@@ -674,7 +673,8 @@ impl BackupRun {
                     ctx.respond(req, Ok(Reply::Done));
                 }
                 if run.abort_requested {
-                    run.cancel_running(ctx);
+                    run.cancel_running();
+                    return run.pump(core, ctx);
                 }
                 run.maybe_finish(core, ctx)
             }
@@ -780,20 +780,10 @@ impl BackupRun {
                     Err(e) => self.roll_back(core, ctx, e),
                 }
             }
-            BackupTag::Poll => {
-                self.poll_in_flight = false;
-                let run = match result.ok().and_then(|v| parse_jobs(&v).ok()) {
-                    Some(jobs) => self.apply_jobs(core, ctx, &jobs),
-                    None => Some(self),
-                };
-                run.map(|mut run| {
-                    if run.poll_again {
-                        run.poll_again = false;
-                        run.poll(ctx);
-                    }
-                    run
-                })
-            }
+            BackupTag::Poll => match result.ok().and_then(|v| parse_jobs(&v).ok()) {
+                Some(jobs) => self.reconcile(core, ctx, &jobs),
+                None => Some(self),
+            },
             BackupTag::Stats(req) => {
                 if let Ok(jobs) = result
                     .map_err(|e| refused(command, &e))
@@ -812,7 +802,6 @@ impl BackupRun {
                 ctx.respond(req, Ok(Reply::Stats(Some(stats))));
                 Some(self)
             }
-            BackupTag::Cancel => Some(self),
         }
     }
 
@@ -825,6 +814,9 @@ impl BackupRun {
     ) -> Option<Self> {
         let effect = self.current.take().unwrap_or(Effect::None);
         self.step_busy = false;
+        if let Effect::CheckJob(job) = &effect {
+            return self.on_check_job(core, ctx, job, result);
+        }
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
         let best_effort = rolling_back || effect == Effect::BestEffort;
         match result {
@@ -860,7 +852,7 @@ impl BackupRun {
                             )
                         });
                         self.phase = Phase::Running;
-                        self.cancel_running(ctx);
+                        self.cancel_running();
                         self.pump(core, ctx)
                     }
                     Effect::Transaction => {
@@ -936,8 +928,15 @@ impl BackupRun {
                     }
                     return Some(self);
                 }
-                if self.plan.disk_by_job(&c.id).is_some() && self.committed {
-                    self.poll(ctx);
+                if self.plan.disk_by_job(&c.id).is_some()
+                    && self.committed
+                    && self.checks_queued.insert(c.id.clone())
+                {
+                    self.steps.push_back(Step::Cmd {
+                        command: cmd::query_jobs(),
+                        effect: Effect::CheckJob(c.id.clone()),
+                    });
+                    return self.pump(core, ctx);
                 }
                 Some(self)
             }
@@ -1016,8 +1015,8 @@ impl BackupRun {
         ctx.respond(req, Ok(Reply::Done));
         match self.phase {
             Phase::Running if self.committed => {
-                self.cancel_running(ctx);
-                Some(self)
+                self.cancel_running();
+                self.pump(core, ctx)
             }
             Phase::Querying | Phase::Preparing if !self.transaction_in_queue_sent() => self
                 .roll_back(
@@ -1043,7 +1042,7 @@ impl BackupRun {
         self.current = None;
         self.waiting_create_job = None;
         self.waiting_file = None;
-        self.poll_in_flight = false;
+        self.checks_queued.clear();
         self.phase = Phase::Disconnected;
         self
     }
@@ -1051,136 +1050,182 @@ impl BackupRun {
     /// A new QMP session is negotiated: find out what became of the jobs.
     pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         self.phase = Phase::Reconciling;
-        self.poll_in_flight = true;
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
     }
 
     // ----- monitoring -----
 
-    fn poll(&mut self, ctx: &mut Ctx<'_>) {
-        if self.poll_in_flight {
-            self.poll_again = true;
-        } else {
-            self.poll_in_flight = true;
-            ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
+    /// After a reconnection: decide from QEMU's jobs whether the start went through, then end
+    /// every disk whose job concluded or vanished.
+    fn reconcile(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
+        if self.phase != Phase::Reconciling {
+            return Some(self);
         }
+        let any_known = self
+            .plan
+            .disks
+            .iter()
+            .any(|d| jobs.iter().any(|j| j.id == d.job_id));
+        if !self.committed {
+            if !any_known {
+                self.phase = Phase::Preparing;
+                return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+            }
+            // The transaction went through before the connection dropped.
+            if let Err(e) = self.commit(core, ctx)
+                && let Some(req) = self.begin_req.take()
+            {
+                ctx.respond(req, Err(e));
+            }
+            if self.plan.mode == BackupMode::Pull {
+                if let Some(req) = self.begin_req.take() {
+                    ctx.respond(req, Err(Error::LinkLost("pull backup start".into())));
+                }
+                self.abort_requested = true;
+            }
+        }
+        self.phase = Phase::Running;
+        let mut follow_up = Vec::new();
+        for i in 0..self.plan.disks.len() {
+            follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
+        }
+        if self.abort_requested {
+            follow_up.extend(self.cancel_steps());
+        }
+        self.steps.extend(follow_up);
+        self.pump(core, ctx)
     }
 
-    /// Applies a `query-jobs` answer: concluded jobs end their disk; after a reconnection a job
-    /// that QEMU no longer knows ends its disk as failed.
-    fn apply_jobs(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
-        let reconciling = self.phase == Phase::Reconciling;
-        if reconciling {
-            let any_known = self
-                .plan
-                .disks
-                .iter()
-                .any(|d| jobs.iter().any(|j| j.id == d.job_id));
-            if !self.committed {
-                if any_known {
-                    // The transaction went through before the connection dropped.
-                    if let Err(e) = self.commit(core, ctx)
-                        && let Some(req) = self.begin_req.take()
-                    {
-                        ctx.respond(req, Err(e));
-                    }
-                    if self.plan.mode == BackupMode::Pull {
-                        if let Some(req) = self.begin_req.take() {
-                            ctx.respond(req, Err(Error::LinkLost("pull backup start".into())));
-                        }
-                        self.abort_requested = true;
-                    }
-                } else {
-                    self.phase = Phase::Preparing;
-                    return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
-                }
+    /// A `query-jobs` answer for one concluded job: end its disk, clean it up next.
+    fn on_check_job(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        job: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<Self> {
+        self.checks_queued.remove(job);
+        let jobs = result
+            .ok()
+            .and_then(|v| parse_jobs(&v).ok())
+            .unwrap_or_default();
+        for j in &jobs {
+            if let Some(i) = self.plan.disk_by_job(&j.id)
+                && !self.plan.disks[i].state.is_final()
+            {
+                self.plan.disks[i].progress_current_bytes = j.current_progress;
+                self.plan.disks[i].progress_total_bytes = j.total_progress;
             }
-            self.phase = Phase::Running;
         }
-        let mut ended_badly = false;
-        for i in 0..self.plan.disks.len() {
-            let d = &self.plan.disks[i];
-            if d.state.is_final() || d.state == DiskJobState::None {
-                continue;
+        let mut follow_up = Vec::new();
+        if let Some(i) = self.plan.disk_by_job(job) {
+            follow_up = self.conclude_disk(ctx, i, &jobs, false);
+            let bad = self.plan.disks[i].state.is_final()
+                && self.plan.disks[i].state != DiskJobState::Complete;
+            if bad || self.abort_requested {
+                // One disk failing or being cancelled ends the whole backup.
+                follow_up.extend(self.cancel_steps());
             }
-            let job = jobs.iter().find(|j| j.id == d.job_id);
-            let concluded = match job {
-                Some(j) => j.status == QemuJobStatus::Concluded || j.status == QemuJobStatus::Null,
-                None => reconciling,
-            };
-            let d = &mut self.plan.disks[i];
-            if let Some(j) = job {
-                d.progress_current_bytes = j.current_progress;
-                d.progress_total_bytes = j.total_progress;
-            }
-            if !concluded {
-                continue;
-            }
-            let error = match job {
-                Some(j) => j.error.clone(),
-                None => Some("job no longer known to QEMU".into()),
-            };
-            d.state = if d.state == DiskJobState::Cancelling {
-                DiskJobState::Cancelled
-            } else if error.is_some() {
-                DiskJobState::Failed
-            } else {
-                DiskJobState::Complete
-            };
-            if d.error.is_none() {
-                d.error = error;
-            }
-            ended_badly |= d.state != DiskJobState::Complete;
-            ctx.emit(DomainEvent::BlockJob {
-                disk: d.target.clone(),
-                state: d.state,
-            });
-            self.queue_disk_cleanup(i, job.is_some());
         }
-        if ended_badly || self.abort_requested {
-            self.cancel_running(ctx);
+        for step in follow_up.into_iter().rev() {
+            self.steps.push_front(step);
         }
         self.pump(core, ctx)
     }
 
-    fn queue_disk_cleanup(&mut self, i: usize, job_exists: bool) {
-        let d = self.plan.disks[i].clone();
-        if job_exists {
-            self.steps
-                .push_back(best_effort(cmd::job_dismiss(&d.job_id)));
+    /// Ends disk `i` if its job concluded (or, after a reconnection, vanished) and returns the
+    /// steps that clean it up.
+    fn conclude_disk(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        i: usize,
+        jobs: &[JobInfo],
+        vanished_ends: bool,
+    ) -> Vec<Step> {
+        let d = &self.plan.disks[i];
+        if d.state.is_final() || d.state == DiskJobState::None {
+            return Vec::new();
         }
-        if self.plan.mode == BackupMode::Pull && !self.nbd_stop_queued {
-            // The exports go with the server as soon as the first disk ends.
-            self.nbd_stop_queued = true;
-            self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
-            for obj in self.added_objects.iter().rev() {
-                self.steps
-                    .push_back(best_effort(QmpCommand::ObjectDel(ObjectDel {
+        let job = jobs.iter().find(|j| j.id == d.job_id);
+        let concluded = match job {
+            Some(j) => j.status == QemuJobStatus::Concluded || j.status == QemuJobStatus::Null,
+            None => vanished_ends,
+        };
+        let d = &mut self.plan.disks[i];
+        if let Some(j) = job {
+            d.progress_current_bytes = j.current_progress;
+            d.progress_total_bytes = j.total_progress;
+        }
+        if !concluded {
+            return Vec::new();
+        }
+        let error = match job {
+            Some(j) => j.error.clone(),
+            None => Some("job no longer known to QEMU".into()),
+        };
+        d.state = if d.state == DiskJobState::Cancelling {
+            DiskJobState::Cancelled
+        } else if error.is_some() {
+            DiskJobState::Failed
+        } else {
+            DiskJobState::Complete
+        };
+        if d.error.is_none() {
+            d.error = error;
+        }
+        ctx.emit(DomainEvent::BlockJob {
+            disk: d.target.clone(),
+            state: d.state,
+        });
+        self.cleanup_steps(i, job.is_some())
+    }
+
+    fn cleanup_steps(&mut self, i: usize, job_exists: bool) -> Vec<Step> {
+        let d = &self.plan.disks[i];
+        let mut steps = Vec::new();
+        if job_exists {
+            steps.push(best_effort(cmd::job_dismiss(&d.job_id)));
+        }
+        if self.plan.mode == BackupMode::Pull {
+            // The exports go with the server as soon as a disk ends. Like libvirt, the stop is
+            // sent for every ending disk; later ones are refused harmlessly.
+            steps.push(best_effort(QmpCommand::NbdServerStop));
+            if !self.objects_del_queued {
+                self.objects_del_queued = true;
+                for obj in self.added_objects.iter().rev() {
+                    steps.push(best_effort(QmpCommand::ObjectDel(ObjectDel {
                         id: obj.clone(),
                     })));
+                }
             }
         }
-        self.steps
-            .push_back(best_effort(cmd::del_node(&d.format_node)));
-        self.steps
-            .push_back(best_effort(cmd::del_node(&d.storage_node)));
+        steps.push(best_effort(cmd::del_node(&d.format_node)));
+        steps.push(best_effort(cmd::del_node(&d.storage_node)));
         if self.plan.mode == BackupMode::Push
             && let (Some(b), Some(n)) = (&d.temp_bitmap, &d.temp_bitmap_node)
         {
-            self.steps.push_back(best_effort(cmd::remove_bitmap(n, b)));
+            steps.push(best_effort(cmd::remove_bitmap(n, b)));
         }
+        steps
     }
 
-    fn cancel_running(&mut self, ctx: &mut Ctx<'_>) {
+    /// Marks every running disk cancelling and returns the cancel commands.
+    fn cancel_steps(&mut self) -> Vec<Step> {
+        let mut steps = Vec::new();
         for d in &mut self.plan.disks {
             if d.state == DiskJobState::Running {
                 d.state = DiskJobState::Cancelling;
-                ctx.send(
-                    Owner::Backup(BackupTag::Cancel),
-                    cmd::block_job_cancel(&d.job_id),
-                );
+                steps.push(best_effort(cmd::block_job_cancel(&d.job_id)));
             }
+        }
+        steps
+    }
+
+    /// Cancels every running disk before anything else queued.
+    fn cancel_running(&mut self) {
+        for step in self.cancel_steps().into_iter().rev() {
+            self.steps.push_front(step);
         }
     }
 
