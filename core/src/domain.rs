@@ -223,6 +223,11 @@ pub struct DomainConfig {
     pub tls: Option<TlsConfig>,
     /// Milliseconds after which an unanswered command counts as QEMU misbehaving.
     pub command_timeout_ms: u64,
+    /// Query the node data before removing a checkpoint's bitmaps even when every disk has a
+    /// single layer (libvirt always does). Without it, single-layer disks go straight to the
+    /// removal transaction, which QEMU refuses atomically if a bitmap is missing; disks with
+    /// backing layers are always queried, because the bitmap may live in several of them.
+    pub query_nodes_before_delete: bool,
 }
 
 impl Default for DomainConfig {
@@ -232,6 +237,7 @@ impl Default for DomainConfig {
             nbd_port_max: 10872,
             tls: None,
             command_timeout_ms: 60_000,
+            query_nodes_before_delete: false,
         }
     }
 }
