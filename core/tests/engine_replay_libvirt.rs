@@ -99,11 +99,10 @@ fn connected(tree: CheckpointTree, config: DomainConfig) -> Domain {
 
 /// Feeds `input`, carries out outputs against the replay, and delivers what the recording
 /// sends until it has nothing more for us. Returns the answers.
-fn drive(
-    d: &mut Domain,
-    link: &mut ReplayLink,
-    input: Input,
-) -> Vec<(RequestId, Result<Reply, Error>)> {
+/// The answers a replay produced.
+type Answers = Vec<(RequestId, Result<Reply, Error>)>;
+
+fn drive(d: &mut Domain, link: &mut ReplayLink, input: Input) -> Answers {
     match try_drive(d, link, input) {
         Ok(answers) => answers,
         Err(e) => panic!("diverged from libvirt: {e}"),
@@ -111,11 +110,7 @@ fn drive(
 }
 
 /// Like [`drive`], but returns the first divergence instead of failing.
-fn try_drive(
-    d: &mut Domain,
-    link: &mut ReplayLink,
-    input: Input,
-) -> Result<Vec<(RequestId, Result<Reply, Error>)>, LinkError> {
+fn try_drive(d: &mut Domain, link: &mut ReplayLink, input: Input) -> Result<Answers, LinkError> {
     let mut answers = Vec::new();
     let mut queue = vec![input];
     for _ in 0..10_000 {
