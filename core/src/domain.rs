@@ -210,6 +210,63 @@ pub enum DomainEvent {
     CheckpointCreated(String),
     /// A checkpoint was deleted.
     CheckpointDeleted(String),
+    /// After connecting, checkpoint metadata and QEMU's bitmaps disagree (a crash between
+    /// QEMU's confirmation and the metadata write, a QEMU crash, or outside changes).
+    BitmapDrift(BitmapDrift),
+}
+
+/// Disagreement between checkpoint metadata and the bitmaps QEMU has.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BitmapDrift {
+    /// `(checkpoint, disk)` whose bitmap chain is missing or broken: incremental backups from
+    /// it will be refused for that disk until a full backup; deleting it needs metadata-only
+    /// deletion when the bitmap is gone from every layer.
+    pub missing: Vec<(String, String)>,
+    /// `(node, bitmap)`: persistent bitmaps on a disk's top layer that no checkpoint owns, such
+    /// as the bitmap of a checkpoint whose metadata was never written. Redefining the
+    /// checkpoint adopts it; removing it discards it.
+    pub orphans: Vec<(String, String)>,
+}
+
+/// Compares checkpoint metadata with QEMU's node data.
+fn bitmap_drift(core: &Core, nodes: &NodeTable) -> BitmapDrift {
+    let mut drift = BitmapDrift::default();
+    let mut owned: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
+    for c in core.tree.iter() {
+        for (target, bitmap) in c.bitmap_disks() {
+            let Ok(layers) = disk_layers(&core.def, target) else {
+                continue;
+            };
+            if let Some(top) = core
+                .def
+                .disk(target)
+                .and_then(|d| d.top())
+                .and_then(|l| l.node_name.as_deref())
+            {
+                owned.insert((top, bitmap));
+            }
+            if !crate::chain::chain_is_valid(nodes, &layers, bitmap) {
+                drift.missing.push((c.name.clone(), target.to_owned()));
+            }
+        }
+    }
+    for disk in &core.def.disks {
+        let Some(top) = disk.top().and_then(|l| l.node_name.as_deref()) else {
+            continue;
+        };
+        let Some(node) = nodes.get(top) else {
+            continue;
+        };
+        for b in &node.bitmaps {
+            if let Some(name) = b.name.as_deref()
+                && b.persistent
+                && !owned.contains(&(top, name))
+            {
+                drift.orphans.push((top.to_owned(), name.to_owned()));
+            }
+        }
+    }
+    drift
 }
 
 /// Host configuration a domain needs.
@@ -282,6 +339,7 @@ pub(crate) enum Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SessionTag {
     Capabilities,
+    DriftQuery,
 }
 
 #[derive(Debug, Clone)]
@@ -524,6 +582,20 @@ impl Domain {
                     core.connected = true;
                     if let Some(run) = backup.take() {
                         *backup = run.on_reconnected(core, ctx);
+                    }
+                    if !core.tree.is_empty() {
+                        ctx.send(Owner::Session(SessionTag::DriftQuery), cmd::query_nodes());
+                    }
+                }
+            }
+            Owner::Session(SessionTag::DriftQuery) => {
+                if let Ok(nodes) = result
+                    .map_err(|e| refused(&pending.name, &e))
+                    .and_then(|v| node_table(&v))
+                {
+                    let drift = bitmap_drift(core, &nodes);
+                    if !drift.missing.is_empty() || !drift.orphans.is_empty() {
+                        ctx.emit(DomainEvent::BitmapDrift(drift));
                     }
                 }
             }

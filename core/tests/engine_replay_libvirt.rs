@@ -102,7 +102,6 @@ type Answers = Vec<(RequestId, Result<Reply, Error>)>;
 
 /// Feeds `input`, carries out outputs against the replay, and delivers what the recording
 /// sends until it has nothing more for us. Returns the answers.
-
 fn drive(d: &mut Domain, link: &mut ReplayLink, input: Input) -> Answers {
     match try_drive(d, link, input) {
         Ok(answers) => answers,
