@@ -361,7 +361,8 @@ fn connecting_reports_missing_and_orphan_bitmaps() {
     peer.add_bitmap("libvirt-2-format", "c1", 0);
     peer.add_bitmap("libvirt-1-format", "c9", 0);
     let mut tree = CheckpointTree::new();
-    tree.insert_created(checkpoint("c1", &["vda", "vdb"])).unwrap();
+    tree.insert_created(checkpoint("c1", &["vda", "vdb"]))
+        .unwrap();
     let mut h = Harness::new(def, peer, tree);
     h.feed(Input::Reconnected);
     insta::assert_snapshot!(h.transcript());
