@@ -595,3 +595,46 @@ fn drain_pauses_during_a_job_are_not_pauses() {
     let plan = h.domain.view().backup.unwrap();
     assert!(plan.disks.iter().all(|d| d.state == DiskJobState::Running));
 }
+
+#[test]
+fn checkpoint_operations_wait_out_the_backup_start() {
+    let def = lab_domain();
+    let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
+    let t = Timestamp::from_ms(0);
+    let out = d.handle(t, Input::Reconnected);
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!()
+    };
+    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    let out = d.handle(
+        t,
+        Input::Request(
+            RequestId(1),
+            Request::BackupBegin {
+                spec: push(None),
+                checkpoint: None,
+                reuse_external: false,
+            },
+        ),
+    );
+    assert!(matches!(out.first(), Some(Output::Send(..))));
+    let out = d.handle(
+        t,
+        Input::Request(
+            RequestId(2),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda"]),
+                quiesce: false,
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![Output::Respond(
+            RequestId(2),
+            Err(Error::Conflict(ConflictError::DomainJob {
+                holder: "backup-begin".into()
+            }))
+        )]
+    );
+}

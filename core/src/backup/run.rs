@@ -120,6 +120,9 @@ pub(crate) struct BackupRun {
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
     checks_queued: BTreeSet<String>,
+    /// Whether the run holds the short slot, which keeps checkpoint operations out while the
+    /// backup is being started.
+    holds_start_slot: bool,
     nodes: NodeTable,
     spec: Option<BackupSpec>,
 }
@@ -164,6 +167,7 @@ impl BackupRun {
             nbd_started,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
+            holds_start_slot: false,
             nodes: NodeTable::new(),
             spec: None,
         }
@@ -181,7 +185,12 @@ impl BackupRun {
     ) -> Option<Self> {
         match Self::validate(core, &spec, checkpoint.as_ref()) {
             Ok(targets) => {
-                if let Err(e) = core.jobs.occupy_disks(&targets, DISK_HOLDER) {
+                let taken = core
+                    .jobs
+                    .occupy_disks(&targets, DISK_HOLDER)
+                    .and_then(|()| core.jobs.acquire_short(crate::jobs::JobKind::BackupStart));
+                if let Err(e) = taken {
+                    core.jobs.free_disks_of(DISK_HOLDER);
                     core.jobs.release_long();
                     ctx.respond(req, Err(e.into()));
                     return None;
@@ -208,6 +217,7 @@ impl BackupRun {
                 started_ms: ctx.now.as_ms(),
             },
             phase: Phase::Querying,
+            holds_start_slot: true,
             begin_req: Some(req),
             checkpoint,
             committed: false,
@@ -669,6 +679,7 @@ impl BackupRun {
             Phase::Preparing => {
                 let mut run = self;
                 run.phase = Phase::Running;
+                run.release_start_slot(core);
                 if let Some(req) = run.begin_req.take() {
                     ctx.respond(req, Ok(Reply::Done));
                 }
@@ -680,10 +691,12 @@ impl BackupRun {
             }
             Phase::RollingBack { error } => {
                 let error = error.clone();
-                for path in self.created_files.iter().rev() {
+                let mut run = self;
+                run.release_start_slot(core);
+                for path in run.created_files.iter().rev() {
                     ctx.file(FileOp::Remove { path: path.clone() });
                 }
-                if let Some(req) = self.begin_req {
+                if let Some(req) = run.begin_req {
                     ctx.respond(req, Err(error));
                 }
                 core.jobs.free_disks_of(DISK_HOLDER);
@@ -692,6 +705,14 @@ impl BackupRun {
             }
             Phase::Running => self.maybe_finish(core, ctx),
             Phase::Querying | Phase::Disconnected | Phase::Reconciling => Some(self),
+        }
+    }
+
+    /// Lets checkpoint operations run again once the backup has started (or given up).
+    fn release_start_slot(&mut self, core: &mut Core) {
+        if self.holds_start_slot {
+            self.holds_start_slot = false;
+            core.jobs.release_short();
         }
     }
 
@@ -852,6 +873,7 @@ impl BackupRun {
                             )
                         });
                         self.phase = Phase::Running;
+                        self.release_start_slot(core);
                         self.cancel_running();
                         self.pump(core, ctx)
                     }
@@ -1086,6 +1108,7 @@ impl BackupRun {
             }
         }
         self.phase = Phase::Running;
+        self.release_start_slot(core);
         let mut follow_up = Vec::new();
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
@@ -1240,7 +1263,8 @@ impl BackupRun {
     }
 
     /// Every disk ended and cleanup is done: delete what must go, report, release.
-    fn terminate(self, core: &mut Core, ctx: &mut Ctx<'_>) {
+    fn terminate(mut self, core: &mut Core, ctx: &mut Ctx<'_>) {
+        self.release_start_slot(core);
         let status = self.plan.final_status();
         if !self.plan.reuse_external {
             let keep = self.plan.mode == BackupMode::Push && status == JobStatus::Completed;
