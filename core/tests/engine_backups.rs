@@ -638,3 +638,119 @@ fn checkpoint_operations_wait_out_the_backup_start() {
         )]
     );
 }
+
+/// A pull backup with TLS and a new checkpoint touches every kind of command; a failure of
+/// any one of them must leave QEMU, the files and the slots as they were (except after the
+/// transaction, where the checkpoint stays and the jobs are cancelled).
+#[test]
+fn failure_at_each_step_of_the_start_leaves_nothing_behind() {
+    let config = DomainConfig {
+        tls: Some(TlsConfig {
+            cert_dir: "/etc/pki/vbackup".into(),
+            verify_peer: false,
+            secret_file: None,
+        }),
+        ..DomainConfig::default()
+    };
+    let mut transcripts = Vec::new();
+    for (command, nth) in [
+        ("query-named-block-nodes", 0),
+        ("blockdev-add", 0),
+        ("blockdev-create", 0),
+        ("query-jobs", 0),
+        ("blockdev-add", 1),
+        ("blockdev-add", 3),
+        ("object-add", 0),
+        ("nbd-server-start", 0),
+        ("transaction", 0),
+        ("block-export-add", 1),
+    ] {
+        let def = lab_domain();
+        let mut peer = Peer::for_domain(&def, &lab_sizes());
+        for n in ["libvirt-2-format", "libvirt-1-format"] {
+            peer.add_bitmap(n, "c1", 1 << 20);
+        }
+        let mut tree = CheckpointTree::new();
+        tree.insert_created(checkpoint("c1", &["vda", "vdb"]))
+            .unwrap();
+        let mut h = Harness::with_config(def, peer, tree, config.clone());
+        h.connect();
+        let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+        h.peer.fail_after(command, nth, "injected failure");
+        h.note(&format!("{command} #{nth} fails"));
+        let id = begin(&mut h, pull(Some("c1"), unix(), Some(true)), Some("c2"));
+        assert!(
+            matches!(h.answer(id), Some(Err(_))),
+            "{command} #{nth}: {:?}",
+            h.answer(id)
+        );
+        let after_transaction = command == "block-export-add";
+        if after_transaction {
+            h.note("the jobs were cancelled; the checkpoint stays");
+            assert!(h.domain.view().checkpoints.get("c2").is_some());
+        } else {
+            assert!(h.domain.view().checkpoints.get("c2").is_none(), "{command}");
+            assert!(!h.peer.has_bitmap("libvirt-2-format", "c2"));
+        }
+        assert!(h.domain.view().backup.is_none(), "{command}");
+        assert!(h.domain.view().jobs.long_job().is_none());
+        assert!(h.domain.view().jobs.short_job().is_none());
+        assert!(h.domain.view().jobs.busy_disks().is_empty());
+        assert!(
+            h.peer.files.is_empty(),
+            "{command}: files left {:?}",
+            h.peer.files
+        );
+        assert!(
+            h.peer.jobs.is_empty(),
+            "{command}: jobs left {:?}",
+            h.peer.jobs
+        );
+        assert_eq!(
+            h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+            nodes_before,
+            "{command}: nodes left"
+        );
+        assert!(!h.peer.nbd_running, "{command}: NBD server left running");
+        transcripts.push(h.transcript());
+    }
+    insta::assert_snapshot!(transcripts.join("\n\n"));
+}
+
+#[test]
+fn abort_while_starting_rolls_back_once_nothing_is_in_flight() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    let t = Timestamp::from_ms(0);
+    let out = h.domain.handle(
+        t,
+        Input::Request(
+            RequestId(1),
+            Request::BackupBegin {
+                spec: push(Some("c1")),
+                checkpoint: Some(checkpoint("c2", &["vda", "vdb"])),
+                reuse_external: false,
+            },
+        ),
+    );
+    let Some(Output::Send(id, query)) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    let out = h
+        .domain
+        .handle(t, Input::Request(RequestId(2), Request::AbortJob));
+    assert!(matches!(
+        out.as_slice(),
+        [Output::Respond(RequestId(2), Ok(Reply::Done))]
+    ));
+    let (result, _) = h.peer.execute(&query);
+    h.feed(Input::Reply(id, result));
+    assert_eq!(
+        h.answer(1),
+        Some(&Err(Error::Request(RequestError::Aborted)))
+    );
+    assert!(h.domain.view().checkpoints.get("c2").is_none());
+    assert!(h.domain.view().jobs.long_job().is_none());
+    assert!(h.domain.view().jobs.short_job().is_none());
+    assert_eq!(h.peer.nodes.len(), 4);
+    assert!(h.peer.files.is_empty());
+}

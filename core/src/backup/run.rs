@@ -120,6 +120,8 @@ pub(crate) struct BackupRun {
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
     checks_queued: BTreeSet<String>,
+    /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
+    abort_before_start: bool,
     /// Whether the run holds the short slot, which keeps checkpoint operations out while the
     /// backup is being started.
     holds_start_slot: bool,
@@ -168,6 +170,7 @@ impl BackupRun {
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             holds_start_slot: false,
+            abort_before_start: false,
             nodes: NodeTable::new(),
             spec: None,
         }
@@ -218,6 +221,7 @@ impl BackupRun {
             },
             phase: Phase::Querying,
             holds_start_slot: true,
+            abort_before_start: false,
             begin_req: Some(req),
             checkpoint,
             committed: false,
@@ -641,6 +645,11 @@ impl BackupRun {
         if self.step_busy {
             return Some(self);
         }
+        if self.abort_before_start && !self.transaction_sent && self.phase == Phase::Preparing {
+            // Nothing is in flight now, so the roll-back sees everything that was set up.
+            self.abort_before_start = false;
+            return self.roll_back(core, ctx, RequestError::Aborted.into());
+        }
         match self.steps.pop_front() {
             Some(Step::Cmd { command, effect }) => {
                 if effect == Effect::Transaction {
@@ -717,8 +726,20 @@ impl BackupRun {
     }
 
     /// Switches to rolling back: undo what preparation set up, then answer with `error`.
-    fn roll_back(mut self, core: &mut Core, ctx: &mut Ctx<'_>, error: Error) -> Option<Self> {
+    fn roll_back(self, core: &mut Core, ctx: &mut Ctx<'_>, error: Error) -> Option<Self> {
+        self.roll_back_after(core, ctx, error, Vec::new())
+    }
+
+    /// Rolls back, running `first` before the undo steps.
+    fn roll_back_after(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        error: Error,
+        first: Vec<Step>,
+    ) -> Option<Self> {
         self.steps.clear();
+        self.steps.extend(first);
         self.step_busy = false;
         self.current = None;
         self.waiting_create_job = None;
@@ -793,12 +814,19 @@ impl BackupRun {
                             class: "GenericError".into(),
                             desc: format!("failed to format image: {err}"),
                         };
-                        let mut run = self.roll_back(core, ctx, e)?;
-                        // The roll-back queue starts after the dismissal.
-                        run.steps.push_front(best_effort(cmd::job_dismiss(&job)));
-                        Some(run)
+                        self.roll_back_after(
+                            core,
+                            ctx,
+                            e,
+                            vec![best_effort(cmd::job_dismiss(&job))],
+                        )
                     }
-                    Err(e) => self.roll_back(core, ctx, e),
+                    Err(e) => self.roll_back_after(
+                        core,
+                        ctx,
+                        e,
+                        vec![best_effort(cmd::job_dismiss(&job))],
+                    ),
                 }
             }
             BackupTag::Poll => match result.ok().and_then(|v| parse_jobs(&v).ok()) {
@@ -1040,21 +1068,15 @@ impl BackupRun {
                 self.cancel_running();
                 self.pump(core, ctx)
             }
-            Phase::Querying | Phase::Preparing if !self.transaction_in_queue_sent() => self
-                .roll_back(
-                    core,
-                    ctx,
-                    RequestError::Unsupported("backup aborted before it started".into()).into(),
-                ),
+            Phase::Querying | Phase::Preparing if !self.transaction_sent => {
+                self.abort_before_start = true;
+                self.pump(core, ctx)
+            }
             _ => {
                 self.abort_requested = true;
                 Some(self)
             }
         }
-    }
-
-    fn transaction_in_queue_sent(&self) -> bool {
-        self.transaction_sent
     }
 
     /// The QMP session is gone.

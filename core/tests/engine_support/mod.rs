@@ -138,7 +138,24 @@ impl Peer {
         self.failures.push((command.into(), desc.into()));
     }
 
+    /// Fails the `nth` (0-based) next execution of `command`.
+    pub fn fail_after(&mut self, command: &str, nth: usize, desc: &str) {
+        self.failures
+            .retain(|(c, _)| c != &format!("{command}#pass"));
+        for _ in 0..nth {
+            self.failures
+                .push((format!("{command}#pass"), String::new()));
+        }
+        self.failures.push((command.into(), desc.into()));
+    }
+
     fn take_failure(&mut self, command: &str) -> Option<QmpError> {
+        // Executions to let through first are recorded as `<command>#pass`.
+        let pass = format!("{command}#pass");
+        if let Some(i) = self.failures.iter().position(|(c, _)| *c == pass) {
+            self.failures.remove(i);
+            return None;
+        }
         let i = self.failures.iter().position(|(c, _)| c == command)?;
         Some(err(self.failures.remove(i).1))
     }
