@@ -333,6 +333,9 @@ fn pull_export_failure_keeps_checkpoint_and_cancels_jobs() {
     assert!(h.domain.view().checkpoints.get("c2").is_some());
     assert!(h.domain.view().backup.is_none());
     assert!(h.peer.jobs.is_empty());
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert!(s.errmsg.unwrap().contains("Bitmap 'backup-vda' is not found"));
     insta::assert_snapshot!(h.transcript());
 }
 

@@ -218,6 +218,7 @@ impl BackupRun {
                 checkpoint: checkpoint.as_ref().map(|c| c.name.clone()),
                 reuse_external,
                 started_ms: ctx.now.as_ms(),
+                start_error: None,
             },
             phase: Phase::Querying,
             holds_start_slot: true,
@@ -888,6 +889,7 @@ impl BackupRun {
                 match effect {
                     Effect::Export(_) => {
                         // The jobs run already: keep the checkpoint, stop the jobs, report.
+                        self.plan.start_error = Some(error.to_string());
                         if let Some(req) = self.begin_req.take() {
                             ctx.respond(req, Err(error));
                         }
