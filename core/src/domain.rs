@@ -516,6 +516,13 @@ impl Domain {
                         );
                     }
                 }
+                if let Some(run) = self.backup.take() {
+                    self.backup = if run.deadline(timeout).is_some_and(|d| now >= d) {
+                        run.on_timeout(&mut self.core, &mut ctx)
+                    } else {
+                        Some(run)
+                    };
+                }
             }
             Input::Reconnected => {
                 // Whatever was outstanding on the old session is lost.
@@ -534,9 +541,11 @@ impl Domain {
 
     /// When [`Input::Tick`] should next be fed: the earliest command timeout.
     pub fn next_deadline(&self) -> Option<Timestamp> {
+        let timeout = self.core.config.command_timeout_ms;
         self.pending
             .values()
-            .map(|p| p.sent.plus_ms(self.core.config.command_timeout_ms))
+            .map(|p| p.sent.plus_ms(timeout))
+            .chain(self.backup.as_ref().and_then(|b| b.deadline(timeout)))
             .min()
     }
 

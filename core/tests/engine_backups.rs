@@ -335,7 +335,11 @@ fn pull_export_failure_keeps_checkpoint_and_cancels_jobs() {
     assert!(h.peer.jobs.is_empty());
     let s = completed(&h);
     assert_eq!(s.status, JobStatus::Failed);
-    assert!(s.errmsg.unwrap().contains("Bitmap 'backup-vda' is not found"));
+    assert!(
+        s.errmsg
+            .unwrap()
+            .contains("Bitmap 'backup-vda' is not found")
+    );
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -756,4 +760,22 @@ fn abort_while_starting_rolls_back_once_nothing_is_in_flight() {
     assert!(h.domain.view().jobs.short_job().is_none());
     assert_eq!(h.peer.nodes.len(), 4);
     assert!(h.peer.files.is_empty());
+}
+
+#[test]
+fn creation_job_that_never_concludes_times_out_and_rolls_back() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.silent_create_jobs = true;
+    let id = begin(&mut h, push(None), None);
+    assert_eq!(h.answer(id), None, "still waiting for the creation job");
+    let deadline = h.domain.next_deadline().expect("a deadline while waiting");
+    h.now_ms = deadline.as_ms();
+    h.feed(Input::Tick);
+    let Some(Err(Error::QemuMisbehaved(msg))) = h.answer(id) else {
+        panic!("{:?}", h.answer(id))
+    };
+    assert!(msg.contains("create-libvirt-3-format never concluded"));
+    assert!(h.peer.files.is_empty());
+    assert!(h.domain.view().jobs.long_job().is_none());
+    assert_eq!(h.domain.next_deadline(), None);
 }

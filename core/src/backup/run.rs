@@ -28,6 +28,7 @@ use crate::domain::{
     refused,
 };
 use crate::error::{Error, RequestError};
+use crate::link::Timestamp;
 use crate::model::ImageFormat;
 use crate::qmp::{
     BitmapRef, BlockExportAdd, InetSocketAddress, JobInfo, JobStatus as QemuJobStatus,
@@ -122,6 +123,9 @@ pub(crate) struct BackupRun {
     checks_queued: BTreeSet<String>,
     /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
     abort_before_start: bool,
+    /// Since when the run waits for something that is not a command reply (a file operation,
+    /// an image-creation job's conclusion).
+    waiting_since: Option<Timestamp>,
     /// Whether the run holds the short slot, which keeps checkpoint operations out while the
     /// backup is being started.
     holds_start_slot: bool,
@@ -171,6 +175,7 @@ impl BackupRun {
             checks_queued: BTreeSet::new(),
             holds_start_slot: false,
             abort_before_start: false,
+            waiting_since: None,
             nodes: NodeTable::new(),
             spec: None,
         }
@@ -223,6 +228,7 @@ impl BackupRun {
             phase: Phase::Querying,
             holds_start_slot: true,
             abort_before_start: false,
+            waiting_since: None,
             begin_req: Some(req),
             checkpoint,
             committed: false,
@@ -664,6 +670,7 @@ impl BackupRun {
             Some(Step::CreateFile { path }) => {
                 let id = ctx.file(FileOp::CreateExclusive { path: path.clone() });
                 self.waiting_file = Some((id, path));
+                self.waiting_since = Some(ctx.now);
                 self.step_busy = true;
                 Some(self)
             }
@@ -675,6 +682,7 @@ impl BackupRun {
                     );
                 } else {
                     self.waiting_create_job = Some(job);
+                    self.waiting_since = Some(ctx.now);
                 }
                 self.step_busy = true;
                 Some(self)
@@ -973,6 +981,7 @@ impl BackupRun {
                     self.create_concluded.insert(c.id.clone());
                     if self.waiting_create_job.as_deref() == Some(c.id.as_str()) {
                         self.waiting_create_job = None;
+                        self.waiting_since = None;
                         ctx.send(
                             Owner::Backup(BackupTag::CreateJobCheck(c.id.clone())),
                             cmd::query_jobs(),
@@ -1024,6 +1033,7 @@ impl BackupRun {
             self.waiting_file = Some((waiting, path));
             return Some(self);
         }
+        self.waiting_since = None;
         self.step_busy = false;
         match result {
             Ok(()) => {
@@ -1098,6 +1108,25 @@ impl BackupRun {
         self.phase = Phase::Reconciling;
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
+    }
+
+    /// When the current non-command wait times out.
+    pub(crate) fn deadline(&self, timeout_ms: u64) -> Option<Timestamp> {
+        self.waiting_since.map(|t| t.plus_ms(timeout_ms))
+    }
+
+    /// The current non-command wait took too long: give up the start.
+    pub(crate) fn on_timeout(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        let what = if let Some(job) = self.waiting_create_job.take() {
+            format!("image creation job {job} never concluded")
+        } else if let Some((_, path)) = self.waiting_file.take() {
+            format!("creating '{path}' was never confirmed")
+        } else {
+            return Some(self);
+        };
+        self.waiting_since = None;
+        self.step_busy = false;
+        self.roll_back(core, ctx, Error::QemuMisbehaved(what))
     }
 
     // ----- monitoring -----
