@@ -678,7 +678,14 @@ impl Domain {
                 checkpoint,
                 validate: false,
             } => {
-                let r = crate::checkpoint::ops::redefine_now(core, ctx, checkpoint);
+                // Metadata only, but not under an operation that is reading the tree.
+                let r = match core.jobs.short_job() {
+                    Some(holder) => Err(crate::error::ConflictError::DomainJob {
+                        holder: holder.to_string(),
+                    }
+                    .into()),
+                    None => crate::checkpoint::ops::redefine_now(core, ctx, checkpoint),
+                };
                 answer(ctx, r.map(|()| Reply::Done));
             }
             Request::CheckpointCreate { .. }
