@@ -177,6 +177,12 @@ pub enum Request {
     },
     /// Abort the running job (ends a pull backup normally).
     AbortJob,
+    /// Cancel one disk's backup job (libvirt's block-job abort); the other disks are then
+    /// cancelled too.
+    BlockJobAbort {
+        /// Disk target.
+        disk: String,
+    },
 }
 
 /// Successful answers.
@@ -735,6 +741,10 @@ impl Domain {
             }
             Request::AbortJob => match backup.take() {
                 Some(run) => *backup = run.abort(core, ctx, req),
+                None => answer(ctx, Err(RequestError::NoJob.into())),
+            },
+            Request::BlockJobAbort { disk } => match backup.take() {
+                Some(run) => *backup = run.abort_disk(core, ctx, req, &disk),
                 None => answer(ctx, Err(RequestError::NoJob.into())),
             },
         }

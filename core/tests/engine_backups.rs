@@ -779,3 +779,22 @@ fn creation_job_that_never_concludes_times_out_and_rolls_back() {
     assert!(h.domain.view().jobs.long_job().is_none());
     assert_eq!(h.domain.next_deadline(), None);
 }
+
+#[test]
+fn cancelling_one_disk_cancels_the_whole_push() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let id = h.request(Request::BlockJobAbort { disk: "vdb".into() });
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Cancelled);
+    assert!(h.peer.files.is_empty());
+    let cancels: Vec<&String> = h
+        .lines
+        .iter()
+        .filter(|l| l.contains("block-job-cancel"))
+        .collect();
+    assert_eq!(cancels.len(), 2);
+    assert!(cancels[0].contains(r#""device":"backup-vdb-libvirt-1-format","force":false"#));
+    assert!(cancels[1].contains(r#""device":"backup-vda-libvirt-2-format","force":true"#));
+}

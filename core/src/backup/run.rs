@@ -1091,6 +1091,29 @@ impl BackupRun {
         }
     }
 
+    /// Cancels one disk's job; when it has ended cancelled, the others are cancelled too.
+    pub(crate) fn abort_disk(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        disk: &str,
+    ) -> Option<Self> {
+        let Some(d) = self.plan.disks.iter_mut().find(|d| d.target == disk) else {
+            ctx.respond(req, Err(RequestError::NoDisk(disk.to_owned()).into()));
+            return Some(self);
+        };
+        if d.state != DiskJobState::Running {
+            ctx.respond(req, Err(RequestError::NoJob.into()));
+            return Some(self);
+        }
+        d.state = DiskJobState::Cancelling;
+        self.steps
+            .push_front(best_effort(cmd::block_job_cancel_gently(&d.job_id)));
+        ctx.respond(req, Ok(Reply::Done));
+        self.pump(core, ctx)
+    }
+
     /// The QMP session is gone.
     pub(crate) fn on_link_down(mut self, _core: &mut Core, _ctx: &mut Ctx<'_>) -> Self {
         self.steps.clear();
