@@ -16,6 +16,7 @@ pub mod backup;
 pub mod chain;
 pub mod checkpoint;
 pub mod domain;
+pub mod driver;
 pub mod error;
 pub mod export;
 pub mod jobs;
@@ -24,3 +25,5 @@ pub mod model;
 pub mod qmp;
 pub mod trace;
 pub mod xml;
+
+pub use domain::Domain;
