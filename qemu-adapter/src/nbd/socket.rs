@@ -176,7 +176,8 @@ impl NbdClient {
         if self.codec.in_flight() == 0 && !self.codec.is_closed() {
             self.codec = Transmission::new(&self.info, window);
         }
-        self.request_bytes = request_bytes.clamp(4096, self.codec.max_request_bytes());
+        // The server's maximum may be tiny; never let a hostile announcement panic the clamp.
+        self.request_bytes = request_bytes.clamp(1, self.codec.max_request_bytes().max(1));
     }
 
     fn usable(&self) -> Result<(), NbdError> {
@@ -199,8 +200,8 @@ impl NbdClient {
     }
 
     /// Reads once from the socket (if nothing is buffered) and hands every decoded event to
-    /// `on_event`. An error from `on_event` stops the handling of later events only for the
-    /// caller: decoding itself goes on so the stream stays in sync.
+    /// `on_event`. Handlers record failures themselves and keep accepting events, so decoding
+    /// goes on and the stream stays in sync.
     fn pump(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), NbdError> {
         if self.recv_start == self.recv_end {
             let n = match self.socket.read(&mut self.recv) {
