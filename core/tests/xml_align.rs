@@ -82,7 +82,7 @@ fn backup_all_generates_targets_named_after_the_source_and_suffix() {
     insta::assert_snapshot!(aligned.format());
     let vda = aligned.disks[0].backup.as_ref().unwrap();
     assert_eq!(
-        vda.store.as_ref().and_then(|s| s.path.as_deref()),
+        vda.store.as_ref().map(|s| s.path.as_str()),
         Some("/srv/lab/images/lab1-vda.qcow2.c7")
     );
     assert_eq!(vda.mode, Some(BackupDiskMode::Full));
@@ -181,7 +181,7 @@ fn listed_disk_without_target_gets_a_generated_name() {
         .as_ref()
         .unwrap();
     assert_eq!(
-        scratch.path.as_deref(),
+        Some(scratch.path.as_str()),
         Some("/srv/lab/images/lab1-vda.qcow2.c9")
     );
     assert!(
@@ -390,7 +390,7 @@ fn documents_with_thousands_of_disks_parse_align_and_format() {
     assert_eq!(aligned.disks.len(), n);
     let last = aligned.disks[n - 1].backup.as_ref().unwrap();
     assert_eq!(
-        last.store.as_ref().and_then(|s| s.path.as_deref()),
+        last.store.as_ref().map(|s| s.path.as_str()),
         Some(format!("/i/vd{}.qcow2.s", n - 1).as_str())
     );
     assert_eq!(BackupDef::parse(&aligned.format()).unwrap(), aligned);

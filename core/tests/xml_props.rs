@@ -159,7 +159,7 @@ fn encryption() -> impl Strategy<Value = Encryption> {
 fn store() -> impl Strategy<Value = BackupStore> {
     (abs_path(), vec(seclabel(), 0..3), option::of(encryption())).prop_map(
         |(path, seclabels, encryption)| BackupStore {
-            path: Some(path),
+            path,
             seclabels,
             encryption,
         },
@@ -197,8 +197,9 @@ fn disk_backup(mode: BackupMode) -> impl Strategy<Value = DiskBackup> {
                 // names no checkpoint.
                 let store = match store {
                     None if pull && block => Some(BackupStore {
-                        path: Some("/dev/scratch".to_owned()),
-                        ..BackupStore::default()
+                        path: "/dev/scratch".to_owned(),
+                        seclabels: Vec::new(),
+                        encryption: None,
                     }),
                     other => other,
                 };

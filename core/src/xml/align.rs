@@ -63,8 +63,9 @@ fn generated_store(
     match disk.top() {
         Some(top) if top.storage == StorageType::File => match &top.path {
             Some(path) => Ok(BackupStore {
-                path: Some(format!("{path}.{suffix}")),
-                ..BackupStore::default()
+                path: format!("{path}.{suffix}"),
+                seclabels: Vec::new(),
+                encryption: None,
             }),
             None => Err(refuse_generation(disk, origin, path)),
         },
@@ -94,7 +95,7 @@ fn refuse_generation(disk: &DiskDef, origin: Origin, path: &str) -> XmlError {
 /// - Each backed-up disk gets `backupmode` (`incremental` when it or the backup names a
 ///   checkpoint, else `full`), inherits `<incremental>` when incremental without its own, and
 ///   gets the `qcow2` format when none was given.
-/// - A listed, backed-up disk with no `<target>` or `<scratch>` path gets a generated file name exactly
+/// - A listed, backed-up disk with no `<target>` or `<scratch>` gets a generated file name exactly
 ///   as in "back up all" mode. libvirt leaves such a disk with an empty path and its behaviour
 ///   from there is undefined; naming the file is what its documentation promises. A disk of
 ///   `type='block'` cannot get a generated device and is refused instead.
@@ -186,7 +187,7 @@ pub fn align_backup(
         let Some(backup) = &mut disk.backup else {
             continue;
         };
-        if backup.store.as_ref().is_none_or(|s| s.path.is_none()) {
+        if backup.store.is_none() {
             if backup.storage == BackupStorage::Block {
                 return Err(fail(
                     origin,
@@ -204,8 +205,7 @@ pub fn align_backup(
                     format!("no disk named '{}'", disk.name),
                 )
             })?;
-            let generated = generated_store(dom_disk, suffix, origin, BACKUP_DISK)?;
-            backup.store.get_or_insert_with(BackupStore::default).path = generated.path;
+            backup.store = Some(generated_store(dom_disk, suffix, origin, BACKUP_DISK)?);
         }
         let checkpoint = backup
             .incremental

@@ -187,11 +187,10 @@ pub struct Encryption {
 }
 
 /// A `<target>` (push) or `<scratch>` (pull).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupStore {
-    /// Absolute path of the file or block device. The grammar requires it on the element, so
-    /// a parsed store always has one; alignment fills it in when it is missing.
-    pub path: Option<String>,
+    /// Absolute path of the file or block device (the grammar requires it on the element).
+    pub path: String,
     /// Security labels.
     pub seclabels: Vec<Seclabel>,
     /// Encryption of the image.
@@ -331,7 +330,7 @@ fn format_disk(w: &mut Writer, mode: BackupMode, disk: &BackupDisk) {
         let element = mode.store_element();
         let tag = w
             .tag(element)
-            .attr_opt(backup.storage.path_attribute(), store.path.as_deref());
+            .attr(backup.storage.path_attribute(), &store.path);
         if store.seclabels.is_empty() && store.encryption.is_none() {
             tag.empty();
         } else {
@@ -748,8 +747,9 @@ fn read_store(
         return Err(ctx.schema(node, format!("path '{path}' must be absolute")));
     }
     let mut store = BackupStore {
-        path: Some(path.to_owned()),
-        ..BackupStore::default()
+        path: path.to_owned(),
+        seclabels: Vec::new(),
+        encryption: None,
     };
     let mut encryption = None;
     for child in ctx.element_children(node)? {
