@@ -200,9 +200,16 @@ pub fn backing_chain(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
     parse_backing_chain(&out)
 }
 
-/// Whether a running QEMU, qemu-storage-daemon or qemu-nbd holds `path` open for writing:
-/// `qemu-img info` without `-U` then fails to take its shared lock.
+/// Whether a running QEMU, qemu-storage-daemon or qemu-nbd holds `path` open.
+///
+/// Two probes, because neither is enough alone: `qemu-img info` without `-U` fails to take its
+/// shared lock while a guest device writes the image, but NBD exports share every permission
+/// and take no conflicting lock; so the open files of every process we can see
+/// (`/proc/<pid>/fd`) are compared with the image's device and inode as well.
 pub fn is_in_use(path: &Path) -> Result<bool, ImageError> {
+    if holder_pid(path)?.is_some() {
+        return Ok(true);
+    }
     match run(Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(path))
@@ -211,6 +218,41 @@ pub fn is_in_use(path: &Path) -> Result<bool, ImageError> {
         Err(ImageError::Tool { stderr, .. }) if stderr.contains("lock") => Ok(true),
         Err(e) => Err(e),
     }
+}
+
+/// The pid of a process (other than this one) with `path` open, as far as `/proc` shows.
+pub fn holder_pid(path: &Path) -> Result<Option<u32>, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(path)?;
+    let key = (target.dev(), target.ino());
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Ok(None);
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // Processes may exit or hide their descriptors while we look; skip them.
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(m) = std::fs::metadata(fd.path())
+                && (m.dev(), m.ino()) == key
+            {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// How long [`NbdExport::start`] waits for qemu-nbd's socket.

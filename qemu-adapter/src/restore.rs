@@ -10,7 +10,8 @@
 //!   A failure or a digest mismatch removes the temporary file and leaves the destination as
 //!   it was.
 //! - New images never replace an existing file. Overwriting an existing disk is refused while
-//!   a process (QEMU, qemu-storage-daemon, qemu-nbd) holds it, and keeps the disk's format.
+//!   a process (QEMU, qemu-storage-daemon, qemu-nbd) holds it ([`images::is_in_use`]), and
+//!   keeps the disk's format.
 //! - Disks are restored one after another; a failure stops at that disk and reports which
 //!   disks were already restored.
 
@@ -88,6 +89,9 @@ pub enum RestoreError {
     /// No destination was given for a disk in the plan.
     #[error("disk {0}: no destination given for overwriting")]
     NoDestination(String),
+    /// The plan names no image for a disk.
+    #[error("disk {0}: the plan holds no image to restore from")]
+    EmptyChain(String),
     /// A file system operation failed.
     #[error("disk {disk}: {op} {path}: {source}")]
     Io {
@@ -210,7 +214,9 @@ fn restore_disk(disk: &DiskRestore, target: &RestoreTarget) -> Result<RestoredDi
         .unwrap_or_default();
     let temp = dir.join(format!(".{file_name}.restore-{}", std::process::id()));
     let result = (|| {
-        let top = &disk.images[0];
+        let top = disk
+            .top()
+            .ok_or_else(|| RestoreError::EmptyChain(disk.disk.clone()))?;
         let mut command = Command::new("qemu-img");
         command
             .args(["convert", "-f", top.format.name(), "-O", format.name()])
