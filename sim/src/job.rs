@@ -559,7 +559,14 @@ impl Qemu {
         if is_block {
             self.release_job_resources(id, false);
             if started {
-                self.drain_running_jobs_except(3, id);
+                // The other members of a grouped transaction are cancelled with it, not drained.
+                let members = self.txn_members(id);
+                let others: Vec<String> = self
+                    .running_jobs(id)
+                    .into_iter()
+                    .filter(|j| !members.contains(j))
+                    .collect();
+                self.drain_jobs(3, &others);
             }
             let mut data = self
                 .st
@@ -697,11 +704,15 @@ impl Qemu {
 
     fn drain_running_jobs_except(&mut self, pairs: usize, except: &str) {
         let ids = self.running_jobs(except);
+        self.drain_jobs(pairs, &ids);
+    }
+
+    fn drain_jobs(&mut self, pairs: usize, ids: &[String]) {
         for _ in 0..pairs {
-            for id in &ids {
+            for id in ids {
                 self.set_status(id, JobStatus::Paused);
             }
-            for id in &ids {
+            for id in ids {
                 self.set_status(id, JobStatus::Running);
             }
         }
