@@ -6,11 +6,15 @@
 //! for byte. Errors are values; no input makes the core panic.
 //!
 //! The crate holds the libvirt-compatible XML formats ([`xml`]), the domain model ([`model`]),
-//! the reader interface of pull exports ([`export`]), the QMP vocabulary, and the per-domain
-//! state machine that decides every QMP command.
+//! the reader interface of pull exports ([`export`]), the QMP vocabulary ([`qmp`]), the links QMP
+//! travels over and their clock ([`link`]), the recorded-trace format ([`trace`]), and the
+//! per-domain state machine that decides every QMP command.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod export;
+pub mod link;
 pub mod model;
+pub mod qmp;
+pub mod trace;
 pub mod xml;

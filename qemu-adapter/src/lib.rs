@@ -4,3 +4,9 @@
 //! It speaks QMP to a real QEMU or qemu-storage-daemon over a unix socket, launches and stops
 //! qemu-storage-daemon for managed domains, reads NBD exports, and keeps the on-disk store with
 //! atomic writes.
+
+pub mod live;
+pub mod nbd;
+pub mod qmp_socket;
+pub mod qsd;
+pub mod store;
