@@ -83,6 +83,13 @@ impl ClusterMap {
         mut fill_unallocated: impl FnMut(u64, &mut [u8]),
     ) {
         let cs = self.cluster_size as usize;
+        // Zero clusters read as zeroes; only unallocated ones fall through to the backing.
+        let first = offset / self.cluster_size;
+        let last = (offset + data.len() as u64).div_ceil(self.cluster_size);
+        let was_zero: Vec<u64> = [first, last.saturating_sub(1)]
+            .into_iter()
+            .filter(|i| matches!(self.map.get(i), Some(Cluster::Zero)))
+            .collect();
         let mut pos = 0usize;
         while pos < data.len() {
             let off = offset + pos as u64;
@@ -93,17 +100,25 @@ impl ClusterMap {
             if in_off == 0 && n == cs {
                 self.map.insert(idx, Cluster::Data(Arc::from(chunk)));
             } else {
-                let mut buf = match self.map.get(&idx) {
-                    Some(Cluster::Data(d)) => d.to_vec(),
-                    Some(Cluster::Zero) => vec![0; cs],
-                    None => {
-                        let mut b = vec![0; cs];
-                        fill_unallocated(idx, &mut b);
-                        b
+                // Partial write: modify the cluster in place when nobody shares it, otherwise
+                // copy it once (clusters are shared with backups copied from this image).
+                let slot = self.map.entry(idx).or_insert(Cluster::Zero);
+                let fresh = !matches!(slot, Cluster::Data(_));
+                if let Cluster::Data(d) = slot {
+                    if Arc::get_mut(d).is_none() {
+                        *d = d.iter().copied().collect();
                     }
+                } else {
+                    *slot = Cluster::Data(std::iter::repeat_n(0u8, cs).collect());
+                }
+                let Cluster::Data(d) = slot else {
+                    unreachable!("made data above")
                 };
+                let buf = Arc::get_mut(d).expect("unshared after copy");
+                if fresh && !was_zero.contains(&idx) {
+                    fill_unallocated(idx, buf);
+                }
                 buf[in_off..in_off + n].copy_from_slice(chunk);
-                self.map.insert(idx, Cluster::Data(Arc::from(buf)));
             }
             pos += n;
         }

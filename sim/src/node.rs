@@ -464,10 +464,20 @@ impl Qemu {
                     Some(FileContent::Qcow2(q)) => q.cluster_size,
                     _ => return Err(IoError::NotFound(node.to_string())),
                 };
-                // Copy-on-write needs the old content of the partial clusters at both ends.
+                // Copy-on-write needs the old content of partial, unallocated clusters at both
+                // ends, from the backing chain (without one they read as zeroes).
                 let mut edge: Vec<(u64, Vec<u8>)> = Vec::new();
+                let unallocated = |q: &Self, idx: u64| match q.fs.get(&path) {
+                    Some(FileContent::Qcow2(img)) => img.data.get(idx).is_none(),
+                    _ => false,
+                };
                 for idx in [offset / cs, (offset + len).saturating_sub(1) / cs] {
-                    if edge.iter().any(|(i, _)| *i == idx) {
+                    let whole = idx * cs >= offset && (idx + 1) * cs <= offset + len;
+                    if backing.is_none()
+                        || whole
+                        || !unallocated(self, idx)
+                        || edge.iter().any(|(i, _)| *i == idx)
+                    {
                         continue;
                     }
                     let mut b = vec![0u8; cs as usize];
