@@ -592,8 +592,13 @@ impl Qemu {
         let (alloc, _) = self.alloc_status(source, start);
         let mut buf = vec![0u8; len as usize];
         self.read_node(source, start, &mut buf);
-        if alloc != Alloc::Data && buf.iter().all(|b| *b == 0) && !explicit_zero {
-            return;
+        if alloc != Alloc::Data && !explicit_zero && buf.iter().all(|b| *b == 0) {
+            // A zero range may stay unallocated, unless the target holds older data there.
+            let mut old = vec![0u8; len as usize];
+            self.read_node(target, start, &mut old);
+            if old.iter().all(|b| *b == 0) {
+                return;
+            }
         }
         let _ = self.write_node(target, start, &buf);
     }

@@ -215,7 +215,9 @@ impl Qemu {
         self.negotiated = false;
     }
 
-    /// Starts a fresh process over the same files. Nodes must be added again.
+    /// Starts a fresh process over the same files. Nodes must be added again, and
+    /// `qmp_capabilities` sent. A process still running is killed first, as [`Qemu::crash`]
+    /// does (nothing is stored).
     pub fn restart(&mut self) {
         self.st = State::default();
         self.running = true;
