@@ -13,7 +13,7 @@
 //! [`FileSystem::read_image`]. [`Qemu::crash`] and [`Qemu::restart`] model an unclean death
 //! and a fresh process over the same files; [`Qemu::set_fault`] injects failures.
 //!
-//! What is not modelled: image locking between nodes, `qemu:allocation-depth`, snapshot
+//! What is not modelled: image locking between nodes, snapshot
 //! transaction actions, mirror/commit/stream jobs, compression and discard.
 #![forbid(unsafe_code)]
 

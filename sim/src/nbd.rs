@@ -38,6 +38,8 @@ pub(crate) struct Export {
     pub node: String,
     pub writable: bool,
     pub bitmaps: Vec<ExportBitmap>,
+    /// Offers `qemu:allocation-depth`.
+    pub allocation_depth: bool,
 }
 
 /// Errors of an export view.
@@ -132,6 +134,7 @@ impl Qemu {
         let id = a.str("id")?;
         let node_arg = a.str("node-name")?;
         let writable = a.bool_or("writable", false)?;
+        let allocation_depth = a.bool_or("allocation-depth", false)?;
         if ty != "nbd" {
             return Err(QmpError::unsupported(&format!("export type '{ty}'")));
         }
@@ -223,6 +226,7 @@ impl Qemu {
                 node,
                 writable,
                 bitmaps,
+                allocation_depth,
             },
         );
         Ok(json!({}))
@@ -362,6 +366,9 @@ impl ExportReader for ExportView<'_> {
     fn meta_contexts(&self) -> Vec<String> {
         let mut out = vec!["base:allocation".to_string()];
         if let Ok(e) = self.export() {
+            if e.allocation_depth {
+                out.push("qemu:allocation-depth".to_string());
+            }
             out.extend(
                 e.bitmaps
                     .iter()
@@ -403,6 +410,13 @@ impl ExportReader for ExportView<'_> {
                     Alloc::Hole => STATE_HOLE | STATE_ZERO,
                 };
                 push(run_end - off, flags);
+                off = run_end;
+            }
+        } else if context == "qemu:allocation-depth" && e.allocation_depth {
+            while off < end {
+                let (depth, run_end) = self.qemu.allocation_depth(&e.node, off);
+                let run_end = run_end.clamp(off + 1, end);
+                push(run_end - off, depth);
                 off = run_end;
             }
         } else if let Some(name) = context.strip_prefix("qemu:dirty-bitmap:") {

@@ -376,6 +376,48 @@ impl Qemu {
         }
     }
 
+    /// `qemu:allocation-depth` at `offset`: 0 if no image of the chain allocates it, else the
+    /// 1-based depth of the image that does (filters add no depth), and where the run ends.
+    pub(crate) fn allocation_depth(&self, node: &str, offset: u64) -> (u32, u64) {
+        let size = self.node_size(node);
+        let mut cur = node.to_string();
+        let mut depth = 1u32;
+        let mut end = size;
+        for _ in 0..MAX_CHAIN_DEPTH {
+            let Some(n) = self.node(&cur) else { break };
+            match &n.driver {
+                Driver::Qcow2 => {
+                    let Some(FileContent::Qcow2(q)) =
+                        self.image_path(&cur).and_then(|p| self.fs.get(&p))
+                    else {
+                        break;
+                    };
+                    let idx = offset / q.cluster_size;
+                    end = end.min((idx + 1) * q.cluster_size);
+                    if q.data.get(idx).is_some() {
+                        return (depth, end);
+                    }
+                    match &n.backing {
+                        Some(b) if offset < self.node_size(b) => {
+                            cur = b.clone();
+                            depth += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                Driver::Raw { offset: 0 } | Driver::CopyBeforeWrite { .. } => match &n.file {
+                    Some(f) => cur = f.clone(),
+                    None => break,
+                },
+                _ => {
+                    let (alloc, e) = self.alloc_status(&cur, offset);
+                    return (if alloc == Alloc::Hole { 0 } else { depth }, e.min(end));
+                }
+            }
+        }
+        (0, end)
+    }
+
     /// If the cluster at `offset` (of length `len`) of `node` is stored whole in some image of
     /// the chain with exactly that geometry, returns it without copying bytes.
     pub(crate) fn shared_cluster(

@@ -383,3 +383,98 @@ fn snapshot_access_next_to_a_hidden_writer_is_a_permission_conflict() {
     assert_eq!(got[0], 4);
     assert_eq!(q.guest_read("guest", 0, 1).unwrap(), [6]);
 }
+
+#[test]
+fn allocation_depth_tells_local_from_backing_data() {
+    let mut q = daemon_with_disk();
+    q.guest_write(0, "disk", 0, &[1; 65536]).unwrap();
+    q.fs_mut()
+        .create_qcow2("/img/top.qcow2", 64 * MIB, 65536, Some("/img/disk.qcow2"));
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "backing": "disk", "file": {"driver": "file", "filename": "/img/top.qcow2"}}),
+    );
+    q.guest_write(0, "top", 65536, &[2; 65536]).unwrap();
+    start_server(&mut q);
+    ok(
+        &mut q,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "top", "name": "e", "allocation-depth": true}),
+    );
+    let mut v = q.export_reader("e").unwrap();
+    assert_eq!(
+        v.meta_contexts(),
+        ["base:allocation", "qemu:allocation-depth"]
+    );
+    assert_eq!(
+        v.block_status("qemu:allocation-depth", 0, 4 * 65536)
+            .unwrap(),
+        vec![
+            Extent {
+                length: 65536,
+                flags: 2
+            },
+            Extent {
+                length: 65536,
+                flags: 1
+            },
+            Extent {
+                length: 2 * 65536,
+                flags: 0
+            }
+        ]
+    );
+}
+
+#[test]
+fn busy_bitmaps_refuse_every_change() {
+    let mut q = daemon_with_disk();
+    start_server(&mut q);
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b", "disabled": true}),
+    );
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "other"}),
+    );
+    ok(
+        &mut q,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk", "bitmaps": ["b"]}),
+    );
+    let busy = "Bitmap 'b' is currently in use by another operation and cannot be used";
+    for cmd in [
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable",
+        "block-dirty-bitmap-remove",
+    ] {
+        assert_eq!(err(&mut q, cmd, json!({"node": "disk", "name": "b"})), busy);
+    }
+    assert_eq!(
+        err(
+            &mut q,
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk", "target": "b", "bitmaps": ["other"]})
+        ),
+        busy
+    );
+    // A busy bitmap may still be a merge source.
+    ok(
+        &mut q,
+        "block-dirty-bitmap-merge",
+        json!({"node": "disk", "target": "other", "bitmaps": ["b"]}),
+    );
+    assert_eq!(
+        err(
+            &mut q,
+            "block-export-add",
+            json!({"type": "nbd", "id": "f", "node-name": "disk", "name": "f", "bitmaps": ["b"]})
+        ),
+        busy
+    );
+}
