@@ -13,6 +13,9 @@
 //! [`FileSystem::read_image`]. [`Qemu::crash`] and [`Qemu::restart`] model an unclean death
 //! and a fresh process over the same files; [`Qemu::set_fault`] injects failures.
 //!
+//! Reads ([`Qemu::guest_read`], export views) observe the state as of the last call that moved
+//! time; they never move it themselves.
+//!
 //! What is not modelled: image locking between nodes, snapshot
 //! transaction actions, mirror/commit/stream jobs, compression and discard.
 #![forbid(unsafe_code)]

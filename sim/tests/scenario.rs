@@ -163,3 +163,74 @@ fn restoring_full_plus_incremental_gives_the_disk_at_the_incremental_point_in_ti
     );
     assert_ne!(q.guest_disk("virtio-disk0").unwrap(), at_inc);
 }
+
+#[test]
+fn a_running_backup_takes_over_the_device_edge_and_gives_it_back() {
+    let mut q = vm();
+    let inserted = |q: &mut Qemu| ok(q, "query-block", json!({}))[0]["inserted"].clone();
+    assert_eq!(inserted(&mut q)["node-name"], "vda-format");
+    let path = "/srv/scratch.qcow2";
+    q.fs_mut()
+        .create_qcow2(path, 64 * MIB, 65536, Some("/srv/vda.qcow2"));
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "scratch", "backing": "vda-format", "file": {"driver": "file", "filename": path}}),
+    );
+    ok(
+        &mut q,
+        "blockdev-backup",
+        json!({"job-id": "fleece", "device": "vda-format", "target": "scratch", "sync": "none"}),
+    );
+    let during = inserted(&mut q);
+    assert_eq!(during["drv"], "copy-before-write");
+    assert!(during["node-name"].as_str().unwrap().starts_with("#block"));
+    assert_eq!(during["file"], "/srv/vda.qcow2");
+    // Guest writes through the device are copied out first.
+    hmp_write(&mut q, "write -P 0x77 0 64k");
+    assert_eq!(job(&mut q, "fleece").unwrap()["current-progress"], 65536);
+    ok(&mut q, "job-cancel", json!({"id": "fleece"}));
+    assert_eq!(inserted(&mut q)["node-name"], "vda-format");
+    assert!(job(&mut q, "fleece").is_none());
+}
+
+#[test]
+fn other_drivers_open_and_read() {
+    let mut q = vm();
+    q.fs_mut().create_raw("/dev/sdz", MIB);
+    q.fs_mut().write_image("/dev/sdz", 10, &[3; 5]).unwrap();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "blk", "file": {"driver": "host_device", "filename": "/dev/sdz"}}),
+    );
+    assert_eq!(q.guest_read("blk", 9, 7).unwrap(), [0, 3, 3, 3, 3, 3, 0]);
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "null", "size": MIB}),
+    );
+    assert_eq!(q.guest_read("null", 0, 4).unwrap(), [0; 4]);
+    q.fs_mut().create_qcow2("/srv/base.qcow2", MIB, 65536, None);
+    q.fs_mut()
+        .write_image("/srv/base.qcow2", 0, &[8; 3])
+        .unwrap();
+    q.fs_mut().create_qcow2("/srv/over.qcow2", MIB, 65536, None);
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "over",
+        "file": {"driver": "file", "filename": "/srv/over.qcow2"},
+        "backing": {"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": "/srv/base.qcow2"}}}),
+    );
+    assert_eq!(q.guest_read("over", 0, 4).unwrap(), [8, 8, 8, 0]);
+    assert_eq!(
+        err(&mut q, "blockdev-del", json!({"node-name": "base"})),
+        "Node base is not owned by the monitor"
+    );
+    ok(&mut q, "blockdev-del", json!({"node-name": "over"}));
+    assert_eq!(
+        err(&mut q, "blockdev-del", json!({"node-name": "base"})),
+        "Failed to find node with node-name='base'"
+    );
+}
