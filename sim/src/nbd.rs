@@ -449,3 +449,46 @@ impl ExportReader for ExportView<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::FileSystem;
+    use crate::qemu::Config;
+
+    #[test]
+    fn views_exist_only_for_exports_and_stop_when_it_is_gone() {
+        let mut fs = FileSystem::new();
+        fs.create_raw("/r", 1 << 20);
+        let mut q = Qemu::negotiated(fs, Config::default());
+        assert_eq!(
+            q.export_reader("x").unwrap_err(),
+            ExportError::UnknownExport("x".into())
+        );
+        for c in [
+            json!({"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/r"}}}),
+            json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "r"}}),
+        ] {
+            q.execute(0, &c).unwrap();
+        }
+        let mut v = q.export_reader("r").unwrap();
+        assert_eq!(v.size(), 1 << 20);
+        assert_eq!(
+            v.block_status("base:allocation", 0, 1 << 30).unwrap(),
+            vec![Extent {
+                length: 1 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
+        assert_eq!(
+            v.block_status("qemu:allocation-depth", 0, 1).unwrap_err(),
+            ExportError::UnknownContext("qemu:allocation-depth".into())
+        );
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            v.read_at((1 << 20) - 1, &mut buf),
+            Err(ExportError::OutOfRange { .. })
+        ));
+    }
+}

@@ -340,3 +340,48 @@ impl Qemu {
         Ok(json!({}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_never_goes_backwards_and_events_carry_it() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        q.advance(1500);
+        q.advance(10);
+        assert_eq!(q.now_ms(), 1500);
+        q.emit("X", json!({}));
+        assert_eq!(
+            q.take_events()[0]["timestamp"],
+            json!({"seconds": 1, "microseconds": 500000})
+        );
+        assert!(q.take_events().is_empty());
+        assert_eq!(q.next_event_ms(), None);
+    }
+
+    #[test]
+    fn a_command_without_execute_is_refused() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        assert_eq!(
+            q.execute(0, &json!({"arguments": {}})).unwrap_err().desc,
+            "QMP input lacks member 'execute'"
+        );
+        assert_eq!(Qemu::greeting()["QMP"]["version"]["qemu"]["major"], 10);
+    }
+
+    #[test]
+    fn query_block_is_empty_under_the_storage_daemon() {
+        let mut q = Qemu::negotiated(
+            FileSystem::new(),
+            Config {
+                flavor: Flavor::StorageDaemon,
+                ..Config::default()
+            },
+        );
+        assert_eq!(
+            q.execute(0, &json!({"execute": "query-block"})).unwrap(),
+            json!([])
+        );
+    }
+}
