@@ -778,17 +778,13 @@ impl Qemu {
         }
         match verb {
             Verb::Cancel => self.abort_job(&id, Abort::Cancelled, None),
+            // The verb table already refuses pausing a paused job and resuming a running one:
+            // only a user pause leaves a job in `paused` between commands.
             Verb::Pause => {
-                if job.user_paused {
-                    return Err(QmpError::job_already_paused());
-                }
                 self.st.jobs.get_mut(&id).expect("found").user_paused = true;
                 self.set_status(&id, JobStatus::Paused);
             }
             Verb::Resume => {
-                if !job.user_paused {
-                    return Err(QmpError::job_not_paused());
-                }
                 let now = self.now_ms;
                 let j = self.st.jobs.get_mut(&id).expect("found");
                 j.user_paused = false;

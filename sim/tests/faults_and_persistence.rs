@@ -379,3 +379,71 @@ fn the_same_calls_give_byte_identical_transcripts() {
     assert!(a.len() > 12, "{a:?}");
     assert_eq!(a, b);
 }
+
+#[test]
+fn graph_refusals_for_missing_backing_files_sizes_read_only_targets_and_device_ids() {
+    let mut q = daemon_with_disk();
+    q.fs_mut().create_qcow2(
+        "/img/orphan.qcow2",
+        64 * MIB,
+        65536,
+        Some("/img/gone.qcow2"),
+    );
+    assert_eq!(
+        err(
+            &mut q,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "o", "file": {"driver": "file", "filename": "/img/orphan.qcow2"}})
+        ),
+        "Could not open backing file: Could not open '/img/gone.qcow2': No such file or directory"
+    );
+    // Nothing of the failed open is left behind.
+    let nodes = ok(&mut q, "query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    q.fs_mut()
+        .create_qcow2("/img/small.qcow2", 32 * MIB, 65536, None);
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "small", "read-only": true, "file": {"driver": "file", "filename": "/img/small.qcow2"}}),
+    );
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "small", "name": "s"}),
+    );
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "d"}),
+    );
+    assert_eq!(
+        err(
+            &mut q,
+            "block-dirty-bitmap-merge",
+            json!({"node": "disk", "target": "d", "bitmaps": [{"node": "small", "name": "s"}]})
+        ),
+        "Bitmaps are of different sizes (destination size is 67108864, source size is 33554432) and can't be merged"
+    );
+    q.fs_mut()
+        .create_qcow2("/img/ro.qcow2", 64 * MIB, 65536, None);
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ro", "read-only": true, "file": {"driver": "file", "filename": "/img/ro.qcow2"}}),
+    );
+    assert_eq!(
+        err(
+            &mut q,
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "disk", "target": "ro", "sync": "full"})
+        ),
+        "Block node is read-only"
+    );
+    let mut s = Qemu::negotiated(FileSystem::new(), Config::default());
+    s.fs_mut().create_raw("/r", MIB);
+    s.execute(0, &json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "r", "filename": "/r"}})).unwrap();
+    s.add_device("vdz", "r").unwrap();
+    let e = s.execute(0, &json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "vdz", "filename": "/r"}})).unwrap_err();
+    assert_eq!(e.desc, "node-name=vdz is conflicting with a device id");
+}
