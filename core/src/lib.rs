@@ -12,9 +12,18 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backup;
+pub mod chain;
+pub mod checkpoint;
+pub mod domain;
+pub mod driver;
+pub mod error;
 pub mod export;
+pub mod jobs;
 pub mod link;
 pub mod model;
 pub mod qmp;
 pub mod trace;
 pub mod xml;
+
+pub use domain::Domain;

@@ -4,9 +4,18 @@
 //! It speaks QMP to a real QEMU or qemu-storage-daemon over a unix socket, launches and stops
 //! qemu-storage-daemon for managed domains, reads NBD exports, and keeps the on-disk store with
 //! atomic writes.
+//!
+//! - [`qmp_socket`]: the blocking QMP client ([`qmp_socket::QmpSocket`]) and
+//!   [`qmp_socket::SocketLink`], the core's `Link` over it.
+//! - [`recorder`]: [`recorder::TraceRecorder`], a `Link` wrapper streaming the JSONL trace.
+//! - [`qsd`]: starting, reconnecting to and stopping qemu-storage-daemon for managed domains.
+//! - [`store`]: the state directory (domains, checkpoints, backups, journal) and its locks.
+//! - [`nbd`]: the NBD client for pull-mode exports.
+//! - [`live`]: the harness for tests against real qemu-storage-daemon.
 
 pub mod live;
 pub mod nbd;
 pub mod qmp_socket;
 pub mod qsd;
+pub mod recorder;
 pub mod store;

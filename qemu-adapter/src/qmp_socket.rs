@@ -10,8 +10,10 @@
 //! [`QmpSocketError::Timeout`] (or `Ok(None)` from [`QmpSocket::recv`]), after which the socket
 //! stays usable because partial lines are kept in the buffer.
 //!
-//! This layer is deliberately thin: it frames and classifies messages as raw
-//! [`serde_json::Value`]s; typed decoding of commands, replies and events belongs to the core.
+//! This layer is deliberately thin: framing is the core's [`FrameDecoder`] and every message is
+//! decoded into the core's [`QmpIn`]; commands go out either typed ([`QmpSocket::send_command`],
+//! the core's wire form) or by name with raw JSON arguments ([`QmpSocket::execute`], for tools
+//! and tests). [`SocketLink`] puts the core's [`Link`] trait over it.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -20,13 +22,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
+use vbackup_core::qmp::wire::DEFAULT_FRAME_LIMIT_BYTES;
+use vbackup_core::qmp::{
+    DecodeError, FrameDecoder, Greeting, QmpCommand, QmpError, QmpEvent, QmpIn,
+};
 
-/// The longest line accepted from QEMU. Replies to `query-named-block-nodes` on large graphs are
-/// a few hundred KiB; anything beyond this is a broken peer, and bounding it bounds memory.
-pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
-
-/// How many unclaimed messages (events, stray replies) are kept before the oldest is reported as
-/// an overflow. QMP traffic is small; a queue this long means nobody is reading events.
+/// How many unclaimed messages (events, stray replies) are kept before reading fails with
+/// [`QmpSocketError::QueueOverflow`]. QMP traffic is small; a queue this long means nobody is
+/// reading events.
 pub const MAX_QUEUED_MESSAGES: usize = 65_536;
 
 /// Errors of the QMP socket.
@@ -61,15 +65,11 @@ pub enum QmpSocketError {
         /// What was awaited (a command name, "an event", "the greeting").
         waiting_for: String,
     },
-    /// A line that is not a JSON object, or an object that is neither a greeting, a reply nor
-    /// an event.
-    #[error("malformed QMP message ({reason}): {line}")]
-    Malformed {
-        /// The offending line, truncated to a readable length.
-        line: String,
-        /// Why it was rejected.
-        reason: String,
-    },
+    /// Bytes that are not a QMP message (not JSON, not an object, an unknown shape, a known
+    /// event with wrong data, or longer than the frame bound). The connection stays usable: the
+    /// next message is read normally.
+    #[error("malformed QMP message: {0}")]
+    Malformed(#[from] DecodeError),
     /// The first message was not a QMP greeting.
     #[error("expected a QMP greeting, got: {message}")]
     NotAGreeting {
@@ -77,14 +77,12 @@ pub enum QmpSocketError {
         message: String,
     },
     /// QEMU answered a command with an error.
-    #[error("QEMU refused {command}: {class}: {desc}")]
+    #[error("QEMU refused {command}: {error}")]
     Qemu {
         /// The command that failed.
         command: String,
-        /// QEMU's error class (`GenericError`, `CommandNotFound`...).
-        class: String,
-        /// QEMU's human-readable description.
-        desc: String,
+        /// QEMU's error class and description.
+        error: QmpError,
     },
     /// Too many unclaimed messages piled up.
     #[error("more than {MAX_QUEUED_MESSAGES} unclaimed QMP messages queued")]
@@ -95,70 +93,23 @@ pub enum QmpSocketError {
 }
 
 impl QmpSocketError {
-    /// The QEMU error class and description, when this is a QEMU error reply.
-    pub fn qemu_error(&self) -> Option<(&str, &str)> {
+    /// QEMU's error, when this is a QEMU error reply.
+    pub fn qemu_error(&self) -> Option<&QmpError> {
         match self {
-            Self::Qemu { class, desc, .. } => Some((class, desc)),
+            Self::Qemu { error, .. } => Some(error),
             _ => None,
         }
     }
-}
-
-/// An error reply from QEMU: `{"error": {"class": ..., "desc": ...}}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuErrorReply {
-    /// The error class.
-    pub class: String,
-    /// The description.
-    pub desc: String,
-}
-
-/// One message read from QEMU after the greeting.
-#[derive(Debug, Clone, PartialEq)]
-pub enum QmpMessage {
-    /// A reply to a command: `return` or `error`, with the id the command carried.
-    Reply {
-        /// The echoed id, if the command had one.
-        id: Option<Value>,
-        /// The `return` value, or the error.
-        result: Result<Value, QemuErrorReply>,
-    },
-    /// An asynchronous event.
-    Event(RawEvent),
-}
-
-/// An event as QEMU sent it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawEvent {
-    /// The event name (`JOB_STATUS_CHANGE`...).
-    pub name: String,
-    /// The `data` member, `Value::Null` if absent.
-    pub data: Value,
-    /// QEMU's timestamp: seconds and microseconds since the epoch.
-    pub timestamp: Option<(i64, i64)>,
-}
-
-/// The greeting QEMU sends on connect.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Greeting {
-    /// QEMU's version (major, minor, micro).
-    pub version: (u64, u64, u64),
-    /// The distribution's package string.
-    pub package: String,
-    /// Offered capabilities (`oob`).
-    pub capabilities: Vec<String>,
-    /// The greeting as received.
-    pub raw: Value,
 }
 
 /// A blocking QMP connection. See the module documentation for the contract.
 #[derive(Debug)]
 pub struct QmpSocket {
     stream: UnixStream,
-    /// Bytes read but not yet split into lines.
-    buffer: Vec<u8>,
+    /// Bytes read but not yet cut into messages.
+    frames: FrameDecoder,
     /// Messages read while waiting for something else, in arrival order.
-    queued: VecDeque<QmpMessage>,
+    queued: VecDeque<QmpIn>,
     greeting: Greeting,
     next_id: u64,
 }
@@ -189,23 +140,23 @@ impl QmpSocket {
         })?;
         let mut socket = QmpSocket {
             stream,
-            buffer: Vec::new(),
+            frames: FrameDecoder::new(DEFAULT_FRAME_LIMIT_BYTES),
             queued: VecDeque::new(),
-            greeting: Greeting {
-                version: (0, 0, 0),
-                package: String::new(),
-                capabilities: Vec::new(),
-                raw: Value::Null,
-            },
+            greeting: Greeting::default(),
             next_id: 0,
         };
-        let value = socket
-            .read_value(Some(deadline))?
-            .ok_or_else(|| QmpSocketError::Timeout {
+        match socket.read_message(Some(deadline))? {
+            Some(QmpIn::Greeting(greeting)) => {
+                socket.greeting = greeting;
+                Ok(socket)
+            }
+            Some(other) => Err(QmpSocketError::NotAGreeting {
+                message: other.encode(),
+            }),
+            None => Err(QmpSocketError::Timeout {
                 waiting_for: "the QMP greeting".to_owned(),
-            })?;
-        socket.greeting = parse_greeting(value)?;
-        Ok(socket)
+            }),
+        }
     }
 
     /// Sends `qmp_capabilities` and waits for its reply.
@@ -218,16 +169,27 @@ impl QmpSocket {
         &self.greeting
     }
 
-    /// Returns a fresh command id (`vbk-N`), unique on this connection.
-    pub fn fresh_id(&mut self) -> String {
+    /// Returns a fresh textual command id (`vbk-N`), unique on this connection. The core numbers
+    /// its own commands ([`CommandId::Number`]), so the two never collide on one connection.
+    pub fn fresh_id(&mut self) -> CommandId {
         self.next_id += 1;
-        format!("vbk-{}", self.next_id)
+        CommandId::Text(format!("vbk-{}", self.next_id))
     }
 
-    /// Writes one command line: `{"execute": command, "arguments": arguments, "id": id}`.
+    /// Writes a typed command in the core's wire form, tagged with `id`.
+    pub fn send_command(
+        &mut self,
+        id: &CommandId,
+        command: &QmpCommand,
+    ) -> Result<(), QmpSocketError> {
+        self.write_line(command.encode(Some(id)))
+    }
+
+    /// Writes one command line: `{"execute": command, "arguments": arguments, "id": id}`. Any
+    /// command name is accepted, including ones outside the core's vocabulary.
     pub fn send(
         &mut self,
-        id: &Value,
+        id: &CommandId,
         command: &str,
         arguments: Option<&Value>,
     ) -> Result<(), QmpSocketError> {
@@ -236,19 +198,15 @@ impl QmpSocket {
         if let Some(arguments) = arguments {
             object.insert("arguments".to_owned(), arguments.clone());
         }
-        object.insert("id".to_owned(), id.clone());
-        self.send_raw(&Value::Object(object))
+        object.insert("id".to_owned(), id_value(id));
+        self.write_line(Value::Object(object).to_string())
     }
 
-    /// Writes one JSON object as a line, exactly as given.
-    pub fn send_raw(&mut self, message: &Value) -> Result<(), QmpSocketError> {
-        let mut line = serde_json::to_vec(message).map_err(|e| QmpSocketError::Malformed {
-            line: String::new(),
-            reason: format!("cannot encode command: {e}"),
-        })?;
-        line.push(b'\n');
-        self.stream.write_all(&line).map_err(map_write_error)?;
-        Ok(())
+    fn write_line(&mut self, mut line: String) -> Result<(), QmpSocketError> {
+        line.push('\n');
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(map_write_error)
     }
 
     /// Sends `command` with a fresh id and waits for its reply until `deadline`, queueing every
@@ -260,7 +218,7 @@ impl QmpSocket {
         arguments: Option<Value>,
         deadline: Instant,
     ) -> Result<Value, QmpSocketError> {
-        let id = Value::String(self.fresh_id());
+        let id = self.fresh_id();
         self.send(&id, command, arguments.as_ref())?;
         loop {
             let message =
@@ -269,14 +227,13 @@ impl QmpSocket {
                         waiting_for: format!("the reply to {command}"),
                     })?;
             match message {
-                QmpMessage::Reply {
+                QmpIn::Reply {
                     id: Some(got),
                     result,
                 } if got == id => {
-                    return result.map_err(|e| QmpSocketError::Qemu {
+                    return result.map_err(|error| QmpSocketError::Qemu {
                         command: command.to_owned(),
-                        class: e.class,
-                        desc: e.desc,
+                        error,
                     });
                 }
                 other => self.enqueue(other)?,
@@ -286,10 +243,7 @@ impl QmpSocket {
 
     /// Returns the next message in arrival order: a queued one first, else one read from the
     /// socket. `Ok(None)` when `deadline` passes first; `None` as deadline waits without limit.
-    pub fn recv(
-        &mut self,
-        deadline: Option<Instant>,
-    ) -> Result<Option<QmpMessage>, QmpSocketError> {
+    pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<QmpIn>, QmpSocketError> {
         if let Some(message) = self.queued.pop_front() {
             return Ok(Some(message));
         }
@@ -298,7 +252,7 @@ impl QmpSocket {
 
     /// Returns the next event, queued or read, until `deadline`. Replies read meanwhile stay
     /// queued for [`QmpSocket::recv`].
-    pub fn next_event(&mut self, deadline: Instant) -> Result<RawEvent, QmpSocketError> {
+    pub fn next_event(&mut self, deadline: Instant) -> Result<QmpEvent, QmpSocketError> {
         self.wait_event(deadline, |_| true)
     }
 
@@ -307,13 +261,13 @@ impl QmpSocket {
     pub fn wait_event(
         &mut self,
         deadline: Instant,
-        mut wanted: impl FnMut(&RawEvent) -> bool,
-    ) -> Result<RawEvent, QmpSocketError> {
+        mut wanted: impl FnMut(&QmpEvent) -> bool,
+    ) -> Result<QmpEvent, QmpSocketError> {
         let queued = self
             .queued
             .iter()
-            .position(|m| matches!(m, QmpMessage::Event(e) if wanted(e)));
-        if let Some(QmpMessage::Event(event)) = queued.and_then(|i| self.queued.remove(i)) {
+            .position(|m| matches!(m, QmpIn::Event(e) if wanted(e)));
+        if let Some(QmpIn::Event(event)) = queued.and_then(|i| self.queued.remove(i)) {
             return Ok(event);
         }
         loop {
@@ -323,18 +277,18 @@ impl QmpSocket {
                         waiting_for: "an event".to_owned(),
                     });
                 }
-                Some(QmpMessage::Event(event)) if wanted(&event) => return Ok(event),
+                Some(QmpIn::Event(event)) if wanted(&event) => return Ok(event),
                 Some(other) => self.enqueue(other)?,
             }
         }
     }
 
     /// Events and replies read but not yet handed out.
-    pub fn queued(&self) -> impl Iterator<Item = &QmpMessage> {
+    pub fn queued(&self) -> impl Iterator<Item = &QmpIn> {
         self.queued.iter()
     }
 
-    fn enqueue(&mut self, message: QmpMessage) -> Result<(), QmpSocketError> {
+    fn enqueue(&mut self, message: QmpIn) -> Result<(), QmpSocketError> {
         if self.queued.len() >= MAX_QUEUED_MESSAGES {
             return Err(QmpSocketError::QueueOverflow);
         }
@@ -342,36 +296,11 @@ impl QmpSocket {
         Ok(())
     }
 
-    fn read_message(
-        &mut self,
-        deadline: Option<Instant>,
-    ) -> Result<Option<QmpMessage>, QmpSocketError> {
-        match self.read_value(deadline)? {
-            None => Ok(None),
-            Some(value) => classify(value).map(Some),
-        }
-    }
-
-    /// Reads one JSON object line; `Ok(None)` at the deadline.
-    fn read_value(&mut self, deadline: Option<Instant>) -> Result<Option<Value>, QmpSocketError> {
+    /// Reads one message; `Ok(None)` at the deadline.
+    fn read_message(&mut self, deadline: Option<Instant>) -> Result<Option<QmpIn>, QmpSocketError> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
-                let text = String::from_utf8_lossy(line);
-                if text.trim().is_empty() {
-                    continue;
-                }
-                return match serde_json::from_slice::<Value>(line) {
-                    Ok(value @ Value::Object(_)) => Ok(Some(value)),
-                    Ok(_) => Err(malformed(&text, "not a JSON object")),
-                    Err(e) => Err(malformed(&text, &e.to_string())),
-                };
-            }
-            if self.buffer.len() > MAX_LINE_BYTES {
-                let text = String::from_utf8_lossy(&self.buffer[..200]).into_owned();
-                self.buffer.clear();
-                return Err(malformed(&text, "line too long"));
+            if let Some(frame) = self.frames.next_frame() {
+                return Ok(Some(QmpIn::decode(&frame?)?));
             }
             let timeout = match deadline {
                 None => None,
@@ -388,19 +317,28 @@ impl QmpSocket {
             let mut chunk = [0u8; 64 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(QmpSocketError::Closed),
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.frames.push(&chunk[..n]),
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
                     return Err(QmpSocketError::Closed);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// The JSON form of an id, as it goes on the wire.
+fn id_value(id: &CommandId) -> Value {
+    match id {
+        CommandId::Number(n) => Value::from(*n),
+        CommandId::Text(text) => Value::from(text.as_str()),
     }
 }
 
@@ -411,116 +349,77 @@ fn map_write_error(e: io::Error) -> QmpSocketError {
     }
 }
 
-fn malformed(text: &str, reason: &str) -> QmpSocketError {
-    const SHOWN: usize = 512;
-    let line = if text.len() > SHOWN {
-        let mut end = SHOWN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
+/// [`Link`] over a [`QmpSocket`]: the driver's connection to a real QEMU or
+/// qemu-storage-daemon.
+///
+/// Its clock is the monotonic clock in milliseconds since the link was made; a deadline is
+/// turned into a socket read timeout. The socket is negotiated before it becomes a link, so the
+/// greeting is not delivered through [`Link::recv`] (it is available from [`SocketLink::greeting`]).
+/// Transport failures become [`LinkError::Io`] with the socket error's text, a peer hang-up
+/// [`LinkError::Closed`], and undecodable bytes [`LinkError::Decode`] (after which the link
+/// stays usable).
+#[derive(Debug)]
+pub struct SocketLink {
+    socket: QmpSocket,
+    epoch: Instant,
+}
+
+impl SocketLink {
+    /// A link over an already negotiated socket.
+    pub fn new(socket: QmpSocket) -> SocketLink {
+        SocketLink {
+            socket,
+            epoch: Instant::now(),
         }
-        format!("{}...", &text[..end])
-    } else {
-        text.to_owned()
-    };
-    QmpSocketError::Malformed {
-        line,
-        reason: reason.to_owned(),
+    }
+
+    /// Connects to `path` and negotiates within `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<SocketLink, QmpSocketError> {
+        QmpSocket::connect(path, Instant::now() + timeout).map(SocketLink::new)
+    }
+
+    /// The greeting read on connect.
+    pub fn greeting(&self) -> &Greeting {
+        self.socket.greeting()
+    }
+
+    /// The underlying socket.
+    pub fn socket(&mut self) -> &mut QmpSocket {
+        &mut self.socket
+    }
+
+    /// Ends the link, returning the socket.
+    pub fn into_socket(self) -> QmpSocket {
+        self.socket
+    }
+
+    fn instant(&self, at: Timestamp) -> Instant {
+        self.epoch + Duration::from_millis(at.as_ms())
     }
 }
 
-/// Sorts a JSON object into a reply or an event.
-pub fn classify(value: Value) -> Result<QmpMessage, QmpSocketError> {
-    let Value::Object(mut object) = value else {
-        return Err(malformed(&value.to_string(), "not a JSON object"));
-    };
-    if let Some(event) = object.get("event") {
-        let Some(name) = event.as_str() else {
-            return Err(malformed(
-                &Value::Object(object.clone()).to_string(),
-                "event name is not a string",
-            ));
-        };
-        let name = name.to_owned();
-        let timestamp = object.get("timestamp").and_then(|t| {
-            Some((
-                t.get("seconds")?.as_i64()?,
-                t.get("microseconds")?.as_i64()?,
-            ))
-        });
-        let data = object.remove("data").unwrap_or(Value::Null);
-        return Ok(QmpMessage::Event(RawEvent {
-            name,
-            data,
-            timestamp,
-        }));
+fn link_error(error: QmpSocketError) -> LinkError {
+    match error {
+        QmpSocketError::Closed => LinkError::Closed,
+        QmpSocketError::Malformed(decode) => LinkError::Decode(decode),
+        other => LinkError::Io(other.to_string()),
     }
-    let id = object.remove("id");
-    if let Some(value) = object.remove("return") {
-        return Ok(QmpMessage::Reply {
-            id,
-            result: Ok(value),
-        });
-    }
-    if let Some(error) = object.get("error") {
-        let class = error.get("class").and_then(Value::as_str);
-        let desc = error.get("desc").and_then(Value::as_str);
-        if let (Some(class), Some(desc)) = (class, desc) {
-            return Ok(QmpMessage::Reply {
-                id,
-                result: Err(QemuErrorReply {
-                    class: class.to_owned(),
-                    desc: desc.to_owned(),
-                }),
-            });
-        }
-    }
-    if let Some(id) = id {
-        object.insert("id".to_owned(), id);
-    }
-    Err(malformed(
-        &Value::Object(object).to_string(),
-        "neither a reply nor an event",
-    ))
 }
 
-fn parse_greeting(value: Value) -> Result<Greeting, QmpSocketError> {
-    let not_greeting = || QmpSocketError::NotAGreeting {
-        message: value.to_string(),
-    };
-    let qmp = value.get("QMP").ok_or_else(not_greeting)?;
-    let version = qmp.get("version").ok_or_else(not_greeting)?;
-    let number = |key: &str| {
-        version
-            .get("qemu")
-            .and_then(|q| q.get(key))
-            .and_then(Value::as_u64)
-    };
-    let (Some(major), Some(minor), Some(micro)) =
-        (number("major"), number("minor"), number("micro"))
-    else {
-        return Err(not_greeting());
-    };
-    let package = version
-        .get("package")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let capabilities = qmp
-        .get("capabilities")
-        .and_then(Value::as_array)
-        .map(|caps| {
-            caps.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Greeting {
-        version: (major, minor, micro),
-        package,
-        capabilities,
-        raw: value,
-    })
+impl Link for SocketLink {
+    fn now(&self) -> Timestamp {
+        let elapsed_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Timestamp::from_ms(elapsed_ms)
+    }
+
+    fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
+        self.socket.send_command(&id, cmd).map_err(link_error)
+    }
+
+    fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
+        let deadline = deadline.map(|at| self.instant(at));
+        self.socket.recv(deadline).map_err(link_error)
+    }
 }
 
 #[cfg(test)]
@@ -530,6 +429,7 @@ mod tests {
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
     use std::thread;
+    use vbackup_core::qmp::QmpCapability;
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "test"}, "capabilities": ["oob"]}}"#;
 
@@ -583,17 +483,18 @@ mod tests {
             }
         });
         let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
-        assert_eq!(qmp.greeting().version, (10, 0, 2));
-        assert_eq!(qmp.greeting().capabilities, vec!["oob".to_owned()]);
+        assert_eq!(qmp.greeting().version.qemu.major, 10);
+        assert_eq!(qmp.greeting().version.qemu.micro, 2);
+        assert!(qmp.greeting().offers(&QmpCapability::Oob));
         let reply = qmp
             .execute("blockdev-backup", Some(json!({})), soon())
             .unwrap();
         assert_eq!(reply, json!({"x": 1}));
         let first = qmp.next_event(soon()).unwrap();
-        assert_eq!(first.data["status"], "created");
-        assert_eq!(first.timestamp, Some((1, 2)));
+        assert_eq!(first.data()["status"], "created");
+        assert_eq!(first.job_id(), Some("j"));
         let second = qmp.next_event(soon()).unwrap();
-        assert_eq!(second.data["status"], "running");
+        assert_eq!(second.data()["status"], "running");
     }
 
     #[test]
@@ -615,7 +516,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.qemu_error(),
-            Some(("GenericError", "Bitmap already exists: c1"))
+            Some(&QmpError::generic("Bitmap already exists: c1"))
         );
     }
 
@@ -652,10 +553,10 @@ mod tests {
         });
         let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
         let err = qmp.execute("anything", None, soon()).unwrap_err();
-        match err {
-            QmpSocketError::Malformed { line, .. } => assert_eq!(line, "this is not json"),
-            other => panic!("expected Malformed, got {other:?}"),
-        }
+        assert!(
+            matches!(err, QmpSocketError::Malformed(DecodeError::Json { .. })),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -707,22 +608,48 @@ mod tests {
     }
 
     #[test]
-    fn classify_keeps_ids_and_rejects_unknown_shapes() {
-        let reply = classify(json!({"return": [], "id": "c1"})).unwrap();
+    fn malformed_message_does_not_break_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _peer) = peer(dir.path(), |cmd| {
+            let id = cmd["id"].clone();
+            match cmd["execute"].as_str().unwrap() {
+                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
+                _ => vec![format!(
+                    "{}\n{}\n",
+                    json!({"something": 1}),
+                    json!({"return": 5, "id": id})
+                )],
+            }
+        });
+        let mut link = SocketLink::connect(&path, Duration::from_secs(5)).unwrap();
+        link.send(CommandId::Number(1), &QmpCommand::QueryJobs)
+            .unwrap();
+        let deadline = Some(link.now().plus_ms(5000));
+        let err = link.recv(deadline).unwrap_err();
+        assert!(matches!(err, LinkError::Decode(_)), "{err:?}");
+        let reply = link.recv(deadline).unwrap();
         assert_eq!(
             reply,
-            QmpMessage::Reply {
-                id: Some(json!("c1")),
-                result: Ok(json!([]))
-            }
+            Some(QmpIn::Reply {
+                id: Some(CommandId::Number(1)),
+                result: Ok(json!(5))
+            })
         );
-        assert!(matches!(
-            classify(json!({"something": 1})),
-            Err(QmpSocketError::Malformed { .. })
-        ));
-        assert!(matches!(
-            classify(json!({"error": {"class": 3}})),
-            Err(QmpSocketError::Malformed { .. })
-        ));
+    }
+
+    #[test]
+    fn link_recv_returns_none_at_the_deadline_and_the_clock_has_passed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _peer) = peer(dir.path(), |cmd| {
+            let id = cmd["id"].clone();
+            match cmd["execute"].as_str().unwrap() {
+                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
+                _ => vec![],
+            }
+        });
+        let mut link = SocketLink::connect(&path, Duration::from_secs(5)).unwrap();
+        let deadline = link.now().plus_ms(50);
+        assert_eq!(link.recv(Some(deadline)).unwrap(), None);
+        assert!(link.now() >= deadline);
     }
 }

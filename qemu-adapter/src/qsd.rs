@@ -45,6 +45,9 @@ pub const QSD_PROGRAM: &str = "qemu-storage-daemon";
 /// A unix socket path must fit `sockaddr_un.sun_path` (108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 
+/// How long a daemon that hung up the QMP socket may take to finish dying.
+const HANGUP_GRACE: Duration = Duration::from_secs(1);
+
 /// How often startup and shutdown are polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -61,6 +64,12 @@ pub enum QsdError {
     #[error("qemu-storage-daemon (pid {pid}) is gone")]
     DaemonGone {
         /// The pid from the pid file or of the spawned child.
+        pid: u32,
+    },
+    /// The daemon runs, but another client holds its QMP monitor (which serves one at a time).
+    #[error("qemu-storage-daemon (pid {pid}) is busy with another QMP client")]
+    MonitorBusy {
+        /// Its pid.
         pid: u32,
     },
     /// A daemon already runs in this run directory.
@@ -443,11 +452,13 @@ impl Qsd {
             return Err(QsdError::DaemonGone { pid });
         }
         let qmp = QmpSocket::connect(&run.qmp_socket, Instant::now() + timeout).map_err(|e| {
-            // The process may have died between the check and the connect.
-            if daemon_alive(pid) {
-                QsdError::Qmp(e)
-            } else {
-                QsdError::DaemonGone { pid }
+            match e {
+                // The process may have died between the check and the connect.
+                _ if !daemon_alive(pid) => QsdError::DaemonGone { pid },
+                // The monitor serves one client; a live daemon that sends no greeting is
+                // talking to someone else.
+                QmpSocketError::Timeout { .. } => QsdError::MonitorBusy { pid },
+                other => QsdError::Qmp(other),
             }
         })?;
         Ok(Qsd {
@@ -505,7 +516,7 @@ impl Qsd {
         &mut self.qmp
     }
 
-    /// Runs one QMP command with the handle's timeout.
+    /// Runs one QMP command with the handle's timeout; `Value::Null` sends no `arguments`.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QsdError> {
         let deadline = Instant::now() + self.timeout;
         let arguments = (!arguments.is_null()).then_some(arguments);
@@ -594,7 +605,11 @@ impl Qsd {
         run: impl FnOnce(&mut QmpSocket) -> Result<Value, QmpSocketError>,
     ) -> Result<Value, QsdError> {
         run(&mut self.qmp).map_err(|e| match e {
-            QmpSocketError::Closed if !self.is_alive() => QsdError::DaemonGone { pid: self.pid },
+            // A hang-up is usually a death in progress: the socket closes while the process is
+            // still tearing down, so give it a moment before telling the two apart.
+            QmpSocketError::Closed if self.wait_exit(Instant::now() + HANGUP_GRACE) => {
+                QsdError::DaemonGone { pid: self.pid }
+            }
             other => QsdError::Qmp(other),
         })
     }

@@ -294,6 +294,12 @@ impl DomainStore {
         write_atomic(&self.dir, "journal.json", json.as_bytes())
     }
 
+    /// Removes `journal.json` durably (the job it journaled has ended); returns whether it
+    /// existed.
+    pub fn remove_journal(&self) -> Result<bool, StoreError> {
+        remove_durably(&self.dir, "journal.json")
+    }
+
     /// Atomically writes `<collection>/<name>.xml`.
     pub fn write_entry(
         &self,
@@ -324,16 +330,10 @@ impl DomainStore {
     /// Removes `<collection>/<name>.xml` durably; returns whether it existed.
     pub fn remove_entry(&self, collection: Collection, name: &str) -> Result<bool, StoreError> {
         validate_name(collection.kind(), name)?;
-        let dir = self.dir.join(collection.dir_name());
-        let path = dir.join(format!("{name}.xml"));
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                fsync_dir(&dir)?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_error("remove", &path)(e)),
-        }
+        remove_durably(
+            &self.dir.join(collection.dir_name()),
+            &format!("{name}.xml"),
+        )
     }
 
     /// Names in a collection, sorted; temporary files and foreign files are skipped.
@@ -439,6 +439,19 @@ fn read_optional(path: &Path) -> Result<Option<String>, StoreError> {
             }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_error("read", path)(e)),
+    }
+}
+
+/// Removes `dir/file_name` and fsyncs `dir`; `Ok(false)` if there was nothing to remove.
+fn remove_durably(dir: &Path, file_name: &str) -> Result<bool, StoreError> {
+    let path = dir.join(file_name);
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            fsync_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_error("remove", &path)(e)),
     }
 }
 

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vbackup_core::model::ImageFormat;
+use vbackup_core::qmp::{JobStatus, QmpEvent, QmpIn};
 use vbackup_qemu::live::{self, LiveLab};
-use vbackup_qemu::qmp_socket::{QmpMessage, QmpSocket, RawEvent};
+use vbackup_qemu::qmp_socket::QmpSocket;
 use vbackup_qemu::qsd::{Qsd, QsdDisk, format_node};
 
 const MIB: u64 = 1024 * 1024;
@@ -16,21 +17,21 @@ fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
 }
 
-fn job_status(event: &RawEvent, job: &str) -> Option<String> {
-    (event.name == "JOB_STATUS_CHANGE" && event.data["id"] == job)
-        .then(|| event.data["status"].as_str().unwrap_or_default().to_owned())
+fn job_status(event: &QmpEvent, job: &str) -> Option<JobStatus> {
+    match event {
+        QmpEvent::JobStatusChange(change) if change.id == job => Some(change.status.clone()),
+        _ => None,
+    }
 }
 
 /// Reads events until `job` concludes; returns every event of that job, in order.
-fn events_until_concluded(qmp: &mut QmpSocket, job: &str) -> Vec<RawEvent> {
+fn events_until_concluded(qmp: &mut QmpSocket, job: &str) -> Vec<QmpEvent> {
     let mut seen = Vec::new();
     loop {
         let event = qmp
-            .wait_event(deadline(), |e| {
-                e.data["id"] == job || e.data["device"] == job
-            })
+            .wait_event(deadline(), |e| e.job_id() == Some(job))
             .unwrap();
-        let concluded = job_status(&event, job).as_deref() == Some("concluded");
+        let concluded = job_status(&event, job) == Some(JobStatus::Concluded);
         seen.push(event);
         if concluded {
             return seen;
@@ -46,7 +47,11 @@ fn blockdev_create(qsd: &mut Qsd, job: &str, options: Value) {
     )
     .unwrap();
     let events = events_until_concluded(qsd.qmp(), job);
-    assert!(events.iter().all(|e| e.name == "JOB_STATUS_CHANGE"));
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, QmpEvent::JobStatusChange(_)))
+    );
     let jobs = qsd.execute("query-jobs", json!(null)).unwrap();
     let info = jobs
         .as_array()
@@ -105,35 +110,34 @@ fn push_full_backup_copies_the_disk_with_events_interleaved() {
     .unwrap();
     // QEMU announces the job before it replies: those events were read while waiting for the
     // reply and must be queued, not lost.
-    let queued_statuses: Vec<String> = qsd
+    let queued_statuses: Vec<JobStatus> = qsd
         .qmp()
         .queued()
         .filter_map(|m| match m {
-            QmpMessage::Event(e) => job_status(e, "bk"),
-            QmpMessage::Reply { .. } => None,
+            QmpIn::Event(e) => job_status(e, "bk"),
+            _ => None,
         })
         .collect();
     assert_eq!(
-        queued_statuses.first().map(String::as_str),
-        Some("created"),
+        queued_statuses.first(),
+        Some(&JobStatus::Created),
         "events before the reply: {queued_statuses:?}"
     );
 
     let events = events_until_concluded(qsd.qmp(), "bk");
-    let statuses: Vec<String> = events.iter().filter_map(|e| job_status(e, "bk")).collect();
-    assert_eq!(statuses.first().map(String::as_str), Some("created"));
-    assert_eq!(statuses.last().map(String::as_str), Some("concluded"));
+    let statuses: Vec<JobStatus> = events.iter().filter_map(|e| job_status(e, "bk")).collect();
+    assert_eq!(statuses.first(), Some(&JobStatus::Created));
+    assert_eq!(statuses.last(), Some(&JobStatus::Concluded));
     let completed = events
         .iter()
-        .find(|e| e.name == "BLOCK_JOB_COMPLETED")
+        .find_map(|e| match e {
+            QmpEvent::BlockJobCompleted(completed) => Some(completed),
+            _ => None,
+        })
         .expect("BLOCK_JOB_COMPLETED");
-    assert!(
-        completed.data.get("error").is_none(),
-        "{:?}",
-        completed.data
-    );
-    assert_eq!(completed.data["len"], json!(DISK_BYTES));
-    assert_eq!(completed.data["offset"], json!(DISK_BYTES));
+    assert_eq!(completed.error, None);
+    assert_eq!(completed.len, DISK_BYTES);
+    assert_eq!(completed.offset, DISK_BYTES);
 
     qsd.execute("job-dismiss", json!({"id": "bk"})).unwrap();
     qsd.execute("blockdev-del", json!({"node-name": "tgt"}))

@@ -40,6 +40,9 @@ fn documents_land_in_the_documented_layout() {
     );
     assert_eq!(vm.read_journal().unwrap().as_deref(), Some("{}"));
     assert_eq!(vm.run_dir(), store.root().join("run/vm1"));
+    assert!(vm.remove_journal().unwrap());
+    assert!(!vm.remove_journal().unwrap());
+    assert_eq!(vm.read_journal().unwrap(), None);
     assert!(vm.is_defined());
     assert_eq!(store.list_domains().unwrap(), vec!["vm1".to_owned()]);
 }

@@ -1,0 +1,1297 @@
+//! A running backup: preparation, the atomic start, monitoring, abort, cleanup and recovery.
+//!
+//! Phases: `Querying` (node data) → `Preparing` (target/scratch images, TLS, NBD server, then
+//! the one transaction that creates the checkpoint bitmaps and starts every job; pull exports
+//! after it) → `Running` (job monitoring from events and `query-jobs`) → `Finishing` (cleanup
+//! of ended disks) → gone. A failure before the transaction leads to `RollingBack`, which
+//! undoes what was set up. A lost connection leads to `Disconnected`; after [`Input::Reconnected`]
+//! the run queries QEMU's jobs and resumes or concludes.
+//!
+//! Preparation and cleanup commands run one at a time from a queue, so each step sees the
+//! result of the previous one.
+//!
+//! [`Input::Reconnected`]: crate::domain::Input::Reconnected
+
+use std::collections::{BTreeSet, VecDeque};
+
+use serde_json::Value;
+
+use super::{
+    BackupDiskPlan, BackupMode, BackupPlan, BackupSpec, BackupStore, DiskJobState, JobStatus,
+    NbdServer, NbdTransport, StoreKind, default_temp_bitmap, job_id, node_index, node_names,
+};
+use crate::chain::{NodeTable, check_chain};
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::ops::{check_create, commit_created, create_actions};
+use crate::domain::{
+    Core, Ctx, DomainEvent, FileOp, FileOpId, Owner, Reply, RequestId, StoreOp, cmd, node_table,
+    refused,
+};
+use crate::error::{Error, RequestError};
+use crate::model::ImageFormat;
+use crate::qmp::{
+    BitmapRef, BlockExportAdd, InetSocketAddress, JobInfo, JobStatus as QemuJobStatus,
+    NbdServerStart, ObjectAdd, ObjectDel, QmpCommand, QmpError, QmpEvent, Secret,
+    SocketAddressLegacy, SyncMode, TlsCredsX509, TlsEndpoint, TransactionAction, UnixSocketAddress,
+};
+
+/// Id of the TLS credentials object of a pull backup's NBD server.
+pub const TLS_OBJECT: &str = "objlibvirt_backup_tls0";
+/// Id of the secret object holding the TLS key's passphrase.
+pub const TLS_SECRET_OBJECT: &str = "objlibvirt_backup_tls0-secret0";
+/// Holder name disks are registered under while a backup uses them.
+pub const DISK_HOLDER: &str = "backup";
+
+/// The step a backup reply answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupTag {
+    /// The first node query.
+    Query,
+    /// The current queued step.
+    Step,
+    /// `query-jobs` checking an image-creation job.
+    CreateJobCheck(String),
+    /// `query-jobs` after a job concluded (or after a reconnection).
+    Poll,
+    /// `query-jobs` for a statistics request.
+    Stats(RequestId),
+    /// A `block-job-cancel`.
+    Cancel,
+}
+
+/// What a queued step is.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Send a command; `effect` records what success means.
+    Cmd { command: QmpCommand, effect: Effect },
+    /// Create an empty image file.
+    CreateFile { path: String },
+    /// Wait for an image-creation job to conclude, then check and dismiss it.
+    AwaitCreateJob { job: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Effect {
+    None,
+    NodeAdded(String),
+    ObjectAdded(String),
+    NbdStarted,
+    Transaction,
+    Export(usize),
+    /// Cleanup: failures are ignored.
+    BestEffort,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Querying,
+    Preparing,
+    Running,
+    RollingBack { error: Error },
+    Disconnected,
+    Reconciling,
+}
+
+/// A backup from its begin request to its end.
+#[derive(Debug)]
+pub(crate) struct BackupRun {
+    plan: BackupPlan,
+    phase: Phase,
+    begin_req: Option<RequestId>,
+    checkpoint: Option<Checkpoint>,
+    committed: bool,
+    transaction_sent: bool,
+    abort_requested: bool,
+    steps: VecDeque<Step>,
+    /// Whether a queued step waits for its answer (command reply, file, job event).
+    step_busy: bool,
+    /// What the command in flight means when it succeeds.
+    current: Option<Effect>,
+    /// The TCP port was chosen by the engine (so another one may be tried).
+    port_chosen: bool,
+    create_concluded: BTreeSet<String>,
+    waiting_create_job: Option<String>,
+    waiting_file: Option<(FileOpId, String)>,
+    created_files: Vec<String>,
+    added_nodes: Vec<String>,
+    added_objects: Vec<String>,
+    nbd_started: bool,
+    nbd_stop_queued: bool,
+    poll_in_flight: bool,
+    poll_again: bool,
+    nodes: NodeTable,
+    spec: Option<BackupSpec>,
+}
+
+impl BackupRun {
+    /// The plan, with every default filled in.
+    pub(crate) fn plan(&self) -> &BackupPlan {
+        &self.plan
+    }
+
+    /// A run restored from the journal after a restart of the engine: its jobs were started;
+    /// it waits for the QMP session to reconcile.
+    pub(crate) fn restore(plan: BackupPlan, jobs: &mut crate::jobs::JobSlots) -> Self {
+        let _ = jobs.acquire_long(crate::jobs::JobKind::Backup);
+        let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
+        let _ = jobs.occupy_disks(&targets, DISK_HOLDER);
+        let nbd_started = plan.mode == BackupMode::Pull;
+        let added_objects = plan
+            .tls_secret_object
+            .iter()
+            .chain(plan.tls_object.iter())
+            .cloned()
+            .collect();
+        Self {
+            plan,
+            phase: Phase::Disconnected,
+            begin_req: None,
+            checkpoint: None,
+            committed: true,
+            transaction_sent: true,
+            abort_requested: false,
+            steps: VecDeque::new(),
+            step_busy: false,
+            current: None,
+            port_chosen: false,
+            create_concluded: BTreeSet::new(),
+            waiting_create_job: None,
+            waiting_file: None,
+            created_files: Vec::new(),
+            added_nodes: Vec::new(),
+            added_objects,
+            nbd_started,
+            nbd_stop_queued: false,
+            poll_in_flight: false,
+            poll_again: false,
+            nodes: NodeTable::new(),
+            spec: None,
+        }
+    }
+
+    /// Validates a begin request and starts with the node query. The long slot is already
+    /// held; on refusal it is released here.
+    pub(crate) fn begin(
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        spec: BackupSpec,
+        checkpoint: Option<Checkpoint>,
+        reuse_external: bool,
+    ) -> Option<Self> {
+        match Self::validate(core, &spec, checkpoint.as_ref()) {
+            Ok(targets) => {
+                if let Err(e) = core.jobs.occupy_disks(&targets, DISK_HOLDER) {
+                    core.jobs.release_long();
+                    ctx.respond(req, Err(e.into()));
+                    return None;
+                }
+            }
+            Err(e) => {
+                core.jobs.release_long();
+                ctx.respond(req, Err(e));
+                return None;
+            }
+        }
+        ctx.send(Owner::Backup(BackupTag::Query), cmd::query_nodes());
+        Some(Self {
+            plan: BackupPlan {
+                mode: spec.mode,
+                incremental: spec.incremental.clone(),
+                server: spec.server.clone(),
+                tls_object: None,
+                tls_secret_object: None,
+                disks: Vec::new(),
+                skipped_disks: Vec::new(),
+                checkpoint: checkpoint.as_ref().map(|c| c.name.clone()),
+                reuse_external,
+                started_ms: ctx.now.as_ms(),
+            },
+            phase: Phase::Querying,
+            begin_req: Some(req),
+            checkpoint,
+            committed: false,
+            transaction_sent: false,
+            abort_requested: false,
+            steps: VecDeque::new(),
+            step_busy: false,
+            current: None,
+            port_chosen: false,
+            create_concluded: BTreeSet::new(),
+            waiting_create_job: None,
+            waiting_file: None,
+            created_files: Vec::new(),
+            added_nodes: Vec::new(),
+            added_objects: Vec::new(),
+            nbd_started: false,
+            nbd_stop_queued: false,
+            poll_in_flight: false,
+            poll_again: false,
+            nodes: NodeTable::new(),
+            spec: Some(spec),
+        })
+    }
+
+    /// Checks everything that does not need QEMU; returns the targets of the disks taking part.
+    fn validate(
+        core: &Core,
+        spec: &BackupSpec,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Vec<String>, Error> {
+        match (spec.mode, &spec.server) {
+            (BackupMode::Push, Some(_)) => {
+                return Err(RequestError::Unsupported(
+                    "use of <server> requires pull mode backup".into(),
+                )
+                .into());
+            }
+            (BackupMode::Pull, None) => {
+                return Err(RequestError::Unsupported(
+                    "pull mode backup requires a <server>".into(),
+                )
+                .into());
+            }
+            (BackupMode::Pull, Some(s)) => {
+                if s.tls == Some(true) && core.config.tls.is_none() {
+                    return Err(RequestError::Unsupported(
+                        "backup TLS directory not configured".into(),
+                    )
+                    .into());
+                }
+                if let NbdTransport::Unix { socket } = &s.transport
+                    && !socket.starts_with('/')
+                {
+                    return Err(RequestError::Unsupported(format!(
+                        "backup socket path '{socket}' must be absolute"
+                    ))
+                    .into());
+                }
+            }
+            (BackupMode::Push, None) => {}
+        }
+        let mut targets = Vec::new();
+        for d in spec.disks.iter().filter(|d| d.backup) {
+            let disk = core
+                .def
+                .disk(&d.target)
+                .ok_or_else(|| RequestError::NoDisk(d.target.clone()))?;
+            if disk.is_empty() {
+                return Err(
+                    RequestError::Unsupported(format!("disk '{}' has no media", d.target)).into(),
+                );
+            }
+            if disk.bus.as_deref() == Some("sd") || disk.transient {
+                return Err(RequestError::Unsupported(format!(
+                    "block jobs are not supported on disk '{}'",
+                    d.target
+                ))
+                .into());
+            }
+            crate::domain::disk_layers(&core.def, &d.target)?;
+            let format = d
+                .store
+                .as_ref()
+                .and_then(|s| s.format.clone())
+                .unwrap_or(ImageFormat::Qcow2);
+            if format != ImageFormat::Qcow2 {
+                let msg = if spec.mode == BackupMode::Pull {
+                    format!(
+                        "pull mode backup for disk '{}' requires qcow2 driver",
+                        d.target
+                    )
+                } else {
+                    format!(
+                        "backup target format '{}' for disk '{}' is not supported",
+                        format.name(),
+                        d.target
+                    )
+                };
+                return Err(RequestError::Unsupported(msg).into());
+            }
+            if let Some(cp) = &d.incremental
+                && core.tree.get(cp).is_none()
+            {
+                return Err(RequestError::IncrementalCheckpointMissing {
+                    checkpoint: cp.clone(),
+                    disk: d.target.clone(),
+                }
+                .into());
+            }
+            if let Some(BackupStore { path: Some(p), .. }) = &d.store
+                && !p.starts_with('/')
+            {
+                return Err(RequestError::Unsupported(format!(
+                    "backup store path '{p}' must be absolute"
+                ))
+                .into());
+            }
+            targets.push(d.target.clone());
+        }
+        if targets.is_empty() {
+            return Err(RequestError::Unsupported("no disks selected for backup".into()).into());
+        }
+        if let Some(c) = checkpoint {
+            check_create(&core.def, &core.tree, c)?;
+        }
+        core.jobs
+            .check_disks_free(targets.iter().map(String::as_str))?;
+        Ok(targets)
+    }
+
+    /// Builds the per-disk plan from the node data and queues the preparation steps.
+    fn plan_from_nodes(
+        &mut self,
+        core: &Core,
+        ctx: &Ctx<'_>,
+        spec: &BackupSpec,
+    ) -> Result<(), Error> {
+        let mut next_index = self
+            .nodes
+            .keys()
+            .filter_map(|n| node_index(n))
+            .chain(
+                core.def
+                    .disks
+                    .iter()
+                    .flat_map(|d| d.layers.iter().filter_map(|l| l.index)),
+            )
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let suffix = match &self.checkpoint {
+            Some(c) => c.name.clone(),
+            None => (ctx.now.as_ms() / 1000).to_string(),
+        };
+        for d in &spec.disks {
+            if !d.backup {
+                self.plan.skipped_disks.push(d.target.clone());
+                continue;
+            }
+            let layers = crate::domain::disk_layers(&core.def, &d.target)?;
+            let Some(device_node) = layers.first().cloned() else {
+                return Err(
+                    RequestError::Unsupported(format!("disk '{}' has no media", d.target)).into(),
+                );
+            };
+            let device_path = core
+                .def
+                .disk(&d.target)
+                .and_then(|x| x.top())
+                .and_then(|l| l.path.clone());
+            let (temp_bitmap, temp_bitmap_node_is_scratch) = match &d.incremental {
+                Some(cp_name) => {
+                    let bitmap = core
+                        .tree
+                        .get(cp_name)
+                        .and_then(|c| c.disks.iter().find(|x| x.target == d.target))
+                        .and_then(|x| x.bitmap.clone());
+                    let inconsistent = || RequestError::CheckpointInconsistent {
+                        bitmap: cp_name.clone(),
+                        disk: d.target.clone(),
+                    };
+                    let bitmap = bitmap.ok_or_else(inconsistent)?;
+                    check_chain(&self.nodes, &layers, &bitmap).map_err(|_| {
+                        RequestError::CheckpointInconsistent {
+                            bitmap: bitmap.clone(),
+                            disk: d.target.clone(),
+                        }
+                    })?;
+                    let name = match spec.mode {
+                        BackupMode::Pull => d
+                            .export_bitmap
+                            .clone()
+                            .unwrap_or_else(|| default_temp_bitmap(&d.target)),
+                        BackupMode::Push => default_temp_bitmap(&d.target),
+                    };
+                    (Some(name), spec.mode == BackupMode::Pull)
+                }
+                None => (None, false),
+            };
+            let store_kind = d.store.as_ref().map_or(StoreKind::File, |s| s.kind);
+            let store_path = match d.store.as_ref().and_then(|s| s.path.clone()) {
+                Some(p) => p,
+                None => match (&device_path, store_kind) {
+                    (Some(p), StoreKind::File) => format!("{p}.{suffix}"),
+                    _ => {
+                        return Err(RequestError::Unsupported(format!(
+                            "refusing to generate file name for disk '{}'",
+                            d.target
+                        ))
+                        .into());
+                    }
+                },
+            };
+            let index = next_index;
+            next_index += 1;
+            let (format_node, storage_node) = node_names(index);
+            let pull = spec.mode == BackupMode::Pull;
+            self.plan.disks.push(BackupDiskPlan {
+                target: d.target.clone(),
+                device_node: device_node.clone(),
+                device_path,
+                incremental: d.incremental.clone(),
+                store_kind,
+                store_path,
+                store_format: ImageFormat::Qcow2,
+                index,
+                job_id: job_id(&d.target, &device_node),
+                temp_bitmap_node: temp_bitmap.as_ref().map(|_| {
+                    if temp_bitmap_node_is_scratch {
+                        format_node.clone()
+                    } else {
+                        device_node.clone()
+                    }
+                }),
+                temp_bitmap,
+                export_name: pull
+                    .then(|| d.export_name.clone().unwrap_or_else(|| d.target.clone())),
+                export_id: pull.then(|| format!("libvirt-nbd-{format_node}")),
+                format_node,
+                storage_node,
+                created_by_us: !self.plan.reuse_external,
+                state: DiskJobState::None,
+                progress_current_bytes: 0,
+                progress_total_bytes: 0,
+                error: None,
+            });
+        }
+        self.queue_preparation(core)
+    }
+
+    fn queue_preparation(&mut self, core: &Core) -> Result<(), Error> {
+        let pull = self.plan.mode == BackupMode::Pull;
+        for d in &self.plan.disks {
+            let backing = if pull || d.incremental.is_some() {
+                Some(d.device_node.as_str())
+            } else {
+                None
+            };
+            if !self.plan.reuse_external {
+                if d.store_kind == StoreKind::File {
+                    self.steps.push_back(Step::CreateFile {
+                        path: d.store_path.clone(),
+                    });
+                }
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::add_storage_node(
+                        &d.storage_node,
+                        &d.store_path,
+                        d.store_kind == StoreKind::Block,
+                    ),
+                    effect: Effect::NodeAdded(d.storage_node.clone()),
+                });
+                let device = self.nodes.get(&d.device_node);
+                let size_bytes = device.map_or(0, |n| n.virtual_size_bytes);
+                let cluster = device.and_then(|n| n.cluster_size_bytes);
+                let create_job = format!("create-{}", d.format_node);
+                let backing_format = core
+                    .def
+                    .disk(&d.target)
+                    .and_then(|x| x.top())
+                    .map(|l| l.format.name().to_owned());
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::create_qcow2(&cmd::Qcow2Create {
+                        job_id: &create_job,
+                        storage: &d.storage_node,
+                        size_bytes,
+                        cluster_size_bytes: cluster,
+                        backing_file: backing.and(d.device_path.as_deref()),
+                        backing_format: backing.and(backing_format.as_deref()),
+                    }),
+                    effect: Effect::None,
+                });
+                self.steps
+                    .push_back(Step::AwaitCreateJob { job: create_job });
+            } else {
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::add_storage_node(
+                        &d.storage_node,
+                        &d.store_path,
+                        d.store_kind == StoreKind::Block,
+                    ),
+                    effect: Effect::NodeAdded(d.storage_node.clone()),
+                });
+            }
+            self.steps.push_back(Step::Cmd {
+                command: cmd::add_qcow2_node(&d.format_node, &d.storage_node, backing),
+                effect: Effect::NodeAdded(d.format_node.clone()),
+            });
+        }
+        if pull {
+            let server = self.plan.server.clone().ok_or_else(|| {
+                RequestError::Unsupported("pull mode backup requires a <server>".into())
+            })?;
+            let mut tls_creds = None;
+            if server.tls == Some(true) {
+                let tls = core.config.tls.clone().ok_or_else(|| {
+                    RequestError::Unsupported("backup TLS directory not configured".into())
+                })?;
+                if let Some(file) = &tls.secret_file {
+                    self.steps.push_back(Step::Cmd {
+                        command: QmpCommand::ObjectAdd(ObjectAdd::Secret(Secret {
+                            id: TLS_SECRET_OBJECT.into(),
+                            file: Some(file.clone()),
+                            ..Secret::default()
+                        })),
+                        effect: Effect::ObjectAdded(TLS_SECRET_OBJECT.into()),
+                    });
+                    self.plan.tls_secret_object = Some(TLS_SECRET_OBJECT.into());
+                }
+                self.steps.push_back(Step::Cmd {
+                    command: QmpCommand::ObjectAdd(ObjectAdd::TlsCredsX509(TlsCredsX509 {
+                        id: TLS_OBJECT.into(),
+                        dir: Some(tls.cert_dir.clone()),
+                        endpoint: Some(TlsEndpoint::Server),
+                        verify_peer: Some(tls.verify_peer),
+                        passwordid: tls
+                            .secret_file
+                            .as_ref()
+                            .map(|_| TLS_SECRET_OBJECT.to_owned()),
+                        ..TlsCredsX509::default()
+                    })),
+                    effect: Effect::ObjectAdded(TLS_OBJECT.into()),
+                });
+                self.plan.tls_object = Some(TLS_OBJECT.into());
+                tls_creds = Some(TLS_OBJECT.to_owned());
+            }
+            self.port_chosen = matches!(server.transport, NbdTransport::Tcp { port: None, .. });
+            let server = fill_port(server, core.config.nbd_port_min);
+            self.steps.push_back(Step::Cmd {
+                command: nbd_start(&server, tls_creds.clone()),
+                effect: Effect::NbdStarted,
+            });
+            self.plan.server = Some(server);
+        }
+        self.steps.push_back(Step::Cmd {
+            command: cmd::transaction(self.transaction_actions(core)),
+            effect: Effect::Transaction,
+        });
+        if pull {
+            for (i, d) in self.plan.disks.iter().enumerate() {
+                let mut e = BlockExportAdd::nbd(
+                    d.export_id.clone().unwrap_or_default(),
+                    d.format_node.clone(),
+                );
+                e.writable = Some(false);
+                e.name = d.export_name.clone();
+                e.bitmaps = d
+                    .temp_bitmap
+                    .as_ref()
+                    .map(|b| vec![BitmapRef::Name(b.clone())]);
+                self.steps.push_back(Step::Cmd {
+                    command: QmpCommand::BlockExportAdd(e),
+                    effect: Effect::Export(i),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn transaction_actions(&self, core: &Core) -> Vec<TransactionAction> {
+        let mut actions = match &self.checkpoint {
+            Some(c) => create_actions(&core.def, c),
+            None => Vec::new(),
+        };
+        let pull = self.plan.mode == BackupMode::Pull;
+        for d in &self.plan.disks {
+            if let (Some(bitmap), Some(node), Some(cp)) =
+                (&d.temp_bitmap, &d.temp_bitmap_node, &d.incremental)
+            {
+                let cp_bitmap = core
+                    .tree
+                    .get(cp)
+                    .and_then(|c| c.disks.iter().find(|x| x.target == d.target))
+                    .and_then(|x| x.bitmap.clone())
+                    .unwrap_or_else(|| cp.clone());
+                let layers = crate::domain::disk_layers(&core.def, &d.target).unwrap_or_default();
+                if let Ok(m) = check_chain(&self.nodes, &layers, &cp_bitmap) {
+                    actions.push(cmd::add_temp_bitmap(node, bitmap, m.granularity_bytes));
+                    actions.push(cmd::merge(node, bitmap, &m.sources));
+                }
+            }
+            let (sync, bitmap) = match (pull, &d.temp_bitmap) {
+                (true, _) => (SyncMode::None, None),
+                (false, Some(b)) => (SyncMode::Incremental, Some(b.as_str())),
+                (false, None) => (SyncMode::Full, None),
+            };
+            actions.push(cmd::backup_action(
+                &d.job_id,
+                &d.device_node,
+                &d.format_node,
+                sync,
+                bitmap,
+            ));
+        }
+        actions
+    }
+
+    // ----- driving the step queue -----
+
+    /// Runs queued steps until one must wait.
+    fn pump(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        if self.step_busy {
+            return Some(self);
+        }
+        match self.steps.pop_front() {
+            Some(Step::Cmd { command, effect }) => {
+                if effect == Effect::Transaction {
+                    self.transaction_sent = true;
+                }
+                ctx.send(Owner::Backup(BackupTag::Step), command);
+                self.current = Some(effect);
+                self.step_busy = true;
+                Some(self)
+            }
+            Some(Step::CreateFile { path }) => {
+                let id = ctx.file(FileOp::CreateExclusive { path: path.clone() });
+                self.waiting_file = Some((id, path));
+                self.step_busy = true;
+                Some(self)
+            }
+            Some(Step::AwaitCreateJob { job }) => {
+                if self.create_concluded.contains(&job) {
+                    ctx.send(
+                        Owner::Backup(BackupTag::CreateJobCheck(job)),
+                        cmd::query_jobs(),
+                    );
+                } else {
+                    self.waiting_create_job = Some(job);
+                }
+                self.step_busy = true;
+                Some(self)
+            }
+            None => self.queue_drained(core, ctx),
+        }
+    }
+
+    /// Nothing more is queued: decide what comes next.
+    fn queue_drained(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        match &self.phase {
+            Phase::Preparing => {
+                let mut run = self;
+                run.phase = Phase::Running;
+                if let Some(req) = run.begin_req.take() {
+                    ctx.respond(req, Ok(Reply::Done));
+                }
+                if run.abort_requested {
+                    run.cancel_running(ctx);
+                }
+                run.maybe_finish(core, ctx)
+            }
+            Phase::RollingBack { error } => {
+                let error = error.clone();
+                for path in self.created_files.iter().rev() {
+                    ctx.file(FileOp::Remove { path: path.clone() });
+                }
+                if let Some(req) = self.begin_req {
+                    ctx.respond(req, Err(error));
+                }
+                core.jobs.free_disks_of(DISK_HOLDER);
+                core.jobs.release_long();
+                None
+            }
+            Phase::Running => self.maybe_finish(core, ctx),
+            Phase::Querying | Phase::Disconnected | Phase::Reconciling => Some(self),
+        }
+    }
+
+    /// Switches to rolling back: undo what preparation set up, then answer with `error`.
+    fn roll_back(mut self, core: &mut Core, ctx: &mut Ctx<'_>, error: Error) -> Option<Self> {
+        self.steps.clear();
+        self.step_busy = false;
+        self.current = None;
+        self.waiting_create_job = None;
+        self.waiting_file = None;
+        if self.nbd_started {
+            self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
+        }
+        for obj in self.added_objects.iter().rev() {
+            self.steps
+                .push_back(best_effort(QmpCommand::ObjectDel(ObjectDel {
+                    id: obj.clone(),
+                })));
+        }
+        // Format nodes before their storage nodes: reverse order of addition.
+        for node in self.added_nodes.iter().rev() {
+            self.steps.push_back(best_effort(cmd::del_node(node)));
+        }
+        self.phase = Phase::RollingBack { error };
+        self.pump(core, ctx)
+    }
+
+    // ----- inputs -----
+
+    /// Handles a reply addressed to the run.
+    pub(crate) fn on_reply(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        tag: BackupTag,
+        command: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<Self> {
+        match tag {
+            BackupTag::Query => {
+                let nodes = match result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| node_table(&v))
+                {
+                    Ok(n) => n,
+                    Err(e) => return self.roll_back(core, ctx, e),
+                };
+                self.nodes = nodes;
+                let Some(spec) = self.spec.take() else {
+                    return self.roll_back(
+                        core,
+                        ctx,
+                        Error::QemuMisbehaved("backup definition lost".into()),
+                    );
+                };
+                if let Err(e) = self.plan_from_nodes(core, ctx, &spec) {
+                    return self.roll_back(core, ctx, e);
+                }
+                self.phase = Phase::Preparing;
+                self.pump(core, ctx)
+            }
+            BackupTag::Step => self.on_step_reply(core, ctx, command, result),
+            BackupTag::CreateJobCheck(job) => {
+                let outcome = result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| parse_jobs(&v))
+                    .map(|jobs| jobs.into_iter().find(|j| j.id == job).and_then(|j| j.error));
+                // The creation job is dismissed whatever happened.
+                self.step_busy = false;
+                match outcome {
+                    Ok(None) => {
+                        self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
+                        self.pump(core, ctx)
+                    }
+                    Ok(Some(err)) => {
+                        let e = Error::QemuRefused {
+                            command: "blockdev-create".into(),
+                            class: "GenericError".into(),
+                            desc: format!("failed to format image: {err}"),
+                        };
+                        let mut run = self.roll_back(core, ctx, e)?;
+                        // The roll-back queue starts after the dismissal.
+                        run.steps.push_front(best_effort(cmd::job_dismiss(&job)));
+                        Some(run)
+                    }
+                    Err(e) => self.roll_back(core, ctx, e),
+                }
+            }
+            BackupTag::Poll => {
+                self.poll_in_flight = false;
+                let run = match result.ok().and_then(|v| parse_jobs(&v).ok()) {
+                    Some(jobs) => self.apply_jobs(core, ctx, &jobs),
+                    None => Some(self),
+                };
+                run.map(|mut run| {
+                    if run.poll_again {
+                        run.poll_again = false;
+                        run.poll(ctx);
+                    }
+                    run
+                })
+            }
+            BackupTag::Stats(req) => {
+                if let Ok(jobs) = result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| parse_jobs(&v))
+                {
+                    for j in &jobs {
+                        if let Some(i) = self.plan.disk_by_job(&j.id)
+                            && !self.plan.disks[i].state.is_final()
+                        {
+                            self.plan.disks[i].progress_current_bytes = j.current_progress;
+                            self.plan.disks[i].progress_total_bytes = j.total_progress;
+                        }
+                    }
+                }
+                let stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+                ctx.respond(req, Ok(Reply::Stats(Some(stats))));
+                Some(self)
+            }
+            BackupTag::Cancel => Some(self),
+        }
+    }
+
+    fn on_step_reply(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        command: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<Self> {
+        let effect = self.current.take().unwrap_or(Effect::None);
+        self.step_busy = false;
+        let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
+        let best_effort = rolling_back || effect == Effect::BestEffort;
+        match result {
+            Err(e) if effect == Effect::NbdStarted && port_in_use(&e) => {
+                // Do better than refusing: try the next port of the configured range.
+                if let Some(next) = self.next_port(core) {
+                    let tls = self.plan.tls_object.clone();
+                    self.steps.push_front(Step::Cmd {
+                        command: nbd_start(&next, tls),
+                        effect: Effect::NbdStarted,
+                    });
+                    self.plan.server = Some(next);
+                    return self.pump(core, ctx);
+                }
+                let (min, max) = (core.config.nbd_port_min, core.config.nbd_port_max);
+                self.roll_back(core, ctx, RequestError::NoFreePort { min, max }.into())
+            }
+            Err(e) if !best_effort => {
+                let error = refused(command, &e);
+                match effect {
+                    Effect::Export(_) => {
+                        // The jobs run already: keep the checkpoint, stop the jobs, report.
+                        if let Some(req) = self.begin_req.take() {
+                            ctx.respond(req, Err(error));
+                        }
+                        self.steps.retain(|s| {
+                            !matches!(
+                                s,
+                                Step::Cmd {
+                                    effect: Effect::Export(_),
+                                    ..
+                                }
+                            )
+                        });
+                        self.phase = Phase::Running;
+                        self.cancel_running(ctx);
+                        self.pump(core, ctx)
+                    }
+                    Effect::Transaction => {
+                        self.checkpoint = None;
+                        self.roll_back(core, ctx, error)
+                    }
+                    _ => self.roll_back(core, ctx, error),
+                }
+            }
+            _ => {
+                match effect {
+                    Effect::NodeAdded(n) if !rolling_back => self.added_nodes.push(n),
+                    Effect::ObjectAdded(o) if !rolling_back => self.added_objects.push(o),
+                    Effect::NbdStarted if !rolling_back => self.nbd_started = true,
+                    Effect::Transaction => {
+                        if let Err(e) = self.commit(core, ctx) {
+                            // QEMU has the bitmaps and jobs; only the metadata failed.
+                            if let Some(req) = self.begin_req.take() {
+                                ctx.respond(req, Err(e));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                self.pump(core, ctx)
+            }
+        }
+    }
+
+    /// The transaction succeeded: the checkpoint exists, the jobs run. Persist both.
+    fn commit(&mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Result<(), Error> {
+        self.committed = true;
+        for d in &mut self.plan.disks {
+            d.state = DiskJobState::Running;
+        }
+        let r = match self.checkpoint.take() {
+            Some(mut c) => {
+                c.parent = None;
+                commit_created(core, ctx, c).map(|_| ())
+            }
+            None => Ok(()),
+        };
+        ctx.persist(StoreOp::PutBackupJournal(Box::new(self.plan.clone())));
+        if self.plan.mode == BackupMode::Push
+            && let Some(req) = self.begin_req.take()
+        {
+            ctx.respond(req, r.clone().map(|()| Reply::Done));
+        }
+        r
+    }
+
+    /// Handles a QMP event.
+    pub(crate) fn on_event(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        event: &QmpEvent,
+    ) -> Option<Self> {
+        match event {
+            QmpEvent::JobStatusChange(c) => {
+                if c.status != QemuJobStatus::Concluded {
+                    // paused/running pairs around graph changes are not pauses: ignore them.
+                    return Some(self);
+                }
+                if c.id.starts_with("create-") {
+                    self.create_concluded.insert(c.id.clone());
+                    if self.waiting_create_job.as_deref() == Some(c.id.as_str()) {
+                        self.waiting_create_job = None;
+                        ctx.send(
+                            Owner::Backup(BackupTag::CreateJobCheck(c.id.clone())),
+                            cmd::query_jobs(),
+                        );
+                    }
+                    return Some(self);
+                }
+                if self.plan.disk_by_job(&c.id).is_some() && self.committed {
+                    self.poll(ctx);
+                }
+                Some(self)
+            }
+            QmpEvent::Shutdown(_) => {
+                // QEMU is going away: every job still running ends cancelled.
+                for d in &mut self.plan.disks {
+                    if !d.state.is_final() {
+                        d.state = DiskJobState::Cancelled;
+                        d.error.get_or_insert_with(|| "domain shut down".into());
+                    }
+                }
+                self.steps.clear();
+                self.step_busy = false;
+                self.terminate(core, ctx);
+                None
+            }
+            _ => Some(self),
+        }
+    }
+
+    /// A file operation ended.
+    pub(crate) fn on_file_done(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        id: FileOpId,
+        result: Result<(), String>,
+    ) -> Option<Self> {
+        let Some((waiting, path)) = self.waiting_file.take() else {
+            return Some(self);
+        };
+        if waiting != id {
+            self.waiting_file = Some((waiting, path));
+            return Some(self);
+        }
+        self.step_busy = false;
+        match result {
+            Ok(()) => {
+                self.created_files.push(path);
+                self.pump(core, ctx)
+            }
+            Err(msg) => {
+                let disk = self
+                    .plan
+                    .disks
+                    .iter()
+                    .find(|d| d.store_path == path)
+                    .map(|d| d.target.clone())
+                    .unwrap_or_default();
+                self.roll_back(
+                    core,
+                    ctx,
+                    Error::Store(format!("store '{path}' for backup of '{disk}': {msg}")),
+                )
+            }
+        }
+    }
+
+    /// Answers a statistics request for the running job.
+    pub(crate) fn stats_request(&mut self, _core: &Core, ctx: &mut Ctx<'_>, req: RequestId) {
+        if self.committed && !matches!(self.phase, Phase::Disconnected) {
+            ctx.send(Owner::Backup(BackupTag::Stats(req)), cmd::query_jobs());
+        } else {
+            let stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+            ctx.respond(req, Ok(Reply::Stats(Some(stats))));
+        }
+    }
+
+    /// Aborts the job: push ends cancelled, pull ends completed.
+    pub(crate) fn abort(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+    ) -> Option<Self> {
+        ctx.respond(req, Ok(Reply::Done));
+        match self.phase {
+            Phase::Running if self.committed => {
+                self.cancel_running(ctx);
+                Some(self)
+            }
+            Phase::Querying | Phase::Preparing if !self.transaction_in_queue_sent() => self
+                .roll_back(
+                    core,
+                    ctx,
+                    RequestError::Unsupported("backup aborted before it started".into()).into(),
+                ),
+            _ => {
+                self.abort_requested = true;
+                Some(self)
+            }
+        }
+    }
+
+    fn transaction_in_queue_sent(&self) -> bool {
+        self.transaction_sent
+    }
+
+    /// The QMP session is gone.
+    pub(crate) fn on_link_down(mut self, _core: &mut Core, _ctx: &mut Ctx<'_>) -> Self {
+        self.steps.clear();
+        self.step_busy = false;
+        self.current = None;
+        self.waiting_create_job = None;
+        self.waiting_file = None;
+        self.poll_in_flight = false;
+        self.phase = Phase::Disconnected;
+        self
+    }
+
+    /// A new QMP session is negotiated: find out what became of the jobs.
+    pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        self.phase = Phase::Reconciling;
+        self.poll_in_flight = true;
+        ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
+        Some(self)
+    }
+
+    // ----- monitoring -----
+
+    fn poll(&mut self, ctx: &mut Ctx<'_>) {
+        if self.poll_in_flight {
+            self.poll_again = true;
+        } else {
+            self.poll_in_flight = true;
+            ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
+        }
+    }
+
+    /// Applies a `query-jobs` answer: concluded jobs end their disk; after a reconnection a job
+    /// that QEMU no longer knows ends its disk as failed.
+    fn apply_jobs(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
+        let reconciling = self.phase == Phase::Reconciling;
+        if reconciling {
+            let any_known = self
+                .plan
+                .disks
+                .iter()
+                .any(|d| jobs.iter().any(|j| j.id == d.job_id));
+            if !self.committed {
+                if any_known {
+                    // The transaction went through before the connection dropped.
+                    if let Err(e) = self.commit(core, ctx)
+                        && let Some(req) = self.begin_req.take()
+                    {
+                        ctx.respond(req, Err(e));
+                    }
+                    if self.plan.mode == BackupMode::Pull {
+                        if let Some(req) = self.begin_req.take() {
+                            ctx.respond(req, Err(Error::LinkLost("pull backup start".into())));
+                        }
+                        self.abort_requested = true;
+                    }
+                } else {
+                    self.phase = Phase::Preparing;
+                    return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+                }
+            }
+            self.phase = Phase::Running;
+        }
+        let mut ended_badly = false;
+        for i in 0..self.plan.disks.len() {
+            let d = &self.plan.disks[i];
+            if d.state.is_final() || d.state == DiskJobState::None {
+                continue;
+            }
+            let job = jobs.iter().find(|j| j.id == d.job_id);
+            let concluded = match job {
+                Some(j) => j.status == QemuJobStatus::Concluded || j.status == QemuJobStatus::Null,
+                None => reconciling,
+            };
+            let d = &mut self.plan.disks[i];
+            if let Some(j) = job {
+                d.progress_current_bytes = j.current_progress;
+                d.progress_total_bytes = j.total_progress;
+            }
+            if !concluded {
+                continue;
+            }
+            let error = match job {
+                Some(j) => j.error.clone(),
+                None => Some("job no longer known to QEMU".into()),
+            };
+            d.state = if d.state == DiskJobState::Cancelling {
+                DiskJobState::Cancelled
+            } else if error.is_some() {
+                DiskJobState::Failed
+            } else {
+                DiskJobState::Complete
+            };
+            if d.error.is_none() {
+                d.error = error;
+            }
+            ended_badly |= d.state != DiskJobState::Complete;
+            ctx.emit(DomainEvent::BlockJob {
+                disk: d.target.clone(),
+                state: d.state,
+            });
+            self.queue_disk_cleanup(i, job.is_some());
+        }
+        if ended_badly || self.abort_requested {
+            self.cancel_running(ctx);
+        }
+        self.pump(core, ctx)
+    }
+
+    fn queue_disk_cleanup(&mut self, i: usize, job_exists: bool) {
+        let d = self.plan.disks[i].clone();
+        if job_exists {
+            self.steps
+                .push_back(best_effort(cmd::job_dismiss(&d.job_id)));
+        }
+        if self.plan.mode == BackupMode::Pull && !self.nbd_stop_queued {
+            // The exports go with the server as soon as the first disk ends.
+            self.nbd_stop_queued = true;
+            self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
+            for obj in self.added_objects.iter().rev() {
+                self.steps
+                    .push_back(best_effort(QmpCommand::ObjectDel(ObjectDel {
+                        id: obj.clone(),
+                    })));
+            }
+        }
+        self.steps
+            .push_back(best_effort(cmd::del_node(&d.format_node)));
+        self.steps
+            .push_back(best_effort(cmd::del_node(&d.storage_node)));
+        if self.plan.mode == BackupMode::Push
+            && let (Some(b), Some(n)) = (&d.temp_bitmap, &d.temp_bitmap_node)
+        {
+            self.steps.push_back(best_effort(cmd::remove_bitmap(n, b)));
+        }
+    }
+
+    fn cancel_running(&mut self, ctx: &mut Ctx<'_>) {
+        for d in &mut self.plan.disks {
+            if d.state == DiskJobState::Running {
+                d.state = DiskJobState::Cancelling;
+                ctx.send(
+                    Owner::Backup(BackupTag::Cancel),
+                    cmd::block_job_cancel(&d.job_id),
+                );
+            }
+        }
+    }
+
+    fn maybe_finish(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        let all_final = self.plan.disks.iter().all(|d| d.state.is_final());
+        if all_final && self.steps.is_empty() && !self.step_busy {
+            self.terminate(core, ctx);
+            None
+        } else {
+            Some(self)
+        }
+    }
+
+    /// Every disk ended and cleanup is done: delete what must go, report, release.
+    fn terminate(self, core: &mut Core, ctx: &mut Ctx<'_>) {
+        let status = self.plan.final_status();
+        if !self.plan.reuse_external {
+            let keep = self.plan.mode == BackupMode::Push && status == JobStatus::Completed;
+            if !keep {
+                for d in &self.plan.disks {
+                    if d.created_by_us && d.store_kind == StoreKind::File {
+                        ctx.file(FileOp::Remove {
+                            path: d.store_path.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let stats = self.plan.stats(ctx.now.as_ms(), status);
+        ctx.persist(StoreOp::DeleteBackupJournal);
+        ctx.emit(DomainEvent::JobCompleted(stats.clone()));
+        if let Some(req) = self.begin_req {
+            ctx.respond(
+                req,
+                Err(Error::QemuMisbehaved(
+                    "backup ended before it started".into(),
+                )),
+            );
+        }
+        core.completed = Some(stats);
+        core.jobs.free_disks_of(DISK_HOLDER);
+        core.jobs.release_long();
+    }
+
+    fn next_port(&self, core: &Core) -> Option<NbdServer> {
+        let server = self.plan.server.clone()?;
+        let NbdTransport::Tcp {
+            host,
+            port: Some(p),
+        } = &server.transport
+        else {
+            return None;
+        };
+        if !self.port_chosen || *p >= core.config.nbd_port_max || *p < core.config.nbd_port_min {
+            return None;
+        }
+        Some(NbdServer {
+            transport: NbdTransport::Tcp {
+                host: host.clone(),
+                port: Some(p + 1),
+            },
+            tls: server.tls,
+        })
+    }
+}
+
+fn best_effort(command: QmpCommand) -> Step {
+    Step::Cmd {
+        command,
+        effect: Effect::BestEffort,
+    }
+}
+
+fn parse_jobs(v: &Value) -> Result<Vec<JobInfo>, Error> {
+    crate::qmp::query_jobs(v).map_err(|e| Error::QemuMisbehaved(format!("query-jobs: {e}")))
+}
+
+fn port_in_use(e: &QmpError) -> bool {
+    e.desc.contains("in use")
+}
+
+/// A TCP server without a port gets the first port of the configured range.
+fn fill_port(server: NbdServer, port_min: u16) -> NbdServer {
+    match server.transport {
+        NbdTransport::Tcp { host, port: None } => NbdServer {
+            transport: NbdTransport::Tcp {
+                host,
+                port: Some(port_min),
+            },
+            tls: server.tls,
+        },
+        transport => NbdServer {
+            transport,
+            tls: server.tls,
+        },
+    }
+}
+
+fn nbd_start(server: &NbdServer, tls_creds: Option<String>) -> QmpCommand {
+    let addr = match &server.transport {
+        NbdTransport::Tcp { host, port } => SocketAddressLegacy::Inet(InetSocketAddress {
+            host: host.clone(),
+            port: port.unwrap_or(0).to_string(),
+            ..InetSocketAddress::default()
+        }),
+        NbdTransport::Unix { socket } => SocketAddressLegacy::Unix(UnixSocketAddress {
+            path: socket.clone(),
+            ..UnixSocketAddress::default()
+        }),
+    };
+    let mut s = NbdServerStart::new(addr);
+    s.tls_creds = tls_creds;
+    QmpCommand::NbdServerStart(s)
+}

@@ -1,0 +1,748 @@
+//! Checkpoint operations that talk to QEMU: create, delete, size and validated redefinition.
+//!
+//! Each operation is a value whose phase is consumed by every step and replaced by the next
+//! one; the tree changes only after QEMU confirmed. Commands whose order QEMU guarantees are
+//! pipelined (QMP executes commands in the order received), and the operation waits for all
+//! replies of a batch before it decides.
+
+use std::collections::VecDeque;
+
+use serde_json::Value;
+
+use super::{Checkpoint, DeleteScope, TreeChange};
+use crate::chain::{NodeTable, check_chain, layers_holding};
+use crate::domain::{
+    Core, Ctx, DomainEvent, Owner, Reply, Request, RequestId, StoreOp, cmd, disk_layers,
+    node_table, refused,
+};
+use crate::error::{Error, RequestError};
+use crate::jobs::JobKind;
+use crate::model::{DomainDef, ImageFormat};
+use crate::qmp::{QmpError, TransactionAction};
+
+/// Name of the temporary bitmap used to compute a checkpoint's size.
+pub const SIZE_BITMAP: &str = "libvirt-tmp-size-xml";
+
+/// A reply's owner tag: the step it answers within the short operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortTag {
+    /// The bitmap-add transaction of a create.
+    CreateTransaction,
+    /// The node query of a validated redefinition.
+    ValidateQuery,
+    /// The node query before removing a checkpoint's bitmaps.
+    DeleteQuery,
+    /// A command of the removal batch (reopens and the transaction).
+    DeleteBatch {
+        /// Whether this is the removal transaction itself.
+        transaction: bool,
+    },
+    /// The first node query of a size computation.
+    SizeQuery,
+    /// A command of the size batch.
+    SizeBatch(SizeStep),
+}
+
+/// Steps of the size batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeStep {
+    /// Removal of stale temporary bitmaps.
+    Clean,
+    /// Add and merge.
+    Merge,
+    /// Reading the counts.
+    Query,
+    /// Removal of the temporary bitmaps.
+    Remove,
+}
+
+/// The short operation in flight.
+#[derive(Debug)]
+pub(crate) enum ShortOp {
+    Create {
+        req: RequestId,
+        checkpoint: Checkpoint,
+    },
+    Validate {
+        req: RequestId,
+        checkpoint: Checkpoint,
+    },
+    Delete(DeleteRun),
+    Size(SizeRun),
+}
+
+#[derive(Debug)]
+pub(crate) struct DeleteRun {
+    req: RequestId,
+    remaining: VecDeque<String>,
+    phase: DeletePhase,
+}
+
+#[derive(Debug)]
+enum DeletePhase {
+    Idle,
+    Querying {
+        name: String,
+    },
+    Batch {
+        name: String,
+        outstanding: usize,
+        result: Option<Result<(), Error>>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct SizeRun {
+    req: RequestId,
+    checkpoint: Checkpoint,
+    phase: SizePhase,
+}
+
+#[derive(Debug)]
+enum SizePhase {
+    Querying,
+    Batch {
+        outstanding: usize,
+        /// Disk target and top node of each disk measured.
+        measured: Vec<(String, String)>,
+        merge: Option<Result<(), Error>>,
+        nodes: Option<NodeTable>,
+    },
+}
+
+/// Checks a checkpoint definition for creation (libvirt's prepare step).
+pub(crate) fn check_create(
+    def: &DomainDef,
+    tree: &super::CheckpointTree,
+    c: &Checkpoint,
+) -> Result<(), Error> {
+    tree.check_create(&c.name)?;
+    for (target, bitmap) in c.bitmap_disks() {
+        let disk = def
+            .disk(target)
+            .ok_or_else(|| RequestError::NoDisk(target.to_owned()))?;
+        if bitmap != c.name {
+            return Err(RequestError::Unsupported(format!(
+                "bitmap for disk '{target}' must match checkpoint name '{}'",
+                c.name
+            ))
+            .into());
+        }
+        if disk.is_empty() || disk.readonly {
+            return Err(
+                RequestError::Unsupported(format!("disk '{target}' is empty or readonly")).into(),
+            );
+        }
+        if disk.bus.as_deref() == Some("sd") || disk.transient {
+            return Err(RequestError::Unsupported(format!(
+                "block jobs are not supported on disk '{target}'"
+            ))
+            .into());
+        }
+        if let Some(top) = disk.top()
+            && top.format != ImageFormat::Qcow2
+        {
+            return Err(RequestError::Unsupported(format!(
+                "checkpoint for disk {target} unsupported for storage type {}",
+                top.format.name()
+            ))
+            .into());
+        }
+        disk_layers(def, target)?;
+    }
+    Ok(())
+}
+
+/// The bitmap-add actions of a new checkpoint: one per bitmap disk, on its top node.
+pub(crate) fn create_actions(def: &DomainDef, c: &Checkpoint) -> Vec<TransactionAction> {
+    c.bitmap_disks()
+        .filter_map(|(target, bitmap)| {
+            let top = def.disk(target)?.top()?.node_name.as_deref()?;
+            Some(cmd::add_checkpoint_bitmap(top, bitmap))
+        })
+        .collect()
+}
+
+/// Inserts a created checkpoint into the tree and persists it (after QEMU confirmed).
+pub(crate) fn commit_created(
+    core: &mut Core,
+    ctx: &mut Ctx<'_>,
+    checkpoint: Checkpoint,
+) -> Result<Checkpoint, Error> {
+    let name = checkpoint.name.clone();
+    let change = core.tree.insert_created(checkpoint)?;
+    persist_change(core, ctx, &change);
+    ctx.emit(DomainEvent::CheckpointCreated(name.clone()));
+    core.tree
+        .get(&name)
+        .cloned()
+        .ok_or(Error::Request(RequestError::NoCheckpoint(name)))
+}
+
+/// Persists what a tree operation changed.
+pub(crate) fn persist_change(core: &Core, ctx: &mut Ctx<'_>, change: &TreeChange) {
+    for name in &change.removed {
+        ctx.persist(StoreOp::DeleteCheckpoint(name.clone()));
+    }
+    for name in &change.written {
+        if let Some(c) = core.tree.get(name) {
+            ctx.persist(StoreOp::PutCheckpoint(Box::new(c.clone())));
+        }
+    }
+    if change.current_changed {
+        ctx.persist(StoreOp::SetCurrentCheckpoint(
+            core.tree.current().map(str::to_owned),
+        ));
+    }
+}
+
+/// `REDEFINE` without validation: metadata only, no QEMU.
+pub(crate) fn redefine_now(
+    core: &mut Core,
+    ctx: &mut Ctx<'_>,
+    checkpoint: Checkpoint,
+) -> Result<(), Error> {
+    let change = core.tree.redefine(checkpoint)?;
+    persist_change(core, ctx, &change);
+    Ok(())
+}
+
+fn release(core: &mut Core) {
+    core.jobs.release_short();
+}
+
+impl ShortOp {
+    /// Starts a checkpoint operation, or answers at once (refusal, metadata-only work).
+    pub(crate) fn start(
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        request: Request,
+    ) -> Option<ShortOp> {
+        let (kind, needs_qemu) = match &request {
+            Request::CheckpointCreate { checkpoint, .. } => {
+                (JobKind::CheckpointCreate(checkpoint.name.clone()), true)
+            }
+            Request::CheckpointRedefine { checkpoint, .. } => {
+                (JobKind::CheckpointValidate(checkpoint.name.clone()), true)
+            }
+            Request::CheckpointDelete {
+                name,
+                metadata_only,
+                ..
+            } => (JobKind::CheckpointDelete(name.clone()), !metadata_only),
+            Request::CheckpointGetXml { name, .. } => (JobKind::CheckpointSize(name.clone()), true),
+            _ => return None,
+        };
+        if let Request::CheckpointCreate { quiesce: true, .. } = &request {
+            ctx.respond(
+                req,
+                Err(RequestError::Unsupported(
+                    "quiescing a checkpoint needs a guest agent, which vbackup does not use; freeze the guest file systems around the request instead".into(),
+                )
+                .into()),
+            );
+            return None;
+        }
+        if needs_qemu && !core.connected {
+            ctx.respond(req, Err(RequestError::NotRunning.into()));
+            return None;
+        }
+        if let Err(e) = core.jobs.acquire_short(kind) {
+            ctx.respond(req, Err(e.into()));
+            return None;
+        }
+        let op = match request {
+            Request::CheckpointCreate { checkpoint, .. } => {
+                Self::start_create(core, ctx, req, checkpoint)
+            }
+            Request::CheckpointRedefine { checkpoint, .. } => {
+                if let Err(e) = core.tree.check_redefine(&checkpoint) {
+                    ctx.respond(req, Err(e.into()));
+                    None
+                } else {
+                    ctx.send(Owner::Short(ShortTag::ValidateQuery), cmd::query_nodes());
+                    Some(ShortOp::Validate { req, checkpoint })
+                }
+            }
+            Request::CheckpointDelete {
+                name,
+                scope,
+                metadata_only,
+            } => Self::start_delete(core, ctx, req, &name, scope, metadata_only),
+            Request::CheckpointGetXml { name, .. } => match core.tree.lookup(&name) {
+                Ok(c) => {
+                    let checkpoint = c.clone();
+                    ctx.send(Owner::Short(ShortTag::SizeQuery), cmd::query_nodes());
+                    Some(ShortOp::Size(SizeRun {
+                        req,
+                        checkpoint,
+                        phase: SizePhase::Querying,
+                    }))
+                }
+                Err(e) => {
+                    ctx.respond(req, Err(e.into()));
+                    None
+                }
+            },
+            _ => None,
+        };
+        if op.is_none() {
+            release(core);
+        }
+        op
+    }
+
+    fn start_create(
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        checkpoint: Checkpoint,
+    ) -> Option<ShortOp> {
+        if let Err(e) = check_create(&core.def, &core.tree, &checkpoint) {
+            ctx.respond(req, Err(e));
+            return None;
+        }
+        let actions = create_actions(&core.def, &checkpoint);
+        ctx.send(
+            Owner::Short(ShortTag::CreateTransaction),
+            cmd::transaction(actions),
+        );
+        Some(ShortOp::Create { req, checkpoint })
+    }
+
+    fn start_delete(
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        name: &str,
+        scope: DeleteScope,
+        metadata_only: bool,
+    ) -> Option<ShortOp> {
+        let order = match core.tree.delete_order(name, scope) {
+            Ok(o) => o,
+            Err(e) => {
+                ctx.respond(req, Err(e.into()));
+                return None;
+            }
+        };
+        if metadata_only {
+            let r = core.tree.discard_all(&order).map_err(Error::from);
+            if let Ok(change) = &r {
+                persist_change(core, ctx, change);
+                for n in &change.removed {
+                    ctx.emit(DomainEvent::CheckpointDeleted(n.clone()));
+                }
+            }
+            ctx.respond(req, r.map(|_| Reply::Done));
+            return None;
+        }
+        let run = DeleteRun {
+            req,
+            remaining: order.into(),
+            phase: DeletePhase::Idle,
+        };
+        run.advance(core, ctx)
+    }
+
+    /// Handles a reply addressed to this operation.
+    pub(crate) fn on_reply(
+        self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        tag: ShortTag,
+        command: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<ShortOp> {
+        match self {
+            ShortOp::Create { req, checkpoint } => {
+                let r = match result {
+                    Ok(_) => {
+                        let mut c = checkpoint;
+                        c.parent = None;
+                        commit_created(core, ctx, c).map(|c| Reply::Checkpoint(Box::new(c)))
+                    }
+                    Err(e) => Err(refused(command, &e)),
+                };
+                ctx.respond(req, r);
+                release(core);
+                None
+            }
+            ShortOp::Validate { req, checkpoint } => {
+                let r = result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| node_table(&v))
+                    .and_then(|nodes| validate_chains(&core.def, &nodes, &checkpoint))
+                    .and_then(|()| {
+                        let change = core.tree.redefine(checkpoint)?;
+                        persist_change(core, ctx, &change);
+                        Ok(Reply::Done)
+                    });
+                ctx.respond(req, r);
+                release(core);
+                None
+            }
+            ShortOp::Delete(run) => run.on_reply(core, ctx, tag, command, result),
+            ShortOp::Size(run) => run.on_reply(core, ctx, tag, command, result),
+        }
+    }
+
+    /// The QMP session ended under the operation: answer with an error and release the slot.
+    pub(crate) fn abandon(self, core: &mut Core, ctx: &mut Ctx<'_>) {
+        let (req, what) = match &self {
+            ShortOp::Create { req, .. } => (*req, "checkpoint create"),
+            ShortOp::Validate { req, .. } => (*req, "checkpoint validation"),
+            ShortOp::Delete(r) => (r.req, "checkpoint delete"),
+            ShortOp::Size(r) => (r.req, "checkpoint size"),
+        };
+        ctx.respond(req, Err(Error::LinkLost(what.into())));
+        release(core);
+    }
+}
+
+/// `REDEFINE_VALIDATE`: every bitmap disk still in the domain must have a valid chain named
+/// after the checkpoint.
+fn validate_chains(def: &DomainDef, nodes: &NodeTable, c: &Checkpoint) -> Result<(), Error> {
+    for (target, _) in c.bitmap_disks() {
+        if def.disk(target).is_none() {
+            continue;
+        }
+        let layers = disk_layers(def, target)?;
+        if check_chain(nodes, &layers, &c.name).is_err() {
+            return Err(RequestError::CheckpointInconsistent {
+                bitmap: c.name.clone(),
+                disk: target.to_owned(),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+impl DeleteRun {
+    /// Starts the next checkpoint's removal, or finishes.
+    fn advance(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<ShortOp> {
+        // Each iteration removes one name; checkpoints without bitmaps need no QEMU.
+        while let Some(name) = self.remaining.pop_front() {
+            let Some(c) = core.tree.get(&name) else {
+                continue;
+            };
+            let disks: Vec<(String, String)> = c
+                .bitmap_disks()
+                .filter(|(t, _)| core.def.disk(t).is_some())
+                .map(|(t, b)| (t.to_owned(), b.to_owned()))
+                .collect();
+            if disks.is_empty() {
+                self.discard(core, ctx, &name);
+                continue;
+            }
+            let layered = disks
+                .iter()
+                .any(|(t, _)| core.def.disk(t).is_some_and(|d| d.layers.len() > 1));
+            if layered {
+                ctx.send(Owner::Short(ShortTag::DeleteQuery), cmd::query_nodes());
+                self.phase = DeletePhase::Querying { name };
+                return Some(ShortOp::Delete(self));
+            }
+            // Single-layer disks: the only place the bitmap can be is the top node, so the
+            // removal goes straight into a transaction; QEMU refuses it atomically if a bitmap
+            // is missing.
+            let mut removals = Vec::new();
+            for (t, b) in &disks {
+                match disk_layers(&core.def, t) {
+                    Ok(layers) => {
+                        if let Some(top) = layers.first() {
+                            removals.push(cmd::remove_bitmap_action(top, b));
+                        }
+                    }
+                    Err(e) => return self.fail(core, ctx, e),
+                }
+            }
+            return self.send_batch(ctx, name, Vec::new(), removals, Vec::new());
+        }
+        ctx.respond(self.req, Ok(Reply::Done));
+        release(core);
+        None
+    }
+
+    fn discard(&mut self, core: &mut Core, ctx: &mut Ctx<'_>, name: &str) {
+        if let Ok(change) = core.tree.discard(name) {
+            persist_change(core, ctx, &change);
+            ctx.emit(DomainEvent::CheckpointDeleted(name.to_owned()));
+        }
+    }
+
+    fn fail(self, core: &mut Core, ctx: &mut Ctx<'_>, e: Error) -> Option<ShortOp> {
+        ctx.respond(self.req, Err(e));
+        release(core);
+        None
+    }
+
+    fn send_batch(
+        mut self,
+        ctx: &mut Ctx<'_>,
+        name: String,
+        reopen_rw: Vec<crate::qmp::QmpCommand>,
+        removals: Vec<TransactionAction>,
+        reopen_ro: Vec<crate::qmp::QmpCommand>,
+    ) -> Option<ShortOp> {
+        let mut outstanding = 0;
+        for c in reopen_rw {
+            ctx.send(
+                Owner::Short(ShortTag::DeleteBatch { transaction: false }),
+                c,
+            );
+            outstanding += 1;
+        }
+        ctx.send(
+            Owner::Short(ShortTag::DeleteBatch { transaction: true }),
+            cmd::transaction(removals),
+        );
+        outstanding += 1;
+        for c in reopen_ro {
+            ctx.send(
+                Owner::Short(ShortTag::DeleteBatch { transaction: false }),
+                c,
+            );
+            outstanding += 1;
+        }
+        self.phase = DeletePhase::Batch {
+            name,
+            outstanding,
+            result: None,
+        };
+        Some(ShortOp::Delete(self))
+    }
+
+    fn on_reply(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        tag: ShortTag,
+        command: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<ShortOp> {
+        match std::mem::replace(&mut self.phase, DeletePhase::Idle) {
+            DeletePhase::Querying { name } => {
+                let nodes = match result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| node_table(&v))
+                {
+                    Ok(n) => n,
+                    Err(e) => return self.fail(core, ctx, e),
+                };
+                let Some(c) = core.tree.get(&name).cloned() else {
+                    return self.advance(core, ctx);
+                };
+                let mut removals = Vec::new();
+                let mut rw = Vec::new();
+                let mut ro = Vec::new();
+                for (target, bitmap) in c.bitmap_disks() {
+                    if core.def.disk(target).is_none() {
+                        continue;
+                    }
+                    let layers = match disk_layers(&core.def, target) {
+                        Ok(l) => l,
+                        Err(e) => return self.fail(core, ctx, e),
+                    };
+                    let holders = layers_holding(&nodes, &layers, bitmap);
+                    if holders.is_empty() {
+                        return self.fail(
+                            core,
+                            ctx,
+                            RequestError::BitmapNotInChain {
+                                bitmap: bitmap.to_owned(),
+                                disk: target.to_owned(),
+                            }
+                            .into(),
+                        );
+                    }
+                    for h in &holders {
+                        removals.push(cmd::remove_bitmap_action(h, bitmap));
+                        let depth = layers.iter().position(|l| l == h).unwrap_or(0);
+                        let read_only = nodes.get(h).is_some_and(|n| n.read_only);
+                        if depth > 0 && read_only {
+                            let backing = layers.get(depth + 1).map(String::as_str);
+                            let storage = cmd::storage_of(h);
+                            rw.push(cmd::reopen_qcow2(h, &storage, backing, false));
+                            ro.push(cmd::reopen_qcow2(h, &storage, backing, true));
+                        }
+                    }
+                }
+                self.send_batch(ctx, name, rw, removals, ro)
+            }
+            DeletePhase::Batch {
+                name,
+                outstanding,
+                result: mut tx,
+            } => {
+                if tag == (ShortTag::DeleteBatch { transaction: true }) {
+                    tx = Some(result.map(|_| ()).map_err(|e| refused(command, &e)));
+                }
+                let outstanding = outstanding.saturating_sub(1);
+                if outstanding > 0 {
+                    self.phase = DeletePhase::Batch {
+                        name,
+                        outstanding,
+                        result: tx,
+                    };
+                    return Some(ShortOp::Delete(self));
+                }
+                match tx {
+                    Some(Ok(())) => {
+                        self.discard(core, ctx, &name);
+                        self.advance(core, ctx)
+                    }
+                    Some(Err(e)) => self.fail(core, ctx, e),
+                    None => self.fail(
+                        core,
+                        ctx,
+                        Error::QemuMisbehaved("removal transaction was never answered".into()),
+                    ),
+                }
+            }
+            DeletePhase::Idle => self.advance(core, ctx),
+        }
+    }
+}
+
+impl SizeRun {
+    fn on_reply(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        tag: ShortTag,
+        command: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<ShortOp> {
+        match std::mem::replace(&mut self.phase, SizePhase::Querying) {
+            SizePhase::Querying => {
+                let nodes = match result
+                    .map_err(|e| refused(command, &e))
+                    .and_then(|v| node_table(&v))
+                {
+                    Ok(n) => n,
+                    Err(e) => return self.finish(core, ctx, Err(e)),
+                };
+                let mut clean = Vec::new();
+                let mut merge = Vec::new();
+                let mut remove = Vec::new();
+                let mut measured = Vec::new();
+                for (target, bitmap) in self.checkpoint.bitmap_disks() {
+                    if core.def.disk(target).is_none() {
+                        continue;
+                    }
+                    let Ok(layers) = disk_layers(&core.def, target) else {
+                        continue;
+                    };
+                    let Some(top) = layers.first() else {
+                        continue;
+                    };
+                    if nodes
+                        .get(top)
+                        .is_some_and(|n| n.bitmap(SIZE_BITMAP).is_some())
+                    {
+                        clean.push(cmd::remove_bitmap_action(top, SIZE_BITMAP));
+                    }
+                    // Disks whose chain is broken simply get no size, as in libvirt.
+                    if let Ok(m) = check_chain(&nodes, &layers, bitmap) {
+                        merge.push(cmd::add_temp_bitmap(top, SIZE_BITMAP, m.granularity_bytes));
+                        merge.push(cmd::merge(top, SIZE_BITMAP, &m.sources));
+                        remove.push(cmd::remove_bitmap_action(top, SIZE_BITMAP));
+                        measured.push((target.to_owned(), top.clone()));
+                    }
+                }
+                let mut outstanding = 0;
+                if !clean.is_empty() {
+                    ctx.send(
+                        Owner::Short(ShortTag::SizeBatch(SizeStep::Clean)),
+                        cmd::transaction(clean),
+                    );
+                    outstanding += 1;
+                }
+                if measured.is_empty() {
+                    if outstanding == 0 {
+                        let c = self.checkpoint.clone();
+                        return self.finish(core, ctx, Ok(c));
+                    }
+                } else {
+                    ctx.send(
+                        Owner::Short(ShortTag::SizeBatch(SizeStep::Merge)),
+                        cmd::transaction(merge),
+                    );
+                    ctx.send(
+                        Owner::Short(ShortTag::SizeBatch(SizeStep::Query)),
+                        cmd::query_nodes(),
+                    );
+                    ctx.send(
+                        Owner::Short(ShortTag::SizeBatch(SizeStep::Remove)),
+                        cmd::transaction(remove),
+                    );
+                    outstanding += 3;
+                }
+                self.phase = SizePhase::Batch {
+                    outstanding,
+                    measured,
+                    merge: None,
+                    nodes: None,
+                };
+                Some(ShortOp::Size(self))
+            }
+            SizePhase::Batch {
+                outstanding,
+                measured,
+                mut merge,
+                mut nodes,
+            } => {
+                match tag {
+                    ShortTag::SizeBatch(SizeStep::Merge) => {
+                        merge = Some(result.map(|_| ()).map_err(|e| refused(command, &e)));
+                    }
+                    ShortTag::SizeBatch(SizeStep::Query) => {
+                        nodes = result.ok().and_then(|v| node_table(&v).ok());
+                    }
+                    _ => {}
+                }
+                let outstanding = outstanding.saturating_sub(1);
+                if outstanding > 0 {
+                    self.phase = SizePhase::Batch {
+                        outstanding,
+                        measured,
+                        merge,
+                        nodes,
+                    };
+                    return Some(ShortOp::Size(self));
+                }
+                let mut c = self.checkpoint.clone();
+                let r = match merge {
+                    Some(Err(e)) => Err(e),
+                    _ => {
+                        let nodes = nodes.unwrap_or_default();
+                        for (target, top) in &measured {
+                            let count = nodes
+                                .get(top)
+                                .and_then(|n| n.bitmap(SIZE_BITMAP))
+                                .map(|b| b.count_bytes);
+                            if let Some(d) = c.disks.iter_mut().find(|d| d.target == *target) {
+                                d.size_bytes = count;
+                            }
+                        }
+                        Ok(c)
+                    }
+                };
+                self.finish(core, ctx, r)
+            }
+        }
+    }
+
+    fn finish(
+        self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        r: Result<Checkpoint, Error>,
+    ) -> Option<ShortOp> {
+        ctx.respond(self.req, r.map(|c| Reply::Checkpoint(Box::new(c))));
+        release(core);
+        None
+    }
+}

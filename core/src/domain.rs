@@ -1,0 +1,718 @@
+//! The per-domain state machine: `handle(now, input) -> outputs`.
+//!
+//! Contract: [`Domain::handle`] is pure. It reads no clock (time is `now`), does no IO (it emits
+//! [`Output`]s the driver carries out in order), draws no randomness (command and file-operation
+//! ids come from counters), and never panics on input: a rejected request becomes
+//! `Respond(id, Err(..))` with a typed [`Error`]. Metadata is persisted only after QEMU confirmed
+//! the change it describes.
+//!
+//! One long job (a backup) and one short operation (a checkpoint create, delete, size or
+//! validation) may be in flight; a conflicting request is refused at once naming the holder.
+
+pub(crate) mod commands;
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::backup::run::{BackupRun, BackupTag};
+use crate::backup::{BackupPlan, BackupSpec, JobStats};
+use crate::chain::{BitmapState, NodeState, NodeTable};
+use crate::checkpoint::ops::{ShortOp, ShortTag};
+use crate::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
+use crate::error::{Error, RequestError};
+use crate::jobs::JobSlots;
+use crate::link::{CommandId, Timestamp};
+use crate::model::DomainDef;
+use crate::qmp::{ErrorClass, QmpCommand, QmpError, QmpEvent};
+
+pub(crate) use commands as cmd;
+
+/// Identifies a request so its answer can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Identifies a file operation so its completion can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileOpId(pub u64);
+
+/// Everything that can happen to a domain.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A caller asks for something.
+    Request(RequestId, Request),
+    /// QEMU answered a command.
+    Reply(CommandId, Result<Value, QmpError>),
+    /// QEMU sent an event.
+    Event(QmpEvent),
+    /// Time passed (`now` is past [`Domain::next_deadline`]).
+    Tick,
+    /// A fresh QMP session is open (greeting received, not yet negotiated): after a start, a
+    /// restart of vbackup, or a lost connection.
+    Reconnected,
+    /// The QMP connection is gone; outstanding commands will never be answered.
+    LinkDown,
+    /// The driver finished a file operation.
+    FileDone(FileOpId, Result<(), String>),
+}
+
+/// What the domain asks the driver to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send a QMP command.
+    Send(CommandId, QmpCommand),
+    /// Write or delete metadata (fire and forget; atomic in the store).
+    Persist(StoreOp),
+    /// Create or delete an image file on the host where QEMU runs. Creation must be exclusive
+    /// and be answered with [`Input::FileDone`]; deletion is best effort and is answered too.
+    File(FileOpId, FileOp),
+    /// Answer a request.
+    Respond(RequestId, Result<Reply, Error>),
+    /// Tell observers something happened.
+    Emit(DomainEvent),
+}
+
+/// A metadata change for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Write (or rewrite) a checkpoint's metadata.
+    PutCheckpoint(Box<Checkpoint>),
+    /// Delete a checkpoint's metadata.
+    DeleteCheckpoint(String),
+    /// Record which checkpoint is current.
+    SetCurrentCheckpoint(Option<String>),
+    /// Journal the running backup so a restarted engine can resume or conclude it.
+    PutBackupJournal(Box<BackupPlan>),
+    /// The backup ended: drop its journal.
+    DeleteBackupJournal,
+}
+
+/// A file operation on the QEMU host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileOp {
+    /// Create an empty file; fail if it exists.
+    CreateExclusive {
+        /// Absolute path.
+        path: String,
+    },
+    /// Delete a file the engine created.
+    Remove {
+        /// Absolute path.
+        path: String,
+    },
+}
+
+/// Requests a domain understands. Definitions arrive parsed and aligned.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Create a checkpoint now. Its `parent` is ignored: the current checkpoint is the parent.
+    CheckpointCreate {
+        /// The aligned definition.
+        checkpoint: Checkpoint,
+        /// `QUIESCE` was asked for (refused: no guest agent).
+        quiesce: bool,
+    },
+    /// Re-insert stored metadata (`REDEFINE`), optionally checked against QEMU.
+    CheckpointRedefine {
+        /// The stored definition, with its parent.
+        checkpoint: Checkpoint,
+        /// `REDEFINE_VALIDATE`: the bitmap chains must be valid in QEMU.
+        validate: bool,
+    },
+    /// Delete a checkpoint.
+    CheckpointDelete {
+        /// The checkpoint.
+        name: String,
+        /// Which checkpoints go.
+        scope: DeleteScope,
+        /// Only the metadata; bitmaps stay in the images.
+        metadata_only: bool,
+    },
+    /// List all checkpoints.
+    CheckpointList {
+        /// Filters.
+        filter: ListFilter,
+    },
+    /// List a checkpoint's children or descendants.
+    CheckpointListChildren {
+        /// The checkpoint.
+        name: String,
+        /// Filters.
+        filter: ListFilter,
+    },
+    /// Look a checkpoint up.
+    CheckpointLookup {
+        /// The checkpoint.
+        name: String,
+    },
+    /// A checkpoint's parent.
+    CheckpointParent {
+        /// The checkpoint.
+        name: String,
+    },
+    /// A checkpoint's definition, optionally with per-disk sizes (needs QEMU).
+    CheckpointGetXml {
+        /// The checkpoint.
+        name: String,
+        /// Compute the bytes dirtied since the checkpoint per disk.
+        size: bool,
+    },
+    /// Begin a backup.
+    BackupBegin {
+        /// The aligned backup definition.
+        spec: BackupSpec,
+        /// A checkpoint to create atomically with the backup.
+        checkpoint: Option<Checkpoint>,
+        /// Targets or scratch images exist already; never create nor delete them.
+        reuse_external: bool,
+    },
+    /// The running backup with every default filled in.
+    BackupGetXml,
+    /// Job statistics.
+    JobStats {
+        /// Statistics of the last finished job instead of the running one.
+        completed: bool,
+        /// Keep the finished job's statistics after reading them.
+        keep_completed: bool,
+    },
+    /// Abort the running job (ends a pull backup normally).
+    AbortJob,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Done, nothing to report.
+    Done,
+    /// A checkpoint's definition.
+    Checkpoint(Box<Checkpoint>),
+    /// Names of checkpoints, in the order asked for.
+    CheckpointNames(Vec<String>),
+    /// The running backup.
+    Backup(Box<BackupPlan>),
+    /// Job statistics; `None` when there is no such job.
+    Stats(Option<JobStats>),
+}
+
+/// Events for observers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DomainEvent {
+    /// One disk's backup job ended.
+    BlockJob {
+        /// Disk target.
+        disk: String,
+        /// How it ended.
+        state: crate::backup::DiskJobState,
+    },
+    /// The whole backup job ended (libvirt's JOB_COMPLETED), with its final statistics.
+    JobCompleted(JobStats),
+    /// A checkpoint was created.
+    CheckpointCreated(String),
+    /// A checkpoint was deleted.
+    CheckpointDeleted(String),
+}
+
+/// Host configuration a domain needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// Lowest TCP port for pull backups that give none.
+    pub nbd_port_min: u16,
+    /// Highest such port.
+    pub nbd_port_max: u16,
+    /// TLS settings for `tls='yes'`; `None` refuses TLS.
+    pub tls: Option<TlsConfig>,
+    /// Milliseconds after which an unanswered command counts as QEMU misbehaving.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            nbd_port_min: 10809,
+            nbd_port_max: 10872,
+            tls: None,
+            command_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// x509 credentials of the NBD server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Directory with `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    pub cert_dir: String,
+    /// Whether clients must present certificates.
+    pub verify_peer: bool,
+    /// File holding the key's passphrase, if the key is encrypted.
+    pub secret_file: Option<String>,
+}
+
+/// A read-only view of a domain.
+#[derive(Debug, Clone, Copy)]
+pub struct DomainView<'a> {
+    /// The domain definition.
+    pub def: &'a DomainDef,
+    /// Checkpoints.
+    pub checkpoints: &'a CheckpointTree,
+    /// Job slots and busy disks.
+    pub jobs: &'a JobSlots,
+    /// The running backup's plan.
+    pub backup: Option<&'a BackupPlan>,
+    /// Statistics of the last finished job.
+    pub completed: Option<&'a JobStats>,
+    /// Whether a QMP session is up.
+    pub connected: bool,
+}
+
+/// Who waits for a command's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Session(SessionTag),
+    Short(ShortTag),
+    Backup(BackupTag),
+}
+
+/// Steps of the session itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionTag {
+    Capabilities,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    owner: Owner,
+    name: String,
+    sent: Timestamp,
+}
+
+/// The part of the domain every operation may read and change.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub def: DomainDef,
+    pub config: DomainConfig,
+    pub tree: CheckpointTree,
+    pub jobs: JobSlots,
+    pub connected: bool,
+    pub completed: Option<JobStats>,
+}
+
+/// Sends and answers on behalf of an operation.
+pub(crate) struct Ctx<'a> {
+    pub now: Timestamp,
+    out: &'a mut Vec<Output>,
+    next_command: &'a mut u64,
+    next_file_op: &'a mut u64,
+    pending: &'a mut BTreeMap<CommandId, Pending>,
+}
+
+impl Ctx<'_> {
+    /// Sends a command on behalf of `owner` and returns its id.
+    pub fn send(&mut self, owner: Owner, command: QmpCommand) -> CommandId {
+        *self.next_command += 1;
+        let id = CommandId::Number(*self.next_command);
+        self.pending.insert(
+            id.clone(),
+            Pending {
+                owner,
+                name: command.name().to_owned(),
+                sent: self.now,
+            },
+        );
+        self.out.push(Output::Send(id.clone(), command));
+        id
+    }
+
+    /// Asks the driver for a file operation.
+    pub fn file(&mut self, op: FileOp) -> FileOpId {
+        *self.next_file_op += 1;
+        let id = FileOpId(*self.next_file_op);
+        self.out.push(Output::File(id, op));
+        id
+    }
+
+    /// Emits a store operation.
+    pub fn persist(&mut self, op: StoreOp) {
+        self.out.push(Output::Persist(op));
+    }
+
+    /// Answers a request.
+    pub fn respond(&mut self, req: RequestId, result: Result<Reply, Error>) {
+        self.out.push(Output::Respond(req, result));
+    }
+
+    /// Emits an event.
+    pub fn emit(&mut self, event: DomainEvent) {
+        self.out.push(Output::Emit(event));
+    }
+}
+
+/// One virtual machine's checkpoints, jobs and backup.
+#[derive(Debug)]
+pub struct Domain {
+    core: Core,
+    next_command: u64,
+    next_file_op: u64,
+    pending: BTreeMap<CommandId, Pending>,
+    short: Option<ShortOp>,
+    backup: Option<BackupRun>,
+}
+
+impl Domain {
+    /// A domain with its stored checkpoints and, after a restart, the journal of a backup that
+    /// was running. The QMP session is down until [`Input::Reconnected`].
+    pub fn new(
+        def: DomainDef,
+        config: DomainConfig,
+        tree: CheckpointTree,
+        journal: Option<BackupPlan>,
+    ) -> Self {
+        let mut jobs = JobSlots::new();
+        let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs));
+        Self {
+            core: Core {
+                def,
+                config,
+                tree,
+                jobs,
+                connected: false,
+                completed: None,
+            },
+            next_command: 0,
+            next_file_op: 0,
+            pending: BTreeMap::new(),
+            short: None,
+            backup,
+        }
+    }
+
+    /// Feeds one input and returns everything the driver must do, in order.
+    pub fn handle(&mut self, now: Timestamp, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        let mut ctx = Ctx {
+            now,
+            out: &mut out,
+            next_command: &mut self.next_command,
+            next_file_op: &mut self.next_file_op,
+            pending: &mut self.pending,
+        };
+        match input {
+            Input::Request(req, request) => Self::on_request(
+                &mut self.core,
+                &mut self.short,
+                &mut self.backup,
+                &mut ctx,
+                req,
+                request,
+            ),
+            Input::Reply(id, result) => {
+                let Some(p) = ctx.pending.remove(&id) else {
+                    // A reply nobody waits for (late, after a timeout or a reconnect): ignore.
+                    return out;
+                };
+                Self::on_reply(
+                    &mut self.core,
+                    &mut self.short,
+                    &mut self.backup,
+                    &mut ctx,
+                    p,
+                    result,
+                );
+            }
+            Input::Event(event) => {
+                if let Some(run) = self.backup.take() {
+                    self.backup = run.on_event(&mut self.core, &mut ctx, &event);
+                }
+            }
+            Input::FileDone(id, result) => {
+                if let Some(run) = self.backup.take() {
+                    self.backup = run.on_file_done(&mut self.core, &mut ctx, id, result);
+                }
+            }
+            Input::Tick => {
+                let timeout = self.core.config.command_timeout_ms;
+                let expired: Vec<CommandId> = ctx
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| now.ms_since(p.sent) >= timeout)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in expired {
+                    if let Some(p) = ctx.pending.remove(&id) {
+                        let err = QmpError::new(
+                            ErrorClass::Unknown(TIMEOUT_CLASS.into()),
+                            format!("no reply to {} within {timeout} ms", p.name),
+                        );
+                        Self::on_reply(
+                            &mut self.core,
+                            &mut self.short,
+                            &mut self.backup,
+                            &mut ctx,
+                            p,
+                            Err(err),
+                        );
+                    }
+                }
+            }
+            Input::Reconnected => {
+                // Whatever was outstanding on the old session is lost.
+                Self::drop_session(&mut self.core, &mut self.short, &mut self.backup, &mut ctx);
+                ctx.send(
+                    Owner::Session(SessionTag::Capabilities),
+                    cmd::capabilities(),
+                );
+            }
+            Input::LinkDown => {
+                Self::drop_session(&mut self.core, &mut self.short, &mut self.backup, &mut ctx);
+            }
+        }
+        out
+    }
+
+    /// When [`Input::Tick`] should next be fed: the earliest command timeout.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.pending
+            .values()
+            .map(|p| p.sent.plus_ms(self.core.config.command_timeout_ms))
+            .min()
+    }
+
+    /// A read-only view of the domain.
+    pub fn view(&self) -> DomainView<'_> {
+        DomainView {
+            def: &self.core.def,
+            checkpoints: &self.core.tree,
+            jobs: &self.core.jobs,
+            backup: self.backup.as_ref().map(BackupRun::plan),
+            completed: self.core.completed.as_ref(),
+            connected: self.core.connected,
+        }
+    }
+
+    fn drop_session(
+        core: &mut Core,
+        short: &mut Option<ShortOp>,
+        backup: &mut Option<BackupRun>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        core.connected = false;
+        ctx.pending.clear();
+        if let Some(op) = short.take() {
+            op.abandon(core, ctx);
+        }
+        if let Some(run) = backup.take() {
+            *backup = Some(run.on_link_down(core, ctx));
+        }
+    }
+
+    fn on_reply(
+        core: &mut Core,
+        short: &mut Option<ShortOp>,
+        backup: &mut Option<BackupRun>,
+        ctx: &mut Ctx<'_>,
+        pending: Pending,
+        result: Result<Value, QmpError>,
+    ) {
+        match pending.owner {
+            Owner::Session(SessionTag::Capabilities) => {
+                if result.is_ok() {
+                    core.connected = true;
+                    if let Some(run) = backup.take() {
+                        *backup = run.on_reconnected(core, ctx);
+                    }
+                }
+            }
+            Owner::Short(tag) => {
+                if let Some(op) = short.take() {
+                    *short = op.on_reply(core, ctx, tag, &pending.name, result);
+                }
+            }
+            Owner::Backup(tag) => {
+                if let Some(run) = backup.take() {
+                    *backup = run.on_reply(core, ctx, tag, &pending.name, result);
+                }
+            }
+        }
+    }
+
+    fn on_request(
+        core: &mut Core,
+        short: &mut Option<ShortOp>,
+        backup: &mut Option<BackupRun>,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        request: Request,
+    ) {
+        let answer = |ctx: &mut Ctx<'_>, r: Result<Reply, Error>| ctx.respond(req, r);
+        match request {
+            Request::CheckpointList { filter } => {
+                let names = core
+                    .tree
+                    .list(filter)
+                    .into_iter()
+                    .map(|c| c.name.clone())
+                    .collect();
+                answer(ctx, Ok(Reply::CheckpointNames(names)));
+            }
+            Request::CheckpointListChildren { name, filter } => {
+                let r = core
+                    .tree
+                    .list_children(&name, filter)
+                    .map(|v| {
+                        Reply::CheckpointNames(v.into_iter().map(|c| c.name.clone()).collect())
+                    })
+                    .map_err(Error::from);
+                answer(ctx, r);
+            }
+            Request::CheckpointLookup { name } => {
+                let r = core
+                    .tree
+                    .lookup(&name)
+                    .map(|c| Reply::Checkpoint(Box::new(c.clone())))
+                    .map_err(Error::from);
+                answer(ctx, r);
+            }
+            Request::CheckpointParent { name } => {
+                let r = core
+                    .tree
+                    .parent(&name)
+                    .map(|c| Reply::Checkpoint(Box::new(c.clone())))
+                    .map_err(Error::from);
+                answer(ctx, r);
+            }
+            Request::CheckpointGetXml { name, size: false } => {
+                let r = core
+                    .tree
+                    .lookup(&name)
+                    .map(|c| Reply::Checkpoint(Box::new(c.clone())))
+                    .map_err(Error::from);
+                answer(ctx, r);
+            }
+            Request::CheckpointRedefine {
+                checkpoint,
+                validate: false,
+            } => {
+                let r = crate::checkpoint::ops::redefine_now(core, ctx, checkpoint);
+                answer(ctx, r.map(|()| Reply::Done));
+            }
+            Request::CheckpointCreate { .. }
+            | Request::CheckpointRedefine { .. }
+            | Request::CheckpointDelete { .. }
+            | Request::CheckpointGetXml { .. } => {
+                if let Some(op) = ShortOp::start(core, ctx, req, request) {
+                    *short = Some(op);
+                }
+            }
+            Request::BackupBegin {
+                spec,
+                checkpoint,
+                reuse_external,
+            } => {
+                if !core.connected {
+                    answer(ctx, Err(RequestError::NotRunning.into()));
+                    return;
+                }
+                if let Err(e) = core.jobs.acquire_long(crate::jobs::JobKind::Backup) {
+                    answer(ctx, Err(e.into()));
+                    return;
+                }
+                *backup = BackupRun::begin(core, ctx, req, spec, checkpoint, reuse_external);
+            }
+            Request::BackupGetXml => match backup.as_ref() {
+                Some(run) => answer(ctx, Ok(Reply::Backup(Box::new(run.plan().clone())))),
+                None => answer(ctx, Err(RequestError::NoBackup.into())),
+            },
+            Request::JobStats {
+                completed,
+                keep_completed,
+            } => {
+                if completed {
+                    let stats = if keep_completed {
+                        core.completed.clone()
+                    } else {
+                        core.completed.take()
+                    };
+                    answer(ctx, Ok(Reply::Stats(stats)));
+                } else {
+                    match backup.as_mut() {
+                        Some(run) => run.stats_request(core, ctx, req),
+                        None => answer(ctx, Ok(Reply::Stats(None))),
+                    }
+                }
+            }
+            Request::AbortJob => match backup.take() {
+                Some(run) => *backup = run.abort(core, ctx, req),
+                None => answer(ctx, Err(RequestError::NoJob.into())),
+            },
+        }
+    }
+}
+
+/// Error class of the synthetic error a command gets when QEMU never answers it.
+const TIMEOUT_CLASS: &str = "vbackup-timeout";
+
+/// Converts a QEMU error reply into the engine's error.
+pub(crate) fn refused(command: &str, e: &QmpError) -> Error {
+    if e.class.as_str() == TIMEOUT_CLASS {
+        return Error::QemuMisbehaved(e.desc.clone());
+    }
+    Error::QemuRefused {
+        command: command.to_owned(),
+        class: e.class.as_str().to_owned(),
+        desc: e.desc.clone(),
+    }
+}
+
+/// Reads a `query-named-block-nodes` reply into a node table.
+pub(crate) fn node_table(value: &Value) -> Result<NodeTable, Error> {
+    let nodes = crate::qmp::query_named_block_nodes(value)
+        .map_err(|e| Error::QemuMisbehaved(format!("query-named-block-nodes: {e}")))?;
+    let mut table = NodeTable::new();
+    for n in nodes {
+        let Some(name) = n.node_name.clone() else {
+            continue;
+        };
+        table.insert(
+            name.clone(),
+            NodeState {
+                node_name: name,
+                driver: n.drv.clone(),
+                read_only: n.ro,
+                filename: Some(n.image.filename.clone()),
+                virtual_size_bytes: n.image.virtual_size,
+                cluster_size_bytes: n.image.cluster_size,
+                bitmaps: n
+                    .dirty_bitmaps
+                    .iter()
+                    .map(|b| BitmapState {
+                        name: b.name.clone(),
+                        recording: b.recording,
+                        persistent: b.persistent,
+                        busy: b.busy,
+                        inconsistent: b.inconsistent,
+                        granularity_bytes: b.granularity,
+                        count_bytes: b.count,
+                    })
+                    .collect(),
+            },
+        );
+    }
+    Ok(table)
+}
+
+/// The format node names of a disk's layers, top first; an error if one is unknown.
+pub(crate) fn disk_layers(def: &DomainDef, target: &str) -> Result<Vec<String>, Error> {
+    let disk = def
+        .disk(target)
+        .ok_or_else(|| RequestError::NoDisk(target.to_owned()))?;
+    disk.layers
+        .iter()
+        .map(|l| {
+            l.node_name.clone().ok_or_else(|| {
+                RequestError::Unsupported(format!(
+                    "disk '{target}' has a layer without a node name"
+                ))
+                .into()
+            })
+        })
+        .collect()
+}

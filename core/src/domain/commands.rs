@@ -1,0 +1,193 @@
+//! Builders of the QMP commands the engine sends, in libvirt's exact shapes.
+
+use crate::qmp::{
+    BitmapRef, BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockJobCancel,
+    BlockdevBackup, BlockdevCreate, BlockdevCreateOptions, BlockdevDel, BlockdevDiscard,
+    BlockdevDriver, BlockdevOptions, BlockdevRef, BlockdevRefOrNull, BlockdevReopen,
+    CreateQcow2Options, JobRef, QmpCapabilities, QmpCommand, QueryNamedBlockNodes, SyncMode,
+    Transaction, TransactionAction,
+};
+
+/// `qmp_capabilities`.
+pub(crate) fn capabilities() -> QmpCommand {
+    QmpCommand::QmpCapabilities(QmpCapabilities::default())
+}
+
+/// `query-named-block-nodes {flat: true}`.
+pub(crate) fn query_nodes() -> QmpCommand {
+    QmpCommand::QueryNamedBlockNodes(QueryNamedBlockNodes { flat: Some(true) })
+}
+
+/// `query-jobs`.
+pub(crate) fn query_jobs() -> QmpCommand {
+    QmpCommand::QueryJobs
+}
+
+/// `transaction {actions}`.
+pub(crate) fn transaction(actions: Vec<TransactionAction>) -> QmpCommand {
+    QmpCommand::Transaction(Transaction::new(actions))
+}
+
+/// A checkpoint bitmap: persistent and recording, QEMU's default granularity.
+pub(crate) fn add_checkpoint_bitmap(node: &str, name: &str) -> TransactionAction {
+    TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+        node: node.to_owned(),
+        name: name.to_owned(),
+        granularity: None,
+        persistent: Some(true),
+        disabled: Some(false),
+    })
+}
+
+/// A temporary bitmap: not persistent, not recording.
+pub(crate) fn add_temp_bitmap(node: &str, name: &str, granularity_bytes: u64) -> TransactionAction {
+    TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+        node: node.to_owned(),
+        name: name.to_owned(),
+        granularity: (granularity_bytes > 0).then_some(granularity_bytes),
+        persistent: Some(false),
+        disabled: Some(true),
+    })
+}
+
+/// Merge of `sources` (node, name) into `target` on `node`.
+pub(crate) fn merge(node: &str, target: &str, sources: &[(String, String)]) -> TransactionAction {
+    TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+        node: node.to_owned(),
+        target: target.to_owned(),
+        bitmaps: sources
+            .iter()
+            .map(|(n, b)| BitmapRef::Located(BlockDirtyBitmap::new(n.clone(), b.clone())))
+            .collect(),
+    })
+}
+
+/// Removal of a bitmap, as a transaction action.
+pub(crate) fn remove_bitmap_action(node: &str, name: &str) -> TransactionAction {
+    TransactionAction::BlockDirtyBitmapRemove(BlockDirtyBitmap::new(node, name))
+}
+
+/// Removal of a bitmap, as a plain command.
+pub(crate) fn remove_bitmap(node: &str, name: &str) -> QmpCommand {
+    QmpCommand::BlockDirtyBitmapRemove(BlockDirtyBitmap::new(node, name))
+}
+
+/// A `blockdev-backup` action with libvirt's fixed settings.
+pub(crate) fn backup_action(
+    job_id: &str,
+    device: &str,
+    target: &str,
+    sync: SyncMode,
+    bitmap: Option<&str>,
+) -> TransactionAction {
+    let mut b = BlockdevBackup::new(job_id, device, target, sync);
+    b.bitmap = bitmap.map(str::to_owned);
+    b.auto_finalize = Some(true);
+    b.auto_dismiss = Some(false);
+    TransactionAction::BlockdevBackup(b)
+}
+
+/// `blockdev-add` of a protocol node for a file or block device.
+pub(crate) fn add_storage_node(node: &str, path: &str, block_device: bool) -> QmpCommand {
+    let driver = if block_device {
+        BlockdevDriver::HostDevice {
+            filename: path.to_owned(),
+        }
+    } else {
+        BlockdevDriver::File {
+            filename: path.to_owned(),
+        }
+    };
+    let mut o = BlockdevOptions::new(node, driver);
+    o.auto_read_only = Some(true);
+    o.discard = Some(BlockdevDiscard::Unmap);
+    QmpCommand::BlockdevAdd(Box::new(o))
+}
+
+/// `blockdev-add` of a qcow2 format node over `storage`, backed by `backing` or by nothing.
+pub(crate) fn add_qcow2_node(node: &str, storage: &str, backing: Option<&str>) -> QmpCommand {
+    let mut o = BlockdevOptions::new(
+        node,
+        BlockdevDriver::Qcow2 {
+            file: BlockdevRef::Node(storage.to_owned()),
+            backing: Some(match backing {
+                Some(b) => BlockdevRefOrNull::Ref(BlockdevRef::Node(b.to_owned())),
+                None => BlockdevRefOrNull::Null,
+            }),
+        },
+    );
+    o.read_only = Some(false);
+    QmpCommand::BlockdevAdd(Box::new(o))
+}
+
+/// Settings of a new qcow2 image.
+pub(crate) struct Qcow2Create<'a> {
+    pub job_id: &'a str,
+    pub storage: &'a str,
+    pub size_bytes: u64,
+    pub cluster_size_bytes: Option<u64>,
+    pub backing_file: Option<&'a str>,
+    pub backing_format: Option<&'a str>,
+}
+
+/// `blockdev-create` of a qcow2 image on `storage`.
+pub(crate) fn create_qcow2(c: &Qcow2Create<'_>) -> QmpCommand {
+    let mut o = CreateQcow2Options::new(BlockdevRef::Node(c.storage.to_owned()), c.size_bytes);
+    o.cluster_size = c.cluster_size_bytes;
+    o.backing_file = c.backing_file.map(str::to_owned);
+    o.backing_fmt = c.backing_format.map(str::to_owned);
+    QmpCommand::BlockdevCreate(Box::new(BlockdevCreate {
+        job_id: c.job_id.to_owned(),
+        options: BlockdevCreateOptions::Qcow2(o),
+    }))
+}
+
+/// `blockdev-del`.
+pub(crate) fn del_node(node: &str) -> QmpCommand {
+    QmpCommand::BlockdevDel(BlockdevDel {
+        node_name: node.to_owned(),
+    })
+}
+
+/// `blockdev-reopen` of a qcow2 layer with `read_only`.
+pub(crate) fn reopen_qcow2(
+    node: &str,
+    storage: &str,
+    backing: Option<&str>,
+    read_only: bool,
+) -> QmpCommand {
+    let mut o = BlockdevOptions::new(
+        node,
+        BlockdevDriver::Qcow2 {
+            file: BlockdevRef::Node(storage.to_owned()),
+            backing: Some(match backing {
+                Some(b) => BlockdevRefOrNull::Ref(BlockdevRef::Node(b.to_owned())),
+                None => BlockdevRefOrNull::Null,
+            }),
+        },
+    );
+    o.read_only = Some(read_only);
+    QmpCommand::BlockdevReopen(BlockdevReopen { options: vec![o] })
+}
+
+/// `job-dismiss`.
+pub(crate) fn job_dismiss(id: &str) -> QmpCommand {
+    QmpCommand::JobDismiss(JobRef::new(id))
+}
+
+/// `block-job-cancel {device, force: true}`.
+pub(crate) fn block_job_cancel(id: &str) -> QmpCommand {
+    QmpCommand::BlockJobCancel(BlockJobCancel {
+        device: id.to_owned(),
+        force: Some(true),
+    })
+}
+
+/// The storage node under a format node: libvirt names them `libvirt-N-format` and
+/// `libvirt-N-storage`.
+pub(crate) fn storage_of(format_node: &str) -> String {
+    match format_node.strip_suffix("-format") {
+        Some(base) => format!("{base}-storage"),
+        None => format!("{format_node}-storage"),
+    }
+}

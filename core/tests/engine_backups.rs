@@ -1,0 +1,597 @@
+//! Push and pull backups against the scripted QMP peer; command plans are snapshotted.
+
+mod engine_support;
+
+use engine_support::*;
+use vbackup_core::backup::{
+    BackupDiskSpec, BackupMode, BackupSpec, BackupStore, DiskJobState, JobStatus, NbdServer,
+    NbdTransport, StoreKind,
+};
+use vbackup_core::checkpoint::CheckpointTree;
+use vbackup_core::domain::{
+    Domain, DomainConfig, Input, Output, Reply, Request, RequestId, StoreOp, TlsConfig,
+};
+use vbackup_core::error::{ConflictError, Error, RequestError};
+use vbackup_core::link::Timestamp;
+
+fn disk_spec(target: &str, incremental: Option<&str>, path: &str) -> BackupDiskSpec {
+    BackupDiskSpec {
+        target: target.into(),
+        backup: true,
+        incremental: incremental.map(Into::into),
+        store: Some(BackupStore {
+            kind: StoreKind::File,
+            path: Some(path.into()),
+            format: None,
+        }),
+        export_name: None,
+        export_bitmap: None,
+    }
+}
+
+fn push(incremental: Option<&str>) -> BackupSpec {
+    BackupSpec {
+        mode: BackupMode::Push,
+        incremental: incremental.map(Into::into),
+        server: None,
+        disks: vec![
+            disk_spec("vda", incremental, "/backups/vda.qcow2"),
+            disk_spec("vdb", incremental, "/backups/vdb.qcow2"),
+        ],
+    }
+}
+
+fn pull(incremental: Option<&str>, transport: NbdTransport, tls: Option<bool>) -> BackupSpec {
+    BackupSpec {
+        mode: BackupMode::Pull,
+        incremental: incremental.map(Into::into),
+        server: Some(NbdServer { transport, tls }),
+        disks: vec![
+            disk_spec("vda", incremental, "/scratch/vda.qcow2"),
+            disk_spec("vdb", incremental, "/scratch/vdb.qcow2"),
+        ],
+    }
+}
+
+fn unix() -> NbdTransport {
+    NbdTransport::Unix {
+        socket: "/run/backup-nbd.sock".into(),
+    }
+}
+
+fn begin(h: &mut Harness, spec: BackupSpec, checkpoint_name: Option<&str>) -> u64 {
+    h.request(Request::BackupBegin {
+        spec,
+        checkpoint: checkpoint_name.map(|n| checkpoint(n, &["vda", "vdb"])),
+        reuse_external: false,
+    })
+}
+
+fn finish_all(h: &mut Harness) {
+    for id in ["backup-vda-libvirt-2-format", "backup-vdb-libvirt-1-format"] {
+        let ev = h.peer.finish_job(id, None);
+        h.events(ev);
+    }
+}
+
+fn completed(h: &Harness) -> vbackup_core::backup::JobStats {
+    h.domain.view().completed.cloned().expect("job completed")
+}
+
+#[test]
+fn push_full_backup_of_two_disks_completes_and_keeps_targets() {
+    let mut h = lab_with_checkpoints(&[]);
+    let id = begin(&mut h, push(None), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    assert_eq!(
+        h.domain.view().jobs.disk_holder("vda"),
+        Some("backup"),
+        "disks are busy while the backup runs"
+    );
+    h.note("both jobs finish");
+    finish_all(&mut h);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Completed);
+    assert_eq!(s.disk_total_bytes, Some(320 << 20));
+    assert!(h.peer.files.contains("/backups/vda.qcow2"));
+    assert!(h.peer.jobs.is_empty());
+    assert!(!h.peer.nodes.contains_key("libvirt-3-format"));
+    assert!(h.domain.view().jobs.long_job().is_none());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_incremental_creates_checkpoint_in_the_same_transaction() {
+    let mut h = lab_with_checkpoints(&["c3"]);
+    let id = begin(&mut h, push(Some("c3")), Some("c6"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.current(), Some("c6"));
+    assert_eq!(tree.get("c6").unwrap().parent.as_deref(), Some("c3"));
+    finish_all(&mut h);
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "backup-vda"));
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c6"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_incremental_on_snapshot_layers_merges_every_layer() {
+    let mut h = lab_like(layered_domain(), &["c1"]);
+    begin(&mut h, push(Some("c1")), None);
+    finish_all_layered(&mut h);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    insta::assert_snapshot!(h.transcript());
+}
+
+fn finish_all_layered(h: &mut Harness) {
+    for id in ["backup-vda-libvirt-3-format", "backup-vdb-libvirt-1-format"] {
+        let ev = h.peer.finish_job(id, None);
+        h.events(ev);
+    }
+}
+
+#[test]
+fn push_abort_ends_cancelled_and_deletes_created_targets() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let a = h.request(Request::AbortJob);
+    assert_eq!(h.answer(a), Some(&Ok(Reply::Done)));
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Cancelled);
+    assert_eq!(s.success, Some(false));
+    assert!(
+        h.peer.files.is_empty(),
+        "targets of a cancelled push are deleted"
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_with_existing_target_file_fails_before_touching_qemu_nodes() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.existing_files.insert("/backups/vdb.qcow2".into());
+    let id = begin(&mut h, push(None), None);
+    assert!(matches!(h.answer(id), Some(Err(Error::Store(_)))));
+    assert_eq!(
+        h.peer.nodes.len(),
+        4,
+        "the vda target nodes were removed again"
+    );
+    assert!(
+        h.peer.files.is_empty(),
+        "the vda target file was removed again"
+    );
+    assert!(h.domain.view().jobs.long_job().is_none());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_target_format_failure_rolls_back() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer
+        .failing_create_jobs
+        .insert("create-libvirt-3-format".into());
+    let id = begin(&mut h, push(None), None);
+    let Some(Err(Error::QemuRefused { desc, .. })) = h.answer(id) else {
+        panic!("not refused: {:?}", h.answer(id));
+    };
+    assert!(desc.starts_with("failed to format image"));
+    assert!(h.peer.jobs.is_empty(), "the creation job was dismissed");
+    assert!(h.peer.files.is_empty());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_transaction_failure_creates_no_checkpoint_and_rolls_back() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    h.peer.fail_next(
+        "transaction",
+        "Bitmap 'c1' is inconsistent and cannot be used",
+    );
+    let id = begin(&mut h, push(Some("c1")), Some("c2"));
+    assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
+    assert!(h.domain.view().checkpoints.get("c2").is_none());
+    assert!(
+        !h.store
+            .iter()
+            .any(|s| matches!(s, StoreOp::PutCheckpoint(_)))
+    );
+    assert_eq!(h.peer.nodes.len(), 4);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_failure_of_one_disk_cancels_the_other_and_ends_failed() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let ev = h
+        .peer
+        .finish_job("backup-vda-libvirt-2-format", Some("Input/output error"));
+    h.events(ev);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some("Input/output error"));
+    assert!(h.peer.files.is_empty());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn pull_incremental_over_unix_socket_with_checkpoint_then_abort_completes() {
+    let mut h = lab_with_checkpoints(&["c6"]);
+    let id = begin(&mut h, pull(Some("c6"), unix(), None), Some("c7"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let plan = h.domain.view().backup.cloned().unwrap();
+    assert_eq!(plan.disks[0].export_name.as_deref(), Some("vda"));
+    assert_eq!(plan.disks[0].temp_bitmap.as_deref(), Some("backup-vda"));
+    assert_eq!(plan.disks[0].index, 3);
+    assert!(h.peer.exports.contains("libvirt-nbd-libvirt-3-format"));
+    h.note("the client has read everything");
+    h.request(Request::AbortJob);
+    let s = completed(&h);
+    assert_eq!(
+        s.status,
+        JobStatus::Completed,
+        "ending a pull by abort is success"
+    );
+    assert_eq!(s.success, Some(true));
+    assert!(h.peer.files.is_empty(), "scratch images are always deleted");
+    assert!(!h.peer.nbd_running);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn pull_full_over_tcp_takes_a_port_from_the_range_and_skips_a_busy_one() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.busy_ports.insert("10809".into());
+    let spec = pull(
+        None,
+        NbdTransport::Tcp {
+            host: "0.0.0.0".into(),
+            port: None,
+        },
+        None,
+    );
+    let id = begin(&mut h, spec, None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let plan = h.domain.view().backup.cloned().unwrap();
+    assert_eq!(
+        plan.server.unwrap().transport,
+        NbdTransport::Tcp {
+            host: "0.0.0.0".into(),
+            port: Some(10810)
+        }
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn pull_with_given_busy_port_fails_without_trying_others() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.busy_ports.insert("10809".into());
+    let spec = pull(
+        None,
+        NbdTransport::Tcp {
+            host: "0.0.0.0".into(),
+            port: Some(10809),
+        },
+        None,
+    );
+    let id = begin(&mut h, spec, None);
+    assert!(matches!(
+        h.answer(id),
+        Some(Err(Error::Request(RequestError::NoFreePort { .. })))
+    ));
+    assert_eq!(h.peer.nodes.len(), 4);
+}
+
+#[test]
+fn pull_with_tls_adds_secret_and_credentials_and_removes_them() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let config = DomainConfig {
+        tls: Some(TlsConfig {
+            cert_dir: "/etc/pki/vbackup".into(),
+            verify_peer: true,
+            secret_file: Some("/etc/pki/vbackup/key.pass".into()),
+        }),
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    let spec = pull(
+        None,
+        NbdTransport::Tcp {
+            host: "0.0.0.0".into(),
+            port: Some(10809),
+        },
+        Some(true),
+    );
+    begin(&mut h, spec, None);
+    h.request(Request::AbortJob);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn pull_with_tls_but_no_configuration_is_refused() {
+    let mut h = lab_with_checkpoints(&[]);
+    let id = begin(&mut h, pull(None, unix(), Some(true)), None);
+    assert!(matches!(
+        h.answer(id),
+        Some(Err(Error::Request(RequestError::Unsupported(_))))
+    ));
+    assert!(!h.transcript().contains("->"));
+}
+
+#[test]
+fn pull_export_failure_keeps_checkpoint_and_cancels_jobs() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    h.peer
+        .fail_next("block-export-add", "Bitmap 'backup-vda' is not found");
+    let id = begin(&mut h, pull(Some("c1"), unix(), None), Some("c2"));
+    assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
+    assert!(h.domain.view().checkpoints.get("c2").is_some());
+    assert!(h.domain.view().backup.is_none());
+    assert!(h.peer.jobs.is_empty());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn reuse_external_pull_neither_creates_nor_deletes_scratch() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.files.insert("/scratch/vda.qcow2".into());
+    h.peer.files.insert("/scratch/vdb.qcow2".into());
+    let id = h.request(Request::BackupBegin {
+        spec: pull(None, unix(), None),
+        checkpoint: None,
+        reuse_external: true,
+    });
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    h.request(Request::AbortJob);
+    assert_eq!(h.peer.files.len(), 2);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn second_backup_is_refused_at_once_naming_the_holder() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, pull(None, unix(), None), None);
+    let id = begin(&mut h, push(None), None);
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Conflict(ConflictError::DomainJob {
+            holder: "backup".into()
+        })))
+    );
+}
+
+#[test]
+fn incremental_from_missing_checkpoint_is_refused_without_commands() {
+    let mut h = lab_with_checkpoints(&[]);
+    let id = begin(&mut h, push(Some("nonexistent")), None);
+    let Some(Err(e)) = h.answer(id) else { panic!() };
+    assert_eq!(
+        e.to_string(),
+        "Checkpoint 'nonexistent' for incremental backup of disk 'vda' not found"
+    );
+    assert!(!h.transcript().contains("->"));
+}
+
+#[test]
+fn incremental_with_inconsistent_bitmap_is_refused_after_the_node_query() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    h.peer.bitmap_mut("libvirt-1-format", "c1").inconsistent = true;
+    let id = begin(&mut h, push(Some("c1")), None);
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Request(RequestError::CheckpointInconsistent {
+            bitmap: "c1".into(),
+            disk: "vdb".into()
+        })))
+    );
+    assert!(h.domain.view().jobs.busy_disks().is_empty());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_operations_are_allowed_during_a_backup() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    begin(&mut h, pull(Some("c1"), unix(), None), Some("c2"));
+    let c = h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint("c3", &["vda", "vdb"]),
+        quiesce: false,
+    });
+    let d = h.request(Request::CheckpointDelete {
+        name: "c2".into(),
+        scope: vbackup_core::checkpoint::DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert!(matches!(h.answer(c), Some(Ok(_))));
+    assert_eq!(h.answer(d), Some(&Ok(Reply::Done)));
+}
+
+#[test]
+fn running_push_reports_libvirt_job_stats() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.peer
+        .jobs
+        .get_mut("backup-vda-libvirt-2-format")
+        .unwrap()
+        .current = 64 << 20;
+    h.now_ms += 565;
+    let id = h.request(Request::JobStats {
+        completed: false,
+        keep_completed: false,
+    });
+    let Some(Ok(Reply::Stats(Some(s)))) = h.answer(id) else {
+        panic!()
+    };
+    assert_eq!(s.status, JobStatus::Running);
+    assert_eq!(s.time_elapsed_ms, 565);
+    assert_eq!(s.disk_processed_bytes, Some(64 << 20));
+    assert_eq!(s.disk_remaining_bytes, Some(256 << 20));
+    finish_all(&mut h);
+    let id = h.request(Request::JobStats {
+        completed: true,
+        keep_completed: true,
+    });
+    assert!(matches!(h.answer(id), Some(Ok(Reply::Stats(Some(_))))));
+}
+
+#[test]
+fn backup_xml_has_every_default_filled_in() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    let mut spec = pull(Some("c1"), unix(), None);
+    for d in &mut spec.disks {
+        d.store.as_mut().unwrap().path = None;
+    }
+    begin(&mut h, spec, Some("c2"));
+    let id = h.request(Request::BackupGetXml);
+    let Some(Ok(Reply::Backup(plan))) = h.answer(id) else {
+        panic!()
+    };
+    let d = &plan.disks[0];
+    assert_eq!(d.store_path, "/img/vda.qcow2.c2");
+    assert_eq!(d.export_name.as_deref(), Some("vda"));
+    assert_eq!(d.export_bitmap_name(), Some("backup-vda"));
+    assert_eq!(d.index, 3);
+    assert_eq!(plan.disks[1].index, 4);
+    insta::assert_snapshot!(plan.to_def().format());
+}
+
+trait ExportBitmap {
+    fn export_bitmap_name(&self) -> Option<&str>;
+}
+
+impl ExportBitmap for vbackup_core::backup::BackupDiskPlan {
+    fn export_bitmap_name(&self) -> Option<&str> {
+        self.temp_bitmap.as_deref()
+    }
+}
+
+#[test]
+fn reconnect_mid_push_resumes_monitoring_and_completes() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.feed(Input::LinkDown);
+    h.note("vda finishes while vbackup is disconnected");
+    let _ = h.peer.finish_job("backup-vda-libvirt-2-format", None);
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().backup.is_some());
+    let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
+    h.events(ev);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn reconnect_after_jobs_vanished_ends_backup_failed() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.feed(Input::LinkDown);
+    h.note("QEMU lost the jobs");
+    h.peer.jobs.clear();
+    h.feed(Input::Reconnected);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let journal = h
+        .store
+        .iter()
+        .find_map(|s| match s {
+            StoreOp::PutBackupJournal(p) => Some((**p).clone()),
+            _ => None,
+        })
+        .expect("journal written");
+    finish_all_silently(&mut h);
+    // A new engine process: the domain comes back from the store with the journal.
+    let mut restarted = Harness::new(
+        lab_domain(),
+        std::mem::take(&mut h.peer),
+        CheckpointTree::new(),
+    );
+    restarted.domain = Domain::new(
+        lab_domain(),
+        DomainConfig::default(),
+        CheckpointTree::new(),
+        Some(journal),
+    );
+    assert_eq!(
+        restarted.domain.view().jobs.disk_holder("vdb"),
+        Some("backup")
+    );
+    restarted.feed(Input::Reconnected);
+    let s = completed(&restarted);
+    assert_eq!(s.status, JobStatus::Completed);
+    assert!(restarted.store.contains(&StoreOp::DeleteBackupJournal));
+    insta::assert_snapshot!(restarted.transcript());
+}
+
+fn finish_all_silently(h: &mut Harness) {
+    for id in ["backup-vda-libvirt-2-format", "backup-vdb-libvirt-1-format"] {
+        let _ = h.peer.finish_job(id, None);
+    }
+}
+
+#[test]
+fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
+    let t = Timestamp::from_ms(0);
+    let out = d.handle(t, Input::Reconnected);
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!()
+    };
+    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    let out = d.handle(
+        t,
+        Input::Request(
+            RequestId(1),
+            Request::BackupBegin {
+                spec: push(None),
+                checkpoint: None,
+                reuse_external: false,
+            },
+        ),
+    );
+    assert!(matches!(out.first(), Some(Output::Send(..))));
+    d.handle(t, Input::LinkDown);
+    let mut h = Harness::new(lab_domain(), peer, CheckpointTree::new());
+    h.domain = d;
+    h.feed(Input::Reconnected);
+    assert!(matches!(h.answer(1), Some(Err(Error::LinkLost(_)))));
+    assert!(h.domain.view().jobs.long_job().is_none());
+}
+
+#[test]
+fn guest_shutdown_cancels_the_backup() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let shutdown = vbackup_core::qmp::QmpEvent::from_parts(
+        "SHUTDOWN",
+        serde_json::json!({"guest": false, "reason": "host-signal"}),
+    )
+    .unwrap();
+    h.events(vec![shutdown]);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Cancelled);
+    assert!(h.domain.view().backup.is_none());
+}
+
+#[test]
+fn drain_pauses_during_a_job_are_not_pauses() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.events_before_reply = true;
+    begin(&mut h, pull(None, unix(), None), None);
+    let plan = h.domain.view().backup.unwrap();
+    assert!(plan.disks.iter().all(|d| d.state == DiskJobState::Running));
+}

@@ -1,0 +1,354 @@
+//! Checkpoint operations against the scripted QMP peer; command plans are snapshotted.
+
+mod engine_support;
+
+use engine_support::*;
+use vbackup_core::checkpoint::{CheckpointTree, DeleteScope};
+use vbackup_core::domain::{Reply, Request};
+use vbackup_core::error::{ConflictError, Error, RequestError};
+use vbackup_core::model::ImageFormat;
+
+fn create(h: &mut Harness, name: &str) -> u64 {
+    h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint(name, &["vda", "vdb"]),
+        quiesce: false,
+    })
+}
+
+#[test]
+fn checkpoint_create_adds_one_persistent_bitmap_per_disk_in_one_transaction() {
+    let mut h = lab_with_checkpoints(&[]);
+    create(&mut h, "c1");
+    create(&mut h, "c2");
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c2"));
+    assert!(h.peer.has_bitmap("libvirt-1-format", "c1"));
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.current(), Some("c2"));
+    assert_eq!(tree.get("c2").unwrap().parent.as_deref(), Some("c1"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_create_refuses_quiesce_without_any_command() {
+    let mut h = lab_with_checkpoints(&[]);
+    let id = h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint("c1", &["vda"]),
+        quiesce: true,
+    });
+    assert!(matches!(
+        h.answer(id),
+        Some(Err(Error::Request(RequestError::Unsupported(_))))
+    ));
+    assert!(!h.transcript().contains("->"));
+}
+
+#[test]
+fn checkpoint_create_refuses_duplicate_name_and_raw_disk() {
+    let mut def = lab_domain();
+    def.disks[1].layers[0].format = ImageFormat::Raw;
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    h.connect();
+    let raw = create(&mut h, "c1");
+    let ok = h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint("c1", &["vda"]),
+        quiesce: false,
+    });
+    let dup = h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint("c1", &["vda"]),
+        quiesce: false,
+    });
+    assert!(matches!(h.answer(ok), Some(Ok(Reply::Checkpoint(_)))));
+    assert_eq!(
+        h.answer(dup),
+        Some(&Err(Error::Request(RequestError::CheckpointExists(
+            "c1".into()
+        ))))
+    );
+    let Some(Err(Error::Request(RequestError::Unsupported(msg)))) = h.answer(raw) else {
+        panic!("raw disk accepted");
+    };
+    assert_eq!(
+        msg,
+        "checkpoint for disk vdb unsupported for storage type raw"
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_create_refused_by_qemu_leaves_no_metadata() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.fail_next("transaction", "Bitmap already exists: c1");
+    let id = create(&mut h, "c1");
+    assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
+    assert!(h.domain.view().checkpoints.is_empty());
+    assert!(h.store.is_empty());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_create_needs_a_connection() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    let id = create(&mut h, "c1");
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Request(RequestError::NotRunning)))
+    );
+}
+
+#[test]
+fn checkpoint_delete_middle_removes_bitmaps_and_reparents_child() {
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3"]);
+    h.request(Request::CheckpointDelete {
+        name: "c2".into(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "c2"));
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.get("c3").unwrap().parent.as_deref(), Some("c1"));
+    assert_eq!(tree.current(), Some("c3"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_children_goes_leaf_first_and_moves_current() {
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3"]);
+    h.request(Request::CheckpointDelete {
+        name: "c2".into(),
+        scope: DeleteScope::WithChildren,
+        metadata_only: false,
+    });
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.len(), 1);
+    assert_eq!(tree.current(), Some("c1"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_children_only_keeps_the_checkpoint_and_makes_it_current() {
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3"]);
+    h.request(Request::CheckpointDelete {
+        name: "c1".into(),
+        scope: DeleteScope::ChildrenOnly,
+        metadata_only: false,
+    });
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.len(), 1);
+    assert_eq!(tree.current(), Some("c1"));
+    assert!(h.peer.has_bitmap("libvirt-1-format", "c1"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_metadata_only_sends_no_command_and_keeps_bitmaps() {
+    let mut h = lab_with_checkpoints(&["c1", "c2"]);
+    h.request(Request::CheckpointDelete {
+        name: "c1".into(),
+        scope: DeleteScope::Single,
+        metadata_only: true,
+    });
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
+    assert!(!h.transcript().contains("->"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_on_snapshot_layers_reopens_backing_read_write_and_back() {
+    let mut h = lab_like(layered_domain(), &["c1", "c2"]);
+    h.request(Request::CheckpointDelete {
+        name: "c1".into(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert!(!h.peer.has_bitmap("libvirt-3-format", "c1"));
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "c1"));
+    assert!(
+        h.peer.nodes["libvirt-2-format"].ro,
+        "backing layer is read-only again"
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_fails_when_bitmap_is_in_no_layer() {
+    let mut h = lab_like(layered_domain(), &["c1"]);
+    for n in ["libvirt-3-format", "libvirt-2-format"] {
+        h.peer.nodes.get_mut(n).unwrap().bitmaps.clear();
+    }
+    let id = h.request(Request::CheckpointDelete {
+        name: "c1".into(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Request(RequestError::BitmapNotInChain {
+            bitmap: "c1".into(),
+            disk: "vda".into()
+        })))
+    );
+    assert_eq!(h.domain.view().checkpoints.len(), 1);
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_size_merges_into_temporary_bitmap_and_cleans_stale_leftover() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    h.peer.bitmap_mut("libvirt-2-format", "c1").count = 3 << 20;
+    h.peer
+        .add_bitmap("libvirt-2-format", "libvirt-tmp-size-xml", 0);
+    let id = h.request(Request::CheckpointGetXml {
+        name: "c1".into(),
+        size: true,
+    });
+    let Some(Ok(Reply::Checkpoint(c))) = h.answer(id) else {
+        panic!("no size")
+    };
+    assert_eq!(c.disks[0].size_bytes, Some(3 << 20));
+    assert_eq!(c.disks[1].size_bytes, Some(1 << 20));
+    assert!(
+        !h.peer
+            .has_bitmap("libvirt-2-format", "libvirt-tmp-size-xml")
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_size_skips_disks_with_broken_chain() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    h.peer.bitmap_mut("libvirt-1-format", "c1").inconsistent = true;
+    let id = h.request(Request::CheckpointGetXml {
+        name: "c1".into(),
+        size: true,
+    });
+    let Some(Ok(Reply::Checkpoint(c))) = h.answer(id) else {
+        panic!("no answer")
+    };
+    assert_eq!(c.disks[1].size_bytes, None);
+    assert!(c.disks[0].size_bytes.is_some());
+}
+
+#[test]
+fn redefine_validate_refuses_missing_bitmap_and_accepts_valid_chain() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.add_bitmap("libvirt-2-format", "c1", 0);
+    h.peer.add_bitmap("libvirt-1-format", "c1", 0);
+    let good = h.request(Request::CheckpointRedefine {
+        checkpoint: checkpoint("c1", &["vda", "vdb"]),
+        validate: true,
+    });
+    let mut c2 = checkpoint("c2", &["vda"]);
+    c2.parent = Some("c1".into());
+    let bad = h.request(Request::CheckpointRedefine {
+        checkpoint: c2,
+        validate: true,
+    });
+    assert_eq!(h.answer(good), Some(&Ok(Reply::Done)));
+    assert_eq!(
+        h.answer(bad),
+        Some(&Err(Error::Request(RequestError::CheckpointInconsistent {
+            bitmap: "c2".into(),
+            disk: "vda".into()
+        })))
+    );
+    assert_eq!(h.domain.view().checkpoints.current(), Some("c1"));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn redefine_without_validation_needs_no_qemu() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    let id = h.request(Request::CheckpointRedefine {
+        checkpoint: checkpoint("c1", &["vda"]),
+        validate: false,
+    });
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let mut orphan = checkpoint("c3", &["vda"]);
+    orphan.parent = Some("c2".into());
+    let id = h.request(Request::CheckpointRedefine {
+        checkpoint: orphan,
+        validate: false,
+    });
+    assert!(matches!(
+        h.answer(id),
+        Some(Err(Error::Request(RequestError::ParentNotFound { .. })))
+    ));
+}
+
+#[test]
+fn second_checkpoint_operation_is_refused_while_one_is_in_flight() {
+    use vbackup_core::domain::{Input, RequestId};
+    use vbackup_core::link::Timestamp;
+    let mut h = lab_with_checkpoints(&["c1"]);
+    // Drive the domain by hand so the first operation stays in flight.
+    let out = h.domain.handle(
+        Timestamp::from_ms(1),
+        Input::Request(
+            RequestId(100),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c2", &["vda"]),
+                quiesce: false,
+            },
+        ),
+    );
+    assert_eq!(out.len(), 1);
+    let out = h.domain.handle(
+        Timestamp::from_ms(2),
+        Input::Request(
+            RequestId(101),
+            Request::CheckpointDelete {
+                name: "c1".into(),
+                scope: DeleteScope::Single,
+                metadata_only: false,
+            },
+        ),
+    );
+    let Some(vbackup_core::domain::Output::Respond(_, Err(Error::Conflict(c)))) = out.first()
+    else {
+        panic!("not refused: {out:?}");
+    };
+    assert_eq!(
+        c,
+        &ConflictError::DomainJob {
+            holder: "checkpoint-create c2".into()
+        }
+    );
+}
+
+#[test]
+fn unanswered_command_times_out_as_qemu_misbehaving() {
+    use vbackup_core::domain::{Input, Output, RequestId};
+    use vbackup_core::link::Timestamp;
+    let mut h = lab_with_checkpoints(&[]);
+    let t0 = Timestamp::from_ms(1_000);
+    let out = h.domain.handle(
+        t0,
+        Input::Request(
+            RequestId(7),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda"]),
+                quiesce: false,
+            },
+        ),
+    );
+    assert!(matches!(out.first(), Some(Output::Send(..))));
+    let deadline = h
+        .domain
+        .next_deadline()
+        .expect("a deadline while a command is out");
+    assert_eq!(deadline, t0.plus_ms(60_000));
+    assert!(h.domain.handle(t0.plus_ms(59_999), Input::Tick).is_empty());
+    let out = h.domain.handle(deadline, Input::Tick);
+    let Some(Output::Respond(RequestId(7), Err(Error::QemuMisbehaved(msg)))) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert!(msg.contains("no reply to transaction"));
+    assert!(h.domain.view().checkpoints.is_empty());
+    assert_eq!(h.domain.next_deadline(), None);
+}
