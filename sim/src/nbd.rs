@@ -17,8 +17,8 @@ const MAX_EXTENTS: usize = 4096;
 /// The running NBD server.
 #[derive(Debug, Clone)]
 pub(crate) struct NbdServer {
-    #[allow(dead_code)]
-    pub addr: Value,
+    /// The `tls-creds` object the server uses, if any (it cannot be deleted meanwhile).
+    pub tls_creds: Option<String>,
 }
 
 /// A bitmap an export carries.
@@ -89,8 +89,20 @@ impl Qemu {
         if self.st.nbd.is_some() {
             return Err(QmpError::nbd_running());
         }
+        let tls_creds = a.opt_str("tls-creds")?;
+        if let Some(creds) = tls_creds
+            && !self
+                .st
+                .objects
+                .get(creds)
+                .is_some_and(|t| t.starts_with("tls-creds"))
+        {
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{creds}'"
+            )));
+        }
         self.st.nbd = Some(NbdServer {
-            addr: a.raw("addr").cloned().unwrap_or(Value::Null),
+            tls_creds: tls_creds.map(str::to_string),
         });
         Ok(json!({}))
     }

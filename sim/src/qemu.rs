@@ -91,6 +91,8 @@ pub(crate) struct State {
     pub nbd: Option<NbdServer>,
     pub exports: BTreeMap<String, Export>,
     pub next_export_seq: u64,
+    /// QOM objects added by `object-add` (secrets, TLS credentials): id → type.
+    pub objects: BTreeMap<String, String>,
 }
 
 impl State {
@@ -323,6 +325,8 @@ impl Qemu {
             "block-export-add" => self.cmd_block_export_add(a),
             "block-export-del" => self.cmd_block_export_del(a),
             "device_add" => self.cmd_device_add(a),
+            "object-add" => self.cmd_object_add(a),
+            "object-del" => self.cmd_object_del(a),
             "human-monitor-command" => self.cmd_hmp(a),
             "quit" => self.cmd_quit(a),
             "query-version" => Ok(json!({"qemu": {"micro": 2, "minor": 0, "major": 10},
@@ -330,6 +334,44 @@ impl Qemu {
             "query-status" => Ok(json!({"status": "running", "running": true})),
             _ => Err(QmpError::command_not_found(name)),
         }
+    }
+
+    fn cmd_object_add(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
+        let ty = a.str("qom-type")?;
+        let id = a.str("id")?;
+        if !matches!(
+            ty,
+            "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon" | "authz-simple"
+        ) {
+            return Err(QmpError::generic(format!("invalid object type: {ty}")));
+        }
+        if self.st.objects.contains_key(id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        self.st.objects.insert(id.to_string(), ty.to_string());
+        Ok(json!({}))
+    }
+
+    fn cmd_object_del(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
+        a.only(&["id"])?;
+        let id = a.str("id")?;
+        if !self.st.objects.contains_key(id) {
+            return Err(QmpError::generic(format!("object '{id}' not found")));
+        }
+        if self
+            .st
+            .nbd
+            .as_ref()
+            .is_some_and(|s| s.tls_creds.as_deref() == Some(id))
+        {
+            return Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.st.objects.remove(id);
+        Ok(json!({}))
     }
 
     fn cmd_device_add(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
