@@ -42,7 +42,7 @@ pub use errors::{QmpError, job_error};
 pub use image::{
     Cluster, ClusterMap, FileContent, FileSystem, ImageError, MAX_CHAIN_DEPTH, RawFile,
 };
-pub use link::{SimLink, command_value, to_core_error};
+pub use link::{SimEffects, SimLink, command_value, to_core_error};
 pub use nbd::{ExportError, ExportView};
 pub use node::IoError;
 pub use qcow2::{Qcow2Image, StoredBitmap};

@@ -1,10 +1,15 @@
 //! [`SimLink`]: the core's [`Link`] over the simulated QEMU. Commands execute at once at the
 //! link's virtual time; waiting jumps the clock straight to the next thing a job does (or to the
-//! deadline), so a scenario never sleeps.
+//! deadline), so a scenario never sleeps. [`SimEffects`] carries out the driver's file
+//! operations on the same simulated host and records store writes and domain events.
 
+use std::cell::{Ref, RefCell, RefMut};
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use serde_json::{Value, json};
+use vbackup_core::domain::{DomainEvent, FileOp, StoreOp};
+use vbackup_core::driver::Effects;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::qmp::{ErrorClass, QmpCommand, QmpError as CoreQmpError, QmpIn};
 
@@ -18,7 +23,7 @@ const MAX_JUMPS: usize = 10_000;
 /// A [`Link`] to a simulated QEMU, with its own virtual clock.
 #[derive(Debug)]
 pub struct SimLink {
-    qemu: Qemu,
+    qemu: Rc<RefCell<Qemu>>,
     now: Timestamp,
     inbox: VecDeque<QmpIn>,
 }
@@ -27,12 +32,13 @@ impl SimLink {
     /// A link to `qemu`; a running process greets first.
     pub fn new(qemu: Qemu) -> Self {
         let now = Timestamp::from_ms(qemu.now_ms());
+        let running = qemu.is_running();
         let mut link = SimLink {
-            qemu,
+            qemu: Rc::new(RefCell::new(qemu)),
             now,
             inbox: VecDeque::new(),
         };
-        if link.qemu.is_running() {
+        if running {
             link.push_greeting();
         }
         link
@@ -44,42 +50,98 @@ impl SimLink {
         }
     }
 
-    /// The simulated QEMU (for guest writes, faults and checks).
-    pub fn qemu(&self) -> &Qemu {
-        &self.qemu
+    /// The simulated QEMU (for checks).
+    pub fn qemu(&self) -> Ref<'_, Qemu> {
+        self.qemu.borrow()
     }
 
-    /// The simulated QEMU, mutably.
-    pub fn qemu_mut(&mut self) -> &mut Qemu {
-        &mut self.qemu
+    /// The simulated QEMU, mutably (for guest writes and faults).
+    pub fn qemu_mut(&self) -> RefMut<'_, Qemu> {
+        self.qemu.borrow_mut()
+    }
+
+    /// Effects that act on this link's simulated host.
+    pub fn effects(&self) -> SimEffects {
+        SimEffects {
+            qemu: Rc::clone(&self.qemu),
+            store_ops: Vec::new(),
+            events: Vec::new(),
+            failing_store_writes: 0,
+        }
     }
 
     /// Moves the link's clock forward to `t` (jobs progress with it; their events queue up).
     pub fn advance_to(&mut self, t: Timestamp) -> Result<(), LinkError> {
         self.now = self.now.max(t);
-        self.qemu.advance(self.now.as_ms());
+        self.qemu.borrow_mut().advance(self.now.as_ms());
         self.pull_events()
     }
 
     /// Kills the QEMU process: the connection drops, pending messages are lost.
     pub fn crash(&mut self) {
-        self.qemu.crash();
+        self.qemu.borrow_mut().crash();
         self.inbox.clear();
     }
 
     /// Starts a fresh QEMU process over the same files; it greets on the new connection.
     pub fn restart(&mut self) {
-        self.qemu.restart();
+        self.qemu.borrow_mut().restart();
         self.inbox.clear();
-        self.qemu.advance(self.now.as_ms());
+        self.qemu.borrow_mut().advance(self.now.as_ms());
         self.push_greeting();
     }
 
     fn pull_events(&mut self) -> Result<(), LinkError> {
-        for e in self.qemu.take_events() {
+        let events = self.qemu.borrow_mut().take_events();
+        for e in events {
             self.inbox.push_back(QmpIn::from_value(e)?);
         }
         Ok(())
+    }
+}
+
+/// The driver's [`Effects`] on a simulated host: file operations act on the simulated file
+/// system at once (QEMU opens the file right after), store writes and domain events are kept
+/// for checks, and store writes can be made to fail.
+#[derive(Debug)]
+pub struct SimEffects {
+    qemu: Rc<RefCell<Qemu>>,
+    /// Every store write that succeeded, in order.
+    pub store_ops: Vec<StoreOp>,
+    /// Every domain event, in order.
+    pub events: Vec<DomainEvent>,
+    /// The next this many store writes fail.
+    pub failing_store_writes: usize,
+}
+
+impl Effects for SimEffects {
+    fn persist(&mut self, op: &StoreOp) -> Result<(), String> {
+        if self.failing_store_writes > 0 {
+            self.failing_store_writes -= 1;
+            return Err("injected store failure".into());
+        }
+        self.store_ops.push(op.clone());
+        Ok(())
+    }
+
+    fn file(&mut self, op: &FileOp) -> Result<(), String> {
+        let mut q = self.qemu.borrow_mut();
+        let fs = q.fs_mut();
+        match op {
+            FileOp::CreateExclusive { path } if fs.exists(path) => {
+                Err(format!("{path}: File exists"))
+            }
+            FileOp::CreateExclusive { path } => {
+                fs.touch(path);
+                Ok(())
+            }
+            FileOp::Remove { path } if fs.remove(path) => Ok(()),
+            FileOp::Remove { path } => Err(format!("{path}: No such file or directory")),
+        }
+    }
+
+    fn event(&mut self, event: &DomainEvent) {
+        self.events.push(event.clone());
     }
 }
 
@@ -102,10 +164,13 @@ impl Link for SimLink {
     }
 
     fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
-        if !self.qemu.is_running() {
+        if !self.qemu.borrow().is_running() {
             return Err(LinkError::Closed);
         }
-        let result = self.qemu.execute(self.now.as_ms(), &command_value(cmd));
+        let result = self
+            .qemu
+            .borrow_mut()
+            .execute(self.now.as_ms(), &command_value(cmd));
         if matches!(&result, Err(e) if e.class == NOT_RUNNING) {
             return Err(LinkError::Closed);
         }
@@ -123,10 +188,10 @@ impl Link for SimLink {
             if let Some(m) = self.inbox.pop_front() {
                 return Ok(Some(m));
             }
-            if !self.qemu.is_running() {
+            if !self.qemu.borrow().is_running() {
                 return Err(LinkError::Closed);
             }
-            let next = self.qemu.next_event_ms().map(Timestamp::from_ms);
+            let next = self.qemu.borrow().next_event_ms().map(Timestamp::from_ms);
             match (next, deadline) {
                 (Some(n), None) => self.advance_to(n)?,
                 (Some(n), Some(d)) if n <= d => self.advance_to(n)?,

@@ -226,6 +226,12 @@ impl Qemu {
         self.negotiated = false;
     }
 
+    /// A new client connects to the monitor of the running process: it greets again and
+    /// capabilities must be negotiated again; everything else stays.
+    pub fn new_monitor_connection(&mut self) {
+        self.negotiated = false;
+    }
+
     /// Attaches a guest device (`-device virtio-blk-pci,drive=NODE,id=ID`); its qdev path is
     /// `/machine/peripheral/ID/virtio-backend`.
     pub fn add_device(&mut self, id: &str, node: &str) -> Result<(), QmpError> {
