@@ -21,8 +21,9 @@ const QCOW2_EMPTY_FILE_BYTES: u64 = 197_120;
 /// One stored cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cluster {
-    /// Allocated with data (exactly one cluster long).
-    Data(Arc<[u8]>),
+    /// Allocated with data (exactly one cluster long). A `Vec` behind the `Arc` lets a fresh
+    /// cluster start from lazily zeroed memory, so a small write into it touches only its pages.
+    Data(Arc<Vec<u8>>),
     /// Allocated and reading as zeroes (a qcow2 zero cluster).
     Zero,
 }
@@ -98,7 +99,8 @@ impl ClusterMap {
             let n = (cs - in_off).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
             if in_off == 0 && n == cs {
-                self.map.insert(idx, Cluster::Data(Arc::from(chunk)));
+                self.map
+                    .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
             } else {
                 // Partial write: modify the cluster in place when nobody shares it, otherwise
                 // copy it once (clusters are shared with backups copied from this image).
@@ -106,10 +108,10 @@ impl ClusterMap {
                 let fresh = !matches!(slot, Cluster::Data(_));
                 if let Cluster::Data(d) = slot {
                     if Arc::get_mut(d).is_none() {
-                        *d = d.iter().copied().collect();
+                        *d = Arc::new(d.to_vec());
                     }
                 } else {
-                    *slot = Cluster::Data(std::iter::repeat_n(0u8, cs).collect());
+                    *slot = Cluster::Data(Arc::new(vec![0u8; cs]));
                 }
                 let Cluster::Data(d) = slot else {
                     unreachable!("made data above")
