@@ -87,6 +87,13 @@ fn setup(nodes: &Value) -> Qemu {
             None,
         );
     }
+    // A file node no qcow2 node uses is a raw disk.
+    for n in list.iter().filter(|n| n["drv"] == "file") {
+        let path = n["file"].as_str().unwrap();
+        if !fs.exists(path) {
+            fs.create_raw(path, n["image"]["virtual-size"].as_u64().unwrap());
+        }
+    }
     let mut q = Qemu::negotiated(
         fs,
         Config {
@@ -443,5 +450,36 @@ fn replayed_pull_export_serves_the_point_in_time_and_the_frozen_bitmap() {
             length: 67108864,
             flags: 0
         }]
+    );
+}
+
+#[test]
+fn replays_push_full_backup_of_a_qcow2_and_a_raw_disk() {
+    let _ = replay(
+        &["backup-push-full-raw-disk"],
+        "backup-push-full-raw-disk",
+        &[],
+    );
+}
+
+#[test]
+fn replays_checkpoint_size_queries() {
+    let _ = replay(&["checkpoint-dumpxml-size"], "checkpoint-dumpxml-size", &[]);
+    let _ = replay(
+        &["checkpoint-dumpxml-size-c2-c3"],
+        "checkpoint-dumpxml-size-c2-c3",
+        &[],
+    );
+}
+
+#[test]
+fn replays_empty_and_partial_checkpoint_transactions() {
+    let _ = replay(
+        &[
+            "checkpoint-create-diskspec-only-vdb-no",
+            "checkpoint-create-c1",
+        ],
+        "domain-start",
+        &[],
     );
 }
