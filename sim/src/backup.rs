@@ -1,6 +1,7 @@
 //! `blockdev-backup`: argument checks in QEMU's order with its texts, and the job set-up
 //! (sync bitmap frozen with a successor, copy-before-write filter inserted above the source,
-//! target blocked).
+//! target blocked). `on-source-error` and `on-target-error` are accepted; every policy acts as
+//! the default `report` (the job fails), since pausing on errors is not modelled.
 
 use std::collections::BTreeSet;
 

@@ -660,7 +660,9 @@ impl Qemu {
         match self.open_node(a, Some(name), true, &mut created) {
             Ok(_) => Ok(json!({})),
             Err(e) => {
+                // What was opened is closed again, cleanly: loaded bitmaps lose `in-use`.
                 for n in created.iter().rev() {
+                    self.store_bitmaps(n);
                     self.st.nodes.remove(n);
                 }
                 Err(e)

@@ -447,3 +447,29 @@ fn graph_refusals_for_missing_backing_files_sizes_read_only_targets_and_device_i
     let e = s.execute(0, &json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "vdz", "filename": "/r"}})).unwrap_err();
     assert_eq!(e.desc, "node-name=vdz is conflicting with a device id");
 }
+
+#[test]
+fn a_failed_blockdev_add_closes_what_it_opened_cleanly() {
+    let mut q = daemon_with_disk();
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "keep", "persistent": true}),
+    );
+    ok(&mut q, "blockdev-del", json!({"node-name": "disk"}));
+    ok(&mut q, "blockdev-del", json!({"node-name": "disk-file"}));
+    // The inline qcow2 child opens (loading its bitmap read-write); the parent's own option is
+    // then refused.
+    let e = err(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r", "offset": "bad",
+        "file": {"driver": "qcow2", "node-name": "inner", "file": {"driver": "file", "filename": "/img/disk.qcow2"}}}),
+    );
+    assert_eq!(e, "Invalid parameter type for 'offset', expected: integer");
+    assert!(run(&mut q, "blockdev-del", json!({"node-name": "inner"})).is_err());
+    assert_eq!(
+        q.fs().stored_bitmaps("/img/disk.qcow2").unwrap()["keep"].flags(),
+        ["auto"]
+    );
+}
