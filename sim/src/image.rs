@@ -175,6 +175,82 @@ impl FileContent {
     }
 }
 
+/// The logical content of an image through its backing chain, as clusters: cheap to take
+/// (cluster buffers are shared, not copied) and cheap to compare (shared buffers compare by
+/// pointer). Absent clusters and zero clusters both read as zeroes and compare equal.
+#[derive(Debug, Clone)]
+pub struct LogicalImage {
+    size: u64,
+    cluster_size: u64,
+    clusters: BTreeMap<u64, Cluster>,
+}
+
+impl LogicalImage {
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (past the end reads zeroes).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        let cs = self.cluster_size as usize;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let idx = off / self.cluster_size;
+            let in_off = (off % self.cluster_size) as usize;
+            let n = (cs - in_off).min(buf.len() - pos);
+            match self.clusters.get(&idx) {
+                Some(Cluster::Data(d)) => buf[pos..pos + n].copy_from_slice(&d[in_off..in_off + n]),
+                _ => buf[pos..pos + n].fill(0),
+            }
+            pos += n;
+        }
+    }
+
+    /// The full content as bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.size as usize];
+        for (idx, c) in &self.clusters {
+            if let Cluster::Data(d) = c {
+                let start = (idx * self.cluster_size) as usize;
+                let n = d.len().min(out.len().saturating_sub(start));
+                out[start..start + n].copy_from_slice(&d[..n]);
+            }
+        }
+        out
+    }
+
+    fn cluster_is_zero(c: Option<&Cluster>) -> bool {
+        match c {
+            None | Some(Cluster::Zero) => true,
+            Some(Cluster::Data(d)) => d.iter().all(|b| *b == 0),
+        }
+    }
+}
+
+impl PartialEq for LogicalImage {
+    fn eq(&self, other: &Self) -> bool {
+        if self.size != other.size {
+            return false;
+        }
+        if self.cluster_size != other.cluster_size {
+            return self.to_bytes() == other.to_bytes();
+        }
+        let keys: std::collections::BTreeSet<u64> = self
+            .clusters
+            .keys()
+            .chain(other.clusters.keys())
+            .copied()
+            .collect();
+        keys.into_iter()
+            .all(|k| match (self.clusters.get(&k), other.clusters.get(&k)) {
+                (Some(Cluster::Data(a)), Some(Cluster::Data(b))) => Arc::ptr_eq(a, b) || a == b,
+                (a, b) => Self::cluster_is_zero(a) && Self::cluster_is_zero(b),
+            })
+    }
+}
+
 /// Errors of the offline image tools.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {
@@ -410,6 +486,59 @@ impl FileSystem {
         }
     }
 
+    /// The logical content of the image at `path` through the backing chain its header names,
+    /// without copying data (see [`LogicalImage`]). Chains that mix cluster sizes are read
+    /// byte by byte.
+    pub fn logical_view(&self, path: &str) -> Result<LogicalImage, ImageError> {
+        self.logical_depth(path, 0)
+    }
+
+    fn logical_depth(&self, path: &str, depth: usize) -> Result<LogicalImage, ImageError> {
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(ImageError::ChainTooDeep(path.into()));
+        }
+        let (size, map, backing) = match self
+            .get(path)
+            .ok_or_else(|| ImageError::NotFound(path.into()))?
+        {
+            FileContent::Raw(r) => (r.size, &r.data, None),
+            FileContent::Qcow2(q) => (q.virtual_size, &q.data, q.backing_file.as_deref()),
+        };
+        let cs = map.cluster_size();
+        let mut clusters: BTreeMap<u64, Cluster> = match backing {
+            Some(b) => {
+                let base = self.logical_depth(b, depth + 1)?;
+                if base.cluster_size == cs {
+                    base.clusters
+                } else {
+                    let bytes = base.to_bytes();
+                    bytes
+                        .chunks(cs as usize)
+                        .enumerate()
+                        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+                        .map(|(i, c)| {
+                            let mut v = c.to_vec();
+                            v.resize(cs as usize, 0);
+                            (i as u64, Cluster::Data(Arc::new(v)))
+                        })
+                        .collect()
+                }
+            }
+            None => BTreeMap::new(),
+        };
+        // Clusters past the end of a shorter backing image read as zeroes.
+        let last = size.div_ceil(cs);
+        clusters.retain(|k, _| *k < last);
+        for (idx, c) in map.iter() {
+            clusters.insert(idx, c.clone());
+        }
+        Ok(LogicalImage {
+            size,
+            cluster_size: cs,
+            clusters,
+        })
+    }
+
     /// Offsets (cluster-aligned) and lengths of the clusters allocated in the image itself,
     /// as `qemu-img map` shows with depth 0.
     pub fn allocated_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, ImageError> {
@@ -477,5 +606,33 @@ mod tests {
         );
         fs.create_raw("/r", 100);
         assert!(fs.write_image("/r", 90, &[0; 20]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod logical_tests {
+    use super::*;
+
+    #[test]
+    fn logical_views_compare_by_content_not_by_allocation() {
+        let mut fs = FileSystem::new();
+        fs.create_qcow2("/a", 4 * 65536, 65536, None);
+        fs.write_image("/a", 65536, &[3; 65536]).unwrap();
+        fs.create_qcow2("/b", 4 * 65536, 65536, None);
+        fs.write_image("/b", 0, &[0; 65536]).unwrap();
+        fs.write_image("/b", 65536, &[3; 65536]).unwrap();
+        let (a, b) = (
+            fs.logical_view("/a").unwrap(),
+            fs.logical_view("/b").unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.to_bytes(), fs.read_image("/a").unwrap());
+        let mut part = [9u8; 4];
+        a.read_at(65534, &mut part);
+        assert_eq!(part, [0, 0, 3, 3]);
+        fs.write_image("/b", 7, &[1]).unwrap();
+        assert_ne!(fs.logical_view("/b").unwrap(), a);
+        fs.create_qcow2("/c", 4 * 65536, 4096, Some("/a"));
+        assert_eq!(fs.logical_view("/c").unwrap(), a);
     }
 }

@@ -45,13 +45,15 @@ mod node;
 mod persist;
 mod qcow2;
 mod qemu;
+pub mod sweep;
 mod transaction;
 
 pub use bitmap::Bits;
 pub use bitmap_commands::bitmaps_of;
 pub use errors::{QmpError, job_error};
 pub use image::{
-    Cluster, ClusterMap, FileContent, FileSystem, ImageError, MAX_CHAIN_DEPTH, RawFile,
+    Cluster, ClusterMap, FileContent, FileSystem, ImageError, LogicalImage, MAX_CHAIN_DEPTH,
+    RawFile,
 };
 pub use link::{SimEffects, SimLink, command_value, to_core_error};
 pub use nbd::{ExportError, ExportView};
