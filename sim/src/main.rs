@@ -1,11 +1,12 @@
 //! `vbackup-sim sweep --seeds A..B [--steps N]`: runs seeded random histories of the core over
 //! the simulator and prints every failure (one line each, with the seed that reproduces it),
-//! the outcome totals and seeds per second. `SIM_SEED=N` runs that one seed.
+//! the outcome totals and seeds per second. `SIM_SEED=N` runs that one seed; `--refusals` adds
+//! QEMU refusals of single commands to the faults.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use vbackup_sim::sweep::{SeedReport, run_seed};
+use vbackup_sim::sweep::{SeedReport, run_seed_with};
 
 const USAGE: &str =
     "usage: vbackup-sim sweep --seeds A..B [--steps N]   (or SIM_SEED=N vbackup-sim sweep)";
@@ -24,8 +25,14 @@ fn main() -> ExitCode {
     }
     let mut seeds = (0u64, 100u64);
     let mut steps = 200usize;
+    let mut refusals = false;
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--refusals" {
+            refusals = true;
+            i += 1;
+            continue;
+        }
         match (args[i].as_str(), args.get(i + 1)) {
             ("--seeds", Some(v)) => match parse_range(v) {
                 Some(r) => seeds = r,
@@ -58,18 +65,20 @@ fn main() -> ExitCode {
     let mut total = SeedReport::default();
     let mut failures = 0;
     for seed in seeds.0..seeds.1 {
-        match run_seed(seed, steps) {
+        match run_seed_with(seed, steps, refusals) {
             Ok(r) => {
                 total.backups_verified += r.backups_verified;
                 total.pulls_verified += r.pulls_verified;
                 total.refused += r.refused;
                 total.crashes += r.crashes;
                 total.writes += r.writes;
+                total.faults += r.faults;
             }
             Err(f) => {
                 failures += 1;
+                let flag = if refusals { " --refusals" } else { "" };
                 println!(
-                    "FAIL {f}   (reproduce: SIM_SEED={} cargo run --release -p vbackup-sim -- sweep --steps {steps})",
+                    "FAIL {f}   (reproduce: SIM_SEED={} cargo run --release -p vbackup-sim -- sweep --steps {steps}{flag})",
                     f.seed
                 );
             }
@@ -78,11 +87,12 @@ fn main() -> ExitCode {
     let n = seeds.1 - seeds.0;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{n} seeds x {steps} steps: {failures} failed; {} backups and {} pulls verified, {} refusals, {} crashes, {} guest writes; {:.1} seeds/s",
+        "{n} seeds x {steps} steps: {failures} failed; {} backups and {} pulls verified; {} requests refused by the core; faults: {} crashes, {} job errors or command refusals; {} guest writes; {:.1} seeds/s",
         total.backups_verified,
         total.pulls_verified,
         total.refused,
         total.crashes,
+        total.faults,
         total.writes,
         n as f64 / secs
     );

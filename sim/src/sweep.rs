@@ -3,7 +3,9 @@
 //! read and aborted, QEMU crashes and restarts. The checker: every push backup that the core
 //! reports complete restores, through the chain of backups it is incremental to, to exactly the
 //! disk at its point in time; a pull export reads the disk at the backup's start. A failure
-//! names its seed and step; `SIM_SEED=<seed>` with the sweep reproduces it.
+//! names its seed and step; `SIM_SEED=<seed>` with the sweep reproduces it. After the steps,
+//! faults stop and every job must end with nothing left behind in QEMU (no job, no node, no
+//! temporary bitmap, no export).
 
 use std::collections::BTreeMap;
 
@@ -24,7 +26,7 @@ use vbackup_core::model::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, St
 
 use crate::image::{FileSystem, LogicalImage};
 use crate::link::{SimEffects, SimLink};
-use crate::qemu::{Config, Flavor, Qemu};
+use crate::qemu::{Config, Fault, Flavor, Qemu};
 
 const MIB: u64 = 1 << 20;
 /// (target, node, path, size)
@@ -48,6 +50,8 @@ pub struct SeedReport {
     pub crashes: usize,
     /// Guest writes.
     pub writes: usize,
+    /// Job failures and command refusals injected.
+    pub faults: usize,
 }
 
 /// A broken invariant.
@@ -78,6 +82,8 @@ struct World {
     /// Checkpoints made together with a verified backup: checkpoint → per-disk backup paths.
     verified: BTreeMap<String, Vec<String>>,
     report: SeedReport,
+    /// Inject QEMU refusals of single commands.
+    refusals: bool,
 }
 
 fn boot(q: &mut Qemu) -> Result<(), String> {
@@ -176,7 +182,7 @@ fn spec(mode: BackupMode, incremental: Option<&str>, n: u64) -> BackupSpec {
 }
 
 impl World {
-    fn new(seed: u64) -> Result<Self, String> {
+    fn new(seed: u64, refusals: bool) -> Result<Self, String> {
         let mut fs = FileSystem::new();
         for (_, _, path, size) in DISKS {
             fs.create_qcow2(path, size, 65536, None);
@@ -205,6 +211,7 @@ impl World {
             pending: None,
             verified: BTreeMap::new(),
             report: SeedReport::default(),
+            refusals,
         };
         w.reconnect()?;
         Ok(w)
@@ -372,6 +379,7 @@ impl World {
         self.d.link_mut().crash();
         let _ = self.d.step(None);
         self.d.link_mut().restart();
+        self.d.link().qemu_mut().clear_faults();
         boot(&mut self.d.link().qemu_mut())?;
         self.pending = None;
         // Checkpoints made since the last clean close are gone; older ones are inconsistent.
@@ -415,6 +423,10 @@ impl World {
             Err(e) => return Err(format!("driver: {e}")),
         }
         self.settle()?;
+        // An injected fault is about the job it was aimed at; node names are reused later.
+        if self.d.domain().view().backup.is_none() {
+            self.d.link().qemu_mut().clear_faults();
+        }
         match self.rng.random_range(0..100) {
             0..=54 => self.guest_write(),
             55..=62 => {
@@ -434,20 +446,100 @@ impl World {
             67..=84 => self.push()?,
             85..=89 => self.pull()?,
             90 => self.crash()?,
+            91..=92 => self.fail_a_running_job(),
+            93 if self.refusals => self.refuse_next_command(),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Makes the target of a running push backup job fail its next write.
+    fn fail_a_running_job(&mut self) {
+        let mut q = self.d.link().qemu_mut();
+        let targets: Vec<String> =
+            q.st.jobs
+                .values()
+                .filter_map(|j| {
+                    j.backup()
+                        .filter(|b| b.sync != crate::job::SyncMode::None)
+                        .map(|b| b.target.clone())
+                })
+                .collect();
+        if let Some(node) = targets.first() {
+            let fault = if self.rng.random_bool(0.5) {
+                Fault::TargetIoError { node: node.clone() }
+            } else {
+                Fault::TargetNoSpace { node: node.clone() }
+            };
+            q.set_fault(fault);
+            self.report.faults += 1;
+        }
+    }
+
+    /// The next command of a random kind is refused by QEMU.
+    fn refuse_next_command(&mut self) {
+        const COMMANDS: [&str; 6] = [
+            "transaction",
+            "blockdev-add",
+            "blockdev-create",
+            "block-dirty-bitmap-remove",
+            "blockdev-del",
+            "query-named-block-nodes",
+        ];
+        let command = COMMANDS[self.rng.random_range(0..COMMANDS.len())].to_string();
+        self.d.link().qemu_mut().set_fault(Fault::RefuseCommand {
+            command,
+            error: crate::errors::QmpError::generic("injected refusal"),
+        });
+        self.report.faults += 1;
+    }
+
+    /// After every job ended: nothing the backups made is left in QEMU.
+    fn check_nothing_left_behind(&mut self) -> Result<(), String> {
+        let q = self.d.link().qemu();
+        if let Some(j) = q.st.jobs.keys().next() {
+            return Err(format!("job {j} is left in QEMU"));
+        }
+        let domain_nodes: Vec<String> = DISKS
+            .iter()
+            .flat_map(|(_, node, ..)| [node.to_string(), node.replace("-format", "-storage")])
+            .collect();
+        if let Some(n) = q.st.nodes.keys().find(|n| !domain_nodes.contains(n)) {
+            return Err(format!("node {n} is left in QEMU"));
+        }
+        for (_, node, ..) in DISKS {
+            if let Some(b) = q
+                .node(node)
+                .and_then(|n| n.bitmaps.iter().find(|b| !b.persistent))
+            {
+                return Err(format!(
+                    "temporary bitmap {} is left on {node}",
+                    b.display_name()
+                ));
+            }
+        }
+        if !q.st.exports.is_empty() || q.st.nbd.is_some() {
+            return Err("an NBD export or server is left running".into());
         }
         Ok(())
     }
 }
 
-/// Runs one seed for `steps` steps, then lets every job finish and checks once more.
+/// Runs one seed for `steps` steps, then lets every job finish and checks once more. The
+/// faults are job I/O errors and QEMU crashes.
 pub fn run_seed(seed: u64, steps: usize) -> Result<SeedReport, SweepFailure> {
+    run_seed_with(seed, steps, false)
+}
+
+/// As [`run_seed`]; `refusals` also makes QEMU refuse single commands now and then (cleanup
+/// commands included, which the liveness check then holds against the core).
+pub fn run_seed_with(seed: u64, steps: usize, refusals: bool) -> Result<SeedReport, SweepFailure> {
     let fail = |step: usize, message: String| SweepFailure {
         seed,
         step,
         message,
     };
-    let mut w = World::new(seed).map_err(|m| fail(0, m))?;
+    let mut w = World::new(seed, refusals).map_err(|m| fail(0, m))?;
     for step in 0..steps {
         w.step().map_err(|m| fail(step, m))?;
     }
@@ -460,6 +552,9 @@ pub fn run_seed(seed: u64, steps: usize) -> Result<SeedReport, SweepFailure> {
             .map_err(|e| fail(steps, format!("driver: {e}")))?;
     }
     w.settle().map_err(|m| fail(steps, m))?;
+    // Liveness: without faults, everything converges and nothing is left behind.
+    w.d.link().qemu_mut().clear_faults();
+    w.check_nothing_left_behind().map_err(|m| fail(steps, m))?;
     Ok(w.report)
 }
 
