@@ -21,8 +21,10 @@
 //! Fidelity is checked by replaying the recorded libvirt 11.3 ↔ QEMU 10.0.2 traces
 //! (`tests/replay.rs`: same replies, same event sequence per job and export), by a test per
 //! error text, and by seeded random histories whose every completed backup must restore to the
-//! disk at its point in time (`tests/random_histories.rs`). `cargo bench -p vbackup-sim --bench
-//! history` prints the cost of a 200-step history.
+//! disk at its point in time (`tests/random_histories.rs`). [`sweep`] runs seeded histories of
+//! the core's domain over the simulator with the same checker (`cargo run --release -p
+//! vbackup-sim -- sweep --seeds 0..500`). `cargo bench -p vbackup-sim --bench history` prints the
+//! cost of a 200-step history.
 //!
 //! Reads ([`Qemu::guest_read`], export views) observe the state as of the last call that moved
 //! time; they never move it themselves.
