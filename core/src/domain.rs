@@ -223,6 +223,11 @@ pub struct DomainConfig {
     pub tls: Option<TlsConfig>,
     /// Milliseconds after which an unanswered command counts as QEMU misbehaving.
     pub command_timeout_ms: u64,
+    /// QEMU already runs the NBD server pull backups must use (a managed qemu-storage-daemon
+    /// serving its guest exports: QEMU runs one NBD server per process). Pull backups then add
+    /// their exports to it and delete only those, never starting nor stopping the server; the
+    /// backup's `<server>` must name that server's address.
+    pub nbd_server_running: bool,
 }
 
 impl Default for DomainConfig {
@@ -232,6 +237,7 @@ impl Default for DomainConfig {
             nbd_port_max: 10872,
             tls: None,
             command_timeout_ms: 60_000,
+            nbd_server_running: false,
         }
     }
 }
@@ -367,7 +373,8 @@ impl Domain {
         journal: Option<BackupPlan>,
     ) -> Self {
         let mut jobs = JobSlots::new();
-        let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs));
+        let shared_server = config.nbd_server_running;
+        let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs, shared_server));
         Self {
             core: Core {
                 def,

@@ -595,3 +595,26 @@ fn drain_pauses_during_a_job_are_not_pauses() {
     let plan = h.domain.view().backup.unwrap();
     assert!(plan.disks.iter().all(|d| d.state == DiskJobState::Running));
 }
+
+#[test]
+fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let config = DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    let id = begin(&mut h, pull(None, unix(), None), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    assert!(!h.peer.exports.is_empty());
+    h.request(Request::AbortJob);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let transcript = h.transcript();
+    assert!(!transcript.contains("nbd-server-start"), "{transcript}");
+    assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
+    assert!(transcript.contains("block-export-del"), "{transcript}");
+    assert!(h.peer.nbd_running, "the server keeps serving");
+}
