@@ -1121,7 +1121,8 @@ fn print_stats(stats: Option<&Value>, json: bool) {
             println!("{label:<18}{}", human_bytes(b));
         }
     }
-    if let Some(msg) = st["errmsg"].as_str() {
+    // A pull backup ended by abort completes; its cancelled block jobs' message is noise.
+    if let (Some(msg), false) = (st["errmsg"].as_str(), status == "completed") {
         println!("{:<18}{msg}", "Error message:");
     }
 }

@@ -35,8 +35,8 @@ pub struct DemoArgs {
     /// Working directory (created; default: a new directory under /tmp, kept).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Size of each disk in MiB.
-    #[arg(long, default_value_t = 64)]
+    /// Size of each disk in MiB (the guest writes reach up to 54 MiB).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(64..))]
     pub size_mib: u64,
 }
 

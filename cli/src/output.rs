@@ -164,7 +164,7 @@ mod tests {
         let t = table(&["Name", "Creation Time"], &[vec!["c1".into(), "x".into()]]);
         assert_eq!(
             t,
-            " Name   Creation Time\n----------------------\n c1     x\n"
+            " Name   Creation Time\n-----------------------\n c1     x\n"
         );
     }
 }
