@@ -82,7 +82,7 @@ fn backup_all_generates_targets_named_after_the_source_and_suffix() {
     insta::assert_snapshot!(aligned.format());
     let vda = aligned.disks[0].backup.as_ref().unwrap();
     assert_eq!(
-        vda.store.as_ref().unwrap().path.as_deref(),
+        vda.store.as_ref().map(|s| s.path.as_str()),
         Some("/srv/lab/images/lab1-vda.qcow2.c7")
     );
     assert_eq!(vda.mode, Some(BackupDiskMode::Full));
@@ -181,7 +181,7 @@ fn listed_disk_without_target_gets_a_generated_name() {
         .as_ref()
         .unwrap();
     assert_eq!(
-        scratch.path.as_deref(),
+        Some(scratch.path.as_str()),
         Some("/srv/lab/images/lab1-vda.qcow2.c9")
     );
     assert!(

@@ -171,7 +171,7 @@ fn name_error(
     ctx.schema(node, format!("{what} '{value}' {err}"))
 }
 
-fn read_checkpoint(
+pub(crate) fn read_checkpoint(
     ctx: &Ctx<'_, '_>,
     text: &str,
     root: N<'_, '_>,
@@ -332,6 +332,9 @@ fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlEr
         if bitmap.is_empty() || bitmap.chars().any(char::is_control) {
             return Err(ctx.schema(node, format!("invalid bitmap name '{bitmap}'")));
         }
+    }
+    if checkpoint == CheckpointKind::No && node.attribute("size").is_some() {
+        return Err(ctx.schema(node, "attribute 'size' requires checkpoint='bitmap'"));
     }
     let size_bytes = match node.attribute("size") {
         Some(text) => Some(ctx.unsigned(node, "attribute 'size'", text)?),

@@ -6,8 +6,9 @@ use roxmltree::{Document, Node};
 
 /// Largest accepted document, in bytes.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-/// Deepest accepted element nesting (a `<domain>` with a long backing chain nests deeply).
-pub const MAX_DEPTH: usize = 256;
+/// Deepest accepted element nesting (a `<domain>` with a long backing chain nests deeply);
+/// below libxml2's own limit of 256, so that whatever we read libvirt could read too.
+pub const MAX_DEPTH: usize = 240;
 /// Most nodes (elements, attributes' owners, text, comments) a document may have.
 pub const MAX_NODES: u32 = 200_000;
 
@@ -300,9 +301,11 @@ impl<'a, 'input> Ctx<'a, 'input> {
         }
     }
 
-    /// Parses an unsigned decimal number (as xsd:unsignedLong: digits only, no sign).
+    /// Parses an unsigned decimal number as xsd:unsignedLong reads it: surrounding whitespace
+    /// and a leading `+` are allowed.
     pub fn unsigned(&self, node: N<'a, 'input>, what: &str, text: &str) -> Result<u64, XmlError> {
         let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        let trimmed = trimmed.strip_prefix('+').unwrap_or(trimmed);
         if trimmed.is_empty() || !trimmed.bytes().all(|b| b.is_ascii_digit()) {
             return Err(self.schema(
                 node,
