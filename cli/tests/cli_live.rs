@@ -405,3 +405,85 @@ fn demo_runs_end_to_end_and_verifies_every_backup() {
     assert!(stdout.contains("All backups match"));
     assert!(lab.daemon_pids().is_empty(), "the demo stops its daemon");
 }
+
+#[test]
+fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
+    let Some(lab) = Lab::new() else { return };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    lab.ok(&["checkpoint-create-as", "vm", "c2"]);
+    let saved = lab.file("c2.xml", &lab.ok(&["checkpoint-dumpxml", "vm", "c2"]));
+    lab.ok(&["checkpoint-delete", "vm", "c2", "--metadata"]);
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c1\n");
+    assert_eq!(
+        lab.ok(&[
+            "checkpoint-create",
+            "vm",
+            &saved,
+            "--redefine",
+            "--redefine-validate"
+        ]),
+        "Domain checkpoint c2 redefined\n"
+    );
+    assert_eq!(lab.ok(&["checkpoint-parent", "vm", "c2"]), "c1\n");
+    // A real delete removes the bitmap: validation now fails, a plain redefine does not look.
+    lab.ok(&["checkpoint-delete", "vm", "c2"]);
+    let err = lab.fails(&[
+        "checkpoint-create",
+        "vm",
+        &saved,
+        "--redefine",
+        "--redefine-validate",
+    ]);
+    assert!(err.starts_with("error: checkpoint inconsistent: "), "{err}");
+    lab.ok(&["checkpoint-create", "vm", &saved, "--redefine"]);
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "vm", "--leaves", "--name"]),
+        "c2\n"
+    );
+    assert!(lab.daemon_pids().is_empty());
+}
+
+#[test]
+fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::live::LiveLab;
+    use vbackup_qemu::qsd::QsdDisk;
+    let Some(lab) = Lab::new() else { return };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let img = lab.image("a.qcow2", 16);
+    let qsd = qemu
+        .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    let guest = qsd.guest_export_uri("vda");
+    // The monitor serves one client: vbackup's turn.
+    drop(qsd);
+    lab.ok(&[
+        "define",
+        "att",
+        "--disk",
+        &format!("vda={}", img.display()),
+        "--qmp",
+        &qmp,
+    ]);
+    lab.ok(&["checkpoint-create-as", "att", "c1"]);
+    tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 1M", &guest]));
+    let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
+    assert_eq!(dump["disks"][0]["size"], 1 << 20);
+    let reference = lab.path("ref.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
+            .arg(&reference),
+    );
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
+    assert!(identical(&full, &reference));
+    // vbackup never stops a QEMU it did not start.
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
+}
