@@ -15,7 +15,7 @@
 //!   reconcile it: a restart of vbackup never loses a job.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
@@ -23,7 +23,9 @@ use vbackup_core::backup::BackupPlan;
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
 use vbackup_core::domain::{DomainConfig, Reply, Request};
 use vbackup_core::driver::Driver;
+use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::DomainDef;
+use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
 use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
@@ -147,11 +149,47 @@ pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
     })
 }
 
+/// A link whose clock reads milliseconds since the Unix epoch, so times the core records (a
+/// job's start, kept in the journal) still mean something to the next invocation. The offset
+/// is fixed when the link is made and time then follows the inner link's monotonic clock.
+#[derive(Debug)]
+pub struct WallClockLink<L> {
+    inner: L,
+    offset_ms: u64,
+}
+
+impl<L: Link> WallClockLink<L> {
+    /// Wraps `inner`.
+    pub fn new(inner: L) -> Self {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let offset_ms = wall_ms.saturating_sub(inner.now().as_ms());
+        Self { inner, offset_ms }
+    }
+}
+
+impl<L: Link> Link for WallClockLink<L> {
+    fn now(&self) -> Timestamp {
+        self.inner.now().plus_ms(self.offset_ms)
+    }
+
+    fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
+        self.inner.send(id, cmd)
+    }
+
+    fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
+        let inner = deadline.map(|d| Timestamp::from_ms(d.as_ms().saturating_sub(self.offset_ms)));
+        self.inner.recv(inner)
+    }
+}
+
 /// A domain with a live QMP session driven by the core.
 #[derive(Debug)]
 pub struct Session {
     /// The driver over the QMP link with store effects.
-    pub driver: Driver<SocketLink, StoreEffects>,
+    pub driver: Driver<WallClockLink<SocketLink>, StoreEffects>,
     /// Managed or attached.
     pub attachment: Attachment,
     /// Run directory of the managed daemon.
@@ -236,7 +274,8 @@ impl Session {
         };
         let domain = Domain::new(def, config, tree, journal);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
-        let mut driver = Driver::new(domain, SocketLink::new(qmp), StoreEffects::new(store));
+        let link = WallClockLink::new(SocketLink::new(qmp));
+        let mut driver = Driver::new(domain, link, StoreEffects::new(store));
         driver.connected()?;
         let up = driver.run_until(|d| d.view().connected, STEPS)?;
         if !up {

@@ -373,6 +373,9 @@ fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
 
     let info = lab.json(&["domjobinfo", "vm", "--json"]);
     assert_eq!(info["status"], "running");
+    // The job's clock outlives the process that started it.
+    let elapsed = info["time_elapsed_ms"].as_u64().unwrap_or(0);
+    assert!(elapsed >= 300, "elapsed {elapsed} ms");
     let xml = lab.ok(&["backup-dumpxml", "vm"]);
     assert!(xml.contains("<incremental>c1</incremental>"), "{xml}");
     lab.ok(&["domjobabort", "vm"]);
