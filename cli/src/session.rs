@@ -103,6 +103,9 @@ pub struct Loaded {
 pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
     let ds = store.lock_domain(name)?;
     let Some(xml) = ds.read_domain_xml()? else {
+        // Locking made the directory; an unknown name leaves nothing behind (only an empty
+        // directory is removed).
+        let _ = std::fs::remove_dir(ds.dir());
         return Err(CliError::NoDomain(name.to_owned()));
     };
     let mut def = parse_domain(&xml)?;
