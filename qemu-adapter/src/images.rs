@@ -71,6 +71,9 @@ pub enum ImageError {
         /// What qemu-nbd printed.
         stderr: String,
     },
+    /// The image to create already exists (`qemu-img create` would silently truncate it).
+    #[error("{0} already exists")]
+    TargetExists(PathBuf),
     /// The NBD transfer failed.
     #[error(transparent)]
     Nbd(#[from] NbdError),
@@ -436,14 +439,21 @@ pub struct StoreReport {
 }
 
 /// Creates `target` (a fresh qcow2 of the source's size, or an overlay of `parent`) and writes
-/// the `ranges` `(offset, length)` read from `source` into it through a writable export. On
-/// failure the partly written image is removed.
+/// the `ranges` `(offset, length)` read from `source` into it through a writable export. The
+/// target's directory is created when missing; an existing target is refused. On failure the
+/// partly written image is removed.
 pub fn store_extents(
     source: &mut NbdClient,
     ranges: &[(u64, u64)],
     target: &Path,
     parent: Option<&Path>,
 ) -> Result<StoreReport, ImageError> {
+    if target.exists() {
+        return Err(ImageError::TargetExists(target.to_owned()));
+    }
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     match parent {
         Some(p) => create_overlay(target, p)?,
         None => create_full(target, source.info().size)?,
