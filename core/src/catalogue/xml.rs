@@ -117,7 +117,7 @@ impl ManagedBackup {
     pub fn parse(text: &str) -> Result<Self, XmlError> {
         let doc = load(text)?;
         validate(&doc)?;
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         let root = doc.root_element();
         if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
             return Err(ctx.schema(
