@@ -25,12 +25,14 @@ mod errors;
 mod guest;
 mod image;
 mod job;
+pub mod link;
 mod nbd;
 mod node;
 mod persist;
 mod qcow2;
 mod qemu;
 mod transaction;
+pub mod world;
 
 pub use bitmap::Bits;
 pub use bitmap_commands::bitmaps_of;
