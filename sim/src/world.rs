@@ -59,6 +59,16 @@ pub struct HistoryConfig {
     pub faults: bool,
     /// Keep the QMP trace and the step log (for determinism checks and debugging).
     pub trace: bool,
+    /// Restart vbackup (and fail store writes) at any moment, also while a backup is being
+    /// set up or runs. Off, those two faults only strike between backups: the core does not
+    /// yet clean up what an interrupted backup left in QEMU (see the crate's history tests).
+    pub engine_faults_anywhere: bool,
+    /// The fault kinds the safety phase draws from.
+    pub fault_kinds: Vec<FaultKind>,
+    /// Abort also while a backup is still being set up (its begin not answered yet). Off by
+    /// default: the core leaves a running image-creation job behind then (see the crate's
+    /// history tests).
+    pub abort_during_setup: bool,
 }
 
 impl HistoryConfig {
@@ -69,6 +79,9 @@ impl HistoryConfig {
             steps: 200,
             faults: true,
             trace: false,
+            engine_faults_anywhere: false,
+            fault_kinds: FaultKind::ALL.to_vec(),
+            abort_during_setup: false,
         }
     }
 }
@@ -103,6 +116,11 @@ impl FaultKind {
         FaultKind::EngineRestart,
         FaultKind::StoreWriteFailed,
     ];
+
+    /// The kind called `name` (see [`FaultKind::name`]).
+    pub fn from_name(name: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == name)
+    }
 
     /// A short name.
     pub fn name(self) -> &'static str {
@@ -158,14 +176,16 @@ pub struct Failure {
     pub step: usize,
     /// What is wrong.
     pub what: String,
+    /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`), or empty.
+    pub env: String,
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "SIM_SEED={} cargo test --release -p vbackup-sim --test history -- seed_from_env --nocapture  # step {}: {}",
-            self.seed, self.step, self.what
+            "SIM_SEED={}{} cargo test --release -p vbackup-sim --test history -- seed_from_env --nocapture  # step {}: {}",
+            self.seed, self.env, self.step, self.what
         )
     }
 }
@@ -438,12 +458,12 @@ struct ActiveBackup {
     mode: BackupMode,
     incremental: Option<String>,
     dir: String,
-    point: Option<BTreeMap<String, Vec<u8>>>,
+    point: Option<Rc<BTreeMap<String, Vec<u8>>>>,
 }
 
 #[derive(Debug, Clone)]
 struct CheckpointContent {
-    disks: BTreeMap<String, Vec<u8>>,
+    disks: Rc<BTreeMap<String, Vec<u8>>>,
     crash_epoch: u64,
 }
 
@@ -454,6 +474,9 @@ struct World {
     driver: Option<Driver<SimLink, SimEffects>>,
     def: DomainDef,
     faults_on: bool,
+    engine_faults_anywhere: bool,
+    fault_kinds: Vec<FaultKind>,
+    abort_during_setup: bool,
     trace: bool,
     log: Vec<String>,
     stats: HistoryStats,
@@ -466,7 +489,7 @@ struct World {
     deleted_metadata: Vec<Checkpoint>,
     /// Checkpoints redefined from metadata (their bitmaps are not guaranteed).
     redefined: BTreeSet<String>,
-    last_backup_point: Option<BTreeMap<String, Vec<u8>>>,
+    last_backup_point: Option<Rc<BTreeMap<String, Vec<u8>>>>,
     backup: Option<ActiveBackup>,
     events_seen: usize,
     crash_epoch: u64,
@@ -509,6 +532,9 @@ impl World {
             driver: Some(driver),
             def,
             faults_on: config.faults,
+            engine_faults_anywhere: config.engine_faults_anywhere,
+            fault_kinds: config.fault_kinds.clone(),
+            abort_during_setup: config.abort_during_setup,
             trace: config.trace,
             log: Vec::new(),
             stats: HistoryStats::default(),
@@ -530,10 +556,24 @@ impl World {
     }
 
     fn fail(&self, what: impl Into<String>) -> Failure {
+        let mut env = String::new();
+        if !self.faults_on {
+            env.push_str(" SIM_FAULTS=none");
+        } else if self.fault_kinds != FaultKind::ALL {
+            let names: Vec<&str> = self.fault_kinds.iter().map(|k| k.name()).collect();
+            env.push_str(&format!(" SIM_FAULTS={}", names.join(",")));
+        }
+        if self.engine_faults_anywhere {
+            env.push_str(" SIM_ENGINE_FAULTS_ANYWHERE=1");
+        }
+        if self.abort_during_setup {
+            env.push_str(" SIM_ABORT_DURING_SETUP=1");
+        }
         Failure {
             seed: self.seed,
             step: self.step,
             what: what.into(),
+            env,
         }
     }
 
@@ -713,7 +753,13 @@ impl World {
                     reuse_external: false,
                 }
             }
-            80..=91 => Request::AbortJob,
+            80..=91 => {
+                let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
+                if setting_up && !self.abort_during_setup {
+                    return;
+                }
+                Request::AbortJob
+            }
             _ => Request::JobStats {
                 completed: self.chance(50),
                 keep_completed: self.chance(50),
@@ -739,7 +785,21 @@ impl World {
     }
 
     fn fault(&mut self) -> Result<(), Failure> {
-        let kind = FaultKind::ALL[self.below(FaultKind::ALL.len() as u64) as usize];
+        // A store write armed to fail strikes at the next write, which may belong to a backup.
+        if !self.engine_faults_anywhere && self.driver().effects().fail_next_persist {
+            return Ok(());
+        }
+        if self.fault_kinds.is_empty() {
+            return Ok(());
+        }
+        let i = self.below(self.fault_kinds.len() as u64) as usize;
+        let kind = self.fault_kinds[i];
+        let engine_fault = matches!(kind, FaultKind::EngineRestart | FaultKind::StoreWriteFailed);
+        let backup_busy = self.driver().domain().view().backup.is_some()
+            || self.pending.values().any(|d| d.starts_with("backup-begin"));
+        if engine_fault && backup_busy && !self.engine_faults_anywhere {
+            return Ok(());
+        }
         let applied = match kind {
             FaultKind::CommandRefused => {
                 const NAMES: [&str; 11] = [
@@ -930,6 +990,23 @@ impl World {
                 let desc = self.pending.remove(&id).unwrap_or_default();
                 self.note(|| format!("answer #{} {desc}: {}", id.0, describe_answer(&answer)));
                 let candidate = self.candidates.remove(&id);
+                if let Err(e) = &answer
+                    && e.category() == "link-lost"
+                    && let Some(target) = desc
+                        .strip_prefix("checkpoint-delete ")
+                        .and_then(|r| r.split(' ').next())
+                {
+                    // The core reported that the deletion's outcome is unknown: QEMU may have
+                    // removed the bitmaps before the connection dropped.
+                    let mut names = self
+                        .driver()
+                        .domain()
+                        .view()
+                        .checkpoints
+                        .descendants_preorder(target);
+                    names.push(target.to_owned());
+                    self.resurrected.extend(names);
+                }
                 if answer.is_ok() {
                     self.stats.requests_ok += 1;
                     if let Some(mut b) = candidate {
@@ -959,11 +1036,12 @@ impl World {
     }
 
     fn on_point(&mut self, p: PointInTime) {
+        let disks = Rc::new(p.disks);
         for b in &p.persistent_bitmaps {
             self.contents.insert(
                 b.clone(),
                 CheckpointContent {
-                    disks: p.disks.clone(),
+                    disks: disks.clone(),
                     crash_epoch: self.crash_epoch,
                 },
             );
@@ -971,7 +1049,7 @@ impl World {
             self.resurrected.remove(b);
         }
         if !p.jobs.is_empty() {
-            self.last_backup_point = Some(p.disks);
+            self.last_backup_point = Some(disks);
         }
     }
 
@@ -1058,7 +1136,11 @@ impl World {
     }
 
     fn check(&mut self) -> Result<(), Failure> {
-        self.check_pull()?;
+        // A pull client reads at random moments (every export is read once when the backup
+        // begins); reading every step would cost more than the rest of the history.
+        if self.chance(15) {
+            self.check_pull()?;
+        }
         // No disk in two block jobs.
         {
             let q = self.qemu.borrow();
@@ -1135,13 +1217,19 @@ impl World {
             }
         }
         self.pump(1)?;
+        // Let a backup being set up start first: an abort during preparation is a history
+        // step of its own, not the liveness phase's business.
+        self.pump(5_000)?;
         // End a running backup (a pull only ends by abort).
         for _ in 0..20 {
             self.step += 1;
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            if self.driver().domain().view().backup.is_some() {
+            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
+            if self.driver().domain().view().backup.is_some()
+                && (self.abort_during_setup || !setting_up)
+            {
                 let _ = self.driver().submit(Request::AbortJob).map(|id| {
                     self.pending.insert(id, "abort (liveness)".into());
                 });
@@ -1160,7 +1248,10 @@ impl World {
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            if self.driver().domain().view().backup.is_some() {
+            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
+            if self.driver().domain().view().backup.is_some()
+                && (self.abort_during_setup || !setting_up)
+            {
                 let _ = self.driver().submit(Request::AbortJob).map(|id| {
                     self.pending.insert(id, "abort (liveness)".into());
                 });

@@ -1,4 +1,4 @@
-//! `vbackup-sim sweep --seeds A..B [--steps N] [--no-faults]`: runs seeded histories of the
+//! `vbackup-sim sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]`: runs seeded histories of the
 //! core against the simulated QEMU and prints failures (one reproducing line each), seeds per
 //! second and the fault mix. Exits 1 when a seed fails, 2 on bad arguments.
 
@@ -8,7 +8,9 @@ use std::time::Instant;
 use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: vbackup-sim sweep --seeds A..B [--steps N] [--no-faults]");
+    eprintln!(
+        "usage: vbackup-sim sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]"
+    );
     ExitCode::from(2)
 }
 
@@ -26,6 +28,9 @@ fn main() -> ExitCode {
     let mut seeds = None;
     let mut steps = 200;
     let mut faults = true;
+    let mut anywhere = false;
+    let mut abort_setup = false;
+    let mut kinds = FaultKind::ALL.to_vec();
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -39,6 +44,25 @@ fn main() -> ExitCode {
                     None => return usage(),
                 }
                 i += 2;
+            }
+            "--faults" => {
+                let parsed: Option<Vec<FaultKind>> = args
+                    .get(i + 1)
+                    .map(|s| s.split(',').map(FaultKind::from_name).collect())
+                    .unwrap_or(None);
+                match parsed {
+                    Some(k) => kinds = k,
+                    None => return usage(),
+                }
+                i += 2;
+            }
+            "--abort-during-setup" => {
+                abort_setup = true;
+                i += 1;
+            }
+            "--engine-faults-anywhere" => {
+                anywhere = true;
+                i += 1;
             }
             "--no-faults" => {
                 faults = false;
@@ -59,6 +83,9 @@ fn main() -> ExitCode {
             steps,
             faults,
             trace: false,
+            engine_faults_anywhere: anywhere,
+            fault_kinds: kinds.clone(),
+            abort_during_setup: abort_setup,
         });
         total.add(&out.stats);
         if let Some(f) = out.failure {
