@@ -45,16 +45,14 @@ fn validate_accepts_every_kind_of_valid_document() {
 
 #[test]
 fn validate_prints_file_line_column_path_and_fails() {
-    let bad = path("xml/backup/invalid/socket-relative-path.xml");
+    let bad = path("xml/backup/invalid/port-out-of-range.xml");
     let good = path("xml/backup/valid/empty.xml");
     let out = vbackup(&["xml", "validate", &good, &bad]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(
         stderr,
-        format!(
-            "{bad}:2:3: /domainbackup/server: backup socket path 'run/b.sock' must be absolute\n"
-        )
+        format!("{bad}:2:3: /domainbackup/server: port '70000' is out of range (0 to 65535)\n")
     );
 }
 

@@ -177,6 +177,12 @@ pub enum Request {
     },
     /// Abort the running job (ends a pull backup normally).
     AbortJob,
+    /// Cancel one disk's backup job (libvirt's block-job abort); the other disks are then
+    /// cancelled too.
+    BlockJobAbort {
+        /// Disk target.
+        disk: String,
+    },
 }
 
 /// Successful answers.
@@ -210,6 +216,63 @@ pub enum DomainEvent {
     CheckpointCreated(String),
     /// A checkpoint was deleted.
     CheckpointDeleted(String),
+    /// After connecting, checkpoint metadata and QEMU's bitmaps disagree (a crash between
+    /// QEMU's confirmation and the metadata write, a QEMU crash, or outside changes).
+    BitmapDrift(BitmapDrift),
+}
+
+/// Disagreement between checkpoint metadata and the bitmaps QEMU has.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BitmapDrift {
+    /// `(checkpoint, disk)` whose bitmap chain is missing or broken: incremental backups from
+    /// it will be refused for that disk until a full backup; deleting it needs metadata-only
+    /// deletion when the bitmap is gone from every layer.
+    pub missing: Vec<(String, String)>,
+    /// `(node, bitmap)`: persistent bitmaps on a disk's top layer that no checkpoint owns, such
+    /// as the bitmap of a checkpoint whose metadata was never written. Redefining the
+    /// checkpoint adopts it; removing it discards it.
+    pub orphans: Vec<(String, String)>,
+}
+
+/// Compares checkpoint metadata with QEMU's node data.
+fn bitmap_drift(core: &Core, nodes: &NodeTable) -> BitmapDrift {
+    let mut drift = BitmapDrift::default();
+    let mut owned: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
+    for c in core.tree.iter() {
+        for (target, bitmap) in c.bitmap_disks() {
+            let Ok(layers) = disk_layers(&core.def, target) else {
+                continue;
+            };
+            if let Some(top) = core
+                .def
+                .disk(target)
+                .and_then(|d| d.top())
+                .and_then(|l| l.node_name.as_deref())
+            {
+                owned.insert((top, bitmap));
+            }
+            if !crate::chain::chain_is_valid(nodes, &layers, bitmap) {
+                drift.missing.push((c.name.clone(), target.to_owned()));
+            }
+        }
+    }
+    for disk in &core.def.disks {
+        let Some(top) = disk.top().and_then(|l| l.node_name.as_deref()) else {
+            continue;
+        };
+        let Some(node) = nodes.get(top) else {
+            continue;
+        };
+        for b in &node.bitmaps {
+            if let Some(name) = b.name.as_deref()
+                && b.persistent
+                && !owned.contains(&(top, name))
+            {
+                drift.orphans.push((top.to_owned(), name.to_owned()));
+            }
+        }
+    }
+    drift
 }
 
 /// Host configuration a domain needs.
@@ -223,6 +286,11 @@ pub struct DomainConfig {
     pub tls: Option<TlsConfig>,
     /// Milliseconds after which an unanswered command counts as QEMU misbehaving.
     pub command_timeout_ms: u64,
+    /// Query the node data before removing a checkpoint's bitmaps even when every disk has a
+    /// single layer (libvirt always does). Without it, single-layer disks go straight to the
+    /// removal transaction, which QEMU refuses atomically if a bitmap is missing; disks with
+    /// backing layers are always queried, because the bitmap may live in several of them.
+    pub query_nodes_before_delete: bool,
 }
 
 impl Default for DomainConfig {
@@ -232,6 +300,7 @@ impl Default for DomainConfig {
             nbd_port_max: 10872,
             tls: None,
             command_timeout_ms: 60_000,
+            query_nodes_before_delete: false,
         }
     }
 }
@@ -276,6 +345,7 @@ pub(crate) enum Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SessionTag {
     Capabilities,
+    DriftQuery,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +522,13 @@ impl Domain {
                         );
                     }
                 }
+                if let Some(run) = self.backup.take() {
+                    self.backup = if run.deadline(timeout).is_some_and(|d| now >= d) {
+                        run.on_timeout(&mut self.core, &mut ctx)
+                    } else {
+                        Some(run)
+                    };
+                }
             }
             Input::Reconnected => {
                 // Whatever was outstanding on the old session is lost.
@@ -470,9 +547,11 @@ impl Domain {
 
     /// When [`Input::Tick`] should next be fed: the earliest command timeout.
     pub fn next_deadline(&self) -> Option<Timestamp> {
+        let timeout = self.core.config.command_timeout_ms;
         self.pending
             .values()
-            .map(|p| p.sent.plus_ms(self.core.config.command_timeout_ms))
+            .map(|p| p.sent.plus_ms(timeout))
+            .chain(self.backup.as_ref().and_then(|b| b.deadline(timeout)))
             .min()
     }
 
@@ -518,6 +597,20 @@ impl Domain {
                     core.connected = true;
                     if let Some(run) = backup.take() {
                         *backup = run.on_reconnected(core, ctx);
+                    }
+                    if !core.tree.is_empty() {
+                        ctx.send(Owner::Session(SessionTag::DriftQuery), cmd::query_nodes());
+                    }
+                }
+            }
+            Owner::Session(SessionTag::DriftQuery) => {
+                if let Ok(nodes) = result
+                    .map_err(|e| refused(&pending.name, &e))
+                    .and_then(|v| node_table(&v))
+                {
+                    let drift = bitmap_drift(core, &nodes);
+                    if !drift.missing.is_empty() || !drift.orphans.is_empty() {
+                        ctx.emit(DomainEvent::BitmapDrift(drift));
                     }
                 }
             }
@@ -591,7 +684,14 @@ impl Domain {
                 checkpoint,
                 validate: false,
             } => {
-                let r = crate::checkpoint::ops::redefine_now(core, ctx, checkpoint);
+                // Metadata only, but not under an operation that is reading the tree.
+                let r = match core.jobs.short_job() {
+                    Some(holder) => Err(crate::error::ConflictError::DomainJob {
+                        holder: holder.to_string(),
+                    }
+                    .into()),
+                    None => crate::checkpoint::ops::redefine_now(core, ctx, checkpoint),
+                };
                 answer(ctx, r.map(|()| Reply::Done));
             }
             Request::CheckpointCreate { .. }
@@ -641,6 +741,10 @@ impl Domain {
             }
             Request::AbortJob => match backup.take() {
                 Some(run) => *backup = run.abort(core, ctx, req),
+                None => answer(ctx, Err(RequestError::NoJob.into())),
+            },
+            Request::BlockJobAbort { disk } => match backup.take() {
+                Some(run) => *backup = run.abort_disk(core, ctx, req, &disk),
                 None => answer(ctx, Err(RequestError::NoJob.into())),
             },
         }

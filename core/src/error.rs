@@ -113,6 +113,9 @@ pub enum RequestError {
     /// There is no job to abort.
     #[error("no job is active on the domain")]
     NoJob,
+    /// The backup was aborted while it was being started.
+    #[error("backup aborted before it started")]
+    Aborted,
     /// No TCP port was given and the configured range has none free.
     #[error("no free TCP port in {min}..={max} for the NBD server")]
     NoFreePort {

@@ -14,6 +14,8 @@ use crate::error::ConflictError;
 pub enum JobKind {
     /// A push or pull backup.
     Backup,
+    /// A backup being started (its preparation talks to QEMU).
+    BackupStart,
     /// Creating a checkpoint.
     CheckpointCreate(String),
     /// Deleting a checkpoint.
@@ -30,6 +32,7 @@ impl std::fmt::Display for JobKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             JobKind::Backup => f.write_str("backup"),
+            JobKind::BackupStart => f.write_str("backup-begin"),
             JobKind::CheckpointCreate(n) => write!(f, "checkpoint-create {n}"),
             JobKind::CheckpointDelete(n) => write!(f, "checkpoint-delete {n}"),
             JobKind::CheckpointSize(n) => write!(f, "checkpoint-size {n}"),

@@ -333,6 +333,13 @@ fn pull_export_failure_keeps_checkpoint_and_cancels_jobs() {
     assert!(h.domain.view().checkpoints.get("c2").is_some());
     assert!(h.domain.view().backup.is_none());
     assert!(h.peer.jobs.is_empty());
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert!(
+        s.errmsg
+            .unwrap()
+            .contains("Bitmap 'backup-vda' is not found")
+    );
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -594,4 +601,200 @@ fn drain_pauses_during_a_job_are_not_pauses() {
     begin(&mut h, pull(None, unix(), None), None);
     let plan = h.domain.view().backup.unwrap();
     assert!(plan.disks.iter().all(|d| d.state == DiskJobState::Running));
+}
+
+#[test]
+fn checkpoint_operations_wait_out_the_backup_start() {
+    let def = lab_domain();
+    let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
+    let t = Timestamp::from_ms(0);
+    let out = d.handle(t, Input::Reconnected);
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!()
+    };
+    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    let out = d.handle(
+        t,
+        Input::Request(
+            RequestId(1),
+            Request::BackupBegin {
+                spec: push(None),
+                checkpoint: None,
+                reuse_external: false,
+            },
+        ),
+    );
+    assert!(matches!(out.first(), Some(Output::Send(..))));
+    let out = d.handle(
+        t,
+        Input::Request(
+            RequestId(2),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda"]),
+                quiesce: false,
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![Output::Respond(
+            RequestId(2),
+            Err(Error::Conflict(ConflictError::DomainJob {
+                holder: "backup-begin".into()
+            }))
+        )]
+    );
+}
+
+/// A pull backup with TLS and a new checkpoint touches every kind of command; a failure of
+/// any one of them must leave QEMU, the files and the slots as they were (except after the
+/// transaction, where the checkpoint stays and the jobs are cancelled).
+#[test]
+fn failure_at_each_step_of_the_start_leaves_nothing_behind() {
+    let config = DomainConfig {
+        tls: Some(TlsConfig {
+            cert_dir: "/etc/pki/vbackup".into(),
+            verify_peer: false,
+            secret_file: None,
+        }),
+        ..DomainConfig::default()
+    };
+    let mut transcripts = Vec::new();
+    for (command, nth) in [
+        ("query-named-block-nodes", 0),
+        ("blockdev-add", 0),
+        ("blockdev-create", 0),
+        ("query-jobs", 0),
+        ("blockdev-add", 1),
+        ("blockdev-add", 3),
+        ("object-add", 0),
+        ("nbd-server-start", 0),
+        ("transaction", 0),
+        ("block-export-add", 1),
+    ] {
+        let def = lab_domain();
+        let mut peer = Peer::for_domain(&def, &lab_sizes());
+        for n in ["libvirt-2-format", "libvirt-1-format"] {
+            peer.add_bitmap(n, "c1", 1 << 20);
+        }
+        let mut tree = CheckpointTree::new();
+        tree.insert_created(checkpoint("c1", &["vda", "vdb"]))
+            .unwrap();
+        let mut h = Harness::with_config(def, peer, tree, config.clone());
+        h.connect();
+        let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+        h.peer.fail_after(command, nth, "injected failure");
+        h.note(&format!("{command} #{nth} fails"));
+        let id = begin(&mut h, pull(Some("c1"), unix(), Some(true)), Some("c2"));
+        assert!(
+            matches!(h.answer(id), Some(Err(_))),
+            "{command} #{nth}: {:?}",
+            h.answer(id)
+        );
+        let after_transaction = command == "block-export-add";
+        if after_transaction {
+            h.note("the jobs were cancelled; the checkpoint stays");
+            assert!(h.domain.view().checkpoints.get("c2").is_some());
+        } else {
+            assert!(h.domain.view().checkpoints.get("c2").is_none(), "{command}");
+            assert!(!h.peer.has_bitmap("libvirt-2-format", "c2"));
+        }
+        assert!(h.domain.view().backup.is_none(), "{command}");
+        assert!(h.domain.view().jobs.long_job().is_none());
+        assert!(h.domain.view().jobs.short_job().is_none());
+        assert!(h.domain.view().jobs.busy_disks().is_empty());
+        assert!(
+            h.peer.files.is_empty(),
+            "{command}: files left {:?}",
+            h.peer.files
+        );
+        assert!(
+            h.peer.jobs.is_empty(),
+            "{command}: jobs left {:?}",
+            h.peer.jobs
+        );
+        assert_eq!(
+            h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+            nodes_before,
+            "{command}: nodes left"
+        );
+        assert!(!h.peer.nbd_running, "{command}: NBD server left running");
+        transcripts.push(h.transcript());
+    }
+    insta::assert_snapshot!(transcripts.join("\n\n"));
+}
+
+#[test]
+fn abort_while_starting_rolls_back_once_nothing_is_in_flight() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    let t = Timestamp::from_ms(0);
+    let out = h.domain.handle(
+        t,
+        Input::Request(
+            RequestId(1),
+            Request::BackupBegin {
+                spec: push(Some("c1")),
+                checkpoint: Some(checkpoint("c2", &["vda", "vdb"])),
+                reuse_external: false,
+            },
+        ),
+    );
+    let Some(Output::Send(id, query)) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    let out = h
+        .domain
+        .handle(t, Input::Request(RequestId(2), Request::AbortJob));
+    assert!(matches!(
+        out.as_slice(),
+        [Output::Respond(RequestId(2), Ok(Reply::Done))]
+    ));
+    let (result, _) = h.peer.execute(&query);
+    h.feed(Input::Reply(id, result));
+    assert_eq!(
+        h.answer(1),
+        Some(&Err(Error::Request(RequestError::Aborted)))
+    );
+    assert!(h.domain.view().checkpoints.get("c2").is_none());
+    assert!(h.domain.view().jobs.long_job().is_none());
+    assert!(h.domain.view().jobs.short_job().is_none());
+    assert_eq!(h.peer.nodes.len(), 4);
+    assert!(h.peer.files.is_empty());
+}
+
+#[test]
+fn creation_job_that_never_concludes_times_out_and_rolls_back() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.silent_create_jobs = true;
+    let id = begin(&mut h, push(None), None);
+    assert_eq!(h.answer(id), None, "still waiting for the creation job");
+    let deadline = h.domain.next_deadline().expect("a deadline while waiting");
+    h.now_ms = deadline.as_ms();
+    h.feed(Input::Tick);
+    let Some(Err(Error::QemuMisbehaved(msg))) = h.answer(id) else {
+        panic!("{:?}", h.answer(id))
+    };
+    assert!(msg.contains("create-libvirt-3-format never concluded"));
+    assert!(h.peer.files.is_empty());
+    assert!(h.domain.view().jobs.long_job().is_none());
+    assert_eq!(h.domain.next_deadline(), None);
+}
+
+#[test]
+fn cancelling_one_disk_cancels_the_whole_push() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let id = h.request(Request::BlockJobAbort { disk: "vdb".into() });
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Cancelled);
+    assert!(h.peer.files.is_empty());
+    let cancels: Vec<&String> = h
+        .lines
+        .iter()
+        .filter(|l| l.contains("block-job-cancel"))
+        .collect();
+    assert_eq!(cancels.len(), 2);
+    assert!(cancels[0].contains(r#""device":"backup-vdb-libvirt-1-format","force":false"#));
+    assert!(cancels[1].contains(r#""device":"backup-vda-libvirt-2-format","force":true"#));
 }

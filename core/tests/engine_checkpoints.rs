@@ -352,3 +352,21 @@ fn unanswered_command_times_out_as_qemu_misbehaving() {
     assert!(h.domain.view().checkpoints.is_empty());
     assert_eq!(h.domain.next_deadline(), None);
 }
+
+#[test]
+fn connecting_reports_missing_and_orphan_bitmaps() {
+    use vbackup_core::domain::Input;
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.add_bitmap("libvirt-2-format", "c1", 0);
+    peer.add_bitmap("libvirt-1-format", "c9", 0);
+    let mut tree = CheckpointTree::new();
+    tree.insert_created(checkpoint("c1", &["vda", "vdb"]))
+        .unwrap();
+    let mut h = Harness::new(def, peer, tree);
+    h.feed(Input::Reconnected);
+    insta::assert_snapshot!(h.transcript());
+    assert!(h.transcript().contains(
+        r#"BitmapDrift(BitmapDrift { missing: [("c1", "vdb")], orphans: [("libvirt-1-format", "c9")] })"#
+    ));
+}

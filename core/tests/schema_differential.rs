@@ -52,6 +52,12 @@ fn xmllint_verdicts(grammar: Grammar, files: &[PathBuf]) -> BTreeMap<PathBuf, bo
                 verdicts.insert(PathBuf::from(file), true);
             } else if let Some(file) = line.strip_suffix(" fails to validate") {
                 verdicts.insert(PathBuf::from(file), false);
+            } else if let Some((file, _)) = line.split_once(": parser error :") {
+                // libxml2 refused to parse it (for instance nesting deeper than its limit of
+                // 256): the document is rejected. `FILE:LINE: parser error : ...`.
+                if let Some((file, _)) = file.rsplit_once(':') {
+                    verdicts.entry(PathBuf::from(file)).or_insert(false);
+                }
             }
         }
         for file in chunk {
@@ -180,7 +186,7 @@ const DISK_NAMES: &[&str] = &[
     "vd",
     "",
 ];
-const YES_NO: &[&str] = &["yes", "no", " yes ", "maybe"];
+const YES_NO: &[&str] = &["yes", "no", " yes ", "maybe", "&#9;no", "YES"];
 const PATHS: &[&str] = &["/b/vda.qcow2", "/dev/sdz", "relative.qcow2", "/a b", ""];
 const NUMBERS: &[&str] = &[
     "0",
@@ -436,6 +442,12 @@ impl Builder<'_> {
                 let quote = if self.chance(50) { '\'' } else { '"' };
                 self.out.push_str(&format!(" {attr}={quote}{value}{quote}"));
             }
+        }
+        if self.chance(1) {
+            self.out.push_str(" xmlns='urn:elsewhere'");
+        }
+        if self.chance(1) {
+            self.out.push_str(" xml:lang='en'");
         }
         if self.chance(1) {
             self.out.push_str(" stray='1'");

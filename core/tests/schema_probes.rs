@@ -112,3 +112,25 @@ fn wrong_root_is_a_positioned_violation() {
         "2:1: /domainbackup: unexpected element `domainbackup`; expected `domaincheckpoint`"
     );
 }
+
+#[test]
+fn threads_validate_concurrently_with_their_own_caches() {
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                for j in 0..50 {
+                    let good =
+                        format!("<domaincheckpoint><name>c{i}-{j}</name></domaincheckpoint>");
+                    let bad = format!("<domaincheckpoint><name>.c{i}</name></domaincheckpoint>");
+                    let doc = roxmltree::Document::parse(&good).unwrap();
+                    assert!(validate(&doc, Grammar::Checkpoint).is_ok());
+                    let doc = roxmltree::Document::parse(&bad).unwrap();
+                    assert!(validate(&doc, Grammar::Checkpoint).is_err());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker finished");
+    }
+}

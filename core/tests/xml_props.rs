@@ -63,7 +63,7 @@ fn checkpoint_disk() -> impl Strategy<Value = CheckpointDisk> {
                 CheckpointKind::No
             },
             bitmap: bitmap.filter(|_| tracked),
-            size_bytes,
+            size_bytes: size_bytes.filter(|_| tracked),
             origin: Origin::default(),
         })
 }
@@ -94,14 +94,20 @@ fn yes_no() -> impl Strategy<Value = Option<bool>> {
     option::of(any::<bool>())
 }
 
+/// The grammar's three forms of a seclabel.
 fn seclabel() -> impl Strategy<Value = Seclabel> {
-    (
-        option::of("[a-z]{1,8}"),
-        yes_no(),
-        yes_no(),
+    let no_relabel = Just((Some(false), None, None));
+    let relabel = (
+        prop_oneof![Just(None), Just(Some(true))],
         option::of(text()),
     )
-        .prop_map(|(model, relabel, labelskip, label)| Seclabel {
+        .prop_map(|(relabel, label)| (relabel, None, label));
+    let skip = any::<bool>().prop_map(|skip| (None, Some(skip), None));
+    (
+        option::of("[a-z]{1,8}"),
+        prop_oneof![no_relabel, relabel, skip],
+    )
+        .prop_map(|(model, (relabel, labelskip, label))| Seclabel {
             model,
             relabel,
             labelskip,
@@ -151,16 +157,13 @@ fn encryption() -> impl Strategy<Value = Encryption> {
 }
 
 fn store() -> impl Strategy<Value = BackupStore> {
-    (
-        option::of(abs_path()),
-        vec(seclabel(), 0..3),
-        option::of(encryption()),
-    )
-        .prop_map(|(path, seclabels, encryption)| BackupStore {
+    (abs_path(), vec(seclabel(), 0..3), option::of(encryption())).prop_map(
+        |(path, seclabels, encryption)| BackupStore {
             path,
             seclabels,
             encryption,
-        })
+        },
+    )
 }
 
 fn disk_backup(mode: BackupMode) -> impl Strategy<Value = DiskBackup> {
@@ -192,10 +195,13 @@ fn disk_backup(mode: BackupMode) -> impl Strategy<Value = DiskBackup> {
                 // The grammar's rules: a pull block disk needs a scratch, a pull <driver>
                 // needs a scratch and is qcow2, export names are pull-only, and a full disk
                 // names no checkpoint.
-                let store = if pull && block {
-                    Some(store.unwrap_or_default())
-                } else {
-                    store
+                let store = match store {
+                    None if pull && block => Some(BackupStore {
+                        path: "/dev/scratch".to_owned(),
+                        seclabels: Vec::new(),
+                        encryption: None,
+                    }),
+                    other => other,
                 };
                 let format = if pull {
                     format

@@ -1,6 +1,7 @@
 //! `blockdev-backup`: argument checks in QEMU's order with its texts, and the job set-up
 //! (sync bitmap frozen with a successor, copy-before-write filter inserted above the source,
-//! target blocked).
+//! target blocked). `on-source-error` and `on-target-error` are accepted; every policy acts as
+//! the default `report` (the job fails), since pausing on errors is not modelled.
 
 use std::collections::BTreeSet;
 
@@ -63,6 +64,7 @@ impl Qemu {
             &["report", "ignore", "enospc", "stop", "auto"],
         )?;
         let job_id = a.opt_str("job-id")?.unwrap_or("");
+        let filter_name = a.opt_str("filter-node-name")?;
 
         let source = self.lookup_device_or_node(device)?;
         let target = self.lookup_device_or_node(target_arg)?;
@@ -135,6 +137,14 @@ impl Qemu {
             return Err(QmpError::generic("Block node is read-only"));
         }
         self.check_new_job_id(job_id)?;
+        if let Some(f) = filter_name {
+            if !crate::args::id_wellformed(f) {
+                return Err(QmpError::invalid_node_name(f));
+            }
+            if self.st.nodes.contains_key(f) {
+                return Err(QmpError::duplicate_node(f));
+            }
+        }
 
         // Everything is checked: build the job.
         let target_cs = match self.image_path(&target).and_then(|p| self.fs.get(&p)) {
@@ -196,7 +206,10 @@ impl Qemu {
             }
         }
 
-        let filter = self.st.anon_node_name();
+        let filter = match filter_name {
+            Some(f) => f.to_string(),
+            None => self.st.anon_node_name(),
+        };
         let seq = self.st.next_node_seq;
         self.st.next_node_seq += 1;
         // The filter takes over the source's parents, except those below the target (a
@@ -306,5 +319,43 @@ impl Qemu {
     /// `blockdev-backup` outside a transaction behaves as a transaction of one action.
     pub(crate) fn cmd_blockdev_backup(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
         self.run_transaction(vec![crate::transaction::Action::Backup(a.clone())], false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::image::FileSystem;
+    use crate::qemu::{Config, Qemu};
+    use serde_json::json;
+
+    fn q() -> Qemu {
+        let mut fs = FileSystem::new();
+        fs.create_qcow2("/s.qcow2", 8 << 20, 65536, None);
+        fs.create_qcow2("/t.qcow2", 8 << 20, 1 << 20, None);
+        let mut q = Qemu::negotiated(fs, Config::default());
+        for (n, p) in [("s", "/s.qcow2"), ("t", "/t.qcow2")] {
+            q.execute(0, &json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": n, "file": {"driver": "file", "filename": p}}})).unwrap();
+        }
+        q
+    }
+
+    #[test]
+    fn the_copy_granule_follows_a_larger_target_cluster() {
+        let mut q = q();
+        q.execute(0, &json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "s", "target": "t", "sync": "full", "filter-node-name": "flt"}})).unwrap();
+        let b = q.st.jobs["j"].backup().unwrap();
+        assert_eq!(b.granule, 1 << 20);
+        assert_eq!(b.pending.count(), 8);
+        assert_eq!(b.filter, "flt");
+        assert_eq!(q.node("flt").unwrap().drv, "copy-before-write");
+    }
+
+    #[test]
+    fn a_taken_filter_name_is_refused_before_anything_changes() {
+        let mut q = q();
+        let e = q.execute(0, &json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "s", "target": "t", "sync": "full", "filter-node-name": "s"}})).unwrap_err();
+        assert_eq!(e.desc, "Duplicate nodes with node-name='s'");
+        assert!(q.st.jobs.is_empty());
+        assert!(q.take_events().is_empty());
     }
 }

@@ -314,14 +314,6 @@ impl QmpError {
     pub fn invalid_job_id(id: &str) -> Self {
         Self::generic(format!("Invalid job ID '{id}'"))
     }
-    /// `job-resume` of a job the user did not pause.
-    pub fn job_not_paused() -> Self {
-        Self::generic("Can't resume a job that was not paused")
-    }
-    /// `job-pause` of a job the user already paused.
-    pub fn job_already_paused() -> Self {
-        Self::generic("Job is already paused")
-    }
     /// `block-job-cancel` without force of a job the user paused.
     pub fn block_job_paused(id: &str) -> Self {
         Self::generic(format!(

@@ -21,8 +21,9 @@ const QCOW2_EMPTY_FILE_BYTES: u64 = 197_120;
 /// One stored cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cluster {
-    /// Allocated with data (exactly one cluster long).
-    Data(Arc<[u8]>),
+    /// Allocated with data (exactly one cluster long). A `Vec` behind the `Arc` lets a fresh
+    /// cluster start from lazily zeroed memory, so a small write into it touches only its pages.
+    Data(Arc<Vec<u8>>),
     /// Allocated and reading as zeroes (a qcow2 zero cluster).
     Zero,
 }
@@ -83,6 +84,13 @@ impl ClusterMap {
         mut fill_unallocated: impl FnMut(u64, &mut [u8]),
     ) {
         let cs = self.cluster_size as usize;
+        // Zero clusters read as zeroes; only unallocated ones fall through to the backing.
+        let first = offset / self.cluster_size;
+        let last = (offset + data.len() as u64).div_ceil(self.cluster_size);
+        let was_zero: Vec<u64> = [first, last.saturating_sub(1)]
+            .into_iter()
+            .filter(|i| matches!(self.map.get(i), Some(Cluster::Zero)))
+            .collect();
         let mut pos = 0usize;
         while pos < data.len() {
             let off = offset + pos as u64;
@@ -91,19 +99,28 @@ impl ClusterMap {
             let n = (cs - in_off).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
             if in_off == 0 && n == cs {
-                self.map.insert(idx, Cluster::Data(Arc::from(chunk)));
+                self.map
+                    .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
             } else {
-                let mut buf = match self.map.get(&idx) {
-                    Some(Cluster::Data(d)) => d.to_vec(),
-                    Some(Cluster::Zero) => vec![0; cs],
-                    None => {
-                        let mut b = vec![0; cs];
-                        fill_unallocated(idx, &mut b);
-                        b
+                // Partial write: modify the cluster in place when nobody shares it, otherwise
+                // copy it once (clusters are shared with backups copied from this image).
+                let slot = self.map.entry(idx).or_insert(Cluster::Zero);
+                let fresh = !matches!(slot, Cluster::Data(_));
+                if let Cluster::Data(d) = slot {
+                    if Arc::get_mut(d).is_none() {
+                        *d = Arc::new(d.to_vec());
                     }
+                } else {
+                    *slot = Cluster::Data(Arc::new(vec![0u8; cs]));
+                }
+                let Cluster::Data(d) = slot else {
+                    unreachable!("made data above")
                 };
+                let buf = Arc::get_mut(d).expect("unshared after copy");
+                if fresh && !was_zero.contains(&idx) {
+                    fill_unallocated(idx, buf);
+                }
                 buf[in_off..in_off + n].copy_from_slice(chunk);
-                self.map.insert(idx, Cluster::Data(Arc::from(buf)));
             }
             pos += n;
         }
@@ -155,6 +172,82 @@ impl FileContent {
             FileContent::Raw(r) => r.size,
             FileContent::Qcow2(q) => QCOW2_EMPTY_FILE_BYTES + q.data.allocated() * q.cluster_size,
         }
+    }
+}
+
+/// The logical content of an image through its backing chain, as clusters: cheap to take
+/// (cluster buffers are shared, not copied) and cheap to compare (shared buffers compare by
+/// pointer). Absent clusters and zero clusters both read as zeroes and compare equal.
+#[derive(Debug, Clone)]
+pub struct LogicalImage {
+    size: u64,
+    cluster_size: u64,
+    clusters: BTreeMap<u64, Cluster>,
+}
+
+impl LogicalImage {
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (past the end reads zeroes).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        let cs = self.cluster_size as usize;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let idx = off / self.cluster_size;
+            let in_off = (off % self.cluster_size) as usize;
+            let n = (cs - in_off).min(buf.len() - pos);
+            match self.clusters.get(&idx) {
+                Some(Cluster::Data(d)) => buf[pos..pos + n].copy_from_slice(&d[in_off..in_off + n]),
+                _ => buf[pos..pos + n].fill(0),
+            }
+            pos += n;
+        }
+    }
+
+    /// The full content as bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.size as usize];
+        for (idx, c) in &self.clusters {
+            if let Cluster::Data(d) = c {
+                let start = (idx * self.cluster_size) as usize;
+                let n = d.len().min(out.len().saturating_sub(start));
+                out[start..start + n].copy_from_slice(&d[..n]);
+            }
+        }
+        out
+    }
+
+    fn cluster_is_zero(c: Option<&Cluster>) -> bool {
+        match c {
+            None | Some(Cluster::Zero) => true,
+            Some(Cluster::Data(d)) => d.iter().all(|b| *b == 0),
+        }
+    }
+}
+
+impl PartialEq for LogicalImage {
+    fn eq(&self, other: &Self) -> bool {
+        if self.size != other.size {
+            return false;
+        }
+        if self.cluster_size != other.cluster_size {
+            return self.to_bytes() == other.to_bytes();
+        }
+        let keys: std::collections::BTreeSet<u64> = self
+            .clusters
+            .keys()
+            .chain(other.clusters.keys())
+            .copied()
+            .collect();
+        keys.into_iter()
+            .all(|k| match (self.clusters.get(&k), other.clusters.get(&k)) {
+                (Some(Cluster::Data(a)), Some(Cluster::Data(b))) => Arc::ptr_eq(a, b) || a == b,
+                (a, b) => Self::cluster_is_zero(a) && Self::cluster_is_zero(b),
+            })
     }
 }
 
@@ -393,6 +486,59 @@ impl FileSystem {
         }
     }
 
+    /// The logical content of the image at `path` through the backing chain its header names,
+    /// without copying data (see [`LogicalImage`]). Chains that mix cluster sizes are read
+    /// byte by byte.
+    pub fn logical_view(&self, path: &str) -> Result<LogicalImage, ImageError> {
+        self.logical_depth(path, 0)
+    }
+
+    fn logical_depth(&self, path: &str, depth: usize) -> Result<LogicalImage, ImageError> {
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(ImageError::ChainTooDeep(path.into()));
+        }
+        let (size, map, backing) = match self
+            .get(path)
+            .ok_or_else(|| ImageError::NotFound(path.into()))?
+        {
+            FileContent::Raw(r) => (r.size, &r.data, None),
+            FileContent::Qcow2(q) => (q.virtual_size, &q.data, q.backing_file.as_deref()),
+        };
+        let cs = map.cluster_size();
+        let mut clusters: BTreeMap<u64, Cluster> = match backing {
+            Some(b) => {
+                let base = self.logical_depth(b, depth + 1)?;
+                if base.cluster_size == cs {
+                    base.clusters
+                } else {
+                    let bytes = base.to_bytes();
+                    bytes
+                        .chunks(cs as usize)
+                        .enumerate()
+                        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+                        .map(|(i, c)| {
+                            let mut v = c.to_vec();
+                            v.resize(cs as usize, 0);
+                            (i as u64, Cluster::Data(Arc::new(v)))
+                        })
+                        .collect()
+                }
+            }
+            None => BTreeMap::new(),
+        };
+        // Clusters past the end of a shorter backing image read as zeroes.
+        let last = size.div_ceil(cs);
+        clusters.retain(|k, _| *k < last);
+        for (idx, c) in map.iter() {
+            clusters.insert(idx, c.clone());
+        }
+        Ok(LogicalImage {
+            size,
+            cluster_size: cs,
+            clusters,
+        })
+    }
+
     /// Offsets (cluster-aligned) and lengths of the clusters allocated in the image itself,
     /// as `qemu-img map` shows with depth 0.
     pub fn allocated_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, ImageError> {
@@ -460,5 +606,33 @@ mod tests {
         );
         fs.create_raw("/r", 100);
         assert!(fs.write_image("/r", 90, &[0; 20]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod logical_tests {
+    use super::*;
+
+    #[test]
+    fn logical_views_compare_by_content_not_by_allocation() {
+        let mut fs = FileSystem::new();
+        fs.create_qcow2("/a", 4 * 65536, 65536, None);
+        fs.write_image("/a", 65536, &[3; 65536]).unwrap();
+        fs.create_qcow2("/b", 4 * 65536, 65536, None);
+        fs.write_image("/b", 0, &[0; 65536]).unwrap();
+        fs.write_image("/b", 65536, &[3; 65536]).unwrap();
+        let (a, b) = (
+            fs.logical_view("/a").unwrap(),
+            fs.logical_view("/b").unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.to_bytes(), fs.read_image("/a").unwrap());
+        let mut part = [9u8; 4];
+        a.read_at(65534, &mut part);
+        assert_eq!(part, [0, 0, 3, 3]);
+        fs.write_image("/b", 7, &[1]).unwrap();
+        assert_ne!(fs.logical_view("/b").unwrap(), a);
+        fs.create_qcow2("/c", 4 * 65536, 4096, Some("/a"));
+        assert_eq!(fs.logical_view("/c").unwrap(), a);
     }
 }

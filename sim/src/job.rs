@@ -10,7 +10,9 @@
 //! - I/O error: `BLOCK_JOB_ERROR`, aborting, `BLOCK_JOB_COMPLETED` with `error`, concluded;
 //! - graph changes pause and resume every running job: one pair for a transaction, an export
 //!   added, a reopen or another backup finishing; three pairs for an export deleted or another
-//!   backup aborting.
+//!   backup aborting;
+//! - jobs that finish copying at the same moment all reach `pending` before any completes (no
+//!   pairs between them), and the later one completes first.
 
 use serde_json::{Value, json};
 
@@ -238,52 +240,67 @@ impl Qemu {
     }
 
     /// The earliest moment a job acts by itself: (time, job id).
-    pub(crate) fn next_milestone(&self) -> Option<(u64, String)> {
-        let mut best: Option<(u64, u64, String)> = None;
-        for job in self.st.jobs.values() {
-            if job.status != JobStatus::Running || job.user_paused {
-                continue;
-            }
-            let t = match &job.kind {
-                JobKind::Create(c) => Some(c.finish_ms),
-                JobKind::Backup(b) => {
-                    if b.failure.is_some() {
-                        Some(self.now_ms)
-                    } else if b.sync == SyncMode::None {
-                        None
+    /// When a running job next acts by itself, if ever.
+    fn milestone_of(&self, job: &Job) -> Option<u64> {
+        if job.status != JobStatus::Running || job.user_paused {
+            return None;
+        }
+        match &job.kind {
+            JobKind::Create(c) => Some(c.finish_ms),
+            JobKind::Backup(b) => {
+                if b.failure.is_some() {
+                    Some(self.now_ms)
+                } else if b.sync == SyncMode::None {
+                    None
+                } else {
+                    let rate = u128::from(self.job_rate(job));
+                    let remaining = b.pending.count() * b.granule;
+                    let need = if self.fault_for(b).is_some() {
+                        remaining.min(b.granule)
                     } else {
-                        let rate = u128::from(self.job_rate(job));
-                        let remaining = b.pending.count() * b.granule;
-                        let need = if self.fault_for(b).is_some() {
-                            remaining.min(b.granule)
-                        } else {
-                            remaining
-                        };
-                        let bytes = u128::from(job.epoch_done + need) * 1000;
-                        Some(job.epoch_ms + bytes.div_ceil(rate) as u64)
-                    }
-                }
-            };
-            if let Some(t) = t {
-                let key = (t, job.seq, job.id.clone());
-                if best.as_ref().is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
-                    best = Some(key);
+                        remaining
+                    };
+                    let bytes = u128::from(job.epoch_done + need) * 1000;
+                    Some(job.epoch_ms + bytes.div_ceil(rate) as u64)
                 }
             }
         }
-        best.map(|(t, _, id)| (t, id))
     }
 
-    /// Lets jobs act up to `now`: milestones in time order, then partial progress.
+    /// The earliest moment a job acts by itself: (time, job id).
+    pub(crate) fn next_milestone(&self) -> Option<(u64, String)> {
+        self.st
+            .jobs
+            .values()
+            .filter_map(|j| self.milestone_of(j).map(|t| (t, j.seq, j.id.clone())))
+            .min()
+            .map(|(t, _, id)| (t, id))
+    }
+
+    /// Lets jobs act up to `now`: milestones in time order, then partial progress. Jobs that
+    /// finish copying at the same moment all reach `pending` before any is finalized, and the
+    /// later ones complete first, as QEMU's nested drain during finalization makes it happen.
     pub(crate) fn run_jobs_until(&mut self, now: u64) {
         let now = now.max(self.now_ms);
         for _ in 0..10_000 {
-            match self.next_milestone() {
-                Some((t, id)) if t <= now => {
-                    self.now_ms = self.now_ms.max(t);
-                    self.job_milestone(&id);
-                }
-                _ => break,
+            let Some((t, _)) = self.next_milestone().filter(|(t, _)| *t <= now) else {
+                break;
+            };
+            self.now_ms = self.now_ms.max(t);
+            let mut due: Vec<(u64, String)> = self
+                .st
+                .jobs
+                .values()
+                .filter(|j| self.milestone_of(j) == Some(t))
+                .map(|j| (j.seq, j.id.clone()))
+                .collect();
+            due.sort();
+            let mut finalize = Vec::new();
+            for (_, id) in due {
+                finalize.extend(self.job_milestone(&id));
+            }
+            for id in finalize.iter().rev() {
+                self.finalize_success(id);
             }
         }
         self.now_ms = now;
@@ -389,9 +406,10 @@ impl Qemu {
         }
     }
 
-    fn job_milestone(&mut self, id: &str) {
+    /// One job's milestone; returns the jobs now ready to be finalized.
+    fn job_milestone(&mut self, id: &str) -> Vec<String> {
         let Some(job) = self.st.jobs.get_mut(id) else {
-            return;
+            return Vec::new();
         };
         match &mut job.kind {
             JobKind::Create(c) => {
@@ -400,7 +418,7 @@ impl Qemu {
                     Ok((path, content)) => {
                         job.current = 1;
                         self.fs.put(&path, content);
-                        self.job_reached_end(id);
+                        self.job_reached_end(id)
                     }
                     Err(e) => {
                         self.abort_job(
@@ -411,6 +429,7 @@ impl Qemu {
                             },
                             Some(e),
                         );
+                        Vec::new()
                     }
                 }
             }
@@ -425,7 +444,7 @@ impl Qemu {
                 });
                 if let Some((operation, error)) = fault {
                     self.abort_job(id, Abort::Failed { operation, error }, None);
-                    return;
+                    return Vec::new();
                 }
                 let todo: Vec<u64> = self
                     .st
@@ -437,7 +456,7 @@ impl Qemu {
                 for g in todo {
                     self.copy_granule(id, g);
                 }
-                self.job_reached_end(id);
+                self.job_reached_end(id)
             }
         }
     }
@@ -468,7 +487,9 @@ impl Qemu {
         members.into_iter().map(|(_, i)| i).collect()
     }
 
-    fn job_reached_end(&mut self, id: &str) {
+    /// A job finished its work: `waiting`, and `pending` once its whole transaction is there.
+    /// Returns the jobs to finalize now (auto-finalize), or emits `BLOCK_JOB_PENDING`.
+    fn job_reached_end(&mut self, id: &str) -> Vec<String> {
         self.set_status(id, JobStatus::Waiting);
         let members = self.txn_members(id);
         let all_waiting = members.iter().all(|m| {
@@ -478,7 +499,7 @@ impl Qemu {
                 .is_some_and(|j| j.status == JobStatus::Waiting)
         });
         if !all_waiting {
-            return;
+            return Vec::new();
         }
         for m in &members {
             self.set_status(m, JobStatus::Pending);
@@ -487,17 +508,15 @@ impl Qemu {
             .iter()
             .all(|m| self.st.jobs.get(m).is_some_and(|j| j.auto_finalize));
         if auto {
-            for m in &members {
-                self.finalize_success(m);
-            }
-        } else {
-            for m in &members {
-                if let Some(j) = self.st.jobs.get(m).filter(|j| j.is_block_job()) {
-                    let data = json!({"type": j.type_str(), "id": j.id});
-                    self.emit("BLOCK_JOB_PENDING", data);
-                }
+            return members;
+        }
+        for m in &members {
+            if let Some(j) = self.st.jobs.get(m).filter(|j| j.is_block_job()) {
+                let data = json!({"type": j.type_str(), "id": j.id});
+                self.emit("BLOCK_JOB_PENDING", data);
             }
         }
+        Vec::new()
     }
 
     fn finalize_success(&mut self, id: &str) {
@@ -559,7 +578,14 @@ impl Qemu {
         if is_block {
             self.release_job_resources(id, false);
             if started {
-                self.drain_running_jobs_except(3, id);
+                // The other members of a grouped transaction are cancelled with it, not drained.
+                let members = self.txn_members(id);
+                let others: Vec<String> = self
+                    .running_jobs(id)
+                    .into_iter()
+                    .filter(|j| !members.contains(j))
+                    .collect();
+                self.drain_jobs(3, &others);
             }
             let mut data = self
                 .st
@@ -697,11 +723,15 @@ impl Qemu {
 
     fn drain_running_jobs_except(&mut self, pairs: usize, except: &str) {
         let ids = self.running_jobs(except);
+        self.drain_jobs(pairs, &ids);
+    }
+
+    fn drain_jobs(&mut self, pairs: usize, ids: &[String]) {
         for _ in 0..pairs {
-            for id in &ids {
+            for id in ids {
                 self.set_status(id, JobStatus::Paused);
             }
-            for id in &ids {
+            for id in ids {
                 self.set_status(id, JobStatus::Running);
             }
         }
@@ -767,17 +797,13 @@ impl Qemu {
         }
         match verb {
             Verb::Cancel => self.abort_job(&id, Abort::Cancelled, None),
+            // The verb table already refuses pausing a paused job and resuming a running one:
+            // only a user pause leaves a job in `paused` between commands.
             Verb::Pause => {
-                if job.user_paused {
-                    return Err(QmpError::job_already_paused());
-                }
                 self.st.jobs.get_mut(&id).expect("found").user_paused = true;
                 self.set_status(&id, JobStatus::Paused);
             }
             Verb::Resume => {
-                if !job.user_paused {
-                    return Err(QmpError::job_not_paused());
-                }
                 let now = self.now_ms;
                 let j = self.st.jobs.get_mut(&id).expect("found");
                 j.user_paused = false;

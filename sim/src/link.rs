@@ -1,294 +1,326 @@
-//! [`SimLink`]: the core's [`Link`] over a simulated [`Qemu`], on virtual time.
-//!
-//! Contract: `send` encodes the typed command to its wire JSON, executes it at once at the
-//! link's current time and queues the reply (with the command's id) after the events the
-//! command caused. `recv` hands out queued messages first; when none is queued it jumps the
-//! virtual clock to the next thing a job does by itself, or to the deadline, and never sleeps.
-//! A session starts with the greeting; a dropped session answers [`LinkError::Closed`] until
-//! [`SimLink::reconnect`]. Waiting without a deadline on an idle QEMU would never end, so it is
-//! reported as [`LinkError::Io`] with [`IDLE_FOREVER`] instead of hanging.
-//!
-//! The QEMU is shared (`Rc<RefCell<_>>`) with whatever stands for the host around it: the
-//! file effects that create image files, the guest that writes, the checkers that read images.
+//! [`SimLink`]: the core's [`Link`] over the simulated QEMU. Commands execute at once at the
+//! link's virtual time; waiting jumps the clock straight to the next thing a job does (or to the
+//! deadline), so a scenario never sleeps. [`SimEffects`] carries out the driver's file
+//! operations on the same simulated host and records store writes and domain events.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::cell::{Ref, RefCell, RefMut};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use vbackup_core::domain::{DomainEvent, FileOp, StoreOp};
+use vbackup_core::driver::Effects;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
-use vbackup_core::qmp::{QmpCommand, QmpIn};
-use vbackup_core::trace::TraceEntry;
+use vbackup_core::qmp::{ErrorClass, QmpCommand, QmpError as CoreQmpError, QmpIn};
 
+use crate::errors::{NOT_RUNNING, QmpError};
 use crate::qemu::Qemu;
 
-/// The text of the error a wait without deadline on an idle simulated QEMU gives.
-pub const IDLE_FOREVER: &str = "simulated QEMU is idle: waiting without a deadline never ends";
+/// Most clock jumps one `recv` makes before giving up (each one produces an event, so this
+/// bound is never reached by a healthy simulation).
+const MAX_JUMPS: usize = 10_000;
 
-/// A QEMU shared between the link and the simulated host.
-pub type SharedQemu = Rc<RefCell<Qemu>>;
-
-/// Link faults, armed by the caller and consumed by the link.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LinkFaults {
-    /// The connection drops right after the n-th next command executed (0 = the next one),
-    /// before its reply arrives.
-    pub drop_after_command: Option<u32>,
-}
-
-/// The core's [`Link`] over a simulated QEMU.
+/// A [`Link`] to a simulated QEMU, with its own virtual clock.
 #[derive(Debug)]
 pub struct SimLink {
-    qemu: SharedQemu,
-    queue: VecDeque<QmpIn>,
-    now_ms: u64,
-    open: bool,
-    faults: LinkFaults,
-    sent: u64,
-    record: Option<Vec<TraceEntry>>,
-    points: Vec<PointInTime>,
-}
-
-/// The guest-visible content of every device at the moment a `transaction` succeeded, with
-/// what the transaction created: the point in time of the checkpoints and backups it began.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PointInTime {
-    /// Persistent bitmaps the transaction added (checkpoint bitmaps).
-    pub persistent_bitmaps: Vec<String>,
-    /// Backup jobs the transaction started.
-    pub jobs: Vec<String>,
-    /// Device id → the whole disk as the guest saw it.
-    pub disks: BTreeMap<String, Vec<u8>>,
+    qemu: Rc<RefCell<Qemu>>,
+    now: Timestamp,
+    inbox: VecDeque<QmpIn>,
 }
 
 impl SimLink {
-    /// A link with a fresh session: the greeting is queued.
-    pub fn new(qemu: SharedQemu) -> Self {
-        let now_ms = qemu.borrow().now_ms();
-        let mut link = Self {
-            qemu,
-            queue: VecDeque::new(),
-            now_ms,
-            open: false,
-            faults: LinkFaults::default(),
-            sent: 0,
-            record: None,
-            points: Vec::new(),
+    /// A link to `qemu`; a running process greets first.
+    pub fn new(qemu: Qemu) -> Self {
+        let now = Timestamp::from_ms(qemu.now_ms());
+        let running = qemu.is_running();
+        let mut link = SimLink {
+            qemu: Rc::new(RefCell::new(qemu)),
+            now,
+            inbox: VecDeque::new(),
         };
-        link.reconnect();
+        if running {
+            link.push_greeting();
+        }
         link
     }
 
-    /// The shared QEMU.
-    pub fn qemu(&self) -> &SharedQemu {
-        &self.qemu
-    }
-
-    /// Whether a session is open.
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
-    /// Commands sent successfully so far.
-    pub fn commands_sent(&self) -> u64 {
-        self.sent
-    }
-
-    /// Starts keeping every message that crosses the link, in the core's trace form.
-    pub fn record(&mut self) {
-        self.record.get_or_insert_with(Vec::new);
-    }
-
-    /// The recorded trace as JSON Lines ([`vbackup_core::trace`]'s format), if recording.
-    pub fn trace_lines(&self) -> Option<String> {
-        self.record.as_ref().map(|entries| {
-            let mut out = String::new();
-            for e in entries {
-                out.push_str(&e.to_line());
-                out.push('\n');
-            }
-            out
-        })
-    }
-
-    /// Whether messages wait to be received.
-    pub fn has_queued(&self) -> bool {
-        !self.queue.is_empty()
-    }
-
-    /// Takes the points in time captured at successful transactions, oldest first.
-    pub fn take_points(&mut self) -> Vec<PointInTime> {
-        std::mem::take(&mut self.points)
-    }
-
-    /// Arms link faults (replacing those armed before).
-    pub fn set_faults(&mut self, faults: LinkFaults) {
-        self.faults = faults;
-    }
-
-    /// Drops the connection: queued messages are lost, sends and receives fail with
-    /// [`LinkError::Closed`] until [`SimLink::reconnect`].
-    pub fn drop_connection(&mut self) {
-        self.open = false;
-        self.queue.clear();
-    }
-
-    /// Opens a new QMP session on the same process (if it runs): the greeting is queued and
-    /// QEMU expects `qmp_capabilities` again. Events of the old session are lost.
-    pub fn reconnect(&mut self) {
-        self.queue.clear();
-        let mut q = self.qemu.borrow_mut();
-        q.take_events();
-        q.negotiated = false;
-        if q.is_running() {
-            self.open = true;
-            let greeting = QmpIn::from_value(Qemu::greeting());
-            if let Ok(g) = greeting {
-                self.queue.push_back(g);
-            }
-        } else {
-            self.open = false;
+    fn push_greeting(&mut self) {
+        if let Ok(g) = QmpIn::from_value(Qemu::greeting()) {
+            self.inbox.push_back(g);
         }
     }
 
-    /// Moves the link's clock (and QEMU's) forward to `ms`, queueing what jobs emit meanwhile.
-    pub fn advance_to(&mut self, ms: u64) {
-        if ms > self.now_ms {
-            self.now_ms = ms;
-        }
-        let now = self.now_ms;
-        self.qemu.borrow_mut().advance(now);
-        self.collect_events();
+    /// The simulated QEMU (for checks).
+    pub fn qemu(&self) -> Ref<'_, Qemu> {
+        self.qemu.borrow()
     }
 
-    fn capture_point(&mut self, wire: &Value) {
-        let mut point = PointInTime {
-            persistent_bitmaps: Vec::new(),
-            jobs: Vec::new(),
-            disks: BTreeMap::new(),
-        };
-        let actions = wire["arguments"]["actions"].as_array();
-        for a in actions.into_iter().flatten() {
-            let data = &a["data"];
-            match a["type"].as_str() {
-                Some("block-dirty-bitmap-add") if data["persistent"].as_bool() == Some(true) => {
-                    if let Some(n) = data["name"].as_str() {
-                        point.persistent_bitmaps.push(n.to_owned());
-                    }
-                }
-                Some("blockdev-backup") => {
-                    if let Some(j) = data["job-id"].as_str() {
-                        point.jobs.push(j.to_owned());
-                    }
-                }
-                _ => {}
-            }
-        }
-        let q = self.qemu.borrow();
-        for d in &q.st.devices {
-            if let Ok(content) = q.guest_disk(&d.id) {
-                point.disks.insert(d.id.clone(), content);
-            }
-        }
-        drop(q);
-        self.points.push(point);
+    /// The simulated QEMU, mutably (for guest writes and faults).
+    pub fn qemu_mut(&self) -> RefMut<'_, Qemu> {
+        self.qemu.borrow_mut()
     }
 
-    fn collect_events(&mut self) {
+    /// Effects that act on this link's simulated host.
+    pub fn effects(&self) -> SimEffects {
+        SimEffects {
+            qemu: Rc::clone(&self.qemu),
+            store_ops: Vec::new(),
+            events: Vec::new(),
+            failing_store_writes: 0,
+        }
+    }
+
+    /// Moves the link's clock forward to `t` (jobs progress with it; their events queue up).
+    pub fn advance_to(&mut self, t: Timestamp) -> Result<(), LinkError> {
+        self.now = self.now.max(t);
+        self.qemu.borrow_mut().advance(self.now.as_ms());
+        self.pull_events()
+    }
+
+    /// Kills the QEMU process: the connection drops, pending messages are lost.
+    pub fn crash(&mut self) {
+        self.qemu.borrow_mut().crash();
+        self.inbox.clear();
+    }
+
+    /// Starts a fresh QEMU process over the same files; it greets on the new connection.
+    pub fn restart(&mut self) {
+        self.qemu.borrow_mut().restart();
+        self.inbox.clear();
+        self.qemu.borrow_mut().advance(self.now.as_ms());
+        self.push_greeting();
+    }
+
+    fn pull_events(&mut self) -> Result<(), LinkError> {
         let events = self.qemu.borrow_mut().take_events();
-        if !self.open {
-            return;
-        }
         for e in events {
-            // The simulator only emits events the core can decode; one that does not decode
-            // would be a simulator bug, and is dropped rather than poisoning the session.
-            if let Ok(msg) = QmpIn::from_value(e) {
-                self.queue.push_back(msg);
-            }
+            self.inbox.push_back(QmpIn::from_value(e)?);
         }
+        Ok(())
+    }
+}
+
+/// The driver's [`Effects`] on a simulated host: file operations act on the simulated file
+/// system at once (QEMU opens the file right after), store writes and domain events are kept
+/// for checks, and store writes can be made to fail.
+#[derive(Debug)]
+pub struct SimEffects {
+    qemu: Rc<RefCell<Qemu>>,
+    /// Every store write that succeeded, in order.
+    pub store_ops: Vec<StoreOp>,
+    /// Every domain event, in order.
+    pub events: Vec<DomainEvent>,
+    /// The next this many store writes fail.
+    pub failing_store_writes: usize,
+}
+
+impl Effects for SimEffects {
+    fn persist(&mut self, op: &StoreOp) -> Result<(), String> {
+        if self.failing_store_writes > 0 {
+            self.failing_store_writes -= 1;
+            return Err("injected store failure".into());
+        }
+        self.store_ops.push(op.clone());
+        Ok(())
+    }
+
+    fn file(&mut self, op: &FileOp) -> Result<(), String> {
+        let mut q = self.qemu.borrow_mut();
+        let fs = q.fs_mut();
+        match op {
+            FileOp::CreateExclusive { path } if fs.exists(path) => {
+                Err(format!("{path}: File exists"))
+            }
+            FileOp::CreateExclusive { path } => {
+                fs.touch(path);
+                Ok(())
+            }
+            FileOp::Remove { path } if fs.remove(path) => Ok(()),
+            FileOp::Remove { path } => Err(format!("{path}: No such file or directory")),
+        }
+    }
+
+    fn event(&mut self, event: &DomainEvent) {
+        self.events.push(event.clone());
+    }
+}
+
+/// The core's form of a simulator error reply.
+pub fn to_core_error(e: &QmpError) -> CoreQmpError {
+    CoreQmpError::new(ErrorClass::from_wire(&e.class), e.desc.clone())
+}
+
+/// The wire form `{"execute", "arguments"}` of a typed command.
+pub fn command_value(cmd: &QmpCommand) -> Value {
+    match cmd.arguments() {
+        Some(args) => json!({"execute": cmd.name(), "arguments": args}),
+        None => json!({"execute": cmd.name()}),
     }
 }
 
 impl Link for SimLink {
     fn now(&self) -> Timestamp {
-        Timestamp::from_ms(self.now_ms)
+        self.now
     }
 
     fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
-        if !self.open {
+        if !self.qemu.borrow().is_running() {
             return Err(LinkError::Closed);
         }
-        let wire = cmd.to_wire(None);
-        let result = {
-            let mut q = self.qemu.borrow_mut();
-            let result = q.execute(self.now_ms, &wire);
-            self.now_ms = self.now_ms.max(q.now_ms());
-            result
-        };
-        self.sent += 1;
-        if let Some(r) = &mut self.record {
-            r.push(TraceEntry::Send {
-                id: Some(id.clone()),
-                command: cmd.clone(),
-            });
+        let result = self
+            .qemu
+            .borrow_mut()
+            .execute(self.now.as_ms(), &command_value(cmd));
+        if matches!(&result, Err(e) if e.class == NOT_RUNNING) {
+            return Err(LinkError::Closed);
         }
-        if result.is_ok() && cmd.name() == "transaction" {
-            self.capture_point(&wire);
-        }
-        self.collect_events();
-        if let Some(n) = self.faults.drop_after_command {
-            if n == 0 {
-                self.faults.drop_after_command = None;
-                self.drop_connection();
-                return Ok(());
-            }
-            self.faults.drop_after_command = Some(n - 1);
-        }
-        let result = result.map_err(|e| {
-            let err: Value = e.to_json();
-            serde_json::from_value::<vbackup_core::qmp::QmpError>(err)
-                .unwrap_or_else(|_| vbackup_core::qmp::QmpError::generic(e.desc.clone()))
-        });
-        self.queue.push_back(QmpIn::Reply {
+        // Events raised while the command ran reach the client before its reply.
+        self.pull_events()?;
+        self.inbox.push_back(QmpIn::Reply {
             id: Some(id),
-            result,
+            result: result.map_err(|e| to_core_error(&e)),
         });
         Ok(())
     }
 
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
-        loop {
-            if !self.open {
+        for _ in 0..MAX_JUMPS {
+            if let Some(m) = self.inbox.pop_front() {
+                return Ok(Some(m));
+            }
+            if !self.qemu.borrow().is_running() {
                 return Err(LinkError::Closed);
             }
-            if let Some(msg) = self.queue.pop_front() {
-                if let Some(r) = &mut self.record {
-                    r.push(TraceEntry::Recv(msg.clone()));
-                }
-                return Ok(Some(msg));
-            }
-            let next = self.qemu.borrow().next_event_ms();
+            let next = self.qemu.borrow().next_event_ms().map(Timestamp::from_ms);
             match (next, deadline) {
-                (Some(t), Some(d)) if t <= d.as_ms() => self.advance_to(t.max(self.now_ms)),
-                (Some(t), None) => self.advance_to(t.max(self.now_ms)),
+                (Some(n), None) => self.advance_to(n)?,
+                (Some(n), Some(d)) if n <= d => self.advance_to(n)?,
                 (_, Some(d)) => {
-                    self.advance_to(d.as_ms());
-                    if self.queue.is_empty() {
+                    self.advance_to(d)?;
+                    if self.inbox.is_empty() {
                         return Ok(None);
                     }
                 }
-                (None, None) => return Err(LinkError::Io(IDLE_FOREVER.to_owned())),
-            }
-            // A job milestone that emits nothing would loop forever at the same time: make
-            // sure time moved or something arrived.
-            if self.queue.is_empty()
-                && let Some(t) = self.qemu.borrow().next_event_ms()
-                && t <= self.now_ms
-            {
-                let now = self.now_ms + 1;
-                self.now_ms = now;
-                self.qemu.borrow_mut().advance(now);
+                (None, None) => {
+                    return Err(LinkError::Io(
+                        "the simulated QEMU has nothing to deliver and no deadline was given"
+                            .into(),
+                    ));
+                }
             }
         }
+        Err(LinkError::Io(
+            "the simulated QEMU kept producing nothing".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::FileSystem;
+    use crate::qemu::Config;
+
+    fn other(execute: &str, arguments: Value) -> QmpCommand {
+        QmpCommand::Other {
+            execute: execute.into(),
+            arguments: Some(arguments),
+        }
+    }
+
+    fn reply(link: &mut SimLink) -> Result<Value, CoreQmpError> {
+        loop {
+            match link.recv(None).unwrap() {
+                Some(QmpIn::Reply { result, .. }) => return result,
+                Some(_) => {}
+                None => panic!("no reply"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_session_greets_negotiates_and_jumps_virtual_time_to_job_events() {
+        let mut fs = FileSystem::new();
+        fs.create_qcow2("/d", 64 << 20, 65536, None);
+        fs.create_qcow2("/t", 64 << 20, 65536, None);
+        let mut link = SimLink::new(Qemu::new(fs, Config::default()));
+        assert!(matches!(link.recv(None).unwrap(), Some(QmpIn::Greeting(_))));
+        link.send(
+            1.into(),
+            &QmpCommand::Other {
+                execute: "query-jobs".into(),
+                arguments: None,
+            },
+        )
+        .unwrap();
+        let e = reply(&mut link).unwrap_err();
+        assert!(e.is_negotiation_pending());
+        link.send(2.into(), &other("qmp_capabilities", json!({})))
+            .unwrap();
+        reply(&mut link).unwrap();
+        for (n, p) in [("d", "/d"), ("t", "/t")] {
+            link.send(3.into(), &other("blockdev-add", json!({"driver": "qcow2", "node-name": n, "file": {"driver": "file", "filename": p}}))).unwrap();
+            reply(&mut link).unwrap();
+        }
+        link.send(4.into(), &other("blockdev-backup", json!({"job-id": "j", "device": "d", "target": "t", "sync": "full", "auto-dismiss": false}))).unwrap();
+        let mut names = Vec::new();
+        loop {
+            match link.recv(None).unwrap() {
+                Some(QmpIn::Event(e)) => {
+                    names.push(e.name().to_string());
+                    if names.len() == 8 {
+                        break;
+                    }
+                }
+                Some(QmpIn::Reply { id, result }) => {
+                    assert_eq!(id, Some(4.into()));
+                    result.unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            names.iter().filter(|n| *n == "BLOCK_JOB_COMPLETED").count(),
+            1
+        );
+        // 64 MiB at 512 MiB/s: the clock jumped 125 ms, no more.
+        assert_eq!(link.now(), Timestamp::from_ms(125));
+        assert_eq!(link.recv(Some(Timestamp::from_ms(200))).unwrap(), None);
+        assert_eq!(link.now(), Timestamp::from_ms(200));
+        assert!(matches!(link.recv(None), Err(LinkError::Io(_))));
+        link.crash();
+        assert_eq!(
+            link.send(5.into(), &other("query-jobs", json!({}))),
+            Err(LinkError::Closed)
+        );
+        assert_eq!(link.recv(None), Err(LinkError::Closed));
+        link.restart();
+        assert!(matches!(link.recv(None).unwrap(), Some(QmpIn::Greeting(_))));
+    }
+
+    #[test]
+    fn objects_and_tls_credentials_are_checked() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        let mut run = |c: Value| q.execute(0, &c).map_err(|e| e.desc);
+        run(json!({"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "tls0", "dir": "/etc/pki", "endpoint": "server"}})).unwrap();
+        assert_eq!(
+            run(json!({"execute": "object-add", "arguments": {"qom-type": "secret", "id": "tls0", "data": "x"}})).unwrap_err(),
+            "attempt to add duplicate property 'tls0' to object (type 'container')"
+        );
+        assert_eq!(
+            run(json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}, "tls-creds": "nope"}})).unwrap_err(),
+            "No TLS credentials with id 'nope'"
+        );
+        run(json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}, "tls-creds": "tls0"}})).unwrap();
+        assert_eq!(
+            run(json!({"execute": "object-del", "arguments": {"id": "tls0"}})).unwrap_err(),
+            "object 'tls0' is in use, can not be deleted"
+        );
+        assert_eq!(
+            run(json!({"execute": "object-del", "arguments": {"id": "x"}})).unwrap_err(),
+            "object 'x' not found"
+        );
+        run(json!({"execute": "nbd-server-stop"})).unwrap();
+        run(json!({"execute": "object-del", "arguments": {"id": "tls0"}})).unwrap();
     }
 }

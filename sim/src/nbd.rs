@@ -17,8 +17,8 @@ const MAX_EXTENTS: usize = 4096;
 /// The running NBD server.
 #[derive(Debug, Clone)]
 pub(crate) struct NbdServer {
-    #[allow(dead_code)]
-    pub addr: Value,
+    /// The `tls-creds` object the server uses, if any (it cannot be deleted meanwhile).
+    pub tls_creds: Option<String>,
 }
 
 /// A bitmap an export carries.
@@ -38,6 +38,8 @@ pub(crate) struct Export {
     pub node: String,
     pub writable: bool,
     pub bitmaps: Vec<ExportBitmap>,
+    /// Offers `qemu:allocation-depth`.
+    pub allocation_depth: bool,
 }
 
 /// Errors of an export view.
@@ -87,8 +89,20 @@ impl Qemu {
         if self.st.nbd.is_some() {
             return Err(QmpError::nbd_running());
         }
+        let tls_creds = a.opt_str("tls-creds")?;
+        if let Some(creds) = tls_creds
+            && !self
+                .st
+                .objects
+                .get(creds)
+                .is_some_and(|t| t.starts_with("tls-creds"))
+        {
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{creds}'"
+            )));
+        }
         self.st.nbd = Some(NbdServer {
-            addr: a.raw("addr").cloned().unwrap_or(Value::Null),
+            tls_creds: tls_creds.map(str::to_string),
         });
         Ok(json!({}))
     }
@@ -132,6 +146,7 @@ impl Qemu {
         let id = a.str("id")?;
         let node_arg = a.str("node-name")?;
         let writable = a.bool_or("writable", false)?;
+        let allocation_depth = a.bool_or("allocation-depth", false)?;
         if ty != "nbd" {
             return Err(QmpError::unsupported(&format!("export type '{ty}'")));
         }
@@ -223,6 +238,7 @@ impl Qemu {
                 node,
                 writable,
                 bitmaps,
+                allocation_depth,
             },
         );
         Ok(json!({}))
@@ -362,6 +378,9 @@ impl ExportReader for ExportView<'_> {
     fn meta_contexts(&self) -> Vec<String> {
         let mut out = vec!["base:allocation".to_string()];
         if let Ok(e) = self.export() {
+            if e.allocation_depth {
+                out.push("qemu:allocation-depth".to_string());
+            }
             out.extend(
                 e.bitmaps
                     .iter()
@@ -405,6 +424,13 @@ impl ExportReader for ExportView<'_> {
                 push(run_end - off, flags);
                 off = run_end;
             }
+        } else if context == "qemu:allocation-depth" && e.allocation_depth {
+            while off < end {
+                let (depth, run_end) = self.qemu.allocation_depth(&e.node, off);
+                let run_end = run_end.clamp(off + 1, end);
+                push(run_end - off, depth);
+                off = run_end;
+            }
         } else if let Some(name) = context.strip_prefix("qemu:dirty-bitmap:") {
             let eb = e
                 .bitmaps
@@ -433,5 +459,48 @@ impl ExportReader for ExportView<'_> {
         let node = self.export()?.node.clone();
         self.qemu.read_node(&node, offset, buf);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::FileSystem;
+    use crate::qemu::Config;
+
+    #[test]
+    fn views_exist_only_for_exports_and_stop_when_it_is_gone() {
+        let mut fs = FileSystem::new();
+        fs.create_raw("/r", 1 << 20);
+        let mut q = Qemu::negotiated(fs, Config::default());
+        assert_eq!(
+            q.export_reader("x").unwrap_err(),
+            ExportError::UnknownExport("x".into())
+        );
+        for c in [
+            json!({"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/r"}}}),
+            json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}}}),
+            json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "r"}}),
+        ] {
+            q.execute(0, &c).unwrap();
+        }
+        let mut v = q.export_reader("r").unwrap();
+        assert_eq!(v.size(), 1 << 20);
+        assert_eq!(
+            v.block_status("base:allocation", 0, 1 << 30).unwrap(),
+            vec![Extent {
+                length: 1 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
+        assert_eq!(
+            v.block_status("qemu:allocation-depth", 0, 1).unwrap_err(),
+            ExportError::UnknownContext("qemu:allocation-depth".into())
+        );
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            v.read_at((1 << 20) - 1, &mut buf),
+            Err(ExportError::OutOfRange { .. })
+        ));
     }
 }

@@ -376,6 +376,48 @@ impl Qemu {
         }
     }
 
+    /// `qemu:allocation-depth` at `offset`: 0 if no image of the chain allocates it, else the
+    /// 1-based depth of the image that does (filters add no depth), and where the run ends.
+    pub(crate) fn allocation_depth(&self, node: &str, offset: u64) -> (u32, u64) {
+        let size = self.node_size(node);
+        let mut cur = node.to_string();
+        let mut depth = 1u32;
+        let mut end = size;
+        for _ in 0..MAX_CHAIN_DEPTH {
+            let Some(n) = self.node(&cur) else { break };
+            match &n.driver {
+                Driver::Qcow2 => {
+                    let Some(FileContent::Qcow2(q)) =
+                        self.image_path(&cur).and_then(|p| self.fs.get(&p))
+                    else {
+                        break;
+                    };
+                    let idx = offset / q.cluster_size;
+                    end = end.min((idx + 1) * q.cluster_size);
+                    if q.data.get(idx).is_some() {
+                        return (depth, end);
+                    }
+                    match &n.backing {
+                        Some(b) if offset < self.node_size(b) => {
+                            cur = b.clone();
+                            depth += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                Driver::Raw { offset: 0 } | Driver::CopyBeforeWrite { .. } => match &n.file {
+                    Some(f) => cur = f.clone(),
+                    None => break,
+                },
+                _ => {
+                    let (alloc, e) = self.alloc_status(&cur, offset);
+                    return (if alloc == Alloc::Hole { 0 } else { depth }, e.min(end));
+                }
+            }
+        }
+        (0, end)
+    }
+
     /// If the cluster at `offset` (of length `len`) of `node` is stored whole in some image of
     /// the chain with exactly that geometry, returns it without copying bytes.
     pub(crate) fn shared_cluster(
@@ -464,10 +506,20 @@ impl Qemu {
                     Some(FileContent::Qcow2(q)) => q.cluster_size,
                     _ => return Err(IoError::NotFound(node.to_string())),
                 };
-                // Copy-on-write needs the old content of the partial clusters at both ends.
+                // Copy-on-write needs the old content of partial, unallocated clusters at both
+                // ends, from the backing chain (without one they read as zeroes).
                 let mut edge: Vec<(u64, Vec<u8>)> = Vec::new();
+                let unallocated = |q: &Self, idx: u64| match q.fs.get(&path) {
+                    Some(FileContent::Qcow2(img)) => img.data.get(idx).is_none(),
+                    _ => false,
+                };
                 for idx in [offset / cs, (offset + len).saturating_sub(1) / cs] {
-                    if edge.iter().any(|(i, _)| *i == idx) {
+                    let whole = idx * cs >= offset && (idx + 1) * cs <= offset + len;
+                    if backing.is_none()
+                        || whole
+                        || !unallocated(self, idx)
+                        || edge.iter().any(|(i, _)| *i == idx)
+                    {
                         continue;
                     }
                     let mut b = vec![0u8; cs as usize];
@@ -582,8 +634,13 @@ impl Qemu {
         let (alloc, _) = self.alloc_status(source, start);
         let mut buf = vec![0u8; len as usize];
         self.read_node(source, start, &mut buf);
-        if alloc != Alloc::Data && buf.iter().all(|b| *b == 0) && !explicit_zero {
-            return;
+        if alloc != Alloc::Data && !explicit_zero && buf.iter().all(|b| *b == 0) {
+            // A zero range may stay unallocated, unless the target holds older data there.
+            let mut old = vec![0u8; len as usize];
+            self.read_node(target, start, &mut old);
+            if old.iter().all(|b| *b == 0) {
+                return;
+            }
         }
         let _ = self.write_node(target, start, &buf);
     }
@@ -603,7 +660,9 @@ impl Qemu {
         match self.open_node(a, Some(name), true, &mut created) {
             Ok(_) => Ok(json!({})),
             Err(e) => {
+                // What was opened is closed again, cleanly: loaded bitmaps lose `in-use`.
                 for n in created.iter().rev() {
+                    self.store_bitmaps(n);
                     self.st.nodes.remove(n);
                 }
                 Err(e)

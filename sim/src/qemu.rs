@@ -91,6 +91,8 @@ pub(crate) struct State {
     pub nbd: Option<NbdServer>,
     pub exports: BTreeMap<String, Export>,
     pub next_export_seq: u64,
+    /// QOM objects added by `object-add` (secrets, TLS credentials): id → type.
+    pub objects: BTreeMap<String, String>,
 }
 
 impl State {
@@ -215,10 +217,18 @@ impl Qemu {
         self.negotiated = false;
     }
 
-    /// Starts a fresh process over the same files. Nodes must be added again.
+    /// Starts a fresh process over the same files. Nodes must be added again, and
+    /// `qmp_capabilities` sent. A process still running is killed first, as [`Qemu::crash`]
+    /// does (nothing is stored).
     pub fn restart(&mut self) {
         self.st = State::default();
         self.running = true;
+        self.negotiated = false;
+    }
+
+    /// A new client connects to the monitor of the running process: it greets again and
+    /// capabilities must be negotiated again; everything else stays.
+    pub fn new_monitor_connection(&mut self) {
         self.negotiated = false;
     }
 
@@ -321,6 +331,8 @@ impl Qemu {
             "block-export-add" => self.cmd_block_export_add(a),
             "block-export-del" => self.cmd_block_export_del(a),
             "device_add" => self.cmd_device_add(a),
+            "object-add" => self.cmd_object_add(a),
+            "object-del" => self.cmd_object_del(a),
             "human-monitor-command" => self.cmd_hmp(a),
             "quit" => self.cmd_quit(a),
             "query-version" => Ok(json!({"qemu": {"micro": 2, "minor": 0, "major": 10},
@@ -330,11 +342,94 @@ impl Qemu {
         }
     }
 
+    fn cmd_object_add(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
+        let ty = a.str("qom-type")?;
+        let id = a.str("id")?;
+        if !matches!(
+            ty,
+            "secret" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon" | "authz-simple"
+        ) {
+            return Err(QmpError::generic(format!("invalid object type: {ty}")));
+        }
+        if self.st.objects.contains_key(id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        self.st.objects.insert(id.to_string(), ty.to_string());
+        Ok(json!({}))
+    }
+
+    fn cmd_object_del(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
+        a.only(&["id"])?;
+        let id = a.str("id")?;
+        if !self.st.objects.contains_key(id) {
+            return Err(QmpError::generic(format!("object '{id}' not found")));
+        }
+        if self
+            .st
+            .nbd
+            .as_ref()
+            .is_some_and(|s| s.tls_creds.as_deref() == Some(id))
+        {
+            return Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.st.objects.remove(id);
+        Ok(json!({}))
+    }
+
     fn cmd_device_add(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {
         let drive = a.str("drive")?;
         let id = a.str("id")?;
         a.str("driver")?;
         self.add_device(id, drive)?;
         Ok(json!({}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_never_goes_backwards_and_events_carry_it() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        q.advance(1500);
+        q.advance(10);
+        assert_eq!(q.now_ms(), 1500);
+        q.emit("X", json!({}));
+        assert_eq!(
+            q.take_events()[0]["timestamp"],
+            json!({"seconds": 1, "microseconds": 500000})
+        );
+        assert!(q.take_events().is_empty());
+        assert_eq!(q.next_event_ms(), None);
+    }
+
+    #[test]
+    fn a_command_without_execute_is_refused() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        assert_eq!(
+            q.execute(0, &json!({"arguments": {}})).unwrap_err().desc,
+            "QMP input lacks member 'execute'"
+        );
+        assert_eq!(Qemu::greeting()["QMP"]["version"]["qemu"]["major"], 10);
+    }
+
+    #[test]
+    fn query_block_is_empty_under_the_storage_daemon() {
+        let mut q = Qemu::negotiated(
+            FileSystem::new(),
+            Config {
+                flavor: Flavor::StorageDaemon,
+                ..Config::default()
+            },
+        );
+        assert_eq!(
+            q.execute(0, &json!({"execute": "query-block"})).unwrap(),
+            json!([])
+        );
     }
 }

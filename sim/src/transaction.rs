@@ -142,3 +142,29 @@ impl Qemu {
         Ok(json!({}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::image::FileSystem;
+    use crate::qemu::{Config, Qemu};
+    use serde_json::json;
+
+    #[test]
+    fn snapshot_actions_are_reported_as_not_modelled_and_arguments_are_checked() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        let e = q.execute(0, &json!({"execute": "transaction", "arguments": {"actions": [{"type": "blockdev-snapshot-sync", "data": {}}]}})).unwrap_err();
+        assert_eq!(
+            e.desc,
+            "Not supported by the simulated QEMU: transaction action 'blockdev-snapshot-sync'"
+        );
+        let e = q
+            .execute(0, &json!({"execute": "transaction", "arguments": {}}))
+            .unwrap_err();
+        assert_eq!(e.desc, "Parameter 'actions' is missing");
+        let e = q.execute(0, &json!({"execute": "transaction", "arguments": {"actions": [], "properties": {"completion-mode": "all"}}})).unwrap_err();
+        assert_eq!(
+            e.desc,
+            "Parameter 'properties.completion-mode' does not accept value 'all'"
+        );
+    }
+}

@@ -40,7 +40,9 @@ use vbackup_core::model::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, St
 
 use crate::errors::QmpError;
 use crate::image::FileSystem;
-use crate::link::{LinkFaults, PointInTime, SharedQemu, SimLink};
+pub mod link;
+
+use self::link::{FaultyLink, LinkFaults, PointInTime, SharedQemu};
 use crate::qemu::{Config, Fault, Qemu};
 
 /// Size of every simulated disk.
@@ -221,7 +223,7 @@ pub fn run_history(config: &HistoryConfig) -> HistoryOutcome {
 
 /// The store and the host file system as vbackup sees them.
 #[derive(Debug)]
-pub struct SimEffects {
+pub struct StoreEffects {
     qemu: SharedQemu,
     /// Everything persisted, file operations and events, in order.
     pub memory: MemoryEffects,
@@ -229,7 +231,7 @@ pub struct SimEffects {
     pub fail_next_persist: bool,
 }
 
-impl SimEffects {
+impl StoreEffects {
     /// Effects over the files of `qemu`.
     pub fn new(qemu: SharedQemu) -> Self {
         Self {
@@ -240,7 +242,7 @@ impl SimEffects {
     }
 }
 
-impl Effects for SimEffects {
+impl Effects for StoreEffects {
     fn persist(&mut self, op: &StoreOp) -> Result<(), String> {
         if self.fail_next_persist {
             self.fail_next_persist = false;
@@ -471,7 +473,7 @@ struct World {
     seed: u64,
     rng: ChaCha8Rng,
     qemu: SharedQemu,
-    driver: Option<Driver<SimLink, SimEffects>>,
+    driver: Option<Driver<FaultyLink, StoreEffects>>,
     def: DomainDef,
     faults_on: bool,
     engine_faults_anywhere: bool,
@@ -513,7 +515,7 @@ impl World {
         debug_assert!(booted.is_ok(), "lab boots: {booted:?}");
         let boot_nodes = q.st.nodes.keys().cloned().collect();
         let qemu = Rc::new(RefCell::new(q));
-        let mut link = SimLink::new(qemu.clone());
+        let mut link = FaultyLink::new(qemu.clone());
         if config.trace {
             link.record();
         }
@@ -524,7 +526,7 @@ impl World {
             CheckpointTree::new(),
             None,
         );
-        let driver = Driver::new(domain, link, SimEffects::new(qemu.clone()));
+        let driver = Driver::new(domain, link, StoreEffects::new(qemu.clone()));
         Self {
             seed: config.seed,
             rng: ChaCha8Rng::seed_from_u64(config.seed),
@@ -592,7 +594,7 @@ impl World {
         }
     }
 
-    fn driver(&mut self) -> &mut Driver<SimLink, SimEffects> {
+    fn driver(&mut self) -> &mut Driver<FaultyLink, StoreEffects> {
         // The driver is only taken out while the engine restarts, inside one function.
         self.driver.get_or_insert_with(unreachable_driver)
     }
@@ -1292,7 +1294,7 @@ impl World {
     }
 }
 
-fn unreachable_driver() -> Driver<SimLink, SimEffects> {
+fn unreachable_driver() -> Driver<FaultyLink, StoreEffects> {
     // Never called: `World::driver` is only None inside `restart_engine`.
     let q = Rc::new(RefCell::new(Qemu::new(
         FileSystem::new(),
@@ -1304,7 +1306,7 @@ fn unreachable_driver() -> Driver<SimLink, SimEffects> {
         CheckpointTree::new(),
         None,
     );
-    Driver::new(domain, SimLink::new(q.clone()), SimEffects::new(q))
+    Driver::new(domain, FaultyLink::new(q.clone()), StoreEffects::new(q))
 }
 
 /// Reads a whole export as a pull client would: everything for a full backup; for an

@@ -521,3 +521,51 @@ fn blockdev_create_runs_as_a_job_and_formats_the_file() {
         "Cannot find device='nope' nor node-name='nope'"
     );
 }
+
+#[test]
+fn a_full_backup_into_a_used_target_replaces_old_data_with_zeroes() {
+    let mut q = daemon_with_disk();
+    q.guest_write(0, "disk", 0, &[1; 65536]).unwrap();
+    q.fs_mut()
+        .create_qcow2("/img/reused.qcow2", 64 * MIB, 65536, None);
+    q.fs_mut()
+        .write_image("/img/reused.qcow2", 5 * MIB, &[9; 70_000])
+        .unwrap();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "reused", "file": {"driver": "file", "filename": "/img/reused.qcow2"}}),
+    );
+    ok(
+        &mut q,
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "disk", "target": "reused", "sync": "full"}),
+    );
+    wait(&mut q, 1000);
+    ok(&mut q, "blockdev-del", json!({"node-name": "reused"}));
+    assert_eq!(
+        q.fs().read_image("/img/reused.qcow2").unwrap(),
+        q.guest_disk("disk").unwrap()
+    );
+}
+
+#[test]
+fn sync_top_copies_only_what_the_top_image_allocates() {
+    let mut q = daemon_with_disk();
+    q.guest_write(0, "disk", 3 * MIB, &[1; 100]).unwrap();
+    add_target(&mut q, "t", 64 * MIB, None);
+    ok(
+        &mut q,
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "disk", "target": "t", "sync": "top", "auto-dismiss": false}),
+    );
+    assert_eq!(
+        job(&mut q, "j").unwrap()["current-progress"],
+        64 * MIB - 65536
+    );
+    wait(&mut q, 1000);
+    assert_eq!(
+        q.fs().allocated_ranges("/img/t.qcow2").unwrap(),
+        vec![(3 * MIB, 65536)]
+    );
+}

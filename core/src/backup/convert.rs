@@ -73,7 +73,7 @@ impl BackupSpec {
                             BackupStorage::File => StoreKind::File,
                             BackupStorage::Block => StoreKind::Block,
                         },
-                        path: b.store.as_ref().and_then(|s| s.path.clone()),
+                        path: b.store.as_ref().map(|s| s.path.clone()),
                         format: b.format.clone(),
                     }),
                     export_name: b.export_name.clone(),
@@ -116,8 +116,9 @@ impl BackupPlan {
                     index: Some(d.index),
                     format: Some(d.store_format.clone()),
                     store: Some(XmlStore {
-                        path: Some(d.store_path.clone()),
-                        ..XmlStore::default()
+                        path: d.store_path.clone(),
+                        seclabels: Vec::new(),
+                        encryption: None,
                     }),
                 }),
                 origin: Origin::default(),

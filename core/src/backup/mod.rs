@@ -194,6 +194,9 @@ pub struct BackupPlan {
     pub reuse_external: bool,
     /// When the job began, in ms on the driver's clock.
     pub started_ms: u64,
+    /// Why the start failed after the jobs were already running (a pull export QEMU refused);
+    /// such a backup ends failed.
+    pub start_error: Option<String>,
 }
 
 /// State of the domain job as reported in statistics.
@@ -256,7 +259,9 @@ impl BackupPlan {
             disk_temp_total_bytes: pull.then_some(total),
             success: finished.then_some(status == JobStatus::Completed),
             errmsg: if finished {
-                self.disks.iter().find_map(|d| d.error.clone())
+                self.start_error
+                    .clone()
+                    .or_else(|| self.disks.iter().find_map(|d| d.error.clone()))
             } else {
                 None
             },
@@ -266,7 +271,8 @@ impl BackupPlan {
     /// The final status once every disk has ended: failed if any disk failed; cancelled if any
     /// was cancelled in push mode; completed otherwise (a pull ended by abort completed).
     pub fn final_status(&self) -> JobStatus {
-        if self.disks.iter().any(|d| d.state == DiskJobState::Failed) {
+        if self.start_error.is_some() || self.disks.iter().any(|d| d.state == DiskJobState::Failed)
+        {
             JobStatus::Failed
         } else if self.mode == BackupMode::Push
             && self
@@ -352,6 +358,7 @@ mod tests {
             checkpoint: None,
             reuse_external: false,
             started_ms: 1000,
+            start_error: None,
         }
     }
 

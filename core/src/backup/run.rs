@@ -28,6 +28,7 @@ use crate::domain::{
     refused,
 };
 use crate::error::{Error, RequestError};
+use crate::link::Timestamp;
 use crate::model::ImageFormat;
 use crate::qmp::{
     BitmapRef, BlockExportAdd, InetSocketAddress, JobInfo, JobStatus as QemuJobStatus,
@@ -55,8 +56,6 @@ pub enum BackupTag {
     Poll,
     /// `query-jobs` for a statistics request.
     Stats(RequestId),
-    /// A `block-job-cancel`.
-    Cancel,
 }
 
 /// What a queued step is.
@@ -80,6 +79,8 @@ enum Effect {
     Export(usize),
     /// Cleanup: failures are ignored.
     BestEffort,
+    /// `query-jobs` deciding how the named backup job ended.
+    CheckJob(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,9 +117,18 @@ pub(crate) struct BackupRun {
     added_nodes: Vec<String>,
     added_objects: Vec<String>,
     nbd_started: bool,
-    nbd_stop_queued: bool,
-    poll_in_flight: bool,
-    poll_again: bool,
+    /// Whether the TLS objects' removal is queued (once, when the first pull disk ends).
+    objects_del_queued: bool,
+    /// Backup jobs whose conclusion is queued for checking.
+    checks_queued: BTreeSet<String>,
+    /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
+    abort_before_start: bool,
+    /// Since when the run waits for something that is not a command reply (a file operation,
+    /// an image-creation job's conclusion).
+    waiting_since: Option<Timestamp>,
+    /// Whether the run holds the short slot, which keeps checkpoint operations out while the
+    /// backup is being started.
+    holds_start_slot: bool,
     nodes: NodeTable,
     spec: Option<BackupSpec>,
 }
@@ -161,9 +171,11 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects,
             nbd_started,
-            nbd_stop_queued: false,
-            poll_in_flight: false,
-            poll_again: false,
+            objects_del_queued: false,
+            checks_queued: BTreeSet::new(),
+            holds_start_slot: false,
+            abort_before_start: false,
+            waiting_since: None,
             nodes: NodeTable::new(),
             spec: None,
         }
@@ -181,7 +193,12 @@ impl BackupRun {
     ) -> Option<Self> {
         match Self::validate(core, &spec, checkpoint.as_ref()) {
             Ok(targets) => {
-                if let Err(e) = core.jobs.occupy_disks(&targets, DISK_HOLDER) {
+                let taken = core
+                    .jobs
+                    .occupy_disks(&targets, DISK_HOLDER)
+                    .and_then(|()| core.jobs.acquire_short(crate::jobs::JobKind::BackupStart));
+                if let Err(e) = taken {
+                    core.jobs.free_disks_of(DISK_HOLDER);
                     core.jobs.release_long();
                     ctx.respond(req, Err(e.into()));
                     return None;
@@ -206,8 +223,12 @@ impl BackupRun {
                 checkpoint: checkpoint.as_ref().map(|c| c.name.clone()),
                 reuse_external,
                 started_ms: ctx.now.as_ms(),
+                start_error: None,
             },
             phase: Phase::Querying,
+            holds_start_slot: true,
+            abort_before_start: false,
+            waiting_since: None,
             begin_req: Some(req),
             checkpoint,
             committed: false,
@@ -224,9 +245,8 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
-            nbd_stop_queued: false,
-            poll_in_flight: false,
-            poll_again: false,
+            objects_del_queued: false,
+            checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: Some(spec),
         })
@@ -632,6 +652,11 @@ impl BackupRun {
         if self.step_busy {
             return Some(self);
         }
+        if self.abort_before_start && !self.transaction_sent && self.phase == Phase::Preparing {
+            // Nothing is in flight now, so the roll-back sees everything that was set up.
+            self.abort_before_start = false;
+            return self.roll_back(core, ctx, RequestError::Aborted.into());
+        }
         match self.steps.pop_front() {
             Some(Step::Cmd { command, effect }) => {
                 if effect == Effect::Transaction {
@@ -645,6 +670,7 @@ impl BackupRun {
             Some(Step::CreateFile { path }) => {
                 let id = ctx.file(FileOp::CreateExclusive { path: path.clone() });
                 self.waiting_file = Some((id, path));
+                self.waiting_since = Some(ctx.now);
                 self.step_busy = true;
                 Some(self)
             }
@@ -656,6 +682,7 @@ impl BackupRun {
                     );
                 } else {
                     self.waiting_create_job = Some(job);
+                    self.waiting_since = Some(ctx.now);
                 }
                 self.step_busy = true;
                 Some(self)
@@ -670,20 +697,24 @@ impl BackupRun {
             Phase::Preparing => {
                 let mut run = self;
                 run.phase = Phase::Running;
+                run.release_start_slot(core);
                 if let Some(req) = run.begin_req.take() {
                     ctx.respond(req, Ok(Reply::Done));
                 }
                 if run.abort_requested {
-                    run.cancel_running(ctx);
+                    run.cancel_running();
+                    return run.pump(core, ctx);
                 }
                 run.maybe_finish(core, ctx)
             }
             Phase::RollingBack { error } => {
                 let error = error.clone();
-                for path in self.created_files.iter().rev() {
+                let mut run = self;
+                run.release_start_slot(core);
+                for path in run.created_files.iter().rev() {
                     ctx.file(FileOp::Remove { path: path.clone() });
                 }
-                if let Some(req) = self.begin_req {
+                if let Some(req) = run.begin_req {
                     ctx.respond(req, Err(error));
                 }
                 core.jobs.free_disks_of(DISK_HOLDER);
@@ -695,9 +726,29 @@ impl BackupRun {
         }
     }
 
+    /// Lets checkpoint operations run again once the backup has started (or given up).
+    fn release_start_slot(&mut self, core: &mut Core) {
+        if self.holds_start_slot {
+            self.holds_start_slot = false;
+            core.jobs.release_short();
+        }
+    }
+
     /// Switches to rolling back: undo what preparation set up, then answer with `error`.
-    fn roll_back(mut self, core: &mut Core, ctx: &mut Ctx<'_>, error: Error) -> Option<Self> {
+    fn roll_back(self, core: &mut Core, ctx: &mut Ctx<'_>, error: Error) -> Option<Self> {
+        self.roll_back_after(core, ctx, error, Vec::new())
+    }
+
+    /// Rolls back, running `first` before the undo steps.
+    fn roll_back_after(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        error: Error,
+        first: Vec<Step>,
+    ) -> Option<Self> {
         self.steps.clear();
+        self.steps.extend(first);
         self.step_busy = false;
         self.current = None;
         self.waiting_create_job = None;
@@ -772,28 +823,25 @@ impl BackupRun {
                             class: "GenericError".into(),
                             desc: format!("failed to format image: {err}"),
                         };
-                        let mut run = self.roll_back(core, ctx, e)?;
-                        // The roll-back queue starts after the dismissal.
-                        run.steps.push_front(best_effort(cmd::job_dismiss(&job)));
-                        Some(run)
+                        self.roll_back_after(
+                            core,
+                            ctx,
+                            e,
+                            vec![best_effort(cmd::job_dismiss(&job))],
+                        )
                     }
-                    Err(e) => self.roll_back(core, ctx, e),
+                    Err(e) => self.roll_back_after(
+                        core,
+                        ctx,
+                        e,
+                        vec![best_effort(cmd::job_dismiss(&job))],
+                    ),
                 }
             }
-            BackupTag::Poll => {
-                self.poll_in_flight = false;
-                let run = match result.ok().and_then(|v| parse_jobs(&v).ok()) {
-                    Some(jobs) => self.apply_jobs(core, ctx, &jobs),
-                    None => Some(self),
-                };
-                run.map(|mut run| {
-                    if run.poll_again {
-                        run.poll_again = false;
-                        run.poll(ctx);
-                    }
-                    run
-                })
-            }
+            BackupTag::Poll => match result.ok().and_then(|v| parse_jobs(&v).ok()) {
+                Some(jobs) => self.reconcile(core, ctx, &jobs),
+                None => Some(self),
+            },
             BackupTag::Stats(req) => {
                 if let Ok(jobs) = result
                     .map_err(|e| refused(command, &e))
@@ -812,7 +860,6 @@ impl BackupRun {
                 ctx.respond(req, Ok(Reply::Stats(Some(stats))));
                 Some(self)
             }
-            BackupTag::Cancel => Some(self),
         }
     }
 
@@ -825,6 +872,9 @@ impl BackupRun {
     ) -> Option<Self> {
         let effect = self.current.take().unwrap_or(Effect::None);
         self.step_busy = false;
+        if let Effect::CheckJob(job) = &effect {
+            return self.on_check_job(core, ctx, job, result);
+        }
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
         let best_effort = rolling_back || effect == Effect::BestEffort;
         match result {
@@ -847,6 +897,7 @@ impl BackupRun {
                 match effect {
                     Effect::Export(_) => {
                         // The jobs run already: keep the checkpoint, stop the jobs, report.
+                        self.plan.start_error = Some(error.to_string());
                         if let Some(req) = self.begin_req.take() {
                             ctx.respond(req, Err(error));
                         }
@@ -860,7 +911,8 @@ impl BackupRun {
                             )
                         });
                         self.phase = Phase::Running;
-                        self.cancel_running(ctx);
+                        self.release_start_slot(core);
+                        self.cancel_running();
                         self.pump(core, ctx)
                     }
                     Effect::Transaction => {
@@ -929,6 +981,7 @@ impl BackupRun {
                     self.create_concluded.insert(c.id.clone());
                     if self.waiting_create_job.as_deref() == Some(c.id.as_str()) {
                         self.waiting_create_job = None;
+                        self.waiting_since = None;
                         ctx.send(
                             Owner::Backup(BackupTag::CreateJobCheck(c.id.clone())),
                             cmd::query_jobs(),
@@ -936,8 +989,15 @@ impl BackupRun {
                     }
                     return Some(self);
                 }
-                if self.plan.disk_by_job(&c.id).is_some() && self.committed {
-                    self.poll(ctx);
+                if self.plan.disk_by_job(&c.id).is_some()
+                    && self.committed
+                    && self.checks_queued.insert(c.id.clone())
+                {
+                    self.steps.push_back(Step::Cmd {
+                        command: cmd::query_jobs(),
+                        effect: Effect::CheckJob(c.id.clone()),
+                    });
+                    return self.pump(core, ctx);
                 }
                 Some(self)
             }
@@ -973,6 +1033,7 @@ impl BackupRun {
             self.waiting_file = Some((waiting, path));
             return Some(self);
         }
+        self.waiting_since = None;
         self.step_busy = false;
         match result {
             Ok(()) => {
@@ -1016,15 +1077,13 @@ impl BackupRun {
         ctx.respond(req, Ok(Reply::Done));
         match self.phase {
             Phase::Running if self.committed => {
-                self.cancel_running(ctx);
-                Some(self)
+                self.cancel_running();
+                self.pump(core, ctx)
             }
-            Phase::Querying | Phase::Preparing if !self.transaction_in_queue_sent() => self
-                .roll_back(
-                    core,
-                    ctx,
-                    RequestError::Unsupported("backup aborted before it started".into()).into(),
-                ),
+            Phase::Querying | Phase::Preparing if !self.transaction_sent => {
+                self.abort_before_start = true;
+                self.pump(core, ctx)
+            }
             _ => {
                 self.abort_requested = true;
                 Some(self)
@@ -1032,8 +1091,27 @@ impl BackupRun {
         }
     }
 
-    fn transaction_in_queue_sent(&self) -> bool {
-        self.transaction_sent
+    /// Cancels one disk's job; when it has ended cancelled, the others are cancelled too.
+    pub(crate) fn abort_disk(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        req: RequestId,
+        disk: &str,
+    ) -> Option<Self> {
+        let Some(d) = self.plan.disks.iter_mut().find(|d| d.target == disk) else {
+            ctx.respond(req, Err(RequestError::NoDisk(disk.to_owned()).into()));
+            return Some(self);
+        };
+        if d.state != DiskJobState::Running {
+            ctx.respond(req, Err(RequestError::NoJob.into()));
+            return Some(self);
+        }
+        d.state = DiskJobState::Cancelling;
+        self.steps
+            .push_front(best_effort(cmd::block_job_cancel_gently(&d.job_id)));
+        ctx.respond(req, Ok(Reply::Done));
+        self.pump(core, ctx)
     }
 
     /// The QMP session is gone.
@@ -1043,7 +1121,7 @@ impl BackupRun {
         self.current = None;
         self.waiting_create_job = None;
         self.waiting_file = None;
-        self.poll_in_flight = false;
+        self.checks_queued.clear();
         self.phase = Phase::Disconnected;
         self
     }
@@ -1051,136 +1129,202 @@ impl BackupRun {
     /// A new QMP session is negotiated: find out what became of the jobs.
     pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         self.phase = Phase::Reconciling;
-        self.poll_in_flight = true;
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
     }
 
-    // ----- monitoring -----
-
-    fn poll(&mut self, ctx: &mut Ctx<'_>) {
-        if self.poll_in_flight {
-            self.poll_again = true;
-        } else {
-            self.poll_in_flight = true;
-            ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
-        }
+    /// When the current non-command wait times out.
+    pub(crate) fn deadline(&self, timeout_ms: u64) -> Option<Timestamp> {
+        self.waiting_since.map(|t| t.plus_ms(timeout_ms))
     }
 
-    /// Applies a `query-jobs` answer: concluded jobs end their disk; after a reconnection a job
-    /// that QEMU no longer knows ends its disk as failed.
-    fn apply_jobs(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
-        let reconciling = self.phase == Phase::Reconciling;
-        if reconciling {
-            let any_known = self
-                .plan
-                .disks
-                .iter()
-                .any(|d| jobs.iter().any(|j| j.id == d.job_id));
-            if !self.committed {
-                if any_known {
-                    // The transaction went through before the connection dropped.
-                    if let Err(e) = self.commit(core, ctx)
-                        && let Some(req) = self.begin_req.take()
-                    {
-                        ctx.respond(req, Err(e));
-                    }
-                    if self.plan.mode == BackupMode::Pull {
-                        if let Some(req) = self.begin_req.take() {
-                            ctx.respond(req, Err(Error::LinkLost("pull backup start".into())));
-                        }
-                        self.abort_requested = true;
-                    }
-                } else {
-                    self.phase = Phase::Preparing;
-                    return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+    /// The current non-command wait took too long: give up the start.
+    pub(crate) fn on_timeout(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        let what = if let Some(job) = self.waiting_create_job.take() {
+            format!("image creation job {job} never concluded")
+        } else if let Some((_, path)) = self.waiting_file.take() {
+            format!("creating '{path}' was never confirmed")
+        } else {
+            return Some(self);
+        };
+        self.waiting_since = None;
+        self.step_busy = false;
+        self.roll_back(core, ctx, Error::QemuMisbehaved(what))
+    }
+
+    // ----- monitoring -----
+
+    /// After a reconnection: decide from QEMU's jobs whether the start went through, then end
+    /// every disk whose job concluded or vanished.
+    fn reconcile(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
+        if self.phase != Phase::Reconciling {
+            return Some(self);
+        }
+        let any_known = self
+            .plan
+            .disks
+            .iter()
+            .any(|d| jobs.iter().any(|j| j.id == d.job_id));
+        if !self.committed {
+            if !any_known {
+                self.phase = Phase::Preparing;
+                return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+            }
+            // The transaction went through before the connection dropped.
+            if let Err(e) = self.commit(core, ctx)
+                && let Some(req) = self.begin_req.take()
+            {
+                ctx.respond(req, Err(e));
+            }
+            if self.plan.mode == BackupMode::Pull {
+                if let Some(req) = self.begin_req.take() {
+                    ctx.respond(req, Err(Error::LinkLost("pull backup start".into())));
                 }
+                self.abort_requested = true;
             }
-            self.phase = Phase::Running;
         }
-        let mut ended_badly = false;
+        self.phase = Phase::Running;
+        self.release_start_slot(core);
+        let mut follow_up = Vec::new();
         for i in 0..self.plan.disks.len() {
-            let d = &self.plan.disks[i];
-            if d.state.is_final() || d.state == DiskJobState::None {
-                continue;
-            }
-            let job = jobs.iter().find(|j| j.id == d.job_id);
-            let concluded = match job {
-                Some(j) => j.status == QemuJobStatus::Concluded || j.status == QemuJobStatus::Null,
-                None => reconciling,
-            };
-            let d = &mut self.plan.disks[i];
-            if let Some(j) = job {
-                d.progress_current_bytes = j.current_progress;
-                d.progress_total_bytes = j.total_progress;
-            }
-            if !concluded {
-                continue;
-            }
-            let error = match job {
-                Some(j) => j.error.clone(),
-                None => Some("job no longer known to QEMU".into()),
-            };
-            d.state = if d.state == DiskJobState::Cancelling {
-                DiskJobState::Cancelled
-            } else if error.is_some() {
-                DiskJobState::Failed
-            } else {
-                DiskJobState::Complete
-            };
-            if d.error.is_none() {
-                d.error = error;
-            }
-            ended_badly |= d.state != DiskJobState::Complete;
-            ctx.emit(DomainEvent::BlockJob {
-                disk: d.target.clone(),
-                state: d.state,
-            });
-            self.queue_disk_cleanup(i, job.is_some());
+            follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
-        if ended_badly || self.abort_requested {
-            self.cancel_running(ctx);
+        if self.abort_requested {
+            follow_up.extend(self.cancel_steps());
+        }
+        self.steps.extend(follow_up);
+        self.pump(core, ctx)
+    }
+
+    /// A `query-jobs` answer for one concluded job: end its disk, clean it up next.
+    fn on_check_job(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        job: &str,
+        result: Result<Value, QmpError>,
+    ) -> Option<Self> {
+        self.checks_queued.remove(job);
+        let jobs = result
+            .ok()
+            .and_then(|v| parse_jobs(&v).ok())
+            .unwrap_or_default();
+        for j in &jobs {
+            if let Some(i) = self.plan.disk_by_job(&j.id)
+                && !self.plan.disks[i].state.is_final()
+            {
+                self.plan.disks[i].progress_current_bytes = j.current_progress;
+                self.plan.disks[i].progress_total_bytes = j.total_progress;
+            }
+        }
+        let mut follow_up = Vec::new();
+        if let Some(i) = self.plan.disk_by_job(job) {
+            follow_up = self.conclude_disk(ctx, i, &jobs, false);
+            let bad = self.plan.disks[i].state.is_final()
+                && self.plan.disks[i].state != DiskJobState::Complete;
+            if bad || self.abort_requested {
+                // One disk failing or being cancelled ends the whole backup.
+                follow_up.extend(self.cancel_steps());
+            }
+        }
+        for step in follow_up.into_iter().rev() {
+            self.steps.push_front(step);
         }
         self.pump(core, ctx)
     }
 
-    fn queue_disk_cleanup(&mut self, i: usize, job_exists: bool) {
-        let d = self.plan.disks[i].clone();
-        if job_exists {
-            self.steps
-                .push_back(best_effort(cmd::job_dismiss(&d.job_id)));
+    /// Ends disk `i` if its job concluded (or, after a reconnection, vanished) and returns the
+    /// steps that clean it up.
+    fn conclude_disk(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        i: usize,
+        jobs: &[JobInfo],
+        vanished_ends: bool,
+    ) -> Vec<Step> {
+        let d = &self.plan.disks[i];
+        if d.state.is_final() || d.state == DiskJobState::None {
+            return Vec::new();
         }
-        if self.plan.mode == BackupMode::Pull && !self.nbd_stop_queued {
-            // The exports go with the server as soon as the first disk ends.
-            self.nbd_stop_queued = true;
-            self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
-            for obj in self.added_objects.iter().rev() {
-                self.steps
-                    .push_back(best_effort(QmpCommand::ObjectDel(ObjectDel {
+        let job = jobs.iter().find(|j| j.id == d.job_id);
+        let concluded = match job {
+            Some(j) => j.status == QemuJobStatus::Concluded || j.status == QemuJobStatus::Null,
+            None => vanished_ends,
+        };
+        let d = &mut self.plan.disks[i];
+        if let Some(j) = job {
+            d.progress_current_bytes = j.current_progress;
+            d.progress_total_bytes = j.total_progress;
+        }
+        if !concluded {
+            return Vec::new();
+        }
+        let error = match job {
+            Some(j) => j.error.clone(),
+            None => Some("job no longer known to QEMU".into()),
+        };
+        d.state = if d.state == DiskJobState::Cancelling {
+            DiskJobState::Cancelled
+        } else if error.is_some() {
+            DiskJobState::Failed
+        } else {
+            DiskJobState::Complete
+        };
+        if d.error.is_none() {
+            d.error = error;
+        }
+        ctx.emit(DomainEvent::BlockJob {
+            disk: d.target.clone(),
+            state: d.state,
+        });
+        self.cleanup_steps(i, job.is_some())
+    }
+
+    fn cleanup_steps(&mut self, i: usize, job_exists: bool) -> Vec<Step> {
+        let d = &self.plan.disks[i];
+        let mut steps = Vec::new();
+        if job_exists {
+            steps.push(best_effort(cmd::job_dismiss(&d.job_id)));
+        }
+        if self.plan.mode == BackupMode::Pull {
+            // The exports go with the server as soon as a disk ends. Like libvirt, the stop is
+            // sent for every ending disk; later ones are refused harmlessly.
+            steps.push(best_effort(QmpCommand::NbdServerStop));
+            if !self.objects_del_queued {
+                self.objects_del_queued = true;
+                for obj in self.added_objects.iter().rev() {
+                    steps.push(best_effort(QmpCommand::ObjectDel(ObjectDel {
                         id: obj.clone(),
                     })));
+                }
             }
         }
-        self.steps
-            .push_back(best_effort(cmd::del_node(&d.format_node)));
-        self.steps
-            .push_back(best_effort(cmd::del_node(&d.storage_node)));
+        steps.push(best_effort(cmd::del_node(&d.format_node)));
+        steps.push(best_effort(cmd::del_node(&d.storage_node)));
         if self.plan.mode == BackupMode::Push
             && let (Some(b), Some(n)) = (&d.temp_bitmap, &d.temp_bitmap_node)
         {
-            self.steps.push_back(best_effort(cmd::remove_bitmap(n, b)));
+            steps.push(best_effort(cmd::remove_bitmap(n, b)));
         }
+        steps
     }
 
-    fn cancel_running(&mut self, ctx: &mut Ctx<'_>) {
+    /// Marks every running disk cancelling and returns the cancel commands.
+    fn cancel_steps(&mut self) -> Vec<Step> {
+        let mut steps = Vec::new();
         for d in &mut self.plan.disks {
             if d.state == DiskJobState::Running {
                 d.state = DiskJobState::Cancelling;
-                ctx.send(
-                    Owner::Backup(BackupTag::Cancel),
-                    cmd::block_job_cancel(&d.job_id),
-                );
+                steps.push(best_effort(cmd::block_job_cancel(&d.job_id)));
             }
+        }
+        steps
+    }
+
+    /// Cancels every running disk before anything else queued.
+    fn cancel_running(&mut self) {
+        for step in self.cancel_steps().into_iter().rev() {
+            self.steps.push_front(step);
         }
     }
 
@@ -1195,7 +1339,8 @@ impl BackupRun {
     }
 
     /// Every disk ended and cleanup is done: delete what must go, report, release.
-    fn terminate(self, core: &mut Core, ctx: &mut Ctx<'_>) {
+    fn terminate(mut self, core: &mut Core, ctx: &mut Ctx<'_>) {
+        self.release_start_slot(core);
         let status = self.plan.final_status();
         if !self.plan.reuse_external {
             let keep = self.plan.mode == BackupMode::Push && status == JobStatus::Completed;

@@ -436,9 +436,10 @@ impl DeleteRun {
                 self.discard(core, ctx, &name);
                 continue;
             }
-            let layered = disks
-                .iter()
-                .any(|(t, _)| core.def.disk(t).is_some_and(|d| d.layers.len() > 1));
+            let layered = core.config.query_nodes_before_delete
+                || disks
+                    .iter()
+                    .any(|(t, _)| core.def.disk(t).is_some_and(|d| d.layers.len() > 1));
             if layered {
                 ctx.send(Owner::Short(ShortTag::DeleteQuery), cmd::query_nodes());
                 self.phase = DeletePhase::Querying { name };

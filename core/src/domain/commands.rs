@@ -183,6 +183,14 @@ pub(crate) fn block_job_cancel(id: &str) -> QmpCommand {
     })
 }
 
+/// `block-job-cancel {device, force: false}`: the cancel of a single disk's job.
+pub(crate) fn block_job_cancel_gently(id: &str) -> QmpCommand {
+    QmpCommand::BlockJobCancel(BlockJobCancel {
+        device: id.to_owned(),
+        force: Some(false),
+    })
+}
+
 /// The storage node under a format node: libvirt names them `libvirt-N-format` and
 /// `libvirt-N-storage`.
 pub(crate) fn storage_of(format_node: &str) -> String {

@@ -10,6 +10,40 @@ use super::error::{Origin, XmlError, XmlErrorKind};
 use crate::model::{DiskDef, DomainDef, ImageFormat, StorageType};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The domain's disks by target and by top-image path (a path shared by two disks maps to
+/// `None`), so that alignment stays linear in the number of disks.
+struct DiskIndex<'d> {
+    by_target: BTreeMap<&'d str, &'d DiskDef>,
+    by_path: BTreeMap<&'d str, Option<&'d DiskDef>>,
+}
+
+impl<'d> DiskIndex<'d> {
+    fn new(domain: &'d DomainDef) -> Self {
+        let mut by_target = BTreeMap::new();
+        let mut by_path = BTreeMap::new();
+        for disk in &domain.disks {
+            by_target.entry(disk.target.as_str()).or_insert(disk);
+            if let Some(path) = disk.top().and_then(|l| l.path.as_deref()) {
+                by_path
+                    .entry(path)
+                    .and_modify(|d| *d = None)
+                    .or_insert(Some(disk));
+            }
+        }
+        Self { by_target, by_path }
+    }
+
+    fn target(&self, name: &str) -> Option<&'d DiskDef> {
+        self.by_target.get(name).copied()
+    }
+
+    /// Like [`DomainDef::disk_by_target_or_path`].
+    fn target_or_path(&self, name: &str) -> Option<&'d DiskDef> {
+        self.target(name)
+            .or_else(|| self.by_path.get(name).copied().flatten())
+    }
+}
+
 const BACKUP_DISK: &str = "/domainbackup/disks/disk";
 const CHECKPOINT_DISK: &str = "/domaincheckpoint/disks/disk";
 
@@ -29,8 +63,9 @@ fn generated_store(
     match disk.top() {
         Some(top) if top.storage == StorageType::File => match &top.path {
             Some(path) => Ok(BackupStore {
-                path: Some(format!("{path}.{suffix}")),
-                ..BackupStore::default()
+                path: format!("{path}.{suffix}"),
+                seclabels: Vec::new(),
+                encryption: None,
             }),
             None => Err(refuse_generation(disk, origin, path)),
         },
@@ -60,7 +95,7 @@ fn refuse_generation(disk: &DiskDef, origin: Origin, path: &str) -> XmlError {
 /// - Each backed-up disk gets `backupmode` (`incremental` when it or the backup names a
 ///   checkpoint, else `full`), inherits `<incremental>` when incremental without its own, and
 ///   gets the `qcow2` format when none was given.
-/// - A listed, backed-up disk with no target or scratch path gets a generated file name exactly
+/// - A listed, backed-up disk with no `<target>` or `<scratch>` gets a generated file name exactly
 ///   as in "back up all" mode. libvirt leaves such a disk with an empty path and its behaviour
 ///   from there is undefined; naming the file is what its documentation promises. A disk of
 ///   `type='block'` cannot get a generated device and is refused instead.
@@ -79,9 +114,10 @@ pub fn align_backup(
             "domain must have at least one disk to perform a backup".to_owned(),
         ));
     }
+    let index = DiskIndex::new(domain);
     let mut seen = BTreeSet::new();
     for disk in &def.disks {
-        let Some(dom_disk) = domain.disk(&disk.name) else {
+        let Some(dom_disk) = index.target(&disk.name) else {
             return Err(fail(
                 disk.origin,
                 BACKUP_DISK,
@@ -151,8 +187,7 @@ pub fn align_backup(
         let Some(backup) = &mut disk.backup else {
             continue;
         };
-        let has_path = backup.store.as_ref().is_some_and(|s| s.path.is_some());
-        if !has_path {
+        if backup.store.is_none() {
             if backup.storage == BackupStorage::Block {
                 return Err(fail(
                     origin,
@@ -163,16 +198,14 @@ pub fn align_backup(
                     ),
                 ));
             }
-            let dom_disk = domain.disk(&disk.name).ok_or_else(|| {
+            let dom_disk = index.target(&disk.name).ok_or_else(|| {
                 fail(
                     origin,
                     BACKUP_DISK,
                     format!("no disk named '{}'", disk.name),
                 )
             })?;
-            let generated = generated_store(dom_disk, suffix, origin, BACKUP_DISK)?;
-            let store = backup.store.get_or_insert_with(BackupStore::default);
-            store.path = generated.path;
+            backup.store = Some(generated_store(dom_disk, suffix, origin, BACKUP_DISK)?);
         }
         let checkpoint = backup
             .incremental
@@ -233,9 +266,10 @@ pub fn align_checkpoint(
             "domain must have at least one disk to perform checkpoints".to_owned(),
         ));
     }
+    let index = DiskIndex::new(domain);
     let mut listed: BTreeMap<&str, &CheckpointDisk> = BTreeMap::new();
     for disk in &def.disks {
-        let Some(dom_disk) = domain.disk_by_target_or_path(&disk.name) else {
+        let Some(dom_disk) = index.target_or_path(&disk.name) else {
             return Err(fail(
                 disk.origin,
                 CHECKPOINT_DISK,

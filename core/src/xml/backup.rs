@@ -187,10 +187,10 @@ pub struct Encryption {
 }
 
 /// A `<target>` (push) or `<scratch>` (pull).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupStore {
-    /// Absolute path of the file or block device.
-    pub path: Option<String>,
+    /// Absolute path of the file or block device (the grammar requires it on the element).
+    pub path: String,
     /// Security labels.
     pub seclabels: Vec<Seclabel>,
     /// Encryption of the image.
@@ -259,7 +259,7 @@ impl BackupDef {
         if let Err(violations) = schema::validate(&doc, Grammar::Backup) {
             return Err(schema_error(violations));
         }
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         read_backup(&ctx, doc.root_element())
     }
 
@@ -330,7 +330,7 @@ fn format_disk(w: &mut Writer, mode: BackupMode, disk: &BackupDisk) {
         let element = mode.store_element();
         let tag = w
             .tag(element)
-            .attr_opt(backup.storage.path_attribute(), store.path.as_deref());
+            .attr(backup.storage.path_attribute(), &store.path);
         if store.seclabels.is_empty() && store.encryption.is_none() {
             tag.empty();
         } else {
@@ -391,7 +391,7 @@ fn checkpoint_ref(
     Ok(value.to_owned())
 }
 
-fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDef, XmlError> {
+pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDef, XmlError> {
     if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
         return Err(ctx.schema(
             root,
@@ -740,15 +740,16 @@ fn read_store(
 ) -> Result<BackupStore, XmlError> {
     let attr = storage.path_attribute();
     ctx.check_attributes(node, &[attr])?;
-    let path = node.attribute(attr).map(str::to_owned);
-    if let Some(path) = &path
-        && !is_absolute_path(path)
-    {
+    let path = node
+        .attribute(attr)
+        .ok_or_else(|| ctx.schema(node, format!("missing required attribute '{attr}'")))?;
+    if !is_absolute_path(path) {
         return Err(ctx.schema(node, format!("path '{path}' must be absolute")));
     }
     let mut store = BackupStore {
-        path,
-        ..BackupStore::default()
+        path: path.to_owned(),
+        seclabels: Vec::new(),
+        encryption: None,
     };
     let mut encryption = None;
     for child in ctx.element_children(node)? {
@@ -783,6 +784,14 @@ fn read_seclabel(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<Seclabel, XmlErro
         ctx.check_attributes(l, &[])?;
         label.label = Some(ctx.text(l)?);
     }
+    // The grammar's three forms: relabel='no'; relabel='yes' (or absent) with an optional
+    // <label>; or labelskip alone.
+    if label.labelskip.is_some() && (label.relabel.is_some() || label.label.is_some()) {
+        return Err(ctx.schema(node, "attribute 'labelskip' excludes 'relabel' and <label>"));
+    }
+    if label.relabel == Some(false) && label.label.is_some() {
+        return Err(ctx.schema(node, "<label> requires relabel='yes'"));
+    }
     Ok(label)
 }
 
@@ -802,6 +811,9 @@ fn read_encryption(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<Encryption, Xml
     }
     let (mut secret, mut cipher, mut ivgen) = (None, None, None);
     for child in ctx.element_children(node)? {
+        if child.tag_name().name() == "ivgen" && cipher.is_none() {
+            return Err(ctx.schema(child, "<ivgen> must follow <cipher>"));
+        }
         let slot = match child.tag_name().name() {
             "secret" => &mut secret,
             "cipher" => &mut cipher,

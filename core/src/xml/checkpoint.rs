@@ -95,7 +95,7 @@ impl CheckpointDef {
         if let Err(violations) = schema::validate(&doc, Grammar::Checkpoint) {
             return Err(schema_error(violations));
         }
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         read_checkpoint(&ctx, text, doc.root_element(), mode)
     }
 
@@ -171,7 +171,7 @@ fn name_error(
     ctx.schema(node, format!("{what} '{value}' {err}"))
 }
 
-fn read_checkpoint(
+pub(crate) fn read_checkpoint(
     ctx: &Ctx<'_, '_>,
     text: &str,
     root: N<'_, '_>,
@@ -283,7 +283,8 @@ fn read_checkpoint(
     Ok(def)
 }
 
-fn is_disk_target(name: &str) -> bool {
+/// A backup or checkpoint disk name of libvirt's `diskTarget` form (`vda`, `sdb`, `xvda1`...).
+pub fn is_valid_disk_target(name: &str) -> bool {
     let rest = name.strip_prefix("ioemu:").unwrap_or(name);
     ["xvd", "ubd", "fd", "hd", "sd", "vd"]
         .iter()
@@ -296,17 +297,12 @@ fn is_disk_target(name: &str) -> bool {
         })
 }
 
-/// A backup or checkpoint disk name of libvirt's `diskTarget` form (`vda`, `sdb`, `xvda1`...).
-pub fn is_valid_disk_target(name: &str) -> bool {
-    is_disk_target(name)
-}
-
 fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlError> {
     ctx.check_empty(node, &["name", "checkpoint", "bitmap", "size"])?;
     let name = node
         .attribute("name")
         .ok_or_else(|| ctx.schema(node, "missing required attribute 'name'"))?;
-    if !is_disk_target(name) && !super::document::is_absolute_path(name) {
+    if !is_valid_disk_target(name) && !super::document::is_absolute_path(name) {
         return Err(ctx.schema(
             node,
             format!("disk name '{name}' is neither a disk target nor an absolute path"),
@@ -332,6 +328,9 @@ fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlEr
         if bitmap.is_empty() || bitmap.chars().any(char::is_control) {
             return Err(ctx.schema(node, format!("invalid bitmap name '{bitmap}'")));
         }
+    }
+    if checkpoint == CheckpointKind::No && node.attribute("size").is_some() {
+        return Err(ctx.schema(node, "attribute 'size' requires checkpoint='bitmap'"));
     }
     let size_bytes = match node.attribute("size") {
         Some(text) => Some(ctx.unsigned(node, "attribute 'size'", text)?),

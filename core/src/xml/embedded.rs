@@ -8,8 +8,11 @@
 use roxmltree::{Document, Node};
 
 /// Whitespace-only text nodes of `node`'s subtree whose source bytes are exactly their text
-/// (so that replacing those bytes changes only indentation), as byte ranges in `text`.
-fn indentation_ranges(text: &str, node: Node<'_, '_>) -> Vec<std::ops::Range<usize>> {
+/// (so that replacing those bytes changes only indentation), with their byte ranges in `text`.
+fn indentation_nodes<'a, 'input>(
+    text: &str,
+    node: Node<'a, 'input>,
+) -> Vec<(std::ops::Range<usize>, Node<'a, 'input>)> {
     node.descendants()
         .filter(|n| n.is_text())
         .filter_map(|n| {
@@ -18,7 +21,7 @@ fn indentation_ranges(text: &str, node: Node<'_, '_>) -> Vec<std::ops::Range<usi
             let is_plain = Some(source) == n.text()
                 && !source.is_empty()
                 && source.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n'));
-            is_plain.then_some(range)
+            is_plain.then_some((range, n))
         })
         .collect()
 }
@@ -29,16 +32,13 @@ pub fn extract(text: &str, node: Node<'_, '_>) -> String {
     let range = node.range();
     let mut out = String::with_capacity(range.len());
     let mut at = range.start;
-    for ws in indentation_ranges(text, node) {
+    for (ws, text_node) in indentation_nodes(text, node) {
         out.push_str(&text[at..ws.start]);
         let source = &text[ws.clone()];
         if source.contains('\n') {
-            // The node's depth below `node` (1 for a child of `node`); a break before the
-            // closing tag of the parent is one level shallower than one before a sibling.
-            let text_node = node
-                .descendants()
-                .find(|n| n.is_text() && n.range() == ws)
-                .unwrap_or(node);
+            // The node's depth below `node` (1 for a child of `node`, bounded by the document
+            // depth limit); a break before the closing tag of the parent is one level
+            // shallower than one before a sibling.
             let depth = text_node
                 .ancestors()
                 .skip(1)
@@ -73,7 +73,7 @@ pub fn indent(stored: &str, prefix: &str) -> String {
     match Document::parse_with_options(stored, options) {
         Ok(doc) => {
             let mut at = 0;
-            for ws in indentation_ranges(stored, doc.root()) {
+            for (ws, _) in indentation_nodes(stored, doc.root()) {
                 out.push_str(&stored[at..ws.start]);
                 out.push_str(&stored[ws.clone()].replace('\n', &format!("\n{prefix}")));
                 at = ws.end;

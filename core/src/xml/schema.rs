@@ -2,7 +2,7 @@
 //! `schemas/`. Every parse goes through [`validate`].
 //!
 //! The grammars are compiled once per process (on first use) and each thread keeps its own
-//! [`Validator`](super::relaxng::Validator) with warm caches, so validating a typical document
+//! [`Validator`] with warm caches, so validating a typical document
 //! costs a few hash lookups per element.
 
 use std::cell::RefCell;

@@ -39,7 +39,7 @@ pub fn validate_document(text: &str) -> Result<DocumentKind, Vec<XmlError>> {
         "domainbackup" => (DocumentKind::Backup, Some(Grammar::Backup)),
         "domain" => (DocumentKind::Domain, None),
         other => {
-            let ctx = super::document::Ctx { doc: &doc };
+            let ctx = super::document::Ctx::new(&doc);
             return Err(vec![ctx.schema(
                 root,
                 format!(
@@ -58,4 +58,56 @@ pub fn validate_document(text: &str) -> Result<DocumentKind, Vec<XmlError>> {
         DocumentKind::Domain => domain::parse_domain(text).map(drop),
     };
     result.map(|()| kind).map_err(|e| vec![e])
+}
+
+#[cfg(test)]
+mod tests {
+    // The corpus lives on disk; reading it is fine in tests.
+    #![allow(clippy::disallowed_methods)]
+
+    use super::super::document::{Ctx, load};
+    use super::super::{backup, checkpoint};
+    use super::*;
+
+    fn invalid_files(kind: &str) -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/xml")
+            .join(kind)
+            .join("invalid");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The parser repeats the grammar's rules, so it must reject every invalid file on its own,
+    /// whatever the grammar says.
+    #[test]
+    fn parser_alone_rejects_every_invalid_corpus_file() {
+        for (name, text) in invalid_files("checkpoint") {
+            let mode = if name.starts_with("redefine") {
+                CheckpointMode::Redefine
+            } else {
+                CheckpointMode::Document
+            };
+            let rejected = load(&text).and_then(|doc| {
+                let ctx = Ctx::new(&doc);
+                checkpoint::read_checkpoint(&ctx, &text, doc.root_element(), mode).map(drop)
+            });
+            assert!(rejected.is_err(), "checkpoint/invalid/{name} accepted");
+        }
+        for (name, text) in invalid_files("backup") {
+            let rejected = load(&text).and_then(|doc| {
+                let ctx = Ctx::new(&doc);
+                backup::read_backup(&ctx, doc.root_element()).map(drop)
+            });
+            assert!(rejected.is_err(), "backup/invalid/{name} accepted");
+        }
+    }
 }

@@ -59,6 +59,8 @@ pub struct Peer {
     /// Ports that are already taken.
     pub busy_ports: BTreeSet<String>,
     pub exports: BTreeSet<String>,
+    /// Creation jobs never report their conclusion (a wedged QEMU).
+    pub silent_create_jobs: bool,
 }
 
 fn err(desc: impl Into<String>) -> QmpError {
@@ -138,7 +140,24 @@ impl Peer {
         self.failures.push((command.into(), desc.into()));
     }
 
+    /// Fails the `nth` (0-based) next execution of `command`.
+    pub fn fail_after(&mut self, command: &str, nth: usize, desc: &str) {
+        self.failures
+            .retain(|(c, _)| c != &format!("{command}#pass"));
+        for _ in 0..nth {
+            self.failures
+                .push((format!("{command}#pass"), String::new()));
+        }
+        self.failures.push((command.into(), desc.into()));
+    }
+
     fn take_failure(&mut self, command: &str) -> Option<QmpError> {
+        // Executions to let through first are recorded as `<command>#pass`.
+        let pass = format!("{command}#pass");
+        if let Some(i) = self.failures.iter().position(|(c, _)| *c == pass) {
+            self.failures.remove(i);
+            return None;
+        }
         let i = self.failures.iter().position(|(c, _)| c == command)?;
         Some(err(self.failures.remove(i).1))
     }
@@ -389,6 +408,9 @@ impl Peer {
                         error: failing.then(|| "Could not create image".to_owned()),
                     },
                 );
+                if self.silent_create_jobs {
+                    return (ok, vec![status_event(&id, "created")]);
+                }
                 (
                     ok,
                     vec![

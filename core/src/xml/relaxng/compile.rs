@@ -35,6 +35,10 @@ pub struct SchemaError {
 /// Upper bound on nested pattern elements in a grammar, to keep compilation's recursion bounded.
 const MAX_GRAMMAR_DEPTH: usize = 200;
 
+/// Upper bound on the depth of a compiled pattern (long sequences nest too), which bounds the
+/// recursion of validation together with the document depth limit.
+const MAX_COMPILED_DEPTH: u32 = 1000;
+
 #[derive(Debug, Clone, Copy)]
 enum DefineState {
     InProgress,
@@ -101,7 +105,16 @@ pub(crate) fn compile(source: &str) -> Result<Schema, SchemaError> {
     };
     while let Some((slot, node, scope)) = c.pending.pop() {
         let content = c.element_content(node, scope)?;
+        if c.arena.depth(content) > MAX_COMPILED_DEPTH {
+            return Err(c.error(
+                node,
+                "the content of this element nests patterns too deeply",
+            ));
+        }
         c.contents[slot as usize] = content;
+    }
+    if c.arena.depth(start) > MAX_COMPILED_DEPTH {
+        return Err(c.error(root, "the start pattern nests patterns too deeply"));
     }
     let symbols = Symbols::new(&c.classes);
     let mut class_matches = vec![false; c.classes.len() * symbols.len()];
@@ -319,7 +332,8 @@ impl<'a, 'input> Compiler<'a, 'input> {
                 }
                 Ok(self.arena.intern(Pat::Attribute(class, content)))
             }
-            "group" | "interleave" | "choice" => {
+            "choice" => self.choice_children(node, scope),
+            "group" | "interleave" => {
                 let kind = local(node);
                 let mut result: Option<PatId> = None;
                 for child in rng_children(node) {
@@ -328,8 +342,7 @@ impl<'a, 'input> Compiler<'a, 'input> {
                         None => p,
                         Some(acc) => match kind {
                             "group" => self.arena.group(acc, p),
-                            "interleave" => self.arena.interleave(acc, p),
-                            _ => self.arena.choice(acc, p),
+                            _ => self.arena.interleave(acc, p),
                         },
                     });
                 }
@@ -431,20 +444,20 @@ impl<'a, 'input> Compiler<'a, 'input> {
         }
     }
 
+    /// The children of `node` as one choice, built at once so long value lists stay linear.
     fn choice_children(
         &mut self,
         node: Node<'a, 'input>,
         scope: usize,
     ) -> Result<PatId, SchemaError> {
-        let mut result = None;
+        let mut members = Vec::new();
         for child in rng_children(node) {
-            let p = self.pattern(child, scope)?;
-            result = Some(match result {
-                None => p,
-                Some(acc) => self.arena.choice(acc, p),
-            });
+            members.push(self.pattern(child, scope)?);
         }
-        result.ok_or_else(|| self.error(node, "`except` needs a pattern"))
+        if members.is_empty() {
+            return Err(self.error(node, format!("`{}` needs a pattern", local(node))));
+        }
+        Ok(self.arena.choice_many(&members))
     }
 
     fn element_content(

@@ -41,6 +41,7 @@ pub struct Validator<'s> {
     text_tests_memo: FastMap<PatId, (u32, u32)>,
     text_memo: FastMap<(PatId, u64), PatId>,
     pool: Vec<PatId>,
+    cache_limit: usize,
 }
 
 impl<'s> Validator<'s> {
@@ -57,6 +58,16 @@ impl<'s> Validator<'s> {
             text_tests_memo: FastMap::default(),
             text_memo: FastMap::default(),
             pool: Vec::new(),
+            cache_limit: CACHE_LIMIT,
+        }
+    }
+
+    /// A validator whose caches are dropped whenever they exceed `limit` entries (the default
+    /// bound is large; a small one trades speed for memory).
+    pub fn with_cache_limit(schema: &'s Schema, limit: usize) -> Self {
+        Validator {
+            cache_limit: limit,
+            ..Validator::new(schema)
         }
     }
 
@@ -67,8 +78,8 @@ impl<'s> Validator<'s> {
             + self.start_memo.len()
             + self.att_memo.len()
             + self.text_memo.len();
-        if size > CACHE_LIMIT {
-            *self = Validator::new(self.schema);
+        if size > self.cache_limit {
+            *self = Validator::with_cache_limit(self.schema, self.cache_limit);
         }
     }
 
@@ -103,10 +114,13 @@ impl<'s> Validator<'s> {
             return r;
         }
         let r = match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.start_tag_open(a, sym);
-                let y = self.start_tag_open(b, sym);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.start_tag_open(m, sym))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Element(class, slot) => {
                 if self.class_matches(class, sym) {
@@ -159,10 +173,13 @@ impl<'s> Validator<'s> {
                 };
                 self.arena.after(a, b2)
             }
-            Pat::Choice(a, b) => {
-                let x = self.apply_after(f, a);
-                let y = self.apply_after(f, b);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.apply_after(f, m))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             _ => NOT_ALLOWED,
         }
@@ -190,7 +207,12 @@ impl<'s> Validator<'s> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) | Pat::Group(a, b) | Pat::Interleave(a, b) => {
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.collect_attribute_tests(m, sym, out, depth + 1);
+                }
+            }
+            Pat::Group(a, b) | Pat::Interleave(a, b) => {
                 self.collect_attribute_tests(a, sym, out, depth + 1);
                 self.collect_attribute_tests(b, sym, out, depth + 1);
             }
@@ -246,10 +268,13 @@ impl<'s> Validator<'s> {
                 let x = self.attribute_uncached(a, sym, value);
                 self.arena.after(x, b)
             }
-            Pat::Choice(a, b) => {
-                let x = self.attribute_uncached(a, sym, value);
-                let y = self.attribute_uncached(b, sym, value);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.attribute_uncached(m, sym, value))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Group(a, b) => {
                 let x = self.attribute_uncached(a, sym, value);
@@ -285,6 +310,24 @@ impl<'s> Validator<'s> {
 
     /// Whether an attribute value (or a whole text) matches a value pattern.
     pub(crate) fn value_matches(&mut self, p: PatId, text: &str) -> bool {
+        // Value patterns are nearly always leaves or choices of leaves: decide those directly,
+        // without building derivatives. A choice matches when one of its branches does.
+        match self.arena.get(p) {
+            Pat::Text => return true,
+            Pat::Empty => return is_whitespace(text),
+            Pat::NotAllowed => return false,
+            Pat::Data(..) | Pat::Value(..) | Pat::DataExcept(..) => {
+                return self.leaf_matches(p, text);
+            }
+            Pat::Choice(..) => {
+                return self
+                    .arena
+                    .members(p)
+                    .into_iter()
+                    .any(|m| self.value_matches(m, text));
+            }
+            _ => {}
+        }
         if self.arena.nullable(p) && is_whitespace(text) {
             return true;
         }
@@ -319,10 +362,13 @@ impl<'s> Validator<'s> {
                 let x = self.close_uncached(a, forgive, depth + 1);
                 self.arena.after(x, b)
             }
-            Pat::Choice(a, b) => {
-                let x = self.close_uncached(a, forgive, depth + 1);
-                let y = self.close_uncached(b, forgive, depth + 1);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.close_uncached(m, forgive, depth + 1))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Group(a, b) => {
                 let x = self.close_uncached(a, forgive, depth + 1);
@@ -369,7 +415,12 @@ impl<'s> Validator<'s> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) | Pat::Group(a, b) | Pat::Interleave(a, b) => {
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.collect_text_tests(m, out, depth + 1);
+                }
+            }
+            Pat::Group(a, b) | Pat::Interleave(a, b) => {
                 self.collect_text_tests(a, out, depth + 1);
                 self.collect_text_tests(b, out, depth + 1);
             }
@@ -452,10 +503,13 @@ impl<'s> Validator<'s> {
             return NOT_ALLOWED;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.text_uncached(a, text, depth + 1);
-                let y = self.text_uncached(b, text, depth + 1);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.text_uncached(m, text, depth + 1))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::Interleave(a, b) => {
                 let x = self.text_uncached(a, text, depth + 1);
@@ -514,10 +568,13 @@ impl<'s> Validator<'s> {
 
     fn end_uncached(&mut self, p: PatId, forgive: bool) -> PatId {
         match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                let x = self.end_uncached(a, forgive);
-                let y = self.end_uncached(b, forgive);
-                self.arena.choice(x, y)
+            Pat::Choice(..) => {
+                let members = self.arena.members(p);
+                let mapped: Vec<PatId> = members
+                    .into_iter()
+                    .map(|m| self.end_uncached(m, forgive))
+                    .collect();
+                self.arena.choice_many(&mapped)
             }
             Pat::After(a, b) => {
                 if forgive || self.arena.nullable(a) {

@@ -1,12 +1,13 @@
 //! A RELAX NG validator (XML syntax) over `roxmltree` documents.
 //!
 //! Contract: [`Schema::compile`] turns grammar text into an immutable, shareable [`Schema`] or a
-//! positioned [`SchemaError`]; a [`Validator`] then checks documents against it and gives the
-//! same verdict as libxml2's `xmllint --relaxng` for the features supported here: `grammar`,
+//! positioned [`SchemaError`]; a [`Validator`] then checks documents against it. Verdicts are
+//! meant to equal libxml2's `xmllint --relaxng` (the differential test `schema_differential`
+//! holds us to it on every test document) for the features supported here: `grammar`,
 //! `start`, `define`/`ref`/`parentRef` with `combine`, `div`, `element` and `attribute` with
 //! `name`/`anyName`/`nsName`/`choice`/`except` name classes, `choice`, `group`, `interleave`,
 //! `optional`, `zeroOrMore`, `oneOrMore`, `mixed`, `empty`, `text`, `notAllowed`, `value`, and
-//! `data` with the types of [`datatype`](self) (XML Schema `string`, `token`, the integer
+//! `data` with the datatypes (XML Schema `string`, `token`, the integer
 //! types, `boolean`, `anyURI`, `NCName`) and the facets `pattern`, `minInclusive`,
 //! `maxInclusive`, `minLength`, `maxLength`, `length`. `list`, `include` and `externalRef` are
 //! refused at compile time.

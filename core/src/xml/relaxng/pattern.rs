@@ -47,6 +47,8 @@ pub(crate) enum Pat {
 pub(crate) struct Arena {
     pats: Vec<Pat>,
     nullable: Vec<bool>,
+    /// Nesting depth, not counting the right spine of choice lists (which is walked in loops).
+    depth: Vec<u32>,
     index: FastMap<Pat, PatId>,
     scratch: Vec<PatId>,
 }
@@ -56,6 +58,7 @@ impl Default for Arena {
         let mut arena = Arena {
             pats: Vec::new(),
             nullable: Vec::new(),
+            depth: Vec::new(),
             index: FastMap::default(),
             scratch: Vec::new(),
         };
@@ -84,6 +87,49 @@ impl Arena {
         self.nullable[id as usize]
     }
 
+    /// Nesting depth of a pattern (choice lists count as one level).
+    pub(crate) fn depth(&self, id: PatId) -> u32 {
+        self.depth[id as usize]
+    }
+
+    /// The members of a choice list (the pattern itself if it is not a choice).
+    pub(crate) fn members(&self, mut p: PatId) -> Vec<PatId> {
+        let mut out = Vec::new();
+        loop {
+            match self.get(p) {
+                Pat::Choice(x, y) => {
+                    out.push(x);
+                    p = y;
+                }
+                _ => {
+                    out.push(p);
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The choice of all `items` (each may itself be a choice).
+    pub(crate) fn choice_many(&mut self, items: &[PatId]) -> PatId {
+        let mut flat = std::mem::take(&mut self.scratch);
+        flat.clear();
+        for &item in items {
+            self.collect_choice(item, &mut flat);
+        }
+        flat.sort_unstable();
+        flat.dedup();
+        flat.retain(|&p| p != NOT_ALLOWED);
+        let mut result = NOT_ALLOWED;
+        if let Some((&last, rest)) = flat.split_last() {
+            result = last;
+            for &item in rest.iter().rev() {
+                result = self.intern(Pat::Choice(item, result));
+            }
+        }
+        self.scratch = flat;
+        result
+    }
+
     /// Returns the id of `pat`, adding it if it is new. No simplification happens here.
     pub(crate) fn intern(&mut self, pat: Pat) -> PatId {
         if let Some(&id) = self.index.get(&pat) {
@@ -103,9 +149,22 @@ impl Arena {
             | Pat::DataExcept(..)
             | Pat::Value(..) => false,
         };
+        let d = |id: PatId| self.depth[id as usize];
+        let depth = match pat {
+            Pat::Choice(a, b) => (d(a) + 1).max(d(b)),
+            Pat::Group(a, b) | Pat::Interleave(a, b) | Pat::After(a, b) => d(a).max(d(b)) + 1,
+            Pat::OneOrMore(a) | Pat::Attribute(_, a) | Pat::DataExcept(_, a) => d(a) + 1,
+            Pat::Empty
+            | Pat::NotAllowed
+            | Pat::Text
+            | Pat::Element(..)
+            | Pat::Data(_)
+            | Pat::Value(..) => 1,
+        };
         let id = u32::try_from(self.pats.len()).unwrap_or(u32::MAX);
         self.pats.push(pat);
         self.nullable.push(nullable);
+        self.depth.push(depth);
         self.index.insert(pat, id);
         id
     }
@@ -124,33 +183,15 @@ impl Arena {
             let (x, y) = if a < b { (a, b) } else { (b, a) };
             return self.intern(Pat::Choice(x, y));
         }
-        let mut items = std::mem::take(&mut self.scratch);
-        items.clear();
-        self.collect_choice(a, &mut items);
-        self.collect_choice(b, &mut items);
-        items.sort_unstable();
-        items.dedup();
-        let mut result = NOT_ALLOWED;
-        if let Some((&last, rest)) = items.split_last() {
-            result = last;
-            for &item in rest.iter().rev() {
-                result = self.intern(Pat::Choice(item, result));
-            }
-        }
-        self.scratch = items;
-        result
+        self.choice_many(&[a, b])
     }
 
     fn collect_choice(&self, mut p: PatId, out: &mut Vec<PatId>) {
-        // Choices are right-nested lists, so walking the right spine visits every member.
+        // Choices are right-nested lists whose members are never choices themselves.
         loop {
             match self.get(p) {
                 Pat::Choice(x, y) => {
-                    if let Pat::Choice(..) = self.get(x) {
-                        self.collect_choice(x, out);
-                    } else {
-                        out.push(x);
-                    }
+                    out.push(x);
                     p = y;
                 }
                 _ => {
@@ -221,6 +262,8 @@ pub(crate) enum NameClass {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Symbols {
     namespaces: FastMap<String, NamespaceSymbols>,
+    /// The names without namespace, the common case, looked up in one step.
+    unqualified: FastMap<String, u32>,
     other: u32,
     /// Namespace and local name of each symbol (`None` for "other" symbols).
     pub(crate) names: Vec<(String, Option<String>)>,
@@ -268,6 +311,9 @@ impl Symbols {
                         if let Some(entry) = table.namespaces.get_mut(ns.as_str()) {
                             entry.locals.insert(local.clone(), id);
                         }
+                        if ns.is_empty() {
+                            table.unqualified.insert(local.clone(), id);
+                        }
                     }
                 }
                 NameClass::AnyName(_) | NameClass::Choice(..) => {}
@@ -285,6 +331,9 @@ impl Symbols {
     /// The symbol of a name met in a document.
     #[inline]
     pub(crate) fn lookup(&self, ns: &str, local: &str) -> u32 {
+        if ns.is_empty() {
+            return self.unqualified.get(local).copied().unwrap_or(self.other);
+        }
         match self.namespaces.get(ns) {
             Some(entry) => entry.locals.get(local).copied().unwrap_or(entry.other),
             None => self.other,

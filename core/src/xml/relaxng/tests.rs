@@ -211,7 +211,13 @@ fn any_name_ns_name_and_except() {
     accepts(&s, "<whatever/>");
     accepts(&s, "<whatever xmlns:x='urn:x' x:a='1' x:b='2'/>");
     rejects(&s, "<bad/>");
-    rejects(&s, "<whatever plain='1'/>");
+    let v = rejects(&s, "<whatever plain='1' xml:lang='en'/>");
+    assert_eq!(v.message, "unexpected attribute `plain`");
+    let v = rejects(&s, "<whatever xml:lang='en'/>");
+    assert_eq!(
+        v.message,
+        "unexpected attribute `lang` in namespace `http://www.w3.org/XML/1998/namespace`"
+    );
     let q = schema("<element name='q:e' xmlns:q='urn:q'><empty/></element>");
     accepts(&q, "<e xmlns='urn:q'/>");
     rejects(&q, "<e/>");
@@ -339,4 +345,54 @@ fn a_reused_validator_gives_the_same_verdicts() {
             assert_eq!(v.validate(&d).is_ok(), ok, "{doc}");
         }
     }
+}
+
+#[test]
+fn dropping_the_caches_between_documents_keeps_verdicts() {
+    let s = schema(
+        "<element name='r'><zeroOrMore><element name='d'><attribute name='n'><data type='unsignedInt'/></attribute></element></zeroOrMore></element>",
+    );
+    let mut tiny = Validator::with_cache_limit(&s, 4);
+    for _ in 0..3 {
+        for (doc, ok) in [
+            ("<r><d n='1'/><d n='2'/></r>", true),
+            ("<r><d n='x'/></r>", false),
+        ] {
+            let d = roxmltree::Document::parse(doc).unwrap();
+            assert_eq!(tiny.validate(&d).is_ok(), ok, "{doc}");
+        }
+    }
+}
+
+#[test]
+fn huge_choices_and_sequences_stay_within_bounds() {
+    let values: String = (0..20_000)
+        .map(|i| format!("<value>v{i}</value>"))
+        .collect();
+    let s = schema(&format!(
+        "<element name='r'><attribute name='a'><choice>{values}</choice></attribute></element>"
+    ));
+    accepts(&s, "<r a='v19999'/>");
+    let v = rejects(&s, "<r a='w'/>");
+    assert!(
+        v.message.starts_with("invalid value `w` for attribute `a`"),
+        "{}",
+        v.message
+    );
+    let elements: String = (0..1_000)
+        .map(|i| format!("<element name='e{i}'><empty/></element>"))
+        .collect();
+    let many = schema(&format!(
+        "<element name='r'><choice>{elements}</choice></element>"
+    ));
+    accepts(&many, "<r><e999/></r>");
+    rejects(&many, "<r><x/></r>");
+    let sequence: String = (0..2_000)
+        .map(|_| "<optional><element name='x'><empty/></element></optional>")
+        .collect();
+    let e = Schema::compile(&format!(
+        "<grammar {NS}><start><element name='r'><group>{sequence}</group></element></start></grammar>"
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("too deeply"), "{e}");
 }

@@ -90,6 +90,14 @@ fn shorten(text: &str) -> String {
     out
 }
 
+/// Names a namespace in a message, if there is one.
+fn in_namespace(ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if !ns.is_empty() => format!(" in namespace `{ns}`"),
+        _ => String::new(),
+    }
+}
+
 fn join_alternatives(items: &[String]) -> String {
     let mut items = items.to_vec();
     items.sort();
@@ -208,7 +216,11 @@ impl Validator<'_> {
             .lookup(tag.namespace().unwrap_or(""), tag.name());
         let mut p = self.start_tag_open(parent, sym);
         if p == NOT_ALLOWED {
-            let mut message = format!("unexpected element `{}`", tag.name());
+            let mut message = format!(
+                "unexpected element `{}`{}",
+                tag.name(),
+                in_namespace(tag.namespace())
+            );
             let expected = self.expected_elements(parent);
             if !expected.is_empty() {
                 message.push_str(&format!("; expected {}", join_alternatives(&expected)));
@@ -225,7 +237,11 @@ impl Validator<'_> {
             if next == NOT_ALLOWED {
                 let (start, len) = self.attribute_tests(p, sym);
                 let message = if len == 0 {
-                    format!("unexpected attribute `{}`", attr.name())
+                    format!(
+                        "unexpected attribute `{}`{}",
+                        attr.name(),
+                        in_namespace(attr.namespace())
+                    )
                 } else {
                     let tests: Vec<PatId> = self.arena_pool(start, len);
                     let mut expected = Vec::new();
@@ -384,7 +400,12 @@ impl Validator<'_> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) | Pat::Interleave(a, b) => {
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.collect_expected(m, out, depth + 1);
+                }
+            }
+            Pat::Interleave(a, b) => {
                 self.collect_expected(a, out, depth + 1);
                 self.collect_expected(b, out, depth + 1);
             }
@@ -418,16 +439,18 @@ impl Validator<'_> {
                 self.collect_required(a, out, depth + 1);
                 self.collect_required(b, out, depth + 1);
             }
-            Pat::Choice(a, b) => {
-                // Only alternatives that both require something make it required.
-                let mut left = Vec::new();
-                let mut right = Vec::new();
-                self.collect_required(a, &mut left, depth + 1);
-                self.collect_required(b, &mut right, depth + 1);
-                if !left.is_empty() && !right.is_empty() {
-                    out.extend(left);
-                    out.extend(right);
+            Pat::Choice(..) => {
+                // Something is required only if every alternative requires something.
+                let mut all = Vec::new();
+                for m in self.arena.members(p) {
+                    let mut needed = Vec::new();
+                    self.collect_required(m, &mut needed, depth + 1);
+                    if needed.is_empty() {
+                        return;
+                    }
+                    all.extend(needed);
                 }
+                out.extend(all);
             }
             Pat::OneOrMore(a) | Pat::After(a, _) => self.collect_required(a, out, depth + 1),
             Pat::Attribute(class, _) => {
@@ -451,9 +474,10 @@ impl Validator<'_> {
             return;
         }
         match self.arena.get(p) {
-            Pat::Choice(a, b) => {
-                self.describe_value(a, out, depth + 1);
-                self.describe_value(b, out, depth + 1);
+            Pat::Choice(..) => {
+                for m in self.arena.members(p) {
+                    self.describe_value(m, out, depth + 1);
+                }
             }
             Pat::Value(_, lit) => {
                 if let Some(l) = self.schema.literals.get(lit as usize) {

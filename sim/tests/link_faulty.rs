@@ -1,25 +1,25 @@
-//! SimLink: the core's Link over the simulated QEMU, on virtual time.
+//! FaultyLink: the core's Link over the simulated QEMU, on virtual time.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
-use vbackup_sim::link::{IDLE_FOREVER, LinkFaults, SimLink};
+use vbackup_sim::world::link::{FaultyLink, IDLE_FOREVER, LinkFaults};
 use vbackup_sim::world::{boot_lab, lab_files};
 use vbackup_sim::{Config, Qemu};
 
-fn lab_link() -> SimLink {
+fn lab_link() -> FaultyLink {
     let mut q = Qemu::new(lab_files(), Config::default());
     boot_lab(&mut q).expect("lab boots");
-    SimLink::new(Rc::new(RefCell::new(q)))
+    FaultyLink::new(Rc::new(RefCell::new(q)))
 }
 
 fn cmd(name: &str, args: Option<serde_json::Value>) -> QmpCommand {
     QmpCommand::from_parts(name, args).expect("known command")
 }
 
-fn reply(link: &mut SimLink) -> (Option<CommandId>, Result<serde_json::Value, String>) {
+fn reply(link: &mut FaultyLink) -> (Option<CommandId>, Result<serde_json::Value, String>) {
     loop {
         match link.recv(Some(link.now().plus_ms(1))).expect("open") {
             Some(QmpIn::Reply { id, result }) => return (id, result.map_err(|e| e.desc)),

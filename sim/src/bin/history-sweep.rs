@@ -1,4 +1,4 @@
-//! `vbackup-sim sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]`: runs seeded histories of the
+//! `history-sweep sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]`: runs seeded histories of the
 //! core against the simulated QEMU and prints failures (one reproducing line each), seeds per
 //! second and the fault mix. Exits 1 when a seed fails, 2 on bad arguments.
 
@@ -9,7 +9,7 @@ use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: vbackup-sim sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]"
+        "usage: history-sweep sweep --seeds A..B [--steps N] [--no-faults] [--faults KIND,..] [--engine-faults-anywhere] [--abort-during-setup]"
     );
     ExitCode::from(2)
 }
