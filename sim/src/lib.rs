@@ -47,6 +47,7 @@ mod node;
 mod persist;
 mod qcow2;
 mod qemu;
+pub mod scenarios;
 pub mod sweep;
 mod transaction;
 pub mod world;

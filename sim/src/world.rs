@@ -1400,3 +1400,70 @@ fn describe_answer(a: &Result<Reply, Error>) -> String {
         Err(e) => format!("error [{}] {e}", e.category()),
     }
 }
+
+/// A connected driver on the lab domain over a fresh simulated QEMU (32 MiB/s backup jobs),
+/// with the QEMU it shares with its host.
+pub fn lab_driver() -> (Driver<FaultyLink, StoreEffects>, SharedQemu) {
+    let mut q = Qemu::new(
+        lab_files(),
+        Config {
+            throughput_bytes_per_s: 32 << 20,
+            ..Config::default()
+        },
+    );
+    let booted = boot_lab(&mut q);
+    debug_assert!(booted.is_ok(), "lab boots: {booted:?}");
+    let qemu = Rc::new(RefCell::new(q));
+    let domain = Domain::new(
+        lab_domain(),
+        DomainConfig::default(),
+        CheckpointTree::new(),
+        None,
+    );
+    let driver = Driver::new(
+        domain,
+        FaultyLink::new(qemu.clone()),
+        StoreEffects::new(qemu.clone()),
+    );
+    (driver, qemu)
+}
+
+/// The simulated host of the conformance scenarios.
+#[derive(Debug)]
+pub struct SimHost {
+    /// The simulated QEMU.
+    pub qemu: SharedQemu,
+}
+
+impl crate::scenarios::Host for SimHost {
+    fn guest_write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut q = self.qemu.borrow_mut();
+        let now = q.now_ms();
+        q.guest_write(now, disk, offset, data)
+            .map_err(|e| e.to_string())
+    }
+
+    fn disk_content(&mut self, disk: &str) -> Result<Vec<u8>, String> {
+        self.qemu
+            .borrow()
+            .guest_disk(disk)
+            .map_err(|e| e.to_string())
+    }
+
+    fn restore(&mut self, path: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        restore_image(self.qemu.borrow().fs(), path, base)
+    }
+
+    fn read_export(&mut self, name: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        let q = self.qemu.borrow();
+        let mut reader = q.export_reader(name).map_err(|e| e.to_string())?;
+        read_export(&mut reader, base)
+    }
+
+    fn fail_writes_to(&mut self, node: &str) -> bool {
+        self.qemu
+            .borrow_mut()
+            .set_fault(Fault::TargetIoError { node: node.into() });
+        true
+    }
+}
