@@ -94,8 +94,9 @@ fn abort_during_target_creation_leaves_no_create_job() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
-/// Bug: a refused command during a backup's cleanup or monitoring (`block-job-cancel`,
-/// `query-jobs`, `job-dismiss`, ...) strands the backup: aborts are answered but it never ends.
+/// Bug: a refused `block-job-cancel` is never retried. In seed 0 a pull backup's abort cancels
+/// vdb but QEMU refuses the cancel of vda: the fleecing job keeps running, the backup never
+/// ends, and later aborts are answered without sending anything.
 #[test]
 #[ignore = "core bug: one refused cleanup command strands the backup forever (seed 0)"]
 fn refused_command_never_strands_a_backup() {
