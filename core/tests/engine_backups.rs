@@ -798,3 +798,26 @@ fn cancelling_one_disk_cancels_the_whole_push() {
     assert!(cancels[0].contains(r#""device":"backup-vdb-libvirt-1-format","force":false"#));
     assert!(cancels[1].contains(r#""device":"backup-vda-libvirt-2-format","force":true"#));
 }
+
+#[test]
+fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let config = DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    let id = begin(&mut h, pull(None, unix(), None), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    assert!(!h.peer.exports.is_empty());
+    h.request(Request::AbortJob);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let transcript = h.transcript();
+    assert!(!transcript.contains("nbd-server-start"), "{transcript}");
+    assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
+    assert!(transcript.contains("block-export-del"), "{transcript}");
+    assert!(h.peer.nbd_running, "the server keeps serving");
+}

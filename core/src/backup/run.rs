@@ -117,6 +117,9 @@ pub(crate) struct BackupRun {
     added_nodes: Vec<String>,
     added_objects: Vec<String>,
     nbd_started: bool,
+    /// The NBD server belongs to someone else (`DomainConfig::nbd_server_running`): exports
+    /// are added to it and deleted one by one; the server is never started nor stopped.
+    shared_server: bool,
     /// Whether the TLS objects' removal is queued (once, when the first pull disk ends).
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
@@ -141,11 +144,15 @@ impl BackupRun {
 
     /// A run restored from the journal after a restart of the engine: its jobs were started;
     /// it waits for the QMP session to reconcile.
-    pub(crate) fn restore(plan: BackupPlan, jobs: &mut crate::jobs::JobSlots) -> Self {
+    pub(crate) fn restore(
+        plan: BackupPlan,
+        jobs: &mut crate::jobs::JobSlots,
+        shared_server: bool,
+    ) -> Self {
         let _ = jobs.acquire_long(crate::jobs::JobKind::Backup);
         let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
         let _ = jobs.occupy_disks(&targets, DISK_HOLDER);
-        let nbd_started = plan.mode == BackupMode::Pull;
+        let nbd_started = plan.mode == BackupMode::Pull && !shared_server;
         let added_objects = plan
             .tls_secret_object
             .iter()
@@ -171,6 +178,7 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects,
             nbd_started,
+            shared_server,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             holds_start_slot: false,
@@ -245,6 +253,7 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
+            shared_server: core.config.nbd_server_running,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
@@ -574,13 +583,18 @@ impl BackupRun {
                 self.plan.tls_object = Some(TLS_OBJECT.into());
                 tls_creds = Some(TLS_OBJECT.to_owned());
             }
-            self.port_chosen = matches!(server.transport, NbdTransport::Tcp { port: None, .. });
-            let server = fill_port(server, core.config.nbd_port_min);
-            self.steps.push_back(Step::Cmd {
-                command: nbd_start(&server, tls_creds.clone()),
-                effect: Effect::NbdStarted,
-            });
-            self.plan.server = Some(server);
+            if self.shared_server {
+                // The running server is used as it is; the backup's <server> names it.
+                self.plan.server = Some(server);
+            } else {
+                self.port_chosen = matches!(server.transport, NbdTransport::Tcp { port: None, .. });
+                let server = fill_port(server, core.config.nbd_port_min);
+                self.steps.push_back(Step::Cmd {
+                    command: nbd_start(&server, tls_creds.clone()),
+                    effect: Effect::NbdStarted,
+                });
+                self.plan.server = Some(server);
+            }
         }
         self.steps.push_back(Step::Cmd {
             command: cmd::transaction(self.transaction_actions(core)),
@@ -1286,10 +1300,25 @@ impl BackupRun {
         if job_exists {
             steps.push(best_effort(cmd::job_dismiss(&d.job_id)));
         }
+        if self.plan.mode == BackupMode::Pull
+            && self.shared_server
+            && let Some(export) = &d.export_id
+        {
+            // Only this backup's export goes (its clients with it, as a server stop would do);
+            // the server keeps serving its other exports.
+            steps.push(best_effort(QmpCommand::BlockExportDel(
+                crate::qmp::BlockExportDel {
+                    id: export.clone(),
+                    mode: Some(crate::qmp::BlockExportRemoveMode::Hard),
+                },
+            )));
+        }
         if self.plan.mode == BackupMode::Pull {
             // The exports go with the server as soon as a disk ends. Like libvirt, the stop is
             // sent for every ending disk; later ones are refused harmlessly.
-            steps.push(best_effort(QmpCommand::NbdServerStop));
+            if !self.shared_server {
+                steps.push(best_effort(QmpCommand::NbdServerStop));
+            }
             if !self.objects_del_queued {
                 self.objects_del_queued = true;
                 for obj in self.added_objects.iter().rev() {
