@@ -136,7 +136,6 @@ fn link_drop_never_strands_a_backup() {
 /// it for its own and reports the backup Completed: the target was never written (not even
 /// formatted as qcow2).
 #[test]
-#[ignore = "core bug: a stale job with the same id makes an unwritten push report Completed (seed 183)"]
 fn stale_job_never_completes_a_backup_that_did_not_run() {
     let out = run_history(&HistoryConfig::seed(183));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());

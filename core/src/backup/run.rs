@@ -1180,7 +1180,9 @@ impl BackupRun {
             .iter()
             .any(|d| jobs.iter().any(|j| j.id == d.job_id));
         if !self.committed {
-            if !any_known {
+            // Before the transaction was sent no job can be ours, whatever QEMU lists under
+            // the same id (a job left behind by an earlier run).
+            if !self.transaction_sent || !any_known {
                 self.phase = Phase::Preparing;
                 return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
             }
