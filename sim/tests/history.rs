@@ -98,7 +98,6 @@ fn abort_during_target_creation_leaves_no_create_job() {
 /// vdb but QEMU refuses the cancel of vda: the fleecing job keeps running, the backup never
 /// ends, and later aborts are answered without sending anything.
 #[test]
-#[ignore = "core bug: one refused cleanup command strands the backup forever (seed 0)"]
 fn refused_command_never_strands_a_backup() {
     let out = run_history(&config(0, &[FaultKind::CommandRefused]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
@@ -125,7 +124,6 @@ fn store_write_failure_orphans_no_backup_job() {
 /// Bug: after the QMP connection drops (sometimes right after a command ran, before its
 /// reply), a backup never ends: aborts are answered but the run stays, holding the domain job.
 #[test]
-#[ignore = "core bug: a backup interrupted by a link drop never ends (seed 0)"]
 fn link_drop_never_strands_a_backup() {
     let out = run_history(&config(0, &[FaultKind::LinkDrop]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());

@@ -1091,7 +1091,9 @@ impl BackupRun {
         ctx.respond(req, Ok(Reply::Done));
         match self.phase {
             Phase::Running if self.committed => {
-                self.cancel_running();
+                // A cancel sent earlier may have been refused or lost with the connection:
+                // every abort sends it again to the disks still cancelling.
+                self.cancel_running_resend();
                 self.pump(core, ctx)
             }
             Phase::Querying | Phase::Preparing if !self.transaction_sent => {
@@ -1205,9 +1207,9 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
-        if self.abort_requested {
-            follow_up.extend(self.cancel_steps());
-        }
+        // Jobs still running while their disk is cancelling may never have seen the cancel
+        // (it was lost with the connection): send it again.
+        follow_up.extend(self.cancel_steps_for(self.abort_requested, true));
         self.steps.extend(follow_up);
         self.pump(core, ctx)
     }
@@ -1342,14 +1344,32 @@ impl BackupRun {
 
     /// Marks every running disk cancelling and returns the cancel commands.
     fn cancel_steps(&mut self) -> Vec<Step> {
+        self.cancel_steps_for(true, false)
+    }
+
+    /// Cancel commands for the running disks (marked cancelling) when `running`, and again for
+    /// the disks already cancelling when `resend`.
+    fn cancel_steps_for(&mut self, running: bool, resend: bool) -> Vec<Step> {
         let mut steps = Vec::new();
         for d in &mut self.plan.disks {
-            if d.state == DiskJobState::Running {
+            let send = match d.state {
+                DiskJobState::Running => running,
+                DiskJobState::Cancelling => resend,
+                _ => false,
+            };
+            if send {
                 d.state = DiskJobState::Cancelling;
                 steps.push(best_effort(cmd::block_job_cancel(&d.job_id)));
             }
         }
         steps
+    }
+
+    /// Cancels every running or still cancelling disk before anything else queued.
+    fn cancel_running_resend(&mut self) {
+        for step in self.cancel_steps_for(true, true).into_iter().rev() {
+            self.steps.push_front(step);
+        }
     }
 
     /// Cancels every running disk before anything else queued.
