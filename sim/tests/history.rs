@@ -84,7 +84,6 @@ fn fault_free_histories_converge() {
 /// stays concluded in QEMU and every later backup is refused with "Job ID
 /// 'create-libvirt-5-format' already in use".
 #[test]
-#[ignore = "core bug: abort during target creation leaves the create job behind (seed 112)"]
 fn abort_during_target_creation_leaves_no_create_job() {
     let out = run_history(&HistoryConfig {
         faults: false,

@@ -761,11 +761,28 @@ impl BackupRun {
         error: Error,
         first: Vec<Step>,
     ) -> Option<Self> {
+        // An image-creation job that was started still has to be waited for and dismissed,
+        // or it stays in QEMU and its id refuses every later backup: keep the queued wait
+        // (and the dismissal that follows a checked job) ahead of the undo steps.
+        let mut kept = Vec::new();
+        if let Some(job) = self.waiting_create_job.take() {
+            kept.push(Step::AwaitCreateJob { job });
+        }
+        while let Some(step) = self.steps.pop_front() {
+            match step {
+                Step::AwaitCreateJob { .. }
+                | Step::Cmd {
+                    effect: Effect::BestEffort,
+                    ..
+                } => kept.push(step),
+                _ => break,
+            }
+        }
         self.steps.clear();
         self.steps.extend(first);
+        self.steps.extend(kept);
         self.step_busy = false;
         self.current = None;
-        self.waiting_create_job = None;
         self.waiting_file = None;
         if self.nbd_started {
             self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
@@ -826,6 +843,11 @@ impl BackupRun {
                     .map(|jobs| jobs.into_iter().find(|j| j.id == job).and_then(|j| j.error));
                 // The creation job is dismissed whatever happened.
                 self.step_busy = false;
+                if matches!(self.phase, Phase::RollingBack { .. }) {
+                    // Already undoing: only the dismissal is still owed.
+                    self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
+                    return self.pump(core, ctx);
+                }
                 match outcome {
                     Ok(None) => {
                         self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
@@ -933,7 +955,13 @@ impl BackupRun {
                         self.checkpoint = None;
                         self.roll_back(core, ctx, error)
                     }
-                    _ => self.roll_back(core, ctx, error),
+                    _ => {
+                        // A refused image creation started no job: nothing to wait for.
+                        if matches!(self.steps.front(), Some(Step::AwaitCreateJob { .. })) {
+                            self.steps.pop_front();
+                        }
+                        self.roll_back(core, ctx, error)
+                    }
                 }
             }
             _ => {
