@@ -581,7 +581,19 @@ impl Domain {
         ctx: &mut Ctx<'_>,
     ) {
         core.connected = false;
+        // Statistics requests waiting for a `query-jobs` reply would never be answered.
+        let lost_stats: Vec<RequestId> = ctx
+            .pending
+            .values()
+            .filter_map(|p| match p.owner {
+                Owner::Backup(BackupTag::Stats(req)) => Some(req),
+                _ => None,
+            })
+            .collect();
         ctx.pending.clear();
+        for req in lost_stats {
+            ctx.respond(req, Err(Error::LinkLost("job statistics".into())));
+        }
         if let Some(op) = short.take() {
             op.abandon(core, ctx);
         }

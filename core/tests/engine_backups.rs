@@ -580,6 +580,34 @@ fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
 }
 
 #[test]
+fn stats_request_pending_when_the_link_drops_is_answered_link_lost() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let t = Timestamp::from_ms(h.now_ms);
+    let out = h.domain.handle(
+        t,
+        Input::Request(
+            RequestId(100),
+            Request::JobStats {
+                completed: false,
+                keep_completed: false,
+            },
+        ),
+    );
+    assert!(
+        matches!(out.as_slice(), [Output::Send(..)]),
+        "the statistics need query-jobs: {out:?}"
+    );
+    let out = h.domain.handle(t, Input::LinkDown);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Respond(RequestId(100), Err(Error::LinkLost(_))))),
+        "{out:?}"
+    );
+    assert!(h.domain.view().backup.is_some());
+}
+
+#[test]
 fn guest_shutdown_cancels_the_backup() {
     let mut h = lab_with_checkpoints(&[]);
     begin(&mut h, push(None), None);

@@ -104,7 +104,6 @@ fn refused_command_never_strands_a_backup() {
 
 /// Bug: a statistics request whose `query-jobs` is lost with the connection is never answered.
 #[test]
-#[ignore = "core bug: job-stats request lost with the connection is never answered (seed 5)"]
 fn link_drop_never_loses_a_stats_request() {
     let out = run_history(&config(5, &[FaultKind::LinkDrop]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
