@@ -210,15 +210,15 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 3);
     assert_eq!(
         lab.uuids(&["backup-list", "vm", "--full", "--json"]),
-        [full.clone()]
+        [full.as_str()]
     );
     assert_eq!(
         lab.uuids(&["backup-list", "vm", "--latest", "--json"]),
-        [full.clone(), second.clone(), third.clone()]
+        [full.as_str(), second.as_str(), third.as_str()]
     );
     assert_eq!(
         lab.uuids(&["backup-children", &full, "--json"]),
-        [second.clone()]
+        [second.as_str()]
     );
     let tree = lab.ok(&["backup-list", "vm", "--tree"]);
     assert!(tree.contains(&format!("`- {third}")), "{tree}");
@@ -273,7 +273,7 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     let second_dir = lab.path("backups").join(&second);
     assert!(second_dir.is_dir());
     lab.ok(&["backup-delete", &second, "--children"]);
-    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.clone()]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
     assert!(!second_dir.exists());
     assert!(!Path::new(&top).exists());
 
@@ -338,7 +338,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     let status = child.wait().expect("reap");
     assert!(!status.success(), "the backup was interrupted");
     assert!(journal.is_file(), "the job was running when it was killed");
-    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.clone()]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
 
     let err = lab.fails(&["backup-finish", "vm", "--check"]);
     assert!(err.contains("interrupted"), "{err}");
@@ -350,7 +350,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(dirs, [full.clone()], "partial images removed");
+    assert_eq!(dirs, [full.as_str()], "partial images removed");
     assert!(!overlay.exists());
     // The interrupted backup's checkpoint is gone; the full backup's remains.
     let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
