@@ -425,16 +425,14 @@ fn run_steps(d: &Demo, size_mib: u64) -> Result<Vec<Row>, CliError> {
     Ok(rows)
 }
 
-/// The newest backup of the demo domain's latest chain.
-fn latest_backup(d: &Demo) -> Result<String, CliError> {
-    let list: Value =
-        serde_json::from_str(&d.vbackup(&["backup-list", DOMAIN, "--latest", "--json"])?)
-            .map_err(|e| CliError::Other(format!("backup-list --json: {e}")))?;
-    list.as_array()
-        .and_then(|a| a.last())
-        .and_then(|b| b["uuid"].as_str())
+/// Runs `backup-create` with `args`, echoes its output and returns the new backup's uuid.
+fn create_backup(d: &Demo, args: &[&str]) -> Result<String, CliError> {
+    let out = d.vbackup(args)?;
+    print!("{out}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("Backup ")?.split_whitespace().next())
         .map(str::to_owned)
-        .ok_or_else(|| CliError::Other("backup-list shows no backup".into()))
+        .ok_or_else(|| CliError::Other(format!("backup-create printed no uuid: {out}")))
 }
 
 /// Managed backups: a full push and an incremental pull recorded in the catalogue, then the
@@ -446,17 +444,16 @@ fn managed_steps(d: &Demo) -> Result<Vec<Row>, CliError> {
         "{}",
         d.vbackup(&["backup-set-default-target", DOMAIN, &target])?
     );
-    print!(
-        "{}",
-        d.vbackup(&[
+    let full = create_backup(
+        d,
+        &[
             "backup-create",
             DOMAIN,
             "--wait",
             "--description",
-            "demo full"
-        ])?
-    );
-    let full = latest_backup(d)?;
+            "demo full",
+        ],
+    )?;
     println!("Guest writes before the managed incremental backup");
     d.write("vda", &[(0x31, 20, 2)])?;
     d.write("vdb", &[(0x32, 0, 1), (0x33, 60, 1)])?;
@@ -464,11 +461,7 @@ fn managed_steps(d: &Demo) -> Result<Vec<Row>, CliError> {
         .iter()
         .map(|k| d.reference(k, &format!("refs/t3-{k}.qcow2")))
         .collect::<Result<_, _>>()?;
-    print!(
-        "{}",
-        d.vbackup(&["backup-create", DOMAIN, "--pull", "--parent", &full])?
-    );
-    let last = latest_backup(d)?;
+    let last = create_backup(d, &["backup-create", DOMAIN, "--pull", "--parent", &full])?;
     print!("{}", d.vbackup(&["backup-list", DOMAIN, "--tree"])?);
     let restored = d.path("restored");
     let t = Instant::now();

@@ -853,7 +853,11 @@ fn list(
     } else {
         ListFilter::All
     };
-    let backups = cat.list(filter);
+    let backups = if filter == ListFilter::LatestChain {
+        latest_chain(&cat)?
+    } else {
+        cat.list(filter)
+    };
     if json {
         let v: Vec<Value> = backups.iter().map(|b| backup_json(b)).collect();
         println!("{}", Value::Array(v));
@@ -866,6 +870,26 @@ fn list(
         print!("{}", table(&HEADERS, &rows(&backups)));
     }
     Ok(())
+}
+
+/// The chain of the most recent backup. Creation times have a resolution of one second, so a
+/// backup and its child may share one; the longer chain is then the more recent.
+fn latest_chain(cat: &Catalogue) -> Result<Vec<&ManagedBackup>, CliError> {
+    let mut best: Option<Vec<&ManagedBackup>> = None;
+    for b in cat.list(ListFilter::All) {
+        let chain = cat.chain(&b.uuid).map_err(catalogue_error)?;
+        let key = |c: &Vec<&ManagedBackup>| {
+            (
+                c.last().map_or(0, |b| b.creation_time),
+                c.len(),
+                c.last().map(|b| b.uuid.clone()),
+            )
+        };
+        if best.as_ref().is_none_or(|x| key(&chain) > key(x)) {
+            best = Some(chain);
+        }
+    }
+    Ok(best.unwrap_or_default())
 }
 
 fn print_tree(

@@ -109,18 +109,22 @@ impl Lab {
         p
     }
 
-    /// Creates a managed backup and returns its uuid (the newest of the latest chain).
+    /// Creates a managed backup and returns its uuid.
     fn backup(&self, parent: Option<&str>, pull: bool) -> String {
         let mut args = vec!["backup-create", "vm"];
         if let Some(p) = parent {
             args.extend(["--parent", p]);
         }
         args.push(if pull { "--pull" } else { "--wait" });
-        self.ok(&args);
-        let latest = self.json(&["backup-list", "vm", "--latest", "--json"]);
-        let last = latest.as_array().and_then(|a| a.last()).expect("a backup");
-        assert_eq!(last["parent"].as_str(), parent);
-        last["uuid"].as_str().expect("uuid").to_owned()
+        let out = self.ok(&args);
+        let uuid = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Backup ")?.split_whitespace().next())
+            .expect("backup-create prints the uuid")
+            .to_owned();
+        let info = self.json(&["backup-info", &uuid, "--json"]);
+        assert_eq!(info["parent"].as_str(), parent);
+        uuid
     }
 
     fn uuids(&self, args: &[&str]) -> Vec<String> {
