@@ -1108,8 +1108,16 @@ fn restore_cmd(
                 })?;
             map.insert(d.disk.clone(), PathBuf::from(path));
         }
-        let out = restore(&plan, &RestoreTarget::Overwrite { disks: map })
-            .map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
+        let out = restore(&plan, &RestoreTarget::Overwrite { disks: map });
+        if !matches!(
+            &out,
+            Err(vbackup_qemu::restore::RestoreError::Exists { .. }
+                | vbackup_qemu::restore::RestoreError::InUse { .. }
+                | vbackup_qemu::restore::RestoreError::ChainMismatch { .. })
+        ) {
+            forget_checkpoints(&loaded.store)?;
+        }
+        let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
         for d in &out {
             println!(
                 "Disk {} restored over {} ({})",
@@ -1148,6 +1156,18 @@ fn restore_cmd(
             .collect();
         commands::define(store, &name, &specs, None)?;
     }
+    Ok(())
+}
+
+/// After disks were overwritten, their bitmaps are gone and their content is the backup's: the
+/// domain's checkpoints no longer describe anything, so their metadata is dropped (the next
+/// backup of the domain is a full one).
+fn forget_checkpoints(store: &DomainStore) -> Result<(), CliError> {
+    use vbackup_qemu::store::Collection;
+    for name in store.list_entries(Collection::Checkpoints)? {
+        store.remove_entry(Collection::Checkpoints, &name)?;
+    }
+    write_atomic(store.dir(), crate::effects::CURRENT_FILE, b"")?;
     Ok(())
 }
 

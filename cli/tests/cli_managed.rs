@@ -294,7 +294,32 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     ]);
     assert!(identical(&now, &dir4.join("vda.qcow2")));
 
+    // Over the domain's own disk: refused while it runs, then the disk is the backup's again
+    // and the checkpoints, whose bitmaps went with the old image, are forgotten.
+    let err = lab.fails(&["backup-restore", &again, "--overwrite"]);
+    assert!(err.contains("running"), "{err}");
     lab.ok(&["shutdown", "vm"]);
+    lab.ok(&["backup-restore", &full, "--overwrite"]);
+    assert!(!identical(
+        &lab.path("vda.qcow2"),
+        &lab.path("restore3/vda.qcow2")
+    ));
+    let dir5 = lab.path("restore5");
+    lab.ok(&[
+        "backup-restore",
+        &full,
+        "--dir",
+        dir5.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&lab.path("vda.qcow2"), &dir5.join("vda.qcow2")));
+    let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
+    assert_eq!(checkpoints.as_array().map(Vec::len), Some(0));
+    let err = lab.fails(&["backup-create", "vm", "--pull", "--parent", &again]);
+    assert!(
+        err.contains("not found") || err.contains("checkpoint"),
+        "{err}"
+    );
+    lab.backup(None, false);
     lab.ok(&[
         "undefine",
         "vm",
