@@ -423,3 +423,44 @@ fn a_backup_without_target_is_refused_and_records_nothing() {
     assert!(lab.daemon_pids().is_empty());
     lab.ok(&["undefine", "vm"]);
 }
+
+#[test]
+fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
+    let Some(lab) = Lab::new() else { return };
+    lab.started_domain(16);
+    lab.guest_write(1, "0", "1M");
+    let out = lab.ok(&["backup-create", "vm", "--description", "later"]);
+    assert!(out.contains("started"), "{out}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
+    let out = lab.ok(&["backup-finish", "vm"]);
+    assert!(out.contains("created (full"), "{out}");
+    let full = lab.uuids(&["backup-list", "vm", "--json"]);
+    assert_eq!(full.len(), 1);
+    let info = lab.json(&["backup-info", &full[0], "--json"]);
+    assert_eq!(info["description"], "later");
+
+    lab.guest_write(2, "4M", "1M");
+    lab.ok(&["backup-create", "vm", "--parent", &full[0]]);
+    let out = lab.ok(&["backup-finish", "vm", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), full);
+    let dirs = std::fs::read_dir(lab.path("backups"))
+        .expect("target")
+        .count();
+    assert_eq!(dirs, 1, "the cancelled backup's images are gone");
+    let err = lab.fails(&["backup-finish", "vm"]);
+    assert!(err.contains("not valid") || err.contains("no"), "{err}");
+
+    // Its changes are still in the next incremental.
+    let next = lab.backup(Some(&full[0]), false);
+    let now = lab.snapshot("now.qcow2");
+    let dir = lab.path("restore");
+    lab.ok(&[
+        "backup-restore",
+        &next,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+    lab.ok(&["shutdown", "vm"]);
+}
