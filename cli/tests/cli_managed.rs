@@ -462,5 +462,29 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
         dir.to_str().expect("utf-8"),
     ]);
     assert!(identical(&now, &dir.join("vda.qcow2")));
+
+    // A full pull backup stores the allocated extents in a fresh image.
+    lab.guest_write(3, "12M", "1M");
+    let pulled = lab.backup(None, true);
+    let now = lab.snapshot("now-full.qcow2");
+    let dir = lab.path("restore-full");
+    lab.ok(&[
+        "backup-restore",
+        &pulled,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--full", "--json"]).len(),
+        2
+    );
+
+    lab.ok(&["backup-delete", "vm", "--all"]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
+    let left = std::fs::read_dir(lab.path("backups"))
+        .expect("target")
+        .count();
+    assert_eq!(left, 0, "every image removed");
     lab.ok(&["shutdown", "vm"]);
 }
