@@ -235,16 +235,33 @@ fn catalogue(store: &DomainStore) -> Result<Catalogue, CliError> {
 /// The domain holding backup `uuid`, locked, with its catalogue.
 fn find(store: &Store, uuid: &str) -> Result<(DomainStore, Catalogue), CliError> {
     validate_uuid(uuid).map_err(catalogue_error)?;
+    let mut busy = Vec::new();
     for name in store.list_domains()? {
-        let ds = store.lock_domain(&name)?;
+        // A domain another vbackup holds is skipped, so one running backup does not block
+        // lookups in the others; it is named if the backup is found nowhere else.
+        let ds = match store.lock_domain(&name) {
+            Ok(ds) => ds,
+            Err(vbackup_qemu::store::StoreError::Locked { .. }) => {
+                busy.push(name);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let cat = catalogue(&ds)?;
         if cat.get(uuid).is_some() {
             return Ok((ds, cat));
         }
     }
-    Err(CliError::Other(format!(
-        "Domain backup not found: no backup with uuid '{uuid}'"
-    )))
+    if busy.is_empty() {
+        Err(CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}'"
+        )))
+    } else {
+        Err(CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
+            busy.join(", ")
+        )))
+    }
 }
 
 // ----- pending backups -----
@@ -714,8 +731,13 @@ fn pull_copy(
                 flags & STATE_ZERO == 0
             }
         })?;
-        images::store_extents(&mut client, &ranges, Path::new(path), base.as_deref())
+        let report = images::store_extents(&mut client, &ranges, Path::new(path), base.as_deref())
             .map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
+        println!(
+            "Disk {disk}: pulled {} in {} extent(s)",
+            human_bytes(report.copy.bytes_copied),
+            report.copy.ranges
+        );
         let _ = client.disconnect();
     }
     Ok(())
