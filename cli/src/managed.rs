@@ -425,8 +425,14 @@ fn end_job(s: &mut Session) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Whether the last finished job succeeded, as the store recorded it.
+/// Whether the last finished job succeeded, as the store recorded it, and finished after the
+/// pending backup was written (so it is that backup's job, not an older one).
 fn last_job_succeeded(dir: &Path) -> bool {
+    let modified = |name: &str| std::fs::metadata(dir.join(name)).and_then(|m| m.modified());
+    match (modified(COMPLETED_FILE), modified(PENDING_FILE)) {
+        (Ok(done), Ok(pending)) if done >= pending => {}
+        _ => return false,
+    }
     std::fs::read_to_string(dir.join(COMPLETED_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -516,7 +522,8 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     let stale = Pending::read(loaded.store.dir())?;
     if stale.is_some() && loaded.journal.is_some() {
         return Err(CliError::Other(
-            "Requested operation is not valid: a managed backup is still running; finish it with backup-finish".into(),
+            "Requested operation is not valid: a managed backup is still running; finish it with backup-finish"
+                .into(),
         ));
     }
     let uuid = uuid::Uuid::new_v4().to_string();
@@ -640,7 +647,15 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     let dir = loaded.store.dir().to_owned();
     let mut s = Session::connect(loaded)?;
     if let Some(stale) = stale {
-        discard(&mut s, &dir, &stale)?;
+        // A push backup started without --wait may have finished unobserved: keep it.
+        let kept = !stale.pull
+            && last_job_succeeded(&dir)
+            && record(s.driver.effects().store(), &stale).is_ok();
+        if kept {
+            println!("Backup {} recorded", stale.uuid);
+        } else {
+            discard(&mut s, &dir, &stale)?;
+        }
     }
     pending.write(s.driver.effects().store())?;
     let r = s.call(Request::BackupBegin {
@@ -1205,4 +1220,47 @@ pub fn remove_all_backups(store: &DomainStore) -> Result<usize, CliError> {
 /// How many backups a locked domain has.
 pub fn backup_count(store: &DomainStore) -> Result<usize, CliError> {
     Ok(catalogue(store)?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_backups_round_trip_through_their_json() {
+        let p = Pending {
+            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
+            parent: Some("11234567-89ab-cdef-0123-456789abcdef".into()),
+            checkpoint: "c9".into(),
+            description: None,
+            creation_time: 1_700_000_000,
+            pull: true,
+            images: vec![("vda".into(), "/b/x/vda.qcow2".into())],
+        };
+        let back = Pending::from_json(&p.to_json()).expect("parses");
+        assert_eq!(back.uuid, p.uuid);
+        assert_eq!(back.parent, p.parent);
+        assert_eq!(back.checkpoint, "c9");
+        assert_eq!(back.description, None);
+        assert_eq!(back.creation_time, 1_700_000_000);
+        assert!(back.pull);
+        assert_eq!(back.images, p.images);
+    }
+
+    #[test]
+    fn a_pending_record_missing_its_images_does_not_parse() {
+        let mut v = Pending {
+            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
+            parent: None,
+            checkpoint: "c1".into(),
+            description: Some("d".into()),
+            creation_time: 1,
+            pull: false,
+            images: Vec::new(),
+        }
+        .to_json();
+        assert!(Pending::from_json(&v).is_some());
+        v.as_object_mut().expect("object").remove("images");
+        assert!(Pending::from_json(&v).is_none());
+    }
 }
