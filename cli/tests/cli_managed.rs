@@ -266,6 +266,13 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     assert!(identical(&at_second, &dir2.join("vda.qcow2")));
     assert!(!identical(&at_third, &dir2.join("vda.qcow2")));
 
+    let dir_subset = lab.path("restore-subset");
+    let subset = dir_subset.to_str().expect("utf-8");
+    let err = lab.fails(&["backup-restore", &third, "--disk", "vdz", "--dir", subset]);
+    assert!(err.contains("no image of disk 'vdz'"), "{err}");
+    lab.ok(&["backup-restore", &third, "--disk", "vda", "--dir", subset]);
+    assert!(identical(&at_third, &dir_subset.join("vda.qcow2")));
+
     // Deleting would orphan: refused, nothing removed.
     let err = lab.fails(&["backup-delete", &second]);
     assert!(err.contains("dependent"), "{err}");
