@@ -55,6 +55,9 @@ pub enum DomainCommand {
         /// Also drop checkpoint metadata (bitmaps stay in the images).
         #[arg(long)]
         checkpoints_metadata: bool,
+        /// Also delete every managed backup of the domain and its images.
+        #[arg(long)]
+        remove_all_backups: bool,
     },
     /// Start a managed domain's qemu-storage-daemon with its guest NBD exports and keep it
     /// running until `shutdown`.
@@ -214,9 +217,9 @@ pub enum DomainCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Print the running backup's XML.
+    /// Print the running backup's XML, or given a uuid the managed backup's `<managedbackup>`.
     BackupDumpxml {
-        /// Domain name.
+        /// Domain name, or a managed backup's uuid.
         domain: String,
         /// Machine-readable output.
         #[arg(long)]
@@ -252,7 +255,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         DomainCommand::Undefine {
             domain,
             checkpoints_metadata,
-        } => undefine(&store, &domain, checkpoints_metadata),
+            remove_all_backups,
+        } => undefine(&store, &domain, checkpoints_metadata, remove_all_backups),
         DomainCommand::List { json, .. } => list(&store, json),
         DomainCommand::Start { domain } => start(&store, &domain),
         DomainCommand::Shutdown { domain } => shutdown(&store, &domain),
@@ -369,7 +373,13 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 wait,
             )
         }
-        DomainCommand::BackupDumpxml { domain, json } => backup_dumpxml(&store, &domain, json),
+        DomainCommand::BackupDumpxml { domain, json } => {
+            if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
+                crate::managed::dumpxml(&store, &domain, json)
+            } else {
+                backup_dumpxml(&store, &domain, json)
+            }
+        }
         DomainCommand::Domjobinfo {
             domain,
             completed,
@@ -384,7 +394,7 @@ fn read_file(path: &Path) -> Result<String, CliError> {
         .map_err(CliError::io(format!("failed to read '{}'", path.display())))
 }
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -394,7 +404,7 @@ fn now_s() -> u64 {
 // ----- domains -----
 
 /// Escapes text for an XML attribute or element.
-fn esc(text: &str) -> String {
+pub(crate) fn esc(text: &str) -> String {
     let mut out = String::new();
     vbackup_core::xml::writer::escape(text, &mut out);
     out
@@ -492,7 +502,7 @@ fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliErro
     ))
 }
 
-fn define(
+pub(crate) fn define(
     store: &Store,
     file_or_name: &str,
     disks: &[String],
@@ -525,12 +535,23 @@ fn define(
     Ok(())
 }
 
-fn undefine(store: &Store, name: &str, checkpoints_metadata: bool) -> Result<(), CliError> {
+fn undefine(
+    store: &Store,
+    name: &str,
+    checkpoints_metadata: bool,
+    remove_all_backups: bool,
+) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     if loaded.journal.is_some() {
         return Err(CliError::Other(
             "Requested operation is not valid: a backup job is running".into(),
         ));
+    }
+    let backups = crate::managed::backup_count(&loaded.store)?;
+    if backups > 0 && !remove_all_backups {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' has {backups} managed backup(s); use --remove-all-backups"
+        )));
     }
     if !loaded.tree.is_empty() && !checkpoints_metadata {
         return Err(CliError::Other(format!(
@@ -542,6 +563,9 @@ fn undefine(store: &Store, name: &str, checkpoints_metadata: bool) -> Result<(),
         let run_dir = loaded.store.run_dir();
         let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
         session::stop_daemon(&run_dir)?;
+    }
+    if backups > 0 {
+        crate::managed::remove_all_backups(&loaded.store)?;
     }
     loaded.store.remove_all()?;
     println!("Domain '{name}' has been undefined");
@@ -696,7 +720,7 @@ fn checkpoint_xml_from_args(
 }
 
 /// A new checkpoint's engine form: parsed, defaults filled, aligned, domain embedded.
-fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, CliError> {
+pub(crate) fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, CliError> {
     let mut def = CheckpointDef::parse(text, CheckpointMode::Create)?;
     def.fill_create_defaults(now_s());
     let mut aligned = align_checkpoint(&def, &loaded.def)?;

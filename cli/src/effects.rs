@@ -33,6 +33,11 @@ impl StoreEffects {
             events: Vec::new(),
         }
     }
+
+    /// The locked domain store.
+    pub fn store(&self) -> &DomainStore {
+        &self.store
+    }
 }
 
 /// A checkpoint as stored: its full definition, sizes left out (they are only ever computed).

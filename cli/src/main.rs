@@ -5,6 +5,7 @@
 mod commands;
 mod demo;
 mod effects;
+mod managed;
 mod output;
 mod session;
 mod xml_cmd;
@@ -30,6 +31,9 @@ enum Command {
     /// Domain, checkpoint, backup and job commands.
     #[command(flatten)]
     Domain(commands::DomainCommand),
+    /// Managed backups: create, list, restore, delete.
+    #[command(flatten)]
+    Managed(managed::ManagedCommand),
     /// Run the end-to-end demonstration on two fresh qcow2 disks.
     Demo(demo::DemoArgs),
 }
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Xml(command) => xml_cmd::run(command),
         Command::Domain(command) => report(commands::run(&cli.global, command)),
+        Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Demo(args) => report(demo::run(&args)),
     }
 }

@@ -404,7 +404,8 @@ fn demo_runs_end_to_end_and_verifies_every_backup() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("identical").count(), 6, "{stdout}");
+    assert_eq!(stdout.matches("identical").count(), 8, "{stdout}");
+    assert!(stdout.contains("restore of managed pull"), "{stdout}");
     assert!(stdout.contains("All backups match"));
     assert!(lab.daemon_pids().is_empty(), "the demo stops its daemon");
 }
