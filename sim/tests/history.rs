@@ -79,7 +79,7 @@ fn fault_free_histories_converge() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Bug: an abort that lands while a backup's target image is being created rolls back by
+/// Regression (fixed): an abort that lands while a backup's target image is being created rolls back by
 /// deleting the nodes, but never waits for nor dismisses the running `blockdev-create` job: it
 /// stays concluded in QEMU and every later backup is refused with "Job ID
 /// 'create-libvirt-5-format' already in use".
@@ -93,7 +93,7 @@ fn abort_during_target_creation_leaves_no_create_job() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
-/// Bug: a refused `block-job-cancel` is never retried. In seed 0 a pull backup's abort cancels
+/// Regression (fixed): a refused `block-job-cancel` is never retried. In seed 0 a pull backup's abort cancels
 /// vdb but QEMU refuses the cancel of vda: the fleecing job keeps running, the backup never
 /// ends, and later aborts are answered without sending anything.
 #[test]
@@ -102,7 +102,15 @@ fn refused_command_never_strands_a_backup() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
-/// Bug: a statistics request whose `query-jobs` is lost with the connection is never answered.
+/// A backup job that concluded while the `query-jobs` checking its end was refused stays
+/// known to QEMU only: the next abort checks the cancelling disks again (seed 2).
+#[test]
+fn refused_end_check_is_retried_by_the_next_abort() {
+    let out = run_history(&config(2, &[FaultKind::CommandRefused]));
+    assert!(out.failure.is_none(), "{}", out.failure.unwrap());
+}
+
+/// Regression (fixed): a statistics request whose `query-jobs` is lost with the connection is never answered.
 #[test]
 fn link_drop_never_loses_a_stats_request() {
     let out = run_history(&config(5, &[FaultKind::LinkDrop]));
@@ -119,7 +127,7 @@ fn store_write_failure_orphans_no_backup_job() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
-/// Bug: after the QMP connection drops (sometimes right after a command ran, before its
+/// Regression (fixed): after the QMP connection drops (sometimes right after a command ran, before its
 /// reply), a backup never ends: aborts are answered but the run stays, holding the domain job.
 #[test]
 fn link_drop_never_strands_a_backup() {
@@ -127,7 +135,7 @@ fn link_drop_never_strands_a_backup() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
-/// Bug (data integrity): once a backup job is orphaned in QEMU (see above), a later push whose
+/// Regression (fixed, data integrity): once a backup job is orphaned in QEMU (see above), a later push whose
 /// session drops during preparation reconnects, finds the stale job under the same id, takes
 /// it for its own and reports the backup Completed: the target was never written (not even
 /// formatted as qcow2).

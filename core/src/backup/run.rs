@@ -1120,8 +1120,24 @@ impl BackupRun {
         match self.phase {
             Phase::Running if self.committed => {
                 // A cancel sent earlier may have been refused or lost with the connection:
-                // every abort sends it again to the disks still cancelling.
+                // every abort sends it again to the disks still cancelling. Their job may
+                // also have concluded while the check of its end failed: check again.
+                let stuck: Vec<String> = self
+                    .plan
+                    .disks
+                    .iter()
+                    .filter(|d| d.state == DiskJobState::Cancelling)
+                    .map(|d| d.job_id.clone())
+                    .collect();
                 self.cancel_running_resend();
+                for job in stuck {
+                    if self.checks_queued.insert(job.clone()) {
+                        self.steps.push_back(Step::Cmd {
+                            command: cmd::query_jobs(),
+                            effect: Effect::CheckJob(job),
+                        });
+                    }
+                }
                 self.pump(core, ctx)
             }
             Phase::Querying | Phase::Preparing if !self.transaction_sent => {
