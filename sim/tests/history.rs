@@ -117,6 +117,16 @@ fn link_drop_never_loses_a_stats_request() {
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
+/// A start rolled back after a lost connection removes the nodes and the image-creation job
+/// whose replies were lost with it (seeds 279: storage node, 290: creation job).
+#[test]
+fn link_drop_during_backup_start_leaves_no_node_nor_create_job() {
+    for seed in [279, 290] {
+        let out = run_history(&config(seed, &[FaultKind::LinkDrop]));
+        assert!(out.failure.is_none(), "{}", out.failure.unwrap());
+    }
+}
+
 /// Bug: when the backup journal's write fails, the restarted engine knows nothing of the jobs
 /// the transaction started: they stay in QEMU and every later backup is refused with "Job ID
 /// already in use" (and a later reconnect may take the stale job for a new one).

@@ -1230,7 +1230,31 @@ impl BackupRun {
             // the same id (a job left behind by an earlier run).
             if !self.transaction_sent || !any_known {
                 self.phase = Phase::Preparing;
-                return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+                // Replies lost with the connection may hide a node that was added or an
+                // image-creation job that was started. The plan's node names were fresh when
+                // chosen, so removing every one of them (best effort) touches nothing else.
+                let mut first = Vec::new();
+                for d in &self.plan.disks {
+                    for node in [&d.storage_node, &d.format_node] {
+                        if !self.added_nodes.contains(node) {
+                            self.added_nodes.push(node.clone());
+                        }
+                    }
+                    let create_job = format!("create-{}", d.format_node);
+                    if let Some(j) = jobs.iter().find(|j| j.id == create_job) {
+                        if j.status == QemuJobStatus::Concluded {
+                            first.push(best_effort(cmd::job_dismiss(&create_job)));
+                        } else {
+                            first.push(Step::AwaitCreateJob { job: create_job });
+                        }
+                    }
+                }
+                return self.roll_back_after(
+                    core,
+                    ctx,
+                    Error::LinkLost("backup start".into()),
+                    first,
+                );
             }
             // The transaction went through before the connection dropped.
             if let Err(e) = self.commit(core, ctx)
