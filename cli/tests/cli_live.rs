@@ -2,160 +2,15 @@
 //! directory. Tests skip (pass with a note) when the QEMU tools are missing. Every test stops
 //! the daemons it caused, even when it fails (see [`Lab`]'s drop).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vbackup_qemu::live::tools_available;
-use vbackup_qemu::qsd::{RunDir, daemon_alive, kill_pid};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vbackup");
-
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn new() -> Option<Lab> {
-        if !tools_available() {
-            eprintln!("QEMU tools missing: live CLI test skipped");
-            return None;
-        }
-        Some(Lab {
-            dir: tempfile::tempdir().expect("tempdir"),
-        })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.path("st")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--state-dir").arg(self.state()).args(args);
-        c.stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run vbackup")
-    }
-
-    /// Runs and requires success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vbackup {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// Runs and requires failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "vbackup {args:?} succeeded");
-        String::from_utf8(out.stderr).expect("utf-8")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("--json output parses")
-    }
-
-    fn image(&self, name: &str, mib: u64) -> PathBuf {
-        let p = self.path(name);
-        tool(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&p)
-                .arg(format!("{mib}M")),
-        );
-        p
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.path(name);
-        std::fs::write(&p, text).expect("write");
-        p.display().to_string()
-    }
-
-    fn guest_uri(&self, domain: &str, disk: &str) -> String {
-        let sock = RunDir::new(self.state().join("run").join(domain)).nbd_socket;
-        format!("nbd+unix:///guest-{disk}?socket={}", sock.display())
-    }
-
-    /// A guest write through the running daemon's guest export.
-    fn guest_write(&self, domain: &str, disk: &str, pattern: u8, offset: &str, len: &str) {
-        tool(
-            Command::new("qemu-io")
-                .args(["-f", "raw", "-c"])
-                .arg(format!("write -P {pattern} {offset} {len}"))
-                .arg(self.guest_uri(domain, disk)),
-        );
-    }
-
-    /// The guest's view of a disk now, as a qcow2 copy.
-    fn snapshot(&self, domain: &str, disk: &str, name: &str) -> PathBuf {
-        let p = self.path(name);
-        tool(
-            Command::new("qemu-img")
-                .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(self.guest_uri(domain, disk))
-                .arg(&p),
-        );
-        p
-    }
-
-    /// Live daemons of this lab's state directories (the tests' and the demo's).
-    fn daemon_pids(&self) -> Vec<u32> {
-        [self.state().join("run"), self.path("demo/state/run")]
-            .iter()
-            .filter_map(|run| std::fs::read_dir(run).ok())
-            .flat_map(|entries| entries.flatten())
-            .filter_map(|e| RunDir::new(e.path()).read_pid().ok().flatten())
-            .filter(|pid| daemon_alive(*pid))
-            .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for pid in self.daemon_pids() {
-            let _ = kill_pid(pid);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while daemon_alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-fn tool(cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().expect("run tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .expect("qemu-img compare")
-        .success()
-}
+use support::{BIN, Lab, identical, tool};
+use vbackup_qemu::qsd::RunDir;
 
 fn push_xml(incremental: Option<&str>, disk: &str, target: &Path) -> String {
     let inc = incremental
@@ -173,7 +28,9 @@ fn checkpoint_xml(name: &str) -> String {
 
 #[test]
 fn checkpoints_are_created_listed_shown_and_deleted_with_virsh_output() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let img = lab.image("a.qcow2", 16);
     let spec = format!("vda={}", img.display());
     assert_eq!(
@@ -251,7 +108,9 @@ fn checkpoints_are_created_listed_shown_and_deleted_with_virsh_output() {
 
 #[test]
 fn push_full_then_incremental_backups_equal_the_disk_at_their_point_in_time() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let img = lab.image("a.qcow2", 16);
     lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     lab.ok(&["start", "vm"]);
@@ -290,7 +149,9 @@ fn push_full_then_incremental_backups_equal_the_disk_at_their_point_in_time() {
 
 #[test]
 fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let img = lab.image("a.qcow2", 16);
     lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     lab.ok(&["start", "vm"]);
@@ -341,7 +202,9 @@ fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort(
 
 #[test]
 fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let img = lab.image("a.qcow2", 16);
     lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
@@ -390,7 +253,9 @@ fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
 
 #[test]
 fn demo_runs_end_to_end_and_verifies_every_backup() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let dir = lab.path("demo");
     let out = Command::new(BIN)
         .args(["demo", "--dir"])
@@ -412,7 +277,9 @@ fn demo_runs_end_to_end_and_verifies_every_backup() {
 
 #[test]
 fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let img = lab.image("a.qcow2", 16);
     lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
@@ -454,7 +321,9 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     use vbackup_core::model::ImageFormat;
     use vbackup_qemu::live::LiveLab;
     use vbackup_qemu::qsd::QsdDisk;
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
     let mut qemu = LiveLab::new().expect("live lab");
     let img = lab.image("a.qcow2", 16);
     let qsd = qemu

@@ -3,76 +3,32 @@
 //! test has its own state directory and small images; tests skip (pass with a note) when the
 //! QEMU tools are missing, and stop every process they caused (see [`Lab`]'s drop).
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vbackup_qemu::live::tools_available;
-use vbackup_qemu::qsd::{RunDir, daemon_alive, kill_pid};
+use support::{Lab, identical, tool};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vbackup");
-
-struct Lab {
-    dir: tempfile::TempDir,
+/// The managed-backup tests' domain: `vm` with one disk `vda`.
+trait VmLab {
+    /// Defines and starts domain `vm` on a fresh qcow2 disk, with a default backup target.
+    fn started_domain(&self, mib: u64);
+    /// A guest write to `vm`'s `vda`.
+    fn vm_write(&self, pattern: u8, offset: &str, len: &str);
+    /// The guest's disk now, as a qcow2 copy.
+    fn vm_snapshot(&self, name: &str) -> PathBuf;
+    /// Creates a managed backup and returns its uuid.
+    fn backup(&self, parent: Option<&str>, pull: bool) -> String;
+    /// The uuids a `--json` listing prints.
+    fn uuids(&self, args: &[&str]) -> Vec<String>;
 }
 
-impl Lab {
-    fn new() -> Option<Lab> {
-        if !tools_available() {
-            eprintln!("QEMU tools missing: live managed-backup test skipped");
-            return None;
-        }
-        Some(Lab {
-            dir: tempfile::tempdir().expect("tempdir"),
-        })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--state-dir").arg(self.path("st")).args(args);
-        c.stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run vbackup")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vbackup {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "vbackup {args:?} succeeded");
-        String::from_utf8(out.stderr).expect("utf-8")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("--json output parses")
-    }
-
-    /// Defines and starts domain `vm` on a fresh qcow2 disk, with a default backup target.
+impl VmLab for Lab {
     fn started_domain(&self, mib: u64) {
-        let img = self.path("vda.qcow2");
-        tool(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&img)
-                .arg(format!("{mib}M")),
-        );
+        let img = self.image("vda.qcow2", mib);
         self.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
         let target = self.path("backups");
         self.ok(&[
@@ -83,33 +39,14 @@ impl Lab {
         self.ok(&["start", "vm"]);
     }
 
-    fn guest_uri(&self) -> String {
-        let sock = RunDir::new(self.path("st/run/vm")).nbd_socket;
-        format!("nbd+unix:///guest-vda?socket={}", sock.display())
+    fn vm_write(&self, pattern: u8, offset: &str, len: &str) {
+        self.guest_write("vm", "vda", pattern, offset, len);
     }
 
-    fn guest_write(&self, pattern: u8, offset: &str, len: &str) {
-        tool(
-            Command::new("qemu-io")
-                .args(["-f", "raw", "-c"])
-                .arg(format!("write -P {pattern} {offset} {len}"))
-                .arg(self.guest_uri()),
-        );
+    fn vm_snapshot(&self, name: &str) -> PathBuf {
+        self.snapshot("vm", "vda", name)
     }
 
-    /// The guest's disk now, as a qcow2 copy.
-    fn snapshot(&self, name: &str) -> PathBuf {
-        let p = self.path(name);
-        tool(
-            Command::new("qemu-img")
-                .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(self.guest_uri())
-                .arg(&p),
-        );
-        p
-    }
-
-    /// Creates a managed backup and returns its uuid.
     fn backup(&self, parent: Option<&str>, pull: bool) -> String {
         let mut args = vec!["backup-create", "vm"];
         if let Some(p) = parent {
@@ -135,81 +72,25 @@ impl Lab {
             .map(|b| b["uuid"].as_str().expect("uuid").to_owned())
             .collect()
     }
-
-    /// qemu-nbd processes serving files of this lab.
-    fn nbd_pids(&self) -> Vec<u32> {
-        let marker = self.dir.path().to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let text = String::from_utf8_lossy(&cmdline);
-                text.starts_with("qemu-nbd") && text.contains(&marker)
-            })
-            .collect()
-    }
-
-    fn daemon_pids(&self) -> Vec<u32> {
-        std::fs::read_dir(self.path("st/run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| RunDir::new(e.path()).read_pid().ok().flatten())
-            .filter(|pid| daemon_alive(*pid))
-            .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for pid in self.daemon_pids().into_iter().chain(self.nbd_pids()) {
-            let _ = kill_pid(pid);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while daemon_alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-fn tool(cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().expect("run tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .expect("qemu-img compare")
-        .success()
 }
 
 #[test]
 fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delete_safely() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
     lab.started_domain(16);
-    lab.guest_write(1, "0", "1M");
+    lab.vm_write(1, "0", "1M");
     let full = lab.backup(None, false);
-    lab.guest_write(2, "2M", "1M");
+    lab.vm_write(2, "2M", "1M");
     let second = lab.backup(Some(&full), true);
-    let at_second = lab.snapshot("at-second.qcow2");
-    lab.guest_write(3, "1536K", "1M");
-    lab.guest_write(4, "8M", "64K");
+    let at_second = lab.vm_snapshot("at-second.qcow2");
+    lab.vm_write(3, "1536K", "1M");
+    lab.vm_write(4, "8M", "64K");
     let third = lab.backup(Some(&second), false);
-    let at_third = lab.snapshot("at-third.qcow2");
+    let at_third = lab.vm_snapshot("at-third.qcow2");
     // The guest moves on; the backups keep their point in time.
-    lab.guest_write(5, "0", "4M");
+    lab.vm_write(5, "0", "4M");
 
     assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 3);
     assert_eq!(
@@ -289,9 +170,9 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     assert!(!Path::new(&top).exists());
 
     // The chain goes on from the remaining backup.
-    lab.guest_write(6, "4M", "1M");
+    lab.vm_write(6, "4M", "1M");
     let again = lab.backup(Some(&full), true);
-    let now = lab.snapshot("now.qcow2");
+    let now = lab.vm_snapshot("now.qcow2");
     let dir4 = lab.path("restore4");
     lab.ok(&[
         "backup-restore",
@@ -341,12 +222,14 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
 
 #[test]
 fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
     lab.started_domain(64);
-    lab.guest_write(1, "0", "1M");
+    lab.vm_write(1, "0", "1M");
     let full = lab.backup(None, false);
     // Enough dirty data that the copy is still under way when the process is killed.
-    lab.guest_write(2, "0", "60M");
+    lab.vm_write(2, "0", "60M");
     let mut child = lab
         .cmd(&["backup-create", "vm", "--pull", "--parent", &full])
         .stdout(Stdio::null())
@@ -392,9 +275,9 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
     assert_eq!(checkpoints.as_array().map(Vec::len), Some(1));
 
-    lab.guest_write(3, "62M", "1M");
+    lab.vm_write(3, "62M", "1M");
     let next = lab.backup(Some(&full), true);
-    let now = lab.snapshot("now.qcow2");
+    let now = lab.vm_snapshot("now.qcow2");
     let dir = lab.path("restore");
     lab.ok(&[
         "backup-restore",
@@ -408,7 +291,9 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
 
 #[test]
 fn a_backup_without_target_is_refused_and_records_nothing() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
     let img = lab.path("vda.qcow2");
     tool(
         Command::new("qemu-img")
@@ -433,9 +318,11 @@ fn a_backup_without_target_is_refused_and_records_nothing() {
 
 #[test]
 fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
     lab.started_domain(16);
-    lab.guest_write(1, "0", "1M");
+    lab.vm_write(1, "0", "1M");
     let out = lab.ok(&["backup-create", "vm", "--description", "later"]);
     assert!(out.contains("started"), "{out}");
     assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
@@ -446,7 +333,7 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
     let info = lab.json(&["backup-info", &full[0], "--json"]);
     assert_eq!(info["description"], "later");
 
-    lab.guest_write(2, "4M", "1M");
+    lab.vm_write(2, "4M", "1M");
     lab.ok(&["backup-create", "vm", "--parent", &full[0]]);
     let out = lab.ok(&["backup-finish", "vm", "--cancel"]);
     assert!(out.contains("cancelled"), "{out}");
@@ -460,7 +347,7 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
 
     // Its changes are still in the next incremental.
     let next = lab.backup(Some(&full[0]), false);
-    let now = lab.snapshot("now.qcow2");
+    let now = lab.vm_snapshot("now.qcow2");
     let dir = lab.path("restore");
     lab.ok(&[
         "backup-restore",
@@ -471,9 +358,9 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
     assert!(identical(&now, &dir.join("vda.qcow2")));
 
     // A full pull backup stores the allocated extents in a fresh image.
-    lab.guest_write(3, "12M", "1M");
+    lab.vm_write(3, "12M", "1M");
     let pulled = lab.backup(None, true);
-    let now = lab.snapshot("now-full.qcow2");
+    let now = lab.vm_snapshot("now-full.qcow2");
     let dir = lab.path("restore-full");
     lab.ok(&[
         "backup-restore",
