@@ -31,7 +31,7 @@ use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
 use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 
-use crate::effects::{CURRENT_FILE, StoreEffects};
+use crate::effects::{CURRENT_FILE, PENDING_CHECKPOINT_FILE, StoreEffects};
 use crate::output::CliError;
 
 /// Per-domain settings of vbackup itself, beside `domain.xml`.
@@ -275,7 +275,11 @@ impl Session {
             nbd_server_running: attachment == Attachment::Managed,
             ..DomainConfig::default()
         };
-        let domain = Domain::new(def, config, tree, journal);
+        let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoint(pending);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
         let mut driver = Driver::new(domain, link, StoreEffects::new(store));

@@ -74,6 +74,20 @@ fn finish_all(h: &mut Harness) {
     }
 }
 
+/// Connects a bare domain: negotiation, then a reconcile that finds nothing.
+fn negotiate(d: &mut Domain, t: Timestamp) {
+    let out = d.handle(t, Input::Reconnected);
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!("capabilities sent: {out:?}")
+    };
+    let out = d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!("node query sent: {out:?}")
+    };
+    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!([]))));
+    assert!(d.view().connected);
+}
+
 fn completed(h: &Harness) -> vbackup_core::backup::JobStats {
     h.domain.view().completed.cloned().expect("job completed")
 }
@@ -555,11 +569,7 @@ fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
     let peer = Peer::for_domain(&def, &lab_sizes());
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
-    let out = d.handle(t, Input::Reconnected);
-    let Some(Output::Send(id, _)) = out.first() else {
-        panic!()
-    };
-    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    negotiate(&mut d, t);
     let out = d.handle(
         t,
         Input::Request(
@@ -637,11 +647,7 @@ fn checkpoint_operations_wait_out_the_backup_start() {
     let def = lab_domain();
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
-    let out = d.handle(t, Input::Reconnected);
-    let Some(Output::Send(id, _)) = out.first() else {
-        panic!()
-    };
-    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    negotiate(&mut d, t);
     let out = d.handle(
         t,
         Input::Request(
@@ -867,6 +873,7 @@ fn stored_prefix(ops: &[StoreOp], n: usize) -> (CheckpointTree, Option<BackupPla
             StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
             StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
             StoreOp::DeleteBackupJournal => journal = None,
+            StoreOp::SetPendingCheckpoint(_) => {}
         }
     }
     let tree = CheckpointTree::load(cps.into_values().collect(), current.as_deref());

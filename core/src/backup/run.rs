@@ -362,14 +362,28 @@ impl BackupRun {
                 };
                 return Err(RequestError::Unsupported(msg).into());
             }
-            if let Some(cp) = &d.incremental
-                && core.tree.get(cp).is_none()
-            {
-                return Err(RequestError::IncrementalCheckpointMissing {
-                    checkpoint: cp.clone(),
-                    disk: d.target.clone(),
+            if let Some(cp) = &d.incremental {
+                let Some(c) = core.tree.get(cp) else {
+                    return Err(RequestError::IncrementalCheckpointMissing {
+                        checkpoint: cp.clone(),
+                        disk: d.target.clone(),
+                    }
+                    .into());
+                };
+                // The last reconcile found this disk's bitmap chain missing or broken.
+                if core.invalid.get(cp).is_some_and(|t| t.contains(&d.target)) {
+                    let bitmap = c
+                        .disks
+                        .iter()
+                        .find(|x| x.target == d.target)
+                        .and_then(|x| x.bitmap.clone())
+                        .unwrap_or_else(|| cp.clone());
+                    return Err(RequestError::CheckpointInconsistent {
+                        bitmap,
+                        disk: d.target.clone(),
+                    }
+                    .into());
                 }
-                .into());
             }
             if let Some(BackupStore { path: Some(p), .. }) = &d.store
                 && !p.starts_with('/')

@@ -780,6 +780,7 @@ fn describe_store(op: &StoreOp) -> String {
             p.created_files.len()
         ),
         StoreOp::DeleteBackupJournal => "delete-journal".into(),
+        StoreOp::SetPendingCheckpoint(c) => format!("pending {}", c.as_deref().unwrap_or("-")),
     }
 }
 
