@@ -40,13 +40,13 @@ fn pull_exports_hold_their_point_in_time_under_guest_writes() {
 }
 
 #[test]
-fn aborted_push_ends_cancelled() {
-    let (mut d, _) = setup();
-    scenarios::push_abort(&mut d, events).unwrap();
+fn slowed_push_aborted_while_copying_ends_cancelled_and_the_next_completes() {
+    let (mut d, mut h) = setup();
+    scenarios::push_abort(&mut d, &mut h, events).unwrap();
 }
 
 #[test]
-fn push_with_failing_target_ends_failed() {
+fn push_with_failing_target_ends_failed_without_its_checkpoint() {
     let (mut d, mut h) = setup();
     scenarios::push_io_error(&mut d, &mut h, events).unwrap();
 }
