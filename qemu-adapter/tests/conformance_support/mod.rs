@@ -481,9 +481,13 @@ impl LiveConformance {
                 .host
                 .log
                 .iter()
-                .map(|entry| format!("{}\n", normalise(&entry.to_string(), &root)))
+                .map(|entry| format!("{entry}\n"))
                 .collect();
-            fs::write(dir.join(format!("{}.host.jsonl", self.name)), log).expect("host log");
+            fs::write(
+                dir.join(format!("{}.host.jsonl", self.name)),
+                normalise(&log, &root),
+            )
+            .expect("host log");
         }
     }
 }
