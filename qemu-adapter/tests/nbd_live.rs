@@ -96,22 +96,28 @@ fn expected_dirty() -> Vec<(u64, u64)> {
     out
 }
 
+/// The lab's image in `dir`, holding [`BASE_WRITES`].
+fn make_base_image(dir: &std::path::Path) -> PathBuf {
+    let image = dir.join("disk.qcow2");
+    let image_s = image.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
+    );
+    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
+    args.extend(io_commands(BASE_WRITES));
+    args.push(image_s.into());
+    run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    image
+}
+
 impl Lab {
     fn new() -> Lab {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.qcow2");
-        let image_s = image.to_str().unwrap();
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
-        );
-        let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
-        args.extend(io_commands(BASE_WRITES));
-        args.push(image_s.into());
-        run(
-            "qemu-io",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let image = make_base_image(dir.path());
 
         let mut qsd = Qsd::start(dir.path());
         qsd.add_qcow2("disk", &image);
@@ -404,19 +410,7 @@ impl Drop for Reaped {
 #[test]
 fn tcp_connection_reads_and_maps_like_unix() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let image_s = image.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
-    );
-    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
-    args.extend(io_commands(BASE_WRITES));
-    args.push(image_s.into());
-    run(
-        "qemu-io",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let image = make_base_image(dir.path());
 
     // A free port: bind, note it, release it for qemu-nbd.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -437,7 +431,8 @@ fn tcp_connection_reads_and_maps_like_unix() {
                 "-b",
                 "127.0.0.1",
             ])
-            .args(["-p", &port.to_string(), image_s])
+            .args(["-p", &port.to_string()])
+            .arg(&image)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("qemu-nbd must be installed"),
