@@ -9,7 +9,7 @@
 
 mod conformance_support;
 
-use conformance_support::LiveConformance;
+use conformance_support::{LiveConformance, relink};
 use vbackup_sim::scenarios;
 
 #[test]
@@ -17,7 +17,7 @@ fn live_checkpoints_create_delete_redefine_and_validate() {
     let Some(mut run) = LiveConformance::start("checkpoint-lifecycle") else {
         return;
     };
-    let result = scenarios::checkpoint_lifecycle(&mut run.driver);
+    let result = scenarios::checkpoint_lifecycle(run.parts().0);
     run.finish(result);
 }
 
@@ -26,11 +26,8 @@ fn live_push_full_then_incremental_restores_byte_for_byte() {
     let Some(mut run) = LiveConformance::start("push-full-then-incremental") else {
         return;
     };
-    let result = scenarios::push_full_then_incremental(
-        &mut run.driver,
-        &mut run.host,
-        LiveConformance::events,
-    );
+    let (d, h) = run.parts();
+    let result = scenarios::push_full_then_incremental(d, h, LiveConformance::events);
     run.finish(result);
 }
 
@@ -39,7 +36,8 @@ fn live_pull_exports_hold_their_point_in_time_under_guest_writes() {
     let Some(mut run) = LiveConformance::start("pull-point-in-time") else {
         return;
     };
-    let result = scenarios::pull_point_in_time(&mut run.driver, &mut run.host);
+    let (d, h) = run.parts();
+    let result = scenarios::pull_point_in_time(d, h);
     run.finish(result);
 }
 
@@ -48,7 +46,8 @@ fn live_slowed_push_aborted_while_copying_ends_cancelled_and_the_next_completes(
     let Some(mut run) = LiveConformance::start("push-abort-slowed") else {
         return;
     };
-    let result = scenarios::push_abort(&mut run.driver, &mut run.host, LiveConformance::events);
+    let (d, h) = run.parts();
+    let result = scenarios::push_abort(d, h, LiveConformance::events);
     run.finish(result);
 }
 
@@ -57,6 +56,39 @@ fn live_push_with_failing_target_ends_failed_and_the_next_completes() {
     let Some(mut run) = LiveConformance::start("push-io-error") else {
         return;
     };
-    let result = scenarios::push_io_error(&mut run.driver, &mut run.host, LiveConformance::events);
+    let (d, h) = run.parts();
+    let result = scenarios::push_io_error(d, h, LiveConformance::events);
+    run.finish(result);
+}
+
+#[test]
+fn live_backup_survives_a_restart_of_vbackup_mid_job_and_completes() {
+    let Some(mut run) = LiveConformance::start("engine-restart-mid-backup") else {
+        return;
+    };
+    let socket = run.qmp_socket();
+    let driver = run.driver.take().expect("driver");
+    let result = scenarios::engine_restart_mid_backup(
+        driver,
+        &mut run.host,
+        LiveConformance::events,
+        LiveConformance::persisted,
+        |link| relink(link, &socket),
+    )
+    .map(|driver| run.driver = Some(driver));
+    run.finish(result);
+}
+
+#[test]
+fn live_qemu_crash_loses_the_new_checkpoint_and_the_next_full_backup_works() {
+    let Some(mut run) = LiveConformance::start("qemu-crash") else {
+        return;
+    };
+    let socket = run.qmp_socket();
+    let (d, h) = run.parts();
+    let result =
+        scenarios::qemu_crash_loses_new_checkpoint(d, h, LiveConformance::events, |link| {
+            relink(link, &socket)
+        });
     run.finish(result);
 }

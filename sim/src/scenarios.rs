@@ -13,15 +13,17 @@
 //! Paths a scenario names (`/backup/...`) are lab paths; a host places them in its own file
 //! system ([`Host::place`]). Disk sizes are the host's: scenarios write below 320 KiB only.
 
+use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
-use vbackup_core::checkpoint::{DeleteScope, ListFilter};
-use vbackup_core::domain::{DomainEvent, Reply, Request};
+use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
+use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
+use vbackup_core::error::{Error, RequestError};
 use vbackup_core::link::Link;
 
 use vbackup_core::backup::{BackupSpec, NbdTransport};
 
-use crate::world::{lab_backup, lab_checkpoint};
+use crate::world::{lab_backup, lab_checkpoint, stored_state};
 
 /// The NBD socket of pull backups on the simulator.
 pub const SIM_NBD_SOCKET: &str = "/run/vbackup-sim.sock";
@@ -29,6 +31,13 @@ pub const SIM_NBD_SOCKET: &str = "/run/vbackup-sim.sock";
 /// The rate slowed jobs copy at, in bytes per second: a 512 KiB disk takes seconds, so a
 /// request sent right after the start finds the job running.
 pub const SLOW_JOB_BYTES_PER_S: u64 = 64 << 10;
+
+/// The rate of a job that must outlive a restart of vbackup and then finish: a 512 KiB disk
+/// takes about half a second.
+pub const RESTART_JOB_BYTES_PER_S: u64 = 1 << 20;
+
+/// Steps allowed for a new QMP session to be negotiated and reconciled.
+const CONNECT_STEPS: usize = 1_000;
 
 /// What a scenario needs besides QMP.
 pub trait Host {
@@ -61,6 +70,13 @@ pub trait Host {
     fn nbd_socket(&mut self) -> String {
         SIM_NBD_SOCKET.to_owned()
     }
+    /// The configuration vbackup runs the lab domain with on this host.
+    fn domain_config(&self) -> DomainConfig {
+        DomainConfig::default()
+    }
+    /// Kills QEMU as SIGKILL does and starts it again over the same images with the lab's
+    /// nodes. vbackup's link is then dead until the scenario opens a new one.
+    fn crash_qemu(&mut self) -> Result<(), String>;
 }
 
 /// A backup of both lab disks into `dir` (a lab path), placed on the host.
@@ -440,6 +456,137 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
     }
     if names(d)? != ["c1"] {
         return Err("the backup after a failure did not create its checkpoint".into());
+    }
+    Ok(())
+}
+
+/// Drives until a fresh QMP session is negotiated and reconciled.
+fn reconnect<L: Link, E: Effects>(d: &mut Drv<L, E>) -> Result<(), String> {
+    let up = d
+        .run_until(|dom| dom.view().connected, CONNECT_STEPS)
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    if up {
+        Ok(())
+    } else {
+        Err("the new QMP session never came up".into())
+    }
+}
+
+/// vbackup dies while a push backup (creating c1) copies and starts again from its store over a
+/// new QMP session (`relink` opens one on the link): the job is recovered from the journal,
+/// completes, its images restore to the disks at its start, and c1 exists. Returns the new
+/// driver.
+pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
+    d: Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    persisted: impl Fn(&E) -> &[StoreOp],
+    mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<Drv<L, E>, String> {
+    let mut d = d;
+    scribble(h, 9)?;
+    let at_start = both(h)?;
+    h.slow_jobs(Some(RESTART_JOB_BYTES_PER_S))?;
+    call(
+        &mut d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/restart"),
+            checkpoint: Some(lab_checkpoint("c1")),
+            reuse_external: false,
+        },
+    )?;
+    h.slow_jobs(None)?;
+    let def = d.domain().view().def.clone();
+    let (_, mut link, effects) = d.into_parts();
+    let (checkpoints, current, journal) = stored_state(persisted(&effects));
+    if journal.is_none() {
+        return Err("a running backup left no journal".into());
+    }
+    relink(&mut link)?;
+    let tree = CheckpointTree::load(checkpoints, current.as_deref());
+    let domain = Domain::new(def, h.domain_config(), tree, journal);
+    let mut d = Driver::new(domain, link, effects);
+    reconnect(&mut d)?;
+    match finish(&mut d, events)? {
+        JobStatus::Completed => {}
+        other => return Err(format!("the recovered backup ended {other:?}")),
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/restart", disk);
+        let got = h.restore(&path, None)?;
+        compare(&format!("recovered backup of {disk}"), &got, &at_start[i])?;
+    }
+    if names(&mut d)? != ["c1"] {
+        return Err("the recovered backup did not keep its checkpoint".into());
+    }
+    Ok(d)
+}
+
+/// QEMU is killed (SIGKILL) after a full backup created checkpoint c1, and started again over
+/// the same images: c1's bitmaps were never written to them, so an incremental backup from c1
+/// is refused with a typed error, and a full backup creating c2 completes and restores exactly.
+pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<(), String> {
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/before-crash"),
+            checkpoint: Some(lab_checkpoint("c1")),
+            reuse_external: false,
+        },
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the backup before the crash did not complete".into());
+    }
+    h.crash_qemu()?;
+    // The old session is gone with the process; the engine learns it, then a new one opens.
+    let _ = d.link_down();
+    relink(d.link_mut())?;
+    reconnect(d)?;
+    scribble(h, 10)?;
+    let refused = d
+        .call(
+            Request::BackupBegin {
+                spec: spec(h, BackupMode::Push, Some("c1"), "/backup/after-crash-inc"),
+                checkpoint: None,
+                reuse_external: false,
+            },
+            STEPS,
+        )
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    match refused {
+        Err(Error::Request(RequestError::CheckpointInconsistent { bitmap, .. }))
+            if bitmap == "c1" => {}
+        other => {
+            return Err(format!(
+                "an incremental backup from a checkpoint lost in a crash answered {other:?}"
+            ));
+        }
+    }
+    let at_full = both(h)?;
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/after-crash"),
+            checkpoint: Some(lab_checkpoint("c2")),
+            reuse_external: false,
+        },
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the full backup after the crash did not complete".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/after-crash", disk);
+        let got = h.restore(&path, None)?;
+        compare(
+            &format!("full backup after the crash of {disk}"),
+            &got,
+            &at_full[i],
+        )?;
     }
     Ok(())
 }

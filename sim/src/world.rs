@@ -1470,6 +1470,13 @@ impl crate::scenarios::Host for SimHost {
         true
     }
 
+    fn crash_qemu(&mut self) -> Result<(), String> {
+        let mut q = self.qemu.borrow_mut();
+        q.crash();
+        q.restart();
+        boot_lab(&mut q).map_err(|e| e.to_string())
+    }
+
     fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String> {
         // The simulator has one copy rate for every job; the lab's is restored when lifted.
         self.qemu.borrow_mut().config.throughput_bytes_per_s =

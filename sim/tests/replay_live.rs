@@ -32,6 +32,8 @@ const SCENARIOS: &[&str] = &[
     "pull-point-in-time",
     "push-abort-slowed",
     "push-io-error",
+    "engine-restart-mid-backup",
+    "qemu-crash",
 ];
 
 fn trace_dir() -> PathBuf {
@@ -82,7 +84,7 @@ fn exec(q: &mut Qemu, execute: &str, arguments: Value) {
 /// (`vbk-T-i-file`, `vbk-T-i-format`, backing layers read-only), the NBD server, and per disk a
 /// raw guest node exported writable as `guest-T`.
 fn setup() -> Qemu {
-    let mut q = Qemu::negotiated(
+    let mut q = Qemu::new(
         lab_files(),
         Config {
             flavor: Flavor::StorageDaemon,
@@ -90,6 +92,14 @@ fn setup() -> Qemu {
             ..Config::default()
         },
     );
+    attach(&mut q);
+    q
+}
+
+/// Builds the graph on a fresh process, over a session of its own (as the launcher does); the
+/// recorded session then connects and negotiates anew.
+fn attach(q: &mut Qemu) {
+    exec(q, "qmp_capabilities", json!({}));
     let def = lab_domain();
     for disk in &def.disks {
         let t = &disk.target;
@@ -109,31 +119,31 @@ fn setup() -> Qemu {
             } else {
                 Value::Null
             };
-            exec(&mut q, "blockdev-add", file);
-            exec(&mut q, "blockdev-add", format);
+            exec(q, "blockdev-add", file);
+            exec(q, "blockdev-add", format);
         }
     }
     exec(
-        &mut q,
+        q,
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": format!("{ROOT}/run/nbd.sock")}}}),
     );
     for disk in &def.disks {
         let t = &disk.target;
         exec(
-            &mut q,
+            q,
             "blockdev-add",
             json!({"driver": "raw", "node-name": format!("vbk-{t}-guest"), "file": format!("vbk-{t}-0-format")}),
         );
         exec(
-            &mut q,
+            q,
             "block-export-add",
             json!({"type": "nbd", "id": format!("guest-{t}"), "node-name": format!("vbk-{t}-guest"),
                 "name": format!("guest-{t}"), "writable": true}),
         );
     }
     q.take_events();
-    q
+    q.new_monitor_connection();
 }
 
 /// What the simulator must reproduce of a node record: what it is and its named bitmaps.
@@ -174,8 +184,11 @@ fn jobs_summary(jobs: &Value, loose: &[String]) -> Vec<Value> {
         .iter()
         .map(|j| {
             let mut j = j.clone();
+            // How far a slowed job has got when a command arrives depends on real time; how
+            // it ends is compared through its events.
             if loose.iter().any(|id| j["id"] == id.as_str()) {
                 j["current-progress"] = Value::Null;
+                j["status"] = Value::Null;
             }
             j
         })
@@ -331,19 +344,26 @@ fn replay(name: &str) -> Qemu {
                 slow = s.as_u64();
             } else if a.get("fail_writes_to").is_some() {
                 // Set up front, above.
+            } else if a.get("crash").is_some() {
+                // SIGKILL, and the launcher starts the daemon again over the same images.
+                q.crash();
+                q.restart();
+                attach(&mut q);
             } else {
                 panic!("unknown host action {a}");
             }
             got_events.extend(q.take_events());
         }
         let msg = &line["msg"];
+        if msg.get("QMP").is_some() {
+            // A new connection: capabilities are negotiated again.
+            q.new_monitor_connection();
+            continue;
+        }
         if line["dir"] == "recv" {
             if msg.get("event").is_some() {
                 want_events.push(msg.clone());
             }
-            continue;
-        }
-        if msg["execute"] == "qmp_capabilities" {
             continue;
         }
         if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
@@ -404,6 +424,16 @@ fn live_slowed_push_abort_replays_on_the_simulator() {
 #[test]
 fn live_push_io_error_replays_on_the_simulator() {
     replay("push-io-error");
+}
+
+#[test]
+fn live_engine_restart_mid_backup_replays_on_the_simulator() {
+    replay("engine-restart-mid-backup");
+}
+
+#[test]
+fn live_qemu_crash_replays_on_the_simulator() {
+    replay("qemu-crash");
 }
 
 /// The core's side: driven through the same scenario over the recorded trace, the core sends

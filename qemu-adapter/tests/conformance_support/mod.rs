@@ -7,6 +7,8 @@
 //!   node names, and it shares the daemon's NBD server (`nbd_server_running`).
 //! - Guest writes and disk reads go through the guest exports with our own NBD client; restores
 //!   use `qemu-img rebase -u` and `convert`; pull exports are read with our NBD client.
+//! - A crash is SIGKILL to the daemon's pid and a new daemon over the same images; a new QMP
+//!   session (after a crash or a restart of vbackup) is opened by [`relink`].
 //! - Faults the core cannot ask for are put in by [`ShapingLink`], a link between the recorder
 //!   and the socket: job `speed` (with 64 KiB chunks, so a 512 KiB disk takes seconds) while
 //!   the host slows jobs, and a `blkdebug` layer failing data writes under the storage node of
@@ -32,7 +34,7 @@ use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_qemu::live::{self, LiveLab, run_tool};
 use vbackup_qemu::nbd::NbdClient;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
-use vbackup_qemu::qsd::{QsdDisk, RunDir, format_node, guest_export_name};
+use vbackup_qemu::qsd::{QsdDisk, RunDir, format_node, guest_export_name, kill_pid};
 use vbackup_qemu::recorder::TraceRecorder;
 use vbackup_sim::scenarios::Host;
 use vbackup_sim::world::{CLUSTER, DISK_BYTES, lab_domain};
@@ -87,11 +89,23 @@ pub struct Shaping {
     pub disk_images: Vec<String>,
 }
 
-/// A link that rewrites commands as [`Shaping`] says; see the module docs.
+/// A link that rewrites commands as [`Shaping`] says; see the module docs. It also survives a
+/// change of QMP connection ([`relink`]): its clock keeps running across connections, and the
+/// new connection's greeting is handed to the engine as the first message received.
 #[derive(Debug)]
 pub struct ShapingLink<L> {
-    inner: L,
+    inner: Option<L>,
     shaping: Rc<RefCell<Shaping>>,
+    epoch: Instant,
+    /// Milliseconds of this link's clock when the current inner link's clock read zero.
+    offset_ms: u64,
+    pending: Option<QmpIn>,
+}
+
+impl<L: Link> ShapingLink<L> {
+    fn inner(&mut self) -> Result<&mut L, LinkError> {
+        self.inner.as_mut().ok_or(LinkError::Closed)
+    }
 }
 
 fn with_speed(job: &mut Value, speed: u64) {
@@ -138,19 +152,36 @@ impl<L: Link> ShapingLink<L> {
 
 impl<L: Link> Link for ShapingLink<L> {
     fn now(&self) -> Timestamp {
-        self.inner.now()
+        Timestamp::from_ms(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     fn send(&mut self, id: CommandId, cmd: &QmpCommand) -> Result<(), LinkError> {
-        match self.shape(cmd) {
-            Some(shaped) => self.inner.send(id, &shaped),
-            None => self.inner.send(id, cmd),
-        }
+        let shaped = self.shape(cmd);
+        self.inner()?.send(id, shaped.as_ref().unwrap_or(cmd))
     }
 
     fn recv(&mut self, deadline: Option<Timestamp>) -> Result<Option<QmpIn>, LinkError> {
-        self.inner.recv(deadline)
+        if let Some(greeting) = self.pending.take() {
+            return Ok(Some(greeting));
+        }
+        let offset = self.offset_ms;
+        let deadline = deadline.map(|d| Timestamp::from_ms(d.as_ms().saturating_sub(offset)));
+        self.inner()?.recv(deadline)
     }
+}
+
+/// Closes the run's QMP connection and opens a new one on `qmp_socket` (the same daemon, or
+/// one started again in the same run directory).
+pub fn relink(link: &mut LiveLink, qmp_socket: &Path) -> Result<(), String> {
+    let shaping = link.inner_mut();
+    // The monitor serves one client: the old connection closes first.
+    shaping.inner = None;
+    let qmp = QmpSocket::connect_unnegotiated(qmp_socket, Instant::now() + Duration::from_secs(10))
+        .map_err(text)?;
+    shaping.pending = Some(QmpIn::Greeting(qmp.greeting().clone()));
+    shaping.offset_ms = shaping.now().as_ms();
+    shaping.inner = Some(SocketLink::new(qmp));
+    Ok(())
 }
 
 /// The link stack of a live run.
@@ -201,6 +232,9 @@ impl Effects for LiveEffects {
 /// The host of the live scenarios; see the module docs.
 #[derive(Debug)]
 pub struct QsdHost {
+    /// The lab; dropped last, it kills the daemon by its pid and removes the directory.
+    lab: LiveLab,
+    disks: Vec<QsdDisk>,
     root: PathBuf,
     nbd_socket: PathBuf,
     shaping: Rc<RefCell<Shaping>>,
@@ -323,21 +357,49 @@ impl Host for QsdHost {
     fn nbd_socket(&mut self) -> String {
         self.nbd_socket.display().to_string()
     }
+
+    fn domain_config(&self) -> DomainConfig {
+        live_config()
+    }
+
+    fn crash_qemu(&mut self) -> Result<(), String> {
+        for pid in self.lab.running_pids() {
+            kill_pid(pid).map_err(text)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.lab.running_pids().is_empty() {
+            if Instant::now() > deadline {
+                return Err("qemu-storage-daemon survived SIGKILL".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.note(json!({"crash": true}));
+        let qsd = self.lab.start_qsd("run", &self.disks).map_err(text)?;
+        // Its QMP connection closes, so vbackup's can open.
+        drop(qsd);
+        Ok(())
+    }
 }
 
-/// One scenario's run: the lab (which stops the daemon when dropped), the driver and the host.
+/// The configuration of the lab domain on a daemon: pull exports join its NBD server.
+pub fn live_config() -> DomainConfig {
+    DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    }
+}
+
+/// One scenario's run: the driver and the host (which owns the lab and so the daemon).
 pub struct LiveConformance {
     /// The scenario's name (its trace file's).
     pub name: &'static str,
-    /// The core over the daemon's QMP socket.
-    pub driver: Driver<LiveLink, LiveEffects>,
+    /// The core over the daemon's QMP socket; taken by scenarios that restart vbackup.
+    pub driver: Option<Driver<LiveLink, LiveEffects>>,
     /// The host.
     pub host: QsdHost,
     trace: SharedBuf,
-    log_path: PathBuf,
+    run: RunDir,
     started: Instant,
-    // Dropped last: it kills the daemon by its pid and removes the directory.
-    _lab: LiveLab,
 }
 
 /// The lab domain with its images under `root` and the daemon's node names.
@@ -391,6 +453,11 @@ impl LiveConformance {
         &effects.memory.events
     }
 
+    /// Store operations of the run.
+    pub fn persisted(effects: &LiveEffects) -> &[StoreOp] {
+        &effects.memory.persisted
+    }
+
     /// Builds the lab and connects the core; `None` (the test is skipped) without QEMU's tools.
     pub fn start(name: &'static str) -> Option<LiveConformance> {
         if !live::tools_available() {
@@ -426,29 +493,28 @@ impl LiveConformance {
             ..Shaping::default()
         }));
         let trace = SharedBuf::default();
-        let mut link = TraceRecorder::new(
+        let link = TraceRecorder::new(
             ShapingLink {
-                inner: SocketLink::new(qmp),
+                inner: Some(SocketLink::new(qmp)),
                 shaping: shaping.clone(),
+                epoch: Instant::now(),
+                offset_ms: 0,
+                pending: Some(greeting),
             },
             trace.clone(),
         );
-        link.record_received(&greeting).expect("trace");
-        let config = DomainConfig {
-            nbd_server_running: true,
-            ..DomainConfig::default()
-        };
-        let domain = Domain::new(def, config, CheckpointTree::new(), None);
+        let domain = Domain::new(def, live_config(), CheckpointTree::new(), None);
         let mut driver = Driver::new(domain, link, LiveEffects::default());
-        driver.connected().expect("negotiates");
         let up = driver
             .run_until(|d| d.view().connected, CONNECT_STEPS)
             .expect("connects");
         assert!(up, "the core did not finish connecting");
         Some(LiveConformance {
             name,
-            driver,
+            driver: Some(driver),
             host: QsdHost {
+                lab,
+                disks,
                 root,
                 nbd_socket: run.nbd_socket.clone(),
                 shaping,
@@ -457,17 +523,29 @@ impl LiveConformance {
                 restores: 0,
             },
             trace,
-            log_path: run.log,
+            run,
             started,
-            _lab: lab,
         })
+    }
+
+    /// The driver and the host, for a scenario.
+    pub fn parts(&mut self) -> (&mut Driver<LiveLink, LiveEffects>, &mut QsdHost) {
+        (
+            self.driver.as_mut().expect("the run has its driver"),
+            &mut self.host,
+        )
+    }
+
+    /// The daemon's QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run.qmp_socket.clone()
     }
 
     /// Fails the test with the scenario's divergence (and the daemon's log), or records the
     /// trace when asked to.
     pub fn finish(self, result: Result<(), String>) {
         if let Err(e) = result {
-            let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+            let log = fs::read_to_string(&self.run.log).unwrap_or_default();
             panic!("{}: {e}\ndaemon log:\n{log}", self.name);
         }
         eprintln!("{}: passed in {:?}", self.name, self.started.elapsed());
