@@ -561,7 +561,7 @@ mod tests {
     fn qemu_system_replies() -> Replies {
         let trace = include_str!("../../testdata/traces/libvirt-11.3/domain-start.jsonl");
         let reply_to = |command: &str| {
-            let mut lines = trace.lines().map(|l| parse(l));
+            let mut lines = trace.lines().map(parse);
             let id = lines
                 .find(|l| l["dir"] == "send" && l["msg"]["execute"] == command)
                 .map(|l| l["msg"]["id"].clone())
