@@ -15,6 +15,7 @@ use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, NbdServer, NbdTrans
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::model::{DiskDef, DiskDevice, ImageFormat, Layer, StorageType};
 use vbackup_core::xml::{
     BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, align_backup, align_checkpoint,
     align_redefined_checkpoint, parse_domain,
@@ -447,9 +448,9 @@ fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, CliE
         .collect())
 }
 
-/// A libvirt `<domain>` document for `name` with `--disk` specifications.
-fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliError> {
-    let mut devices = String::new();
+/// The disks of `--disk` specifications, each with its backing chain from `qemu-img`.
+fn disks_from_specs(disks: &[String]) -> Result<Vec<DiskDef>, CliError> {
+    let mut defs = Vec::new();
     for spec in disks {
         let (target, rest) = spec
             .split_once('=')
@@ -470,36 +471,95 @@ fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliErro
         let abs = std::fs::canonicalize(path)
             .map_err(CliError::io(format!("disk '{target}': '{path}'")))?;
         let abs = abs.display().to_string();
-        let chain = backing_chain(&abs, &format)?;
+        let layers = backing_chain(&abs, &format)?
+            .into_iter()
+            .map(|(p, f)| Layer {
+                storage: StorageType::File,
+                format: ImageFormat::from_name(&f),
+                path: Some(p),
+                index: None,
+                node_name: None,
+            })
+            .collect();
+        defs.push(DiskDef {
+            target: target.to_owned(),
+            device: DiskDevice::Disk,
+            bus: Some("virtio".to_owned()),
+            readonly: false,
+            transient: false,
+            layers,
+        });
+    }
+    Ok(defs)
+}
+
+/// The `<source>` element of a layer.
+fn source_xml(layer: &Layer) -> String {
+    let path = esc(layer.path.as_deref().unwrap_or_default());
+    match layer.storage {
+        StorageType::Block => format!("<source dev='{path}'/>"),
+        StorageType::File => format!("<source file='{path}'/>"),
+        // Discovered network storage has no local path; the element only marks the media.
+        _ => "<source/>".to_owned(),
+    }
+}
+
+fn storage_name(storage: StorageType) -> &'static str {
+    match storage {
+        StorageType::Block => "block",
+        StorageType::File => "file",
+        _ => "network",
+    }
+}
+
+/// A libvirt `<domain>` document for `name` (a fresh uuid unless given) with `disks`: what
+/// `vbackup define` stores when no XML file is given. It reads back as the same disks.
+fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
+    let mut devices = String::new();
+    for disk in disks {
+        let Some(top) = disk.top() else {
+            continue;
+        };
         let mut xml = format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n",
-            esc(&format),
-            esc(&abs)
+            "    <disk type='{}' device='disk'>\n      <driver name='qemu' type='{}'/>\n      {}\n",
+            storage_name(top.storage),
+            esc(top.format.name()),
+            source_xml(top)
         );
         let mut closing = String::new();
         let mut indent = "      ".to_owned();
-        for (i, (p, f)) in chain.iter().enumerate().skip(1) {
+        let count = disk.layers.len();
+        for (i, layer) in disk.layers.iter().enumerate().skip(1) {
             xml.push_str(&format!(
-                "{indent}<backingStore type='file' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  <source file='{}'/>\n",
-                chain.len() - i,
-                esc(f),
-                esc(p)
+                "{indent}<backingStore type='{}' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  {}\n",
+                storage_name(layer.storage),
+                count - i,
+                esc(layer.format.name()),
+                source_xml(layer)
             ));
             closing = format!("{indent}</backingStore>\n{closing}");
             indent.push_str("  ");
         }
         xml.push_str(&closing);
+        if disk.readonly {
+            xml.push_str("      <readonly/>\n");
+        }
+        let bus = disk
+            .bus
+            .as_deref()
+            .map(|b| format!(" bus='{}'", esc(b)))
+            .unwrap_or_default();
         xml.push_str(&format!(
-            "      <target dev='{}' bus='virtio'/>\n    </disk>\n",
-            esc(target)
+            "      <target dev='{}'{bus}/>\n    </disk>\n",
+            esc(&disk.target)
         ));
         devices.push_str(&xml);
     }
-    Ok(format!(
-        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
+    let uuid = uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    format!(
+        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{uuid}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
         esc(name),
-        uuid::Uuid::new_v4()
-    ))
+    )
 }
 
 pub(crate) fn define(
@@ -508,10 +568,28 @@ pub(crate) fn define(
     disks: &[String],
     qmp: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    let (xml, from) = if disks.is_empty() {
+    let discovered = match &qmp {
+        // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
+        Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
+            Some(session::discover_disks(socket)?)
+        }
+        _ => None,
+    };
+    let (xml, from) = if let Some(found) = discovered {
+        if found.is_empty() {
+            return Err(CliError::Other(format!(
+                "QEMU at '{}' has no disks to back up; give them with --disk",
+                qmp.as_deref().unwrap_or(Path::new("")).display()
+            )));
+        }
+        (domain_xml(file_or_name, None, &found), None)
+    } else if disks.is_empty() {
         (read_file(Path::new(file_or_name))?, Some(file_or_name))
     } else {
-        (domain_xml_from_disks(file_or_name, disks)?, None)
+        (
+            domain_xml(file_or_name, None, &disks_from_specs(disks)?),
+            None,
+        )
     };
     let def = parse_domain(&xml)?;
     let attachment = match qmp {

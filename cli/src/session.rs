@@ -24,9 +24,10 @@ use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
 use vbackup_core::domain::{DomainConfig, Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
-use vbackup_core::model::DomainDef;
+use vbackup_core::model::{DiskDef, DomainDef};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
+use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
 use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
@@ -199,39 +200,54 @@ pub struct Session {
     pub run_dir: PathBuf,
 }
 
-/// Finds the format node of each layer of an attached domain by its file name.
-fn discover_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
+/// Asks the QEMU at `socket` which disks it has (see `vbackup_qemu::discover` for the rule).
+pub fn discover_disks(socket: &Path) -> Result<Vec<DiskDef>, CliError> {
     let mut qmp = QmpSocket::connect(socket, Instant::now() + CONNECT_TIMEOUT)?;
-    let nodes = qmp.execute(
-        "query-named-block-nodes",
-        Some(json!({"flat": true})),
-        Instant::now() + CONNECT_TIMEOUT,
-    )?;
-    let nodes = nodes.as_array().cloned().unwrap_or_default();
-    for disk in &mut def.disks {
-        for layer in &mut disk.layers {
-            if layer.node_name.is_some() {
-                continue;
+    let replies = discover::query(&mut qmp, Instant::now() + CONNECT_TIMEOUT)?;
+    Ok(discover::discover_disks(&replies)?)
+}
+
+/// Fills in the node name of each layer of an attached domain from what QEMU runs now: a
+/// defined disk is the discovered disk with the same top image (node names are QEMU's and may
+/// change when it restarts, so they are looked up on every connection, never stored).
+fn resolve_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
+    let found = discover_disks(socket)?;
+    for disk in def.disks.iter_mut().filter(|d| !d.is_empty()) {
+        let unresolved = |why: String| {
+            CliError::Other(format!(
+                "disk '{}': {why} in the QEMU at '{}'",
+                disk.target,
+                socket.display()
+            ))
+        };
+        let top_path = disk.top().and_then(|l| l.path.clone());
+        let Some(running) = found.iter().find(|f| {
+            let running_top = f.top().and_then(|l| l.path.as_deref());
+            match &top_path {
+                Some(p) => running_top == Some(p.as_str()),
+                None => f.target == disk.target,
             }
-            let Some(path) = layer.path.clone() else {
-                continue;
-            };
-            let found = nodes.iter().find(|n| {
-                let drv = n.get("drv").and_then(Value::as_str).unwrap_or("");
-                let file = n.get("file").and_then(Value::as_str).unwrap_or("");
-                drv != "file" && drv != "host_device" && file == path
-            });
-            match found
-                .and_then(|n| n.get("node-name"))
-                .and_then(Value::as_str)
+        }) else {
+            let what = top_path.unwrap_or_else(|| disk.target.clone());
+            return Err(unresolved(format!("no disk opens '{what}'")));
+        };
+        if running.layers.len() < disk.layers.len() {
+            return Err(unresolved(format!(
+                "the defined chain has {} layers but {} are open",
+                disk.layers.len(),
+                running.layers.len()
+            )));
+        }
+        for (layer, open) in disk.layers.iter_mut().zip(&running.layers) {
+            if let (Some(want), Some(have)) = (&layer.path, &open.path)
+                && want != have
             {
-                Some(name) => layer.node_name = Some(name.to_owned()),
-                None => {
-                    return Err(CliError::Other(format!(
-                        "disk '{}': no block node of QEMU opens '{path}'",
-                        disk.target
-                    )));
-                }
+                return Err(unresolved(format!(
+                    "layer '{want}' is defined but '{have}' is open in its place"
+                )));
+            }
+            if layer.node_name.is_none() {
+                layer.node_name = open.node_name.clone();
             }
         }
     }
@@ -267,7 +283,7 @@ impl Session {
                 path
             }
             Attachment::Attached(path) => {
-                discover_nodes(path, &mut def)?;
+                resolve_nodes(path, &mut def)?;
                 path.clone()
             }
         };

@@ -360,3 +360,74 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     again.quit().expect("quit");
     qemu.reap_exited();
 }
+
+#[test]
+fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::live::{LiveLab, create_overlay};
+    use vbackup_qemu::qsd::{QsdDisk, QsdLayer};
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let base = lab.image("base.qcow2", 16);
+    let top = lab.path("top.qcow2");
+    create_overlay(&top, &base, &ImageFormat::Qcow2).expect("overlay");
+    let data = lab.image("data.qcow2", 8);
+    let chain = QsdDisk {
+        target: "vda".into(),
+        layers: vec![
+            QsdLayer {
+                path: top.clone(),
+                format: ImageFormat::Qcow2,
+            },
+            QsdLayer {
+                path: base.clone(),
+                format: ImageFormat::Qcow2,
+            },
+        ],
+    };
+    let qsd = qemu
+        .start_qsd(
+            "q",
+            &[chain, QsdDisk::single("vdb", &data, ImageFormat::Qcow2)],
+        )
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    let guest = qsd.guest_export_uri("vda");
+    drop(qsd);
+    assert_eq!(
+        lab.ok(&["define", "att", "--qmp", &qmp]),
+        "Domain 'att' defined\n"
+    );
+    // The daemon has no guest devices: its exports are the disks, named after their export
+    // ids (`guest-vda`), each with the layers below the raw view the export shows.
+    let disks = lab.json(&["domblklist", "att", "--json"]);
+    assert_eq!(disks[0]["target"], "vda");
+    assert_eq!(disks[0]["source"], top.display().to_string());
+    assert_eq!(disks[1]["target"], "vdb");
+    let xml = std::fs::read_to_string(lab.state().join("domains/att/domain.xml")).unwrap();
+    assert!(
+        xml.contains(&format!("<source file='{}'/>", base.display())),
+        "{xml}"
+    );
+
+    lab.ok(&["checkpoint-create-as", "att", "c1"]);
+    tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 1M", &guest]));
+    let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
+    assert_eq!(dump["disks"][0]["target"], "vda");
+    assert_eq!(dump["disks"][0]["size"], 1 << 20);
+    let reference = lab.path("ref.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
+            .arg(&reference),
+    );
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
+    assert!(identical(&full, &reference));
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
+}

@@ -21,6 +21,11 @@
 //! 3. Otherwise every root node: a block-driver node that is no other block-driver node's child,
 //!    named by its node name, in name order.
 //!
+//! Disk names must be guest target names as libvirt's grammar has them (`vda`, `sdb`, `hdc`...):
+//! a QEMU name that is one is kept, else the part after its last `-` when that is one
+//! (vbackup's own guest exports are `guest-vda`), else the disk gets the first free `vd<letters>`
+//! name in order (`vda`, `vdb`, ..., `vdz`, `vdaa`...).
+//!
 //! From the node a device or export is attached to, wrappers are passed through to reach the
 //! disk's top layer: a `raw` node whose `file` child is itself a format or filter node (a raw
 //! view of another image, as vbackup's own guest exports are), and filter nodes such as
@@ -348,6 +353,47 @@ fn device_name(device: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Whether `name` is a guest target name of libvirt's grammar:
+/// `(ioemu:)?(fd|hd|sd|vd|xvd|ubd)[a-zA-Z0-9_]+`.
+pub fn is_target_name(name: &str) -> bool {
+    let name = name.strip_prefix("ioemu:").unwrap_or(name);
+    ["xvd", "ubd", "fd", "hd", "sd", "vd"].iter().any(|prefix| {
+        name.strip_prefix(prefix).is_some_and(|rest| {
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    })
+}
+
+/// `vd` and the letters of `n` counted like spreadsheet columns: 0 is `vda`, 26 is `vdaa`.
+fn vd_name(mut n: usize) -> String {
+    let mut letters = Vec::new();
+    loop {
+        letters.push(char::from(b'a' + (n % 26) as u8));
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.iter().rev().fold("vd".to_owned(), |mut s, c| {
+        s.push(*c);
+        s
+    })
+}
+
+/// The target name of a disk QEMU calls `qemu_name` (see the module rule), not in `used`.
+fn target_name(qemu_name: &str, used: &BTreeSet<String>) -> String {
+    let suffix = qemu_name.rsplit('-').next().unwrap_or(qemu_name);
+    for candidate in [qemu_name, suffix] {
+        if is_target_name(candidate) && !used.contains(candidate) {
+            return candidate.to_owned();
+        }
+    }
+    (0..)
+        .map(vd_name)
+        .find(|n| !used.contains(n))
+        .unwrap_or_default()
+}
+
 /// The roots the rule picks, as `(disk name, node name)` in order.
 fn roots(replies: &Replies, graph: &Graph) -> Result<Vec<(String, String)>, DiscoverError> {
     const BLOCK: &str = "query-block";
@@ -402,8 +448,15 @@ pub fn discover_disks(replies: &Replies) -> Result<Vec<DiskDef>, DiscoverError> 
     let graph = Graph::parse(&replies.nodes, &replies.graph)?;
     let mut disks: Vec<DiskDef> = Vec::new();
     let mut tops = BTreeSet::new();
-    for (target, root) in roots(replies, &graph)? {
-        let layers = graph.layers(&root, &target)?;
+    let picked = roots(replies, &graph)?;
+    // Names already valid are claimed first, so a generated name never takes one of them.
+    let mut used: BTreeSet<String> = picked
+        .iter()
+        .map(|(name, _)| name.clone())
+        .filter(|n| is_target_name(n))
+        .collect();
+    for (qemu_name, root) in picked {
+        let layers = graph.layers(&root, &qemu_name)?;
         let top = layers
             .first()
             .and_then(|l| l.node_name.clone())
@@ -412,6 +465,9 @@ pub fn discover_disks(replies: &Replies) -> Result<Vec<DiskDef>, DiscoverError> 
             continue;
         }
         let readonly = graph.nodes.get(&top).is_some_and(|n| n.read_only);
+        used.remove(&qemu_name);
+        let target = target_name(&qemu_name, &used);
+        used.insert(target.clone());
         disks.push(DiskDef {
             target,
             device: DiskDevice::Disk,
@@ -495,8 +551,8 @@ mod tests {
         assert_eq!(
             summary(&disks),
             [
-                "exp-vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "exp-vdb rr:raw:/tmp/cliexp/r.raw",
+                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
+                "vdb rr:raw:/tmp/cliexp/r.raw",
             ]
         );
         assert!(
@@ -517,8 +573,8 @@ mod tests {
         assert_eq!(
             summary(&discover_disks(&replies).unwrap()),
             [
-                "exp-vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "exp-vdb rr:raw:/tmp/cliexp/r.raw",
+                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
+                "vdb rr:raw:/tmp/cliexp/r.raw",
             ]
         );
     }
@@ -534,8 +590,8 @@ mod tests {
         assert_eq!(
             summary(&discover_disks(&replies).unwrap()),
             [
-                "guest tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "rr rr:raw:/tmp/cliexp/r.raw",
+                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
+                "vdb rr:raw:/tmp/cliexp/r.raw",
             ]
         );
     }
@@ -551,7 +607,7 @@ mod tests {
         let disks = discover_disks(&replies).unwrap();
         assert_eq!(
             summary(&disks),
-            ["direct tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2"]
+            ["vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2"]
         );
     }
 
@@ -596,14 +652,14 @@ mod tests {
     }
 
     #[test]
-    fn guest_devices_are_disks_named_by_their_qdev_id() {
+    fn guest_devices_are_disks_in_device_order_named_as_libvirt_would() {
         let def = discover_domain("lab1", &qemu_system_replies()).unwrap();
         assert_eq!(def.name, "lab1");
         assert_eq!(
             summary(&def.disks),
             [
-                "virtio-disk0 libvirt-2-format:qcow2:/srv/lab/images/lab1-vda.qcow2",
-                "virtio-disk1 libvirt-1-format:qcow2:/srv/lab/images/lab1-vdb.qcow2",
+                "vda libvirt-2-format:qcow2:/srv/lab/images/lab1-vda.qcow2",
+                "vdb libvirt-1-format:qcow2:/srv/lab/images/lab1-vdb.qcow2",
             ]
         );
     }
@@ -618,7 +674,28 @@ mod tests {
         block[1]["device"] = json!("drive-vdb");
         let disks = discover_disks(&replies).unwrap();
         let names: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
-        assert_eq!(names, ["virtio-disk0", "drive-vdb"]);
+        assert_eq!(names, ["vda", "vdb"]);
+    }
+
+    #[test]
+    fn valid_qemu_names_are_kept_and_the_others_get_the_first_free_vd_names() {
+        assert!(is_target_name("vda") && is_target_name("xvdb") && is_target_name("sd_1"));
+        assert!(!is_target_name("vd") && !is_target_name("disk0") && !is_target_name("vd-a"));
+        assert_eq!(vd_name(0), "vda");
+        assert_eq!(vd_name(25), "vdz");
+        assert_eq!(vd_name(26), "vdaa");
+        assert_eq!(vd_name(27), "vdab");
+        let mut replies = qsd_replies();
+        replies.exports = json!([
+            {"node-name": "rr", "id": "zz"},
+            {"node-name": "guest", "id": "vda"},
+        ]);
+        let names: Vec<String> = discover_disks(&replies)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.target)
+            .collect();
+        assert_eq!(names, ["vda", "vdb"]);
     }
 
     #[test]
