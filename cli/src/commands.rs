@@ -1,8 +1,9 @@
 //! The domain, checkpoint and backup commands, with virsh's names, flags and output.
 //!
 //! Read-only commands answer from the store without starting QEMU, unless a job is journaled
-//! (then QEMU is reached first so the core reconciles the job). Commands that change bitmaps,
-//! compute sizes or run jobs always open a QMP session.
+//! (then QEMU is reached first so the core reconciles the job). While another vbackup holds the
+//! domain they read the store without the lock instead (see `session`). Commands that change
+//! bitmaps, compute sizes or run jobs always lock the domain and open a QMP session.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, NbdServer, NbdTransport};
+use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, JobStatus, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
@@ -21,11 +22,11 @@ use vbackup_core::xml::{
     align_redefined_checkpoint, parse_domain,
 };
 use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
-use vbackup_qemu::store::Store;
+use vbackup_qemu::store::{Store, write_atomic};
 
-use crate::effects::COMPLETED_FILE;
+use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::output::{CliError, format_time, human_bytes, table};
-use crate::session::{self, Attachment, Loaded, Session};
+use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 
 /// Options every domain command shares.
 #[derive(Debug, Clone, Args)]
@@ -33,6 +34,10 @@ pub struct Global {
     /// State directory (default: $XDG_DATA_HOME/vbackup).
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Commands that change a domain another vbackup holds wait up to SECONDS for it (default:
+    /// fail at once, naming the holder). Read-only commands never wait: they read the store.
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub wait_lock: Option<u64>,
 }
 
 /// Domain, checkpoint and backup commands.
@@ -603,7 +608,7 @@ pub(crate) fn define(
             QsdDisk::from_disk_def(d)?;
         }
     }
-    let ds = store.lock_domain(&def.name)?;
+    let ds = session::lock(store, &def.name)?;
     ds.write_domain_xml(&xml)?;
     session::write_meta(&ds, &attachment)?;
     match from {
@@ -731,9 +736,11 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
 }
 
 fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let disks: Vec<(String, String)> = loaded
-        .def
+    let def = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => loaded.def,
+        ReadAccess::Shared(shared) => shared.def,
+    };
+    let disks: Vec<(String, String)> = def
         .disks
         .iter()
         .map(|d| {
@@ -853,7 +860,11 @@ fn read_tree<T>(
     name: &str,
     f: impl FnOnce(&CheckpointTree, &str) -> Result<T, CliError>,
 ) -> Result<T, CliError> {
-    let loaded = session::load(store, name)?;
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        // Another vbackup holds the domain (and reconciles its job): the store is current.
+        ReadAccess::Shared(shared) => return f(&shared.tree, name),
+    };
     if loaded.journal.is_none() {
         return f(&loaded.tree, name);
     }
@@ -1138,17 +1149,24 @@ pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
         None
     };
     let mut last_poll = None;
+    // Progress is polled for the bar and written for `domjobinfo` run meanwhile by others
+    // (they cannot reach the daemon's monitor while this invocation holds it).
+    let poll_ms = if bar.is_some() { 200 } else { 1000 };
     while s.job_running() {
         let now = s.driver.link().now();
-        let due = last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= 200);
-        if let (Some(b), true) = (&bar, due) {
+        let due =
+            last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= poll_ms);
+        if due {
             last_poll = Some(now);
             if let Reply::Stats(Some(st)) = s.call(Request::JobStats {
                 completed: false,
                 keep_completed: true,
             })? {
-                b.set_length(st.disk_total_bytes.unwrap_or(0));
-                b.set_position(st.disk_processed_bytes.unwrap_or(0));
+                if let Some(b) = &bar {
+                    b.set_length(st.disk_total_bytes.unwrap_or(0));
+                    b.set_position(st.disk_processed_bytes.unwrap_or(0));
+                }
+                write_progress(s, &st);
             }
             continue;
         }
@@ -1171,16 +1189,38 @@ pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
     Ok(done)
 }
 
+/// Writes the running job's statistics to [`PROGRESS_FILE`], tagged with the job's start so a
+/// reader never takes an earlier job's progress for this one's. Best effort.
+fn write_progress(s: &Session, stats: &JobStats) {
+    let Some(started_ms) = s.driver.domain().view().backup.map(|b| b.started_ms) else {
+        return;
+    };
+    let doc = json!({"started_ms": started_ms, "stats": stats});
+    let _ = write_atomic(
+        s.driver.effects().store().dir(),
+        PROGRESS_FILE,
+        doc.to_string().as_bytes(),
+    );
+}
+
 fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_none() {
-        return Err(EngineError::from(RequestError::NoBackup).into());
-    }
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::BackupGetXml);
-    s.close()?;
-    let Reply::Backup(plan) = r? else {
-        return Err(CliError::Other("unexpected answer".into()));
+    let plan = match session::load_for_reading(store, name)? {
+        ReadAccess::Shared(shared) => match shared.journal {
+            Some(plan) => Box::new(plan),
+            None => return Err(EngineError::from(RequestError::NoBackup).into()),
+        },
+        ReadAccess::Locked(loaded) => {
+            if loaded.journal.is_none() {
+                return Err(EngineError::from(RequestError::NoBackup).into());
+            }
+            let mut s = Session::connect(*loaded)?;
+            let r = s.call(Request::BackupGetXml);
+            s.close()?;
+            let Reply::Backup(plan) = r? else {
+                return Err(CliError::Other("unexpected answer".into()));
+            };
+            plan
+        }
     };
     if json {
         println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
@@ -1229,8 +1269,53 @@ fn print_stats(stats: Option<&Value>, json: bool) {
     }
 }
 
+/// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
+/// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
+/// alone says (the status and the time elapsed).
+fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
+    if completed {
+        let stats: Option<Value> = shared
+            .snapshot
+            .file(COMPLETED_FILE)
+            .and_then(|t| serde_json::from_str(t).ok());
+        print_stats(stats.as_ref(), json);
+        return;
+    }
+    let Some(plan) = &shared.journal else {
+        print_stats(None, json);
+        return;
+    };
+    let progress = shared
+        .snapshot
+        .file(PROGRESS_FILE)
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
+    let mut stats = match progress {
+        Some(p) => p["stats"].clone(),
+        None => {
+            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
+        }
+    };
+    stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
+    print_stats(Some(&stats), json);
+}
+
+/// Milliseconds since the epoch (the clock job start times are kept in).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        ReadAccess::Shared(shared) => {
+            domjobinfo_shared(&shared, completed, json);
+            return Ok(());
+        }
+    };
     if completed {
         let path = loaded.store.dir().join(COMPLETED_FILE);
         let stats: Option<Value> = std::fs::read_to_string(path)

@@ -13,8 +13,15 @@
 //!   reconnect, so one code path serves first connect, restart and reconnect.
 //! - A journaled job always brings QEMU up (even for read-only commands) so the core can
 //!   reconcile it: a restart of vbackup never loses a job.
+//! - Locking: a command that changes a domain locks it ([`load`]) and fails at once naming the
+//!   holder, or waits up to `--wait-lock`. A read-only command ([`load_for_reading`]) locks the
+//!   domain when it is free (and then reconciles like any other); when another vbackup holds
+//!   it, that holder is the one reconciling and keeping the store current, so the reader reads
+//!   the store as it is ([`Shared`]), never waits, and neither writes nor talks to QEMU (whose
+//!   monitor the holder may be using).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -30,7 +37,9 @@ use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
 use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
 use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
-use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
+use vbackup_qemu::store::{
+    Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
+};
 
 use crate::effects::{CURRENT_FILE, StoreEffects};
 use crate::output::CliError;
@@ -74,13 +83,47 @@ impl Attachment {
     }
 }
 
+/// This invocation's locking settings, set once by `main` before any command runs.
+#[derive(Debug, Clone, Default)]
+pub struct LockSettings {
+    /// How long a command that changes a domain waits for another holder's lock (zero: fail at
+    /// once).
+    pub wait: Duration,
+    /// What this invocation does, recorded in the lock files it holds.
+    pub operation: String,
+}
+
+static LOCK_SETTINGS: OnceLock<LockSettings> = OnceLock::new();
+
+/// Sets this invocation's locking settings; only the first call counts.
+pub fn configure_locking(settings: LockSettings) {
+    let _ = LOCK_SETTINGS.set(settings);
+}
+
+fn lock_settings() -> LockSettings {
+    LOCK_SETTINGS.get().cloned().unwrap_or_default()
+}
+
 /// Opens the store under `state_dir` (or the default location).
 pub fn open_store(state_dir: Option<&Path>) -> Result<Store, CliError> {
     let root = match state_dir {
         Some(d) => d.to_owned(),
         None => vbackup_qemu::store::default_root_from_env()?,
     };
-    Ok(Store::open(root)?)
+    Ok(Store::open(root)?.with_operation(&lock_settings().operation))
+}
+
+/// Locks domain `name` for a command that changes it: at once, or within `--wait-lock`.
+pub fn lock(store: &Store, name: &str) -> Result<DomainStore, CliError> {
+    let wait = lock_settings().wait;
+    match store.lock_domain(name) {
+        Err(StoreError::Locked { domain, holder }) if !wait.is_zero() => {
+            let err = StoreError::Locked { domain, holder };
+            eprintln!("note: {err}; waiting up to {} s", wait.as_secs_f64());
+            Ok(store.lock_domain_wait(name, wait)?)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// A locked, defined domain with its metadata loaded; no QEMU yet.
@@ -100,19 +143,24 @@ pub struct Loaded {
     pub journal: Option<BackupPlan>,
 }
 
-/// Locks and loads domain `name`.
-pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
-    let ds = store.lock_domain(name)?;
-    let Some(xml) = ds.read_domain_xml()? else {
-        // Locking made the directory; an unknown name leaves nothing behind (only an empty
-        // directory is removed).
-        let _ = std::fs::remove_dir(ds.dir());
-        return Err(CliError::NoDomain(name.to_owned()));
-    };
-    let mut def = parse_domain(&xml)?;
-    let meta = std::fs::read_to_string(ds.dir().join(META_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+/// What a domain's files say, parsed: shared by locked loads and lock-free reads.
+struct Parsed {
+    def: DomainDef,
+    attachment: Attachment,
+    tree: CheckpointTree,
+    journal: Option<BackupPlan>,
+}
+
+fn parse_stored(
+    xml: &str,
+    meta: Option<&str>,
+    checkpoint_files: Vec<(String, String)>,
+    current: Option<&str>,
+    journal: Option<&str>,
+) -> Result<Parsed, CliError> {
+    let mut def = parse_domain(xml)?;
+    let meta = meta
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
         .unwrap_or(Value::Null);
     let attachment = Attachment::from_meta(&meta);
     if attachment == Attachment::Managed {
@@ -124,33 +172,112 @@ pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
         }
     }
     let mut checkpoints = Vec::new();
-    for (entry, text) in ds.load_entries(Collection::Checkpoints)? {
+    for (entry, text) in checkpoint_files {
         let cdef = CheckpointDef::parse(&text, CheckpointMode::Document)
             .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         let c = Checkpoint::from_def(&cdef)
             .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         checkpoints.push(c);
     }
-    let current = std::fs::read_to_string(ds.dir().join(CURRENT_FILE))
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty());
-    let tree = CheckpointTree::load(checkpoints, current.as_deref());
-    let journal = match ds.read_journal()? {
+    let current = current.map(str::trim).filter(|s| !s.is_empty());
+    let tree = CheckpointTree::load(checkpoints, current);
+    let journal = match journal {
         Some(text) => Some(
-            serde_json::from_str::<BackupPlan>(&text)
+            serde_json::from_str::<BackupPlan>(text)
                 .map_err(|e| CliError::Corrupt(format!("job journal: {e}")))?,
         ),
         None => None,
     };
-    Ok(Loaded {
-        store: ds,
-        xml,
+    Ok(Parsed {
         def,
         attachment,
         tree,
         journal,
     })
+}
+
+/// Locks and loads domain `name`.
+pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
+    load_locked(lock(store, name)?, name)
+}
+
+fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, CliError> {
+    let Some(xml) = ds.read_domain_xml()? else {
+        // Locking made the directory; an unknown name leaves nothing behind (only an empty
+        // directory is removed).
+        let _ = std::fs::remove_dir(ds.dir());
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let meta = std::fs::read_to_string(ds.dir().join(META_FILE)).ok();
+    let current = std::fs::read_to_string(ds.dir().join(CURRENT_FILE)).ok();
+    let journal = ds.read_journal()?;
+    let parsed = parse_stored(
+        &xml,
+        meta.as_deref(),
+        ds.load_entries(Collection::Checkpoints)?,
+        current.as_deref(),
+        journal.as_deref(),
+    )?;
+    Ok(Loaded {
+        store: ds,
+        xml,
+        def: parsed.def,
+        attachment: parsed.attachment,
+        tree: parsed.tree,
+        journal: parsed.journal,
+    })
+}
+
+/// A domain read without its lock while another vbackup holds it: what the store says now.
+/// Nothing is reconciled or written; the holder keeps the store current.
+#[derive(Debug)]
+pub struct Shared {
+    /// The files as read.
+    pub snapshot: DomainSnapshot,
+    /// The definition.
+    pub def: DomainDef,
+    /// Stored checkpoints.
+    pub tree: CheckpointTree,
+    /// The running job's journal.
+    pub journal: Option<BackupPlan>,
+}
+
+/// How a read-only command sees a domain.
+#[derive(Debug)]
+pub enum ReadAccess {
+    /// Nobody else holds the domain: this invocation locked it and may reconcile a job.
+    Locked(Box<Loaded>),
+    /// Another vbackup holds it: read the store as it is.
+    Shared(Box<Shared>),
+}
+
+/// Opens domain `name` for a read-only command: locked when free, else read without the lock
+/// (never waiting, whatever `--wait-lock` says).
+pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, CliError> {
+    match store.lock_domain(name) {
+        Ok(ds) => return Ok(ReadAccess::Locked(Box::new(load_locked(ds, name)?))),
+        Err(StoreError::Locked { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let Some(snapshot) = store.read_domain(name)? else {
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let Some(xml) = snapshot.file("domain.xml") else {
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let parsed = parse_stored(
+        xml,
+        snapshot.file(META_FILE),
+        snapshot.checkpoints.clone(),
+        snapshot.file(CURRENT_FILE),
+        snapshot.file("journal.json"),
+    )?;
+    Ok(ReadAccess::Shared(Box::new(Shared {
+        def: parsed.def,
+        tree: parsed.tree,
+        journal: parsed.journal,
+        snapshot,
+    })))
 }
 
 /// A link whose clock reads milliseconds since the Unix epoch, so times the core records (a

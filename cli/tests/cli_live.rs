@@ -431,3 +431,71 @@ fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
     again.quit().expect("quit");
     qemu.reap_exited();
 }
+
+#[test]
+fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_refused_naming_it() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    // `--wait` on a pull backup follows it (holding the domain) until the job is aborted.
+    let mut follower: Child = lab
+        .cmd(&["backup-begin", "vm", &px, "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let progress = lab.state().join("domains/vm/job-progress.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !progress.is_file() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(progress.is_file(), "the follower writes the job's progress");
+
+    let info = lab.json(&["domjobinfo", "vm", "--json"]);
+    assert_eq!(info["status"], "running");
+    assert!(info["disk_temp_total_bytes"].as_u64().is_some(), "{info}");
+    assert!(
+        lab.ok(&["backup-dumpxml", "vm"])
+            .contains("<domainbackup mode='pull'")
+    );
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c1\n");
+    assert_eq!(
+        lab.json(&["domblklist", "vm", "--json"])[0]["target"],
+        "vda"
+    );
+    assert_eq!(
+        lab.json(&["domjobinfo", "vm", "--completed", "--json"])["status"],
+        "none"
+    );
+
+    // A change is refused at once, naming the holder.
+    let started = Instant::now();
+    let err = lab.fails(&["checkpoint-create-as", "vm", "c2"]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let holder = format!("is locked by vbackup process {} (", follower.id());
+    assert!(
+        err.contains(&holder) && err.contains("backup-begin vm"),
+        "{err}"
+    );
+    // --wait-lock waits, then gives up with the same message.
+    let started = Instant::now();
+    let err = lab.fails(&["--wait-lock", "1", "checkpoint-create-as", "vm", "c2"]);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        err.contains("waiting up to 1 s") && err.contains(&holder),
+        "{err}"
+    );
+
+    follower.kill().expect("kill");
+    follower.wait().expect("reap");
+    lab.ok(&["domjobabort", "vm"]);
+    assert!(!progress.is_file(), "the progress goes with the job");
+    assert_eq!(lab.json(&["domjobinfo", "vm", "--json"])["status"], "none");
+}
