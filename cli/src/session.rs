@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::BackupPlan;
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
-use vbackup_core::domain::{DomainConfig, Reply, Request};
+use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::{DiskDef, DomainDef};
@@ -36,7 +36,7 @@ use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
 use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
-use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
+use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, RunDir, daemon_alive, format_node};
 use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
@@ -325,6 +325,24 @@ pub struct Session {
     pub attachment: Attachment,
     /// Run directory of the managed daemon.
     pub run_dir: PathBuf,
+    /// How many of the effects' events have been looked at for warnings.
+    events_reported: usize,
+}
+
+/// The warning lines for a drift between checkpoint metadata and QEMU's bitmaps.
+pub fn drift_warnings(drift: &BitmapDrift) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (checkpoint, disk) in &drift.missing {
+        lines.push(format!(
+            "warning: checkpoint '{checkpoint}': the bitmap of disk '{disk}' is missing or inconsistent in QEMU (it stopped without closing the image?); incremental backups from it are refused: take a full backup, and delete the checkpoint"
+        ));
+    }
+    for (node, bitmap) in &drift.orphans {
+        lines.push(format!(
+            "warning: node '{node}' has bitmap '{bitmap}' that no checkpoint owns"
+        ));
+    }
+    lines
 }
 
 /// Asks the QEMU at `socket` which disks it has (see `vbackup_qemu::discover` for the rule).
@@ -402,7 +420,21 @@ impl Session {
                     .filter(|d| !d.is_empty())
                     .map(QsdDisk::from_disk_def)
                     .collect::<Result<Vec<_>, _>>()?;
+                // A pid file whose process is gone: the daemon died without a clean stop
+                // (QEMU removes the file when it exits normally).
+                let dead = RunDir::new(&run_dir)
+                    .read_pid()
+                    .ok()
+                    .flatten()
+                    .filter(|pid| !daemon_alive(*pid));
                 let qsd = Qsd::connect_or_start(&run_dir, &disks, &QsdOptions::default())?;
+                if let Some(pid) = dead {
+                    eprintln!(
+                        "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
+                        store.name(),
+                        qsd.pid()
+                    );
+                }
                 let path = qsd.run_dir().qmp_socket.clone();
                 // Close the negotiated handle: the monitor serves one client at a time and the
                 // core negotiates its own session.
@@ -433,6 +465,7 @@ impl Session {
             driver,
             attachment,
             run_dir,
+            events_reported: 0,
         };
         // A restored job reconciles right after negotiation; a stats request is answered only
         // once the core knows the job's real state, so it doubles as a barrier.
@@ -445,10 +478,25 @@ impl Session {
         Ok(session)
     }
 
-    /// Submits a request and drives until it is answered.
+    /// Submits a request and drives until it is answered. Warnings about what the core found
+    /// meanwhile (a bitmap drift after connecting) go to stderr first.
     pub fn call(&mut self, request: Request) -> Result<Reply, CliError> {
-        let reply = self.driver.call(request, STEPS)?;
-        Ok(reply?)
+        let reply = self.driver.call(request, STEPS);
+        self.report_events();
+        Ok(reply??)
+    }
+
+    /// Prints a warning for each event not yet looked at that the user should know about.
+    fn report_events(&mut self) {
+        let events = &self.driver.effects().events;
+        for event in events.iter().skip(self.events_reported) {
+            if let DomainEvent::BitmapDrift(drift) = event {
+                for line in drift_warnings(drift) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        self.events_reported = events.len();
     }
 
     /// Whether a backup job is running.
@@ -458,7 +506,8 @@ impl Session {
 
     /// Ends the session: a managed daemon with no job running is stopped cleanly (bitmaps are
     /// written to the images); one with a job keeps running for the next invocation.
-    pub fn close(self) -> Result<(), CliError> {
+    pub fn close(mut self) -> Result<(), CliError> {
+        self.report_events();
         let running = self.job_running();
         let Session {
             driver,

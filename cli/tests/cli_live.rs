@@ -499,3 +499,87 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
     assert!(!progress.is_file(), "the progress goes with the job");
     assert_eq!(lab.json(&["domjobinfo", "vm", "--json"])["status"], "none");
 }
+
+#[test]
+fn a_killed_daemon_is_restarted_lost_checkpoints_are_reported_and_refused_and_a_full_backup_works()
+{
+    use vbackup_qemu::qsd::{daemon_alive, kill_pid};
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    // c1's bitmap reaches the image at the clean stop that ends this invocation; c2's is
+    // created in the daemon that will be killed, so it never does.
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 0x41, "0", "1M");
+    lab.ok(&["checkpoint-create-as", "vm", "c2"]);
+    lab.guest_write("vm", "vda", 0x42, "4M", "1M");
+    let pids = lab.daemon_pids();
+    assert_eq!(pids.len(), 1);
+    kill_pid(pids[0]).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_alive(pids[0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The next command that needs QEMU starts a new daemon, says so, and reports that both
+    // checkpoints lost their bitmaps: c1's came back inconsistent, c2's is gone.
+    let inc = lab.path("inc.qcow2");
+    let bx = lab.file("inc.xml", &push_xml(Some("c1"), "vda", &inc));
+    let err = lab.fails(&["backup-begin", "vm", &bx, "--wait"]);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("note: the qemu-storage-daemon of domain 'vm' (pid "));
+    assert!(
+        lines[0].contains(&format!("(pid {}) was gone", pids[0])),
+        "{err}"
+    );
+    assert!(lines[1].starts_with(
+        "warning: checkpoint 'c1': the bitmap of disk 'vda' is missing or inconsistent"
+    ));
+    assert!(lines[2].starts_with(
+        "warning: checkpoint 'c2': the bitmap of disk 'vda' is missing or inconsistent"
+    ));
+    assert_eq!(
+        lines[3],
+        "error: checkpoint inconsistent: missing or broken bitmap 'c1' for disk 'vda'"
+    );
+    assert!(!inc.exists(), "a refused backup creates no target");
+    let bx2 = lab.file("inc2.xml", &push_xml(Some("c2"), "vda", &inc));
+    let err = lab.fails(&["backup-begin", "vm", &bx2, "--wait"]);
+    assert!(
+        err.ends_with(
+            "error: checkpoint inconsistent: missing or broken bitmap 'c2' for disk 'vda'\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(lab.daemon_pids().len(), 1, "the new daemon keeps running");
+
+    // A full backup with a new checkpoint works and equals the disk.
+    let t = lab.snapshot("vm", "vda", "t.qcow2");
+    let full = lab.path("full.qcow2");
+    let fx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    let cx = lab.file("c3.xml", &checkpoint_xml("c3"));
+    lab.ok(&["backup-begin", "vm", &fx, &cx, "--wait"]);
+    assert!(identical(&full, &t));
+    // The lost checkpoints go (c2's bitmap is gone: metadata only), and the new chain works.
+    lab.ok(&["checkpoint-delete", "vm", "c2", "--metadata"]);
+    lab.ok(&["checkpoint-delete", "vm", "c1"]);
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c3\n");
+    lab.guest_write("vm", "vda", 0x43, "8M", "1M");
+    let t2 = lab.snapshot("vm", "vda", "t2.qcow2");
+    let bx3 = lab.file("inc3.xml", &push_xml(Some("c3"), "vda", &inc));
+    let out = lab.run(&["backup-begin", "vm", &bx3, "--wait"]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "no drift is left to report");
+    tool(
+        Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(&full)
+            .arg(&inc),
+    );
+    assert!(identical(&inc, &t2));
+    lab.ok(&["shutdown", "vm"]);
+}
