@@ -43,14 +43,16 @@ pub struct Global {
 /// Domain, checkpoint and backup commands.
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
-    /// Define a domain from a libvirt domain XML file, or NAME with --disk.
+    /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
+    /// SOCKET with the disks the running QEMU reports.
     Define {
-        /// A domain XML file, or the new domain's name when --disk is given.
+        /// A domain XML file, or the new domain's name (with --disk, or with --qmp alone).
         file_or_name: String,
         /// A disk: TARGET=PATH[,format=qcow2|raw] (repeatable).
         #[arg(long, value_name = "TARGET=PATH[,format=F]")]
         disk: Vec<String>,
-        /// Attach to this QMP socket instead of running qemu-storage-daemon.
+        /// Attach to this QMP socket instead of running qemu-storage-daemon; without --disk
+        /// (and when NAME is not a file) the disks are discovered from it.
         #[arg(long, value_name = "SOCKET")]
         qmp: Option<PathBuf>,
     },
