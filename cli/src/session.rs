@@ -329,20 +329,20 @@ pub struct Session {
     events_reported: usize,
 }
 
-/// The warning lines for a drift between checkpoint metadata and QEMU's bitmaps.
+/// The warning lines for a drift between checkpoint metadata and QEMU's bitmaps: one per
+/// checkpoint disk whose bitmap is lost. Bitmaps no checkpoint owns are not warned about: a
+/// metadata-only checkpoint deletion leaves them on purpose, and a warning on every later
+/// command would bury the ones that matter.
 pub fn drift_warnings(drift: &BitmapDrift) -> Vec<String> {
-    let mut lines = Vec::new();
-    for (checkpoint, disk) in &drift.missing {
-        lines.push(format!(
-            "warning: checkpoint '{checkpoint}': the bitmap of disk '{disk}' is missing or inconsistent in QEMU (it stopped without closing the image?); incremental backups from it are refused: take a full backup, and delete the checkpoint"
-        ));
-    }
-    for (node, bitmap) in &drift.orphans {
-        lines.push(format!(
-            "warning: node '{node}' has bitmap '{bitmap}' that no checkpoint owns"
-        ));
-    }
-    lines
+    drift
+        .missing
+        .iter()
+        .map(|(checkpoint, disk)| {
+            format!(
+                "warning: checkpoint '{checkpoint}': the bitmap of disk '{disk}' is missing or inconsistent in QEMU (it stopped without closing the image?); incremental backups from it are refused: take a full backup, and delete the checkpoint"
+            )
+        })
+        .collect()
 }
 
 /// Asks the QEMU at `socket` which disks it has (see `vbackup_qemu::discover` for the rule).
