@@ -1391,3 +1391,73 @@ fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
     }
     s.close()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(storage: StorageType, format: ImageFormat, path: Option<&str>) -> Layer {
+        Layer {
+            storage,
+            format,
+            path: path.map(str::to_owned),
+            index: None,
+            node_name: Some("discovered-node".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_defined_domain_reads_back_as_the_disks_it_was_made_from() {
+        let disks = vec![
+            DiskDef {
+                target: "vda".to_owned(),
+                device: DiskDevice::Disk,
+                bus: Some("virtio".to_owned()),
+                readonly: false,
+                transient: false,
+                layers: vec![
+                    layer(
+                        StorageType::File,
+                        ImageFormat::Qcow2,
+                        Some("/i/top's.qcow2"),
+                    ),
+                    layer(StorageType::File, ImageFormat::Qcow2, Some("/i/mid.qcow2")),
+                    layer(StorageType::Block, ImageFormat::Raw, Some("/dev/vg/base")),
+                ],
+            },
+            DiskDef {
+                target: "vdb".to_owned(),
+                device: DiskDevice::Disk,
+                bus: None,
+                readonly: true,
+                transient: false,
+                layers: vec![layer(StorageType::Network, ImageFormat::Raw, None)],
+            },
+        ];
+        let xml = domain_xml(
+            "vm<1>",
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809"),
+            &disks,
+        );
+        let def = parse_domain(&xml).unwrap();
+        assert_eq!(def.name, "vm<1>");
+        assert_eq!(
+            def.uuid.as_deref(),
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809")
+        );
+        assert_eq!(def.disks.len(), 2);
+        for (read, made) in def.disks.iter().zip(&disks) {
+            assert_eq!(read.target, made.target);
+            assert_eq!(read.readonly, made.readonly);
+            let shape = |d: &DiskDef| {
+                d.layers
+                    .iter()
+                    .map(|l| (l.storage, l.format.clone(), l.path.clone()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(shape(read), shape(made));
+            // Node names are QEMU's and never stored.
+            assert!(read.layers.iter().all(|l| l.node_name.is_none()));
+        }
+    }
+}
