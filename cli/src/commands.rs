@@ -1383,12 +1383,7 @@ fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
         return Err(e);
     }
     // Wait for the cleanup to finish so the daemon can be stopped with a clean state.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.job_running() && std::time::Instant::now() < deadline {
-        use vbackup_core::link::Link;
-        let until = s.driver.link().now().plus_ms(200);
-        s.driver.step(Some(until))?;
-    }
+    s.wait_job_end(Duration::from_secs(60))?;
     s.close()
 }
 

@@ -107,7 +107,10 @@ fn lock_settings() -> LockSettings {
 /// Opens the store under `state_dir` (or the default location).
 pub fn open_store(state_dir: Option<&Path>) -> Result<Store, CliError> {
     let root = match state_dir {
-        Some(d) => d.to_owned(),
+        // Absolute, because paths under it (the daemon's sockets) are handed to QEMU, which
+        // runs elsewhere and wants absolute socket paths.
+        Some(d) => std::path::absolute(d)
+            .map_err(CliError::io(format!("state directory '{}'", d.display())))?,
         None => vbackup_qemu::store::default_root_from_env()?,
     };
     Ok(Store::open(root)?.with_operation(&lock_settings().operation))
@@ -412,6 +415,7 @@ impl Session {
             ..
         } = loaded;
         let run_dir = store.run_dir();
+        let mut restarted = false;
         let socket = match &attachment {
             Attachment::Managed => {
                 let disks = def
@@ -429,6 +433,7 @@ impl Session {
                     .filter(|pid| !daemon_alive(*pid));
                 let qsd = Qsd::connect_or_start(&run_dir, &disks, &QsdOptions::default())?;
                 if let Some(pid) = dead {
+                    restarted = true;
                     eprintln!(
                         "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
                         store.name(),
@@ -475,7 +480,26 @@ impl Session {
                 keep_completed: true,
             })?;
         }
+        // A job journaled against a daemon that died cannot be running in the new one: its
+        // block jobs, exports and scratch nodes died with the old process. The core sees its
+        // jobs vanished; ending the backup now (it is recorded as failed) spares the user a
+        // job that looks alive until aborted.
+        if restarted && session.job_running() {
+            eprintln!("note: the backup job died with the daemon; it is ended as failed");
+            session.call(Request::AbortJob)?;
+            session.wait_job_end(Duration::from_secs(60))?;
+        }
         Ok(session)
+    }
+
+    /// Drives the session until no backup job runs or `timeout` passes.
+    pub fn wait_job_end(&mut self, timeout: Duration) -> Result<(), CliError> {
+        let deadline = Instant::now() + timeout;
+        while self.job_running() && Instant::now() < deadline {
+            let until = self.driver.link().now().plus_ms(200);
+            self.driver.step(Some(until))?;
+        }
+        Ok(())
     }
 
     /// Submits a request and drives until it is answered. Warnings about what the core found

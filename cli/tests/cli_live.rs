@@ -501,7 +501,7 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
 }
 
 #[test]
-fn a_killed_daemon_is_restarted_lost_checkpoints_are_reported_and_refused_and_a_full_backup_works()
+fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_full_backup_works()
 {
     use vbackup_qemu::qsd::{daemon_alive, kill_pid};
     let Some(lab) = Lab::new("live CLI test") else {
@@ -581,5 +581,61 @@ fn a_killed_daemon_is_restarted_lost_checkpoints_are_reported_and_refused_and_a_
             .arg(&inc),
     );
     assert!(identical(&inc, &t2));
+
+    // Killed while a job runs: the job died with it, and the next command ends it as failed.
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><incremental>c3</incremental><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    lab.ok(&["backup-begin", "vm", &px]);
+    let pid = lab.daemon_pids()[0];
+    kill_pid(pid).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = lab.run(&["domjobinfo", "vm", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the backup job died with the daemon"),
+        "{stderr}"
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["status"], "none");
+    let done = lab.json(&["domjobinfo", "vm", "--completed", "--json"]);
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["errmsg"], "job no longer known to QEMU");
+    assert!(!lab.state().join("domains/vm/journal.json").exists());
     lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn a_relative_state_directory_works_for_pull_backups() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .current_dir(lab.dir.path())
+            .args(["--state-dir", "st"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vbackup");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    // The daemon's NBD socket lives under the state directory and QEMU wants it absolute.
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    run(&["backup-begin", "vm", &px]);
+    run(&["domjobabort", "vm"]);
+    assert!(lab.daemon_pids().is_empty());
 }
