@@ -18,6 +18,9 @@ pub const CURRENT_FILE: &str = "current-checkpoint";
 pub const COMPLETED_FILE: &str = "completed-job.json";
 /// File of the checkpoint whose bitmaps are being created (empty: none).
 pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
+/// File of the running job's statistics as last polled by the invocation following it:
+/// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
+pub const PROGRESS_FILE: &str = "job-progress.json";
 
 /// Store-backed effects of one locked domain.
 #[derive(Debug)]
@@ -71,7 +74,11 @@ impl Effects for StoreEffects {
                 let json = serde_json::to_string_pretty(plan).map_err(|e| e.to_string())?;
                 self.store.write_journal(&json)
             }
-            StoreOp::DeleteBackupJournal => self.store.remove_journal().map(|_| ()),
+            StoreOp::DeleteBackupJournal => {
+                // Best effort: a stale progress file is ignored once its job's journal is gone.
+                let _ = fs::remove_file(self.store.dir().join(PROGRESS_FILE));
+                self.store.remove_journal().map(|_| ())
+            }
             StoreOp::SetPendingCheckpoint(pending) => write_atomic(
                 self.store.dir(),
                 PENDING_CHECKPOINT_FILE,
