@@ -939,3 +939,36 @@ fn restart_while_targets_are_created_rolls_back_what_the_journal_names() {
     );
     assert_eq!(r.store.last(), Some(&StoreOp::DeleteBackupJournal));
 }
+
+#[test]
+fn refused_cleanup_is_checked_and_tried_again_until_gone() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+    begin(&mut h, push(Some("c1")), None);
+    h.peer.fail_next("job-dismiss", "simulated refusal");
+    h.peer
+        .fail_next("block-dirty-bitmap-remove", "simulated refusal");
+    finish_all(&mut h);
+    // Both refusals were checked: the job and the bitmap are still there, so the backup
+    // waits for the next try instead of ending with them left behind.
+    assert!(h.domain.view().backup.is_some());
+    assert_eq!(h.peer.jobs.len(), 1);
+    for _ in 0..4 {
+        let Some(due) = h.domain.next_deadline() else {
+            break;
+        };
+        h.now_ms = due.as_ms();
+        h.feed(Input::Tick);
+    }
+    assert!(h.domain.view().backup.is_none());
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "backup-vda"));
+    assert!(!h.peer.has_bitmap("libvirt-1-format", "backup-vdb"));
+    assert_eq!(
+        h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+        nodes_before
+    );
+    let transcript = h.transcript();
+    assert!(transcript.contains("<- error: simulated refusal\n-> query-jobs"));
+}

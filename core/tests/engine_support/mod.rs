@@ -525,6 +525,23 @@ impl Peer {
                 }
                 (ok, events)
             }
+            "block-export-del" => {
+                let id = s("id");
+                if self.exports.remove(&id) {
+                    (ok, vec![ev("BLOCK_EXPORT_DELETED", json!({"id": id}))])
+                } else {
+                    (Err(err(format!("Export '{id}' is not found"))), vec![])
+                }
+            }
+            "query-block-exports" => (
+                Ok(Value::Array(
+                    self.exports
+                        .iter()
+                        .map(|id| json!({"id": id, "type": "nbd", "node-name": "", "shutting-down": false}))
+                        .collect(),
+                )),
+                vec![],
+            ),
             "object-add" | "object-del" => (ok, vec![]),
             other => (
                 Err(QmpError::generic(format!(
