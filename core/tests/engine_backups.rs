@@ -972,3 +972,43 @@ fn refused_cleanup_is_checked_and_tried_again_until_gone() {
     let transcript = h.transcript();
     assert!(transcript.contains("<- error: simulated refusal\n-> query-jobs"));
 }
+
+#[test]
+fn cleanup_interrupted_by_a_lost_connection_resumes_after_reconnecting() {
+    use std::collections::VecDeque;
+    let mut h = lab_with_checkpoints(&[]);
+    let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+    begin(&mut h, push(None), None);
+    // vda's job ends; the connection drops right after QEMU ran the job's dismissal, before
+    // its reply, with the target's nodes still to delete.
+    let mut queue: VecDeque<Input> = h
+        .peer
+        .finish_job("backup-vda-libvirt-2-format", None)
+        .into_iter()
+        .map(Input::Event)
+        .collect();
+    let t = Timestamp::from_ms(h.now_ms);
+    'drive: while let Some(input) = queue.pop_front() {
+        for o in h.domain.handle(t, input) {
+            if let Output::Send(id, cmd) = o {
+                let (result, events) = h.peer.execute(&cmd);
+                if cmd.name() == "job-dismiss" {
+                    break 'drive;
+                }
+                queue.push_back(Input::Reply(id, result));
+                queue.extend(events.into_iter().map(Input::Event));
+            }
+        }
+    }
+    assert!(h.peer.nodes.contains_key("libvirt-3-format"));
+    h.feed(Input::LinkDown);
+    h.feed(Input::Reconnected);
+    let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
+    h.events(ev);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
+    assert_eq!(
+        h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+        nodes_before
+    );
+}

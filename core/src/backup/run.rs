@@ -211,6 +211,26 @@ impl Gone {
     }
 }
 
+/// Whether a step is cleanup that must survive a lost connection, as the step to run again.
+fn surviving_cleanup(step: Step) -> Option<Step> {
+    match step {
+        Step::Cmd {
+            command,
+            effect: effect @ (Effect::BestEffort | Effect::Retry(_)),
+        } if Gone::of(&command).is_some() || matches!(command, QmpCommand::ObjectDel(_)) => {
+            Some(Step::Cmd { command, effect })
+        }
+        Step::Cmd {
+            effect: Effect::Verify { command, attempt },
+            ..
+        } => Some(Step::Cmd {
+            command: *command,
+            effect: Effect::Retry(attempt),
+        }),
+        _ => None,
+    }
+}
+
 impl BackupRun {
     /// The plan, with every default filled in.
     pub(crate) fn plan(&self) -> &BackupPlan {
@@ -1357,7 +1377,23 @@ impl BackupRun {
 
     /// The QMP session is gone.
     pub(crate) fn on_link_down(mut self, _core: &mut Core, _ctx: &mut Ctx<'_>) -> Self {
-        self.steps.clear();
+        // Cleanup still owed (including the command whose reply was lost, and refused ones
+        // waiting for another try) runs again after the reconnection; the rest is decided
+        // again from QEMU's jobs then.
+        let mut kept: VecDeque<Step> = VecDeque::new();
+        if self.step_busy {
+            kept.extend(self.in_flight.take().and_then(surviving_cleanup));
+        }
+        kept.extend(self.steps.drain(..).filter_map(surviving_cleanup));
+        kept.extend(
+            self.retries
+                .drain(..)
+                .map(|(_, command, attempt)| Step::Cmd {
+                    command,
+                    effect: Effect::Retry(attempt),
+                }),
+        );
+        self.steps = kept;
         self.in_flight = None;
         self.step_busy = false;
         self.current = None;
