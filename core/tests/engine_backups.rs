@@ -1012,3 +1012,20 @@ fn cleanup_interrupted_by_a_lost_connection_resumes_after_reconnecting() {
         nodes_before
     );
 }
+
+#[test]
+fn refused_job_query_after_reconnecting_is_asked_again() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.feed(Input::LinkDown);
+    finish_all_silently(&mut h);
+    h.peer.fail_next("query-jobs", "simulated refusal");
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().backup.is_some());
+    let due = h.domain.next_deadline().expect("the query is asked again");
+    h.now_ms = due.as_ms();
+    h.feed(Input::Tick);
+    assert!(h.domain.view().backup.is_none());
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
+}

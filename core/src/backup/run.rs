@@ -155,6 +155,10 @@ pub(crate) struct BackupRun {
     in_flight: Option<Step>,
     /// Refused cleanup commands waiting for their next try: when, the command, tries so far.
     retries: Vec<(Timestamp, QmpCommand, u32)>,
+    /// The reconnection's `query-jobs` failed: when to ask again.
+    poll_due: Option<Timestamp>,
+    /// Failed `query-jobs` of this reconnection so far.
+    poll_attempts: u32,
 }
 
 /// What a refused cleanup command was meant to make disappear, and how to check.
@@ -296,6 +300,8 @@ impl BackupRun {
             spec: None,
             in_flight: None,
             retries: Vec::new(),
+            poll_due: None,
+            poll_attempts: 0,
         }
     }
 
@@ -373,6 +379,8 @@ impl BackupRun {
             spec: Some(spec),
             in_flight: None,
             retries: Vec::new(),
+            poll_due: None,
+            poll_attempts: 0,
         })
     }
 
@@ -1035,7 +1043,15 @@ impl BackupRun {
             }
             BackupTag::Poll => match result.ok().and_then(|v| parse_jobs(&v).ok()) {
                 Some(jobs) => self.reconcile(core, ctx, &jobs),
-                None => Some(self),
+                None => {
+                    // Without QEMU's jobs nothing can be decided: ask again later.
+                    if self.phase == Phase::Reconciling {
+                        let delay = crate::domain::retry_delay_ms(self.poll_attempts);
+                        self.poll_due = Some(ctx.now.plus_ms(delay));
+                        self.poll_attempts = self.poll_attempts.saturating_add(1);
+                    }
+                    Some(self)
+                }
             },
             BackupTag::Stats(req) => {
                 if let Ok(jobs) = result
@@ -1395,6 +1411,7 @@ impl BackupRun {
         );
         self.steps = kept;
         self.in_flight = None;
+        self.poll_due = None;
         self.step_busy = false;
         self.current = None;
         self.waiting_create_job = None;
@@ -1407,6 +1424,8 @@ impl BackupRun {
     /// A new QMP session is negotiated: find out what became of the jobs.
     pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         self.phase = Phase::Reconciling;
+        self.poll_due = None;
+        self.poll_attempts = 0;
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
     }
@@ -1417,12 +1436,20 @@ impl BackupRun {
             .map(|t| t.plus_ms(timeout_ms))
             .into_iter()
             .chain(self.retries.iter().map(|(due, _, _)| *due))
+            .chain(self.poll_due)
             .min()
     }
 
     /// A deadline passed: refused cleanup comes due, or the current non-command wait took too
     /// long (then the start is given up).
     pub(crate) fn on_timeout(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        if self.poll_due.is_some_and(|due| due <= ctx.now) {
+            self.poll_due = None;
+            if self.phase == Phase::Reconciling {
+                ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
+            }
+            return Some(self);
+        }
         if self.retries.iter().any(|(due, _, _)| *due <= ctx.now) {
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
                 .into_iter()
