@@ -90,6 +90,21 @@ fn spec<H: Host>(h: &mut H, mode: BackupMode, incremental: Option<&str>, dir: &s
     spec
 }
 
+/// The request to back up both lab disks into `dir` (a lab path), creating `checkpoint`.
+fn backup<H: Host>(
+    h: &mut H,
+    mode: BackupMode,
+    incremental: Option<&str>,
+    dir: &str,
+    checkpoint: Option<&str>,
+) -> Request {
+    Request::BackupBegin {
+        spec: spec(h, mode, incremental, dir),
+        checkpoint: checkpoint.map(lab_checkpoint),
+        reuse_external: false,
+    }
+}
+
 /// The image a backup into `dir` (a lab path) wrote for `disk`, placed on the host.
 fn image<H: Host>(h: &mut H, dir: &str, disk: &str) -> String {
     h.place(&format!("{dir}/{disk}.qcow2"))
@@ -253,11 +268,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/full"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/full", Some("c1")),
     )?;
     // Writes while the jobs copy must not reach the backup.
     scribble(h, 2)?;
@@ -273,11 +284,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     let at_inc = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, Some("c1"), "/backup/inc"),
-            checkpoint: Some(lab_checkpoint("c2")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, Some("c1"), "/backup/inc", Some("c2")),
     )?;
     scribble(h, 4)?;
     if finish(d, events)? != JobStatus::Completed {
@@ -301,11 +308,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Pull, None, "/scratch/full"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Pull, None, "/scratch/full", Some("c1")),
     )?;
     scribble(h, 6)?;
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -319,11 +322,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     let at_inc = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Pull, Some("c1"), "/scratch/inc"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Pull, Some("c1"), "/scratch/inc", None),
     )?;
     scribble(h, 8)?;
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -354,11 +353,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
     h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/aborted"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/aborted", None),
     )?;
     h.slow_jobs(None)?;
     call(d, Request::AbortJob)?;
@@ -376,11 +371,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
     }
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-abort"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-abort", None),
     )?;
     match finish(d, events)? {
         JobStatus::Completed => Ok(()),
@@ -415,14 +406,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
     }
     // Slowed, so that the fault is in place before the job writes on any host.
     h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
-    call(
-        d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/eio"),
-            checkpoint: None,
-            reuse_external: false,
-        },
-    )?;
+    call(d, backup(h, BackupMode::Push, None, "/backup/eio", None))?;
     h.slow_jobs(None)?;
     let target = d
         .domain()
@@ -444,11 +428,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
     }
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-eio"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-eio", Some("c1")),
     )?;
     match finish(d, events)? {
         JobStatus::Completed => {}
@@ -489,11 +469,7 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
     h.slow_jobs(Some(RESTART_JOB_BYTES_PER_S))?;
     call(
         &mut d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/restart"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/restart", Some("c1")),
     )?;
     h.slow_jobs(None)?;
     let def = d.domain().view().def.clone();
@@ -533,11 +509,13 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
 ) -> Result<(), String> {
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/before-crash"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(
+            h,
+            BackupMode::Push,
+            None,
+            "/backup/before-crash",
+            Some("c1"),
+        ),
     )?;
     if finish(d, events)? != JobStatus::Completed {
         return Err("the backup before the crash did not complete".into());
@@ -550,11 +528,13 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     scribble(h, 10)?;
     let refused = d
         .call(
-            Request::BackupBegin {
-                spec: spec(h, BackupMode::Push, Some("c1"), "/backup/after-crash-inc"),
-                checkpoint: None,
-                reuse_external: false,
-            },
+            backup(
+                h,
+                BackupMode::Push,
+                Some("c1"),
+                "/backup/after-crash-inc",
+                None,
+            ),
             STEPS,
         )
         .map_err(|e| format!("driver stopped: {e}"))?;
@@ -570,11 +550,7 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-crash"),
-            checkpoint: Some(lab_checkpoint("c2")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-crash", Some("c2")),
     )?;
     if finish(d, events)? != JobStatus::Completed {
         return Err("the full backup after the crash did not complete".into());
