@@ -479,6 +479,38 @@ pub fn store_extents(
     target: &Path,
     parent: Option<&Path>,
 ) -> Result<StoreReport, ImageError> {
+    store_extents_observed(source, ranges, target, parent, &mut |_| {})
+}
+
+/// An [`ExtentSink`] passing what it is given on, and counting it for an observer.
+struct ObservedSink<'s, 'o> {
+    inner: &'s mut dyn ExtentSink,
+    observer: &'o mut dyn FnMut(u64),
+}
+
+impl ExtentSink for ObservedSink<'_, '_> {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_data(offset, data)?;
+        (self.observer)(data.len() as u64);
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, length)?;
+        (self.observer)(length);
+        Ok(())
+    }
+}
+
+/// [`store_extents`], calling `progress` with the bytes of each piece written (data or zero
+/// run), so the bytes reported add up to the ranges' total length (for progress bars).
+pub fn store_extents_observed(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    target: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StoreReport, ImageError> {
     if target.exists() {
         return Err(ImageError::TargetExists(target.to_owned()));
     }
@@ -493,7 +525,14 @@ pub fn store_extents(
         let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
         let mut writer = export.connect(&[])?;
         let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
-        let copy = copy::copy_ranges(source, ranges, &mut sink)?;
+        let copy = copy::copy_ranges(
+            source,
+            ranges,
+            &mut ObservedSink {
+                inner: &mut sink,
+                observer: progress,
+            },
+        )?;
         let data_bytes = sink.data_bytes;
         writer.flush()?;
         writer.disconnect()?;
@@ -607,6 +646,15 @@ pub enum CatalogueIoError {
     /// The stored records do not form a valid catalogue.
     #[error(transparent)]
     Catalogue(#[from] vbackup_core::catalogue::CatalogueError),
+    /// Deleting a checkpoint a deleted backup released failed (or no engine session was
+    /// given to carry it out); the backups' records are untouched.
+    #[error("cannot delete checkpoint '{name}': {reason}")]
+    Checkpoint {
+        /// The checkpoint.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Loads a domain's catalogue: every `backups/<uuid>.xml` record and the default target.
@@ -635,15 +683,34 @@ pub fn load_catalogue(
 
 /// Carries out catalogue operations in order: rebases images, writes and deletes records
 /// atomically through the store, removes image files (a file already gone is not an error,
-/// so an interrupted deletion can be repeated), and records the default target.
+/// so an interrupted deletion can be repeated), and records the default target. Checkpoint
+/// deletions need the engine: they are refused here (see [`apply_ops_with`]).
 pub fn apply_ops(
     store: &crate::store::DomainStore,
     ops: &[vbackup_core::catalogue::CatalogueOp],
+) -> Result<(), CatalogueIoError> {
+    apply_ops_with(store, ops, &mut |_| {
+        Err("checkpoint deletions go through the engine's session".into())
+    })
+}
+
+/// [`apply_ops`], with checkpoint deletions handed to `delete_checkpoint` (which must treat a
+/// checkpoint already gone as deleted). The first failure stops the sequence.
+pub fn apply_ops_with(
+    store: &crate::store::DomainStore,
+    ops: &[vbackup_core::catalogue::CatalogueOp],
+    delete_checkpoint: &mut dyn FnMut(&str) -> Result<(), String>,
 ) -> Result<(), CatalogueIoError> {
     use crate::store::Collection;
     use vbackup_core::catalogue::CatalogueOp;
     for op in ops {
         match op {
+            CatalogueOp::DeleteCheckpoint { name } => {
+                delete_checkpoint(name).map_err(|reason| CatalogueIoError::Checkpoint {
+                    name: name.clone(),
+                    reason,
+                })?;
+            }
             CatalogueOp::RebaseImage { path, backing } => {
                 rebase(Path::new(path), backing.as_deref().map(Path::new))?;
             }
