@@ -1,7 +1,12 @@
 //! Conformance scenarios, written once against any [`Link`] and [`Effects`]: the same code runs
-//! on the simulator (tests in `sim/tests/conformance.rs`) and can run against
-//! qemu-storage-daemon through the live adapter, with a [`Host`] for what a scenario does outside
-//! QMP (guest writes, reading images and exports, injecting an I/O error).
+//! on the simulator (`sim/tests/conformance.rs`) and against qemu-storage-daemon through the
+//! live adapter (`qemu-adapter/tests/conformance_live.rs`), with a [`Host`] for what a scenario
+//! does outside QMP (guest writes, reading images and exports, slowing jobs, injecting an I/O
+//! error, crashing QEMU).
+//!
+//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental; pull
+//! full then incremental with guest writes during each pull; abort of a slowed push; a push
+//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint.
 //!
 //! Contract: every scenario starts from a connected driver on the lab domain
 //! ([`crate::world::lab_domain`]: `vda` with one layer, `vdb` an overlay over a base image)
@@ -15,13 +20,12 @@
 
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
+use vbackup_core::backup::{BackupSpec, NbdTransport};
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
 use vbackup_core::error::{Error, RequestError};
 use vbackup_core::link::Link;
-
-use vbackup_core::backup::{BackupSpec, NbdTransport};
 
 use crate::world::{lab_backup, lab_checkpoint, stored_state};
 
@@ -60,7 +64,8 @@ pub trait Host {
         true
     }
     /// Limits the copy rate of backup jobs started from now on to `bytes_per_s` (`None` lifts
-    /// the limit), as QEMU's job `speed` does.
+    /// the limit), as QEMU's job `speed` does. (The simulator has one copy rate for all jobs,
+    /// so there the limit also reaches running ones; scenarios lift it right after a start.)
     fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String>;
     /// Where the lab path `lab_path` (a backup directory) lives on this host.
     fn place(&mut self, lab_path: &str) -> String {
