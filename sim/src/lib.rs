@@ -42,6 +42,7 @@ mod guest;
 mod image;
 mod job;
 mod link;
+pub mod managed;
 mod nbd;
 mod node;
 mod persist;
