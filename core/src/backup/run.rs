@@ -939,6 +939,11 @@ impl BackupRun {
                     effect: Effect::BestEffort | Effect::Retry(_),
                     ..
                 } => kept.push(step),
+                // A refused cleanup command being checked: try it again instead.
+                Step::Cmd {
+                    effect: Effect::Verify { .. },
+                    ..
+                } => kept.extend(surviving_cleanup(step)),
                 _ => break,
             }
         }
@@ -1412,6 +1417,7 @@ impl BackupRun {
         self.steps = kept;
         self.in_flight = None;
         self.poll_due = None;
+        self.waiting_since = None;
         self.step_busy = false;
         self.current = None;
         self.waiting_create_job = None;
@@ -1480,6 +1486,8 @@ impl BackupRun {
         } else if let Some((_, path)) = self.waiting_file.take() {
             format!("creating '{path}' was never confirmed")
         } else {
+            // Nothing waits any more: the deadline must not fire again.
+            self.waiting_since = None;
             return Some(self);
         };
         self.waiting_since = None;
