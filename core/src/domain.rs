@@ -761,6 +761,7 @@ impl Domain {
         {
             // Another operation talks to QEMU now; the pass must not race it.
             rec.due = Some(ctx.now.plus_ms(retry_delay_ms(rec.attempt)));
+            rec.attempt = rec.attempt.saturating_add(1);
             return;
         }
         rec.active = true;
