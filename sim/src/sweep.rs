@@ -2,10 +2,10 @@
 //! writes, checkpoints created and deleted, push backups full and incremental, pull backups
 //! read and aborted, QEMU crashes and restarts. The checker: every push backup that the core
 //! reports complete restores, through the chain of backups it is incremental to, to exactly the
-//! disk at its point in time; a pull export reads the disk at the backup's start. A failure
-//! names its seed and step; `SIM_SEED=<seed>` with the sweep reproduces it. After the steps,
-//! faults stop and every job must end with nothing left behind in QEMU (no job, no node, no
-//! temporary bitmap, no export).
+//! disk at its point in time; a pull export reads the disk at the backup's start; no disk is
+//! in two block jobs. A failure names its seed and step; `SIM_SEED=<seed>` with the sweep
+//! reproduces it. After the steps, faults stop and every job must end with nothing left behind
+//! in QEMU (no job, no node, no temporary bitmap, no export).
 
 use std::collections::BTreeMap;
 
@@ -423,6 +423,7 @@ impl World {
             Err(e) => return Err(format!("driver: {e}")),
         }
         self.settle()?;
+        self.check_one_job_per_disk()?;
         // An injected fault is about the job it was aimed at; node names are reused later.
         if self.d.domain().view().backup.is_none() {
             self.d.link().qemu_mut().clear_faults();
@@ -492,6 +493,22 @@ impl World {
             error: crate::errors::QmpError::generic("injected refusal"),
         });
         self.report.faults += 1;
+    }
+
+    /// No disk is the source of two block jobs at once.
+    fn check_one_job_per_disk(&self) -> Result<(), String> {
+        let q = self.d.link().qemu();
+        let mut sources: Vec<&str> =
+            q.st.jobs
+                .values()
+                .filter(|j| !matches!(j.status, crate::job::JobStatus::Concluded))
+                .filter_map(|j| j.backup().map(|b| b.source.as_str()))
+                .collect();
+        sources.sort_unstable();
+        match sources.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => Err(format!("disk node {} is in two block jobs", w[0])),
+            None => Ok(()),
+        }
     }
 
     /// After every job ended: nothing the backups made is left in QEMU.
