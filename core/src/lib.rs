@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod backup;
+pub mod catalogue;
 pub mod chain;
 pub mod checkpoint;
 pub mod domain;

@@ -363,3 +363,42 @@ fn redefine_requires_name_and_creation_time_even_for_built_definitions() {
     assert_eq!(err.kind, XmlErrorKind::Invalid);
     assert!(err.message.contains("creationTime"));
 }
+
+/// Thousands of disks: parsing, alignment and formatting stay linear (a quadratic step would
+/// make this test take minutes instead of a fraction of a second).
+#[test]
+fn documents_with_thousands_of_disks_parse_align_and_format() {
+    let n = 1500;
+    let mut domain_xml = String::from("<domain type='kvm'>\n  <name>big</name>\n  <devices>\n");
+    let mut backup_xml = String::from("<domainbackup mode='push'>\n  <disks>\n");
+    let mut checkpoint_xml = String::from("<domaincheckpoint>\n  <name>c</name>\n  <disks>\n");
+    for i in 0..n {
+        domain_xml.push_str(&format!(
+            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='/i/vd{i}.qcow2'/><target dev='vd{i}'/></disk>\n"
+        ));
+        backup_xml.push_str(&format!("    <disk name='vd{i}' type='file'/>\n"));
+        checkpoint_xml.push_str(&format!("    <disk name='/i/vd{i}.qcow2'/>\n"));
+    }
+    domain_xml.push_str("  </devices>\n</domain>\n");
+    backup_xml.push_str("  </disks>\n</domainbackup>\n");
+    checkpoint_xml.push_str("  </disks>\n</domaincheckpoint>\n");
+
+    let dom = parse_domain(&domain_xml).unwrap();
+    assert_eq!(dom.disks.len(), n);
+    let aligned = align_backup(&backup(&backup_xml), &dom, "s").unwrap();
+    assert_eq!(aligned.disks.len(), n);
+    let last = aligned.disks[n - 1].backup.as_ref().unwrap();
+    assert_eq!(
+        last.store.as_ref().map(|s| s.path.as_str()),
+        Some(format!("/i/vd{}.qcow2.s", n - 1).as_str())
+    );
+    assert_eq!(BackupDef::parse(&aligned.format()).unwrap(), aligned);
+    let aligned = align_checkpoint(&checkpoint(&checkpoint_xml), &dom).unwrap();
+    assert!(
+        aligned
+            .disks
+            .iter()
+            .all(|d| d.bitmap.as_deref() == Some("c"))
+    );
+}

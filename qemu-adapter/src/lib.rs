@@ -11,11 +11,15 @@
 //! - [`qsd`]: starting, reconnecting to and stopping qemu-storage-daemon for managed domains.
 //! - [`store`]: the state directory (domains, checkpoints, backups, journal) and its locks.
 //! - [`nbd`]: the NBD client for pull-mode exports.
+//! - [`images`]: backup images (overlays, extent writes through NBD, chains, digests).
+//! - [`restore`]: restoring a backup chain into new images or over existing disks.
 //! - [`live`]: the harness for tests against real qemu-storage-daemon.
 
+pub mod images;
 pub mod live;
 pub mod nbd;
 pub mod qmp_socket;
 pub mod qsd;
 pub mod recorder;
+pub mod restore;
 pub mod store;

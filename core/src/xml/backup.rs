@@ -259,7 +259,7 @@ impl BackupDef {
         if let Err(violations) = schema::validate(&doc, Grammar::Backup) {
             return Err(schema_error(violations));
         }
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         read_backup(&ctx, doc.root_element())
     }
 

@@ -95,7 +95,7 @@ impl CheckpointDef {
         if let Err(violations) = schema::validate(&doc, Grammar::Checkpoint) {
             return Err(schema_error(violations));
         }
-        let ctx = Ctx { doc: &doc };
+        let ctx = Ctx::new(&doc);
         read_checkpoint(&ctx, text, doc.root_element(), mode)
     }
 
@@ -283,7 +283,8 @@ pub(crate) fn read_checkpoint(
     Ok(def)
 }
 
-fn is_disk_target(name: &str) -> bool {
+/// A backup or checkpoint disk name of libvirt's `diskTarget` form (`vda`, `sdb`, `xvda1`...).
+pub fn is_valid_disk_target(name: &str) -> bool {
     let rest = name.strip_prefix("ioemu:").unwrap_or(name);
     ["xvd", "ubd", "fd", "hd", "sd", "vd"]
         .iter()
@@ -296,17 +297,12 @@ fn is_disk_target(name: &str) -> bool {
         })
 }
 
-/// A backup or checkpoint disk name of libvirt's `diskTarget` form (`vda`, `sdb`, `xvda1`...).
-pub fn is_valid_disk_target(name: &str) -> bool {
-    is_disk_target(name)
-}
-
 fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlError> {
     ctx.check_empty(node, &["name", "checkpoint", "bitmap", "size"])?;
     let name = node
         .attribute("name")
         .ok_or_else(|| ctx.schema(node, "missing required attribute 'name'"))?;
-    if !is_disk_target(name) && !super::document::is_absolute_path(name) {
+    if !is_valid_disk_target(name) && !super::document::is_absolute_path(name) {
         return Err(ctx.schema(
             node,
             format!("disk name '{name}' is neither a disk target nor an absolute path"),

@@ -3,6 +3,7 @@
 
 use super::error::{Origin, Position, XmlError, XmlErrorKind};
 use roxmltree::{Document, Node};
+use std::cell::Cell;
 
 /// Largest accepted document, in bytes.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -171,12 +172,48 @@ pub fn element_path(node: Node<'_, '_>) -> String {
 pub struct Ctx<'a, 'input> {
     /// The document being read.
     pub doc: &'a Document<'input>,
+    /// The last position computed (byte offset, line, column). Parsers ask for positions in
+    /// document order, so continuing from here keeps the cost linear in the document size.
+    cursor: Cell<(usize, u32, u32)>,
 }
 
 /// Shorthand for a node of the document being read.
 pub type N<'a, 'input> = Node<'a, 'input>;
 
 impl<'a, 'input> Ctx<'a, 'input> {
+    /// A context for reading `doc`.
+    pub fn new(doc: &'a Document<'input>) -> Self {
+        Self {
+            doc,
+            cursor: Cell::new((0, 1, 1)),
+        }
+    }
+
+    /// Line and column of a byte offset, counted as roxmltree counts them (lines end at `\n`,
+    /// columns count characters).
+    fn position_at(&self, byte: usize) -> Position {
+        let text = self.doc.input_text();
+        let byte = byte.min(text.len());
+        let (mut at, mut line, mut column) = self.cursor.get();
+        if byte < at || !text.is_char_boundary(byte) {
+            (at, line, column) = (0, 1, 1);
+        }
+        for c in text[at..].chars() {
+            if at >= byte {
+                break;
+            }
+            if c == '\n' {
+                line += 1;
+                column = 1;
+            } else {
+                column += 1;
+            }
+            at += c.len_utf8();
+        }
+        self.cursor.set((at, line, column));
+        Position { line, column }
+    }
+
     /// An error of `kind` about `node`.
     pub fn err(
         &self,
@@ -194,7 +231,7 @@ impl<'a, 'input> Ctx<'a, 'input> {
 
     /// Where `node` starts.
     pub fn origin(&self, node: N<'a, 'input>) -> Origin {
-        origin(self.doc, node)
+        Origin(Some(self.position_at(node.range().start)))
     }
 
     /// Rejects any attribute of `node` not in `allowed`.
@@ -351,6 +388,24 @@ mod tests {
         let err = load(&text).unwrap_err();
         assert_eq!(err.kind, XmlErrorKind::Limit);
         assert!(err.path.starts_with("/a/a/a"));
+    }
+
+    #[test]
+    fn incremental_positions_match_roxmltree_in_any_order() {
+        let text = "<a>\n  <b x='é'/>\n\t<c>\n<d/></c>\n</a>";
+        let doc = load(text).unwrap();
+        let ctx = Ctx::new(&doc);
+        let nodes: Vec<_> = doc.descendants().filter(|n| n.is_element()).collect();
+        for node in nodes.iter().chain(nodes.iter().rev()) {
+            let expected = doc.text_pos_at(node.range().start);
+            assert_eq!(
+                ctx.origin(*node).0,
+                Some(Position {
+                    line: expected.row,
+                    column: expected.col
+                })
+            );
+        }
     }
 
     #[test]

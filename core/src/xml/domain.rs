@@ -15,7 +15,7 @@ pub const MAX_BACKING_CHAIN: usize = 200;
 /// Parses a `<domain>` document.
 pub fn parse_domain(text: &str) -> Result<DomainDef, XmlError> {
     let doc = load(text)?;
-    let ctx = Ctx { doc: &doc };
+    let ctx = Ctx::new(&doc);
     read_domain(&ctx, doc.root_element())
 }
 

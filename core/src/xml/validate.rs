@@ -39,7 +39,7 @@ pub fn validate_document(text: &str) -> Result<DocumentKind, Vec<XmlError>> {
         "domainbackup" => (DocumentKind::Backup, Some(Grammar::Backup)),
         "domain" => (DocumentKind::Domain, None),
         other => {
-            let ctx = super::document::Ctx { doc: &doc };
+            let ctx = super::document::Ctx::new(&doc);
             return Err(vec![ctx.schema(
                 root,
                 format!(
@@ -97,14 +97,14 @@ mod tests {
                 CheckpointMode::Document
             };
             let rejected = load(&text).and_then(|doc| {
-                let ctx = Ctx { doc: &doc };
+                let ctx = Ctx::new(&doc);
                 checkpoint::read_checkpoint(&ctx, &text, doc.root_element(), mode).map(drop)
             });
             assert!(rejected.is_err(), "checkpoint/invalid/{name} accepted");
         }
         for (name, text) in invalid_files("backup") {
             let rejected = load(&text).and_then(|doc| {
-                let ctx = Ctx { doc: &doc };
+                let ctx = Ctx::new(&doc);
                 backup::read_backup(&ctx, doc.root_element()).map(drop)
             });
             assert!(rejected.is_err(), "backup/invalid/{name} accepted");

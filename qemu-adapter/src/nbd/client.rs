@@ -118,6 +118,7 @@ pub struct Transmission {
     size: u64,
     read_only: bool,
     can_flush: bool,
+    can_write_zeroes: bool,
     structured: bool,
     context_ids: Vec<u32>,
     max_request: u32,
@@ -138,6 +139,7 @@ impl Transmission {
             size: info.size,
             read_only: info.read_only(),
             can_flush: info.can_flush(),
+            can_write_zeroes: info.transmission_flags & proto::tflag::SEND_WRITE_ZEROES != 0,
             structured: info.structured_replies,
             context_ids: info.contexts.iter().map(|c| c.id).collect(),
             max_request: info.max_request_bytes(),
@@ -227,6 +229,26 @@ impl Transmission {
         // `check` bounded the length by `max_request`, a u32.
         proto::put_request(out, 0, cmd::WRITE, cookie, offset, data.len() as u32);
         out.extend_from_slice(data);
+        Ok(Cookie(cookie))
+    }
+
+    /// Queues `NBD_CMD_WRITE_ZEROES` (the range may become a hole; it reads as zeroes).
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<Cookie, RequestError> {
+        if self.read_only {
+            return Err(RequestError::ReadOnly);
+        }
+        if !self.can_write_zeroes {
+            return Err(RequestError::Unsupported("write zeroes"));
+        }
+        // No payload travels, so only the range is checked, not the request size limit.
+        self.check_range(offset, u64::from(length))?;
+        let cookie = self.register(Kind::Write);
+        proto::put_request(out, 0, cmd::WRITE_ZEROES, cookie, offset, length);
         Ok(Cookie(cookie))
     }
 
@@ -999,6 +1021,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn write_zeroes_sends_no_payload_and_needs_the_export_flag() {
+        let mut with = info(false);
+        with.transmission_flags |= proto::tflag::SEND_WRITE_ZEROES;
+        let mut t = Transmission::new(&with, 4);
+        let mut out = Vec::new();
+        let c = t.write_zeroes(512, 1 << 19, &mut out).unwrap();
+        assert_eq!(out.len(), proto::REQUEST_LEN);
+        assert_eq!(be16(&out, 6), cmd::WRITE_ZEROES);
+        assert_eq!(be32(&out, 24), 1 << 19);
+        assert_eq!(
+            decode_all(&mut t, &simple(0, c.0), 4),
+            vec![Owned::Done(c.0, Ok(()))]
+        );
+
+        let mut without = Transmission::new(&info(false), 4);
+        assert_eq!(
+            without.write_zeroes(0, 1, &mut out),
+            Err(RequestError::Unsupported("write zeroes"))
+        );
+    }
+
+    #[test]
     fn window_bounds_requests_in_flight() {
         let mut t = Transmission::new(&info(true), 2);
         let mut out = Vec::new();
@@ -1025,6 +1069,7 @@ pub(crate) mod tests {
             Err(RequestError::OutOfRange { .. })
         ));
         assert_eq!(t.write(0, b"x", &mut out), Err(RequestError::ReadOnly));
+        assert_eq!(t.write_zeroes(0, 1, &mut out), Err(RequestError::ReadOnly));
         assert!(out.is_empty());
     }
 

@@ -77,6 +77,35 @@ impl ExtentSink for FileSink<'_> {
     }
 }
 
+/// Writes into another NBD export (for example a writable export of a new qcow2 overlay whose
+/// backing file is the previous backup). Writes are pipelined; after the copy the caller must
+/// call [`NbdClient::wait_writes`] (and usually [`NbdClient::flush`]) to learn their outcome.
+#[derive(Debug)]
+pub struct NbdSink<'c> {
+    client: &'c mut NbdClient,
+}
+
+impl<'c> NbdSink<'c> {
+    /// A sink writing through `client`.
+    pub fn new(client: &'c mut NbdClient) -> Self {
+        Self { client }
+    }
+}
+
+impl ExtentSink for NbdSink<'_> {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.client
+            .submit_write(offset, data)
+            .map_err(std::io::Error::other)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.client
+            .submit_write_zeroes(offset, length)
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// Collects copied bytes in memory (for small exports and tests).
 impl ExtentSink for Vec<u8> {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {

@@ -108,6 +108,7 @@ pub struct Handshake {
     step: Step,
     input: Vec<u8>,
     output: Vec<u8>,
+    greeted: bool,
     structured: bool,
     listed: Vec<String>,
     granted: Vec<MetaContext>,
@@ -129,6 +130,7 @@ impl Handshake {
             step: Step::Greeting,
             input: Vec::new(),
             output: Vec::new(),
+            greeted: false,
             structured: false,
             listed: Vec::new(),
             granted: Vec::new(),
@@ -175,6 +177,17 @@ impl Handshake {
         self.step = Step::Failed;
         self.error = Some(e.clone());
         e
+    }
+
+    /// Bytes that end the handshake politely (`NBD_OPT_ABORT`) after a failure, so the server
+    /// sees a client that gave up rather than a dropped connection. Empty once transmission
+    /// has begun or before the greeting, when no option may be sent.
+    pub fn abort_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.greeted && self.step != Step::Done {
+            proto::put_option(&mut out, opt::ABORT, &[]);
+        }
+        out
     }
 
     /// The negotiated export, and any bytes received past the end of the handshake (there
@@ -226,6 +239,7 @@ impl Handshake {
                         return Err(ProtocolError::NotFixedNewstyle.into());
                     }
                     self.input.drain(..18);
+                    self.greeted = true;
                     let mut client_flags = proto::FLAG_C_FIXED_NEWSTYLE;
                     if flags & proto::FLAG_NO_ZEROES != 0 {
                         client_flags |= proto::FLAG_C_NO_ZEROES;
@@ -588,6 +602,8 @@ pub(crate) mod tests {
             }
         );
         assert!(!h.wants_input());
+        let abort = h.abort_bytes();
+        assert_eq!(be32(&abort, 8), opt::ABORT);
         assert!(h.finish().is_err());
     }
 
@@ -614,6 +630,10 @@ pub(crate) mod tests {
         assert_eq!(
             h.receive(&greeting(0)).unwrap_err(),
             HandshakeError::Protocol(ProtocolError::NotFixedNewstyle)
+        );
+        assert!(
+            h.abort_bytes().is_empty(),
+            "nothing is sent to a server that is not NBD"
         );
     }
 

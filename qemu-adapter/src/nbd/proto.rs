@@ -88,6 +88,8 @@ pub mod tflag {
     pub const SEND_FLUSH: u16 = 1 << 2;
     /// The server accepts the FUA command flag.
     pub const SEND_FUA: u16 = 1 << 3;
+    /// The server accepts NBD_CMD_WRITE_ZEROES.
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     /// Several connections see a consistent view.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
 }
@@ -102,6 +104,8 @@ pub mod cmd {
     pub const DISC: u16 = 2;
     /// Flush written data to stable storage.
     pub const FLUSH: u16 = 3;
+    /// Make a range read as zeroes, without a payload.
+    pub const WRITE_ZEROES: u16 = 6;
     /// Block status for the negotiated meta contexts.
     pub const BLOCK_STATUS: u16 = 7;
 }

@@ -51,6 +51,19 @@ impl Socket {
         }
     }
 
+    fn set_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Socket::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Socket::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+        }
+    }
+
     fn shutdown(&mut self) -> std::io::Result<()> {
         match self {
             Socket::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -71,6 +84,7 @@ pub struct NbdClient {
     send: Vec<u8>,
     request_bytes: u32,
     broken: bool,
+    write_failure: Option<RequestError>,
 }
 
 impl NbdClient {
@@ -117,7 +131,12 @@ impl NbdClient {
             if !out.is_empty() {
                 socket.write_all(&out)?;
             }
-            step?;
+            if let Err(e) = step {
+                // Best effort: the error to report is the handshake's, not the abort's.
+                let _ = socket.write_all(&hs.abort_bytes());
+                let _ = socket.shutdown();
+                return Err(e.into());
+            }
         }
         let (info, leftover) = hs.finish()?;
         if !leftover.is_empty() {
@@ -134,6 +153,7 @@ impl NbdClient {
             send: Vec::with_capacity(64 * 1024),
             request_bytes: DEFAULT_REQUEST_BYTES,
             broken: false,
+            write_failure: None,
         })
     }
 
@@ -142,13 +162,22 @@ impl NbdClient {
         &self.info
     }
 
+    /// Bounds every socket read and write: a server that stalls longer makes the operation fail
+    /// with [`NbdError::Io`] (kind `WouldBlock` or `TimedOut`) and the client unusable, instead
+    /// of blocking forever. `None` (the default) waits indefinitely.
+    pub fn set_io_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), NbdError> {
+        self.socket.set_timeout(timeout)?;
+        Ok(())
+    }
+
     /// Sets how many requests may be in flight and how large one bulk read request is
     /// (clamped to what the server accepts). Only while idle.
     pub fn set_pipeline(&mut self, window: usize, request_bytes: u32) {
         if self.codec.in_flight() == 0 && !self.codec.is_closed() {
             self.codec = Transmission::new(&self.info, window);
         }
-        self.request_bytes = request_bytes.clamp(4096, self.codec.max_request_bytes());
+        // The server's maximum may be tiny; never let a hostile announcement panic the clamp.
+        self.request_bytes = request_bytes.clamp(1, self.codec.max_request_bytes().max(1));
     }
 
     fn usable(&self) -> Result<(), NbdError> {
@@ -171,8 +200,8 @@ impl NbdClient {
     }
 
     /// Reads once from the socket (if nothing is buffered) and hands every decoded event to
-    /// `on_event`. An error from `on_event` stops the handling of later events only for the
-    /// caller: decoding itself goes on so the stream stays in sync.
+    /// `on_event`. Handlers record failures themselves and keep accepting events, so decoding
+    /// goes on and the stream stays in sync.
     fn pump(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<(), NbdError> {
         if self.recv_start == self.recv_end {
             let n = match self.socket.read(&mut self.recv) {
@@ -337,44 +366,93 @@ impl NbdClient {
         Ok(clipped)
     }
 
-    /// Writes `data` at `offset` (pipelined when longer than one request).
+    /// Writes `data` at `offset` and waits for every reply (pipelined when longer than one
+    /// request).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.submit_write(offset, data)?;
+        self.wait_writes()
+    }
+
+    /// Sends writes of `data` at `offset` without waiting for their replies, except to make room
+    /// in the window. A failure the server reports for an earlier write is returned by a later
+    /// call or by [`NbdClient::wait_writes`].
+    pub fn submit_write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
         self.usable()?;
         let step = self
             .codec
             .max_request_bytes()
             .min(self.request_bytes.max(1 << 20)) as usize;
-        let mut chunks = data.chunks(step).enumerate();
-        let mut failure: Option<NbdError> = None;
-        let mut more = true;
-        loop {
-            while more && failure.is_none() && self.codec.can_send() {
-                match chunks.next() {
-                    Some((i, piece)) => {
-                        let at = offset + (i * step) as u64;
-                        if let Err(e) = self.codec.write(at, piece, &mut self.send) {
-                            failure = Some(e.into());
-                        }
-                    }
-                    None => more = false,
-                }
-                // Keep the send buffer to about one window of data.
-                if self.send.len() >= 4 * step {
-                    self.flush_send()?;
-                }
-            }
+        for (i, piece) in data.chunks(step).enumerate() {
+            self.make_room()?;
+            self.codec
+                .write(offset + (i * step) as u64, piece, &mut self.send)?;
+            // Send at once: a write carries its payload, and holding many back gains nothing.
             self.flush_send()?;
-            if self.codec.in_flight() == 0 {
-                break;
-            }
-            let mut on_event = |ev: Event<'_>| {
-                if let Event::Done { result: Err(e), .. } = ev {
-                    failure.get_or_insert(e.into());
-                }
-            };
-            self.pump(&mut on_event)?;
         }
-        failure.map_or(Ok(()), Err)
+        self.pending_write_failure()
+    }
+
+    /// Sends `NBD_CMD_WRITE_ZEROES` requests for the range without waiting for their replies,
+    /// or plain writes of zeroes when the export does not accept the command.
+    pub fn submit_write_zeroes(&mut self, offset: u64, length: u64) -> Result<(), NbdError> {
+        self.usable()?;
+        if self.info.transmission_flags & super::proto::tflag::SEND_WRITE_ZEROES == 0 {
+            let zeroes = vec![0u8; length.min(1 << 20) as usize];
+            let end = offset.saturating_add(length);
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(zeroes.len() as u64);
+                self.submit_write(at, &zeroes[..n as usize])?;
+                at += n;
+            }
+            return Ok(());
+        }
+        // One request covers at most 2 GiB, well inside the 32-bit length field.
+        let step = 1u64 << 31;
+        let end = offset.saturating_add(length);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(step);
+            self.make_room()?;
+            self.codec.write_zeroes(at, n as u32, &mut self.send)?;
+            self.flush_send()?;
+            at += n;
+        }
+        self.pending_write_failure()
+    }
+
+    /// Waits for the replies of every submitted write; returns the first failure.
+    pub fn wait_writes(&mut self) -> Result<(), NbdError> {
+        while self.codec.in_flight() > 0 {
+            self.pump_writes()?;
+        }
+        self.pending_write_failure()
+    }
+
+    fn make_room(&mut self) -> Result<(), NbdError> {
+        while !self.codec.can_send() && self.codec.in_flight() > 0 {
+            self.pump_writes()?;
+        }
+        Ok(())
+    }
+
+    fn pump_writes(&mut self) -> Result<(), NbdError> {
+        let mut failure = self.write_failure.take();
+        let mut on_event = |ev: Event<'_>| {
+            if let Event::Done { result: Err(e), .. } = ev {
+                failure.get_or_insert(e);
+            }
+        };
+        let r = self.pump(&mut on_event);
+        self.write_failure = failure;
+        r
+    }
+
+    fn pending_write_failure(&mut self) -> Result<(), NbdError> {
+        match self.write_failure.take() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Asks the server to make written data durable.

@@ -1,0 +1,421 @@
+//! [`Catalogue`]: the managed backups of one domain, their chains and the operations that
+//! change them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::record::{BackupKind, ManagedBackup, validate_uuid};
+use super::{CatalogueError, MAX_CHAIN_LENGTH};
+
+/// A change the caller must carry out, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogueOp {
+    /// Rebase an image onto a new backing file (`None`: make it standalone) keeping its
+    /// guest-visible content (`qemu-img rebase`, safe mode). Comes before the record rewrite
+    /// that follows from it.
+    RebaseImage {
+        /// The image to rebase.
+        path: String,
+        /// Its new backing image, qcow2.
+        backing: Option<String>,
+    },
+    /// Write (or rewrite) a backup's record (`backups/<uuid>.xml`, [`ManagedBackup::format`]).
+    PutBackup(Box<ManagedBackup>),
+    /// Delete a backup's record.
+    DeleteBackup {
+        /// The backup.
+        uuid: String,
+    },
+    /// Remove an image file (after the records no longer name it).
+    RemoveImage {
+        /// Absolute path.
+        path: String,
+    },
+    /// Record the domain's default target directory for new backups.
+    SetDefaultTarget(Option<String>),
+}
+
+/// Which backups [`Catalogue::list`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListFilter {
+    /// Every backup.
+    #[default]
+    All,
+    /// Only full backups (chain roots).
+    Full,
+    /// The chain of the most recent backup, from its full backup to it.
+    LatestChain,
+}
+
+/// What to do with the backups built on one being deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteMode {
+    /// Delete it alone; refused while other backups depend on it.
+    Alone,
+    /// Delete it alone and keep its children: each child's images are rebased onto this
+    /// backup's parent images (or made standalone, and the child made full, when this backup
+    /// is a full one).
+    RebaseChildren,
+    /// Delete it and every backup built on it.
+    WithChildren,
+}
+
+/// The managed backups of one domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalogue {
+    domain: String,
+    backups: BTreeMap<String, ManagedBackup>,
+    default_target: Option<String>,
+}
+
+impl Catalogue {
+    /// An empty catalogue for `domain`.
+    pub fn new(domain: impl Into<String>) -> Self {
+        Self {
+            domain: domain.into(),
+            backups: BTreeMap::new(),
+            default_target: None,
+        }
+    }
+
+    /// Rebuilds a catalogue from stored records, in any order. Every record must pass the same
+    /// checks as [`Catalogue::insert`], so a store edited by hand cannot produce a cycle or an
+    /// orphan.
+    pub fn load(
+        domain: impl Into<String>,
+        records: impl IntoIterator<Item = ManagedBackup>,
+        default_target: Option<String>,
+    ) -> Result<Self, CatalogueError> {
+        let mut catalogue = Self::new(domain);
+        if let Some(target) = default_target {
+            catalogue.set_default_target(Some(target))?;
+        }
+        let mut pending: BTreeMap<String, ManagedBackup> = BTreeMap::new();
+        for record in records {
+            if pending.contains_key(&record.uuid) {
+                return Err(CatalogueError::Duplicate(record.uuid));
+            }
+            pending.insert(record.uuid.clone(), record);
+        }
+        // Parents before children: each pass inserts every record whose parent is present. A
+        // pass that inserts nothing leaves only orphans or cycles, reported on the first one.
+        while !pending.is_empty() {
+            let ready: Vec<String> = pending
+                .values()
+                .filter(|b| {
+                    b.parent
+                        .as_ref()
+                        .is_none_or(|p| catalogue.backups.contains_key(p))
+                })
+                .map(|b| b.uuid.clone())
+                .collect();
+            if ready.is_empty() {
+                let (uuid, b) = pending.pop_first().expect("pending is not empty");
+                return Err(CatalogueError::MissingParent {
+                    uuid,
+                    parent: b.parent.unwrap_or_default(),
+                });
+            }
+            for uuid in ready {
+                if let Some(record) = pending.remove(&uuid) {
+                    catalogue.insert(record)?;
+                }
+            }
+        }
+        Ok(catalogue)
+    }
+
+    /// The domain this catalogue belongs to.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Number of backups.
+    pub fn len(&self) -> usize {
+        self.backups.len()
+    }
+
+    /// Whether there is no backup (`undefine` needs no confirmation then).
+    pub fn is_empty(&self) -> bool {
+        self.backups.is_empty()
+    }
+
+    /// The backup with this uuid.
+    pub fn get(&self, uuid: &str) -> Option<&ManagedBackup> {
+        self.backups.get(uuid)
+    }
+
+    fn require(&self, uuid: &str) -> Result<&ManagedBackup, CatalogueError> {
+        self.backups
+            .get(uuid)
+            .ok_or_else(|| CatalogueError::NotFound(uuid.to_owned()))
+    }
+
+    /// Adds a finished backup. Refused when the record is inconsistent, belongs to another
+    /// domain, reuses a uuid or an image path, names a missing parent, has a disk its parent
+    /// lacks, or would make the chain too long.
+    pub fn insert(&mut self, backup: ManagedBackup) -> Result<Vec<CatalogueOp>, CatalogueError> {
+        backup.check()?;
+        if backup.domain != self.domain {
+            return Err(CatalogueError::WrongDomain {
+                uuid: backup.uuid,
+                expected: self.domain.clone(),
+                found: backup.domain,
+            });
+        }
+        if self.backups.contains_key(&backup.uuid) {
+            return Err(CatalogueError::Duplicate(backup.uuid));
+        }
+        for image in &backup.disks {
+            if let Some(owner) = self.owner_of_path(&image.path) {
+                return Err(CatalogueError::ImageInUse {
+                    path: image.path.clone(),
+                    owner: owner.to_owned(),
+                });
+            }
+        }
+        if let Some(parent_uuid) = &backup.parent {
+            let parent =
+                self.backups
+                    .get(parent_uuid)
+                    .ok_or_else(|| CatalogueError::MissingParent {
+                        uuid: backup.uuid.clone(),
+                        parent: parent_uuid.clone(),
+                    })?;
+            if let Some(image) = backup
+                .disks
+                .iter()
+                .find(|d| parent.image(&d.disk).is_none())
+            {
+                return Err(CatalogueError::Inconsistent {
+                    uuid: backup.uuid.clone(),
+                    reason: format!(
+                        "disk '{}' has no image in parent backup '{parent_uuid}'",
+                        image.disk
+                    ),
+                });
+            }
+            if self.chain(parent_uuid)?.len() >= MAX_CHAIN_LENGTH {
+                return Err(CatalogueError::ChainTooLong(backup.uuid));
+            }
+        }
+        self.backups.insert(backup.uuid.clone(), backup.clone());
+        Ok(vec![CatalogueOp::PutBackup(Box::new(backup))])
+    }
+
+    fn owner_of_path(&self, path: &str) -> Option<&str> {
+        self.backups
+            .values()
+            .find(|b| b.disks.iter().any(|d| d.path == path))
+            .map(|b| b.uuid.as_str())
+    }
+
+    /// Backups ordered by creation time, then uuid.
+    pub fn list(&self, filter: ListFilter) -> Vec<&ManagedBackup> {
+        match filter {
+            ListFilter::All => self.sorted(self.backups.values()),
+            ListFilter::Full => {
+                self.sorted(self.backups.values().filter(|b| b.kind == BackupKind::Full))
+            }
+            ListFilter::LatestChain => match self.latest() {
+                Some(latest) => self.chain(&latest.uuid).unwrap_or_default(),
+                None => Vec::new(),
+            },
+        }
+    }
+
+    fn sorted<'a>(&self, it: impl Iterator<Item = &'a ManagedBackup>) -> Vec<&'a ManagedBackup> {
+        let mut v: Vec<&ManagedBackup> = it.collect();
+        v.sort_by(|a, b| (a.creation_time, &a.uuid).cmp(&(b.creation_time, &b.uuid)));
+        v
+    }
+
+    /// The most recent backup (greatest creation time, then greatest uuid).
+    pub fn latest(&self) -> Option<&ManagedBackup> {
+        self.backups
+            .values()
+            .max_by(|a, b| (a.creation_time, &a.uuid).cmp(&(b.creation_time, &b.uuid)))
+    }
+
+    /// The backups whose parent is `uuid`, ordered by creation time then uuid.
+    pub fn children(&self, uuid: &str) -> Result<Vec<&ManagedBackup>, CatalogueError> {
+        self.require(uuid)?;
+        Ok(self.sorted(
+            self.backups
+                .values()
+                .filter(|b| b.parent.as_deref() == Some(uuid)),
+        ))
+    }
+
+    /// `uuid` and every backup built on it, directly or not, children before their parents.
+    pub fn descendants(&self, uuid: &str) -> Result<Vec<&ManagedBackup>, CatalogueError> {
+        let root = self.require(uuid)?;
+        let mut order = vec![root];
+        let mut i = 0;
+        // Breadth-first from the root; uuids are unique and parents exist, so each backup is
+        // reached once and the walk is bounded by the catalogue's size.
+        while i < order.len() {
+            let current = order[i].uuid.as_str();
+            order.extend(
+                self.sorted(
+                    self.backups
+                        .values()
+                        .filter(|b| b.parent.as_deref() == Some(current)),
+                ),
+            );
+            i += 1;
+        }
+        order.reverse();
+        Ok(order)
+    }
+
+    /// The chain from the full backup at its root down to `uuid` (root first).
+    pub fn chain(&self, uuid: &str) -> Result<Vec<&ManagedBackup>, CatalogueError> {
+        let mut chain = vec![self.require(uuid)?];
+        while let Some(parent) = chain.last().and_then(|b| b.parent.as_deref()) {
+            if chain.len() >= MAX_CHAIN_LENGTH {
+                return Err(CatalogueError::ChainTooLong(uuid.to_owned()));
+            }
+            chain.push(self.require(parent)?);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// Deletes a backup as `mode` says and returns the operations to carry out.
+    pub fn delete(
+        &mut self,
+        uuid: &str,
+        mode: DeleteMode,
+    ) -> Result<Vec<CatalogueOp>, CatalogueError> {
+        let target = self.require(uuid)?.clone();
+        let children: Vec<ManagedBackup> = self.children(uuid)?.into_iter().cloned().collect();
+        let mut ops = Vec::new();
+        let doomed: Vec<ManagedBackup> = match mode {
+            DeleteMode::Alone if !children.is_empty() => {
+                return Err(CatalogueError::HasChildren {
+                    uuid: uuid.to_owned(),
+                    children: children.into_iter().map(|c| c.uuid).collect(),
+                });
+            }
+            DeleteMode::Alone => vec![target],
+            DeleteMode::RebaseChildren => {
+                for mut child in children {
+                    for image in &mut child.disks {
+                        let backing = target
+                            .parent
+                            .as_deref()
+                            .and_then(|p| self.backups.get(p))
+                            .and_then(|p| p.image(&image.disk))
+                            .map(|i| i.path.clone());
+                        ops.push(CatalogueOp::RebaseImage {
+                            path: image.path.clone(),
+                            backing,
+                        });
+                    }
+                    child.parent = target.parent.clone();
+                    if child.parent.is_none() {
+                        child.kind = BackupKind::Full;
+                    }
+                    ops.push(CatalogueOp::PutBackup(Box::new(child.clone())));
+                    self.backups.insert(child.uuid.clone(), child);
+                }
+                vec![target]
+            }
+            DeleteMode::WithChildren => self.descendants(uuid)?.into_iter().cloned().collect(),
+        };
+        Ok(self.remove_records(doomed, ops))
+    }
+
+    /// Deletes every backup of the domain.
+    pub fn delete_all(&mut self) -> Vec<CatalogueOp> {
+        let mut doomed: Vec<ManagedBackup> = Vec::new();
+        let roots: Vec<String> = self
+            .list(ListFilter::Full)
+            .into_iter()
+            .map(|b| b.uuid.clone())
+            .collect();
+        for root in roots {
+            if let Ok(d) = self.descendants(&root) {
+                doomed.extend(d.into_iter().cloned());
+            }
+        }
+        self.remove_records(doomed, Vec::new())
+    }
+
+    /// Removes `doomed` (children listed before parents) and appends the record deletions,
+    /// then the file removals.
+    fn remove_records(
+        &mut self,
+        doomed: Vec<ManagedBackup>,
+        mut ops: Vec<CatalogueOp>,
+    ) -> Vec<CatalogueOp> {
+        let mut files = Vec::new();
+        let mut seen = BTreeSet::new();
+        for backup in doomed {
+            if !seen.insert(backup.uuid.clone()) {
+                continue;
+            }
+            self.backups.remove(&backup.uuid);
+            ops.push(CatalogueOp::DeleteBackup {
+                uuid: backup.uuid.clone(),
+            });
+            files.extend(
+                backup
+                    .disks
+                    .into_iter()
+                    .map(|d| CatalogueOp::RemoveImage { path: d.path }),
+            );
+        }
+        ops.extend(files);
+        ops
+    }
+
+    /// The directory new backups go to when their definition names no target.
+    pub fn default_target(&self) -> Option<&str> {
+        self.default_target.as_deref()
+    }
+
+    /// Sets (or clears) the default target directory; it must be absolute.
+    pub fn set_default_target(
+        &mut self,
+        target: Option<String>,
+    ) -> Result<Vec<CatalogueOp>, CatalogueError> {
+        if let Some(t) = &target
+            && (!t.starts_with('/') || t.split('/').any(|c| c == ".."))
+        {
+            return Err(CatalogueError::RelativeTarget(t.clone()));
+        }
+        self.default_target = target.clone();
+        Ok(vec![CatalogueOp::SetDefaultTarget(target)])
+    }
+
+    /// Where the image of `disk` for backup `uuid` goes under the default target:
+    /// `<target>/<uuid>/<disk>.qcow2`. `None` without a default target.
+    pub fn default_image_path(
+        &self,
+        uuid: &str,
+        disk: &str,
+    ) -> Result<Option<String>, CatalogueError> {
+        validate_uuid(uuid)?;
+        if disk.is_empty() || disk.contains('/') || disk.starts_with('.') {
+            return Err(CatalogueError::NoSuchDisk {
+                uuid: uuid.to_owned(),
+                disk: disk.to_owned(),
+            });
+        }
+        Ok(self
+            .default_target
+            .as_deref()
+            .map(|t| format!("{}/{uuid}/{disk}.qcow2", t.trim_end_matches('/'))))
+    }
+}
+
+/// The domain holding backup `uuid` among several domains' catalogues, with the record.
+pub fn find_backup<'a>(
+    catalogues: impl IntoIterator<Item = &'a Catalogue>,
+    uuid: &str,
+) -> Option<(&'a str, &'a ManagedBackup)> {
+    catalogues
+        .into_iter()
+        .find_map(|c| c.get(uuid).map(|b| (c.domain(), b)))
+}

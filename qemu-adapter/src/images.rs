@@ -1,0 +1,542 @@
+//! Backup images on disk: creating full images and qcow2 overlays of a parent backup, writing
+//! extents into them through a writable NBD export, describing them (`qemu-img info
+//! --backing-chain`), rebasing them, and computing their content digest.
+//!
+//! Contract:
+//! - An incremental backup image is a qcow2 overlay whose backing file is the parent backup's
+//!   image (`-F qcow2`), so `qemu-img` reads any backup through its chain.
+//! - Extents are written through `qemu-nbd` serving the image (started in a private temporary
+//!   directory, stopped by its own pid, never left behind: [`NbdExport`] kills it on drop).
+//!   Only the given ranges are written. Into a fresh image, zero runs are skipped and stay
+//!   holes; into an overlay they must hide the parent's data, so they are written as zeroes
+//!   and the export's `detect-zeroes` turns them into qcow2 zero clusters, which occupy no
+//!   data clusters either.
+//! - The digest ([`content_digest`]) is SHA-256 of the guest-visible bytes read through the
+//!   backing chain: the same for a chain and for its flattened copy. It is computed over a
+//!   read-only NBD export with our client, because `qemu-img convert` cannot write raw output
+//!   to a pipe (it resizes its target, which a pipe refuses), and holes cost no transfer over
+//!   NBD (they arrive as hole chunks).
+//! - Every tool failure is an [`ImageError`] carrying the command and its stderr.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use vbackup_core::catalogue::{BackupImage, Digest};
+use vbackup_core::model::ImageFormat;
+
+use crate::nbd::copy::{self, CopyReport, ExtentSink};
+use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError};
+
+/// Errors of image operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A tool could not be started.
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        /// The tool.
+        tool: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("{command} failed ({status}): {stderr}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// Its stderr.
+        stderr: String,
+    },
+    /// A tool's output could not be understood.
+    #[error("unexpected output of {tool}: {reason}")]
+    Output {
+        /// The tool.
+        tool: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The NBD export did not come up in time.
+    #[error("qemu-nbd did not serve {path} within {waited_ms} ms: {stderr}")]
+    ExportStart {
+        /// The image.
+        path: PathBuf,
+        /// How long we waited.
+        waited_ms: u128,
+        /// What qemu-nbd printed.
+        stderr: String,
+    },
+    /// The NBD transfer failed.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    /// A file system failure.
+    #[error("image IO error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Runs a command and returns its stdout when it exits with status 0.
+pub(crate) fn run(command: &mut Command) -> Result<Vec<u8>, ImageError> {
+    let tool = command.get_program().to_string_lossy().into_owned();
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ImageError::Spawn { tool, source })?;
+    if output.status.success() {
+        return Ok(output.stdout);
+    }
+    let args: Vec<String> = command
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    Err(ImageError::Tool {
+        command: format!(
+            "{} {}",
+            command.get_program().to_string_lossy(),
+            args.join(" ")
+        ),
+        status: output.status.to_string(),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+/// Creates an empty qcow2 image of `virtual_size_bytes` (64 KiB clusters).
+pub fn create_full(path: &Path, virtual_size_bytes: u64) -> Result<(), ImageError> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(path)
+        .arg(virtual_size_bytes.to_string()))
+    .map(|_| ())
+}
+
+/// Creates a qcow2 overlay of the qcow2 image `parent` (same virtual size). The backing file is
+/// recorded as given, so pass an absolute path.
+pub fn create_overlay(path: &Path, parent: &Path) -> Result<(), ImageError> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(parent)
+        .arg(path))
+    .map(|_| ())
+}
+
+/// Rebases a qcow2 image onto `backing` (or makes it standalone with `None`) keeping its
+/// guest-visible content: `qemu-img rebase` in safe mode copies into the image whatever
+/// differs between the old and the new backing.
+pub fn rebase(path: &Path, backing: Option<&Path>) -> Result<(), ImageError> {
+    let mut command = Command::new("qemu-img");
+    command.args(["rebase", "-q", "-f", "qcow2"]);
+    match backing {
+        Some(b) => command.args(["-F", "qcow2", "-b"]).arg(b),
+        None => command.args(["-b", ""]),
+    };
+    run(command.arg(path)).map(|_| ())
+}
+
+/// One image of a backing chain as `qemu-img info --backing-chain` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// The image's file name as recorded (absolute when it was created so).
+    pub path: String,
+    /// Its format.
+    pub format: ImageFormat,
+    /// Guest-visible size.
+    pub virtual_size_bytes: u64,
+    /// Bytes the file occupies on the host.
+    pub actual_size_bytes: u64,
+    /// The backing file it names, if any.
+    pub backing: Option<String>,
+}
+
+/// Parses the JSON array printed by `qemu-img info --backing-chain --output=json` (top first).
+pub fn parse_backing_chain(json: &[u8]) -> Result<Vec<ChainLayer>, ImageError> {
+    let bad = |reason: String| ImageError::Output {
+        tool: "qemu-img info".into(),
+        reason,
+    };
+    let value: Value = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+    let layers = value
+        .as_array()
+        .ok_or_else(|| bad("expected a JSON array".into()))?;
+    layers
+        .iter()
+        .map(|layer| {
+            let text = |key: &str| layer.get(key).and_then(Value::as_str);
+            let number = |key: &str| {
+                layer
+                    .get(key)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad(format!("layer without numeric '{key}'")))
+            };
+            Ok(ChainLayer {
+                path: text("filename")
+                    .ok_or_else(|| bad("layer without 'filename'".into()))?
+                    .to_owned(),
+                format: ImageFormat::from_name(
+                    text("format").ok_or_else(|| bad("layer without 'format'".into()))?,
+                ),
+                virtual_size_bytes: number("virtual-size")?,
+                // A file on a file system without allocation information has no actual size.
+                actual_size_bytes: layer
+                    .get("actual-size")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                backing: text("full-backing-filename")
+                    .or(text("backing-filename"))
+                    .map(str::to_owned),
+            })
+        })
+        .collect()
+}
+
+/// The backing chain of an image, top first. `-U` so an image a daemon holds can be read.
+pub fn backing_chain(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
+    let out = run(Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(path))?;
+    parse_backing_chain(&out)
+}
+
+/// Whether a running QEMU, qemu-storage-daemon or qemu-nbd holds `path` open.
+///
+/// Two probes, because neither is enough alone: `qemu-img info` without `-U` fails to take its
+/// shared lock while a guest device writes the image, but NBD exports share every permission
+/// and take no conflicting lock; so the open files of every process we can see
+/// (`/proc/<pid>/fd`) are compared with the image's device and inode as well.
+pub fn is_in_use(path: &Path) -> Result<bool, ImageError> {
+    if holder_pid(path)?.is_some() {
+        return Ok(true);
+    }
+    match run(Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path))
+    {
+        Ok(_) => Ok(false),
+        Err(ImageError::Tool { stderr, .. }) if stderr.contains("lock") => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// The pid of a process (other than this one) with `path` open, as far as `/proc` shows.
+pub fn holder_pid(path: &Path) -> Result<Option<u32>, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(path)?;
+    let key = (target.dev(), target.ino());
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Ok(None);
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // Processes may exit or hide their descriptors while we look; skip them.
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(m) = std::fs::metadata(fd.path())
+                && (m.dev(), m.ino()) == key
+            {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How long [`NbdExport::start`] waits for qemu-nbd's socket.
+const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Name of the single export served by [`NbdExport`].
+pub const EXPORT_NAME: &str = "image";
+
+/// An image served by `qemu-nbd` on a unix socket in a private temporary directory. The
+/// process is killed by its pid and reaped when the export is stopped or dropped.
+#[derive(Debug)]
+pub struct NbdExport {
+    child: Option<Child>,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl NbdExport {
+    /// Serves `path` (of `format`). A writable export turns written zero blocks into zero
+    /// clusters (`--detect-zeroes=on`) so they use no data space.
+    pub fn start(path: &Path, format: &ImageFormat, writable: bool) -> Result<Self, ImageError> {
+        let dir = tempfile::Builder::new().prefix("vbackup-nbd").tempdir()?;
+        let socket = dir.path().join("nbd.sock");
+        let log_path = dir.path().join("qemu-nbd.log");
+        let log = File::create(&log_path)?;
+        let mut command = Command::new("qemu-nbd");
+        command
+            .arg(format!("--format={}", format.name()))
+            .arg("--socket")
+            .arg(&socket)
+            // Persistent with a few connection slots: the readiness probe below is a
+            // connection of its own, and the export must outlive it.
+            .args([
+                "--export-name",
+                EXPORT_NAME,
+                "--cache=writeback",
+                "--persistent",
+                "--shared=8",
+            ]);
+        if writable {
+            command.arg("--detect-zeroes=on");
+        } else {
+            command.arg("--read-only");
+        }
+        command
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = command.spawn().map_err(|source| ImageError::Spawn {
+            tool: "qemu-nbd".into(),
+            source,
+        })?;
+        let mut export = Self {
+            child: Some(child),
+            socket,
+            dir,
+        };
+        let started = Instant::now();
+        loop {
+            // The socket file appears at bind, before listen: only a connection proves the
+            // server is ready.
+            if std::os::unix::net::UnixStream::connect(&export.socket).is_ok() {
+                return Ok(export);
+            }
+            let exited = match export.child.as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited || started.elapsed() > EXPORT_START_TIMEOUT {
+                export.stop();
+                return Err(ImageError::ExportStart {
+                    path: path.to_owned(),
+                    waited_ms: started.elapsed().as_millis(),
+                    stderr: std::fs::read_to_string(&log_path).unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Connects a client negotiating `meta_contexts`.
+    pub fn connect(&self, meta_contexts: &[&str]) -> Result<NbdClient, ImageError> {
+        Ok(NbdClient::connect_unix(
+            &self.socket,
+            EXPORT_NAME,
+            meta_contexts,
+        )?)
+    }
+
+    /// The socket path (for `nbd+unix:///image?socket=...` URIs).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Kills qemu-nbd by its pid and reaps it. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // qemu-nbd flushes on SIGTERM; SIGKILL would lose writeback-cached data. Writers
+            // flush through NBD before stopping, so a kill after a short grace is safe.
+            let pid = rustix::process::Pid::from_child(&child);
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = &self.dir;
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Largest zero buffer sent at once into an overlay.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// An [`ExtentSink`] writing into an image through a writable NBD client.
+pub struct NbdImageSink<'c> {
+    client: &'c mut NbdClient,
+    write_zero_runs: bool,
+    zeroes: Vec<u8>,
+    /// Bytes of data sent (zero runs not counted).
+    pub data_bytes: u64,
+}
+
+impl<'c> NbdImageSink<'c> {
+    /// A sink into a fresh image (zero runs skipped) or an overlay (zero runs written so they
+    /// hide the parent's data).
+    pub fn new(client: &'c mut NbdClient, overlay: bool) -> Self {
+        Self {
+            client,
+            write_zero_runs: overlay,
+            zeroes: Vec::new(),
+            data_bytes: 0,
+        }
+    }
+}
+
+impl ExtentSink for NbdImageSink<'_> {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.data_bytes += data.len() as u64;
+        self.client.write_at(offset, data).map_err(io::Error::other)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
+        if !self.write_zero_runs {
+            return Ok(());
+        }
+        if self.zeroes.is_empty() {
+            self.zeroes = vec![0u8; ZERO_CHUNK_BYTES];
+        }
+        let end = offset.saturating_add(length);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            self.client
+                .write_at(at, &self.zeroes[..n])
+                .map_err(io::Error::other)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// What [`store_extents`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreReport {
+    /// The copy: ranges and bytes read from the source.
+    pub copy: CopyReport,
+    /// Bytes of data written into the image (zero runs not counted).
+    pub data_bytes: u64,
+}
+
+/// Creates `target` (a fresh qcow2 of the source's size, or an overlay of `parent`) and writes
+/// the `ranges` `(offset, length)` read from `source` into it through a writable export. On
+/// failure the partly written image is removed.
+pub fn store_extents(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    target: &Path,
+    parent: Option<&Path>,
+) -> Result<StoreReport, ImageError> {
+    match parent {
+        Some(p) => create_overlay(target, p)?,
+        None => create_full(target, source.info().size)?,
+    }
+    let result = (|| {
+        let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
+        let mut writer = export.connect(&[])?;
+        let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
+        let copy = copy::copy_ranges(source, ranges, &mut sink)?;
+        let data_bytes = sink.data_bytes;
+        writer.flush()?;
+        writer.disconnect()?;
+        export.stop();
+        Ok(StoreReport { copy, data_bytes })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(target);
+    }
+    result
+}
+
+/// Bytes read per request batch while hashing.
+const DIGEST_CHUNK_BYTES: usize = 8 << 20;
+
+/// SHA-256 of everything an NBD client reads, in order.
+pub fn digest_export(client: &mut NbdClient) -> Result<Digest, ImageError> {
+    let size = client.info().size;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; DIGEST_CHUNK_BYTES];
+    let mut offset = 0u64;
+    while offset < size {
+        let n = (size - offset).min(DIGEST_CHUNK_BYTES as u64) as usize;
+        client.read_exact_at(offset, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(Digest::sha256(&hasher.finalize().into()))
+}
+
+/// The content digest of an image read through its backing chain.
+pub fn content_digest(path: &Path, format: &ImageFormat) -> Result<Digest, ImageError> {
+    let mut export = NbdExport::start(path, format, false)?;
+    let mut client = export.connect(&[BASE_ALLOCATION])?;
+    let digest = digest_export(&mut client)?;
+    let _ = client.disconnect();
+    export.stop();
+    Ok(digest)
+}
+
+/// Describes a finished backup image for the catalogue: sizes from `qemu-img info` and the
+/// content digest.
+pub fn describe(disk: &str, path: &Path) -> Result<BackupImage, ImageError> {
+    let chain = backing_chain(path)?;
+    let top = chain.first().ok_or_else(|| ImageError::Output {
+        tool: "qemu-img info".into(),
+        reason: "empty backing chain".into(),
+    })?;
+    let digest = content_digest(path, &top.format)?;
+    Ok(BackupImage {
+        disk: disk.to_owned(),
+        path: path.to_string_lossy().into_owned(),
+        format: top.format.clone(),
+        virtual_size_bytes: top.virtual_size_bytes,
+        allocated_size_bytes: top.actual_size_bytes,
+        digest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_chain_json_is_read_top_first() {
+        let json = br#"[
+          {"virtual-size": 67108864, "filename": "/b/inc.qcow2", "format": "qcow2",
+           "actual-size": 200704, "full-backing-filename": "/b/full.qcow2",
+           "backing-filename": "/b/full.qcow2", "backing-filename-format": "qcow2"},
+          {"virtual-size": 67108864, "filename": "/b/full.qcow2", "format": "qcow2",
+           "actual-size": 1245184}
+        ]"#;
+        let chain = parse_backing_chain(json).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0].backing.as_deref(), Some("/b/full.qcow2"));
+        assert_eq!(chain[0].actual_size_bytes, 200_704);
+        assert_eq!(chain[1].backing, None);
+        assert_eq!(chain[1].virtual_size_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn backing_chain_json_without_sizes_is_an_error() {
+        let err = parse_backing_chain(br#"[{"filename": "/x", "format": "raw"}]"#).unwrap_err();
+        assert!(err.to_string().contains("virtual-size"), "{err}");
+        assert!(parse_backing_chain(b"{}").is_err());
+    }
+}
