@@ -2,6 +2,12 @@
 //!
 //! Each command group lives in its own module; this file only dispatches.
 
+mod commands;
+mod demo;
+mod effects;
+mod managed;
+mod output;
+mod session;
 mod xml_cmd;
 
 use clap::{Parser, Subcommand};
@@ -11,6 +17,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "vbackup", version, about)]
 struct Cli {
+    #[command(flatten)]
+    global: commands::Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,11 +28,33 @@ enum Command {
     /// Validate and format checkpoint and backup XML documents.
     #[command(subcommand)]
     Xml(xml_cmd::XmlCommand),
+    /// Domain, checkpoint, backup and job commands.
+    #[command(flatten)]
+    Domain(commands::DomainCommand),
+    /// Managed backups: create, list, restore, delete.
+    #[command(flatten)]
+    Managed(managed::ManagedCommand),
+    /// Run the end-to-end demonstration on two fresh qcow2 disks.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Xml(command) => xml_cmd::run(command),
+        Command::Domain(command) => report(commands::run(&cli.global, command)),
+        Command::Managed(command) => report(managed::run(&cli.global, command)),
+        Command::Demo(args) => report(demo::run(&args)),
+    }
+}
+
+/// Prints an error as virsh does and turns the outcome into an exit code.
+fn report(result: Result<(), output::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

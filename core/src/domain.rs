@@ -291,6 +291,11 @@ pub struct DomainConfig {
     /// removal transaction, which QEMU refuses atomically if a bitmap is missing; disks with
     /// backing layers are always queried, because the bitmap may live in several of them.
     pub query_nodes_before_delete: bool,
+    /// QEMU already runs the NBD server pull backups must use (a managed qemu-storage-daemon
+    /// serving its guest exports: QEMU runs one NBD server per process). Pull backups then add
+    /// their exports to it and delete only those, never starting nor stopping the server; the
+    /// backup's `<server>` must name that server's address.
+    pub nbd_server_running: bool,
 }
 
 impl Default for DomainConfig {
@@ -301,6 +306,7 @@ impl Default for DomainConfig {
             tls: None,
             command_timeout_ms: 60_000,
             query_nodes_before_delete: false,
+            nbd_server_running: false,
         }
     }
 }
@@ -437,7 +443,8 @@ impl Domain {
         journal: Option<BackupPlan>,
     ) -> Self {
         let mut jobs = JobSlots::new();
-        let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs));
+        let shared_server = config.nbd_server_running;
+        let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs, shared_server));
         Self {
             core: Core {
                 def,
@@ -574,7 +581,19 @@ impl Domain {
         ctx: &mut Ctx<'_>,
     ) {
         core.connected = false;
+        // Statistics requests waiting for a `query-jobs` reply would never be answered.
+        let lost_stats: Vec<RequestId> = ctx
+            .pending
+            .values()
+            .filter_map(|p| match p.owner {
+                Owner::Backup(BackupTag::Stats(req)) => Some(req),
+                _ => None,
+            })
+            .collect();
         ctx.pending.clear();
+        for req in lost_stats {
+            ctx.respond(req, Err(Error::LinkLost("job statistics".into())));
+        }
         if let Some(op) = short.take() {
             op.abandon(core, ctx);
         }

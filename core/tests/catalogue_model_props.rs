@@ -222,6 +222,11 @@ impl StateMachineTest for CatalogueTest {
         for (&id, &(parent, _)) in &model.backups {
             let b = sut.catalogue.get(&uuid(id)).unwrap();
             assert_eq!(b.kind == BackupKind::Full, parent.is_none());
+            assert_eq!(
+                &ManagedBackup::parse(&b.format()).unwrap(),
+                b,
+                "records round-trip"
+            );
             let children: Vec<u8> = sut
                 .catalogue
                 .children(&uuid(id))

@@ -580,6 +580,34 @@ fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
 }
 
 #[test]
+fn stats_request_pending_when_the_link_drops_is_answered_link_lost() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let t = Timestamp::from_ms(h.now_ms);
+    let out = h.domain.handle(
+        t,
+        Input::Request(
+            RequestId(100),
+            Request::JobStats {
+                completed: false,
+                keep_completed: false,
+            },
+        ),
+    );
+    assert!(
+        matches!(out.as_slice(), [Output::Send(..)]),
+        "the statistics need query-jobs: {out:?}"
+    );
+    let out = h.domain.handle(t, Input::LinkDown);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Respond(RequestId(100), Err(Error::LinkLost(_))))),
+        "{out:?}"
+    );
+    assert!(h.domain.view().backup.is_some());
+}
+
+#[test]
 fn guest_shutdown_cancels_the_backup() {
     let mut h = lab_with_checkpoints(&[]);
     begin(&mut h, push(None), None);
@@ -797,4 +825,27 @@ fn cancelling_one_disk_cancels_the_whole_push() {
     assert_eq!(cancels.len(), 2);
     assert!(cancels[0].contains(r#""device":"backup-vdb-libvirt-1-format","force":false"#));
     assert!(cancels[1].contains(r#""device":"backup-vda-libvirt-2-format","force":true"#));
+}
+
+#[test]
+fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let config = DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    let id = begin(&mut h, pull(None, unix(), None), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    assert!(!h.peer.exports.is_empty());
+    h.request(Request::AbortJob);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let transcript = h.transcript();
+    assert!(!transcript.contains("nbd-server-start"), "{transcript}");
+    assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
+    assert!(transcript.contains("block-export-del"), "{transcript}");
+    assert!(h.peer.nbd_running, "the server keeps serving");
 }

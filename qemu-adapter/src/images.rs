@@ -71,6 +71,9 @@ pub enum ImageError {
         /// What qemu-nbd printed.
         stderr: String,
     },
+    /// The image to create already exists (`qemu-img create` would silently truncate it).
+    #[error("{0} already exists")]
+    TargetExists(PathBuf),
     /// The NBD transfer failed.
     #[error(transparent)]
     Nbd(#[from] NbdError),
@@ -436,14 +439,21 @@ pub struct StoreReport {
 }
 
 /// Creates `target` (a fresh qcow2 of the source's size, or an overlay of `parent`) and writes
-/// the `ranges` `(offset, length)` read from `source` into it through a writable export. On
-/// failure the partly written image is removed.
+/// the `ranges` `(offset, length)` read from `source` into it through a writable export. The
+/// target's directory is created when missing; an existing target is refused. On failure the
+/// partly written image is removed.
 pub fn store_extents(
     source: &mut NbdClient,
     ranges: &[(u64, u64)],
     target: &Path,
     parent: Option<&Path>,
 ) -> Result<StoreReport, ImageError> {
+    if target.exists() {
+        return Err(ImageError::TargetExists(target.to_owned()));
+    }
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     match parent {
         Some(p) => create_overlay(target, p)?,
         None => create_full(target, source.info().size)?,
@@ -539,4 +549,98 @@ mod tests {
         assert!(err.to_string().contains("virtual-size"), "{err}");
         assert!(parse_backing_chain(b"{}").is_err());
     }
+}
+
+/// File holding a domain's default backup target directory, in the domain's store directory.
+pub const DEFAULT_TARGET_FILE: &str = "backup-target";
+
+/// Why loading or applying catalogue changes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueIoError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// An image operation failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A stored record does not parse.
+    #[error("backup record {uuid}: {source}")]
+    Record {
+        /// The record's name.
+        uuid: String,
+        /// The parse error.
+        source: vbackup_core::xml::XmlError,
+    },
+    /// The stored records do not form a valid catalogue.
+    #[error(transparent)]
+    Catalogue(#[from] vbackup_core::catalogue::CatalogueError),
+}
+
+/// Loads a domain's catalogue: every `backups/<uuid>.xml` record and the default target.
+pub fn load_catalogue(
+    store: &crate::store::DomainStore,
+) -> Result<vbackup_core::catalogue::Catalogue, CatalogueIoError> {
+    use crate::store::Collection;
+    let mut records = Vec::new();
+    for (uuid, xml) in store.load_entries(Collection::Backups)? {
+        let record = vbackup_core::catalogue::ManagedBackup::parse(&xml)
+            .map_err(|source| CatalogueIoError::Record { uuid, source })?;
+        records.push(record);
+    }
+    let target_path = store.dir().join(DEFAULT_TARGET_FILE);
+    let default_target = match std::fs::read_to_string(&target_path) {
+        Ok(text) => Some(text.trim_end_matches('\n').to_owned()).filter(|t| !t.is_empty()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ImageError::Io(e).into()),
+    };
+    Ok(vbackup_core::catalogue::Catalogue::load(
+        store.name(),
+        records,
+        default_target,
+    )?)
+}
+
+/// Carries out catalogue operations in order: rebases images, writes and deletes records
+/// atomically through the store, removes image files (a file already gone is not an error,
+/// so an interrupted deletion can be repeated), and records the default target.
+pub fn apply_ops(
+    store: &crate::store::DomainStore,
+    ops: &[vbackup_core::catalogue::CatalogueOp],
+) -> Result<(), CatalogueIoError> {
+    use crate::store::Collection;
+    use vbackup_core::catalogue::CatalogueOp;
+    for op in ops {
+        match op {
+            CatalogueOp::RebaseImage { path, backing } => {
+                rebase(Path::new(path), backing.as_deref().map(Path::new))?;
+            }
+            CatalogueOp::PutBackup(record) => {
+                store.write_entry(Collection::Backups, &record.uuid, &record.format())?;
+            }
+            CatalogueOp::DeleteBackup { uuid } => {
+                store.remove_entry(Collection::Backups, uuid)?;
+            }
+            CatalogueOp::RemoveImage { path } => match std::fs::remove_file(path) {
+                Ok(()) => {
+                    // Remove the per-backup `<target>/<uuid>/` directory once its last
+                    // image is gone; any other directory, or one with files left, stays.
+                    if let Some(dir) = Path::new(path).parent()
+                        && dir
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| vbackup_core::catalogue::validate_uuid(n).is_ok())
+                    {
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ImageError::Io(e).into()),
+            },
+            CatalogueOp::SetDefaultTarget(target) => {
+                let text = target.as_deref().unwrap_or("");
+                crate::store::write_atomic(store.dir(), DEFAULT_TARGET_FILE, text.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
 }

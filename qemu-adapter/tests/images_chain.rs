@@ -120,3 +120,25 @@ fn rebasing_an_increment_onto_its_grandparent_keeps_its_content() {
         before
     );
 }
+
+#[test]
+fn storing_into_an_existing_image_is_refused_and_leaves_it_intact() {
+    if !tools() {
+        return;
+    }
+    let lab = Lab::chain_of_four();
+    let existing = lab.image_of(1);
+    let before = images::content_digest(&existing, &ImageFormat::Qcow2).unwrap();
+    let export = images::NbdExport::start(&lab.disk, &ImageFormat::Qcow2, false).unwrap();
+    let mut source = export.connect(&[]).unwrap();
+    let err = images::store_extents(&mut source, &[(0, MIB)], &existing, None).unwrap_err();
+    assert!(matches!(err, images::ImageError::TargetExists(_)), "{err}");
+    assert_eq!(
+        images::content_digest(&existing, &ImageFormat::Qcow2).unwrap(),
+        before
+    );
+    // A missing directory (the default target's <uuid>/ level) is created.
+    let nested = lab.path("new/uuid/vda.qcow2");
+    images::store_extents(&mut source, &[(0, MIB)], &nested, None).unwrap();
+    assert!(nested.exists());
+}

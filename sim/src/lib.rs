@@ -47,8 +47,10 @@ mod node;
 mod persist;
 mod qcow2;
 mod qemu;
+pub mod scenarios;
 pub mod sweep;
 mod transaction;
+pub mod world;
 
 pub use bitmap::Bits;
 pub use bitmap_commands::bitmaps_of;

@@ -117,6 +117,9 @@ pub(crate) struct BackupRun {
     added_nodes: Vec<String>,
     added_objects: Vec<String>,
     nbd_started: bool,
+    /// The NBD server belongs to someone else (`DomainConfig::nbd_server_running`): exports
+    /// are added to it and deleted one by one; the server is never started nor stopped.
+    shared_server: bool,
     /// Whether the TLS objects' removal is queued (once, when the first pull disk ends).
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
@@ -141,11 +144,15 @@ impl BackupRun {
 
     /// A run restored from the journal after a restart of the engine: its jobs were started;
     /// it waits for the QMP session to reconcile.
-    pub(crate) fn restore(plan: BackupPlan, jobs: &mut crate::jobs::JobSlots) -> Self {
+    pub(crate) fn restore(
+        plan: BackupPlan,
+        jobs: &mut crate::jobs::JobSlots,
+        shared_server: bool,
+    ) -> Self {
         let _ = jobs.acquire_long(crate::jobs::JobKind::Backup);
         let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
         let _ = jobs.occupy_disks(&targets, DISK_HOLDER);
-        let nbd_started = plan.mode == BackupMode::Pull;
+        let nbd_started = plan.mode == BackupMode::Pull && !shared_server;
         let added_objects = plan
             .tls_secret_object
             .iter()
@@ -171,6 +178,7 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects,
             nbd_started,
+            shared_server,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             holds_start_slot: false,
@@ -245,6 +253,7 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
+            shared_server: core.config.nbd_server_running,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
@@ -574,13 +583,18 @@ impl BackupRun {
                 self.plan.tls_object = Some(TLS_OBJECT.into());
                 tls_creds = Some(TLS_OBJECT.to_owned());
             }
-            self.port_chosen = matches!(server.transport, NbdTransport::Tcp { port: None, .. });
-            let server = fill_port(server, core.config.nbd_port_min);
-            self.steps.push_back(Step::Cmd {
-                command: nbd_start(&server, tls_creds.clone()),
-                effect: Effect::NbdStarted,
-            });
-            self.plan.server = Some(server);
+            if self.shared_server {
+                // The running server is used as it is; the backup's <server> names it.
+                self.plan.server = Some(server);
+            } else {
+                self.port_chosen = matches!(server.transport, NbdTransport::Tcp { port: None, .. });
+                let server = fill_port(server, core.config.nbd_port_min);
+                self.steps.push_back(Step::Cmd {
+                    command: nbd_start(&server, tls_creds.clone()),
+                    effect: Effect::NbdStarted,
+                });
+                self.plan.server = Some(server);
+            }
         }
         self.steps.push_back(Step::Cmd {
             command: cmd::transaction(self.transaction_actions(core)),
@@ -747,11 +761,28 @@ impl BackupRun {
         error: Error,
         first: Vec<Step>,
     ) -> Option<Self> {
+        // An image-creation job that was started still has to be waited for and dismissed,
+        // or it stays in QEMU and its id refuses every later backup: keep the queued wait
+        // (and the dismissal that follows a checked job) ahead of the undo steps.
+        let mut kept = Vec::new();
+        if let Some(job) = self.waiting_create_job.take() {
+            kept.push(Step::AwaitCreateJob { job });
+        }
+        while let Some(step) = self.steps.pop_front() {
+            match step {
+                Step::AwaitCreateJob { .. }
+                | Step::Cmd {
+                    effect: Effect::BestEffort,
+                    ..
+                } => kept.push(step),
+                _ => break,
+            }
+        }
         self.steps.clear();
         self.steps.extend(first);
+        self.steps.extend(kept);
         self.step_busy = false;
         self.current = None;
-        self.waiting_create_job = None;
         self.waiting_file = None;
         if self.nbd_started {
             self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
@@ -812,6 +843,11 @@ impl BackupRun {
                     .map(|jobs| jobs.into_iter().find(|j| j.id == job).and_then(|j| j.error));
                 // The creation job is dismissed whatever happened.
                 self.step_busy = false;
+                if matches!(self.phase, Phase::RollingBack { .. }) {
+                    // Already undoing: only the dismissal is still owed.
+                    self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
+                    return self.pump(core, ctx);
+                }
                 match outcome {
                     Ok(None) => {
                         self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
@@ -919,7 +955,13 @@ impl BackupRun {
                         self.checkpoint = None;
                         self.roll_back(core, ctx, error)
                     }
-                    _ => self.roll_back(core, ctx, error),
+                    _ => {
+                        // A refused image creation started no job: nothing to wait for.
+                        if matches!(self.steps.front(), Some(Step::AwaitCreateJob { .. })) {
+                            self.steps.pop_front();
+                        }
+                        self.roll_back(core, ctx, error)
+                    }
                 }
             }
             _ => {
@@ -1077,7 +1119,25 @@ impl BackupRun {
         ctx.respond(req, Ok(Reply::Done));
         match self.phase {
             Phase::Running if self.committed => {
-                self.cancel_running();
+                // A cancel sent earlier may have been refused or lost with the connection:
+                // every abort sends it again to the disks still cancelling. Their job may
+                // also have concluded while the check of its end failed: check again.
+                let stuck: Vec<String> = self
+                    .plan
+                    .disks
+                    .iter()
+                    .filter(|d| d.state == DiskJobState::Cancelling)
+                    .map(|d| d.job_id.clone())
+                    .collect();
+                self.cancel_running_resend();
+                for job in stuck {
+                    if self.checks_queued.insert(job.clone()) {
+                        self.steps.push_back(Step::Cmd {
+                            command: cmd::query_jobs(),
+                            effect: Effect::CheckJob(job),
+                        });
+                    }
+                }
                 self.pump(core, ctx)
             }
             Phase::Querying | Phase::Preparing if !self.transaction_sent => {
@@ -1166,9 +1226,35 @@ impl BackupRun {
             .iter()
             .any(|d| jobs.iter().any(|j| j.id == d.job_id));
         if !self.committed {
-            if !any_known {
+            // Before the transaction was sent no job can be ours, whatever QEMU lists under
+            // the same id (a job left behind by an earlier run).
+            if !self.transaction_sent || !any_known {
                 self.phase = Phase::Preparing;
-                return self.roll_back(core, ctx, Error::LinkLost("backup start".into()));
+                // Replies lost with the connection may hide a node that was added or an
+                // image-creation job that was started. The plan's node names were fresh when
+                // chosen, so removing every one of them (best effort) touches nothing else.
+                let mut first = Vec::new();
+                for d in &self.plan.disks {
+                    for node in [&d.storage_node, &d.format_node] {
+                        if !self.added_nodes.contains(node) {
+                            self.added_nodes.push(node.clone());
+                        }
+                    }
+                    let create_job = format!("create-{}", d.format_node);
+                    if let Some(j) = jobs.iter().find(|j| j.id == create_job) {
+                        if j.status == QemuJobStatus::Concluded {
+                            first.push(best_effort(cmd::job_dismiss(&create_job)));
+                        } else {
+                            first.push(Step::AwaitCreateJob { job: create_job });
+                        }
+                    }
+                }
+                return self.roll_back_after(
+                    core,
+                    ctx,
+                    Error::LinkLost("backup start".into()),
+                    first,
+                );
             }
             // The transaction went through before the connection dropped.
             if let Err(e) = self.commit(core, ctx)
@@ -1189,9 +1275,9 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
-        if self.abort_requested {
-            follow_up.extend(self.cancel_steps());
-        }
+        // Jobs still running while their disk is cancelling may never have seen the cancel
+        // (it was lost with the connection): send it again.
+        follow_up.extend(self.cancel_steps_for(self.abort_requested, true));
         self.steps.extend(follow_up);
         self.pump(core, ctx)
     }
@@ -1286,10 +1372,25 @@ impl BackupRun {
         if job_exists {
             steps.push(best_effort(cmd::job_dismiss(&d.job_id)));
         }
+        if self.plan.mode == BackupMode::Pull
+            && self.shared_server
+            && let Some(export) = &d.export_id
+        {
+            // Only this backup's export goes (its clients with it, as a server stop would do);
+            // the server keeps serving its other exports.
+            steps.push(best_effort(QmpCommand::BlockExportDel(
+                crate::qmp::BlockExportDel {
+                    id: export.clone(),
+                    mode: Some(crate::qmp::BlockExportRemoveMode::Hard),
+                },
+            )));
+        }
         if self.plan.mode == BackupMode::Pull {
             // The exports go with the server as soon as a disk ends. Like libvirt, the stop is
             // sent for every ending disk; later ones are refused harmlessly.
-            steps.push(best_effort(QmpCommand::NbdServerStop));
+            if !self.shared_server {
+                steps.push(best_effort(QmpCommand::NbdServerStop));
+            }
             if !self.objects_del_queued {
                 self.objects_del_queued = true;
                 for obj in self.added_objects.iter().rev() {
@@ -1311,14 +1412,32 @@ impl BackupRun {
 
     /// Marks every running disk cancelling and returns the cancel commands.
     fn cancel_steps(&mut self) -> Vec<Step> {
+        self.cancel_steps_for(true, false)
+    }
+
+    /// Cancel commands for the running disks (marked cancelling) when `running`, and again for
+    /// the disks already cancelling when `resend`.
+    fn cancel_steps_for(&mut self, running: bool, resend: bool) -> Vec<Step> {
         let mut steps = Vec::new();
         for d in &mut self.plan.disks {
-            if d.state == DiskJobState::Running {
+            let send = match d.state {
+                DiskJobState::Running => running,
+                DiskJobState::Cancelling => resend,
+                _ => false,
+            };
+            if send {
                 d.state = DiskJobState::Cancelling;
                 steps.push(best_effort(cmd::block_job_cancel(&d.job_id)));
             }
         }
         steps
+    }
+
+    /// Cancels every running or still cancelling disk before anything else queued.
+    fn cancel_running_resend(&mut self) {
+        for step in self.cancel_steps_for(true, true).into_iter().rev() {
+            self.steps.push_front(step);
+        }
     }
 
     /// Cancels every running disk before anything else queued.

@@ -21,6 +21,8 @@ mod record;
 mod restore;
 mod xml;
 
+pub use xml::GRAMMAR;
+
 pub use index::{Catalogue, CatalogueOp, DeleteMode, ListFilter, find_backup};
 pub use record::{BackupImage, BackupKind, Digest, ManagedBackup, validate_uuid};
 pub use restore::{DiskRestore, RestorePlan};

@@ -18,16 +18,64 @@
 //! </managedbackup>
 //! ```
 //!
-//! Parsing checks every element and attribute with positioned errors, then the record's own
-//! rules ([`ManagedBackup::check`]); formatting then parsing gives the same record.
+//! Parsing validates the document against `schemas/managedbackup.rng`, then checks every
+//! element and attribute again with positioned errors (so the rules hold whatever the grammar
+//! says), then the record's own rules ([`ManagedBackup::check`]). Formatting then parsing gives
+//! the same record.
 
 use super::record::{BackupImage, BackupKind, Digest, ManagedBackup};
 use crate::model::ImageFormat;
+use std::sync::OnceLock;
+
 use crate::xml::document::{Ctx, N, load};
-use crate::xml::error::{XmlError, XmlErrorKind};
+use crate::xml::error::{Position, XmlError, XmlErrorKind};
+use crate::xml::relaxng::{Schema, SchemaError};
 use crate::xml::writer::Writer;
 
 const ROOT: &str = "managedbackup";
+
+/// The grammar's RELAX NG source.
+pub const GRAMMAR: &str = include_str!("../../../schemas/managedbackup.rng");
+
+/// The compiled grammar, compiled on first use.
+fn grammar() -> Result<&'static Schema, &'static SchemaError> {
+    static SCHEMA: OnceLock<Result<Schema, SchemaError>> = OnceLock::new();
+    SCHEMA.get_or_init(|| Schema::compile(GRAMMAR)).as_ref()
+}
+
+fn validate(doc: &roxmltree::Document<'_>) -> Result<(), XmlError> {
+    let violations = match grammar() {
+        Ok(schema) => match schema.validate(doc) {
+            Ok(()) => return Ok(()),
+            Err(v) => v,
+        },
+        Err(e) => {
+            return Err(XmlError {
+                kind: XmlErrorKind::Schema,
+                position: None,
+                path: "/".into(),
+                message: format!("grammar managedbackup does not compile: {e}"),
+            });
+        }
+    };
+    Err(violations.into_iter().next().map_or_else(
+        || XmlError {
+            kind: XmlErrorKind::Schema,
+            position: None,
+            path: "/".into(),
+            message: "document does not match its grammar".into(),
+        },
+        |v| XmlError {
+            kind: XmlErrorKind::Schema,
+            position: Some(Position {
+                line: v.line,
+                column: v.column,
+            }),
+            path: v.path,
+            message: v.message,
+        },
+    ))
+}
 
 impl ManagedBackup {
     /// The canonical `<managedbackup>` document (ending with a newline).
@@ -68,6 +116,7 @@ impl ManagedBackup {
     /// Parses a `<managedbackup>` document.
     pub fn parse(text: &str) -> Result<Self, XmlError> {
         let doc = load(text)?;
+        validate(&doc)?;
         let ctx = Ctx::new(&doc);
         let root = doc.root_element();
         if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {

@@ -1,0 +1,1228 @@
+//! The domain, checkpoint and backup commands, with virsh's names, flags and output.
+//!
+//! Read-only commands answer from the store without starting QEMU, unless a job is journaled
+//! (then QEMU is reached first so the core reconciles the job). Commands that change bitmaps,
+//! compute sizes or run jobs always open a QMP session.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, NbdServer, NbdTransport};
+use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
+use vbackup_core::domain::{DomainEvent, Reply, Request};
+use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::xml::{
+    BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, align_backup, align_checkpoint,
+    align_redefined_checkpoint, parse_domain,
+};
+use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
+use vbackup_qemu::store::Store;
+
+use crate::effects::COMPLETED_FILE;
+use crate::output::{CliError, format_time, human_bytes, table};
+use crate::session::{self, Attachment, Loaded, Session};
+
+/// Options every domain command shares.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// State directory (default: $XDG_DATA_HOME/vbackup).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Domain, checkpoint and backup commands.
+#[derive(Debug, Subcommand)]
+pub enum DomainCommand {
+    /// Define a domain from a libvirt domain XML file, or NAME with --disk.
+    Define {
+        /// A domain XML file, or the new domain's name when --disk is given.
+        file_or_name: String,
+        /// A disk: TARGET=PATH[,format=qcow2|raw] (repeatable).
+        #[arg(long, value_name = "TARGET=PATH[,format=F]")]
+        disk: Vec<String>,
+        /// Attach to this QMP socket instead of running qemu-storage-daemon.
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
+    },
+    /// Undefine a domain.
+    Undefine {
+        /// Domain name.
+        domain: String,
+        /// Also drop checkpoint metadata (bitmaps stay in the images).
+        #[arg(long)]
+        checkpoints_metadata: bool,
+        /// Also delete every managed backup of the domain and its images.
+        #[arg(long)]
+        remove_all_backups: bool,
+    },
+    /// Start a managed domain's qemu-storage-daemon with its guest NBD exports and keep it
+    /// running until `shutdown`.
+    Start {
+        /// Domain name.
+        domain: String,
+    },
+    /// Stop a managed domain's daemon (refused while a backup job runs).
+    Shutdown {
+        /// Domain name.
+        domain: String,
+    },
+    /// List domains.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Accepted for virsh compatibility (all domains are always listed).
+        #[arg(long)]
+        all: bool,
+    },
+    /// List a domain's disks.
+    Domblklist {
+        /// Domain name.
+        domain: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a checkpoint from an XML file.
+    CheckpointCreate {
+        /// Domain name.
+        domain: String,
+        /// `<domaincheckpoint>` file.
+        file: PathBuf,
+        /// Re-insert stored metadata.
+        #[arg(long)]
+        redefine: bool,
+        /// With --redefine: check the bitmaps in QEMU.
+        #[arg(long, requires = "redefine")]
+        redefine_validate: bool,
+        /// Quiesce the guest (refused: no guest agent).
+        #[arg(long)]
+        quiesce: bool,
+    },
+    /// Create a checkpoint from arguments.
+    CheckpointCreateAs {
+        /// Domain name.
+        domain: String,
+        /// Checkpoint name (default: the current time).
+        name: Option<String>,
+        /// Description.
+        description: Option<String>,
+        /// Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable).
+        #[arg(long)]
+        diskspec: Vec<String>,
+        /// Print the XML instead of creating the checkpoint.
+        #[arg(long)]
+        print_xml: bool,
+        /// Quiesce the guest (refused: no guest agent).
+        #[arg(long)]
+        quiesce: bool,
+    },
+    /// List checkpoints.
+    CheckpointList {
+        /// Domain name.
+        domain: String,
+        /// Show the tree of checkpoints.
+        #[arg(long)]
+        tree: bool,
+        /// Only checkpoints without a parent.
+        #[arg(long)]
+        roots: bool,
+        /// Only checkpoints without children.
+        #[arg(long)]
+        leaves: bool,
+        /// Only checkpoints with children.
+        #[arg(long)]
+        no_leaves: bool,
+        /// Parents before children.
+        #[arg(long)]
+        topological: bool,
+        /// Add a parent column.
+        #[arg(long)]
+        parent: bool,
+        /// Names only.
+        #[arg(long)]
+        name: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a checkpoint's XML.
+    CheckpointDumpxml {
+        /// Domain name.
+        domain: String,
+        /// Checkpoint name.
+        checkpoint: String,
+        /// Leave out the embedded domain.
+        #[arg(long)]
+        no_domain: bool,
+        /// Include the bytes dirtied since the checkpoint per disk.
+        #[arg(long)]
+        size: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a checkpoint.
+    CheckpointDelete {
+        /// Domain name.
+        domain: String,
+        /// Checkpoint name.
+        checkpoint: String,
+        /// Also its descendants.
+        #[arg(long, conflicts_with = "children_only")]
+        children: bool,
+        /// Only its descendants.
+        #[arg(long)]
+        children_only: bool,
+        /// Only metadata; bitmaps stay.
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// Print a checkpoint's parent.
+    CheckpointParent {
+        /// Domain name.
+        domain: String,
+        /// Checkpoint name.
+        checkpoint: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show checkpoint information.
+    CheckpointInfo {
+        /// Domain name.
+        domain: String,
+        /// Checkpoint name.
+        checkpoint: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Begin a backup.
+    BackupBegin {
+        /// Domain name.
+        domain: String,
+        /// `<domainbackup>` file (default: push full backup of every disk).
+        backupxml: Option<PathBuf>,
+        /// `<domaincheckpoint>` file: a checkpoint created with the backup.
+        checkpointxml: Option<PathBuf>,
+        /// Targets or scratch images exist already.
+        #[arg(long)]
+        reuse_external: bool,
+        /// Wait for the job to end, with a progress bar on a terminal.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the running backup's XML, or given a uuid the managed backup's `<managedbackup>`.
+    BackupDumpxml {
+        /// Domain name, or a managed backup's uuid.
+        domain: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show job information.
+    Domjobinfo {
+        /// Domain name.
+        domain: String,
+        /// The last finished job.
+        #[arg(long)]
+        completed: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort the running job (ends a pull backup).
+    Domjobabort {
+        /// Domain name.
+        domain: String,
+    },
+}
+
+/// Runs a command.
+pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
+    let store = session::open_store(global.state_dir.as_deref())?;
+    match command {
+        DomainCommand::Define {
+            file_or_name,
+            disk,
+            qmp,
+        } => define(&store, &file_or_name, &disk, qmp),
+        DomainCommand::Undefine {
+            domain,
+            checkpoints_metadata,
+            remove_all_backups,
+        } => undefine(&store, &domain, checkpoints_metadata, remove_all_backups),
+        DomainCommand::List { json, .. } => list(&store, json),
+        DomainCommand::Start { domain } => start(&store, &domain),
+        DomainCommand::Shutdown { domain } => shutdown(&store, &domain),
+        DomainCommand::Domblklist { domain, json } => domblklist(&store, &domain, json),
+        DomainCommand::CheckpointCreate {
+            domain,
+            file,
+            redefine,
+            redefine_validate,
+            quiesce,
+        } => {
+            let text = read_file(&file)?;
+            checkpoint_create(&store, &domain, &text, redefine, redefine_validate, quiesce)
+        }
+        DomainCommand::CheckpointCreateAs {
+            domain,
+            name,
+            description,
+            diskspec,
+            print_xml,
+            quiesce,
+        } => {
+            let text =
+                checkpoint_xml_from_args(name.as_deref(), description.as_deref(), &diskspec)?;
+            if print_xml {
+                print!("{text}");
+                return Ok(());
+            }
+            checkpoint_create(&store, &domain, &text, false, false, quiesce)
+        }
+        DomainCommand::CheckpointList {
+            domain,
+            tree,
+            roots,
+            leaves,
+            no_leaves,
+            topological,
+            parent,
+            name,
+            json,
+        } => {
+            let filter = ListFilter {
+                roots_or_descendants: roots,
+                topological: topological || tree,
+                leaves,
+                no_leaves,
+            };
+            let opts = ListOpts {
+                tree,
+                parent,
+                name_only: name,
+                json,
+            };
+            checkpoint_list(&store, &domain, filter, opts)
+        }
+        DomainCommand::CheckpointDumpxml {
+            domain,
+            checkpoint,
+            no_domain,
+            size,
+            json,
+        } => checkpoint_dumpxml(&store, &domain, &checkpoint, no_domain, size, json),
+        DomainCommand::CheckpointDelete {
+            domain,
+            checkpoint,
+            children,
+            children_only,
+            metadata,
+        } => {
+            let scope = if children {
+                DeleteScope::WithChildren
+            } else if children_only {
+                DeleteScope::ChildrenOnly
+            } else {
+                DeleteScope::Single
+            };
+            checkpoint_delete(&store, &domain, &checkpoint, scope, metadata)
+        }
+        DomainCommand::CheckpointParent {
+            domain,
+            checkpoint,
+            json,
+        } => read_tree(&store, &domain, |tree, _| {
+            let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
+            if json {
+                println!("{}", json!({"parent": parent.name}));
+            } else {
+                println!("{}", parent.name);
+            }
+            Ok(())
+        }),
+        DomainCommand::CheckpointInfo {
+            domain,
+            checkpoint,
+            json,
+        } => read_tree(&store, &domain, |tree, dom| {
+            checkpoint_info(tree, dom, &checkpoint, json)
+        }),
+        DomainCommand::BackupBegin {
+            domain,
+            backupxml,
+            checkpointxml,
+            reuse_external,
+            wait,
+        } => {
+            let backup = backupxml.map(|p| read_file(&p)).transpose()?;
+            let checkpoint = checkpointxml.map(|p| read_file(&p)).transpose()?;
+            backup_begin(
+                &store,
+                &domain,
+                backup.as_deref(),
+                checkpoint.as_deref(),
+                reuse_external,
+                wait,
+            )
+        }
+        DomainCommand::BackupDumpxml { domain, json } => {
+            if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
+                crate::managed::dumpxml(&store, &domain, json)
+            } else {
+                backup_dumpxml(&store, &domain, json)
+            }
+        }
+        DomainCommand::Domjobinfo {
+            domain,
+            completed,
+            json,
+        } => domjobinfo(&store, &domain, completed, json),
+        DomainCommand::Domjobabort { domain } => domjobabort(&store, &domain),
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map_err(CliError::io(format!("failed to read '{}'", path.display())))
+}
+
+pub(crate) fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ----- domains -----
+
+/// Escapes text for an XML attribute or element.
+pub(crate) fn esc(text: &str) -> String {
+    let mut out = String::new();
+    vbackup_core::xml::writer::escape(text, &mut out);
+    out
+}
+
+/// The backing chain of an image as `(path, format)`, top first, from `qemu-img info`.
+fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, CliError> {
+    let out = Process::new("qemu-img")
+        .args([
+            "info",
+            "--backing-chain",
+            "--output=json",
+            "-U",
+            "-f",
+            format,
+            path,
+        ])
+        .output()
+        .map_err(CliError::io("cannot run qemu-img"))?;
+    if !out.status.success() {
+        return Err(CliError::Other(format!(
+            "qemu-img info {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| CliError::Other(format!("qemu-img info {path}: {e}")))?;
+    let chain = match v {
+        Value::Array(a) => a,
+        other => vec![other],
+    };
+    Ok(chain
+        .iter()
+        .map(|i| {
+            (
+                i["filename"].as_str().unwrap_or_default().to_owned(),
+                i["format"].as_str().unwrap_or("raw").to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// A libvirt `<domain>` document for `name` with `--disk` specifications.
+fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliError> {
+    let mut devices = String::new();
+    for spec in disks {
+        let (target, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| CliError::Other(format!("--disk '{spec}': expected TARGET=PATH")))?;
+        let mut parts = rest.split(',');
+        let path = parts.next().unwrap_or_default();
+        let mut format = "qcow2".to_owned();
+        for p in parts {
+            match p.split_once('=') {
+                Some(("format", f)) => format = f.to_owned(),
+                _ => {
+                    return Err(CliError::Other(format!(
+                        "--disk '{spec}': unknown option '{p}'"
+                    )));
+                }
+            }
+        }
+        let abs = std::fs::canonicalize(path)
+            .map_err(CliError::io(format!("disk '{target}': '{path}'")))?;
+        let abs = abs.display().to_string();
+        let chain = backing_chain(&abs, &format)?;
+        let mut xml = format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n",
+            esc(&format),
+            esc(&abs)
+        );
+        let mut closing = String::new();
+        let mut indent = "      ".to_owned();
+        for (i, (p, f)) in chain.iter().enumerate().skip(1) {
+            xml.push_str(&format!(
+                "{indent}<backingStore type='file' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  <source file='{}'/>\n",
+                chain.len() - i,
+                esc(f),
+                esc(p)
+            ));
+            closing = format!("{indent}</backingStore>\n{closing}");
+            indent.push_str("  ");
+        }
+        xml.push_str(&closing);
+        xml.push_str(&format!(
+            "      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+            esc(target)
+        ));
+        devices.push_str(&xml);
+    }
+    Ok(format!(
+        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
+        esc(name),
+        uuid::Uuid::new_v4()
+    ))
+}
+
+pub(crate) fn define(
+    store: &Store,
+    file_or_name: &str,
+    disks: &[String],
+    qmp: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let (xml, from) = if disks.is_empty() {
+        (read_file(Path::new(file_or_name))?, Some(file_or_name))
+    } else {
+        (domain_xml_from_disks(file_or_name, disks)?, None)
+    };
+    let def = parse_domain(&xml)?;
+    let attachment = match qmp {
+        Some(p) => Attachment::Attached(
+            std::fs::canonicalize(&p).map_err(CliError::io(format!("'{}'", p.display())))?,
+        ),
+        None => Attachment::Managed,
+    };
+    if attachment == Attachment::Managed {
+        for d in def.disks.iter().filter(|d| !d.is_empty()) {
+            QsdDisk::from_disk_def(d)?;
+        }
+    }
+    let ds = store.lock_domain(&def.name)?;
+    ds.write_domain_xml(&xml)?;
+    session::write_meta(&ds, &attachment)?;
+    match from {
+        Some(f) => println!("Domain '{}' defined from {f}", def.name),
+        None => println!("Domain '{}' defined", def.name),
+    }
+    Ok(())
+}
+
+fn undefine(
+    store: &Store,
+    name: &str,
+    checkpoints_metadata: bool,
+    remove_all_backups: bool,
+) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_some() {
+        return Err(CliError::Other(
+            "Requested operation is not valid: a backup job is running".into(),
+        ));
+    }
+    let backups = crate::managed::backup_count(&loaded.store)?;
+    if backups > 0 && !remove_all_backups {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' has {backups} managed backup(s); use --remove-all-backups"
+        )));
+    }
+    if !loaded.tree.is_empty() && !checkpoints_metadata {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: cannot delete inactive domain with {} checkpoints",
+            loaded.tree.len()
+        )));
+    }
+    if loaded.attachment == Attachment::Managed {
+        let run_dir = loaded.store.run_dir();
+        let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
+        session::stop_daemon(&run_dir)?;
+    }
+    if backups > 0 {
+        crate::managed::remove_all_backups(&loaded.store)?;
+    }
+    loaded.store.remove_all()?;
+    println!("Domain '{name}' has been undefined");
+    Ok(())
+}
+
+fn start(store: &Store, name: &str) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.attachment != Attachment::Managed {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' is attached to an external QEMU"
+        )));
+    }
+    let run_dir = loaded.store.run_dir();
+    let s = Session::connect(loaded)?;
+    std::fs::write(run_dir.join(session::KEEP_FILE), b"")
+        .map_err(CliError::io("cannot mark the daemon as kept"))?;
+    s.close()?;
+    println!("Domain '{name}' started");
+    println!(
+        "Guest exports: nbd+unix:///guest-<disk>?socket={}",
+        RunDir::new(&run_dir).nbd_socket.display()
+    );
+    Ok(())
+}
+
+fn shutdown(store: &Store, name: &str) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_some() {
+        return Err(CliError::Other(
+            "Requested operation is not valid: a backup job is running".into(),
+        ));
+    }
+    let run_dir = loaded.store.run_dir();
+    let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
+    if loaded.attachment == Attachment::Managed {
+        session::stop_daemon(&run_dir)?;
+    }
+    println!("Domain '{name}' is being shutdown");
+    Ok(())
+}
+
+fn list(store: &Store, json: bool) -> Result<(), CliError> {
+    let mut rows = Vec::new();
+    for name in store.list_domains()? {
+        let dir = store.root().join("domains").join(&name);
+        let Ok(xml) = std::fs::read_to_string(dir.join("domain.xml")) else {
+            continue;
+        };
+        let meta: Value = std::fs::read_to_string(dir.join(session::META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let attached = meta.get("qmp").and_then(Value::as_str).map(str::to_owned);
+        let state = match &attached {
+            Some(_) => "attached".to_owned(),
+            None => {
+                let run = RunDir::new(store.root().join("run").join(&name));
+                match run.read_pid().ok().flatten() {
+                    Some(pid) if daemon_alive(pid) => "running".to_owned(),
+                    _ => "shut off".to_owned(),
+                }
+            }
+        };
+        let job = dir.join("journal.json").is_file();
+        let disks = parse_domain(&xml).map(|d| d.disks.len()).unwrap_or(0);
+        rows.push((name, state, attached, job, disks));
+    }
+    if json {
+        let v: Vec<Value> = rows
+            .iter()
+            .map(|(n, s, q, j, d)| {
+                json!({"name": n, "state": s, "qmp": q, "job": if *j {"backup"} else {"none"}, "disks": d})
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(n, s, _, j, _)| vec![n, s, if j { "backup".into() } else { "-".into() }])
+        .collect();
+    print!("{}", table(&["Name", "State", "Job"], &rows));
+    Ok(())
+}
+
+fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let disks: Vec<(String, String)> = loaded
+        .def
+        .disks
+        .iter()
+        .map(|d| {
+            let src = d
+                .top()
+                .and_then(|l| l.path.clone())
+                .unwrap_or_else(|| "-".into());
+            (d.target.clone(), src)
+        })
+        .collect();
+    if json {
+        let v: Vec<Value> = disks
+            .iter()
+            .map(|(t, s)| json!({"target": t, "source": s}))
+            .collect();
+        println!("{}", Value::Array(v));
+    } else {
+        let rows: Vec<Vec<String>> = disks.into_iter().map(|(t, s)| vec![t, s]).collect();
+        print!("{}", table(&["Target", "Source"], &rows));
+    }
+    Ok(())
+}
+
+// ----- checkpoints -----
+
+fn checkpoint_xml_from_args(
+    name: Option<&str>,
+    description: Option<&str>,
+    diskspecs: &[String],
+) -> Result<String, CliError> {
+    let mut xml = String::from("<domaincheckpoint>\n");
+    if let Some(n) = name {
+        xml.push_str(&format!("  <name>{}</name>\n", esc(n)));
+    }
+    if let Some(d) = description {
+        xml.push_str(&format!("  <description>{}</description>\n", esc(d)));
+    }
+    if !diskspecs.is_empty() {
+        xml.push_str("  <disks>\n");
+        for spec in diskspecs {
+            let mut parts = spec.split(',');
+            let target = parts.next().unwrap_or_default();
+            let mut attrs = format!(" name='{}'", esc(target));
+            for p in parts {
+                match p.split_once('=') {
+                    Some((k @ ("checkpoint" | "bitmap"), v)) => {
+                        attrs.push_str(&format!(" {k}='{}'", esc(v)));
+                    }
+                    _ => {
+                        return Err(CliError::Other(format!(
+                            "--diskspec '{spec}': unknown option '{p}'"
+                        )));
+                    }
+                }
+            }
+            xml.push_str(&format!("    <disk{attrs}/>\n"));
+        }
+        xml.push_str("  </disks>\n");
+    }
+    xml.push_str("</domaincheckpoint>\n");
+    Ok(xml)
+}
+
+/// A new checkpoint's engine form: parsed, defaults filled, aligned, domain embedded.
+pub(crate) fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, CliError> {
+    let mut def = CheckpointDef::parse(text, CheckpointMode::Create)?;
+    def.fill_create_defaults(now_s());
+    let mut aligned = align_checkpoint(&def, &loaded.def)?;
+    aligned.domain_xml = Some(loaded.xml.trim_end().to_owned());
+    Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
+}
+
+fn checkpoint_create(
+    store: &Store,
+    name: &str,
+    text: &str,
+    redefine: bool,
+    validate: bool,
+    quiesce: bool,
+) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let request = if redefine {
+        let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
+        let aligned = align_redefined_checkpoint(&def, &loaded.def)?;
+        let checkpoint = Checkpoint::from_def(&aligned).map_err(EngineError::from)?;
+        Request::CheckpointRedefine {
+            checkpoint,
+            validate,
+        }
+    } else {
+        Request::CheckpointCreate {
+            checkpoint: new_checkpoint(text, &loaded)?,
+            quiesce,
+        }
+    };
+    let cp_name = match &request {
+        Request::CheckpointRedefine { checkpoint, .. }
+        | Request::CheckpointCreate { checkpoint, .. } => checkpoint.name.clone(),
+        _ => String::new(),
+    };
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(request);
+    s.close()?;
+    r?;
+    if redefine {
+        println!("Domain checkpoint {cp_name} redefined");
+    } else {
+        println!("Domain checkpoint {cp_name} created");
+    }
+    Ok(())
+}
+
+/// Runs `f` on the checkpoint tree: straight from the store, or after reconciling a journaled
+/// job with QEMU.
+fn read_tree<T>(
+    store: &Store,
+    name: &str,
+    f: impl FnOnce(&CheckpointTree, &str) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_none() {
+        return f(&loaded.tree, name);
+    }
+    let s = Session::connect(loaded)?;
+    let r = f(s.driver.domain().view().checkpoints, name);
+    s.close()?;
+    r
+}
+
+struct ListOpts {
+    tree: bool,
+    parent: bool,
+    name_only: bool,
+    json: bool,
+}
+
+fn checkpoint_list(
+    store: &Store,
+    name: &str,
+    filter: ListFilter,
+    opts: ListOpts,
+) -> Result<(), CliError> {
+    read_tree(store, name, |tree, _| {
+        let list = tree.list(filter);
+        if opts.json {
+            let v: Vec<Value> = list
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name,
+                        "parent": c.parent,
+                        "creation_time": c.creation_time_s,
+                        "description": c.description,
+                        "current": tree.current() == Some(c.name.as_str()),
+                        "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", Value::Array(v));
+        } else if opts.tree {
+            let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
+            let mut out = String::new();
+            for root in list
+                .iter()
+                .filter(|c| c.parent.as_deref().is_none_or(|p| !included.contains(&p)))
+            {
+                out.push_str(&format!("{}\n", root.name));
+                print_tree(tree, &included, &root.name, "  ", &mut out);
+            }
+            print!("{out}");
+        } else if opts.name_only {
+            for c in &list {
+                println!("{}", c.name);
+            }
+        } else {
+            let mut headers = vec!["Name", "Creation Time"];
+            if opts.parent {
+                headers.push("Parent");
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|c| {
+                    let mut r = vec![c.name.clone(), format_time(c.creation_time_s)];
+                    if opts.parent {
+                        r.push(c.parent.clone().unwrap_or_default());
+                    }
+                    r
+                })
+                .collect();
+            print!("{}", table(&headers, &rows));
+        }
+        Ok(())
+    })
+}
+
+/// virsh's tree layout: each child under a `|` line, introduced by `+- `.
+fn print_tree(
+    tree: &CheckpointTree,
+    included: &[&str],
+    name: &str,
+    prefix: &str,
+    out: &mut String,
+) {
+    let children: Vec<&str> = tree
+        .children(name)
+        .filter(|c| included.contains(c))
+        .collect();
+    for (i, c) in children.iter().enumerate() {
+        out.push_str(&format!("{prefix}|\n{prefix}+- {c}\n"));
+        let next = if i + 1 == children.len() {
+            format!("{prefix}    ")
+        } else {
+            format!("{prefix}|   ")
+        };
+        print_tree(tree, included, c, &next, out);
+    }
+}
+
+fn checkpoint_dumpxml(
+    store: &Store,
+    name: &str,
+    checkpoint: &str,
+    no_domain: bool,
+    size: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let c = if size {
+        let loaded = session::load(store, name)?;
+        let mut s = Session::connect(loaded)?;
+        let r = s.call(Request::CheckpointGetXml {
+            name: checkpoint.to_owned(),
+            size: true,
+        });
+        s.close()?;
+        match r? {
+            Reply::Checkpoint(c) => *c,
+            other => return Err(CliError::Other(format!("unexpected answer {other:?}"))),
+        }
+    } else {
+        read_tree(store, name, |tree, _| {
+            Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
+        })?
+    };
+    let xml = c.to_def().format(CheckpointFormat {
+        no_domain,
+        include_size: size,
+    });
+    if json {
+        println!(
+            "{}",
+            json!({
+                "name": c.name,
+                "parent": c.parent,
+                "description": c.description,
+                "creation_time": c.creation_time_s,
+                "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes})).collect::<Vec<_>>(),
+                "xml": xml,
+            })
+        );
+    } else {
+        print!("{xml}");
+    }
+    Ok(())
+}
+
+fn checkpoint_delete(
+    store: &Store,
+    name: &str,
+    checkpoint: &str,
+    scope: DeleteScope,
+    metadata_only: bool,
+) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(Request::CheckpointDelete {
+        name: checkpoint.to_owned(),
+        scope,
+        metadata_only,
+    });
+    s.close()?;
+    r?;
+    match scope {
+        DeleteScope::ChildrenOnly => println!("Domain checkpoint {checkpoint} children deleted"),
+        _ => println!("Domain checkpoint {checkpoint} deleted"),
+    }
+    Ok(())
+}
+
+fn checkpoint_info(
+    tree: &CheckpointTree,
+    domain: &str,
+    name: &str,
+    json: bool,
+) -> Result<(), CliError> {
+    let c = tree.lookup(name).map_err(EngineError::from)?;
+    let children = tree.children(name).count();
+    let descendants = tree
+        .list_children(
+            name,
+            ListFilter {
+                roots_or_descendants: true,
+                ..ListFilter::default()
+            },
+        )
+        .map_err(EngineError::from)?
+        .len();
+    let current = tree.current() == Some(name);
+    if json {
+        println!(
+            "{}",
+            json!({"name": c.name, "domain": domain, "parent": c.parent, "children": children,
+                   "descendants": descendants, "current": current})
+        );
+    } else {
+        println!("{:<15} {}", "Name:", c.name);
+        println!("{:<15} {domain}", "Domain:");
+        println!("{:<15} {}", "Parent:", c.parent.as_deref().unwrap_or("-"));
+        println!("{:<15} {children}", "Children:");
+        println!("{:<15} {descendants}", "Descendants:");
+        println!("{:<15} {}", "Current:", if current { "yes" } else { "no" });
+    }
+    Ok(())
+}
+
+// ----- backups and jobs -----
+
+fn backup_begin(
+    store: &Store,
+    name: &str,
+    backup: Option<&str>,
+    checkpoint: Option<&str>,
+    reuse_external: bool,
+    wait: bool,
+) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let checkpoint = checkpoint.map(|t| new_checkpoint(t, &loaded)).transpose()?;
+    let def = BackupDef::parse(backup.unwrap_or("<domainbackup/>"))?;
+    let suffix = checkpoint
+        .as_ref()
+        .map_or_else(|| now_s().to_string(), |c| c.name.clone());
+    let aligned = align_backup(&def, &loaded.def, &suffix)?;
+    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    if spec.mode == BackupMode::Pull && loaded.attachment == Attachment::Managed {
+        // The managed daemon's one NBD server carries the backup's exports too.
+        let socket = RunDir::new(loaded.store.run_dir()).nbd_socket;
+        spec.server = Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: socket.display().to_string(),
+            },
+            tls: None,
+        });
+    }
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(Request::BackupBegin {
+        spec,
+        checkpoint,
+        reuse_external,
+    });
+    if let Err(e) = r {
+        s.close()?;
+        return Err(e);
+    }
+    println!("Backup started");
+    if !wait {
+        return s.close();
+    }
+    let stats = follow(&mut s)?;
+    s.close()?;
+    match stats {
+        Some(st) if st.success == Some(true) => {
+            println!("Backup complete");
+            Ok(())
+        }
+        Some(st) => Err(CliError::Other(format!(
+            "operation failed: backup job {}: {}",
+            serde_json::to_value(st.status)
+                .unwrap_or(Value::Null)
+                .as_str()
+                .unwrap_or("ended"),
+            st.errmsg.unwrap_or_default()
+        ))),
+        None => Err(CliError::Other(
+            "backup job ended without statistics".into(),
+        )),
+    }
+}
+
+/// Drives the session until the backup job ends, showing progress on a terminal; returns the
+/// job's final statistics.
+pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
+    use vbackup_core::link::Link;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_poll = None;
+    while s.job_running() {
+        let now = s.driver.link().now();
+        let due = last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= 200);
+        if let (Some(b), true) = (&bar, due) {
+            last_poll = Some(now);
+            if let Reply::Stats(Some(st)) = s.call(Request::JobStats {
+                completed: false,
+                keep_completed: true,
+            })? {
+                b.set_length(st.disk_total_bytes.unwrap_or(0));
+                b.set_position(st.disk_processed_bytes.unwrap_or(0));
+            }
+            continue;
+        }
+        let until = s.driver.link().now().plus_ms(200);
+        s.driver.step(Some(until))?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let done = s
+        .driver
+        .effects()
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            DomainEvent::JobCompleted(st) => Some(st.clone()),
+            _ => None,
+        });
+    Ok(done)
+}
+
+fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_none() {
+        return Err(EngineError::from(RequestError::NoBackup).into());
+    }
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(Request::BackupGetXml);
+    s.close()?;
+    let Reply::Backup(plan) = r? else {
+        return Err(CliError::Other("unexpected answer".into()));
+    };
+    if json {
+        println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
+    } else {
+        print!("{}", plan.to_def().format());
+    }
+    Ok(())
+}
+
+fn print_stats(stats: Option<&Value>, json: bool) {
+    if json {
+        println!("{}", stats.cloned().unwrap_or(json!({"status": "none"})));
+        return;
+    }
+    let Some(st) = stats else {
+        println!("{:<18}None", "Job type:");
+        return;
+    };
+    let status = st["status"].as_str().unwrap_or("");
+    let job_type = match status {
+        "running" => "Unbounded",
+        "completed" => "Completed",
+        "failed" => "Failed",
+        "cancelled" => "Cancelled",
+        _ => "None",
+    };
+    println!("{:<18}{job_type}", "Job type:");
+    println!("{:<18}Backup", "Operation:");
+    if let Some(ms) = st["time_elapsed_ms"].as_u64() {
+        println!("{:<18}{ms:<13}ms", "Time elapsed:");
+    }
+    for (label, key) in [
+        ("File processed:", "disk_processed_bytes"),
+        ("File remaining:", "disk_remaining_bytes"),
+        ("File total:", "disk_total_bytes"),
+        ("Temp used:", "disk_temp_used_bytes"),
+        ("Temp total:", "disk_temp_total_bytes"),
+    ] {
+        if let Some(b) = st[key].as_u64() {
+            println!("{label:<18}{}", human_bytes(b));
+        }
+    }
+    // A pull backup ended by abort completes; its cancelled block jobs' message is noise.
+    if let (Some(msg), false) = (st["errmsg"].as_str(), status == "completed") {
+        println!("{:<18}{msg}", "Error message:");
+    }
+}
+
+fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if completed {
+        let path = loaded.store.dir().join(COMPLETED_FILE);
+        let stats: Option<Value> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        // A journaled job that ended while nobody watched concludes on reconnect.
+        if loaded.journal.is_some() {
+            let s = Session::connect(loaded)?;
+            let finished = s
+                .driver
+                .effects()
+                .events
+                .iter()
+                .rev()
+                .find_map(|e| match e {
+                    DomainEvent::JobCompleted(st) => serde_json::to_value(st).ok(),
+                    _ => None,
+                });
+            s.close()?;
+            print_stats(finished.as_ref().or(stats.as_ref()), json);
+        } else {
+            print_stats(stats.as_ref(), json);
+        }
+        return Ok(());
+    }
+    if loaded.journal.is_none() {
+        print_stats(None, json);
+        return Ok(());
+    }
+    let mut s = Session::connect(loaded)?;
+    let r = if s.job_running() {
+        s.call(Request::JobStats {
+            completed: false,
+            keep_completed: true,
+        })
+        .map(Some)
+    } else {
+        Ok(None)
+    };
+    s.close()?;
+    match r? {
+        Some(Reply::Stats(st)) => {
+            let v = st.and_then(|st| serde_json::to_value(st).ok());
+            print_stats(v.as_ref(), json);
+        }
+        _ => print_stats(None, json),
+    }
+    Ok(())
+}
+
+fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_none() {
+        return Err(EngineError::from(RequestError::NoJob).into());
+    }
+    let mut s = Session::connect(loaded)?;
+    if !s.job_running() {
+        s.close()?;
+        return Err(EngineError::from(RequestError::NoJob).into());
+    }
+    if let Err(e) = s.call(Request::AbortJob) {
+        s.close()?;
+        return Err(e);
+    }
+    // Wait for the cleanup to finish so the daemon can be stopped with a clean state.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.job_running() && std::time::Instant::now() < deadline {
+        use vbackup_core::link::Link;
+        let until = s.driver.link().now().plus_ms(200);
+        s.driver.step(Some(until))?;
+    }
+    s.close()
+}

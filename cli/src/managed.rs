@@ -1,0 +1,1266 @@
+//! Managed backups: backups vbackup creates, catalogues, restores and deletes itself, on top of
+//! the job commands (`backup-begin`) and the catalogue of the core.
+//!
+//! Contract:
+//! - A managed backup is recorded in the catalogue (`backups/<uuid>.xml` of the domain's store)
+//!   only once its images are complete and described (sizes and content digest). Until then a
+//!   `pending-backup.json` in the domain's directory names the backup, its checkpoint and its
+//!   images; an interrupted or failed backup is cleaned up from it (images removed, the
+//!   checkpoint deleted so its bitmap merges back into its parent's) by `backup-finish
+//!   --cancel` or by the next `backup-create`. So the next incremental from the parent still
+//!   covers every change.
+//! - Push backups write into `<default target>/<uuid>/<disk>.qcow2` (or the targets the
+//!   `<domainbackup>` names). QEMU writes an incremental image as a standalone qcow2 holding
+//!   only the changed clusters; it is then given its parent backup's image as backing file
+//!   without copying anything (`qemu-img rebase -u`), which is exactly its meaning.
+//! - Pull backups are read with vbackup's own NBD client from the export of the managed
+//!   daemon: only the dirty extents (incremental) or the allocated ones (full) are stored, in a
+//!   qcow2 overlay of the parent backup's image or a fresh qcow2. The job is then ended.
+//! - Restores are verified against the recorded digest before an image takes its final name.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+use vbackup_core::backup::{BackupSpec, NbdServer, NbdTransport};
+use vbackup_core::catalogue::{
+    BackupKind, Catalogue, CatalogueOp, DeleteMode, ListFilter, ManagedBackup, validate_uuid,
+};
+use vbackup_core::checkpoint::DeleteScope;
+use vbackup_core::domain::{Reply, Request};
+use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
+use vbackup_core::xml::{
+    BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
+};
+use vbackup_qemu::images::{self, load_catalogue};
+use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
+use vbackup_qemu::qsd::{RunDir, daemon_alive};
+use vbackup_qemu::restore::{RestoreTarget, restore};
+use vbackup_qemu::store::{DomainStore, Store, write_atomic};
+
+use crate::commands;
+use crate::effects::COMPLETED_FILE;
+use crate::output::{CliError, format_time, human_bytes, table};
+use crate::session::{self, Attachment, Loaded, Session};
+
+/// The unfinished managed backup of a domain, beside its `domain.xml`.
+pub const PENDING_FILE: &str = "pending-backup.json";
+
+/// Managed backup commands (named like the rest of vbackup's `backup-*` commands).
+#[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)]
+pub enum ManagedCommand {
+    /// Create a managed backup (full, or incremental from --parent) with a checkpoint.
+    BackupCreate {
+        /// Domain name.
+        domain: String,
+        /// `<domainbackup>` file (default: every disk, into the default target directory).
+        backupxml: Option<PathBuf>,
+        /// Name of the checkpoint created with the backup (default: the backup's uuid).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// The backup this one is incremental to.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Free-form description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Read the disks over NBD with vbackup's client instead of letting QEMU push them.
+        #[arg(long)]
+        pull: bool,
+        /// Wait for a push backup to finish and record it (pull backups always finish).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List a domain's managed backups.
+    BackupList {
+        /// Domain name.
+        domain: String,
+        /// Only full backups.
+        #[arg(long, conflicts_with = "latest")]
+        full: bool,
+        /// Only the chain of the most recent backup.
+        #[arg(long)]
+        latest: bool,
+        /// Show the backups as a tree of parents and children.
+        #[arg(long)]
+        tree: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the backups built directly on a backup.
+    BackupChildren {
+        /// Backup uuid.
+        uuid: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a managed backup.
+    BackupInfo {
+        /// Backup uuid.
+        uuid: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a managed backup and its images.
+    BackupDelete {
+        /// Backup uuid (with --all: the domain name).
+        target: String,
+        /// Also delete every backup built on it.
+        #[arg(long, conflicts_with = "all")]
+        children: bool,
+        /// Delete every backup of the domain named instead.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
+    BackupRestore {
+        /// Backup uuid.
+        uuid: String,
+        /// Define a new domain on the restored images.
+        #[arg(long, requires = "dir")]
+        new_domain: Option<String>,
+        /// Directory of the new images `<dir>/<disk>.qcow2`.
+        #[arg(long, conflicts_with = "overwrite")]
+        dir: Option<PathBuf>,
+        /// Only these disks (repeatable; default: every disk of the backup).
+        #[arg(long)]
+        disk: Vec<String>,
+        /// Replace the domain's own disk images (only while it is not running).
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
+    BackupFinish {
+        /// Domain name.
+        domain: String,
+        /// Cancel the job and discard the backup.
+        #[arg(long, conflicts_with = "check")]
+        cancel: bool,
+        /// Only report whether the job is done (recording it if it is).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Set the directory new managed backups of a domain go to.
+    BackupSetDefaultTarget {
+        /// Domain name.
+        domain: String,
+        /// Directory (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// Runs a managed backup command.
+pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), CliError> {
+    let store = session::open_store(global.state_dir.as_deref())?;
+    match command {
+        ManagedCommand::BackupCreate {
+            domain,
+            backupxml,
+            checkpoint,
+            parent,
+            description,
+            pull,
+            wait,
+        } => {
+            let xml = backupxml.map(|p| read(&p)).transpose()?;
+            create(
+                &store,
+                &domain,
+                &CreateArgs {
+                    xml,
+                    checkpoint,
+                    parent,
+                    description,
+                    pull,
+                    wait,
+                },
+            )
+        }
+        ManagedCommand::BackupList {
+            domain,
+            full,
+            latest,
+            tree,
+            json,
+        } => list(&store, &domain, full, latest, tree, json),
+        ManagedCommand::BackupChildren { uuid, json } => children(&store, &uuid, json),
+        ManagedCommand::BackupInfo { uuid, json } => info(&store, &uuid, json),
+        ManagedCommand::BackupDelete {
+            target,
+            children,
+            all,
+        } => delete(&store, &target, children, all),
+        ManagedCommand::BackupRestore {
+            uuid,
+            new_domain,
+            dir,
+            disk,
+            overwrite,
+        } => restore_cmd(&store, &uuid, new_domain, dir, &disk, overwrite),
+        ManagedCommand::BackupFinish {
+            domain,
+            cancel,
+            check,
+        } => finish(&store, &domain, cancel, check),
+        ManagedCommand::BackupSetDefaultTarget { domain, dir } => {
+            set_default_target(&store, &domain, &dir)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(CliError::io(format!("cannot read '{}'", path.display())))
+}
+
+fn catalogue_error(e: vbackup_core::catalogue::CatalogueError) -> CliError {
+    CliError::Other(format!("invalid argument: {e}"))
+}
+
+fn io_error(e: images::CatalogueIoError) -> CliError {
+    CliError::Other(format!("operation failed: {e}"))
+}
+
+/// The catalogue of a locked domain.
+fn catalogue(store: &DomainStore) -> Result<Catalogue, CliError> {
+    load_catalogue(store).map_err(io_error)
+}
+
+/// The domain holding backup `uuid`, locked, with its catalogue.
+fn find(store: &Store, uuid: &str) -> Result<(DomainStore, Catalogue), CliError> {
+    validate_uuid(uuid).map_err(catalogue_error)?;
+    let mut busy = Vec::new();
+    for name in store.list_domains()? {
+        // A domain another vbackup holds is skipped, so one running backup does not block
+        // lookups in the others; it is named if the backup is found nowhere else.
+        let ds = match store.lock_domain(&name) {
+            Ok(ds) => ds,
+            Err(vbackup_qemu::store::StoreError::Locked { .. }) => {
+                busy.push(name);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let cat = catalogue(&ds)?;
+        if cat.get(uuid).is_some() {
+            return Ok((ds, cat));
+        }
+    }
+    if busy.is_empty() {
+        Err(CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}'"
+        )))
+    } else {
+        Err(CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
+            busy.join(", ")
+        )))
+    }
+}
+
+// ----- pending backups -----
+
+/// What is needed to record, or to discard, a backup whose job has begun.
+#[derive(Debug, Clone)]
+struct Pending {
+    uuid: String,
+    parent: Option<String>,
+    checkpoint: String,
+    description: Option<String>,
+    creation_time: u64,
+    pull: bool,
+    /// `(disk, image path)`.
+    images: Vec<(String, String)>,
+}
+
+impl Pending {
+    fn to_json(&self) -> Value {
+        json!({
+            "uuid": self.uuid,
+            "parent": self.parent,
+            "checkpoint": self.checkpoint,
+            "description": self.description,
+            "creationTime": self.creation_time,
+            "mode": if self.pull { "pull" } else { "push" },
+            "images": self.images.iter().map(|(d, p)| json!({"disk": d, "path": p})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<Pending> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let images = v
+            .get("images")?
+            .as_array()?
+            .iter()
+            .map(|i| {
+                Some((
+                    i.get("disk")?.as_str()?.to_owned(),
+                    i.get("path")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Pending {
+            uuid: s("uuid")?,
+            parent: s("parent"),
+            checkpoint: s("checkpoint")?,
+            description: s("description"),
+            creation_time: v.get("creationTime")?.as_u64()?,
+            pull: s("mode")? == "pull",
+            images,
+        })
+    }
+
+    fn write(&self, store: &DomainStore) -> Result<(), CliError> {
+        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
+        write_atomic(store.dir(), PENDING_FILE, text.as_bytes())?;
+        Ok(())
+    }
+
+    fn read(dir: &Path) -> Result<Option<Pending>, CliError> {
+        let path = dir.join(PENDING_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| Pending::from_json(&v))
+                .map(Some)
+                .ok_or_else(|| CliError::Corrupt(format!("'{}' does not parse", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CliError::Io {
+                what: format!("cannot read '{}'", path.display()),
+                source: e,
+            }),
+        }
+    }
+
+    fn clear(dir: &Path) -> Result<(), CliError> {
+        match std::fs::remove_file(dir.join(PENDING_FILE)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CliError::Io {
+                what: "cannot remove the pending backup".into(),
+                source: e,
+            }),
+        }
+    }
+}
+
+/// Removes a partial image: a qemu-nbd left serving it by an interrupted vbackup is stopped
+/// first (by its pid), then the file and its per-backup directory go.
+fn remove_partial_image(path: &Path) {
+    if let Ok(Some(pid)) = images::holder_pid(path) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "qemu-nbd" {
+            let _ = vbackup_qemu::qsd::kill_pid(pid);
+            // Wait for it to let go of the file (it is not our child, so it cannot be reaped).
+            for _ in 0..200 {
+                if !daemon_alive(pid)
+                    && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_err()
+                {
+                    break;
+                }
+                if !matches!(images::holder_pid(path), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent()
+        && dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| validate_uuid(n).is_ok())
+    {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Discards a pending backup in a session with no job running: images removed, its
+/// checkpoint deleted (its bitmap merges into the parent checkpoint's), the marker removed.
+fn discard(s: &mut Session, dir: &Path, pending: &Pending) -> Result<(), CliError> {
+    for (_, path) in &pending.images {
+        remove_partial_image(Path::new(path));
+    }
+    let exists = s
+        .driver
+        .domain()
+        .view()
+        .checkpoints
+        .get(&pending.checkpoint)
+        .is_some();
+    if exists {
+        s.call(Request::CheckpointDelete {
+            name: pending.checkpoint.clone(),
+            scope: DeleteScope::Single,
+            metadata_only: false,
+        })?;
+    }
+    Pending::clear(dir)
+}
+
+/// Ends the running job (abort) and waits until it is over.
+fn end_job(s: &mut Session) -> Result<(), CliError> {
+    use vbackup_core::link::Link;
+    if !s.job_running() {
+        return Ok(());
+    }
+    s.call(Request::AbortJob)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.job_running() && std::time::Instant::now() < deadline {
+        let until = s.driver.link().now().plus_ms(200);
+        s.driver.step(Some(until))?;
+    }
+    if s.job_running() {
+        return Err(CliError::Other(
+            "operation failed: the backup job did not end within 60 s".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the last finished job succeeded, as the store recorded it, and finished after the
+/// pending backup was written (so it is that backup's job, not an older one).
+fn last_job_succeeded(dir: &Path) -> bool {
+    let modified = |name: &str| std::fs::metadata(dir.join(name)).and_then(|m| m.modified());
+    match (modified(COMPLETED_FILE), modified(PENDING_FILE)) {
+        (Ok(done), Ok(pending)) if done >= pending => {}
+        _ => return false,
+    }
+    std::fs::read_to_string(dir.join(COMPLETED_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("success").and_then(Value::as_bool))
+        .unwrap_or(false)
+}
+
+/// Records a pending backup whose images are complete.
+fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliError> {
+    let mut cat = catalogue(store)?;
+    let parent = match &pending.parent {
+        Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
+            CliError::Other(format!("operation failed: parent backup '{p}' is gone"))
+        })?),
+        None => None,
+    };
+    let mut disks = Vec::new();
+    for (disk, path) in &pending.images {
+        if !pending.pull
+            && let Some(parent) = &parent
+        {
+            // QEMU wrote only the changed clusters into a standalone image: giving it the
+            // parent's image as backing file, without copying, is its exact meaning.
+            let backing = parent.image(disk).ok_or_else(|| {
+                CliError::Other(format!(
+                    "operation failed: parent backup has no image of disk '{disk}'"
+                ))
+            })?;
+            rebase_unsafe(Path::new(path), Path::new(&backing.path))?;
+        }
+        disks.push(
+            images::describe(disk, Path::new(path))
+                .map_err(|e| CliError::Other(format!("operation failed: {e}")))?,
+        );
+    }
+    let backup = ManagedBackup {
+        uuid: pending.uuid.clone(),
+        domain: store.name().to_owned(),
+        parent: pending.parent.clone(),
+        checkpoint: Some(pending.checkpoint.clone()),
+        creation_time: pending.creation_time,
+        description: pending.description.clone(),
+        kind: if pending.parent.is_some() {
+            BackupKind::Incremental
+        } else {
+            BackupKind::Full
+        },
+        disks,
+    };
+    let ops = cat.insert(backup.clone()).map_err(catalogue_error)?;
+    images::apply_ops(store, &ops).map_err(io_error)?;
+    Pending::clear(store.dir())?;
+    Ok(backup)
+}
+
+fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), CliError> {
+    let out = Process::new("qemu-img")
+        .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(path)
+        .output()
+        .map_err(CliError::io("cannot run qemu-img rebase"))?;
+    if !out.status.success() {
+        return Err(CliError::Other(format!(
+            "operation failed: qemu-img rebase of '{}': {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+// ----- backup-create -----
+
+struct CreateArgs {
+    xml: Option<String>,
+    checkpoint: Option<String>,
+    parent: Option<String>,
+    description: Option<String>,
+    pull: bool,
+    wait: bool,
+}
+
+fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let cat = catalogue(&loaded.store)?;
+    let stale = Pending::read(loaded.store.dir())?;
+    if stale.is_some() && loaded.journal.is_some() {
+        return Err(CliError::Other(
+            "Requested operation is not valid: a managed backup is still running; finish it with backup-finish"
+                .into(),
+        ));
+    }
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let parent = match &args.parent {
+        Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
+            catalogue_error(vbackup_core::catalogue::CatalogueError::NotFound(p.clone()))
+        })?),
+        None => None,
+    };
+    let from = match &parent {
+        Some(p) => Some(p.checkpoint.clone().ok_or_else(|| {
+            CliError::Other(format!(
+                "invalid argument: backup '{}' has no checkpoint to be incremental from",
+                p.uuid
+            ))
+        })?),
+        None => None,
+    };
+    let checkpoint_name = args.checkpoint.clone().unwrap_or_else(|| uuid.clone());
+    let checkpoint = commands::new_checkpoint(
+        &format!(
+            "<domaincheckpoint><name>{}</name></domaincheckpoint>",
+            commands::esc(&checkpoint_name)
+        ),
+        &loaded,
+    )?;
+
+    let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
+    if args.pull {
+        def.mode = BackupMode::Pull;
+    }
+    if def.mode == BackupMode::Pull && loaded.attachment != Attachment::Managed {
+        return Err(CliError::Other(
+            "Requested operation is not supported: managed pull backups read the exports of a managed domain's daemon".into(),
+        ));
+    }
+    def.incremental = from.clone();
+    if def.disks.is_empty() {
+        def.disks = loaded
+            .def
+            .disks
+            .iter()
+            .filter(|d| !d.is_empty() && !d.readonly)
+            .map(|d| BackupDisk {
+                name: d.target.clone(),
+                backup: Some(DiskBackup::default()),
+                origin: Origin::default(),
+            })
+            .collect();
+    }
+    let mut image_paths = Vec::new();
+    for disk in &mut def.disks {
+        let Some(backup) = &mut disk.backup else {
+            continue;
+        };
+        // Every disk is incremental from the parent's checkpoint, or full.
+        backup.incremental = None;
+        backup.mode = None;
+        if let Some(parent) = &parent
+            && parent.image(&disk.name).is_none()
+        {
+            return Err(CliError::Other(format!(
+                "invalid argument: parent backup '{}' has no image of disk '{}'",
+                parent.uuid, disk.name
+            )));
+        }
+        let default = cat
+            .default_image_path(&uuid, &disk.name)
+            .map_err(catalogue_error)?;
+        let path = if def.mode == BackupMode::Pull {
+            default
+        } else {
+            backup.store.as_ref().map(|s| s.path.clone()).or(default)
+        };
+        let Some(path) = path else {
+            return Err(CliError::Other(format!(
+                "invalid argument: disk '{}' has no target and domain '{name}' has no default backup target (see backup-set-default-target)",
+                disk.name
+            )));
+        };
+        if def.mode == BackupMode::Push {
+            backup.store = Some(BackupStore {
+                path: path.clone(),
+                seclabels: Vec::new(),
+                encryption: None,
+            });
+        }
+        image_paths.push((disk.name.clone(), path));
+    }
+    if image_paths.is_empty() {
+        return Err(CliError::Other(
+            "invalid argument: the backup includes no disk".into(),
+        ));
+    }
+    for (_, path) in &image_paths {
+        if let Some(dir) = Path::new(path).parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
+        }
+    }
+    let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
+    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    let run_dir = loaded.store.run_dir();
+    if def.mode == BackupMode::Pull {
+        spec.server = Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: RunDir::new(&run_dir).nbd_socket.display().to_string(),
+            },
+            tls: None,
+        });
+    }
+    let pending = Pending {
+        uuid: uuid.clone(),
+        parent: parent.as_ref().map(|p| p.uuid.clone()),
+        checkpoint: checkpoint_name,
+        description: args.description.clone(),
+        creation_time: commands::now_s(),
+        pull: def.mode == BackupMode::Pull,
+        images: image_paths,
+    };
+    let dir = loaded.store.dir().to_owned();
+    let mut s = Session::connect(loaded)?;
+    if let Some(stale) = stale {
+        // A push backup started without --wait may have finished unobserved: keep it.
+        let kept = !stale.pull
+            && last_job_succeeded(&dir)
+            && record(s.driver.effects().store(), &stale).is_ok();
+        if kept {
+            println!("Backup {} recorded", stale.uuid);
+        } else {
+            discard(&mut s, &dir, &stale)?;
+        }
+    }
+    pending.write(s.driver.effects().store())?;
+    let r = s.call(Request::BackupBegin {
+        spec,
+        checkpoint: Some(checkpoint),
+        reuse_external: false,
+    });
+    if let Err(e) = r {
+        let _ = discard(&mut s, &dir, &pending);
+        s.close()?;
+        return Err(e);
+    }
+    println!("Backup {uuid} started");
+    if pending.pull {
+        let copied = pull_copy(&mut s, &pending, parent.as_ref());
+        let ended = end_job(&mut s);
+        if let Err(e) = copied.and(ended) {
+            let _ = discard(&mut s, &dir, &pending);
+            s.close()?;
+            return Err(e);
+        }
+    } else {
+        if !args.wait {
+            return s.close();
+        }
+        let stats = commands::follow(&mut s)?;
+        if stats.as_ref().is_none_or(|st| st.success != Some(true)) {
+            let why = stats.and_then(|st| st.errmsg).unwrap_or_default();
+            let _ = discard(&mut s, &dir, &pending);
+            s.close()?;
+            return Err(CliError::Other(format!(
+                "operation failed: backup job failed: {why}"
+            )));
+        }
+    }
+    let recorded = record(s.driver.effects().store(), &pending);
+    if recorded.is_err() {
+        let _ = discard(&mut s, &dir, &pending);
+    }
+    s.close()?;
+    let backup = recorded?;
+    println!(
+        "Backup {uuid} created ({}, {})",
+        backup.kind.name(),
+        human_bytes(backup.allocated_size_bytes())
+    );
+    Ok(())
+}
+
+/// Reads every disk of a running pull backup over NBD into the pending images.
+fn pull_copy(
+    s: &mut Session,
+    pending: &Pending,
+    parent: Option<&ManagedBackup>,
+) -> Result<(), CliError> {
+    let Reply::Backup(plan) = s.call(Request::BackupGetXml)? else {
+        return Err(CliError::Other(
+            "unexpected answer to a backup query".into(),
+        ));
+    };
+    let def = plan.to_def();
+    let socket = RunDir::new(&s.run_dir).nbd_socket;
+    for (disk, path) in &pending.images {
+        let backup = def
+            .disks
+            .iter()
+            .find(|d| &d.name == disk)
+            .and_then(|d| d.backup.clone())
+            .ok_or_else(|| CliError::Other(format!("disk '{disk}' is not in the backup job")))?;
+        let export = backup.export_name.clone().unwrap_or_else(|| disk.clone());
+        let base = parent
+            .and_then(|p| p.image(disk))
+            .map(|i| PathBuf::from(&i.path));
+        let (context, dirty) = match (&base, &backup.export_bitmap) {
+            (Some(_), Some(bitmap)) => (dirty_bitmap_context(bitmap), true),
+            (Some(_), None) => {
+                return Err(CliError::Other(format!(
+                    "operation failed: disk '{disk}': the incremental export has no bitmap"
+                )));
+            }
+            (None, _) => (BASE_ALLOCATION.to_owned(), false),
+        };
+        let mut client = NbdClient::connect_unix(&socket, &export, &[context.as_str()])?;
+        let ranges = select_ranges(&mut client, &context, |flags| {
+            if dirty {
+                flags & STATE_DIRTY != 0
+            } else {
+                flags & STATE_ZERO == 0
+            }
+        })?;
+        let report = images::store_extents(&mut client, &ranges, Path::new(path), base.as_deref())
+            .map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
+        println!(
+            "Disk {disk}: pulled {} in {} extent(s)",
+            human_bytes(report.copy.bytes_copied),
+            report.copy.ranges
+        );
+        let _ = client.disconnect();
+    }
+    Ok(())
+}
+
+// ----- backup-finish -----
+
+fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let pending = Pending::read(loaded.store.dir())?;
+    if pending.is_none() && loaded.journal.is_none() {
+        return Err(EngineError::from(RequestError::NoJob).into());
+    }
+    let dir = loaded.store.dir().to_owned();
+    let mut s = Session::connect(loaded)?;
+    let result = finish_in(&mut s, &dir, pending, cancel, check);
+    s.close()?;
+    result
+}
+
+fn finish_in(
+    s: &mut Session,
+    dir: &Path,
+    pending: Option<Pending>,
+    cancel: bool,
+    check: bool,
+) -> Result<(), CliError> {
+    if cancel {
+        end_job(s)?;
+        if let Some(p) = pending {
+            discard(s, dir, &p)?;
+            println!("Backup {} cancelled", p.uuid);
+        } else {
+            println!("Backup job cancelled");
+        }
+        return Ok(());
+    }
+    let Some(pending) = pending else {
+        // An unmanaged job: nothing to record.
+        return Err(CliError::Other(
+            "Requested operation is not valid: the running job is not a managed backup".into(),
+        ));
+    };
+    if pending.pull {
+        // The vbackup process reading it is gone: what it stored is incomplete.
+        end_job(s)?;
+        discard(s, dir, &pending)?;
+        return Err(CliError::Other(format!(
+            "operation failed: pull backup {} was interrupted and has been discarded",
+            pending.uuid
+        )));
+    }
+    if s.job_running() {
+        if check {
+            println!("Backup {} is running", pending.uuid);
+            return Ok(());
+        }
+        commands::follow(s)?;
+    }
+    if !last_job_succeeded(dir) {
+        discard(s, dir, &pending)?;
+        return Err(CliError::Other(format!(
+            "operation failed: backup {} failed and has been discarded",
+            pending.uuid
+        )));
+    }
+    let backup = record(s.driver.effects().store(), &pending);
+    if backup.is_err() {
+        let _ = discard(s, dir, &pending);
+    }
+    let backup = backup?;
+    println!(
+        "Backup {} created ({}, {})",
+        backup.uuid,
+        backup.kind.name(),
+        human_bytes(backup.allocated_size_bytes())
+    );
+    Ok(())
+}
+
+// ----- reading -----
+
+fn backup_json(b: &ManagedBackup) -> Value {
+    json!({
+        "uuid": b.uuid,
+        "domain": b.domain,
+        "parent": b.parent,
+        "checkpoint": b.checkpoint,
+        "creationTime": b.creation_time,
+        "description": b.description,
+        "kind": b.kind.name(),
+        "allocatedBytes": b.allocated_size_bytes(),
+        "disks": b.disks.iter().map(|d| json!({
+            "disk": d.disk,
+            "path": d.path,
+            "format": d.format.name(),
+            "virtualBytes": d.virtual_size_bytes,
+            "allocatedBytes": d.allocated_size_bytes,
+            "digest": d.digest.as_str(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn rows(backups: &[&ManagedBackup]) -> Vec<Vec<String>> {
+    backups
+        .iter()
+        .map(|b| {
+            vec![
+                b.uuid.clone(),
+                format_time(i64::try_from(b.creation_time).unwrap_or(i64::MAX)),
+                b.kind.name().to_owned(),
+                b.parent.clone().unwrap_or_default(),
+                human_bytes(b.allocated_size_bytes()),
+            ]
+        })
+        .collect()
+}
+
+const HEADERS: [&str; 5] = ["UUID", "Creation Time", "Kind", "Parent", "Size"];
+
+fn list(
+    store: &Store,
+    name: &str,
+    full: bool,
+    latest: bool,
+    tree: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let loaded: Loaded = session::load(store, name)?;
+    let cat = catalogue(&loaded.store)?;
+    let filter = if full {
+        ListFilter::Full
+    } else if latest {
+        ListFilter::LatestChain
+    } else {
+        ListFilter::All
+    };
+    let backups = if filter == ListFilter::LatestChain {
+        latest_chain(&cat)?
+    } else {
+        cat.list(filter)
+    };
+    if json {
+        let v: Vec<Value> = backups.iter().map(|b| backup_json(b)).collect();
+        println!("{}", Value::Array(v));
+    } else if tree {
+        let shown: Vec<&str> = backups.iter().map(|b| b.uuid.as_str()).collect();
+        for root in backups.iter().filter(|b| b.parent.is_none()) {
+            print_tree(&cat, root, &shown, "", true, true)?;
+        }
+    } else {
+        print!("{}", table(&HEADERS, &rows(&backups)));
+    }
+    Ok(())
+}
+
+/// The chain of the most recent backup. Creation times have a resolution of one second, so a
+/// backup and its child may share one; the longer chain is then the more recent.
+fn latest_chain(cat: &Catalogue) -> Result<Vec<&ManagedBackup>, CliError> {
+    let mut best: Option<Vec<&ManagedBackup>> = None;
+    for b in cat.list(ListFilter::All) {
+        let chain = cat.chain(&b.uuid).map_err(catalogue_error)?;
+        let key = |c: &Vec<&ManagedBackup>| {
+            (
+                c.last().map_or(0, |b| b.creation_time),
+                c.len(),
+                c.last().map(|b| b.uuid.clone()),
+            )
+        };
+        if best.as_ref().is_none_or(|x| key(&chain) > key(x)) {
+            best = Some(chain);
+        }
+    }
+    Ok(best.unwrap_or_default())
+}
+
+fn print_tree(
+    cat: &Catalogue,
+    b: &ManagedBackup,
+    shown: &[&str],
+    prefix: &str,
+    last: bool,
+    root: bool,
+) -> Result<(), CliError> {
+    let label = format!(
+        "{} ({}, {})",
+        b.uuid,
+        b.kind.name(),
+        format_time(i64::try_from(b.creation_time).unwrap_or(i64::MAX))
+    );
+    let child_prefix = if root {
+        println!("{label}");
+        String::new()
+    } else {
+        println!("{prefix}{}{label}", if last { "`- " } else { "+- " });
+        format!("{prefix}{}", if last { "   " } else { "|  " })
+    };
+    let kids: Vec<&ManagedBackup> = cat
+        .children(&b.uuid)
+        .map_err(catalogue_error)?
+        .into_iter()
+        .filter(|c| shown.contains(&c.uuid.as_str()))
+        .collect();
+    for (i, k) in kids.iter().enumerate() {
+        print_tree(cat, k, shown, &child_prefix, i + 1 == kids.len(), false)?;
+    }
+    Ok(())
+}
+
+fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
+    let (_ds, cat) = find(store, uuid)?;
+    let kids = cat.children(uuid).map_err(catalogue_error)?;
+    if json {
+        let v: Vec<Value> = kids.iter().map(|b| backup_json(b)).collect();
+        println!("{}", Value::Array(v));
+    } else {
+        print!("{}", table(&HEADERS, &rows(&kids)));
+    }
+    Ok(())
+}
+
+fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
+    let (_ds, cat) = find(store, uuid)?;
+    let Some(b) = cat.get(uuid) else {
+        return Err(catalogue_error(
+            vbackup_core::catalogue::CatalogueError::NotFound(uuid.to_owned()),
+        ));
+    };
+    if json {
+        println!("{}", backup_json(b));
+        return Ok(());
+    }
+    let kv = |k: &str, v: String| println!("{:<16}{v}", format!("{k}:"));
+    kv("UUID", b.uuid.clone());
+    kv("Domain", b.domain.clone());
+    kv("Kind", b.kind.name().to_owned());
+    kv("Parent", b.parent.clone().unwrap_or_else(|| "-".into()));
+    kv(
+        "Checkpoint",
+        b.checkpoint.clone().unwrap_or_else(|| "-".into()),
+    );
+    kv(
+        "Creation Time",
+        format_time(i64::try_from(b.creation_time).unwrap_or(i64::MAX)),
+    );
+    kv("Description", b.description.clone().unwrap_or_default());
+    kv(
+        "Children",
+        cat.children(uuid)
+            .map_err(catalogue_error)?
+            .len()
+            .to_string(),
+    );
+    kv("Size", human_bytes(b.allocated_size_bytes()));
+    for d in &b.disks {
+        println!(
+            "  {}: {} ({} of {}) {}",
+            d.disk,
+            d.path,
+            human_bytes(d.allocated_size_bytes),
+            human_bytes(d.virtual_size_bytes),
+            d.digest
+        );
+    }
+    Ok(())
+}
+
+/// `backup-dumpxml UUID`: the `<managedbackup>` record.
+pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
+    let (_ds, cat) = find(store, uuid)?;
+    let Some(b) = cat.get(uuid) else {
+        return Err(catalogue_error(
+            vbackup_core::catalogue::CatalogueError::NotFound(uuid.to_owned()),
+        ));
+    };
+    if json {
+        println!("{}", backup_json(b));
+    } else {
+        print!("{}", b.format());
+    }
+    Ok(())
+}
+
+// ----- changing -----
+
+fn delete(store: &Store, target: &str, with_children: bool, all: bool) -> Result<(), CliError> {
+    if all {
+        let loaded = session::load(store, target)?;
+        let mut cat = catalogue(&loaded.store)?;
+        let n = cat.len();
+        let ops = cat.delete_all();
+        images::apply_ops(&loaded.store, &ops).map_err(io_error)?;
+        println!("Deleted {n} backup(s) of domain '{target}'");
+        return Ok(());
+    }
+    let (ds, mut cat) = find(store, target)?;
+    if Pending::read(ds.dir())?.is_some_and(|p| p.parent.as_deref() == Some(target)) {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: a running backup is built on '{target}'"
+        )));
+    }
+    let mode = if with_children {
+        DeleteMode::WithChildren
+    } else {
+        DeleteMode::Alone
+    };
+    let ops = cat
+        .delete(target, mode)
+        .map_err(|e| CliError::Other(format!("Requested operation is not valid: {e}")))?;
+    let n = ops
+        .iter()
+        .filter(|o| matches!(o, CatalogueOp::DeleteBackup { .. }))
+        .count();
+    images::apply_ops(&ds, &ops).map_err(io_error)?;
+    if n > 1 {
+        println!("Backup {target} and {} dependent backup(s) deleted", n - 1);
+    } else {
+        println!("Backup {target} deleted");
+    }
+    Ok(())
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
+    if dir.is_absolute() {
+        Ok(dir.to_owned())
+    } else {
+        Ok(std::env::current_dir()
+            .map_err(CliError::io("cannot read the current directory"))?
+            .join(dir))
+    }
+}
+
+fn set_default_target(store: &Store, name: &str, dir: &Path) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let dir = absolute(dir)?;
+    std::fs::create_dir_all(&dir)
+        .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
+    let dir = std::fs::canonicalize(&dir).map_err(CliError::io(format!("'{}'", dir.display())))?;
+    let mut cat = catalogue(&loaded.store)?;
+    let ops = cat
+        .set_default_target(Some(dir.display().to_string()))
+        .map_err(catalogue_error)?;
+    images::apply_ops(&loaded.store, &ops).map_err(io_error)?;
+    println!(
+        "Default backup target of domain '{name}' set to {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn restore_cmd(
+    store: &Store,
+    uuid: &str,
+    new_domain: Option<String>,
+    dir: Option<PathBuf>,
+    disks: &[String],
+    overwrite: bool,
+) -> Result<(), CliError> {
+    let (ds, cat) = find(store, uuid)?;
+    let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
+    let plan = cat.plan_restore(uuid, &chosen).map_err(catalogue_error)?;
+    let target = if overwrite {
+        let domain = ds.name().to_owned();
+        drop(ds);
+        let loaded = session::load(store, &domain)?;
+        let run = RunDir::new(loaded.store.run_dir());
+        let running = match loaded.attachment {
+            Attachment::Managed => run.read_pid().ok().flatten().is_some_and(daemon_alive),
+            Attachment::Attached(_) => true,
+        };
+        if running || loaded.journal.is_some() {
+            return Err(CliError::Other(format!(
+                "Requested operation is not valid: domain '{domain}' is running; shut it down before overwriting its disks"
+            )));
+        }
+        let mut map = std::collections::BTreeMap::new();
+        for d in &plan.disks {
+            let path = loaded
+                .def
+                .disks
+                .iter()
+                .find(|x| x.target == d.disk)
+                .and_then(|x| x.layers.first())
+                .and_then(|l| l.path.clone())
+                .ok_or_else(|| {
+                    CliError::Other(format!(
+                        "invalid argument: domain '{domain}' has no file disk '{}'",
+                        d.disk
+                    ))
+                })?;
+            map.insert(d.disk.clone(), PathBuf::from(path));
+        }
+        let out = restore(&plan, &RestoreTarget::Overwrite { disks: map });
+        if !matches!(
+            &out,
+            Err(vbackup_qemu::restore::RestoreError::Exists { .. }
+                | vbackup_qemu::restore::RestoreError::InUse { .. }
+                | vbackup_qemu::restore::RestoreError::ChainMismatch { .. })
+        ) {
+            forget_checkpoints(&loaded.store)?;
+        }
+        let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
+        for d in &out {
+            println!(
+                "Disk {} restored over {} ({})",
+                d.disk,
+                d.path.display(),
+                d.digest
+            );
+        }
+        return Ok(());
+    } else {
+        let Some(dir) = dir else {
+            return Err(CliError::Other(
+                "invalid argument: give --dir (and --new-domain) or --overwrite".into(),
+            ));
+        };
+        let dir = absolute(&dir)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
+        drop(ds);
+        RestoreTarget::NewImages { dir }
+    };
+    let out =
+        restore(&plan, &target).map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
+    for d in &out {
+        println!(
+            "Disk {} restored to {} ({})",
+            d.disk,
+            d.path.display(),
+            d.digest
+        );
+    }
+    if let Some(name) = new_domain {
+        let specs: Vec<String> = out
+            .iter()
+            .map(|d| format!("{}={},format={}", d.disk, d.path.display(), d.format.name()))
+            .collect();
+        commands::define(store, &name, &specs, None)?;
+    }
+    Ok(())
+}
+
+/// After disks were overwritten, their bitmaps are gone and their content is the backup's: the
+/// domain's checkpoints no longer describe anything, so their metadata is dropped (the next
+/// backup of the domain is a full one).
+fn forget_checkpoints(store: &DomainStore) -> Result<(), CliError> {
+    use vbackup_qemu::store::Collection;
+    for name in store.list_entries(Collection::Checkpoints)? {
+        store.remove_entry(Collection::Checkpoints, &name)?;
+    }
+    write_atomic(store.dir(), crate::effects::CURRENT_FILE, b"")?;
+    Ok(())
+}
+
+/// For `undefine --remove-all-backups`: deletes every backup of a locked domain.
+pub fn remove_all_backups(store: &DomainStore) -> Result<usize, CliError> {
+    let mut cat = catalogue(store)?;
+    let n = cat.len();
+    let ops = cat.delete_all();
+    images::apply_ops(store, &ops).map_err(io_error)?;
+    Ok(n)
+}
+
+/// How many backups a locked domain has.
+pub fn backup_count(store: &DomainStore) -> Result<usize, CliError> {
+    Ok(catalogue(store)?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_backups_round_trip_through_their_json() {
+        let p = Pending {
+            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
+            parent: Some("11234567-89ab-cdef-0123-456789abcdef".into()),
+            checkpoint: "c9".into(),
+            description: None,
+            creation_time: 1_700_000_000,
+            pull: true,
+            images: vec![("vda".into(), "/b/x/vda.qcow2".into())],
+        };
+        let back = Pending::from_json(&p.to_json()).expect("parses");
+        assert_eq!(back.uuid, p.uuid);
+        assert_eq!(back.parent, p.parent);
+        assert_eq!(back.checkpoint, "c9");
+        assert_eq!(back.description, None);
+        assert_eq!(back.creation_time, 1_700_000_000);
+        assert!(back.pull);
+        assert_eq!(back.images, p.images);
+    }
+
+    #[test]
+    fn a_pending_record_missing_its_images_does_not_parse() {
+        let mut v = Pending {
+            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
+            parent: None,
+            checkpoint: "c1".into(),
+            description: Some("d".into()),
+            creation_time: 1,
+            pull: false,
+            images: Vec::new(),
+        }
+        .to_json();
+        assert!(Pending::from_json(&v).is_some());
+        v.as_object_mut().expect("object").remove("images");
+        assert!(Pending::from_json(&v).is_none());
+    }
+}

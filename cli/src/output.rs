@@ -1,0 +1,170 @@
+//! Errors as the command line reports them (virsh's `error: <category>: <detail>` on stderr,
+//! exit code 1), tables in virsh's layout, and times.
+
+use vbackup_core::error::{ConflictError, Error as EngineError, RequestError};
+
+/// Everything a command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The engine refused or failed a request.
+    #[error("{}", engine_message(.0))]
+    Engine(#[from] EngineError),
+    /// The driver stopped (link lost, store write failed).
+    #[error("{0}")]
+    Drive(#[from] vbackup_core::driver::DriveError),
+    /// The store.
+    #[error("{0}")]
+    Store(#[from] vbackup_qemu::store::StoreError),
+    /// qemu-storage-daemon.
+    #[error("{0}")]
+    Qsd(#[from] vbackup_qemu::qsd::QsdError),
+    /// QMP.
+    #[error("{0}")]
+    Qmp(#[from] vbackup_qemu::qmp_socket::QmpSocketError),
+    /// An XML document.
+    #[error("XML error: {0}")]
+    Xml(#[from] vbackup_core::xml::XmlError),
+    /// NBD.
+    #[error("NBD: {0}")]
+    Nbd(#[from] vbackup_qemu::nbd::NbdError),
+    /// No such domain.
+    #[error("failed to get domain '{0}'")]
+    NoDomain(String),
+    /// A stored document cannot be read back.
+    #[error("internal error: store is damaged: {0}")]
+    Corrupt(String),
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Anything else, already worded.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// An IO error with context.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+        let what = what.into();
+        move |source| CliError::Io { what, source }
+    }
+}
+
+/// virsh's category prefix for an engine error, then the detail.
+fn engine_message(e: &EngineError) -> String {
+    let prefix = match e {
+        EngineError::Request(r) => match r {
+            RequestError::NoCheckpoint(_) | RequestError::IncrementalCheckpointMissing { .. } => {
+                "Domain checkpoint not found: "
+            }
+            RequestError::CheckpointExists(_) => "operation failed: ",
+            RequestError::CheckpointInconsistent { .. } => "checkpoint inconsistent: ",
+            RequestError::NoJob | RequestError::NotRunning => "Requested operation is not valid: ",
+            RequestError::NoBackup => "Domain backup job id not found: ",
+            RequestError::Unsupported(_) => "",
+            RequestError::InvalidFlags(_) => "",
+            _ => "invalid argument: ",
+        },
+        EngineError::Conflict(ConflictError::DomainJob { .. }) => "Timed out during operation: ",
+        EngineError::Conflict(_) => "Requested operation is not valid: ",
+        EngineError::QemuRefused { .. } | EngineError::QemuMisbehaved(_) => "internal error: ",
+        EngineError::LinkLost(_) | EngineError::Store(_) => "operation failed: ",
+    };
+    format!("{prefix}{e}")
+}
+
+/// Formats seconds since the epoch as virsh does: `2025-06-01 10:00:00 +0000`.
+pub fn format_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A table in virsh's layout: a header, a dashed rule, one-space indented columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push(' ');
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                let pad = widths[i] - c.chars().count() + 2;
+                s.push_str(&" ".repeat(pad));
+            }
+        }
+        s.trim_end().to_owned()
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    let total: usize = widths.iter().sum::<usize>() + 3 * widths.len();
+    out.push_str(&"-".repeat(total));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+/// Bytes in a human unit (`1.5 MiB`).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_in_utc_like_virsh() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 +0000");
+        assert_eq!(format_time(1_748_772_000), "2025-06-01 10:00:00 +0000");
+    }
+
+    #[test]
+    fn tables_align_columns_under_a_rule() {
+        let t = table(&["Name", "Creation Time"], &[vec!["c1".into(), "x".into()]]);
+        assert_eq!(
+            t,
+            " Name   Creation Time\n-----------------------\n c1     x\n"
+        );
+    }
+}

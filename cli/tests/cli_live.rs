@@ -1,0 +1,362 @@
+//! The `vbackup` binary against real qemu-storage-daemon, each test in its own state
+//! directory. Tests skip (pass with a note) when the QEMU tools are missing. Every test stops
+//! the daemons it caused, even when it fails (see [`Lab`]'s drop).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{BIN, Lab, identical, tool};
+use vbackup_qemu::qsd::RunDir;
+
+fn push_xml(incremental: Option<&str>, disk: &str, target: &Path) -> String {
+    let inc = incremental
+        .map(|i| format!("<incremental>{i}</incremental>"))
+        .unwrap_or_default();
+    format!(
+        "<domainbackup mode='push'>{inc}<disks><disk name='{disk}' type='file'><target file='{}'/><driver type='qcow2'/></disk></disks></domainbackup>",
+        target.display()
+    )
+}
+
+fn checkpoint_xml(name: &str) -> String {
+    format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>")
+}
+
+#[test]
+fn checkpoints_are_created_listed_shown_and_deleted_with_virsh_output() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    let spec = format!("vda={}", img.display());
+    assert_eq!(
+        lab.ok(&["define", "vm", "--disk", &spec]),
+        "Domain 'vm' defined\n"
+    );
+    assert_eq!(lab.json(&["list", "--json"])[0]["name"], "vm");
+    assert_eq!(
+        lab.json(&["domblklist", "vm", "--json"])[0]["target"],
+        "vda"
+    );
+    assert_eq!(
+        lab.ok(&["checkpoint-create-as", "vm", "c1", "first"]),
+        "Domain checkpoint c1 created\n"
+    );
+    lab.ok(&["checkpoint-create-as", "vm", "c2"]);
+    lab.ok(&["checkpoint-create-as", "vm", "c3"]);
+    let err = lab.fails(&["checkpoint-create-as", "vm", "c1"]);
+    assert_eq!(
+        err,
+        "error: operation failed: domain moment c1 already exists\n"
+    );
+
+    let list = lab.json(&["checkpoint-list", "vm", "--json"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c1", "c2", "c3"]);
+    assert_eq!(list[2]["parent"], "c2");
+    assert_eq!(list[2]["current"], true);
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "vm", "--tree"]),
+        "c1\n  |\n  +- c2\n      |\n      +- c3\n"
+    );
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "vm", "--leaves", "--name"]),
+        "c3\n"
+    );
+    assert_eq!(lab.ok(&["checkpoint-parent", "vm", "c2"]), "c1\n");
+    assert_eq!(
+        lab.json(&["checkpoint-info", "vm", "c1", "--json"])["descendants"],
+        2
+    );
+
+    // The bitmaps live in the image: writing dirties them, and --size reports it.
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 1, "0", "1M");
+    let dump = lab.json(&["checkpoint-dumpxml", "vm", "c3", "--size", "--json"]);
+    assert_eq!(dump["disks"][0]["size"], 1 << 20);
+    let xml = lab.ok(&["checkpoint-dumpxml", "vm", "c1", "--no-domain"]);
+    assert!(xml.contains("<description>first</description>") && !xml.contains("<domain type"));
+    assert!(
+        lab.ok(&["checkpoint-dumpxml", "vm", "c1"])
+            .contains("<domain type='kvm'>")
+    );
+
+    lab.ok(&["checkpoint-delete", "vm", "c2"]);
+    assert_eq!(lab.ok(&["checkpoint-parent", "vm", "c3"]), "c1\n");
+    lab.ok(&["checkpoint-delete", "vm", "c1", "--children-only"]);
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c1\n");
+    let err = lab.fails(&["checkpoint-dumpxml", "vm", "c3"]);
+    assert_eq!(
+        err,
+        "error: Domain checkpoint not found: no domain checkpoint with matching name 'c3'\n"
+    );
+    lab.ok(&["shutdown", "vm"]);
+    assert!(lab.daemon_pids().is_empty(), "shutdown stops the daemon");
+    lab.fails(&["undefine", "vm"]);
+    lab.ok(&["undefine", "vm", "--checkpoints-metadata"]);
+    assert_eq!(lab.json(&["list", "--json"]), Value::Array(vec![]));
+}
+
+#[test]
+fn push_full_then_incremental_backups_equal_the_disk_at_their_point_in_time() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 0x11, "0", "2M");
+    let t0 = lab.snapshot("vm", "vda", "t0.qcow2");
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    let cx = lab.file("c1.xml", &checkpoint_xml("c1"));
+    let out = lab.ok(&["backup-begin", "vm", &bx, &cx, "--wait"]);
+    assert_eq!(out, "Backup started\nBackup complete\n");
+    assert!(identical(&full, &t0));
+    let stats = lab.json(&["domjobinfo", "vm", "--completed", "--json"]);
+    assert_eq!(stats["status"], "completed");
+
+    lab.guest_write("vm", "vda", 0x22, "8M", "1M");
+    let t1 = lab.snapshot("vm", "vda", "t1.qcow2");
+    let inc = lab.path("inc.qcow2");
+    let bx = lab.file("inc.xml", &push_xml(Some("c1"), "vda", &inc));
+    let cx = lab.file("c2.xml", &checkpoint_xml("c2"));
+    lab.ok(&["backup-begin", "vm", &bx, &cx, "--wait"]);
+    // The incremental image holds only the changed clusters; on top of the full one it is t1.
+    tool(
+        Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(&full)
+            .arg(&inc),
+    );
+    assert!(identical(&inc, &t1));
+    let inc_size = std::fs::metadata(&inc).unwrap().len();
+    assert!(
+        inc_size < 2 << 20,
+        "incremental holds about 1 MiB, not {inc_size}"
+    );
+    lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 0x31, "0", "4M");
+    let t0 = lab.snapshot("vm", "vda", "t0.qcow2");
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    assert_eq!(lab.ok(&["backup-begin", "vm", &px]), "Backup started\n");
+    assert_eq!(lab.json(&["list", "--json"])[0]["job"], "backup");
+    // The guest overwrites what the backup has not read yet.
+    lab.guest_write("vm", "vda", 0x32, "0", "4M");
+    let plan = lab.json(&["backup-dumpxml", "vm", "--json"]);
+    let export = plan["disks"][0]["export_name"].as_str().unwrap().to_owned();
+    let sock = plan["server"]["transport"]["Unix"]["socket"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            RunDir::new(lab.state().join("run/vm"))
+                .nbd_socket
+                .display()
+                .to_string()
+        });
+    let copy = lab.path("pulled.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(format!("nbd+unix:///{export}?socket={sock}"))
+            .arg(&copy),
+    );
+    assert!(identical(&copy, &t0), "the export shows the disk as it was");
+    let info = lab.json(&["domjobinfo", "vm", "--json"]);
+    assert_eq!(info["status"], "running");
+    lab.ok(&["domjobabort", "vm"]);
+    assert_eq!(
+        lab.json(&["domjobinfo", "vm", "--completed", "--json"])["status"],
+        "completed"
+    );
+    assert_eq!(lab.json(&["domjobinfo", "vm", "--json"])["status"], "none");
+    let err = lab.fails(&["domjobabort", "vm"]);
+    assert_eq!(
+        err,
+        "error: Requested operation is not valid: no job is active on the domain\n"
+    );
+    lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><incremental>c1</incremental><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    // A pull backup never ends by itself: `--wait` blocks until it is killed.
+    let mut child: Child = lab
+        .cmd(&["backup-begin", "vm", &px, "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let journal = lab.state().join("domains/vm/journal.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !journal.is_file() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    assert!(journal.is_file(), "the job is journaled");
+    assert_eq!(
+        lab.daemon_pids().len(),
+        1,
+        "the daemon keeps the job running"
+    );
+
+    let info = lab.json(&["domjobinfo", "vm", "--json"]);
+    assert_eq!(info["status"], "running");
+    // The job's clock outlives the process that started it.
+    let elapsed = info["time_elapsed_ms"].as_u64().unwrap_or(0);
+    assert!(elapsed >= 300, "elapsed {elapsed} ms");
+    let xml = lab.ok(&["backup-dumpxml", "vm"]);
+    assert!(xml.contains("<incremental>c1</incremental>"), "{xml}");
+    lab.ok(&["domjobabort", "vm"]);
+    assert!(!journal.is_file());
+    assert!(
+        lab.daemon_pids().is_empty(),
+        "no job and not started: the daemon stops"
+    );
+    let list = lab.json(&["checkpoint-list", "vm", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn demo_runs_end_to_end_and_verifies_every_backup() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let dir = lab.path("demo");
+    let out = Command::new(BIN)
+        .args(["demo", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("identical").count(), 8, "{stdout}");
+    assert!(stdout.contains("restore of managed pull"), "{stdout}");
+    assert!(stdout.contains("All backups match"));
+    assert!(lab.daemon_pids().is_empty(), "the demo stops its daemon");
+}
+
+#[test]
+fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    lab.ok(&["checkpoint-create-as", "vm", "c2"]);
+    let saved = lab.file("c2.xml", &lab.ok(&["checkpoint-dumpxml", "vm", "c2"]));
+    lab.ok(&["checkpoint-delete", "vm", "c2", "--metadata"]);
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c1\n");
+    assert_eq!(
+        lab.ok(&[
+            "checkpoint-create",
+            "vm",
+            &saved,
+            "--redefine",
+            "--redefine-validate"
+        ]),
+        "Domain checkpoint c2 redefined\n"
+    );
+    assert_eq!(lab.ok(&["checkpoint-parent", "vm", "c2"]), "c1\n");
+    // A real delete removes the bitmap: validation now fails, a plain redefine does not look.
+    lab.ok(&["checkpoint-delete", "vm", "c2"]);
+    let err = lab.fails(&[
+        "checkpoint-create",
+        "vm",
+        &saved,
+        "--redefine",
+        "--redefine-validate",
+    ]);
+    assert!(err.starts_with("error: checkpoint inconsistent: "), "{err}");
+    lab.ok(&["checkpoint-create", "vm", &saved, "--redefine"]);
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "vm", "--leaves", "--name"]),
+        "c2\n"
+    );
+    assert!(lab.daemon_pids().is_empty());
+}
+
+#[test]
+fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::live::LiveLab;
+    use vbackup_qemu::qsd::QsdDisk;
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let img = lab.image("a.qcow2", 16);
+    let qsd = qemu
+        .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    let guest = qsd.guest_export_uri("vda");
+    // The monitor serves one client: vbackup's turn.
+    drop(qsd);
+    lab.ok(&[
+        "define",
+        "att",
+        "--disk",
+        &format!("vda={}", img.display()),
+        "--qmp",
+        &qmp,
+    ]);
+    lab.ok(&["checkpoint-create-as", "att", "c1"]);
+    tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 1M", &guest]));
+    let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
+    assert_eq!(dump["disks"][0]["size"], 1 << 20);
+    let reference = lab.path("ref.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
+            .arg(&reference),
+    );
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
+    assert!(identical(&full, &reference));
+    // vbackup never stops a QEMU it did not start.
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
+}

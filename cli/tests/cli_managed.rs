@@ -1,0 +1,384 @@
+//! Managed backups through the `vbackup` binary against real qemu-storage-daemon: creation
+//! (push and pull, full and incremental), listing, restore, deletion and interruption. Each
+//! test has its own state directory and small images; tests skip (pass with a note) when the
+//! QEMU tools are missing, and stop every process they caused (see [`Lab`]'s drop).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Lab, identical, tool};
+
+/// The managed-backup tests' domain: `vm` with one disk `vda`.
+trait VmLab {
+    /// Defines and starts domain `vm` on a fresh qcow2 disk, with a default backup target.
+    fn started_domain(&self, mib: u64);
+    /// A guest write to `vm`'s `vda`.
+    fn vm_write(&self, pattern: u8, offset: &str, len: &str);
+    /// The guest's disk now, as a qcow2 copy.
+    fn vm_snapshot(&self, name: &str) -> PathBuf;
+    /// Creates a managed backup and returns its uuid.
+    fn backup(&self, parent: Option<&str>, pull: bool) -> String;
+    /// The uuids a `--json` listing prints.
+    fn uuids(&self, args: &[&str]) -> Vec<String>;
+}
+
+impl VmLab for Lab {
+    fn started_domain(&self, mib: u64) {
+        let img = self.image("vda.qcow2", mib);
+        self.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+        let target = self.path("backups");
+        self.ok(&[
+            "backup-set-default-target",
+            "vm",
+            target.to_str().expect("utf-8 path"),
+        ]);
+        self.ok(&["start", "vm"]);
+    }
+
+    fn vm_write(&self, pattern: u8, offset: &str, len: &str) {
+        self.guest_write("vm", "vda", pattern, offset, len);
+    }
+
+    fn vm_snapshot(&self, name: &str) -> PathBuf {
+        self.snapshot("vm", "vda", name)
+    }
+
+    fn backup(&self, parent: Option<&str>, pull: bool) -> String {
+        let mut args = vec!["backup-create", "vm"];
+        if let Some(p) = parent {
+            args.extend(["--parent", p]);
+        }
+        args.push(if pull { "--pull" } else { "--wait" });
+        let out = self.ok(&args);
+        let uuid = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Backup ")?.split_whitespace().next())
+            .expect("backup-create prints the uuid")
+            .to_owned();
+        let info = self.json(&["backup-info", &uuid, "--json"]);
+        assert_eq!(info["parent"].as_str(), parent);
+        uuid
+    }
+
+    fn uuids(&self, args: &[&str]) -> Vec<String> {
+        self.json(args)
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|b| b["uuid"].as_str().expect("uuid").to_owned())
+            .collect()
+    }
+}
+
+#[test]
+fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delete_safely() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "2M", "1M");
+    let second = lab.backup(Some(&full), true);
+    let at_second = lab.vm_snapshot("at-second.qcow2");
+    lab.vm_write(3, "1536K", "1M");
+    lab.vm_write(4, "8M", "64K");
+    let third = lab.backup(Some(&second), false);
+    let at_third = lab.vm_snapshot("at-third.qcow2");
+    // The guest moves on; the backups keep their point in time.
+    lab.vm_write(5, "0", "4M");
+
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 3);
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--full", "--json"]),
+        [full.as_str()]
+    );
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--latest", "--json"]),
+        [full.as_str(), second.as_str(), third.as_str()]
+    );
+    assert_eq!(
+        lab.uuids(&["backup-children", &full, "--json"]),
+        [second.as_str()]
+    );
+    let tree = lab.ok(&["backup-list", "vm", "--tree"]);
+    assert!(tree.contains(&format!("`- {third}")), "{tree}");
+    let info = lab.json(&["backup-info", &third, "--json"]);
+    assert_eq!(info["kind"], "incremental");
+    assert_eq!(info["domain"], "vm");
+    let xml = lab.ok(&["backup-dumpxml", &third]);
+    assert!(xml.starts_with("<managedbackup>"), "{xml}");
+    assert!(xml.contains(&format!("<uuid>{second}</uuid>")), "{xml}");
+
+    // Every incremental image is an overlay of its parent's: qemu-img reads the chain.
+    let top = info["disks"][0]["path"].as_str().expect("path").to_owned();
+    let chain = tool(
+        Command::new("qemu-img")
+            .args(["info", "--backing-chain", "--output=json"])
+            .arg(&top),
+    );
+    let chain: Value = serde_json::from_slice(&chain.stdout).expect("json");
+    assert_eq!(chain.as_array().map(Vec::len), Some(3));
+
+    // Restores are verified against the digest and equal the disk at that moment.
+    let dir3 = lab.path("restore3");
+    lab.ok(&[
+        "backup-restore",
+        &third,
+        "--new-domain",
+        "vm3",
+        "--dir",
+        dir3.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&at_third, &dir3.join("vda.qcow2")));
+    let listed = lab.ok(&["list"]);
+    assert!(listed.contains("vm3"), "{listed}");
+    let dir2 = lab.path("restore2");
+    lab.ok(&[
+        "backup-restore",
+        &second,
+        "--dir",
+        dir2.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&at_second, &dir2.join("vda.qcow2")));
+    assert!(!identical(&at_third, &dir2.join("vda.qcow2")));
+
+    let dir_subset = lab.path("restore-subset");
+    let subset = dir_subset.to_str().expect("utf-8");
+    let err = lab.fails(&["backup-restore", &third, "--disk", "vdz", "--dir", subset]);
+    assert!(err.contains("no image of disk 'vdz'"), "{err}");
+    lab.ok(&["backup-restore", &third, "--disk", "vda", "--dir", subset]);
+    assert!(identical(&at_third, &dir_subset.join("vda.qcow2")));
+
+    // Deleting would orphan: refused, nothing removed.
+    let err = lab.fails(&["backup-delete", &second]);
+    assert!(err.contains("dependent"), "{err}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 3);
+    let err = lab.fails(&["undefine", "vm", "--checkpoints-metadata"]);
+    assert!(err.contains("--remove-all-backups"), "{err}");
+
+    // With its children: both go, with their images.
+    let second_dir = lab.path("backups").join(&second);
+    assert!(second_dir.is_dir());
+    lab.ok(&["backup-delete", &second, "--children"]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+    assert!(!second_dir.exists());
+    assert!(!Path::new(&top).exists());
+
+    // The chain goes on from the remaining backup.
+    lab.vm_write(6, "4M", "1M");
+    let again = lab.backup(Some(&full), true);
+    let now = lab.vm_snapshot("now.qcow2");
+    let dir4 = lab.path("restore4");
+    lab.ok(&[
+        "backup-restore",
+        &again,
+        "--dir",
+        dir4.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir4.join("vda.qcow2")));
+
+    // Over the domain's own disk: refused while it runs, then the disk is the backup's again
+    // and the checkpoints, whose bitmaps went with the old image, are forgotten.
+    let err = lab.fails(&["backup-restore", &again, "--overwrite"]);
+    assert!(err.contains("running"), "{err}");
+    lab.ok(&["shutdown", "vm"]);
+    lab.ok(&["backup-restore", &full, "--overwrite"]);
+    assert!(!identical(
+        &lab.path("vda.qcow2"),
+        &lab.path("restore3/vda.qcow2")
+    ));
+    let dir5 = lab.path("restore5");
+    lab.ok(&[
+        "backup-restore",
+        &full,
+        "--dir",
+        dir5.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&lab.path("vda.qcow2"), &dir5.join("vda.qcow2")));
+    let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
+    assert_eq!(checkpoints.as_array().map(Vec::len), Some(0));
+    let err = lab.fails(&["backup-create", "vm", "--pull", "--parent", &again]);
+    assert!(
+        err.contains("not found") || err.contains("checkpoint"),
+        "{err}"
+    );
+    lab.backup(None, false);
+    lab.ok(&[
+        "undefine",
+        "vm",
+        "--checkpoints-metadata",
+        "--remove-all-backups",
+    ]);
+    let left: Vec<_> = std::fs::read_dir(lab.path("backups"))
+        .expect("target dir")
+        .collect();
+    assert!(left.is_empty(), "images left: {left:?}");
+}
+
+#[test]
+fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(64);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    // Enough dirty data that the copy is still under way when the process is killed.
+    lab.vm_write(2, "0", "60M");
+    let mut child = lab
+        .cmd(&["backup-create", "vm", "--pull", "--parent", &full])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Killed once the job runs and the overlay receiving the dirty extents exists.
+    let journal = lab.path("st/domains/vm/journal.json");
+    let pending = lab.path("st/domains/vm/pending-backup.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut overlay = None;
+    while Instant::now() < deadline {
+        let path = std::fs::read_to_string(&pending)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["images"][0]["path"].as_str().map(PathBuf::from));
+        if journal.is_file() && path.as_ref().is_some_and(|p| p.is_file()) {
+            overlay = path;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().expect("kill");
+    let overlay = overlay.expect("the copy into the overlay began");
+    let status = child.wait().expect("reap");
+    assert!(!status.success(), "the backup was interrupted");
+    assert!(journal.is_file(), "the job was running when it was killed");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+
+    let err = lab.fails(&["backup-finish", "vm", "--check"]);
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!journal.is_file(), "the job ended");
+    assert!(lab.nbd_pids().is_empty(), "no qemu-nbd left behind");
+    assert!(!lab.path("st/domains/vm/pending-backup.json").exists());
+    let dirs: Vec<String> = std::fs::read_dir(lab.path("backups"))
+        .expect("target dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs, [full.as_str()], "partial images removed");
+    assert!(!overlay.exists());
+    // The interrupted backup's checkpoint is gone; the full backup's remains.
+    let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
+    assert_eq!(checkpoints.as_array().map(Vec::len), Some(1));
+
+    lab.vm_write(3, "62M", "1M");
+    let next = lab.backup(Some(&full), true);
+    let now = lab.vm_snapshot("now.qcow2");
+    let dir = lab.path("restore");
+    lab.ok(&[
+        "backup-restore",
+        &next,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+    lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn a_backup_without_target_is_refused_and_records_nothing() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    let img = lab.path("vda.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("4M"),
+    );
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    let err = lab.fails(&["backup-create", "vm", "--wait"]);
+    assert!(err.contains("default backup target"), "{err}");
+    let err = lab.fails(&[
+        "backup-create",
+        "vm",
+        "--parent",
+        "01234567-89ab-cdef-0123-456789abcdef",
+    ]);
+    assert!(err.contains("no backup"), "{err}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
+    assert!(lab.daemon_pids().is_empty());
+    lab.ok(&["undefine", "vm"]);
+}
+
+#[test]
+fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let out = lab.ok(&["backup-create", "vm", "--description", "later"]);
+    assert!(out.contains("started"), "{out}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
+    let out = lab.ok(&["backup-finish", "vm"]);
+    assert!(out.contains("created (full"), "{out}");
+    let full = lab.uuids(&["backup-list", "vm", "--json"]);
+    assert_eq!(full.len(), 1);
+    let info = lab.json(&["backup-info", &full[0], "--json"]);
+    assert_eq!(info["description"], "later");
+
+    lab.vm_write(2, "4M", "1M");
+    lab.ok(&["backup-create", "vm", "--parent", &full[0]]);
+    let out = lab.ok(&["backup-finish", "vm", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), full);
+    let dirs = std::fs::read_dir(lab.path("backups"))
+        .expect("target")
+        .count();
+    assert_eq!(dirs, 1, "the cancelled backup's images are gone");
+    let err = lab.fails(&["backup-finish", "vm"]);
+    assert!(err.contains("not valid") || err.contains("no"), "{err}");
+
+    // Its changes are still in the next incremental.
+    let next = lab.backup(Some(&full[0]), false);
+    let now = lab.vm_snapshot("now.qcow2");
+    let dir = lab.path("restore");
+    lab.ok(&[
+        "backup-restore",
+        &next,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+
+    // A full pull backup stores the allocated extents in a fresh image.
+    lab.vm_write(3, "12M", "1M");
+    let pulled = lab.backup(None, true);
+    let now = lab.vm_snapshot("now-full.qcow2");
+    let dir = lab.path("restore-full");
+    lab.ok(&[
+        "backup-restore",
+        &pulled,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--full", "--json"]).len(),
+        2
+    );
+
+    lab.ok(&["backup-delete", "vm", "--all"]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 0);
+    let left = std::fs::read_dir(lab.path("backups"))
+        .expect("target")
+        .count();
+    assert_eq!(left, 0, "every image removed");
+    lab.ok(&["shutdown", "vm"]);
+}
