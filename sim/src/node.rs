@@ -1144,7 +1144,7 @@ impl Qemu {
             * 4096;
         let mut image = json!({
             "virtual-size": size,
-            "filename": filename,
+            "filename": &filename,
             "format": n.drv,
             "actual-size": actual,
             "dirty-flag": false,
@@ -1174,16 +1174,18 @@ impl Qemu {
             _ => {}
         }
         if !flat && let Some(b) = &n.backing {
-            image["backing-image"] = self.node_info(b, true)["image"].clone();
+            image["backing-image"] = self.node_info(b, true)["image"].take();
         }
+        // Values are moved in after the macro: `json!` would copy an interpolated Value deeply.
         let mut info = json!({
-            "iops_rd": 0, "detect_zeroes": n.detect_zeroes, "active": true, "image": image,
+            "iops_rd": 0, "detect_zeroes": n.detect_zeroes, "active": true,
             "iops_wr": 0, "ro": n.read_only, "node-name": n.name, "backing_file_depth": 0,
             "drv": n.drv, "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false,
             "bps": 0, "bps_rd": 0,
             "cache": {"no-flush": false, "direct": false, "writeback": true},
-            "file": filename,
         });
+        info["image"] = image;
+        info["file"] = Value::String(filename);
         if let Some(FileContent::Qcow2(q)) = self.image_path(name).and_then(|p| self.fs.get(&p))
             && let Some(b) = &q.backing_file
         {

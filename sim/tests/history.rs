@@ -156,8 +156,8 @@ fn stale_job_never_completes_a_backup_that_did_not_run() {
 }
 
 /// `SIM_SEED=<n>` replays one seed with its QMP trace and step log printed; `SIM_FAULTS`
-/// (`none` or kind names separated by commas) and `SIM_ENGINE_FAULTS_ANYWHERE=1` as the failure
-/// line says.
+/// (`none` or kind names separated by commas), `SIM_STEPS`, `SIM_ENGINE_FAULTS_ANYWHERE=1` and
+/// `SIM_ABORT_DURING_SETUP=1` as the failure line says.
 #[test]
 fn seed_from_env() {
     let Ok(seed) = std::env::var("SIM_SEED") else {
@@ -170,6 +170,9 @@ fn seed_from_env() {
         abort_during_setup: std::env::var("SIM_ABORT_DURING_SETUP").is_ok(),
         ..HistoryConfig::seed(seed)
     };
+    if let Ok(steps) = std::env::var("SIM_STEPS") {
+        cfg.steps = steps.parse().expect("SIM_STEPS is a number");
+    }
     match std::env::var("SIM_FAULTS").as_deref() {
         Ok("none") => cfg.faults = false,
         Ok(list) => {
