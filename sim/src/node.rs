@@ -1036,8 +1036,11 @@ impl Qemu {
         let node = self
             .node(name)
             .ok_or_else(|| QmpError::node_name_not_found(name))?;
+        // A device, an export and a running qcow2 creation (through the block backend it opens
+        // on its file node) all attach a block backend: QEMU checks that first.
         if self.st.devices.iter().any(|d| d.node == name)
             || self.st.exports.values().any(|e| e.node == name)
+            || self.st.jobs.values().any(|j| j.creating_on() == Some(name))
         {
             return Err(QmpError::node_in_use(name));
         }

@@ -522,6 +522,42 @@ fn blockdev_create_runs_as_a_job_and_formats_the_file() {
     );
 }
 
+/// QEMU's qcow2 creation opens a block backend on its file node for the job's run:
+/// `blockdev-del` of that node is refused with the in-use text until the job has run, and the
+/// job still formats the file.
+#[test]
+fn blockdev_del_refuses_the_file_node_of_a_running_create_job() {
+    let mut q = daemon_with_disk();
+    q.fs_mut().touch("/img/new.qcow2");
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "new-file", "filename": "/img/new.qcow2"}),
+    );
+    ok(
+        &mut q,
+        "blockdev-create",
+        json!({"job-id": "create-new", "options": {"driver": "qcow2", "file": "new-file", "size": 64 * MIB}}),
+    );
+    assert_eq!(job(&mut q, "create-new").unwrap()["status"], "running");
+    let refused = run(&mut q, "blockdev-del", json!({"node-name": "new-file"})).unwrap_err();
+    assert_eq!(refused.class, "GenericError");
+    assert_eq!(refused.desc, "Node new-file is in use");
+    assert!(
+        q.fs().get("/img/new.qcow2").is_some(),
+        "the refusal leaves the node and its file alone"
+    );
+    wait(&mut q, 10);
+    assert_eq!(job(&mut q, "create-new").unwrap()["status"], "concluded");
+    // Once the creation has run, the node is free again (a concluded job holds nothing).
+    ok(&mut q, "blockdev-del", json!({"node-name": "new-file"}));
+    assert!(matches!(
+        q.fs().get("/img/new.qcow2"),
+        Some(vbackup_sim::FileContent::Qcow2(_))
+    ));
+    ok(&mut q, "job-dismiss", json!({"id": "create-new"}));
+}
+
 #[test]
 fn a_full_backup_into_a_used_target_replaces_old_data_with_zeroes() {
     let mut q = daemon_with_disk();
