@@ -1,8 +1,9 @@
 //! The domain, checkpoint and backup commands, with virsh's names, flags and output.
 //!
 //! Read-only commands answer from the store without starting QEMU, unless a job is journaled
-//! (then QEMU is reached first so the core reconciles the job). Commands that change bitmaps,
-//! compute sizes or run jobs always open a QMP session.
+//! (then QEMU is reached first so the core reconciles the job). While another vbackup holds the
+//! domain they read the store without the lock instead (see `session`). Commands that change
+//! bitmaps, compute sizes or run jobs always lock the domain and open a QMP session.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -11,20 +12,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, NbdServer, NbdTransport};
+use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, JobStatus, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::model::{DiskDef, DiskDevice, ImageFormat, Layer, StorageType};
 use vbackup_core::xml::{
     BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, align_backup, align_checkpoint,
     align_redefined_checkpoint, parse_domain,
 };
 use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
-use vbackup_qemu::store::Store;
+use vbackup_qemu::store::{Store, write_atomic};
 
-use crate::effects::COMPLETED_FILE;
+use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::output::{CliError, format_time, human_bytes, table};
-use crate::session::{self, Attachment, Loaded, Session};
+use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 
 /// Options every domain command shares.
 #[derive(Debug, Clone, Args)]
@@ -32,19 +34,25 @@ pub struct Global {
     /// State directory (default: $XDG_DATA_HOME/vbackup).
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Commands that change a domain another vbackup holds wait up to SECONDS for it (default:
+    /// fail at once, naming the holder). Read-only commands never wait: they read the store.
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub wait_lock: Option<u64>,
 }
 
 /// Domain, checkpoint and backup commands.
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
-    /// Define a domain from a libvirt domain XML file, or NAME with --disk.
+    /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
+    /// SOCKET with the disks the running QEMU reports.
     Define {
-        /// A domain XML file, or the new domain's name when --disk is given.
+        /// A domain XML file, or the new domain's name (with --disk, or with --qmp alone).
         file_or_name: String,
         /// A disk: TARGET=PATH[,format=qcow2|raw] (repeatable).
         #[arg(long, value_name = "TARGET=PATH[,format=F]")]
         disk: Vec<String>,
-        /// Attach to this QMP socket instead of running qemu-storage-daemon.
+        /// Attach to this QMP socket instead of running qemu-storage-daemon; without --disk
+        /// (and when NAME is not a file) the disks are discovered from it.
         #[arg(long, value_name = "SOCKET")]
         qmp: Option<PathBuf>,
     },
@@ -447,9 +455,9 @@ fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, CliE
         .collect())
 }
 
-/// A libvirt `<domain>` document for `name` with `--disk` specifications.
-fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliError> {
-    let mut devices = String::new();
+/// The disks of `--disk` specifications, each with its backing chain from `qemu-img`.
+fn disks_from_specs(disks: &[String]) -> Result<Vec<DiskDef>, CliError> {
+    let mut defs = Vec::new();
     for spec in disks {
         let (target, rest) = spec
             .split_once('=')
@@ -470,36 +478,95 @@ fn domain_xml_from_disks(name: &str, disks: &[String]) -> Result<String, CliErro
         let abs = std::fs::canonicalize(path)
             .map_err(CliError::io(format!("disk '{target}': '{path}'")))?;
         let abs = abs.display().to_string();
-        let chain = backing_chain(&abs, &format)?;
+        let layers = backing_chain(&abs, &format)?
+            .into_iter()
+            .map(|(p, f)| Layer {
+                storage: StorageType::File,
+                format: ImageFormat::from_name(&f),
+                path: Some(p),
+                index: None,
+                node_name: None,
+            })
+            .collect();
+        defs.push(DiskDef {
+            target: target.to_owned(),
+            device: DiskDevice::Disk,
+            bus: Some("virtio".to_owned()),
+            readonly: false,
+            transient: false,
+            layers,
+        });
+    }
+    Ok(defs)
+}
+
+/// The `<source>` element of a layer.
+fn source_xml(layer: &Layer) -> String {
+    let path = esc(layer.path.as_deref().unwrap_or_default());
+    match layer.storage {
+        StorageType::Block => format!("<source dev='{path}'/>"),
+        StorageType::File => format!("<source file='{path}'/>"),
+        // Discovered network storage has no local path; the element only marks the media.
+        _ => "<source/>".to_owned(),
+    }
+}
+
+fn storage_name(storage: StorageType) -> &'static str {
+    match storage {
+        StorageType::Block => "block",
+        StorageType::File => "file",
+        _ => "network",
+    }
+}
+
+/// A libvirt `<domain>` document for `name` (a fresh uuid unless given) with `disks`: what
+/// `vbackup define` stores when no XML file is given. It reads back as the same disks.
+fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
+    let mut devices = String::new();
+    for disk in disks {
+        let Some(top) = disk.top() else {
+            continue;
+        };
         let mut xml = format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n",
-            esc(&format),
-            esc(&abs)
+            "    <disk type='{}' device='disk'>\n      <driver name='qemu' type='{}'/>\n      {}\n",
+            storage_name(top.storage),
+            esc(top.format.name()),
+            source_xml(top)
         );
         let mut closing = String::new();
         let mut indent = "      ".to_owned();
-        for (i, (p, f)) in chain.iter().enumerate().skip(1) {
+        let count = disk.layers.len();
+        for (i, layer) in disk.layers.iter().enumerate().skip(1) {
             xml.push_str(&format!(
-                "{indent}<backingStore type='file' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  <source file='{}'/>\n",
-                chain.len() - i,
-                esc(f),
-                esc(p)
+                "{indent}<backingStore type='{}' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  {}\n",
+                storage_name(layer.storage),
+                count - i,
+                esc(layer.format.name()),
+                source_xml(layer)
             ));
             closing = format!("{indent}</backingStore>\n{closing}");
             indent.push_str("  ");
         }
         xml.push_str(&closing);
+        if disk.readonly {
+            xml.push_str("      <readonly/>\n");
+        }
+        let bus = disk
+            .bus
+            .as_deref()
+            .map(|b| format!(" bus='{}'", esc(b)))
+            .unwrap_or_default();
         xml.push_str(&format!(
-            "      <target dev='{}' bus='virtio'/>\n    </disk>\n",
-            esc(target)
+            "      <target dev='{}'{bus}/>\n    </disk>\n",
+            esc(&disk.target)
         ));
         devices.push_str(&xml);
     }
-    Ok(format!(
-        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
+    let uuid = uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    format!(
+        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{uuid}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
         esc(name),
-        uuid::Uuid::new_v4()
-    ))
+    )
 }
 
 pub(crate) fn define(
@@ -508,10 +575,28 @@ pub(crate) fn define(
     disks: &[String],
     qmp: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    let (xml, from) = if disks.is_empty() {
+    let discovered = match &qmp {
+        // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
+        Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
+            Some(session::discover_disks(socket)?)
+        }
+        _ => None,
+    };
+    let (xml, from) = if let Some(found) = discovered {
+        if found.is_empty() {
+            return Err(CliError::Other(format!(
+                "QEMU at '{}' has no disks to back up; give them with --disk",
+                qmp.as_deref().unwrap_or(Path::new("")).display()
+            )));
+        }
+        (domain_xml(file_or_name, None, &found), None)
+    } else if disks.is_empty() {
         (read_file(Path::new(file_or_name))?, Some(file_or_name))
     } else {
-        (domain_xml_from_disks(file_or_name, disks)?, None)
+        (
+            domain_xml(file_or_name, None, &disks_from_specs(disks)?),
+            None,
+        )
     };
     let def = parse_domain(&xml)?;
     let attachment = match qmp {
@@ -525,7 +610,7 @@ pub(crate) fn define(
             QsdDisk::from_disk_def(d)?;
         }
     }
-    let ds = store.lock_domain(&def.name)?;
+    let ds = session::lock(store, &def.name)?;
     ds.write_domain_xml(&xml)?;
     session::write_meta(&ds, &attachment)?;
     match from {
@@ -653,9 +738,11 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
 }
 
 fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let disks: Vec<(String, String)> = loaded
-        .def
+    let def = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => loaded.def,
+        ReadAccess::Shared(shared) => shared.def,
+    };
+    let disks: Vec<(String, String)> = def
         .disks
         .iter()
         .map(|d| {
@@ -775,7 +862,11 @@ fn read_tree<T>(
     name: &str,
     f: impl FnOnce(&CheckpointTree, &str) -> Result<T, CliError>,
 ) -> Result<T, CliError> {
-    let loaded = session::load(store, name)?;
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        // Another vbackup holds the domain (and reconciles its job): the store is current.
+        ReadAccess::Shared(shared) => return f(&shared.tree, name),
+    };
     if loaded.journal.is_none() {
         return f(&loaded.tree, name);
     }
@@ -1060,17 +1151,24 @@ pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
         None
     };
     let mut last_poll = None;
+    // Progress is polled for the bar and written for `domjobinfo` run meanwhile by others
+    // (they cannot reach the daemon's monitor while this invocation holds it).
+    let poll_ms = if bar.is_some() { 200 } else { 1000 };
     while s.job_running() {
         let now = s.driver.link().now();
-        let due = last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= 200);
-        if let (Some(b), true) = (&bar, due) {
+        let due =
+            last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= poll_ms);
+        if due {
             last_poll = Some(now);
             if let Reply::Stats(Some(st)) = s.call(Request::JobStats {
                 completed: false,
                 keep_completed: true,
             })? {
-                b.set_length(st.disk_total_bytes.unwrap_or(0));
-                b.set_position(st.disk_processed_bytes.unwrap_or(0));
+                if let Some(b) = &bar {
+                    b.set_length(st.disk_total_bytes.unwrap_or(0));
+                    b.set_position(st.disk_processed_bytes.unwrap_or(0));
+                }
+                write_progress(s, &st);
             }
             continue;
         }
@@ -1093,16 +1191,38 @@ pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
     Ok(done)
 }
 
+/// Writes the running job's statistics to [`PROGRESS_FILE`], tagged with the job's start so a
+/// reader never takes an earlier job's progress for this one's. Best effort.
+fn write_progress(s: &Session, stats: &JobStats) {
+    let Some(started_ms) = s.driver.domain().view().backup.map(|b| b.started_ms) else {
+        return;
+    };
+    let doc = json!({"started_ms": started_ms, "stats": stats});
+    let _ = write_atomic(
+        s.driver.effects().store().dir(),
+        PROGRESS_FILE,
+        doc.to_string().as_bytes(),
+    );
+}
+
 fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_none() {
-        return Err(EngineError::from(RequestError::NoBackup).into());
-    }
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::BackupGetXml);
-    s.close()?;
-    let Reply::Backup(plan) = r? else {
-        return Err(CliError::Other("unexpected answer".into()));
+    let plan = match session::load_for_reading(store, name)? {
+        ReadAccess::Shared(shared) => match shared.journal {
+            Some(plan) => Box::new(plan),
+            None => return Err(EngineError::from(RequestError::NoBackup).into()),
+        },
+        ReadAccess::Locked(loaded) => {
+            if loaded.journal.is_none() {
+                return Err(EngineError::from(RequestError::NoBackup).into());
+            }
+            let mut s = Session::connect(*loaded)?;
+            let r = s.call(Request::BackupGetXml);
+            s.close()?;
+            let Reply::Backup(plan) = r? else {
+                return Err(CliError::Other("unexpected answer".into()));
+            };
+            plan
+        }
     };
     if json {
         println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
@@ -1151,8 +1271,53 @@ fn print_stats(stats: Option<&Value>, json: bool) {
     }
 }
 
+/// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
+/// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
+/// alone says (the status and the time elapsed).
+fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
+    if completed {
+        let stats: Option<Value> = shared
+            .snapshot
+            .file(COMPLETED_FILE)
+            .and_then(|t| serde_json::from_str(t).ok());
+        print_stats(stats.as_ref(), json);
+        return;
+    }
+    let Some(plan) = &shared.journal else {
+        print_stats(None, json);
+        return;
+    };
+    let progress = shared
+        .snapshot
+        .file(PROGRESS_FILE)
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
+    let mut stats = match progress {
+        Some(p) => p["stats"].clone(),
+        None => {
+            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
+        }
+    };
+    stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
+    print_stats(Some(&stats), json);
+}
+
+/// Milliseconds since the epoch (the clock job start times are kept in).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        ReadAccess::Shared(shared) => {
+            domjobinfo_shared(&shared, completed, json);
+            return Ok(());
+        }
+    };
     if completed {
         let path = loaded.store.dir().join(COMPLETED_FILE);
         let stats: Option<Value> = std::fs::read_to_string(path)
@@ -1218,11 +1383,76 @@ fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
         return Err(e);
     }
     // Wait for the cleanup to finish so the daemon can be stopped with a clean state.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.job_running() && std::time::Instant::now() < deadline {
-        use vbackup_core::link::Link;
-        let until = s.driver.link().now().plus_ms(200);
-        s.driver.step(Some(until))?;
-    }
+    s.wait_job_end(Duration::from_secs(60))?;
     s.close()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(storage: StorageType, format: ImageFormat, path: Option<&str>) -> Layer {
+        Layer {
+            storage,
+            format,
+            path: path.map(str::to_owned),
+            index: None,
+            node_name: Some("discovered-node".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_defined_domain_reads_back_as_the_disks_it_was_made_from() {
+        let disks = vec![
+            DiskDef {
+                target: "vda".to_owned(),
+                device: DiskDevice::Disk,
+                bus: Some("virtio".to_owned()),
+                readonly: false,
+                transient: false,
+                layers: vec![
+                    layer(
+                        StorageType::File,
+                        ImageFormat::Qcow2,
+                        Some("/i/top's.qcow2"),
+                    ),
+                    layer(StorageType::File, ImageFormat::Qcow2, Some("/i/mid.qcow2")),
+                    layer(StorageType::Block, ImageFormat::Raw, Some("/dev/vg/base")),
+                ],
+            },
+            DiskDef {
+                target: "vdb".to_owned(),
+                device: DiskDevice::Disk,
+                bus: None,
+                readonly: true,
+                transient: false,
+                layers: vec![layer(StorageType::Network, ImageFormat::Raw, None)],
+            },
+        ];
+        let xml = domain_xml(
+            "vm<1>",
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809"),
+            &disks,
+        );
+        let def = parse_domain(&xml).unwrap();
+        assert_eq!(def.name, "vm<1>");
+        assert_eq!(
+            def.uuid.as_deref(),
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809")
+        );
+        assert_eq!(def.disks.len(), 2);
+        for (read, made) in def.disks.iter().zip(&disks) {
+            assert_eq!(read.target, made.target);
+            assert_eq!(read.readonly, made.readonly);
+            let shape = |d: &DiskDef| {
+                d.layers
+                    .iter()
+                    .map(|l| (l.storage, l.format.clone(), l.path.clone()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(shape(read), shape(made));
+            // Node names are QEMU's and never stored.
+            assert!(read.layers.iter().all(|l| l.node_name.is_none()));
+        }
+    }
 }

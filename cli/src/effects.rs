@@ -16,6 +16,9 @@ use vbackup_qemu::store::{Collection, DomainStore, write_atomic};
 pub const CURRENT_FILE: &str = "current-checkpoint";
 /// File of the last finished job's statistics (JSON).
 pub const COMPLETED_FILE: &str = "completed-job.json";
+/// File of the running job's statistics as last polled by the invocation following it:
+/// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
+pub const PROGRESS_FILE: &str = "job-progress.json";
 
 /// Store-backed effects of one locked domain.
 #[derive(Debug)]
@@ -69,7 +72,11 @@ impl Effects for StoreEffects {
                 let json = serde_json::to_string_pretty(plan).map_err(|e| e.to_string())?;
                 self.store.write_journal(&json)
             }
-            StoreOp::DeleteBackupJournal => self.store.remove_journal().map(|_| ()),
+            StoreOp::DeleteBackupJournal => {
+                // Best effort: a stale progress file is ignored once its job's journal is gone.
+                let _ = fs::remove_file(self.store.dir().join(PROGRESS_FILE));
+                self.store.remove_journal().map(|_| ())
+            }
         };
         r.map_err(|e| e.to_string())
     }

@@ -40,6 +40,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Lock files name what their holder does: this command line, without the program.
+    let operation: Vec<String> = std::env::args().skip(1).collect();
+    session::configure_locking(session::LockSettings {
+        wait: std::time::Duration::from_secs(cli.global.wait_lock.unwrap_or(0)),
+        operation: operation.join(" "),
+    });
     match cli.command {
         Command::Xml(command) => xml_cmd::run(command),
         Command::Domain(command) => report(commands::run(&cli.global, command)),

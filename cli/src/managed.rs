@@ -17,7 +17,18 @@
 //!   daemon: only the dirty extents (incremental) or the allocated ones (full) are stored, in a
 //!   qcow2 overlay of the parent backup's image or a fresh qcow2. The job is then ended.
 //! - Restores are verified against the recorded digest before an image takes its final name.
+//!   `backup-restore B --until U` restores the disks as they were at U's point in time, U being
+//!   on one chain with B (an ancestor of B, B itself, or a backup built on B); any other U is
+//!   refused before anything is written.
+//! - Deleting backups deletes the checkpoints they created (alone, through the engine), since
+//!   a checkpoint only serves as the base of later incrementals from its backup; the
+//!   checkpoints of remaining backups and the user's own checkpoints stay. Checkpoints go
+//!   before records and records before images, so an interrupted deletion leaves the backups
+//!   it did not reach catalogued and restorable, and repeating it finishes the work.
+//! - A pull copy shows one progress bar per disk on a terminal (none with `--json` or when
+//!   stderr is not a terminal).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::time::Duration;
@@ -74,6 +85,10 @@ pub enum ManagedCommand {
         /// Wait for a push backup to finish and record it (pull backups always finish).
         #[arg(long)]
         wait: bool,
+        /// Machine-readable output: one JSON object (the recorded backup, or the started
+        /// one's uuid), no progress bar.
+        #[arg(long)]
+        json: bool,
     },
     /// List a domain's managed backups.
     BackupList {
@@ -108,7 +123,15 @@ pub enum ManagedCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a managed backup and its images.
+    /// Delete a managed backup, its images and the checkpoint it created.
+    ///
+    /// A backup's checkpoint only serves as the base of later incrementals from that backup;
+    /// once the backup is deleted nothing can be built on it, so its checkpoint (metadata and
+    /// bitmaps) is deleted with it, alone: other checkpoints and their bitmaps are kept, and
+    /// so is a checkpoint another remaining backup names. The checkpoint of every remaining
+    /// backup stays, so incrementals can still be built on any of them. Checkpoints are
+    /// deleted first, records next, images last: if a step fails, the backups not yet removed
+    /// stay catalogued and restorable, and running the command again finishes the deletion.
     BackupDelete {
         /// Backup uuid (with --all: the domain name).
         target: String,
@@ -120,9 +143,17 @@ pub enum ManagedCommand {
         all: bool,
     },
     /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
+    ///
+    /// The result is the disks as they were at the backup's point in time (with --until: at
+    /// that backup's point in time), checked against the digest recorded in the catalogue.
     BackupRestore {
-        /// Backup uuid.
+        /// Backup uuid: the backup restored, or with --until any backup of the chain.
         uuid: String,
+        /// Restore the chain of UUID only up to this backup: the disks as they were at its
+        /// point in time. It must be on one chain with UUID (an ancestor of it, UUID itself,
+        /// or a backup built on it, directly or not); any other backup is refused.
+        #[arg(long, value_name = "UUID")]
+        until: Option<String>,
         /// Define a new domain on the restored images.
         #[arg(long, requires = "dir")]
         new_domain: Option<String>,
@@ -168,6 +199,7 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             description,
             pull,
             wait,
+            json,
         } => {
             let xml = backupxml.map(|p| read(&p)).transpose()?;
             create(
@@ -180,6 +212,7 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
                     description,
                     pull,
                     wait,
+                    json,
                 },
             )
         }
@@ -199,11 +232,22 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
         } => delete(&store, &target, children, all),
         ManagedCommand::BackupRestore {
             uuid,
+            until,
             new_domain,
             dir,
             disk,
             overwrite,
-        } => restore_cmd(&store, &uuid, new_domain, dir, &disk, overwrite),
+        } => restore_cmd(
+            &store,
+            &RestoreArgs {
+                uuid,
+                until,
+                new_domain,
+                dir,
+                disks: disk,
+                overwrite,
+            },
+        ),
         ManagedCommand::BackupFinish {
             domain,
             cancel,
@@ -474,6 +518,7 @@ fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliEr
         parent: pending.parent.clone(),
         checkpoint: Some(pending.checkpoint.clone()),
         creation_time: pending.creation_time,
+        sequence: Some(cat.next_sequence()),
         description: pending.description.clone(),
         kind: if pending.parent.is_some() {
             BackupKind::Incremental
@@ -514,6 +559,7 @@ struct CreateArgs {
     description: Option<String>,
     pull: bool,
     wait: bool,
+    json: bool,
 }
 
 fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> {
@@ -652,7 +698,9 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
             && last_job_succeeded(&dir)
             && record(s.driver.effects().store(), &stale).is_ok();
         if kept {
-            println!("Backup {} recorded", stale.uuid);
+            if !args.json {
+                println!("Backup {} recorded", stale.uuid);
+            }
         } else {
             discard(&mut s, &dir, &stale)?;
         }
@@ -668,9 +716,11 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         s.close()?;
         return Err(e);
     }
-    println!("Backup {uuid} started");
+    if !args.json {
+        println!("Backup {uuid} started");
+    }
     if pending.pull {
-        let copied = pull_copy(&mut s, &pending, parent.as_ref());
+        let copied = pull_copy(&mut s, &pending, parent.as_ref(), args.json);
         let ended = end_job(&mut s);
         if let Err(e) = copied.and(ended) {
             let _ = discard(&mut s, &dir, &pending);
@@ -679,6 +729,9 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         }
     } else {
         if !args.wait {
+            if args.json {
+                println!("{}", json!({"uuid": uuid, "status": "started"}));
+            }
             return s.close();
         }
         let stats = commands::follow(&mut s)?;
@@ -697,19 +750,25 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     }
     s.close()?;
     let backup = recorded?;
-    println!(
-        "Backup {uuid} created ({}, {})",
-        backup.kind.name(),
-        human_bytes(backup.allocated_size_bytes())
-    );
+    if args.json {
+        println!("{}", backup_json(&backup));
+    } else {
+        println!(
+            "Backup {uuid} created ({}, {})",
+            backup.kind.name(),
+            human_bytes(backup.allocated_size_bytes())
+        );
+    }
     Ok(())
 }
 
-/// Reads every disk of a running pull backup over NBD into the pending images.
+/// Reads every disk of a running pull backup over NBD into the pending images, with a
+/// progress bar per disk on a terminal unless `quiet` (machine-readable output).
 fn pull_copy(
     s: &mut Session,
     pending: &Pending,
     parent: Option<&ManagedBackup>,
+    quiet: bool,
 ) -> Result<(), CliError> {
     let Reply::Backup(plan) = s.call(Request::BackupGetXml)? else {
         return Err(CliError::Other(
@@ -746,16 +805,72 @@ fn pull_copy(
                 flags & STATE_ZERO == 0
             }
         })?;
-        let report = images::store_extents(&mut client, &ranges, Path::new(path), base.as_deref())
-            .map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
-        println!(
-            "Disk {disk}: pulled {} in {} extent(s)",
-            human_bytes(report.copy.bytes_copied),
-            report.copy.ranges
+        let total_bytes = ranges
+            .iter()
+            .fold(0u64, |t, (_, len)| t.saturating_add(*len));
+        let bar = CopyProgress::new(disk, total_bytes, !quiet && std::io::stderr().is_terminal());
+        let report = images::store_extents_observed(
+            &mut client,
+            &ranges,
+            Path::new(path),
+            base.as_deref(),
+            &mut |bytes| bar.advance(bytes),
         );
+        bar.finish();
+        let report =
+            report.map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
+        if !quiet {
+            println!(
+                "Disk {disk}: pulled {} in {} extent(s)",
+                human_bytes(report.copy.bytes_copied),
+                report.copy.ranges
+            );
+        }
         let _ = client.disconnect();
     }
     Ok(())
+}
+
+/// The progress of one disk's pull copy: an indicatif bar on stderr when shown (a terminal
+/// and no machine-readable output, like `backup-begin --wait`), nothing otherwise; it only
+/// counts then.
+struct CopyProgress {
+    bar: Option<indicatif::ProgressBar>,
+    done_bytes: std::cell::Cell<u64>,
+}
+
+impl CopyProgress {
+    fn new(disk: &str, total_bytes: u64, shown: bool) -> Self {
+        let bar = shown.then(|| {
+            let b = indicatif::ProgressBar::new(total_bytes);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} {spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_prefix(disk.to_owned());
+            b
+        });
+        Self {
+            bar,
+            done_bytes: std::cell::Cell::new(0),
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.done_bytes
+            .set(self.done_bytes.get().saturating_add(bytes));
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
 }
 
 // ----- backup-finish -----
@@ -890,11 +1005,7 @@ fn list(
     } else {
         ListFilter::All
     };
-    let backups = if filter == ListFilter::LatestChain {
-        latest_chain(&cat)?
-    } else {
-        cat.list(filter)
-    };
+    let backups = cat.list(filter);
     if json {
         let v: Vec<Value> = backups.iter().map(|b| backup_json(b)).collect();
         println!("{}", Value::Array(v));
@@ -907,26 +1018,6 @@ fn list(
         print!("{}", table(&HEADERS, &rows(&backups)));
     }
     Ok(())
-}
-
-/// The chain of the most recent backup. Creation times have a resolution of one second, so a
-/// backup and its child may share one; the longer chain is then the more recent.
-fn latest_chain(cat: &Catalogue) -> Result<Vec<&ManagedBackup>, CliError> {
-    let mut best: Option<Vec<&ManagedBackup>> = None;
-    for b in cat.list(ListFilter::All) {
-        let chain = cat.chain(&b.uuid).map_err(catalogue_error)?;
-        let key = |c: &Vec<&ManagedBackup>| {
-            (
-                c.last().map_or(0, |b| b.creation_time),
-                c.len(),
-                c.last().map(|b| b.uuid.clone()),
-            )
-        };
-        if best.as_ref().is_none_or(|x| key(&chain) > key(x)) {
-            best = Some(chain);
-        }
-    }
-    Ok(best.unwrap_or_default())
 }
 
 fn print_tree(
@@ -1039,40 +1130,96 @@ pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 // ----- changing -----
 
 fn delete(store: &Store, target: &str, with_children: bool, all: bool) -> Result<(), CliError> {
-    if all {
-        let loaded = session::load(store, target)?;
-        let mut cat = catalogue(&loaded.store)?;
-        let n = cat.len();
-        let ops = cat.delete_all();
-        images::apply_ops(&loaded.store, &ops).map_err(io_error)?;
-        println!("Deleted {n} backup(s) of domain '{target}'");
-        return Ok(());
-    }
-    let (ds, mut cat) = find(store, target)?;
-    if Pending::read(ds.dir())?.is_some_and(|p| p.parent.as_deref() == Some(target)) {
+    let domain = if all {
+        target.to_owned()
+    } else {
+        let (ds, _) = find(store, target)?;
+        ds.name().to_owned()
+    };
+    // Deleting checkpoints needs a session, which needs the domain loaded (and locked) anew.
+    let loaded = session::load(store, &domain)?;
+    let mut cat = catalogue(&loaded.store)?;
+    let n_all = cat.len();
+    let ops = if all {
+        cat.delete_all()
+    } else {
+        let mode = if with_children {
+            DeleteMode::WithChildren
+        } else {
+            DeleteMode::Alone
+        };
+        cat.delete(target, mode)
+            .map_err(|e| CliError::Other(format!("Requested operation is not valid: {e}")))?
+    };
+    let doomed: Vec<&str> = ops
+        .iter()
+        .filter_map(|o| match o {
+            CatalogueOp::DeleteBackup { uuid } => Some(uuid.as_str()),
+            _ => None,
+        })
+        .collect();
+    if let Some(p) = Pending::read(loaded.store.dir())?
+        && let Some(parent) = p.parent.as_deref().filter(|u| doomed.contains(u))
+    {
         return Err(CliError::Other(format!(
-            "Requested operation is not valid: a running backup is built on '{target}'"
+            "Requested operation is not valid: a running backup is built on '{parent}'"
         )));
     }
-    let mode = if with_children {
-        DeleteMode::WithChildren
-    } else {
-        DeleteMode::Alone
-    };
-    let ops = cat
-        .delete(target, mode)
-        .map_err(|e| CliError::Other(format!("Requested operation is not valid: {e}")))?;
-    let n = ops
-        .iter()
-        .filter(|o| matches!(o, CatalogueOp::DeleteBackup { .. }))
-        .count();
-    images::apply_ops(&ds, &ops).map_err(io_error)?;
-    if n > 1 {
+    let n = doomed.len();
+    apply_with_checkpoints(loaded, &ops)?;
+    if all {
+        println!("Deleted {n_all} backup(s) of domain '{target}'");
+    } else if n > 1 {
         println!("Backup {target} and {} dependent backup(s) deleted", n - 1);
     } else {
         println!("Backup {target} deleted");
     }
     Ok(())
+}
+
+/// Carries out catalogue operations whose checkpoint deletions go through the engine: a
+/// session is opened only when one of those checkpoints still exists.
+fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), CliError> {
+    let needs_session = ops.iter().any(
+        |o| matches!(o, CatalogueOp::DeleteCheckpoint { name } if loaded.tree.get(name).is_some()),
+    );
+    if !needs_session {
+        // Every released checkpoint is already gone.
+        return images::apply_ops_with(&loaded.store, ops, &mut |_| Ok(())).map_err(io_error);
+    }
+    let mut s = Session::connect(loaded)?;
+    let mut applied = Ok(());
+    for op in ops {
+        applied = match op {
+            CatalogueOp::DeleteCheckpoint { name } => delete_checkpoint(&mut s, name),
+            other => images::apply_ops(s.driver.effects().store(), std::slice::from_ref(other))
+                .map_err(io_error),
+        };
+        if applied.is_err() {
+            break;
+        }
+    }
+    s.close()?;
+    applied
+}
+
+/// Deletes a checkpoint a deleted backup released, alone (its children are re-parented,
+/// other bitmaps untouched); one already gone counts as deleted.
+fn delete_checkpoint(s: &mut Session, name: &str) -> Result<(), CliError> {
+    if s.driver.domain().view().checkpoints.get(name).is_none() {
+        return Ok(());
+    }
+    s.call(Request::CheckpointDelete {
+        name: name.to_owned(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    })
+    .map(|_| ())
+    .map_err(|e| {
+        CliError::Other(format!(
+            "operation failed: cannot delete checkpoint '{name}' of a deleted backup (the backups are kept; run the deletion again): {e}"
+        ))
+    })
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
@@ -1103,17 +1250,39 @@ fn set_default_target(store: &Store, name: &str, dir: &Path) -> Result<(), CliEr
     Ok(())
 }
 
-fn restore_cmd(
-    store: &Store,
-    uuid: &str,
+/// What `backup-restore` was asked.
+struct RestoreArgs {
+    uuid: String,
+    until: Option<String>,
     new_domain: Option<String>,
     dir: Option<PathBuf>,
-    disks: &[String],
+    disks: Vec<String>,
     overwrite: bool,
-) -> Result<(), CliError> {
+}
+
+fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
+    let RestoreArgs {
+        uuid,
+        until,
+        new_domain,
+        dir,
+        disks,
+        overwrite,
+    } = args;
+    let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
     let (ds, cat) = find(store, uuid)?;
     let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
-    let plan = cat.plan_restore(uuid, &chosen).map_err(catalogue_error)?;
+    let plan = match until {
+        Some(until) => {
+            validate_uuid(until).map_err(catalogue_error)?;
+            cat.plan_restore_until(uuid, until, &chosen)
+        }
+        None => cat.plan_restore(uuid, &chosen),
+    }
+    .map_err(catalogue_error)?;
+    if until.is_some() {
+        println!("Restoring backup {} (chain of {uuid})", plan.backup);
+    }
     let target = if overwrite {
         let domain = ds.name().to_owned();
         drop(ds);
@@ -1208,11 +1377,16 @@ fn forget_checkpoints(store: &DomainStore) -> Result<(), CliError> {
     Ok(())
 }
 
-/// For `undefine --remove-all-backups`: deletes every backup of a locked domain.
+/// For `undefine --remove-all-backups`: deletes every backup of a locked domain. The
+/// checkpoints are left to `undefine`, which removes their metadata with the domain.
 pub fn remove_all_backups(store: &DomainStore) -> Result<usize, CliError> {
     let mut cat = catalogue(store)?;
     let n = cat.len();
-    let ops = cat.delete_all();
+    let ops: Vec<CatalogueOp> = cat
+        .delete_all()
+        .into_iter()
+        .filter(|o| !matches!(o, CatalogueOp::DeleteCheckpoint { .. }))
+        .collect();
     images::apply_ops(store, &ops).map_err(io_error)?;
     Ok(n)
 }
@@ -1245,6 +1419,21 @@ mod tests {
         assert_eq!(back.creation_time, 1_700_000_000);
         assert!(back.pull);
         assert_eq!(back.images, p.images);
+    }
+
+    #[test]
+    fn copy_progress_is_hidden_unless_shown_and_counts_every_byte() {
+        let hidden = CopyProgress::new("vda", 3 << 20, false);
+        assert!(hidden.bar.is_none());
+        hidden.advance(1 << 20);
+        hidden.advance(2 << 20);
+        hidden.finish();
+        assert_eq!(hidden.done_bytes.get(), 3 << 20);
+        let shown = CopyProgress::new("vda", 100, true);
+        shown.advance(40);
+        assert_eq!(shown.bar.as_ref().map(|b| b.position()), Some(40));
+        assert_eq!(shown.bar.as_ref().and_then(|b| b.length()), Some(100));
+        shown.finish();
     }
 
     #[test]

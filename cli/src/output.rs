@@ -21,6 +21,9 @@ pub enum CliError {
     /// QMP.
     #[error("{0}")]
     Qmp(#[from] vbackup_qemu::qmp_socket::QmpSocketError),
+    /// Discovering an attached domain's disks.
+    #[error("{0}")]
+    Discover(#[from] vbackup_qemu::discover::DiscoverError),
     /// An XML document.
     #[error("XML error: {0}")]
     Xml(#[from] vbackup_core::xml::XmlError),

@@ -13,23 +13,33 @@
 //!   reconnect, so one code path serves first connect, restart and reconnect.
 //! - A journaled job always brings QEMU up (even for read-only commands) so the core can
 //!   reconcile it: a restart of vbackup never loses a job.
+//! - Locking: a command that changes a domain locks it ([`load`]) and fails at once naming the
+//!   holder, or waits up to `--wait-lock`. A read-only command ([`load_for_reading`]) locks the
+//!   domain when it is free (and then reconciles like any other); when another vbackup holds
+//!   it, that holder is the one reconciling and keeping the store current, so the reader reads
+//!   the store as it is ([`Shared`]), never waits, and neither writes nor talks to QEMU (whose
+//!   monitor the holder may be using).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::BackupPlan;
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
-use vbackup_core::domain::{DomainConfig, Reply, Request};
+use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
-use vbackup_core::model::DomainDef;
+use vbackup_core::model::{DiskDef, DomainDef};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
+use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
-use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, format_node};
-use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
+use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, RunDir, daemon_alive, format_node};
+use vbackup_qemu::store::{
+    Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
+};
 
 use crate::effects::{CURRENT_FILE, StoreEffects};
 use crate::output::CliError;
@@ -73,13 +83,50 @@ impl Attachment {
     }
 }
 
+/// This invocation's locking settings, set once by `main` before any command runs.
+#[derive(Debug, Clone, Default)]
+pub struct LockSettings {
+    /// How long a command that changes a domain waits for another holder's lock (zero: fail at
+    /// once).
+    pub wait: Duration,
+    /// What this invocation does, recorded in the lock files it holds.
+    pub operation: String,
+}
+
+static LOCK_SETTINGS: OnceLock<LockSettings> = OnceLock::new();
+
+/// Sets this invocation's locking settings; only the first call counts.
+pub fn configure_locking(settings: LockSettings) {
+    let _ = LOCK_SETTINGS.set(settings);
+}
+
+fn lock_settings() -> LockSettings {
+    LOCK_SETTINGS.get().cloned().unwrap_or_default()
+}
+
 /// Opens the store under `state_dir` (or the default location).
 pub fn open_store(state_dir: Option<&Path>) -> Result<Store, CliError> {
     let root = match state_dir {
-        Some(d) => d.to_owned(),
+        // Absolute, because paths under it (the daemon's sockets) are handed to QEMU, which
+        // runs elsewhere and wants absolute socket paths.
+        Some(d) => std::path::absolute(d)
+            .map_err(CliError::io(format!("state directory '{}'", d.display())))?,
         None => vbackup_qemu::store::default_root_from_env()?,
     };
-    Ok(Store::open(root)?)
+    Ok(Store::open(root)?.with_operation(&lock_settings().operation))
+}
+
+/// Locks domain `name` for a command that changes it: at once, or within `--wait-lock`.
+pub fn lock(store: &Store, name: &str) -> Result<DomainStore, CliError> {
+    let wait = lock_settings().wait;
+    match store.lock_domain(name) {
+        Err(StoreError::Locked { domain, holder }) if !wait.is_zero() => {
+            let err = StoreError::Locked { domain, holder };
+            eprintln!("note: {err}; waiting up to {} s", wait.as_secs_f64());
+            Ok(store.lock_domain_wait(name, wait)?)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// A locked, defined domain with its metadata loaded; no QEMU yet.
@@ -99,19 +146,24 @@ pub struct Loaded {
     pub journal: Option<BackupPlan>,
 }
 
-/// Locks and loads domain `name`.
-pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
-    let ds = store.lock_domain(name)?;
-    let Some(xml) = ds.read_domain_xml()? else {
-        // Locking made the directory; an unknown name leaves nothing behind (only an empty
-        // directory is removed).
-        let _ = std::fs::remove_dir(ds.dir());
-        return Err(CliError::NoDomain(name.to_owned()));
-    };
-    let mut def = parse_domain(&xml)?;
-    let meta = std::fs::read_to_string(ds.dir().join(META_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+/// What a domain's files say, parsed: shared by locked loads and lock-free reads.
+struct Parsed {
+    def: DomainDef,
+    attachment: Attachment,
+    tree: CheckpointTree,
+    journal: Option<BackupPlan>,
+}
+
+fn parse_stored(
+    xml: &str,
+    meta: Option<&str>,
+    checkpoint_files: Vec<(String, String)>,
+    current: Option<&str>,
+    journal: Option<&str>,
+) -> Result<Parsed, CliError> {
+    let mut def = parse_domain(xml)?;
+    let meta = meta
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
         .unwrap_or(Value::Null);
     let attachment = Attachment::from_meta(&meta);
     if attachment == Attachment::Managed {
@@ -123,33 +175,112 @@ pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
         }
     }
     let mut checkpoints = Vec::new();
-    for (entry, text) in ds.load_entries(Collection::Checkpoints)? {
+    for (entry, text) in checkpoint_files {
         let cdef = CheckpointDef::parse(&text, CheckpointMode::Document)
             .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         let c = Checkpoint::from_def(&cdef)
             .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         checkpoints.push(c);
     }
-    let current = std::fs::read_to_string(ds.dir().join(CURRENT_FILE))
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty());
-    let tree = CheckpointTree::load(checkpoints, current.as_deref());
-    let journal = match ds.read_journal()? {
+    let current = current.map(str::trim).filter(|s| !s.is_empty());
+    let tree = CheckpointTree::load(checkpoints, current);
+    let journal = match journal {
         Some(text) => Some(
-            serde_json::from_str::<BackupPlan>(&text)
+            serde_json::from_str::<BackupPlan>(text)
                 .map_err(|e| CliError::Corrupt(format!("job journal: {e}")))?,
         ),
         None => None,
     };
-    Ok(Loaded {
-        store: ds,
-        xml,
+    Ok(Parsed {
         def,
         attachment,
         tree,
         journal,
     })
+}
+
+/// Locks and loads domain `name`.
+pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
+    load_locked(lock(store, name)?, name)
+}
+
+fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, CliError> {
+    let Some(xml) = ds.read_domain_xml()? else {
+        // Locking made the directory; an unknown name leaves nothing behind (only an empty
+        // directory is removed).
+        let _ = std::fs::remove_dir(ds.dir());
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let meta = std::fs::read_to_string(ds.dir().join(META_FILE)).ok();
+    let current = std::fs::read_to_string(ds.dir().join(CURRENT_FILE)).ok();
+    let journal = ds.read_journal()?;
+    let parsed = parse_stored(
+        &xml,
+        meta.as_deref(),
+        ds.load_entries(Collection::Checkpoints)?,
+        current.as_deref(),
+        journal.as_deref(),
+    )?;
+    Ok(Loaded {
+        store: ds,
+        xml,
+        def: parsed.def,
+        attachment: parsed.attachment,
+        tree: parsed.tree,
+        journal: parsed.journal,
+    })
+}
+
+/// A domain read without its lock while another vbackup holds it: what the store says now.
+/// Nothing is reconciled or written; the holder keeps the store current.
+#[derive(Debug)]
+pub struct Shared {
+    /// The files as read.
+    pub snapshot: DomainSnapshot,
+    /// The definition.
+    pub def: DomainDef,
+    /// Stored checkpoints.
+    pub tree: CheckpointTree,
+    /// The running job's journal.
+    pub journal: Option<BackupPlan>,
+}
+
+/// How a read-only command sees a domain.
+#[derive(Debug)]
+pub enum ReadAccess {
+    /// Nobody else holds the domain: this invocation locked it and may reconcile a job.
+    Locked(Box<Loaded>),
+    /// Another vbackup holds it: read the store as it is.
+    Shared(Box<Shared>),
+}
+
+/// Opens domain `name` for a read-only command: locked when free, else read without the lock
+/// (never waiting, whatever `--wait-lock` says).
+pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, CliError> {
+    match store.lock_domain(name) {
+        Ok(ds) => return Ok(ReadAccess::Locked(Box::new(load_locked(ds, name)?))),
+        Err(StoreError::Locked { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let Some(snapshot) = store.read_domain(name)? else {
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let Some(xml) = snapshot.file("domain.xml") else {
+        return Err(CliError::NoDomain(name.to_owned()));
+    };
+    let parsed = parse_stored(
+        xml,
+        snapshot.file(META_FILE),
+        snapshot.checkpoints.clone(),
+        snapshot.file(CURRENT_FILE),
+        snapshot.file("journal.json"),
+    )?;
+    Ok(ReadAccess::Shared(Box::new(Shared {
+        def: parsed.def,
+        tree: parsed.tree,
+        journal: parsed.journal,
+        snapshot,
+    })))
 }
 
 /// A link whose clock reads milliseconds since the Unix epoch, so times the core records (a
@@ -197,41 +328,74 @@ pub struct Session {
     pub attachment: Attachment,
     /// Run directory of the managed daemon.
     pub run_dir: PathBuf,
+    /// How many of the effects' events have been looked at for warnings.
+    events_reported: usize,
 }
 
-/// Finds the format node of each layer of an attached domain by its file name.
-fn discover_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
+/// The warning lines for a drift between checkpoint metadata and QEMU's bitmaps: one per
+/// checkpoint disk whose bitmap is lost. Bitmaps no checkpoint owns are not warned about: a
+/// metadata-only checkpoint deletion leaves them on purpose, and a warning on every later
+/// command would bury the ones that matter.
+pub fn drift_warnings(drift: &BitmapDrift) -> Vec<String> {
+    drift
+        .missing
+        .iter()
+        .map(|(checkpoint, disk)| {
+            format!(
+                "warning: checkpoint '{checkpoint}': the bitmap of disk '{disk}' is missing or inconsistent in QEMU (it stopped without closing the image?); incremental backups from it are refused: take a full backup, and delete the checkpoint"
+            )
+        })
+        .collect()
+}
+
+/// Asks the QEMU at `socket` which disks it has (see `vbackup_qemu::discover` for the rule).
+pub fn discover_disks(socket: &Path) -> Result<Vec<DiskDef>, CliError> {
     let mut qmp = QmpSocket::connect(socket, Instant::now() + CONNECT_TIMEOUT)?;
-    let nodes = qmp.execute(
-        "query-named-block-nodes",
-        Some(json!({"flat": true})),
-        Instant::now() + CONNECT_TIMEOUT,
-    )?;
-    let nodes = nodes.as_array().cloned().unwrap_or_default();
-    for disk in &mut def.disks {
-        for layer in &mut disk.layers {
-            if layer.node_name.is_some() {
-                continue;
+    let replies = discover::query(&mut qmp, Instant::now() + CONNECT_TIMEOUT)?;
+    Ok(discover::discover_disks(&replies)?)
+}
+
+/// Fills in the node name of each layer of an attached domain from what QEMU runs now: a
+/// defined disk is the discovered disk with the same top image (node names are QEMU's and may
+/// change when it restarts, so they are looked up on every connection, never stored).
+fn resolve_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
+    let found = discover_disks(socket)?;
+    for disk in def.disks.iter_mut().filter(|d| !d.is_empty()) {
+        let unresolved = |why: String| {
+            CliError::Other(format!(
+                "disk '{}': {why} in the QEMU at '{}'",
+                disk.target,
+                socket.display()
+            ))
+        };
+        let top_path = disk.top().and_then(|l| l.path.clone());
+        let Some(running) = found.iter().find(|f| {
+            let running_top = f.top().and_then(|l| l.path.as_deref());
+            match &top_path {
+                Some(p) => running_top == Some(p.as_str()),
+                None => f.target == disk.target,
             }
-            let Some(path) = layer.path.clone() else {
-                continue;
-            };
-            let found = nodes.iter().find(|n| {
-                let drv = n.get("drv").and_then(Value::as_str).unwrap_or("");
-                let file = n.get("file").and_then(Value::as_str).unwrap_or("");
-                drv != "file" && drv != "host_device" && file == path
-            });
-            match found
-                .and_then(|n| n.get("node-name"))
-                .and_then(Value::as_str)
+        }) else {
+            let what = top_path.unwrap_or_else(|| disk.target.clone());
+            return Err(unresolved(format!("no disk opens '{what}'")));
+        };
+        if running.layers.len() < disk.layers.len() {
+            return Err(unresolved(format!(
+                "the defined chain has {} layers but {} are open",
+                disk.layers.len(),
+                running.layers.len()
+            )));
+        }
+        for (layer, open) in disk.layers.iter_mut().zip(&running.layers) {
+            if let (Some(want), Some(have)) = (&layer.path, &open.path)
+                && want != have
             {
-                Some(name) => layer.node_name = Some(name.to_owned()),
-                None => {
-                    return Err(CliError::Other(format!(
-                        "disk '{}': no block node of QEMU opens '{path}'",
-                        disk.target
-                    )));
-                }
+                return Err(unresolved(format!(
+                    "layer '{want}' is defined but '{have}' is open in its place"
+                )));
+            }
+            if layer.node_name.is_none() {
+                layer.node_name = open.node_name.clone();
             }
         }
     }
@@ -251,6 +415,7 @@ impl Session {
             ..
         } = loaded;
         let run_dir = store.run_dir();
+        let mut restarted = false;
         let socket = match &attachment {
             Attachment::Managed => {
                 let disks = def
@@ -259,7 +424,22 @@ impl Session {
                     .filter(|d| !d.is_empty())
                     .map(QsdDisk::from_disk_def)
                     .collect::<Result<Vec<_>, _>>()?;
+                // A pid file whose process is gone: the daemon died without a clean stop
+                // (QEMU removes the file when it exits normally).
+                let dead = RunDir::new(&run_dir)
+                    .read_pid()
+                    .ok()
+                    .flatten()
+                    .filter(|pid| !daemon_alive(*pid));
                 let qsd = Qsd::connect_or_start(&run_dir, &disks, &QsdOptions::default())?;
+                if let Some(pid) = dead {
+                    restarted = true;
+                    eprintln!(
+                        "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
+                        store.name(),
+                        qsd.pid()
+                    );
+                }
                 let path = qsd.run_dir().qmp_socket.clone();
                 // Close the negotiated handle: the monitor serves one client at a time and the
                 // core negotiates its own session.
@@ -267,7 +447,7 @@ impl Session {
                 path
             }
             Attachment::Attached(path) => {
-                discover_nodes(path, &mut def)?;
+                resolve_nodes(path, &mut def)?;
                 path.clone()
             }
         };
@@ -290,6 +470,7 @@ impl Session {
             driver,
             attachment,
             run_dir,
+            events_reported: 0,
         };
         // A restored job reconciles right after negotiation; a stats request is answered only
         // once the core knows the job's real state, so it doubles as a barrier.
@@ -299,13 +480,47 @@ impl Session {
                 keep_completed: true,
             })?;
         }
+        // A job journaled against a daemon that died cannot be running in the new one: its
+        // block jobs, exports and scratch nodes died with the old process. The core sees its
+        // jobs vanished; ending the backup now (it is recorded as failed) spares the user a
+        // job that looks alive until aborted.
+        if restarted && session.job_running() {
+            eprintln!("note: the backup job died with the daemon; it is ended as failed");
+            session.call(Request::AbortJob)?;
+            session.wait_job_end(Duration::from_secs(60))?;
+        }
         Ok(session)
     }
 
-    /// Submits a request and drives until it is answered.
+    /// Drives the session until no backup job runs or `timeout` passes.
+    pub fn wait_job_end(&mut self, timeout: Duration) -> Result<(), CliError> {
+        let deadline = Instant::now() + timeout;
+        while self.job_running() && Instant::now() < deadline {
+            let until = self.driver.link().now().plus_ms(200);
+            self.driver.step(Some(until))?;
+        }
+        Ok(())
+    }
+
+    /// Submits a request and drives until it is answered. Warnings about what the core found
+    /// meanwhile (a bitmap drift after connecting) go to stderr first.
     pub fn call(&mut self, request: Request) -> Result<Reply, CliError> {
-        let reply = self.driver.call(request, STEPS)?;
-        Ok(reply?)
+        let reply = self.driver.call(request, STEPS);
+        self.report_events();
+        Ok(reply??)
+    }
+
+    /// Prints a warning for each event not yet looked at that the user should know about.
+    fn report_events(&mut self) {
+        let events = &self.driver.effects().events;
+        for event in events.iter().skip(self.events_reported) {
+            if let DomainEvent::BitmapDrift(drift) = event {
+                for line in drift_warnings(drift) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        self.events_reported = events.len();
     }
 
     /// Whether a backup job is running.
@@ -315,7 +530,8 @@ impl Session {
 
     /// Ends the session: a managed daemon with no job running is stopped cleanly (bitmaps are
     /// written to the images); one with a job keeps running for the next invocation.
-    pub fn close(self) -> Result<(), CliError> {
+    pub fn close(mut self) -> Result<(), CliError> {
+        self.report_events();
         let running = self.job_running();
         let Session {
             driver,

@@ -360,3 +360,282 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     again.quit().expect("quit");
     qemu.reap_exited();
 }
+
+#[test]
+fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::live::{LiveLab, create_overlay};
+    use vbackup_qemu::qsd::{QsdDisk, QsdLayer};
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let base = lab.image("base.qcow2", 16);
+    let top = lab.path("top.qcow2");
+    create_overlay(&top, &base, &ImageFormat::Qcow2).expect("overlay");
+    let data = lab.image("data.qcow2", 8);
+    let chain = QsdDisk {
+        target: "vda".into(),
+        layers: vec![
+            QsdLayer {
+                path: top.clone(),
+                format: ImageFormat::Qcow2,
+            },
+            QsdLayer {
+                path: base.clone(),
+                format: ImageFormat::Qcow2,
+            },
+        ],
+    };
+    let qsd = qemu
+        .start_qsd(
+            "q",
+            &[chain, QsdDisk::single("vdb", &data, ImageFormat::Qcow2)],
+        )
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    let guest = qsd.guest_export_uri("vda");
+    drop(qsd);
+    assert_eq!(
+        lab.ok(&["define", "att", "--qmp", &qmp]),
+        "Domain 'att' defined\n"
+    );
+    // The daemon has no guest devices: its exports are the disks, named after their export
+    // ids (`guest-vda`), each with the layers below the raw view the export shows.
+    let disks = lab.json(&["domblklist", "att", "--json"]);
+    assert_eq!(disks[0]["target"], "vda");
+    assert_eq!(disks[0]["source"], top.display().to_string());
+    assert_eq!(disks[1]["target"], "vdb");
+    let xml = std::fs::read_to_string(lab.state().join("domains/att/domain.xml")).unwrap();
+    assert!(
+        xml.contains(&format!("<source file='{}'/>", base.display())),
+        "{xml}"
+    );
+
+    lab.ok(&["checkpoint-create-as", "att", "c1"]);
+    tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 1M", &guest]));
+    let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
+    assert_eq!(dump["disks"][0]["target"], "vda");
+    assert_eq!(dump["disks"][0]["size"], 1 << 20);
+    let reference = lab.path("ref.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
+            .arg(&reference),
+    );
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
+    assert!(identical(&full, &reference));
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
+}
+
+#[test]
+fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_refused_naming_it() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    // `--wait` on a pull backup follows it (holding the domain) until the job is aborted.
+    let mut follower: Child = lab
+        .cmd(&["backup-begin", "vm", &px, "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let progress = lab.state().join("domains/vm/job-progress.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !progress.is_file() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(progress.is_file(), "the follower writes the job's progress");
+
+    let info = lab.json(&["domjobinfo", "vm", "--json"]);
+    assert_eq!(info["status"], "running");
+    assert!(info["disk_temp_total_bytes"].as_u64().is_some(), "{info}");
+    assert!(
+        lab.ok(&["backup-dumpxml", "vm"])
+            .contains("<domainbackup mode='pull'")
+    );
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c1\n");
+    assert_eq!(
+        lab.json(&["domblklist", "vm", "--json"])[0]["target"],
+        "vda"
+    );
+    assert_eq!(
+        lab.json(&["domjobinfo", "vm", "--completed", "--json"])["status"],
+        "none"
+    );
+
+    // A change is refused at once, naming the holder.
+    let started = Instant::now();
+    let err = lab.fails(&["checkpoint-create-as", "vm", "c2"]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let holder = format!("is locked by vbackup process {} (", follower.id());
+    assert!(
+        err.contains(&holder) && err.contains("backup-begin vm"),
+        "{err}"
+    );
+    // --wait-lock waits, then gives up with the same message.
+    let started = Instant::now();
+    let err = lab.fails(&["--wait-lock", "1", "checkpoint-create-as", "vm", "c2"]);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        err.contains("waiting up to 1 s") && err.contains(&holder),
+        "{err}"
+    );
+
+    follower.kill().expect("kill");
+    follower.wait().expect("reap");
+    lab.ok(&["domjobabort", "vm"]);
+    assert!(!progress.is_file(), "the progress goes with the job");
+    assert_eq!(lab.json(&["domjobinfo", "vm", "--json"])["status"], "none");
+}
+
+#[test]
+fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_full_backup_works()
+{
+    use vbackup_qemu::qsd::{daemon_alive, kill_pid};
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    // c1's bitmap reaches the image at the clean stop that ends this invocation; c2's is
+    // created in the daemon that will be killed, so it never does.
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 0x41, "0", "1M");
+    lab.ok(&["checkpoint-create-as", "vm", "c2"]);
+    lab.guest_write("vm", "vda", 0x42, "4M", "1M");
+    let pids = lab.daemon_pids();
+    assert_eq!(pids.len(), 1);
+    kill_pid(pids[0]).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_alive(pids[0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The next command that needs QEMU starts a new daemon, says so, and reports that both
+    // checkpoints lost their bitmaps: c1's came back inconsistent, c2's is gone.
+    let inc = lab.path("inc.qcow2");
+    let bx = lab.file("inc.xml", &push_xml(Some("c1"), "vda", &inc));
+    let err = lab.fails(&["backup-begin", "vm", &bx, "--wait"]);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("note: the qemu-storage-daemon of domain 'vm' (pid "));
+    assert!(
+        lines[0].contains(&format!("(pid {}) was gone", pids[0])),
+        "{err}"
+    );
+    assert!(lines[1].starts_with(
+        "warning: checkpoint 'c1': the bitmap of disk 'vda' is missing or inconsistent"
+    ));
+    assert!(lines[2].starts_with(
+        "warning: checkpoint 'c2': the bitmap of disk 'vda' is missing or inconsistent"
+    ));
+    assert_eq!(
+        lines[3],
+        "error: checkpoint inconsistent: missing or broken bitmap 'c1' for disk 'vda'"
+    );
+    assert!(!inc.exists(), "a refused backup creates no target");
+    let bx2 = lab.file("inc2.xml", &push_xml(Some("c2"), "vda", &inc));
+    let err = lab.fails(&["backup-begin", "vm", &bx2, "--wait"]);
+    assert!(
+        err.ends_with(
+            "error: checkpoint inconsistent: missing or broken bitmap 'c2' for disk 'vda'\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(lab.daemon_pids().len(), 1, "the new daemon keeps running");
+
+    // A full backup with a new checkpoint works and equals the disk.
+    let t = lab.snapshot("vm", "vda", "t.qcow2");
+    let full = lab.path("full.qcow2");
+    let fx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    let cx = lab.file("c3.xml", &checkpoint_xml("c3"));
+    lab.ok(&["backup-begin", "vm", &fx, &cx, "--wait"]);
+    assert!(identical(&full, &t));
+    // The lost checkpoints go (c2's bitmap is gone: metadata only), and the new chain works.
+    lab.ok(&["checkpoint-delete", "vm", "c2", "--metadata"]);
+    lab.ok(&["checkpoint-delete", "vm", "c1"]);
+    assert_eq!(lab.ok(&["checkpoint-list", "vm", "--name"]), "c3\n");
+    lab.guest_write("vm", "vda", 0x43, "8M", "1M");
+    let t2 = lab.snapshot("vm", "vda", "t2.qcow2");
+    let bx3 = lab.file("inc3.xml", &push_xml(Some("c3"), "vda", &inc));
+    let out = lab.run(&["backup-begin", "vm", &bx3, "--wait"]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "no drift is left to report");
+    tool(
+        Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(&full)
+            .arg(&inc),
+    );
+    assert!(identical(&inc, &t2));
+
+    // Killed while a job runs: the job died with it, and the next command ends it as failed.
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><incremental>c3</incremental><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    lab.ok(&["backup-begin", "vm", &px]);
+    let pid = lab.daemon_pids()[0];
+    kill_pid(pid).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = lab.run(&["domjobinfo", "vm", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the backup job died with the daemon"),
+        "{stderr}"
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["status"], "none");
+    let done = lab.json(&["domjobinfo", "vm", "--completed", "--json"]);
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["errmsg"], "job no longer known to QEMU");
+    assert!(!lab.state().join("domains/vm/journal.json").exists());
+    lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn a_relative_state_directory_works_for_pull_backups() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let img = lab.image("a.qcow2", 16);
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .current_dir(lab.dir.path())
+            .args(["--state-dir", "st"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vbackup");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    // The daemon's NBD socket lives under the state directory and QEMU wants it absolute.
+    let px = lab.file(
+        "pull.xml",
+        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
+    );
+    run(&["backup-begin", "vm", &px]);
+    run(&["domjobabort", "vm"]);
+    assert!(lab.daemon_pids().is_empty());
+}

@@ -382,3 +382,170 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
     assert_eq!(left, 0, "every image removed");
     lab.ok(&["shutdown", "vm"]);
 }
+
+/// The checkpoint names `checkpoint-list --json` prints, sorted.
+fn checkpoint_names(lab: &Lab) -> Vec<String> {
+    let mut names: Vec<String> = lab
+        .json(&["checkpoint-list", "vm", "--json"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name").to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The persistent bitmaps stored in an image nobody has open, sorted.
+fn stored_bitmaps(image: &Path) -> Vec<String> {
+    let out = tool(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(image),
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut names: Vec<String> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .filter_map(|b| b["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn restore_until_gives_the_disk_at_that_backups_point_in_time_and_refuses_other_chains() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    let at_full = lab.vm_snapshot("at-full.qcow2");
+    lab.vm_write(2, "2M", "1M");
+    let first = lab.backup(Some(&full), true);
+    let at_first = lab.vm_snapshot("at-first.qcow2");
+    lab.vm_write(3, "1536K", "1M");
+    let second = lab.backup(Some(&first), false);
+    let at_second = lab.vm_snapshot("at-second.qcow2");
+    lab.vm_write(4, "0", "512K");
+    let third = lab.backup(Some(&second), true);
+    lab.vm_write(5, "8M", "1M");
+
+    // From the top of the chain down to an ancestor, and from the root up to a descendant:
+    // the disk as it was when the backup named by --until was taken.
+    let restore_until = |uuid: &str, until: &str, dir: &str| -> PathBuf {
+        let dir = lab.path(dir);
+        let out = lab.ok(&[
+            "backup-restore",
+            uuid,
+            "--until",
+            until,
+            "--dir",
+            dir.to_str().expect("utf-8"),
+        ]);
+        assert!(out.contains(&format!("Restoring backup {until}")), "{out}");
+        dir.join("vda.qcow2")
+    };
+    assert!(identical(&at_first, &restore_until(&third, &first, "r1")));
+    assert!(identical(&at_second, &restore_until(&full, &second, "r2")));
+    assert!(identical(&at_full, &restore_until(&third, &full, "r3")));
+    assert!(!identical(&at_second, &lab.path("r1/vda.qcow2")));
+
+    // A backup of another chain (or a sibling branch) is not a point of this chain.
+    let other = lab.json(&["backup-create", "vm", "--wait", "--json"]);
+    assert_eq!(other["kind"], "full");
+    let other = other["uuid"].as_str().expect("uuid").to_owned();
+    let sibling = lab.backup(Some(&first), false);
+    let dir = lab.path("refused");
+    for (uuid, until) in [(&third, &other), (&third, &sibling), (&other, &full)] {
+        let err = lab.fails(&[
+            "backup-restore",
+            uuid,
+            "--until",
+            until,
+            "--dir",
+            dir.to_str().expect("utf-8"),
+        ]);
+        assert!(err.contains("is not in the chain"), "{err}");
+    }
+    assert!(!dir.join("vda.qcow2").exists(), "nothing restored");
+    // Backups taken within one second still list in the order they were made.
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--latest", "--json"]),
+        [full.as_str(), first.as_str(), sibling.as_str()]
+    );
+    lab.ok(&["shutdown", "vm"]);
+}
+
+#[test]
+fn deleting_backups_deletes_their_checkpoints_but_keeps_those_remaining_backups_need() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.ok(&["checkpoint-create-as", "vm", "manual"]);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "2M", "1M");
+    let first = lab.backup(Some(&full), true);
+    lab.vm_write(3, "4M", "1M");
+    let second = lab.backup(Some(&first), false);
+    // A managed backup's checkpoint is named after it.
+    assert_eq!(
+        checkpoint_names(&lab),
+        sorted(vec![
+            full.clone(),
+            first.clone(),
+            second.clone(),
+            "manual".into()
+        ])
+    );
+
+    // The newest backup goes with its checkpoint; its parent keeps its own, so the chain can
+    // go on from it.
+    lab.ok(&["backup-delete", &second]);
+    assert_eq!(
+        checkpoint_names(&lab),
+        sorted(vec![full.clone(), first.clone(), "manual".into()])
+    );
+    lab.ok(&["shutdown", "vm"]);
+    assert_eq!(
+        stored_bitmaps(&lab.path("vda.qcow2")),
+        checkpoint_names(&lab),
+        "the bitmap went with the checkpoint"
+    );
+    lab.ok(&["start", "vm"]);
+    lab.vm_write(4, "6M", "1M");
+    let again = lab.backup(Some(&first), true);
+    let now = lab.vm_snapshot("now.qcow2");
+    let dir = lab.path("restore");
+    lab.ok(&[
+        "backup-restore",
+        &again,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(identical(&now, &dir.join("vda.qcow2")));
+
+    // A checkpoint already deleted by hand does not stop the deletion of its backup.
+    lab.ok(&["checkpoint-delete", "vm", &again]);
+    lab.ok(&["backup-delete", &again]);
+    // With children: every deleted backup's checkpoint goes, the user's own stays.
+    lab.ok(&["backup-delete", &full, "--children"]);
+    assert_eq!(checkpoint_names(&lab), ["manual"]);
+    let last = lab.backup(None, true);
+    assert_eq!(checkpoint_names(&lab), sorted(vec![last, "manual".into()]));
+    lab.ok(&["backup-delete", "vm", "--all"]);
+    assert_eq!(checkpoint_names(&lab), ["manual"]);
+    lab.ok(&["shutdown", "vm"]);
+    assert_eq!(stored_bitmaps(&lab.path("vda.qcow2")), ["manual"]);
+}

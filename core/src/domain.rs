@@ -3,8 +3,10 @@
 //! Contract: [`Domain::handle`] is pure. It reads no clock (time is `now`), does no IO (it emits
 //! [`Output`]s the driver carries out in order), draws no randomness (command and file-operation
 //! ids come from counters), and never panics on input: a rejected request becomes
-//! `Respond(id, Err(..))` with a typed [`Error`]. Metadata is persisted only after QEMU confirmed
-//! the change it describes.
+//! `Respond(id, Err(..))` with a typed [`Error`]. Checkpoint metadata is persisted only after
+//! QEMU confirmed the change it describes; the backup journal, on the contrary, is written
+//! before each step that may leave something in QEMU (before the first target is created and
+//! before the transaction), so a restart always knows what to look for and clean up.
 //!
 //! One long job (a backup) and one short operation (a checkpoint create, delete, size or
 //! validation) may be in flight; a conflicting request is refused at once naming the holder.

@@ -68,7 +68,9 @@ fn record(id: u8, parent: Option<u8>, time: u64) -> ManagedBackup {
         domain: "vm".into(),
         parent: parent.map(uuid),
         checkpoint: Some(format!("c{id}")),
-        creation_time: time,
+        // Several backups share a second; the sequence number orders them.
+        creation_time: time / 3,
+        sequence: Some(time),
         description: None,
         kind: if parent.is_some() {
             BackupKind::Incremental
@@ -290,13 +292,21 @@ impl StateMachineTest for CatalogueTest {
     }
 }
 
-/// Every removed backup's record and image are deleted, records before files, and nothing
-/// else is.
+/// Every removed backup's checkpoint, record and image are deleted, in that order, and
+/// nothing else is.
 fn check_deletion_ops(ops: &[CatalogueOp], removed: &[u8]) {
     let mut records: Vec<u8> = Vec::new();
     let mut files: Vec<String> = Vec::new();
+    let mut checkpoints: Vec<String> = Vec::new();
     for op in ops {
         match op {
+            CatalogueOp::DeleteCheckpoint { name } => {
+                assert!(
+                    records.is_empty() && files.is_empty(),
+                    "checkpoints are deleted before records and files"
+                );
+                checkpoints.push(name.clone());
+            }
             CatalogueOp::DeleteBackup { uuid } => {
                 assert!(files.is_empty(), "records are deleted before files");
                 records.push(id_of(uuid));
@@ -317,6 +327,11 @@ fn check_deletion_ops(ops: &[CatalogueOp], removed: &[u8]) {
     want_files.sort();
     assert_eq!(records, removed);
     assert_eq!(files, want_files);
+    // Every removed backup had a checkpoint of its own: each one goes with it.
+    checkpoints.sort();
+    let mut want_checkpoints: Vec<String> = removed.iter().map(|c| format!("c{c}")).collect();
+    want_checkpoints.sort();
+    assert_eq!(checkpoints, want_checkpoints);
 }
 
 prop_state_machine! {

@@ -30,6 +30,7 @@ fn backup(uuid: &str, parent: Option<&str>, time: u64, disks: &[&str]) -> Manage
         parent: parent.map(str::to_owned),
         checkpoint: Some(format!("c{time}")),
         creation_time: time,
+        sequence: None,
         description: None,
         kind: if parent.is_some() {
             BackupKind::Incremental
@@ -211,6 +212,9 @@ fn delete_alone_is_refused_while_children_depend_on_the_backup() {
     assert_eq!(
         ops,
         vec![
+            CatalogueOp::DeleteCheckpoint {
+                name: "c300".into()
+            },
             CatalogueOp::DeleteBackup { uuid: INC2.into() },
             CatalogueOp::RemoveImage {
                 path: format!("/backups/vm1/{INC2}/vda.qcow2")
@@ -231,11 +235,24 @@ fn delete_with_children_removes_leaves_first_and_files_last() {
         })
         .collect();
     assert_eq!(records, [INC2, INC1, FULL]);
+    let checkpoints: Vec<&str> = ops
+        .iter()
+        .take_while(|op| matches!(op, CatalogueOp::DeleteCheckpoint { .. }))
+        .filter_map(|op| match op {
+            CatalogueOp::DeleteCheckpoint { name } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        checkpoints,
+        ["c300", "c200", "c100"],
+        "checkpoints go first, leaves first"
+    );
     let first_file = ops
         .iter()
         .position(|op| matches!(op, CatalogueOp::RemoveImage { .. }))
         .unwrap();
-    assert_eq!(first_file, 3, "every record goes before any file");
+    assert_eq!(first_file, 6, "every record goes before any file");
     assert_eq!(ops.len() - first_file, 5, "2 + 2 + 1 images");
     assert!(c.is_empty());
 }
@@ -260,7 +277,16 @@ fn deleting_a_full_backup_with_rebase_makes_its_child_a_standalone_full_backup()
     assert!(
         matches!(&ops[2], CatalogueOp::PutBackup(b) if b.uuid == INC1 && b.kind == BackupKind::Full && b.parent.is_none())
     );
-    assert_eq!(ops[3], CatalogueOp::DeleteBackup { uuid: FULL.into() });
+    assert_eq!(
+        ops[3..5],
+        [
+            CatalogueOp::DeleteCheckpoint {
+                name: "c100".into()
+            },
+            CatalogueOp::DeleteBackup { uuid: FULL.into() },
+        ],
+        "the rebased child keeps its own checkpoint"
+    );
     assert_eq!(c.chain(INC2).unwrap().len(), 2);
 
     // In the middle of a chain, the child is rebased onto the grandparent's images.
@@ -358,4 +384,228 @@ fn default_target_must_be_absolute() {
         c.default_image_path(FULL, "vda").unwrap().as_deref(),
         Some(format!("/srv/{FULL}/vda.qcow2").as_str())
     );
+}
+
+#[test]
+fn a_checkpoint_another_backup_still_names_is_kept_when_a_backup_goes() {
+    let mut c = Catalogue::new("vm1");
+    c.insert(backup(FULL, None, 100, &["vda"])).unwrap();
+    let mut twin = backup(INC1, None, 200, &["vda"]);
+    twin.checkpoint = Some("c100".into());
+    c.insert(twin).unwrap();
+    let ops = c.delete(FULL, DeleteMode::Alone).unwrap();
+    assert!(
+        !ops.iter()
+            .any(|o| matches!(o, CatalogueOp::DeleteCheckpoint { .. })),
+        "{ops:?}"
+    );
+    let ops = c.delete_all();
+    assert_eq!(
+        ops[0],
+        CatalogueOp::DeleteCheckpoint {
+            name: "c100".into()
+        }
+    );
+    // A backup without checkpoint releases none.
+    let mut c = Catalogue::new("vm1");
+    let mut bare = backup(FULL, None, 100, &["vda"]);
+    bare.checkpoint = None;
+    c.insert(bare).unwrap();
+    let ops = c.delete(FULL, DeleteMode::Alone).unwrap();
+    assert!(
+        matches!(ops[0], CatalogueOp::DeleteBackup { .. }),
+        "{ops:?}"
+    );
+}
+
+/// A chain FULL <- INC1 <- INC2 and a second chain FULL2 <- INC3, all taken in one second.
+fn two_chains_in_one_second(numbered: bool) -> Catalogue {
+    const FULL2: &str = "00000000-0000-4000-8000-000000000001";
+    const INC3: &str = "00000000-0000-4000-8000-000000000002";
+    let mut c = Catalogue::new("vm1");
+    let order = [
+        (FULL, None),
+        (INC1, Some(FULL)),
+        (FULL2, None),
+        (INC2, Some(INC1)),
+        (INC3, Some(FULL2)),
+    ];
+    for (uuid, parent) in order {
+        let mut b = backup(uuid, parent, 500, &["vda"]);
+        b.checkpoint = Some(format!("c-{uuid}"));
+        if numbered {
+            b.sequence = Some(c.next_sequence());
+        }
+        c.insert(b).unwrap();
+    }
+    c
+}
+
+#[test]
+fn backups_taken_in_the_same_second_order_by_sequence_number() {
+    let c = two_chains_in_one_second(true);
+    let order: Vec<&str> = c
+        .list(ListFilter::All)
+        .iter()
+        .map(|b| &b.uuid[..])
+        .collect();
+    assert_eq!(
+        order,
+        [
+            FULL,
+            INC1,
+            "00000000-0000-4000-8000-000000000001",
+            INC2,
+            "00000000-0000-4000-8000-000000000002"
+        ]
+    );
+    // The last recorded backup is the latest, whatever the uuids say.
+    assert_eq!(
+        c.latest().unwrap().uuid,
+        "00000000-0000-4000-8000-000000000002"
+    );
+    let latest: Vec<&str> = c
+        .list(ListFilter::LatestChain)
+        .iter()
+        .map(|b| &b.uuid[..])
+        .collect();
+    assert_eq!(
+        latest,
+        [
+            "00000000-0000-4000-8000-000000000001",
+            "00000000-0000-4000-8000-000000000002"
+        ]
+    );
+    assert_eq!(c.next_sequence(), 6);
+    // The order survives a reload in any record order.
+    let mut records: Vec<ManagedBackup> = c.list(ListFilter::All).into_iter().cloned().collect();
+    records.reverse();
+    let reloaded = Catalogue::load("vm1", records, None).unwrap();
+    assert_eq!(reloaded.list(ListFilter::All), c.list(ListFilter::All));
+}
+
+#[test]
+fn unnumbered_records_of_one_second_order_parents_before_children() {
+    // Records written before sequence numbers: the deepest chain wins a tie in time, so a
+    // child is never older than its parent, and the order is the same on every load.
+    let c = two_chains_in_one_second(false);
+    let order: Vec<&str> = c
+        .list(ListFilter::All)
+        .iter()
+        .map(|b| &b.uuid[..])
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "00000000-0000-4000-8000-000000000001",
+            FULL,
+            "00000000-0000-4000-8000-000000000002",
+            INC1,
+            INC2
+        ]
+    );
+    assert_eq!(c.latest().unwrap().uuid, INC2);
+    assert_eq!(c.list(ListFilter::LatestChain).len(), 3);
+    // A numbered backup recorded after them is the latest.
+    let mut c = c;
+    let mut next = backup(
+        "44444444-4444-4444-8444-444444444444",
+        Some(FULL),
+        400,
+        &["vda"],
+    );
+    next.sequence = Some(c.next_sequence());
+    assert_eq!(next.sequence, Some(1));
+    c.insert(next).unwrap();
+    assert_eq!(
+        c.latest().unwrap().uuid,
+        "44444444-4444-4444-8444-444444444444"
+    );
+}
+
+#[test]
+fn sequence_numbers_must_be_unique_and_follow_the_parent() {
+    let mut c = Catalogue::new("vm1");
+    let mut full = backup(FULL, None, 100, &["vda"]);
+    full.sequence = Some(5);
+    c.insert(full).unwrap();
+    let mut dup = backup(INC2, None, 100, &["vda"]);
+    dup.sequence = Some(5);
+    assert!(matches!(
+        c.insert(dup),
+        Err(CatalogueError::Inconsistent { reason, .. }) if reason.contains("already used")
+    ));
+    let mut early = backup(INC1, Some(FULL), 100, &["vda"]);
+    early.sequence = Some(4);
+    assert!(matches!(
+        c.insert(early.clone()),
+        Err(CatalogueError::Inconsistent { reason, .. }) if reason.contains("not greater")
+    ));
+    early.sequence = None;
+    assert!(matches!(
+        c.insert(early.clone()),
+        Err(CatalogueError::Inconsistent { reason, .. }) if reason.contains("no sequence")
+    ));
+    early.sequence = Some(6);
+    c.insert(early).unwrap();
+}
+
+#[test]
+fn sequence_numbers_round_trip_and_old_records_without_them_still_parse() {
+    let mut b = backup(INC1, Some(FULL), 1_700_000_000, &["vda"]);
+    b.sequence = Some(42);
+    let text = b.format();
+    assert!(text.contains("  <sequence>42</sequence>\n"), "{text}");
+    assert_eq!(ManagedBackup::parse(&text).unwrap(), b);
+    b.sequence = None;
+    let old = b.format();
+    assert!(!old.contains("sequence"), "{old}");
+    assert_eq!(ManagedBackup::parse(&old).unwrap().sequence, None);
+    let bad = text.replace("<sequence>42<", "<sequence>-1<");
+    assert!(ManagedBackup::parse(&bad).is_err());
+}
+
+#[test]
+fn restore_until_plans_the_point_in_time_of_a_backup_on_the_same_chain() {
+    let c = chain_of_three();
+    // An ancestor, the backup itself, or a descendant: the plan is the restore of `until`.
+    assert_eq!(
+        c.plan_restore_until(INC2, INC1, &[]).unwrap(),
+        c.plan_restore(INC1, &[]).unwrap()
+    );
+    assert_eq!(
+        c.plan_restore_until(FULL, INC2, &[]).unwrap(),
+        c.plan_restore(INC2, &[]).unwrap()
+    );
+    assert_eq!(
+        c.plan_restore_until(INC1, INC1, &["vdb"]).unwrap(),
+        c.plan_restore(INC1, &["vdb"]).unwrap()
+    );
+    assert_eq!(
+        c.plan_restore_until(INC2, FULL, &[]).unwrap().disks.len(),
+        2
+    );
+    // INC2 holds only vda.
+    assert!(matches!(
+        c.plan_restore_until(FULL, INC2, &["vdb"]),
+        Err(CatalogueError::NoSuchDisk { .. })
+    ));
+    // A sibling branch is not on the chain.
+    let mut c = c;
+    const SIBLING: &str = "55555555-5555-4555-8555-555555555555";
+    c.insert(backup(SIBLING, Some(FULL), 400, &["vda"]))
+        .unwrap();
+    let err = c.plan_restore_until(INC2, SIBLING, &[]).unwrap_err();
+    assert_eq!(
+        err,
+        CatalogueError::NotInChain {
+            uuid: INC2.into(),
+            until: SIBLING.into()
+        }
+    );
+    assert!(err.to_string().contains("not in the chain"), "{err}");
+    assert!(matches!(
+        c.plan_restore_until(INC2, "66666666-6666-4666-8666-666666666666", &[]),
+        Err(CatalogueError::NotFound(_))
+    ));
 }

@@ -18,6 +18,7 @@ fn record(kind: BackupKind) -> ManagedBackup {
             .then(|| "01020304-0506-4708-890a-0b0c0d0e0f10".into()),
         checkpoint: Some("c.1".into()),
         creation_time: 1_763_790_000,
+        sequence: Some(3),
         description: Some("a & b".into()),
         kind,
         disks: vec![

@@ -4,8 +4,8 @@ mod engine_support;
 
 use engine_support::*;
 use vbackup_core::backup::{
-    BackupDiskSpec, BackupMode, BackupSpec, BackupStore, DiskJobState, JobStatus, NbdServer,
-    NbdTransport, StoreKind,
+    BackupDiskSpec, BackupMode, BackupPlan, BackupSpec, BackupStage, BackupStore, DiskJobState,
+    JobStatus, NbdServer, NbdTransport, StoreKind,
 };
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{
@@ -513,10 +513,11 @@ fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
     let journal = h
         .store
         .iter()
-        .find_map(|s| match s {
+        .filter_map(|s| match s {
             StoreOp::PutBackupJournal(p) => Some((**p).clone()),
             _ => None,
         })
+        .next_back()
         .expect("journal written");
     finish_all_silently(&mut h);
     // A new engine process: the domain comes back from the store with the journal.
@@ -848,4 +849,86 @@ fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
     assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
     assert!(transcript.contains("block-export-del"), "{transcript}");
     assert!(h.peer.nbd_running, "the server keeps serving");
+}
+
+/// What the store holds after the first `n` operations: the tree and the journal.
+fn stored_prefix(ops: &[StoreOp], n: usize) -> (CheckpointTree, Option<BackupPlan>) {
+    let mut cps = std::collections::BTreeMap::new();
+    let mut current = None;
+    let mut journal = None;
+    for op in &ops[..n] {
+        match op {
+            StoreOp::PutCheckpoint(c) => {
+                cps.insert(c.name.clone(), (**c).clone());
+            }
+            StoreOp::DeleteCheckpoint(n) => {
+                cps.remove(n);
+            }
+            StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
+            StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
+            StoreOp::DeleteBackupJournal => journal = None,
+        }
+    }
+    let tree = CheckpointTree::load(cps.into_values().collect(), current.as_deref());
+    (tree, journal)
+}
+
+/// A new engine process over the same QEMU, from what the store held.
+fn restart(h: &mut Harness, tree: CheckpointTree, journal: Option<BackupPlan>) -> Harness {
+    let mut restarted = Harness::new(lab_domain(), std::mem::take(&mut h.peer), tree.clone());
+    restarted.domain = Domain::new(lab_domain(), DomainConfig::default(), tree, journal);
+    restarted.feed(Input::Reconnected);
+    restarted
+}
+
+#[test]
+fn failed_metadata_write_after_the_transaction_leaves_the_restart_the_jobs() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), Some("c6"));
+    // The first write after QEMU confirmed the transaction (the checkpoint) fails: the
+    // driver stops and the engine restarts from what the store held before it.
+    let failed = h
+        .store
+        .iter()
+        .position(|op| matches!(op, StoreOp::PutCheckpoint(_)))
+        .expect("checkpoint written");
+    let (tree, journal) = stored_prefix(&h.store, failed);
+    let journal = journal.expect("the plan is journaled before the transaction");
+    assert_eq!(journal.stage, BackupStage::Starting);
+    assert!(tree.get("c6").is_none());
+    let mut r = restart(&mut h, tree, Some(journal));
+    r.note("the restarted engine finds the jobs and records the checkpoint");
+    assert!(r.domain.view().checkpoints.get("c6").is_some());
+    assert_eq!(r.domain.view().checkpoints.current(), Some("c6"));
+    finish_all(&mut r);
+    assert_eq!(completed(&r).status, JobStatus::Completed);
+    assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
+    assert!(r.store.contains(&StoreOp::DeleteBackupJournal));
+    assert!(r.domain.view().jobs.long_job().is_none());
+}
+
+#[test]
+fn restart_while_targets_are_created_rolls_back_what_the_journal_names() {
+    let mut h = lab_with_checkpoints(&[]);
+    let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+    // The first image-creation job never reports its end: the engine is stopped while it
+    // waits, with one target file created, its storage node added and the job in QEMU.
+    h.peer.silent_create_jobs = true;
+    begin(&mut h, push(None), None);
+    assert_eq!(h.peer.files.len(), 1);
+    assert_eq!(h.peer.jobs.len(), 1);
+    let (tree, journal) = stored_prefix(&h.store, h.store.len());
+    let journal = journal.expect("the plan is journaled before targets are created");
+    assert_eq!(journal.stage, BackupStage::Preparing);
+    assert_eq!(journal.created_files, ["/backups/vda.qcow2"]);
+    let r = restart(&mut h, tree, Some(journal));
+    assert!(r.domain.view().backup.is_none());
+    assert!(r.domain.view().jobs.long_job().is_none());
+    assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
+    assert!(r.peer.files.is_empty(), "files left {:?}", r.peer.files);
+    assert_eq!(
+        r.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+        nodes_before
+    );
+    assert_eq!(r.store.last(), Some(&StoreOp::DeleteBackupJournal));
 }

@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -32,9 +32,10 @@ use vbackup_core::model::ImageFormat;
 use crate::nbd::copy::{self, CopyReport, ExtentSink};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError};
 
-/// Errors of image operations.
+/// A failure of an external tool (`qemu-img`, `qemu-io`, `qemu-nbd`); shared by the image
+/// operations here and the live-test harness ([`crate::live`]).
 #[derive(Debug, thiserror::Error)]
-pub enum ImageError {
+pub enum ToolError {
     /// A tool could not be started.
     #[error("cannot run {tool}: {source}")]
     Spawn {
@@ -50,7 +51,7 @@ pub enum ImageError {
         command: String,
         /// Its exit status.
         status: String,
-        /// Its stderr.
+        /// Its stderr (or stdout, when stderr is empty).
         stderr: String,
     },
     /// A tool's output could not be understood.
@@ -61,6 +62,14 @@ pub enum ImageError {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// Errors of image operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A tool failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     /// The NBD export did not come up in time.
     #[error("qemu-nbd did not serve {path} within {waited_ms} ms: {stderr}")]
     ExportStart {
@@ -82,29 +91,45 @@ pub enum ImageError {
     Io(#[from] io::Error),
 }
 
-/// Runs a command and returns its stdout when it exits with status 0.
-pub(crate) fn run(command: &mut Command) -> Result<Vec<u8>, ImageError> {
+/// Runs a command (stdin closed) and returns its output if it exited with status 0.
+pub fn run_tool(command: &mut Command) -> Result<Output, ToolError> {
     let tool = command.get_program().to_string_lossy().into_owned();
     let output = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| ImageError::Spawn { tool, source })?;
+        .map_err(|source| ToolError::Spawn { tool, source })?;
     if output.status.success() {
-        return Ok(output.stdout);
+        return Ok(output);
     }
+    Err(tool_failure(command, &output))
+}
+
+/// The error of `command`, which ended as `output` says.
+pub fn tool_failure(command: &Command, output: &Output) -> ToolError {
     let args: Vec<String> = command
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    Err(ImageError::Tool {
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    let stderr = if stderr.is_empty() {
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    } else {
+        stderr
+    };
+    ToolError::Tool {
         command: format!(
             "{} {}",
             command.get_program().to_string_lossy(),
             args.join(" ")
         ),
         status: output.status.to_string(),
-        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-    })
+        stderr,
+    }
+}
+
+/// Runs a command and returns its stdout when it exits with status 0.
+pub(crate) fn run(command: &mut Command) -> Result<Vec<u8>, ImageError> {
+    Ok(run_tool(command)?.stdout)
 }
 
 /// Creates an empty qcow2 image of `virtual_size_bytes` (64 KiB clusters).
@@ -156,9 +181,11 @@ pub struct ChainLayer {
 
 /// Parses the JSON array printed by `qemu-img info --backing-chain --output=json` (top first).
 pub fn parse_backing_chain(json: &[u8]) -> Result<Vec<ChainLayer>, ImageError> {
-    let bad = |reason: String| ImageError::Output {
-        tool: "qemu-img info".into(),
-        reason,
+    let bad = |reason: String| {
+        ImageError::Tool(ToolError::Output {
+            tool: "qemu-img info".into(),
+            reason,
+        })
     };
     let value: Value = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
     let layers = value
@@ -218,7 +245,9 @@ pub fn is_in_use(path: &Path) -> Result<bool, ImageError> {
         .arg(path))
     {
         Ok(_) => Ok(false),
-        Err(ImageError::Tool { stderr, .. }) if stderr.contains("lock") => Ok(true),
+        Err(ImageError::Tool(ToolError::Tool { stderr, .. })) if stderr.contains("lock") => {
+            Ok(true)
+        }
         Err(e) => Err(e),
     }
 }
@@ -305,9 +334,11 @@ impl NbdExport {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let child = command.spawn().map_err(|source| ImageError::Spawn {
-            tool: "qemu-nbd".into(),
-            source,
+        let child = command.spawn().map_err(|source| {
+            ImageError::Tool(ToolError::Spawn {
+                tool: "qemu-nbd".into(),
+                source,
+            })
         })?;
         let mut export = Self {
             child: Some(child),
@@ -448,6 +479,38 @@ pub fn store_extents(
     target: &Path,
     parent: Option<&Path>,
 ) -> Result<StoreReport, ImageError> {
+    store_extents_observed(source, ranges, target, parent, &mut |_| {})
+}
+
+/// An [`ExtentSink`] passing what it is given on, and counting it for an observer.
+struct ObservedSink<'s, 'o> {
+    inner: &'s mut dyn ExtentSink,
+    observer: &'o mut dyn FnMut(u64),
+}
+
+impl ExtentSink for ObservedSink<'_, '_> {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_data(offset, data)?;
+        (self.observer)(data.len() as u64);
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, length)?;
+        (self.observer)(length);
+        Ok(())
+    }
+}
+
+/// [`store_extents`], calling `progress` with the bytes of each piece written (data or zero
+/// run), so the bytes reported add up to the ranges' total length (for progress bars).
+pub fn store_extents_observed(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    target: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StoreReport, ImageError> {
     if target.exists() {
         return Err(ImageError::TargetExists(target.to_owned()));
     }
@@ -462,7 +525,14 @@ pub fn store_extents(
         let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
         let mut writer = export.connect(&[])?;
         let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
-        let copy = copy::copy_ranges(source, ranges, &mut sink)?;
+        let copy = copy::copy_ranges(
+            source,
+            ranges,
+            &mut ObservedSink {
+                inner: &mut sink,
+                observer: progress,
+            },
+        )?;
         let data_bytes = sink.data_bytes;
         writer.flush()?;
         writer.disconnect()?;
@@ -507,9 +577,11 @@ pub fn content_digest(path: &Path, format: &ImageFormat) -> Result<Digest, Image
 /// content digest.
 pub fn describe(disk: &str, path: &Path) -> Result<BackupImage, ImageError> {
     let chain = backing_chain(path)?;
-    let top = chain.first().ok_or_else(|| ImageError::Output {
-        tool: "qemu-img info".into(),
-        reason: "empty backing chain".into(),
+    let top = chain.first().ok_or_else(|| {
+        ImageError::Tool(ToolError::Output {
+            tool: "qemu-img info".into(),
+            reason: "empty backing chain".into(),
+        })
     })?;
     let digest = content_digest(path, &top.format)?;
     Ok(BackupImage {
@@ -574,6 +646,15 @@ pub enum CatalogueIoError {
     /// The stored records do not form a valid catalogue.
     #[error(transparent)]
     Catalogue(#[from] vbackup_core::catalogue::CatalogueError),
+    /// Deleting a checkpoint a deleted backup released failed (or no engine session was
+    /// given to carry it out); the backups' records are untouched.
+    #[error("cannot delete checkpoint '{name}': {reason}")]
+    Checkpoint {
+        /// The checkpoint.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Loads a domain's catalogue: every `backups/<uuid>.xml` record and the default target.
@@ -602,15 +683,34 @@ pub fn load_catalogue(
 
 /// Carries out catalogue operations in order: rebases images, writes and deletes records
 /// atomically through the store, removes image files (a file already gone is not an error,
-/// so an interrupted deletion can be repeated), and records the default target.
+/// so an interrupted deletion can be repeated), and records the default target. Checkpoint
+/// deletions need the engine: they are refused here (see [`apply_ops_with`]).
 pub fn apply_ops(
     store: &crate::store::DomainStore,
     ops: &[vbackup_core::catalogue::CatalogueOp],
+) -> Result<(), CatalogueIoError> {
+    apply_ops_with(store, ops, &mut |_| {
+        Err("checkpoint deletions go through the engine's session".into())
+    })
+}
+
+/// [`apply_ops`], with checkpoint deletions handed to `delete_checkpoint` (which must treat a
+/// checkpoint already gone as deleted). The first failure stops the sequence.
+pub fn apply_ops_with(
+    store: &crate::store::DomainStore,
+    ops: &[vbackup_core::catalogue::CatalogueOp],
+    delete_checkpoint: &mut dyn FnMut(&str) -> Result<(), String>,
 ) -> Result<(), CatalogueIoError> {
     use crate::store::Collection;
     use vbackup_core::catalogue::CatalogueOp;
     for op in ops {
         match op {
+            CatalogueOp::DeleteCheckpoint { name } => {
+                delete_checkpoint(name).map_err(|reason| CatalogueIoError::Checkpoint {
+                    name: name.clone(),
+                    reason,
+                })?;
+            }
             CatalogueOp::RebaseImage { path, backing } => {
                 rebase(Path::new(path), backing.as_deref().map(Path::new))?;
             }

@@ -12,9 +12,12 @@
 //! - [`store`]: the state directory (domains, checkpoints, backups, journal) and its locks.
 //! - [`nbd`]: the NBD client for pull-mode exports.
 //! - [`images`]: backup images (overlays, extent writes through NBD, chains, digests).
+//! - [`discover`]: an attached domain's disks from query-block, block exports and the block
+//!   graph.
 //! - [`restore`]: restoring a backup chain into new images or over existing disks.
 //! - [`live`]: the harness for tests against real qemu-storage-daemon.
 
+pub mod discover;
 pub mod images;
 pub mod live;
 pub mod nbd;

@@ -19,37 +19,15 @@ use std::time::Duration;
 use serde_json::Value;
 use vbackup_core::model::ImageFormat;
 
+use crate::images::{self, ToolError, tool_failure};
 use crate::qsd::{Qsd, QsdDisk, QsdError, QsdOptions};
 
 /// Errors of the harness.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
-    /// A tool could not be run at all.
-    #[error("cannot run {tool}: {source}")]
-    Spawn {
-        /// The tool.
-        tool: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// A tool ran and failed.
-    #[error("{command} failed ({status}): {stderr}")]
-    Tool {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: String,
-        /// Its stderr (or stdout, when stderr is empty).
-        stderr: String,
-    },
-    /// A tool's output could not be understood.
-    #[error("unexpected output of {tool}: {reason}")]
-    Output {
-        /// The tool.
-        tool: String,
-        /// What was wrong.
-        reason: String,
-    },
+    /// A tool could not be run, failed, or printed what cannot be understood.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     /// The daemon failed.
     #[error(transparent)]
     Qsd(#[from] QsdError),
@@ -73,36 +51,7 @@ pub fn tools_available() -> bool {
 
 /// Runs a command and returns its output if it exited with status 0.
 pub fn run_tool(command: &mut Command) -> Result<Output, LiveError> {
-    let tool = command.get_program().to_string_lossy().into_owned();
-    let output = command
-        .output()
-        .map_err(|source| LiveError::Spawn { tool, source })?;
-    if output.status.success() {
-        return Ok(output);
-    }
-    Err(tool_failure(command, &output))
-}
-
-fn tool_failure(command: &Command, output: &Output) -> LiveError {
-    let args: Vec<_> = command
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    let stderr = if stderr.is_empty() {
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    } else {
-        stderr
-    };
-    LiveError::Tool {
-        command: format!(
-            "{} {}",
-            command.get_program().to_string_lossy(),
-            args.join(" ")
-        ),
-        status: output.status.to_string(),
-        stderr,
-    }
+    Ok(images::run_tool(command)?)
 }
 
 /// Creates an image with `qemu-img create` (qcow2 images get 64 KiB clusters).
@@ -154,7 +103,9 @@ pub fn write_pattern(uri: &str, pattern: u8, offset: u64, len: u64) -> Result<()
 pub fn verify_pattern(uri: &str, pattern: u8, offset: u64, len: u64) -> Result<bool, LiveError> {
     match qemu_io(uri, &format!("read -P {pattern:#04x} {offset} {len}"), true) {
         Ok(()) => Ok(true),
-        Err(LiveError::Tool { stderr, .. }) if stderr.contains("Pattern verification failed") => {
+        Err(LiveError::Tool(ToolError::Tool { stderr, .. }))
+            if stderr.contains("Pattern verification failed") =>
+        {
             Ok(false)
         }
         Err(e) => Err(e),
@@ -172,11 +123,12 @@ fn qemu_io(uri: &str, op: &str, read_only: bool) -> Result<(), LiveError> {
     // qemu-io reports some failures on stdout with status 0.
     let stdout = String::from_utf8_lossy(&output.stdout);
     if stdout.contains("failed") || stdout.contains("error") {
-        return Err(LiveError::Tool {
+        return Err(ToolError::Tool {
             command: format!("qemu-io -c '{op}' {uri}"),
             status: output.status.to_string(),
             stderr: stdout.trim().to_owned(),
-        });
+        }
+        .into());
     }
     Ok(())
 }
@@ -201,7 +153,7 @@ pub fn images_identical(
         ])
         .arg(a)
         .arg(b);
-    let output = command.output().map_err(|source| LiveError::Spawn {
+    let output = command.output().map_err(|source| ToolError::Spawn {
         tool: "qemu-img".to_owned(),
         source,
     })?;
@@ -209,7 +161,7 @@ pub fn images_identical(
     match output.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        _ => Err(tool_failure(&command, &output)),
+        _ => Err(tool_failure(&command, &output).into()),
     }
 }
 
@@ -232,7 +184,7 @@ pub fn on_disk_bitmaps(path: &Path) -> Result<Vec<OnDiskBitmap>, LiveError> {
             .args(["info", "-U", "--output=json"])
             .arg(path),
     )?;
-    let info: Value = serde_json::from_slice(&output.stdout).map_err(|e| LiveError::Output {
+    let info: Value = serde_json::from_slice(&output.stdout).map_err(|e| ToolError::Output {
         tool: "qemu-img info".to_owned(),
         reason: e.to_string(),
     })?;
@@ -266,7 +218,7 @@ pub fn node_bitmaps(qsd: &mut Qsd, node: &str) -> Result<Vec<Value>, LiveError> 
     let node = nodes
         .as_array()
         .and_then(|nodes| nodes.iter().find(|n| n["node-name"].as_str() == Some(node)))
-        .ok_or_else(|| LiveError::Output {
+        .ok_or_else(|| ToolError::Output {
             tool: "query-named-block-nodes".to_owned(),
             reason: format!("no node {node}"),
         })?;

@@ -5,10 +5,21 @@
 //! replies are matched to commands by their `id`, and every event that arrives while a reply is
 //! awaited is queued in arrival order and handed out later by [`QmpSocket::next_event`] (or by
 //! [`QmpSocket::recv`], which returns replies and events in the order they were read). Nothing
-//! read from the socket is ever dropped silently: a reply to a command nobody waits for is kept
-//! for [`QmpSocket::recv`] too. Every blocking read is bounded by a deadline; reaching it is
+//! of this session read from the socket is ever dropped: a reply to a command nobody waits for
+//! is kept for [`QmpSocket::recv`] too (replies of earlier sessions are dropped, see below). Every blocking read is bounded by a deadline; reaching it is
 //! [`QmpSocketError::Timeout`] (or `Ok(None)` from [`QmpSocket::recv`]), after which the socket
 //! stays usable because partial lines are kept in the buffer.
+//!
+//! Stale traffic: QEMU's monitor serves one client at a time, and a reply to a command the
+//! previous client sent just before it hung up can be written to the next client, before or
+//! after that client's greeting. So the ids on the wire are tagged with a nonce of this
+//! connection (the caller's ids are mapped back on the way in), and a reply whose id does not
+//! carry the nonce belongs to an earlier session: it is dropped and counted
+//! ([`QmpSocket::stale_replies`]), never handed out as the answer to a command of this
+//! connection. Replies and events that arrive before the greeting are such leftovers too and are
+//! skipped; a peer that sends them but never a greeting is [`QmpSocketError::NotAGreeting`].
+//! Replies without an id (QEMU's answer to a line it could not parse) are handed out as they
+//! are.
 //!
 //! This layer is deliberately thin: framing is the core's [`FrameDecoder`] and every message is
 //! decoded into the core's [`QmpIn`]; commands go out either typed ([`QmpSocket::send_command`],
@@ -19,7 +30,8 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
@@ -102,6 +114,10 @@ impl QmpSocketError {
     }
 }
 
+/// How many leftover messages may come before the greeting before the peer is taken for
+/// something that is not a fresh QMP session.
+pub const MAX_MESSAGES_BEFORE_GREETING: usize = 256;
+
 /// A blocking QMP connection. See the module documentation for the contract.
 #[derive(Debug)]
 pub struct QmpSocket {
@@ -112,6 +128,22 @@ pub struct QmpSocket {
     queued: VecDeque<QmpIn>,
     greeting: Greeting,
     next_id: u64,
+    /// Prefix of every id this connection puts on the wire.
+    nonce: String,
+    /// Replies dropped because their ids were not issued on this connection.
+    stale_replies: u64,
+}
+
+/// A prefix no other connection (of this process or of an earlier or concurrent one) uses:
+/// the pid, a per-process connection counter and the clock's nanoseconds.
+fn connection_nonce() -> String {
+    static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+    let seq = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("vbk{:x}.{seq:x}.{nanos:x}:", std::process::id())
 }
 
 impl QmpSocket {
@@ -144,19 +176,78 @@ impl QmpSocket {
             queued: VecDeque::new(),
             greeting: Greeting::default(),
             next_id: 0,
+            nonce: connection_nonce(),
+            stale_replies: 0,
         };
-        match socket.read_message(Some(deadline))? {
-            Some(QmpIn::Greeting(greeting)) => {
-                socket.greeting = greeting;
-                Ok(socket)
+        socket.read_greeting(deadline)?;
+        Ok(socket)
+    }
+
+    /// Reads up to the greeting, skipping what an earlier session left (see the module
+    /// documentation).
+    fn read_greeting(&mut self, deadline: Instant) -> Result<(), QmpSocketError> {
+        let mut skipped: Option<String> = None;
+        for _ in 0..=MAX_MESSAGES_BEFORE_GREETING {
+            let message = match self.read_message(Some(deadline)) {
+                Ok(message) => message,
+                // A peer that only ever sent leftovers and then hung up is no QMP session.
+                Err(QmpSocketError::Closed) if skipped.is_some() => {
+                    return Err(QmpSocketError::NotAGreeting {
+                        message: skipped.unwrap_or_default(),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            match message {
+                Some(QmpIn::Greeting(greeting)) => {
+                    self.greeting = greeting;
+                    return Ok(());
+                }
+                Some(other) => {
+                    if matches!(other, QmpIn::Reply { .. }) {
+                        self.stale_replies += 1;
+                    }
+                    skipped.get_or_insert_with(|| other.encode());
+                }
+                None => {
+                    return Err(match skipped {
+                        Some(message) => QmpSocketError::NotAGreeting { message },
+                        None => QmpSocketError::Timeout {
+                            waiting_for: "the QMP greeting".to_owned(),
+                        },
+                    });
+                }
             }
-            Some(other) => Err(QmpSocketError::NotAGreeting {
-                message: other.encode(),
-            }),
-            None => Err(QmpSocketError::Timeout {
-                waiting_for: "the QMP greeting".to_owned(),
-            }),
         }
+        Err(QmpSocketError::NotAGreeting {
+            message: skipped.unwrap_or_default(),
+        })
+    }
+
+    /// How many replies to commands of earlier sessions this connection dropped.
+    pub fn stale_replies(&self) -> u64 {
+        self.stale_replies
+    }
+
+    /// The id `id` goes on the wire as: tagged with this connection's nonce.
+    fn wire_id(&self, id: &CommandId) -> CommandId {
+        match id {
+            CommandId::Number(n) => CommandId::Text(format!("{}n{n}", self.nonce)),
+            CommandId::Text(text) => CommandId::Text(format!("{}t{text}", self.nonce)),
+        }
+    }
+
+    /// The caller's id of a reply's wire id; `None` if this connection did not issue it.
+    fn local_id(&self, wire: &CommandId) -> Option<CommandId> {
+        let CommandId::Text(text) = wire else {
+            return None;
+        };
+        let rest = text.strip_prefix(&self.nonce)?;
+        if let Some(number) = rest.strip_prefix('n') {
+            return number.parse().ok().map(CommandId::Number);
+        }
+        rest.strip_prefix('t')
+            .map(|t| CommandId::Text(t.to_owned()))
     }
 
     /// Sends `qmp_capabilities` and waits for its reply.
@@ -182,7 +273,8 @@ impl QmpSocket {
         id: &CommandId,
         command: &QmpCommand,
     ) -> Result<(), QmpSocketError> {
-        self.write_line(command.encode(Some(id)))
+        let wire = self.wire_id(id);
+        self.write_line(command.encode(Some(&wire)))
     }
 
     /// Writes one command line: `{"execute": command, "arguments": arguments, "id": id}`. Any
@@ -198,7 +290,7 @@ impl QmpSocket {
         if let Some(arguments) = arguments {
             object.insert("arguments".to_owned(), arguments.clone());
         }
-        object.insert("id".to_owned(), id_value(id));
+        object.insert("id".to_owned(), id_value(&self.wire_id(id)));
         self.write_line(Value::Object(object).to_string())
     }
 
@@ -296,11 +388,29 @@ impl QmpSocket {
         Ok(())
     }
 
-    /// Reads one message; `Ok(None)` at the deadline.
+    /// Reads one message; `Ok(None)` at the deadline. Reply ids are mapped back to the
+    /// caller's; stale replies are dropped here.
     fn read_message(&mut self, deadline: Option<Instant>) -> Result<Option<QmpIn>, QmpSocketError> {
         loop {
             if let Some(frame) = self.frames.next_frame() {
-                return Ok(Some(QmpIn::decode(&frame?)?));
+                match QmpIn::decode(&frame?)? {
+                    QmpIn::Reply {
+                        id: Some(wire),
+                        result,
+                    } => match self.local_id(&wire) {
+                        Some(id) => {
+                            return Ok(Some(QmpIn::Reply {
+                                id: Some(id),
+                                result,
+                            }));
+                        }
+                        None => {
+                            self.stale_replies += 1;
+                            continue;
+                        }
+                    },
+                    other => return Ok(Some(other)),
+                }
             }
             let timeout = match deadline {
                 None => None,
@@ -589,6 +699,135 @@ mod tests {
             matches!(err, QmpSocketError::NotAGreeting { .. }),
             "{err:?}"
         );
+    }
+
+    /// A peer replaying what a monitor can send a new client after the previous one hung up
+    /// mid-command: that client's replies (ids `1` and `vbk-1`, which this connection's first
+    /// commands would also use) and an event, before the greeting and again after it.
+    #[test]
+    fn replies_left_by_an_earlier_session_are_skipped_and_never_answer_a_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let leftovers = [
+            json!({"return": {"stale": "number"}, "id": 1}).to_string(),
+            json!({"return": {"stale": "text"}, "id": "vbk-1"}).to_string(),
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "null", "id": "old"}})
+                .to_string(),
+        ];
+        let before = leftovers.clone();
+        let _peer = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            for line in &before {
+                writeln!(stream, "{line}").unwrap();
+            }
+            writeln!(stream, "{GREETING}").unwrap();
+            let reader = io::BufReader::new(stream.try_clone().unwrap());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                let command: Value = serde_json::from_str(&line).unwrap();
+                let id = command["id"].clone();
+                // The wire id is this connection's, never a bare counter.
+                assert!(id.as_str().is_some_and(|t| t.starts_with("vbk")), "{id}");
+                let stale = format!("{}\n{}\n", leftovers[0], leftovers[1]);
+                let answer = json!({"return": {"fresh": command["execute"]}, "id": id});
+                if stream
+                    .write_all(format!("{stale}{answer}\n").as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
+        assert_eq!(qmp.greeting().version.qemu.major, 10);
+        // Two replies before the greeting and two before the capabilities reply.
+        assert_eq!(qmp.stale_replies(), 4);
+        assert_eq!(
+            qmp.execute("query-jobs", None, soon()).unwrap(),
+            json!({"fresh": "query-jobs"})
+        );
+        assert_eq!(qmp.stale_replies(), 6);
+        assert_eq!(qmp.queued().count(), 0, "nothing stale is kept for later");
+
+        let mut link = SocketLink::new(qmp);
+        link.send(CommandId::Number(1), &QmpCommand::QueryJobs)
+            .unwrap();
+        let deadline = Some(link.now().plus_ms(5000));
+        assert_eq!(
+            link.recv(deadline).unwrap(),
+            Some(QmpIn::Reply {
+                id: Some(CommandId::Number(1)),
+                result: Ok(json!({"fresh": "query-jobs"}))
+            })
+        );
+    }
+
+    /// The real monitor sometimes hands a new client the replies to commands the previous
+    /// client sent just before hanging up (a few percent of such hang-ups, in experiments);
+    /// none may answer a command of the new session. The fake-peer test above makes the
+    /// leftovers certain; this one checks the same against qemu-storage-daemon.
+    #[test]
+    fn a_real_monitor_never_answers_a_new_session_with_an_old_sessions_replies() {
+        use crate::live::{LiveLab, tools_available};
+        use crate::qsd::QsdDisk;
+        use vbackup_core::model::ImageFormat;
+        if !tools_available() {
+            eprintln!("QEMU tools missing: live QMP test skipped");
+            return;
+        }
+        let mut lab = LiveLab::new().unwrap();
+        let img = lab.image("a.qcow2", ImageFormat::Qcow2, 1 << 20).unwrap();
+        let qsd = lab
+            .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
+            .unwrap();
+        let path = qsd.run_dir().qmp_socket.clone();
+        drop(qsd);
+        let mut stale = 0;
+        for _ in 0..20 {
+            // The old session's ids run on from the same start as the new one's, so its
+            // replies would fit the new session's commands if ids alone told them apart.
+            let mut old = QmpSocket::connect(&path, soon()).unwrap();
+            for _ in 0..3 {
+                let id = old.fresh_id();
+                old.send(&id, "query-named-block-nodes", Some(&json!({"flat": true})))
+                    .unwrap();
+            }
+            // The next client is already waiting when the old one hangs up, as when one
+            // vbackup invocation follows another.
+            let hang_up = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(5));
+                drop(old);
+            });
+            let mut new = QmpSocket::connect(&path, soon()).unwrap();
+            hang_up.join().unwrap();
+            assert_eq!(new.execute("query-jobs", None, soon()).unwrap(), json!([]));
+            stale += new.stale_replies();
+        }
+        eprintln!("stale replies dropped: {stale}");
+    }
+
+    #[test]
+    fn a_peer_sending_only_leftovers_and_hanging_up_is_not_a_greeting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let _peer = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            writeln!(
+                stream,
+                "{}",
+                json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": "x"}})
+            )
+            .unwrap();
+        });
+        let err = QmpSocket::connect(&path, soon()).unwrap_err();
+        match err {
+            QmpSocketError::NotAGreeting { message } => {
+                assert!(message.contains("BLOCK_EXPORT_DELETED"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

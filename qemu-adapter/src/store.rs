@@ -18,18 +18,28 @@
 //!   directory, which is fsynced, renamed over the destination, and the directory is fsynced. A
 //!   crash at any point leaves either the old or the new content, never a mix. Leftover temporary
 //!   files are ignored by every listing and removed when the domain is next locked.
-//! - All access to a domain goes through a [`DomainStore`], which holds an exclusive advisory lock
-//!   (`flock`) on `locks/<domain>.lock` for as long as it lives. A second holder, in this process
-//!   or another, gets [`StoreError::Locked`] at once. Lock files live outside the domain directory
-//!   so removing a domain never removes a lock someone else may be waiting on.
+//! - Every change to a domain goes through a [`DomainStore`], which holds an exclusive advisory
+//!   lock (`flock`) on `locks/<domain>.lock` for as long as it lives. A second holder, in this
+//!   process or another, gets [`StoreError::Locked`] at once ([`Store::lock_domain`]) or after
+//!   waiting a bounded time ([`Store::lock_domain_wait`]). The holder writes its pid and what it
+//!   is doing ([`Store::with_operation`]) into the lock file, so the error names it
+//!   ([`LockHolder`]). Lock files live outside the domain directory so removing a domain never
+//!   removes a lock someone else may be waiting on.
+//! - Readers need no lock: [`Store::read_domain`] takes a [`DomainSnapshot`] of the files as
+//!   they are. Each file is whole (writes are atomic renames); to see several files from one
+//!   moment (a checkpoint deletion rewrites the children and the current checkpoint), the
+//!   snapshot is read again until two reads agree, a bounded number of times. A snapshot never
+//!   changes anything, not even leftover temporary files.
 //! - Listings are in byte order of the names.
 //! - Every failure is a [`StoreError`] naming the operation and the path.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// The longest accepted name, in bytes. File names are limited to 255 bytes; the margin leaves
 /// room for the `.xml` suffix and the temporary-file decoration.
@@ -52,10 +62,12 @@ pub enum StoreError {
         reason: &'static str,
     },
     /// Another holder (this process or another one) has the domain locked.
-    #[error("domain {domain:?} is locked by another vbackup operation")]
+    #[error("domain {domain:?} is locked by {}", holder_text(.holder))]
     Locked {
         /// The domain.
         domain: String,
+        /// Who holds it, when the lock file says.
+        holder: Option<LockHolder>,
     },
     /// Neither `XDG_DATA_HOME` nor `HOME` is set, so there is no default location.
     #[error("no store location: set XDG_DATA_HOME or HOME, or pass a state directory")]
@@ -77,6 +89,40 @@ pub enum StoreError {
         source: io::Error,
     },
 }
+
+/// Who holds a domain's lock, as its lock file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// The holder's process id.
+    pub pid: u32,
+    /// What it is doing (its command line, for vbackup).
+    pub operation: String,
+}
+
+fn holder_text(holder: &Option<LockHolder>) -> String {
+    match holder {
+        Some(h) if h.operation.is_empty() => format!("vbackup process {}", h.pid),
+        Some(h) => format!("vbackup process {} ({})", h.pid, h.operation),
+        None => "another vbackup operation".to_owned(),
+    }
+}
+
+impl LockHolder {
+    /// Parses a lock file's content: the pid on the first line, the operation on the second.
+    /// `None` for an empty or partly written file.
+    pub fn parse(text: &str) -> Option<LockHolder> {
+        let mut lines = text.lines();
+        let pid = lines.next()?.trim().parse().ok()?;
+        let operation = lines.next().unwrap_or("").trim().to_owned();
+        Some(LockHolder { pid, operation })
+    }
+}
+
+/// How often [`Store::lock_domain_wait`] tries again.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// How many times [`Store::read_domain`] reads before it settles for the last read.
+const SNAPSHOT_ATTEMPTS: usize = 20;
 
 fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
@@ -142,16 +188,28 @@ pub fn default_root_from_env() -> Result<PathBuf, StoreError> {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    operation: String,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`. The operation recorded in lock files is
+    /// empty until [`Store::with_operation`] sets it.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
         for dir in [root.join("domains"), root.join("locks")] {
             fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            operation: String::new(),
+        })
+    }
+
+    /// The same store; locks taken through it record `operation` (one line) as what their
+    /// holder does.
+    pub fn with_operation(mut self, operation: &str) -> Store {
+        self.operation = operation.replace(['\n', '\r'], " ");
+        self
     }
 
     /// The root directory.
@@ -194,8 +252,12 @@ impl Store {
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path)
+                    .ok()
+                    .and_then(|t| LockHolder::parse(&t));
                 return Err(StoreError::Locked {
                     domain: name.to_owned(),
+                    holder,
                 });
             }
             Err(TryLockError::Error(source)) => {
@@ -206,6 +268,13 @@ impl Store {
                 });
             }
         }
+        // Name the holder for whoever finds the domain locked. Not fsynced: it only matters
+        // while this process lives.
+        let mut lock = lock;
+        let note = format!("{}\n{}\n", std::process::id(), self.operation);
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(note.as_bytes()))
+            .map_err(io_error("write lock", &lock_path))?;
         let domain = DomainStore {
             name: name.to_owned(),
             dir: self.root.join("domains").join(name),
@@ -213,6 +282,130 @@ impl Store {
         };
         domain.remove_leftover_temp_files()?;
         Ok(domain)
+    }
+}
+
+impl Store {
+    /// [`Store::lock_domain`], but while another holder has the lock, tries again until
+    /// `timeout` has passed; then fails with [`StoreError::Locked`] naming the holder.
+    pub fn lock_domain_wait(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<DomainStore, StoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lock_domain(name) {
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    std::thread::sleep(left.min(LOCK_POLL));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads domain `name`'s files without locking (see the module contract); `None` if the
+    /// domain has no directory.
+    pub fn read_domain(&self, name: &str) -> Result<Option<DomainSnapshot>, StoreError> {
+        validate_name("domain", name)?;
+        let dir = self.root.join("domains").join(name);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let mut last = DomainSnapshot::read(name, &dir)?;
+        for _ in 1..SNAPSHOT_ATTEMPTS {
+            let again = DomainSnapshot::read(name, &dir)?;
+            if again == last {
+                break;
+            }
+            last = again;
+        }
+        Ok(Some(last))
+    }
+}
+
+/// A domain's files as read without the lock: every top-level file of its directory and its
+/// checkpoint documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSnapshot {
+    /// The domain's name.
+    pub name: String,
+    /// The domain's directory.
+    pub dir: PathBuf,
+    /// Top-level files by name (`domain.xml`, `journal.json`...); temporary files and files
+    /// that are not UTF-8 are left out.
+    pub files: BTreeMap<String, String>,
+    /// `checkpoints/<name>.xml` as `(name, xml)`, sorted by name.
+    pub checkpoints: Vec<(String, String)>,
+}
+
+impl DomainSnapshot {
+    fn read(name: &str, dir: &Path) -> Result<DomainSnapshot, StoreError> {
+        let mut files = BTreeMap::new();
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(DomainSnapshot {
+                    name: name.to_owned(),
+                    dir: dir.to_owned(),
+                    files,
+                    checkpoints: Vec::new(),
+                });
+            }
+            Err(e) => return Err(io_error("list", dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", dir))?;
+            let Some(file_name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if file_name.starts_with('.') {
+                continue;
+            }
+            // A file removed between listing and reading is simply absent from this read.
+            match fs::read(entry.path()) {
+                Ok(bytes) => {
+                    if let Ok(text) = String::from_utf8(bytes) {
+                        files.insert(file_name, text);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::IsADirectory
+                    ) => {}
+                Err(e) => return Err(io_error("read", &entry.path())(e)),
+            }
+        }
+        let cp_dir = dir.join(Collection::Checkpoints.dir_name());
+        let mut checkpoints = Vec::new();
+        if let Ok(entries) = fs::read_dir(&cp_dir) {
+            for entry in entries.flatten() {
+                let file_name = entry.file_name();
+                let Some(cp) = file_name.to_str().and_then(|n| n.strip_suffix(".xml")) else {
+                    continue;
+                };
+                if validate_name("checkpoint", cp).is_err() {
+                    continue;
+                }
+                if let Ok(text) = fs::read_to_string(entry.path()) {
+                    checkpoints.push((cp.to_owned(), text));
+                }
+            }
+        }
+        checkpoints.sort();
+        Ok(DomainSnapshot {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            files,
+            checkpoints,
+        })
+    }
+
+    /// A top-level file's content.
+    pub fn file(&self, name: &str) -> Option<&str> {
+        self.files.get(name).map(String::as_str)
     }
 }
 
@@ -572,6 +765,82 @@ mod tests {
         ] {
             assert!(validate_name("domain", good).is_ok(), "{good:?} rejected");
         }
+    }
+
+    #[test]
+    fn a_second_lock_fails_at_once_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path())
+            .unwrap()
+            .with_operation("backup-begin vm --wait");
+        let held = store.lock_domain("vm").unwrap();
+        let started = Instant::now();
+        let err = store.lock_domain("vm").unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let StoreError::Locked { domain, holder } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(domain, "vm");
+        assert_eq!(
+            holder.as_ref(),
+            Some(&LockHolder {
+                pid: std::process::id(),
+                operation: "backup-begin vm --wait".to_owned()
+            })
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "domain \"vm\" is locked by vbackup process {} (backup-begin vm --wait)",
+                std::process::id()
+            )
+        );
+        drop(held);
+        assert!(store.lock_domain("vm").is_ok());
+    }
+
+    #[test]
+    fn waiting_for_a_lock_gets_it_when_released_and_gives_up_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let held = store.lock_domain("vm").unwrap();
+        let err = store
+            .lock_domain_wait("vm", Duration::from_millis(120))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let started = Instant::now();
+        let got = store.lock_domain_wait("vm", Duration::from_secs(10));
+        assert!(got.is_ok(), "{got:?}");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        releaser.join().unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_reads_a_locked_domain_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_domain("vm").unwrap(), None);
+        let held = store.lock_domain("vm").unwrap();
+        held.write_domain_xml("<domain/>").unwrap();
+        held.write_journal("{}").unwrap();
+        held.write_entry(Collection::Checkpoints, "c1", "<c1/>")
+            .unwrap();
+        // An interrupted write's leftover is neither read nor removed by a reader.
+        let staged = held
+            .stage_entry(Collection::Checkpoints, "c2", "<c2/>")
+            .unwrap();
+        let temp = staged.temp_path().to_owned();
+        std::mem::forget(staged);
+        let snap = store.read_domain("vm").unwrap().unwrap();
+        assert_eq!(snap.file("domain.xml"), Some("<domain/>"));
+        assert_eq!(snap.file("journal.json"), Some("{}"));
+        assert_eq!(snap.checkpoints, [("c1".to_owned(), "<c1/>".to_owned())]);
+        assert!(temp.is_file());
+        drop(held);
     }
 
     #[test]

@@ -96,22 +96,28 @@ fn expected_dirty() -> Vec<(u64, u64)> {
     out
 }
 
+/// The lab's image in `dir`, holding [`BASE_WRITES`].
+fn make_base_image(dir: &std::path::Path) -> PathBuf {
+    let image = dir.join("disk.qcow2");
+    let image_s = image.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
+    );
+    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
+    args.extend(io_commands(BASE_WRITES));
+    args.push(image_s.into());
+    run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    image
+}
+
 impl Lab {
     fn new() -> Lab {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.qcow2");
-        let image_s = image.to_str().unwrap();
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
-        );
-        let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
-        args.extend(io_commands(BASE_WRITES));
-        args.push(image_s.into());
-        run(
-            "qemu-io",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let image = make_base_image(dir.path());
 
         let mut qsd = Qsd::start(dir.path());
         qsd.add_qcow2("disk", &image);
@@ -268,14 +274,21 @@ fn copying_dirty_extents_onto_the_base_reproduces_the_export() {
     assert_eq!(report.bytes_copied, dirty.iter().map(|r| r.1).sum::<u64>());
     c.disconnect().unwrap();
 
-    let reference = lab.dir().join("nbdcopy.raw");
-    run("nbdcopy", &[&lab.uri(), reference.to_str().unwrap()]);
+    let reference = assert_same_as_nbdcopy(&lab, &dest);
     let ours = std::fs::read(&dest).unwrap();
     assert!(
         ours == std::fs::read(&reference).unwrap(),
         "differs from nbdcopy"
     );
     assert!(ours == final_image());
+    lab.qsd.quit();
+}
+
+/// Copies the lab's export with `nbdcopy` and checks with `qemu-img compare` that `dest` (a
+/// raw image) holds the same; returns the `nbdcopy` copy.
+fn assert_same_as_nbdcopy(lab: &Lab, dest: &std::path::Path) -> PathBuf {
+    let reference = lab.dir().join("nbdcopy.raw");
+    run("nbdcopy", &[&lab.uri(), reference.to_str().unwrap()]);
     let out = run(
         "qemu-img",
         &[
@@ -289,7 +302,7 @@ fn copying_dirty_extents_onto_the_base_reproduces_the_export() {
         ],
     );
     assert!(out.contains("Images are identical"), "{out}");
-    lab.qsd.quit();
+    reference
 }
 
 #[test]
@@ -309,21 +322,7 @@ fn copying_allocated_extents_into_a_sparse_file_matches_nbdcopy() {
     assert!(report.bytes_copied < SIZE / 2, "zero areas were skipped");
     c.disconnect().unwrap();
 
-    let reference = lab.dir().join("nbdcopy.raw");
-    run("nbdcopy", &[&lab.uri(), reference.to_str().unwrap()]);
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            dest.to_str().unwrap(),
-            reference.to_str().unwrap(),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_same_as_nbdcopy(&lab, &dest);
     lab.qsd.quit();
 }
 
@@ -411,19 +410,7 @@ impl Drop for Reaped {
 #[test]
 fn tcp_connection_reads_and_maps_like_unix() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let image_s = image.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", image_s, &SIZE.to_string()],
-    );
-    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
-    args.extend(io_commands(BASE_WRITES));
-    args.push(image_s.into());
-    run(
-        "qemu-io",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let image = make_base_image(dir.path());
 
     // A free port: bind, note it, release it for qemu-nbd.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -444,7 +431,8 @@ fn tcp_connection_reads_and_maps_like_unix() {
                 "-b",
                 "127.0.0.1",
             ])
-            .args(["-p", &port.to_string(), image_s])
+            .args(["-p", &port.to_string()])
+            .arg(&image)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("qemu-nbd must be installed"),

@@ -182,7 +182,7 @@ fn second_lock_on_a_domain_is_refused_until_the_first_is_dropped() {
     let first = store.lock_domain("vm").unwrap();
     assert!(matches!(
         store.lock_domain("vm"),
-        Err(StoreError::Locked { ref domain }) if domain == "vm"
+        Err(StoreError::Locked { ref domain, .. }) if domain == "vm"
     ));
     // Other domains are independent.
     let other = store.lock_domain("other").unwrap();

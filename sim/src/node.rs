@@ -11,7 +11,7 @@ use crate::args::{Args, id_wellformed};
 use crate::bitmap::{Bits, DirtyBitmap};
 use crate::errors::QmpError;
 use crate::image::{Cluster, FileContent, MAX_CHAIN_DEPTH};
-use crate::qemu::Qemu;
+use crate::qemu::{Fault, Qemu};
 
 /// Longest node name QEMU accepts (31 bytes plus the terminator).
 const MAX_NODE_NAME: usize = 31;
@@ -1054,6 +1054,14 @@ impl Qemu {
             return Err(QmpError::block_device_in_use(name));
         }
         self.close_node_tree(name);
+        // A fault belongs to the node's instance (on real QEMU, a blkdebug layer under it): a
+        // later node of the same name starts healthy.
+        self.faults.retain(|f| match f {
+            Fault::TargetIoError { node }
+            | Fault::TargetNoSpace { node }
+            | Fault::SourceIoError { node } => node != name,
+            Fault::RefuseCommand { .. } => true,
+        });
         Ok(json!({}))
     }
 

@@ -7,15 +7,37 @@
 //! ([`crate::world::lab_domain`]: `vda` with one layer, `vdb` an overlay over a base image)
 //! without checkpoints, and returns `Err(text)` naming the first divergence. Content is compared
 //! byte for byte: a backup restored through its backing chain (an incremental one over the disk
-//! content at its checkpoint) must equal the disk at the backup's point in time.
+//! content at its checkpoint) must equal the disk at the backup's point in time. Every scenario
+//! backs up both disks, so each one covers several disks and a disk with a backing layer.
+//!
+//! Paths a scenario names (`/backup/...`) are lab paths; a host places them in its own file
+//! system ([`Host::place`]). Disk sizes are the host's: scenarios write below 320 KiB only.
 
+use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
-use vbackup_core::checkpoint::{DeleteScope, ListFilter};
-use vbackup_core::domain::{DomainEvent, Reply, Request};
+use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
+use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
+use vbackup_core::error::{Error, RequestError};
 use vbackup_core::link::Link;
 
-use crate::world::{lab_backup, lab_checkpoint};
+use vbackup_core::backup::{BackupSpec, NbdTransport};
+
+use crate::world::{lab_backup, lab_checkpoint, stored_state};
+
+/// The NBD socket of pull backups on the simulator.
+pub const SIM_NBD_SOCKET: &str = "/run/vbackup-sim.sock";
+
+/// The rate slowed jobs copy at, in bytes per second: a 512 KiB disk takes seconds, so a
+/// request sent right after the start finds the job running.
+pub const SLOW_JOB_BYTES_PER_S: u64 = 64 << 10;
+
+/// The rate of a job that must outlive a restart of vbackup and then finish: a 512 KiB disk
+/// takes about half a second.
+pub const RESTART_JOB_BYTES_PER_S: u64 = 1 << 20;
+
+/// Steps allowed for a new QMP session to be negotiated and reconciled.
+const CONNECT_STEPS: usize = 1_000;
 
 /// What a scenario needs besides QMP.
 pub trait Host {
@@ -31,6 +53,46 @@ pub trait Host {
     fn read_export(&mut self, name: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String>;
     /// Makes writes to the node `node` fail with EIO from now on; false when the host cannot.
     fn fail_writes_to(&mut self, node: &str) -> bool;
+    /// Called before a backup whose target [`Host::fail_writes_to`] will name. A host that can
+    /// only build a failing target while it is created (real QEMU: a `blkdebug` layer) arms
+    /// that here; false when the host cannot. Hosts that inject at any moment need nothing.
+    fn prepare_write_failure(&mut self) -> bool {
+        true
+    }
+    /// Limits the copy rate of backup jobs started from now on to `bytes_per_s` (`None` lifts
+    /// the limit), as QEMU's job `speed` does.
+    fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String>;
+    /// Where the lab path `lab_path` (a backup directory) lives on this host.
+    fn place(&mut self, lab_path: &str) -> String {
+        lab_path.to_owned()
+    }
+    /// The unix socket of the NBD server pull backups use on this host.
+    fn nbd_socket(&mut self) -> String {
+        SIM_NBD_SOCKET.to_owned()
+    }
+    /// The configuration vbackup runs the lab domain with on this host.
+    fn domain_config(&self) -> DomainConfig {
+        DomainConfig::default()
+    }
+    /// Kills QEMU as SIGKILL does and starts it again over the same images with the lab's
+    /// nodes. vbackup's link is then dead until the scenario opens a new one.
+    fn crash_qemu(&mut self) -> Result<(), String>;
+}
+
+/// A backup of both lab disks into `dir` (a lab path), placed on the host.
+fn spec<H: Host>(h: &mut H, mode: BackupMode, incremental: Option<&str>, dir: &str) -> BackupSpec {
+    let mut spec = lab_backup(mode, incremental, &h.place(dir));
+    if let Some(server) = &mut spec.server {
+        server.transport = NbdTransport::Unix {
+            socket: h.nbd_socket(),
+        };
+    }
+    spec
+}
+
+/// The image a backup into `dir` (a lab path) wrote for `disk`, placed on the host.
+fn image<H: Host>(h: &mut H, dir: &str, disk: &str) -> String {
+    h.place(&format!("{dir}/{disk}.qcow2"))
 }
 
 /// Steps a scenario allows one request to take.
@@ -192,7 +254,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Push, None, "/backup/full"),
+            spec: spec(h, BackupMode::Push, None, "/backup/full"),
             checkpoint: Some(lab_checkpoint("c1")),
             reuse_external: false,
         },
@@ -203,7 +265,8 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
         return Err("the full push backup did not complete".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
-        let got = h.restore(&format!("/backup/full/{disk}.qcow2"), None)?;
+        let path = image(h, "/backup/full", disk);
+        let got = h.restore(&path, None)?;
         compare(&format!("full backup of {disk}"), &got, &at_full[i])?;
     }
     scribble(h, 3)?;
@@ -211,7 +274,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Push, Some("c1"), "/backup/inc"),
+            spec: spec(h, BackupMode::Push, Some("c1"), "/backup/inc"),
             checkpoint: Some(lab_checkpoint("c2")),
             reuse_external: false,
         },
@@ -221,7 +284,8 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
         return Err("the incremental push backup did not complete".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
-        let got = h.restore(&format!("/backup/inc/{disk}.qcow2"), Some(&at_full[i]))?;
+        let path = image(h, "/backup/inc", disk);
+        let got = h.restore(&path, Some(&at_full[i]))?;
         compare(&format!("incremental backup of {disk}"), &got, &at_inc[i])?;
     }
     Ok(())
@@ -238,7 +302,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Pull, None, "/scratch/full"),
+            spec: spec(h, BackupMode::Pull, None, "/scratch/full"),
             checkpoint: Some(lab_checkpoint("c1")),
             reuse_external: false,
         },
@@ -256,7 +320,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Pull, Some("c1"), "/scratch/inc"),
+            spec: spec(h, BackupMode::Pull, Some("c1"), "/scratch/inc"),
             checkpoint: None,
             reuse_external: false,
         },
@@ -280,40 +344,86 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     Ok(())
 }
 
-/// A push backup aborted at once ends cancelled.
-pub fn push_abort<L: Link, E: Effects>(
+/// A push backup slowed down (job `speed`) and aborted while it copies ends cancelled, having
+/// copied less than everything; the next backup, at full speed, completes.
+pub fn push_abort<L: Link, E: Effects, H: Host>(
     d: &mut Drv<L, E>,
+    h: &mut H,
     events: impl Fn(&E) -> &[DomainEvent] + Copy,
 ) -> Result<(), String> {
+    h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Push, None, "/backup/aborted"),
+            spec: spec(h, BackupMode::Push, None, "/backup/aborted"),
             checkpoint: None,
             reuse_external: false,
         },
     )?;
+    h.slow_jobs(None)?;
     call(d, Request::AbortJob)?;
     match finish(d, events)? {
-        JobStatus::Cancelled => Ok(()),
-        other => Err(format!("an aborted push ended {other:?}")),
+        JobStatus::Cancelled => {}
+        other => return Err(format!("an aborted push ended {other:?}")),
+    }
+    let stats = last_stats(d, events)?;
+    if let (Some(done), Some(total)) = (stats.disk_processed_bytes, stats.disk_total_bytes)
+        && done >= total
+    {
+        return Err(format!(
+            "the aborted job copied everything ({done} of {total})"
+        ));
+    }
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/after-abort"),
+            checkpoint: None,
+            reuse_external: false,
+        },
+    )?;
+    match finish(d, events)? {
+        JobStatus::Completed => Ok(()),
+        other => Err(format!("the backup after an abort ended {other:?}")),
     }
 }
 
-/// A push backup whose target fails with EIO ends failed, with QEMU's error.
+/// The statistics of the last finished job.
+fn last_stats<L: Link, E: Effects>(
+    d: &mut Drv<L, E>,
+    events: impl Fn(&E) -> &[DomainEvent],
+) -> Result<vbackup_core::backup::JobStats, String> {
+    events(d.effects())
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            DomainEvent::JobCompleted(s) => Some(s.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| "no JOB_COMPLETED event".into())
+}
+
+/// A push backup whose target fails with EIO ends failed, with QEMU's error; a backup after it
+/// completes and creates its checkpoint.
 pub fn push_io_error<L: Link, E: Effects, H: Host>(
     d: &mut Drv<L, E>,
     h: &mut H,
     events: impl Fn(&E) -> &[DomainEvent] + Copy,
 ) -> Result<(), String> {
+    if !h.prepare_write_failure() {
+        return Err("the host cannot inject an I/O error".into());
+    }
+    // Slowed, so that the fault is in place before the job writes on any host.
+    h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
     call(
         d,
         Request::BackupBegin {
-            spec: lab_backup(BackupMode::Push, None, "/backup/eio"),
+            spec: spec(h, BackupMode::Push, None, "/backup/eio"),
             checkpoint: None,
             reuse_external: false,
         },
     )?;
+    h.slow_jobs(None)?;
     let target = d
         .domain()
         .view()
@@ -324,7 +434,159 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
         return Err("the host cannot inject an I/O error".into());
     }
     match finish(d, events)? {
-        JobStatus::Failed => Ok(()),
-        other => Err(format!("a backup with a failing target ended {other:?}")),
+        JobStatus::Failed => {}
+        other => return Err(format!("a backup with a failing target ended {other:?}")),
     }
+    let stats = last_stats(d, events)?;
+    match stats.errmsg.as_deref() {
+        Some(e) if e.contains("Input/output error") => {}
+        other => return Err(format!("a failed backup reports {other:?}")),
+    }
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/after-eio"),
+            checkpoint: Some(lab_checkpoint("c1")),
+            reuse_external: false,
+        },
+    )?;
+    match finish(d, events)? {
+        JobStatus::Completed => {}
+        other => return Err(format!("the backup after a failure ended {other:?}")),
+    }
+    if names(d)? != ["c1"] {
+        return Err("the backup after a failure did not create its checkpoint".into());
+    }
+    Ok(())
+}
+
+/// Drives until a fresh QMP session is negotiated and reconciled.
+fn reconnect<L: Link, E: Effects>(d: &mut Drv<L, E>) -> Result<(), String> {
+    let up = d
+        .run_until(|dom| dom.view().connected, CONNECT_STEPS)
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    if up {
+        Ok(())
+    } else {
+        Err("the new QMP session never came up".into())
+    }
+}
+
+/// vbackup dies while a push backup (creating c1) copies and starts again from its store over a
+/// new QMP session (`relink` opens one on the link): the job is recovered from the journal,
+/// completes, its images restore to the disks at its start, and c1 exists. Returns the new
+/// driver.
+pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
+    d: Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    persisted: impl Fn(&E) -> &[StoreOp],
+    mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<Drv<L, E>, String> {
+    let mut d = d;
+    scribble(h, 9)?;
+    let at_start = both(h)?;
+    h.slow_jobs(Some(RESTART_JOB_BYTES_PER_S))?;
+    call(
+        &mut d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/restart"),
+            checkpoint: Some(lab_checkpoint("c1")),
+            reuse_external: false,
+        },
+    )?;
+    h.slow_jobs(None)?;
+    let def = d.domain().view().def.clone();
+    let (_, mut link, effects) = d.into_parts();
+    let (checkpoints, current, journal) = stored_state(persisted(&effects));
+    if journal.is_none() {
+        return Err("a running backup left no journal".into());
+    }
+    relink(&mut link)?;
+    let tree = CheckpointTree::load(checkpoints, current.as_deref());
+    let domain = Domain::new(def, h.domain_config(), tree, journal);
+    let mut d = Driver::new(domain, link, effects);
+    reconnect(&mut d)?;
+    match finish(&mut d, events)? {
+        JobStatus::Completed => {}
+        other => return Err(format!("the recovered backup ended {other:?}")),
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/restart", disk);
+        let got = h.restore(&path, None)?;
+        compare(&format!("recovered backup of {disk}"), &got, &at_start[i])?;
+    }
+    if names(&mut d)? != ["c1"] {
+        return Err("the recovered backup did not keep its checkpoint".into());
+    }
+    Ok(d)
+}
+
+/// QEMU is killed (SIGKILL) after a full backup created checkpoint c1, and started again over
+/// the same images: c1's bitmaps were never written to them, so an incremental backup from c1
+/// is refused with a typed error, and a full backup creating c2 completes and restores exactly.
+pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<(), String> {
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/before-crash"),
+            checkpoint: Some(lab_checkpoint("c1")),
+            reuse_external: false,
+        },
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the backup before the crash did not complete".into());
+    }
+    h.crash_qemu()?;
+    // The old session is gone with the process; the engine learns it, then a new one opens.
+    let _ = d.link_down();
+    relink(d.link_mut())?;
+    reconnect(d)?;
+    scribble(h, 10)?;
+    let refused = d
+        .call(
+            Request::BackupBegin {
+                spec: spec(h, BackupMode::Push, Some("c1"), "/backup/after-crash-inc"),
+                checkpoint: None,
+                reuse_external: false,
+            },
+            STEPS,
+        )
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    match refused {
+        Err(Error::Request(RequestError::CheckpointInconsistent { bitmap, .. }))
+            if bitmap == "c1" => {}
+        other => {
+            return Err(format!(
+                "an incremental backup from a checkpoint lost in a crash answered {other:?}"
+            ));
+        }
+    }
+    let at_full = both(h)?;
+    call(
+        d,
+        Request::BackupBegin {
+            spec: spec(h, BackupMode::Push, None, "/backup/after-crash"),
+            checkpoint: Some(lab_checkpoint("c2")),
+            reuse_external: false,
+        },
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the full backup after the crash did not complete".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/after-crash", disk);
+        let got = h.restore(&path, None)?;
+        compare(
+            &format!("full backup after the crash of {disk}"),
+            &got,
+            &at_full[i],
+        )?;
+    }
+    Ok(())
 }

@@ -1511,13 +1511,16 @@ fn describe_answer(a: &Result<Reply, Error>) -> String {
     }
 }
 
+/// The copy rate of backup jobs in the lab.
+pub const LAB_THROUGHPUT_BYTES_PER_S: u64 = 32 << 20;
+
 /// A connected driver on the lab domain over a fresh simulated QEMU (32 MiB/s backup jobs),
 /// with the QEMU it shares with its host.
 pub fn lab_driver() -> (Driver<FaultyLink, StoreEffects>, SharedQemu) {
     let mut q = Qemu::new(
         lab_files(),
         Config {
-            throughput_bytes_per_s: 32 << 20,
+            throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
             ..Config::default()
         },
     );
@@ -1575,5 +1578,19 @@ impl crate::scenarios::Host for SimHost {
             .borrow_mut()
             .set_fault(Fault::TargetIoError { node: node.into() });
         true
+    }
+
+    fn crash_qemu(&mut self) -> Result<(), String> {
+        let mut q = self.qemu.borrow_mut();
+        q.crash();
+        q.restart();
+        boot_lab(&mut q).map_err(|e| e.to_string())
+    }
+
+    fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String> {
+        // The simulator has one copy rate for every job; the lab's is restored when lifted.
+        self.qemu.borrow_mut().config.throughput_bytes_per_s =
+            bytes_per_s.unwrap_or(LAB_THROUGHPUT_BYTES_PER_S);
+        Ok(())
     }
 }

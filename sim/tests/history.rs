@@ -131,7 +131,6 @@ fn link_drop_during_backup_start_leaves_no_node_nor_create_job() {
 /// the transaction started: they stay in QEMU and every later backup is refused with "Job ID
 /// already in use" (and a later reconnect may take the stale job for a new one).
 #[test]
-#[ignore = "core bug: failed journal write orphans backup jobs (seed 35)"]
 fn store_write_failure_orphans_no_backup_job() {
     let out = run_history(&config(35, &[FaultKind::StoreWriteFailed]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());

@@ -11,6 +11,7 @@ pub(crate) mod run;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Checkpoint;
 use crate::model::ImageFormat;
 
 /// Push (QEMU writes the copy) or pull (QEMU exposes a point-in-time export).
@@ -197,6 +198,35 @@ pub struct BackupPlan {
     /// Why the start failed after the jobs were already running (a pull export QEMU refused);
     /// such a backup ends failed.
     pub start_error: Option<String>,
+    /// How far the start had got when the plan was journaled.
+    #[serde(default)]
+    pub stage: BackupStage,
+    /// The full definition of the checkpoint created with the backup, so that an engine
+    /// restarted while the transaction's outcome was unknown can still record it.
+    #[serde(default)]
+    pub checkpoint_def: Option<Box<Checkpoint>>,
+    /// Image files whose exclusive creation the engine saw succeed. Only these are ever
+    /// deleted by a restarted engine: a file that existed before is never ours.
+    #[serde(default)]
+    pub created_files: Vec<String>,
+}
+
+/// How far a backup's start got, as journaled. The journal is written before the first
+/// target is created and again right before the transaction is sent, so a restarted engine
+/// always knows what it may have left in QEMU and whether the jobs may exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupStage {
+    /// Targets or scratch images, nodes, TLS objects and the NBD server are being set up;
+    /// the transaction was never sent, so no job and no bitmap of the backup exists.
+    Preparing,
+    /// The transaction was (or was about to be) sent and its answer is not known: the jobs
+    /// exist exactly when QEMU lists them.
+    Starting,
+    /// QEMU confirmed the transaction: the jobs run (journals written before stages existed
+    /// are of this kind).
+    #[default]
+    Running,
 }
 
 /// State of the domain job as reported in statistics.
@@ -359,6 +389,9 @@ mod tests {
             reuse_external: false,
             started_ms: 1000,
             start_error: None,
+            stage: BackupStage::Running,
+            checkpoint_def: None,
+            created_files: vec![],
         }
     }
 

@@ -10,6 +10,13 @@
 //! Preparation and cleanup commands run one at a time from a queue, so each step sees the
 //! result of the previous one.
 //!
+//! The plan is journaled as soon as it is known (stage `Preparing`, before any target is
+//! created), after each image file the engine created, right before the transaction is sent
+//! (stage `Starting`) and once QEMU confirmed it (stage `Running`). A store write that fails
+//! stops the driver before the next command, so an engine restarted from the store rolls back
+//! a start whose transaction was never sent and takes over the jobs of one whose transaction
+//! went through.
+//!
 //! [`Input::Reconnected`]: crate::domain::Input::Reconnected
 
 use std::collections::{BTreeSet, VecDeque};
@@ -17,8 +24,9 @@ use std::collections::{BTreeSet, VecDeque};
 use serde_json::Value;
 
 use super::{
-    BackupDiskPlan, BackupMode, BackupPlan, BackupSpec, BackupStore, DiskJobState, JobStatus,
-    NbdServer, NbdTransport, StoreKind, default_temp_bitmap, job_id, node_index, node_names,
+    BackupDiskPlan, BackupMode, BackupPlan, BackupSpec, BackupStage, BackupStore, DiskJobState,
+    JobStatus, NbdServer, NbdTransport, StoreKind, default_temp_bitmap, job_id, node_index,
+    node_names,
 };
 use crate::chain::{NodeTable, check_chain};
 use crate::checkpoint::Checkpoint;
@@ -113,7 +121,8 @@ pub(crate) struct BackupRun {
     create_concluded: BTreeSet<String>,
     waiting_create_job: Option<String>,
     waiting_file: Option<(FileOpId, String)>,
-    created_files: Vec<String>,
+    /// Whether the plan was journaled (so an ending run must delete the journal).
+    journaled: bool,
     added_nodes: Vec<String>,
     added_objects: Vec<String>,
     nbd_started: bool,
@@ -159,13 +168,26 @@ impl BackupRun {
             .chain(plan.tls_object.iter())
             .cloned()
             .collect();
+        // What the journal's stage says about the transaction decides how the reconcile goes:
+        // before it was sent nothing QEMU lists can be ours; while its answer was unknown the
+        // jobs exist exactly when QEMU lists them.
+        let (committed, transaction_sent) = match plan.stage {
+            BackupStage::Preparing => (false, false),
+            BackupStage::Starting => (false, true),
+            BackupStage::Running => (true, true),
+        };
+        let checkpoint = if committed {
+            None
+        } else {
+            plan.checkpoint_def.clone().map(|c| *c)
+        };
         Self {
             plan,
             phase: Phase::Disconnected,
             begin_req: None,
-            checkpoint: None,
-            committed: true,
-            transaction_sent: true,
+            checkpoint,
+            committed,
+            transaction_sent,
             abort_requested: false,
             steps: VecDeque::new(),
             step_busy: false,
@@ -174,7 +196,7 @@ impl BackupRun {
             create_concluded: BTreeSet::new(),
             waiting_create_job: None,
             waiting_file: None,
-            created_files: Vec::new(),
+            journaled: true,
             added_nodes: Vec::new(),
             added_objects,
             nbd_started,
@@ -232,6 +254,9 @@ impl BackupRun {
                 reuse_external,
                 started_ms: ctx.now.as_ms(),
                 start_error: None,
+                stage: BackupStage::Preparing,
+                checkpoint_def: checkpoint.clone().map(Box::new),
+                created_files: Vec::new(),
             },
             phase: Phase::Querying,
             holds_start_slot: true,
@@ -249,7 +274,7 @@ impl BackupRun {
             create_concluded: BTreeSet::new(),
             waiting_create_job: None,
             waiting_file: None,
-            created_files: Vec::new(),
+            journaled: false,
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
@@ -674,7 +699,11 @@ impl BackupRun {
         match self.steps.pop_front() {
             Some(Step::Cmd { command, effect }) => {
                 if effect == Effect::Transaction {
+                    // Journaled first: if the write fails the driver stops before sending,
+                    // and a restart rolls back a start whose jobs cannot exist.
                     self.transaction_sent = true;
+                    self.plan.stage = BackupStage::Starting;
+                    self.journal(ctx);
                 }
                 ctx.send(Owner::Backup(BackupTag::Step), command);
                 self.current = Some(effect);
@@ -725,8 +754,11 @@ impl BackupRun {
                 let error = error.clone();
                 let mut run = self;
                 run.release_start_slot(core);
-                for path in run.created_files.iter().rev() {
+                for path in run.plan.created_files.iter().rev() {
                     ctx.file(FileOp::Remove { path: path.clone() });
+                }
+                if run.journaled {
+                    ctx.persist(StoreOp::DeleteBackupJournal);
                 }
                 if let Some(req) = run.begin_req {
                     ctx.respond(req, Err(error));
@@ -738,6 +770,12 @@ impl BackupRun {
             Phase::Running => self.maybe_finish(core, ctx),
             Phase::Querying | Phase::Disconnected | Phase::Reconciling => Some(self),
         }
+    }
+
+    /// Writes the plan to the job journal.
+    fn journal(&mut self, ctx: &mut Ctx<'_>) {
+        self.journaled = true;
+        ctx.persist(StoreOp::PutBackupJournal(Box::new(self.plan.clone())));
     }
 
     /// Lets checkpoint operations run again once the backup has started (or given up).
@@ -832,6 +870,9 @@ impl BackupRun {
                 if let Err(e) = self.plan_from_nodes(core, ctx, &spec) {
                     return self.roll_back(core, ctx, e);
                 }
+                // Journal the plan before anything is created: whatever happens next, a
+                // restarted engine knows which nodes, jobs and bitmaps to look for.
+                self.journal(ctx);
                 self.phase = Phase::Preparing;
                 self.pump(core, ctx)
             }
@@ -987,17 +1028,20 @@ impl BackupRun {
     /// The transaction succeeded: the checkpoint exists, the jobs run. Persist both.
     fn commit(&mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Result<(), Error> {
         self.committed = true;
+        self.plan.stage = BackupStage::Running;
         for d in &mut self.plan.disks {
             d.state = DiskJobState::Running;
         }
         let r = match self.checkpoint.take() {
+            // An engine restarted after a partial metadata write already has it.
+            Some(c) if core.tree.get(&c.name).is_some() => Ok(()),
             Some(mut c) => {
                 c.parent = None;
                 commit_created(core, ctx, c).map(|_| ())
             }
             None => Ok(()),
         };
-        ctx.persist(StoreOp::PutBackupJournal(Box::new(self.plan.clone())));
+        self.journal(ctx);
         if self.plan.mode == BackupMode::Push
             && let Some(req) = self.begin_req.take()
         {
@@ -1079,7 +1123,10 @@ impl BackupRun {
         self.step_busy = false;
         match result {
             Ok(()) => {
-                self.created_files.push(path);
+                // Recorded before anything else happens to the file: a restarted engine
+                // deletes only the files it knows it created.
+                self.plan.created_files.push(path);
+                self.journal(ctx);
                 self.pump(core, ctx)
             }
             Err(msg) => {

@@ -32,6 +32,15 @@ pub enum CatalogueOp {
     },
     /// Record the domain's default target directory for new backups.
     SetDefaultTarget(Option<String>),
+    /// Delete a checkpoint no remaining backup needs (its metadata and its bitmaps, through
+    /// the engine's checkpoint deletion of that checkpoint alone). A checkpoint that no longer
+    /// exists is skipped, so an interrupted deletion can be repeated. Comes before the
+    /// deletion of the records naming it: an interruption leaves those backups catalogued and
+    /// restorable, never a checkpoint nothing refers to.
+    DeleteCheckpoint {
+        /// The checkpoint's name.
+        name: String,
+    },
 }
 
 /// Which backups [`Catalogue::list`] returns.
@@ -197,6 +206,35 @@ impl Catalogue {
             if self.chain(parent_uuid)?.len() >= MAX_CHAIN_LENGTH {
                 return Err(CatalogueError::ChainTooLong(backup.uuid));
             }
+            // A child is recorded after its parent, so it ranks after it.
+            match (parent.sequence, backup.sequence) {
+                (Some(p), Some(c)) if c <= p => {
+                    return Err(CatalogueError::Inconsistent {
+                        uuid: backup.uuid.clone(),
+                        reason: format!(
+                            "its sequence number {c} is not greater than its parent's ({p})"
+                        ),
+                    });
+                }
+                (Some(_), None) => {
+                    return Err(CatalogueError::Inconsistent {
+                        uuid: backup.uuid.clone(),
+                        reason: "it has no sequence number while its parent has one".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if let Some(sequence) = backup.sequence
+            && let Some(other) = self.backups.values().find(|b| b.sequence == Some(sequence))
+        {
+            return Err(CatalogueError::Inconsistent {
+                uuid: backup.uuid.clone(),
+                reason: format!(
+                    "sequence number {sequence} is already used by backup '{}'",
+                    other.uuid
+                ),
+            });
         }
         self.backups.insert(backup.uuid.clone(), backup.clone());
         Ok(vec![CatalogueOp::PutBackup(Box::new(backup))])
@@ -209,7 +247,10 @@ impl Catalogue {
             .map(|b| b.uuid.as_str())
     }
 
-    /// Backups ordered by creation time, then uuid.
+    /// Backups from oldest to newest. The order is total and the same on every load:
+    /// numbered backups (see [`ManagedBackup::sequence`]) come after unnumbered ones, in
+    /// sequence order; unnumbered ones (older records) order by creation time, then by depth
+    /// in their chain (so a parent precedes a child taken in the same second), then by uuid.
     pub fn list(&self, filter: ListFilter) -> Vec<&ManagedBackup> {
         match filter {
             ListFilter::All => self.sorted(self.backups.values()),
@@ -225,18 +266,41 @@ impl Catalogue {
 
     fn sorted<'a>(&self, it: impl Iterator<Item = &'a ManagedBackup>) -> Vec<&'a ManagedBackup> {
         let mut v: Vec<&ManagedBackup> = it.collect();
-        v.sort_by(|a, b| (a.creation_time, &a.uuid).cmp(&(b.creation_time, &b.uuid)));
+        v.sort_by_cached_key(|b| self.order_key(b));
         v
     }
 
-    /// The most recent backup (greatest creation time, then greatest uuid).
-    pub fn latest(&self) -> Option<&ManagedBackup> {
-        self.backups
-            .values()
-            .max_by(|a, b| (a.creation_time, &a.uuid).cmp(&(b.creation_time, &b.uuid)))
+    /// The key of the catalogue's order (see [`Catalogue::list`]). Uuids are unique, so no
+    /// two backups have the same key.
+    fn order_key<'a>(&self, b: &'a ManagedBackup) -> (bool, u64, u64, usize, &'a str) {
+        // Every catalogued backup has a chain (insert checks it); the fallback only keeps
+        // the order total for a record that is not in this catalogue.
+        let depth = self.chain(&b.uuid).map_or(0, |c| c.len());
+        (
+            b.sequence.is_some(),
+            b.sequence.unwrap_or(0),
+            b.creation_time,
+            depth,
+            b.uuid.as_str(),
+        )
     }
 
-    /// The backups whose parent is `uuid`, ordered by creation time then uuid.
+    /// The most recent backup: the last one in the order of [`Catalogue::list`].
+    pub fn latest(&self) -> Option<&ManagedBackup> {
+        self.backups.values().max_by_key(|b| self.order_key(b))
+    }
+
+    /// The sequence number of the next backup recorded: one more than the greatest so far
+    /// (1 in a catalogue without numbered backups).
+    pub fn next_sequence(&self) -> u64 {
+        self.backups
+            .values()
+            .filter_map(|b| b.sequence)
+            .max()
+            .map_or(1, |s| s.saturating_add(1))
+    }
+
+    /// The backups whose parent is `uuid`, oldest first.
     pub fn children(&self, uuid: &str) -> Result<Vec<&ManagedBackup>, CatalogueError> {
         self.require(uuid)?;
         Ok(self.sorted(
@@ -342,23 +406,35 @@ impl Catalogue {
         self.remove_records(doomed, Vec::new())
     }
 
-    /// Removes `doomed` (children listed before parents) and appends the record deletions,
-    /// then the file removals.
+    /// Removes `doomed` (children listed before parents) and appends the deletions of the
+    /// checkpoints they release, then the record deletions, then the file removals.
+    ///
+    /// A backup's checkpoint exists so that a later backup can be incremental from it; once
+    /// the backup is gone nothing can be built on it any more (the backups already built on
+    /// it hold their data), so its checkpoint goes too, unless a remaining backup names the
+    /// same checkpoint.
     fn remove_records(
         &mut self,
         doomed: Vec<ManagedBackup>,
         mut ops: Vec<CatalogueOp>,
     ) -> Vec<CatalogueOp> {
+        let mut records = Vec::new();
         let mut files = Vec::new();
+        let mut released: Vec<String> = Vec::new();
         let mut seen = BTreeSet::new();
         for backup in doomed {
             if !seen.insert(backup.uuid.clone()) {
                 continue;
             }
             self.backups.remove(&backup.uuid);
-            ops.push(CatalogueOp::DeleteBackup {
+            records.push(CatalogueOp::DeleteBackup {
                 uuid: backup.uuid.clone(),
             });
+            if let Some(checkpoint) = backup.checkpoint
+                && !released.contains(&checkpoint)
+            {
+                released.push(checkpoint);
+            }
             files.extend(
                 backup
                     .disks
@@ -366,6 +442,18 @@ impl Catalogue {
                     .map(|d| CatalogueOp::RemoveImage { path: d.path }),
             );
         }
+        released.retain(|name| {
+            !self
+                .backups
+                .values()
+                .any(|b| b.checkpoint.as_deref() == Some(name.as_str()))
+        });
+        ops.extend(
+            released
+                .into_iter()
+                .map(|name| CatalogueOp::DeleteCheckpoint { name }),
+        );
+        ops.extend(records);
         ops.extend(files);
         ops
     }

@@ -5,8 +5,13 @@
 //! - Pure: no IO. Every mutation returns the [`CatalogueOp`]s the caller must apply, in order,
 //!   for the store and the image files to follow. The order is chosen so that a crash between
 //!   two operations never leaves a record naming a missing image: images are rebased and
-//!   records rewritten first, records deleted next, files removed last (at worst a crash leaves
-//!   an unreferenced file behind).
+//!   records rewritten first, the checkpoints of deleted backups deleted next, then records,
+//!   files last (at worst a crash leaves an unreferenced file behind, or a backup about to be
+//!   deleted whose checkpoint is already gone; repeating the deletion finishes it).
+//! - The order of backups ([`Catalogue::list`], [`Catalogue::latest`]) is total and the same on
+//!   every load: by sequence number, older unnumbered records first by creation time and depth.
+//! - Deleting a backup deletes the checkpoint it created, which only served as the base of
+//!   later incrementals from it; a checkpoint of a backup that remains always stays.
 //! - A catalogue is a forest: every incremental backup names a parent that exists in the same
 //!   catalogue, full backups have none, uuids are unique and so every chain ends at a full
 //!   backup after at most [`MAX_CHAIN_LENGTH`] steps.
@@ -96,6 +101,17 @@ pub enum CatalogueError {
         uuid: String,
         /// The disk.
         disk: String,
+    },
+    /// The backup asked for by `--until` is neither an ancestor nor a descendant of the
+    /// backup named, so there is no chain holding both.
+    #[error(
+        "backup '{until}' is not in the chain of backup '{uuid}' (neither an ancestor nor a descendant of it)"
+    )]
+    NotInChain {
+        /// The backup named.
+        uuid: String,
+        /// The point in time asked for.
+        until: String,
     },
     /// The default target directory is not an absolute path.
     #[error("default target '{0}' is not an absolute path")]

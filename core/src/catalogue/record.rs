@@ -107,6 +107,14 @@ pub struct ManagedBackup {
     pub checkpoint: Option<String>,
     /// Seconds since the Unix epoch when the backup's point in time was taken.
     pub creation_time: u64,
+    /// The backup's rank among its domain's backups, given by [`Catalogue::next_sequence`]
+    /// when it is recorded: it orders backups taken within the same second. `None` for
+    /// records written before sequence numbers existed; those order before every numbered
+    /// one, by creation time and then by depth in their chain (see [`Catalogue::list`]).
+    ///
+    /// [`Catalogue::next_sequence`]: super::Catalogue::next_sequence
+    /// [`Catalogue::list`]: super::Catalogue::list
+    pub sequence: Option<u64>,
     /// Free-form description.
     pub description: Option<String>,
     /// Full or incremental.

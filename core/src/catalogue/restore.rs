@@ -41,6 +41,29 @@ pub struct RestorePlan {
 }
 
 impl Catalogue {
+    /// Plans the restore of the chain of backup `uuid` up to backup `until`: the disks as they
+    /// were at `until`'s point in time. `until` must lie on one chain with `uuid`: an ancestor
+    /// of it, itself, or a backup built on it (directly or not); otherwise the plan is refused
+    /// with [`CatalogueError::NotInChain`]. The plan is then the restore of `until`.
+    pub fn plan_restore_until(
+        &self,
+        uuid: &str,
+        until: &str,
+        disks: &[&str],
+    ) -> Result<RestorePlan, CatalogueError> {
+        let ancestors = self.chain(uuid)?;
+        let up_to = self.chain(until)?;
+        let related =
+            ancestors.iter().any(|b| b.uuid == until) || up_to.iter().any(|b| b.uuid == uuid);
+        if !related {
+            return Err(CatalogueError::NotInChain {
+                uuid: uuid.to_owned(),
+                until: until.to_owned(),
+            });
+        }
+        self.plan_restore(until, disks)
+    }
+
     /// Plans the restore of backup `uuid` for `disks` (every disk of the backup when empty).
     /// Refused for an unknown backup or a disk the backup does not hold.
     pub fn plan_restore(&self, uuid: &str, disks: &[&str]) -> Result<RestorePlan, CatalogueError> {

@@ -11,6 +11,7 @@
 //!   <checkpoint>c2</checkpoint>
 //!   <description>nightly</description>
 //!   <creationTime>1700000000</creationTime>
+//!   <sequence>7</sequence>
 //!   <mode>incremental</mode>
 //!   <disks>
 //!     <disk name='vda' path='/b/vda.qcow2' format='qcow2' virtualSize='1048576' allocatedSize='196608' digest='sha256:...'/>
@@ -96,6 +97,9 @@ impl ManagedBackup {
             w.text_element("description", description);
         }
         w.text_element("creationTime", &self.creation_time.to_string());
+        if let Some(sequence) = self.sequence {
+            w.text_element("sequence", &sequence.to_string());
+        }
         w.text_element("mode", self.kind.name());
         w.tag("disks").open();
         for image in &self.disks {
@@ -129,8 +133,8 @@ impl ManagedBackup {
             ));
         }
         ctx.check_attributes(root, &[])?;
-        let mut slots: [Option<N<'_, '_>>; 8] = [None; 8];
-        const NAMES: [&str; 8] = [
+        let mut slots: [Option<N<'_, '_>>; 9] = [None; 9];
+        const NAMES: [&str; 9] = [
             "uuid",
             "domain",
             "parent",
@@ -139,6 +143,7 @@ impl ManagedBackup {
             "creationTime",
             "mode",
             "disks",
+            "sequence",
         ];
         for child in ctx.element_children(root)? {
             let Some(i) = NAMES.iter().position(|n| *n == child.tag_name().name()) else {
@@ -155,6 +160,7 @@ impl ManagedBackup {
             time,
             mode,
             disks,
+            sequence,
         ] = slots;
         let required = |slot, name| required(&ctx, root, slot, name);
         let plain_text = |node: N<'_, '_>| -> Result<String, XmlError> {
@@ -182,6 +188,10 @@ impl ManagedBackup {
         let description = description.map(plain_text).transpose()?;
         let time_node = required(time, "creationTime")?;
         let creation_time = ctx.unsigned(time_node, "<creationTime>", &plain_text(time_node)?)?;
+        let sequence = match sequence {
+            Some(node) => Some(ctx.unsigned(node, "<sequence>", &plain_text(node)?)?),
+            None => None,
+        };
         let mode_node = required(mode, "mode")?;
         let mode_text = plain_text(mode_node)?;
         let kind = BackupKind::from_name(&mode_text).ok_or_else(|| {
@@ -205,6 +215,7 @@ impl ManagedBackup {
             parent,
             checkpoint,
             creation_time,
+            sequence,
             description,
             kind,
             disks: images,

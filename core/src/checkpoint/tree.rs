@@ -1,7 +1,9 @@
 //! The checkpoint tree: parent links, the current checkpoint, listing and deletion order.
 //!
 //! Every walk is iterative and bounded by the number of checkpoints, so a chain of tens of
-//! thousands of checkpoints neither recurses nor loops.
+//! thousands of checkpoints neither recurses nor loops. Entries live in slots of an arena and
+//! link to their children by slot, so a walk down the tree follows indexes instead of looking
+//! every child up by name (a topological listing of 10,000 checkpoints is one pass).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,17 +13,23 @@ use crate::error::RequestError;
 #[derive(Debug, Clone)]
 struct Entry {
     checkpoint: Checkpoint,
-    children: BTreeSet<String>,
+    /// Children by name (so walks visit them in name order), with their slots.
+    children: BTreeMap<String, usize>,
 }
 
 /// The checkpoints of one domain with their parent/child links and the current checkpoint.
 ///
 /// Invariants: every parent named by a checkpoint exists; the links form a forest (no cycles);
-/// `roots` holds exactly the checkpoints without a parent; `current`, when set, exists.
+/// `roots` holds exactly the checkpoints without a parent; `current`, when set, exists; every
+/// slot named by `index`, `roots` or a children map holds the checkpoint of that name.
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointTree {
-    entries: BTreeMap<String, Entry>,
-    roots: BTreeSet<String>,
+    slots: Vec<Option<Entry>>,
+    /// Slots freed by removals, reused first.
+    free: Vec<usize>,
+    /// Every checkpoint's slot, by name.
+    index: BTreeMap<String, usize>,
+    roots: BTreeMap<String, usize>,
     current: Option<String>,
 }
 
@@ -99,7 +107,7 @@ impl CheckpointTree {
                 .values()
                 .filter(|c| match &c.parent {
                     None => true,
-                    Some(p) => tree.entries.contains_key(p) || !pending.contains_key(p),
+                    Some(p) => tree.index.contains_key(p) || !pending.contains_key(p),
                 })
                 .map(|c| c.name.clone())
                 .collect();
@@ -115,7 +123,7 @@ impl CheckpointTree {
                 if let Some(mut c) = pending.remove(&name) {
                     if c.parent
                         .as_ref()
-                        .is_some_and(|p| !tree.entries.contains_key(p))
+                        .is_some_and(|p| !tree.index.contains_key(p))
                     {
                         c.parent = None;
                     }
@@ -124,11 +132,11 @@ impl CheckpointTree {
             }
         }
         tree.current = match current {
-            Some(c) if tree.entries.contains_key(c) => Some(c.to_owned()),
+            Some(c) if tree.index.contains_key(c) => Some(c.to_owned()),
             _ => {
-                let mut leaves = tree.entries.iter().filter(|(_, e)| e.children.is_empty());
+                let mut leaves = tree.entries().filter(|e| e.children.is_empty());
                 match (leaves.next(), leaves.next()) {
-                    (Some((name, _)), None) => Some(name.clone()),
+                    (Some(e), None) => Some(e.checkpoint.name.clone()),
                     _ => None,
                 }
             }
@@ -138,17 +146,60 @@ impl CheckpointTree {
 
     /// Number of checkpoints.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
 
     /// Whether there are no checkpoints.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
     }
 
     /// Looks a checkpoint up by name.
     pub fn get(&self, name: &str) -> Option<&Checkpoint> {
-        self.entries.get(name).map(|e| &e.checkpoint)
+        self.entry(name).map(|e| &e.checkpoint)
+    }
+
+    fn slot(&self, slot: usize) -> Option<&Entry> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.index.get(name).and_then(|&i| self.slot(i))
+    }
+
+    fn entry_mut(&mut self, name: &str) -> Option<&mut Entry> {
+        let i = *self.index.get(name)?;
+        self.slots.get_mut(i).and_then(Option::as_mut)
+    }
+
+    /// Every entry in name order.
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.index.values().filter_map(|&i| self.slot(i))
+    }
+
+    /// Puts an entry into a free slot and indexes it; returns the slot.
+    fn insert_entry(&mut self, entry: Entry) -> usize {
+        let name = entry.checkpoint.name.clone();
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(name, slot);
+        slot
+    }
+
+    /// Takes an entry out of its slot and the index (its links are the caller's business).
+    fn remove_entry(&mut self, name: &str) -> Option<Entry> {
+        let i = self.index.remove(name)?;
+        let entry = self.slots.get_mut(i).and_then(Option::take);
+        self.free.push(i);
+        entry
     }
 
     /// Looks a checkpoint up, or fails with libvirt's "no domain checkpoint" error.
@@ -173,20 +224,19 @@ impl CheckpointTree {
 
     /// All checkpoints in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Checkpoint> {
-        self.entries.values().map(|e| &e.checkpoint)
+        self.entries().map(|e| &e.checkpoint)
     }
 
     /// Direct children of a checkpoint, in name order.
     pub fn children(&self, name: &str) -> impl Iterator<Item = &str> {
-        self.entries
-            .get(name)
+        self.entry(name)
             .into_iter()
-            .flat_map(|e| e.children.iter().map(String::as_str))
+            .flat_map(|e| e.children.keys().map(String::as_str))
     }
 
     /// Checks that a new checkpoint may be created under `name`.
     pub fn check_create(&self, name: &str) -> Result<(), RequestError> {
-        if self.entries.contains_key(name) {
+        if self.index.contains_key(name) {
             return Err(RequestError::CheckpointExists(name.to_owned()));
         }
         Ok(())
@@ -220,13 +270,13 @@ impl CheckpointTree {
         if parent == name {
             return Err(RequestError::OwnParent(name.clone()));
         }
-        if !self.entries.contains_key(parent) {
+        if !self.index.contains_key(parent) {
             return Err(RequestError::ParentNotFound {
                 name: name.clone(),
                 parent: parent.clone(),
             });
         }
-        if self.entries.contains_key(name) && self.is_ancestor(name, parent) {
+        if self.index.contains_key(name) && self.is_ancestor(name, parent) {
             return Err(RequestError::ParentCycle {
                 name: name.clone(),
                 parent: parent.clone(),
@@ -241,17 +291,17 @@ impl CheckpointTree {
     pub fn redefine(&mut self, checkpoint: Checkpoint) -> Result<TreeChange, RequestError> {
         self.check_redefine(&checkpoint)?;
         let name = checkpoint.name.clone();
-        let children = match self.entries.remove(&name) {
+        let children = match self.remove_entry(&name) {
             Some(old) => {
                 self.unlink_from_parent(&name, old.checkpoint.parent.as_deref());
                 old.children
             }
-            None => BTreeSet::new(),
+            None => BTreeMap::new(),
         };
         let becomes_current = self.current.is_none()
             || (checkpoint.parent.is_some() && checkpoint.parent == self.current);
         self.attach(checkpoint);
-        if let Some(e) = self.entries.get_mut(&name) {
+        if let Some(e) = self.entry_mut(&name) {
             e.children = children;
         }
         let mut change = TreeChange::default();
@@ -287,24 +337,23 @@ impl CheckpointTree {
     /// current, its parent becomes current.
     pub fn discard(&mut self, name: &str) -> Result<TreeChange, RequestError> {
         let entry = self
-            .entries
-            .remove(name)
+            .remove_entry(name)
             .ok_or_else(|| RequestError::NoCheckpoint(name.to_owned()))?;
         let parent = entry.checkpoint.parent.clone();
         self.unlink_from_parent(name, parent.as_deref());
         let mut change = TreeChange::default();
-        for child in &entry.children {
-            if let Some(c) = self.entries.get_mut(child) {
+        for (child, &slot) in &entry.children {
+            if let Some(c) = self.slots.get_mut(slot).and_then(Option::as_mut) {
                 c.checkpoint.parent = parent.clone();
             }
             match &parent {
                 Some(p) => {
-                    if let Some(pe) = self.entries.get_mut(p) {
-                        pe.children.insert(child.clone());
+                    if let Some(pe) = self.entry_mut(p) {
+                        pe.children.insert(child.clone(), slot);
                     }
                 }
                 None => {
-                    self.roots.insert(child.clone());
+                    self.roots.insert(child.clone(), slot);
                 }
             }
             change.written.insert(child.clone());
@@ -328,10 +377,10 @@ impl CheckpointTree {
 
     /// Lists all checkpoints of the domain.
     pub fn list(&self, filter: ListFilter) -> Vec<&Checkpoint> {
-        let mut entries: Vec<&Entry> = Vec::with_capacity(self.entries.len());
+        let mut entries: Vec<&Entry> = Vec::with_capacity(self.len());
         if filter.topological {
-            for root in &self.roots {
-                if let Some(e) = self.entries.get(root) {
+            for &root in self.roots.values() {
+                if let Some(e) = self.slot(root) {
                     entries.push(e);
                     if !filter.roots_or_descendants {
                         self.push_descendants(e, &mut entries);
@@ -339,9 +388,9 @@ impl CheckpointTree {
                 }
             }
         } else if filter.roots_or_descendants {
-            entries.extend(self.roots.iter().filter_map(|r| self.entries.get(r)));
+            entries.extend(self.roots.values().filter_map(|&r| self.slot(r)));
         } else {
-            entries.extend(self.entries.values());
+            entries.extend(self.entries());
         }
         Self::finish_list(entries, filter)
     }
@@ -353,8 +402,7 @@ impl CheckpointTree {
         filter: ListFilter,
     ) -> Result<Vec<&Checkpoint>, RequestError> {
         let entry = self
-            .entries
-            .get(name)
+            .entry(name)
             .ok_or_else(|| RequestError::NoCheckpoint(name.to_owned()))?;
         let entries: Vec<&Entry> = if filter.roots_or_descendants {
             let mut out = Vec::new();
@@ -366,8 +414,8 @@ impl CheckpointTree {
         } else {
             entry
                 .children
-                .iter()
-                .filter_map(|c| self.entries.get(c))
+                .values()
+                .filter_map(|&c| self.slot(c))
                 .collect()
         };
         Ok(Self::finish_list(entries, filter))
@@ -391,7 +439,7 @@ impl CheckpointTree {
     /// name order.
     pub fn descendants_preorder(&self, name: &str) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(e) = self.entries.get(name) {
+        if let Some(e) = self.entry(name) {
             self.push_descendants(e, &mut out);
         }
         out.into_iter().map(|e| e.checkpoint.name.clone()).collect()
@@ -400,12 +448,12 @@ impl CheckpointTree {
     fn push_descendants<'a>(&'a self, entry: &'a Entry, out: &mut Vec<&'a Entry>) {
         // An explicit stack of child iterators keeps the walk iterative; it visits each
         // checkpoint at most once because the links form a forest.
-        let mut stack = vec![entry.children.iter()];
-        let bound = out.len() + self.entries.len();
+        let mut stack = vec![entry.children.values()];
+        let bound = out.len() + self.len();
         while let Some(top) = stack.last_mut() {
             match top.next() {
-                Some(child) => {
-                    let Some(ce) = self.entries.get(child) else {
+                Some(&child) => {
+                    let Some(ce) = self.slot(child) else {
                         continue;
                     };
                     out.push(ce);
@@ -413,7 +461,7 @@ impl CheckpointTree {
                         debug_assert!(false, "checkpoint tree has a cycle");
                         return;
                     }
-                    stack.push(ce.children.iter());
+                    stack.push(ce.children.values());
                 }
                 None => {
                     stack.pop();
@@ -425,16 +473,11 @@ impl CheckpointTree {
     /// Whether `ancestor` is `name` itself or lies on the parent path of `name`.
     fn is_ancestor(&self, ancestor: &str, name: &str) -> bool {
         let mut cursor = Some(name);
-        for _ in 0..=self.entries.len() {
+        for _ in 0..=self.len() {
             match cursor {
                 None => return false,
                 Some(c) if c == ancestor => return true,
-                Some(c) => {
-                    cursor = self
-                        .entries
-                        .get(c)
-                        .and_then(|e| e.checkpoint.parent.as_deref())
-                }
+                Some(c) => cursor = self.entry(c).and_then(|e| e.checkpoint.parent.as_deref()),
             }
         }
         false
@@ -442,29 +485,27 @@ impl CheckpointTree {
 
     fn attach(&mut self, checkpoint: Checkpoint) {
         let name = checkpoint.name.clone();
-        match &checkpoint.parent {
+        let parent = checkpoint.parent.clone();
+        let slot = self.insert_entry(Entry {
+            checkpoint,
+            children: BTreeMap::new(),
+        });
+        match parent {
             Some(p) => {
-                if let Some(pe) = self.entries.get_mut(p) {
-                    pe.children.insert(name.clone());
+                if let Some(pe) = self.entry_mut(&p) {
+                    pe.children.insert(name, slot);
                 }
             }
             None => {
-                self.roots.insert(name.clone());
+                self.roots.insert(name, slot);
             }
         }
-        self.entries.insert(
-            name,
-            Entry {
-                checkpoint,
-                children: BTreeSet::new(),
-            },
-        );
     }
 
     fn unlink_from_parent(&mut self, name: &str, parent: Option<&str>) {
         match parent {
             Some(p) => {
-                if let Some(pe) = self.entries.get_mut(p) {
+                if let Some(pe) = self.entry_mut(p) {
                     pe.children.remove(name);
                 }
             }
@@ -476,54 +517,68 @@ impl CheckpointTree {
 
     /// Checks the tree's invariants; used by tests and debug assertions.
     pub fn check_invariants(&self) -> Result<(), String> {
-        for (name, e) in &self.entries {
+        let slot_of = |name: &str| self.index.get(name).copied();
+        for (name, &i) in &self.index {
+            let e = self
+                .slot(i)
+                .ok_or_else(|| format!("{name}: slot {i} is empty"))?;
             if e.checkpoint.name != *name {
                 return Err(format!("entry {name} holds {}", e.checkpoint.name));
             }
             match &e.checkpoint.parent {
                 Some(p) => {
                     let pe = self
-                        .entries
-                        .get(p)
+                        .entry(p)
                         .ok_or_else(|| format!("{name}: parent {p} missing"))?;
-                    if !pe.children.contains(name) {
-                        return Err(format!("{p} does not list child {name}"));
+                    if pe.children.get(name) != Some(&i) {
+                        return Err(format!("{p} does not list child {name} at its slot"));
                     }
-                    if self.roots.contains(name) {
+                    if self.roots.contains_key(name) {
                         return Err(format!("{name} has a parent but is a root"));
                     }
                 }
                 None => {
-                    if !self.roots.contains(name) {
-                        return Err(format!("{name} is a root but not listed"));
+                    if self.roots.get(name) != Some(&i) {
+                        return Err(format!("{name} is a root but not listed at its slot"));
                     }
                 }
             }
-            for c in &e.children {
+            for (c, &ci) in &e.children {
+                if slot_of(c) != Some(ci) {
+                    return Err(format!("{name}: child {c} missing or at another slot"));
+                }
                 let ce = self
-                    .entries
-                    .get(c)
+                    .slot(ci)
                     .ok_or_else(|| format!("{name}: child {c} missing"))?;
                 if ce.checkpoint.parent.as_deref() != Some(name) {
                     return Err(format!("{c} listed under {name} but has another parent"));
                 }
             }
         }
-        if self.roots.iter().any(|r| !self.entries.contains_key(r)) {
+        if self.roots.iter().any(|(r, &i)| slot_of(r) != Some(i)) {
             return Err("a root does not exist".into());
         }
+        let used = self.slots.iter().filter(|s| s.is_some()).count();
+        if used != self.index.len() || used + self.free.len() != self.slots.len() {
+            return Err(format!(
+                "{used} slots used, {} free, {} in all, {} indexed",
+                self.free.len(),
+                self.slots.len(),
+                self.index.len()
+            ));
+        }
         if let Some(c) = &self.current
-            && !self.entries.contains_key(c)
+            && !self.index.contains_key(c)
         {
             return Err(format!("current {c} does not exist"));
         }
         // Every checkpoint is reachable from a root exactly once: no cycles.
         let mut seen = 0usize;
-        for r in &self.roots {
+        for r in self.roots.keys() {
             seen += 1 + self.descendants_preorder(r).len();
         }
-        if seen != self.entries.len() {
-            return Err(format!("{seen} reachable of {}", self.entries.len()));
+        if seen != self.len() {
+            return Err(format!("{seen} reachable of {}", self.len()));
         }
         Ok(())
     }
@@ -720,6 +775,26 @@ mod tests {
             None,
         );
         assert_eq!(forked.current(), None);
+    }
+
+    #[test]
+    fn freed_slots_are_reused_without_breaking_links() {
+        let mut t = chain(5);
+        t.discard("c2").unwrap();
+        // `x` takes the slot `c2` left; `c3` (with `c4` below it) moves under `x`.
+        t.redefine(cp("x", Some("c1"))).unwrap();
+        t.redefine(cp("c3", Some("x"))).unwrap();
+        t.check_invariants().unwrap();
+        let topo = ListFilter {
+            topological: true,
+            ..Default::default()
+        };
+        assert_eq!(names(t.list(topo)), ["c0", "c1", "x", "c3", "c4"]);
+        t.discard("c0").unwrap();
+        t.discard("x").unwrap();
+        t.check_invariants().unwrap();
+        assert_eq!(names(t.list(topo)), ["c1", "c3", "c4"]);
+        assert_eq!(t.len(), 3);
     }
 
     #[test]

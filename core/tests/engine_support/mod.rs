@@ -769,13 +769,15 @@ fn describe_store(op: &StoreOp) -> String {
         StoreOp::DeleteCheckpoint(n) => format!("delete-checkpoint {n}"),
         StoreOp::SetCurrentCheckpoint(c) => format!("current {}", c.as_deref().unwrap_or("-")),
         StoreOp::PutBackupJournal(p) => format!(
-            "put-journal {:?} disks={}",
+            "put-journal {:?} {:?} disks={} files={}",
             p.mode,
+            p.stage,
             p.disks
                 .iter()
                 .map(|d| d.target.as_str())
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(","),
+            p.created_files.len()
         ),
         StoreOp::DeleteBackupJournal => "delete-journal".into(),
     }

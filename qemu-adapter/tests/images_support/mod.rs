@@ -145,6 +145,7 @@ impl Lab {
             parent: parent.clone(),
             checkpoint: None,
             creation_time: 1000 + n as u64,
+            sequence: Some(n as u64 + 1),
             description: None,
             kind: if parent.is_some() {
                 BackupKind::Incremental

@@ -1,0 +1,474 @@
+//! Replays the traces recorded by the live conformance run (`testdata/traces/qsd-10/`, made by
+//! `qemu-adapter/tests/conformance_live.rs` against qemu-storage-daemon 10.0.2) against the
+//! simulator: the simulator is set up as the live lab was (the same images, nodes, NBD server
+//! and guest exports), fed every recorded command with the host's actions (guest writes, slowed
+//! jobs, a failing target) at the points the host log names, and must give the same replies and,
+//! per job and export, the same events, modulo timing. The core's side is checked too: replayed
+//! through `ReplayLink`, the core sends exactly the recorded commands.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use vbackup_core::Domain;
+use vbackup_core::checkpoint::CheckpointTree;
+use vbackup_core::domain::DomainConfig;
+use vbackup_core::driver::{Driver, MemoryEffects};
+use vbackup_core::link::{NameMap, ReplayLink, Timestamp};
+use vbackup_core::trace;
+use vbackup_sim::scenarios;
+use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
+use vbackup_sim::{Config, Fault, FileSystem, Flavor, Qemu};
+
+/// Where the recordings' temporary directory was rewritten to.
+const ROOT: &str = "/lab";
+/// Virtual time between two recorded commands; jobs otherwise advance only as far as the
+/// recorded events show they had (see `catch_up`).
+const STEP_MS: u64 = 1;
+
+const SCENARIOS: &[&str] = &[
+    "checkpoint-lifecycle",
+    "push-full-then-incremental",
+    "pull-point-in-time",
+    "push-abort-slowed",
+    "push-io-error",
+    "engine-restart-mid-backup",
+    "qemu-crash",
+];
+
+fn trace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/traces/qsd-10")
+}
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(trace_dir().join(name))
+        .unwrap_or_else(|e| panic!("{name}: {e} (re-record: see testdata/traces/qsd-10/README.md)"))
+}
+
+fn lines(name: &str) -> Vec<Value> {
+    read(name)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("trace line is JSON"))
+        .collect()
+}
+
+/// The lab's images (`vbackup_sim::world::lab_files`) under [`ROOT`].
+fn lab_files() -> FileSystem {
+    let p = |s: &str| format!("{ROOT}{s}");
+    let mut fs = FileSystem::new();
+    fs.create_qcow2(&p("/img/vda.qcow2"), DISK_BYTES, CLUSTER, None);
+    fs.create_qcow2(&p("/img/vdb.qcow2"), DISK_BYTES, CLUSTER, None);
+    fs.write_image(&p("/img/vda.qcow2"), 0, &[0x11; 3 * CLUSTER as usize])
+        .unwrap();
+    fs.write_image(&p("/img/vdb.qcow2"), CLUSTER, &[0x22; 2 * CLUSTER as usize])
+        .unwrap();
+    fs.create_qcow2(
+        &p("/img/vdb.ovl"),
+        DISK_BYTES,
+        CLUSTER,
+        Some(&p("/img/vdb.qcow2")),
+    );
+    fs.write_image(&p("/img/vdb.ovl"), 2 * CLUSTER, &[0x33; CLUSTER as usize])
+        .unwrap();
+    fs
+}
+
+fn exec(q: &mut Qemu, execute: &str, arguments: Value) {
+    let now = q.now_ms();
+    q.execute(now, &json!({"execute": execute, "arguments": arguments}))
+        .unwrap_or_else(|e| panic!("setup {execute} {arguments} failed: {e}"));
+}
+
+/// The graph `vbackup_qemu::qsd::Qsd::start` builds: per layer a file node and a format node
+/// (`vbk-T-i-file`, `vbk-T-i-format`, backing layers read-only), the NBD server, and per disk a
+/// raw guest node exported writable as `guest-T`.
+fn setup() -> Qemu {
+    let mut q = Qemu::new(
+        lab_files(),
+        Config {
+            flavor: Flavor::StorageDaemon,
+            throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
+            ..Config::default()
+        },
+    );
+    attach(&mut q);
+    q
+}
+
+/// Builds the graph on a fresh process, over a session of its own (as the launcher does); the
+/// recorded session then connects and negotiates anew.
+fn attach(q: &mut Qemu) {
+    exec(q, "qmp_capabilities", json!({}));
+    let def = lab_domain();
+    for disk in &def.disks {
+        let t = &disk.target;
+        for (i, layer) in disk.layers.iter().enumerate().rev() {
+            let mut file = json!({"driver": "file", "node-name": format!("vbk-{t}-{i}-file"),
+                "filename": format!("{ROOT}{}", layer.path.as_deref().unwrap())});
+            let mut format = json!({"driver": "qcow2", "node-name": format!("vbk-{t}-{i}-format"),
+                "file": format!("vbk-{t}-{i}-file")});
+            if i > 0 {
+                for node in [&mut file, &mut format] {
+                    node["read-only"] = json!(true);
+                    node["auto-read-only"] = json!(true);
+                }
+            }
+            format["backing"] = if i + 1 < disk.layers.len() {
+                json!(format!("vbk-{t}-{}-format", i + 1))
+            } else {
+                Value::Null
+            };
+            exec(q, "blockdev-add", file);
+            exec(q, "blockdev-add", format);
+        }
+    }
+    exec(
+        q,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": format!("{ROOT}/run/nbd.sock")}}}),
+    );
+    for disk in &def.disks {
+        let t = &disk.target;
+        exec(
+            q,
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": format!("vbk-{t}-guest"), "file": format!("vbk-{t}-0-format")}),
+        );
+        exec(
+            q,
+            "block-export-add",
+            json!({"type": "nbd", "id": format!("guest-{t}"), "node-name": format!("vbk-{t}-guest"),
+                "name": format!("guest-{t}"), "writable": true}),
+        );
+    }
+    q.take_events();
+    q.new_monitor_connection();
+}
+
+/// What the simulator must reproduce of a node record: what it is and its named bitmaps.
+/// Allocation (`actual-size`), cache and `json:` file names are the host's business.
+fn node_summary(nodes: &Value) -> BTreeMap<String, Value> {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["node-name"].as_str().unwrap().starts_with('#'))
+        .map(|n| {
+            let bitmaps: Vec<Value> = n["dirty-bitmaps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|b| b.get("name").is_some())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            // A file node's size is the file's length, which depends on the host's allocation.
+            let size = if n["drv"] == "file" {
+                Value::Null
+            } else {
+                n["image"]["virtual-size"].clone()
+            };
+            (
+                n["node-name"].as_str().unwrap().to_string(),
+                json!({"drv": n["drv"], "ro": n["ro"], "size": size, "bitmaps": bitmaps}),
+            )
+        })
+        .collect()
+}
+
+fn jobs_summary(jobs: &Value, loose: &[String]) -> Vec<Value> {
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            let mut j = j.clone();
+            // How far a slowed job has got when a command arrives depends on real time; how
+            // it ends is compared through its events.
+            if loose.iter().any(|id| j["id"] == id.as_str()) {
+                j["current-progress"] = Value::Null;
+                j["status"] = Value::Null;
+            }
+            j
+        })
+        .collect()
+}
+
+fn compare_reply(
+    cmd: &Value,
+    want: &Value,
+    got: &Result<Value, vbackup_sim::QmpError>,
+    loose: &[String],
+) {
+    let name = cmd["execute"].as_str().unwrap();
+    if let Some(err) = want.get("error") {
+        let got = got
+            .as_ref()
+            .expect_err(&format!("{cmd} should fail with {err}"));
+        assert_eq!(got.to_json(), *err, "error of {cmd}");
+        return;
+    }
+    let got = got
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{cmd} failed on the simulator: {e}"));
+    let want = &want["return"];
+    match name {
+        "query-named-block-nodes" => {
+            assert_eq!(node_summary(got), node_summary(want), "reply of {cmd}")
+        }
+        "query-jobs" => assert_eq!(
+            jobs_summary(got, loose),
+            jobs_summary(want, loose),
+            "reply of {cmd}"
+        ),
+        _ => assert_eq!(got, want, "reply of {cmd}"),
+    }
+}
+
+/// Event labels per job or export id; where a job stopped early (cancelled, failed) depends on
+/// timing, so its `offset` and `speed` are left out.
+fn per_id(events: &[Value]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in events {
+        let name = e["event"].as_str().unwrap();
+        let d = &e["data"];
+        let (id, label) = match name {
+            "JOB_STATUS_CHANGE" => (
+                d["id"].as_str().unwrap(),
+                d["status"].as_str().unwrap().to_string(),
+            ),
+            "BLOCK_JOB_COMPLETED"
+            | "BLOCK_JOB_CANCELLED"
+            | "BLOCK_JOB_ERROR"
+            | "BLOCK_JOB_PENDING" => {
+                let id = d
+                    .get("device")
+                    .or(d.get("id"))
+                    .and_then(Value::as_str)
+                    .unwrap();
+                let mut data = d.clone();
+                if name == "BLOCK_JOB_CANCELLED" || d.get("error").is_some() {
+                    data["offset"] = Value::Null;
+                    data["speed"] = Value::Null;
+                }
+                if name == "BLOCK_JOB_COMPLETED" {
+                    // The speed the test's link gave slowed jobs is not in the trace.
+                    data["speed"] = Value::Null;
+                }
+                (id, format!("{name} {data}"))
+            }
+            "BLOCK_EXPORT_DELETED" => (d["id"].as_str().unwrap(), name.to_string()),
+            _ => ("", name.to_string()),
+        };
+        let seq = out.entry(id.to_string()).or_default();
+        // A paused/running pair right after `running` is a drain on a graph change, not a
+        // pause; how many a job sees depends on how long it ran (reference §4, gotcha 17).
+        if label == "running" && seq.last().is_some_and(|l| l == "paused") {
+            let before = seq.len().checked_sub(2).and_then(|i| seq.get(i));
+            if before.is_some_and(|l| l == "running") {
+                seq.pop();
+                continue;
+            }
+        }
+        seq.push(label);
+    }
+    out
+}
+
+/// Lets the simulator's jobs run until each has produced the events the trace shows before
+/// this point: the recording's jobs ran on real time, the simulator's on virtual time.
+fn catch_up(q: &mut Qemu, want: &[Value], got: &mut Vec<Value>) {
+    let target = per_id(want);
+    for _ in 0..10_000 {
+        let have = per_id(got);
+        let behind = target
+            .iter()
+            .any(|(id, w)| !id.is_empty() && have.get(id).map_or(0, Vec::len) < w.len());
+        let Some(at) = q.next_event_ms().filter(|_| behind) else {
+            return;
+        };
+        q.advance(at);
+        got.extend(q.take_events());
+    }
+}
+
+/// Adds the job speed the live link added while the host slowed jobs.
+fn with_speed(cmd: &mut Value, speed: u64) {
+    let add = |job: &mut Value| {
+        job["speed"] = json!(speed);
+    };
+    match cmd["execute"].as_str() {
+        Some("blockdev-backup") => add(&mut cmd["arguments"]),
+        Some("transaction") => {
+            for action in cmd["arguments"]["actions"].as_array_mut().unwrap() {
+                if action["type"] == "blockdev-backup" {
+                    add(&mut action["data"]);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Replays scenario `name`; returns the simulator afterwards.
+fn replay(name: &str) -> Qemu {
+    let trace = lines(&format!("{name}.jsonl"));
+    let mut actions = lines(&format!("{name}.host.jsonl")).into_iter().peekable();
+    let mut q = setup();
+    // The live link built these targets over a failing blkdebug layer from their creation on:
+    // the fault is there before the job's first write. It ends with the node (blockdev-del).
+    for a in lines(&format!("{name}.host.jsonl")) {
+        if let Some(node) = a.get("fail_writes_to").and_then(Value::as_str) {
+            q.set_fault(Fault::TargetIoError { node: node.into() });
+        }
+    }
+    let mut slow: Option<u64> = None;
+    let mut loose: Vec<String> = Vec::new();
+    let (mut want_events, mut got_events) = (Vec::new(), Vec::new());
+    let mut commands = 0;
+    for (i, line) in trace.iter().enumerate() {
+        while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
+            let now = q.now_ms();
+            if let Some(w) = a.get("write") {
+                let len = w["len"].as_u64().unwrap() as usize;
+                let disk = w["disk"].as_str().unwrap();
+                q.guest_write(
+                    now,
+                    &format!("vbk-{disk}-guest"),
+                    w["offset"].as_u64().unwrap(),
+                    &vec![w["byte"].as_u64().unwrap() as u8; len],
+                )
+                .unwrap();
+            } else if let Some(s) = a.get("slow") {
+                slow = s.as_u64();
+            } else if a.get("fail_writes_to").is_some() {
+                // Set up front, above.
+            } else if a.get("crash").is_some() {
+                // SIGKILL, and the launcher starts the daemon again over the same images.
+                q.crash();
+                q.restart();
+                attach(&mut q);
+            } else {
+                panic!("unknown host action {a}");
+            }
+            got_events.extend(q.take_events());
+        }
+        let msg = &line["msg"];
+        if msg.get("QMP").is_some() {
+            // A new connection: capabilities are negotiated again.
+            q.new_monitor_connection();
+            continue;
+        }
+        if line["dir"] == "recv" {
+            if msg.get("event").is_some() {
+                want_events.push(msg.clone());
+            }
+            continue;
+        }
+        if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
+            // The driver's exclusive create (Output::File) is not QMP and not in the trace.
+            let path = msg["arguments"]["filename"].as_str().unwrap();
+            if !q.fs().exists(path) {
+                q.fs_mut().touch(path);
+            }
+        }
+        let mut cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
+        if let Some(speed) = slow {
+            with_speed(&mut cmd, speed);
+            for job in cmd.to_string().split("\"job-id\":\"").skip(1) {
+                loose.push(job.split('"').next().unwrap().to_string());
+            }
+        }
+        let want = trace[i..]
+            .iter()
+            .find(|l| l["dir"] == "recv" && l["msg"]["id"] == msg["id"])
+            .map(|l| l["msg"].clone())
+            .unwrap_or_else(|| panic!("{name}: no reply to {msg}"));
+        catch_up(&mut q, &want_events, &mut got_events);
+        let now = q.now_ms() + STEP_MS;
+        let got = q.execute(now, &cmd);
+        compare_reply(&cmd, &want, &got, &loose);
+        got_events.extend(q.take_events());
+        commands += 1;
+    }
+    assert!(commands > 0, "{name} holds commands");
+    assert_eq!(
+        per_id(&got_events),
+        per_id(&want_events),
+        "events per job/export of {name}"
+    );
+    q
+}
+
+#[test]
+fn live_checkpoint_lifecycle_replays_on_the_simulator() {
+    replay("checkpoint-lifecycle");
+}
+
+#[test]
+fn live_push_full_then_incremental_replays_on_the_simulator() {
+    replay("push-full-then-incremental");
+}
+
+#[test]
+fn live_pull_point_in_time_replays_on_the_simulator() {
+    replay("pull-point-in-time");
+}
+
+#[test]
+fn live_slowed_push_abort_replays_on_the_simulator() {
+    replay("push-abort-slowed");
+}
+
+#[test]
+fn live_push_io_error_replays_on_the_simulator() {
+    replay("push-io-error");
+}
+
+#[test]
+fn live_engine_restart_mid_backup_replays_on_the_simulator() {
+    replay("engine-restart-mid-backup");
+}
+
+#[test]
+fn live_qemu_crash_replays_on_the_simulator() {
+    replay("qemu-crash");
+}
+
+/// The core's side: driven through the same scenario over the recorded trace, the core sends
+/// exactly the recorded commands and accepts the recorded answers. (The other scenarios need a
+/// host with real content, which a replay does not have.)
+#[test]
+fn core_sends_the_recorded_commands_of_the_checkpoint_lifecycle() {
+    let lines = trace::parse(&read("checkpoint-lifecycle.jsonl")).expect("trace parses");
+    let link = ReplayLink::new(lines, &NameMap::new(), Timestamp::ZERO);
+    let mut def = lab_domain();
+    for disk in &mut def.disks {
+        for (i, layer) in disk.layers.iter_mut().enumerate() {
+            layer.path = layer.path.take().map(|p| format!("{ROOT}{p}"));
+            layer.node_name = Some(format!("vbk-{}-{i}-format", disk.target));
+        }
+    }
+    let config = DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    };
+    let domain = Domain::new(def, config, CheckpointTree::new(), None);
+    let mut d = Driver::new(domain, link, MemoryEffects::default());
+    assert!(d.run_until(|dom| dom.view().connected, 10).unwrap());
+    scenarios::checkpoint_lifecycle(&mut d).unwrap();
+}
+
+#[test]
+fn every_recorded_scenario_is_replayed() {
+    let mut recorded: Vec<String> = std::fs::read_dir(trace_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".host.jsonl").map(str::to_owned))
+        .collect();
+    recorded.sort();
+    let mut known: Vec<String> = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    known.sort();
+    assert_eq!(recorded, known);
+}
