@@ -1,5 +1,5 @@
 //! `vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind]
-//! [--engine-faults-anywhere] [--abort-during-setup]`: runs seeded histories of the core
+//! [--engine-faults-between-backups] [--no-abort-during-setup]`: runs seeded histories of the core
 //! against the simulated QEMU ([`vbackup_sim::world`]) and prints every failure (one line
 //! each, which reproduces it), seeds per second and the fault mix. `--per-kind` runs the range
 //! once per fault kind alone and prints a line per kind. `SIM_SEED=N` runs that one seed.
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
-const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-anywhere] [--abort-during-setup]
+const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup]
 fault kinds: command-refused, job-io-error, target-no-space, qemu-crash, link-drop, engine-restart, store-write-failed
 SIM_SEED=N runs that one seed";
 
@@ -47,8 +47,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         let value = args.get(i + 1);
         match (args[i].as_str(), value) {
             ("--per-kind", _) => per_kind = true,
-            ("--engine-faults-anywhere", _) => base.engine_faults_anywhere = true,
-            ("--abort-during-setup", _) => base.abort_during_setup = true,
+            ("--engine-faults-between-backups", _) => base.engine_faults_anywhere = false,
+            ("--no-abort-during-setup", _) => base.abort_during_setup = false,
             ("--no-faults", _) => base.faults = false,
             ("--seeds", Some(v)) => {
                 seeds = parse_range(v).ok_or_else(|| format!("bad seed range '{v}'"))?;

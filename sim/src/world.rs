@@ -63,14 +63,13 @@ pub struct HistoryConfig {
     /// Keep the QMP trace and the step log (for determinism checks and debugging).
     pub trace: bool,
     /// Restart vbackup (and fail store writes) at any moment, also while a backup is being
-    /// set up or runs. Off, those two faults only strike between backups: the core does not
-    /// yet clean up what an interrupted backup left in QEMU (see the crate's history tests).
+    /// set up or runs (the default). Off, those two faults only strike between backups, which
+    /// narrows a failure down when bisecting.
     pub engine_faults_anywhere: bool,
     /// The fault kinds the safety phase draws from.
     pub fault_kinds: Vec<FaultKind>,
-    /// Abort also while a backup is still being set up (its begin not answered yet). Off by
-    /// default: the core leaves a running image-creation job behind then (see the crate's
-    /// history tests).
+    /// Abort also while a backup is still being set up (its begin not answered yet; the
+    /// default). Off, aborts wait for the begin's answer.
     pub abort_during_setup: bool,
 }
 
@@ -82,9 +81,9 @@ impl HistoryConfig {
             steps: 200,
             faults: true,
             trace: false,
-            engine_faults_anywhere: false,
+            engine_faults_anywhere: true,
             fault_kinds: FaultKind::ALL.to_vec(),
-            abort_during_setup: false,
+            abort_during_setup: true,
         }
     }
 }
@@ -179,7 +178,8 @@ pub struct Failure {
     pub step: usize,
     /// What is wrong.
     pub what: String,
-    /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`), or empty.
+    /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`, `SIM_STEPS=...`,
+    /// `SIM_ENGINE_FAULTS_ANYWHERE=0`, `SIM_ABORT_DURING_SETUP=0`), or empty.
     pub env: String,
 }
 
@@ -565,11 +565,11 @@ impl World {
             let names: Vec<&str> = self.fault_kinds.iter().map(|k| k.name()).collect();
             env.push_str(&format!(" SIM_FAULTS={}", names.join(",")));
         }
-        if self.engine_faults_anywhere {
-            env.push_str(" SIM_ENGINE_FAULTS_ANYWHERE=1");
+        if !self.engine_faults_anywhere {
+            env.push_str(" SIM_ENGINE_FAULTS_ANYWHERE=0");
         }
-        if self.abort_during_setup {
-            env.push_str(" SIM_ABORT_DURING_SETUP=1");
+        if !self.abort_during_setup {
+            env.push_str(" SIM_ABORT_DURING_SETUP=0");
         }
         if self.steps != HistoryConfig::seed(0).steps {
             env.push_str(&format!(" SIM_STEPS={}", self.steps));
