@@ -99,8 +99,18 @@ impl ClusterMap {
             let n = (cs - in_off).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
             if in_off == 0 && n == cs {
-                self.map
-                    .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
+                // A whole cluster nobody shares is overwritten in place (no allocation).
+                let in_place = match self.map.get_mut(&idx) {
+                    Some(Cluster::Data(d)) => Arc::get_mut(d)
+                        .filter(|b| b.len() == cs)
+                        .map(|b| b.copy_from_slice(chunk))
+                        .is_some(),
+                    _ => false,
+                };
+                if !in_place {
+                    self.map
+                        .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
+                }
             } else {
                 // Partial write: modify the cluster in place when nobody shares it, otherwise
                 // copy it once (clusters are shared with backups copied from this image).

@@ -1150,46 +1150,48 @@ impl World {
         }
         self.check_one_job_per_disk()?;
         // The tree matches the bitmaps, or the mismatch is explained.
-        let cps: Vec<Checkpoint> = self
-            .driver()
-            .domain()
-            .view()
-            .checkpoints
-            .iter()
-            .cloned()
-            .collect();
         let connected = self.driver().domain().view().connected;
         if connected && self.qemu.borrow().is_running() {
-            for cp in cps {
-                let excused = self.redefined.contains(&cp.name)
-                    || self.resurrected.contains(&cp.name)
-                    || self
-                        .contents
-                        .get(&cp.name)
-                        .is_none_or(|c| c.crash_epoch < self.crash_epoch);
-                if excused {
-                    continue;
-                }
-                for (disk, bitmap) in cp.bitmap_disks() {
-                    let node = if disk == "vda" {
-                        "libvirt-1-format"
-                    } else {
-                        "libvirt-3-format"
-                    };
-                    let q = self.qemu.borrow();
-                    let has = q.st.nodes.get(node).is_some_and(|n| {
-                        n.bitmaps
-                            .iter()
-                            .any(|b| b.name.as_deref() == Some(bitmap) && !b.inconsistent)
-                    });
-                    drop(q);
-                    if !has {
-                        return Err(self.fail(format!(
-                            "checkpoint {} has no bitmap {bitmap} on {disk} ({node})",
-                            cp.name
-                        )));
+            let missing = {
+                let (Some(driver), q) = (self.driver.as_ref(), self.qemu.borrow()) else {
+                    return Ok(());
+                };
+                let view = driver.domain().view();
+                let mut missing = None;
+                'tree: for cp in view.checkpoints.iter() {
+                    let excused = self.redefined.contains(&cp.name)
+                        || self.resurrected.contains(&cp.name)
+                        || self
+                            .contents
+                            .get(&cp.name)
+                            .is_none_or(|c| c.crash_epoch < self.crash_epoch);
+                    if excused {
+                        continue;
+                    }
+                    for (disk, bitmap) in cp.bitmap_disks() {
+                        let node = if disk == "vda" {
+                            "libvirt-1-format"
+                        } else {
+                            "libvirt-3-format"
+                        };
+                        let has = q.st.nodes.get(node).is_some_and(|n| {
+                            n.bitmaps
+                                .iter()
+                                .any(|b| b.name.as_deref() == Some(bitmap) && !b.inconsistent)
+                        });
+                        if !has {
+                            missing = Some(format!(
+                                "checkpoint {} has no bitmap {bitmap} on {disk} ({node})",
+                                cp.name
+                            ));
+                            break 'tree;
+                        }
                     }
                 }
+                missing
+            };
+            if let Some(what) = missing {
+                return Err(self.fail(what));
             }
         }
         Ok(())
