@@ -138,22 +138,34 @@ impl ClusterMap {
 
     /// Reads `buf.len()` bytes at `offset`; unallocated ranges are handed to
     /// `fallback(offset, buf)`.
-    pub fn read_with(&self, offset: u64, buf: &mut [u8], mut fallback: impl FnMut(u64, &mut [u8])) {
-        let cs = self.cluster_size as usize;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let idx = off / self.cluster_size;
-            let in_off = (off % self.cluster_size) as usize;
-            let n = (cs - in_off).min(buf.len() - pos);
-            let out = &mut buf[pos..pos + n];
-            match self.map.get(&idx) {
-                Some(Cluster::Data(d)) => out.copy_from_slice(&d[in_off..in_off + n]),
-                Some(Cluster::Zero) => out.fill(0),
-                None => fallback(off, out),
-            }
-            pos += n;
+    pub fn read_with(&self, offset: u64, buf: &mut [u8], fallback: impl FnMut(u64, &mut [u8])) {
+        read_clusters(&self.map, self.cluster_size, offset, buf, fallback);
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` from `clusters` of `cluster_size` bytes: data clusters
+/// are copied, zero clusters read as zeroes, absent ones are handed to `fallback(offset, buf)`.
+fn read_clusters(
+    clusters: &BTreeMap<u64, Cluster>,
+    cluster_size: u64,
+    offset: u64,
+    buf: &mut [u8],
+    mut fallback: impl FnMut(u64, &mut [u8]),
+) {
+    let cs = cluster_size as usize;
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let off = offset + pos as u64;
+        let idx = off / cluster_size;
+        let in_off = (off % cluster_size) as usize;
+        let n = (cs - in_off).min(buf.len() - pos);
+        let out = &mut buf[pos..pos + n];
+        match clusters.get(&idx) {
+            Some(Cluster::Data(d)) => out.copy_from_slice(&d[in_off..in_off + n]),
+            Some(Cluster::Zero) => out.fill(0),
+            None => fallback(off, out),
         }
+        pos += n;
     }
 }
 
@@ -203,19 +215,9 @@ impl LogicalImage {
 
     /// Reads `buf.len()` bytes at `offset` (past the end reads zeroes).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
-        let cs = self.cluster_size as usize;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let idx = off / self.cluster_size;
-            let in_off = (off % self.cluster_size) as usize;
-            let n = (cs - in_off).min(buf.len() - pos);
-            match self.clusters.get(&idx) {
-                Some(Cluster::Data(d)) => buf[pos..pos + n].copy_from_slice(&d[in_off..in_off + n]),
-                _ => buf[pos..pos + n].fill(0),
-            }
-            pos += n;
-        }
+        read_clusters(&self.clusters, self.cluster_size, offset, buf, |_, b| {
+            b.fill(0)
+        });
     }
 
     /// An image of `size` bytes made of `clusters` of `cluster_size` bytes (absent ones read

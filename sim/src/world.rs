@@ -1229,6 +1229,19 @@ impl World {
         Ok(())
     }
 
+    /// Asks to abort the running backup (not one still being set up, unless the history
+    /// aborts during setup).
+    fn abort_running_backup(&mut self) {
+        let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
+        if self.driver().domain().view().backup.is_some()
+            && (self.abort_during_setup || !setting_up)
+        {
+            let _ = self.driver().submit(Request::AbortJob).map(|id| {
+                self.pending.insert(id, "abort (liveness)".into());
+            });
+        }
+    }
+
     /// Faults off: everything must settle.
     fn liveness(&mut self) -> Result<(), Failure> {
         self.qemu.borrow_mut().clear_faults();
@@ -1252,14 +1265,7 @@ impl World {
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
-            if self.driver().domain().view().backup.is_some()
-                && (self.abort_during_setup || !setting_up)
-            {
-                let _ = self.driver().submit(Request::AbortJob).map(|id| {
-                    self.pending.insert(id, "abort (liveness)".into());
-                });
-            }
+            self.abort_running_backup();
             self.pump(5_000)?;
             self.check()?;
         }
@@ -1274,14 +1280,7 @@ impl World {
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
-            if self.driver().domain().view().backup.is_some()
-                && (self.abort_during_setup || !setting_up)
-            {
-                let _ = self.driver().submit(Request::AbortJob).map(|id| {
-                    self.pending.insert(id, "abort (liveness)".into());
-                });
-            }
+            self.abort_running_backup();
             self.pump(70_000)?;
         }
         self.step += 1;

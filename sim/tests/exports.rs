@@ -132,6 +132,35 @@ fn server_and_export_refusals_use_qemu_texts() {
     assert_eq!(bitmap(&mut q, "disk", "frozen").unwrap()["busy"], false);
 }
 
+/// The disk with 4 MiB of data, then checkpoint bitmap `chk1`.
+fn disk_with_checkpoint() -> vbackup_sim::Qemu {
+    let mut q = daemon_with_disk();
+    q.guest_write(0, "disk", 0, &pattern(1, 4 * MIB as usize))
+        .unwrap();
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "chk1", "persistent": true}),
+    );
+    q
+}
+
+/// A scratch image for fleecing, its backing the disk (reference §6B).
+fn add_scratch(q: &mut vbackup_sim::Qemu) {
+    q.fs_mut().create_qcow2(
+        "/img/scratch.qcow2",
+        64 * MIB,
+        65536,
+        Some("/img/disk.qcow2"),
+    );
+    ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "scratch", "backing": "disk",
+        "file": {"driver": "file", "node-name": "scratch-file", "filename": "/img/scratch.qcow2"}}),
+    );
+}
+
 fn read_all(v: &mut vbackup_sim::ExportView<'_>) -> Vec<u8> {
     let mut buf = vec![0u8; v.size() as usize];
     v.read_at(0, &mut buf).unwrap();
@@ -142,31 +171,13 @@ fn read_all(v: &mut vbackup_sim::ExportView<'_>) -> Vec<u8> {
 /// same transaction as the bitmap split, the export carries the frozen bitmap.
 #[test]
 fn guest_writes_during_a_pull_do_not_change_what_the_export_reads() {
-    let mut q = daemon_with_disk();
-    q.guest_write(0, "disk", 0, &pattern(1, 4 * MIB as usize))
-        .unwrap();
-    ok(
-        &mut q,
-        "block-dirty-bitmap-add",
-        json!({"node": "disk", "name": "chk1", "persistent": true}),
-    );
+    let mut q = disk_with_checkpoint();
     q.guest_write(0, "disk", MIB, &pattern(2, MIB as usize))
         .unwrap();
     q.guest_write(0, "disk", 16 * MIB, &pattern(3, 131072))
         .unwrap();
     let before = q.guest_disk("disk").unwrap();
-    q.fs_mut().create_qcow2(
-        "/img/scratch.qcow2",
-        64 * MIB,
-        65536,
-        Some("/img/disk.qcow2"),
-    );
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "scratch", "backing": "disk",
-        "file": {"driver": "file", "node-name": "scratch-file", "filename": "/img/scratch.qcow2"}}),
-    );
+    add_scratch(&mut q);
     ok(
         &mut q,
         "transaction",
@@ -318,14 +329,7 @@ fn guest_writes_during_a_pull_do_not_change_what_the_export_reads() {
 /// cluster by cluster (shared clusters by reference) agrees with reading it whole.
 #[test]
 fn shared_cluster_snapshots_and_export_comparison_match_byte_reads() {
-    let mut q = daemon_with_disk();
-    q.guest_write(0, "disk", 0, &pattern(1, 4 * MIB as usize))
-        .unwrap();
-    ok(
-        &mut q,
-        "block-dirty-bitmap-add",
-        json!({"node": "disk", "name": "chk1", "persistent": true}),
-    );
+    let mut q = disk_with_checkpoint();
     let at_chk1 = q.guest_snapshot("disk").unwrap();
     assert_eq!(at_chk1.to_bytes(), q.guest_disk("disk").unwrap());
     // Partial clusters, and a write that straddles two clusters.
@@ -335,18 +339,7 @@ fn shared_cluster_snapshots_and_export_comparison_match_byte_reads() {
         .unwrap();
     let before = q.guest_snapshot("disk").unwrap();
     assert_eq!(before.to_bytes(), q.guest_disk("disk").unwrap());
-    q.fs_mut().create_qcow2(
-        "/img/scratch.qcow2",
-        64 * MIB,
-        65536,
-        Some("/img/disk.qcow2"),
-    );
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "scratch", "backing": "disk",
-        "file": {"driver": "file", "node-name": "scratch-file", "filename": "/img/scratch.qcow2"}}),
-    );
+    add_scratch(&mut q);
     ok(
         &mut q,
         "transaction",

@@ -465,15 +465,20 @@ fn job_commands_refuse_unknown_jobs_and_wrong_states() {
     );
 }
 
-#[test]
-fn blockdev_create_runs_as_a_job_and_formats_the_file() {
-    let mut q = daemon_with_disk();
+/// An empty file `/img/new.qcow2` opened as node `new-file`, as before a `blockdev-create`.
+fn add_empty_file_node(q: &mut vbackup_sim::Qemu) {
     q.fs_mut().touch("/img/new.qcow2");
     ok(
-        &mut q,
+        q,
         "blockdev-add",
         json!({"driver": "file", "node-name": "new-file", "filename": "/img/new.qcow2"}),
     );
+}
+
+#[test]
+fn blockdev_create_runs_as_a_job_and_formats_the_file() {
+    let mut q = daemon_with_disk();
+    add_empty_file_node(&mut q);
     ok(
         &mut q,
         "blockdev-create",
@@ -528,12 +533,7 @@ fn blockdev_create_runs_as_a_job_and_formats_the_file() {
 #[test]
 fn blockdev_del_refuses_the_file_node_of_a_running_create_job() {
     let mut q = daemon_with_disk();
-    q.fs_mut().touch("/img/new.qcow2");
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "new-file", "filename": "/img/new.qcow2"}),
-    );
+    add_empty_file_node(&mut q);
     ok(
         &mut q,
         "blockdev-create",
