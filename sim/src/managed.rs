@@ -399,7 +399,12 @@ impl History {
             .into_iter()
             .rev()
             .find(|p| !p.jobs.is_empty())
-            .map(|p| p.disks)
+            .map(|p| {
+                p.disks
+                    .into_iter()
+                    .map(|(disk, image)| (disk, image.to_bytes()))
+                    .collect::<Content>()
+            })
             .ok_or_else(|| self.fail("a backup began without a transaction"))?;
         let images = if pull {
             match self.pull(&uuid, &checkpoint, parent.as_ref())? {
