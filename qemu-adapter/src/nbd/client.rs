@@ -783,31 +783,14 @@ fn data_take(remaining: u64, rest: &[u8]) -> (usize, u64) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::nbd::handshake::MetaContext;
+    use crate::nbd::robustness::export_with_two_contexts;
 
     fn info(read_only: bool) -> ExportInfo {
         let mut flags = proto::tflag::HAS_FLAGS | proto::tflag::SEND_FLUSH;
         if read_only {
             flags |= proto::tflag::READ_ONLY;
         }
-        ExportInfo {
-            name: "e".into(),
-            size: 1 << 20,
-            transmission_flags: flags,
-            block_size: None,
-            structured_replies: true,
-            contexts: vec![
-                MetaContext {
-                    id: 1,
-                    name: "base:allocation".into(),
-                },
-                MetaContext {
-                    id: 2,
-                    name: "qemu:dirty-bitmap:b".into(),
-                },
-            ],
-            available_contexts: vec![],
-        }
+        export_with_two_contexts("e", 1 << 20, flags)
     }
 
     pub(crate) fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
