@@ -123,15 +123,7 @@ impl ManagedBackup {
         validate(&doc)?;
         let ctx = Ctx::new(&doc);
         let root = doc.root_element();
-        if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
-            return Err(ctx.schema(
-                root,
-                format!(
-                    "expected root element '{ROOT}', found '{}'",
-                    root.tag_name().name()
-                ),
-            ));
-        }
+        ctx.expect_root(root, ROOT)?;
         ctx.check_attributes(root, &[])?;
         let mut slots: [Option<N<'_, '_>>; 9] = [None; 9];
         const NAMES: [&str; 9] = [
