@@ -1113,7 +1113,7 @@ fn backup_begin(
     if !wait {
         return s.close();
     }
-    let stats = follow(&mut s)?;
+    let stats = follow(&mut s, false)?;
     s.close()?;
     match stats {
         Some(st) if st.success == Some(true) => {
@@ -1134,11 +1134,11 @@ fn backup_begin(
     }
 }
 
-/// Drives the session until the backup job ends, showing progress on a terminal; returns the
-/// job's final statistics.
-pub fn follow(s: &mut Session) -> Result<Option<JobStats>, CliError> {
+/// Drives the session until the backup job ends, showing progress on a terminal unless `quiet`
+/// (machine-readable output was asked for); returns the job's final statistics.
+pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError> {
     use vbackup_core::link::Link;
-    let bar = if std::io::stderr().is_terminal() {
+    let bar = if !quiet && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(

@@ -734,7 +734,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
             }
             return s.close();
         }
-        let stats = commands::follow(&mut s)?;
+        let stats = commands::follow(&mut s, args.json)?;
         if stats.as_ref().is_none_or(|st| st.success != Some(true)) {
             let why = stats.and_then(|st| st.errmsg).unwrap_or_default();
             let _ = discard(&mut s, &dir, &pending);
@@ -925,7 +925,7 @@ fn finish_in(
             println!("Backup {} is running", pending.uuid);
             return Ok(());
         }
-        commands::follow(s)?;
+        commands::follow(s, false)?;
     }
     if !last_job_succeeded(dir) {
         discard(s, dir, &pending)?;

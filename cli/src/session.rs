@@ -7,7 +7,11 @@
 //!   images in the store's run directory. It is started when QEMU is needed and nothing runs,
 //!   kept running (detached) while a backup job runs, and stopped with `quit` when this
 //!   invocation ends with no job (QEMU then writes persistent bitmaps to the images).
+//! - A managed daemon found dead (its pid file left behind) is started again with a note; a job
+//!   journaled against it died with it and is ended as failed, and checkpoints whose bitmaps
+//!   it lost are reported as warnings (the core refuses incremental backups from them).
 //! - Attached domains talk to the QMP socket given at `define`; vbackup never stops that QEMU.
+//!   Their node names are discovered on every connection (`vbackup_qemu::discover`).
 //! - The QMP socket is handed to the core un-negotiated: the core sends `qmp_capabilities`
 //!   itself after [`Input::Reconnected`](vbackup_core::domain::Input), exactly as after a
 //!   reconnect, so one code path serves first connect, restart and reconnect.

@@ -49,7 +49,7 @@ fn documents() -> Vec<(String, String)> {
         ("full".to_owned(), full.clone()),
         ("inc".to_owned(), inc.clone()),
     ];
-    let mutations: [(&str, &str, &str); 9] = [
+    let mutations: [(&str, &str, &str); 12] = [
         ("no-mode", "  <mode>full</mode>\n", ""),
         ("bad-mode", "<mode>full</mode>", "<mode>Full</mode>"),
         ("upper-digest", "sha256:0707", "sha256:0A07"),
@@ -63,6 +63,10 @@ fn documents() -> Vec<(String, String)> {
         ),
         ("empty-disks", "<disks>", "<disks/><x>"),
         ("reordered", "  <domain>vm one</domain>\n", ""),
+        // Records written before sequence numbers existed stay valid.
+        ("no-sequence", "  <sequence>3</sequence>\n", ""),
+        ("negative-sequence", "<sequence>3<", "<sequence>-3<"),
+        ("word-sequence", "<sequence>3<", "<sequence>three<"),
     ];
     for (name, from, to) in mutations {
         let text = full.replacen(from, to, 1);
@@ -130,5 +134,8 @@ fn grammar_verdicts_match_xmllint() {
             );
         }
     }
-    assert_eq!(invalid, 8, "every mutation but the reordering is invalid");
+    assert_eq!(
+        invalid, 10,
+        "every mutation but the reordering and the missing sequence is invalid"
+    );
 }

@@ -21,6 +21,10 @@
 //! 3. Otherwise every root node: a block-driver node that is no other block-driver node's child,
 //!    named by its node name, in name order.
 //!
+//! A pull backup running on a daemon adds exports of its own (a scratch image over the disk),
+//! which rule 2 also counts as disks: discover while no backup runs. Matching a defined disk to
+//! what runs is by its top image's path, so such extra disks do no harm there.
+//!
 //! Disk names must be guest target names as libvirt's grammar has them (`vda`, `sdb`, `hdc`...):
 //! a QEMU name that is one is kept, else the part after its last `-` when that is one
 //! (vbackup's own guest exports are `guest-vda`), else the disk gets the first free `vd<letters>`

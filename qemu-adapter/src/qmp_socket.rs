@@ -568,6 +568,22 @@ mod tests {
         (path, handle)
     }
 
+    /// A scripted peer that negotiates capabilities and answers every other command with
+    /// `answer(command, id)`.
+    fn negotiating_peer(
+        dir: &Path,
+        answer: impl Fn(&Value, &Value) -> Vec<String> + Send + 'static,
+    ) -> (PathBuf, thread::JoinHandle<()>) {
+        peer(dir, move |cmd| {
+            let id = cmd["id"].clone();
+            if cmd["execute"] == "qmp_capabilities" {
+                vec![format!("{}\n", json!({"return": {}, "id": id}))]
+            } else {
+                answer(cmd, &id)
+            }
+        })
+    }
+
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
     }
@@ -575,22 +591,18 @@ mod tests {
     #[test]
     fn events_read_before_a_reply_are_queued_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _peer) = peer(dir.path(), |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
-                _ => vec![
-                    // Split one event across two writes to exercise partial-line buffering.
-                    r#"{"event": "JOB_STATUS_CHANGE", "data": {"status": "cre"#.to_owned(),
-                    "ated\", \"id\": \"j\"}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n"
-                        .to_owned(),
-                    format!(
-                        "{}\n{}\n",
-                        json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "running", "id": "j"}}),
-                        json!({"return": {"x": 1}, "id": id})
-                    ),
-                ],
-            }
+        let (path, _peer) = negotiating_peer(dir.path(), |_, id| {
+            vec![
+                // Split one event across two writes to exercise partial-line buffering.
+                r#"{"event": "JOB_STATUS_CHANGE", "data": {"status": "cre"#.to_owned(),
+                "ated\", \"id\": \"j\"}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n"
+                    .to_owned(),
+                format!(
+                    "{}\n{}\n",
+                    json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "running", "id": "j"}}),
+                    json!({"return": {"x": 1}, "id": id})
+                ),
+            ]
         });
         let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
         assert_eq!(qmp.greeting().version.qemu.major, 10);
@@ -610,15 +622,11 @@ mod tests {
     #[test]
     fn error_reply_carries_class_and_desc() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _peer) = peer(dir.path(), |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
-                _ => vec![format!(
-                    "{}\n",
-                    json!({"error": {"class": "GenericError", "desc": "Bitmap already exists: c1"}, "id": id})
-                )],
-            }
+        let (path, _peer) = negotiating_peer(dir.path(), |_, id| {
+            vec![format!(
+                "{}\n",
+                json!({"error": {"class": "GenericError", "desc": "Bitmap already exists: c1"}, "id": id})
+            )]
         });
         let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
         let err = qmp
@@ -654,13 +662,8 @@ mod tests {
     #[test]
     fn non_json_line_is_malformed() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _peer) = peer(dir.path(), |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
-                _ => vec!["this is not json\n".to_owned()],
-            }
-        });
+        let (path, _peer) =
+            negotiating_peer(dir.path(), |_, _| vec!["this is not json\n".to_owned()]);
         let mut qmp = QmpSocket::connect(&path, soon()).unwrap();
         let err = qmp.execute("anything", None, soon()).unwrap_err();
         assert!(
@@ -849,16 +852,12 @@ mod tests {
     #[test]
     fn malformed_message_does_not_break_the_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _peer) = peer(dir.path(), |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
-                _ => vec![format!(
-                    "{}\n{}\n",
-                    json!({"something": 1}),
-                    json!({"return": 5, "id": id})
-                )],
-            }
+        let (path, _peer) = negotiating_peer(dir.path(), |_, id| {
+            vec![format!(
+                "{}\n{}\n",
+                json!({"something": 1}),
+                json!({"return": 5, "id": id})
+            )]
         });
         let mut link = SocketLink::connect(&path, Duration::from_secs(5)).unwrap();
         link.send(CommandId::Number(1), &QmpCommand::QueryJobs)
@@ -879,13 +878,7 @@ mod tests {
     #[test]
     fn link_recv_returns_none_at_the_deadline_and_the_clock_has_passed_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _peer) = peer(dir.path(), |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => vec![format!("{}\n", json!({"return": {}, "id": id}))],
-                _ => vec![],
-            }
-        });
+        let (path, _peer) = negotiating_peer(dir.path(), |_, _| vec![]);
         let mut link = SocketLink::connect(&path, Duration::from_secs(5)).unwrap();
         let deadline = link.now().plus_ms(50);
         assert_eq!(link.recv(Some(deadline)).unwrap(), None);

@@ -9,56 +9,53 @@
 
 mod conformance_support;
 
-use conformance_support::{LiveConformance, relink};
+use conformance_support::{LiveConformance, LiveEffects, relink};
 use vbackup_sim::scenarios;
+
+fn events(effects: &LiveEffects) -> &[vbackup_core::domain::DomainEvent] {
+    LiveConformance::events(effects)
+}
 
 #[test]
 fn live_checkpoints_create_delete_redefine_and_validate() {
-    let Some(mut run) = LiveConformance::start("checkpoint-lifecycle") else {
-        return;
-    };
-    let result = scenarios::checkpoint_lifecycle(run.parts().0);
-    run.finish(result);
+    LiveConformance::run("checkpoint-lifecycle", |d, _, _| {
+        scenarios::checkpoint_lifecycle(d)
+    });
 }
 
 #[test]
 fn live_push_full_then_incremental_restores_byte_for_byte() {
-    let Some(mut run) = LiveConformance::start("push-full-then-incremental") else {
-        return;
-    };
-    let (d, h) = run.parts();
-    let result = scenarios::push_full_then_incremental(d, h, LiveConformance::events);
-    run.finish(result);
+    LiveConformance::run("push-full-then-incremental", |d, h, _| {
+        scenarios::push_full_then_incremental(d, h, events)
+    });
 }
 
 #[test]
 fn live_pull_exports_hold_their_point_in_time_under_guest_writes() {
-    let Some(mut run) = LiveConformance::start("pull-point-in-time") else {
-        return;
-    };
-    let (d, h) = run.parts();
-    let result = scenarios::pull_point_in_time(d, h);
-    run.finish(result);
+    LiveConformance::run("pull-point-in-time", |d, h, _| {
+        scenarios::pull_point_in_time(d, h)
+    });
 }
 
 #[test]
 fn live_slowed_push_aborted_while_copying_ends_cancelled_and_the_next_completes() {
-    let Some(mut run) = LiveConformance::start("push-abort-slowed") else {
-        return;
-    };
-    let (d, h) = run.parts();
-    let result = scenarios::push_abort(d, h, LiveConformance::events);
-    run.finish(result);
+    LiveConformance::run("push-abort-slowed", |d, h, _| {
+        scenarios::push_abort(d, h, events)
+    });
 }
 
 #[test]
 fn live_push_with_failing_target_ends_failed_and_the_next_completes() {
-    let Some(mut run) = LiveConformance::start("push-io-error") else {
-        return;
-    };
-    let (d, h) = run.parts();
-    let result = scenarios::push_io_error(d, h, LiveConformance::events);
-    run.finish(result);
+    LiveConformance::run("push-io-error", |d, h, _| {
+        scenarios::push_io_error(d, h, events)
+    });
+}
+
+#[test]
+fn live_qemu_crash_loses_the_new_checkpoint_and_the_next_full_backup_works() {
+    LiveConformance::run("qemu-crash", |d, h, socket| {
+        scenarios::qemu_crash_loses_new_checkpoint(d, h, events, |link| relink(link, socket))
+    });
 }
 
 #[test]
@@ -71,24 +68,10 @@ fn live_backup_survives_a_restart_of_vbackup_mid_job_and_completes() {
     let result = scenarios::engine_restart_mid_backup(
         driver,
         &mut run.host,
-        LiveConformance::events,
+        events,
         LiveConformance::persisted,
         |link| relink(link, &socket),
     )
     .map(|driver| run.driver = Some(driver));
-    run.finish(result);
-}
-
-#[test]
-fn live_qemu_crash_loses_the_new_checkpoint_and_the_next_full_backup_works() {
-    let Some(mut run) = LiveConformance::start("qemu-crash") else {
-        return;
-    };
-    let socket = run.qmp_socket();
-    let (d, h) = run.parts();
-    let result =
-        scenarios::qemu_crash_loses_new_checkpoint(d, h, LiveConformance::events, |link| {
-            relink(link, &socket)
-        });
     run.finish(result);
 }

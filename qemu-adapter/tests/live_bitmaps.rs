@@ -1,6 +1,8 @@
 //! QEMU's bitmap persistence rules, observed on the real daemon: a clean `quit` writes
 //! persistent bitmaps; SIGKILL leaves loaded ones inconsistent and loses new ones.
 
+use std::path::PathBuf;
+
 use serde_json::{Value, json};
 use vbackup_core::model::ImageFormat;
 use vbackup_qemu::live::{self, LiveLab};
@@ -20,6 +22,20 @@ fn add_bitmap(qsd: &mut Qsd, name: &str) {
     .unwrap();
 }
 
+/// A lab with a 32 MiB qcow2 disk `vda`; `None` (the test is skipped) without QEMU's tools.
+fn lab_with_one_disk() -> Option<(LiveLab, PathBuf, QsdDisk)> {
+    if !live::tools_available() {
+        eprintln!("skipped: QEMU tools missing");
+        return None;
+    }
+    let lab = LiveLab::new().unwrap();
+    let image = lab
+        .image("vda.qcow2", ImageFormat::Qcow2, 32 * MIB)
+        .unwrap();
+    let disk = QsdDisk::single("vda", &image, ImageFormat::Qcow2);
+    Some((lab, image, disk))
+}
+
 fn bitmap<'a>(bitmaps: &'a [Value], name: &str) -> Option<&'a Value> {
     bitmaps.iter().find(|b| b["name"] == name)
 }
@@ -34,15 +50,9 @@ fn guest_writes(qsd: &Qsd) {
 
 #[test]
 fn persistent_bitmap_survives_quit_and_restart() {
-    if !live::tools_available() {
-        eprintln!("skipped: QEMU tools missing");
+    let Some((mut lab, image, disk)) = lab_with_one_disk() else {
         return;
-    }
-    let mut lab = LiveLab::new().unwrap();
-    let image = lab
-        .image("vda.qcow2", ImageFormat::Qcow2, 32 * MIB)
-        .unwrap();
-    let disk = QsdDisk::single("vda", &image, ImageFormat::Qcow2);
+    };
     let mut qsd = lab.start_qsd("run", std::slice::from_ref(&disk)).unwrap();
     add_bitmap(&mut qsd, "c1");
     guest_writes(&qsd);
@@ -76,15 +86,9 @@ fn persistent_bitmap_survives_quit_and_restart() {
 
 #[test]
 fn sigkill_leaves_loaded_bitmaps_inconsistent_and_loses_new_ones() {
-    if !live::tools_available() {
-        eprintln!("skipped: QEMU tools missing");
+    let Some((mut lab, image, disk)) = lab_with_one_disk() else {
         return;
-    }
-    let mut lab = LiveLab::new().unwrap();
-    let image = lab
-        .image("vda.qcow2", ImageFormat::Qcow2, 32 * MIB)
-        .unwrap();
-    let disk = QsdDisk::single("vda", &image, ImageFormat::Qcow2);
+    };
 
     let mut qsd = lab.start_qsd("run", std::slice::from_ref(&disk)).unwrap();
     add_bitmap(&mut qsd, "old");

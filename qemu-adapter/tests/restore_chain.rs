@@ -118,3 +118,32 @@ fn restore_to_new_images_never_replaces_a_file() {
     assert!(matches!(err, RestoreError::Exists { .. }), "{err}");
     assert_eq!(std::fs::read(out.join("vda.qcow2")).unwrap(), b"precious");
 }
+
+#[test]
+fn restore_until_an_earlier_or_later_backup_of_the_chain_gives_that_backups_moment() {
+    if !tools() {
+        return;
+    }
+    let lab = Lab::chain_of_four();
+    // From the top down to the second backup, and from the full one up to the third.
+    for (named, until) in [(3, 1), (0, 2)] {
+        let out = lab.path(&format!("until{until}"));
+        std::fs::create_dir(&out).unwrap();
+        let plan = lab
+            .catalogue
+            .plan_restore_until(&uuid(named), &uuid(until), &[])
+            .unwrap();
+        assert_eq!(plan.backup, uuid(until));
+        assert_eq!(plan.disks[0].images.len(), until + 1, "the chain up to it");
+        restore(&plan, &RestoreTarget::NewImages { dir: out.clone() }).unwrap();
+        assert!(
+            images_identical(
+                &lab.backups[until].1,
+                &ImageFormat::Raw,
+                &out.join("vda.qcow2"),
+                &ImageFormat::Qcow2
+            )
+            .unwrap()
+        );
+    }
+}

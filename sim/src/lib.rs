@@ -42,6 +42,7 @@ mod errors;
 mod guest;
 mod image;
 mod job;
+pub mod managed;
 mod nbd;
 mod node;
 mod persist;

@@ -1,7 +1,12 @@
 //! Conformance scenarios, written once against any [`Link`] and [`Effects`]: the same code runs
-//! on the simulator (tests in `sim/tests/conformance.rs`) and can run against
-//! qemu-storage-daemon through the live adapter, with a [`Host`] for what a scenario does outside
-//! QMP (guest writes, reading images and exports, injecting an I/O error).
+//! on the simulator (`sim/tests/conformance.rs`) and against qemu-storage-daemon through the
+//! live adapter (`qemu-adapter/tests/conformance_live.rs`), with a [`Host`] for what a scenario
+//! does outside QMP (guest writes, reading images and exports, slowing jobs, injecting an I/O
+//! error, crashing QEMU).
+//!
+//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental; pull
+//! full then incremental with guest writes during each pull; abort of a slowed push; a push
+//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint.
 //!
 //! Contract: every scenario starts from a connected driver on the lab domain
 //! ([`crate::world::lab_domain`]: `vda` with one layer, `vdb` an overlay over a base image)
@@ -15,13 +20,12 @@
 
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
+use vbackup_core::backup::{BackupSpec, NbdTransport};
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
 use vbackup_core::error::{Error, RequestError};
 use vbackup_core::link::Link;
-
-use vbackup_core::backup::{BackupSpec, NbdTransport};
 
 use crate::world::{lab_backup, lab_checkpoint, stored_state};
 
@@ -60,7 +64,8 @@ pub trait Host {
         true
     }
     /// Limits the copy rate of backup jobs started from now on to `bytes_per_s` (`None` lifts
-    /// the limit), as QEMU's job `speed` does.
+    /// the limit), as QEMU's job `speed` does. (The simulator has one copy rate for all jobs,
+    /// so there the limit also reaches running ones; scenarios lift it right after a start.)
     fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String>;
     /// Where the lab path `lab_path` (a backup directory) lives on this host.
     fn place(&mut self, lab_path: &str) -> String {
@@ -88,6 +93,21 @@ fn spec<H: Host>(h: &mut H, mode: BackupMode, incremental: Option<&str>, dir: &s
         };
     }
     spec
+}
+
+/// The request to back up both lab disks into `dir` (a lab path), creating `checkpoint`.
+fn backup<H: Host>(
+    h: &mut H,
+    mode: BackupMode,
+    incremental: Option<&str>,
+    dir: &str,
+    checkpoint: Option<&str>,
+) -> Request {
+    Request::BackupBegin {
+        spec: spec(h, mode, incremental, dir),
+        checkpoint: checkpoint.map(lab_checkpoint),
+        reuse_external: false,
+    }
 }
 
 /// The image a backup into `dir` (a lab path) wrote for `disk`, placed on the host.
@@ -253,11 +273,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/full"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/full", Some("c1")),
     )?;
     // Writes while the jobs copy must not reach the backup.
     scribble(h, 2)?;
@@ -273,11 +289,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     let at_inc = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, Some("c1"), "/backup/inc"),
-            checkpoint: Some(lab_checkpoint("c2")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, Some("c1"), "/backup/inc", Some("c2")),
     )?;
     scribble(h, 4)?;
     if finish(d, events)? != JobStatus::Completed {
@@ -301,11 +313,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Pull, None, "/scratch/full"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Pull, None, "/scratch/full", Some("c1")),
     )?;
     scribble(h, 6)?;
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -319,11 +327,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
     let at_inc = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Pull, Some("c1"), "/scratch/inc"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Pull, Some("c1"), "/scratch/inc", None),
     )?;
     scribble(h, 8)?;
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -354,11 +358,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
     h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/aborted"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/aborted", None),
     )?;
     h.slow_jobs(None)?;
     call(d, Request::AbortJob)?;
@@ -376,11 +376,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
     }
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-abort"),
-            checkpoint: None,
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-abort", None),
     )?;
     match finish(d, events)? {
         JobStatus::Completed => Ok(()),
@@ -415,14 +411,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
     }
     // Slowed, so that the fault is in place before the job writes on any host.
     h.slow_jobs(Some(SLOW_JOB_BYTES_PER_S))?;
-    call(
-        d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/eio"),
-            checkpoint: None,
-            reuse_external: false,
-        },
-    )?;
+    call(d, backup(h, BackupMode::Push, None, "/backup/eio", None))?;
     h.slow_jobs(None)?;
     let target = d
         .domain()
@@ -444,11 +433,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
     }
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-eio"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-eio", Some("c1")),
     )?;
     match finish(d, events)? {
         JobStatus::Completed => {}
@@ -489,11 +474,7 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
     h.slow_jobs(Some(RESTART_JOB_BYTES_PER_S))?;
     call(
         &mut d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/restart"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/restart", Some("c1")),
     )?;
     h.slow_jobs(None)?;
     let def = d.domain().view().def.clone();
@@ -533,11 +514,13 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
 ) -> Result<(), String> {
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/before-crash"),
-            checkpoint: Some(lab_checkpoint("c1")),
-            reuse_external: false,
-        },
+        backup(
+            h,
+            BackupMode::Push,
+            None,
+            "/backup/before-crash",
+            Some("c1"),
+        ),
     )?;
     if finish(d, events)? != JobStatus::Completed {
         return Err("the backup before the crash did not complete".into());
@@ -550,11 +533,13 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     scribble(h, 10)?;
     let refused = d
         .call(
-            Request::BackupBegin {
-                spec: spec(h, BackupMode::Push, Some("c1"), "/backup/after-crash-inc"),
-                checkpoint: None,
-                reuse_external: false,
-            },
+            backup(
+                h,
+                BackupMode::Push,
+                Some("c1"),
+                "/backup/after-crash-inc",
+                None,
+            ),
             STEPS,
         )
         .map_err(|e| format!("driver stopped: {e}"))?;
@@ -570,11 +555,7 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     let at_full = both(h)?;
     call(
         d,
-        Request::BackupBegin {
-            spec: spec(h, BackupMode::Push, None, "/backup/after-crash"),
-            checkpoint: Some(lab_checkpoint("c2")),
-            reuse_external: false,
-        },
+        backup(h, BackupMode::Push, None, "/backup/after-crash", Some("c2")),
     )?;
     if finish(d, events)? != JobStatus::Completed {
         return Err("the full backup after the crash did not complete".into());

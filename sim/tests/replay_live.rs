@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::DomainConfig;
+use vbackup_core::domain::DomainEvent;
 use vbackup_core::driver::{Driver, MemoryEffects};
 use vbackup_core::link::{NameMap, ReplayLink, Timestamp};
 use vbackup_core::trace;
-use vbackup_sim::scenarios;
+use vbackup_sim::scenarios::{self, Host};
 use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
 use vbackup_sim::{Config, Fault, FileSystem, Flavor, Qemu};
 
@@ -436,12 +437,10 @@ fn live_qemu_crash_replays_on_the_simulator() {
     replay("qemu-crash");
 }
 
-/// The core's side: driven through the same scenario over the recorded trace, the core sends
-/// exactly the recorded commands and accepts the recorded answers. (The other scenarios need a
-/// host with real content, which a replay does not have.)
-#[test]
-fn core_sends_the_recorded_commands_of_the_checkpoint_lifecycle() {
-    let lines = trace::parse(&read("checkpoint-lifecycle.jsonl")).expect("trace parses");
+/// A driver on the recorded trace of `name`: the lab domain as the live run defined it (paths
+/// under [`ROOT`], the daemon's node names, its NBD server shared).
+fn replay_driver(name: &str) -> Driver<ReplayLink, MemoryEffects> {
+    let lines = trace::parse(&read(&format!("{name}.jsonl"))).expect("trace parses");
     let link = ReplayLink::new(lines, &NameMap::new(), Timestamp::ZERO);
     let mut def = lab_domain();
     for disk in &mut def.disks {
@@ -457,7 +456,68 @@ fn core_sends_the_recorded_commands_of_the_checkpoint_lifecycle() {
     let domain = Domain::new(def, config, CheckpointTree::new(), None);
     let mut d = Driver::new(domain, link, MemoryEffects::default());
     assert!(d.run_until(|dom| dom.view().connected, 10).unwrap());
+    d
+}
+
+/// The host side of a replay: the places and sockets of the live run. A replay has QMP only,
+/// no disks, so it serves the scenarios that read no content.
+struct ReplayHost;
+
+impl Host for ReplayHost {
+    fn guest_write(&mut self, _: &str, _: u64, _: &[u8]) -> Result<(), String> {
+        Err("a replay has no guest".into())
+    }
+    fn disk_content(&mut self, _: &str) -> Result<Vec<u8>, String> {
+        Err("a replay has no disks".into())
+    }
+    fn restore(&mut self, _: &str, _: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        Err("a replay has no images".into())
+    }
+    fn read_export(&mut self, _: &str, _: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        Err("a replay has no exports".into())
+    }
+    fn fail_writes_to(&mut self, _: &str) -> bool {
+        // The recorded target failed; its replies are in the trace.
+        true
+    }
+    fn slow_jobs(&mut self, _: Option<u64>) -> Result<(), String> {
+        Ok(())
+    }
+    fn place(&mut self, lab_path: &str) -> String {
+        format!("{ROOT}{lab_path}")
+    }
+    fn nbd_socket(&mut self) -> String {
+        format!("{ROOT}/run/nbd.sock")
+    }
+    fn crash_qemu(&mut self) -> Result<(), String> {
+        Err("a replay cannot crash QEMU".into())
+    }
+}
+
+fn memory_events(e: &MemoryEffects) -> &[DomainEvent] {
+    &e.events
+}
+
+/// The core's side: driven through the same scenario over the recorded trace, the core sends
+/// exactly the recorded commands and accepts the recorded answers (`ReplayLink` fails on the
+/// first command that differs). The scenarios that check content need real disks and are
+/// covered by the simulator replays above.
+#[test]
+fn core_sends_the_recorded_commands_of_the_checkpoint_lifecycle() {
+    let mut d = replay_driver("checkpoint-lifecycle");
     scenarios::checkpoint_lifecycle(&mut d).unwrap();
+}
+
+#[test]
+fn core_sends_the_recorded_commands_of_the_slowed_abort() {
+    let mut d = replay_driver("push-abort-slowed");
+    scenarios::push_abort(&mut d, &mut ReplayHost, memory_events).unwrap();
+}
+
+#[test]
+fn core_sends_the_recorded_commands_of_the_failing_target() {
+    let mut d = replay_driver("push-io-error");
+    scenarios::push_io_error(&mut d, &mut ReplayHost, memory_events).unwrap();
 }
 
 #[test]

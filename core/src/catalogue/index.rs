@@ -160,8 +160,10 @@ impl Catalogue {
     }
 
     /// Adds a finished backup. Refused when the record is inconsistent, belongs to another
-    /// domain, reuses a uuid or an image path, names a missing parent, has a disk its parent
-    /// lacks, or would make the chain too long.
+    /// domain, reuses a uuid, an image path or a sequence number, names a missing parent, has a
+    /// disk its parent lacks, ranks before its parent (a sequence number not greater than the
+    /// parent's, or none under a numbered parent), or would make the chain too long. A new
+    /// backup takes [`Catalogue::next_sequence`].
     pub fn insert(&mut self, backup: ManagedBackup) -> Result<Vec<CatalogueOp>, CatalogueError> {
         backup.check()?;
         if backup.domain != self.domain {

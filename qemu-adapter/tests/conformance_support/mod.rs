@@ -528,12 +528,23 @@ impl LiveConformance {
         })
     }
 
-    /// The driver and the host, for a scenario.
-    pub fn parts(&mut self) -> (&mut Driver<LiveLink, LiveEffects>, &mut QsdHost) {
-        (
-            self.driver.as_mut().expect("the run has its driver"),
-            &mut self.host,
-        )
+    /// Runs scenario `name` on a fresh lab: `scenario` gets the driver, the host and the
+    /// daemon's QMP socket. Skipped (returns) without QEMU's tools; panics with the divergence.
+    pub fn run(
+        name: &'static str,
+        scenario: impl FnOnce(
+            &mut Driver<LiveLink, LiveEffects>,
+            &mut QsdHost,
+            &Path,
+        ) -> Result<(), String>,
+    ) {
+        let Some(mut run) = LiveConformance::start(name) else {
+            return;
+        };
+        let socket = run.qmp_socket();
+        let driver = run.driver.as_mut().expect("the run has its driver");
+        let result = scenario(driver, &mut run.host, &socket);
+        run.finish(result);
     }
 
     /// The daemon's QMP socket.

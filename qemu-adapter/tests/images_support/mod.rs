@@ -8,7 +8,7 @@ use std::process::Command;
 use vbackup_core::catalogue::{BackupKind, Catalogue, ManagedBackup};
 use vbackup_core::export::STATE_ZERO;
 use vbackup_core::model::ImageFormat;
-use vbackup_qemu::images::{self, NbdExport};
+use vbackup_qemu::images::{self, NbdExport, run_tool};
 use vbackup_qemu::nbd::BASE_ALLOCATION;
 use vbackup_qemu::nbd::copy::select_ranges;
 
@@ -47,31 +47,23 @@ pub fn guest(disk: &Path, ops: &[&str]) {
 
 /// A frozen copy of the disk's content at one moment (raw).
 pub fn snapshot(disk: &Path, to: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(disk)
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(disk)
+            .arg(to),
+    )
+    .unwrap();
 }
 
 /// The extents of `qemu-img map --output=json` of an image.
 pub fn map(image: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new("qemu-img")
-        .args(["map", "--output=json", "-f", "qcow2"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_tool(
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(image),
+    )
+    .unwrap();
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .unwrap()
         .as_array()
