@@ -153,7 +153,7 @@ impl QmpError {
     pub fn not_qcow2() -> Self {
         Self::generic("Image is not in qcow2 format")
     }
-    /// `blockdev-del` of a node a device or export uses.
+    /// `blockdev-del` of a node a device, an export or a running `blockdev-create` uses.
     pub fn node_in_use(node: &str) -> Self {
         Self::generic(format!("Node {node} is in use"))
     }

@@ -99,8 +99,18 @@ impl ClusterMap {
             let n = (cs - in_off).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
             if in_off == 0 && n == cs {
-                self.map
-                    .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
+                // A whole cluster nobody shares is overwritten in place (no allocation).
+                let in_place = match self.map.get_mut(&idx) {
+                    Some(Cluster::Data(d)) => Arc::get_mut(d)
+                        .filter(|b| b.len() == cs)
+                        .map(|b| b.copy_from_slice(chunk))
+                        .is_some(),
+                    _ => false,
+                };
+                if !in_place {
+                    self.map
+                        .insert(idx, Cluster::Data(Arc::new(chunk.to_vec())));
+                }
             } else {
                 // Partial write: modify the cluster in place when nobody shares it, otherwise
                 // copy it once (clusters are shared with backups copied from this image).
@@ -128,22 +138,34 @@ impl ClusterMap {
 
     /// Reads `buf.len()` bytes at `offset`; unallocated ranges are handed to
     /// `fallback(offset, buf)`.
-    pub fn read_with(&self, offset: u64, buf: &mut [u8], mut fallback: impl FnMut(u64, &mut [u8])) {
-        let cs = self.cluster_size as usize;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let idx = off / self.cluster_size;
-            let in_off = (off % self.cluster_size) as usize;
-            let n = (cs - in_off).min(buf.len() - pos);
-            let out = &mut buf[pos..pos + n];
-            match self.map.get(&idx) {
-                Some(Cluster::Data(d)) => out.copy_from_slice(&d[in_off..in_off + n]),
-                Some(Cluster::Zero) => out.fill(0),
-                None => fallback(off, out),
-            }
-            pos += n;
+    pub fn read_with(&self, offset: u64, buf: &mut [u8], fallback: impl FnMut(u64, &mut [u8])) {
+        read_clusters(&self.map, self.cluster_size, offset, buf, fallback);
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` from `clusters` of `cluster_size` bytes: data clusters
+/// are copied, zero clusters read as zeroes, absent ones are handed to `fallback(offset, buf)`.
+fn read_clusters(
+    clusters: &BTreeMap<u64, Cluster>,
+    cluster_size: u64,
+    offset: u64,
+    buf: &mut [u8],
+    mut fallback: impl FnMut(u64, &mut [u8]),
+) {
+    let cs = cluster_size as usize;
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let off = offset + pos as u64;
+        let idx = off / cluster_size;
+        let in_off = (off % cluster_size) as usize;
+        let n = (cs - in_off).min(buf.len() - pos);
+        let out = &mut buf[pos..pos + n];
+        match clusters.get(&idx) {
+            Some(Cluster::Data(d)) => out.copy_from_slice(&d[in_off..in_off + n]),
+            Some(Cluster::Zero) => out.fill(0),
+            None => fallback(off, out),
         }
+        pos += n;
     }
 }
 
@@ -193,19 +215,94 @@ impl LogicalImage {
 
     /// Reads `buf.len()` bytes at `offset` (past the end reads zeroes).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
-        let cs = self.cluster_size as usize;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let idx = off / self.cluster_size;
-            let in_off = (off % self.cluster_size) as usize;
-            let n = (cs - in_off).min(buf.len() - pos);
-            match self.clusters.get(&idx) {
-                Some(Cluster::Data(d)) => buf[pos..pos + n].copy_from_slice(&d[in_off..in_off + n]),
-                _ => buf[pos..pos + n].fill(0),
-            }
-            pos += n;
+        read_clusters(&self.clusters, self.cluster_size, offset, buf, |_, b| {
+            b.fill(0)
+        });
+    }
+
+    /// An image of `size` bytes made of `clusters` of `cluster_size` bytes (absent ones read
+    /// as zeroes).
+    pub(crate) fn from_clusters(
+        size: u64,
+        cluster_size: u64,
+        clusters: BTreeMap<u64, Cluster>,
+    ) -> Self {
+        Self {
+            size,
+            cluster_size,
+            clusters,
         }
+    }
+
+    /// `bytes` cut into clusters of `cluster_size` (all-zero ones left out).
+    pub fn from_bytes(bytes: &[u8], cluster_size: u64) -> Self {
+        let clusters = bytes
+            .chunks(cluster_size as usize)
+            .enumerate()
+            .filter(|(_, c)| c.iter().any(|b| *b != 0))
+            .map(|(i, c)| {
+                let mut v = c.to_vec();
+                v.resize(cluster_size as usize, 0);
+                (i as u64, Cluster::Data(Arc::new(v)))
+            })
+            .collect();
+        Self {
+            size: bytes.len() as u64,
+            cluster_size,
+            clusters,
+        }
+    }
+
+    /// An image of `size` bytes: the clusters `top` allocates laid over `base` (nothing: zeroes),
+    /// as a qcow2 image reads over its backing image. A base of another cluster size is cut
+    /// again into `top`'s clusters.
+    pub fn overlay(base: Option<&LogicalImage>, size: u64, top: &ClusterMap) -> Self {
+        let cs = top.cluster_size();
+        let mut clusters = match base {
+            Some(b) if b.cluster_size == cs => b.clusters.clone(),
+            Some(b) => LogicalImage::from_bytes(&b.to_bytes(), cs).clusters,
+            None => BTreeMap::new(),
+        };
+        // Clusters past the end of a shorter backing image read as zeroes.
+        let last = size.div_ceil(cs);
+        clusters.retain(|k, _| *k < last);
+        for (idx, c) in top.iter() {
+            clusters.insert(idx, c.clone());
+        }
+        Self {
+            size,
+            cluster_size: cs,
+            clusters,
+        }
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The cluster at `idx`, if it holds anything.
+    pub fn cluster(&self, idx: u64) -> Option<&Cluster> {
+        self.clusters.get(&idx)
+    }
+
+    /// Stores a cluster (exactly one cluster long).
+    pub(crate) fn set_cluster(&mut self, idx: u64, cluster: Cluster) {
+        self.clusters.insert(idx, cluster);
+    }
+
+    /// The first byte offset at which `self` and `other` differ, if any (for reports).
+    pub fn first_difference(&self, other: &LogicalImage) -> Option<u64> {
+        if self == other {
+            return None;
+        }
+        let (a, b) = (self.to_bytes(), other.to_bytes());
+        let at = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.len().min(b.len()));
+        Some(at as u64)
     }
 
     /// The full content as bytes.
@@ -219,6 +316,30 @@ impl LogicalImage {
             }
         }
         out
+    }
+
+    /// The cluster holding bytes `offset..offset + cluster_size` when it is one of this image's
+    /// (same geometry), shared; a cluster of zeroes is `None`. Another geometry is read out.
+    pub(crate) fn cluster_at(&self, offset: u64, cluster_size: u64) -> Option<Cluster> {
+        if cluster_size == self.cluster_size && offset.is_multiple_of(cluster_size) {
+            return match self.clusters.get(&(offset / cluster_size)) {
+                Some(Cluster::Data(d)) => Some(Cluster::Data(d.clone())),
+                _ => None,
+            };
+        }
+        let mut buf = vec![0u8; cluster_size as usize];
+        self.read_at(offset, &mut buf);
+        buf.iter()
+            .any(|b| *b != 0)
+            .then(|| Cluster::Data(Arc::new(buf)))
+    }
+
+    /// Whether two clusters read the same (absent and zero clusters read as zeroes).
+    pub fn clusters_equal(a: Option<&Cluster>, b: Option<&Cluster>) -> bool {
+        match (a, b) {
+            (Some(Cluster::Data(a)), Some(Cluster::Data(b))) => Arc::ptr_eq(a, b) || a == b,
+            (a, b) => Self::cluster_is_zero(a) && Self::cluster_is_zero(b),
+        }
     }
 
     fn cluster_is_zero(c: Option<&Cluster>) -> bool {
@@ -244,12 +365,12 @@ impl PartialEq for LogicalImage {
             .copied()
             .collect();
         keys.into_iter()
-            .all(|k| match (self.clusters.get(&k), other.clusters.get(&k)) {
-                (Some(Cluster::Data(a)), Some(Cluster::Data(b))) => Arc::ptr_eq(a, b) || a == b,
-                (a, b) => Self::cluster_is_zero(a) && Self::cluster_is_zero(b),
-            })
+            .all(|k| Self::clusters_equal(self.clusters.get(&k), other.clusters.get(&k)))
     }
 }
+
+// Content equality is an equivalence: absent and zero clusters are the same zeroes.
+impl Eq for LogicalImage {}
 
 /// Errors of the offline image tools.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -504,39 +625,11 @@ impl FileSystem {
             FileContent::Raw(r) => (r.size, &r.data, None),
             FileContent::Qcow2(q) => (q.virtual_size, &q.data, q.backing_file.as_deref()),
         };
-        let cs = map.cluster_size();
-        let mut clusters: BTreeMap<u64, Cluster> = match backing {
-            Some(b) => {
-                let base = self.logical_depth(b, depth + 1)?;
-                if base.cluster_size == cs {
-                    base.clusters
-                } else {
-                    let bytes = base.to_bytes();
-                    bytes
-                        .chunks(cs as usize)
-                        .enumerate()
-                        .filter(|(_, c)| c.iter().any(|b| *b != 0))
-                        .map(|(i, c)| {
-                            let mut v = c.to_vec();
-                            v.resize(cs as usize, 0);
-                            (i as u64, Cluster::Data(Arc::new(v)))
-                        })
-                        .collect()
-                }
-            }
-            None => BTreeMap::new(),
+        let base = match backing {
+            Some(b) => Some(self.logical_depth(b, depth + 1)?),
+            None => None,
         };
-        // Clusters past the end of a shorter backing image read as zeroes.
-        let last = size.div_ceil(cs);
-        clusters.retain(|k, _| *k < last);
-        for (idx, c) in map.iter() {
-            clusters.insert(idx, c.clone());
-        }
-        Ok(LogicalImage {
-            size,
-            cluster_size: cs,
-            clusters,
-        })
+        Ok(LogicalImage::overlay(base.as_ref(), size, map))
     }
 
     /// Offsets (cluster-aligned) and lengths of the clusters allocated in the image itself,

@@ -143,6 +143,26 @@ pub(crate) struct BackupJob {
 pub(crate) struct CreateJob {
     pub finish_ms: u64,
     pub result: Result<(String, FileContent), String>,
+    /// The protocol node a qcow2 creation writes through (QEMU opens a block backend on it for
+    /// the job's run, so `blockdev-del` refuses it meanwhile).
+    pub file_node: Option<String>,
+}
+
+impl Job {
+    /// The node a `blockdev-create` job holds open while it runs, if any.
+    pub(crate) fn creating_on(&self) -> Option<&str> {
+        match &self.kind {
+            JobKind::Create(c)
+                if matches!(
+                    self.status,
+                    JobStatus::Created | JobStatus::Running | JobStatus::Paused
+                ) =>
+            {
+                c.file_node.as_deref()
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -908,6 +928,7 @@ impl Qemu {
         let id = a.str("job-id")?;
         let o = a.sub("options")?;
         let driver = o.str("driver")?;
+        let mut file_node = None;
         let result: Result<(String, FileContent), String> = match driver {
             "qcow2" => {
                 o.only(&[
@@ -935,6 +956,7 @@ impl Qemu {
                 match self.node(file).map(|n| &n.driver) {
                     None => Err(QmpError::device_or_node_not_found(file, file).desc),
                     Some(crate::node::Driver::File { path }) => {
+                        file_node = Some(file.to_string());
                         crate::qcow2::check_image_size(size)
                             .and_then(|_| crate::qcow2::check_cluster_size(cs))
                             .map(|_| {
@@ -980,7 +1002,11 @@ impl Qemu {
             Job {
                 id: id.to_string(),
                 seq,
-                kind: JobKind::Create(Box::new(CreateJob { finish_ms, result })),
+                kind: JobKind::Create(Box::new(CreateJob {
+                    finish_ms,
+                    result,
+                    file_node,
+                })),
                 status: JobStatus::Created,
                 auto_finalize: true,
                 auto_dismiss: false,

@@ -13,18 +13,19 @@
 //! [`FileSystem::read_image`]. [`Qemu::crash`] and [`Qemu::restart`] model an unclean death
 //! and a fresh process over the same files; [`Qemu::set_fault`] injects failures.
 //!
-//! [`SimLink`] puts the simulator behind the core's `Link` trait: commands execute at the link's
-//! virtual time and waiting jumps the clock to the next job event, so the core's domain state
-//! machine runs against it unchanged; [`SimEffects`] carries out the driver's file operations on
-//! the simulated host.
+//! [`world`] puts the simulator behind the core's `Link` trait ([`world::link::FaultyLink`]:
+//! commands execute at the link's virtual time, waiting jumps the clock to the next job event,
+//! and the session can be dropped before a reply) and runs seeded histories of the core's
+//! domain against it, with every fault kind, vbackup restarted from its store, and checkers
+//! after every step (`cargo run --release -p vbackup-sim -- sweep --seeds 0..500`; the fixed
+//! range is `tests/history.rs`). `cargo bench -p vbackup-sim --bench history` prints seeds per
+//! second and the cost of a 200-step history.
 //!
 //! Fidelity is checked by replaying the recorded libvirt 11.3 ↔ QEMU 10.0.2 traces
 //! (`tests/replay.rs`: same replies, same event sequence per job and export), by a test per
-//! error text, and by seeded random histories whose every completed backup must restore to the
-//! disk at its point in time (`tests/random_histories.rs`). [`sweep`] runs seeded histories of
-//! the core's domain over the simulator with the same checker (`cargo run --release -p
-//! vbackup-sim -- sweep --seeds 0..500`). `cargo bench -p vbackup-sim --bench history` prints the
-//! cost of a 200-step history.
+//! error text, by the conformance scenarios of [`scenarios`], and by seeded random QMP
+//! histories whose every completed backup must restore to the disk at its point in time
+//! (`tests/random_histories.rs`).
 //!
 //! Reads ([`Qemu::guest_read`], export views) observe the state as of the last call that moved
 //! time; they never move it themselves.
@@ -41,7 +42,6 @@ mod errors;
 mod guest;
 mod image;
 mod job;
-mod link;
 pub mod managed;
 mod nbd;
 mod node;
@@ -49,7 +49,6 @@ mod persist;
 mod qcow2;
 mod qemu;
 pub mod scenarios;
-pub mod sweep;
 mod transaction;
 pub mod world;
 
@@ -60,7 +59,6 @@ pub use image::{
     Cluster, ClusterMap, FileContent, FileSystem, ImageError, LogicalImage, MAX_CHAIN_DEPTH,
     RawFile,
 };
-pub use link::{SimEffects, SimLink, command_value, to_core_error};
 pub use nbd::{ExportError, ExportView};
 pub use node::IoError;
 pub use qcow2::{Qcow2Image, StoredBitmap};

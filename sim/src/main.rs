@@ -1,15 +1,26 @@
-//! `vbackup-sim sweep --seeds A..B [--steps N]`: runs seeded random histories of the core over
-//! the simulator and prints every failure (one line each, with the seed that reproduces it),
-//! the outcome totals and seeds per second. `SIM_SEED=N` runs that one seed; `--refusals` adds
-//! QEMU refusals of single commands to the faults.
+//! `vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind]
+//! [--engine-faults-between-backups] [--no-abort-during-setup]`: runs seeded histories of the core
+//! against the simulated QEMU ([`vbackup_sim::world`]) and prints every failure (one line
+//! each, which reproduces it), seeds per second and the fault mix. `--per-kind` runs the range
+//! once per fault kind alone and prints a line per kind. `SIM_SEED=N` runs that one seed.
+//! Exits 1 when a seed fails, 2 on bad arguments.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use vbackup_sim::sweep::{SeedReport, run_seed_with};
+use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
-const USAGE: &str =
-    "usage: vbackup-sim sweep --seeds A..B [--steps N]   (or SIM_SEED=N vbackup-sim sweep)";
+const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup]
+fault kinds: command-refused, job-io-error, target-no-space, qemu-crash, link-drop, engine-restart, store-write-failed
+SIM_SEED=N runs that one seed";
+
+fn usage(why: &str) -> ExitCode {
+    if !why.is_empty() {
+        eprintln!("{why}");
+    }
+    eprintln!("{USAGE}");
+    ExitCode::from(2)
+}
 
 fn parse_range(text: &str) -> Option<(u64, u64)> {
     let (a, b) = text.split_once("..")?;
@@ -17,86 +28,133 @@ fn parse_range(text: &str) -> Option<(u64, u64)> {
     (a < b).then_some((a, b))
 }
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// What a sweep runs besides the seeds.
+struct Options {
+    seeds: (u64, u64),
+    base: HistoryConfig,
+    per_kind: bool,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
     if args.first().map(String::as_str) != Some("sweep") {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
+        return Err(String::new());
     }
     let mut seeds = (0u64, 100u64);
-    let mut steps = 200usize;
-    let mut refusals = false;
+    let mut base = HistoryConfig::seed(0);
+    let mut per_kind = false;
     let mut i = 1;
     while i < args.len() {
-        if args[i] == "--refusals" {
-            refusals = true;
-            i += 1;
-            continue;
-        }
-        match (args[i].as_str(), args.get(i + 1)) {
-            ("--seeds", Some(v)) => match parse_range(v) {
-                Some(r) => seeds = r,
-                None => {
-                    eprintln!("bad seed range '{v}'\n{USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-            ("--steps", Some(v)) => match v.parse() {
-                Ok(n) => steps = n,
-                Err(_) => {
-                    eprintln!("bad step count '{v}'\n{USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
+        let value = args.get(i + 1);
+        match (args[i].as_str(), value) {
+            ("--per-kind", _) => per_kind = true,
+            ("--engine-faults-between-backups", _) => base.engine_faults_anywhere = false,
+            ("--no-abort-during-setup", _) => base.abort_during_setup = false,
+            ("--no-faults", _) => base.faults = false,
+            ("--seeds", Some(v)) => {
+                seeds = parse_range(v).ok_or_else(|| format!("bad seed range '{v}'"))?;
+                i += 1;
             }
+            ("--steps", Some(v)) => {
+                base.steps = v.parse().map_err(|_| format!("bad step count '{v}'"))?;
+                i += 1;
+            }
+            ("--faults", Some(v)) if v == "none" => {
+                base.faults = false;
+                i += 1;
+            }
+            ("--faults", Some(v)) => {
+                base.fault_kinds = v
+                    .split(',')
+                    .map(|n| FaultKind::from_name(n).ok_or_else(|| format!("no fault kind '{n}'")))
+                    .collect::<Result<_, _>>()?;
+                i += 1;
+            }
+            (other, _) => return Err(format!("unexpected argument '{other}'")),
         }
-        i += 2;
+        i += 1;
     }
-    if let Some(seed) = std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        let seed: u64 = seed
+            .parse()
+            .map_err(|_| format!("SIM_SEED '{seed}' is not a number"))?;
         seeds = (seed, seed + 1);
     }
-    let start = Instant::now();
-    let mut total = SeedReport::default();
-    let mut failures = 0;
+    Ok(Options {
+        seeds,
+        base,
+        per_kind,
+    })
+}
+
+/// Runs the seed range with `base`; prints failures as they come. Returns the totals, the
+/// number of failed seeds and the seconds taken.
+fn sweep(seeds: (u64, u64), base: &HistoryConfig) -> (HistoryStats, u64, f64) {
+    let started = Instant::now();
+    let mut total = HistoryStats::default();
+    let mut failed = 0;
     for seed in seeds.0..seeds.1 {
-        match run_seed_with(seed, steps, refusals) {
-            Ok(r) => {
-                total.backups_verified += r.backups_verified;
-                total.pulls_verified += r.pulls_verified;
-                total.refused += r.refused;
-                total.crashes += r.crashes;
-                total.writes += r.writes;
-                total.faults += r.faults;
-            }
-            Err(f) => {
-                failures += 1;
-                let flag = if refusals { " --refusals" } else { "" };
-                println!(
-                    "FAIL {f}   (reproduce: SIM_SEED={} cargo run --release -p vbackup-sim -- sweep --steps {steps}{flag})",
-                    f.seed
-                );
-            }
+        let out = run_history(&HistoryConfig {
+            seed,
+            ..base.clone()
+        });
+        total.add(&out.stats);
+        if let Some(f) = out.failure {
+            failed += 1;
+            println!("FAIL {f}");
         }
     }
-    let n = seeds.1 - seeds.0;
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{n} seeds x {steps} steps: {failures} failed; {} backups and {} pulls verified; {} requests refused by the core; faults: {} crashes, {} job errors or command refusals; {} guest writes; {:.1} seeds/s",
-        total.backups_verified,
-        total.pulls_verified,
-        total.refused,
-        total.crashes,
-        total.faults,
-        total.writes,
-        n as f64 / secs
-    );
-    if failures > 0 {
+    (total, failed, started.elapsed().as_secs_f64().max(1e-9))
+}
+
+fn fault_mix(total: &HistoryStats) -> String {
+    FaultKind::ALL
+        .iter()
+        .map(|k| format!("{} {}", k.name(), total.faults.get(k).copied().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match parse(&args) {
+        Ok(o) => o,
+        Err(why) => return usage(&why),
+    };
+    let n = opts.seeds.1 - opts.seeds.0;
+    let mut any_failed = false;
+    if opts.per_kind {
+        for kind in FaultKind::ALL {
+            let base = HistoryConfig {
+                fault_kinds: vec![kind],
+                ..opts.base.clone()
+            };
+            let (total, failed, secs) = sweep(opts.seeds, &base);
+            any_failed |= failed > 0;
+            println!(
+                "{:<20} {n} seeds, {failed} failed, {} injected, {} backups verified, {:.0} seeds/s",
+                kind.name(),
+                total.faults.get(&kind).copied().unwrap_or(0),
+                total.backups_verified,
+                n as f64 / secs
+            );
+        }
+    } else {
+        let (total, failed, secs) = sweep(opts.seeds, &opts.base);
+        any_failed = failed > 0;
+        println!(
+            "{n} seeds x {} steps: {failed} failed in {secs:.1} s, {:.0} seeds/s ({:.2} ms per seed), {:.0} steps/s",
+            opts.base.steps,
+            n as f64 / secs,
+            secs * 1000.0 / n as f64,
+            total.steps as f64 / secs
+        );
+        println!(
+            "requests {} ({} ok), guest writes {}, backups verified byte for byte {}",
+            total.requests, total.requests_ok, total.guest_writes, total.backups_verified
+        );
+        println!("faults: {}", fault_mix(&total));
+    }
+    if any_failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -7,7 +7,7 @@ use vbackup_core::export::{ExportReader, Extent, STATE_DIRTY, STATE_HOLE, STATE_
 use crate::args::Args;
 use crate::bitmap::CHECK_ALLOW_RO;
 use crate::errors::QmpError;
-use crate::image::MAX_CHAIN_DEPTH;
+use crate::image::{Cluster, MAX_CHAIN_DEPTH};
 use crate::node::{Alloc, Driver};
 use crate::qemu::Qemu;
 
@@ -366,6 +366,22 @@ impl ExportView<'_> {
     }
 }
 
+impl ExportView<'_> {
+    /// What [`ExportReader::read_at`] of exactly `len` bytes at `offset` would return, without
+    /// copying it, when one image of the chain under the export stores that range as a whole
+    /// cluster of that size: `Some(Some(cluster))`, or `Some(None)` for zeroes nothing
+    /// allocates. `None` when the range must be read byte by byte.
+    pub fn shared_cluster(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Option<Cluster>>, ExportError> {
+        self.check_range(offset, len)?;
+        let node = &self.export()?.node;
+        Ok(self.qemu.shared_cluster(node, offset, len))
+    }
+}
+
 impl ExportReader for ExportView<'_> {
     type Error = ExportError;
 
@@ -502,5 +518,31 @@ mod tests {
             v.read_at((1 << 20) - 1, &mut buf),
             Err(ExportError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn tls_credentials_are_checked_and_kept_while_the_server_uses_them() {
+        let mut q = Qemu::negotiated(FileSystem::new(), Config::default());
+        let mut run = |c: Value| q.execute(0, &c).map_err(|e| e.desc);
+        run(json!({"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "tls0", "dir": "/etc/pki", "endpoint": "server"}})).unwrap();
+        assert_eq!(
+            run(json!({"execute": "object-add", "arguments": {"qom-type": "secret", "id": "tls0", "data": "x"}})).unwrap_err(),
+            "attempt to add duplicate property 'tls0' to object (type 'container')"
+        );
+        assert_eq!(
+            run(json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}, "tls-creds": "nope"}})).unwrap_err(),
+            "No TLS credentials with id 'nope'"
+        );
+        run(json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/s"}}, "tls-creds": "tls0"}})).unwrap();
+        assert_eq!(
+            run(json!({"execute": "object-del", "arguments": {"id": "tls0"}})).unwrap_err(),
+            "object 'tls0' is in use, can not be deleted"
+        );
+        assert_eq!(
+            run(json!({"execute": "object-del", "arguments": {"id": "x"}})).unwrap_err(),
+            "object 'x' not found"
+        );
+        run(json!({"execute": "nbd-server-stop"})).unwrap();
+        run(json!({"execute": "object-del", "arguments": {"id": "tls0"}})).unwrap();
     }
 }

@@ -1036,8 +1036,11 @@ impl Qemu {
         let node = self
             .node(name)
             .ok_or_else(|| QmpError::node_name_not_found(name))?;
+        // A device, an export and a running qcow2 creation (through the block backend it opens
+        // on its file node) all attach a block backend: QEMU checks that first.
         if self.st.devices.iter().any(|d| d.node == name)
             || self.st.exports.values().any(|e| e.node == name)
+            || self.st.jobs.values().any(|j| j.creating_on() == Some(name))
         {
             return Err(QmpError::node_in_use(name));
         }
@@ -1152,7 +1155,7 @@ impl Qemu {
             * 4096;
         let mut image = json!({
             "virtual-size": size,
-            "filename": filename,
+            "filename": &filename,
             "format": n.drv,
             "actual-size": actual,
             "dirty-flag": false,
@@ -1182,16 +1185,18 @@ impl Qemu {
             _ => {}
         }
         if !flat && let Some(b) = &n.backing {
-            image["backing-image"] = self.node_info(b, true)["image"].clone();
+            image["backing-image"] = self.node_info(b, true)["image"].take();
         }
+        // Values are moved in after the macro: `json!` would copy an interpolated Value deeply.
         let mut info = json!({
-            "iops_rd": 0, "detect_zeroes": n.detect_zeroes, "active": true, "image": image,
+            "iops_rd": 0, "detect_zeroes": n.detect_zeroes, "active": true,
             "iops_wr": 0, "ro": n.read_only, "node-name": n.name, "backing_file_depth": 0,
             "drv": n.drv, "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false,
             "bps": 0, "bps_rd": 0,
             "cache": {"no-flush": false, "direct": false, "writeback": true},
-            "file": filename,
         });
+        info["image"] = image;
+        info["file"] = Value::String(filename);
         if let Some(FileContent::Qcow2(q)) = self.image_path(name).and_then(|p| self.fs.get(&p))
             && let Some(b) = &q.backing_file
         {

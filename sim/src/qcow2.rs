@@ -89,7 +89,10 @@ impl Qcow2Image {
                     .collect(),
             );
         }
-        json!({"type": "qcow2", "data": data})
+        // Moved in rather than interpolated: `json!` would copy the Value deeply.
+        let mut v = json!({"type": "qcow2"});
+        v["data"] = data;
+        v
     }
 }
 

@@ -39,7 +39,8 @@ use vbackup_core::link::Link;
 use vbackup_core::model::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, StorageType};
 
 use crate::errors::QmpError;
-use crate::image::FileSystem;
+use crate::image::{Cluster, FileContent, FileSystem, ImageError, LogicalImage};
+use crate::nbd::ExportView;
 pub mod link;
 
 use self::link::{FaultyLink, LinkFaults, PointInTime, SharedQemu};
@@ -62,14 +63,13 @@ pub struct HistoryConfig {
     /// Keep the QMP trace and the step log (for determinism checks and debugging).
     pub trace: bool,
     /// Restart vbackup (and fail store writes) at any moment, also while a backup is being
-    /// set up or runs. Off, those two faults only strike between backups: the core does not
-    /// yet clean up what an interrupted backup left in QEMU (see the crate's history tests).
+    /// set up or runs (the default). Off, those two faults only strike between backups, which
+    /// narrows a failure down when bisecting.
     pub engine_faults_anywhere: bool,
     /// The fault kinds the safety phase draws from.
     pub fault_kinds: Vec<FaultKind>,
-    /// Abort also while a backup is still being set up (its begin not answered yet). Off by
-    /// default: the core leaves a running image-creation job behind then (see the crate's
-    /// history tests).
+    /// Abort also while a backup is still being set up (its begin not answered yet; the
+    /// default). Off, aborts wait for the begin's answer.
     pub abort_during_setup: bool,
 }
 
@@ -81,9 +81,9 @@ impl HistoryConfig {
             steps: 200,
             faults: true,
             trace: false,
-            engine_faults_anywhere: false,
+            engine_faults_anywhere: true,
             fault_kinds: FaultKind::ALL.to_vec(),
-            abort_during_setup: false,
+            abort_during_setup: true,
         }
     }
 }
@@ -178,7 +178,8 @@ pub struct Failure {
     pub step: usize,
     /// What is wrong.
     pub what: String,
-    /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`), or empty.
+    /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`, `SIM_STEPS=...`,
+    /// `SIM_ENGINE_FAULTS_ANYWHERE=0`, `SIM_ABORT_DURING_SETUP=0`), or empty.
     pub env: String,
 }
 
@@ -429,31 +430,25 @@ pub fn lab_backup(mode: BackupMode, incremental: Option<&str>, dir: &str) -> Bac
 /// backing chain stands for: nothing for a full backup, the content at the checkpoint for an
 /// incremental one), read through the chain.
 pub fn restore_image(fs: &FileSystem, image: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
-    let content = fs
-        .get(image)
-        .ok_or_else(|| format!("backup image {image} is missing"))?
-        .clone();
-    let mut scratch = FileSystem::new();
-    let size = fs.virtual_size(image).map_err(|e| e.to_string())?;
-    let backing = match base {
-        Some(b) => {
-            scratch.create_raw("/restore/base", b.len() as u64);
-            scratch
-                .write_image("/restore/base", 0, b)
-                .map_err(|e| e.to_string())?;
-            Some("/restore/base")
+    let base = base.map(|b| LogicalImage::from_bytes(b, CLUSTER));
+    Ok(restore_logical(fs, image, base.as_ref())?.to_bytes())
+}
+
+/// [`restore_image`] over shared clusters: the clusters `image` allocates laid over `base`
+/// (the header's own backing file is ignored, as after `qemu-img rebase -u`).
+pub fn restore_logical(
+    fs: &FileSystem,
+    image: &str,
+    base: Option<&LogicalImage>,
+) -> Result<LogicalImage, String> {
+    match fs.get(image) {
+        None => Err(format!("backup image {image} is missing")),
+        Some(FileContent::Qcow2(q)) => Ok(LogicalImage::overlay(base, q.virtual_size, &q.data)),
+        Some(FileContent::Raw(_)) if base.is_some() => {
+            Err(ImageError::NotQcow2(image.into()).to_string())
         }
-        None => None,
-    };
-    scratch.put("/restore/image", content);
-    scratch
-        .rebase_unsafe("/restore/image", backing)
-        .map_err(|e| e.to_string())?;
-    let mut out = scratch
-        .read_image("/restore/image")
-        .map_err(|e| e.to_string())?;
-    out.truncate(size as usize);
-    Ok(out)
+        Some(FileContent::Raw(r)) => Ok(LogicalImage::overlay(None, r.size, &r.data)),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -461,17 +456,18 @@ struct ActiveBackup {
     mode: BackupMode,
     incremental: Option<String>,
     dir: String,
-    point: Option<Rc<BTreeMap<String, Vec<u8>>>>,
+    point: Option<Rc<BTreeMap<String, LogicalImage>>>,
 }
 
 #[derive(Debug, Clone)]
 struct CheckpointContent {
-    disks: Rc<BTreeMap<String, Vec<u8>>>,
+    disks: Rc<BTreeMap<String, LogicalImage>>,
     crash_epoch: u64,
 }
 
 struct World {
     seed: u64,
+    steps: usize,
     rng: ChaCha8Rng,
     qemu: SharedQemu,
     driver: Option<Driver<FaultyLink, StoreEffects>>,
@@ -492,7 +488,7 @@ struct World {
     deleted_metadata: Vec<Checkpoint>,
     /// Checkpoints redefined from metadata (their bitmaps are not guaranteed).
     redefined: BTreeSet<String>,
-    last_backup_point: Option<Rc<BTreeMap<String, Vec<u8>>>>,
+    last_backup_point: Option<Rc<BTreeMap<String, LogicalImage>>>,
     backup: Option<ActiveBackup>,
     events_seen: usize,
     crash_epoch: u64,
@@ -502,6 +498,8 @@ struct World {
     /// Checkpoints whose deletion was lost by a failed store write.
     resurrected: BTreeSet<String>,
     candidates: BTreeMap<RequestId, ActiveBackup>,
+    /// Reused for the data of guest writes.
+    write_buffer: Vec<u8>,
 }
 
 impl World {
@@ -530,6 +528,7 @@ impl World {
         let driver = Driver::new(domain, link, StoreEffects::new(qemu.clone()));
         Self {
             seed: config.seed,
+            steps: config.steps,
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             qemu,
             driver: Some(driver),
@@ -555,6 +554,7 @@ impl World {
             backup_candidate: None,
             resurrected: BTreeSet::new(),
             candidates: BTreeMap::new(),
+            write_buffer: Vec::new(),
         }
     }
 
@@ -566,11 +566,14 @@ impl World {
             let names: Vec<&str> = self.fault_kinds.iter().map(|k| k.name()).collect();
             env.push_str(&format!(" SIM_FAULTS={}", names.join(",")));
         }
-        if self.engine_faults_anywhere {
-            env.push_str(" SIM_ENGINE_FAULTS_ANYWHERE=1");
+        if !self.engine_faults_anywhere {
+            env.push_str(" SIM_ENGINE_FAULTS_ANYWHERE=0");
         }
-        if self.abort_during_setup {
-            env.push_str(" SIM_ABORT_DURING_SETUP=1");
+        if !self.abort_during_setup {
+            env.push_str(" SIM_ABORT_DURING_SETUP=0");
+        }
+        if self.steps != HistoryConfig::seed(0).steps {
+            env.push_str(&format!(" SIM_STEPS={}", self.steps));
         }
         Failure {
             seed: self.seed,
@@ -635,10 +638,10 @@ impl World {
         let len = 1 + self.below((DISK_BYTES - offset).min(3 * CLUSTER));
         let byte = (self.below(255) + 1) as u8;
         let now = self.now();
-        let r = self
-            .qemu
-            .borrow_mut()
-            .guest_write(now, disk, offset, &vec![byte; len as usize]);
+        let data = &mut self.write_buffer;
+        data.clear();
+        data.resize(len as usize, byte);
+        let r = self.qemu.borrow_mut().guest_write(now, disk, offset, data);
         if r.is_ok() {
             self.stats.guest_writes += 1;
         }
@@ -1066,7 +1069,7 @@ impl World {
         }
     }
 
-    fn base_of(&self, b: &ActiveBackup, disk: &str) -> Result<Option<Vec<u8>>, Failure> {
+    fn base_of(&self, b: &ActiveBackup, disk: &str) -> Result<Option<LogicalImage>, Failure> {
         match &b.incremental {
             None => Ok(None),
             Some(cp) => {
@@ -1087,14 +1090,15 @@ impl World {
         for disk in ["vda", "vdb"] {
             let base = self.base_of(b, disk)?;
             let path = format!("{}/{disk}.qcow2", b.dir);
-            let restored = restore_image(self.qemu.borrow().fs(), &path, base.as_deref())
+            let restored = restore_logical(self.qemu.borrow().fs(), &path, base.as_ref())
                 .map_err(|e| self.fail(format!("restoring {path}: {e}")))?;
-            let expected = point.get(disk).cloned().unwrap_or_default();
-            if restored != expected {
+            let expected = point
+                .get(disk)
+                .ok_or_else(|| self.fail(format!("no content of {disk} at the point in time")))?;
+            if let Some(at) = restored.first_difference(expected) {
                 return Err(self.fail(format!(
-                    "push backup {path} (incremental from {:?}) differs from {disk} at its point in time at byte {}",
-                    b.incremental,
-                    first_difference(&restored, &expected)
+                    "push backup {path} (incremental from {:?}) differs from {disk} at its point in time at byte {at}",
+                    b.incremental
                 )));
             }
         }
@@ -1132,15 +1136,16 @@ impl World {
                     // The export is gone (QEMU died); nothing to read.
                     return Ok(());
                 };
-                read_export(&mut reader, base.as_deref())
+                let Some(expected) = point.get(disk) else {
+                    return Err(self.fail(format!("no content of {disk} at the point in time")));
+                };
+                compare_export(&mut reader, base.as_ref(), expected)
             };
-            let got = read.map_err(|e| self.fail(format!("reading export {disk}: {e}")))?;
-            let expected = point.get(disk).cloned().unwrap_or_default();
-            if got != expected {
+            let differs = read.map_err(|e| self.fail(format!("reading export {disk}: {e}")))?;
+            if let Some(at) = differs {
                 return Err(self.fail(format!(
-                    "pull export {disk} (incremental from {:?}) differs from the point in time at byte {}",
-                    b.incremental,
-                    first_difference(&got, &expected)
+                    "pull export {disk} (incremental from {:?}) differs from the point in time at byte {at}",
+                    b.incremental
                 )));
             }
         }
@@ -1154,66 +1159,98 @@ impl World {
         if self.chance(15) {
             self.check_pull()?;
         }
-        // No disk in two block jobs.
-        {
-            let q = self.qemu.borrow();
-            for node in ["libvirt-1-format", "libvirt-3-format"] {
-                if let Some(n) = q.st.nodes.get(node) {
-                    let backups = n
-                        .job_users
-                        .iter()
-                        .filter(|j| q.st.jobs.get(*j).is_some_and(|j| j.type_str() == "backup"))
-                        .count();
-                    if backups > 1 {
-                        return Err(self.fail(format!("{node} is in {backups} backup jobs")));
-                    }
-                }
-            }
-        }
+        self.check_one_job_per_disk()?;
         // The tree matches the bitmaps, or the mismatch is explained.
-        let cps: Vec<Checkpoint> = self
-            .driver()
-            .domain()
-            .view()
-            .checkpoints
-            .iter()
-            .cloned()
-            .collect();
         let connected = self.driver().domain().view().connected;
         if connected && self.qemu.borrow().is_running() {
-            for cp in cps {
-                let excused = self.redefined.contains(&cp.name)
-                    || self.resurrected.contains(&cp.name)
-                    || self
-                        .contents
-                        .get(&cp.name)
-                        .is_none_or(|c| c.crash_epoch < self.crash_epoch);
-                if excused {
-                    continue;
-                }
-                for (disk, bitmap) in cp.bitmap_disks() {
-                    let node = if disk == "vda" {
-                        "libvirt-1-format"
-                    } else {
-                        "libvirt-3-format"
-                    };
-                    let q = self.qemu.borrow();
-                    let has = q.st.nodes.get(node).is_some_and(|n| {
-                        n.bitmaps
-                            .iter()
-                            .any(|b| b.name.as_deref() == Some(bitmap) && !b.inconsistent)
-                    });
-                    drop(q);
-                    if !has {
-                        return Err(self.fail(format!(
-                            "checkpoint {} has no bitmap {bitmap} on {disk} ({node})",
-                            cp.name
-                        )));
+            let missing = {
+                let (Some(driver), q) = (self.driver.as_ref(), self.qemu.borrow()) else {
+                    return Ok(());
+                };
+                let view = driver.domain().view();
+                let mut missing = None;
+                'tree: for cp in view.checkpoints.iter() {
+                    let excused = self.redefined.contains(&cp.name)
+                        || self.resurrected.contains(&cp.name)
+                        || self
+                            .contents
+                            .get(&cp.name)
+                            .is_none_or(|c| c.crash_epoch < self.crash_epoch);
+                    if excused {
+                        continue;
                     }
+                    for (disk, bitmap) in cp.bitmap_disks() {
+                        let node = if disk == "vda" {
+                            "libvirt-1-format"
+                        } else {
+                            "libvirt-3-format"
+                        };
+                        let has = q.st.nodes.get(node).is_some_and(|n| {
+                            n.bitmaps
+                                .iter()
+                                .any(|b| b.name.as_deref() == Some(bitmap) && !b.inconsistent)
+                        });
+                        if !has {
+                            missing = Some(format!(
+                                "checkpoint {} has no bitmap {bitmap} on {disk} ({node})",
+                                cp.name
+                            ));
+                            break 'tree;
+                        }
+                    }
+                }
+                missing
+            };
+            if let Some(what) = missing {
+                return Err(self.fail(what));
+            }
+        }
+        Ok(())
+    }
+
+    /// No disk is the source of two block jobs that have not concluded, and no disk node is
+    /// held by two backup jobs.
+    fn check_one_job_per_disk(&self) -> Result<(), Failure> {
+        let q = self.qemu.borrow();
+        let mut sources: Vec<&str> =
+            q.st.jobs
+                .values()
+                .filter(|j| j.status != crate::job::JobStatus::Concluded)
+                .filter_map(|j| j.backup().map(|b| b.source.as_str()))
+                .collect();
+        sources.sort_unstable();
+        if let Some(w) = sources.windows(2).find(|w| w[0] == w[1]) {
+            return Err(self.fail(format!(
+                "disk node {} is the source of two block jobs",
+                w[0]
+            )));
+        }
+        for node in ["libvirt-1-format", "libvirt-3-format"] {
+            if let Some(n) = q.st.nodes.get(node) {
+                let backups = n
+                    .job_users
+                    .iter()
+                    .filter(|j| q.st.jobs.get(*j).is_some_and(|j| j.type_str() == "backup"))
+                    .count();
+                if backups > 1 {
+                    return Err(self.fail(format!("{node} is in {backups} backup jobs")));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Asks to abort the running backup (not one still being set up, unless the history
+    /// aborts during setup).
+    fn abort_running_backup(&mut self) {
+        let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
+        if self.driver().domain().view().backup.is_some()
+            && (self.abort_during_setup || !setting_up)
+        {
+            let _ = self.driver().submit(Request::AbortJob).map(|id| {
+                self.pending.insert(id, "abort (liveness)".into());
+            });
+        }
     }
 
     /// Faults off: everything must settle.
@@ -1239,14 +1276,7 @@ impl World {
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
-            if self.driver().domain().view().backup.is_some()
-                && (self.abort_during_setup || !setting_up)
-            {
-                let _ = self.driver().submit(Request::AbortJob).map(|id| {
-                    self.pending.insert(id, "abort (liveness)".into());
-                });
-            }
+            self.abort_running_backup();
             self.pump(5_000)?;
             self.check()?;
         }
@@ -1261,14 +1291,7 @@ impl World {
             if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
                 break;
             }
-            let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
-            if self.driver().domain().view().backup.is_some()
-                && (self.abort_during_setup || !setting_up)
-            {
-                let _ = self.driver().submit(Request::AbortJob).map(|id| {
-                    self.pending.insert(id, "abort (liveness)".into());
-                });
-            }
+            self.abort_running_backup();
             self.pump(70_000)?;
         }
         self.step += 1;
@@ -1328,45 +1351,133 @@ pub fn read_export<R: ExportReader>(
 ) -> Result<Vec<u8>, String> {
     let size = reader.size();
     let mut out = vec![0u8; size as usize];
-    match base {
-        None => reader.read_at(0, &mut out).map_err(|e| e.to_string())?,
-        Some(base) => {
-            let n = base.len().min(out.len());
-            out[..n].copy_from_slice(&base[..n]);
-            let ctx = reader
-                .meta_contexts()
-                .into_iter()
-                .find(|c| c.starts_with("qemu:dirty-bitmap:"))
-                .ok_or("an incremental export offers no dirty bitmap")?;
-            let mut offset = 0;
-            while offset < size {
-                let extents = reader
-                    .block_status(&ctx, offset, size - offset)
-                    .map_err(|e| e.to_string())?;
-                if extents.is_empty() {
-                    return Err(format!("no block status at {offset}"));
-                }
-                for e in extents {
-                    if e.flags & STATE_DIRTY != 0 {
-                        let start = offset as usize;
-                        let end = (offset + e.length) as usize;
-                        reader
-                            .read_at(offset, &mut out[start..end])
-                            .map_err(|e| e.to_string())?;
-                    }
-                    offset += e.length;
-                }
-            }
-        }
+    if let Some(base) = base {
+        let n = base.len().min(out.len());
+        out[..n].copy_from_slice(&base[..n]);
+    }
+    for (offset, len) in export_ranges(reader, base.is_some())? {
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        reader
+            .read_at(offset, &mut out[start..end])
+            .map_err(|e| e.to_string())?;
     }
     Ok(out)
 }
 
-fn first_difference(a: &[u8], b: &[u8]) -> usize {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()))
+/// The byte ranges a pull client reads, in order: all of it for a full backup, the dirty
+/// extents of the export's bitmap for an incremental one.
+fn export_ranges<R: ExportReader>(
+    reader: &mut R,
+    incremental: bool,
+) -> Result<Vec<(u64, u64)>, String> {
+    let size = reader.size();
+    if !incremental {
+        return Ok(vec![(0, size)]);
+    }
+    let ctx = reader
+        .meta_contexts()
+        .into_iter()
+        .find(|c| c.starts_with("qemu:dirty-bitmap:"))
+        .ok_or("an incremental export offers no dirty bitmap")?;
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let extents = reader
+            .block_status(&ctx, offset, size - offset)
+            .map_err(|e| e.to_string())?;
+        if extents.is_empty() {
+            return Err(format!("no block status at {offset}"));
+        }
+        for e in extents {
+            let length = e.length.min(size - offset);
+            if e.flags & STATE_DIRTY != 0 {
+                ranges.push((offset, length));
+            }
+            offset += length;
+        }
+    }
+    Ok(ranges)
+}
+
+/// Reads an export as [`read_export`] does and compares what the client ends up with to
+/// `expected`, one cluster at a time: the first offset that differs, if any. A cluster the
+/// client does not read is `base`'s; a cluster read whole that an image stores whole is taken
+/// by reference ([`ExportView::shared_cluster`], the same bytes `read_at` copies), so equal
+/// clusters shared with the point in time compare without copying.
+pub fn compare_export(
+    reader: &mut ExportView<'_>,
+    base: Option<&LogicalImage>,
+    expected: &LogicalImage,
+) -> Result<Option<u64>, String> {
+    let size = reader.size();
+    if size != expected.size() {
+        return Ok(Some(size.min(expected.size())));
+    }
+    let cs = expected.cluster_size();
+    let ranges = export_ranges(reader, base.is_some())?;
+    let mut next = ranges.iter().copied().peekable();
+    let mut buf = vec![0u8; cs as usize];
+    for idx in 0..size.div_ceil(cs) {
+        let (start, end) = (idx * cs, ((idx + 1) * cs).min(size));
+        let n = (end - start) as usize;
+        let want = expected.cluster(idx);
+        // The cluster as the client has it: shared when it can be, else in `buf`.
+        let mut have = base.and_then(|b| b.cluster_at(start, cs));
+        let mut in_buf = false;
+        while let Some((offset, len)) = next.peek().copied() {
+            if offset >= end {
+                break;
+            }
+            let (a, b) = (offset.max(start), (offset + len).min(end));
+            let whole = a == start && b == end && n as u64 == cs;
+            match whole.then(|| reader.shared_cluster(a, cs)).transpose() {
+                Ok(Some(Some(shared))) => {
+                    have = Some(shared.map_or(Cluster::Zero, |c| c));
+                    in_buf = false;
+                }
+                Ok(_) => {
+                    if !in_buf {
+                        in_buf = true;
+                        match &have {
+                            Some(Cluster::Data(d)) => buf.copy_from_slice(d),
+                            _ => buf.fill(0),
+                        }
+                    }
+                    reader
+                        .read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])
+                        .map_err(|e| e.to_string())?;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            if offset + len > end {
+                break;
+            }
+            next.next();
+        }
+        let at = if in_buf {
+            first_difference(&buf[..n], want)
+        } else if LogicalImage::clusters_equal(have.as_ref(), want) {
+            None
+        } else {
+            match &have {
+                Some(Cluster::Data(d)) => first_difference(&d[..n], want),
+                _ => first_difference(&vec![0u8; n], want),
+            }
+        };
+        if let Some(i) = at {
+            return Ok(Some(start + i as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// Where `have` differs from the start of cluster `want` (absent: zeroes), if it does.
+fn first_difference(have: &[u8], want: Option<&Cluster>) -> Option<usize> {
+    match want {
+        Some(Cluster::Data(d)) if have == &d[..have.len()] => None,
+        Some(Cluster::Data(d)) => have.iter().zip(d.iter()).position(|(x, y)| x != y),
+        _ => have.iter().position(|b| *b != 0),
+    }
 }
 
 fn describe(r: &Request) -> String {

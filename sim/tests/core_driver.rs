@@ -1,6 +1,9 @@
-//! The core's domain state machine driving the simulator through [`SimLink`]: the commands the
+//! The core's domain state machine driving the simulator through [`FaultyLink`]: the commands the
 //! core really sends must be accepted, and the backups it makes must restore to the disk at
 //! their point in time.
+
+use std::cell::{Ref, RefCell, RefMut};
+use std::rc::Rc;
 
 use serde_json::json;
 use vbackup_core::Domain;
@@ -13,10 +16,14 @@ use vbackup_core::driver::Driver;
 use vbackup_core::export::ExportReader;
 use vbackup_core::link::Link;
 use vbackup_core::model::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, StorageType};
-use vbackup_sim::{Config, FileSystem, Flavor, Qemu, SimEffects, SimLink};
+use vbackup_sim::world::StoreEffects;
+use vbackup_sim::world::link::FaultyLink;
+use vbackup_sim::{Config, FileSystem, Flavor, Qemu};
 
 const MIB: u64 = 1 << 20;
 const STEPS: usize = 10_000;
+
+type Sim = Driver<FaultyLink, StoreEffects>;
 
 fn domain_def() -> DomainDef {
     DomainDef {
@@ -79,7 +86,7 @@ fn spec(mode: BackupMode, incremental: Option<&str>, path: &str) -> BackupSpec {
     }
 }
 
-fn started() -> Driver<SimLink, SimEffects> {
+fn started() -> Sim {
     let mut fs = FileSystem::new();
     fs.create_qcow2("/img/vda.qcow2", 64 * MIB, 65536, None);
     let mut q = Qemu::negotiated(
@@ -105,9 +112,12 @@ fn started() -> Driver<SimLink, SimEffects> {
         CheckpointTree::new(),
         None,
     );
-    let link = SimLink::new(q);
-    let effects = link.effects();
-    let mut d = Driver::new(domain, link, effects);
+    let qemu = Rc::new(RefCell::new(q));
+    let mut d = Driver::new(
+        domain,
+        FaultyLink::new(qemu.clone()),
+        StoreEffects::new(qemu),
+    );
     // The greeting tells the domain a session is open; it negotiates and reconciles.
     for _ in 0..50 {
         if d.domain().view().connected {
@@ -119,7 +129,7 @@ fn started() -> Driver<SimLink, SimEffects> {
     d
 }
 
-fn call(d: &mut Driver<SimLink, SimEffects>, r: Request) -> Reply {
+fn call(d: &mut Sim, r: Request) -> Reply {
     let id = d.submit(r).unwrap();
     for _ in 0..STEPS {
         if let Some(answer) = d.answer(id) {
@@ -130,7 +140,7 @@ fn call(d: &mut Driver<SimLink, SimEffects>, r: Request) -> Reply {
     panic!("no answer");
 }
 
-fn finish_backup(d: &mut Driver<SimLink, SimEffects>) {
+fn finish_backup(d: &mut Sim) {
     for _ in 0..STEPS {
         if d.domain().view().backup.is_none() {
             return;
@@ -141,16 +151,23 @@ fn finish_backup(d: &mut Driver<SimLink, SimEffects>) {
     panic!("backup did not finish");
 }
 
-fn write(d: &mut Driver<SimLink, SimEffects>, offset: u64, len: usize, byte: u8) {
+fn qemu(d: &Sim) -> Ref<'_, Qemu> {
+    d.link().qemu().borrow()
+}
+
+fn qemu_mut(d: &Sim) -> RefMut<'_, Qemu> {
+    d.link().qemu().borrow_mut()
+}
+
+fn write(d: &mut Sim, offset: u64, len: usize, byte: u8) {
     let now = d.link().now().as_ms();
-    d.link()
-        .qemu_mut()
+    qemu_mut(d)
         .guest_write(now, "virtio-disk0", offset, &vec![byte; len])
         .unwrap();
 }
 
-fn disk(d: &Driver<SimLink, SimEffects>) -> Vec<u8> {
-    d.link().qemu().guest_disk("virtio-disk0").unwrap()
+fn disk(d: &Sim) -> Vec<u8> {
+    qemu(d).guest_disk("virtio-disk0").unwrap()
 }
 
 #[test]
@@ -173,11 +190,7 @@ fn core_push_full_then_incremental_restores_byte_for_byte() {
     write(&mut d, 0, 65536, 0x21);
     finish_backup(&mut d);
     assert_eq!(
-        d.link()
-            .qemu()
-            .fs()
-            .read_image("/backups/full.qcow2")
-            .unwrap(),
+        qemu(&d).fs().read_image("/backups/full.qcow2").unwrap(),
         at_full
     );
 
@@ -197,7 +210,7 @@ fn core_push_full_then_incremental_restores_byte_for_byte() {
     write(&mut d, 40 * MIB, 65536, 0x41);
     finish_backup(&mut d);
     {
-        let mut q = d.link().qemu_mut();
+        let mut q = qemu_mut(&d);
         let fs = q.fs_mut();
         fs.rebase_unsafe("/backups/inc.qcow2", Some("/backups/full.qcow2"))
             .unwrap();
@@ -244,7 +257,7 @@ fn core_pull_backup_serves_the_point_in_time_while_the_guest_writes() {
     let at_begin = disk(&d);
     write(&mut d, 0, 4 * MIB as usize, 0x53);
     {
-        let q = d.link().qemu();
+        let q = qemu(&d);
         let mut v = q.export_reader("vda").unwrap();
         let contexts = v.meta_contexts();
         let bitmap_ctx = contexts
@@ -301,10 +314,12 @@ fn after_a_qemu_crash_the_core_never_makes_a_wrong_incremental() {
     finish_backup(&mut d);
     write(&mut d, 8 * MIB, 65536, 0x62);
     // QEMU dies: the checkpoint bitmap created in this run never reached the image.
-    d.link_mut().crash();
+    qemu_mut(&d).crash();
+    d.link_mut().drop_connection();
     assert!(d.step(None).is_err());
-    d.link_mut().restart();
-    boot(&mut d.link().qemu_mut());
+    qemu_mut(&d).restart();
+    boot(&mut qemu_mut(&d));
+    d.link_mut().reconnect();
     for _ in 0..50 {
         if d.domain().view().connected {
             break;
@@ -327,7 +342,7 @@ fn after_a_qemu_crash_the_core_never_makes_a_wrong_incremental() {
     if answer.is_ok() {
         let at_inc = disk(&d);
         finish_backup(&mut d);
-        let mut q = d.link().qemu_mut();
+        let mut q = qemu_mut(&d);
         let fs = q.fs_mut();
         fs.rebase_unsafe("/backups/inc.qcow2", Some("/backups/full.qcow2"))
             .unwrap();

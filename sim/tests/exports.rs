@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use vbackup_core::export::{ExportReader, Extent, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use vbackup_sim::world::{compare_export, read_export};
 
 fn start_server(q: &mut vbackup_sim::Qemu) {
     ok(
@@ -131,6 +132,35 @@ fn server_and_export_refusals_use_qemu_texts() {
     assert_eq!(bitmap(&mut q, "disk", "frozen").unwrap()["busy"], false);
 }
 
+/// The disk with 4 MiB of data, then checkpoint bitmap `chk1`.
+fn disk_with_checkpoint() -> vbackup_sim::Qemu {
+    let mut q = daemon_with_disk();
+    q.guest_write(0, "disk", 0, &pattern(1, 4 * MIB as usize))
+        .unwrap();
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "chk1", "persistent": true}),
+    );
+    q
+}
+
+/// A scratch image for fleecing, its backing the disk (reference §6B).
+fn add_scratch(q: &mut vbackup_sim::Qemu) {
+    q.fs_mut().create_qcow2(
+        "/img/scratch.qcow2",
+        64 * MIB,
+        65536,
+        Some("/img/disk.qcow2"),
+    );
+    ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "scratch", "backing": "disk",
+        "file": {"driver": "file", "node-name": "scratch-file", "filename": "/img/scratch.qcow2"}}),
+    );
+}
+
 fn read_all(v: &mut vbackup_sim::ExportView<'_>) -> Vec<u8> {
     let mut buf = vec![0u8; v.size() as usize];
     v.read_at(0, &mut buf).unwrap();
@@ -141,31 +171,13 @@ fn read_all(v: &mut vbackup_sim::ExportView<'_>) -> Vec<u8> {
 /// same transaction as the bitmap split, the export carries the frozen bitmap.
 #[test]
 fn guest_writes_during_a_pull_do_not_change_what_the_export_reads() {
-    let mut q = daemon_with_disk();
-    q.guest_write(0, "disk", 0, &pattern(1, 4 * MIB as usize))
-        .unwrap();
-    ok(
-        &mut q,
-        "block-dirty-bitmap-add",
-        json!({"node": "disk", "name": "chk1", "persistent": true}),
-    );
+    let mut q = disk_with_checkpoint();
     q.guest_write(0, "disk", MIB, &pattern(2, MIB as usize))
         .unwrap();
     q.guest_write(0, "disk", 16 * MIB, &pattern(3, 131072))
         .unwrap();
     let before = q.guest_disk("disk").unwrap();
-    q.fs_mut().create_qcow2(
-        "/img/scratch.qcow2",
-        64 * MIB,
-        65536,
-        Some("/img/disk.qcow2"),
-    );
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "scratch", "backing": "disk",
-        "file": {"driver": "file", "node-name": "scratch-file", "filename": "/img/scratch.qcow2"}}),
-    );
+    add_scratch(&mut q);
     ok(
         &mut q,
         "transaction",
@@ -309,6 +321,57 @@ fn guest_writes_during_a_pull_do_not_change_what_the_export_reads() {
     assert_eq!(
         q.fs().allocated_ranges("/img/scratch.qcow2").unwrap(),
         vec![(0, 2 * MIB), (32 * MIB, MIB)]
+    );
+}
+
+/// The checkers' shortcuts read what the byte paths read: a guest snapshot (shared clusters)
+/// equals the disk byte for byte, also under a running fleecing job, and comparing an export
+/// cluster by cluster (shared clusters by reference) agrees with reading it whole.
+#[test]
+fn shared_cluster_snapshots_and_export_comparison_match_byte_reads() {
+    let mut q = disk_with_checkpoint();
+    let at_chk1 = q.guest_snapshot("disk").unwrap();
+    assert_eq!(at_chk1.to_bytes(), q.guest_disk("disk").unwrap());
+    // Partial clusters, and a write that straddles two clusters.
+    q.guest_write(0, "disk", MIB + 100, &pattern(2, 70_000))
+        .unwrap();
+    q.guest_write(0, "disk", 16 * MIB - 10, &pattern(3, 20))
+        .unwrap();
+    let before = q.guest_snapshot("disk").unwrap();
+    assert_eq!(before.to_bytes(), q.guest_disk("disk").unwrap());
+    add_scratch(&mut q);
+    ok(
+        &mut q,
+        "transaction",
+        json!({"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "backup-src", "persistent": false, "disabled": true, "granularity": 65536}},
+        {"type": "block-dirty-bitmap-merge", "data": {"node": "disk", "target": "backup-src", "bitmaps": ["chk1"]}},
+        {"type": "blockdev-backup", "data": {"device": "disk", "job-id": "fleece", "target": "scratch", "sync": "none", "auto-dismiss": false}}]}),
+    );
+    start_server(&mut q);
+    ok(
+        &mut q,
+        "block-export-add",
+        json!({"type": "nbd", "id": "pull", "node-name": "scratch", "name": "pull", "writable": false, "bitmaps": ["backup-src"]}),
+    );
+    q.guest_write(10, "disk", 0, &vec![0xa1; 2 * MIB as usize])
+        .unwrap();
+    q.guest_write(20, "disk", 32 * MIB + 5, &vec![0xa2; 1000])
+        .unwrap();
+    let now = q.guest_snapshot("disk").unwrap();
+    assert_eq!(now.to_bytes(), q.guest_disk("disk").unwrap());
+    assert_ne!(now, before);
+    let mut v = q.export_reader("pull").unwrap();
+    // Full and incremental reads both give the point in time...
+    assert_eq!(compare_export(&mut v, None, &before), Ok(None));
+    assert_eq!(compare_export(&mut v, Some(&at_chk1), &before), Ok(None));
+    let base = at_chk1.to_bytes();
+    assert_eq!(read_export(&mut v, Some(&base)).unwrap(), before.to_bytes());
+    // ...and a wrong expectation is caught at its first byte.
+    assert_eq!(compare_export(&mut v, None, &now), Ok(Some(0)));
+    assert_eq!(
+        compare_export(&mut v, Some(&at_chk1), &at_chk1),
+        Ok(Some(MIB + 100))
     );
 }
 

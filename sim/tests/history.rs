@@ -12,13 +12,44 @@ fn fixed_seeds() -> std::ops::Range<u64> {
     }
 }
 
-/// The fault kinds the core survives today. Command refusals, link drops and store write
-/// failures find the bugs the ignored tests below name.
-const SURVIVED: [FaultKind; 4] = [
-    FaultKind::JobIoError,
-    FaultKind::TargetNoSpace,
-    FaultKind::QemuCrash,
-    FaultKind::EngineRestart,
+/// Seeds of the fixed range that fail today because of core bugs, with the failure they show
+/// (the `what` of the failure line). They run like every other seed; the test reports them
+/// and fails on any other failure. A seed that passes again is reported as such: take it out
+/// of the list. Each group says what exposes it, as the seeds' traces show.
+const KNOWN_FAILURES: &[(u64, &str)] = &[
+    // A backup start cut by lost connections (link drops, vbackup restarts) is never answered, or
+    // its run never ends: the domain job stays held.
+    (28, "a backup is still running after the liveness phase"),
+    (
+        45,
+        "request #2 backup-begin Push incremental=Some(\"c32\") checkpoint=Some(\"c39\") was never answered",
+    ),
+    (
+        74,
+        "request #10 backup-begin Pull incremental=None checkpoint=None was never answered",
+    ),
+    // A refused cleanup command is never retried: `job-dismiss` (the image-creation job stays and
+    // every later start is refused with "Job ID ... already in use"), `blockdev-del`, or the
+    // removal of the temporary bitmap.
+    (53, "temporary bitmap backup-vdb left on libvirt-3-format"),
+    (133, "job create-libvirt-4-format left behind"),
+    (194, "job create-libvirt-4-format left behind"),
+    (218, "node libvirt-4-storage left behind"),
+    (240, "job create-libvirt-4-format left behind"),
+    (251, "node libvirt-5-format left behind"),
+    (267, "node libvirt-5-format left behind"),
+    (280, "node libvirt-4-format left behind"),
+    (296, "node libvirt-5-format left behind"),
+    (342, "job create-libvirt-4-format left behind"),
+    (344, "node libvirt-4-format left behind"),
+    (356, "temporary bitmap backup-vda left on libvirt-1-format"),
+    (375, "temporary bitmap backup-vda left on libvirt-1-format"),
+    (387, "node libvirt-4-format left behind"),
+    (414, "job create-libvirt-4-format left behind"),
+    // Nodes of a backup adopted again after a dropped link and a vbackup restart are not removed
+    // when it ends.
+    (382, "node libvirt-4-format left behind"),
+    (449, "node libvirt-4-format left behind"),
 ];
 
 fn config(seed: u64, kinds: &[FaultKind]) -> HistoryConfig {
@@ -28,34 +59,55 @@ fn config(seed: u64, kinds: &[FaultKind]) -> HistoryConfig {
     }
 }
 
-fn run_range(seeds: std::ops::Range<u64>, kinds: &[FaultKind]) -> (HistoryStats, Vec<String>) {
-    let mut total = HistoryStats::default();
-    let mut failures = Vec::new();
-    for seed in seeds {
-        let out = run_history(&config(seed, kinds));
-        total.add(&out.stats);
-        if let Some(f) = out.failure {
-            failures.push(f.to_string());
-        }
+/// The narrower fault model the regression seeds below were found with: vbackup restarts
+/// and store failures only between backups, aborts only once a begin is answered.
+fn narrow(seed: u64, kinds: &[FaultKind]) -> HistoryConfig {
+    HistoryConfig {
+        engine_faults_anywhere: false,
+        abort_during_setup: false,
+        ..config(seed, kinds)
     }
-    (total, failures)
 }
 
 #[test]
-fn fixed_seed_range_keeps_every_invariant_under_survived_faults() {
-    let (total, failures) = run_range(fixed_seeds(), &SURVIVED);
+fn fixed_seed_range_keeps_every_invariant_under_every_fault_kind() {
+    let mut total = HistoryStats::default();
+    let mut unexpected = Vec::new();
+    let mut known = Vec::new();
+    let mut passing_again = Vec::new();
+    for seed in fixed_seeds() {
+        let out = run_history(&HistoryConfig::seed(seed));
+        total.add(&out.stats);
+        let listed = KNOWN_FAILURES.iter().find(|(s, _)| *s == seed);
+        match (out.failure, listed) {
+            (Some(f), Some((_, what))) if f.what == *what => known.push(f.to_string()),
+            (Some(f), _) => unexpected.push(f.to_string()),
+            (None, Some(_)) => passing_again.push(seed),
+            (None, None) => {}
+        }
+    }
+    if !known.is_empty() {
+        eprintln!(
+            "{} seeds fail as listed in KNOWN_FAILURES (core bugs):\n{}",
+            known.len(),
+            known.join("\n")
+        );
+    }
+    if !passing_again.is_empty() {
+        eprintln!("seeds listed in KNOWN_FAILURES that pass now (remove them): {passing_again:?}");
+    }
     assert!(
-        failures.is_empty(),
+        unexpected.is_empty(),
         "{} failing seeds:\n{}",
-        failures.len(),
-        failures.join("\n")
+        unexpected.len(),
+        unexpected.join("\n")
     );
     // The histories exercise what they claim to: backups are checked, every fault happens.
     assert!(total.backups_verified >= total.steps / 50, "{total:?}");
-    for k in SURVIVED {
+    for k in FaultKind::ALL {
         assert!(
-            total.faults.get(&k).copied().unwrap_or(0) > 0,
-            "{k:?} never injected: {total:?}"
+            total.faults.get(&k).copied().unwrap_or(0) >= 10,
+            "{k:?} injected too rarely: {total:?}"
         );
     }
 }
@@ -87,8 +139,7 @@ fn fault_free_histories_converge() {
 fn abort_during_target_creation_leaves_no_create_job() {
     let out = run_history(&HistoryConfig {
         faults: false,
-        abort_during_setup: true,
-        ..HistoryConfig::seed(112)
+        ..narrow(112, &[])
     });
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
@@ -98,7 +149,7 @@ fn abort_during_target_creation_leaves_no_create_job() {
 /// ends, and later aborts are answered without sending anything.
 #[test]
 fn refused_command_never_strands_a_backup() {
-    let out = run_history(&config(0, &[FaultKind::CommandRefused]));
+    let out = run_history(&narrow(0, &[FaultKind::CommandRefused]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
@@ -106,14 +157,14 @@ fn refused_command_never_strands_a_backup() {
 /// known to QEMU only: the next abort checks the cancelling disks again (seed 2).
 #[test]
 fn refused_end_check_is_retried_by_the_next_abort() {
-    let out = run_history(&config(2, &[FaultKind::CommandRefused]));
+    let out = run_history(&narrow(2, &[FaultKind::CommandRefused]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
 /// Regression (fixed): a statistics request whose `query-jobs` is lost with the connection is never answered.
 #[test]
 fn link_drop_never_loses_a_stats_request() {
-    let out = run_history(&config(5, &[FaultKind::LinkDrop]));
+    let out = run_history(&narrow(5, &[FaultKind::LinkDrop]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
@@ -122,7 +173,7 @@ fn link_drop_never_loses_a_stats_request() {
 #[test]
 fn link_drop_during_backup_start_leaves_no_node_nor_create_job() {
     for seed in [279, 290] {
-        let out = run_history(&config(seed, &[FaultKind::LinkDrop]));
+        let out = run_history(&narrow(seed, &[FaultKind::LinkDrop]));
         assert!(out.failure.is_none(), "{}", out.failure.unwrap());
     }
 }
@@ -132,7 +183,7 @@ fn link_drop_during_backup_start_leaves_no_node_nor_create_job() {
 /// already in use" (and a later reconnect may take the stale job for a new one).
 #[test]
 fn store_write_failure_orphans_no_backup_job() {
-    let out = run_history(&config(35, &[FaultKind::StoreWriteFailed]));
+    let out = run_history(&narrow(35, &[FaultKind::StoreWriteFailed]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
@@ -140,7 +191,7 @@ fn store_write_failure_orphans_no_backup_job() {
 /// reply), a backup never ends: aborts are answered but the run stays, holding the domain job.
 #[test]
 fn link_drop_never_strands_a_backup() {
-    let out = run_history(&config(0, &[FaultKind::LinkDrop]));
+    let out = run_history(&narrow(0, &[FaultKind::LinkDrop]));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
@@ -150,25 +201,29 @@ fn link_drop_never_strands_a_backup() {
 /// formatted as qcow2).
 #[test]
 fn stale_job_never_completes_a_backup_that_did_not_run() {
-    let out = run_history(&HistoryConfig::seed(183));
+    let out = run_history(&narrow(183, &FaultKind::ALL));
     assert!(out.failure.is_none(), "{}", out.failure.unwrap());
 }
 
 /// `SIM_SEED=<n>` replays one seed with its QMP trace and step log printed; `SIM_FAULTS`
-/// (`none` or kind names separated by commas) and `SIM_ENGINE_FAULTS_ANYWHERE=1` as the failure
-/// line says.
+/// (`none` or kind names separated by commas), `SIM_STEPS`, `SIM_ENGINE_FAULTS_ANYWHERE=0` and
+/// `SIM_ABORT_DURING_SETUP=0` as the failure line says.
 #[test]
 fn seed_from_env() {
     let Ok(seed) = std::env::var("SIM_SEED") else {
         return;
     };
     let seed: u64 = seed.parse().expect("SIM_SEED is a number");
+    let on = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
     let mut cfg = HistoryConfig {
         trace: true,
-        engine_faults_anywhere: std::env::var("SIM_ENGINE_FAULTS_ANYWHERE").is_ok(),
-        abort_during_setup: std::env::var("SIM_ABORT_DURING_SETUP").is_ok(),
+        engine_faults_anywhere: on("SIM_ENGINE_FAULTS_ANYWHERE"),
+        abort_during_setup: on("SIM_ABORT_DURING_SETUP"),
         ..HistoryConfig::seed(seed)
     };
+    if let Ok(steps) = std::env::var("SIM_STEPS") {
+        cfg.steps = steps.parse().expect("SIM_STEPS is a number");
+    }
     match std::env::var("SIM_FAULTS").as_deref() {
         Ok("none") => cfg.faults = false,
         Ok(list) => {

@@ -465,15 +465,20 @@ fn job_commands_refuse_unknown_jobs_and_wrong_states() {
     );
 }
 
-#[test]
-fn blockdev_create_runs_as_a_job_and_formats_the_file() {
-    let mut q = daemon_with_disk();
+/// An empty file `/img/new.qcow2` opened as node `new-file`, as before a `blockdev-create`.
+fn add_empty_file_node(q: &mut vbackup_sim::Qemu) {
     q.fs_mut().touch("/img/new.qcow2");
     ok(
-        &mut q,
+        q,
         "blockdev-add",
         json!({"driver": "file", "node-name": "new-file", "filename": "/img/new.qcow2"}),
     );
+}
+
+#[test]
+fn blockdev_create_runs_as_a_job_and_formats_the_file() {
+    let mut q = daemon_with_disk();
+    add_empty_file_node(&mut q);
     ok(
         &mut q,
         "blockdev-create",
@@ -520,6 +525,37 @@ fn blockdev_create_runs_as_a_job_and_formats_the_file() {
         job(&mut q, "c2").unwrap()["error"],
         "Cannot find device='nope' nor node-name='nope'"
     );
+}
+
+/// QEMU's qcow2 creation opens a block backend on its file node for the job's run:
+/// `blockdev-del` of that node is refused with the in-use text until the job has run, and the
+/// job still formats the file.
+#[test]
+fn blockdev_del_refuses_the_file_node_of_a_running_create_job() {
+    let mut q = daemon_with_disk();
+    add_empty_file_node(&mut q);
+    ok(
+        &mut q,
+        "blockdev-create",
+        json!({"job-id": "create-new", "options": {"driver": "qcow2", "file": "new-file", "size": 64 * MIB}}),
+    );
+    assert_eq!(job(&mut q, "create-new").unwrap()["status"], "running");
+    let refused = run(&mut q, "blockdev-del", json!({"node-name": "new-file"})).unwrap_err();
+    assert_eq!(refused.class, "GenericError");
+    assert_eq!(refused.desc, "Node new-file is in use");
+    assert!(
+        q.fs().get("/img/new.qcow2").is_some(),
+        "the refusal leaves the node and its file alone"
+    );
+    wait(&mut q, 10);
+    assert_eq!(job(&mut q, "create-new").unwrap()["status"], "concluded");
+    // Once the creation has run, the node is free again (a concluded job holds nothing).
+    ok(&mut q, "blockdev-del", json!({"node-name": "new-file"}));
+    assert!(matches!(
+        q.fs().get("/img/new.qcow2"),
+        Some(vbackup_sim::FileContent::Qcow2(_))
+    ));
+    ok(&mut q, "job-dismiss", json!({"id": "create-new"}));
 }
 
 #[test]

@@ -20,6 +20,7 @@ use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::trace::TraceEntry;
 
+use crate::image::LogicalImage;
 use crate::qemu::Qemu;
 
 /// The text of the error a wait without deadline on an idle simulated QEMU gives.
@@ -57,8 +58,9 @@ pub struct PointInTime {
     pub persistent_bitmaps: Vec<String>,
     /// Backup jobs the transaction started.
     pub jobs: Vec<String>,
-    /// Device id → the whole disk as the guest saw it.
-    pub disks: BTreeMap<String, Vec<u8>>,
+    /// Device id → the whole disk as the guest saw it (shared clusters, see
+    /// [`Qemu::guest_snapshot`]).
+    pub disks: BTreeMap<String, LogicalImage>,
 }
 
 impl FaultyLink {
@@ -186,7 +188,7 @@ impl FaultyLink {
         }
         let q = self.qemu.borrow();
         for d in &q.st.devices {
-            if let Ok(content) = q.guest_disk(&d.id) {
+            if let Ok(content) = q.guest_snapshot(&d.id) {
                 point.disks.insert(d.id.clone(), content);
             }
         }
