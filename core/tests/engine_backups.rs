@@ -1029,3 +1029,17 @@ fn refused_job_query_after_reconnecting_is_asked_again() {
     assert_eq!(completed(&h).status, JobStatus::Completed);
     assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
 }
+
+#[test]
+fn restart_dismisses_an_image_creation_job_whose_dismissal_was_refused() {
+    let mut h = lab_with_checkpoints(&[]);
+    h.peer.fail_next("job-dismiss", "simulated refusal");
+    begin(&mut h, push(None), None);
+    assert!(h.peer.jobs.contains_key("create-libvirt-3-format"));
+    // vbackup restarts before the dismissal is tried again.
+    let (tree, journal) = stored_prefix(&h.store, h.store.len());
+    let mut r = restart(&mut h, tree, journal);
+    finish_all(&mut r);
+    assert_eq!(completed(&r).status, JobStatus::Completed);
+    assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
+}

@@ -1555,6 +1555,17 @@ impl BackupRun {
         self.phase = Phase::Running;
         self.release_start_slot(core);
         let mut follow_up = Vec::new();
+        // An image-creation job whose dismissal was refused (and then forgotten by a restart)
+        // would refuse every later start of the disk: its id is the plan's.
+        for d in &self.plan.disks {
+            let create_job = format!("create-{}", d.format_node);
+            if jobs
+                .iter()
+                .any(|j| j.id == create_job && j.status == QemuJobStatus::Concluded)
+            {
+                follow_up.push(best_effort(cmd::job_dismiss(&create_job)));
+            }
+        }
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
