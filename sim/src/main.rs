@@ -24,9 +24,9 @@ SIM_SEED=N runs that one seed";
 
 fn usage(why: &str) -> ExitCode {
     if !why.is_empty() {
-        esay!("{why}");
+        eprintln!("{why}");
     }
-    esay!("{USAGE}");
+    eprintln!("{USAGE}");
     ExitCode::from(2)
 }
 
