@@ -1178,8 +1178,12 @@ pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let done = s
-        .driver
+    Ok(last_completed(s))
+}
+
+/// The statistics of the last job the session saw complete, if any.
+fn last_completed(s: &Session) -> Option<JobStats> {
+    s.driver
         .effects()
         .events
         .iter()
@@ -1187,8 +1191,7 @@ pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError
         .find_map(|e| match e {
             DomainEvent::JobCompleted(st) => Some(st.clone()),
             _ => None,
-        });
-    Ok(done)
+        })
 }
 
 /// Writes the running job's statistics to [`PROGRESS_FILE`], tagged with the job's start so a
@@ -1326,16 +1329,7 @@ fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<
         // A journaled job that ended while nobody watched concludes on reconnect.
         if loaded.journal.is_some() {
             let s = Session::connect(loaded)?;
-            let finished = s
-                .driver
-                .effects()
-                .events
-                .iter()
-                .rev()
-                .find_map(|e| match e {
-                    DomainEvent::JobCompleted(st) => serde_json::to_value(st).ok(),
-                    _ => None,
-                });
+            let finished = last_completed(&s).and_then(|st| serde_json::to_value(st).ok());
             s.close()?;
             print_stats(finished.as_ref().or(stats.as_ref()), json);
         } else {

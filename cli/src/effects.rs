@@ -16,6 +16,8 @@ use vbackup_qemu::store::{Collection, DomainStore, write_atomic};
 pub const CURRENT_FILE: &str = "current-checkpoint";
 /// File of the last finished job's statistics (JSON).
 pub const COMPLETED_FILE: &str = "completed-job.json";
+/// File of the checkpoint whose bitmaps are being created (empty: none).
+pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
 /// File of the running job's statistics as last polled by the invocation following it:
 /// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
 pub const PROGRESS_FILE: &str = "job-progress.json";
@@ -77,6 +79,11 @@ impl Effects for StoreEffects {
                 let _ = fs::remove_file(self.store.dir().join(PROGRESS_FILE));
                 self.store.remove_journal().map(|_| ())
             }
+            StoreOp::SetPendingCheckpoint(pending) => write_atomic(
+                self.store.dir(),
+                PENDING_CHECKPOINT_FILE,
+                pending.as_deref().unwrap_or("").as_bytes(),
+            ),
         };
         r.map_err(|e| e.to_string())
     }

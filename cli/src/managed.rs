@@ -308,6 +308,15 @@ fn find(store: &Store, uuid: &str) -> Result<(DomainStore, Catalogue), CliError>
     }
 }
 
+/// Backup `uuid` of a catalogue [`find`] returned (so present unless the catalogue changed).
+fn backup_in<'c>(cat: &'c Catalogue, uuid: &str) -> Result<&'c ManagedBackup, CliError> {
+    cat.get(uuid).ok_or_else(|| {
+        catalogue_error(vbackup_core::catalogue::CatalogueError::NotFound(
+            uuid.to_owned(),
+        ))
+    })
+}
+
 // ----- pending backups -----
 
 /// What is needed to record, or to discard, a backup whose job has begun.
@@ -1067,11 +1076,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 
 fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
-    let Some(b) = cat.get(uuid) else {
-        return Err(catalogue_error(
-            vbackup_core::catalogue::CatalogueError::NotFound(uuid.to_owned()),
-        ));
-    };
+    let b = backup_in(&cat, uuid)?;
     if json {
         println!("{}", backup_json(b));
         return Ok(());
@@ -1114,11 +1119,7 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 /// `backup-dumpxml UUID`: the `<managedbackup>` record.
 pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
-    let Some(b) = cat.get(uuid) else {
-        return Err(catalogue_error(
-            vbackup_core::catalogue::CatalogueError::NotFound(uuid.to_owned()),
-        ));
-    };
+    let b = backup_in(&cat, uuid)?;
     if json {
         println!("{}", backup_json(b));
     } else {

@@ -45,7 +45,7 @@ use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
 
-use crate::effects::{CURRENT_FILE, StoreEffects};
+use crate::effects::{CURRENT_FILE, PENDING_CHECKPOINT_FILE, StoreEffects};
 use crate::output::CliError;
 
 /// Per-domain settings of vbackup itself, beside `domain.xml`.
@@ -459,7 +459,11 @@ impl Session {
             nbd_server_running: attachment == Attachment::Managed,
             ..DomainConfig::default()
         };
-        let domain = Domain::new(def, config, tree, journal);
+        let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoint(pending);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
         let mut driver = Driver::new(domain, link, StoreEffects::new(store));

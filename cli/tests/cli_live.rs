@@ -5,11 +5,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{BIN, Lab, identical, tool};
+use support::{BIN, Lab, identical, kill_and_wait, tool, wait_until};
+use vbackup_qemu::live::LiveLab;
 use vbackup_qemu::qsd::RunDir;
 
 fn push_xml(incremental: Option<&str>, disk: &str, target: &Path) -> String {
@@ -22,8 +23,46 @@ fn push_xml(incremental: Option<&str>, disk: &str, target: &Path) -> String {
     )
 }
 
+/// A pull backup over a unix socket (the daemon picks its own path).
+fn pull_xml(incremental: Option<&str>) -> String {
+    let inc = incremental
+        .map(|i| format!("<incremental>{i}</incremental>"))
+        .unwrap_or_default();
+    format!(
+        "<domainbackup mode='pull'>{inc}<server transport='unix' socket='/unused'/></domainbackup>"
+    )
+}
+
 fn checkpoint_xml(name: &str) -> String {
     format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>")
+}
+
+/// Makes the incremental image `inc` an overlay of `full`, so that it reads as the whole disk.
+fn rebase_onto(inc: &Path, full: &Path) {
+    tool(
+        Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(full)
+            .arg(inc),
+    );
+}
+
+/// A full push backup of the attached domain `att` equals its guest disk now. Then the daemon,
+/// which vbackup never stops since it did not start it, is quit here.
+fn full_push_backup_of_attached_equals_guest(lab: &Lab, mut qemu: LiveLab, guest: &str) {
+    let reference = lab.path("ref.qcow2");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", guest])
+            .arg(&reference),
+    );
+    let full = lab.path("full.qcow2");
+    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
+    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
+    assert!(identical(&full, &reference));
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
 }
 
 #[test]
@@ -111,8 +150,7 @@ fn push_full_then_incremental_backups_equal_the_disk_at_their_point_in_time() {
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     lab.ok(&["start", "vm"]);
     lab.guest_write("vm", "vda", 0x11, "0", "2M");
     let t0 = lab.snapshot("vm", "vda", "t0.qcow2");
@@ -132,12 +170,7 @@ fn push_full_then_incremental_backups_equal_the_disk_at_their_point_in_time() {
     let cx = lab.file("c2.xml", &checkpoint_xml("c2"));
     lab.ok(&["backup-begin", "vm", &bx, &cx, "--wait"]);
     // The incremental image holds only the changed clusters; on top of the full one it is t1.
-    tool(
-        Command::new("qemu-img")
-            .args(["rebase", "-u", "-F", "qcow2", "-b"])
-            .arg(&full)
-            .arg(&inc),
-    );
+    rebase_onto(&inc, &full);
     assert!(identical(&inc, &t1));
     let inc_size = std::fs::metadata(&inc).unwrap().len();
     assert!(
@@ -152,15 +185,11 @@ fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort(
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     lab.ok(&["start", "vm"]);
     lab.guest_write("vm", "vda", 0x31, "0", "4M");
     let t0 = lab.snapshot("vm", "vda", "t0.qcow2");
-    let px = lab.file(
-        "pull.xml",
-        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
-    );
+    let px = lab.file("pull.xml", &pull_xml(None));
     assert_eq!(lab.ok(&["backup-begin", "vm", &px]), "Backup started\n");
     assert_eq!(lab.json(&["list", "--json"])[0]["job"], "backup");
     // The guest overwrites what the backup has not read yet.
@@ -205,25 +234,15 @@ fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
-    let px = lab.file(
-        "pull.xml",
-        "<domainbackup mode='pull'><incremental>c1</incremental><server transport='unix' socket='/unused'/></domainbackup>",
-    );
+    let px = lab.file("pull.xml", &pull_xml(Some("c1")));
     // A pull backup never ends by itself: `--wait` blocks until it is killed.
-    let mut child: Child = lab
-        .cmd(&["backup-begin", "vm", &px, "--wait"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = lab.spawn(&["backup-begin", "vm", &px, "--wait"]);
     let journal = lab.state().join("domains/vm/journal.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !journal.is_file() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        journal.is_file()
+    });
     std::thread::sleep(Duration::from_millis(300));
     child.kill().expect("kill");
     child.wait().expect("reap");
@@ -280,8 +299,7 @@ fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
     lab.ok(&["checkpoint-create-as", "vm", "c2"]);
     let saved = lab.file("c2.xml", &lab.ok(&["checkpoint-dumpxml", "vm", "c2"]));
@@ -319,7 +337,6 @@ fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
 #[test]
 fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     use vbackup_core::model::ImageFormat;
-    use vbackup_qemu::live::LiveLab;
     use vbackup_qemu::qsd::QsdDisk;
     let Some(lab) = Lab::new("live CLI test") else {
         return;
@@ -345,26 +362,13 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 1M", &guest]));
     let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
     assert_eq!(dump["disks"][0]["size"], 1 << 20);
-    let reference = lab.path("ref.qcow2");
-    tool(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
-            .arg(&reference),
-    );
-    let full = lab.path("full.qcow2");
-    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
-    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
-    assert!(identical(&full, &reference));
-    // vbackup never stops a QEMU it did not start.
-    let again = qemu.reconnect("q").expect("the daemon still runs");
-    again.quit().expect("quit");
-    qemu.reap_exited();
+    full_push_backup_of_attached_equals_guest(&lab, qemu, &guest);
 }
 
 #[test]
 fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
     use vbackup_core::model::ImageFormat;
-    use vbackup_qemu::live::{LiveLab, create_overlay};
+    use vbackup_qemu::live::create_overlay;
     use vbackup_qemu::qsd::{QsdDisk, QsdLayer};
     let Some(lab) = Lab::new("live CLI test") else {
         return;
@@ -417,19 +421,7 @@ fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
     let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
     assert_eq!(dump["disks"][0]["target"], "vda");
     assert_eq!(dump["disks"][0]["size"], 1 << 20);
-    let reference = lab.path("ref.qcow2");
-    tool(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2", &guest])
-            .arg(&reference),
-    );
-    let full = lab.path("full.qcow2");
-    let bx = lab.file("full.xml", &push_xml(None, "vda", &full));
-    lab.ok(&["backup-begin", "att", &bx, "--wait"]);
-    assert!(identical(&full, &reference));
-    let again = qemu.reconnect("q").expect("the daemon still runs");
-    again.quit().expect("quit");
-    qemu.reap_exited();
+    full_push_backup_of_attached_equals_guest(&lab, qemu, &guest);
 }
 
 #[test]
@@ -437,25 +429,15 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
-    let px = lab.file(
-        "pull.xml",
-        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
-    );
+    let px = lab.file("pull.xml", &pull_xml(None));
     // `--wait` on a pull backup follows it (holding the domain) until the job is aborted.
-    let mut follower: Child = lab
-        .cmd(&["backup-begin", "vm", &px, "--wait"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut follower = lab.spawn(&["backup-begin", "vm", &px, "--wait"]);
     let progress = lab.state().join("domains/vm/job-progress.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !progress.is_file() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        progress.is_file()
+    });
     assert!(progress.is_file(), "the follower writes the job's progress");
 
     let info = lab.json(&["domjobinfo", "vm", "--json"]);
@@ -503,12 +485,10 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
 #[test]
 fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_full_backup_works()
 {
-    use vbackup_qemu::qsd::{daemon_alive, kill_pid};
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
-    let img = lab.image("a.qcow2", 16);
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("a.qcow2", 16);
     // c1's bitmap reaches the image at the clean stop that ends this invocation; c2's is
     // created in the daemon that will be killed, so it never does.
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
@@ -518,11 +498,7 @@ fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_
     lab.guest_write("vm", "vda", 0x42, "4M", "1M");
     let pids = lab.daemon_pids();
     assert_eq!(pids.len(), 1);
-    kill_pid(pids[0]).expect("kill");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon_alive(pids[0]) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill_and_wait(pids[0]);
 
     // The next command that needs QEMU starts a new daemon, says so, and reports that both
     // checkpoints lost their bitmaps: c1's came back inconsistent, c2's is gone.
@@ -574,26 +550,13 @@ fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_
     let out = lab.run(&["backup-begin", "vm", &bx3, "--wait"]);
     assert!(out.status.success());
     assert!(out.stderr.is_empty(), "no drift is left to report");
-    tool(
-        Command::new("qemu-img")
-            .args(["rebase", "-u", "-F", "qcow2", "-b"])
-            .arg(&full)
-            .arg(&inc),
-    );
+    rebase_onto(&inc, &full);
     assert!(identical(&inc, &t2));
 
     // Killed while a job runs: the job died with it, and the next command ends it as failed.
-    let px = lab.file(
-        "pull.xml",
-        "<domainbackup mode='pull'><incremental>c3</incremental><server transport='unix' socket='/unused'/></domainbackup>",
-    );
+    let px = lab.file("pull.xml", &pull_xml(Some("c3")));
     lab.ok(&["backup-begin", "vm", &px]);
-    let pid = lab.daemon_pids()[0];
-    kill_pid(pid).expect("kill");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill_and_wait(lab.daemon_pids()[0]);
     let out = lab.run(&["domjobinfo", "vm", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -631,10 +594,7 @@ fn a_relative_state_directory_works_for_pull_backups() {
     };
     run(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     // The daemon's NBD socket lives under the state directory and QEMU wants it absolute.
-    let px = lab.file(
-        "pull.xml",
-        "<domainbackup mode='pull'><server transport='unix' socket='/unused'/></domainbackup>",
-    );
+    let px = lab.file("pull.xml", &pull_xml(None));
     run(&["backup-begin", "vm", &px]);
     run(&["domjobabort", "vm"]);
     assert!(lab.daemon_pids().is_empty());

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,12 +24,14 @@ trait VmLab {
     fn backup(&self, parent: Option<&str>, pull: bool) -> String;
     /// The uuids a `--json` listing prints.
     fn uuids(&self, args: &[&str]) -> Vec<String>;
+    /// Restores backup `uuid` into the lab directory `dir` (with `extra` arguments); returns
+    /// the restored `vda` image.
+    fn restore(&self, uuid: &str, extra: &[&str], dir: &str) -> PathBuf;
 }
 
 impl VmLab for Lab {
     fn started_domain(&self, mib: u64) {
-        let img = self.image("vda.qcow2", mib);
-        self.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+        self.define_vm("vda.qcow2", mib);
         let target = self.path("backups");
         self.ok(&[
             "backup-set-default-target",
@@ -71,6 +73,15 @@ impl VmLab for Lab {
             .iter()
             .map(|b| b["uuid"].as_str().expect("uuid").to_owned())
             .collect()
+    }
+
+    fn restore(&self, uuid: &str, extra: &[&str], dir: &str) -> PathBuf {
+        let dir = self.path(dir);
+        let mut args = vec!["backup-restore", uuid];
+        args.extend(extra);
+        args.extend(["--dir", dir.to_str().expect("utf-8")]);
+        self.ok(&args);
+        dir.join("vda.qcow2")
     }
 }
 
@@ -125,27 +136,13 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     assert_eq!(chain.as_array().map(Vec::len), Some(3));
 
     // Restores are verified against the digest and equal the disk at that moment.
-    let dir3 = lab.path("restore3");
-    lab.ok(&[
-        "backup-restore",
-        &third,
-        "--new-domain",
-        "vm3",
-        "--dir",
-        dir3.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&at_third, &dir3.join("vda.qcow2")));
+    let restored3 = lab.restore(&third, &["--new-domain", "vm3"], "restore3");
+    assert!(identical(&at_third, &restored3));
     let listed = lab.ok(&["list"]);
     assert!(listed.contains("vm3"), "{listed}");
-    let dir2 = lab.path("restore2");
-    lab.ok(&[
-        "backup-restore",
-        &second,
-        "--dir",
-        dir2.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&at_second, &dir2.join("vda.qcow2")));
-    assert!(!identical(&at_third, &dir2.join("vda.qcow2")));
+    let restored2 = lab.restore(&second, &[], "restore2");
+    assert!(identical(&at_second, &restored2));
+    assert!(!identical(&at_third, &restored2));
 
     let dir_subset = lab.path("restore-subset");
     let subset = dir_subset.to_str().expect("utf-8");
@@ -173,14 +170,7 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
     lab.vm_write(6, "4M", "1M");
     let again = lab.backup(Some(&full), true);
     let now = lab.vm_snapshot("now.qcow2");
-    let dir4 = lab.path("restore4");
-    lab.ok(&[
-        "backup-restore",
-        &again,
-        "--dir",
-        dir4.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&now, &dir4.join("vda.qcow2")));
+    assert!(identical(&now, &lab.restore(&again, &[], "restore4")));
 
     // Over the domain's own disk: refused while it runs, then the disk is the backup's again
     // and the checkpoints, whose bitmaps went with the old image, are forgotten.
@@ -192,14 +182,8 @@ fn full_then_pull_and_push_incrementals_restore_to_their_point_in_time_and_delet
         &lab.path("vda.qcow2"),
         &lab.path("restore3/vda.qcow2")
     ));
-    let dir5 = lab.path("restore5");
-    lab.ok(&[
-        "backup-restore",
-        &full,
-        "--dir",
-        dir5.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&lab.path("vda.qcow2"), &dir5.join("vda.qcow2")));
+    let restored5 = lab.restore(&full, &[], "restore5");
+    assert!(identical(&lab.path("vda.qcow2"), &restored5));
     let checkpoints = lab.json(&["checkpoint-list", "vm", "--json"]);
     assert_eq!(checkpoints.as_array().map(Vec::len), Some(0));
     let err = lab.fails(&["backup-create", "vm", "--pull", "--parent", &again]);
@@ -230,12 +214,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     let full = lab.backup(None, false);
     // Enough dirty data that the copy is still under way when the process is killed.
     lab.vm_write(2, "0", "60M");
-    let mut child = lab
-        .cmd(&["backup-create", "vm", "--pull", "--parent", &full])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = lab.spawn(&["backup-create", "vm", "--pull", "--parent", &full]);
     // Killed once the job runs and the overlay receiving the dirty extents exists.
     let journal = lab.path("st/domains/vm/journal.json");
     let pending = lab.path("st/domains/vm/pending-backup.json");
@@ -278,14 +257,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     lab.vm_write(3, "62M", "1M");
     let next = lab.backup(Some(&full), true);
     let now = lab.vm_snapshot("now.qcow2");
-    let dir = lab.path("restore");
-    lab.ok(&[
-        "backup-restore",
-        &next,
-        "--dir",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert!(identical(&now, &lab.restore(&next, &[], "restore")));
     lab.ok(&["shutdown", "vm"]);
 }
 
@@ -294,14 +266,7 @@ fn a_backup_without_target_is_refused_and_records_nothing() {
     let Some(lab) = Lab::new("live managed-backup test") else {
         return;
     };
-    let img = lab.path("vda.qcow2");
-    tool(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("4M"),
-    );
-    lab.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+    lab.define_vm("vda.qcow2", 4);
     let err = lab.fails(&["backup-create", "vm", "--wait"]);
     assert!(err.contains("default backup target"), "{err}");
     let err = lab.fails(&[
@@ -348,27 +313,13 @@ fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish(
     // Its changes are still in the next incremental.
     let next = lab.backup(Some(&full[0]), false);
     let now = lab.vm_snapshot("now.qcow2");
-    let dir = lab.path("restore");
-    lab.ok(&[
-        "backup-restore",
-        &next,
-        "--dir",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert!(identical(&now, &lab.restore(&next, &[], "restore")));
 
     // A full pull backup stores the allocated extents in a fresh image.
     lab.vm_write(3, "12M", "1M");
     let pulled = lab.backup(None, true);
     let now = lab.vm_snapshot("now-full.qcow2");
-    let dir = lab.path("restore-full");
-    lab.ok(&[
-        "backup-restore",
-        &pulled,
-        "--dir",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert!(identical(&now, &lab.restore(&pulled, &[], "restore-full")));
     assert_eq!(
         lab.uuids(&["backup-list", "vm", "--full", "--json"]).len(),
         2
@@ -527,14 +478,7 @@ fn deleting_backups_deletes_their_checkpoints_but_keeps_those_remaining_backups_
     lab.vm_write(4, "6M", "1M");
     let again = lab.backup(Some(&first), true);
     let now = lab.vm_snapshot("now.qcow2");
-    let dir = lab.path("restore");
-    lab.ok(&[
-        "backup-restore",
-        &again,
-        "--dir",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(identical(&now, &dir.join("vda.qcow2")));
+    assert!(identical(&now, &lab.restore(&again, &[], "restore")));
 
     // A checkpoint already deleted by hand does not stop the deletion of its backup.
     lab.ok(&["checkpoint-delete", "vm", &again]);

@@ -87,6 +87,11 @@ pub enum StoreOp {
     PutBackupJournal(Box<BackupPlan>),
     /// The backup ended: drop its journal.
     DeleteBackupJournal,
+    /// Record the checkpoint whose bitmaps a `transaction` is about to create (written before
+    /// it is sent), or clear the record once its metadata is written or QEMU refused. A
+    /// restarted engine hands the record to [`Domain::with_pending_checkpoint`]; bitmaps named
+    /// after a recorded checkpoint that has no metadata are the engine's orphans and are removed.
+    SetPendingCheckpoint(Option<String>),
 }
 
 /// A file operation on the QEMU host.
@@ -223,22 +228,52 @@ pub enum DomainEvent {
     BitmapDrift(BitmapDrift),
 }
 
-/// Disagreement between checkpoint metadata and the bitmaps QEMU has.
+/// Disagreement between checkpoint metadata and the bitmaps QEMU has, and what the reconcile
+/// repaired.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BitmapDrift {
-    /// `(checkpoint, disk)` whose bitmap chain is missing or broken: incremental backups from
-    /// it will be refused for that disk until a full backup; deleting it needs metadata-only
-    /// deletion when the bitmap is gone from every layer.
+    /// `(checkpoint, disk)` whose bitmap chain is missing or broken. The checkpoint is marked
+    /// invalid for that disk ([`DomainView::invalid_checkpoints`]): an incremental backup
+    /// from it is refused at once with a typed error, a full backup works; deleting it needs
+    /// metadata-only deletion when the bitmap is gone from every layer.
     pub missing: Vec<(String, String)>,
-    /// `(node, bitmap)`: persistent bitmaps on a disk's top layer that no checkpoint owns, such
-    /// as the bitmap of a checkpoint whose metadata was never written. Redefining the
-    /// checkpoint adopts it; removing it discards it.
+    /// `(node, bitmap)`: persistent bitmaps on a disk's top layer that no checkpoint owns and
+    /// the engine cannot prove it created, such as those a metadata-only deletion left for a
+    /// later `REDEFINE`. They are reported, never removed.
     pub orphans: Vec<(String, String)>,
+    /// `(node, bitmap)`: bitmaps the engine owned and removed (see [`Domain`]'s ownership rule).
+    pub removed: Vec<(String, String)>,
 }
 
-/// Compares checkpoint metadata with QEMU's node data.
-fn bitmap_drift(core: &Core, nodes: &NodeTable) -> BitmapDrift {
+impl BitmapDrift {
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.orphans.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Compares checkpoint metadata with QEMU's node data. Returns the drift (without `removed`)
+/// and the `(node, bitmap)` pairs the engine owns and must remove.
+///
+/// The ownership rule: the engine removes a bitmap only when it is not busy and either
+/// - it is temporary (not persistent) and carries one of the engine's temporary names on a
+///   layer of a disk (`backup-<disk target>`, [`SIZE_BITMAP`]), and the running backup does
+///   not use it; or
+/// - it is persistent, on a disk's top layer, and named after the pending checkpoint (whose
+///   creation the engine recorded before sending its transaction) while no metadata of that
+///   checkpoint exists.
+///
+/// Any other bitmap belongs to someone else or to a checkpoint whose metadata was deleted on
+/// purpose (metadata-only deletion keeps bitmaps for a later `REDEFINE`): it is only reported.
+///
+/// [`SIZE_BITMAP`]: crate::checkpoint::ops::SIZE_BITMAP
+fn bitmap_drift(
+    core: &Core,
+    nodes: &NodeTable,
+    backup: Option<&BackupPlan>,
+) -> (BitmapDrift, Vec<(String, String)>) {
     let mut drift = BitmapDrift::default();
+    let mut removals = Vec::new();
     let mut owned: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
     for c in core.tree.iter() {
         for (target, bitmap) in c.bitmap_disks() {
@@ -258,23 +293,85 @@ fn bitmap_drift(core: &Core, nodes: &NodeTable) -> BitmapDrift {
             }
         }
     }
+    let in_use = |node: &str, name: &str| {
+        backup.is_some_and(|p| {
+            p.disks.iter().any(|d| {
+                d.temp_bitmap.as_deref() == Some(name)
+                    && d.temp_bitmap_node.as_deref() == Some(node)
+            })
+        })
+    };
+    let pending = core
+        .pending_checkpoint
+        .as_deref()
+        .filter(|p| core.tree.get(p).is_none());
     for disk in &core.def.disks {
-        let Some(top) = disk.top().and_then(|l| l.node_name.as_deref()) else {
-            continue;
-        };
-        let Some(node) = nodes.get(top) else {
-            continue;
-        };
-        for b in &node.bitmaps {
-            if let Some(name) = b.name.as_deref()
-                && b.persistent
-                && !owned.contains(&(top, name))
-            {
-                drift.orphans.push((top.to_owned(), name.to_owned()));
+        let temp_names = [
+            crate::backup::default_temp_bitmap(&disk.target),
+            crate::checkpoint::ops::SIZE_BITMAP.to_owned(),
+        ];
+        for (depth, layer) in disk.layers.iter().enumerate() {
+            let Some(node_name) = layer.node_name.as_deref() else {
+                continue;
+            };
+            let Some(node) = nodes.get(node_name) else {
+                continue;
+            };
+            for b in &node.bitmaps {
+                let Some(name) = b.name.as_deref() else {
+                    continue;
+                };
+                let pair = (node_name.to_owned(), name.to_owned());
+                if b.persistent {
+                    if depth > 0 || owned.contains(&(node_name, name)) {
+                        continue;
+                    }
+                    if pending == Some(name) && !b.busy {
+                        removals.push(pair);
+                    } else {
+                        drift.orphans.push(pair);
+                    }
+                } else if !b.busy
+                    && temp_names.iter().any(|t| t == name)
+                    && !in_use(node_name, name)
+                {
+                    removals.push(pair);
+                }
             }
         }
     }
-    drift
+    (drift, removals)
+}
+
+/// First delay before a refused cleanup or repair is tried again.
+pub(crate) const RETRY_FIRST_MS: u64 = 250;
+/// Longest delay between two tries.
+pub(crate) const RETRY_MAX_MS: u64 = 8_000;
+
+/// The delay before try number `attempt + 1`: doubling from [`RETRY_FIRST_MS`] up to
+/// [`RETRY_MAX_MS`].
+pub(crate) fn retry_delay_ms(attempt: u32) -> u64 {
+    RETRY_FIRST_MS
+        .saturating_mul(1u64 << attempt.min(16))
+        .min(RETRY_MAX_MS)
+}
+
+/// The reconcile after a connection: one pass queries the nodes, marks invalid checkpoints,
+/// removes what the engine owns and reports; a pass whose query or removals QEMU refused is
+/// run again after a growing delay.
+#[derive(Debug, Default)]
+struct Reconcile {
+    /// A pass is running and holds the short slot.
+    active: bool,
+    /// When the next pass starts.
+    due: Option<Timestamp>,
+    /// Passes in a row that did not finish cleanly.
+    attempt: u32,
+    /// Removals of this pass, by index in the repair tags.
+    removals: Vec<(String, String)>,
+    outstanding: usize,
+    failed: bool,
+    report: BitmapDrift,
 }
 
 /// Host configuration a domain needs.
@@ -337,8 +434,12 @@ pub struct DomainView<'a> {
     pub backup: Option<&'a BackupPlan>,
     /// Statistics of the last finished job.
     pub completed: Option<&'a JobStats>,
-    /// Whether a QMP session is up.
+    /// Whether a QMP session is up and reconciled: requests that talk to QEMU are accepted
+    /// (false while the first check of QEMU's bitmaps after a connection runs).
     pub connected: bool,
+    /// Checkpoints marked invalid by the last reconcile, with the disks whose chain is missing
+    /// or broken.
+    pub invalid_checkpoints: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// Who waits for a command's reply.
@@ -354,6 +455,8 @@ pub(crate) enum Owner {
 pub(crate) enum SessionTag {
     Capabilities,
     DriftQuery,
+    /// Removal number `n` of the reconcile pass.
+    Repair(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -372,6 +475,11 @@ pub(crate) struct Core {
     pub jobs: JobSlots,
     pub connected: bool,
     pub completed: Option<JobStats>,
+    /// Checkpoints (and their disks) whose bitmap chain the last reconcile found missing or
+    /// broken.
+    pub invalid: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The checkpoint whose creation was recorded before its transaction and not yet cleared.
+    pub pending_checkpoint: Option<String>,
 }
 
 /// Sends and answers on behalf of an operation.
@@ -433,6 +541,7 @@ pub struct Domain {
     pending: BTreeMap<CommandId, Pending>,
     short: Option<ShortOp>,
     backup: Option<BackupRun>,
+    reconcile: Reconcile,
 }
 
 impl Domain {
@@ -455,13 +564,23 @@ impl Domain {
                 jobs,
                 connected: false,
                 completed: None,
+                invalid: BTreeMap::new(),
+                pending_checkpoint: None,
             },
             next_command: 0,
             next_file_op: 0,
             pending: BTreeMap::new(),
             short: None,
             backup,
+            reconcile: Reconcile::default(),
         }
+    }
+
+    /// The checkpoint the store recorded as being created ([`StoreOp::SetPendingCheckpoint`]):
+    /// if it has no metadata, its bitmaps are removed at the next reconcile.
+    pub fn with_pending_checkpoint(mut self, name: Option<String>) -> Self {
+        self.core.pending_checkpoint = name;
+        self
     }
 
     /// Feeds one input and returns everything the driver must do, in order.
@@ -492,6 +611,7 @@ impl Domain {
                     &mut self.core,
                     &mut self.short,
                     &mut self.backup,
+                    &mut self.reconcile,
                     &mut ctx,
                     p,
                     result,
@@ -525,11 +645,15 @@ impl Domain {
                             &mut self.core,
                             &mut self.short,
                             &mut self.backup,
+                            &mut self.reconcile,
                             &mut ctx,
                             p,
                             Err(err),
                         );
                     }
+                }
+                if self.reconcile.due.is_some_and(|d| now >= d) {
+                    Self::start_reconcile(&mut self.core, &mut self.reconcile, &mut ctx);
                 }
                 if let Some(run) = self.backup.take() {
                     self.backup = if run.deadline(timeout).is_some_and(|d| now >= d) {
@@ -541,26 +665,39 @@ impl Domain {
             }
             Input::Reconnected => {
                 // Whatever was outstanding on the old session is lost.
-                Self::drop_session(&mut self.core, &mut self.short, &mut self.backup, &mut ctx);
+                Self::drop_session(
+                    &mut self.core,
+                    &mut self.short,
+                    &mut self.backup,
+                    &mut self.reconcile,
+                    &mut ctx,
+                );
                 ctx.send(
                     Owner::Session(SessionTag::Capabilities),
                     cmd::capabilities(),
                 );
             }
             Input::LinkDown => {
-                Self::drop_session(&mut self.core, &mut self.short, &mut self.backup, &mut ctx);
+                Self::drop_session(
+                    &mut self.core,
+                    &mut self.short,
+                    &mut self.backup,
+                    &mut self.reconcile,
+                    &mut ctx,
+                );
             }
         }
         out
     }
 
-    /// When [`Input::Tick`] should next be fed: the earliest command timeout.
+    /// When [`Input::Tick`] should next be fed: the earliest command timeout or retry.
     pub fn next_deadline(&self) -> Option<Timestamp> {
         let timeout = self.core.config.command_timeout_ms;
         self.pending
             .values()
             .map(|p| p.sent.plus_ms(timeout))
             .chain(self.backup.as_ref().and_then(|b| b.deadline(timeout)))
+            .chain(self.reconcile.due)
             .min()
     }
 
@@ -572,7 +709,8 @@ impl Domain {
             jobs: &self.core.jobs,
             backup: self.backup.as_ref().map(BackupRun::plan),
             completed: self.core.completed.as_ref(),
-            connected: self.core.connected,
+            connected: self.core.connected && !self.reconcile.active,
+            invalid_checkpoints: &self.core.invalid,
         }
     }
 
@@ -580,9 +718,15 @@ impl Domain {
         core: &mut Core,
         short: &mut Option<ShortOp>,
         backup: &mut Option<BackupRun>,
+        reconcile: &mut Reconcile,
         ctx: &mut Ctx<'_>,
     ) {
         core.connected = false;
+        // The next connection starts a fresh pass.
+        if reconcile.active {
+            core.jobs.release_short();
+        }
+        *reconcile = Reconcile::default();
         // Statistics requests waiting for a `query-jobs` reply would never be answered.
         let lost_stats: Vec<RequestId> = ctx
             .pending
@@ -604,10 +748,55 @@ impl Domain {
         }
     }
 
+    /// Starts a reconcile pass if the short slot is free, or tries again later.
+    fn start_reconcile(core: &mut Core, rec: &mut Reconcile, ctx: &mut Ctx<'_>) {
+        rec.due = None;
+        if !core.connected || rec.active {
+            return;
+        }
+        if core
+            .jobs
+            .acquire_short(crate::jobs::JobKind::Reconcile)
+            .is_err()
+        {
+            // Another operation talks to QEMU now; the pass must not race it.
+            rec.due = Some(ctx.now.plus_ms(retry_delay_ms(rec.attempt)));
+            return;
+        }
+        rec.active = true;
+        rec.failed = false;
+        rec.outstanding = 0;
+        rec.removals.clear();
+        rec.report = BitmapDrift::default();
+        ctx.send(Owner::Session(SessionTag::DriftQuery), cmd::query_nodes());
+    }
+
+    /// Ends a reconcile pass: report, release the slot, and schedule another pass if QEMU
+    /// refused something.
+    fn finish_reconcile(core: &mut Core, rec: &mut Reconcile, ctx: &mut Ctx<'_>) {
+        rec.active = false;
+        core.jobs.release_short();
+        if rec.failed {
+            rec.due = Some(ctx.now.plus_ms(retry_delay_ms(rec.attempt)));
+            rec.attempt = rec.attempt.saturating_add(1);
+        } else {
+            rec.attempt = 0;
+            if core.pending_checkpoint.take().is_some() {
+                ctx.persist(StoreOp::SetPendingCheckpoint(None));
+            }
+        }
+        let report = std::mem::take(&mut rec.report);
+        if !report.is_empty() {
+            ctx.emit(DomainEvent::BitmapDrift(report));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn on_reply(
         core: &mut Core,
         short: &mut Option<ShortOp>,
         backup: &mut Option<BackupRun>,
+        rec: &mut Reconcile,
         ctx: &mut Ctx<'_>,
         pending: Pending,
         result: Result<Value, QmpError>,
@@ -619,20 +808,63 @@ impl Domain {
                     if let Some(run) = backup.take() {
                         *backup = run.on_reconnected(core, ctx);
                     }
-                    if !core.tree.is_empty() {
-                        ctx.send(Owner::Session(SessionTag::DriftQuery), cmd::query_nodes());
-                    }
+                    // Orphans and leftovers can exist with or without checkpoints.
+                    rec.attempt = 0;
+                    Self::start_reconcile(core, rec, ctx);
                 }
             }
             Owner::Session(SessionTag::DriftQuery) => {
-                if let Ok(nodes) = result
+                if !rec.active {
+                    return;
+                }
+                let nodes = match result
                     .map_err(|e| refused(&pending.name, &e))
                     .and_then(|v| node_table(&v))
                 {
-                    let drift = bitmap_drift(core, &nodes);
-                    if !drift.missing.is_empty() || !drift.orphans.is_empty() {
-                        ctx.emit(DomainEvent::BitmapDrift(drift));
+                    Ok(n) => n,
+                    Err(_) => {
+                        rec.failed = true;
+                        Self::finish_reconcile(core, rec, ctx);
+                        return;
                     }
+                };
+                let (drift, removals) =
+                    bitmap_drift(core, &nodes, backup.as_ref().map(BackupRun::plan));
+                core.invalid.clear();
+                for (cp, disk) in &drift.missing {
+                    core.invalid
+                        .entry(cp.clone())
+                        .or_default()
+                        .insert(disk.clone());
+                }
+                rec.report = drift;
+                for (i, (node, bitmap)) in removals.iter().enumerate() {
+                    ctx.send(
+                        Owner::Session(SessionTag::Repair(i)),
+                        cmd::remove_bitmap(node, bitmap),
+                    );
+                }
+                rec.outstanding = removals.len();
+                rec.removals = removals;
+                if rec.outstanding == 0 {
+                    Self::finish_reconcile(core, rec, ctx);
+                }
+            }
+            Owner::Session(SessionTag::Repair(i)) => {
+                if !rec.active {
+                    return;
+                }
+                match result {
+                    Ok(_) => {
+                        if let Some(pair) = rec.removals.get(i) {
+                            rec.report.removed.push(pair.clone());
+                        }
+                    }
+                    Err(_) => rec.failed = true,
+                }
+                rec.outstanding = rec.outstanding.saturating_sub(1);
+                if rec.outstanding == 0 {
+                    Self::finish_reconcile(core, rec, ctx);
                 }
             }
             Owner::Short(tag) => {

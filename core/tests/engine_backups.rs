@@ -74,6 +74,20 @@ fn finish_all(h: &mut Harness) {
     }
 }
 
+/// Connects a bare domain: negotiation, then a reconcile that finds nothing.
+fn negotiate(d: &mut Domain, t: Timestamp) {
+    let out = d.handle(t, Input::Reconnected);
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!("capabilities sent: {out:?}")
+    };
+    let out = d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!("node query sent: {out:?}")
+    };
+    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!([]))));
+    assert!(d.view().connected);
+}
+
 fn completed(h: &Harness) -> vbackup_core::backup::JobStats {
     h.domain.view().completed.cloned().expect("job completed")
 }
@@ -555,11 +569,7 @@ fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
     let peer = Peer::for_domain(&def, &lab_sizes());
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
-    let out = d.handle(t, Input::Reconnected);
-    let Some(Output::Send(id, _)) = out.first() else {
-        panic!()
-    };
-    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    negotiate(&mut d, t);
     let out = d.handle(
         t,
         Input::Request(
@@ -637,11 +647,7 @@ fn checkpoint_operations_wait_out_the_backup_start() {
     let def = lab_domain();
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
-    let out = d.handle(t, Input::Reconnected);
-    let Some(Output::Send(id, _)) = out.first() else {
-        panic!()
-    };
-    d.handle(t, Input::Reply(id.clone(), Ok(serde_json::json!({}))));
+    negotiate(&mut d, t);
     let out = d.handle(
         t,
         Input::Request(
@@ -867,6 +873,7 @@ fn stored_prefix(ops: &[StoreOp], n: usize) -> (CheckpointTree, Option<BackupPla
             StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
             StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
             StoreOp::DeleteBackupJournal => journal = None,
+            StoreOp::SetPendingCheckpoint(_) => {}
         }
     }
     let tree = CheckpointTree::load(cps.into_values().collect(), current.as_deref());
@@ -931,4 +938,94 @@ fn restart_while_targets_are_created_rolls_back_what_the_journal_names() {
         nodes_before
     );
     assert_eq!(r.store.last(), Some(&StoreOp::DeleteBackupJournal));
+}
+
+#[test]
+fn refused_cleanup_is_checked_and_tried_again_until_gone() {
+    let mut h = lab_with_checkpoints(&["c1"]);
+    let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+    begin(&mut h, push(Some("c1")), None);
+    h.peer.fail_next("job-dismiss", "simulated refusal");
+    h.peer
+        .fail_next("block-dirty-bitmap-remove", "simulated refusal");
+    finish_all(&mut h);
+    // Both refusals were checked: the job and the bitmap are still there, so the backup
+    // waits for the next try instead of ending with them left behind.
+    assert!(h.domain.view().backup.is_some());
+    assert_eq!(h.peer.jobs.len(), 1);
+    for _ in 0..4 {
+        let Some(due) = h.domain.next_deadline() else {
+            break;
+        };
+        h.now_ms = due.as_ms();
+        h.feed(Input::Tick);
+    }
+    assert!(h.domain.view().backup.is_none());
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "backup-vda"));
+    assert!(!h.peer.has_bitmap("libvirt-1-format", "backup-vdb"));
+    assert_eq!(
+        h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+        nodes_before
+    );
+    let transcript = h.transcript();
+    assert!(transcript.contains("<- error: simulated refusal\n-> query-jobs"));
+}
+
+#[test]
+fn cleanup_interrupted_by_a_lost_connection_resumes_after_reconnecting() {
+    use std::collections::VecDeque;
+    let mut h = lab_with_checkpoints(&[]);
+    let nodes_before: Vec<String> = h.peer.nodes.keys().cloned().collect();
+    begin(&mut h, push(None), None);
+    // vda's job ends; the connection drops right after QEMU ran the job's dismissal, before
+    // its reply, with the target's nodes still to delete.
+    let mut queue: VecDeque<Input> = h
+        .peer
+        .finish_job("backup-vda-libvirt-2-format", None)
+        .into_iter()
+        .map(Input::Event)
+        .collect();
+    let t = Timestamp::from_ms(h.now_ms);
+    'drive: while let Some(input) = queue.pop_front() {
+        for o in h.domain.handle(t, input) {
+            if let Output::Send(id, cmd) = o {
+                let (result, events) = h.peer.execute(&cmd);
+                if cmd.name() == "job-dismiss" {
+                    break 'drive;
+                }
+                queue.push_back(Input::Reply(id, result));
+                queue.extend(events.into_iter().map(Input::Event));
+            }
+        }
+    }
+    assert!(h.peer.nodes.contains_key("libvirt-3-format"));
+    h.feed(Input::LinkDown);
+    h.feed(Input::Reconnected);
+    let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
+    h.events(ev);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
+    assert_eq!(
+        h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
+        nodes_before
+    );
+}
+
+#[test]
+fn refused_job_query_after_reconnecting_is_asked_again() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.feed(Input::LinkDown);
+    finish_all_silently(&mut h);
+    h.peer.fail_next("query-jobs", "simulated refusal");
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().backup.is_some());
+    let due = h.domain.next_deadline().expect("the query is asked again");
+    h.now_ms = due.as_ms();
+    h.feed(Input::Tick);
+    assert!(h.domain.view().backup.is_none());
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
 }

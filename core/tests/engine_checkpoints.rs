@@ -4,7 +4,7 @@ mod engine_support;
 
 use engine_support::*;
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope};
-use vbackup_core::domain::{Reply, Request};
+use vbackup_core::domain::{Domain, DomainConfig, Reply, Request, StoreOp};
 use vbackup_core::error::{ConflictError, Error, RequestError};
 use vbackup_core::model::ImageFormat;
 
@@ -82,7 +82,14 @@ fn checkpoint_create_refused_by_qemu_leaves_no_metadata() {
     let id = create(&mut h, "c1");
     assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
     assert!(h.domain.view().checkpoints.is_empty());
-    assert!(h.store.is_empty());
+    // Only the pending record, set before the transaction and cleared after the refusal.
+    assert_eq!(
+        h.store,
+        [
+            StoreOp::SetPendingCheckpoint(Some("c1".into())),
+            StoreOp::SetPendingCheckpoint(None)
+        ]
+    );
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -297,7 +304,10 @@ fn second_checkpoint_operation_is_refused_while_one_is_in_flight() {
             },
         ),
     );
-    assert_eq!(out.len(), 1);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, vbackup_core::domain::Output::Send(..)))
+    );
     let out = h.domain.handle(
         Timestamp::from_ms(2),
         Input::Request(
@@ -337,7 +347,7 @@ fn unanswered_command_times_out_as_qemu_misbehaving() {
             },
         ),
     );
-    assert!(matches!(out.first(), Some(Output::Send(..))));
+    assert!(out.iter().any(|o| matches!(o, Output::Send(..))));
     let deadline = h
         .domain
         .next_deadline()
@@ -367,6 +377,186 @@ fn connecting_reports_missing_and_orphan_bitmaps() {
     h.feed(Input::Reconnected);
     insta::assert_snapshot!(h.transcript());
     assert!(h.transcript().contains(
-        r#"BitmapDrift(BitmapDrift { missing: [("c1", "vdb")], orphans: [("libvirt-1-format", "c9")] })"#
+        r#"BitmapDrift(BitmapDrift { missing: [("c1", "vdb")], orphans: [("libvirt-1-format", "c9")], removed: [] })"#
     ));
+}
+
+fn temp_bitmap(peer: &mut Peer, node: &str, name: &str) {
+    peer.add_bitmap(node, name, 0);
+    let b = peer.bitmap_mut(node, name);
+    b.persistent = false;
+    b.recording = false;
+}
+
+fn drift_events(h: &Harness) -> Vec<String> {
+    h.lines
+        .iter()
+        .filter(|l| l.starts_with("event BitmapDrift"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn reconnect_removes_only_the_bitmaps_the_engine_owns() {
+    use vbackup_core::domain::Input;
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    // c5's transaction went through but its metadata was never written.
+    peer.add_bitmap("libvirt-2-format", "c5", 0);
+    peer.add_bitmap("libvirt-1-format", "c5", 0);
+    // Leftovers of a size computation and of a push backup whose cleanup was lost.
+    temp_bitmap(&mut peer, "libvirt-2-format", "libvirt-tmp-size-xml");
+    temp_bitmap(&mut peer, "libvirt-1-format", "backup-vdb");
+    // Not the engine's: someone else's bitmaps, and one a metadata-only deletion kept.
+    peer.add_bitmap("libvirt-2-format", "kept-for-redefine", 0);
+    temp_bitmap(&mut peer, "libvirt-2-format", "someone-elses-temp");
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    h.domain = Domain::new(
+        lab_domain(),
+        DomainConfig::default(),
+        CheckpointTree::new(),
+        None,
+    )
+    .with_pending_checkpoint(Some("c5".into()));
+    h.feed(Input::Reconnected);
+    for (node, name) in [
+        ("libvirt-2-format", "c5"),
+        ("libvirt-1-format", "c5"),
+        ("libvirt-2-format", "libvirt-tmp-size-xml"),
+        ("libvirt-1-format", "backup-vdb"),
+    ] {
+        assert!(!h.peer.has_bitmap(node, name), "{node} {name} left");
+    }
+    assert!(h.peer.has_bitmap("libvirt-2-format", "kept-for-redefine"));
+    assert!(h.peer.has_bitmap("libvirt-2-format", "someone-elses-temp"));
+    assert_eq!(h.store, [StoreOp::SetPendingCheckpoint(None)]);
+    assert!(h.domain.view().connected);
+    assert_eq!(
+        drift_events(&h),
+        [
+            r#"event BitmapDrift(BitmapDrift { missing: [], orphans: [("libvirt-2-format", "kept-for-redefine")], removed: [("libvirt-2-format", "c5"), ("libvirt-2-format", "libvirt-tmp-size-xml"), ("libvirt-1-format", "c5"), ("libvirt-1-format", "backup-vdb")] })"#
+        ]
+    );
+}
+
+#[test]
+fn checkpoint_create_whose_reply_was_lost_is_undone_by_the_reconnect() {
+    use vbackup_core::domain::{Input, Output, RequestId};
+    use vbackup_core::link::Timestamp;
+    let mut h = lab_with_checkpoints(&[]);
+    let t = Timestamp::from_ms(1);
+    let out = h.domain.handle(
+        t,
+        Input::Request(
+            RequestId(9),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda", "vdb"]),
+                quiesce: false,
+            },
+        ),
+    );
+    // QEMU runs the transaction; the connection drops before its reply.
+    for o in &out {
+        if let Output::Send(_, cmd) = o {
+            let _ = h.peer.execute(cmd);
+        }
+    }
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
+    h.feed(Input::LinkDown);
+    assert!(matches!(h.answer(9), Some(Err(Error::LinkLost(_)))));
+    h.feed(Input::Reconnected);
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "c1"));
+    assert!(!h.peer.has_bitmap("libvirt-1-format", "c1"));
+    assert!(h.domain.view().checkpoints.is_empty());
+    // The name is free again.
+    let id = create(&mut h, "c1");
+    assert!(matches!(h.answer(id), Some(Ok(_))), "{:?}", h.answer(id));
+}
+
+#[test]
+fn reconnect_marks_checkpoint_with_missing_bitmap_invalid() {
+    use vbackup_core::backup::{BackupDiskSpec, BackupMode, BackupSpec, BackupStore, StoreKind};
+    use vbackup_core::domain::Input;
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.add_bitmap("libvirt-2-format", "c1", 0);
+    peer.add_bitmap("libvirt-1-format", "c1", 0);
+    peer.bitmap_mut("libvirt-1-format", "c1").inconsistent = true;
+    let mut tree = CheckpointTree::new();
+    tree.insert_created(checkpoint("c1", &["vda", "vdb"]))
+        .unwrap();
+    let mut h = Harness::new(def, peer, tree);
+    h.feed(Input::Reconnected);
+    let invalid = h.domain.view().invalid_checkpoints.clone();
+    assert_eq!(invalid.len(), 1);
+    assert!(invalid["c1"].contains("vdb") && !invalid["c1"].contains("vda"));
+    let spec = |incremental: Option<&str>| BackupSpec {
+        mode: BackupMode::Push,
+        incremental: incremental.map(Into::into),
+        server: None,
+        disks: ["vda", "vdb"]
+            .iter()
+            .map(|t| BackupDiskSpec {
+                target: (*t).into(),
+                backup: true,
+                incremental: incremental.map(Into::into),
+                store: Some(BackupStore {
+                    kind: StoreKind::File,
+                    path: Some(format!("/backups/{t}.qcow2")),
+                    format: None,
+                }),
+                export_name: None,
+                export_bitmap: None,
+            })
+            .collect(),
+    };
+    h.lines.clear();
+    let id = h.request(Request::BackupBegin {
+        spec: spec(Some("c1")),
+        checkpoint: None,
+        reuse_external: false,
+    });
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Request(RequestError::CheckpointInconsistent {
+            bitmap: "c1".into(),
+            disk: "vdb".into()
+        })))
+    );
+    assert!(
+        !h.transcript().contains("->"),
+        "refused before any command: {}",
+        h.transcript()
+    );
+    let id = h.request(Request::BackupBegin {
+        spec: spec(None),
+        checkpoint: None,
+        reuse_external: false,
+    });
+    assert!(matches!(h.answer(id), Some(Ok(_))), "{:?}", h.answer(id));
+}
+
+#[test]
+fn refused_repair_is_tried_again_after_a_delay() {
+    use vbackup_core::domain::Input;
+    use vbackup_core::link::Timestamp;
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    temp_bitmap(&mut peer, "libvirt-2-format", "libvirt-tmp-size-xml");
+    peer.fail_next("block-dirty-bitmap-remove", "simulated refusal");
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    h.feed(Input::Reconnected);
+    assert!(
+        h.peer
+            .has_bitmap("libvirt-2-format", "libvirt-tmp-size-xml")
+    );
+    let due = h.domain.next_deadline().expect("a retry is scheduled");
+    assert!(due > Timestamp::from_ms(h.now_ms));
+    h.now_ms = due.as_ms();
+    h.feed(Input::Tick);
+    assert!(
+        !h.peer
+            .has_bitmap("libvirt-2-format", "libvirt-tmp-size-xml")
+    );
+    assert_eq!(h.domain.next_deadline(), None);
 }

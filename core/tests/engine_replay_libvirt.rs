@@ -90,10 +90,22 @@ fn connected(tree: CheckpointTree, config: DomainConfig) -> Domain {
     let Some(Output::Send(id, _)) = out.first() else {
         panic!("no negotiation")
     };
-    d.handle(
+    let out = d.handle(
         t,
         Input::Reply(id.clone(), Ok(Value::Object(Default::default()))),
     );
+    // Nor is the reconcile's node query: refused, it leaves the checkpoints as they are.
+    let Some(Output::Send(id, _)) = out.first() else {
+        panic!("no reconcile")
+    };
+    d.handle(
+        t,
+        Input::Reply(
+            id.clone(),
+            Err(vbackup_core::qmp::QmpError::generic("not recorded")),
+        ),
+    );
+    assert!(d.view().connected);
     d
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nbd_support::{Qsd, nbd_uri, run};
 use serde_json::json;
 use vbackup_qemu::nbd::copy::{copy_allocated, copy_dirty};
+use vbackup_qemu::nbd::robustness::Rng;
 use vbackup_qemu::nbd::{BASE_ALLOCATION, FileSink, NbdClient, dirty_bitmap_context};
 
 const KIB: u64 = 1024;
@@ -69,33 +70,14 @@ fn options() -> Options {
     o
 }
 
-/// xorshift64*: fast, deterministic, incompressible enough for disk data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 /// Random runs of 64 KiB..2 MiB with gaps sized so about `percent`% of the image is covered.
 fn random_runs(rng: &mut Rng, size: u64, percent: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
     let mut at = 0;
     loop {
-        let granules = 1 + rng.next() % 32;
+        let granules = 1 + rng.next_u64() % 32;
         let gap_mean = granules * (100 - percent) / percent.max(1);
-        let gap = rng.next() % (2 * gap_mean + 1);
+        let gap = rng.next_u64() % (2 * gap_mean + 1);
         at += gap * GRANULE;
         let len = granules * GRANULE;
         if at + len > size {

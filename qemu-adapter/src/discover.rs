@@ -540,6 +540,12 @@ mod tests {
     const QSD_BACKUP_GRAPH: &str = r##"{"nodes": [{"name": "#block089", "type": "block-driver", "id": 7}, {"name": "xq", "type": "block-driver", "id": 6}, {"name": "xf", "type": "block-driver", "id": 13}, {"name": "rr", "type": "block-driver", "id": 4}, {"name": "rf", "type": "block-driver", "id": 12}, {"name": "guest", "type": "block-driver", "id": 2}, {"name": "tq", "type": "block-driver", "id": 11}, {"name": "tf", "type": "block-driver", "id": 10}, {"name": "bq", "type": "block-driver", "id": 9}, {"name": "bf", "type": "block-driver", "id": 8}, {"name": "bk", "type": "block-job", "id": 5}, {"name": "", "type": "block-backend", "id": 3}, {"name": "", "type": "block-backend", "id": 1}], "edges": [{"parent": 7, "child": 11, "name": "file"}, {"parent": 7, "child": 6, "name": "target"}, {"parent": 6, "child": 13, "name": "file"}, {"parent": 4, "child": 12, "name": "file"}, {"parent": 2, "child": 7, "name": "file"}, {"parent": 11, "child": 10, "name": "file"}, {"parent": 11, "child": 9, "name": "backing"}, {"parent": 9, "child": 8, "name": "file"}, {"parent": 5, "child": 7, "name": "main node"}, {"parent": 5, "child": 6, "name": "target"}, {"parent": 3, "child": 4, "name": "root"}, {"parent": 1, "child": 2, "name": "root"}]}"##;
     const QSD_BACKUP_NODES: &str = r##"[{"node-name": "#block089", "drv": "copy-before-write", "ro": false, "file": "json:{}"}, {"node-name": "xq", "drv": "qcow2", "ro": false, "file": "/tmp/cliexp/tgt.qcow2"}, {"node-name": "xf", "drv": "file", "ro": false, "file": "/tmp/cliexp/tgt.qcow2"}, {"node-name": "rr", "drv": "raw", "ro": false, "file": "/tmp/cliexp/r.raw"}, {"node-name": "rf", "drv": "file", "ro": false, "file": "/tmp/cliexp/r.raw"}, {"node-name": "guest", "drv": "raw", "ro": false, "file": "json:{}"}, {"node-name": "tq", "drv": "qcow2", "ro": false, "file": "json:{}"}, {"node-name": "tf", "drv": "file", "ro": false, "file": "/tmp/cliexp/top.qcow2"}, {"node-name": "bq", "drv": "qcow2", "ro": true, "file": "/tmp/cliexp/base.qcow2"}, {"node-name": "bf", "drv": "file", "ro": true, "file": "/tmp/cliexp/base.qcow2"}]"##;
 
+    /// The disks discovery finds in that daemon, as [`summary`] writes them.
+    const QSD_DISKS: [&str; 2] = [
+        "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
+        "vdb rr:raw:/tmp/cliexp/r.raw",
+    ];
+
     fn qsd_replies() -> Replies {
         Replies {
             block: parse("[]"),
@@ -552,13 +558,7 @@ mod tests {
     #[test]
     fn daemon_exports_are_disks_with_their_backing_chain_below_a_raw_view() {
         let disks = discover_disks(&qsd_replies()).unwrap();
-        assert_eq!(
-            summary(&disks),
-            [
-                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "vdb rr:raw:/tmp/cliexp/r.raw",
-            ]
-        );
+        assert_eq!(summary(&disks), QSD_DISKS);
         assert!(
             disks[0]
                 .layers
@@ -574,13 +574,7 @@ mod tests {
             nodes: parse(QSD_BACKUP_NODES),
             ..qsd_replies()
         };
-        assert_eq!(
-            summary(&discover_disks(&replies).unwrap()),
-            [
-                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "vdb rr:raw:/tmp/cliexp/r.raw",
-            ]
-        );
+        assert_eq!(summary(&discover_disks(&replies).unwrap()), QSD_DISKS);
     }
 
     #[test]
@@ -591,13 +585,7 @@ mod tests {
         };
         // `guest` and `rr` are the only nodes nobody uses; `tq` is under `guest`, so the raw
         // view and the image it shows are one disk.
-        assert_eq!(
-            summary(&discover_disks(&replies).unwrap()),
-            [
-                "vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2",
-                "vdb rr:raw:/tmp/cliexp/r.raw",
-            ]
-        );
+        assert_eq!(summary(&discover_disks(&replies).unwrap()), QSD_DISKS);
     }
 
     #[test]
@@ -609,10 +597,7 @@ mod tests {
             {"node-name": "rr", "shutting-down": true, "type": "nbd", "id": "going"},
         ]);
         let disks = discover_disks(&replies).unwrap();
-        assert_eq!(
-            summary(&disks),
-            ["vda tq:qcow2:/tmp/cliexp/top.qcow2 > bq:qcow2:/tmp/cliexp/base.qcow2"]
-        );
+        assert_eq!(summary(&disks), QSD_DISKS[..1]);
     }
 
     /// `query-block` and `query-named-block-nodes` as recorded between libvirt 11.3 and QEMU

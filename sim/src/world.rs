@@ -291,6 +291,7 @@ pub fn stored_state(ops: &[StoreOp]) -> (Vec<Checkpoint>, Option<String>, Option
             StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
             StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
             StoreOp::DeleteBackupJournal => journal = None,
+            StoreOp::SetPendingCheckpoint(_) => {}
         }
     }
     (cps.into_values().collect(), current, journal)
@@ -938,7 +939,17 @@ impl World {
                 self.resurrected.insert(c.name.clone());
             }
         }
-        let domain = Domain::new(self.def.clone(), DomainConfig::default(), tree, journal);
+        let pending = effects
+            .memory
+            .persisted
+            .iter()
+            .rev()
+            .find_map(|op| match op {
+                StoreOp::SetPendingCheckpoint(p) => Some(p.clone()),
+                _ => None,
+            });
+        let domain = Domain::new(self.def.clone(), DomainConfig::default(), tree, journal)
+            .with_pending_checkpoint(pending.flatten());
         link.reconnect();
         self.pending.clear();
         self.candidates.clear();

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -45,6 +45,15 @@ impl Lab {
         c
     }
 
+    /// Starts the binary in the background, its output discarded.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("run vbackup")
     }
@@ -81,6 +90,13 @@ impl Lab {
                 .arg(format!("{mib}M")),
         );
         p
+    }
+
+    /// Defines domain `vm` with one disk `vda` on a fresh qcow2 image `image`; returns its path.
+    pub fn define_vm(&self, image: &str, mib: u64) -> PathBuf {
+        let img = self.image(image, mib);
+        self.ok(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
+        img
     }
 
     pub fn file(&self, name: &str, text: &str) -> String {
@@ -147,12 +163,31 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for pid in self.daemon_pids().into_iter().chain(self.nbd_pids()) {
             let _ = kill_pid(pid);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while daemon_alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                !daemon_alive(pid)
+            });
         }
     }
+}
+
+/// Polls `done` every `step` until it holds or `limit` has passed; returns whether it held.
+pub fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(step);
+    }
+    true
+}
+
+/// Kills process `pid` and waits (up to ten seconds) until it is gone.
+pub fn kill_and_wait(pid: u32) {
+    kill_pid(pid).expect("kill");
+    wait_until(Duration::from_secs(10), Duration::from_millis(10), || {
+        !daemon_alive(pid)
+    });
 }
 
 pub fn tool(cmd: &mut Command) -> Output {

@@ -85,8 +85,16 @@ enum Effect {
     NbdStarted,
     Transaction,
     Export(usize),
-    /// Cleanup: failures are ignored.
+    /// Cleanup: failures are ignored, except that a refused cleanup command (see
+    /// [`Gone`]) is checked and tried again until its object is gone.
     BestEffort,
+    /// A cleanup command tried again (`n` earlier tries were refused).
+    Retry(u32),
+    /// A query checking whether the object of a refused cleanup command is gone.
+    Verify {
+        command: Box<QmpCommand>,
+        attempt: u32,
+    },
     /// `query-jobs` deciding how the named backup job ended.
     CheckJob(String),
 }
@@ -143,6 +151,88 @@ pub(crate) struct BackupRun {
     holds_start_slot: bool,
     nodes: NodeTable,
     spec: Option<BackupSpec>,
+    /// The command step in flight (kept across a lost connection when it cleans up).
+    in_flight: Option<Step>,
+    /// Refused cleanup commands waiting for their next try: when, the command, tries so far.
+    retries: Vec<(Timestamp, QmpCommand, u32)>,
+    /// The reconnection's `query-jobs` failed: when to ask again.
+    poll_due: Option<Timestamp>,
+    /// Failed `query-jobs` of this reconnection so far.
+    poll_attempts: u32,
+}
+
+/// What a refused cleanup command was meant to make disappear, and how to check.
+enum Gone {
+    Job(String),
+    Node(String),
+    Bitmap { node: String, name: String },
+    Export(String),
+    NbdServer,
+}
+
+impl Gone {
+    /// The cleanup commands that are checked and tried again when refused.
+    fn of(command: &QmpCommand) -> Option<Gone> {
+        Some(match command {
+            QmpCommand::JobDismiss(j) => Gone::Job(j.id.clone()),
+            QmpCommand::BlockdevDel(d) => Gone::Node(d.node_name.clone()),
+            QmpCommand::BlockDirtyBitmapRemove(b) => Gone::Bitmap {
+                node: b.node.clone(),
+                name: b.name.clone(),
+            },
+            QmpCommand::BlockExportDel(e) => Gone::Export(e.id.clone()),
+            QmpCommand::NbdServerStop => Gone::NbdServer,
+            _ => return None,
+        })
+    }
+
+    /// The query that tells whether the object is gone; `None` when the refusal itself says.
+    fn query(&self) -> Option<QmpCommand> {
+        match self {
+            Gone::Job(_) => Some(cmd::query_jobs()),
+            Gone::Node(_) | Gone::Bitmap { .. } => Some(cmd::query_nodes()),
+            Gone::Export(_) => Some(QmpCommand::QueryBlockExports),
+            Gone::NbdServer => None,
+        }
+    }
+
+    /// Whether the query's answer shows the object gone.
+    fn is_gone(&self, answer: &Value) -> Option<bool> {
+        match self {
+            Gone::Job(id) => parse_jobs(answer)
+                .ok()
+                .map(|j| j.iter().all(|j| &j.id != id)),
+            Gone::Node(node) => node_table(answer).ok().map(|t| !t.contains_key(node)),
+            Gone::Bitmap { node, name } => node_table(answer)
+                .ok()
+                .map(|t| t.get(node).is_none_or(|n| n.bitmap(name).is_none())),
+            Gone::Export(id) => answer.as_array().map(|a| {
+                a.iter()
+                    .all(|e| e.get("id").and_then(Value::as_str) != Some(id.as_str()))
+            }),
+            Gone::NbdServer => None,
+        }
+    }
+}
+
+/// Whether a step is cleanup that must survive a lost connection, as the step to run again.
+fn surviving_cleanup(step: Step) -> Option<Step> {
+    match step {
+        Step::Cmd {
+            command,
+            effect: effect @ (Effect::BestEffort | Effect::Retry(_)),
+        } if Gone::of(&command).is_some() || matches!(command, QmpCommand::ObjectDel(_)) => {
+            Some(Step::Cmd { command, effect })
+        }
+        Step::Cmd {
+            effect: Effect::Verify { command, attempt },
+            ..
+        } => Some(Step::Cmd {
+            command: *command,
+            effect: Effect::Retry(attempt),
+        }),
+        _ => None,
+    }
 }
 
 impl BackupRun {
@@ -208,6 +298,10 @@ impl BackupRun {
             waiting_since: None,
             nodes: NodeTable::new(),
             spec: None,
+            in_flight: None,
+            retries: Vec::new(),
+            poll_due: None,
+            poll_attempts: 0,
         }
     }
 
@@ -283,6 +377,10 @@ impl BackupRun {
             checks_queued: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: Some(spec),
+            in_flight: None,
+            retries: Vec::new(),
+            poll_due: None,
+            poll_attempts: 0,
         })
     }
 
@@ -362,14 +460,28 @@ impl BackupRun {
                 };
                 return Err(RequestError::Unsupported(msg).into());
             }
-            if let Some(cp) = &d.incremental
-                && core.tree.get(cp).is_none()
-            {
-                return Err(RequestError::IncrementalCheckpointMissing {
-                    checkpoint: cp.clone(),
-                    disk: d.target.clone(),
+            if let Some(cp) = &d.incremental {
+                let Some(c) = core.tree.get(cp) else {
+                    return Err(RequestError::IncrementalCheckpointMissing {
+                        checkpoint: cp.clone(),
+                        disk: d.target.clone(),
+                    }
+                    .into());
+                };
+                // The last reconcile found this disk's bitmap chain missing or broken.
+                if core.invalid.get(cp).is_some_and(|t| t.contains(&d.target)) {
+                    let bitmap = c
+                        .disks
+                        .iter()
+                        .find(|x| x.target == d.target)
+                        .and_then(|x| x.bitmap.clone())
+                        .unwrap_or_else(|| cp.clone());
+                    return Err(RequestError::CheckpointInconsistent {
+                        bitmap,
+                        disk: d.target.clone(),
+                    }
+                    .into());
                 }
-                .into());
             }
             if let Some(BackupStore { path: Some(p), .. }) = &d.store
                 && !p.starts_with('/')
@@ -705,7 +817,11 @@ impl BackupRun {
                     self.plan.stage = BackupStage::Starting;
                     self.journal(ctx);
                 }
-                ctx.send(Owner::Backup(BackupTag::Step), command);
+                ctx.send(Owner::Backup(BackupTag::Step), command.clone());
+                self.in_flight = Some(Step::Cmd {
+                    command,
+                    effect: effect.clone(),
+                });
                 self.current = Some(effect);
                 self.step_busy = true;
                 Some(self)
@@ -736,6 +852,10 @@ impl BackupRun {
 
     /// Nothing more is queued: decide what comes next.
     fn queue_drained(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        if !self.retries.is_empty() && !matches!(self.phase, Phase::Preparing) {
+            // Refused cleanup is tried again at its deadline; the run ends after it.
+            return Some(self);
+        }
         match &self.phase {
             Phase::Preparing => {
                 let mut run = self;
@@ -770,6 +890,12 @@ impl BackupRun {
             Phase::Running => self.maybe_finish(core, ctx),
             Phase::Querying | Phase::Disconnected | Phase::Reconciling => Some(self),
         }
+    }
+
+    /// Queues a refused cleanup command for another try after a growing delay.
+    fn schedule_retry(&mut self, ctx: &Ctx<'_>, command: QmpCommand, attempt: u32) {
+        let due = ctx.now.plus_ms(crate::domain::retry_delay_ms(attempt));
+        self.retries.push((due, command, attempt.saturating_add(1)));
     }
 
     /// Writes the plan to the job journal.
@@ -810,7 +936,7 @@ impl BackupRun {
             match step {
                 Step::AwaitCreateJob { .. }
                 | Step::Cmd {
-                    effect: Effect::BestEffort,
+                    effect: Effect::BestEffort | Effect::Retry(_),
                     ..
                 } => kept.push(step),
                 _ => break,
@@ -917,7 +1043,15 @@ impl BackupRun {
             }
             BackupTag::Poll => match result.ok().and_then(|v| parse_jobs(&v).ok()) {
                 Some(jobs) => self.reconcile(core, ctx, &jobs),
-                None => Some(self),
+                None => {
+                    // Without QEMU's jobs nothing can be decided: ask again later.
+                    if self.phase == Phase::Reconciling {
+                        let delay = crate::domain::retry_delay_ms(self.poll_attempts);
+                        self.poll_due = Some(ctx.now.plus_ms(delay));
+                        self.poll_attempts = self.poll_attempts.saturating_add(1);
+                    }
+                    Some(self)
+                }
             },
             BackupTag::Stats(req) => {
                 if let Ok(jobs) = result
@@ -948,12 +1082,48 @@ impl BackupRun {
         result: Result<Value, QmpError>,
     ) -> Option<Self> {
         let effect = self.current.take().unwrap_or(Effect::None);
+        let sent = self.in_flight.take();
         self.step_busy = false;
         if let Effect::CheckJob(job) = &effect {
             return self.on_check_job(core, ctx, job, result);
         }
+        if let Effect::Verify { command, attempt } = effect {
+            let gone = Gone::of(&command).and_then(|g| result.ok().and_then(|v| g.is_gone(&v)));
+            if gone != Some(true) {
+                self.schedule_retry(ctx, *command, attempt);
+            }
+            return self.pump(core, ctx);
+        }
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
-        let best_effort = rolling_back || effect == Effect::BestEffort;
+        let best_effort = rolling_back || matches!(effect, Effect::BestEffort | Effect::Retry(_));
+        if best_effort
+            && let Err(e) = &result
+            && let Some(Step::Cmd { command, .. }) = sent
+            && let Some(gone) = Gone::of(&command)
+        {
+            // QEMU refused a cleanup command: check whether its object is gone anyway, and
+            // try again later if not.
+            let attempt = match effect {
+                Effect::Retry(n) => n,
+                _ => 0,
+            };
+            match gone.query() {
+                Some(query) => self.steps.push_front(Step::Cmd {
+                    command: query,
+                    effect: Effect::Verify {
+                        command: Box::new(command),
+                        attempt,
+                    },
+                }),
+                None => {
+                    // Only the NBD server has no query; QEMU says when none runs.
+                    if !e.desc.contains("not running") {
+                        self.schedule_retry(ctx, command, attempt);
+                    }
+                }
+            }
+            return self.pump(core, ctx);
+        }
         match result {
             Err(e) if effect == Effect::NbdStarted && port_in_use(&e) => {
                 // Do better than refusing: try the next port of the configured range.
@@ -1223,7 +1393,25 @@ impl BackupRun {
 
     /// The QMP session is gone.
     pub(crate) fn on_link_down(mut self, _core: &mut Core, _ctx: &mut Ctx<'_>) -> Self {
-        self.steps.clear();
+        // Cleanup still owed (including the command whose reply was lost, and refused ones
+        // waiting for another try) runs again after the reconnection; the rest is decided
+        // again from QEMU's jobs then.
+        let mut kept: VecDeque<Step> = VecDeque::new();
+        if self.step_busy {
+            kept.extend(self.in_flight.take().and_then(surviving_cleanup));
+        }
+        kept.extend(self.steps.drain(..).filter_map(surviving_cleanup));
+        kept.extend(
+            self.retries
+                .drain(..)
+                .map(|(_, command, attempt)| Step::Cmd {
+                    command,
+                    effect: Effect::Retry(attempt),
+                }),
+        );
+        self.steps = kept;
+        self.in_flight = None;
+        self.poll_due = None;
         self.step_busy = false;
         self.current = None;
         self.waiting_create_job = None;
@@ -1236,17 +1424,57 @@ impl BackupRun {
     /// A new QMP session is negotiated: find out what became of the jobs.
     pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         self.phase = Phase::Reconciling;
+        self.poll_due = None;
+        self.poll_attempts = 0;
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
     }
 
     /// When the current non-command wait times out.
     pub(crate) fn deadline(&self, timeout_ms: u64) -> Option<Timestamp> {
-        self.waiting_since.map(|t| t.plus_ms(timeout_ms))
+        self.waiting_since
+            .map(|t| t.plus_ms(timeout_ms))
+            .into_iter()
+            .chain(self.retries.iter().map(|(due, _, _)| *due))
+            .chain(self.poll_due)
+            .min()
     }
 
-    /// The current non-command wait took too long: give up the start.
+    /// A deadline passed: refused cleanup comes due, or the current non-command wait took too
+    /// long (then the start is given up).
     pub(crate) fn on_timeout(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+        if self.poll_due.is_some_and(|due| due <= ctx.now) {
+            self.poll_due = None;
+            if self.phase == Phase::Reconciling {
+                ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
+            }
+            return Some(self);
+        }
+        if self.retries.iter().any(|(due, _, _)| *due <= ctx.now) {
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+                .into_iter()
+                .partition(|(due, _, _)| *due <= ctx.now);
+            self.retries = later;
+            for (_, command, attempt) in due {
+                self.steps.push_back(Step::Cmd {
+                    command,
+                    effect: Effect::Retry(attempt),
+                });
+            }
+            let connected = !matches!(self.phase, Phase::Disconnected | Phase::Reconciling);
+            return if connected {
+                self.pump(core, ctx)
+            } else {
+                Some(self)
+            };
+        }
+        let timeout = core.config.command_timeout_ms;
+        if self
+            .waiting_since
+            .is_none_or(|t| ctx.now < t.plus_ms(timeout))
+        {
+            return Some(self);
+        }
         let what = if let Some(job) = self.waiting_create_job.take() {
             format!("image creation job {job} never concluded")
         } else if let Some((_, path)) = self.waiting_file.take() {
@@ -1496,7 +1724,7 @@ impl BackupRun {
 
     fn maybe_finish(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         let all_final = self.plan.disks.iter().all(|d| d.state.is_final());
-        if all_final && self.steps.is_empty() && !self.step_busy {
+        if all_final && self.steps.is_empty() && !self.step_busy && self.retries.is_empty() {
             self.terminate(core, ctx);
             None
         } else {

@@ -29,8 +29,9 @@ use crate::model::ImageFormat;
 use std::sync::OnceLock;
 
 use crate::xml::document::{Ctx, N, load};
-use crate::xml::error::{Position, XmlError, XmlErrorKind};
+use crate::xml::error::{XmlError, XmlErrorKind};
 use crate::xml::relaxng::{Schema, SchemaError};
+use crate::xml::schema_error;
 use crate::xml::writer::Writer;
 
 const ROOT: &str = "managedbackup";
@@ -59,23 +60,7 @@ fn validate(doc: &roxmltree::Document<'_>) -> Result<(), XmlError> {
             });
         }
     };
-    Err(violations.into_iter().next().map_or_else(
-        || XmlError {
-            kind: XmlErrorKind::Schema,
-            position: None,
-            path: "/".into(),
-            message: "document does not match its grammar".into(),
-        },
-        |v| XmlError {
-            kind: XmlErrorKind::Schema,
-            position: Some(Position {
-                line: v.line,
-                column: v.column,
-            }),
-            path: v.path,
-            message: v.message,
-        },
-    ))
+    Err(schema_error(violations))
 }
 
 impl ManagedBackup {
@@ -123,15 +108,7 @@ impl ManagedBackup {
         validate(&doc)?;
         let ctx = Ctx::new(&doc);
         let root = doc.root_element();
-        if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
-            return Err(ctx.schema(
-                root,
-                format!(
-                    "expected root element '{ROOT}', found '{}'",
-                    root.tag_name().name()
-                ),
-            ));
-        }
+        ctx.expect_root(root, ROOT)?;
         ctx.check_attributes(root, &[])?;
         let mut slots: [Option<N<'_, '_>>; 9] = [None; 9];
         const NAMES: [&str; 9] = [

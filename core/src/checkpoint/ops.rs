@@ -180,8 +180,9 @@ pub(crate) fn commit_created(
 }
 
 /// Persists what a tree operation changed.
-pub(crate) fn persist_change(core: &Core, ctx: &mut Ctx<'_>, change: &TreeChange) {
+pub(crate) fn persist_change(core: &mut Core, ctx: &mut Ctx<'_>, change: &TreeChange) {
     for name in &change.removed {
+        core.invalid.remove(name);
         ctx.persist(StoreOp::DeleteCheckpoint(name.clone()));
     }
     for name in &change.written {
@@ -202,7 +203,10 @@ pub(crate) fn redefine_now(
     ctx: &mut Ctx<'_>,
     checkpoint: Checkpoint,
 ) -> Result<(), Error> {
+    let name = checkpoint.name.clone();
     let change = core.tree.redefine(checkpoint)?;
+    // New metadata: whether its chains hold is for the next backup's node query to say.
+    core.invalid.remove(&name);
     persist_change(core, ctx, &change);
     Ok(())
 }
@@ -304,6 +308,10 @@ impl ShortOp {
             return None;
         }
         let actions = create_actions(&core.def, &checkpoint);
+        // Recorded first: if the metadata write after QEMU's confirmation never happens, the
+        // next reconcile knows these bitmaps are the engine's orphans.
+        core.pending_checkpoint = Some(checkpoint.name.clone());
+        ctx.persist(StoreOp::SetPendingCheckpoint(Some(checkpoint.name.clone())));
         ctx.send(
             Owner::Short(ShortTag::CreateTransaction),
             cmd::transaction(actions),
@@ -364,6 +372,12 @@ impl ShortOp {
                     }
                     Err(e) => Err(refused(command, &e)),
                 };
+                // Metadata written, or QEMU refused the whole transaction: nothing is pending.
+                // A reply lost with the session never gets here and keeps the record.
+                if !matches!(&r, Err(Error::QemuMisbehaved(_))) {
+                    core.pending_checkpoint = None;
+                    ctx.persist(StoreOp::SetPendingCheckpoint(None));
+                }
                 ctx.respond(req, r);
                 release(core);
                 None
@@ -374,6 +388,7 @@ impl ShortOp {
                     .and_then(|v| node_table(&v))
                     .and_then(|nodes| validate_chains(&core.def, &nodes, &checkpoint))
                     .and_then(|()| {
+                        core.invalid.remove(&checkpoint.name);
                         let change = core.tree.redefine(checkpoint)?;
                         persist_change(core, ctx, &change);
                         Ok(Reply::Done)

@@ -162,6 +162,8 @@ commands! {
         QueryBlock = "query-block",
         /// `query-status`.
         QueryStatus = "query-status",
+        /// `query-block-exports`.
+        QueryBlockExports = "query-block-exports",
         /// `nbd-server-stop`.
         NbdServerStop = "nbd-server-stop",
         /// `quit`: QEMU exits.

@@ -51,6 +51,16 @@ fn fail(origin: Origin, path: &str, message: String) -> XmlError {
     XmlError::new(XmlErrorKind::Alignment, origin, path, message)
 }
 
+/// A checkpoint that cannot be aligned at all (it lacks what alignment starts from).
+fn invalid_checkpoint(def: &CheckpointDef, message: &str) -> XmlError {
+    XmlError::new(
+        XmlErrorKind::Invalid,
+        def.origin,
+        "/domaincheckpoint",
+        message,
+    )
+}
+
 /// The file name generated for a disk that has no explicit target or scratch image:
 /// `<path of the disk's top image>.<suffix>`. Only a disk whose top image is a local file gets
 /// one; for any other disk the caller must name the image.
@@ -245,10 +255,8 @@ pub fn align_checkpoint(
     domain: &DomainDef,
 ) -> Result<CheckpointDef, XmlError> {
     let Some(name) = def.name.as_deref() else {
-        return Err(XmlError::new(
-            XmlErrorKind::Invalid,
-            def.origin,
-            "/domaincheckpoint",
+        return Err(invalid_checkpoint(
+            def,
             "the checkpoint has no name to align with",
         ));
     };
@@ -332,18 +340,14 @@ pub fn align_redefined_checkpoint(
     vm: &DomainDef,
 ) -> Result<CheckpointDef, XmlError> {
     let Some(name) = def.name.as_deref() else {
-        return Err(XmlError::new(
-            XmlErrorKind::Invalid,
-            def.origin,
-            "/domaincheckpoint",
+        return Err(invalid_checkpoint(
+            def,
             "a redefined checkpoint must have a name",
         ));
     };
     if def.creation_time.is_none() {
-        return Err(XmlError::new(
-            XmlErrorKind::Invalid,
-            def.origin,
-            "/domaincheckpoint",
+        return Err(invalid_checkpoint(
+            def,
             "a redefined checkpoint must have a <creationTime>",
         ));
     }

@@ -10,8 +10,8 @@ use super::checkpoint::is_valid_disk_target;
 use super::document::{Ctx, N, is_absolute_path, load};
 use super::error::{Origin, XmlError, XmlErrorKind};
 use super::schema::{self, Grammar};
+use super::schema_error;
 use super::writer::Writer;
-use super::{names, schema_error};
 use crate::model::ImageFormat;
 
 /// Push (QEMU writes the copy) or pull (QEMU exports a point-in-time view over NBD).
@@ -380,27 +380,8 @@ fn format_disk(w: &mut Writer, mode: BackupMode, disk: &BackupDisk) {
     w.end("disk");
 }
 
-fn checkpoint_ref(
-    ctx: &Ctx<'_, '_>,
-    node: N<'_, '_>,
-    what: &str,
-    value: &str,
-) -> Result<String, XmlError> {
-    names::validate_checkpoint_name(value)
-        .map_err(|e| ctx.schema(node, format!("{what} '{value}' {e}")))?;
-    Ok(value.to_owned())
-}
-
 pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDef, XmlError> {
-    if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
-        return Err(ctx.schema(
-            root,
-            format!(
-                "expected root element '{ROOT}', found '{}'",
-                root.tag_name().name()
-            ),
-        ));
-    }
+    ctx.expect_root(root, ROOT)?;
     ctx.check_attributes(root, &["mode"])?;
     let mode = match root.attribute("mode") {
         None | Some("push") => BackupMode::Push,
@@ -430,7 +411,7 @@ pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDe
     if let Some(node) = incremental {
         ctx.check_attributes(node, &[])?;
         let text = ctx.text(node)?;
-        def.incremental = Some(checkpoint_ref(ctx, node, "checkpoint name", &text)?);
+        def.incremental = Some(ctx.checkpoint_name(node, "checkpoint name", &text)?);
     }
     match (mode, server) {
         (BackupMode::Push, Some(node)) => {
@@ -447,17 +428,7 @@ pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDe
         (BackupMode::Push, None) => {}
     }
     if let Some(node) = disks {
-        ctx.check_attributes(node, &[])?;
-        let children = ctx.element_children(node)?;
-        if children.is_empty() {
-            return Err(ctx.schema(node, "<disks> must hold at least one <disk>"));
-        }
-        for disk in children {
-            if disk.tag_name().name() != "disk" {
-                return Err(ctx.unexpected(disk));
-            }
-            def.disks.push(read_disk(ctx, mode, disk)?);
-        }
+        def.disks = ctx.disks(node, |disk| read_disk(ctx, mode, disk))?;
     }
     Ok(def)
 }
@@ -648,7 +619,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<Bac
                 "attribute 'incremental' is not allowed with backupmode='full'",
             ));
         }
-        Some(value) => Some(checkpoint_ref(ctx, node, "checkpoint name", value)?),
+        Some(value) => Some(ctx.checkpoint_name(node, "checkpoint name", value)?),
         None => None,
     };
     let nonempty = |attr: &str| -> Result<Option<String>, XmlError> {

@@ -8,8 +8,8 @@
 use super::document::{Ctx, N, load};
 use super::error::{Origin, XmlError, XmlErrorKind};
 use super::schema::{self, Grammar};
+use super::schema_error;
 use super::writer::Writer;
-use super::{names, schema_error};
 
 /// Whether a disk takes part in a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -161,31 +161,13 @@ impl CheckpointDef {
     }
 }
 
-fn name_error(
-    ctx: &Ctx<'_, '_>,
-    node: N<'_, '_>,
-    what: &str,
-    value: &str,
-    err: names::NameError,
-) -> XmlError {
-    ctx.schema(node, format!("{what} '{value}' {err}"))
-}
-
 pub(crate) fn read_checkpoint(
     ctx: &Ctx<'_, '_>,
     text: &str,
     root: N<'_, '_>,
     mode: CheckpointMode,
 ) -> Result<CheckpointDef, XmlError> {
-    if root.tag_name().name() != ROOT || root.tag_name().namespace().is_some() {
-        return Err(ctx.schema(
-            root,
-            format!(
-                "expected root element '{ROOT}', found '{}'",
-                root.tag_name().name()
-            ),
-        ));
-    }
+    ctx.expect_root(root, ROOT)?;
     ctx.check_attributes(root, &[])?;
     let (mut name, mut description, mut parent, mut time, mut disks, mut domain) =
         (None, None, None, None, None, None);
@@ -208,9 +190,7 @@ pub(crate) fn read_checkpoint(
     if let Some(node) = name {
         ctx.check_attributes(node, &[])?;
         let value = ctx.text(node)?;
-        names::validate_checkpoint_name(&value)
-            .map_err(|e| name_error(ctx, node, "checkpoint name", &value, e))?;
-        def.name = Some(value);
+        def.name = Some(ctx.checkpoint_name(node, "checkpoint name", &value)?);
     }
     if let Some(node) = description {
         ctx.check_attributes(node, &[])?;
@@ -227,9 +207,7 @@ pub(crate) fn read_checkpoint(
         }
         ctx.check_attributes(*pname, &[])?;
         let value = ctx.text(*pname)?;
-        names::validate_checkpoint_name(&value)
-            .map_err(|e| name_error(ctx, *pname, "parent checkpoint name", &value, e))?;
-        def.parent = Some(value);
+        def.parent = Some(ctx.checkpoint_name(*pname, "parent checkpoint name", &value)?);
     }
     if let Some(node) = time {
         ctx.check_attributes(node, &[])?;
@@ -237,17 +215,7 @@ pub(crate) fn read_checkpoint(
         def.creation_time = Some(ctx.unsigned(node, "<creationTime>", &value)?);
     }
     if let Some(node) = disks {
-        ctx.check_attributes(node, &[])?;
-        let children = ctx.element_children(node)?;
-        if children.is_empty() {
-            return Err(ctx.schema(node, "<disks> must hold at least one <disk>"));
-        }
-        for disk in children {
-            if disk.tag_name().name() != "disk" {
-                return Err(ctx.unexpected(disk));
-            }
-            def.disks.push(read_disk(ctx, disk)?);
-        }
+        def.disks = ctx.disks(node, |disk| read_disk(ctx, disk))?;
     }
     if let Some(node) = domain {
         if mode == CheckpointMode::Redefine {

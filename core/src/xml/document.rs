@@ -2,6 +2,7 @@
 //! parser uses to walk it with positioned errors.
 
 use super::error::{Origin, Position, XmlError, XmlErrorKind};
+use super::names;
 use roxmltree::{Document, Node};
 use std::cell::Cell;
 
@@ -232,6 +233,54 @@ impl<'a, 'input> Ctx<'a, 'input> {
     /// Where `node` starts.
     pub fn origin(&self, node: N<'a, 'input>) -> Origin {
         Origin(Some(self.position_at(node.range().start)))
+    }
+
+    /// Requires `root` to be the element `name` in no namespace.
+    pub fn expect_root(&self, root: N<'a, 'input>, name: &str) -> Result<(), XmlError> {
+        if root.tag_name().name() != name || root.tag_name().namespace().is_some() {
+            return Err(self.schema(
+                root,
+                format!(
+                    "expected root element '{name}', found '{}'",
+                    root.tag_name().name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the children of a `<disks>` element in document order with `read`: the element
+    /// takes no attributes and holds one `<disk>` or more and nothing else.
+    pub fn disks<T>(
+        &self,
+        node: N<'a, 'input>,
+        mut read: impl FnMut(N<'a, 'input>) -> Result<T, XmlError>,
+    ) -> Result<Vec<T>, XmlError> {
+        self.check_attributes(node, &[])?;
+        let children = self.element_children(node)?;
+        if children.is_empty() {
+            return Err(self.schema(node, "<disks> must hold at least one <disk>"));
+        }
+        let mut out = Vec::with_capacity(children.len());
+        for disk in children {
+            if disk.tag_name().name() != "disk" {
+                return Err(self.unexpected(disk));
+            }
+            out.push(read(disk)?);
+        }
+        Ok(out)
+    }
+
+    /// `value`, read from `node`, as a checkpoint name; `what` names it in the error.
+    pub fn checkpoint_name(
+        &self,
+        node: N<'a, 'input>,
+        what: &str,
+        value: &str,
+    ) -> Result<String, XmlError> {
+        names::validate_checkpoint_name(value)
+            .map_err(|e| self.schema(node, format!("{what} '{value}' {e}")))?;
+        Ok(value.to_owned())
     }
 
     /// Rejects any attribute of `node` not in `allowed`.

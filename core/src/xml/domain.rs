@@ -21,15 +21,7 @@ pub fn parse_domain(text: &str) -> Result<DomainDef, XmlError> {
 
 /// Reads a `<domain>` element (a whole document's root, or one embedded in a checkpoint).
 pub fn read_domain(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<DomainDef, XmlError> {
-    if node.tag_name().name() != "domain" || node.tag_name().namespace().is_some() {
-        return Err(ctx.schema(
-            node,
-            format!(
-                "expected root element 'domain', found '{}'",
-                node.tag_name().name()
-            ),
-        ));
-    }
+    ctx.expect_root(node, "domain")?;
     let mut name = None;
     let mut uuid = None;
     let mut disks = Vec::new();

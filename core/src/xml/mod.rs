@@ -36,7 +36,7 @@ pub use error::{Origin, Position, XmlError, XmlErrorKind};
 pub use validate::{DocumentKind, validate_document};
 
 /// The first grammar violation as an [`XmlError`].
-fn schema_error(violations: Vec<schema::SchemaViolation>) -> XmlError {
+pub(crate) fn schema_error(violations: Vec<schema::SchemaViolation>) -> XmlError {
     schema_errors(violations)
         .into_iter()
         .next()

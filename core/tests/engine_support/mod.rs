@@ -525,6 +525,23 @@ impl Peer {
                 }
                 (ok, events)
             }
+            "block-export-del" => {
+                let id = s("id");
+                if self.exports.remove(&id) {
+                    (ok, vec![ev("BLOCK_EXPORT_DELETED", json!({"id": id}))])
+                } else {
+                    (Err(err(format!("Export '{id}' is not found"))), vec![])
+                }
+            }
+            "query-block-exports" => (
+                Ok(Value::Array(
+                    self.exports
+                        .iter()
+                        .map(|id| json!({"id": id, "type": "nbd", "node-name": "", "shutting-down": false}))
+                        .collect(),
+                )),
+                vec![],
+            ),
             "object-add" | "object-del" => (ok, vec![]),
             other => (
                 Err(QmpError::generic(format!(
@@ -780,6 +797,7 @@ fn describe_store(op: &StoreOp) -> String {
             p.created_files.len()
         ),
         StoreOp::DeleteBackupJournal => "delete-journal".into(),
+        StoreOp::SetPendingCheckpoint(c) => format!("pending {}", c.as_deref().unwrap_or("-")),
     }
 }
 

@@ -350,9 +350,7 @@ impl Transmission {
                         if self.in_flight.is_empty() {
                             return Err(ProtocolError::Unsolicited);
                         }
-                        let take = (need - self.buf.len()).min(rest.len());
-                        self.buf.extend_from_slice(&rest[..take]);
-                        used += take;
+                        used += self.fill_buf(rest, need);
                         continue;
                     }
                     if need == 4 {
@@ -401,9 +399,8 @@ impl Transmission {
                     if rest.is_empty() {
                         return Ok((used, None));
                     }
-                    let take = remaining.min(rest.len() as u64) as usize;
+                    let (take, left) = data_take(remaining, rest);
                     used += take;
-                    let left = remaining - take as u64;
                     if left == 0 {
                         self.state = Decode::Header;
                         self.queued_done = Some(cookie);
@@ -428,9 +425,7 @@ impl Transmission {
                         if rest.is_empty() {
                             return Ok((used, None));
                         }
-                        let take = (8 - self.buf.len()).min(rest.len());
-                        self.buf.extend_from_slice(&rest[..take]);
-                        used += take;
+                        used += self.fill_buf(rest, 8);
                         continue;
                     }
                     let offset = be64(&self.buf, 0);
@@ -458,9 +453,8 @@ impl Transmission {
                     if rest.is_empty() {
                         return Ok((used, None));
                     }
-                    let take = remaining.min(rest.len() as u64) as usize;
+                    let (take, left) = data_take(remaining, rest);
                     used += take;
-                    let left = remaining - take as u64;
                     if left == 0 {
                         self.state = Decode::Header;
                         if header.flags & chunk::FLAG_DONE != 0 {
@@ -488,9 +482,7 @@ impl Transmission {
                         if rest.is_empty() {
                             return Ok((used, None));
                         }
-                        let take = (need - self.buf.len()).min(rest.len());
-                        self.buf.extend_from_slice(&rest[..take]);
-                        used += take;
+                        used += self.fill_buf(rest, need);
                         continue;
                     }
                     self.state = Decode::Header;
@@ -507,6 +499,13 @@ impl Transmission {
                 }
             }
         }
+    }
+
+    /// Moves bytes of `rest` into the buffer until it holds `need`; returns how many it took.
+    fn fill_buf(&mut self, rest: &[u8], need: usize) -> usize {
+        let take = (need - self.buf.len()).min(rest.len());
+        self.buf.extend_from_slice(&rest[..take]);
+        take
     }
 
     fn on_simple(
@@ -774,34 +773,24 @@ impl Transmission {
     }
 }
 
+/// How much of `rest` a read payload with `remaining` bytes still to come takes now, and how
+/// many remain after it.
+fn data_take(remaining: u64, rest: &[u8]) -> (usize, u64) {
+    let take = remaining.min(rest.len() as u64) as usize;
+    (take, remaining - take as u64)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::nbd::handshake::MetaContext;
+    use crate::nbd::robustness::export_with_two_contexts;
 
     fn info(read_only: bool) -> ExportInfo {
         let mut flags = proto::tflag::HAS_FLAGS | proto::tflag::SEND_FLUSH;
         if read_only {
             flags |= proto::tflag::READ_ONLY;
         }
-        ExportInfo {
-            name: "e".into(),
-            size: 1 << 20,
-            transmission_flags: flags,
-            block_size: None,
-            structured_replies: true,
-            contexts: vec![
-                MetaContext {
-                    id: 1,
-                    name: "base:allocation".into(),
-                },
-                MetaContext {
-                    id: 2,
-                    name: "qemu:dirty-bitmap:b".into(),
-                },
-            ],
-            available_contexts: vec![],
-        }
+        export_with_two_contexts("e", 1 << 20, flags)
     }
 
     pub(crate) fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {

@@ -27,13 +27,17 @@ pub fn fuzz_handshake(input: &[u8]) -> bool {
     hs.is_done() && hs.finish().is_ok()
 }
 
-/// Sends a few requests of every kind, then decodes `input` as the server's replies. Returns
-/// the number of events decoded.
-pub fn fuzz_replies(input: &[u8]) -> usize {
-    let info = ExportInfo {
-        name: "vda".into(),
-        size: 1 << 30,
-        transmission_flags: proto::tflag::HAS_FLAGS | proto::tflag::SEND_FLUSH,
+/// A negotiated export with structured replies and two meta contexts: `base:allocation`
+/// (id 1) and `qemu:dirty-bitmap:b` (id 2), the ones [`fuzz_handshake`] asks for.
+pub(crate) fn export_with_two_contexts(
+    name: &str,
+    size: u64,
+    transmission_flags: u16,
+) -> ExportInfo {
+    ExportInfo {
+        name: name.into(),
+        size,
+        transmission_flags,
         block_size: None,
         structured_replies: true,
         contexts: vec![
@@ -47,7 +51,17 @@ pub fn fuzz_replies(input: &[u8]) -> usize {
             },
         ],
         available_contexts: vec![],
-    };
+    }
+}
+
+/// Sends a few requests of every kind, then decodes `input` as the server's replies. Returns
+/// the number of events decoded.
+pub fn fuzz_replies(input: &[u8]) -> usize {
+    let info = export_with_two_contexts(
+        "vda",
+        1 << 30,
+        proto::tflag::HAS_FLAGS | proto::tflag::SEND_FLUSH,
+    );
     let mut t = Transmission::new(&info, 8);
     let mut out = Vec::new();
     // Cookies 1..=5: two reads, block status, write, flush. Their values are predictable so
@@ -82,21 +96,34 @@ pub fn fuzz_replies(input: &[u8]) -> usize {
     events
 }
 
+/// xorshift64*: a fast deterministic source of varied bytes for the random-input tests and
+/// the benchmarks' disk data. Not for anything that must be unpredictable. The seed must not be
+/// zero (a zero state stays zero).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 pseudo-random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Fills `buf` with pseudo-random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nbd::handshake::tests::server_script;
-
-    /// xorshift64*: deterministic, good enough to produce varied bytes.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
 
     #[test]
     fn valid_handshake_script_completes_in_the_fuzz_harness() {
@@ -112,11 +139,11 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let mut s = base.clone();
-            for _ in 0..(rng.next() % 4 + 1) {
-                let i = (rng.next() as usize) % s.len();
-                s[i] = rng.next() as u8;
+            for _ in 0..(rng.next_u64() % 4 + 1) {
+                let i = (rng.next_u64() as usize) % s.len();
+                s[i] = rng.next_u64() as u8;
             }
-            let cut = (rng.next() as usize) % (s.len() + 1);
+            let cut = (rng.next_u64() as usize) % (s.len() + 1);
             fuzz_handshake(&s[..cut]);
         }
     }
@@ -128,8 +155,8 @@ mod tests {
         // noise does.
         for _ in 0..20_000 {
             let mut s = Vec::new();
-            for _ in 0..(rng.next() % 6 + 1) {
-                let r = rng.next();
+            for _ in 0..(rng.next_u64() % 6 + 1) {
+                let r = rng.next_u64();
                 let magic = if r & 1 == 0 {
                     proto::STRUCTURED_REPLY_MAGIC
                 } else {
@@ -140,18 +167,20 @@ mod tests {
                 let kinds = [0u16, 1, 2, 5, 0x8001, 0x8002, 0x8003, 7];
                 s.extend_from_slice(&kinds[(r >> 16) as usize % kinds.len()].to_be_bytes());
                 s.extend_from_slice(&(1 + (r >> 24) % 6).to_be_bytes());
-                let len = (rng.next() % 40) as u32;
+                let len = (rng.next_u64() % 40) as u32;
                 s.extend_from_slice(&len.to_be_bytes());
                 for _ in 0..len {
-                    s.push(if rng.next().is_multiple_of(3) {
+                    s.push(if rng.next_u64().is_multiple_of(3) {
                         0
                     } else {
-                        rng.next() as u8
+                        rng.next_u64() as u8
                     });
                 }
             }
             fuzz_replies(&s);
-            let noise: Vec<u8> = (0..(rng.next() % 64)).map(|_| rng.next() as u8).collect();
+            let noise: Vec<u8> = (0..(rng.next_u64() % 64))
+                .map(|_| rng.next_u64() as u8)
+                .collect();
             fuzz_replies(&noise);
         }
     }
