@@ -10,6 +10,14 @@ use std::time::Instant;
 
 use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
+/// `println!` that ignores a closed stdout (`| head`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup]
 fault kinds: command-refused, job-io-error, target-no-space, qemu-crash, link-drop, engine-restart, store-write-failed
 SIM_SEED=N runs that one seed";
@@ -100,7 +108,7 @@ fn sweep(seeds: (u64, u64), base: &HistoryConfig) -> (HistoryStats, u64, f64) {
         total.add(&out.stats);
         if let Some(f) = out.failure {
             failed += 1;
-            println!("FAIL {f}");
+            say!("FAIL {f}");
         }
     }
     (total, failed, started.elapsed().as_secs_f64().max(1e-9))
@@ -130,7 +138,7 @@ fn main() -> ExitCode {
             };
             let (total, failed, secs) = sweep(opts.seeds, &base);
             any_failed |= failed > 0;
-            println!(
+            say!(
                 "{:<20} {n} seeds, {failed} failed, {} injected, {} backups verified, {:.0} seeds/s",
                 kind.name(),
                 total.faults.get(&kind).copied().unwrap_or(0),
@@ -141,18 +149,21 @@ fn main() -> ExitCode {
     } else {
         let (total, failed, secs) = sweep(opts.seeds, &opts.base);
         any_failed = failed > 0;
-        println!(
+        say!(
             "{n} seeds x {} steps: {failed} failed in {secs:.1} s, {:.0} seeds/s ({:.2} ms per seed), {:.0} steps/s",
             opts.base.steps,
             n as f64 / secs,
             secs * 1000.0 / n as f64,
             total.steps as f64 / secs
         );
-        println!(
+        say!(
             "requests {} ({} ok), guest writes {}, backups verified byte for byte {}",
-            total.requests, total.requests_ok, total.guest_writes, total.backups_verified
+            total.requests,
+            total.requests_ok,
+            total.guest_writes,
+            total.backups_verified
         );
-        println!("faults: {}", fault_mix(&total));
+        say!("faults: {}", fault_mix(&total));
     }
     if any_failed {
         ExitCode::FAILURE
