@@ -204,19 +204,17 @@ impl Arena {
 
     /// `a , b`.
     pub(crate) fn group(&mut self, a: PatId, b: PatId) -> PatId {
-        if a == NOT_ALLOWED || b == NOT_ALLOWED {
-            NOT_ALLOWED
-        } else if a == EMPTY {
-            b
-        } else if b == EMPTY {
-            a
-        } else {
-            self.intern(Pat::Group(a, b))
-        }
+        self.both(a, b, Pat::Group)
     }
 
     /// `a & b`.
     pub(crate) fn interleave(&mut self, a: PatId, b: PatId) -> PatId {
+        self.both(a, b, Pat::Interleave)
+    }
+
+    /// A group or interleave of `a` and `b`, simplified alike: `notAllowed` in either makes the
+    /// whole `notAllowed`, and `empty` drops out.
+    fn both(&mut self, a: PatId, b: PatId, make: fn(PatId, PatId) -> Pat) -> PatId {
         if a == NOT_ALLOWED || b == NOT_ALLOWED {
             NOT_ALLOWED
         } else if a == EMPTY {
@@ -224,7 +222,7 @@ impl Arena {
         } else if b == EMPTY {
             a
         } else {
-            self.intern(Pat::Interleave(a, b))
+            self.intern(make(a, b))
         }
     }
 
