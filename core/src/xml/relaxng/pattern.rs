@@ -93,20 +93,10 @@ impl Arena {
     }
 
     /// The members of a choice list (the pattern itself if it is not a choice).
-    pub(crate) fn members(&self, mut p: PatId) -> Vec<PatId> {
+    pub(crate) fn members(&self, p: PatId) -> Vec<PatId> {
         let mut out = Vec::new();
-        loop {
-            match self.get(p) {
-                Pat::Choice(x, y) => {
-                    out.push(x);
-                    p = y;
-                }
-                _ => {
-                    out.push(p);
-                    return out;
-                }
-            }
-        }
+        self.collect_choice(p, &mut out);
+        out
     }
 
     /// The choice of all `items` (each may itself be a choice).
