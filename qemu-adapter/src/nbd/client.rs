@@ -94,19 +94,16 @@ struct ChunkHeader {
 enum Decode {
     /// Collecting a reply header; its length depends on the magic in the first four bytes.
     Header,
-    /// Data of a simple reply to a read.
-    SimpleData {
+    /// The 8-byte offset at the start of an OFFSET_DATA chunk.
+    DataOffset { header: ChunkHeader },
+    /// Read data: of a simple reply to a read, or of an OFFSET_DATA chunk.
+    Data {
         cookie: u64,
         offset: u64,
         remaining: u64,
-    },
-    /// The 8-byte offset at the start of an OFFSET_DATA chunk.
-    DataOffset { header: ChunkHeader },
-    /// The data of an OFFSET_DATA chunk.
-    Data {
-        header: ChunkHeader,
-        offset: u64,
-        remaining: u64,
+        /// Whether the request is answered when the data ends: always for a simple reply, for
+        /// a chunk when it carries the DONE flag.
+        ends_reply: bool,
     },
     /// A small payload that is decoded once complete.
     Payload { header: ChunkHeader },
@@ -391,35 +388,6 @@ impl Transmission {
                         }
                     }
                 }
-                Decode::SimpleData {
-                    cookie,
-                    offset,
-                    remaining,
-                } => {
-                    if rest.is_empty() {
-                        return Ok((used, None));
-                    }
-                    let (take, left) = data_take(remaining, rest);
-                    used += take;
-                    if left == 0 {
-                        self.state = Decode::Header;
-                        self.queued_done = Some(cookie);
-                    } else {
-                        self.state = Decode::SimpleData {
-                            cookie,
-                            offset: offset + take as u64,
-                            remaining: left,
-                        };
-                    }
-                    return Ok((
-                        used,
-                        Some(Event::ReadData {
-                            cookie: Cookie(cookie),
-                            offset,
-                            data: &rest[..take],
-                        }),
-                    ));
-                }
                 Decode::DataOffset { header } => {
                     if self.buf.len() < 8 {
                         if rest.is_empty() {
@@ -439,38 +407,42 @@ impl Transmission {
                         }
                     } else {
                         self.state = Decode::Data {
-                            header,
+                            cookie: header.cookie,
                             offset,
                             remaining: length,
+                            ends_reply: header.flags & chunk::FLAG_DONE != 0,
                         };
                     }
                 }
                 Decode::Data {
-                    header,
+                    cookie,
                     offset,
                     remaining,
+                    ends_reply,
                 } => {
                     if rest.is_empty() {
                         return Ok((used, None));
                     }
-                    let (take, left) = data_take(remaining, rest);
+                    let take = remaining.min(rest.len() as u64) as usize;
                     used += take;
+                    let left = remaining - take as u64;
                     if left == 0 {
                         self.state = Decode::Header;
-                        if header.flags & chunk::FLAG_DONE != 0 {
-                            self.queued_done = Some(header.cookie);
+                        if ends_reply {
+                            self.queued_done = Some(cookie);
                         }
                     } else {
                         self.state = Decode::Data {
-                            header,
+                            cookie,
                             offset: offset + take as u64,
                             remaining: left,
+                            ends_reply,
                         };
                     }
                     return Ok((
                         used,
                         Some(Event::ReadData {
-                            cookie: Cookie(header.cookie),
+                            cookie: Cookie(cookie),
                             offset,
                             data: &rest[..take],
                         }),
@@ -538,10 +510,11 @@ impl Transmission {
                     });
                 }
                 *covered = u64::from(*length);
-                self.state = Decode::SimpleData {
+                self.state = Decode::Data {
                     cookie,
                     offset: *offset,
                     remaining: u64::from(*length),
+                    ends_reply: true,
                 };
                 Ok(None)
             }
@@ -771,13 +744,6 @@ impl Transmission {
             result,
         }
     }
-}
-
-/// How much of `rest` a read payload with `remaining` bytes still to come takes now, and how
-/// many remain after it.
-fn data_take(remaining: u64, rest: &[u8]) -> (usize, u64) {
-    let take = remaining.min(rest.len() as u64) as usize;
-    (take, remaining - take as u64)
 }
 
 #[cfg(test)]

@@ -93,20 +93,10 @@ impl Arena {
     }
 
     /// The members of a choice list (the pattern itself if it is not a choice).
-    pub(crate) fn members(&self, mut p: PatId) -> Vec<PatId> {
+    pub(crate) fn members(&self, p: PatId) -> Vec<PatId> {
         let mut out = Vec::new();
-        loop {
-            match self.get(p) {
-                Pat::Choice(x, y) => {
-                    out.push(x);
-                    p = y;
-                }
-                _ => {
-                    out.push(p);
-                    return out;
-                }
-            }
-        }
+        self.collect_choice(p, &mut out);
+        out
     }
 
     /// The choice of all `items` (each may itself be a choice).
@@ -204,19 +194,17 @@ impl Arena {
 
     /// `a , b`.
     pub(crate) fn group(&mut self, a: PatId, b: PatId) -> PatId {
-        if a == NOT_ALLOWED || b == NOT_ALLOWED {
-            NOT_ALLOWED
-        } else if a == EMPTY {
-            b
-        } else if b == EMPTY {
-            a
-        } else {
-            self.intern(Pat::Group(a, b))
-        }
+        self.both(a, b, Pat::Group)
     }
 
     /// `a & b`.
     pub(crate) fn interleave(&mut self, a: PatId, b: PatId) -> PatId {
+        self.both(a, b, Pat::Interleave)
+    }
+
+    /// A group or interleave of `a` and `b`, simplified alike: `notAllowed` in either makes the
+    /// whole `notAllowed`, and `empty` drops out.
+    fn both(&mut self, a: PatId, b: PatId, make: fn(PatId, PatId) -> Pat) -> PatId {
         if a == NOT_ALLOWED || b == NOT_ALLOWED {
             NOT_ALLOWED
         } else if a == EMPTY {
@@ -224,7 +212,7 @@ impl Arena {
         } else if b == EMPTY {
             a
         } else {
-            self.intern(Pat::Interleave(a, b))
+            self.intern(make(a, b))
         }
     }
 
