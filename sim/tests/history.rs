@@ -146,9 +146,9 @@ fn link_drop_during_backup_start_leaves_no_node_nor_create_job() {
     }
 }
 
-/// Bug: when the backup journal's write fails, the restarted engine knows nothing of the jobs
-/// the transaction started: they stay in QEMU and every later backup is refused with "Job ID
-/// already in use" (and a later reconnect may take the stale job for a new one).
+/// Regression (fixed, seed 35): a store write failing right after the backup transaction left
+/// jobs the restarted engine knew nothing of, so every later backup was refused with "Job ID
+/// already in use". The plan is now journaled before the targets and the transaction.
 #[test]
 fn store_write_failure_orphans_no_backup_job() {
     let out = run_history(&narrow(35, &[FaultKind::StoreWriteFailed]));
