@@ -560,3 +560,94 @@ fn refused_repair_is_tried_again_after_a_delay() {
     );
     assert_eq!(h.domain.next_deadline(), None);
 }
+
+/// The lab with c1 ← c2 ← c3 after QEMU lost c3's bitmap on `lost` disks' nodes, reconnected
+/// so the reconcile marked c3 invalid.
+fn lab_after_lost_bitmaps(lost: &[&str]) -> Harness {
+    use vbackup_core::domain::Input;
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3"]);
+    for node in lost {
+        h.peer
+            .nodes
+            .get_mut(*node)
+            .unwrap()
+            .bitmaps
+            .retain(|b| b.name != "c3");
+    }
+    h.feed(Input::LinkDown);
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().invalid_checkpoints.contains_key("c3"));
+    h.lines.clear();
+    h
+}
+
+#[test]
+fn checkpoint_delete_of_invalid_checkpoint_skips_missing_bitmaps_and_keeps_parent_valid() {
+    let mut h = lab_after_lost_bitmaps(&["libvirt-1-format"]);
+    let id = h.request(Request::CheckpointDelete {
+        name: "c3".into(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert!(
+        matches!(h.answer(id), Some(Ok(Reply::Done))),
+        "{:?}",
+        h.answer(id)
+    );
+    // The surviving instance on vda is removed, the parent's bitmaps are untouched.
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "c3"));
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c2"));
+    assert!(h.peer.has_bitmap("libvirt-1-format", "c2"));
+    let view = h.domain.view();
+    assert!(view.checkpoints.get("c3").is_none());
+    assert_eq!(view.checkpoints.current(), Some("c2"));
+    assert!(view.invalid_checkpoints.is_empty());
+    assert!(h.store.contains(&StoreOp::DeleteCheckpoint("c3".into())));
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_of_checkpoint_without_any_bitmap_left_sends_no_transaction() {
+    let mut h = lab_after_lost_bitmaps(&["libvirt-1-format", "libvirt-2-format"]);
+    let id = h.request(Request::CheckpointDelete {
+        name: "c3".into(),
+        scope: DeleteScope::Single,
+        metadata_only: false,
+    });
+    assert!(
+        matches!(h.answer(id), Some(Ok(Reply::Done))),
+        "{:?}",
+        h.answer(id)
+    );
+    assert!(
+        !h.transcript().contains("-> transaction"),
+        "{}",
+        h.transcript()
+    );
+    assert_eq!(h.domain.view().checkpoints.len(), 2);
+}
+
+#[test]
+fn checkpoint_delete_children_and_children_only_handle_an_invalid_descendant() {
+    for (scope, root, left) in [
+        (DeleteScope::WithChildren, "c2", 1),
+        (DeleteScope::ChildrenOnly, "c1", 1),
+    ] {
+        let mut h = lab_after_lost_bitmaps(&["libvirt-1-format", "libvirt-2-format"]);
+        let id = h.request(Request::CheckpointDelete {
+            name: root.into(),
+            scope,
+            metadata_only: false,
+        });
+        assert!(
+            matches!(h.answer(id), Some(Ok(Reply::Done))),
+            "{:?}",
+            h.answer(id)
+        );
+        let tree = h.domain.view().checkpoints;
+        assert_eq!(tree.len(), left, "{scope:?}");
+        assert_eq!(tree.current(), Some("c1"));
+        assert!(!h.peer.has_bitmap("libvirt-2-format", "c2"));
+        assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
+    }
+}

@@ -4,6 +4,20 @@
 //! one; the tree changes only after QEMU confirmed. Commands whose order QEMU guarantees are
 //! pipelined (QMP executes commands in the order received), and the operation waits for all
 //! replies of a batch before it decides.
+//!
+//! Deleting a checkpoint removes its own bitmaps and never merges them into the parent's:
+//! every checkpoint's bitmap records all writes since its own creation, so a parent's content
+//! does not depend on its children. This is what keeps deletion of an invalid checkpoint safe.
+//! When the reconcile marked a checkpoint invalid because its bitmap is gone from every layer
+//! of a disk (QEMU was killed before it stored the bitmap), a plain, `CHILDREN` or
+//! `CHILDREN_ONLY` delete queries the nodes, removes the instances that still exist, skips the
+//! disks where none is left, and drops the metadata. The parent is left as the reconcile
+//! judged it from its own chain: if its bitmap survived, it still holds every change since the
+//! parent, and an incremental backup from it misses nothing; if its bitmap was lost or is
+//! inconsistent too, the reconcile marked it invalid on its own and backups from it stay
+//! refused. Invalidating a parent because a child was lost would refuse correct backups and
+//! protect none. A missing bitmap the reconcile did not report still fails the delete: the
+//! engine's view of QEMU is then stale and a reconnect re-checks it.
 
 use std::collections::VecDeque;
 
@@ -434,6 +448,12 @@ fn validate_chains(def: &DomainDef, nodes: &NodeTable, c: &Checkpoint) -> Result
     Ok(())
 }
 
+/// Whether the last reconcile found the chain of checkpoint `name` on disk `target` missing or
+/// broken.
+fn marked_invalid(core: &Core, name: &str, target: &str) -> bool {
+    core.invalid.get(name).is_some_and(|t| t.contains(target))
+}
+
 impl DeleteRun {
     /// Starts the next checkpoint's removal, or finishes.
     fn advance(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<ShortOp> {
@@ -455,7 +475,10 @@ impl DeleteRun {
                 || disks
                     .iter()
                     .any(|(t, _)| core.def.disk(t).is_some_and(|d| d.layers.len() > 1));
-            if layered {
+            // A checkpoint the reconcile marked invalid may have lost its bitmap on some disks
+            // (QEMU killed before it stored them): only a node query tells which ones remain.
+            let known_invalid = core.invalid.contains_key(&name);
+            if layered || known_invalid {
                 ctx.send(Owner::Short(ShortTag::DeleteQuery), cmd::query_nodes());
                 self.phase = DeletePhase::Querying { name };
                 return Some(ShortOp::Delete(self));
@@ -474,7 +497,7 @@ impl DeleteRun {
                     Err(e) => return self.fail(core, ctx, e),
                 }
             }
-            return self.send_batch(ctx, name, Vec::new(), removals, Vec::new());
+            return self.send_batch(core, ctx, name, Vec::new(), removals, Vec::new());
         }
         ctx.respond(self.req, Ok(Reply::Done));
         release(core);
@@ -496,12 +519,18 @@ impl DeleteRun {
 
     fn send_batch(
         mut self,
+        core: &mut Core,
         ctx: &mut Ctx<'_>,
         name: String,
         reopen_rw: Vec<crate::qmp::QmpCommand>,
         removals: Vec<TransactionAction>,
         reopen_ro: Vec<crate::qmp::QmpCommand>,
     ) -> Option<ShortOp> {
+        if removals.is_empty() {
+            // Every bitmap of the checkpoint is already gone: no transaction to send.
+            self.discard(core, ctx, &name);
+            return self.advance(core, ctx);
+        }
         let mut outstanding = 0;
         for c in reopen_rw {
             ctx.send(
@@ -562,6 +591,10 @@ impl DeleteRun {
                         Err(e) => return self.fail(core, ctx, e),
                     };
                     let holders = layers_holding(&nodes, &layers, bitmap);
+                    if holders.is_empty() && marked_invalid(core, &name, target) {
+                        // Nothing left to remove on this disk; the metadata still goes.
+                        continue;
+                    }
                     if holders.is_empty() {
                         return self.fail(
                             core,
@@ -585,7 +618,7 @@ impl DeleteRun {
                         }
                     }
                 }
-                self.send_batch(ctx, name, rw, removals, ro)
+                self.send_batch(core, ctx, name, rw, removals, ro)
             }
             DeletePhase::Batch {
                 name,
