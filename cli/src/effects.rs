@@ -16,7 +16,8 @@ use vbackup_qemu::store::{Collection, DomainStore, write_atomic};
 pub const CURRENT_FILE: &str = "current-checkpoint";
 /// File of the last finished job's statistics (JSON).
 pub const COMPLETED_FILE: &str = "completed-job.json";
-/// File of the checkpoint whose bitmaps are being created (empty: none).
+/// File of the checkpoints whose bitmaps are being created: a JSON array of names (an older
+/// store holds one bare name, or nothing).
 pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
 /// File of the running job's statistics as last polled by the invocation following it:
 /// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
@@ -79,11 +80,10 @@ impl Effects for StoreEffects {
                 let _ = fs::remove_file(self.store.dir().join(PROGRESS_FILE));
                 self.store.remove_journal().map(|_| ())
             }
-            StoreOp::SetPendingCheckpoint(pending) => write_atomic(
-                self.store.dir(),
-                PENDING_CHECKPOINT_FILE,
-                pending.as_deref().unwrap_or("").as_bytes(),
-            ),
+            StoreOp::SetPendingCheckpoints(pending) => {
+                let json = serde_json::to_string(pending).map_err(|e| e.to_string())?;
+                write_atomic(self.store.dir(), PENDING_CHECKPOINT_FILE, json.as_bytes())
+            }
         };
         r.map_err(|e| e.to_string())
     }

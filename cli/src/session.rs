@@ -460,10 +460,9 @@ impl Session {
             ..DomainConfig::default()
         };
         let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
-            .ok()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty());
-        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoint(pending);
+            .map(|s| pending_checkpoints(&s))
+            .unwrap_or_default();
+        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoints(pending);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
         let mut driver = Driver::new(domain, link, StoreEffects::new(store));
@@ -560,6 +559,16 @@ impl Session {
 }
 
 /// Stops a managed domain's daemon if one runs (used by `undefine`).
+/// The names in the pending-checkpoint file: a JSON array, or one bare name as older stores
+/// wrote it; empty when there is none.
+fn pending_checkpoints(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(text).unwrap_or_else(|_| vec![text.to_owned()])
+}
+
 pub fn stop_daemon(run_dir: &Path) -> Result<(), CliError> {
     match Qsd::reconnect(run_dir, CONNECT_TIMEOUT) {
         Ok(qsd) => Ok(qsd.quit()?),
@@ -574,4 +583,17 @@ pub fn write_meta(store: &DomainStore, attachment: &Attachment) -> Result<(), Cl
     let text = serde_json::to_string_pretty(&attachment.to_meta()).unwrap_or_default();
     write_atomic(store.dir(), META_FILE, text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pending_checkpoints;
+
+    #[test]
+    fn pending_checkpoint_file_reads_json_sets_and_older_bare_names() {
+        assert!(pending_checkpoints("").is_empty());
+        assert!(pending_checkpoints("[]").is_empty());
+        assert_eq!(pending_checkpoints(r#"["c1","c2"]"#), ["c1", "c2"]);
+        assert_eq!(pending_checkpoints("c1\n"), ["c1"]);
+    }
 }

@@ -87,11 +87,14 @@ pub enum StoreOp {
     PutBackupJournal(Box<BackupPlan>),
     /// The backup ended: drop its journal.
     DeleteBackupJournal,
-    /// Record the checkpoint whose bitmaps a `transaction` is about to create (written before
-    /// it is sent), or clear the record once its metadata is written or QEMU refused. A
-    /// restarted engine hands the record to [`Domain::with_pending_checkpoint`]; bitmaps named
+    /// Record the whole set (sorted; empty clears it) of checkpoints whose bitmap-creating
+    /// `transaction` was sent and whose outcome is unknown: a name is added before its
+    /// transaction is sent and dropped once its metadata is written or QEMU refused, and a
+    /// clean reconcile pass empties the set. Several names can be pending at once when a
+    /// create's reply was lost and the reconcile that would clean up after it was postponed.
+    /// A restarted engine hands the set to [`Domain::with_pending_checkpoints`]; bitmaps named
     /// after a recorded checkpoint that has no metadata are the engine's orphans and are removed.
-    SetPendingCheckpoint(Option<String>),
+    SetPendingCheckpoints(Vec<String>),
 }
 
 /// A file operation on the QEMU host.
@@ -261,7 +264,7 @@ impl BitmapDrift {
 ///   not use it; or
 /// - it is persistent, on a disk's top layer, and named after the pending checkpoint (whose
 ///   creation the engine recorded before sending its transaction) while no metadata of that
-///   checkpoint exists.
+///   checkpoint exists. Every recorded name counts, not only the latest.
 ///
 /// Any other bitmap belongs to someone else or to a checkpoint whose metadata was deleted on
 /// purpose (metadata-only deletion keeps bitmaps for a later `REDEFINE`): it is only reported.
@@ -301,10 +304,8 @@ fn bitmap_drift(
             })
         })
     };
-    let pending = core
-        .pending_checkpoint
-        .as_deref()
-        .filter(|p| core.tree.get(p).is_none());
+    let pending =
+        |name: &str| core.pending_checkpoints.contains(name) && core.tree.get(name).is_none();
     for disk in &core.def.disks {
         let temp_names = [
             crate::backup::default_temp_bitmap(&disk.target),
@@ -326,7 +327,7 @@ fn bitmap_drift(
                     if depth > 0 || owned.contains(&(node_name, name)) {
                         continue;
                     }
-                    if pending == Some(name) && !b.busy {
+                    if pending(name) && !b.busy {
                         removals.push(pair);
                     } else {
                         drift.orphans.push(pair);
@@ -478,8 +479,9 @@ pub(crate) struct Core {
     /// Checkpoints (and their disks) whose bitmap chain the last reconcile found missing or
     /// broken.
     pub invalid: BTreeMap<String, std::collections::BTreeSet<String>>,
-    /// The checkpoint whose creation was recorded before its transaction and not yet cleared.
-    pub pending_checkpoint: Option<String>,
+    /// The checkpoints whose creation was recorded before their transaction and not yet
+    /// cleared ([`StoreOp::SetPendingCheckpoints`]).
+    pub pending_checkpoints: std::collections::BTreeSet<String>,
 }
 
 /// Sends and answers on behalf of an operation.
@@ -514,6 +516,13 @@ impl Ctx<'_> {
         let id = FileOpId(*self.next_file_op);
         self.out.push(Output::File(id, op));
         id
+    }
+
+    /// Persists the set of pending checkpoint creations.
+    pub fn persist_pending(&mut self, pending: &std::collections::BTreeSet<String>) {
+        self.persist(StoreOp::SetPendingCheckpoints(
+            pending.iter().cloned().collect(),
+        ));
     }
 
     /// Emits a store operation.
@@ -565,7 +574,7 @@ impl Domain {
                 connected: false,
                 completed: None,
                 invalid: BTreeMap::new(),
-                pending_checkpoint: None,
+                pending_checkpoints: std::collections::BTreeSet::new(),
             },
             next_command: 0,
             next_file_op: 0,
@@ -576,10 +585,10 @@ impl Domain {
         }
     }
 
-    /// The checkpoint the store recorded as being created ([`StoreOp::SetPendingCheckpoint`]):
-    /// if it has no metadata, its bitmaps are removed at the next reconcile.
-    pub fn with_pending_checkpoint(mut self, name: Option<String>) -> Self {
-        self.core.pending_checkpoint = name;
+    /// The checkpoints the store recorded as being created ([`StoreOp::SetPendingCheckpoints`]):
+    /// those without metadata have their bitmaps removed at the next reconcile.
+    pub fn with_pending_checkpoints(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.core.pending_checkpoints = names.into_iter().collect();
         self
     }
 
@@ -782,8 +791,11 @@ impl Domain {
             rec.attempt = rec.attempt.saturating_add(1);
         } else {
             rec.attempt = 0;
-            if core.pending_checkpoint.take().is_some() {
-                ctx.persist(StoreOp::SetPendingCheckpoint(None));
+            // The pass held the short slot, so no create ran during it: every recorded name
+            // now has metadata or had its bitmaps removed.
+            if !core.pending_checkpoints.is_empty() {
+                core.pending_checkpoints.clear();
+                ctx.persist(StoreOp::SetPendingCheckpoints(Vec::new()));
             }
         }
         let report = std::mem::take(&mut rec.report);

@@ -873,7 +873,7 @@ fn stored_prefix(ops: &[StoreOp], n: usize) -> (CheckpointTree, Option<BackupPla
             StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
             StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
             StoreOp::DeleteBackupJournal => journal = None,
-            StoreOp::SetPendingCheckpoint(_) => {}
+            StoreOp::SetPendingCheckpoints(_) => {}
         }
     }
     let tree = CheckpointTree::load(cps.into_values().collect(), current.as_deref());

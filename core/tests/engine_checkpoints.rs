@@ -86,8 +86,8 @@ fn checkpoint_create_refused_by_qemu_leaves_no_metadata() {
     assert_eq!(
         h.store,
         [
-            StoreOp::SetPendingCheckpoint(Some("c1".into())),
-            StoreOp::SetPendingCheckpoint(None)
+            StoreOp::SetPendingCheckpoints(vec!["c1".into()]),
+            StoreOp::SetPendingCheckpoints(Vec::new())
         ]
     );
     insta::assert_snapshot!(h.transcript());
@@ -417,7 +417,7 @@ fn reconnect_removes_only_the_bitmaps_the_engine_owns() {
         CheckpointTree::new(),
         None,
     )
-    .with_pending_checkpoint(Some("c5".into()));
+    .with_pending_checkpoints(["c5".to_owned()]);
     h.feed(Input::Reconnected);
     for (node, name) in [
         ("libvirt-2-format", "c5"),
@@ -429,7 +429,7 @@ fn reconnect_removes_only_the_bitmaps_the_engine_owns() {
     }
     assert!(h.peer.has_bitmap("libvirt-2-format", "kept-for-redefine"));
     assert!(h.peer.has_bitmap("libvirt-2-format", "someone-elses-temp"));
-    assert_eq!(h.store, [StoreOp::SetPendingCheckpoint(None)]);
+    assert_eq!(h.store, [StoreOp::SetPendingCheckpoints(Vec::new())]);
     assert!(h.domain.view().connected);
     assert_eq!(
         drift_events(&h),
@@ -650,4 +650,94 @@ fn checkpoint_delete_children_and_children_only_handle_an_invalid_descendant() {
         assert!(!h.peer.has_bitmap("libvirt-2-format", "c2"));
         assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
     }
+}
+
+#[test]
+fn second_create_before_postponed_reconcile_keeps_the_first_pending_record() {
+    use vbackup_core::domain::{Input, Output, RequestId};
+    use vbackup_core::link::Timestamp;
+    let mut h = lab_with_checkpoints(&[]);
+    let out = h.domain.handle(
+        Timestamp::from_ms(h.now_ms),
+        Input::Request(
+            RequestId(90),
+            Request::CheckpointCreate {
+                checkpoint: checkpoint("c1", &["vda", "vdb"]),
+                quiesce: false,
+            },
+        ),
+    );
+    // QEMU runs c1's transaction; the connection drops before its reply.
+    for o in &out {
+        if let Output::Send(_, cmd) = o {
+            let _ = h.peer.execute(cmd);
+        }
+    }
+    h.feed(Input::LinkDown);
+    // The first reconcile pass after the reconnect fails and is postponed.
+    h.peer
+        .fail_next("query-named-block-nodes", "simulated refusal");
+    h.feed(Input::Reconnected);
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
+    assert!(h.domain.view().connected);
+    let due = h.domain.next_deadline().expect("a retry is scheduled");
+    // A second create runs before the pass.
+    let id = h.request(Request::CheckpointCreate {
+        checkpoint: checkpoint("c2", &["vda", "vdb"]),
+        quiesce: false,
+    });
+    assert!(matches!(h.answer(id), Some(Ok(_))), "{:?}", h.answer(id));
+    assert_eq!(
+        h.store.last(),
+        Some(&StoreOp::SetPendingCheckpoints(vec!["c1".into()])),
+        "c2 settled, c1 still pending"
+    );
+    h.now_ms = due.as_ms();
+    h.feed(Input::Tick);
+    for node in ["libvirt-2-format", "libvirt-1-format"] {
+        assert!(!h.peer.has_bitmap(node, "c1"), "c1's orphan left on {node}");
+        assert!(h.peer.has_bitmap(node, "c2"));
+    }
+    assert_eq!(
+        h.store.last(),
+        Some(&StoreOp::SetPendingCheckpoints(Vec::new()))
+    );
+    let names: Vec<&str> = h
+        .domain
+        .view()
+        .checkpoints
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["c2"]);
+}
+
+#[test]
+fn refused_recreate_of_a_pending_name_keeps_its_record() {
+    use vbackup_core::domain::Input;
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    // c1's transaction went through before a restart; its metadata was never written.
+    peer.add_bitmap("libvirt-2-format", "c1", 0);
+    peer.add_bitmap("libvirt-1-format", "c1", 0);
+    peer.fail_next("query-named-block-nodes", "simulated refusal");
+    let mut h = Harness::new(def, peer, CheckpointTree::new());
+    h.domain = Domain::new(
+        lab_domain(),
+        DomainConfig::default(),
+        CheckpointTree::new(),
+        None,
+    )
+    .with_pending_checkpoints(["c1".to_owned()]);
+    h.feed(Input::Reconnected);
+    let due = h.domain.next_deadline().expect("a retry is scheduled");
+    // Creating c1 again is refused by QEMU because of the orphans; the record stays.
+    let id = create(&mut h, "c1");
+    assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
+    h.now_ms = due.as_ms();
+    h.feed(Input::Tick);
+    assert!(!h.peer.has_bitmap("libvirt-2-format", "c1"));
+    assert!(!h.peer.has_bitmap("libvirt-1-format", "c1"));
+    let id = create(&mut h, "c1");
+    assert!(matches!(h.answer(id), Some(Ok(_))), "{:?}", h.answer(id));
 }

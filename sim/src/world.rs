@@ -291,7 +291,7 @@ pub fn stored_state(ops: &[StoreOp]) -> (Vec<Checkpoint>, Option<String>, Option
             StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
             StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
             StoreOp::DeleteBackupJournal => journal = None,
-            StoreOp::SetPendingCheckpoint(_) => {}
+            StoreOp::SetPendingCheckpoints(_) => {}
         }
     }
     (cps.into_values().collect(), current, journal)
@@ -945,11 +945,11 @@ impl World {
             .iter()
             .rev()
             .find_map(|op| match op {
-                StoreOp::SetPendingCheckpoint(p) => Some(p.clone()),
+                StoreOp::SetPendingCheckpoints(p) => Some(p.clone()),
                 _ => None,
             });
         let domain = Domain::new(self.def.clone(), DomainConfig::default(), tree, journal)
-            .with_pending_checkpoint(pending.flatten());
+            .with_pending_checkpoints(pending.unwrap_or_default());
         link.reconnect();
         self.pending.clear();
         self.candidates.clear();

@@ -76,6 +76,10 @@ pub(crate) enum ShortOp {
     Create {
         req: RequestId,
         checkpoint: Checkpoint,
+        /// The name was already recorded as pending (an earlier create whose outcome is
+        /// unknown): a refusal then keeps the record, since the refusal may be due to that
+        /// earlier create's orphan bitmaps.
+        was_pending: bool,
     },
     Validate {
         req: RequestId,
@@ -324,13 +328,21 @@ impl ShortOp {
         let actions = create_actions(&core.def, &checkpoint);
         // Recorded first: if the metadata write after QEMU's confirmation never happens, the
         // next reconcile knows these bitmaps are the engine's orphans.
-        core.pending_checkpoint = Some(checkpoint.name.clone());
-        ctx.persist(StoreOp::SetPendingCheckpoint(Some(checkpoint.name.clone())));
+        // Added to the set, never replacing it: an earlier create whose reply was lost keeps
+        // its record until a reconcile pass has dealt with its bitmaps.
+        let was_pending = !core.pending_checkpoints.insert(checkpoint.name.clone());
+        if !was_pending {
+            ctx.persist_pending(&core.pending_checkpoints);
+        }
         ctx.send(
             Owner::Short(ShortTag::CreateTransaction),
             cmd::transaction(actions),
         );
-        Some(ShortOp::Create { req, checkpoint })
+        Some(ShortOp::Create {
+            req,
+            checkpoint,
+            was_pending,
+        })
     }
 
     fn start_delete(
@@ -377,7 +389,12 @@ impl ShortOp {
         result: Result<Value, QmpError>,
     ) -> Option<ShortOp> {
         match self {
-            ShortOp::Create { req, checkpoint } => {
+            ShortOp::Create {
+                req,
+                checkpoint,
+                was_pending,
+            } => {
+                let name = checkpoint.name.clone();
                 let r = match result {
                     Ok(_) => {
                         let mut c = checkpoint;
@@ -386,11 +403,17 @@ impl ShortOp {
                     }
                     Err(e) => Err(refused(command, &e)),
                 };
-                // Metadata written, or QEMU refused the whole transaction: nothing is pending.
-                // A reply lost with the session never gets here and keeps the record.
-                if !matches!(&r, Err(Error::QemuMisbehaved(_))) {
-                    core.pending_checkpoint = None;
-                    ctx.persist(StoreOp::SetPendingCheckpoint(None));
+                // Metadata written, or QEMU refused the whole transaction: nothing of this
+                // create is pending (unless an earlier create of the same name left bitmaps
+                // the refusal may be due to). A timeout, or a reply lost with the session
+                // (which never gets here), keeps the record.
+                let settled = match &r {
+                    Ok(_) => true,
+                    Err(Error::QemuMisbehaved(_)) => false,
+                    Err(_) => !was_pending,
+                };
+                if settled && core.pending_checkpoints.remove(&name) {
+                    ctx.persist_pending(&core.pending_checkpoints);
                 }
                 ctx.respond(req, r);
                 release(core);

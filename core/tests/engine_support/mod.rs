@@ -797,7 +797,8 @@ fn describe_store(op: &StoreOp) -> String {
             p.created_files.len()
         ),
         StoreOp::DeleteBackupJournal => "delete-journal".into(),
-        StoreOp::SetPendingCheckpoint(c) => format!("pending {}", c.as_deref().unwrap_or("-")),
+        StoreOp::SetPendingCheckpoints(c) if c.is_empty() => "pending -".to_owned(),
+        StoreOp::SetPendingCheckpoints(c) => format!("pending {}", c.join(",")),
     }
 }
 
