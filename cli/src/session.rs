@@ -419,6 +419,7 @@ impl Session {
             ..
         } = loaded;
         let run_dir = store.run_dir();
+        let had_job = journal.is_some();
         let mut restarted = false;
         let socket = match &attachment {
             Attachment::Managed => {
@@ -487,14 +488,14 @@ impl Session {
                 keep_completed: true,
             })?;
         }
-        // A job journaled against a daemon that died cannot be running in the new one: its
-        // block jobs, exports and scratch nodes died with the old process. The core sees its
-        // jobs vanished; ending the backup now (it is recorded as failed) spares the user a
-        // job that looks alive until aborted.
-        if restarted && session.job_running() {
-            eprintln!("note: the backup job died with the daemon; it is ended as failed");
-            session.call(Request::AbortJob)?;
+        // A job whose QEMU jobs vanished (they died with a daemon or a QEMU that was
+        // restarted) has been ended as failed by the core's reconcile, which now cleans up
+        // what remains: drive that to the end so this invocation sees the job finished.
+        if session.job_concluding() {
             session.wait_job_end(Duration::from_secs(60))?;
+        }
+        if restarted && had_job && !session.job_running() {
+            eprintln!("note: the backup job died with the daemon; it was ended as failed");
         }
         Ok(session)
     }
@@ -528,6 +529,15 @@ impl Session {
             }
         }
         self.events_reported = events.len();
+    }
+
+    /// Whether a backup job is still there but every disk of it has ended (its cleanup runs).
+    fn job_concluding(&self) -> bool {
+        self.driver
+            .domain()
+            .view()
+            .backup
+            .is_some_and(|p| p.disks.iter().all(|d| d.state.is_final()))
     }
 
     /// Whether a backup job is running.

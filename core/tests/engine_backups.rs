@@ -1043,3 +1043,92 @@ fn restart_dismisses_an_image_creation_job_whose_dismissal_was_refused() {
     assert_eq!(completed(&r).status, JobStatus::Completed);
     assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
 }
+
+#[test]
+fn reconnect_after_qemu_restart_ends_pull_backup_failed() {
+    let mut h = lab_with_checkpoints(&["c6"]);
+    let id = begin(&mut h, pull(Some("c6"), unix(), None), Some("c7"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    h.feed(Input::LinkDown);
+    h.note("QEMU restarted: no jobs, no export, no NBD server");
+    h.peer.jobs.clear();
+    h.peer.exports.clear();
+    h.peer.nbd_running = false;
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().backup.is_none(), "{}", h.transcript());
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.success, Some(false));
+    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert!(h.peer.files.is_empty(), "scratch images are deleted");
+    assert!(h.domain.view().jobs.disk_holder("vda").is_none());
+    // The checkpoint created with the backup stays.
+    assert!(h.domain.view().checkpoints.get("c7").is_some());
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn restart_after_qemu_restart_ends_pull_backup_on_shared_server_failed() {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let config = DomainConfig {
+        nbd_server_running: true,
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config.clone());
+    h.connect();
+    let id = begin(&mut h, pull(None, unix(), None), Some("c1"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let (tree, journal) = stored_prefix(&h.store, h.store.len());
+    assert!(journal.is_some());
+    // QEMU restarted with the images only: jobs, exports, scratch nodes and every bitmap it
+    // had not written are gone; its NBD server runs again.
+    let mut peer = std::mem::take(&mut h.peer);
+    peer.jobs.clear();
+    peer.exports.clear();
+    peer.nodes
+        .retain(|n, _| n.starts_with("libvirt-1-") || n.starts_with("libvirt-2-"));
+    for node in peer.nodes.values_mut() {
+        node.bitmaps.clear();
+    }
+    let mut restarted = Harness::with_config(lab_domain(), peer, tree.clone(), config.clone());
+    restarted.domain = Domain::new(lab_domain(), config, tree, journal);
+    restarted.feed(Input::Reconnected);
+    assert!(
+        restarted.domain.view().backup.is_none(),
+        "{}",
+        restarted.transcript()
+    );
+    let s = completed(&restarted);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert!(restarted.store.contains(&StoreOp::DeleteBackupJournal));
+    assert!(restarted.domain.view().jobs.disk_holder("vda").is_none());
+    insta::assert_snapshot!(restarted.transcript());
+}
+
+#[test]
+fn reconnect_with_one_pull_job_vanished_cancels_the_other_and_ends_failed() {
+    let mut h = lab_with_checkpoints(&[]);
+    let id = begin(&mut h, pull(None, unix(), None), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    h.feed(Input::LinkDown);
+    h.note("QEMU lost vdb's job; vda's still runs");
+    h.peer.jobs.retain(|id, _| id.starts_with("backup-vda"));
+    h.feed(Input::Reconnected);
+    assert!(
+        h.domain.view().backup.is_none(),
+        "a pull whose export server went with one disk must not wait for an abort: {}",
+        h.transcript()
+    );
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert!(
+        h.peer.jobs.is_empty(),
+        "vda's job was cancelled and dismissed"
+    );
+    assert!(h.peer.files.is_empty());
+    insta::assert_snapshot!(h.transcript());
+}

@@ -289,8 +289,16 @@ impl BackupPlan {
             disk_temp_total_bytes: pull.then_some(total),
             success: finished.then_some(status == JobStatus::Completed),
             errmsg: if finished {
+                // The cause before its consequences: a failed disk's error, not that of a
+                // disk cancelled because of it.
                 self.start_error
                     .clone()
+                    .or_else(|| {
+                        self.disks
+                            .iter()
+                            .filter(|d| d.state == DiskJobState::Failed)
+                            .find_map(|d| d.error.clone())
+                    })
                     .or_else(|| self.disks.iter().find_map(|d| d.error.clone()))
             } else {
                 None

@@ -1498,7 +1498,10 @@ impl BackupRun {
     // ----- monitoring -----
 
     /// After a reconnection: decide from QEMU's jobs whether the start went through, then end
-    /// every disk whose job concluded or vanished.
+    /// every disk whose job concluded or vanished (a vanished job, as after QEMU restarted,
+    /// ends its disk failed with "job no longer known to QEMU"), and cancel the rest when one
+    /// ended badly. A backup none of whose jobs QEMU knows any more thus ends failed by itself:
+    /// what remains of it is cleaned up and `JobCompleted` is emitted, with no abort needed.
     fn reconcile(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
         if self.phase != Phase::Reconciling {
             return Some(self);
@@ -1569,9 +1572,18 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
+        // As when a job concludes while connected, one disk that ended badly (its job failed,
+        // or vanished with a restarted QEMU) ends the whole backup: a pull's other disks would
+        // otherwise keep their jobs (and, with a server of its own, lose their exports with
+        // the ending disk) and look alive until aborted.
+        let ended_badly = self
+            .plan
+            .disks
+            .iter()
+            .any(|d| d.state.is_final() && d.state != DiskJobState::Complete);
         // Jobs still running while their disk is cancelling may never have seen the cancel
         // (it was lost with the connection): send it again.
-        follow_up.extend(self.cancel_steps_for(self.abort_requested, true));
+        follow_up.extend(self.cancel_steps_for(self.abort_requested || ended_badly, true));
         self.steps.extend(follow_up);
         self.pump(core, ctx)
     }
