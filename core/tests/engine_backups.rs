@@ -1132,3 +1132,21 @@ fn reconnect_with_one_pull_job_vanished_cancels_the_other_and_ends_failed() {
     assert!(h.peer.files.is_empty());
     insta::assert_snapshot!(h.transcript());
 }
+
+#[test]
+fn reconnect_with_one_push_job_vanished_cancels_the_other_and_ends_failed() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.feed(Input::LinkDown);
+    h.peer.jobs.retain(|id, _| id.starts_with("backup-vda"));
+    h.feed(Input::Reconnected);
+    assert!(h.domain.view().backup.is_none(), "{}", h.transcript());
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert!(h.peer.jobs.is_empty());
+    assert!(
+        h.peer.files.is_empty(),
+        "targets of a failed push are deleted"
+    );
+}
