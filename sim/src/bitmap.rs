@@ -200,20 +200,18 @@ impl DirtyBitmap {
     /// The `BlockDirtyInfo` record; `recording` reflects the successor while frozen.
     pub(crate) fn info(&self, successor_recording: Option<bool>) -> Value {
         let recording = !self.disabled || successor_recording.unwrap_or(false);
+        // Members in key order (see `object`).
+        let count = if self.inconsistent {
+            0
+        } else {
+            self.count_bytes()
+        };
         let mut v = crate::node::object([
-            ("recording", recording.into()),
-            ("persistent", self.persistent.into()),
             ("busy", self.is_busy().into()),
+            ("count", count.into()),
             ("granularity", self.granularity.into()),
-            (
-                "count",
-                if self.inconsistent {
-                    0
-                } else {
-                    self.count_bytes()
-                }
-                .into(),
-            ),
+            ("persistent", self.persistent.into()),
+            ("recording", recording.into()),
         ]);
         if let Some(name) = &self.name {
             v.insert("name".to_owned(), name.as_str().into());

@@ -1239,8 +1239,8 @@ impl Qemu {
                 put(
                     "format-specific",
                     Value::Object(object([
-                        ("type", "file".into()),
                         ("data", Value::Object(Map::new())),
+                        ("type", "file".into()),
                     ])),
                 );
             }

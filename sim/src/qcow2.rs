@@ -74,27 +74,28 @@ impl Qcow2Image {
 
     /// `format-specific` as QEMU reports it for a qcow2 node.
     pub fn format_specific(&self) -> Value {
+        // Members in key order (see `object`).
         let mut data = object([
             ("compat", "1.1".into()),
             ("compression-type", "zlib".into()),
-            ("lazy-refcounts", false.into()),
-            ("refcount-bits", 16.into()),
             ("corrupt", false.into()),
             ("extended-l2", false.into()),
+            ("lazy-refcounts", false.into()),
+            ("refcount-bits", 16.into()),
         ]);
         if !self.bitmaps.is_empty() {
             let list = self.bitmaps.iter().map(|(name, b)| {
                 Value::Object(object([
                     ("flags", b.flags().into()),
-                    ("name", name.as_str().into()),
                     ("granularity", b.granularity.into()),
+                    ("name", name.as_str().into()),
                 ]))
             });
             data.insert("bitmaps".to_owned(), list.collect());
         }
         Value::Object(object([
-            ("type", "qcow2".into()),
             ("data", Value::Object(data)),
+            ("type", "qcow2".into()),
         ]))
     }
 }
