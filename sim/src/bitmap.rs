@@ -1,7 +1,7 @@
 //! Dirty bitmaps: a bit per granule of one node, with QEMU's flags (recording, persistent, busy,
 //! inconsistent, readonly) and the successor a backup job freezes them with.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::errors::QmpError;
 
@@ -200,20 +200,26 @@ impl DirtyBitmap {
     /// The `BlockDirtyInfo` record; `recording` reflects the successor while frozen.
     pub(crate) fn info(&self, successor_recording: Option<bool>) -> Value {
         let recording = !self.disabled || successor_recording.unwrap_or(false);
-        let mut v = json!({
-            "recording": recording,
-            "persistent": self.persistent,
-            "busy": self.is_busy(),
-            "granularity": self.granularity,
-            "count": if self.inconsistent { 0 } else { self.count_bytes() },
-        });
+        // Members in key order (see `object`).
+        let count = if self.inconsistent {
+            0
+        } else {
+            self.count_bytes()
+        };
+        let mut v = crate::node::object([
+            ("busy", self.is_busy().into()),
+            ("count", count.into()),
+            ("granularity", self.granularity.into()),
+            ("persistent", self.persistent.into()),
+            ("recording", recording.into()),
+        ]);
         if let Some(name) = &self.name {
-            v["name"] = json!(name);
+            v.insert("name".to_owned(), name.as_str().into());
         }
         if self.inconsistent {
-            v["inconsistent"] = json!(true);
+            v.insert("inconsistent".to_owned(), true.into());
         }
-        v
+        Value::Object(v)
     }
 
     /// QEMU's usability checks. `allow_ro` is true for enable/disable/backup use.

@@ -87,10 +87,8 @@ impl ClusterMap {
         // Zero clusters read as zeroes; only unallocated ones fall through to the backing.
         let first = offset / self.cluster_size;
         let last = (offset + data.len() as u64).div_ceil(self.cluster_size);
-        let was_zero: Vec<u64> = [first, last.saturating_sub(1)]
-            .into_iter()
-            .filter(|i| matches!(self.map.get(i), Some(Cluster::Zero)))
-            .collect();
+        let zero_before = |i: u64| matches!(self.map.get(&i), Some(Cluster::Zero));
+        let was_zero = [first, last.saturating_sub(1)].map(|i| zero_before(i).then_some(i));
         let mut pos = 0usize;
         while pos < data.len() {
             let off = offset + pos as u64;
@@ -115,22 +113,27 @@ impl ClusterMap {
                 // Partial write: modify the cluster in place when nobody shares it, otherwise
                 // copy it once (clusters are shared with backups copied from this image).
                 let slot = self.map.entry(idx).or_insert(Cluster::Zero);
-                let fresh = !matches!(slot, Cluster::Data(_));
-                if let Cluster::Data(d) = slot {
-                    if Arc::get_mut(d).is_none() {
-                        *d = Arc::new(d.to_vec());
+                match slot {
+                    Cluster::Data(d) => match Arc::get_mut(d) {
+                        Some(buf) => buf[in_off..in_off + n].copy_from_slice(chunk),
+                        None => {
+                            // Assembled around the write: each byte is copied once.
+                            let mut buf = Vec::with_capacity(d.len());
+                            buf.extend_from_slice(&d[..in_off]);
+                            buf.extend_from_slice(chunk);
+                            buf.extend_from_slice(&d[in_off + n..]);
+                            *d = Arc::new(buf);
+                        }
+                    },
+                    Cluster::Zero => {
+                        let mut buf = vec![0u8; cs];
+                        if !was_zero.contains(&Some(idx)) {
+                            fill_unallocated(idx, &mut buf);
+                        }
+                        buf[in_off..in_off + n].copy_from_slice(chunk);
+                        *slot = Cluster::Data(Arc::new(buf));
                     }
-                } else {
-                    *slot = Cluster::Data(Arc::new(vec![0u8; cs]));
                 }
-                let Cluster::Data(d) = slot else {
-                    unreachable!("made data above")
-                };
-                let buf = Arc::get_mut(d).expect("unshared after copy");
-                if fresh && !was_zero.contains(&idx) {
-                    fill_unallocated(idx, buf);
-                }
-                buf[in_off..in_off + n].copy_from_slice(chunk);
             }
             pos += n;
         }

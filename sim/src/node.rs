@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::args::{Args, id_wellformed};
 use crate::bitmap::{Bits, DirtyBitmap};
@@ -17,6 +17,15 @@ use crate::qemu::{Fault, Qemu};
 const MAX_NODE_NAME: usize = 31;
 /// Granule of the copy-before-write bookkeeping of user-added filters.
 pub(crate) const CBW_GRANULE: u64 = 65536;
+
+/// A JSON object from its members. serde_json's map keeps members sorted, so the order given
+/// here does not matter; collecting builds the map in one pass.
+pub(crate) fn object<const N: usize>(members: [(&str, Value); N]) -> Map<String, Value> {
+    members
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
 
 /// What a node does.
 #[derive(Debug, Clone)]
@@ -1144,69 +1153,111 @@ impl Qemu {
         let Some(n) = self.node(name) else {
             return Value::Null;
         };
+        // Built member by member: `json!` and `v[key] = ...` cost a lookup and a temporary each,
+        // and this reply is the simulator's most frequent (and largest) one.
         let filename = self.node_filename(name);
-        let size = self.node_size(name);
+        let img = self.image_path(name).and_then(|p| self.fs.get(&p));
+        // Members in key order: the map sorts them, and a sorted list costs one pass.
+        let mut info = object([
+            ("active", true.into()),
+            ("backing_file_depth", 0.into()),
+            ("bps", 0.into()),
+            ("bps_rd", 0.into()),
+            ("bps_wr", 0.into()),
+            (
+                "cache",
+                Value::Object(object([
+                    ("direct", false.into()),
+                    ("no-flush", false.into()),
+                    ("writeback", true.into()),
+                ])),
+            ),
+            ("detect_zeroes", n.detect_zeroes.into()),
+            ("drv", n.drv.into()),
+            ("encrypted", false.into()),
+            ("image", self.image_info(n, img, &filename, flat)),
+            ("iops", 0.into()),
+            ("iops_rd", 0.into()),
+            ("iops_wr", 0.into()),
+            ("node-name", n.name.as_str().into()),
+            ("ro", n.read_only.into()),
+            ("write_threshold", 0.into()),
+        ]);
+        if let Some(FileContent::Qcow2(q)) = img
+            && let Some(b) = &q.backing_file
+        {
+            info.insert("backing_file".to_owned(), b.as_str().into());
+        }
+        info.insert("file".to_owned(), Value::String(filename));
+        let bitmaps = self.bitmap_infos(name);
+        if !bitmaps.is_empty() {
+            info.insert("dirty-bitmaps".to_owned(), Value::Array(bitmaps));
+        }
+        Value::Object(info)
+    }
+
+    /// The `image` member of a node's information (`img` is the file under it, `filename` the
+    /// node's bottom file).
+    fn image_info(&self, n: &Node, img: Option<&FileContent>, filename: &str, flat: bool) -> Value {
         let actual = self
             .fs
-            .get(&filename)
+            .get(filename)
             .map(FileContent::file_length)
             .unwrap_or(0)
             .div_ceil(4096)
             * 4096;
-        let mut image = json!({
-            "virtual-size": size,
-            "filename": &filename,
-            "format": n.drv,
-            "actual-size": actual,
-            "dirty-flag": false,
-        });
+        let size = match (&n.driver, img) {
+            (Driver::Qcow2, Some(FileContent::Qcow2(q))) => q.virtual_size,
+            (Driver::Qcow2, _) => 0,
+            _ => self.node_size(&n.name),
+        };
+        let mut image = object([
+            ("actual-size", actual.into()),
+            ("dirty-flag", false.into()),
+            ("filename", filename.into()),
+            ("format", n.drv.into()),
+            ("virtual-size", size.into()),
+        ]);
+        let mut put = |k: &str, v: Value| {
+            image.insert(k.to_owned(), v);
+        };
         match &n.driver {
             Driver::Qcow2 => {
-                if let Some(FileContent::Qcow2(q)) =
-                    self.image_path(name).and_then(|p| self.fs.get(&p))
-                {
-                    image["cluster-size"] = json!(q.cluster_size);
-                    image["format-specific"] = q.format_specific();
+                if let Some(FileContent::Qcow2(q)) = img {
+                    put("cluster-size", q.cluster_size.into());
+                    put("format-specific", q.format_specific());
                     if let Some(b) = &q.backing_file {
-                        image["backing-filename"] = json!(b);
-                        image["full-backing-filename"] = json!(b);
+                        put("backing-filename", b.as_str().into());
+                        put("full-backing-filename", b.as_str().into());
                         if let Some(f) = &q.backing_format {
-                            image["backing-filename-format"] = json!(f);
+                            put("backing-filename-format", f.as_str().into());
                         }
                     }
                 }
             }
             Driver::File { .. } => {
-                image["format-specific"] = json!({"type": "file", "data": {}});
+                put(
+                    "format-specific",
+                    Value::Object(object([
+                        ("data", Value::Object(Map::new())),
+                        ("type", "file".into()),
+                    ])),
+                );
             }
-            Driver::CopyBeforeWrite { .. } => {
-                image["cluster-size"] = json!(65536);
-            }
+            Driver::CopyBeforeWrite { .. } => put("cluster-size", 65536.into()),
             _ => {}
         }
         if !flat && let Some(b) = &n.backing {
-            image["backing-image"] = self.node_info(b, true)["image"].take();
+            let backing = match self.node(b) {
+                Some(bn) => {
+                    let img = self.image_path(b).and_then(|p| self.fs.get(&p));
+                    self.image_info(bn, img, &self.node_filename(b), true)
+                }
+                None => Value::Null,
+            };
+            put("backing-image", backing);
         }
-        // Values are moved in after the macro: `json!` would copy an interpolated Value deeply.
-        let mut info = json!({
-            "iops_rd": 0, "detect_zeroes": n.detect_zeroes, "active": true,
-            "iops_wr": 0, "ro": n.read_only, "node-name": n.name, "backing_file_depth": 0,
-            "drv": n.drv, "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false,
-            "bps": 0, "bps_rd": 0,
-            "cache": {"no-flush": false, "direct": false, "writeback": true},
-        });
-        info["image"] = image;
-        info["file"] = Value::String(filename);
-        if let Some(FileContent::Qcow2(q)) = self.image_path(name).and_then(|p| self.fs.get(&p))
-            && let Some(b) = &q.backing_file
-        {
-            info["backing_file"] = json!(b);
-        }
-        let bitmaps = self.bitmap_infos(name);
-        if !bitmaps.is_empty() {
-            info["dirty-bitmaps"] = Value::Array(bitmaps);
-        }
-        info
+        Value::Object(image)
     }
 
     pub(crate) fn cmd_query_named_block_nodes(&mut self, a: &Args<'_>) -> Result<Value, QmpError> {

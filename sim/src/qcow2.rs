@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::bitmap::Bits;
 use crate::image::ClusterMap;
+use crate::node::object;
 
 /// Smallest and largest cluster sizes qcow2 accepts.
 pub const MIN_CLUSTER: u64 = 512;
@@ -73,26 +74,29 @@ impl Qcow2Image {
 
     /// `format-specific` as QEMU reports it for a qcow2 node.
     pub fn format_specific(&self) -> Value {
-        let mut data = json!({
-            "compat": "1.1",
-            "compression-type": "zlib",
-            "lazy-refcounts": false,
-            "refcount-bits": 16,
-            "corrupt": false,
-            "extended-l2": false,
-        });
+        // Members in key order (see `object`).
+        let mut data = object([
+            ("compat", "1.1".into()),
+            ("compression-type", "zlib".into()),
+            ("corrupt", false.into()),
+            ("extended-l2", false.into()),
+            ("lazy-refcounts", false.into()),
+            ("refcount-bits", 16.into()),
+        ]);
         if !self.bitmaps.is_empty() {
-            data["bitmaps"] = Value::Array(
-                self.bitmaps
-                    .iter()
-                    .map(|(name, b)| json!({"flags": b.flags(), "name": name, "granularity": b.granularity}))
-                    .collect(),
-            );
+            let list = self.bitmaps.iter().map(|(name, b)| {
+                Value::Object(object([
+                    ("flags", b.flags().into()),
+                    ("granularity", b.granularity.into()),
+                    ("name", name.as_str().into()),
+                ]))
+            });
+            data.insert("bitmaps".to_owned(), list.collect());
         }
-        // Moved in rather than interpolated: `json!` would copy the Value deeply.
-        let mut v = json!({"type": "qcow2"});
-        v["data"] = data;
-        v
+        Value::Object(object([
+            ("data", Value::Object(data)),
+            ("type", "qcow2".into()),
+        ]))
     }
 }
 
@@ -115,6 +119,7 @@ pub fn check_image_size(size: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn flags_print_in_use_before_auto() {

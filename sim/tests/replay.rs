@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 use vbackup_sim::{Config, FileSystem, Flavor, Qemu};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::MIB;
+use common::replay::{Compare, event_label};
+
 /// Virtual time between two recorded commands; long enough for a 256 MiB job to finish.
 const STEP_MS: u64 = 1000;
 
@@ -178,107 +181,20 @@ fn setup(nodes: &Value) -> Qemu {
     q
 }
 
-/// The parts of a node record the simulator must reproduce.
-fn node_summary(nodes: &Value) -> BTreeMap<String, Value> {
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| !n["node-name"].as_str().unwrap().starts_with('#'))
-        .map(|n| {
-            let bitmaps: Vec<Value> = n["dirty-bitmaps"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|b| b.get("name").is_some())
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let size = if n["drv"] == "file" {
-                Value::Null
-            } else {
-                n["image"]["virtual-size"].clone()
-            };
-            (
-                n["node-name"].as_str().unwrap().to_string(),
-                json!({"drv": n["drv"], "ro": n["ro"], "file": n["file"], "size": size,
-                    "backing_file": n.get("backing_file"), "bitmaps": bitmaps}),
-            )
-        })
-        .collect()
-}
-
-fn compare_reply(
-    cmd: &Value,
-    expected: &Value,
-    got: &Result<Value, vbackup_sim::QmpError>,
-    loose_jobs: &[&str],
-) {
-    let name = cmd["execute"].as_str().unwrap();
-    if let Some(err) = expected.get("error") {
-        let got = got
-            .as_ref()
-            .expect_err(&format!("{name} should fail with {err}"));
-        assert_eq!(got.to_json(), *err, "error of {cmd}");
-        return;
-    }
-    let got = got.as_ref().unwrap_or_else(|e| panic!("{cmd} failed: {e}"));
-    let want = &expected["return"];
-    match name {
-        "query-named-block-nodes" => {
-            assert_eq!(node_summary(got), node_summary(want), "reply of {cmd}")
-        }
-        "query-jobs" => {
-            let strip = |v: &Value| -> Vec<Value> {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|j| {
-                        let mut j = j.clone();
-                        if loose_jobs.contains(&j["id"].as_str().unwrap()) {
-                            j["current-progress"] = Value::Null;
-                        }
-                        j
-                    })
-                    .collect()
-            };
-            assert_eq!(strip(got), strip(want), "reply of {cmd}");
-        }
-        _ => assert_eq!(got, want, "reply of {cmd}"),
-    }
-}
-
 /// Event names per job or export id, and the data of job completion events.
 fn per_id(events: &[Value], loose_jobs: &[&str]) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for e in events {
-        let name = e["event"].as_str().unwrap();
-        let d = &e["data"];
-        let (id, label) = match name {
-            "JOB_STATUS_CHANGE" => (
-                d["id"].as_str().unwrap(),
-                d["status"].as_str().unwrap().to_string(),
-            ),
-            "BLOCK_JOB_COMPLETED"
-            | "BLOCK_JOB_CANCELLED"
-            | "BLOCK_JOB_ERROR"
-            | "BLOCK_JOB_PENDING" => {
-                let id = d
-                    .get("device")
-                    .or(d.get("id"))
-                    .and_then(Value::as_str)
-                    .unwrap();
-                let mut data = d.clone();
-                if loose_jobs.contains(&id) {
-                    data["offset"] = Value::Null;
-                }
-                (id, format!("{name} {data}"))
+        let (id, label) = event_label(e, |_, data| {
+            let id = data
+                .get("device")
+                .or(data.get("id"))
+                .and_then(Value::as_str);
+            if id.is_some_and(|id| loose_jobs.contains(&id)) {
+                data["offset"] = Value::Null;
             }
-            "BLOCK_EXPORT_DELETED" => (d["id"].as_str().unwrap(), name.to_string()),
-            _ => ("", name.to_string()),
-        };
-        out.entry(id.to_string()).or_default().push(label);
+        });
+        out.entry(id).or_default().push(label);
     }
     out
 }
@@ -291,6 +207,17 @@ fn replay(traces: &[&str], setup_from: &str, loose_jobs: &[&str]) -> Qemu {
     let mut want_events = Vec::new();
     let mut got_events = Vec::new();
     let mut commands = 0;
+    let loosen_job = |j: &mut Value| {
+        if loose_jobs.contains(&j["id"].as_str().unwrap()) {
+            j["current-progress"] = Value::Null;
+        }
+    };
+    // Node records are compared with their file and backing file too: the traces' paths are
+    // reproduced as they are.
+    let compare = Compare {
+        node_members: &["file", "backing_file"],
+        loosen_job: &loosen_job,
+    };
     for trace in traces {
         let lines = load(trace);
         for (i, (dir, msg)) in lines.iter().enumerate() {
@@ -314,7 +241,7 @@ fn replay(traces: &[&str], setup_from: &str, loose_jobs: &[&str]) -> Qemu {
             let cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
             let now = q.now_ms() + STEP_MS;
             let got = q.execute(now, &cmd);
-            compare_reply(&cmd, &expected, &got, loose_jobs);
+            compare.reply(&cmd, &expected, &got);
             got_events.extend(q.take_events());
             commands += 1;
         }

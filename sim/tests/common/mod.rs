@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod replay;
+
 use serde_json::{Value, json};
 use vbackup_sim::{Config, FileSystem, Flavor, Qemu, QmpError};
 
