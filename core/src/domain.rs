@@ -672,8 +672,9 @@ impl Domain {
                     };
                 }
             }
-            Input::Reconnected => {
+            Input::Reconnected | Input::LinkDown => {
                 // Whatever was outstanding on the old session is lost.
+                let reconnected = matches!(input, Input::Reconnected);
                 Self::drop_session(
                     &mut self.core,
                     &mut self.short,
@@ -681,19 +682,12 @@ impl Domain {
                     &mut self.reconcile,
                     &mut ctx,
                 );
-                ctx.send(
-                    Owner::Session(SessionTag::Capabilities),
-                    cmd::capabilities(),
-                );
-            }
-            Input::LinkDown => {
-                Self::drop_session(
-                    &mut self.core,
-                    &mut self.short,
-                    &mut self.backup,
-                    &mut self.reconcile,
-                    &mut ctx,
-                );
+                if reconnected {
+                    ctx.send(
+                        Owner::Session(SessionTag::Capabilities),
+                        cmd::capabilities(),
+                    );
+                }
             }
         }
         out

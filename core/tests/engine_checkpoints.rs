@@ -439,28 +439,34 @@ fn reconnect_removes_only_the_bitmaps_the_engine_owns() {
     );
 }
 
-#[test]
-fn checkpoint_create_whose_reply_was_lost_is_undone_by_the_reconnect() {
+/// Asks for checkpoint `name` on both disks at `now_ms` and lets QEMU run every command it
+/// sent, without handing any reply back (the connection is about to drop).
+fn create_whose_reply_is_lost(h: &mut Harness, now_ms: u64, id: u64, name: &str) {
     use vbackup_core::domain::{Input, Output, RequestId};
     use vbackup_core::link::Timestamp;
-    let mut h = lab_with_checkpoints(&[]);
-    let t = Timestamp::from_ms(1);
     let out = h.domain.handle(
-        t,
+        Timestamp::from_ms(now_ms),
         Input::Request(
-            RequestId(9),
+            RequestId(id),
             Request::CheckpointCreate {
-                checkpoint: checkpoint("c1", &["vda", "vdb"]),
+                checkpoint: checkpoint(name, &["vda", "vdb"]),
                 quiesce: false,
             },
         ),
     );
-    // QEMU runs the transaction; the connection drops before its reply.
     for o in &out {
         if let Output::Send(_, cmd) = o {
             let _ = h.peer.execute(cmd);
         }
     }
+}
+
+#[test]
+fn checkpoint_create_whose_reply_was_lost_is_undone_by_the_reconnect() {
+    use vbackup_core::domain::Input;
+    let mut h = lab_with_checkpoints(&[]);
+    // QEMU runs the transaction; the connection drops before its reply.
+    create_whose_reply_is_lost(&mut h, 1, 9, "c1");
     assert!(h.peer.has_bitmap("libvirt-2-format", "c1"));
     h.feed(Input::LinkDown);
     assert!(matches!(h.answer(9), Some(Err(Error::LinkLost(_)))));
@@ -654,25 +660,11 @@ fn checkpoint_delete_children_and_children_only_handle_an_invalid_descendant() {
 
 #[test]
 fn second_create_before_postponed_reconcile_keeps_the_first_pending_record() {
-    use vbackup_core::domain::{Input, Output, RequestId};
-    use vbackup_core::link::Timestamp;
+    use vbackup_core::domain::Input;
     let mut h = lab_with_checkpoints(&[]);
-    let out = h.domain.handle(
-        Timestamp::from_ms(h.now_ms),
-        Input::Request(
-            RequestId(90),
-            Request::CheckpointCreate {
-                checkpoint: checkpoint("c1", &["vda", "vdb"]),
-                quiesce: false,
-            },
-        ),
-    );
     // QEMU runs c1's transaction; the connection drops before its reply.
-    for o in &out {
-        if let Output::Send(_, cmd) = o {
-            let _ = h.peer.execute(cmd);
-        }
-    }
+    let now = h.now_ms;
+    create_whose_reply_is_lost(&mut h, now, 90, "c1");
     h.feed(Input::LinkDown);
     // The first reconcile pass after the reconnect fails and is postponed.
     h.peer
