@@ -563,10 +563,9 @@ fn finish_all_silently(h: &mut Harness) {
     }
 }
 
-#[test]
-fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
-    let def = lab_domain();
-    let peer = Peer::for_domain(&def, &lab_sizes());
+/// A connected domain asked (request 1, at time 0) for a full push backup: its first command
+/// is on the wire, no reply has come back.
+fn push_begun_without_replies(def: vbackup_core::model::domain::DomainDef) -> (Domain, Timestamp) {
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
     negotiate(&mut d, t);
@@ -582,6 +581,14 @@ fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
         ),
     );
     assert!(matches!(out.first(), Some(Output::Send(..))));
+    (d, t)
+}
+
+#[test]
+fn link_lost_before_the_transaction_rolls_back_after_reconnect() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let (mut d, t) = push_begun_without_replies(def);
     d.handle(t, Input::LinkDown);
     let mut h = Harness::new(lab_domain(), peer, CheckpointTree::new());
     h.domain = d;
@@ -645,21 +652,7 @@ fn drain_pauses_during_a_job_are_not_pauses() {
 #[test]
 fn checkpoint_operations_wait_out_the_backup_start() {
     let def = lab_domain();
-    let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
-    let t = Timestamp::from_ms(0);
-    negotiate(&mut d, t);
-    let out = d.handle(
-        t,
-        Input::Request(
-            RequestId(1),
-            Request::BackupBegin {
-                spec: push(None),
-                checkpoint: None,
-                reuse_external: false,
-            },
-        ),
-    );
-    assert!(matches!(out.first(), Some(Output::Send(..))));
+    let (mut d, t) = push_begun_without_replies(def);
     let out = d.handle(
         t,
         Input::Request(
