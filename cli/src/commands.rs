@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupMode, BackupSpec, JobStats, JobStatus, NbdServer, NbdTransport};
+use vbackup_core::backup::{
+    BackupMode, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer, NbdTransport,
+};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
@@ -1134,6 +1136,9 @@ fn backup_begin(
     }
 }
 
+/// How often push targets are handed to the host's write-out while `--wait` follows a job.
+const WRITE_BEHIND_MS: u64 = 200;
+
 /// Drives the session until the backup job ends, showing progress on a terminal unless `quiet`
 /// (machine-readable output was asked for); returns the job's final statistics.
 pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError> {
@@ -1154,8 +1159,24 @@ pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError
     // Progress is polled for the bar and written for `domjobinfo` run meanwhile by others
     // (they cannot reach the daemon's monitor while this invocation holds it).
     let poll_ms = if bar.is_some() { 200 } else { 1000 };
+    // Push targets are written out while the job copies, so the final sync waits for little.
+    let mut write_behind = vbackup_qemu::writeout::WriteBehind::new();
+    let mut last_kick: Option<vbackup_core::link::Timestamp> = None;
     while s.job_running() {
         let now = s.driver.link().now();
+        if last_kick.is_none_or(|t| now.ms_since(t) >= WRITE_BEHIND_MS) {
+            last_kick = Some(now);
+            if let Some(plan) = s.driver.domain().view().backup
+                && plan.mode == BackupMode::Push
+            {
+                write_behind.kick(
+                    plan.disks
+                        .iter()
+                        .filter(|d| d.state == DiskJobState::Running)
+                        .map(|d| d.store_path.as_str()),
+                );
+            }
+        }
         let due =
             last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= poll_ms);
         if due {

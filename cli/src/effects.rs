@@ -101,6 +101,7 @@ impl Effects for StoreEffects {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(format!("cannot remove '{path}': {e}")),
             },
+            FileOp::Sync { path } => vbackup_qemu::writeout::sync_target(path),
         }
     }
 

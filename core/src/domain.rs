@@ -110,6 +110,13 @@ pub enum FileOp {
         /// Absolute path.
         path: String,
     },
+    /// Make a finished push target durable: write its data and metadata to storage (fsync,
+    /// and the directory entry of a file) and answer when done. Sent once QEMU closed the
+    /// target; a failure fails the disk's backup.
+    Sync {
+        /// Absolute path of the target file or block device.
+        path: String,
+    },
 }
 
 /// Requests a domain understands. Definitions arrive parsed and aligned.
@@ -396,6 +403,23 @@ pub struct DomainConfig {
     /// their exports to it and delete only those, never starting nor stopping the server; the
     /// backup's `<server>` must name that server's address.
     pub nbd_server_running: bool,
+    /// How push backups write their targets (see [`PushWrite`]).
+    pub push_write: PushWrite,
+}
+
+/// How push backups write their targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PushWrite {
+    /// QEMU copies with copy offload (`x-perf.use-copy-range`, falling back to reads and
+    /// writes by itself where the files do not support it) into targets opened with
+    /// `cache.no-flush` (also pull scratch images, which are never kept), so the job never
+    /// waits for storage; once QEMU closed a completed target the engine makes it durable
+    /// ([`FileOp::Sync`]) before the backup counts as complete. The host writes the data out
+    /// while the job runs, so the final sync only waits for the tail.
+    #[default]
+    Deferred,
+    /// libvirt's commands exactly: QEMU flushes targets itself (on close), no copy offload.
+    QemuFlushes,
 }
 
 impl Default for DomainConfig {
@@ -407,6 +431,7 @@ impl Default for DomainConfig {
             command_timeout_ms: 60_000,
             query_nodes_before_delete: false,
             nbd_server_running: false,
+            push_write: PushWrite::default(),
         }
     }
 }

@@ -282,6 +282,8 @@ impl Effects for MemoryEffects {
                 self.existing.remove(path);
                 Ok(())
             }
+            // Nothing in memory is ever unwritten.
+            FileOp::Sync { .. } => Ok(()),
         }
     }
 

@@ -9,7 +9,7 @@ use vbackup_core::backup::{
 };
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{
-    Domain, DomainConfig, Input, Output, Reply, Request, RequestId, StoreOp, TlsConfig,
+    Domain, DomainConfig, Input, Output, PushWrite, Reply, Request, RequestId, StoreOp, TlsConfig,
 };
 use vbackup_core::error::{ConflictError, Error, RequestError};
 use vbackup_core::link::Timestamp;
@@ -112,6 +112,96 @@ fn push_full_backup_of_two_disks_completes_and_keeps_targets() {
     assert!(!h.peer.nodes.contains_key("libvirt-3-format"));
     assert!(h.domain.view().jobs.long_job().is_none());
     insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn push_target_qemu_never_closed_ends_failed_and_is_removed() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.note("vda's job completes, but its target node is gone before vbackup closes it");
+    let ev = h.peer.finish_job("backup-vda-libvirt-2-format", None);
+    h.peer.nodes.remove("libvirt-3-format");
+    h.events(ev);
+    let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
+    h.events(ev);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    let msg = s.errmsg.unwrap_or_default();
+    assert!(
+        msg.contains("did not confirm closing backup target '/backups/vda.qcow2'"),
+        "{msg}"
+    );
+    let t = h.transcript();
+    assert!(!t.contains("file sync /backups/vda.qcow2"), "{t}");
+    assert!(!h.peer.files.contains("/backups/vda.qcow2"));
+    assert!(!h.peer.files.contains("/backups/vdb.qcow2"));
+}
+
+#[test]
+fn push_target_sync_failure_ends_failed_and_removes_targets() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    h.peer
+        .failing_syncs
+        .insert("/backups/vdb.qcow2".into(), "Input/output error".into());
+    finish_all(&mut h);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(
+        s.errmsg.as_deref(),
+        Some("writing backup target '/backups/vdb.qcow2' to storage failed: Input/output error")
+    );
+    let t = h.transcript();
+    let sync = t.find("file sync /backups/vdb.qcow2").expect("synced");
+    let close = t
+        .find("blockdev-del {\"node-name\":\"libvirt-4-format\"}")
+        .unwrap();
+    assert!(close < sync, "synced only after QEMU closed it:\n{t}");
+    assert!(!h.peer.files.contains("/backups/vda.qcow2"));
+    assert!(!h.peer.files.contains("/backups/vdb.qcow2"));
+}
+
+#[test]
+fn push_with_qemu_flushes_sends_libvirts_commands_and_syncs_nothing() {
+    let def = lab_domain();
+    let peer = Peer::for_domain(&def, &lab_sizes());
+    let config = DomainConfig {
+        push_write: PushWrite::QemuFlushes,
+        ..DomainConfig::default()
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    begin(&mut h, push(None), None);
+    finish_all(&mut h);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let t = h.transcript();
+    for absent in ["no-flush", "x-perf", "file sync"] {
+        assert!(!t.contains(absent), "{absent} in:\n{t}");
+    }
+    assert!(h.peer.files.contains("/backups/vda.qcow2"));
+}
+
+#[test]
+fn push_with_deferred_writes_offloads_copies_and_syncs_after_closing() {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    finish_all(&mut h);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let t = h.transcript();
+    assert_eq!(t.matches("\"cache\":{\"no-flush\":true}").count(), 2, "{t}");
+    assert_eq!(
+        t.matches("x-perf={\"use-copy-range\":true}").count(),
+        2,
+        "{t}"
+    );
+    for (disk, node) in [("vda", "libvirt-3"), ("vdb", "libvirt-4")] {
+        let close = t
+            .find(&format!("blockdev-del {{\"node-name\":\"{node}-format\"}}"))
+            .unwrap();
+        let sync = t.find(&format!("file sync /backups/{disk}.qcow2")).unwrap();
+        let end = t.find("store delete-journal").unwrap();
+        assert!(close < sync && sync < end, "{t}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use serde_json::Value;
 use vbackup_core::backup::BackupSpec;
 use vbackup_core::checkpoint::{Checkpoint, CheckpointDisk, CheckpointTree, DeleteScope};
 use vbackup_core::domain::{
-    Domain, DomainConfig, FileOp, Input, Output, Reply, Request, RequestId,
+    Domain, DomainConfig, FileOp, Input, Output, PushWrite, Reply, Request, RequestId,
 };
 use vbackup_core::error::Error;
 use vbackup_core::link::{Link, LinkError, NameMap, ReplayLink, Timestamp};
@@ -82,8 +82,10 @@ fn tree(chain: &[&str]) -> CheckpointTree {
     t
 }
 
-/// A domain with a negotiated session (the negotiation is not part of these traces).
-fn connected(tree: CheckpointTree, config: DomainConfig) -> Domain {
+/// A domain with a negotiated session (the negotiation is not part of these traces), sending
+/// libvirt's exact commands: QEMU flushes push targets itself.
+fn connected(tree: CheckpointTree, mut config: DomainConfig) -> Domain {
+    config.push_write = PushWrite::QemuFlushes;
     let mut d = Domain::new(lab1(), config, tree, None);
     let t = Timestamp::from_ms(0);
     let out = d.handle(t, Input::Reconnected);
@@ -143,9 +145,10 @@ fn try_drive(d: &mut Domain, link: &mut ReplayLink, input: Input) -> Result<Answ
             match o {
                 Output::Send(id, cmd) => link.send(id, &cmd)?,
                 // The recordings hold no file operations (libvirt does them itself).
-                Output::File(id, FileOp::CreateExclusive { .. } | FileOp::Remove { .. }) => {
-                    queue.push(Input::FileDone(id, Ok(())))
-                }
+                Output::File(
+                    id,
+                    FileOp::CreateExclusive { .. } | FileOp::Remove { .. } | FileOp::Sync { .. },
+                ) => queue.push(Input::FileDone(id, Ok(()))),
                 Output::Respond(id, r) => answers.push((id, r)),
                 Output::Persist(_) | Output::Emit(_) => {}
             }

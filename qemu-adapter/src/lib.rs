@@ -16,6 +16,7 @@
 //!   graph.
 //! - [`restore`]: restoring a backup chain into new images or over existing disks.
 //! - [`live`]: the harness for tests against real qemu-storage-daemon.
+//! - [`writeout`]: making push targets durable, and writing them out while the job runs.
 
 pub mod discover;
 pub mod images;
@@ -26,3 +27,4 @@ pub mod qsd;
 pub mod recorder;
 pub mod restore;
 pub mod store;
+pub mod writeout;

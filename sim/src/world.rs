@@ -267,6 +267,14 @@ impl Effects for StoreEffects {
                 q.fs_mut().remove(path);
                 Ok(())
             }
+            // The simulated host has no cache: what QEMU wrote is stored already.
+            FileOp::Sync { path } => {
+                if q.fs().exists(path) {
+                    Ok(())
+                } else {
+                    Err(format!("cannot sync '{path}': no such file"))
+                }
+            }
         }
     }
 

@@ -32,8 +32,8 @@ use crate::chain::{NodeTable, check_chain};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::ops::{check_create, commit_created, create_actions};
 use crate::domain::{
-    Core, Ctx, DomainEvent, FileOp, FileOpId, Owner, Reply, RequestId, StoreOp, cmd, node_table,
-    refused,
+    Core, Ctx, DomainEvent, FileOp, FileOpId, Owner, PushWrite, Reply, RequestId, StoreOp, cmd,
+    node_table, refused,
 };
 use crate::error::{Error, RequestError};
 use crate::link::Timestamp;
@@ -159,6 +159,13 @@ pub(crate) struct BackupRun {
     poll_due: Option<Timestamp>,
     /// Failed `query-jobs` of this reconnection so far.
     poll_attempts: u32,
+    /// Format nodes QEMU confirmed deleting. Only then is a qcow2 target's metadata out of
+    /// QEMU's memory: a target QEMU never closed (it died, or the answer was lost) may lack it.
+    closed_nodes: BTreeSet<String>,
+    /// Completed push disks whose target was checked closed (and made durable, or failed).
+    settled: BTreeSet<usize>,
+    /// The target sync in progress: the file operation and the disk.
+    waiting_sync: Option<(FileOpId, usize)>,
 }
 
 /// What a refused cleanup command was meant to make disappear, and how to check.
@@ -302,6 +309,9 @@ impl BackupRun {
             retries: Vec::new(),
             poll_due: None,
             poll_attempts: 0,
+            closed_nodes: BTreeSet::new(),
+            settled: BTreeSet::new(),
+            waiting_sync: None,
         }
     }
 
@@ -381,6 +391,9 @@ impl BackupRun {
             retries: Vec::new(),
             poll_due: None,
             poll_attempts: 0,
+            closed_nodes: BTreeSet::new(),
+            settled: BTreeSet::new(),
+            waiting_sync: None,
         })
     }
 
@@ -626,6 +639,7 @@ impl BackupRun {
 
     fn queue_preparation(&mut self, core: &Core) -> Result<(), Error> {
         let pull = self.plan.mode == BackupMode::Pull;
+        let no_flush = core.config.push_write == PushWrite::Deferred;
         for d in &self.plan.disks {
             let backing = if pull || d.incremental.is_some() {
                 Some(d.device_node.as_str())
@@ -643,6 +657,7 @@ impl BackupRun {
                         &d.storage_node,
                         &d.store_path,
                         d.store_kind == StoreKind::Block,
+                        no_flush,
                     ),
                     effect: Effect::NodeAdded(d.storage_node.clone()),
                 });
@@ -674,6 +689,7 @@ impl BackupRun {
                         &d.storage_node,
                         &d.store_path,
                         d.store_kind == StoreKind::Block,
+                        no_flush,
                     ),
                     effect: Effect::NodeAdded(d.storage_node.clone()),
                 });
@@ -764,6 +780,7 @@ impl BackupRun {
             None => Vec::new(),
         };
         let pull = self.plan.mode == BackupMode::Pull;
+        let copy_offload = !pull && core.config.push_write == PushWrite::Deferred;
         for d in &self.plan.disks {
             if let (Some(bitmap), Some(node), Some(cp)) =
                 (&d.temp_bitmap, &d.temp_bitmap_node, &d.incremental)
@@ -791,6 +808,7 @@ impl BackupRun {
                 &d.format_node,
                 sync,
                 bitmap,
+                copy_offload,
             ));
         }
         actions
@@ -1099,6 +1117,13 @@ impl BackupRun {
             }
             return self.pump(core, ctx);
         }
+        let deleted_node = match &sent {
+            Some(Step::Cmd {
+                command: QmpCommand::BlockdevDel(del),
+                ..
+            }) => Some(del.node_name.clone()),
+            _ => None,
+        };
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
         let best_effort = rolling_back || matches!(effect, Effect::BestEffort | Effect::Retry(_));
         if best_effort
@@ -1181,6 +1206,9 @@ impl BackupRun {
                 }
             }
             _ => {
+                if let Some(node) = deleted_node {
+                    self.closed_nodes.insert(node);
+                }
                 match effect {
                     Effect::NodeAdded(n) if !rolling_back => self.added_nodes.push(n),
                     Effect::ObjectAdded(o) if !rolling_back => self.added_objects.push(o),
@@ -1270,6 +1298,15 @@ impl BackupRun {
                         d.error.get_or_insert_with(|| "domain shut down".into());
                     }
                 }
+                // A completed target not yet closed and made durable cannot be waited for.
+                while let Some(i) = self.next_unsettled() {
+                    let path = self.plan.disks[i].store_path.clone();
+                    self.fail_settling(
+                        ctx,
+                        i,
+                        format!("domain shut down before backup target '{path}' was made durable"),
+                    );
+                }
                 self.steps.clear();
                 self.step_busy = false;
                 self.terminate(core, ctx);
@@ -1287,6 +1324,21 @@ impl BackupRun {
         id: FileOpId,
         result: Result<(), String>,
     ) -> Option<Self> {
+        if let Some((waiting, i)) = self.waiting_sync
+            && waiting == id
+        {
+            self.waiting_sync = None;
+            self.step_busy = false;
+            if let Err(msg) = result {
+                let path = self.plan.disks[i].store_path.clone();
+                self.fail_settling(
+                    ctx,
+                    i,
+                    format!("writing backup target '{path}' to storage failed: {msg}"),
+                );
+            }
+            return self.maybe_finish(core, ctx);
+        }
         let Some((waiting, path)) = self.waiting_file.take() else {
             return Some(self);
         };
@@ -1753,14 +1805,60 @@ impl BackupRun {
         }
     }
 
-    fn maybe_finish(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
+    fn maybe_finish(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         let all_final = self.plan.disks.iter().all(|d| d.state.is_final());
-        if all_final && self.steps.is_empty() && !self.step_busy && self.retries.is_empty() {
-            self.terminate(core, ctx);
-            None
-        } else {
-            Some(self)
+        if !(all_final && self.steps.is_empty() && !self.step_busy && self.retries.is_empty()) {
+            return Some(self);
         }
+        // Cleanup is over, so every target QEMU closed is closed for good. A completed push
+        // target counts only once QEMU confirmed closing it (its qcow2 metadata is written out
+        // then) and, with deferred writes, once the host wrote it to storage.
+        while let Some(i) = self.next_unsettled() {
+            let d = &self.plan.disks[i];
+            let path = d.store_path.clone();
+            if !self.closed_nodes.contains(&d.format_node) {
+                self.fail_settling(
+                    ctx,
+                    i,
+                    format!(
+                        "QEMU did not confirm closing backup target '{path}'; the image may be \
+                         incomplete"
+                    ),
+                );
+                continue;
+            }
+            self.settled.insert(i);
+            if core.config.push_write == PushWrite::Deferred {
+                let id = ctx.file(FileOp::Sync { path });
+                self.waiting_sync = Some((id, i));
+                self.step_busy = true;
+                return Some(self);
+            }
+        }
+        self.terminate(core, ctx);
+        None
+    }
+
+    /// The next completed push disk whose target was not yet checked and made durable.
+    fn next_unsettled(&self) -> Option<usize> {
+        if self.plan.mode != BackupMode::Push {
+            return None;
+        }
+        (0..self.plan.disks.len()).find(|i| {
+            self.plan.disks[*i].state == DiskJobState::Complete && !self.settled.contains(i)
+        })
+    }
+
+    /// Fails completed disk `i` whose target cannot be trusted.
+    fn fail_settling(&mut self, ctx: &mut Ctx<'_>, i: usize, error: String) {
+        self.settled.insert(i);
+        let d = &mut self.plan.disks[i];
+        d.state = DiskJobState::Failed;
+        d.error = Some(error);
+        ctx.emit(DomainEvent::BlockJob {
+            disk: d.target.clone(),
+            state: d.state,
+        });
     }
 
     /// Every disk ended and cleanup is done: delete what must go, report, release.

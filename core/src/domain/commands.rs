@@ -79,16 +79,29 @@ pub(crate) fn backup_action(
     target: &str,
     sync: SyncMode,
     bitmap: Option<&str>,
+    copy_offload: bool,
 ) -> TransactionAction {
     let mut b = BlockdevBackup::new(job_id, device, target, sync);
     b.bitmap = bitmap.map(str::to_owned);
+    if copy_offload {
+        b.x_perf = Some(crate::qmp::BackupPerf {
+            use_copy_range: Some(true),
+            ..Default::default()
+        });
+    }
     b.auto_finalize = Some(true);
     b.auto_dismiss = Some(false);
     TransactionAction::BlockdevBackup(b)
 }
 
-/// `blockdev-add` of a protocol node for a file or block device.
-pub(crate) fn add_storage_node(node: &str, path: &str, block_device: bool) -> QmpCommand {
+/// `blockdev-add` of a protocol node for a file or block device; with `no_flush`, QEMU never
+/// asks the host to write the node's data to storage (the engine does it itself).
+pub(crate) fn add_storage_node(
+    node: &str,
+    path: &str,
+    block_device: bool,
+    no_flush: bool,
+) -> QmpCommand {
     let driver = if block_device {
         BlockdevDriver::HostDevice {
             filename: path.to_owned(),
@@ -101,6 +114,10 @@ pub(crate) fn add_storage_node(node: &str, path: &str, block_device: bool) -> Qm
     let mut o = BlockdevOptions::new(node, driver);
     o.auto_read_only = Some(true);
     o.discard = Some(BlockdevDiscard::Unmap);
+    if no_flush {
+        o.extra
+            .insert("cache".into(), serde_json::json!({"no-flush": true}));
+    }
     QmpCommand::BlockdevAdd(Box::new(o))
 }
 

@@ -61,6 +61,8 @@ pub struct Peer {
     pub exports: BTreeSet<String>,
     /// Creation jobs never report their conclusion (a wedged QEMU).
     pub silent_create_jobs: bool,
+    /// Paths whose sync fails with the given text.
+    pub failing_syncs: BTreeMap<String, String>,
 }
 
 fn err(desc: impl Into<String>) -> QmpError {
@@ -694,6 +696,14 @@ impl Harness {
                             self.peer.files.remove(&path);
                             q.push_back(Input::FileDone(id, Ok(())));
                         }
+                        FileOp::Sync { path } => {
+                            self.lines.push(format!("file sync {path}"));
+                            let r = match self.peer.failing_syncs.get(&path) {
+                                Some(e) => Err(e.clone()),
+                                None => Ok(()),
+                            };
+                            q.push_back(Input::FileDone(id, r));
+                        }
                     },
                     Output::Respond(id, r) => {
                         self.lines
@@ -890,7 +900,7 @@ fn compact_action(a: &Value) -> String {
             )
         }
         "blockdev-backup" => format!(
-            "backup {} {}->{} sync={}{}",
+            "backup {} {}->{} sync={}{}{}",
             s("job-id"),
             s("device"),
             s("target"),
@@ -898,6 +908,9 @@ fn compact_action(a: &Value) -> String {
             d["bitmap"]
                 .as_str()
                 .map(|b| format!(" bitmap={b}"))
+                .unwrap_or_default(),
+            d.get("x-perf")
+                .map(|p| format!(" x-perf={p}"))
                 .unwrap_or_default()
         ),
         other => format!("{other} {d}"),

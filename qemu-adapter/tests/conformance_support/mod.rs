@@ -221,6 +221,7 @@ impl Effects for LiveEffects {
                 }
                 _ => Ok(()),
             },
+            FileOp::Sync { path } => vbackup_qemu::writeout::sync_target(path),
         }
     }
 
