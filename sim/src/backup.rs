@@ -254,6 +254,13 @@ impl Qemu {
         if let Some(t) = self.node_mut(&target) {
             t.job_users.insert(job_id.to_string());
         }
+        if self.node(&target).is_some_and(|n| n.drv == "qcow2")
+            && let Some(path) = self.image_path(&target)
+            && !self.st.unflushed_images.contains_key(&path)
+        {
+            let before = self.fs.get(&path).cloned();
+            self.st.unflushed_images.insert(path, before);
+        }
         let seq = self.new_job_seq();
         let now = self.now_ms;
         self.st.jobs.insert(
@@ -348,6 +355,42 @@ mod tests {
         assert_eq!(b.pending.count(), 8);
         assert_eq!(b.filter, "flt");
         assert_eq!(q.node("flt").unwrap().drv, "copy-before-write");
+    }
+
+    /// Runs a full backup of `s` into `t` to its conclusion (not dismissed).
+    fn backed_up() -> Qemu {
+        let mut q = q();
+        q.guest_write(0, "s", 0, &[7; 65536]).unwrap();
+        q.execute(0, &json!({"execute": "blockdev-backup", "arguments": {"job-id": "j", "device": "s", "target": "t", "sync": "full", "auto-dismiss": false}})).unwrap();
+        q.advance(600_000);
+        let jobs = q.execute(0, &json!({"execute": "query-jobs"})).unwrap();
+        assert_eq!(jobs[0]["status"], "concluded");
+        q
+    }
+
+    #[test]
+    fn a_crash_before_the_target_closed_loses_what_the_job_wrote() {
+        let mut q = backed_up();
+        assert_eq!(q.fs().read_image("/t.qcow2").unwrap()[..2], [7, 7]);
+        q.crash();
+        assert_eq!(q.fs().read_image("/t.qcow2").unwrap()[..2], [0, 0]);
+    }
+
+    #[test]
+    fn a_clean_close_of_the_target_keeps_what_the_job_wrote() {
+        let mut q = backed_up();
+        q.execute(
+            0,
+            &json!({"execute": "job-dismiss", "arguments": {"id": "j"}}),
+        )
+        .unwrap();
+        q.execute(
+            0,
+            &json!({"execute": "blockdev-del", "arguments": {"node-name": "t"}}),
+        )
+        .unwrap();
+        q.crash();
+        assert_eq!(q.fs().read_image("/t.qcow2").unwrap()[..2], [7, 7]);
     }
 
     #[test]

@@ -1078,6 +1078,11 @@ impl Qemu {
     /// nothing else uses.
     pub(crate) fn close_node_tree(&mut self, name: &str) {
         self.store_bitmaps(name);
+        if self.node(name).is_some_and(|n| n.drv == "qcow2")
+            && let Some(path) = self.image_path(name)
+        {
+            self.st.unflushed_images.remove(&path);
+        }
         let Some(node) = self.st.nodes.remove(name) else {
             return;
         };

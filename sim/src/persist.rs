@@ -9,6 +9,9 @@
 //! - Removing a persistent bitmap deletes it from the image immediately.
 //! - A crash loses everything in memory: new bitmaps never reach the image, loaded ones stay
 //!   `in-use` and come back inconsistent.
+//! - The same holds for a backup job's target: the clusters it writes reach the qcow2 image's
+//!   metadata only when the target node closes cleanly, so a crash before that brings the
+//!   image back to what it was before the job (`State::unflushed_images`).
 
 use serde_json::{Value, json};
 

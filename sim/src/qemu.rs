@@ -93,6 +93,10 @@ pub(crate) struct State {
     pub next_export_seq: u64,
     /// QOM objects added by `object-add` (secrets, TLS credentials): id → type.
     pub objects: BTreeMap<String, String>,
+    /// qcow2 images a backup job writes into, as they were before it (`None`: no file then).
+    /// A qcow2 image's new clusters reach its metadata only when the node closes cleanly, so
+    /// a crash brings such an image back to this state.
+    pub unflushed_images: BTreeMap<String, Option<crate::image::FileContent>>,
 }
 
 impl State {
@@ -212,6 +216,7 @@ impl Qemu {
     /// Kills the process without a clean close: in-memory state is lost, persistent bitmaps
     /// created since the image was opened never reach it, and loaded ones stay `in-use`.
     pub fn crash(&mut self) {
+        self.lose_unflushed_images();
         self.st = State::default();
         self.running = false;
         self.negotiated = false;
@@ -221,9 +226,20 @@ impl Qemu {
     /// `qmp_capabilities` sent. A process still running is killed first, as [`Qemu::crash`]
     /// does (nothing is stored).
     pub fn restart(&mut self) {
+        self.lose_unflushed_images();
         self.st = State::default();
         self.running = true;
         self.negotiated = false;
+    }
+
+    /// The process dies: images a backup job wrote into lose what was not written out by a
+    /// clean close.
+    fn lose_unflushed_images(&mut self) {
+        for (path, before) in std::mem::take(&mut self.st.unflushed_images) {
+            if let Some(content) = before {
+                self.fs.put(&path, content);
+            }
+        }
     }
 
     /// A new client connects to the monitor of the running process: it greets again and
