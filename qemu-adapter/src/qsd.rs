@@ -263,6 +263,9 @@ impl Default for QsdOptions {
     }
 }
 
+/// How long a daemon that accepted `quit` is given to close its images before it is killed.
+pub const QUIT_EXIT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The files of a run directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
@@ -543,8 +546,10 @@ impl Qsd {
     }
 
     /// Sends `quit` and waits for the daemon to exit; images are closed cleanly, so persistent
-    /// bitmaps reach the disk. If it does not exit within the timeout it is killed and
-    /// [`QsdError::Timeout`] returned.
+    /// bitmaps reach the disk. Closing writes the images' cached data out first, which can take
+    /// long on slow storage, so the exit is awaited for [`QUIT_EXIT_TIMEOUT`] (at least the
+    /// handle's timeout): killing the daemon earlier would lose every bitmap it holds. If it
+    /// still has not exited it is killed and [`QsdError::Timeout`] returned.
     pub fn quit(mut self) -> Result<(), QsdError> {
         if !self.is_alive() {
             return Err(QsdError::DaemonGone { pid: self.pid });
@@ -555,13 +560,14 @@ impl Qsd {
             Ok(_) | Err(QmpSocketError::Closed) => {}
             Err(e) => return Err(e.into()),
         }
-        if self.wait_exit(deadline) {
+        let exit_timeout = self.timeout.max(QUIT_EXIT_TIMEOUT);
+        if self.wait_exit(Instant::now() + exit_timeout) {
             return Ok(());
         }
         self.kill_and_reap()?;
         Err(QsdError::Timeout {
             what: "exit after quit",
-            timeout: self.timeout,
+            timeout: exit_timeout,
         })
     }
 
