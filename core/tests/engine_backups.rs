@@ -647,6 +647,83 @@ fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
     insta::assert_snapshot!(restarted.transcript());
 }
 
+/// A restarted engine whose journal shows vda's job completed (`closed`: and its target
+/// closed) while QEMU no longer lists the job; vdb's job finished meanwhile. `qemu_lost_nodes`:
+/// QEMU also lost vda's target nodes (it was restarted). Returns the restarted harness after
+/// its reconnection.
+fn restart_with_vda_completed(closed: bool, qemu_lost_nodes: bool) -> Harness {
+    let mut h = lab_with_checkpoints(&[]);
+    begin(&mut h, push(None), None);
+    let mut journal = h
+        .store
+        .iter()
+        .filter_map(|s| match s {
+            StoreOp::PutBackupJournal(p) => Some((**p).clone()),
+            _ => None,
+        })
+        .next_back()
+        .expect("journal written");
+    journal.disks[0].state = DiskJobState::Complete;
+    journal.disks[0].target_closed = closed;
+    finish_all_silently(&mut h);
+    h.peer.jobs.remove("backup-vda-libvirt-2-format");
+    if closed || qemu_lost_nodes {
+        h.peer.nodes.remove("libvirt-3-format");
+        h.peer.nodes.remove("libvirt-3-storage");
+    }
+    let mut restarted = Harness::new(
+        lab_domain(),
+        std::mem::take(&mut h.peer),
+        CheckpointTree::new(),
+    );
+    restarted.domain = Domain::new(
+        lab_domain(),
+        DomainConfig::default(),
+        CheckpointTree::new(),
+        Some(journal),
+    );
+    restarted.feed(Input::Reconnected);
+    restarted
+}
+
+#[test]
+fn restart_after_a_disk_completed_closes_and_syncs_its_target_and_completes() {
+    let h = restart_with_vda_completed(false, false);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Completed, "{}", h.transcript());
+    let t = h.transcript();
+    let close = t
+        .find("blockdev-del {\"node-name\":\"libvirt-3-format\"}")
+        .expect("closed");
+    assert!(
+        close < t.find("file sync /backups/vda.qcow2").unwrap(),
+        "{t}"
+    );
+    assert!(h.peer.files.contains("/backups/vda.qcow2"));
+}
+
+#[test]
+fn restart_after_a_target_was_closed_only_syncs_it() {
+    let h = restart_with_vda_completed(true, false);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let t = h.transcript();
+    assert!(!t.contains("libvirt-3-format\"}"), "{t}");
+    assert!(t.contains("file sync /backups/vda.qcow2"), "{t}");
+}
+
+#[test]
+fn restart_after_qemu_lost_an_unclosed_completed_target_ends_failed() {
+    let h = restart_with_vda_completed(false, true);
+    let s = completed(&h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert!(
+        s.errmsg
+            .unwrap_or_default()
+            .contains("did not confirm closing backup target '/backups/vda.qcow2'")
+    );
+    assert!(!h.peer.files.contains("/backups/vda.qcow2"));
+}
+
 fn finish_all_silently(h: &mut Harness) {
     for id in ["backup-vda-libvirt-2-format", "backup-vdb-libvirt-1-format"] {
         let _ = h.peer.finish_job(id, None);

@@ -169,6 +169,10 @@ pub struct BackupDiskPlan {
     pub progress_total_bytes: u64,
     /// QEMU's error for this disk's job.
     pub error: Option<String>,
+    /// QEMU confirmed closing the completed target (its format node was deleted), so the
+    /// image holds everything the job wrote once the host wrote it out.
+    #[serde(default)]
+    pub target_closed: bool,
 }
 
 /// The whole plan of a running backup; this is also what the job journal stores, so that a
@@ -381,6 +385,7 @@ mod tests {
             progress_current_bytes: cur,
             progress_total_bytes: total,
             error: err.map(Into::into),
+            target_closed: false,
         }
     }
 

@@ -166,6 +166,9 @@ pub(crate) struct BackupRun {
     settled: BTreeSet<usize>,
     /// The target sync in progress: the file operation and the disk.
     waiting_sync: Option<(FileOpId, usize)>,
+    /// Disks the journal of a restarted engine already shows ended: their cleanup may not
+    /// have run, so the first reconcile queues it again.
+    restored_final: Vec<usize>,
 }
 
 /// What a refused cleanup command was meant to make disappear, and how to check.
@@ -278,6 +281,15 @@ impl BackupRun {
         } else {
             plan.checkpoint_def.clone().map(|c| *c)
         };
+        let closed_nodes = plan
+            .disks
+            .iter()
+            .filter(|d| d.target_closed)
+            .map(|d| d.format_node.clone())
+            .collect();
+        let restored_final = (0..plan.disks.len())
+            .filter(|i| plan.disks[*i].state.is_final())
+            .collect();
         Self {
             plan,
             phase: Phase::Disconnected,
@@ -309,9 +321,10 @@ impl BackupRun {
             retries: Vec::new(),
             poll_due: None,
             poll_attempts: 0,
-            closed_nodes: BTreeSet::new(),
+            closed_nodes,
             settled: BTreeSet::new(),
             waiting_sync: None,
+            restored_final,
         }
     }
 
@@ -394,6 +407,7 @@ impl BackupRun {
             closed_nodes: BTreeSet::new(),
             settled: BTreeSet::new(),
             waiting_sync: None,
+            restored_final: Vec::new(),
         })
     }
 
@@ -628,6 +642,7 @@ impl BackupRun {
                 format_node,
                 storage_node,
                 created_by_us: !self.plan.reuse_external,
+                target_closed: false,
                 state: DiskJobState::None,
                 progress_current_bytes: 0,
                 progress_total_bytes: 0,
@@ -1207,6 +1222,16 @@ impl BackupRun {
             }
             _ => {
                 if let Some(node) = deleted_node {
+                    // Journaled: a restarted engine then only has to sync the target.
+                    if let Some(d) = self
+                        .plan
+                        .disks
+                        .iter_mut()
+                        .find(|d| d.format_node == node && d.state == DiskJobState::Complete)
+                    {
+                        d.target_closed = true;
+                        self.journal(ctx);
+                    }
                     self.closed_nodes.insert(node);
                 }
                 match effect {
@@ -1624,6 +1649,14 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
+        // Disks the journal shows ended: clean up again what may be left, unless the target
+        // is known closed.
+        for i in std::mem::take(&mut self.restored_final) {
+            if !self.plan.disks[i].target_closed {
+                let listed = jobs.iter().any(|j| j.id == self.plan.disks[i].job_id);
+                follow_up.extend(self.cleanup_steps(i, listed));
+            }
+        }
         // As when a job concludes while connected, one disk that ended badly (its job failed,
         // or vanished with a restarted QEMU) ends the whole backup: a pull's other disks would
         // otherwise keep their jobs (and, with a server of its own, lose their exports with
@@ -1721,6 +1754,8 @@ impl BackupRun {
             disk: d.target.clone(),
             state: d.state,
         });
+        // Journaled: a restarted engine must not take a job it finds dismissed for a failure.
+        self.journal(ctx);
         self.cleanup_steps(i, job.is_some())
     }
 
