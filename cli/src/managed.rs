@@ -132,6 +132,8 @@ pub enum ManagedCommand {
     /// backup stays, so incrementals can still be built on any of them. Checkpoints are
     /// deleted first, records next, images last: if a step fails, the backups not yet removed
     /// stay catalogued and restorable, and running the command again finishes the deletion.
+    /// Deleting a checkpoint needs QEMU; with --keep-checkpoints the backups go without it and
+    /// their checkpoints stay (delete them later with checkpoint-delete).
     BackupDelete {
         /// Backup uuid (with --all: the domain name).
         target: String,
@@ -141,6 +143,9 @@ pub enum ManagedCommand {
         /// Delete every backup of the domain named instead.
         #[arg(long)]
         all: bool,
+        /// Keep the checkpoints the deleted backups created (no QEMU needed).
+        #[arg(long)]
+        keep_checkpoints: bool,
     },
     /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
     ///
@@ -229,7 +234,8 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             target,
             children,
             all,
-        } => delete(&store, &target, children, all),
+            keep_checkpoints,
+        } => delete(&store, &target, children, all, keep_checkpoints),
         ManagedCommand::BackupRestore {
             uuid,
             until,
@@ -1130,7 +1136,13 @@ pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 
 // ----- changing -----
 
-fn delete(store: &Store, target: &str, with_children: bool, all: bool) -> Result<(), CliError> {
+fn delete(
+    store: &Store,
+    target: &str,
+    with_children: bool,
+    all: bool,
+    keep_checkpoints: bool,
+) -> Result<(), CliError> {
     let domain = if all {
         target.to_owned()
     } else {
@@ -1167,6 +1179,10 @@ fn delete(store: &Store, target: &str, with_children: bool, all: bool) -> Result
         )));
     }
     let n = doomed.len();
+    let ops: Vec<CatalogueOp> = ops
+        .into_iter()
+        .filter(|o| !(keep_checkpoints && matches!(o, CatalogueOp::DeleteCheckpoint { .. })))
+        .collect();
     apply_with_checkpoints(loaded, &ops)?;
     if all {
         println!("Deleted {n_all} backup(s) of domain '{target}'");
@@ -1188,7 +1204,12 @@ fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), Cli
         // Every released checkpoint is already gone.
         return images::apply_ops_with(&loaded.store, ops, &mut |_| Ok(())).map_err(io_error);
     }
-    let mut s = Session::connect(loaded)?;
+    let mut s = Session::connect(loaded).map_err(|e| {
+        CliError::Other(format!(
+            "{e}; the backups are kept: run the deletion again once QEMU can be reached, or with \
+             --keep-checkpoints to delete the backups and keep their checkpoints"
+        ))
+    })?;
     let mut applied = Ok(());
     for op in ops {
         applied = match op {

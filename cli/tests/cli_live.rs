@@ -366,6 +366,64 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
 }
 
 #[test]
+fn backup_delete_without_qemu_keeps_everything_unless_told_to_keep_checkpoints() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::qsd::QsdDisk;
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let img = lab.image("a.qcow2", 16);
+    let qsd = qemu
+        .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    drop(qsd);
+    let vda = format!("vda={}", img.display());
+    lab.ok(&["define", "att", "--disk", &vda, "--qmp", &qmp]);
+    let backups = lab.path("backups");
+    lab.ok(&[
+        "backup-set-default-target",
+        "att",
+        backups.to_str().expect("utf-8"),
+    ]);
+    let out = lab.ok(&["backup-create", "att", "--wait"]);
+    let uuid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Backup ")?.split_whitespace().next())
+        .expect("uuid printed")
+        .to_owned();
+    let checkpoint = lab.json(&["backup-info", &uuid, "--json"])["checkpoint"]
+        .as_str()
+        .expect("the backup created a checkpoint")
+        .to_owned();
+    assert!(backups.join(&uuid).join("vda.qcow2").exists());
+    drop(qemu);
+    let err = lab.fails(&["backup-delete", &uuid]);
+    assert!(err.contains("--keep-checkpoints"), "{err}");
+    assert_eq!(
+        lab.json(&["backup-list", "att", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    lab.ok(&["backup-delete", &uuid, "--keep-checkpoints"]);
+    assert_eq!(
+        lab.json(&["backup-list", "att", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "att", "--name"]),
+        format!("{checkpoint}\n")
+    );
+    // Backups live in <target>/<uuid>/<disk>.qcow2: nothing of this one is left.
+    assert!(!backups.join(&uuid).join("vda.qcow2").exists());
+    assert!(!backups.join(&uuid).exists());
+}
+
+#[test]
 fn attached_domain_without_disks_discovers_exports_with_their_backing_chain() {
     use vbackup_core::model::ImageFormat;
     use vbackup_qemu::live::create_overlay;
