@@ -336,6 +336,33 @@ pub struct Session {
     events_reported: usize,
 }
 
+/// File in a domain's store holding the drift warnings last printed in full.
+pub const DRIFT_REPORTED_FILE: &str = "drift-reported";
+
+/// What to print about a drift found on connecting: the full warnings the first time a given
+/// set of lost bitmaps is seen, then one reminder line naming the checkpoints, as long as they
+/// are not deleted. `dir` is the domain's store directory, where the last full report is kept
+/// (best effort: without it the full warnings are printed again).
+pub fn drift_report(dir: &Path, drift: &BitmapDrift) -> Vec<String> {
+    let full = drift_warnings(drift);
+    if full.is_empty() {
+        let _ = std::fs::remove_file(dir.join(DRIFT_REPORTED_FILE));
+        return full;
+    }
+    let text = full.join("\n");
+    let seen = std::fs::read_to_string(dir.join(DRIFT_REPORTED_FILE)).ok();
+    if seen.as_deref() == Some(text.as_str()) {
+        let mut names: Vec<&str> = drift.missing.iter().map(|(c, _)| c.as_str()).collect();
+        names.dedup();
+        return vec![format!(
+            "warning: checkpoints with lost bitmaps (reported before): {}; incremental backups from them are refused until they are deleted",
+            names.join(", ")
+        )];
+    }
+    let _ = write_atomic(dir, DRIFT_REPORTED_FILE, text.as_bytes());
+    full
+}
+
 /// The warning lines for a drift between checkpoint metadata and QEMU's bitmaps: one per
 /// checkpoint disk whose bitmap is lost. Bitmaps no checkpoint owns are not warned about: a
 /// metadata-only checkpoint deletion leaves them on purpose, and a warning on every later
@@ -520,10 +547,11 @@ impl Session {
 
     /// Prints a warning for each event not yet looked at that the user should know about.
     fn report_events(&mut self) {
-        let events = &self.driver.effects().events;
+        let effects = self.driver.effects();
+        let events = &effects.events;
         for event in events.iter().skip(self.events_reported) {
             if let DomainEvent::BitmapDrift(drift) = event {
-                for line in drift_warnings(drift) {
+                for line in drift_report(effects.store().dir(), drift) {
                     eprintln!("{line}");
                 }
             }
