@@ -453,6 +453,16 @@ impl FileSystem {
         });
     }
 
+    /// The host failed to write `path` out: what was written to it never reached storage (its
+    /// data reads as zeroes, or from the backing file). Headers and bitmaps are kept.
+    pub fn lose_unwritten_data(&mut self, path: &str) {
+        match self.files.get_mut(path) {
+            Some(FileContent::Qcow2(q)) => q.data = ClusterMap::new(q.cluster_size),
+            Some(FileContent::Raw(r)) => r.data = ClusterMap::new(RAW_CHUNK),
+            None => {}
+        }
+    }
+
     /// `qemu-img create -f raw PATH SIZE`.
     pub fn create_raw(&mut self, path: &str, size: u64) {
         self.put(

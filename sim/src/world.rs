@@ -93,7 +93,8 @@ impl HistoryConfig {
 pub enum FaultKind {
     /// A command refused with an error.
     CommandRefused,
-    /// A backup job fails with EIO on its target.
+    /// A backup job fails with EIO on its target, or (three times in ten) the host fails to
+    /// write a completed target out.
     JobIoError,
     /// A backup job's target runs out of space.
     TargetNoSpace,
@@ -230,6 +231,8 @@ pub struct StoreEffects {
     pub memory: MemoryEffects,
     /// The next store write fails.
     pub fail_next_persist: bool,
+    /// Targets whose next sync fails (the host cannot write them out).
+    pub failing_syncs: BTreeSet<String>,
 }
 
 impl StoreEffects {
@@ -239,6 +242,7 @@ impl StoreEffects {
             qemu,
             memory: MemoryEffects::default(),
             fail_next_persist: false,
+            failing_syncs: BTreeSet::new(),
         }
     }
 }
@@ -269,7 +273,10 @@ impl Effects for StoreEffects {
             }
             // The simulated host has no cache: what QEMU wrote is stored already.
             FileOp::Sync { path } => {
-                if q.fs().exists(path) {
+                if self.failing_syncs.remove(path) {
+                    q.fs_mut().lose_unwritten_data(path);
+                    Err(format!("cannot sync '{path}': Input/output error"))
+                } else if q.fs().exists(path) {
                     Ok(())
                 } else {
                     Err(format!("cannot sync '{path}': no such file"))
@@ -837,23 +844,33 @@ impl World {
                 true
             }
             FaultKind::JobIoError | FaultKind::TargetNoSpace => {
-                let targets: Vec<String> = self
+                let targets: Vec<(String, String)> = self
                     .driver()
                     .domain()
                     .view()
                     .backup
-                    .map(|p| p.disks.iter().map(|d| d.format_node.clone()).collect())
+                    .map(|p| {
+                        p.disks
+                            .iter()
+                            .map(|d| (d.format_node.clone(), d.store_path.clone()))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if targets.is_empty() {
                     false
                 } else {
-                    let node = targets[self.below(targets.len() as u64) as usize].clone();
-                    let fault = if kind == FaultKind::JobIoError {
-                        Fault::TargetIoError { node }
+                    let (node, path) = targets[self.below(targets.len() as u64) as usize].clone();
+                    if kind == FaultKind::JobIoError && self.chance(30) {
+                        // The job succeeds, but the host fails to write the target out.
+                        self.driver().effects_mut().failing_syncs.insert(path);
                     } else {
-                        Fault::TargetNoSpace { node }
-                    };
-                    self.qemu.borrow_mut().set_fault(fault);
+                        let fault = if kind == FaultKind::JobIoError {
+                            Fault::TargetIoError { node }
+                        } else {
+                            Fault::TargetNoSpace { node }
+                        };
+                        self.qemu.borrow_mut().set_fault(fault);
+                    }
                     true
                 }
             }
