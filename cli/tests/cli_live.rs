@@ -334,14 +334,11 @@ fn redefine_restores_deleted_metadata_and_validate_checks_the_bitmap() {
     assert!(lab.daemon_pids().is_empty());
 }
 
-#[test]
-fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
+/// Starts a qemu-storage-daemon of `qemu` over a new 16 MiB image `a.qcow2` of the lab and
+/// defines domain `att` attached to it with that image as `vda`; returns the guest export's URI.
+fn attach_one_disk(lab: &Lab, qemu: &mut LiveLab) -> String {
     use vbackup_core::model::ImageFormat;
     use vbackup_qemu::qsd::QsdDisk;
-    let Some(lab) = Lab::new("live CLI test") else {
-        return;
-    };
-    let mut qemu = LiveLab::new().expect("live lab");
     let img = lab.image("a.qcow2", 16);
     let qsd = qemu
         .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
@@ -350,14 +347,18 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
     let guest = qsd.guest_export_uri("vda");
     // The monitor serves one client: vbackup's turn.
     drop(qsd);
-    lab.ok(&[
-        "define",
-        "att",
-        "--disk",
-        &format!("vda={}", img.display()),
-        "--qmp",
-        &qmp,
-    ]);
+    let vda = format!("vda={}", img.display());
+    lab.ok(&["define", "att", "--disk", &vda, "--qmp", &qmp]);
+    guest
+}
+
+#[test]
+fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
+    let Some(lab) = Lab::new("live CLI test") else {
+        return;
+    };
+    let mut qemu = LiveLab::new().expect("live lab");
+    let guest = attach_one_disk(&lab, &mut qemu);
     lab.ok(&["checkpoint-create-as", "att", "c1"]);
     tool(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 1M", &guest]));
     let dump = lab.json(&["checkpoint-dumpxml", "att", "c1", "--size", "--json"]);
@@ -367,20 +368,11 @@ fn attached_domain_finds_its_nodes_and_takes_checkpoints_and_push_backups() {
 
 #[test]
 fn backup_delete_without_qemu_keeps_everything_unless_told_to_keep_checkpoints() {
-    use vbackup_core::model::ImageFormat;
-    use vbackup_qemu::qsd::QsdDisk;
     let Some(lab) = Lab::new("live CLI test") else {
         return;
     };
     let mut qemu = LiveLab::new().expect("live lab");
-    let img = lab.image("a.qcow2", 16);
-    let qsd = qemu
-        .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
-        .expect("start qemu-storage-daemon");
-    let qmp = qsd.run_dir().qmp_socket.display().to_string();
-    drop(qsd);
-    let vda = format!("vda={}", img.display());
-    lab.ok(&["define", "att", "--disk", &vda, "--qmp", &qmp]);
+    attach_one_disk(&lab, &mut qemu);
     let backups = lab.path("backups");
     lab.ok(&[
         "backup-set-default-target",

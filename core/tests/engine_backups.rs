@@ -614,28 +614,9 @@ fn reconnect_after_jobs_vanished_ends_backup_failed() {
 fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
     let mut h = lab_with_checkpoints(&[]);
     begin(&mut h, push(None), None);
-    let journal = h
-        .store
-        .iter()
-        .filter_map(|s| match s {
-            StoreOp::PutBackupJournal(p) => Some((**p).clone()),
-            _ => None,
-        })
-        .next_back()
-        .expect("journal written");
+    let journal = last_journal(&h);
     finish_all_silently(&mut h);
-    // A new engine process: the domain comes back from the store with the journal.
-    let mut restarted = Harness::new(
-        lab_domain(),
-        std::mem::take(&mut h.peer),
-        CheckpointTree::new(),
-    );
-    restarted.domain = Domain::new(
-        lab_domain(),
-        DomainConfig::default(),
-        CheckpointTree::new(),
-        Some(journal),
-    );
+    let mut restarted = restarted_from(journal, std::mem::take(&mut h.peer));
     assert_eq!(
         restarted.domain.view().jobs.disk_holder("vdb"),
         Some("backup")
@@ -654,15 +635,7 @@ fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
 fn restart_with_vda_completed(closed: bool, qemu_lost_nodes: bool) -> Harness {
     let mut h = lab_with_checkpoints(&[]);
     begin(&mut h, push(None), None);
-    let mut journal = h
-        .store
-        .iter()
-        .filter_map(|s| match s {
-            StoreOp::PutBackupJournal(p) => Some((**p).clone()),
-            _ => None,
-        })
-        .next_back()
-        .expect("journal written");
+    let mut journal = last_journal(&h);
     journal.disks[0].state = DiskJobState::Complete;
     journal.disks[0].target_closed = closed;
     finish_all_silently(&mut h);
@@ -671,18 +644,33 @@ fn restart_with_vda_completed(closed: bool, qemu_lost_nodes: bool) -> Harness {
         h.peer.nodes.remove("libvirt-3-format");
         h.peer.nodes.remove("libvirt-3-storage");
     }
-    let mut restarted = Harness::new(
-        lab_domain(),
-        std::mem::take(&mut h.peer),
-        CheckpointTree::new(),
-    );
+    let mut restarted = restarted_from(journal, std::mem::take(&mut h.peer));
+    restarted.feed(Input::Reconnected);
+    restarted
+}
+
+/// The last journal the engine wrote.
+fn last_journal(h: &Harness) -> BackupPlan {
+    h.store
+        .iter()
+        .filter_map(|s| match s {
+            StoreOp::PutBackupJournal(p) => Some((**p).clone()),
+            _ => None,
+        })
+        .next_back()
+        .expect("journal written")
+}
+
+/// A new engine process on the lab domain: it comes back from the store with `journal` (and no
+/// checkpoints), before reconnecting to `peer`.
+fn restarted_from(journal: BackupPlan, peer: Peer) -> Harness {
+    let mut restarted = Harness::new(lab_domain(), peer, CheckpointTree::new());
     restarted.domain = Domain::new(
         lab_domain(),
         DomainConfig::default(),
         CheckpointTree::new(),
         Some(journal),
     );
-    restarted.feed(Input::Reconnected);
     restarted
 }
 
