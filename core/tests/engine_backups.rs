@@ -629,7 +629,7 @@ fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
 }
 
 /// A restarted engine whose journal shows vda's job completed (`closed`: and its target
-/// closed) while QEMU no longer lists the job; vdb's job finished meanwhile. `qemu_lost_nodes`:
+/// closed, the storage node below it not yet deleted) while QEMU no longer lists the job; vdb's job finished meanwhile. `qemu_lost_nodes`:
 /// QEMU also lost vda's target nodes (it was restarted). Returns the restarted harness after
 /// its reconnection.
 fn restart_with_vda_completed(closed: bool, qemu_lost_nodes: bool) -> Harness {
@@ -642,6 +642,8 @@ fn restart_with_vda_completed(closed: bool, qemu_lost_nodes: bool) -> Harness {
     h.peer.jobs.remove("backup-vda-libvirt-2-format");
     if closed || qemu_lost_nodes {
         h.peer.nodes.remove("libvirt-3-format");
+    }
+    if qemu_lost_nodes {
         h.peer.nodes.remove("libvirt-3-storage");
     }
     let mut restarted = restarted_from(journal, std::mem::take(&mut h.peer));
@@ -697,6 +699,10 @@ fn restart_after_a_target_was_closed_only_syncs_it() {
     let t = h.transcript();
     assert!(!t.contains("libvirt-3-format\"}"), "{t}");
     assert!(t.contains("file sync /backups/vda.qcow2"), "{t}");
+    assert!(
+        !h.peer.nodes.contains_key("libvirt-3-storage"),
+        "the storage node left behind is deleted"
+    );
 }
 
 #[test]

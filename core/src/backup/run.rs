@@ -1649,13 +1649,17 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
-        // Disks the journal shows ended: clean up again what may be left, unless the target
-        // is known closed.
+        // Disks the journal shows ended: clean up again what may be left (a target known
+        // closed is not deleted again: its format node is gone).
         for i in std::mem::take(&mut self.restored_final) {
-            if !self.plan.disks[i].target_closed {
-                let listed = jobs.iter().any(|j| j.id == self.plan.disks[i].job_id);
-                follow_up.extend(self.cleanup_steps(i, listed));
-            }
+            let d = &self.plan.disks[i];
+            let listed = jobs.iter().any(|j| j.id == d.job_id);
+            let closed = d.target_closed.then(|| cmd::del_node(&d.format_node));
+            let steps = self.cleanup_steps(i, listed);
+            follow_up.extend(steps.into_iter().filter(|s| match (s, &closed) {
+                (Step::Cmd { command, .. }, Some(del)) => command != del,
+                _ => true,
+            }));
         }
         // As when a job concludes while connected, one disk that ended badly (its job failed,
         // or vanished with a restarted QEMU) ends the whole backup: a pull's other disks would
