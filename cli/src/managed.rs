@@ -577,6 +577,22 @@ struct CreateArgs {
     json: bool,
 }
 
+/// Refuses an incremental on `parent` when an image of `disk` in its chain is gone: the new
+/// backup could never be restored.
+fn check_chain_images(cat: &Catalogue, parent: &str, disk: &str) -> Result<(), CliError> {
+    for b in cat.chain(parent).map_err(catalogue_error)? {
+        if let Some(img) = b.image(disk)
+            && !Path::new(&img.path).exists()
+        {
+            return Err(CliError::Other(format!(
+                "invalid argument: the image of disk '{disk}' of backup '{}' ('{}') is missing, so a backup built on '{parent}' could never be restored; take a full backup (without --parent)",
+                b.uuid, img.path
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let cat = catalogue(&loaded.store)?;
@@ -650,6 +666,9 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
                 "invalid argument: parent backup '{}' has no image of disk '{}'",
                 parent.uuid, disk.name
             )));
+        }
+        if let Some(parent) = &parent {
+            check_chain_images(&cat, &parent.uuid, &disk.name)?;
         }
         let default = cat
             .default_image_path(&uuid, &disk.name)
@@ -1302,6 +1321,14 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
         None => cat.plan_restore(uuid, &chosen),
     }
     .map_err(catalogue_error)?;
+    for d in &plan.disks {
+        if let Some(img) = d.images.iter().find(|i| !Path::new(&i.path).exists()) {
+            return Err(CliError::Other(format!(
+                "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
+                plan.backup, img.path, d.disk
+            )));
+        }
+    }
     if until.is_some() {
         println!("Restoring backup {} (chain of {uuid})", plan.backup);
     }

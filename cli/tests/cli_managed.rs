@@ -282,6 +282,47 @@ fn a_backup_without_target_is_refused_and_records_nothing() {
 }
 
 #[test]
+fn an_incremental_on_a_chain_that_lost_an_image_is_refused_and_a_full_works() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "1M", "1M");
+    let inc = lab.backup(Some(&full), false);
+    let info = lab.json(&["backup-info", &full, "--json"]);
+    let image = info["disks"][0]["path"]
+        .as_str()
+        .expect("image path")
+        .to_owned();
+    std::fs::remove_file(&image).expect("remove the full backup's image");
+    let err = lab.fails(&["backup-create", "vm", "--parent", &inc, "--wait"]);
+    assert!(
+        err.contains(&format!("of backup '{full}' ('{image}') is missing")),
+        "{err}"
+    );
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]).len(), 2);
+    let dir = lab.path("broken");
+    let err = lab.fails(&[
+        "backup-restore",
+        &inc,
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        err,
+        format!(
+            "error: operation failed: backup '{inc}' cannot be restored: image '{image}' of disk 'vda' in its chain is missing\n"
+        )
+    );
+    assert!(!dir.exists(), "a refused restore writes nothing");
+    let again = lab.backup(None, false);
+    let restored = lab.restore(&again, &[], "r");
+    assert!(identical(&restored, &lab.vm_snapshot("now.qcow2")));
+}
+
+#[test]
 fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
     let Some(lab) = Lab::new("live managed-backup test") else {
         return;
