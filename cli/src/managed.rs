@@ -172,6 +172,16 @@ pub enum ManagedCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Make an incremental backup a full backup of its own (a synthetic full).
+    ///
+    /// Each of its images gets the data it read from its parents' images, so it no longer needs
+    /// them; its content, checked against the recorded digest, does not change, and backups
+    /// built on it stay valid. Its former ancestors remain a chain of their own and can then be
+    /// deleted without it.
+    BackupConsolidate {
+        /// Backup uuid.
+        uuid: String,
+    },
     /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
     BackupFinish {
         /// Domain name.
@@ -254,6 +264,7 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
                 overwrite,
             },
         ),
+        ManagedCommand::BackupConsolidate { uuid } => consolidate(&store, &uuid),
         ManagedCommand::BackupFinish {
             domain,
             cancel,
@@ -1210,6 +1221,58 @@ fn delete(
     } else {
         println!("Backup {target} deleted");
     }
+    Ok(())
+}
+
+fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
+    let (ds, _) = find(store, uuid)?;
+    let domain = ds.name().to_owned();
+    drop(ds);
+    let loaded = session::load(store, &domain)?;
+    if Pending::read(loaded.store.dir())?.is_some() || loaded.journal.is_some() {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: a backup of domain '{domain}' is running; consolidate once it ended"
+        )));
+    }
+    let mut cat = catalogue(&loaded.store)?;
+    let before = cat.get(uuid).cloned().ok_or_else(|| {
+        catalogue_error(vbackup_core::catalogue::CatalogueError::NotFound(
+            uuid.to_owned(),
+        ))
+    })?;
+    if let Some(parent) = &before.parent {
+        for d in &before.disks {
+            check_chain_images(&cat, parent, &d.disk)?;
+        }
+    }
+    let ops = cat.consolidate(uuid).map_err(catalogue_error)?;
+    let Some((CatalogueOp::PutBackup(record), rebases)) = ops.split_last() else {
+        println!("Backup {uuid} is already a full backup");
+        return Ok(());
+    };
+    images::apply_ops(&loaded.store, rebases).map_err(io_error)?;
+    // The record is rewritten only once every image reads as it did.
+    let mut record = record.clone();
+    for (i, old) in before.disks.iter().enumerate() {
+        let now =
+            images::describe(&old.disk, Path::new(&old.path)).map_err(|e| io_error(e.into()))?;
+        if now.digest != old.digest {
+            return Err(CliError::Other(format!(
+                "operation failed: image '{}' of backup '{uuid}' no longer matches its digest after consolidation ({} recorded, {} now); the record was left as it was",
+                old.path,
+                old.digest.as_str(),
+                now.digest.as_str()
+            )));
+        }
+        record.disks[i] = now;
+    }
+    let allocated = record.allocated_size_bytes();
+    images::apply_ops(&loaded.store, &[CatalogueOp::PutBackup(record)]).map_err(io_error)?;
+    println!(
+        "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
+        before.disks.len(),
+        allocated.div_ceil(1 << 20)
+    );
     Ok(())
 }
 

@@ -323,6 +323,55 @@ fn an_incremental_on_a_chain_that_lost_an_image_is_refused_and_a_full_works() {
 }
 
 #[test]
+fn a_consolidated_incremental_is_a_full_that_outlives_its_old_chain() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "2M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "4M", "1M");
+    let inc1 = lab.backup(Some(&full), true);
+    let at_inc1 = lab.vm_snapshot("at-inc1.qcow2");
+    lab.vm_write(3, "8M", "1M");
+    let inc2 = lab.backup(Some(&inc1), false);
+    let at_inc2 = lab.vm_snapshot("at-inc2.qcow2");
+
+    let out = lab.ok(&["backup-consolidate", &inc1]);
+    assert!(
+        out.starts_with(&format!("Backup {inc1} is now a full backup")),
+        "{out}"
+    );
+    let info = lab.json(&["backup-info", &inc1, "--json"]);
+    assert_eq!(info["parent"], Value::Null);
+    assert_eq!(info["kind"], "full");
+    let image = info["disks"][0]["path"].as_str().expect("path").to_owned();
+    let chain = tool(Command::new("qemu-img").args(["info", "-U", "--backing-chain", &image]));
+    assert_eq!(
+        String::from_utf8_lossy(&chain.stdout)
+            .matches("image:")
+            .count(),
+        1,
+        "standalone"
+    );
+    // The old full now stands alone and goes by itself; both backups still restore.
+    lab.ok(&["backup-delete", &full]);
+    assert!(identical(&lab.restore(&inc1, &[], "r1"), &at_inc1));
+    assert!(identical(&lab.restore(&inc2, &[], "r2"), &at_inc2));
+    assert_eq!(
+        lab.ok(&["backup-consolidate", &inc1]),
+        format!("Backup {inc1} is already a full backup\n")
+    );
+    // Incrementals on the consolidated backup keep working.
+    lab.vm_write(4, "12M", "1M");
+    let inc3 = lab.backup(Some(&inc2), false);
+    assert!(identical(
+        &lab.restore(&inc3, &[], "r3"),
+        &lab.vm_snapshot("now.qcow2")
+    ));
+}
+
+#[test]
 fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
     let Some(lab) = Lab::new("live managed-backup test") else {
         return;

@@ -303,6 +303,49 @@ fn deleting_a_full_backup_with_rebase_makes_its_child_a_standalone_full_backup()
 }
 
 #[test]
+fn consolidating_an_incremental_makes_it_a_full_and_frees_its_ancestors() {
+    let mut c = chain_of_three();
+    let ops = c.consolidate(INC1).unwrap();
+    assert_eq!(
+        ops[..2],
+        [
+            CatalogueOp::RebaseImage {
+                path: format!("/backups/vm1/{INC1}/vda.qcow2"),
+                backing: None
+            },
+            CatalogueOp::RebaseImage {
+                path: format!("/backups/vm1/{INC1}/vdb.qcow2"),
+                backing: None
+            },
+        ],
+        "images first, the record after them"
+    );
+    assert!(
+        matches!(&ops[2], CatalogueOp::PutBackup(b) if b.uuid == INC1 && b.kind == BackupKind::Full && b.parent.is_none() && b.checkpoint.as_deref() == Some("c200"))
+    );
+    assert_eq!(ops.len(), 3);
+    assert_eq!(
+        c.chain(INC2).unwrap().len(),
+        2,
+        "INC2 now hangs off INC1 alone"
+    );
+    // The old full has no child left: it goes alone, and nothing of INC1 goes with it.
+    let ops = c.delete(FULL, DeleteMode::Alone).unwrap();
+    assert!(ops.iter().all(|o| match o {
+        CatalogueOp::RemoveImage { path } => path.contains(FULL),
+        CatalogueOp::DeleteBackup { uuid } => uuid == FULL,
+        _ => true,
+    }));
+    assert!(c.get(INC1).is_some() && c.get(INC2).is_some());
+    // A full backup has nothing to consolidate; an unknown one is an error.
+    assert_eq!(c.consolidate(INC1).unwrap(), Vec::new());
+    assert!(
+        c.consolidate("01234567-89ab-cdef-0123-456789abcdef")
+            .is_err()
+    );
+}
+
+#[test]
 fn delete_all_empties_the_catalogue() {
     let mut c = chain_of_three();
     let ops = c.delete_all();

@@ -104,6 +104,8 @@ pub struct ManagedStats {
     pub interrupted_deletions: u64,
     /// Checkpoints deleted because their backup went.
     pub released_checkpoints: u64,
+    /// Incrementals made full backups of their own (some interrupted, then repeated).
+    pub consolidations: u64,
 }
 
 impl ManagedStats {
@@ -119,6 +121,7 @@ impl ManagedStats {
         self.deletions += o.deletions;
         self.interrupted_deletions += o.interrupted_deletions;
         self.released_checkpoints += o.released_checkpoints;
+        self.consolidations += o.consolidations;
     }
 }
 
@@ -286,6 +289,7 @@ impl History {
                 62..=65 => self.own_checkpoint_delete()?,
                 66..=79 => self.restore()?,
                 80..=93 => self.delete()?,
+                94..=97 => self.consolidate()?,
                 _ => {}
             }
             let dt = 1 + self.below(300);
@@ -762,6 +766,54 @@ impl History {
             }
         }
         self.stats.deletions += 1;
+        Ok(())
+    }
+
+    // ----- consolidating -----
+
+    /// Makes a recorded backup a full of its own, sometimes interrupted after any prefix of
+    /// its operations (then repeated from the store, as the command line would); every backup
+    /// must still restore to its point in time.
+    fn consolidate(&mut self) -> Result<(), ManagedFailure> {
+        let uuids: Vec<String> = self.recorded.clone();
+        let Some(target) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let mut planned = self.catalogue.clone();
+        let ops = planned
+            .consolidate(&target)
+            .map_err(|e| self.fail(format!("consolidating {target}: {e}")))?;
+        let cut = if self.chance(20) {
+            self.below(ops.len().max(1) as u64) as usize
+        } else {
+            ops.len()
+        };
+        self.apply(&ops, cut)
+            .map_err(|e| self.fail(format!("consolidating {target}: {e}")))?;
+        if cut == ops.len() {
+            self.catalogue = planned;
+        } else {
+            self.catalogue = self
+                .reload()
+                .map_err(|e| self.fail(format!("after an interrupted consolidation: {e}")))?;
+            let again = self
+                .catalogue
+                .consolidate(&target)
+                .map_err(|e| self.fail(format!("repeating the consolidation of {target}: {e}")))?;
+            self.apply(&again, again.len())
+                .map_err(|e| self.fail(format!("repeating the consolidation of {target}: {e}")))?;
+        }
+        if self
+            .catalogue
+            .get(&target)
+            .is_some_and(|b| b.parent.is_some())
+        {
+            return Err(self.fail(format!("{target} still has a parent after consolidation")));
+        }
+        for uuid in self.recorded.clone() {
+            self.verify_restore(&uuid, None, &[])?;
+        }
+        self.stats.consolidations += 1;
         Ok(())
     }
 

@@ -36,6 +36,7 @@ fn managed_backup_histories_restore_every_backup_to_its_point_in_time() {
     assert!(total.restores >= 2 * n, "{total:?}");
     assert!(total.deletions >= n / 2, "{total:?}");
     assert!(total.released_checkpoints >= n / 2, "{total:?}");
+    assert!(total.consolidations >= n / 4, "{total:?}");
     if seeds.len() > 1 {
         assert!(total.discarded_pulls > 0, "{total:?}");
         assert!(total.interrupted_deletions > 0, "{total:?}");

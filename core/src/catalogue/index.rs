@@ -392,6 +392,32 @@ impl Catalogue {
         Ok(self.remove_records(doomed, ops))
     }
 
+    /// Makes backup `uuid` a full backup of its own (a synthetic full): each of its images is
+    /// rebased onto nothing, keeping its content, and then its record loses its parent. Its
+    /// ancestors stay a chain without it and can be deleted without touching it or its
+    /// descendants, whose images keep naming its (unchanged) image paths. A backup that is
+    /// already full gives no operations. An interruption leaves the record naming its parent
+    /// over images that read the same; running it again finishes it.
+    pub fn consolidate(&mut self, uuid: &str) -> Result<Vec<CatalogueOp>, CatalogueError> {
+        let mut backup = self.require(uuid)?.clone();
+        if backup.parent.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut ops: Vec<CatalogueOp> = backup
+            .disks
+            .iter()
+            .map(|i| CatalogueOp::RebaseImage {
+                path: i.path.clone(),
+                backing: None,
+            })
+            .collect();
+        backup.parent = None;
+        backup.kind = BackupKind::Full;
+        ops.push(CatalogueOp::PutBackup(Box::new(backup.clone())));
+        self.backups.insert(backup.uuid.clone(), backup);
+        Ok(ops)
+    }
+
     /// Deletes every backup of the domain.
     pub fn delete_all(&mut self) -> Vec<CatalogueOp> {
         let mut doomed: Vec<ManagedBackup> = Vec::new();
