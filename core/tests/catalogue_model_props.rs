@@ -1,5 +1,5 @@
 //! Stateful property test: the backup catalogue against a small reference model (a map from
-//! backup to parent) under inserts, deletes in every mode and delete-all.
+//! backup to parent) under inserts, deletes in every mode, delete-all and consolidation.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +52,7 @@ enum Op {
     Insert { id: u8, parent: Option<u8> },
     Delete { id: u8, mode: DeleteMode },
     DeleteAll,
+    Consolidate { id: u8 },
 }
 
 fn uuid(id: u8) -> String {
@@ -111,6 +112,7 @@ impl ReferenceStateMachine for Ref {
                 .prop_map(|(id, parent)| Op::Insert { id, parent }),
             2 => (0..IDS, mode).prop_map(|(id, mode)| Op::Delete { id, mode }),
             1 => Just(Op::DeleteAll),
+            1 => (0..IDS).prop_map(|id| Op::Consolidate { id }),
         ]
         .boxed()
     }
@@ -148,6 +150,11 @@ impl ReferenceStateMachine for Ref {
                 }
             }
             Op::DeleteAll => s.backups.clear(),
+            Op::Consolidate { id } => {
+                if let Some(b) = s.backups.get_mut(&id) {
+                    b.0 = None;
+                }
+            }
         }
         s
     }
@@ -209,6 +216,29 @@ impl StateMachineTest for CatalogueTest {
                 let ops = sut.catalogue.delete_all();
                 let removed: Vec<u8> = sut.before.backups.keys().copied().collect();
                 check_deletion_ops(&ops, &removed);
+            }
+            Op::Consolidate { id } => {
+                let r = sut.catalogue.consolidate(&uuid(id));
+                let before = sut.before.backups.get(&id);
+                assert_eq!(r.is_ok(), before.is_some(), "consolidate {id}: {r:?}");
+                if let Ok(ops) = r {
+                    match before {
+                        Some((Some(_), _)) => {
+                            assert_eq!(
+                                ops[0],
+                                CatalogueOp::RebaseImage {
+                                    path: format!("/b/{id}.qcow2"),
+                                    backing: None
+                                }
+                            );
+                            assert!(
+                                matches!(&ops[1], CatalogueOp::PutBackup(b) if b.uuid == uuid(id))
+                            );
+                            assert_eq!(ops.len(), 2);
+                        }
+                        _ => assert!(ops.is_empty(), "a full backup: {ops:?}"),
+                    }
+                }
             }
         }
         // The catalogue holds exactly the model's backups with the model's parents.
