@@ -41,6 +41,14 @@ fn backup(uuid: &str, parent: Option<&str>, time: u64, disks: &[&str]) -> Manage
     }
 }
 
+/// The operations making backup `uuid`'s two images (vda, vdb) standalone.
+fn made_standalone(uuid: &str) -> [CatalogueOp; 2] {
+    ["vda", "vdb"].map(|disk| CatalogueOp::RebaseImage {
+        path: format!("/backups/vm1/{uuid}/{disk}.qcow2"),
+        backing: None,
+    })
+}
+
 fn chain_of_three() -> Catalogue {
     let mut c = Catalogue::new("vm1");
     c.insert(backup(FULL, None, 100, &["vda", "vdb"])).unwrap();
@@ -261,19 +269,7 @@ fn delete_with_children_removes_leaves_first_and_files_last() {
 fn deleting_a_full_backup_with_rebase_makes_its_child_a_standalone_full_backup() {
     let mut c = chain_of_three();
     let ops = c.delete(FULL, DeleteMode::RebaseChildren).unwrap();
-    assert_eq!(
-        ops[..2],
-        [
-            CatalogueOp::RebaseImage {
-                path: format!("/backups/vm1/{INC1}/vda.qcow2"),
-                backing: None
-            },
-            CatalogueOp::RebaseImage {
-                path: format!("/backups/vm1/{INC1}/vdb.qcow2"),
-                backing: None
-            },
-        ]
-    );
+    assert_eq!(ops[..2], made_standalone(INC1));
     assert!(
         matches!(&ops[2], CatalogueOp::PutBackup(b) if b.uuid == INC1 && b.kind == BackupKind::Full && b.parent.is_none())
     );
@@ -308,16 +304,7 @@ fn consolidating_an_incremental_makes_it_a_full_and_frees_its_ancestors() {
     let ops = c.consolidate(INC1).unwrap();
     assert_eq!(
         ops[..2],
-        [
-            CatalogueOp::RebaseImage {
-                path: format!("/backups/vm1/{INC1}/vda.qcow2"),
-                backing: None
-            },
-            CatalogueOp::RebaseImage {
-                path: format!("/backups/vm1/{INC1}/vdb.qcow2"),
-                backing: None
-            },
-        ],
+        made_standalone(INC1),
         "images first, the record after them"
     );
     assert!(
