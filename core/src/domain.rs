@@ -507,6 +507,8 @@ pub(crate) struct Core {
     /// The checkpoints whose creation was recorded before their transaction and not yet
     /// cleared ([`StoreOp::SetPendingCheckpoints`]).
     pub pending_checkpoints: std::collections::BTreeSet<String>,
+    /// QEMU refused `x-perf` (it predates the knob): push backups copy without offload.
+    pub copy_offload_refused: bool,
 }
 
 /// Sends and answers on behalf of an operation.
@@ -600,6 +602,7 @@ impl Domain {
                 completed: None,
                 invalid: BTreeMap::new(),
                 pending_checkpoints: std::collections::BTreeSet::new(),
+                copy_offload_refused: false,
             },
             next_command: 0,
             next_file_op: 0,

@@ -205,6 +205,47 @@ fn push_with_deferred_writes_offloads_copies_and_syncs_after_closing() {
 }
 
 #[test]
+fn a_qemu_without_x_perf_gets_the_transaction_again_without_copy_offload() {
+    let mut h = lab_with_checkpoints(&["c3"]);
+    h.peer
+        .fail_next("transaction", "Parameter 'data.x-perf' is unexpected");
+    let id = begin(&mut h, push(Some("c3")), Some("c6"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    finish_all(&mut h);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(h.domain.view().checkpoints.current(), Some("c6"));
+    let t = h.transcript();
+    let sent: Vec<&str> = t
+        .lines()
+        .filter(|l| l.starts_with("-> transaction"))
+        .collect();
+    assert_eq!(sent.len(), 2, "{t}");
+    assert!(
+        sent[0].contains("x-perf") && !sent[1].contains("x-perf"),
+        "{t}"
+    );
+    assert_eq!(
+        sent[0].replace(" x-perf={\"use-copy-range\":true}", ""),
+        sent[1]
+    );
+    // Later backups on this QEMU do not ask again.
+    let mut again = push(Some("c6"));
+    for d in &mut again.disks {
+        if let Some(store) = &mut d.store {
+            store.path = Some(format!("/backups/{}-2.qcow2", d.target));
+        }
+    }
+    let id = begin(&mut h, again, None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let t = h.transcript();
+    let with_offload = t
+        .lines()
+        .filter(|l| l.starts_with("-> transaction") && l.contains("x-perf"))
+        .count();
+    assert_eq!(with_offload, 1, "only the refused transaction had it:\n{t}");
+}
+
+#[test]
 fn push_incremental_creates_checkpoint_in_the_same_transaction() {
     let mut h = lab_with_checkpoints(&["c3"]);
     let id = begin(&mut h, push(Some("c3")), Some("c6"));

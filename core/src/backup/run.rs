@@ -795,7 +795,8 @@ impl BackupRun {
             None => Vec::new(),
         };
         let pull = self.plan.mode == BackupMode::Pull;
-        let copy_offload = !pull && core.config.push_write == PushWrite::Deferred;
+        let copy_offload =
+            !pull && core.config.push_write == PushWrite::Deferred && !core.copy_offload_refused;
         for d in &self.plan.disks {
             if let (Some(bitmap), Some(node), Some(cp)) =
                 (&d.temp_bitmap, &d.temp_bitmap_node, &d.incremental)
@@ -1205,6 +1206,19 @@ impl BackupRun {
                         self.phase = Phase::Running;
                         self.release_start_slot(core);
                         self.cancel_running();
+                        self.pump(core, ctx)
+                    }
+                    Effect::Transaction
+                        if e.desc.contains("x-perf") && !core.copy_offload_refused =>
+                    {
+                        // A QEMU without the `x-perf` knobs refused the whole transaction, so
+                        // nothing of it happened: send it again without copy offload, and
+                        // never ask this QEMU for it again.
+                        core.copy_offload_refused = true;
+                        self.steps.push_front(Step::Cmd {
+                            command: cmd::transaction(self.transaction_actions(core)),
+                            effect: Effect::Transaction,
+                        });
                         self.pump(core, ctx)
                     }
                     Effect::Transaction => {
