@@ -372,6 +372,48 @@ fn a_consolidated_incremental_is_a_full_that_outlives_its_old_chain() {
 }
 
 #[test]
+fn verify_reads_each_chain_against_its_digest_and_names_a_damaged_or_missing_image() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "2M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "4M", "1M");
+    let inc = lab.backup(Some(&full), false);
+    assert_eq!(lab.ok(&["backup-verify", &inc]), "vda: ok\n");
+    let v = lab.json(&["backup-verify", &full, "--json"]);
+    assert_eq!(v["disks"][0]["ok"], true, "{v}");
+
+    // Damage the full backup's image where the incremental reads through it.
+    let image = lab.json(&["backup-info", &full, "--json"])["disks"][0]["path"]
+        .as_str()
+        .expect("path")
+        .to_owned();
+    tool(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 0 64k", &image]));
+    let out = lab.run(&["backup-verify", &inc]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("vda: FAILED: content digest sha256:") && stdout.contains("differs"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 disk(s) failed verification"),
+        "{out:?}"
+    );
+    std::fs::remove_file(&image).expect("remove");
+    let out = lab.run(&["backup-verify", &inc, "--json"]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("--json output parses");
+    assert_eq!(v["disks"][0]["ok"], false);
+    assert_eq!(
+        v["disks"][0]["error"],
+        format!("image '{image}' of its chain is missing")
+    );
+}
+
+#[test]
 fn a_push_backup_started_without_wait_is_recorded_or_discarded_by_backup_finish() {
     let Some(lab) = Lab::new("live managed-backup test") else {
         return;
