@@ -22,6 +22,9 @@ trait VmLab {
     fn vm_snapshot(&self, name: &str) -> PathBuf;
     /// Creates a managed backup and returns its uuid.
     fn backup(&self, parent: Option<&str>, pull: bool) -> String;
+    /// Writes 1 MiB of 1s at 0, takes a full push backup, writes 1 MiB of 2s at 2 MiB and takes
+    /// an incremental (pull or push) on it; returns both uuids.
+    fn full_then_incremental(&self, pull: bool) -> (String, String);
     /// The uuids a `--json` listing prints.
     fn uuids(&self, args: &[&str]) -> Vec<String>;
     /// Restores backup `uuid` into the lab directory `dir` (with `extra` arguments); returns
@@ -64,6 +67,14 @@ impl VmLab for Lab {
         let info = self.json(&["backup-info", &uuid, "--json"]);
         assert_eq!(info["parent"].as_str(), parent);
         uuid
+    }
+
+    fn full_then_incremental(&self, pull: bool) -> (String, String) {
+        self.vm_write(1, "0", "1M");
+        let full = self.backup(None, false);
+        self.vm_write(2, "2M", "1M");
+        let inc = self.backup(Some(&full), pull);
+        (full, inc)
     }
 
     fn uuids(&self, args: &[&str]) -> Vec<String> {
@@ -287,10 +298,7 @@ fn an_incremental_on_a_chain_that_lost_an_image_is_refused_and_a_full_works() {
         return;
     };
     lab.started_domain(16);
-    lab.vm_write(1, "0", "1M");
-    let full = lab.backup(None, false);
-    lab.vm_write(2, "1M", "1M");
-    let inc = lab.backup(Some(&full), false);
+    let (full, inc) = lab.full_then_incremental(false);
     let info = lab.json(&["backup-info", &full, "--json"]);
     let image = info["disks"][0]["path"]
         .as_str()
@@ -328,10 +336,7 @@ fn a_consolidated_incremental_is_a_full_that_outlives_its_old_chain() {
         return;
     };
     lab.started_domain(16);
-    lab.vm_write(1, "0", "2M");
-    let full = lab.backup(None, false);
-    lab.vm_write(2, "4M", "1M");
-    let inc1 = lab.backup(Some(&full), true);
+    let (full, inc1) = lab.full_then_incremental(true);
     let at_inc1 = lab.vm_snapshot("at-inc1.qcow2");
     lab.vm_write(3, "8M", "1M");
     let inc2 = lab.backup(Some(&inc1), false);
@@ -377,10 +382,7 @@ fn verify_reads_each_chain_against_its_digest_and_names_a_damaged_or_missing_ima
         return;
     };
     lab.started_domain(16);
-    lab.vm_write(1, "0", "2M");
-    let full = lab.backup(None, false);
-    lab.vm_write(2, "4M", "1M");
-    let inc = lab.backup(Some(&full), false);
+    let (full, inc) = lab.full_then_incremental(false);
     assert_eq!(lab.ok(&["backup-verify", &inc]), "vda: ok\n");
     let v = lab.json(&["backup-verify", &full, "--json"]);
     assert_eq!(v["disks"][0]["ok"], true, "{v}");
