@@ -599,6 +599,13 @@ struct CreateArgs {
     json: bool,
 }
 
+/// The first of `images` whose file is gone.
+fn missing_image(
+    images: &[vbackup_core::catalogue::BackupImage],
+) -> Option<&vbackup_core::catalogue::BackupImage> {
+    images.iter().find(|i| !Path::new(&i.path).exists())
+}
+
 /// Refuses an incremental on `parent` when an image of `disk` in its chain is gone: the new
 /// backup could never be restored.
 fn check_chain_images(cat: &Catalogue, parent: &str, disk: &str) -> Result<(), CliError> {
@@ -1126,7 +1133,7 @@ fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let plan = cat.plan_restore(uuid, &[]).map_err(catalogue_error)?;
     let mut report = Vec::new();
     for d in &plan.disks {
-        let outcome = if let Some(img) = d.images.iter().find(|i| !Path::new(&i.path).exists()) {
+        let outcome = if let Some(img) = missing_image(&d.images) {
             Err(format!("image '{}' of its chain is missing", img.path))
         } else {
             let top = &d.images[0];
@@ -1440,7 +1447,7 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
     }
     .map_err(catalogue_error)?;
     for d in &plan.disks {
-        if let Some(img) = d.images.iter().find(|i| !Path::new(&i.path).exists()) {
+        if let Some(img) = missing_image(&d.images) {
             return Err(CliError::Other(format!(
                 "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
                 plan.backup, img.path, d.disk

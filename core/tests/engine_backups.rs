@@ -88,6 +88,13 @@ fn negotiate(d: &mut Domain, t: Timestamp) {
     assert!(d.view().connected);
 }
 
+/// The finished job ended failed with exactly `errmsg`.
+fn assert_failed_with(h: &Harness, errmsg: &str) {
+    let s = completed(h);
+    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.errmsg.as_deref(), Some(errmsg));
+}
+
 fn completed(h: &Harness) -> vbackup_core::backup::JobStats {
     h.domain.view().completed.cloned().expect("job completed")
 }
@@ -145,11 +152,9 @@ fn push_target_sync_failure_ends_failed_and_removes_targets() {
         .failing_syncs
         .insert("/backups/vdb.qcow2".into(), "Input/output error".into());
     finish_all(&mut h);
-    let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(
-        s.errmsg.as_deref(),
-        Some("writing backup target '/backups/vdb.qcow2' to storage failed: Input/output error")
+    assert_failed_with(
+        &h,
+        "writing backup target '/backups/vdb.qcow2' to storage failed: Input/output error",
     );
     let t = h.transcript();
     let sync = t.find("file sync /backups/vdb.qcow2").expect("synced");
@@ -353,9 +358,7 @@ fn push_failure_of_one_disk_cancels_the_other_and_ends_failed() {
         .peer
         .finish_job("backup-vda-libvirt-2-format", Some("Input/output error"));
     h.events(ev);
-    let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(s.errmsg.as_deref(), Some("Input/output error"));
+    assert_failed_with(&h, "Input/output error");
     assert!(h.peer.files.is_empty());
     insta::assert_snapshot!(h.transcript());
 }
@@ -645,9 +648,7 @@ fn reconnect_after_jobs_vanished_ends_backup_failed() {
     h.note("QEMU lost the jobs");
     h.peer.jobs.clear();
     h.feed(Input::Reconnected);
-    let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert_failed_with(&h, "job no longer known to QEMU");
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -1295,9 +1296,7 @@ fn restart_after_qemu_restart_ends_pull_backup_on_shared_server_failed() {
         "{}",
         restarted.transcript()
     );
-    let s = completed(&restarted);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert_failed_with(&restarted, "job no longer known to QEMU");
     assert!(restarted.store.contains(&StoreOp::DeleteBackupJournal));
     assert!(restarted.domain.view().jobs.disk_holder("vda").is_none());
     insta::assert_snapshot!(restarted.transcript());
@@ -1317,9 +1316,7 @@ fn reconnect_with_one_pull_job_vanished_cancels_the_other_and_ends_failed() {
         "a pull whose export server went with one disk must not wait for an abort: {}",
         h.transcript()
     );
-    let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert_failed_with(&h, "job no longer known to QEMU");
     assert!(
         h.peer.jobs.is_empty(),
         "vda's job was cancelled and dismissed"
@@ -1336,9 +1333,7 @@ fn reconnect_with_one_push_job_vanished_cancels_the_other_and_ends_failed() {
     h.peer.jobs.retain(|id, _| id.starts_with("backup-vda"));
     h.feed(Input::Reconnected);
     assert!(h.domain.view().backup.is_none(), "{}", h.transcript());
-    let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
-    assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
+    assert_failed_with(&h, "job no longer known to QEMU");
     assert!(h.peer.jobs.is_empty());
     assert!(
         h.peer.files.is_empty(),

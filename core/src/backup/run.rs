@@ -159,9 +159,6 @@ pub(crate) struct BackupRun {
     poll_due: Option<Timestamp>,
     /// Failed `query-jobs` of this reconnection so far.
     poll_attempts: u32,
-    /// Format nodes QEMU confirmed deleting. Only then is a qcow2 target's metadata out of
-    /// QEMU's memory: a target QEMU never closed (it died, or the answer was lost) may lack it.
-    closed_nodes: BTreeSet<String>,
     /// Completed push disks whose target was checked closed (and made durable, or failed).
     settled: BTreeSet<usize>,
     /// The target sync in progress: the file operation and the disk.
@@ -281,12 +278,6 @@ impl BackupRun {
         } else {
             plan.checkpoint_def.clone().map(|c| *c)
         };
-        let closed_nodes = plan
-            .disks
-            .iter()
-            .filter(|d| d.target_closed)
-            .map(|d| d.format_node.clone())
-            .collect();
         let restored_final = (0..plan.disks.len())
             .filter(|i| plan.disks[*i].state.is_final())
             .collect();
@@ -321,7 +312,6 @@ impl BackupRun {
             retries: Vec::new(),
             poll_due: None,
             poll_attempts: 0,
-            closed_nodes,
             settled: BTreeSet::new(),
             waiting_sync: None,
             restored_final,
@@ -404,7 +394,6 @@ impl BackupRun {
             retries: Vec::new(),
             poll_due: None,
             poll_attempts: 0,
-            closed_nodes: BTreeSet::new(),
             settled: BTreeSet::new(),
             waiting_sync: None,
             restored_final: Vec::new(),
@@ -1235,18 +1224,18 @@ impl BackupRun {
                 }
             }
             _ => {
-                if let Some(node) = deleted_node {
-                    // Journaled: a restarted engine then only has to sync the target.
-                    if let Some(d) = self
+                // Only once QEMU confirmed deleting a completed target's format node is its
+                // qcow2 metadata out of QEMU's memory. Journaled: a restarted engine then only
+                // has to sync the target.
+                if let Some(node) = deleted_node
+                    && let Some(d) = self
                         .plan
                         .disks
                         .iter_mut()
                         .find(|d| d.format_node == node && d.state == DiskJobState::Complete)
-                    {
-                        d.target_closed = true;
-                        self.journal(ctx);
-                    }
-                    self.closed_nodes.insert(node);
+                {
+                    d.target_closed = true;
+                    self.journal(ctx);
                 }
                 match effect {
                     Effect::NodeAdded(n) if !rolling_back => self.added_nodes.push(n),
@@ -1663,17 +1652,10 @@ impl BackupRun {
         for i in 0..self.plan.disks.len() {
             follow_up.extend(self.conclude_disk(ctx, i, jobs, true));
         }
-        // Disks the journal shows ended: clean up again what may be left (a target known
-        // closed is not deleted again: its format node is gone).
+        // Disks the journal shows ended: clean up again what may be left.
         for i in std::mem::take(&mut self.restored_final) {
-            let d = &self.plan.disks[i];
-            let listed = jobs.iter().any(|j| j.id == d.job_id);
-            let closed = d.target_closed.then(|| cmd::del_node(&d.format_node));
-            let steps = self.cleanup_steps(i, listed);
-            follow_up.extend(steps.into_iter().filter(|s| match (s, &closed) {
-                (Step::Cmd { command, .. }, Some(del)) => command != del,
-                _ => true,
-            }));
+            let listed = jobs.iter().any(|j| j.id == self.plan.disks[i].job_id);
+            follow_up.extend(self.cleanup_steps(i, listed));
         }
         // As when a job concludes while connected, one disk that ended badly (its job failed,
         // or vanished with a restarted QEMU) ends the whole backup: a pull's other disks would
@@ -1811,7 +1793,10 @@ impl BackupRun {
                 }
             }
         }
-        steps.push(best_effort(cmd::del_node(&d.format_node)));
+        // A target known closed is not deleted again: its format node is gone.
+        if !d.target_closed {
+            steps.push(best_effort(cmd::del_node(&d.format_node)));
+        }
         steps.push(best_effort(cmd::del_node(&d.storage_node)));
         if self.plan.mode == BackupMode::Push
             && let (Some(b), Some(n)) = (&d.temp_bitmap, &d.temp_bitmap_node)
@@ -1869,7 +1854,7 @@ impl BackupRun {
         while let Some(i) = self.next_unsettled() {
             let d = &self.plan.disks[i];
             let path = d.store_path.clone();
-            if !self.closed_nodes.contains(&d.format_node) {
+            if !d.target_closed {
                 self.fail_settling(
                     ctx,
                     i,
