@@ -1289,6 +1289,9 @@ fn print_stats(stats: Option<&Value>, json: bool) {
             println!("{label:<18}{}", human_bytes(b));
         }
     }
+    if let (Some(what), "running") = (st["waiting_for"].as_str(), status) {
+        println!("{:<18}{what}", "Waiting for:");
+    }
     // A pull backup ended by abort completes; its cancelled block jobs' message is noise.
     if let (Some(msg), false) = (st["errmsg"].as_str(), status == "completed") {
         println!("{:<18}{msg}", "Error message:");

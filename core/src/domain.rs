@@ -353,8 +353,9 @@ fn bitmap_drift(
 
 /// First delay before a refused cleanup or repair is tried again.
 pub(crate) const RETRY_FIRST_MS: u64 = 250;
-/// Longest delay between two tries.
-pub(crate) const RETRY_MAX_MS: u64 = 8_000;
+/// Longest delay between two tries of a refused cleanup or repair (liveness bounds are built
+/// from it).
+pub const RETRY_MAX_MS: u64 = 8_000;
 
 /// The delay before try number `attempt + 1`: doubling from [`RETRY_FIRST_MS`] up to
 /// [`RETRY_MAX_MS`].
@@ -730,6 +731,13 @@ impl Domain {
             .chain(self.backup.as_ref().and_then(|b| b.deadline(timeout)))
             .chain(self.reconcile.due)
             .min()
+    }
+
+    /// What the running backup waits for right now, in words (a reply, a file, the end of
+    /// named block jobs); `None` when no backup runs. Liveness checks name it when a backup
+    /// does not end.
+    pub fn backup_waiting_for(&self) -> Option<String> {
+        self.backup.as_ref().map(BackupRun::waiting_for)
     }
 
     /// A read-only view of the domain.
