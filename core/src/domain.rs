@@ -918,6 +918,11 @@ impl Domain {
             Owner::Backup(tag) => {
                 if let Some(run) = backup.take() {
                     *backup = run.on_reply(core, ctx, tag, &pending.name, result);
+                } else if let BackupTag::Stats(req) = tag {
+                    // The backup ended while its statistics were on their way (its last reply
+                    // came first): no job runs any more. Dropping the request would leave its
+                    // caller waiting forever.
+                    ctx.respond(req, Ok(Reply::Stats(None)));
                 }
             }
         }

@@ -544,6 +544,9 @@ struct World {
     candidates: BTreeMap<RequestId, ActiveBackup>,
     /// Reused for the data of guest writes.
     write_buffer: Vec<u8>,
+    /// Chooses when a client polls job statistics while QMP traffic is in flight, apart
+    /// from `rng` so that the rest of a seed's history does not depend on it.
+    poll_rng: ChaCha8Rng,
 }
 
 impl World {
@@ -600,6 +603,7 @@ impl World {
             resurrected: BTreeSet::new(),
             candidates: BTreeMap::new(),
             write_buffer: Vec::new(),
+            poll_rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x706f_6c6c),
         }
     }
 
@@ -1047,9 +1051,36 @@ impl World {
                 self.note(|| format!("driver stopped: {e}"));
                 self.on_drive_error(e);
             }
+            self.poll_mid_flight();
             self.collect()?;
         }
         self.collect()
+    }
+
+    /// A client such as `backup-begin --wait` asks for the running job's statistics at any
+    /// moment, also while replies are on their way (the history's own requests only come
+    /// when the link is quiet): sometimes, do that.
+    fn poll_mid_flight(&mut self) {
+        let d = self.driver();
+        if !d.link().has_queued() || d.domain().view().backup.is_none() {
+            return;
+        }
+        if self.poll_rng.next_u64() % 100 >= 5 {
+            return;
+        }
+        let request = Request::JobStats {
+            completed: false,
+            keep_completed: true,
+        };
+        self.stats.requests += 1;
+        match self.driver().submit(request) {
+            Ok(id) => {
+                self.note(|| format!("request #{} job-stats (mid-flight poll)", id.0));
+                self.pending
+                    .insert(id, "job-stats (mid-flight poll)".into());
+            }
+            Err(e) => self.on_drive_error(e),
+        }
     }
 
     /// Takes answers, points in time and events; verifies completed backups.
@@ -1218,6 +1249,7 @@ impl World {
             self.check_pull()?;
         }
         self.check_one_job_per_disk()?;
+        self.check_requests_have_a_deadline()?;
         // The tree matches the bitmaps, or the mismatch is explained.
         let connected = self.driver().domain().view().connected;
         if connected && self.qemu.borrow().is_running() {
@@ -1264,6 +1296,24 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// An unanswered request always has a deadline behind it (a command in flight, a timed
+    /// wait or a retry): otherwise a caller that waits for the answer (`vbackup` waits with
+    /// the engine's next deadline as its read timeout) would wait forever on an idle QEMU.
+    fn check_requests_have_a_deadline(&mut self) -> Result<(), Failure> {
+        let d = self.driver();
+        if !d.link().is_open() || d.domain().next_deadline().is_some() {
+            return Ok(());
+        }
+        let Some((id, desc)) = self.pending.iter().next() else {
+            return Ok(());
+        };
+        let what = format!(
+            "liveness: request #{} {desc} is unanswered while the engine has no deadline (nothing would ever answer it on an idle QEMU)",
+            id.0
+        );
+        Err(self.fail(what))
     }
 
     /// No disk is the source of two block jobs that have not concluded, and no disk node is

@@ -156,3 +156,49 @@ fn stats_poll_ends_a_backup_whose_job_end_event_was_missed() {
         .any(|e| matches!(e, DomainEvent::JobCompleted(s) if s.status == JobStatus::Completed));
     assert!(completed, "{:?}", d.effects().memory.events);
 }
+
+/// Regression (found on a real VM: `backup-begin --wait` never returned after its backup
+/// completed): a statistics request whose `query-jobs` was sent while the backup's last
+/// cleanup reply was on its way was dropped when that reply ended the backup first.
+#[test]
+fn stats_request_sent_at_any_moment_of_a_backup_is_answered() {
+    let (mut d, _qemu) = lab_driver();
+    d.run_until(|dom| dom.view().connected, 10)
+        .expect("connects");
+    d.submit(Request::BackupBegin {
+        spec: lab_backup(BackupMode::Push, None, "/backup/full"),
+        checkpoint: None,
+        reuse_external: false,
+    })
+    .expect("submitted");
+    let mut polls = Vec::new();
+    for _ in 0..10_000 {
+        if d.domain().view().backup.is_none() {
+            break;
+        }
+        // Whenever messages wait to be read, a client polls (as `--wait` does every second).
+        if d.domain().view().backup.is_some() && d.link().has_queued() {
+            polls.push(
+                d.submit(Request::JobStats {
+                    completed: false,
+                    keep_completed: true,
+                })
+                .expect("submitted"),
+            );
+        }
+        let until = d.link().now().plus_ms(100);
+        d.step(Some(until)).expect("steps");
+    }
+    assert!(d.domain().view().backup.is_none(), "the backup ended");
+    // Replies still on their way are read.
+    for _ in 0..1_000 {
+        if !d.link().has_queued() {
+            break;
+        }
+        let until = d.link().now().plus_ms(100);
+        d.step(Some(until)).expect("steps");
+    }
+    assert!(polls.len() > 5, "{polls:?}");
+    let unanswered: Vec<_> = polls.iter().filter(|id| d.answer(**id).is_none()).collect();
+    assert!(unanswered.is_empty(), "never answered: {unanswered:?}");
+}
