@@ -75,6 +75,9 @@ pub(crate) struct Device {
     pub id: String,
     pub qdev: String,
     pub node: String,
+    /// The BlockBackend's name, `query-block`'s `device`: the drive id of a legacy `-drive`
+    /// disk, empty for a device over a `-blockdev` node.
+    pub backend: String,
 }
 
 /// Everything a QEMU process holds in memory; lost by a crash.
@@ -263,8 +266,60 @@ impl Qemu {
             id: id.to_string(),
             qdev: format!("/machine/peripheral/{id}/virtio-backend"),
             node: node.to_string(),
+            backend: String::new(),
         });
         Ok(())
+    }
+
+    /// The format nodes under the device or drive `id`, top first (what attached-domain
+    /// discovery walks: the device's node, then each node's backing).
+    pub fn device_chain(&self, id: &str) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut next = self
+            .st
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.node.clone());
+        while let Some(name) = next {
+            if chain.len() > 64 {
+                break;
+            }
+            next = self.st.nodes.get(&name).and_then(|n| n.backing.clone());
+            chain.push(name);
+        }
+        chain
+    }
+
+    /// Attaches a disk the legacy way (`-drive file=PATH,if=virtio[,id=ID]`): QEMU opens the
+    /// image and the backing chain its header names under node names of its own choosing
+    /// (`#blockNNN`), names the BlockBackend after the drive id (`virtio0`, `virtio1`... when
+    /// none is given) and puts an anonymous virtio device on it. Returns the drive id.
+    pub fn add_drive(&mut self, path: &str, id: Option<&str>) -> Result<String, QmpError> {
+        let index = self.st.devices.len();
+        let id = id.map_or_else(
+            || {
+                let n = self
+                    .st
+                    .devices
+                    .iter()
+                    .filter(|d| d.backend.starts_with("virtio"))
+                    .count();
+                format!("virtio{n}")
+            },
+            str::to_string,
+        );
+        if self.st.devices.iter().any(|d| d.id == id) {
+            return Err(QmpError::generic(format!("Duplicate ID '{id}' for drive")));
+        }
+        let node = self.open_drive(path)?;
+        self.st.devices.push(Device {
+            id: id.clone(),
+            qdev: format!("/machine/peripheral-anon/device[{index}]/virtio-backend"),
+            node,
+            backend: id.clone(),
+        });
+        Ok(id)
     }
 
     pub(crate) fn emit(&mut self, event: &str, data: Value) {

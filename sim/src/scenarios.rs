@@ -4,7 +4,8 @@
 //! does outside QMP (guest writes, reading images and exports, slowing jobs, injecting an I/O
 //! error, crashing QEMU).
 //!
-//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental; pull
+//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental;
+//! incremental pushes with an idle disk and with every disk clean; pull
 //! full then incremental with guest writes during each pull; abort of a slowed push; a push
 //! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint.
 //!
@@ -299,6 +300,80 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
         let path = image(h, "/backup/inc", disk);
         let got = h.restore(&path, Some(&at_full[i]))?;
         compare(&format!("incremental backup of {disk}"), &got, &at_inc[i])?;
+    }
+    Ok(())
+}
+
+/// Push full (creating c1); only `vda` changes, incremental push from c1 (creating c2) with
+/// `vdb` idle; then nothing changes at all and an incremental from c2 (creating c3) finds every
+/// disk clean. QEMU concludes a backup job with nothing to copy inside the `transaction`,
+/// before its reply: each backup must still end, and restore exactly (the clean ones to the
+/// content they are incremental over).
+pub fn push_incremental_with_idle_disks<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+) -> Result<(), String> {
+    scribble(h, 1)?;
+    let at_full = both(h)?;
+    call(
+        d,
+        backup(h, BackupMode::Push, None, "/backup/full", Some("c1")),
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the full push backup did not complete".into());
+    }
+    h.guest_write("vda", 3 * 65_536, &[0x7e; 65_536])?;
+    let at_one = both(h)?;
+    if at_one[1] != at_full[1] {
+        return Err("vdb changed though nothing wrote to it".into());
+    }
+    call(
+        d,
+        backup(
+            h,
+            BackupMode::Push,
+            Some("c1"),
+            "/backup/one-idle",
+            Some("c2"),
+        ),
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the incremental push with vdb idle did not complete".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/one-idle", disk);
+        let got = h.restore(&path, Some(&at_full[i]))?;
+        compare(
+            &format!("incremental backup of {disk} (vdb idle)"),
+            &got,
+            &at_one[i],
+        )?;
+    }
+    call(
+        d,
+        backup(
+            h,
+            BackupMode::Push,
+            Some("c2"),
+            "/backup/all-idle",
+            Some("c3"),
+        ),
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err("the incremental push with every disk clean did not complete".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/all-idle", disk);
+        let got = h.restore(&path, Some(&at_one[i]))?;
+        compare(
+            &format!("incremental backup of clean {disk}"),
+            &got,
+            &at_one[i],
+        )?;
+    }
+    if names(d)? != ["c1", "c2", "c3"] {
+        return Err("the incremental backups did not create their checkpoints".into());
     }
     Ok(())
 }

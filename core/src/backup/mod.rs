@@ -339,9 +339,37 @@ pub fn default_temp_bitmap(target: &str) -> String {
     format!("backup-{target}")
 }
 
-/// Job id of a disk's backup job: `backup-<target>-<top node>`.
+/// Job id of a disk's backup job: `backup-<target>-<top node>` (libvirt's), made well formed.
+///
+/// QEMU refuses a job id that is not a well-formed identifier (`Invalid job ID '...'`): a
+/// letter first, then letters, digits, `-`, `_` and `.`. Node names QEMU generated itself (the
+/// `#block107` of a legacy `-drive` disk) and unusual target names are therefore reduced to
+/// that alphabet ([`well_formed_id`]); names that already fit, as libvirt's do, are unchanged.
 pub fn job_id(target: &str, top_node: &str) -> String {
-    format!("backup-{target}-{top_node}")
+    well_formed_id(&format!("backup-{target}-{top_node}"))
+}
+
+/// `raw` as a well-formed QMP identifier (QEMU's rule for job ids, node names and export
+/// ids): a `#` (QEMU's mark of a generated name) is dropped, any other character outside
+/// letters, digits, `-`, `_` and `.` becomes `_`, and an id that does not start with a letter
+/// gets an `x` in front. Distinct inputs that differ only in such characters map to one id;
+/// callers derive ids from names that are unique within what they build (a disk target).
+pub fn well_formed_id(raw: &str) -> String {
+    let mut id: String = raw
+        .chars()
+        .filter(|c| *c != '#')
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !id.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        id.insert(0, 'x');
+    }
+    id
 }
 
 /// Node names of a new image with storage index `index`.
@@ -362,6 +390,19 @@ pub fn node_index(node_name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_ids_of_generated_node_names_are_well_formed_and_libvirt_names_unchanged() {
+        assert_eq!(
+            job_id("vda", "libvirt-1-format"),
+            "backup-vda-libvirt-1-format"
+        );
+        assert_eq!(job_id("vdb", "#block107"), "backup-vdb-block107");
+        assert_eq!(job_id("vdc", "a b/c"), "backup-vdc-a_b_c");
+        assert_eq!(well_formed_id("#block1"), "block1");
+        assert_eq!(well_formed_id("1x"), "x1x");
+        assert_eq!(well_formed_id(""), "x");
+    }
 
     fn disk(state: DiskJobState, cur: u64, total: u64, err: Option<&str>) -> BackupDiskPlan {
         BackupDiskPlan {

@@ -141,6 +141,10 @@ pub(crate) struct BackupRun {
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
     checks_queued: BTreeSet<String>,
+    /// Backup jobs that concluded while the transaction's reply was still outstanding: QEMU
+    /// runs a job with nothing to copy to its end inside the transaction and sends its events
+    /// before the reply. Checked as soon as the transaction commits.
+    concluded_before_reply: BTreeSet<String>,
     /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
     abort_before_start: bool,
     /// Since when the run waits for something that is not a command reply (a file operation,
@@ -303,6 +307,7 @@ impl BackupRun {
             shared_server,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
+            concluded_before_reply: BTreeSet::new(),
             holds_start_slot: false,
             abort_before_start: false,
             waiting_since: None,
@@ -388,6 +393,7 @@ impl BackupRun {
             shared_server: core.config.nbd_server_running,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
+            concluded_before_reply: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: Some(spec),
             in_flight: None,
@@ -1263,6 +1269,16 @@ impl BackupRun {
         for d in &mut self.plan.disks {
             d.state = DiskJobState::Running;
         }
+        // Jobs that already concluded will send no further event: check them now (in job-id
+        // order, so the plan does not depend on event order).
+        for job in std::mem::take(&mut self.concluded_before_reply) {
+            if self.checks_queued.insert(job.clone()) {
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::query_jobs(),
+                    effect: Effect::CheckJob(job),
+                });
+            }
+        }
         let r = match self.checkpoint.take() {
             // An engine restarted after a partial metadata write already has it.
             Some(c) if core.tree.get(&c.name).is_some() => Ok(()),
@@ -1304,6 +1320,14 @@ impl BackupRun {
                             cmd::query_jobs(),
                         );
                     }
+                    return Some(self);
+                }
+                if self.plan.disk_by_job(&c.id).is_some()
+                    && !self.committed
+                    && self.transaction_sent
+                {
+                    // The job ran to its end before the transaction's reply arrived.
+                    self.concluded_before_reply.insert(c.id.clone());
                     return Some(self);
                 }
                 if self.plan.disk_by_job(&c.id).is_some()
@@ -1503,6 +1527,8 @@ impl BackupRun {
         self.waiting_create_job = None;
         self.waiting_file = None;
         self.checks_queued.clear();
+        // After the reconnection QEMU's job list decides, not events of the old session.
+        self.concluded_before_reply.clear();
         self.phase = Phase::Disconnected;
         self
     }
