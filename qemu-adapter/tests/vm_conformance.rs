@@ -37,7 +37,10 @@ fn discovery(config: DiskConfig) {
         .def
         .clone();
     let img = run.host.images().display().to_string();
-    let targets: Vec<&str> = def.disks.iter().map(|d| d.target.as_str()).collect();
+    // Discovery lists disks in `query-block` order, where QEMU puts `-drive` disks before
+    // `-device` ones whatever the command line's order.
+    let mut targets: Vec<&str> = def.disks.iter().map(|d| d.target.as_str()).collect();
+    targets.sort();
     assert_eq!(targets, ["vda", "vdb"], "{def:?}");
     let vda = layer_summary(&def, "vda");
     let vdb = layer_summary(&def, "vdb");

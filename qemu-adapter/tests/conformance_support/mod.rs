@@ -175,12 +175,17 @@ impl<L: Link> Link for ShapingLink<L> {
     }
 }
 
+/// Closes the run's QMP connection, so another client (discovery) can use the monitor.
+pub fn disconnect(link: &mut LiveLink) {
+    link.inner_mut().inner = None;
+}
+
 /// Closes the run's QMP connection and opens a new one on `qmp_socket` (the same daemon, or
 /// one started again in the same run directory).
 pub fn relink(link: &mut LiveLink, qmp_socket: &Path) -> Result<(), String> {
-    let shaping = link.inner_mut();
     // The monitor serves one client: the old connection closes first.
-    shaping.inner = None;
+    disconnect(link);
+    let shaping = link.inner_mut();
     let qmp = QmpSocket::connect_unnegotiated(qmp_socket, Instant::now() + Duration::from_secs(10))
         .map_err(text)?;
     shaping.pending = Some(QmpIn::Greeting(qmp.greeting().clone()));

@@ -37,8 +37,8 @@ use vbackup_qemu::vm::{DiskConfig, Vm, VmDisk, emulator_available};
 use vbackup_sim::scenarios::{self, Host};
 
 use crate::conformance_support::{
-    HostLog, LiveEffects, LiveLink, Shaper, SharedBuf, connected_driver, fill_byte, make_images,
-    place_under, read_pull_export, record, relink, restore_image, text,
+    HostLog, LiveEffects, LiveLink, Shaper, SharedBuf, connected_driver, disconnect, fill_byte,
+    make_images, place_under, read_pull_export, record, relink, restore_image, text,
 };
 
 /// Where the traces of configuration `config` go.
@@ -320,8 +320,11 @@ impl VmConformance {
         driver: Driver<LiveLink, LiveEffects>,
         socket: &Path,
     ) -> Result<Driver<LiveLink, LiveEffects>, String> {
-        let def = discover(socket)?;
         let (_, mut link, effects) = driver.into_parts();
+        // vbackup's monitor serves one client: discovery connects once the old session is
+        // closed, as a new `vbackup define` would.
+        disconnect(&mut link);
+        let def = discover(socket)?;
         relink(&mut link, socket)?;
         scenarios::restart_engine(
             def,
