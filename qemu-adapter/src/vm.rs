@@ -177,6 +177,32 @@ pub fn emulator_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// One layer of a running disk, as [`Vm::layout`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerNodes {
+    /// The format (qcow2) node.
+    pub format: String,
+    /// The protocol (file) node below it.
+    pub storage: String,
+    /// The image.
+    pub path: String,
+    /// Whether the format node is read-only.
+    pub read_only: bool,
+}
+
+/// A running disk, as [`Vm::layout`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayout {
+    /// The guest target.
+    pub target: String,
+    /// The BlockBackend name (`virtio0`, `drive-vdb`), empty for a `-device` disk.
+    pub backend: String,
+    /// The QOM path of its virtio backend.
+    pub qdev: String,
+    /// Its layers, top first.
+    pub layers: Vec<LayerNodes>,
+}
+
 /// The internal disk list: layers carry their `libvirt-N` numbers.
 #[derive(Debug, Clone)]
 struct Disk {
@@ -535,6 +561,77 @@ impl Vm {
             );
         }
         Ok(format)
+    }
+
+    /// How QEMU holds each disk now, in the order the disks were given: its BlockBackend name
+    /// (`query-block`'s `device`, empty for `-device` disks), its virtio backend's QOM path,
+    /// and per layer, top first, the format node, the storage node below it, the image path
+    /// and whether the node is read-only. Read from `query-block`, the flat node list and the
+    /// block graph, so generated node names are reported as they are.
+    pub fn layout(&mut self) -> Result<Vec<DiskLayout>, VmError> {
+        let block = self.execute("query-block", None)?;
+        let nodes = self.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+        let graph = self.execute("x-debug-query-block-graph", None)?;
+        let vertex_name = |id: &Value| {
+            graph["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["id"] == *id && v["type"] == "block-driver")
+                .and_then(|v| v["name"].as_str())
+                .map(str::to_owned)
+        };
+        let child = |parent: &str, role: &str| {
+            graph["edges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["name"] == role)
+                .find(|e| vertex_name(&e["parent"]).as_deref() == Some(parent))
+                .and_then(|e| vertex_name(&e["child"]))
+        };
+        let node = |name: &str| {
+            nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["node-name"] == name)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let mut out = Vec::new();
+        for (target, qdev) in &self.qdevs {
+            let device = block
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["qdev"] == qdev.as_str())
+                .ok_or_else(|| VmError::Unexpected(format!("{qdev} is not in query-block")))?;
+            let mut layers = Vec::new();
+            let mut next = device["inserted"]["node-name"].as_str().map(str::to_owned);
+            while let Some(format) = next.take() {
+                if layers.len() > 16 {
+                    return Err(VmError::Unexpected(format!("{target}: chain too long")));
+                }
+                let storage = child(&format, "file")
+                    .ok_or_else(|| VmError::Unexpected(format!("{format} has no file child")))?;
+                let storage_node = node(&storage);
+                layers.push(LayerNodes {
+                    path: storage_node["file"].as_str().unwrap_or_default().to_owned(),
+                    read_only: node(&format)["ro"] == true,
+                    format: format.clone(),
+                    storage,
+                });
+                next = child(&format, "backing");
+            }
+            out.push(DiskLayout {
+                target: target.clone(),
+                backend: device["device"].as_str().unwrap_or_default().to_owned(),
+                qdev: qdev.clone(),
+                layers,
+            });
+        }
+        Ok(out)
     }
 
     /// Whether the process still runs.

@@ -12,8 +12,6 @@
 mod conformance_support;
 mod vm_support;
 
-use std::path::Path;
-
 use conformance_support::{LiveEffects, relink};
 use vbackup_core::domain::DomainEvent;
 use vbackup_qemu::vm::DiskConfig;
@@ -94,10 +92,9 @@ fn qemu_crash(config: DiskConfig) {
         return;
     }
     let mut run = VmConformance::start("qemu-crash", config, true);
-    let socket = run.host.vm.qmp_socket();
     let mut driver = run.driver.take().expect("driver");
     let result = scenarios::crash_after_new_checkpoint(&mut driver, &mut run.host, events)
-        .and_then(|()| VmConformance::rediscover(driver, &socket))
+        .and_then(|()| VmConformance::rediscover(driver, &mut run.host))
         .and_then(|mut driver| {
             scenarios::new_checkpoint_lost_in_crash(&mut driver, &mut run.host, events)?;
             run.driver = Some(driver);
@@ -126,7 +123,6 @@ fn engine_restart(config: DiskConfig) {
 fn snapshot_and_rediscover(
     driver: vbackup_core::driver::Driver<conformance_support::LiveLink, LiveEffects>,
     host: &mut VmHost,
-    socket: &Path,
 ) -> Result<vbackup_core::driver::Driver<conformance_support::LiveLink, LiveEffects>, String> {
     let overlay = host.images().join("vdb.snap");
     let node = host
@@ -135,7 +131,8 @@ fn snapshot_and_rediscover(
         .map_err(|e| e.to_string())?;
     host.log.note(serde_json::json!({"snapshot": {"disk": "vdb",
         "overlay": overlay.display().to_string(), "node": node}}));
-    VmConformance::rediscover(driver, socket)
+    host.note_boot()?;
+    VmConformance::rediscover(driver, host)
 }
 
 fn live_snapshot_keeps_checkpoints() {
@@ -144,11 +141,10 @@ fn live_snapshot_keeps_checkpoints() {
         DiskConfig::LiveSnapshot,
         false,
     );
-    let socket = run.host.vm.qmp_socket();
     let driver = run.driver.take().expect("driver");
     let result =
         scenarios::checkpoints_survive_a_live_snapshot(driver, &mut run.host, events, |d, h| {
-            snapshot_and_rediscover(d, h, &socket)
+            snapshot_and_rediscover(d, h)
         })
         .map(|driver| run.driver = Some(driver));
     run.finish(result);

@@ -73,6 +73,42 @@ pub struct VmHost {
 }
 
 impl VmHost {
+    /// Logs how the VM holds its disks now (`{"boot": [...]}`), so a replay can build the same
+    /// graph with the same (possibly generated) node names.
+    pub fn note_boot(&mut self) -> Result<(), String> {
+        let layout = self.vm.layout().map_err(text)?;
+        let disks: Vec<_> = layout
+            .iter()
+            .map(|d| {
+                let layers: Vec<_> = d
+                    .layers
+                    .iter()
+                    .map(|l| json!({"format": l.format, "storage": l.storage, "path": l.path, "ro": l.read_only}))
+                    .collect();
+                json!({"target": d.target, "backend": d.backend, "qdev": d.qdev, "layers": layers})
+            })
+            .collect();
+        self.log.note(json!({ "boot": disks }));
+        Ok(())
+    }
+
+    /// Logs the domain vbackup was given (`{"domain": [...]}`: targets and layers, in order).
+    pub fn note_domain(&mut self, def: &DomainDef) {
+        let disks: Vec<_> = def
+            .disks
+            .iter()
+            .map(|d| {
+                let layers: Vec<_> = d
+                    .layers
+                    .iter()
+                    .map(|l| json!({"node": l.node_name, "path": l.path}))
+                    .collect();
+                json!({"target": d.target, "layers": layers})
+            })
+            .collect();
+        self.log.note(json!({ "domain": disks }));
+    }
+
     fn reference(&self, disk: &str) -> PathBuf {
         self.root.join(format!("ref/{disk}.raw"))
     }
@@ -154,7 +190,8 @@ impl Host for VmHost {
     fn crash_qemu(&mut self) -> Result<(), String> {
         self.vm.kill().map_err(text)?;
         self.log.note(json!({"crash": true}));
-        self.vm.restart().map_err(text)
+        self.vm.restart().map_err(text)?;
+        self.note_boot()
     }
 }
 
@@ -270,26 +307,29 @@ impl VmConformance {
                 .collect(),
         );
         let trace = SharedBuf::default();
+        let mut host = VmHost {
+            vm,
+            config,
+            root,
+            shaper,
+            log: HostLog::new(trace.clone()),
+            restores: 0,
+            writes_during_jobs: 0,
+            _dir: dir,
+        };
+        host.note_boot().expect("the VM's graph");
+        host.note_domain(&def);
         let qmp = QmpSocket::connect_unnegotiated(
-            &vm.qmp_socket(),
+            &host.vm.qmp_socket(),
             Instant::now() + Duration::from_secs(10),
         )
         .expect("QMP connection");
-        let link = shaper.link(qmp, trace.clone());
+        let link = host.shaper.link(qmp, trace.clone());
         let driver = connected_driver(def, DomainConfig::default(), link);
         VmConformance {
             name: name.to_owned(),
             driver: Some(driver),
-            host: VmHost {
-                vm,
-                config,
-                root,
-                shaper,
-                log: HostLog::new(trace.clone()),
-                restores: 0,
-                writes_during_jobs: 0,
-                _dir: dir,
-            },
+            host,
             trace,
             started,
         }
@@ -318,13 +358,15 @@ impl VmConformance {
     /// disks changed under vbackup (`vbackup define` again).
     pub fn rediscover(
         driver: Driver<LiveLink, LiveEffects>,
-        socket: &Path,
+        host: &mut VmHost,
     ) -> Result<Driver<LiveLink, LiveEffects>, String> {
+        let socket = &host.vm.qmp_socket();
         let (_, mut link, effects) = driver.into_parts();
         // vbackup's monitor serves one client: discovery connects once the old session is
         // closed, as a new `vbackup define` would.
         disconnect(&mut link);
         let def = discover(socket)?;
+        host.note_domain(&def);
         relink(&mut link, socket)?;
         scenarios::restart_engine(
             def,
