@@ -188,6 +188,9 @@ pub struct LayerNodes {
     pub path: String,
     /// Whether the format node is read-only.
     pub read_only: bool,
+    /// Whether the storage node is read-only (after `blockdev-snapshot` QEMU reopens the old
+    /// top's format node read-only but leaves its storage node read-write).
+    pub storage_read_only: bool,
 }
 
 /// A running disk, as [`Vm::layout`] reports it.
@@ -619,6 +622,7 @@ impl Vm {
                 layers.push(LayerNodes {
                     path: storage_node["file"].as_str().unwrap_or_default().to_owned(),
                     read_only: node(&format)["ro"] == true,
+                    storage_read_only: storage_node["ro"] == true,
                     format: format.clone(),
                     storage,
                 });

@@ -695,7 +695,8 @@ impl Qemu {
                 if n.len() > MAX_NODE_NAME {
                     return Err(QmpError::node_name_too_long());
                 }
-                if !id_wellformed(&n) {
+                // Only QEMU itself names nodes `#block...` (legacy `-drive` disks).
+                if !id_wellformed(&n) && !(self.opening_drive && n.starts_with("#block")) {
                     return Err(QmpError::invalid_node_name(&n));
                 }
                 if self.st.nodes.contains_key(&n) {
@@ -1288,7 +1289,7 @@ impl Qemu {
                 .devices
                 .iter()
                 .map(|d| {
-                    json!({"io-status": "ok", "device": "", "locked": false, "removable": false,
+                    json!({"io-status": "ok", "device": d.backend, "locked": false, "removable": false,
                         "inserted": self.node_info(&d.node, false), "qdev": d.qdev, "type": "unknown"})
                 })
                 .collect(),

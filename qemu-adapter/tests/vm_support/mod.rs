@@ -83,7 +83,7 @@ impl VmHost {
                 let layers: Vec<_> = d
                     .layers
                     .iter()
-                    .map(|l| json!({"format": l.format, "storage": l.storage, "path": l.path, "ro": l.read_only}))
+                    .map(|l| json!({"format": l.format, "storage": l.storage, "path": l.path, "ro": l.read_only, "storage_ro": l.storage_read_only}))
                     .collect();
                 json!({"target": d.target, "backend": d.backend, "qdev": d.qdev, "layers": layers})
             })
