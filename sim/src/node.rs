@@ -696,7 +696,8 @@ impl Qemu {
                     return Err(QmpError::node_name_too_long());
                 }
                 // Only QEMU itself names nodes `#block...` (legacy `-drive` disks).
-                if !id_wellformed(&n) && !(self.opening_drive && n.starts_with("#block")) {
+                let generated = self.opening_drive && n.starts_with("#block");
+                if !id_wellformed(&n) && !generated {
                     return Err(QmpError::invalid_node_name(&n));
                 }
                 if self.st.nodes.contains_key(&n) {
