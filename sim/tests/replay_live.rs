@@ -20,15 +20,10 @@ use vbackup_sim::world::{LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
 use vbackup_sim::{Config, Fault, Flavor, Qemu};
 
 mod common;
-use common::replay::{
-    Compare, ReplayHost, catch_up, lab_files, loosen_slowed_job, memory_events, per_id, with_speed,
-};
+use common::replay::{LiveReplay, ReplayHost, lab_files, memory_events};
 
 /// Where the recordings' temporary directory was rewritten to.
 const ROOT: &str = "/lab";
-/// Virtual time between two recorded commands; jobs otherwise advance only as far as the
-/// recorded events show they had (see `catch_up`).
-const STEP_MS: u64 = 1;
 
 const SCENARIOS: &[&str] = &[
     "checkpoint-lifecycle",
@@ -141,11 +136,8 @@ fn replay(name: &str) -> Qemu {
             q.set_fault(Fault::TargetIoError { node: node.into() });
         }
     }
-    let mut slow: Option<u64> = None;
-    let mut loose: Vec<String> = Vec::new();
-    let (mut want_events, mut got_events) = (Vec::new(), Vec::new());
-    let mut commands = 0;
-    for (i, line) in trace.iter().enumerate() {
+    let mut r = LiveReplay::new(&[]);
+    for i in 0..trace.len() {
         while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
             let now = q.now_ms();
             if let Some(w) = a.get("write") {
@@ -159,7 +151,7 @@ fn replay(name: &str) -> Qemu {
                 )
                 .unwrap();
             } else if let Some(s) = a.get("slow") {
-                slow = s.as_u64();
+                r.slow = s.as_u64();
             } else if a.get("fail_writes_to").is_some() {
                 // Set up front, above.
             } else if a.get("crash").is_some() {
@@ -170,60 +162,11 @@ fn replay(name: &str) -> Qemu {
             } else {
                 panic!("unknown host action {a}");
             }
-            got_events.extend(q.take_events());
+            r.got_events.extend(q.take_events());
         }
-        let msg = &line["msg"];
-        if msg.get("QMP").is_some() {
-            // A new connection: capabilities are negotiated again.
-            q.new_monitor_connection();
-            continue;
-        }
-        if line["dir"] == "recv" {
-            if msg.get("event").is_some() {
-                want_events.push(msg.clone());
-            }
-            continue;
-        }
-        if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
-            // The driver's exclusive create (Output::File) is not QMP and not in the trace.
-            let path = msg["arguments"]["filename"].as_str().unwrap();
-            if !q.fs().exists(path) {
-                q.fs_mut().touch(path);
-            }
-        }
-        let mut cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
-        if let Some(speed) = slow {
-            with_speed(&mut cmd, speed);
-            for job in cmd.to_string().split("\"job-id\":\"").skip(1) {
-                loose.push(job.split('"').next().unwrap().to_string());
-            }
-        }
-        let want = trace[i..]
-            .iter()
-            .find(|l| l["dir"] == "recv" && l["msg"]["id"] == msg["id"])
-            .map(|l| l["msg"].clone())
-            .unwrap_or_else(|| panic!("{name}: no reply to {msg}"));
-        catch_up(&mut q, &want_events, &mut got_events);
-        let now = q.now_ms() + STEP_MS;
-        let got = q.execute(now, &cmd);
-        // Allocation (`actual-size`), cache and `json:` file names are the host's business:
-        // node records are compared by what they are and their named bitmaps only.
-        let loosen_job = |job: &mut Value| loosen_slowed_job(job, &loose);
-        let compare = Compare {
-            node_members: &[],
-            loosen_job: &loosen_job,
-            generated_nodes: &[],
-        };
-        compare.reply(&cmd, &want, &got);
-        got_events.extend(q.take_events());
-        commands += 1;
+        r.line(&mut q, &trace, i, name);
     }
-    assert!(commands > 0, "{name} holds commands");
-    assert_eq!(
-        per_id(&got_events),
-        per_id(&want_events),
-        "events per job/export of {name}"
-    );
+    r.finish(name);
     q
 }
 

@@ -26,14 +26,10 @@ use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S};
 use vbackup_sim::{Config, DriveLayer, Fault, Flavor, Qemu};
 
 mod common;
-use common::replay::{
-    Compare, ReplayHost, catch_up, lab_files, loosen_slowed_job, memory_events, per_id, with_speed,
-};
+use common::replay::{LiveReplay, ReplayHost, lab_files, memory_events};
 
 /// Where the recordings' temporary directory was rewritten to.
 const ROOT: &str = "/lab";
-/// Virtual time between two recorded commands.
-const STEP_MS: u64 = 1;
 
 /// The configurations (trace folders).
 const CONFIGS: &[&str] = &["blockdev", "drive", "live-snapshot", "mixed"];
@@ -200,11 +196,8 @@ fn replay(config: &str, name: &str) {
     }
     let mut actions = all_actions.into_iter().peekable();
     let mut layout = Value::Null;
-    let mut slow: Option<u64> = None;
-    let mut loose: Vec<String> = Vec::new();
-    let (mut want_events, mut got_events) = (Vec::new(), Vec::new());
-    let mut commands = 0;
-    for (i, line) in trace.iter().enumerate() {
+    let mut r = LiveReplay::new(&generated);
+    for i in 0..trace.len() {
         while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
             let now = q.now_ms();
             if let Some(w) = a.get("write") {
@@ -218,7 +211,7 @@ fn replay(config: &str, name: &str) {
                 )
                 .unwrap();
             } else if let Some(s) = a.get("slow") {
-                slow = s.as_u64();
+                r.slow = s.as_u64();
             } else if let Some(disks) = a.get("boot") {
                 boot(&mut q, disks);
                 layout = disks.clone();
@@ -231,57 +224,11 @@ fn replay(config: &str, name: &str) {
             } else {
                 panic!("{config}/{name}: unknown host action {a}");
             }
-            got_events.extend(q.take_events());
+            r.got_events.extend(q.take_events());
         }
-        let msg = &line["msg"];
-        if msg.get("QMP").is_some() {
-            q.new_monitor_connection();
-            continue;
-        }
-        if line["dir"] == "recv" {
-            if msg.get("event").is_some() {
-                want_events.push(msg.clone());
-            }
-            continue;
-        }
-        if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
-            // The driver's exclusive create (Output::File) is not QMP and not in the trace.
-            let path = msg["arguments"]["filename"].as_str().unwrap();
-            if !q.fs().exists(path) {
-                q.fs_mut().touch(path);
-            }
-        }
-        let mut cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
-        if let Some(speed) = slow {
-            with_speed(&mut cmd, speed);
-            for job in cmd.to_string().split("\"job-id\":\"").skip(1) {
-                loose.push(job.split('"').next().unwrap().to_string());
-            }
-        }
-        let want = trace[i..]
-            .iter()
-            .find(|l| l["dir"] == "recv" && l["msg"]["id"] == msg["id"])
-            .map(|l| l["msg"].clone())
-            .unwrap_or_else(|| panic!("{config}/{name}: no reply to {msg}"));
-        catch_up(&mut q, &want_events, &mut got_events);
-        let now = q.now_ms() + STEP_MS;
-        let got = q.execute(now, &cmd);
-        let loosen_job = |job: &mut Value| loosen_slowed_job(job, &loose);
-        let compare = Compare {
-            node_members: &[],
-            loosen_job: &loosen_job,
-            generated_nodes: &generated,
-        };
-        compare.reply(&cmd, &want, &got);
-        got_events.extend(q.take_events());
-        commands += 1;
+        r.line(&mut q, &trace, i, &format!("{config}/{name}"));
     }
-    assert!(commands > 0, "{config}/{name} holds commands");
-    assert_eq!(
-        per_id(&got_events),
-        per_id(&want_events),
-        "events per job/export of {config}/{name}"
-    );
+    r.finish(&format!("{config}/{name}"));
 }
 
 fn replay_config(config: &str) {

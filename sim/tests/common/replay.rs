@@ -278,3 +278,95 @@ impl Host for ReplayHost {
 pub fn memory_events(e: &MemoryEffects) -> &[DomainEvent] {
     &e.events
 }
+
+/// The QMP side of replaying a live recording (`replay_live.rs`, `replay_vm.rs`): every recorded
+/// command goes to the simulator at the point it was sent, with the job speed the live link
+/// added while the host slowed jobs, and its reply is compared; events are compared per job
+/// and export at the end.
+pub struct LiveReplay<'a> {
+    /// The speed the host's link gave jobs started now.
+    pub slow: Option<u64>,
+    loose: Vec<String>,
+    want_events: Vec<Value>,
+    /// Events the simulator produced.
+    pub got_events: Vec<Value>,
+    commands: usize,
+    generated: &'a [String],
+}
+
+impl<'a> LiveReplay<'a> {
+    /// A replay comparing the generated node names `generated` like named ones.
+    pub fn new(generated: &'a [String]) -> Self {
+        LiveReplay {
+            slow: None,
+            loose: Vec::new(),
+            want_events: Vec::new(),
+            got_events: Vec::new(),
+            commands: 0,
+            generated,
+        }
+    }
+
+    /// Replays line `i` of `trace` (of scenario `name`) on `q`.
+    pub fn line(&mut self, q: &mut Qemu, trace: &[Value], i: usize, name: &str) {
+        let line = &trace[i];
+        let msg = &line["msg"];
+        if msg.get("QMP").is_some() {
+            // A new connection: capabilities are negotiated again.
+            q.new_monitor_connection();
+            return;
+        }
+        if line["dir"] == "recv" {
+            if msg.get("event").is_some() {
+                self.want_events.push(msg.clone());
+            }
+            return;
+        }
+        if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
+            // The driver's exclusive create (Output::File) is not QMP and not in the trace.
+            let path = msg["arguments"]["filename"].as_str().unwrap();
+            if !q.fs().exists(path) {
+                q.fs_mut().touch(path);
+            }
+        }
+        let mut cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
+        if let Some(speed) = self.slow {
+            with_speed(&mut cmd, speed);
+            for job in cmd.to_string().split("\"job-id\":\"").skip(1) {
+                self.loose.push(job.split('"').next().unwrap().to_string());
+            }
+        }
+        let want = trace[i..]
+            .iter()
+            .find(|l| l["dir"] == "recv" && l["msg"]["id"] == msg["id"])
+            .map(|l| l["msg"].clone())
+            .unwrap_or_else(|| panic!("{name}: no reply to {msg}"));
+        catch_up(q, &self.want_events, &mut self.got_events);
+        // One millisecond of virtual time between two recorded commands; jobs otherwise
+        // advance only as far as the recorded events show they had (see `catch_up`).
+        let now = q.now_ms() + 1;
+        let got = q.execute(now, &cmd);
+        // Allocation (`actual-size`), cache and `json:` file names are the host's business:
+        // node records are compared by what they are and their named bitmaps only.
+        let loose = &self.loose;
+        let loosen_job = |job: &mut Value| loosen_slowed_job(job, loose);
+        let compare = Compare {
+            node_members: &[],
+            loosen_job: &loosen_job,
+            generated_nodes: self.generated,
+        };
+        compare.reply(&cmd, &want, &got);
+        self.got_events.extend(q.take_events());
+        self.commands += 1;
+    }
+
+    /// Checks that the trace held commands and that the events per job and export agree.
+    pub fn finish(self, name: &str) {
+        assert!(self.commands > 0, "{name} holds commands");
+        assert_eq!(
+            per_id(&self.got_events),
+            per_id(&self.want_events),
+            "events per job/export of {name}"
+        );
+    }
+}
