@@ -695,7 +695,9 @@ impl Qemu {
                 if n.len() > MAX_NODE_NAME {
                     return Err(QmpError::node_name_too_long());
                 }
-                if !id_wellformed(&n) {
+                // Only QEMU itself names nodes `#block...` (legacy `-drive` disks).
+                let generated = self.opening_drive && n.starts_with("#block");
+                if !id_wellformed(&n) && !generated {
                     return Err(QmpError::invalid_node_name(&n));
                 }
                 if self.st.nodes.contains_key(&n) {

@@ -554,15 +554,11 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
     h.slow_jobs(None)?;
     let def = d.domain().view().def.clone();
     let (_, mut link, effects) = d.into_parts();
-    let (checkpoints, current, journal) = stored_state(persisted(&effects));
-    if journal.is_none() {
+    if stored_state(persisted(&effects)).2.is_none() {
         return Err("a running backup left no journal".into());
     }
     relink(&mut link)?;
-    let tree = CheckpointTree::load(checkpoints, current.as_deref());
-    let domain = Domain::new(def, h.domain_config(), tree, journal);
-    let mut d = Driver::new(domain, link, effects);
-    reconnect(&mut d)?;
+    let mut d = restart_engine(def, h.domain_config(), link, effects, persisted)?;
     match finish(&mut d, events)? {
         JobStatus::Completed => {}
         other => return Err(format!("the recovered backup ended {other:?}")),
@@ -581,11 +577,29 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
 /// QEMU is killed (SIGKILL) after a full backup created checkpoint c1, and started again over
 /// the same images: c1's bitmaps were never written to them, so an incremental backup from c1
 /// is refused with a typed error, and a full backup creating c2 completes and restores exactly.
+/// The two halves are [`crash_after_new_checkpoint`] and [`new_checkpoint_lost_in_crash`]; a
+/// host whose restarted QEMU names its nodes anew (legacy `-drive` disks) runs them with a
+/// restart of vbackup on a rediscovered domain in between.
 pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     d: &mut Drv<L, E>,
     h: &mut H,
     events: impl Fn(&E) -> &[DomainEvent] + Copy,
     mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<(), String> {
+    crash_after_new_checkpoint(d, h, events)?;
+    // The old session is gone with the process; the engine learns it, then a new one opens.
+    let _ = d.link_down();
+    relink(d.link_mut())?;
+    reconnect(d)?;
+    new_checkpoint_lost_in_crash(d, h, events)
+}
+
+/// The first half of [`qemu_crash_loses_new_checkpoint`]: a full push backup creating c1, then
+/// QEMU is killed and started again ([`Host::crash_qemu`]).
+pub fn crash_after_new_checkpoint<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
 ) -> Result<(), String> {
     call(
         d,
@@ -600,11 +614,16 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     if finish(d, events)? != JobStatus::Completed {
         return Err("the backup before the crash did not complete".into());
     }
-    h.crash_qemu()?;
-    // The old session is gone with the process; the engine learns it, then a new one opens.
-    let _ = d.link_down();
-    relink(d.link_mut())?;
-    reconnect(d)?;
+    h.crash_qemu()
+}
+
+/// The second half of [`qemu_crash_loses_new_checkpoint`], on a driver connected to the
+/// restarted QEMU: the incremental from c1 is refused, a full backup creating c2 restores.
+pub fn new_checkpoint_lost_in_crash<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+) -> Result<(), String> {
     scribble(h, 10)?;
     let refused = d
         .call(
@@ -645,4 +664,87 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
         )?;
     }
     Ok(())
+}
+
+/// Checkpoints taken before and after an external snapshot both serve incremental backups:
+/// a full push creates c1; the host puts a new overlay on top of `vdb` while the guest runs
+/// (`snapshot`, which also gives the core the domain's new layers, as redefining it after a
+/// snapshot does, and returns the driver to go on with); an incremental from c1 creating c2 and
+/// an incremental from c2 then restore exactly, with guest writes between and during each.
+/// (The simulator does not model `blockdev-snapshot`; this runs against real QEMU.)
+pub fn checkpoints_survive_a_live_snapshot<L: Link, E: Effects, H: Host>(
+    d: Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    snapshot: impl FnOnce(Drv<L, E>, &mut H) -> Result<Drv<L, E>, String>,
+) -> Result<Drv<L, E>, String> {
+    let mut d = d;
+    scribble(h, 11)?;
+    let at_full = both(h)?;
+    call(
+        &mut d,
+        backup(h, BackupMode::Push, None, "/backup/snap-full", Some("c1")),
+    )?;
+    scribble(h, 12)?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the full push backup did not complete".into());
+    }
+    scribble(h, 13)?;
+    let mut d = snapshot(d, h)?;
+    scribble(h, 14)?;
+    let at_c2 = both(h)?;
+    call(
+        &mut d,
+        backup(
+            h,
+            BackupMode::Push,
+            Some("c1"),
+            "/backup/snap-inc1",
+            Some("c2"),
+        ),
+    )?;
+    scribble(h, 15)?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the incremental from the checkpoint before the snapshot failed".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/snap-inc1", disk);
+        let got = h.restore(&path, Some(&at_full[i]))?;
+        compare(&format!("incremental from c1 of {disk}"), &got, &at_c2[i])?;
+    }
+    scribble(h, 16)?;
+    let at_inc2 = both(h)?;
+    call(
+        &mut d,
+        backup(h, BackupMode::Push, Some("c2"), "/backup/snap-inc2", None),
+    )?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the incremental from the checkpoint after the snapshot failed".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/snap-inc2", disk);
+        let got = h.restore(&path, Some(&at_c2[i]))?;
+        compare(&format!("incremental from c2 of {disk}"), &got, &at_inc2[i])?;
+    }
+    if names(&mut d)? != ["c1", "c2"] {
+        return Err("the checkpoints did not survive the snapshot".into());
+    }
+    Ok(d)
+}
+
+/// A new driver for the domain `def` over `link`, with the checkpoints and journal of the
+/// store operations `persisted`: vbackup started again on a domain defined anew.
+pub fn restart_engine<L: Link, E: Effects>(
+    def: vbackup_core::model::DomainDef,
+    config: DomainConfig,
+    link: L,
+    effects: E,
+    persisted: impl Fn(&E) -> &[StoreOp],
+) -> Result<Drv<L, E>, String> {
+    let (checkpoints, current, journal) = stored_state(persisted(&effects));
+    let tree = CheckpointTree::load(checkpoints, current.as_deref());
+    let domain = Domain::new(def, config, tree, journal);
+    let mut d = Driver::new(domain, link, effects);
+    reconnect(&mut d)?;
+    Ok(d)
 }

@@ -421,8 +421,8 @@ pub fn boot_lab_wired(q: &mut Qemu, wiring: LabWiring) -> Result<(), QmpError> {
         LabWiring::Blockdev => boot_lab(q),
         LabWiring::Drive => {
             let r = q
-                .add_drive("/img/vda.qcow2", None)
-                .and_then(|_| q.add_drive("/img/vdb.ovl", Some("drive-vdb")));
+                .attach_drive("/img/vda.qcow2", None)
+                .and_then(|_| q.attach_drive("/img/vdb.ovl", Some("drive-vdb")));
             q.take_events();
             r.map(|_| ())
         }
