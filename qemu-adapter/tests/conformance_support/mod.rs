@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{DomainConfig, DomainEvent, FileOp, StoreOp};
 use vbackup_core::driver::{Driver, Effects, MemoryEffects};
@@ -360,7 +361,7 @@ impl Host for QsdHost {
     }
 
     fn domain_config(&self) -> DomainConfig {
-        live_config()
+        live_config(&self.nbd_socket)
     }
 
     fn crash_qemu(&mut self) -> Result<(), String> {
@@ -382,10 +383,16 @@ impl Host for QsdHost {
     }
 }
 
-/// The configuration of the lab domain on a daemon: pull exports join its NBD server.
-pub fn live_config() -> DomainConfig {
+/// The configuration of the lab domain on a daemon: pull exports join its NBD server, which
+/// listens on `nbd_socket`.
+pub fn live_config(nbd_socket: &Path) -> DomainConfig {
     DomainConfig {
-        nbd_server_running: true,
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: nbd_socket.display().to_string(),
+            },
+            tls: None,
+        }),
         ..DomainConfig::default()
     }
 }
@@ -504,7 +511,12 @@ impl LiveConformance {
             },
             trace.clone(),
         );
-        let domain = Domain::new(def, live_config(), CheckpointTree::new(), None);
+        let domain = Domain::new(
+            def,
+            live_config(&run.nbd_socket),
+            CheckpointTree::new(),
+            None,
+        );
         let mut driver = Driver::new(domain, link, LiveEffects::default());
         let up = driver
             .run_until(|d| d.view().connected, CONNECT_STEPS)
