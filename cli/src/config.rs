@@ -47,8 +47,9 @@ pub const PORT_MAX: &str = "backup_port_max";
 /// Every key, in the order `config-get` lists them.
 const KEYS: [&str; 5] = [CERT_DIR, VERIFY, SECRET_FILE, PORT_MIN, PORT_MAX];
 
-/// Configuration commands.
+/// Configuration commands (named `config-*` like virsh's command families).
 #[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)]
 pub enum ConfigCommand {
     /// Show one configuration value, or every key with its value (`vbackup.conf` in the state
     /// directory; libvirt's qemu.conf names).
