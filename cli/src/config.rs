@@ -15,7 +15,8 @@
 //!   backups' NBD server where the backup XML says. A managed domain's daemon already runs the
 //!   one NBD server it may have, on its own socket, without TLS.
 //! - `config-set` checks a value before writing it (a certificate directory must hold the three
-//!   files) and writes the file atomically; `config-unset` goes back to the default.
+//!   files; the port range may not become empty, so a range above the default one is set
+//!   maximum first) and writes the file atomically; `config-unset` goes back to the default.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -216,7 +217,10 @@ impl HostConfig {
         let min = port(PORT_MIN, defaults.nbd_port_min)?;
         let max = port(PORT_MAX, defaults.nbd_port_max)?;
         if min > max {
-            return Err(format!("{PORT_MIN} ({min}) is above {PORT_MAX} ({max})"));
+            // The file never holds an empty range; the message says which key to move first.
+            return Err(format!(
+                "{PORT_MIN} ({min}) is above {PORT_MAX} ({max}): a range above the current one needs {PORT_MAX} set first, one below it {PORT_MIN}"
+            ));
         }
         Ok((min, max))
     }

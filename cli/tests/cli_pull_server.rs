@@ -476,6 +476,36 @@ fn attached_vm_pull_is_served_exactly_where_the_xml_says_over_unix_tcp_and_tls()
     );
     lab.ok(&["domjobabort", "vm"]);
 
+    // TCP without a port: the first free port of the configured range.
+    let port = free_port();
+    let p = port.to_string();
+    let err = lab.fails(&["config-set", "backup_port_min", "65535"]);
+    assert!(err.contains("needs backup_port_max set first"), "{err}");
+    if port > 10872 {
+        lab.ok(&["config-set", "backup_port_max", &p]);
+    }
+    assert_eq!(
+        lab.ok(&["config-set", "backup_port_min", &p]),
+        format!("backup_port_min = {port}\n")
+    );
+    lab.ok(&["config-set", "backup_port_max", &p]);
+    let px = lab.file(
+        "tcp-any.xml",
+        &pull_xml("<server transport='tcp' name='127.0.0.1'/>", None),
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/vda");
+    assert_eq!(
+        lab.ok(&["backup-begin", "vm", &px]),
+        format!("Backup started; exports served at {uri}\n")
+    );
+    assert_eq!(
+        nbdinfo_ok(&["--size", &uri]).trim(),
+        (16u64 << 20).to_string()
+    );
+    lab.ok(&["domjobabort", "vm"]);
+    lab.ok(&["config-unset", "backup_port_min"]);
+    lab.ok(&["config-unset", "backup_port_max"]);
+
     // TLS without certificates configured: refused before anything starts, saying what to set.
     let port = free_port();
     let px = lab.file("tls.xml", &pull_xml(&tcp_server(port, true), Some("c1")));
