@@ -594,9 +594,6 @@ impl Session {
     }
 }
 
-/// Stops a managed domain's daemon if one runs (used by `undefine`).
-/// The names in the pending-checkpoint file: a JSON array, or one bare name as older stores
-/// wrote it; empty when there is none.
 /// The NBD server a managed domain's daemon runs: its guest exports and pull backups share
 /// it (QEMU runs one NBD server per process).
 pub fn daemon_nbd_server(run_dir: &Path) -> NbdServer {
@@ -633,6 +630,9 @@ pub fn domain_config(
     Ok(config)
 }
 
+/// Stops a managed domain's daemon if one runs (used by `undefine`).
+/// The names in the pending-checkpoint file: a JSON array, or one bare name as older stores
+/// wrote it; empty when there is none.
 fn pending_checkpoints(text: &str) -> Vec<String> {
     let text = text.trim();
     if text.is_empty() {

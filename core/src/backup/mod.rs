@@ -92,7 +92,8 @@ fn uri_host(host: &str) -> String {
     }
 }
 
-/// The server's address as users write it: `unix:PATH` or `tcp:HOST:PORT`, with ` (TLS)`.
+/// The server's address as users write it: `unix:PATH` or `tcp:HOST:PORT`, then ` with TLS`
+/// when clients must use it.
 impl std::fmt::Display for NbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.transport {
