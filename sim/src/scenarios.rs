@@ -7,7 +7,8 @@
 //! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental;
 //! incremental pushes with an idle disk and with every disk clean; pull
 //! full then incremental with guest writes during each pull; abort of a slowed push; a push
-//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint.
+//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint; pull
+//! backups on an NBD server QEMU already runs (refused elsewhere, served there).
 //!
 //! Contract: every scenario starts from a connected driver on the lab domain
 //! ([`crate::world::lab_domain`]: `vda` with one layer, `vdb` an overlay over a base image)
@@ -21,7 +22,7 @@
 
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
-use vbackup_core::backup::{BackupSpec, NbdTransport};
+use vbackup_core::backup::{BackupSpec, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
@@ -747,4 +748,91 @@ pub fn restart_engine<L: Link, E: Effects>(
     let mut d = Driver::new(domain, link, effects);
     reconnect(&mut d)?;
     Ok(d)
+}
+
+/// Pull backups on a domain whose QEMU already runs the NBD server (a managed daemon serving
+/// its guest exports; the host's [`Host::domain_config`] names it): a backup whose `<server>`
+/// names another socket, TCP, or TLS the server does not have is refused with a typed error
+/// naming both before anything starts (no checkpoint, no job); one without `<server>` puts its
+/// exports on the running server, where they read the backup's point in time.
+pub fn pull_on_the_running_server<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+) -> Result<(), String> {
+    let running = h.nbd_socket();
+    let others = [
+        NbdServer {
+            transport: NbdTransport::Unix {
+                socket: format!("{running}.other"),
+            },
+            tls: None,
+        },
+        NbdServer {
+            transport: NbdTransport::Tcp {
+                host: "127.0.0.1".into(),
+                port: Some(10809),
+            },
+            tls: None,
+        },
+        NbdServer {
+            transport: NbdTransport::Unix {
+                socket: running.clone(),
+            },
+            tls: Some(true),
+        },
+    ];
+    for other in others {
+        let mut request = backup(h, BackupMode::Pull, None, "/scratch/refused", Some("c1"));
+        if let Request::BackupBegin { spec, .. } = &mut request {
+            spec.server = Some(other.clone());
+        }
+        let answer = d
+            .call(request, STEPS)
+            .map_err(|e| format!("driver stopped: {e}"))?;
+        match answer {
+            Err(Error::Request(RequestError::NbdServerInUse {
+                running: named,
+                requested,
+            })) if named.contains(&running) && requested == other.to_string() => {}
+            other_answer => {
+                return Err(format!(
+                    "a pull on {other} while the server runs at {running} answered {other_answer:?}"
+                ));
+            }
+        }
+        if !names(d)?.is_empty() || d.domain().view().backup.is_some() {
+            return Err(format!(
+                "the refused pull on {other} left a checkpoint or a job"
+            ));
+        }
+    }
+    scribble(h, 11)?;
+    let at_start = both(h)?;
+    let mut request = backup(h, BackupMode::Pull, None, "/scratch/running", Some("c1"));
+    if let Request::BackupBegin { spec, .. } = &mut request {
+        spec.server = None;
+    }
+    call(d, request)?;
+    let server = d
+        .domain()
+        .view()
+        .backup
+        .and_then(|p| p.server.clone())
+        .ok_or("the running pull records no server")?;
+    if server.transport != (NbdTransport::Unix { socket: running }) {
+        return Err(format!("the pull without <server> runs on {server}"));
+    }
+    scribble(h, 12)?;
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let got = h.read_export(disk, None)?;
+        compare(&format!("pull export of {disk}"), &got, &at_start[i])?;
+    }
+    call(d, Request::AbortJob)?;
+    let ended = d
+        .run_until(|dom| dom.view().backup.is_none(), STEPS)
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    if !ended {
+        return Err("the pull backup did not end after abort".into());
+    }
+    Ok(())
 }

@@ -1,11 +1,22 @@
 //! The conformance scenarios (generic over Link) on the simulator, content checked byte for
 //! byte.
 
-use vbackup_core::domain::DomainEvent;
-use vbackup_core::domain::StoreOp;
-use vbackup_sim::scenarios;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use serde_json::json;
+use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
+use vbackup_core::checkpoint::CheckpointTree;
+use vbackup_core::domain::{DomainConfig, DomainEvent, StoreOp};
+use vbackup_core::driver::Driver;
+use vbackup_sim::scenarios::{self, SIM_NBD_SOCKET};
 use vbackup_sim::world::link::FaultyLink;
-use vbackup_sim::world::{LabWiring, SimHost, StoreEffects, lab_driver_wired};
+use vbackup_sim::world::{
+    LAB_THROUGHPUT_BYTES_PER_S, LabWiring, SimHost, StoreEffects, boot_lab, lab_domain,
+    lab_driver_wired, lab_files,
+};
+use vbackup_sim::{Config, Qemu};
 
 fn events(e: &StoreEffects) -> &[DomainEvent] {
     &e.memory.events
@@ -156,4 +167,57 @@ mod legacy_drive {
         let (mut d, mut h) = setup_wired(LabWiring::Drive);
         scenarios::qemu_crash_loses_new_checkpoint(&mut d, &mut h, events, relink).unwrap();
     }
+}
+
+/// The lab on a simulated QEMU whose NBD server already runs on [`SIM_NBD_SOCKET`], as a
+/// managed daemon's does, with the domain configured to share it.
+fn setup_with_running_server() -> (
+    vbackup_core::driver::Driver<FaultyLink, StoreEffects>,
+    SimHost,
+) {
+    let mut q = Qemu::new(
+        lab_files(),
+        Config {
+            throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
+            ..Config::default()
+        },
+    );
+    boot_lab(&mut q).expect("lab boots");
+    let start = json!({"execute": "nbd-server-start", "arguments": {
+        "addr": {"type": "unix", "data": {"path": SIM_NBD_SOCKET}}}});
+    q.execute(0, &json!({"execute": "qmp_capabilities"}))
+        .expect("negotiates");
+    q.execute(0, &start).expect("the server starts");
+    let qemu = Rc::new(RefCell::new(q));
+    let config = DomainConfig {
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: SIM_NBD_SOCKET.into(),
+            },
+            tls: None,
+        }),
+        ..DomainConfig::default()
+    };
+    let domain = Domain::new(lab_domain(), config, CheckpointTree::new(), None);
+    let mut d = Driver::new(
+        domain,
+        FaultyLink::new(qemu.clone()),
+        StoreEffects::new(qemu.clone()),
+    );
+    d.run_until(|dom| dom.view().connected, 10)
+        .expect("connects");
+    assert!(d.domain().view().connected);
+    (
+        d,
+        SimHost {
+            qemu,
+            wiring: LabWiring::Blockdev,
+        },
+    )
+}
+
+#[test]
+fn pull_on_a_running_server_is_refused_elsewhere_and_served_there() {
+    let (mut d, mut h) = setup_with_running_server();
+    scenarios::pull_on_the_running_server(&mut d, &mut h).unwrap();
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::DomainConfig;
 use vbackup_core::driver::{Driver, MemoryEffects};
@@ -218,7 +219,12 @@ fn replay_driver(name: &str) -> Driver<ReplayLink, MemoryEffects> {
         }
     }
     let config = DomainConfig {
-        nbd_server_running: true,
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: format!("{ROOT}/run/nbd.sock"),
+            },
+            tls: None,
+        }),
         ..DomainConfig::default()
     };
     let domain = Domain::new(def, config, CheckpointTree::new(), None);

@@ -50,6 +50,69 @@ pub struct NbdServer {
     pub tls: Option<bool>,
 }
 
+impl NbdServer {
+    /// Whether clients must use TLS (`tls='yes'`; an unspecified `tls` means no).
+    pub fn uses_tls(&self) -> bool {
+        self.tls == Some(true)
+    }
+
+    /// Whether a client that connects where `requested` says, with the security it asks for,
+    /// reaches this (running) server. A TCP request without a port accepts the running port.
+    pub fn serves(&self, requested: &NbdServer) -> bool {
+        let address = match (&self.transport, &requested.transport) {
+            (NbdTransport::Unix { socket: a }, NbdTransport::Unix { socket: b }) => a == b,
+            (NbdTransport::Tcp { host: a, port: pa }, NbdTransport::Tcp { host: b, port: pb }) => {
+                a == b && (pb.is_none() || pa == pb)
+            }
+            _ => false,
+        };
+        address && self.uses_tls() == requested.uses_tls()
+    }
+
+    /// The NBD URI of export `export` on this server (the `nbd://`, `nbds://`, `nbd+unix://`
+    /// and `nbds+unix://` forms that nbdinfo, nbdcopy and qemu-img understand).
+    pub fn export_uri(&self, export: &str) -> String {
+        let scheme = if self.uses_tls() { "nbds" } else { "nbd" };
+        match &self.transport {
+            NbdTransport::Unix { socket } => format!("{scheme}+unix:///{export}?socket={socket}"),
+            NbdTransport::Tcp { host, port } => {
+                let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+                format!("{scheme}://{}{port}/{export}", uri_host(host))
+            }
+        }
+    }
+}
+
+/// An IPv6 address in a URI goes between brackets.
+fn uri_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// The server's address as users write it: `unix:PATH` or `tcp:HOST:PORT`, then ` with TLS`
+/// when clients must use it.
+impl std::fmt::Display for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.transport {
+            NbdTransport::Unix { socket } => write!(f, "unix:{socket}")?,
+            NbdTransport::Tcp { host, port } => {
+                write!(f, "tcp:{}", uri_host(host))?;
+                match port {
+                    Some(p) => write!(f, ":{p}")?,
+                    None => f.write_str(" (any port)")?,
+                }
+            }
+        }
+        if self.uses_tls() {
+            f.write_str(" with TLS")?;
+        }
+        Ok(())
+    }
+}
+
 /// Kind of store of a target or scratch image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

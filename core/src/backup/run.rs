@@ -357,7 +357,11 @@ impl BackupRun {
             plan: BackupPlan {
                 mode: spec.mode,
                 incremental: spec.incremental.clone(),
-                server: spec.server.clone(),
+                // A shared server is recorded as it runs (a request may leave the port out).
+                server: match (&core.config.nbd_server_running, spec.mode) {
+                    (Some(running), BackupMode::Pull) => Some(running.clone()),
+                    _ => spec.server.clone(),
+                },
                 tls_object: None,
                 tls_secret_object: None,
                 disks: Vec::new(),
@@ -390,7 +394,7 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
-            shared_server: core.config.nbd_server_running,
+            shared_server: core.config.nbd_server_running.is_some(),
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
             concluded_before_reply: BTreeSet::new(),
@@ -420,18 +424,15 @@ impl BackupRun {
                 .into());
             }
             (BackupMode::Pull, None) => {
-                return Err(RequestError::Unsupported(
-                    "pull mode backup requires a <server>".into(),
-                )
-                .into());
-            }
-            (BackupMode::Pull, Some(s)) => {
-                if s.tls == Some(true) && core.config.tls.is_none() {
+                // Without a <server> the exports go on the server that already runs.
+                if core.config.nbd_server_running.is_none() {
                     return Err(RequestError::Unsupported(
-                        "backup TLS directory not configured".into(),
+                        "pull mode backup requires a <server>".into(),
                     )
                     .into());
                 }
+            }
+            (BackupMode::Pull, Some(s)) => {
                 if let NbdTransport::Unix { socket } = &s.transport
                     && !socket.starts_with('/')
                 {
@@ -439,6 +440,25 @@ impl BackupRun {
                         "backup socket path '{socket}' must be absolute"
                     ))
                     .into());
+                }
+                match &core.config.nbd_server_running {
+                    // QEMU runs one NBD server per process: a client connecting anywhere
+                    // else, or with other security, would never reach the exports.
+                    Some(running) if !running.serves(s) => {
+                        return Err(RequestError::NbdServerInUse {
+                            running: running.to_string(),
+                            requested: s.to_string(),
+                        }
+                        .into());
+                    }
+                    Some(_) => {}
+                    None if s.uses_tls() && core.config.tls.is_none() => {
+                        return Err(RequestError::Unsupported(
+                            "backup TLS directory not configured".into(),
+                        )
+                        .into());
+                    }
+                    None => {}
                 }
             }
             (BackupMode::Push, None) => {}
@@ -714,7 +734,8 @@ impl BackupRun {
                 RequestError::Unsupported("pull mode backup requires a <server>".into())
             })?;
             let mut tls_creds = None;
-            if server.tls == Some(true) {
+            // A shared server brings its own credentials.
+            if server.uses_tls() && !self.shared_server {
                 let tls = core.config.tls.clone().ok_or_else(|| {
                     RequestError::Unsupported("backup TLS directory not configured".into())
                 })?;

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{DomainConfig, DomainEvent, FileOp, StoreOp};
 use vbackup_core::driver::{Driver, Effects, MemoryEffects};
@@ -504,7 +505,7 @@ impl Host for QsdHost {
     }
 
     fn domain_config(&self) -> DomainConfig {
-        live_config()
+        live_config(&self.nbd_socket)
     }
 
     fn crash_qemu(&mut self) -> Result<(), String> {
@@ -526,10 +527,16 @@ impl Host for QsdHost {
     }
 }
 
-/// The configuration of the lab domain on a daemon: pull exports join its NBD server.
-pub fn live_config() -> DomainConfig {
+/// The configuration of the lab domain on a daemon: pull exports join its NBD server, which
+/// listens on `nbd_socket`.
+pub fn live_config(nbd_socket: &Path) -> DomainConfig {
     DomainConfig {
-        nbd_server_running: true,
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: nbd_socket.display().to_string(),
+            },
+            tls: None,
+        }),
         ..DomainConfig::default()
     }
 }
@@ -636,7 +643,7 @@ impl LiveConformance {
         );
         let trace = SharedBuf::default();
         let link = shaper.link(qmp, trace.clone());
-        let driver = connected_driver(def, live_config(), link);
+        let driver = connected_driver(def, live_config(&run.nbd_socket), link);
         Some(LiveConformance {
             name,
             driver: Some(driver),
