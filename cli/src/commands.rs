@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use vbackup_core::backup::{
-    BackupMode, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer, NbdTransport,
+    BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer,
 };
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
@@ -1090,17 +1090,8 @@ fn backup_begin(
         .as_ref()
         .map_or_else(|| now_s().to_string(), |c| c.name.clone());
     let aligned = align_backup(&def, &loaded.def, &suffix)?;
-    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    if spec.mode == BackupMode::Pull && loaded.attachment == Attachment::Managed {
-        // The managed daemon's one NBD server carries the backup's exports too.
-        let socket = RunDir::new(loaded.store.run_dir()).nbd_socket;
-        spec.server = Some(NbdServer {
-            transport: NbdTransport::Unix {
-                socket: socket.display().to_string(),
-            },
-            tls: None,
-        });
-    }
+    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    check_pull_server(&loaded, &spec)?;
     let mut s = Session::connect(loaded)?;
     let r = s.call(Request::BackupBegin {
         spec,
@@ -1111,7 +1102,10 @@ fn backup_begin(
         s.close()?;
         return Err(e);
     }
-    println!("Backup started");
+    match s.driver.domain().view().backup.and_then(export_uris) {
+        Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
+        None => println!("Backup started"),
+    }
     if !wait {
         return s.close();
     }
@@ -1134,6 +1128,38 @@ fn backup_begin(
             "backup job ended without statistics".into(),
         )),
     }
+}
+
+/// Refuses, before anything starts, a pull backup asking for TLS on an attached domain while
+/// no certificate directory is configured, saying what to configure. (A managed domain's
+/// daemon serves without TLS: the core refuses `tls='yes'` there, naming its server.)
+pub(crate) fn check_pull_server(loaded: &Loaded, spec: &BackupSpec) -> Result<(), CliError> {
+    let wants_tls = spec.server.as_ref().is_some_and(NbdServer::uses_tls);
+    if spec.mode != BackupMode::Pull || !wants_tls || loaded.attachment == Attachment::Managed {
+        return Ok(());
+    }
+    let config = crate::config::HostConfig::load(&session::state_root(&loaded.store))?;
+    match config.tls_cert_dir() {
+        None => Err(CliError::Other(format!(
+            "Requested operation is not valid: backup TLS directory not configured; {}",
+            crate::config::tls_hint()
+        ))),
+        Some(dir) => crate::config::check_cert_dir(Path::new(dir)),
+    }
+}
+
+/// The NBD URI of every export of a running pull backup, in disk order; `None` for a push.
+pub(crate) fn export_uris(plan: &BackupPlan) -> Option<Vec<String>> {
+    let server = plan
+        .server
+        .as_ref()
+        .filter(|_| plan.mode == BackupMode::Pull)?;
+    Some(
+        plan.disks
+            .iter()
+            .map(|d| server.export_uri(d.export_name.as_deref().unwrap_or(&d.target)))
+            .collect(),
+    )
 }
 
 /// How often push targets are handed to the host's write-out while `--wait` follows a job.

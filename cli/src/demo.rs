@@ -236,14 +236,23 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     }
 }
 
-fn backup_xml(mode: &str, incremental: Option<&str>, targets: &[(String, PathBuf)]) -> String {
+/// A `<domainbackup>`; a pull names `server`, the managed daemon's own NBD socket.
+fn backup_xml(
+    mode: &str,
+    incremental: Option<&str>,
+    targets: &[(String, PathBuf)],
+    server: &Path,
+) -> String {
     let mut xml = format!("<domainbackup mode='{mode}'>\n");
     if let Some(i) = incremental {
         xml.push_str(&format!("  <incremental>{i}</incremental>\n"));
     }
     if mode == "pull" {
-        // Replaced by the managed daemon's own NBD server.
-        xml.push_str("  <server transport='unix' socket='/run/unused.sock'/>\n");
+        // The daemon's one NBD server, which also serves the guest's exports.
+        xml.push_str(&format!(
+            "  <server transport='unix' socket='{}'/>\n",
+            server.display()
+        ));
     }
     xml.push_str("  <disks>\n");
     for (disk, path) in targets {
@@ -291,7 +300,10 @@ fn run_steps(d: &Demo, size_mib: u64) -> Result<Vec<Row>, CliError> {
         .iter()
         .map(|k| d.reference(k, &format!("refs/t0-{k}.qcow2")))
         .collect::<Result<_, _>>()?;
-    write_file(&d.path("full.xml"), &backup_xml("push", None, &full))?;
+    write_file(
+        &d.path("full.xml"),
+        &backup_xml("push", None, &full, &d.nbd_socket),
+    )?;
     write_file(
         &d.path("c1.xml"),
         "<domaincheckpoint><name>c1</name></domaincheckpoint>\n",
@@ -327,7 +339,10 @@ fn run_steps(d: &Demo, size_mib: u64) -> Result<Vec<Row>, CliError> {
         .iter()
         .map(|k| d.reference(k, &format!("refs/t1-{k}.qcow2")))
         .collect::<Result<_, _>>()?;
-    write_file(&d.path("inc1.xml"), &backup_xml("push", Some("c1"), &inc))?;
+    write_file(
+        &d.path("inc1.xml"),
+        &backup_xml("push", Some("c1"), &inc, &d.nbd_socket),
+    )?;
     write_file(
         &d.path("c2.xml"),
         "<domaincheckpoint><name>c2</name></domaincheckpoint>\n",
@@ -372,7 +387,7 @@ fn run_steps(d: &Demo, size_mib: u64) -> Result<Vec<Row>, CliError> {
         .collect::<Result<_, _>>()?;
     write_file(
         &d.path("pull.xml"),
-        &backup_xml("pull", Some("c2"), &scratch),
+        &backup_xml("pull", Some("c2"), &scratch, &d.nbd_socket),
     )?;
     write_file(
         &d.path("c3.xml"),

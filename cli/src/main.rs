@@ -3,6 +3,7 @@
 //! Each command group lives in its own module; this file only dispatches.
 
 mod commands;
+mod config;
 mod demo;
 mod effects;
 mod managed;
@@ -34,6 +35,9 @@ enum Command {
     /// Managed backups: create, list, restore, delete.
     #[command(flatten)]
     Managed(managed::ManagedCommand),
+    /// Host configuration: pull backup TLS certificates and NBD ports.
+    #[command(flatten)]
+    Config(config::ConfigCommand),
     /// Run the end-to-end demonstration on two fresh qcow2 disks.
     Demo(demo::DemoArgs),
 }
@@ -50,6 +54,10 @@ fn main() -> ExitCode {
         Command::Xml(command) => xml_cmd::run(command),
         Command::Domain(command) => report(commands::run(&cli.global, command)),
         Command::Managed(command) => report(managed::run(&cli.global, command)),
+        Command::Config(command) => report(
+            session::open_store(cli.global.state_dir.as_deref())
+                .and_then(|store| config::run(&store, command)),
+        ),
         Command::Demo(args) => report(demo::run(&args)),
     }
 }

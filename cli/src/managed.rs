@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupSpec, NbdServer, NbdTransport};
+use vbackup_core::backup::BackupSpec;
 use vbackup_core::catalogue::{
     BackupKind, Catalogue, CatalogueOp, DeleteMode, ListFilter, ManagedBackup, validate_uuid,
 };
@@ -734,16 +734,9 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         }
     }
     let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
-    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    let run_dir = loaded.store.run_dir();
-    if def.mode == BackupMode::Pull {
-        spec.server = Some(NbdServer {
-            transport: NbdTransport::Unix {
-                socket: RunDir::new(&run_dir).nbd_socket.display().to_string(),
-            },
-            tls: None,
-        });
-    }
+    // A pull without <server> goes on the daemon's NBD server; one naming another server is
+    // refused by the core before anything starts.
+    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
     let pending = Pending {
         uuid: uuid.clone(),
         parent: parent.as_ref().map(|p| p.uuid.clone()),
@@ -780,7 +773,19 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         return Err(e);
     }
     if !args.json {
-        println!("Backup {uuid} started");
+        match s
+            .driver
+            .domain()
+            .view()
+            .backup
+            .and_then(commands::export_uris)
+        {
+            Some(uris) => println!(
+                "Backup {uuid} started; exports served at {}",
+                uris.join(" ")
+            ),
+            None => println!("Backup {uuid} started"),
+        }
     }
     if pending.pull {
         let copied = pull_copy(&mut s, &pending, parent.as_ref(), args.json);

@@ -68,7 +68,7 @@ fn engine_message(e: &EngineError) -> String {
             RequestError::CheckpointInconsistent { .. } => "checkpoint inconsistent: ",
             RequestError::NoJob | RequestError::NotRunning => "Requested operation is not valid: ",
             RequestError::NoBackup => "Domain backup job id not found: ",
-            RequestError::Unsupported(_) => "",
+            RequestError::Unsupported(_) | RequestError::NbdServerInUse { .. } => "",
             RequestError::InvalidFlags(_) => "",
             _ => "invalid argument: ",
         },

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
-use vbackup_core::backup::BackupPlan;
+use vbackup_core::backup::{BackupPlan, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
 use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
 use vbackup_core::driver::Driver;
@@ -45,6 +45,7 @@ use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
 
+use crate::config::HostConfig;
 use crate::effects::{CURRENT_FILE, PENDING_CHECKPOINT_FILE, StoreEffects};
 use crate::output::CliError;
 
@@ -483,10 +484,7 @@ impl Session {
                 path.clone()
             }
         };
-        let config = DomainConfig {
-            nbd_server_running: attachment == Attachment::Managed,
-            ..DomainConfig::default()
-        };
+        let config = domain_config(&store, &attachment, &run_dir)?;
         let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
             .map(|s| pending_checkpoints(&s))
             .unwrap_or_default();
@@ -594,6 +592,42 @@ impl Session {
         drop(effects);
         Ok(())
     }
+}
+
+/// The NBD server a managed domain's daemon runs: its guest exports and pull backups share
+/// it (QEMU runs one NBD server per process).
+pub fn daemon_nbd_server(run_dir: &Path) -> NbdServer {
+    NbdServer {
+        transport: NbdTransport::Unix {
+            socket: RunDir::new(run_dir).nbd_socket.display().to_string(),
+        },
+        tls: None,
+    }
+}
+
+/// The state directory a domain's store lives in.
+pub fn state_root(store: &DomainStore) -> PathBuf {
+    store
+        .dir()
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The core's configuration of a domain: a managed daemon's NBD server is the one pull backups
+/// use; for an attached QEMU vbackup starts the server the backup asks for, with the host
+/// configuration's ports and TLS credentials.
+pub fn domain_config(
+    store: &DomainStore,
+    attachment: &Attachment,
+    run_dir: &Path,
+) -> Result<DomainConfig, CliError> {
+    let mut config = DomainConfig::default();
+    match attachment {
+        Attachment::Managed => config.nbd_server_running = Some(daemon_nbd_server(run_dir)),
+        Attachment::Attached(_) => HostConfig::load(&state_root(store))?.apply(&mut config),
+    }
+    Ok(config)
 }
 
 /// Stops a managed domain's daemon if one runs (used by `undefine`).

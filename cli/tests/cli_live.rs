@@ -23,13 +23,22 @@ fn push_xml(incremental: Option<&str>, disk: &str, target: &Path) -> String {
     )
 }
 
-/// A pull backup over a unix socket (the daemon picks its own path).
-fn pull_xml(incremental: Option<&str>) -> String {
+/// The unix socket of the NBD server of managed domain `vm`'s daemon.
+fn daemon_socket(lab: &Lab) -> String {
+    RunDir::new(lab.state().join("run/vm"))
+        .nbd_socket
+        .display()
+        .to_string()
+}
+
+/// A pull backup of domain `vm` on its daemon's NBD server (the one server it may use).
+fn pull_xml(lab: &Lab, incremental: Option<&str>) -> String {
     let inc = incremental
         .map(|i| format!("<incremental>{i}</incremental>"))
         .unwrap_or_default();
     format!(
-        "<domainbackup mode='pull'>{inc}<server transport='unix' socket='/unused'/></domainbackup>"
+        "<domainbackup mode='pull'>{inc}<server transport='unix' socket='{}'/></domainbackup>",
+        daemon_socket(lab)
     )
 }
 
@@ -189,8 +198,14 @@ fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort(
     lab.ok(&["start", "vm"]);
     lab.guest_write("vm", "vda", 0x31, "0", "4M");
     let t0 = lab.snapshot("vm", "vda", "t0.qcow2");
-    let px = lab.file("pull.xml", &pull_xml(None));
-    assert_eq!(lab.ok(&["backup-begin", "vm", &px]), "Backup started\n");
+    let px = lab.file("pull.xml", &pull_xml(&lab, None));
+    assert_eq!(
+        lab.ok(&["backup-begin", "vm", &px]),
+        format!(
+            "Backup started; exports served at nbd+unix:///vda?socket={}\n",
+            daemon_socket(&lab)
+        )
+    );
     assert_eq!(lab.json(&["list", "--json"])[0]["job"], "backup");
     // The guest overwrites what the backup has not read yet.
     lab.guest_write("vm", "vda", 0x32, "0", "4M");
@@ -236,7 +251,7 @@ fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
     };
     lab.define_vm("a.qcow2", 16);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
-    let px = lab.file("pull.xml", &pull_xml(Some("c1")));
+    let px = lab.file("pull.xml", &pull_xml(&lab, Some("c1")));
     // A pull backup never ends by itself: `--wait` blocks until it is killed.
     let mut child = lab.spawn(&["backup-begin", "vm", &px, "--wait"]);
     let journal = lab.state().join("domains/vm/journal.json");
@@ -481,7 +496,7 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
     };
     lab.define_vm("a.qcow2", 16);
     lab.ok(&["checkpoint-create-as", "vm", "c1"]);
-    let px = lab.file("pull.xml", &pull_xml(None));
+    let px = lab.file("pull.xml", &pull_xml(&lab, None));
     // `--wait` on a pull backup follows it (holding the domain) until the job is aborted.
     let mut follower = lab.spawn(&["backup-begin", "vm", &px, "--wait"]);
     let progress = lab.state().join("domains/vm/job-progress.json");
@@ -606,7 +621,7 @@ fn a_killed_daemon_is_restarted_its_lost_checkpoints_and_job_are_reported_and_a_
     assert!(identical(&inc, &t2));
 
     // Killed while a job runs: the job died with it, and the next command ends it as failed.
-    let px = lab.file("pull.xml", &pull_xml(Some("c3")));
+    let px = lab.file("pull.xml", &pull_xml(&lab, Some("c3")));
     lab.ok(&["backup-begin", "vm", &px]);
     kill_and_wait(lab.daemon_pids()[0]);
     let out = lab.run(&["domjobinfo", "vm", "--json"]);
@@ -646,7 +661,7 @@ fn a_relative_state_directory_works_for_pull_backups() {
     };
     run(&["define", "vm", "--disk", &format!("vda={}", img.display())]);
     // The daemon's NBD socket lives under the state directory and QEMU wants it absolute.
-    let px = lab.file("pull.xml", &pull_xml(None));
+    let px = lab.file("pull.xml", &pull_xml(&lab, None));
     run(&["backup-begin", "vm", &px]);
     run(&["domjobabort", "vm"]);
     assert!(lab.daemon_pids().is_empty());

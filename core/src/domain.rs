@@ -399,11 +399,13 @@ pub struct DomainConfig {
     /// removal transaction, which QEMU refuses atomically if a bitmap is missing; disks with
     /// backing layers are always queried, because the bitmap may live in several of them.
     pub query_nodes_before_delete: bool,
-    /// QEMU already runs the NBD server pull backups must use (a managed qemu-storage-daemon
-    /// serving its guest exports: QEMU runs one NBD server per process). Pull backups then add
-    /// their exports to it and delete only those, never starting nor stopping the server; the
-    /// backup's `<server>` must name that server's address.
-    pub nbd_server_running: bool,
+    /// The NBD server QEMU already runs and pull backups must use, if any (a managed
+    /// qemu-storage-daemon serving its guest exports: QEMU runs one NBD server per process).
+    /// Pull backups then add their exports to it and delete only those, never starting nor
+    /// stopping the server. A backup without `<server>` uses it; one whose `<server>` names
+    /// another address or other security is refused before anything starts
+    /// ([`RequestError::NbdServerInUse`]), because its client would not reach the exports.
+    pub nbd_server_running: Option<crate::backup::NbdServer>,
     /// How push backups write their targets (see [`PushWrite`]).
     pub push_write: PushWrite,
 }
@@ -431,7 +433,7 @@ impl Default for DomainConfig {
             tls: None,
             command_timeout_ms: 60_000,
             query_nodes_before_delete: false,
-            nbd_server_running: false,
+            nbd_server_running: None,
             push_write: PushWrite::default(),
         }
     }
@@ -591,7 +593,7 @@ impl Domain {
         journal: Option<BackupPlan>,
     ) -> Self {
         let mut jobs = JobSlots::new();
-        let shared_server = config.nbd_server_running;
+        let shared_server = config.nbd_server_running.is_some();
         let backup = journal.map(|plan| BackupRun::restore(plan, &mut jobs, shared_server));
         Self {
             core: Core {

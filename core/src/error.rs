@@ -116,6 +116,18 @@ pub enum RequestError {
     /// The backup was aborted while it was being started.
     #[error("backup aborted before it started")]
     Aborted,
+    /// A pull backup's `<server>` is not the NBD server QEMU already runs for the domain (a
+    /// process runs one NBD server; a managed domain's daemon serves its guest exports on it),
+    /// so a client connecting where the backup asked would not reach the exports.
+    #[error(
+        "unsupported configuration: the domain's NBD server already runs at {running}, but the backup asks for {requested}; name that server in <server> (or give none)"
+    )]
+    NbdServerInUse {
+        /// The running server's address.
+        running: String,
+        /// The address the backup asked for.
+        requested: String,
+    },
     /// No TCP port was given and the configured range has none free.
     #[error("no free TCP port in {min}..={max} for the NBD server")]
     NoFreePort {

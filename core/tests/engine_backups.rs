@@ -59,6 +59,32 @@ fn unix() -> NbdTransport {
     }
 }
 
+/// The NBD server a managed daemon already runs (on the same socket [`unix`] names).
+fn running_unix() -> NbdServer {
+    NbdServer {
+        transport: unix(),
+        tls: None,
+    }
+}
+
+/// A domain whose QEMU already runs the NBD server `running`.
+fn shared_config(running: NbdServer) -> DomainConfig {
+    DomainConfig {
+        nbd_server_running: Some(running),
+        ..DomainConfig::default()
+    }
+}
+
+/// A lab domain whose QEMU already runs the NBD server `running`, connected.
+fn shared_lab(running: NbdServer) -> Harness {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), shared_config(running));
+    h.connect();
+    h
+}
+
 fn begin(h: &mut Harness, spec: BackupSpec, checkpoint_name: Option<&str>) -> u64 {
     h.request(Request::BackupBegin {
         spec,
@@ -1035,10 +1061,7 @@ fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
     let def = lab_domain();
     let mut peer = Peer::for_domain(&def, &lab_sizes());
     peer.nbd_running = true;
-    let config = DomainConfig {
-        nbd_server_running: true,
-        ..DomainConfig::default()
-    };
+    let config = shared_config(running_unix());
     let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
     h.connect();
     let id = begin(&mut h, pull(None, unix(), None), None);
@@ -1268,10 +1291,7 @@ fn restart_after_qemu_restart_ends_pull_backup_on_shared_server_failed() {
     let def = lab_domain();
     let mut peer = Peer::for_domain(&def, &lab_sizes());
     peer.nbd_running = true;
-    let config = DomainConfig {
-        nbd_server_running: true,
-        ..DomainConfig::default()
-    };
+    let config = shared_config(running_unix());
     let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config.clone());
     h.connect();
     let id = begin(&mut h, pull(None, unix(), None), Some("c1"));
@@ -1339,4 +1359,169 @@ fn reconnect_with_one_push_job_vanished_cancels_the_other_and_ends_failed() {
         h.peer.files.is_empty(),
         "targets of a failed push are deleted"
     );
+}
+
+/// Asserts that `id` was refused because its server is not `running`, naming both, and that
+/// nothing was sent, stored nor created.
+fn assert_refused_server_in_use(h: &Harness, id: u64, running: &str, requested: &str) {
+    let Some(Err(Error::Request(RequestError::NbdServerInUse {
+        running: r,
+        requested: q,
+    }))) = h.answer(id)
+    else {
+        panic!("refused as a server mismatch: {:?}", h.answer(id));
+    };
+    assert_eq!((r.as_str(), q.as_str()), (running, requested));
+    let text = h.answer(id).unwrap().as_ref().unwrap_err().to_string();
+    assert!(text.contains(running) && text.contains(requested), "{text}");
+    assert!(!h.transcript().contains("->"), "{}", h.transcript());
+    assert!(h.store.is_empty(), "{:?}", h.store);
+    assert!(h.peer.files.is_empty());
+    assert!(h.domain.view().backup.is_none());
+    assert!(h.domain.view().jobs.long_job().is_none());
+    assert!(h.domain.view().jobs.disk_holder("vda").is_none());
+    assert!(h.domain.view().checkpoints.get("c1").is_none());
+}
+
+#[test]
+fn pull_naming_another_socket_than_the_running_server_is_refused_before_anything_starts() {
+    let mut h = shared_lab(running_unix());
+    let other = NbdTransport::Unix {
+        socket: "/x/pull.sock".into(),
+    };
+    let id = begin(&mut h, pull(None, other, None), Some("c1"));
+    assert_refused_server_in_use(&h, id, "unix:/run/backup-nbd.sock", "unix:/x/pull.sock");
+}
+
+#[test]
+fn pull_asking_for_tcp_on_a_running_unix_server_is_refused_naming_both() {
+    let mut h = shared_lab(running_unix());
+    let tcp = NbdTransport::Tcp {
+        host: "127.0.0.1".into(),
+        port: Some(10809),
+    };
+    let id = begin(&mut h, pull(None, tcp, None), Some("c1"));
+    assert_refused_server_in_use(&h, id, "unix:/run/backup-nbd.sock", "tcp:127.0.0.1:10809");
+}
+
+#[test]
+fn pull_asking_for_tls_on_a_running_server_without_tls_is_refused_even_with_tls_configured() {
+    let def = lab_domain();
+    let mut peer = Peer::for_domain(&def, &lab_sizes());
+    peer.nbd_running = true;
+    let config = DomainConfig {
+        tls: Some(TlsConfig {
+            cert_dir: "/etc/pki/vbackup".into(),
+            verify_peer: true,
+            secret_file: None,
+        }),
+        ..shared_config(running_unix())
+    };
+    let mut h = Harness::with_config(def, peer, CheckpointTree::new(), config);
+    h.connect();
+    let id = begin(&mut h, pull(None, unix(), Some(true)), Some("c1"));
+    assert_refused_server_in_use(
+        &h,
+        id,
+        "unix:/run/backup-nbd.sock",
+        "unix:/run/backup-nbd.sock with TLS",
+    );
+}
+
+#[test]
+fn pull_without_tls_on_a_running_tls_server_is_refused() {
+    let running = NbdServer {
+        transport: NbdTransport::Tcp {
+            host: "127.0.0.1".into(),
+            port: Some(10900),
+        },
+        tls: Some(true),
+    };
+    let mut h = shared_lab(running.clone());
+    let id = begin(&mut h, pull(None, running.transport, None), None);
+    assert_refused_server_in_use(
+        &h,
+        id,
+        "tcp:127.0.0.1:10900 with TLS",
+        "tcp:127.0.0.1:10900",
+    );
+}
+
+#[test]
+fn pull_without_a_server_uses_the_running_one() {
+    let mut h = shared_lab(running_unix());
+    let mut spec = pull(None, unix(), None);
+    spec.server = None;
+    let id = begin(&mut h, spec, Some("c1"));
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    let plan = h.domain.view().backup.cloned().expect("running");
+    assert_eq!(plan.server, Some(running_unix()));
+    assert!(!h.peer.exports.is_empty());
+    h.request(Request::AbortJob);
+    assert_eq!(completed(&h).status, JobStatus::Completed);
+    let transcript = h.transcript();
+    assert!(!transcript.contains("nbd-server-start"), "{transcript}");
+    assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
+}
+
+#[test]
+fn pull_naming_the_running_server_with_tls_uses_its_credentials_and_adds_none() {
+    let running = NbdServer {
+        transport: NbdTransport::Tcp {
+            host: "127.0.0.1".into(),
+            port: Some(10900),
+        },
+        tls: Some(true),
+    };
+    let mut h = shared_lab(running.clone());
+    // A TCP request without a port accepts the port the server runs on.
+    let requested = NbdTransport::Tcp {
+        host: "127.0.0.1".into(),
+        port: None,
+    };
+    let id = begin(&mut h, pull(None, requested, Some(true)), None);
+    assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
+    assert_eq!(
+        h.domain.view().backup.and_then(|p| p.server.clone()),
+        Some(running)
+    );
+    let transcript = h.transcript();
+    assert!(!transcript.contains("object-add"), "{transcript}");
+    assert!(!transcript.contains("nbd-server-start"), "{transcript}");
+}
+
+#[test]
+fn pull_without_a_server_and_none_running_is_refused() {
+    let mut h = lab_with_checkpoints(&[]);
+    let mut spec = pull(None, unix(), None);
+    spec.server = None;
+    let id = begin(&mut h, spec, None);
+    assert!(matches!(
+        h.answer(id),
+        Some(Err(Error::Request(RequestError::Unsupported(_))))
+    ));
+    assert!(!h.transcript().contains("->"));
+}
+
+#[test]
+fn export_uris_follow_the_nbd_uri_forms_clients_understand() {
+    let unix = NbdServer {
+        transport: NbdTransport::Unix {
+            socket: "/run/pull.sock".into(),
+        },
+        tls: None,
+    };
+    assert_eq!(
+        unix.export_uri("vda"),
+        "nbd+unix:///vda?socket=/run/pull.sock"
+    );
+    let tls = NbdServer {
+        transport: NbdTransport::Tcp {
+            host: "::1".into(),
+            port: Some(10809),
+        },
+        tls: Some(true),
+    };
+    assert_eq!(tls.export_uri("vdb"), "nbds://[::1]:10809/vdb");
+    assert_eq!(tls.to_string(), "tcp:[::1]:10809 with TLS");
 }

@@ -16,6 +16,8 @@
 //!   graph.
 //! - [`restore`]: restoring a backup chain into new images or over existing disks.
 //! - [`live`]: the harness for tests against real qemu-storage-daemon.
+//! - [`vm`]: running a real qemu-system-x86_64 VM without a guest OS, for tests against a
+//!   running QEMU.
 //! - [`writeout`]: making push targets durable, and writing them out while the job runs.
 
 pub mod discover;
@@ -27,4 +29,5 @@ pub mod qsd;
 pub mod recorder;
 pub mod restore;
 pub mod store;
+pub mod vm;
 pub mod writeout;

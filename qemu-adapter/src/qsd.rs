@@ -312,14 +312,19 @@ impl RunDir {
     }
 }
 
-/// Whether `pid` is a live (not zombie) qemu-storage-daemon, read from `/proc/PID/stat`.
+/// Whether `pid` is a live (not zombie) qemu-storage-daemon; see [`program_alive`].
+pub fn daemon_alive(pid: u32) -> bool {
+    program_alive(pid, QSD_PROGRAM)
+}
+
+/// Whether `pid` is a live (not zombie) process of `program`, read from `/proc/PID/stat`.
 ///
 /// The command name there (at most 15 bytes, set at exec) guards against pid reuse. It is read
 /// from `stat` rather than `cmdline` because `cmdline` reads empty while a killed process is
 /// still tearing down, and such a process still holds its image locks: it counts as alive
 /// until it is a zombie. A zombie leader whose other threads are still exiting counts as alive
 /// too: Linux reports the leader as `Z` before the whole thread group is gone.
-pub fn daemon_alive(pid: u32) -> bool {
+pub fn program_alive(pid: u32, program: &str) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -329,7 +334,7 @@ pub fn daemon_alive(pid: u32) -> bool {
     };
     let comm = &stat[open + 1..close];
     let state = stat[close + 1..].split_whitespace().next();
-    let expected = &QSD_PROGRAM[..QSD_PROGRAM.len().min(15)];
+    let expected = &program[..program.len().min(15)];
     if comm != expected || state.is_none() || state == Some("X") {
         return false;
     }

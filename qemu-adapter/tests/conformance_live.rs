@@ -75,3 +75,10 @@ fn live_backup_survives_a_restart_of_vbackup_mid_job_and_completes() {
     .map(|driver| run.driver = Some(driver));
     run.finish(result);
 }
+
+#[test]
+fn live_pull_on_the_daemons_server_is_refused_elsewhere_and_served_there() {
+    LiveConformance::run("pull-on-running-server", |d, h, _| {
+        scenarios::pull_on_the_running_server(d, h)
+    });
+}

@@ -62,7 +62,7 @@ pub use image::{
 pub use nbd::{ExportError, ExportView};
 pub use node::IoError;
 pub use qcow2::{Qcow2Image, StoredBitmap};
-pub use qemu::{Config, Fault, Flavor, Qemu};
+pub use qemu::{Config, DriveLayer, Fault, Flavor, Qemu};
 
 /// Error classes and texts (re-exported for tests of other crates).
 pub mod error_classes {

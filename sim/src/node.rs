@@ -695,7 +695,9 @@ impl Qemu {
                 if n.len() > MAX_NODE_NAME {
                     return Err(QmpError::node_name_too_long());
                 }
-                if !id_wellformed(&n) {
+                // Only QEMU itself names nodes `#block...` (legacy `-drive` disks).
+                let generated = self.opening_drive && n.starts_with("#block");
+                if !id_wellformed(&n) && !generated {
                     return Err(QmpError::invalid_node_name(&n));
                 }
                 if self.st.nodes.contains_key(&n) {
@@ -883,6 +885,18 @@ impl Qemu {
                 "BlockdevRef",
             )),
         }
+    }
+
+    /// Opens an image and its backing chain as `-drive` does: generated node names, the top
+    /// layer writable, the backing layers read-only. Returns the top format node.
+    pub(crate) fn open_drive(&mut self, path: &str) -> Result<String, QmpError> {
+        let mut created = Vec::new();
+        let mut implicit = Vec::new();
+        let top = self.open_backing_from_header(path, &mut created, &mut implicit, 0)?;
+        if let Some(n) = self.node_mut(&top) {
+            n.read_only = false;
+        }
+        Ok(top)
     }
 
     /// Opens the backing chain an image header names (read-only, implicit nodes).
@@ -1288,7 +1302,7 @@ impl Qemu {
                 .devices
                 .iter()
                 .map(|d| {
-                    json!({"io-status": "ok", "device": "", "locked": false, "removable": false,
+                    json!({"io-status": "ok", "device": d.backend, "locked": false, "removable": false,
                         "inserted": self.node_info(&d.node, false), "qdev": d.qdev, "type": "unknown"})
                 })
                 .collect(),

@@ -75,6 +75,21 @@ pub(crate) struct Device {
     pub id: String,
     pub qdev: String,
     pub node: String,
+    /// The BlockBackend name `query-block` shows as `device`: the drive id of a legacy
+    /// `-drive` disk (`virtio0` without one), empty for a `-device ...,drive=NODE` disk.
+    pub backend: String,
+}
+
+/// One layer of a legacy `-drive` disk for [`Qemu::add_drive`]: the names QEMU generated for
+/// its nodes and its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveLayer {
+    /// The format (qcow2) node, `#blockNNN`.
+    pub format_node: String,
+    /// The protocol (file) node below it.
+    pub storage_node: String,
+    /// The image path.
+    pub path: String,
 }
 
 /// Everything a QEMU process holds in memory; lost by a crash.
@@ -101,9 +116,15 @@ pub(crate) struct State {
 
 impl State {
     pub(crate) fn anon_node_name(&mut self) -> String {
-        // Real QEMU numbers implicit nodes in the thousands; the exact number is meaningless.
-        self.next_anon_node += 1;
-        format!("#block{}", 100 + self.next_anon_node)
+        // Real QEMU numbers implicit nodes in the thousands; the exact number is meaningless,
+        // but it must not be a name a `-drive` disk already has (`Qemu::add_drive`).
+        loop {
+            self.next_anon_node += 1;
+            let name = format!("#block{}", 100 + self.next_anon_node);
+            if !self.nodes.contains_key(&name) {
+                return name;
+            }
+        }
     }
 
     pub(crate) fn bitmap_uid(&mut self) -> u64 {
@@ -127,6 +148,8 @@ pub struct Qemu {
     pub(crate) config: Config,
     pub(crate) faults: Vec<Fault>,
     pub(crate) now_ms: u64,
+    /// Set while [`Qemu::add_drive`] opens nodes under QEMU's generated names.
+    pub(crate) opening_drive: bool,
 }
 
 impl Qemu {
@@ -141,6 +164,7 @@ impl Qemu {
             config,
             faults: Vec::new(),
             now_ms: 0,
+            opening_drive: false,
         }
     }
 
@@ -263,8 +287,107 @@ impl Qemu {
             id: id.to_string(),
             qdev: format!("/machine/peripheral/{id}/virtio-backend"),
             node: node.to_string(),
+            backend: String::new(),
         });
         Ok(())
+    }
+
+    /// Attaches a legacy `-drive file=TOP,if=virtio,format=qcow2[,id=ID]` disk as QEMU opens
+    /// it: per layer (top first) a qcow2 node over a file node, with the names QEMU generated
+    /// (`#blockNNN`, which QMP's `blockdev-add` would refuse), backing layers read-only; the
+    /// BlockBackend is named `backend` (the drive id, or `virtioN`) and the device's qdev path
+    /// is `qdev` (`/machine/peripheral-anon/device[N]/virtio-backend` without a device id).
+    pub fn add_drive(
+        &mut self,
+        backend: &str,
+        qdev: &str,
+        layers: &[DriveLayer],
+    ) -> Result<(), QmpError> {
+        let Some(top) = layers.first() else {
+            return Err(QmpError::generic("a drive needs an image"));
+        };
+        let was = self.negotiated;
+        self.negotiated = true;
+        self.opening_drive = true;
+        let now = self.now_ms;
+        let mut result = Ok(());
+        for (i, layer) in layers.iter().enumerate().rev() {
+            let read_only = i > 0;
+            let backing = layers.get(i + 1).map(|l| l.format_node.clone());
+            for args in [
+                json!({"driver": "file", "node-name": layer.storage_node,
+                    "filename": layer.path, "read-only": read_only}),
+                json!({"driver": "qcow2", "node-name": layer.format_node,
+                    "file": layer.storage_node, "backing": backing, "read-only": read_only}),
+            ] {
+                if result.is_ok() {
+                    result = self
+                        .execute(now, &json!({"execute": "blockdev-add", "arguments": args}))
+                        .map(|_| ());
+                }
+            }
+        }
+        self.opening_drive = false;
+        self.negotiated = was;
+        result?;
+        self.st.devices.push(Device {
+            id: String::new(),
+            qdev: qdev.to_string(),
+            node: top.format_node.clone(),
+            backend: backend.to_string(),
+        });
+        Ok(())
+    }
+
+    /// The format nodes under the device or drive `id`, top first (what attached-domain
+    /// discovery walks: the device's node, then each node's backing).
+    pub fn device_chain(&self, id: &str) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut next = self
+            .st
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.node.clone());
+        while let Some(name) = next {
+            if chain.len() > 64 {
+                break;
+            }
+            next = self.st.nodes.get(&name).and_then(|n| n.backing.clone());
+            chain.push(name);
+        }
+        chain
+    }
+
+    /// Attaches a disk the legacy way (`-drive file=PATH,if=virtio[,id=ID]`): QEMU opens the
+    /// image and the backing chain its header names under node names of its own choosing
+    /// (`#blockNNN`), names the BlockBackend after the drive id (`virtio0`, `virtio1`... when
+    /// none is given) and puts an anonymous virtio device on it. Returns the drive id.
+    pub fn attach_drive(&mut self, path: &str, id: Option<&str>) -> Result<String, QmpError> {
+        let index = self.st.devices.len();
+        let id = id.map_or_else(
+            || {
+                let n = self
+                    .st
+                    .devices
+                    .iter()
+                    .filter(|d| d.backend.starts_with("virtio"))
+                    .count();
+                format!("virtio{n}")
+            },
+            str::to_string,
+        );
+        if self.st.devices.iter().any(|d| d.id == id) {
+            return Err(QmpError::generic(format!("Duplicate ID '{id}' for drive")));
+        }
+        let node = self.open_drive(path)?;
+        self.st.devices.push(Device {
+            id: id.clone(),
+            qdev: format!("/machine/peripheral-anon/device[{index}]/virtio-backend"),
+            node,
+            backend: id.clone(),
+        });
+        Ok(id)
     }
 
     pub(crate) fn emit(&mut self, event: &str, data: Value) {

@@ -4,9 +4,11 @@
 //! does outside QMP (guest writes, reading images and exports, slowing jobs, injecting an I/O
 //! error, crashing QEMU).
 //!
-//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental; pull
+//! The scenarios: checkpoint create/delete/redefine/validate; push full then incremental;
+//! incremental pushes with an idle disk and with every disk clean; pull
 //! full then incremental with guest writes during each pull; abort of a slowed push; a push
-//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint.
+//! whose target fails with EIO; vbackup restarted mid-job; QEMU killed after a checkpoint; pull
+//! backups on an NBD server QEMU already runs (refused elsewhere, served there).
 //!
 //! Contract: every scenario starts from a connected driver on the lab domain
 //! ([`crate::world::lab_domain`]: `vda` with one layer, `vdb` an overlay over a base image)
@@ -20,7 +22,7 @@
 
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupMode, JobStatus};
-use vbackup_core::backup::{BackupSpec, NbdTransport};
+use vbackup_core::backup::{BackupSpec, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
 use vbackup_core::driver::{Driver, Effects};
@@ -303,6 +305,92 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     Ok(())
 }
 
+/// Push full (creating c1); only `vda` changes, incremental push from c1 (creating c2) with
+/// `vdb` idle; then nothing changes at all and an incremental from c2 (creating c3) finds every
+/// disk clean. QEMU concludes a backup job with nothing to copy inside the `transaction`,
+/// before its reply: each backup must still end, and restore exactly (the clean ones to the
+/// content they are incremental over).
+pub fn push_incremental_with_idle_disks<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+) -> Result<(), String> {
+    scribble(h, 1)?;
+    let at_full = both(h)?;
+    let full = PushCheck {
+        incremental: None,
+        dir: "/backup/full",
+        checkpoint: "c1",
+        what: "full push",
+    };
+    push_completes_and_restores(d, h, events, &full, None, &at_full)?;
+    h.guest_write("vda", 3 * CLUSTER_BYTES, &[0x7e; CLUSTER_BYTES as usize])?;
+    let at_one = both(h)?;
+    if at_one[1] != at_full[1] {
+        return Err("vdb changed though nothing wrote to it".into());
+    }
+    let one_idle = PushCheck {
+        incremental: Some("c1"),
+        dir: "/backup/one-idle",
+        checkpoint: "c2",
+        what: "incremental push with vdb idle",
+    };
+    push_completes_and_restores(d, h, events, &one_idle, Some(&at_full), &at_one)?;
+    let all_idle = PushCheck {
+        incremental: Some("c2"),
+        dir: "/backup/all-idle",
+        checkpoint: "c3",
+        what: "incremental push with every disk clean",
+    };
+    push_completes_and_restores(d, h, events, &all_idle, Some(&at_one), &at_one)?;
+    if names(d)? != ["c1", "c2", "c3"] {
+        return Err("the incremental backups did not create their checkpoints".into());
+    }
+    Ok(())
+}
+
+/// The lab's cluster size, for writes that fill whole clusters.
+const CLUSTER_BYTES: u64 = 64 << 10;
+
+/// One push backup of both lab disks that must complete.
+struct PushCheck<'a> {
+    incremental: Option<&'a str>,
+    dir: &'a str,
+    checkpoint: &'a str,
+    what: &'a str,
+}
+
+/// Runs the push `p` to its end and checks it completed and that each disk's image, restored
+/// over `base` (the content it is incremental over), equals `expected`.
+fn push_completes_and_restores<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    p: &PushCheck<'_>,
+    base: Option<&[Vec<u8>; 2]>,
+    expected: &[Vec<u8>; 2],
+) -> Result<(), String> {
+    call(
+        d,
+        backup(
+            h,
+            BackupMode::Push,
+            p.incremental,
+            p.dir,
+            Some(p.checkpoint),
+        ),
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err(format!("the {} did not complete", p.what));
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, p.dir, disk);
+        let got = h.restore(&path, base.map(|b| b[i].as_slice()))?;
+        compare(&format!("{} of {disk}", p.what), &got, &expected[i])?;
+    }
+    Ok(())
+}
+
 /// Pull full (creating c1) and incremental from c1, with guest writes during each pull: the
 /// exports read the content of the backup's start.
 pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
@@ -479,15 +567,11 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
     h.slow_jobs(None)?;
     let def = d.domain().view().def.clone();
     let (_, mut link, effects) = d.into_parts();
-    let (checkpoints, current, journal) = stored_state(persisted(&effects));
-    if journal.is_none() {
+    if stored_state(persisted(&effects)).2.is_none() {
         return Err("a running backup left no journal".into());
     }
     relink(&mut link)?;
-    let tree = CheckpointTree::load(checkpoints, current.as_deref());
-    let domain = Domain::new(def, h.domain_config(), tree, journal);
-    let mut d = Driver::new(domain, link, effects);
-    reconnect(&mut d)?;
+    let mut d = restart_engine(def, h.domain_config(), link, effects, persisted)?;
     match finish(&mut d, events)? {
         JobStatus::Completed => {}
         other => return Err(format!("the recovered backup ended {other:?}")),
@@ -506,11 +590,29 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
 /// QEMU is killed (SIGKILL) after a full backup created checkpoint c1, and started again over
 /// the same images: c1's bitmaps were never written to them, so an incremental backup from c1
 /// is refused with a typed error, and a full backup creating c2 completes and restores exactly.
+/// The two halves are [`crash_after_new_checkpoint`] and [`new_checkpoint_lost_in_crash`]; a
+/// host whose restarted QEMU names its nodes anew (legacy `-drive` disks) runs them with a
+/// restart of vbackup on a rediscovered domain in between.
 pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     d: &mut Drv<L, E>,
     h: &mut H,
     events: impl Fn(&E) -> &[DomainEvent] + Copy,
     mut relink: impl FnMut(&mut L) -> Result<(), String>,
+) -> Result<(), String> {
+    crash_after_new_checkpoint(d, h, events)?;
+    // The old session is gone with the process; the engine learns it, then a new one opens.
+    let _ = d.link_down();
+    relink(d.link_mut())?;
+    reconnect(d)?;
+    new_checkpoint_lost_in_crash(d, h, events)
+}
+
+/// The first half of [`qemu_crash_loses_new_checkpoint`]: a full push backup creating c1, then
+/// QEMU is killed and started again ([`Host::crash_qemu`]).
+pub fn crash_after_new_checkpoint<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
 ) -> Result<(), String> {
     call(
         d,
@@ -525,11 +627,16 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
     if finish(d, events)? != JobStatus::Completed {
         return Err("the backup before the crash did not complete".into());
     }
-    h.crash_qemu()?;
-    // The old session is gone with the process; the engine learns it, then a new one opens.
-    let _ = d.link_down();
-    relink(d.link_mut())?;
-    reconnect(d)?;
+    h.crash_qemu()
+}
+
+/// The second half of [`qemu_crash_loses_new_checkpoint`], on a driver connected to the
+/// restarted QEMU: the incremental from c1 is refused, a full backup creating c2 restores.
+pub fn new_checkpoint_lost_in_crash<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+) -> Result<(), String> {
     scribble(h, 10)?;
     let refused = d
         .call(
@@ -568,6 +675,176 @@ pub fn qemu_crash_loses_new_checkpoint<L: Link, E: Effects, H: Host>(
             &got,
             &at_full[i],
         )?;
+    }
+    Ok(())
+}
+
+/// Checkpoints taken before and after an external snapshot both serve incremental backups:
+/// a full push creates c1; the host puts a new overlay on top of `vdb` while the guest runs
+/// (`snapshot`, which also gives the core the domain's new layers, as redefining it after a
+/// snapshot does, and returns the driver to go on with); an incremental from c1 creating c2 and
+/// an incremental from c2 then restore exactly, with guest writes between and during each.
+/// (The simulator does not model `blockdev-snapshot`; this runs against real QEMU.)
+pub fn checkpoints_survive_a_live_snapshot<L: Link, E: Effects, H: Host>(
+    d: Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    snapshot: impl FnOnce(Drv<L, E>, &mut H) -> Result<Drv<L, E>, String>,
+) -> Result<Drv<L, E>, String> {
+    let mut d = d;
+    scribble(h, 11)?;
+    let at_full = both(h)?;
+    call(
+        &mut d,
+        backup(h, BackupMode::Push, None, "/backup/snap-full", Some("c1")),
+    )?;
+    scribble(h, 12)?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the full push backup did not complete".into());
+    }
+    scribble(h, 13)?;
+    let mut d = snapshot(d, h)?;
+    scribble(h, 14)?;
+    let at_c2 = both(h)?;
+    call(
+        &mut d,
+        backup(
+            h,
+            BackupMode::Push,
+            Some("c1"),
+            "/backup/snap-inc1",
+            Some("c2"),
+        ),
+    )?;
+    scribble(h, 15)?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the incremental from the checkpoint before the snapshot failed".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/snap-inc1", disk);
+        let got = h.restore(&path, Some(&at_full[i]))?;
+        compare(&format!("incremental from c1 of {disk}"), &got, &at_c2[i])?;
+    }
+    scribble(h, 16)?;
+    let at_inc2 = both(h)?;
+    call(
+        &mut d,
+        backup(h, BackupMode::Push, Some("c2"), "/backup/snap-inc2", None),
+    )?;
+    if finish(&mut d, events)? != JobStatus::Completed {
+        return Err("the incremental from the checkpoint after the snapshot failed".into());
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, "/backup/snap-inc2", disk);
+        let got = h.restore(&path, Some(&at_c2[i]))?;
+        compare(&format!("incremental from c2 of {disk}"), &got, &at_inc2[i])?;
+    }
+    if names(&mut d)? != ["c1", "c2"] {
+        return Err("the checkpoints did not survive the snapshot".into());
+    }
+    Ok(d)
+}
+
+/// A new driver for the domain `def` over `link`, with the checkpoints and journal of the
+/// store operations `persisted`: vbackup started again on a domain defined anew.
+pub fn restart_engine<L: Link, E: Effects>(
+    def: vbackup_core::model::DomainDef,
+    config: DomainConfig,
+    link: L,
+    effects: E,
+    persisted: impl Fn(&E) -> &[StoreOp],
+) -> Result<Drv<L, E>, String> {
+    let (checkpoints, current, journal) = stored_state(persisted(&effects));
+    let tree = CheckpointTree::load(checkpoints, current.as_deref());
+    let domain = Domain::new(def, config, tree, journal);
+    let mut d = Driver::new(domain, link, effects);
+    reconnect(&mut d)?;
+    Ok(d)
+}
+
+/// Pull backups on a domain whose QEMU already runs the NBD server (a managed daemon serving
+/// its guest exports; the host's [`Host::domain_config`] names it): a backup whose `<server>`
+/// names another socket, TCP, or TLS the server does not have is refused with a typed error
+/// naming both before anything starts (no checkpoint, no job); one without `<server>` puts its
+/// exports on the running server, where they read the backup's point in time.
+pub fn pull_on_the_running_server<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+) -> Result<(), String> {
+    let running = h.nbd_socket();
+    let others = [
+        NbdServer {
+            transport: NbdTransport::Unix {
+                socket: format!("{running}.other"),
+            },
+            tls: None,
+        },
+        NbdServer {
+            transport: NbdTransport::Tcp {
+                host: "127.0.0.1".into(),
+                port: Some(10809),
+            },
+            tls: None,
+        },
+        NbdServer {
+            transport: NbdTransport::Unix {
+                socket: running.clone(),
+            },
+            tls: Some(true),
+        },
+    ];
+    for other in others {
+        let mut request = backup(h, BackupMode::Pull, None, "/scratch/refused", Some("c1"));
+        if let Request::BackupBegin { spec, .. } = &mut request {
+            spec.server = Some(other.clone());
+        }
+        let answer = d
+            .call(request, STEPS)
+            .map_err(|e| format!("driver stopped: {e}"))?;
+        match answer {
+            Err(Error::Request(RequestError::NbdServerInUse {
+                running: named,
+                requested,
+            })) if named.contains(&running) && requested == other.to_string() => {}
+            other_answer => {
+                return Err(format!(
+                    "a pull on {other} while the server runs at {running} answered {other_answer:?}"
+                ));
+            }
+        }
+        if !names(d)?.is_empty() || d.domain().view().backup.is_some() {
+            return Err(format!(
+                "the refused pull on {other} left a checkpoint or a job"
+            ));
+        }
+    }
+    scribble(h, 11)?;
+    let at_start = both(h)?;
+    let mut request = backup(h, BackupMode::Pull, None, "/scratch/running", Some("c1"));
+    if let Request::BackupBegin { spec, .. } = &mut request {
+        spec.server = None;
+    }
+    call(d, request)?;
+    let server = d
+        .domain()
+        .view()
+        .backup
+        .and_then(|p| p.server.clone())
+        .ok_or("the running pull records no server")?;
+    if server.transport != (NbdTransport::Unix { socket: running }) {
+        return Err(format!("the pull without <server> runs on {server}"));
+    }
+    scribble(h, 12)?;
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let got = h.read_export(disk, None)?;
+        compare(&format!("pull export of {disk}"), &got, &at_start[i])?;
+    }
+    call(d, Request::AbortJob)?;
+    let ended = d
+        .run_until(|dom| dom.view().backup.is_none(), STEPS)
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    if !ended {
+        return Err("the pull backup did not end after abort".into());
     }
     Ok(())
 }

@@ -420,6 +420,81 @@ pub fn boot_lab(q: &mut Qemu) -> Result<(), QmpError> {
     result
 }
 
+/// How the lab's disks are attached to the simulated VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabWiring {
+    /// `-blockdev` nodes with libvirt's names (`libvirt-N-format`/`-storage`) under devices
+    /// with ids: [`boot_lab`].
+    #[default]
+    Blockdev,
+    /// Legacy `-drive file=...,if=virtio`: `vda` without an id, `vdb` with `id=drive-vdb`;
+    /// QEMU names every node itself (`#blockNNN`).
+    Drive,
+}
+
+impl LabWiring {
+    /// The device (or drive) id of the lab disk `target`.
+    pub fn device(self, target: &str) -> &str {
+        match (self, target) {
+            (LabWiring::Drive, "vda") => "virtio0",
+            (LabWiring::Drive, "vdb") => "drive-vdb",
+            _ => target,
+        }
+    }
+}
+
+/// Opens the lab domain as [`boot_lab`] does, with the disks attached as `wiring` says.
+pub fn boot_lab_wired(q: &mut Qemu, wiring: LabWiring) -> Result<(), QmpError> {
+    match wiring {
+        LabWiring::Blockdev => boot_lab(q),
+        LabWiring::Drive => {
+            let r = q
+                .attach_drive("/img/vda.qcow2", None)
+                .and_then(|_| q.attach_drive("/img/vdb.ovl", Some("drive-vdb")));
+            q.take_events();
+            r.map(|_| ())
+        }
+    }
+}
+
+/// The lab domain with the node names the simulated VM gave its disks (found as attached-
+/// domain discovery finds them: the device's node, then its backing chain).
+pub fn lab_domain_in(q: &Qemu, wiring: LabWiring) -> DomainDef {
+    let mut def = lab_domain();
+    if wiring == LabWiring::Blockdev {
+        return def;
+    }
+    for disk in &mut def.disks {
+        let chain = q.device_chain(wiring.device(&disk.target));
+        for (layer, node) in disk.layers.iter_mut().zip(chain) {
+            layer.node_name = Some(node);
+        }
+    }
+    def
+}
+
+/// [`lab_driver`] with the disks attached as `wiring` says.
+pub fn lab_driver_wired(wiring: LabWiring) -> (Driver<FaultyLink, StoreEffects>, SharedQemu) {
+    let mut q = Qemu::new(
+        lab_files(),
+        Config {
+            throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
+            ..Config::default()
+        },
+    );
+    let booted = boot_lab_wired(&mut q, wiring);
+    debug_assert!(booted.is_ok(), "lab boots: {booted:?}");
+    let def = lab_domain_in(&q, wiring);
+    let qemu = Rc::new(RefCell::new(q));
+    let domain = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
+    let driver = Driver::new(
+        domain,
+        FaultyLink::new(qemu.clone()),
+        StoreEffects::new(qemu.clone()),
+    );
+    (driver, qemu)
+}
+
 /// A checkpoint of every lab disk.
 pub fn lab_checkpoint(name: &str) -> Checkpoint {
     Checkpoint {
@@ -1687,28 +1762,7 @@ pub const LAB_THROUGHPUT_BYTES_PER_S: u64 = 32 << 20;
 /// A connected driver on the lab domain over a fresh simulated QEMU (32 MiB/s backup jobs),
 /// with the QEMU it shares with its host.
 pub fn lab_driver() -> (Driver<FaultyLink, StoreEffects>, SharedQemu) {
-    let mut q = Qemu::new(
-        lab_files(),
-        Config {
-            throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
-            ..Config::default()
-        },
-    );
-    let booted = boot_lab(&mut q);
-    debug_assert!(booted.is_ok(), "lab boots: {booted:?}");
-    let qemu = Rc::new(RefCell::new(q));
-    let domain = Domain::new(
-        lab_domain(),
-        DomainConfig::default(),
-        CheckpointTree::new(),
-        None,
-    );
-    let driver = Driver::new(
-        domain,
-        FaultyLink::new(qemu.clone()),
-        StoreEffects::new(qemu.clone()),
-    );
-    (driver, qemu)
+    lab_driver_wired(LabWiring::Blockdev)
 }
 
 /// The simulated host of the conformance scenarios.
@@ -1716,20 +1770,22 @@ pub fn lab_driver() -> (Driver<FaultyLink, StoreEffects>, SharedQemu) {
 pub struct SimHost {
     /// The simulated QEMU.
     pub qemu: SharedQemu,
+    /// How the lab's disks are attached (again after a crash).
+    pub wiring: LabWiring,
 }
 
 impl crate::scenarios::Host for SimHost {
     fn guest_write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<(), String> {
         let mut q = self.qemu.borrow_mut();
         let now = q.now_ms();
-        q.guest_write(now, disk, offset, data)
+        q.guest_write(now, self.wiring.device(disk), offset, data)
             .map_err(|e| e.to_string())
     }
 
     fn disk_content(&mut self, disk: &str) -> Result<Vec<u8>, String> {
         self.qemu
             .borrow()
-            .guest_disk(disk)
+            .guest_disk(self.wiring.device(disk))
             .map_err(|e| e.to_string())
     }
 
@@ -1754,7 +1810,7 @@ impl crate::scenarios::Host for SimHost {
         let mut q = self.qemu.borrow_mut();
         q.crash();
         q.restart();
-        boot_lab(&mut q).map_err(|e| e.to_string())
+        boot_lab_wired(&mut q, self.wiring).map_err(|e| e.to_string())
     }
 
     fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String> {

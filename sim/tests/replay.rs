@@ -217,6 +217,7 @@ fn replay(traces: &[&str], setup_from: &str, loose_jobs: &[&str]) -> Qemu {
     let compare = Compare {
         node_members: &["file", "backing_file"],
         loosen_job: &loosen_job,
+        generated_nodes: &[],
     };
     for trace in traces {
         let lines = load(trace);

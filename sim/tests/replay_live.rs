@@ -6,29 +6,25 @@
 //! per job and export, the same events, modulo timing. The core's side is checked too: replayed
 //! through `ReplayLink`, the core sends exactly the recorded commands.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::DomainConfig;
-use vbackup_core::domain::DomainEvent;
 use vbackup_core::driver::{Driver, MemoryEffects};
 use vbackup_core::link::{NameMap, ReplayLink, Timestamp};
 use vbackup_core::trace;
-use vbackup_sim::scenarios::{self, Host};
-use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
-use vbackup_sim::{Config, Fault, FileSystem, Flavor, Qemu};
+use vbackup_sim::scenarios;
+use vbackup_sim::world::{LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
+use vbackup_sim::{Config, Fault, Flavor, Qemu};
 
 mod common;
-use common::replay::{Compare, event_label};
+use common::replay::{LiveReplay, ReplayHost, lab_files, memory_events};
 
 /// Where the recordings' temporary directory was rewritten to.
 const ROOT: &str = "/lab";
-/// Virtual time between two recorded commands; jobs otherwise advance only as far as the
-/// recorded events show they had (see `catch_up`).
-const STEP_MS: u64 = 1;
 
 const SCENARIOS: &[&str] = &[
     "checkpoint-lifecycle",
@@ -57,27 +53,6 @@ fn lines(name: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The lab's images (`vbackup_sim::world::lab_files`) under [`ROOT`].
-fn lab_files() -> FileSystem {
-    let p = |s: &str| format!("{ROOT}{s}");
-    let mut fs = FileSystem::new();
-    fs.create_qcow2(&p("/img/vda.qcow2"), DISK_BYTES, CLUSTER, None);
-    fs.create_qcow2(&p("/img/vdb.qcow2"), DISK_BYTES, CLUSTER, None);
-    fs.write_image(&p("/img/vda.qcow2"), 0, &[0x11; 3 * CLUSTER as usize])
-        .unwrap();
-    fs.write_image(&p("/img/vdb.qcow2"), CLUSTER, &[0x22; 2 * CLUSTER as usize])
-        .unwrap();
-    fs.create_qcow2(
-        &p("/img/vdb.ovl"),
-        DISK_BYTES,
-        CLUSTER,
-        Some(&p("/img/vdb.qcow2")),
-    );
-    fs.write_image(&p("/img/vdb.ovl"), 2 * CLUSTER, &[0x33; CLUSTER as usize])
-        .unwrap();
-    fs
-}
-
 fn exec(q: &mut Qemu, execute: &str, arguments: Value) {
     let now = q.now_ms();
     q.execute(now, &json!({"execute": execute, "arguments": arguments}))
@@ -89,7 +64,7 @@ fn exec(q: &mut Qemu, execute: &str, arguments: Value) {
 /// raw guest node exported writable as `guest-T`.
 fn setup() -> Qemu {
     let mut q = Qemu::new(
-        lab_files(),
+        lab_files(ROOT),
         Config {
             flavor: Flavor::StorageDaemon,
             throughput_bytes_per_s: LAB_THROUGHPUT_BYTES_PER_S,
@@ -150,80 +125,6 @@ fn attach(q: &mut Qemu) {
     q.new_monitor_connection();
 }
 
-/// How far a slowed job has got when a command arrives depends on real time; how it ends is
-/// compared through its events.
-fn loosen_slowed_job(job: &mut Value, loose: &[String]) {
-    if loose.iter().any(|id| job["id"] == id.as_str()) {
-        job["current-progress"] = Value::Null;
-        job["status"] = Value::Null;
-    }
-}
-
-/// Event labels per job or export id; where a job stopped early (cancelled, failed) depends on
-/// timing, so its `offset` and `speed` are left out.
-fn per_id(events: &[Value]) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for e in events {
-        let (id, label) = event_label(e, |name, data| {
-            if name == "BLOCK_JOB_CANCELLED" || data.get("error").is_some() {
-                data["offset"] = Value::Null;
-                data["speed"] = Value::Null;
-            }
-            if name == "BLOCK_JOB_COMPLETED" {
-                // The speed the test's link gave slowed jobs is not in the trace.
-                data["speed"] = Value::Null;
-            }
-        });
-        let seq = out.entry(id).or_default();
-        // A paused/running pair right after `running` is a drain on a graph change, not a
-        // pause; how many a job sees depends on how long it ran (reference §4, gotcha 17).
-        if label == "running" && seq.last().is_some_and(|l| l == "paused") {
-            let before = seq.len().checked_sub(2).and_then(|i| seq.get(i));
-            if before.is_some_and(|l| l == "running") {
-                seq.pop();
-                continue;
-            }
-        }
-        seq.push(label);
-    }
-    out
-}
-
-/// Lets the simulator's jobs run until each has produced the events the trace shows before
-/// this point: the recording's jobs ran on real time, the simulator's on virtual time.
-fn catch_up(q: &mut Qemu, want: &[Value], got: &mut Vec<Value>) {
-    let target = per_id(want);
-    for _ in 0..10_000 {
-        let have = per_id(got);
-        let behind = target
-            .iter()
-            .any(|(id, w)| !id.is_empty() && have.get(id).map_or(0, Vec::len) < w.len());
-        let Some(at) = q.next_event_ms().filter(|_| behind) else {
-            return;
-        };
-        q.advance(at);
-        got.extend(q.take_events());
-    }
-}
-
-/// Adds the job speed the live link added while the host slowed jobs.
-fn with_speed(cmd: &mut Value, speed: u64) {
-    let add = |job: &mut Value| {
-        job["speed"] = json!(speed);
-    };
-    match cmd["execute"].as_str() {
-        Some("blockdev-backup") => add(&mut cmd["arguments"]),
-        Some("transaction") => {
-            for action in cmd["arguments"]["actions"].as_array_mut().unwrap() {
-                if action["type"] == "blockdev-backup" {
-                    add(&mut action["data"]);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Replays scenario `name`; returns the simulator afterwards.
 fn replay(name: &str) -> Qemu {
     let trace = lines(&format!("{name}.jsonl"));
@@ -236,11 +137,8 @@ fn replay(name: &str) -> Qemu {
             q.set_fault(Fault::TargetIoError { node: node.into() });
         }
     }
-    let mut slow: Option<u64> = None;
-    let mut loose: Vec<String> = Vec::new();
-    let (mut want_events, mut got_events) = (Vec::new(), Vec::new());
-    let mut commands = 0;
-    for (i, line) in trace.iter().enumerate() {
+    let mut r = LiveReplay::new(&[]);
+    for i in 0..trace.len() {
         while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
             let now = q.now_ms();
             if let Some(w) = a.get("write") {
@@ -254,7 +152,7 @@ fn replay(name: &str) -> Qemu {
                 )
                 .unwrap();
             } else if let Some(s) = a.get("slow") {
-                slow = s.as_u64();
+                r.slow = s.as_u64();
             } else if a.get("fail_writes_to").is_some() {
                 // Set up front, above.
             } else if a.get("crash").is_some() {
@@ -265,59 +163,11 @@ fn replay(name: &str) -> Qemu {
             } else {
                 panic!("unknown host action {a}");
             }
-            got_events.extend(q.take_events());
+            r.got_events.extend(q.take_events());
         }
-        let msg = &line["msg"];
-        if msg.get("QMP").is_some() {
-            // A new connection: capabilities are negotiated again.
-            q.new_monitor_connection();
-            continue;
-        }
-        if line["dir"] == "recv" {
-            if msg.get("event").is_some() {
-                want_events.push(msg.clone());
-            }
-            continue;
-        }
-        if msg["execute"] == "blockdev-add" && msg["arguments"]["driver"] == "file" {
-            // The driver's exclusive create (Output::File) is not QMP and not in the trace.
-            let path = msg["arguments"]["filename"].as_str().unwrap();
-            if !q.fs().exists(path) {
-                q.fs_mut().touch(path);
-            }
-        }
-        let mut cmd = json!({"execute": msg["execute"], "arguments": msg.get("arguments").cloned().unwrap_or(json!({}))});
-        if let Some(speed) = slow {
-            with_speed(&mut cmd, speed);
-            for job in cmd.to_string().split("\"job-id\":\"").skip(1) {
-                loose.push(job.split('"').next().unwrap().to_string());
-            }
-        }
-        let want = trace[i..]
-            .iter()
-            .find(|l| l["dir"] == "recv" && l["msg"]["id"] == msg["id"])
-            .map(|l| l["msg"].clone())
-            .unwrap_or_else(|| panic!("{name}: no reply to {msg}"));
-        catch_up(&mut q, &want_events, &mut got_events);
-        let now = q.now_ms() + STEP_MS;
-        let got = q.execute(now, &cmd);
-        // Allocation (`actual-size`), cache and `json:` file names are the host's business:
-        // node records are compared by what they are and their named bitmaps only.
-        let loosen_job = |job: &mut Value| loosen_slowed_job(job, &loose);
-        let compare = Compare {
-            node_members: &[],
-            loosen_job: &loosen_job,
-        };
-        compare.reply(&cmd, &want, &got);
-        got_events.extend(q.take_events());
-        commands += 1;
+        r.line(&mut q, &trace, i, name);
     }
-    assert!(commands > 0, "{name} holds commands");
-    assert_eq!(
-        per_id(&got_events),
-        per_id(&want_events),
-        "events per job/export of {name}"
-    );
+    r.finish(name);
     q
 }
 
@@ -369,52 +219,18 @@ fn replay_driver(name: &str) -> Driver<ReplayLink, MemoryEffects> {
         }
     }
     let config = DomainConfig {
-        nbd_server_running: true,
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: format!("{ROOT}/run/nbd.sock"),
+            },
+            tls: None,
+        }),
         ..DomainConfig::default()
     };
     let domain = Domain::new(def, config, CheckpointTree::new(), None);
     let mut d = Driver::new(domain, link, MemoryEffects::default());
     assert!(d.run_until(|dom| dom.view().connected, 10).unwrap());
     d
-}
-
-/// The host side of a replay: the places and sockets of the live run. A replay has QMP only,
-/// no disks, so it serves the scenarios that read no content.
-struct ReplayHost;
-
-impl Host for ReplayHost {
-    fn guest_write(&mut self, _: &str, _: u64, _: &[u8]) -> Result<(), String> {
-        Err("a replay has no guest".into())
-    }
-    fn disk_content(&mut self, _: &str) -> Result<Vec<u8>, String> {
-        Err("a replay has no disks".into())
-    }
-    fn restore(&mut self, _: &str, _: Option<&[u8]>) -> Result<Vec<u8>, String> {
-        Err("a replay has no images".into())
-    }
-    fn read_export(&mut self, _: &str, _: Option<&[u8]>) -> Result<Vec<u8>, String> {
-        Err("a replay has no exports".into())
-    }
-    fn fail_writes_to(&mut self, _: &str) -> bool {
-        // The recorded target failed; its replies are in the trace.
-        true
-    }
-    fn slow_jobs(&mut self, _: Option<u64>) -> Result<(), String> {
-        Ok(())
-    }
-    fn place(&mut self, lab_path: &str) -> String {
-        format!("{ROOT}{lab_path}")
-    }
-    fn nbd_socket(&mut self) -> String {
-        format!("{ROOT}/run/nbd.sock")
-    }
-    fn crash_qemu(&mut self) -> Result<(), String> {
-        Err("a replay cannot crash QEMU".into())
-    }
-}
-
-fn memory_events(e: &MemoryEffects) -> &[DomainEvent] {
-    &e.events
 }
 
 /// The core's side: driven through the same scenario over the recorded trace, the core sends
@@ -430,13 +246,23 @@ fn core_sends_the_recorded_commands_of_the_checkpoint_lifecycle() {
 #[test]
 fn core_sends_the_recorded_commands_of_the_slowed_abort() {
     let mut d = replay_driver("push-abort-slowed");
-    scenarios::push_abort(&mut d, &mut ReplayHost, memory_events).unwrap();
+    scenarios::push_abort(
+        &mut d,
+        &mut ReplayHost::new(ROOT, "/run/nbd.sock"),
+        memory_events,
+    )
+    .unwrap();
 }
 
 #[test]
 fn core_sends_the_recorded_commands_of_the_failing_target() {
     let mut d = replay_driver("push-io-error");
-    scenarios::push_io_error(&mut d, &mut ReplayHost, memory_events).unwrap();
+    scenarios::push_io_error(
+        &mut d,
+        &mut ReplayHost::new(ROOT, "/run/nbd.sock"),
+        memory_events,
+    )
+    .unwrap();
 }
 
 #[test]

@@ -50,6 +50,69 @@ pub struct NbdServer {
     pub tls: Option<bool>,
 }
 
+impl NbdServer {
+    /// Whether clients must use TLS (`tls='yes'`; an unspecified `tls` means no).
+    pub fn uses_tls(&self) -> bool {
+        self.tls == Some(true)
+    }
+
+    /// Whether a client that connects where `requested` says, with the security it asks for,
+    /// reaches this (running) server. A TCP request without a port accepts the running port.
+    pub fn serves(&self, requested: &NbdServer) -> bool {
+        let address = match (&self.transport, &requested.transport) {
+            (NbdTransport::Unix { socket: a }, NbdTransport::Unix { socket: b }) => a == b,
+            (NbdTransport::Tcp { host: a, port: pa }, NbdTransport::Tcp { host: b, port: pb }) => {
+                a == b && (pb.is_none() || pa == pb)
+            }
+            _ => false,
+        };
+        address && self.uses_tls() == requested.uses_tls()
+    }
+
+    /// The NBD URI of export `export` on this server (the `nbd://`, `nbds://`, `nbd+unix://`
+    /// and `nbds+unix://` forms that nbdinfo, nbdcopy and qemu-img understand).
+    pub fn export_uri(&self, export: &str) -> String {
+        let scheme = if self.uses_tls() { "nbds" } else { "nbd" };
+        match &self.transport {
+            NbdTransport::Unix { socket } => format!("{scheme}+unix:///{export}?socket={socket}"),
+            NbdTransport::Tcp { host, port } => {
+                let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+                format!("{scheme}://{}{port}/{export}", uri_host(host))
+            }
+        }
+    }
+}
+
+/// An IPv6 address in a URI goes between brackets.
+fn uri_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// The server's address as users write it: `unix:PATH` or `tcp:HOST:PORT`, then ` with TLS`
+/// when clients must use it.
+impl std::fmt::Display for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.transport {
+            NbdTransport::Unix { socket } => write!(f, "unix:{socket}")?,
+            NbdTransport::Tcp { host, port } => {
+                write!(f, "tcp:{}", uri_host(host))?;
+                match port {
+                    Some(p) => write!(f, ":{p}")?,
+                    None => f.write_str(" (any port)")?,
+                }
+            }
+        }
+        if self.uses_tls() {
+            f.write_str(" with TLS")?;
+        }
+        Ok(())
+    }
+}
+
 /// Kind of store of a target or scratch image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -344,9 +407,37 @@ pub fn default_temp_bitmap(target: &str) -> String {
     format!("backup-{target}")
 }
 
-/// Job id of a disk's backup job: `backup-<target>-<top node>`.
+/// Job id of a disk's backup job: `backup-<target>-<top node>` (libvirt's), made well formed.
+///
+/// QEMU refuses a job id that is not a well-formed identifier (`Invalid job ID '...'`): a
+/// letter first, then letters, digits, `-`, `_` and `.`. Node names QEMU generated itself (the
+/// `#block107` of a legacy `-drive` disk) and unusual target names are therefore reduced to
+/// that alphabet ([`well_formed_id`]); names that already fit, as libvirt's do, are unchanged.
 pub fn job_id(target: &str, top_node: &str) -> String {
-    format!("backup-{target}-{top_node}")
+    well_formed_id(&format!("backup-{target}-{top_node}"))
+}
+
+/// `raw` as a well-formed QMP identifier (QEMU's rule for job ids, node names and export
+/// ids): a `#` (QEMU's mark of a generated name) is dropped, any other character outside
+/// letters, digits, `-`, `_` and `.` becomes `_`, and an id that does not start with a letter
+/// gets an `x` in front. Distinct inputs that differ only in such characters map to one id;
+/// callers derive ids from names that are unique within what they build (a disk target).
+pub fn well_formed_id(raw: &str) -> String {
+    let mut id: String = raw
+        .chars()
+        .filter(|c| *c != '#')
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !id.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        id.insert(0, 'x');
+    }
+    id
 }
 
 /// Node names of a new image with storage index `index`.
@@ -367,6 +458,19 @@ pub fn node_index(node_name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_ids_of_generated_node_names_are_well_formed_and_libvirt_names_unchanged() {
+        assert_eq!(
+            job_id("vda", "libvirt-1-format"),
+            "backup-vda-libvirt-1-format"
+        );
+        assert_eq!(job_id("vdb", "#block107"), "backup-vdb-block107");
+        assert_eq!(job_id("vdc", "a b/c"), "backup-vdc-a_b_c");
+        assert_eq!(well_formed_id("#block1"), "block1");
+        assert_eq!(well_formed_id("1x"), "x1x");
+        assert_eq!(well_formed_id(""), "x");
+    }
 
     fn disk(state: DiskJobState, cur: u64, total: u64, err: Option<&str>) -> BackupDiskPlan {
         BackupDiskPlan {

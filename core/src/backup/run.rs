@@ -141,6 +141,10 @@ pub(crate) struct BackupRun {
     objects_del_queued: bool,
     /// Backup jobs whose conclusion is queued for checking.
     checks_queued: BTreeSet<String>,
+    /// Backup jobs that concluded while the transaction's reply was still outstanding: QEMU
+    /// runs a job with nothing to copy to its end inside the transaction and sends its events
+    /// before the reply. Checked as soon as the transaction commits.
+    concluded_before_reply: BTreeSet<String>,
     /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
     abort_before_start: bool,
     /// Since when the run waits for something that is not a command reply (a file operation,
@@ -308,6 +312,7 @@ impl BackupRun {
             shared_server,
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
+            concluded_before_reply: BTreeSet::new(),
             holds_start_slot: false,
             abort_before_start: false,
             waiting_since: None,
@@ -359,7 +364,11 @@ impl BackupRun {
             plan: BackupPlan {
                 mode: spec.mode,
                 incremental: spec.incremental.clone(),
-                server: spec.server.clone(),
+                // A shared server is recorded as it runs (a request may leave the port out).
+                server: match (&core.config.nbd_server_running, spec.mode) {
+                    (Some(running), BackupMode::Pull) => Some(running.clone()),
+                    _ => spec.server.clone(),
+                },
                 tls_object: None,
                 tls_secret_object: None,
                 disks: Vec::new(),
@@ -392,9 +401,10 @@ impl BackupRun {
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
             nbd_started: false,
-            shared_server: core.config.nbd_server_running,
+            shared_server: core.config.nbd_server_running.is_some(),
             objects_del_queued: false,
             checks_queued: BTreeSet::new(),
+            concluded_before_reply: BTreeSet::new(),
             nodes: NodeTable::new(),
             spec: Some(spec),
             in_flight: None,
@@ -423,18 +433,15 @@ impl BackupRun {
                 .into());
             }
             (BackupMode::Pull, None) => {
-                return Err(RequestError::Unsupported(
-                    "pull mode backup requires a <server>".into(),
-                )
-                .into());
-            }
-            (BackupMode::Pull, Some(s)) => {
-                if s.tls == Some(true) && core.config.tls.is_none() {
+                // Without a <server> the exports go on the server that already runs.
+                if core.config.nbd_server_running.is_none() {
                     return Err(RequestError::Unsupported(
-                        "backup TLS directory not configured".into(),
+                        "pull mode backup requires a <server>".into(),
                     )
                     .into());
                 }
+            }
+            (BackupMode::Pull, Some(s)) => {
                 if let NbdTransport::Unix { socket } = &s.transport
                     && !socket.starts_with('/')
                 {
@@ -442,6 +449,25 @@ impl BackupRun {
                         "backup socket path '{socket}' must be absolute"
                     ))
                     .into());
+                }
+                match &core.config.nbd_server_running {
+                    // QEMU runs one NBD server per process: a client connecting anywhere
+                    // else, or with other security, would never reach the exports.
+                    Some(running) if !running.serves(s) => {
+                        return Err(RequestError::NbdServerInUse {
+                            running: running.to_string(),
+                            requested: s.to_string(),
+                        }
+                        .into());
+                    }
+                    Some(_) => {}
+                    None if s.uses_tls() && core.config.tls.is_none() => {
+                        return Err(RequestError::Unsupported(
+                            "backup TLS directory not configured".into(),
+                        )
+                        .into());
+                    }
+                    None => {}
                 }
             }
             (BackupMode::Push, None) => {}
@@ -717,7 +743,8 @@ impl BackupRun {
                 RequestError::Unsupported("pull mode backup requires a <server>".into())
             })?;
             let mut tls_creds = None;
-            if server.tls == Some(true) {
+            // A shared server brings its own credentials.
+            if server.uses_tls() && !self.shared_server {
                 let tls = core.config.tls.clone().ok_or_else(|| {
                     RequestError::Unsupported("backup TLS directory not configured".into())
                 })?;
@@ -1275,6 +1302,16 @@ impl BackupRun {
         for d in &mut self.plan.disks {
             d.state = DiskJobState::Running;
         }
+        // Jobs that already concluded will send no further event: check them now (in job-id
+        // order, so the plan does not depend on event order).
+        for job in std::mem::take(&mut self.concluded_before_reply) {
+            if self.checks_queued.insert(job.clone()) {
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::query_jobs(),
+                    effect: Effect::CheckJob(job),
+                });
+            }
+        }
         let r = match self.checkpoint.take() {
             // An engine restarted after a partial metadata write already has it.
             Some(c) if core.tree.get(&c.name).is_some() => Ok(()),
@@ -1316,6 +1353,14 @@ impl BackupRun {
                             cmd::query_jobs(),
                         );
                     }
+                    return Some(self);
+                }
+                if self.plan.disk_by_job(&c.id).is_some()
+                    && !self.committed
+                    && self.transaction_sent
+                {
+                    // The job ran to its end before the transaction's reply arrived.
+                    self.concluded_before_reply.insert(c.id.clone());
                     return Some(self);
                 }
                 if self.plan.disk_by_job(&c.id).is_some()
@@ -1615,6 +1660,8 @@ impl BackupRun {
         self.waiting_create_job = None;
         self.waiting_file = None;
         self.checks_queued.clear();
+        // After the reconnection QEMU's job list decides, not events of the old session.
+        self.concluded_before_reply.clear();
         self.phase = Phase::Disconnected;
         self
     }

@@ -635,7 +635,7 @@ impl DeleteRun {
                         let read_only = nodes.get(h).is_some_and(|n| n.read_only);
                         if depth > 0 && read_only {
                             let backing = layers.get(depth + 1).map(String::as_str);
-                            let storage = cmd::storage_of(h);
+                            let storage = cmd::storage_of(h, &nodes);
                             rw.push(cmd::reopen_qcow2(h, &storage, backing, false));
                             ro.push(cmd::reopen_qcow2(h, &storage, backing, true));
                         }

@@ -208,11 +208,67 @@ pub(crate) fn block_job_cancel_gently(id: &str) -> QmpCommand {
     })
 }
 
-/// The storage node under a format node: libvirt names them `libvirt-N-format` and
-/// `libvirt-N-storage`.
-pub(crate) fn storage_of(format_node: &str) -> String {
-    match format_node.strip_suffix("-format") {
+/// The storage node under a format node. libvirt names them `libvirt-N-format` and
+/// `libvirt-N-storage`; QEMU's own names for a legacy `-drive` disk (`#blockNNN`) say nothing,
+/// and `query-named-block-nodes` does not list a node's children, so there the storage node
+/// is the protocol node (`file`, `host_device`) that QEMU reports over the same file name.
+pub(crate) fn storage_of(format_node: &str, nodes: &crate::chain::NodeTable) -> String {
+    let by_name = match format_node.strip_suffix("-format") {
         Some(base) => format!("{base}-storage"),
         None => format!("{format_node}-storage"),
+    };
+    if nodes.contains_key(&by_name) {
+        return by_name;
+    }
+    let filename = nodes.get(format_node).and_then(|n| n.filename.as_deref());
+    nodes
+        .values()
+        .find(|n| {
+            n.node_name != format_node
+                && matches!(n.driver.as_str(), "file" | "host_device")
+                && filename.is_some()
+                && n.filename.as_deref() == filename
+        })
+        .map_or(by_name, |n| n.node_name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::{NodeState, NodeTable};
+
+    fn node(name: &str, driver: &str, file: &str) -> (String, NodeState) {
+        (
+            name.to_owned(),
+            NodeState {
+                node_name: name.to_owned(),
+                driver: driver.to_owned(),
+                filename: Some(file.to_owned()),
+                ..NodeState::default()
+            },
+        )
+    }
+
+    #[test]
+    fn storage_node_of_a_libvirt_layer_is_named_after_it() {
+        let nodes: NodeTable = [
+            node("libvirt-2-format", "qcow2", "/i/b.qcow2"),
+            node("libvirt-2-storage", "file", "/i/b.qcow2"),
+        ]
+        .into();
+        assert_eq!(storage_of("libvirt-2-format", &nodes), "libvirt-2-storage");
+    }
+
+    #[test]
+    fn storage_node_of_a_drive_layer_is_the_file_node_over_the_same_file() {
+        let nodes: NodeTable = [
+            node("#block177", "qcow2", "/i/b.qcow2"),
+            node("#block034", "file", "/i/b.qcow2"),
+            node("#block201", "qcow2", "/i/top.qcow2"),
+            node("#block188", "file", "/i/top.qcow2"),
+        ]
+        .into();
+        assert_eq!(storage_of("#block177", &nodes), "#block034");
+        assert_eq!(storage_of("#block201", &nodes), "#block188");
     }
 }

@@ -14,6 +14,11 @@
 //!   the host slows jobs, and a `blkdebug` layer failing data writes under the storage node of
 //!   new images while a write failure is armed. The trace records the core's commands as sent,
 //!   before shaping; the host log records what the host did and when.
+//!
+//! The parts that do not depend on the daemon (the link stack, [`Shaper`], [`HostLog`],
+//! [`LiveEffects`], restores, pull reads, lab images, trace recording) are shared with the
+//! tests against qemu-system VMs (`vm_support`).
+#![allow(dead_code)]
 
 use std::cell::RefCell;
 use std::fs;
@@ -25,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vbackup_core::Domain;
+use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{DomainConfig, DomainEvent, FileOp, StoreOp};
 use vbackup_core::driver::{Driver, Effects, MemoryEffects};
@@ -170,12 +176,17 @@ impl<L: Link> Link for ShapingLink<L> {
     }
 }
 
+/// Closes the run's QMP connection, so another client (discovery) can use the monitor.
+pub fn disconnect(link: &mut LiveLink) {
+    link.inner_mut().inner = None;
+}
+
 /// Closes the run's QMP connection and opens a new one on `qmp_socket` (the same daemon, or
 /// one started again in the same run directory).
 pub fn relink(link: &mut LiveLink, qmp_socket: &Path) -> Result<(), String> {
-    let shaping = link.inner_mut();
     // The monitor serves one client: the old connection closes first.
-    shaping.inner = None;
+    disconnect(link);
+    let shaping = link.inner_mut();
     let qmp = QmpSocket::connect_unnegotiated(qmp_socket, Instant::now() + Duration::from_secs(10))
         .map_err(text)?;
     shaping.pending = Some(QmpIn::Greeting(qmp.greeting().clone()));
@@ -230,6 +241,185 @@ impl Effects for LiveEffects {
     }
 }
 
+/// Records what a host did outside QMP, each entry with the number of trace lines written
+/// before it.
+#[derive(Debug)]
+pub struct HostLog {
+    trace: SharedBuf,
+    /// The entries.
+    pub entries: Vec<Value>,
+}
+
+impl HostLog {
+    /// A log placed against `trace`.
+    pub fn new(trace: SharedBuf) -> HostLog {
+        HostLog {
+            trace,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Logs `action` (an object) at the trace's current length.
+    pub fn note(&mut self, action: Value) {
+        let mut entry = json!({"after": self.trace.lines()});
+        if let (Some(entry), Some(action)) = (entry.as_object_mut(), action.as_object()) {
+            entry.extend(action.clone());
+        }
+        self.entries.push(entry);
+    }
+
+    /// The entries, one JSON object a line.
+    pub fn text(&self) -> String {
+        self.entries.iter().map(|e| format!("{e}\n")).collect()
+    }
+}
+
+/// The host's side of [`ShapingLink`]: what the `Host` methods about jobs and faults set.
+#[derive(Debug, Clone)]
+pub struct Shaper(Rc<RefCell<Shaping>>);
+
+impl Shaper {
+    /// A shaper that never touches the images at `disk_images`.
+    pub fn new(disk_images: Vec<String>) -> Shaper {
+        Shaper(Rc::new(RefCell::new(Shaping {
+            disk_images,
+            ..Shaping::default()
+        })))
+    }
+
+    /// `Host::fail_writes_to`: the armed failure ends; true if a failing target was built.
+    pub fn fail_writes_to(&self, node: &str, log: &mut HostLog) -> bool {
+        let mut shaping = self.0.borrow_mut();
+        shaping.fail_new_images = false;
+        let armed = !shaping.failing_nodes.is_empty();
+        shaping.failing_nodes.clear();
+        drop(shaping);
+        log.note(json!({"fail_writes_to": node}));
+        armed
+    }
+
+    /// `Host::prepare_write_failure`: new images get a failing layer.
+    pub fn prepare_write_failure(&self) -> bool {
+        self.0.borrow_mut().fail_new_images = true;
+        true
+    }
+
+    /// `Host::slow_jobs`.
+    pub fn slow_jobs(&self, bytes_per_s: Option<u64>, log: &mut HostLog) {
+        self.0.borrow_mut().slow_bytes_per_s = bytes_per_s;
+        log.note(json!({ "slow": bytes_per_s }));
+    }
+
+    /// Whether jobs started now are slowed.
+    pub fn slowed(&self) -> bool {
+        self.0.borrow().slow_bytes_per_s.is_some()
+    }
+
+    /// A link stack over a fresh connection `qmp` (greeting read, not negotiated), recording
+    /// into `trace`.
+    pub fn link(&self, qmp: QmpSocket, trace: SharedBuf) -> LiveLink {
+        let greeting = QmpIn::Greeting(qmp.greeting().clone());
+        TraceRecorder::new(
+            ShapingLink {
+                inner: Some(SocketLink::new(qmp)),
+                shaping: self.0.clone(),
+                epoch: Instant::now(),
+                offset_ms: 0,
+                pending: Some(greeting),
+            },
+            trace,
+        )
+    }
+}
+
+/// A driver for `def` over `link`, connected (capabilities negotiated, reconciled).
+pub fn connected_driver(
+    def: DomainDef,
+    config: DomainConfig,
+    link: LiveLink,
+) -> Driver<LiveLink, LiveEffects> {
+    let domain = Domain::new(def, config, CheckpointTree::new(), None);
+    let mut driver = Driver::new(domain, link, LiveEffects::default());
+    let up = driver
+        .run_until(|d| d.view().connected, CONNECT_STEPS)
+        .expect("connects");
+    assert!(up, "the core did not finish connecting");
+    driver
+}
+
+/// Restores the backup image at `path` over `base` (raw content; `None` for a full backup)
+/// into a raw file under `dir` numbered `n`, and reads it: a copy of the image is rebased
+/// (`qemu-img rebase -u`) onto a raw file of `base` and converted to raw.
+pub fn restore_image(
+    dir: &Path,
+    n: u32,
+    path: &str,
+    base: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
+    fs::create_dir_all(dir).map_err(text)?;
+    let copy = dir.join(format!("{n}.qcow2"));
+    let raw = dir.join(format!("{n}.raw"));
+    fs::copy(path, &copy).map_err(|e| format!("backup image {path}: {e}"))?;
+    let mut rebase = Command::new("qemu-img");
+    rebase.args(["rebase", "-u", "-f", "qcow2"]);
+    match base {
+        Some(content) => {
+            let base_file = dir.join(format!("{n}.base"));
+            fs::write(&base_file, content).map_err(text)?;
+            rebase.args(["-F", "raw", "-b"]).arg(&base_file);
+        }
+        None => {
+            rebase.args(["-b", ""]);
+        }
+    }
+    run_tool(rebase.arg(&copy)).map_err(text)?;
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&copy)
+            .arg(&raw),
+    )
+    .map_err(text)?;
+    fs::read(&raw).map_err(text)
+}
+
+/// Reads the pull export `name` on the NBD server at `socket` as a client does: everything,
+/// or the dirty extents of the backup's bitmap laid over `base`.
+pub fn read_pull_export(socket: &Path, name: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let context = format!("qemu:dirty-bitmap:backup-{name}");
+    let contexts: &[&str] = if base.is_some() { &[&context] } else { &[] };
+    let mut client = NbdClient::connect_unix(socket, name, contexts).map_err(text)?;
+    let content = vbackup_sim::world::read_export(&mut client, base)?;
+    client.disconnect().map_err(text)?;
+    Ok(content)
+}
+
+/// Places the lab path `lab_path` under `root`, creating its parent.
+pub fn place_under(root: &Path, lab_path: &str) -> String {
+    let path = root.join(lab_path.trim_start_matches('/'));
+    // Scenarios name directories and files in them; both need their parent.
+    if let Some(parent) = path.parent() {
+        let _ = fs::create_dir_all(parent);
+    }
+    path.display().to_string()
+}
+
+/// Writes a run's trace and host log as `NAME.jsonl` and `NAME.host.jsonl` into `dir`,
+/// normalised, when [`RECORD_ENV`] asks for it.
+pub fn record(dir: &Path, name: &str, trace: &str, log: &str, root: &Path) {
+    if !std::env::var(RECORD_ENV).is_ok_and(|v| v == "1") {
+        return;
+    }
+    let root = root.display().to_string();
+    fs::create_dir_all(dir).expect("trace directory");
+    fs::write(dir.join(format!("{name}.jsonl")), normalise(trace, &root)).expect("trace file");
+    fs::write(
+        dir.join(format!("{name}.host.jsonl")),
+        normalise(log, &root),
+    )
+    .expect("host log");
+}
+
 /// The host of the live scenarios; see the module docs.
 #[derive(Debug)]
 pub struct QsdHost {
@@ -238,41 +428,39 @@ pub struct QsdHost {
     disks: Vec<QsdDisk>,
     root: PathBuf,
     nbd_socket: PathBuf,
-    shaping: Rc<RefCell<Shaping>>,
-    trace: SharedBuf,
-    /// What the host did, each with the number of trace lines written before it.
-    pub log: Vec<Value>,
+    shaper: Shaper,
+    /// What the host did.
+    pub log: HostLog,
     restores: u32,
 }
 
-fn text<E: std::fmt::Display>(e: E) -> String {
+/// An error as text.
+pub fn text<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
 impl QsdHost {
-    fn note(&mut self, action: Value) {
-        let mut entry = json!({"after": self.trace.lines()});
-        if let (Some(entry), Some(action)) = (entry.as_object_mut(), action.as_object()) {
-            entry.extend(action.clone());
-        }
-        self.log.push(entry);
-    }
-
     fn guest(&self, disk: &str) -> Result<NbdClient, String> {
         NbdClient::connect_unix(&self.nbd_socket, &guest_export_name(disk), &[]).map_err(text)
     }
 }
 
+/// The one byte `data` repeats; the hosts log writes as such.
+pub fn fill_byte(data: &[u8]) -> Result<u8, String> {
+    let fill = data.first().copied().unwrap_or(0);
+    if data.iter().any(|b| *b != fill) {
+        return Err("the live hosts log only writes of one repeated byte".into());
+    }
+    Ok(fill)
+}
+
 impl Host for QsdHost {
     fn guest_write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<(), String> {
-        let fill = data.first().copied().unwrap_or(0);
-        if data.iter().any(|b| *b != fill) {
-            return Err("the live host logs only writes of one repeated byte".into());
-        }
+        let fill = fill_byte(data)?;
         let mut guest = self.guest(disk)?;
         guest.write_at(offset, data).map_err(text)?;
         guest.disconnect().map_err(text)?;
-        self.note(
+        self.log.note(
             json!({"write": {"disk": disk, "offset": offset, "len": data.len(), "byte": fill}}),
         );
         Ok(())
@@ -288,71 +476,28 @@ impl Host for QsdHost {
 
     fn restore(&mut self, path: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
         self.restores += 1;
-        let dir = self.root.join("restore");
-        fs::create_dir_all(&dir).map_err(text)?;
-        let copy = dir.join(format!("{}.qcow2", self.restores));
-        let raw = dir.join(format!("{}.raw", self.restores));
-        fs::copy(path, &copy).map_err(|e| format!("backup image {path}: {e}"))?;
-        let mut rebase = Command::new("qemu-img");
-        rebase.args(["rebase", "-u", "-f", "qcow2"]);
-        match base {
-            Some(content) => {
-                let base_file = dir.join(format!("{}.base", self.restores));
-                fs::write(&base_file, content).map_err(text)?;
-                rebase.args(["-F", "raw", "-b"]).arg(&base_file);
-            }
-            None => {
-                rebase.args(["-b", ""]);
-            }
-        }
-        run_tool(rebase.arg(&copy)).map_err(text)?;
-        run_tool(
-            Command::new("qemu-img")
-                .args(["convert", "-f", "qcow2", "-O", "raw"])
-                .arg(&copy)
-                .arg(&raw),
-        )
-        .map_err(text)?;
-        fs::read(&raw).map_err(text)
+        restore_image(&self.root.join("restore"), self.restores, path, base)
     }
 
     fn read_export(&mut self, name: &str, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
-        let context = format!("qemu:dirty-bitmap:backup-{name}");
-        let contexts: &[&str] = if base.is_some() { &[&context] } else { &[] };
-        let mut client = NbdClient::connect_unix(&self.nbd_socket, name, contexts).map_err(text)?;
-        let content = vbackup_sim::world::read_export(&mut client, base)?;
-        client.disconnect().map_err(text)?;
-        Ok(content)
+        read_pull_export(&self.nbd_socket, name, base)
     }
 
     fn fail_writes_to(&mut self, node: &str) -> bool {
-        let mut shaping = self.shaping.borrow_mut();
-        shaping.fail_new_images = false;
-        let armed = !shaping.failing_nodes.is_empty();
-        shaping.failing_nodes.clear();
-        drop(shaping);
-        self.note(json!({"fail_writes_to": node}));
-        armed
+        self.shaper.fail_writes_to(node, &mut self.log)
     }
 
     fn prepare_write_failure(&mut self) -> bool {
-        self.shaping.borrow_mut().fail_new_images = true;
-        true
+        self.shaper.prepare_write_failure()
     }
 
     fn slow_jobs(&mut self, bytes_per_s: Option<u64>) -> Result<(), String> {
-        self.shaping.borrow_mut().slow_bytes_per_s = bytes_per_s;
-        self.note(json!({ "slow": bytes_per_s }));
+        self.shaper.slow_jobs(bytes_per_s, &mut self.log);
         Ok(())
     }
 
     fn place(&mut self, lab_path: &str) -> String {
-        let path = self.root.join(lab_path.trim_start_matches('/'));
-        // Scenarios name directories and files in them; both need their parent.
-        if let Some(parent) = path.parent() {
-            let _ = fs::create_dir_all(parent);
-        }
-        path.display().to_string()
+        place_under(&self.root, lab_path)
     }
 
     fn nbd_socket(&mut self) -> String {
@@ -360,7 +505,7 @@ impl Host for QsdHost {
     }
 
     fn domain_config(&self) -> DomainConfig {
-        live_config()
+        live_config(&self.nbd_socket)
     }
 
     fn crash_qemu(&mut self) -> Result<(), String> {
@@ -374,7 +519,7 @@ impl Host for QsdHost {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.note(json!({"crash": true}));
+        self.log.note(json!({"crash": true}));
         let qsd = self.lab.start_qsd("run", &self.disks).map_err(text)?;
         // Its QMP connection closes, so vbackup's can open.
         drop(qsd);
@@ -382,10 +527,16 @@ impl Host for QsdHost {
     }
 }
 
-/// The configuration of the lab domain on a daemon: pull exports join its NBD server.
-pub fn live_config() -> DomainConfig {
+/// The configuration of the lab domain on a daemon: pull exports join its NBD server, which
+/// listens on `nbd_socket`.
+pub fn live_config(nbd_socket: &Path) -> DomainConfig {
     DomainConfig {
-        nbd_server_running: true,
+        nbd_server_running: Some(NbdServer {
+            transport: NbdTransport::Unix {
+                socket: nbd_socket.display().to_string(),
+            },
+            tls: None,
+        }),
         ..DomainConfig::default()
     }
 }
@@ -432,7 +583,7 @@ fn qemu_io_write(path: &Path, pattern: u8, offset: u64, len: u64) -> Result<(), 
 }
 
 /// The images of `vbackup_sim::world::lab_files`, with the same content.
-fn make_images(root: &Path) -> Result<(), String> {
+pub fn make_images(root: &Path) -> Result<(), String> {
     let img = root.join("img");
     fs::create_dir_all(&img).map_err(text)?;
     let (vda, vdb, ovl) = (
@@ -484,32 +635,15 @@ impl LiveConformance {
             Instant::now() + Duration::from_secs(10),
         )
         .expect("QMP connection");
-        let greeting = QmpIn::Greeting(qmp.greeting().clone());
-        let shaping = Rc::new(RefCell::new(Shaping {
-            disk_images: def
-                .disks
+        let shaper = Shaper::new(
+            def.disks
                 .iter()
                 .flat_map(|d| d.layers.iter().filter_map(|l| l.path.clone()))
                 .collect(),
-            ..Shaping::default()
-        }));
-        let trace = SharedBuf::default();
-        let link = TraceRecorder::new(
-            ShapingLink {
-                inner: Some(SocketLink::new(qmp)),
-                shaping: shaping.clone(),
-                epoch: Instant::now(),
-                offset_ms: 0,
-                pending: Some(greeting),
-            },
-            trace.clone(),
         );
-        let domain = Domain::new(def, live_config(), CheckpointTree::new(), None);
-        let mut driver = Driver::new(domain, link, LiveEffects::default());
-        let up = driver
-            .run_until(|d| d.view().connected, CONNECT_STEPS)
-            .expect("connects");
-        assert!(up, "the core did not finish connecting");
+        let trace = SharedBuf::default();
+        let link = shaper.link(qmp, trace.clone());
+        let driver = connected_driver(def, live_config(&run.nbd_socket), link);
         Some(LiveConformance {
             name,
             driver: Some(driver),
@@ -518,9 +652,8 @@ impl LiveConformance {
                 disks,
                 root,
                 nbd_socket: run.nbd_socket.clone(),
-                shaping,
-                trace: trace.clone(),
-                log: Vec::new(),
+                shaper,
+                log: HostLog::new(trace.clone()),
                 restores: 0,
             },
             trace,
@@ -561,24 +694,13 @@ impl LiveConformance {
             panic!("{}: {e}\ndaemon log:\n{log}", self.name);
         }
         eprintln!("{}: passed in {:?}", self.name, self.started.elapsed());
-        if std::env::var(RECORD_ENV).is_ok_and(|v| v == "1") {
-            let root = self.host.root.display().to_string();
-            let dir = traces_dir();
-            fs::create_dir_all(&dir).expect("trace directory");
-            let trace = normalise(&self.trace.text(), &root);
-            fs::write(dir.join(format!("{}.jsonl", self.name)), trace).expect("trace file");
-            let log: String = self
-                .host
-                .log
-                .iter()
-                .map(|entry| format!("{entry}\n"))
-                .collect();
-            fs::write(
-                dir.join(format!("{}.host.jsonl", self.name)),
-                normalise(&log, &root),
-            )
-            .expect("host log");
-        }
+        record(
+            &traces_dir(),
+            self.name,
+            &self.trace.text(),
+            &self.host.log.text(),
+            &self.host.root,
+        );
     }
 }
 
