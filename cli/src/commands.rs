@@ -29,6 +29,7 @@ use vbackup_qemu::store::{Store, write_atomic};
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::output::{CliError, format_time, human_bytes, table};
 use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
+use crate::virsh_args::{DomainArg, fill, required};
 
 /// Options every domain command shares.
 #[derive(Debug, Clone, Args)]
@@ -43,13 +44,21 @@ pub struct Global {
 }
 
 /// Domain, checkpoint and backup commands.
+///
+/// Every argument virsh names (`--domain`, `--checkpointname`, `--xmlfile`, `--name`,
+/// `--description`, `--backupxml`, `--checkpointxml`, `--file`) is taken by position or by
+/// name; see [`virsh_args`].
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
     /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
     /// SOCKET with the disks the running QEMU reports.
     Define {
         /// A domain XML file, or the new domain's name (with --disk, or with --qmp alone).
-        file_or_name: String,
+        #[arg(value_name = "FILE_OR_NAME")]
+        file_or_name: Option<String>,
+        /// A domain XML file or name, as virsh's named form of FILE_OR_NAME.
+        #[arg(long = "file", value_name = "FILE")]
+        file_named: Option<String>,
         /// A disk: TARGET=PATH[,format=qcow2|raw] (repeatable).
         #[arg(long, value_name = "TARGET=PATH[,format=F]")]
         disk: Vec<String>,
@@ -60,8 +69,8 @@ pub enum DomainCommand {
     },
     /// Undefine a domain.
     Undefine {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Also drop checkpoint metadata (bitmaps stay in the images).
         #[arg(long)]
         checkpoints_metadata: bool,
@@ -72,13 +81,13 @@ pub enum DomainCommand {
     /// Start a managed domain's qemu-storage-daemon with its guest NBD exports and keep it
     /// running until `shutdown`.
     Start {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
     /// Stop a managed domain's daemon (refused while a backup job runs).
     Shutdown {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
     /// List domains.
     List {
@@ -91,18 +100,22 @@ pub enum DomainCommand {
     },
     /// List a domain's disks.
     Domblklist {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Create a checkpoint from an XML file.
     CheckpointCreate {
-        /// Domain name.
-        domain: String,
-        /// `<domaincheckpoint>` file.
-        file: PathBuf,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domaincheckpoint>` file (or `--xmlfile FILE`).
+        #[arg(value_name = "XMLFILE")]
+        file: Option<String>,
+        /// `<domaincheckpoint>` file, as virsh's named form of XMLFILE.
+        #[arg(long = "xmlfile", value_name = "FILE")]
+        xmlfile: Option<String>,
         /// Re-insert stored metadata.
         #[arg(long)]
         redefine: bool,
@@ -115,12 +128,20 @@ pub enum DomainCommand {
     },
     /// Create a checkpoint from arguments.
     CheckpointCreateAs {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name (default: the current time).
+        #[command(flatten)]
+        dom: DomainArg,
+        /// Checkpoint name (default: the current time; or `--name NAME`).
+        #[arg(value_name = "NAME")]
         name: Option<String>,
-        /// Description.
+        /// Description (or `--description TEXT`).
+        #[arg(value_name = "DESCRIPTION")]
         description: Option<String>,
+        /// Checkpoint name, as virsh's named form of NAME.
+        #[arg(long = "name", id = "name_named", value_name = "NAME")]
+        name_named: Option<String>,
+        /// Description, as virsh's named form of DESCRIPTION.
+        #[arg(long = "description", id = "description_named", value_name = "TEXT")]
+        description_named: Option<String>,
         /// Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable).
         #[arg(long)]
         diskspec: Vec<String>,
@@ -133,8 +154,8 @@ pub enum DomainCommand {
     },
     /// List checkpoints.
     CheckpointList {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Show the tree of checkpoints.
         #[arg(long)]
         tree: bool,
@@ -162,10 +183,8 @@ pub enum DomainCommand {
     },
     /// Print a checkpoint's XML.
     CheckpointDumpxml {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Leave out the embedded domain.
         #[arg(long)]
         no_domain: bool,
@@ -178,10 +197,8 @@ pub enum DomainCommand {
     },
     /// Delete a checkpoint.
     CheckpointDelete {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Also its descendants.
         #[arg(long, conflicts_with = "children_only")]
         children: bool,
@@ -194,32 +211,41 @@ pub enum DomainCommand {
     },
     /// Print a checkpoint's parent.
     CheckpointParent {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show checkpoint information.
     CheckpointInfo {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Begin a backup.
     BackupBegin {
-        /// Domain name.
-        domain: String,
-        /// `<domainbackup>` file (default: push full backup of every disk).
-        backupxml: Option<PathBuf>,
-        /// `<domaincheckpoint>` file: a checkpoint created with the backup.
-        checkpointxml: Option<PathBuf>,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domainbackup>` file (default: push full backup of every disk; or `--backupxml`).
+        #[arg(value_name = "BACKUPXML")]
+        backupxml: Option<String>,
+        /// `<domaincheckpoint>` file: a checkpoint created with the backup (or
+        /// `--checkpointxml`).
+        #[arg(value_name = "CHECKPOINTXML")]
+        checkpointxml: Option<String>,
+        /// `<domainbackup>` file, as virsh's named form of BACKUPXML.
+        #[arg(long = "backupxml", id = "backupxml_named", value_name = "FILE")]
+        backupxml_named: Option<String>,
+        /// `<domaincheckpoint>` file, as virsh's named form of CHECKPOINTXML.
+        #[arg(
+            long = "checkpointxml",
+            id = "checkpointxml_named",
+            value_name = "FILE"
+        )]
+        checkpointxml_named: Option<String>,
         /// Targets or scratch images exist already.
         #[arg(long)]
         reuse_external: bool,
@@ -229,16 +255,16 @@ pub enum DomainCommand {
     },
     /// Print the running backup's XML, or given a uuid the managed backup's `<managedbackup>`.
     BackupDumpxml {
-        /// Domain name, or a managed backup's uuid.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show job information.
     Domjobinfo {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// The last finished job.
         #[arg(long)]
         completed: bool,
@@ -248,9 +274,39 @@ pub enum DomainCommand {
     },
     /// Abort the running job (ends a pull backup).
     Domjobabort {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
+}
+
+/// A domain and one of its checkpoints, by position or as `--domain` and `--checkpointname`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    dom: DomainArg,
+    /// Checkpoint name (or `--checkpointname NAME`).
+    #[arg(value_name = "CHECKPOINTNAME")]
+    checkpoint: Option<String>,
+    /// Checkpoint name, as virsh's named form of CHECKPOINTNAME.
+    #[arg(long = "checkpointname", value_name = "NAME")]
+    checkpointname: Option<String>,
+}
+
+impl CheckpointArgs {
+    /// `(domain, checkpoint)`, both required.
+    fn get(self, command: &str) -> Result<(String, String), CliError> {
+        let [domain, checkpoint] = fill(
+            [
+                ("domain", self.dom.domain_named),
+                ("checkpointname", self.checkpointname),
+            ],
+            [self.dom.domain, self.checkpoint],
+        )?;
+        Ok((
+            required(command, "domain", domain)?,
+            required(command, "checkpointname", checkpoint)?,
+        ))
+    }
 }
 
 /// Runs a command.
@@ -259,36 +315,65 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
     match command {
         DomainCommand::Define {
             file_or_name,
+            file_named,
             disk,
             qmp,
-        } => define(&store, &file_or_name, &disk, qmp),
+        } => {
+            let [file] = fill([("file", file_named)], [file_or_name])?;
+            define(&store, &required("define", "file", file)?, &disk, qmp)
+        }
         DomainCommand::Undefine {
-            domain,
+            dom,
             checkpoints_metadata,
             remove_all_backups,
-        } => undefine(&store, &domain, checkpoints_metadata, remove_all_backups),
+        } => undefine(
+            &store,
+            &dom.get("undefine")?,
+            checkpoints_metadata,
+            remove_all_backups,
+        ),
         DomainCommand::List { json, .. } => list(&store, json),
-        DomainCommand::Start { domain } => start(&store, &domain),
-        DomainCommand::Shutdown { domain } => shutdown(&store, &domain),
-        DomainCommand::Domblklist { domain, json } => domblklist(&store, &domain, json),
+        DomainCommand::Start { dom } => start(&store, &dom.get("start")?),
+        DomainCommand::Shutdown { dom } => shutdown(&store, &dom.get("shutdown")?),
+        DomainCommand::Domblklist { dom, json } => {
+            domblklist(&store, &dom.get("domblklist")?, json)
+        }
         DomainCommand::CheckpointCreate {
-            domain,
+            dom,
             file,
+            xmlfile,
             redefine,
             redefine_validate,
             quiesce,
         } => {
-            let text = read_file(&file)?;
+            let [domain, file] = fill(
+                [("domain", dom.domain_named), ("xmlfile", xmlfile)],
+                [dom.domain, file],
+            )?;
+            let domain = required("checkpoint-create", "domain", domain)?;
+            let file = required("checkpoint-create", "xmlfile", file)?;
+            let text = read_file(Path::new(&file))?;
             checkpoint_create(&store, &domain, &text, redefine, redefine_validate, quiesce)
         }
         DomainCommand::CheckpointCreateAs {
-            domain,
+            dom,
             name,
             description,
+            name_named,
+            description_named,
             diskspec,
             print_xml,
             quiesce,
         } => {
+            let [domain, name, description] = fill(
+                [
+                    ("domain", dom.domain_named),
+                    ("name", name_named),
+                    ("description", description_named),
+                ],
+                [dom.domain, name, description],
+            )?;
+            let domain = required("checkpoint-create-as", "domain", domain)?;
             let text =
                 checkpoint_xml_from_args(name.as_deref(), description.as_deref(), &diskspec)?;
             if print_xml {
@@ -298,7 +383,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             checkpoint_create(&store, &domain, &text, false, false, quiesce)
         }
         DomainCommand::CheckpointList {
-            domain,
+            dom,
             tree,
             roots,
             leaves,
@@ -320,22 +405,24 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 name_only: name,
                 json,
             };
-            checkpoint_list(&store, &domain, filter, opts)
+            checkpoint_list(&store, &dom.get("checkpoint-list")?, filter, opts)
         }
         DomainCommand::CheckpointDumpxml {
-            domain,
-            checkpoint,
+            cp,
             no_domain,
             size,
             json,
-        } => checkpoint_dumpxml(&store, &domain, &checkpoint, no_domain, size, json),
+        } => {
+            let (domain, checkpoint) = cp.get("checkpoint-dumpxml")?;
+            checkpoint_dumpxml(&store, &domain, &checkpoint, no_domain, size, json)
+        }
         DomainCommand::CheckpointDelete {
-            domain,
-            checkpoint,
+            cp,
             children,
             children_only,
             metadata,
         } => {
+            let (domain, checkpoint) = cp.get("checkpoint-delete")?;
             let scope = if children {
                 DeleteScope::WithChildren
             } else if children_only {
@@ -345,35 +432,46 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             };
             checkpoint_delete(&store, &domain, &checkpoint, scope, metadata)
         }
-        DomainCommand::CheckpointParent {
-            domain,
-            checkpoint,
-            json,
-        } => read_tree(&store, &domain, |tree, _| {
-            let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
-            if json {
-                println!("{}", json!({"parent": parent.name}));
-            } else {
-                println!("{}", parent.name);
-            }
-            Ok(())
-        }),
-        DomainCommand::CheckpointInfo {
-            domain,
-            checkpoint,
-            json,
-        } => read_tree(&store, &domain, |tree, dom| {
-            checkpoint_info(tree, dom, &checkpoint, json)
-        }),
+        DomainCommand::CheckpointParent { cp, json } => {
+            let (domain, checkpoint) = cp.get("checkpoint-parent")?;
+            read_tree(&store, &domain, |tree, _| {
+                let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
+                if json {
+                    println!("{}", json!({"parent": parent.name}));
+                } else {
+                    println!("{}", parent.name);
+                }
+                Ok(())
+            })
+        }
+        DomainCommand::CheckpointInfo { cp, json } => {
+            let (domain, checkpoint) = cp.get("checkpoint-info")?;
+            read_tree(&store, &domain, |tree, dom| {
+                checkpoint_info(tree, dom, &checkpoint, json)
+            })
+        }
         DomainCommand::BackupBegin {
-            domain,
+            dom,
             backupxml,
             checkpointxml,
+            backupxml_named,
+            checkpointxml_named,
             reuse_external,
             wait,
         } => {
-            let backup = backupxml.map(|p| read_file(&p)).transpose()?;
-            let checkpoint = checkpointxml.map(|p| read_file(&p)).transpose()?;
+            let [domain, backupxml, checkpointxml] = fill(
+                [
+                    ("domain", dom.domain_named),
+                    ("backupxml", backupxml_named),
+                    ("checkpointxml", checkpointxml_named),
+                ],
+                [dom.domain, backupxml, checkpointxml],
+            )?;
+            let domain = required("backup-begin", "domain", domain)?;
+            let backup = backupxml.map(|p| read_file(Path::new(&p))).transpose()?;
+            let checkpoint = checkpointxml
+                .map(|p| read_file(Path::new(&p)))
+                .transpose()?;
             backup_begin(
                 &store,
                 &domain,
@@ -383,7 +481,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 wait,
             )
         }
-        DomainCommand::BackupDumpxml { domain, json } => {
+        DomainCommand::BackupDumpxml { dom, json } => {
+            let domain = dom.get("backup-dumpxml")?;
             if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
                 crate::managed::dumpxml(&store, &domain, json)
             } else {
@@ -391,11 +490,11 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             }
         }
         DomainCommand::Domjobinfo {
-            domain,
+            dom,
             completed,
             json,
-        } => domjobinfo(&store, &domain, completed, json),
-        DomainCommand::Domjobabort { domain } => domjobabort(&store, &domain),
+        } => domjobinfo(&store, &dom.get("domjobinfo")?, completed, json),
+        DomainCommand::Domjobabort { dom } => domjobabort(&store, &dom.get("domjobabort")?),
     }
 }
 

@@ -9,6 +9,7 @@ mod effects;
 mod managed;
 mod output;
 mod session;
+mod virsh_args;
 mod xml_cmd;
 
 use clap::{Parser, Subcommand};
@@ -70,5 +71,17 @@ fn report(result: Result<(), output::CliError>) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        // clap checks its definitions only when asked (or in debug builds at parse time).
+        Cli::command().debug_assert();
     }
 }

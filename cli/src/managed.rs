@@ -56,6 +56,7 @@ use crate::commands;
 use crate::effects::COMPLETED_FILE;
 use crate::output::{CliError, format_time, human_bytes, table};
 use crate::session::{self, Attachment, Loaded, Session};
+use crate::virsh_args::{DomainArg, fill, required};
 
 /// The unfinished managed backup of a domain, beside its `domain.xml`.
 pub const PENDING_FILE: &str = "pending-backup.json";
@@ -66,10 +67,15 @@ pub const PENDING_FILE: &str = "pending-backup.json";
 pub enum ManagedCommand {
     /// Create a managed backup (full, or incremental from --parent) with a checkpoint.
     BackupCreate {
-        /// Domain name.
-        domain: String,
-        /// `<domainbackup>` file (default: every disk, into the default target directory).
-        backupxml: Option<PathBuf>,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domainbackup>` file (default: every disk, into the default target directory; or
+        /// `--backupxml FILE`).
+        #[arg(value_name = "BACKUPXML")]
+        backupxml: Option<String>,
+        /// `<domainbackup>` file, as virsh's named form of BACKUPXML.
+        #[arg(long = "backupxml", id = "backupxml_named", value_name = "FILE")]
+        backupxml_named: Option<String>,
         /// Name of the checkpoint created with the backup (default: the backup's uuid).
         #[arg(long)]
         checkpoint: Option<String>,
@@ -92,8 +98,8 @@ pub enum ManagedCommand {
     },
     /// List a domain's managed backups.
     BackupList {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Only full backups.
         #[arg(long, conflicts_with = "latest")]
         full: bool,
@@ -194,8 +200,8 @@ pub enum ManagedCommand {
     },
     /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
     BackupFinish {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Cancel the job and discard the backup.
         #[arg(long, conflicts_with = "check")]
         cancel: bool,
@@ -205,10 +211,11 @@ pub enum ManagedCommand {
     },
     /// Set the directory new managed backups of a domain go to.
     BackupSetDefaultTarget {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Directory (created if missing).
-        dir: PathBuf,
+        #[arg(value_name = "DIR")]
+        dir: Option<String>,
     },
 }
 
@@ -217,8 +224,9 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
     let store = session::open_store(global.state_dir.as_deref())?;
     match command {
         ManagedCommand::BackupCreate {
-            domain,
+            dom,
             backupxml,
+            backupxml_named,
             checkpoint,
             parent,
             description,
@@ -226,7 +234,12 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             wait,
             json,
         } => {
-            let xml = backupxml.map(|p| read(&p)).transpose()?;
+            let [domain, backupxml] = fill(
+                [("domain", dom.domain_named), ("backupxml", backupxml_named)],
+                [dom.domain, backupxml],
+            )?;
+            let domain = required("backup-create", "domain", domain)?;
+            let xml = backupxml.map(|p| read(Path::new(&p))).transpose()?;
             create(
                 &store,
                 &domain,
@@ -242,12 +255,12 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             )
         }
         ManagedCommand::BackupList {
-            domain,
+            dom,
             full,
             latest,
             tree,
             json,
-        } => list(&store, &domain, full, latest, tree, json),
+        } => list(&store, &dom.get("backup-list")?, full, latest, tree, json),
         ManagedCommand::BackupChildren { uuid, json } => children(&store, &uuid, json),
         ManagedCommand::BackupInfo { uuid, json } => info(&store, &uuid, json),
         ManagedCommand::BackupVerify { uuid, json } => verify(&store, &uuid, json),
@@ -276,13 +289,18 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             },
         ),
         ManagedCommand::BackupConsolidate { uuid } => consolidate(&store, &uuid),
-        ManagedCommand::BackupFinish {
-            domain,
-            cancel,
-            check,
-        } => finish(&store, &domain, cancel, check),
-        ManagedCommand::BackupSetDefaultTarget { domain, dir } => {
-            set_default_target(&store, &domain, &dir)
+        ManagedCommand::BackupFinish { dom, cancel, check } => {
+            finish(&store, &dom.get("backup-finish")?, cancel, check)
+        }
+        ManagedCommand::BackupSetDefaultTarget { dom, dir } => {
+            let command = "backup-set-default-target";
+            let [domain, dir] = fill(
+                [("domain", dom.domain_named), ("dir", None)],
+                [dom.domain, dir],
+            )?;
+            let domain = required(command, "domain", domain)?;
+            let dir = required(command, "dir", dir)?;
+            set_default_target(&store, &domain, Path::new(&dir))
         }
     }
 }
