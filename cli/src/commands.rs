@@ -27,7 +27,7 @@ use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
 use vbackup_qemu::store::{Store, write_atomic};
 
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
-use crate::output::{CliError, format_time, human_bytes, table};
+use crate::output::{CliError, format_time, table};
 use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 use crate::virsh_args::{DomainArg, fill, required};
 
@@ -171,15 +171,28 @@ pub enum DomainCommand {
         /// Parents before children.
         #[arg(long)]
         topological: bool,
-        /// Add a parent column.
-        #[arg(long)]
+        /// Add a parent column (not with --tree, which shows the parents already, as virsh
+        /// refuses it).
+        #[arg(long, conflicts_with = "tree")]
         parent: bool,
         /// Names only.
         #[arg(long)]
         name: bool,
+        /// Only the children of this checkpoint (with --descendants: all its descendants).
+        #[arg(long, value_name = "NAME", conflicts_with = "roots")]
+        from: Option<String>,
+        /// With --from: all descendants, not only the children.
+        #[arg(long, requires = "from")]
+        descendants: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Edit a checkpoint's XML with $VISUAL or $EDITOR (default vi); the edited document is
+    /// validated and then redefines the checkpoint, as virsh does.
+    CheckpointEdit {
+        #[command(flatten)]
+        cp: CheckpointArgs,
     },
     /// Print a checkpoint's XML.
     CheckpointDumpxml {
@@ -191,8 +204,13 @@ pub enum DomainCommand {
         /// Include the bytes dirtied since the checkpoint per disk.
         #[arg(long)]
         size: bool,
-        /// Machine-readable output.
+        /// Accepted for virsh compatibility: checkpoint XML holds no secrets to hide.
         #[arg(long)]
+        security_info: bool,
+        #[command(flatten)]
+        xpath: XpathArgs,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "xpath")]
         json: bool,
     },
     /// Delete a checkpoint.
@@ -257,19 +275,31 @@ pub enum DomainCommand {
     BackupDumpxml {
         #[command(flatten)]
         dom: DomainArg,
+        #[command(flatten)]
+        xpath: XpathArgs,
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "xpath")]
         json: bool,
     },
     /// Show job information.
     Domjobinfo {
         #[command(flatten)]
         dom: DomainArg,
-        /// The last finished job.
+        /// The last finished job; its statistics are shown once, then discarded unless
+        /// --keep-completed is given (as libvirt does).
         #[arg(long)]
         completed: bool,
-        /// Machine-readable output.
+        /// With --completed: keep the statistics for the next call.
+        #[arg(long, requires = "completed")]
+        keep_completed: bool,
+        /// Print libvirt's raw typed parameters (`name: value`).
         #[arg(long)]
+        rawstats: bool,
+        /// Print the statistics of any job, also a failed or cancelled one.
+        #[arg(long)]
+        anystats: bool,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "rawstats")]
         json: bool,
     },
     /// Abort the running job (ends a pull backup).
@@ -277,6 +307,28 @@ pub enum DomainCommand {
         #[command(flatten)]
         dom: DomainArg,
     },
+}
+
+/// `--xpath EXPR [--wrap]`, as virsh's dumpxml commands take them.
+#[derive(Debug, Clone, Args)]
+pub struct XpathArgs {
+    /// Print only the nodes this XPath location path selects.
+    #[arg(long, value_name = "EXPR")]
+    xpath: Option<String>,
+    /// With --xpath: wrap the selected nodes in one `<nodes>` element.
+    #[arg(long, requires = "xpath")]
+    wrap: bool,
+}
+
+impl XpathArgs {
+    /// Prints `xml`, or what the expression selects from it.
+    pub(crate) fn print(&self, xml: &str) -> Result<(), CliError> {
+        match &self.xpath {
+            Some(expr) => print!("{}", crate::xpath::select(xml, expr, self.wrap)?),
+            None => print!("{xml}"),
+        }
+        Ok(())
+    }
 }
 
 /// A domain and one of its checkpoints, by position or as `--domain` and `--checkpointname`.
@@ -353,7 +405,14 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let domain = required("checkpoint-create", "domain", domain)?;
             let file = required("checkpoint-create", "xmlfile", file)?;
             let text = read_file(Path::new(&file))?;
-            checkpoint_create(&store, &domain, &text, redefine, redefine_validate, quiesce)
+            let name =
+                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)?;
+            if redefine {
+                println!("Domain checkpoint {name} redefined");
+            } else {
+                println!("Domain checkpoint {name} created from '{file}'");
+            }
+            Ok(())
         }
         DomainCommand::CheckpointCreateAs {
             dom,
@@ -380,7 +439,9 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 print!("{text}");
                 return Ok(());
             }
-            checkpoint_create(&store, &domain, &text, false, false, quiesce)
+            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)?;
+            println!("Domain checkpoint {name} created");
+            Ok(())
         }
         DomainCommand::CheckpointList {
             dom,
@@ -391,6 +452,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             topological,
             parent,
             name,
+            from,
+            descendants,
             json,
         } => {
             let filter = ListFilter {
@@ -399,22 +462,38 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 leaves,
                 no_leaves,
             };
+            let filter = ListFilter {
+                roots_or_descendants: roots || descendants,
+                ..filter
+            };
             let opts = ListOpts {
                 tree,
                 parent,
                 name_only: name,
+                from,
                 json,
             };
             checkpoint_list(&store, &dom.get("checkpoint-list")?, filter, opts)
+        }
+        DomainCommand::CheckpointEdit { cp } => {
+            let (domain, checkpoint) = cp.get("checkpoint-edit")?;
+            checkpoint_edit(&store, &domain, &checkpoint)
         }
         DomainCommand::CheckpointDumpxml {
             cp,
             no_domain,
             size,
+            security_info: _,
+            xpath,
             json,
         } => {
             let (domain, checkpoint) = cp.get("checkpoint-dumpxml")?;
-            checkpoint_dumpxml(&store, &domain, &checkpoint, no_domain, size, json)
+            let opts = DumpOpts {
+                no_domain,
+                size,
+                json,
+            };
+            checkpoint_dumpxml(&store, &domain, &checkpoint, opts, &xpath)
         }
         DomainCommand::CheckpointDelete {
             cp,
@@ -481,19 +560,31 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 wait,
             )
         }
-        DomainCommand::BackupDumpxml { dom, json } => {
+        DomainCommand::BackupDumpxml { dom, xpath, json } => {
             let domain = dom.get("backup-dumpxml")?;
             if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
-                crate::managed::dumpxml(&store, &domain, json)
+                crate::managed::dumpxml(&store, &domain, json, &xpath)
             } else {
-                backup_dumpxml(&store, &domain, json)
+                backup_dumpxml(&store, &domain, json, &xpath)
             }
         }
         DomainCommand::Domjobinfo {
             dom,
             completed,
+            keep_completed,
+            rawstats,
+            anystats,
             json,
-        } => domjobinfo(&store, &dom.get("domjobinfo")?, completed, json),
+        } => {
+            let opts = JobInfoOpts {
+                completed,
+                keep_completed,
+                rawstats,
+                anystats,
+                json,
+            };
+            domjobinfo(&store, &dom.get("domjobinfo")?, opts)
+        }
         DomainCommand::Domjobabort { dom } => domjobabort(&store, &dom.get("domjobabort")?),
     }
 }
@@ -916,14 +1007,15 @@ pub(crate) fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, 
     Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
 }
 
-fn checkpoint_create(
+/// Creates or redefines a checkpoint from its XML; returns its name.
+fn checkpoint_define(
     store: &Store,
     name: &str,
     text: &str,
     redefine: bool,
     validate: bool,
     quiesce: bool,
-) -> Result<(), CliError> {
+) -> Result<String, CliError> {
     let loaded = session::load(store, name)?;
     let request = if redefine {
         let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
@@ -948,11 +1040,73 @@ fn checkpoint_create(
     let r = s.call(request);
     s.close()?;
     r?;
-    if redefine {
-        println!("Domain checkpoint {cp_name} redefined");
-    } else {
-        println!("Domain checkpoint {cp_name} created");
+    Ok(cp_name)
+}
+
+/// virsh's `checkpoint-edit`: the checkpoint's XML in an editor, then, if it changed and is
+/// valid, a redefinition with it. An invalid edit changes nothing and is kept in a file the
+/// error names, so the work is not lost.
+fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), CliError> {
+    let original = read_tree(store, domain, |tree, _| {
+        Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
+    })?;
+    let xml = original.to_def().format(CheckpointFormat {
+        no_domain: false,
+        include_size: false,
+    });
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("vbackup-{checkpoint}-"))
+        .suffix(".xml")
+        .tempfile()
+        .map_err(CliError::io("cannot create a temporary file to edit"))?;
+    std::io::Write::write_all(&mut file, xml.as_bytes())
+        .map_err(CliError::io("cannot write the temporary file to edit"))?;
+    let editor = ["VISUAL", "EDITOR"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
+        .unwrap_or_else(|| "vi".to_owned());
+    // The editor variable may hold arguments (`code --wait`), so a shell splits it as virsh's
+    // editor launcher does; the file goes as a separate argument, never through the shell.
+    let status = Process::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(file.path())
+        .status()
+        .map_err(CliError::io(format!("cannot run editor '{editor}'")))?;
+    if !status.success() {
+        return Err(CliError::Other(format!(
+            "operation failed: editor '{editor}' exited with {status}; checkpoint {checkpoint} not changed"
+        )));
     }
+    let edited = read_file(file.path())?;
+    if edited == xml {
+        println!("Checkpoint {checkpoint} XML configuration not changed.");
+        return Ok(());
+    }
+    let checked = CheckpointDef::parse(&edited, CheckpointMode::Redefine)
+        .map_err(CliError::from)
+        .and_then(|def| {
+            if def.name.as_deref() == Some(checkpoint) {
+                Ok(())
+            } else {
+                Err(CliError::Other(format!(
+                    "invalid argument: cannot rename checkpoint {checkpoint} to {}",
+                    def.name.as_deref().unwrap_or("(none)")
+                )))
+            }
+        })
+        .and_then(|()| checkpoint_define(store, domain, &edited, true, false, false));
+    if let Err(e) = checked {
+        let kept = file
+            .keep()
+            .map(|(_, path)| path.display().to_string())
+            .unwrap_or_default();
+        return Err(CliError::Other(format!(
+            "{e}\ncheckpoint {checkpoint} not changed; the edited XML is kept in '{kept}'"
+        )));
+    }
+    println!("Domain checkpoint {checkpoint} edited.");
     Ok(())
 }
 
@@ -981,6 +1135,8 @@ struct ListOpts {
     tree: bool,
     parent: bool,
     name_only: bool,
+    /// Only this checkpoint's children or descendants.
+    from: Option<String>,
     json: bool,
 }
 
@@ -991,7 +1147,12 @@ fn checkpoint_list(
     opts: ListOpts,
 ) -> Result<(), CliError> {
     read_tree(store, name, |tree, _| {
-        let list = tree.list(filter);
+        let list = match &opts.from {
+            Some(from) => tree
+                .list_children(from, filter)
+                .map_err(EngineError::from)?,
+            None => tree.list(filter),
+        };
         if opts.json {
             let v: Vec<Value> = list
                 .iter()
@@ -1066,14 +1227,24 @@ fn print_tree(
     }
 }
 
+struct DumpOpts {
+    no_domain: bool,
+    size: bool,
+    json: bool,
+}
+
 fn checkpoint_dumpxml(
     store: &Store,
     name: &str,
     checkpoint: &str,
-    no_domain: bool,
-    size: bool,
-    json: bool,
+    opts: DumpOpts,
+    xpath: &XpathArgs,
 ) -> Result<(), CliError> {
+    let DumpOpts {
+        no_domain,
+        size,
+        json,
+    } = opts;
     let c = if size {
         let loaded = session::load(store, name)?;
         let mut s = Session::connect(loaded)?;
@@ -1107,10 +1278,10 @@ fn checkpoint_dumpxml(
                 "xml": xml,
             })
         );
+        Ok(())
     } else {
-        print!("{xml}");
+        xpath.print(&xml)
     }
-    Ok(())
 }
 
 fn checkpoint_delete(
@@ -1354,7 +1525,12 @@ fn write_progress(s: &Session, stats: &JobStats) {
     );
 }
 
-fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+fn backup_dumpxml(
+    store: &Store,
+    name: &str,
+    json: bool,
+    xpath: &XpathArgs,
+) -> Result<(), CliError> {
     let plan = match session::load_for_reading(store, name)? {
         ReadAccess::Shared(shared) => match shared.journal {
             Some(plan) => Box::new(plan),
@@ -1375,65 +1551,157 @@ fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError>
     };
     if json {
         println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
+        Ok(())
     } else {
-        print!("{}", plan.to_def().format());
+        xpath.print(&plan.to_def().format())
     }
-    Ok(())
 }
 
-fn print_stats(stats: Option<&Value>, json: bool) {
-    if json {
-        println!("{}", stats.cloned().unwrap_or(json!({"status": "none"})));
+/// How `domjobinfo` was asked.
+#[derive(Debug, Clone, Copy)]
+struct JobInfoOpts {
+    completed: bool,
+    keep_completed: bool,
+    rawstats: bool,
+    anystats: bool,
+    json: bool,
+}
+
+/// libvirt's `virDomainJobType` number and virsh's word for a job status.
+fn job_type(status: &str) -> (u8, &'static str) {
+    match status {
+        "running" => (2, "Unbounded"),
+        "completed" => (3, "Completed"),
+        "failed" => (4, "Failed"),
+        "cancelled" => (5, "Cancelled"),
+        _ => (0, "None"),
+    }
+}
+
+/// The statistics as libvirt's typed parameters, in the order libvirt fills them.
+fn raw_params(st: &Value) -> Vec<(&'static str, String)> {
+    let mut params = vec![("operation", "9".to_owned())];
+    for (name, key) in [
+        ("time_elapsed", "time_elapsed_ms"),
+        ("disk_total", "disk_total_bytes"),
+        ("disk_processed", "disk_processed_bytes"),
+        ("disk_remaining", "disk_remaining_bytes"),
+        ("disk_temp_used", "disk_temp_used_bytes"),
+        ("disk_temp_total", "disk_temp_total_bytes"),
+    ] {
+        if let Some(v) = st[key].as_u64() {
+            params.push((name, v.to_string()));
+        }
+    }
+    if let Some(ok) = st["success"].as_bool() {
+        params.push(("success", if ok { "yes" } else { "no" }.to_owned()));
+    }
+    if let Some(msg) = st["errmsg"].as_str() {
+        params.push(("errmsg", msg.to_owned()));
+    }
+    params
+}
+
+/// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
+fn print_stats(stats: Option<&Value>, opts: JobInfoOpts) {
+    if opts.json {
+        println!(
+            "{}",
+            stats
+                .cloned()
+                .map_or_else(|| json!({"status": "none"}), crate::output::camel_case)
+        );
         return;
     }
+    let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");
+    let (number, word) = job_type(status);
+    if opts.rawstats {
+        println!("Job type: {number}\n");
+        if let Some(st) = stats {
+            for (name, value) in raw_params(st) {
+                println!("{name}: {value}");
+            }
+        }
+        return;
+    }
+    println!("{:<17} {word:<12}", "Job type:");
     let Some(st) = stats else {
-        println!("{:<18}None", "Job type:");
         return;
     };
-    let status = st["status"].as_str().unwrap_or("");
-    let job_type = match status {
-        "running" => "Unbounded",
-        "completed" => "Completed",
-        "failed" => "Failed",
-        "cancelled" => "Cancelled",
-        _ => "None",
-    };
-    println!("{:<18}{job_type}", "Job type:");
-    println!("{:<18}Backup", "Operation:");
+    println!("{:<17} {:<12}", "Operation:", "Backup");
+    // virsh shows a finished job's numbers only for a completed job asked with --completed,
+    // or with --anystats.
+    let shown = matches!(status, "running") || (opts.completed && status == "completed");
+    if !shown && !opts.anystats {
+        return;
+    }
     if let Some(ms) = st["time_elapsed_ms"].as_u64() {
-        println!("{:<18}{ms:<13}ms", "Time elapsed:");
+        println!("{:<17} {ms:<12} ms", "Time elapsed:");
     }
     for (label, key) in [
         ("File processed:", "disk_processed_bytes"),
         ("File remaining:", "disk_remaining_bytes"),
         ("File total:", "disk_total_bytes"),
-        ("Temp used:", "disk_temp_used_bytes"),
-        ("Temp total:", "disk_temp_total_bytes"),
+        ("Temporary disk space use:", "disk_temp_used_bytes"),
+        ("Temporary disk space total:", "disk_temp_total_bytes"),
     ] {
         if let Some(b) = st[key].as_u64() {
-            println!("{label:<18}{}", human_bytes(b));
+            println!("{label:<17} {}", virsh_bytes(b));
         }
     }
-    // A pull backup ended by abort completes; its cancelled block jobs' message is noise.
-    if let (Some(msg), false) = (st["errmsg"].as_str(), status == "completed") {
-        println!("{:<18}{msg}", "Error message:");
+    if let Some(msg) = st["errmsg"].as_str() {
+        println!("{:<17} {msg}", "Error message:");
     }
+}
+
+/// Bytes as virsh prints job sizes: three decimals and a binary unit (`256.000 MiB`).
+pub(crate) fn virsh_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.3} {}", UNITS[unit])
+}
+
+/// The last finished job's statistics for `--completed`, unless they were already shown:
+/// libvirt discards them once read unless `--keep-completed`. Reading marks the record
+/// (rather than removing it) because `backup-finish` still needs the job's outcome.
+fn take_completed(dir: &Path, keep: bool) -> Option<Value> {
+    let path = dir.join(COMPLETED_FILE);
+    let mut stats: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+    if stats["reported"].as_bool() == Some(true) {
+        return None;
+    }
+    if !keep {
+        stats["reported"] = json!(true);
+        // Best effort: failing to mark it only shows the statistics once more.
+        let _ = write_atomic(dir, COMPLETED_FILE, stats.to_string().as_bytes());
+        if let Some(map) = stats.as_object_mut() {
+            map.remove("reported");
+        }
+    }
+    Some(stats)
 }
 
 /// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
 /// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
 /// alone says (the status and the time elapsed).
-fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
-    if completed {
-        let stats: Option<Value> = shared
-            .snapshot
-            .file(COMPLETED_FILE)
-            .and_then(|t| serde_json::from_str(t).ok());
-        print_stats(stats.as_ref(), json);
+fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts) {
+    if opts.completed {
+        // A job runs: libvirt has no completed statistics while a new job runs.
+        let stats = shared
+            .journal
+            .is_none()
+            .then(|| take_completed(dir, opts.keep_completed))
+            .flatten();
+        print_stats(stats.as_ref(), opts);
         return;
     }
     let Some(plan) = &shared.journal else {
-        print_stats(None, json);
+        print_stats(None, opts);
         return;
     };
     let progress = shared
@@ -1448,7 +1716,7 @@ fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
         }
     };
     stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
-    print_stats(Some(&stats), json);
+    print_stats(Some(&stats), opts);
 }
 
 /// Milliseconds since the epoch (the clock job start times are kept in).
@@ -1459,36 +1727,28 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<(), CliError> {
+fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliError> {
+    let dir = store.root().join("domains").join(name);
     let loaded = match session::load_for_reading(store, name)? {
         ReadAccess::Locked(loaded) => *loaded,
         ReadAccess::Shared(shared) => {
-            domjobinfo_shared(&shared, completed, json);
+            domjobinfo_shared(&shared, &dir, opts);
             return Ok(());
         }
     };
-    if completed {
-        let path = loaded.store.dir().join(COMPLETED_FILE);
-        let stats: Option<Value> = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        // A journaled job that ended while nobody watched concludes on reconnect.
-        if loaded.journal.is_some() {
-            let s = Session::connect(loaded)?;
-            let finished = last_completed(&s).and_then(|st| serde_json::to_value(st).ok());
-            s.close()?;
-            print_stats(finished.as_ref().or(stats.as_ref()), json);
-        } else {
-            print_stats(stats.as_ref(), json);
-        }
-        return Ok(());
-    }
+    let dir = loaded.store.dir().to_path_buf();
     if loaded.journal.is_none() {
-        print_stats(None, json);
+        let stats = opts
+            .completed
+            .then(|| take_completed(&dir, opts.keep_completed))
+            .flatten();
+        print_stats(stats.as_ref(), opts);
         return Ok(());
     }
+    // A journaled job is reconciled with QEMU first: it may have ended while nobody watched.
     let mut s = Session::connect(loaded)?;
-    let r = if s.job_running() {
+    let running = s.job_running();
+    let r = if running && !opts.completed {
         s.call(Request::JobStats {
             completed: false,
             keep_completed: true,
@@ -1498,13 +1758,12 @@ fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<
         Ok(None)
     };
     s.close()?;
-    match r? {
-        Some(Reply::Stats(st)) => {
-            let v = st.and_then(|st| serde_json::to_value(st).ok());
-            print_stats(v.as_ref(), json);
-        }
-        _ => print_stats(None, json),
-    }
+    let stats = match r? {
+        Some(Reply::Stats(st)) => st.and_then(|st| serde_json::to_value(st).ok()),
+        _ if opts.completed && !running => take_completed(&dir, opts.keep_completed),
+        _ => None,
+    };
+    print_stats(stats.as_ref(), opts);
     Ok(())
 }
 

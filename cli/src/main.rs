@@ -11,6 +11,7 @@ mod output;
 mod session;
 mod virsh_args;
 mod xml_cmd;
+mod xpath;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

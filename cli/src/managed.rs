@@ -1238,15 +1238,20 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 /// `backup-dumpxml UUID`: the `<managedbackup>` record.
-pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
+pub fn dumpxml(
+    store: &Store,
+    uuid: &str,
+    json: bool,
+    xpath: &commands::XpathArgs,
+) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
     let b = backup_in(&cat, uuid)?;
     if json {
         println!("{}", backup_json(b));
+        Ok(())
     } else {
-        print!("{}", b.format());
+        xpath.print(&b.format())
     }
-    Ok(())
 }
 
 // ----- changing -----

@@ -1,0 +1,277 @@
+//! virsh's flags and outputs that people notice, against a managed domain on real
+//! qemu-storage-daemon: `checkpoint-edit`, `checkpoint-list --from --descendants`, `--xpath`
+//! and `--wrap` of the dumpxml commands, `domjobinfo`'s `--completed` semantics with
+//! `--keep-completed`, `--rawstats` and `--anystats`, and libvirt's labels and numbers. The
+//! tests fail when the QEMU tools are missing.
+
+mod support;
+
+use support::Lab;
+
+fn lab() -> Lab {
+    let lab = Lab::new("virsh parity").expect("the QEMU tools are installed");
+    lab.define_vm("vda.qcow2", 16);
+    lab.ok(&["start", "vm"]);
+    lab
+}
+
+/// An editor script that runs `sed EXPR` on the file it is given.
+fn sed_editor(lab: &Lab, name: &str, expr: &str) -> String {
+    let path = lab.file(name, &format!("#!/bin/sh\nsed -i \"{expr}\" \"$1\"\n"));
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    path
+}
+
+fn edit(lab: &Lab, editor: &str) -> std::process::Output {
+    lab.cmd(&["checkpoint-edit", "vm", "c1"])
+        .env_remove("VISUAL")
+        .env("EDITOR", editor)
+        .output()
+        .expect("run")
+}
+
+#[test]
+fn checkpoint_edit_redefines_a_valid_edit_and_keeps_an_invalid_one_unapplied() {
+    let lab = lab();
+    lab.ok(&["checkpoint-create-as", "vm", "c1", "old words"]);
+
+    let out = edit(&lab, "true");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Checkpoint c1 XML configuration not changed.\n"
+    );
+
+    let out = edit(&lab, &sed_editor(&lab, "good.sh", "s/old words/new words/"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Domain checkpoint c1 edited.\n"
+    );
+    let xml = lab.ok(&["checkpoint-dumpxml", "vm", "c1", "--no-domain"]);
+    assert!(
+        xml.contains("<description>new words</description>"),
+        "{xml}"
+    );
+
+    let out = edit(
+        &lab,
+        &sed_editor(&lab, "bad.sh", "s|<disks>|<disks><bogus/>|"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("checkpoint c1 not changed; the edited XML is kept in '"),
+        "{err}"
+    );
+    let kept = err.split('\'').nth_back(1).expect("a kept file");
+    assert!(
+        std::fs::read_to_string(kept)
+            .expect("kept")
+            .contains("<bogus/>")
+    );
+    std::fs::remove_file(kept).expect("remove");
+    let xml = lab.ok(&["checkpoint-dumpxml", "vm", "c1", "--no-domain"]);
+    assert!(
+        xml.contains("<description>new words</description>"),
+        "{xml}"
+    );
+
+    let out = edit(
+        &lab,
+        &sed_editor(&lab, "rename.sh", "s|<name>c1<|<name>c9<|"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot rename checkpoint c1 to c9"), "{err}");
+    let kept = err.split('\'').nth_back(1).expect("a kept file");
+    std::fs::remove_file(kept).expect("remove");
+}
+
+#[test]
+fn checkpoint_list_from_shows_children_or_all_descendants_and_parent_with_tree_is_refused() {
+    let lab = lab();
+    for c in ["c1", "c2", "c3"] {
+        lab.ok(&["checkpoint-create-as", "vm", c]);
+    }
+    assert_eq!(
+        lab.ok(&["checkpoint-list", "vm", "--from", "c1", "--name"]),
+        "c2\n"
+    );
+    assert_eq!(
+        lab.ok(&[
+            "checkpoint-list",
+            "vm",
+            "--from",
+            "c1",
+            "--descendants",
+            "--name"
+        ]),
+        "c2\nc3\n"
+    );
+    assert!(
+        lab.fails(&["checkpoint-list", "vm", "--from", "nope"])
+            .contains("no domain checkpoint with matching name 'nope'")
+    );
+    let err = lab.fails(&["checkpoint-list", "vm", "--parent", "--tree"]);
+    assert!(err.contains("--parent") && err.contains("--tree"), "{err}");
+}
+
+#[test]
+fn dumpxml_xpath_prints_the_selected_nodes_and_wrap_wraps_them() {
+    let lab = lab();
+    let file = lab.file(
+        "c1.xml",
+        "<domaincheckpoint><name>c1</name><description>one</description></domaincheckpoint>",
+    );
+    assert_eq!(
+        lab.ok(&["checkpoint-create", "vm", &file]),
+        format!("Domain checkpoint c1 created from '{file}'\n")
+    );
+    let dump = |extra: &[&str]| {
+        let mut args = vec!["checkpoint-dumpxml", "vm", "c1"];
+        args.extend(extra);
+        lab.ok(&args)
+    };
+    assert_eq!(
+        dump(&["--xpath", "/domaincheckpoint/name"]),
+        "<name>c1</name>\n"
+    );
+    assert_eq!(dump(&["--xpath", "//disk/@bitmap"]), "c1\n");
+    assert_eq!(
+        dump(&["--xpath", "//disk[@name='vda']", "--wrap"]),
+        "<nodes>\n  <disk name='vda' checkpoint='bitmap' bitmap='c1'/>\n</nodes>\n"
+    );
+    assert_eq!(
+        dump(&["--security-info", "--no-domain"]),
+        dump(&["--no-domain"])
+    );
+    assert_eq!(dump(&["--xpath", "//domain/name/text()"]), "vm\n");
+    assert!(
+        lab.fails(&["checkpoint-dumpxml", "vm", "c1", "--xpath", "count(//disk)"])
+            .contains("functions are not supported")
+    );
+
+    let socket = vbackup_qemu::qsd::RunDir::new(lab.state().join("run/vm")).nbd_socket;
+    let pull = lab.file(
+        "pull.xml",
+        &format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/></domainbackup>",
+            socket.display()
+        ),
+    );
+    lab.ok(&["backup-begin", "vm", &pull]);
+    assert_eq!(
+        lab.ok(&["backup-dumpxml", "vm", "--xpath", "//disk/@exportname"]),
+        "vda\n"
+    );
+    assert_eq!(
+        lab.ok(&[
+            "backup-dumpxml",
+            "--domain",
+            "vm",
+            "--xpath",
+            "/domainbackup/server",
+            "--wrap"
+        ]),
+        format!(
+            "<nodes>\n  <server transport='unix' socket='{}'/>\n</nodes>\n",
+            socket.display()
+        )
+    );
+    lab.ok(&["domjobabort", "vm"]);
+}
+
+#[test]
+fn domjobinfo_completed_is_shown_once_unless_kept_in_libvirts_format() {
+    let lab = lab();
+    lab.guest_write("vm", "vda", 1, "0", "1M");
+    let target = lab.path("full.qcow2");
+    let push = lab.file(
+        "push.xml",
+        &format!(
+            "<domainbackup mode='push'><disks><disk name='vda' type='file'><target file='{}'/><driver type='qcow2'/></disk></disks></domainbackup>",
+            target.display()
+        ),
+    );
+    lab.ok(&["backup-begin", "vm", &push, "--wait"]);
+    let raw = lab.ok(&[
+        "domjobinfo",
+        "vm",
+        "--completed",
+        "--keep-completed",
+        "--rawstats",
+    ]);
+    assert!(
+        raw.starts_with("Job type: 3\n\noperation: 9\ntime_elapsed: "),
+        "{raw}"
+    );
+    assert!(raw.contains("\ndisk_total: 16777216\n"), "{raw}");
+    let kept = lab.ok(&["domjobinfo", "vm", "--completed", "--keep-completed"]);
+    let lines: Vec<&str> = kept.lines().collect();
+    assert_eq!(lines[0], "Job type:         Completed   ");
+    assert_eq!(lines[1], "Operation:        Backup      ");
+    assert!(lines[2].starts_with("Time elapsed:     ") && lines[2].ends_with(" ms"));
+    assert_eq!(
+        &lines[3..],
+        [
+            "File processed:   16.000 MiB",
+            "File remaining:   0.000 B",
+            "File total:       16.000 MiB",
+        ]
+    );
+    let json = lab.json(&[
+        "domjobinfo",
+        "vm",
+        "--completed",
+        "--keep-completed",
+        "--json",
+    ]);
+    assert_eq!(json["diskTotalBytes"], 16 << 20);
+    // Shown once more without --keep-completed, then gone, as in libvirt.
+    assert_eq!(lab.ok(&["domjobinfo", "vm", "--completed"]), kept);
+    assert_eq!(
+        lab.ok(&["domjobinfo", "vm", "--completed"]),
+        "Job type:         None        \n"
+    );
+
+    // A pull backup ended by abort completes with libvirt's error message; while it runs,
+    // there are no completed statistics.
+    let socket = vbackup_qemu::qsd::RunDir::new(lab.state().join("run/vm")).nbd_socket;
+    let pull = lab.file(
+        "pull.xml",
+        &format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/></domainbackup>",
+            socket.display()
+        ),
+    );
+    lab.ok(&["backup-begin", "vm", &pull]);
+    assert_eq!(
+        lab.ok(&["domjobinfo", "vm", "--completed"]),
+        "Job type:         None        \n"
+    );
+    let during = lab.ok(&["domjobinfo", "vm"]);
+    assert!(
+        during.starts_with("Job type:         Unbounded   \n"),
+        "{during}"
+    );
+    assert!(
+        during.contains("\nTemporary disk space total: 16.000 MiB\n"),
+        "{during}"
+    );
+    lab.ok(&["domjobabort", "vm"]);
+    let done = lab.ok(&["domjobinfo", "vm", "--completed"]);
+    assert!(
+        done.starts_with("Job type:         Completed   \n"),
+        "{done}"
+    );
+    assert!(
+        done.ends_with("\nError message:    Operation canceled\n"),
+        "{done}"
+    );
+}
