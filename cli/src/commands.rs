@@ -1362,6 +1362,9 @@ fn backup_begin(
     let aligned = align_backup(&def, &loaded.def, &suffix)?;
     let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
     check_pull_server(&loaded, &spec)?;
+    if !reuse_external {
+        check_stores_absent(&spec)?;
+    }
     let mut s = Session::connect(loaded)?;
     let r = s.call(Request::BackupBegin {
         spec,
@@ -1398,6 +1401,23 @@ fn backup_begin(
             "backup job ended without statistics".into(),
         )),
     }
+}
+
+/// Refuses, before anything starts, a backup whose target or scratch image exists already,
+/// with libvirt's message (the engine's exclusive create would refuse it too, but later and
+/// as a store failure).
+fn check_stores_absent(spec: &BackupSpec) -> Result<(), CliError> {
+    for disk in spec.disks.iter().filter(|d| d.backup) {
+        if let Some(path) = disk.store.as_ref().and_then(|s| s.path.as_deref())
+            && std::fs::symlink_metadata(path).is_ok()
+        {
+            return Err(CliError::Other(format!(
+                "invalid argument: store '{}' for backup of '{}' exists (remove it, or pass --reuse-external to write into it)",
+                path, disk.target
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses, before anything starts, a pull backup asking for TLS on an attached domain while

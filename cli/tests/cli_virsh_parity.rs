@@ -275,3 +275,29 @@ fn domjobinfo_completed_is_shown_once_unless_kept_in_libvirts_format() {
         "{done}"
     );
 }
+
+#[test]
+fn a_push_target_that_exists_is_refused_as_libvirt_does_and_reuse_external_writes_into_it() {
+    let lab = lab();
+    let target = lab.image("full.qcow2", 16);
+    let push = lab.file(
+        "push.xml",
+        &format!(
+            "<domainbackup mode='push'><disks><disk name='vda' type='file'><target file='{}'/><driver type='qcow2'/></disk></disks></domainbackup>",
+            target.display()
+        ),
+    );
+    let err = lab.fails(&["backup-begin", "vm", &push]);
+    assert!(
+        err.starts_with(&format!(
+            "error: invalid argument: store '{}' for backup of 'vda' exists",
+            target.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        lab.ok(&["domjobinfo", "vm"]),
+        "Job type:         None        \n"
+    );
+    lab.ok(&["backup-begin", "vm", &push, "--reuse-external", "--wait"]);
+}
