@@ -27,7 +27,7 @@ use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
 use vbackup_qemu::store::{Store, write_atomic};
 
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
-use crate::output::{CliError, format_time, table};
+use crate::output::{CliError, format_time, print_json, table};
 use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 use crate::virsh_args::{DomainArg, fill, required};
 
@@ -372,7 +372,9 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             qmp,
         } => {
             let [file] = fill([("file", file_named)], [file_or_name])?;
-            define(&store, &required("define", "file", file)?, &disk, qmp)
+            let said = define(&store, &required("define", "file", file)?, &disk, qmp)?;
+            println!("{said}");
+            Ok(())
         }
         DomainCommand::Undefine {
             dom,
@@ -516,7 +518,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             read_tree(&store, &domain, |tree, _| {
                 let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
                 if json {
-                    println!("{}", json!({"parent": parent.name}));
+                    print_json(json!({"parent": parent.name}));
                 } else {
                     println!("{}", parent.name);
                 }
@@ -761,12 +763,13 @@ fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
     )
 }
 
+/// Defines a domain; returns what to tell the user.
 pub(crate) fn define(
     store: &Store,
     file_or_name: &str,
     disks: &[String],
     qmp: Option<PathBuf>,
-) -> Result<(), CliError> {
+) -> Result<String, CliError> {
     let discovered = match &qmp {
         // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
         Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
@@ -805,11 +808,10 @@ pub(crate) fn define(
     let ds = session::lock(store, &def.name)?;
     ds.write_domain_xml(&xml)?;
     session::write_meta(&ds, &attachment)?;
-    match from {
-        Some(f) => println!("Domain '{}' defined from {f}", def.name),
-        None => println!("Domain '{}' defined", def.name),
-    }
-    Ok(())
+    Ok(match from {
+        Some(f) => format!("Domain '{}' defined from {f}", def.name),
+        None => format!("Domain '{}' defined", def.name),
+    })
 }
 
 fn undefine(
@@ -918,7 +920,7 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
                 json!({"name": n, "state": s, "qmp": q, "job": if *j {"backup"} else {"none"}, "disks": d})
             })
             .collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
         return Ok(());
     }
     let rows: Vec<Vec<String>> = rows
@@ -950,7 +952,7 @@ fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
             .iter()
             .map(|(t, s)| json!({"target": t, "source": s}))
             .collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else {
         let rows: Vec<Vec<String>> = disks.into_iter().map(|(t, s)| vec![t, s]).collect();
         print!("{}", table(&["Target", "Source"], &rows));
@@ -1167,7 +1169,7 @@ fn checkpoint_list(
                     })
                 })
                 .collect();
-            println!("{}", Value::Array(v));
+            print_json(Value::Array(v));
         } else if opts.tree {
             let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
             let mut out = String::new();
@@ -1267,17 +1269,14 @@ fn checkpoint_dumpxml(
         include_size: size,
     });
     if json {
-        println!(
-            "{}",
-            json!({
-                "name": c.name,
-                "parent": c.parent,
-                "description": c.description,
-                "creation_time": c.creation_time_s,
-                "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes})).collect::<Vec<_>>(),
-                "xml": xml,
-            })
-        );
+        print_json(json!({
+            "name": c.name,
+            "parent": c.parent,
+            "description": c.description,
+            "creation_time": c.creation_time_s,
+            "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes})).collect::<Vec<_>>(),
+            "xml": xml,
+        }));
         Ok(())
     } else {
         xpath.print(&xml)
@@ -1327,10 +1326,9 @@ fn checkpoint_info(
         .len();
     let current = tree.current() == Some(name);
     if json {
-        println!(
-            "{}",
+        print_json(
             json!({"name": c.name, "domain": domain, "parent": c.parent, "children": children,
-                   "descendants": descendants, "current": current})
+                   "descendants": descendants, "current": current}),
         );
     } else {
         println!("{:<15} {}", "Name:", c.name);
@@ -1570,7 +1568,7 @@ fn backup_dumpxml(
         }
     };
     if json {
-        println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
+        print_json(serde_json::to_value(&*plan).unwrap_or(Value::Null));
         Ok(())
     } else {
         xpath.print(&plan.to_def().format())
@@ -1625,12 +1623,7 @@ fn raw_params(st: &Value) -> Vec<(&'static str, String)> {
 /// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
 fn print_stats(stats: Option<&Value>, opts: JobInfoOpts) {
     if opts.json {
-        println!(
-            "{}",
-            stats
-                .cloned()
-                .map_or_else(|| json!({"status": "none"}), crate::output::camel_case)
-        );
+        print_json(stats.cloned().unwrap_or_else(|| json!({"status": "none"})));
         return;
     }
     let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");

@@ -54,7 +54,7 @@ use vbackup_qemu::store::{DomainStore, Store, write_atomic};
 
 use crate::commands;
 use crate::effects::COMPLETED_FILE;
-use crate::output::{CliError, format_time, human_bytes, table};
+use crate::output::{CliError, format_time, human_bytes, print_json, table};
 use crate::session::{self, Attachment, Loaded, Session};
 use crate::virsh_args::{DomainArg, fill, required};
 
@@ -162,6 +162,9 @@ pub enum ManagedCommand {
         /// Keep the checkpoints the deleted backups created (no QEMU needed).
         #[arg(long)]
         keep_checkpoints: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
     ///
@@ -187,6 +190,9 @@ pub enum ManagedCommand {
         /// Replace the domain's own disk images (only while it is not running).
         #[arg(long)]
         overwrite: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Make an incremental backup a full backup of its own (a synthetic full).
     ///
@@ -197,6 +203,9 @@ pub enum ManagedCommand {
     BackupConsolidate {
         /// Backup uuid.
         uuid: String,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
     BackupFinish {
@@ -208,6 +217,9 @@ pub enum ManagedCommand {
         /// Only report whether the job is done (recording it if it is).
         #[arg(long)]
         check: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Set the directory new managed backups of a domain go to.
     BackupSetDefaultTarget {
@@ -269,7 +281,8 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             children,
             all,
             keep_checkpoints,
-        } => delete(&store, &target, children, all, keep_checkpoints),
+            json,
+        } => delete(&store, &target, children, all, keep_checkpoints, json),
         ManagedCommand::BackupRestore {
             uuid,
             until,
@@ -277,6 +290,7 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             dir,
             disk,
             overwrite,
+            json,
         } => restore_cmd(
             &store,
             &RestoreArgs {
@@ -286,12 +300,16 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
                 dir,
                 disks: disk,
                 overwrite,
+                json,
             },
         ),
-        ManagedCommand::BackupConsolidate { uuid } => consolidate(&store, &uuid),
-        ManagedCommand::BackupFinish { dom, cancel, check } => {
-            finish(&store, &dom.get("backup-finish")?, cancel, check)
-        }
+        ManagedCommand::BackupConsolidate { uuid, json } => consolidate(&store, &uuid, json),
+        ManagedCommand::BackupFinish {
+            dom,
+            cancel,
+            check,
+            json,
+        } => finish(&store, &dom.get("backup-finish")?, cancel, check, json),
         ManagedCommand::BackupSetDefaultTarget { dom, dir } => {
             let command = "backup-set-default-target";
             let [domain, dir] = fill(
@@ -816,7 +834,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     } else {
         if !args.wait {
             if args.json {
-                println!("{}", json!({"uuid": uuid, "status": "started"}));
+                print_json(json!({"uuid": uuid, "status": "started"}));
             }
             return s.close();
         }
@@ -837,7 +855,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     s.close()?;
     let backup = recorded?;
     if args.json {
-        println!("{}", backup_json(&backup));
+        print_json(backup_json(&backup));
     } else {
         println!(
             "Backup {uuid} created ({}, {})",
@@ -961,7 +979,13 @@ impl CopyProgress {
 
 // ----- backup-finish -----
 
-fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<(), CliError> {
+fn finish(
+    store: &Store,
+    name: &str,
+    cancel: bool,
+    check: bool,
+    json: bool,
+) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let pending = Pending::read(loaded.store.dir())?;
     if pending.is_none() && loaded.journal.is_none() {
@@ -969,7 +993,7 @@ fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<(), Cl
     }
     let dir = loaded.store.dir().to_owned();
     let mut s = Session::connect(loaded)?;
-    let result = finish_in(&mut s, &dir, pending, cancel, check);
+    let result = finish_in(&mut s, &dir, pending, cancel, check, json);
     s.close()?;
     result
 }
@@ -980,14 +1004,18 @@ fn finish_in(
     pending: Option<Pending>,
     cancel: bool,
     check: bool,
+    json: bool,
 ) -> Result<(), CliError> {
     if cancel {
         end_job(s)?;
-        if let Some(p) = pending {
-            discard(s, dir, &p)?;
-            println!("Backup {} cancelled", p.uuid);
-        } else {
-            println!("Backup job cancelled");
+        let uuid = pending.as_ref().map(|p| p.uuid.clone());
+        if let Some(p) = &pending {
+            discard(s, dir, p)?;
+        }
+        match (&uuid, json) {
+            (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
+            (Some(u), false) => println!("Backup {u} cancelled"),
+            (None, false) => println!("Backup job cancelled"),
         }
         return Ok(());
     }
@@ -1008,10 +1036,14 @@ fn finish_in(
     }
     if s.job_running() {
         if check {
-            println!("Backup {} is running", pending.uuid);
+            if json {
+                print_json(json!({"uuid": pending.uuid, "status": "running"}));
+            } else {
+                println!("Backup {} is running", pending.uuid);
+            }
             return Ok(());
         }
-        commands::follow(s, false)?;
+        commands::follow(s, json)?;
     }
     if !last_job_succeeded(dir) {
         discard(s, dir, &pending)?;
@@ -1025,6 +1057,12 @@ fn finish_in(
         let _ = discard(s, dir, &pending);
     }
     let backup = backup?;
+    if json {
+        print_json(
+            json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
+        );
+        return Ok(());
+    }
     println!(
         "Backup {} created ({}, {})",
         backup.uuid,
@@ -1094,7 +1132,7 @@ fn list(
     let backups = cat.list(filter);
     if json {
         let v: Vec<Value> = backups.iter().map(|b| backup_json(b)).collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else if tree {
         let shown: Vec<&str> = backups.iter().map(|b| b.uuid.as_str()).collect();
         for root in backups.iter().filter(|b| b.parent.is_none()) {
@@ -1144,7 +1182,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let kids = cat.children(uuid).map_err(catalogue_error)?;
     if json {
         let v: Vec<Value> = kids.iter().map(|b| backup_json(b)).collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else {
         print!("{}", table(&HEADERS, &rows(&kids)));
     }
@@ -1177,7 +1215,7 @@ fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
             .iter()
             .map(|(disk, r)| json!({"disk": disk, "ok": r.is_ok(), "error": r.as_ref().err()}))
             .collect();
-        println!("{}", json!({"uuid": uuid, "disks": rows}));
+        print_json(json!({"uuid": uuid, "disks": rows}));
     } else {
         for (disk, r) in &report {
             match r {
@@ -1199,7 +1237,7 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
     let b = backup_in(&cat, uuid)?;
     if json {
-        println!("{}", backup_json(b));
+        print_json(backup_json(b));
         return Ok(());
     }
     let kv = |k: &str, v: String| println!("{:<16}{v}", format!("{k}:"));
@@ -1247,7 +1285,7 @@ pub fn dumpxml(
     let (_ds, cat) = find(store, uuid)?;
     let b = backup_in(&cat, uuid)?;
     if json {
-        println!("{}", backup_json(b));
+        print_json(backup_json(b));
         Ok(())
     } else {
         xpath.print(&b.format())
@@ -1262,6 +1300,7 @@ fn delete(
     with_children: bool,
     all: bool,
     keep_checkpoints: bool,
+    json: bool,
 ) -> Result<(), CliError> {
     let domain = if all {
         target.to_owned()
@@ -1299,12 +1338,17 @@ fn delete(
         )));
     }
     let n = doomed.len();
+    let deleted: Vec<String> = doomed.iter().map(|u| (*u).to_owned()).collect();
     let ops: Vec<CatalogueOp> = ops
         .into_iter()
         .filter(|o| !(keep_checkpoints && matches!(o, CatalogueOp::DeleteCheckpoint { .. })))
         .collect();
     apply_with_checkpoints(loaded, &ops)?;
-    if all {
+    if json {
+        print_json(
+            json!({"domain": domain, "deleted": deleted, "checkpointsKept": keep_checkpoints}),
+        );
+    } else if all {
         println!("Deleted {n_all} backup(s) of domain '{target}'");
     } else if n > 1 {
         println!("Backup {target} and {} dependent backup(s) deleted", n - 1);
@@ -1314,7 +1358,7 @@ fn delete(
     Ok(())
 }
 
-fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
+fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (ds, _) = find(store, uuid)?;
     let domain = ds.name().to_owned();
     drop(ds);
@@ -1337,7 +1381,13 @@ fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
     }
     let ops = cat.consolidate(uuid).map_err(catalogue_error)?;
     let Some((CatalogueOp::PutBackup(record), rebases)) = ops.split_last() else {
-        println!("Backup {uuid} is already a full backup");
+        if json {
+            print_json(
+                json!({"uuid": uuid, "consolidated": false, "backup": backup_json(&before)}),
+            );
+        } else {
+            println!("Backup {uuid} is already a full backup");
+        }
         return Ok(());
     };
     images::apply_ops(&loaded.store, rebases).map_err(io_error)?;
@@ -1357,7 +1407,12 @@ fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
         record.disks[i] = now;
     }
     let allocated = record.allocated_size_bytes();
+    let shown = backup_json(&record);
     images::apply_ops(&loaded.store, &[CatalogueOp::PutBackup(record)]).map_err(io_error)?;
+    if json {
+        print_json(json!({"uuid": uuid, "consolidated": true, "backup": shown}));
+        return Ok(());
+    }
     println!(
         "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
         before.disks.len(),
@@ -1452,6 +1507,7 @@ struct RestoreArgs {
     dir: Option<PathBuf>,
     disks: Vec<String>,
     overwrite: bool,
+    json: bool,
 }
 
 fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
@@ -1462,7 +1518,9 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
         dir,
         disks,
         overwrite,
+        json,
     } = args;
+    let json = *json;
     let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
     let (ds, cat) = find(store, uuid)?;
     let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
@@ -1482,9 +1540,18 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             )));
         }
     }
-    if until.is_some() {
+    if until.is_some() && !json {
         println!("Restoring backup {} (chain of {uuid})", plan.backup);
     }
+    let restored = |out: &[vbackup_qemu::restore::RestoredDisk], domain: Option<&str>| {
+        let disks: Vec<Value> = out
+            .iter()
+            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
+            .collect();
+        print_json(
+            json!({"backup": plan.backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
+        );
+    };
     let target = if overwrite {
         let domain = ds.name().to_owned();
         drop(ds);
@@ -1526,6 +1593,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             forget_checkpoints(&loaded.store)?;
         }
         let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
+        if json {
+            restored(&out, Some(&domain));
+            return Ok(());
+        }
         for d in &out {
             println!(
                 "Disk {} restored over {} ({})",
@@ -1549,7 +1620,7 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
     };
     let out =
         restore(&plan, &target).map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-    for d in &out {
+    for d in out.iter().filter(|_| !json) {
         println!(
             "Disk {} restored to {} ({})",
             d.disk,
@@ -1557,12 +1628,18 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             d.digest
         );
     }
-    if let Some(name) = new_domain {
+    if let Some(name) = &new_domain {
         let specs: Vec<String> = out
             .iter()
             .map(|d| format!("{}={},format={}", d.disk, d.path.display(), d.format.name()))
             .collect();
-        commands::define(store, &name, &specs, None)?;
+        let said = commands::define(store, name, &specs, None)?;
+        if !json {
+            println!("{said}");
+        }
+    }
+    if json {
+        restored(&out, new_domain.as_deref());
     }
     Ok(())
 }

@@ -95,6 +95,11 @@ pub fn camel_case(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Prints a `--json` answer on one line, in the one JSON style ([`camel_case`]).
+pub fn print_json(value: serde_json::Value) {
+    println!("{}", camel_case(value));
+}
+
 /// `creation_time` → `creationTime`; keys without underscores stay as they are.
 fn camel_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());

@@ -210,7 +210,7 @@ fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort(
     // The guest overwrites what the backup has not read yet.
     lab.guest_write("vm", "vda", 0x32, "0", "4M");
     let plan = lab.json(&["backup-dumpxml", "vm", "--json"]);
-    let export = plan["disks"][0]["export_name"].as_str().unwrap().to_owned();
+    let export = plan["disks"][0]["exportName"].as_str().unwrap().to_owned();
     let sock = plan["server"]["transport"]["Unix"]["socket"]
         .as_str()
         .map(str::to_owned)

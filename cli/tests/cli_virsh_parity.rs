@@ -301,3 +301,77 @@ fn a_push_target_that_exists_is_refused_as_libvirt_does_and_reuse_external_write
     );
     lab.ok(&["backup-begin", "vm", &push, "--reuse-external", "--wait"]);
 }
+
+/// Every object key of a `--json` answer, at any depth.
+fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.push(k.clone());
+                keys(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| keys(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_reporting_command_answers_json_in_camel_case() {
+    let lab = lab();
+    let target = lab.path("backups");
+    lab.ok(&[
+        "backup-set-default-target",
+        "vm",
+        target.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&["checkpoint-create-as", "vm", "c1"]);
+    let created = lab.json(&["backup-create", "vm", "--wait", "--json"]);
+    let uuid = created["uuid"].as_str().expect("uuid").to_owned();
+    let restored_dir = lab.path("restored");
+    let answers = vec![
+        created,
+        lab.json(&["list", "--json"]),
+        lab.json(&["domblklist", "vm", "--json"]),
+        lab.json(&["checkpoint-list", "vm", "--json"]),
+        lab.json(&["checkpoint-info", "vm", "c1", "--json"]),
+        lab.json(&["checkpoint-dumpxml", "vm", "c1", "--json"]),
+        lab.json(&["checkpoint-parent", "vm", &uuid, "--json"]),
+        lab.json(&["domjobinfo", "vm", "--completed", "--json"]),
+        lab.json(&["backup-list", "vm", "--json"]),
+        lab.json(&["backup-info", &uuid, "--json"]),
+        lab.json(&["backup-verify", &uuid, "--json"]),
+        lab.json(&["backup-consolidate", &uuid, "--json"]),
+        lab.json(&[
+            "backup-restore",
+            &uuid,
+            "--dir",
+            restored_dir.to_str().expect("utf-8"),
+            "--json",
+        ]),
+        lab.json(&["backup-delete", &uuid, "--json"]),
+    ];
+    let mut all = Vec::new();
+    for a in &answers {
+        keys(a, &mut all);
+    }
+    let snake: Vec<&String> = all.iter().filter(|k| k.contains('_')).collect();
+    assert!(snake.is_empty(), "snake_case keys: {snake:?}");
+    assert!(all.iter().any(|k| k == "creationTime"));
+    assert_eq!(answers[11]["consolidated"], false);
+    assert_eq!(answers[12]["disks"][0]["disk"], "vda");
+    assert_eq!(answers[13]["deleted"][0].as_str(), Some(uuid.as_str()));
+
+    let valid = lab.file(
+        "c.xml",
+        "<domaincheckpoint><name>x</name></domaincheckpoint>",
+    );
+    let invalid = lab.file("bad.xml", "<domaincheckpoint><bogus/></domaincheckpoint>");
+    let out = lab.run(&["xml", "validate", &valid, &invalid, "--json"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["valid"], true);
+    assert_eq!(v[0]["root"], "domaincheckpoint");
+    assert_eq!(v[1]["valid"], false);
+    assert!(v[1]["errors"][0]["line"].as_u64().is_some(), "{v}");
+}
