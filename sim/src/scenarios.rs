@@ -317,64 +317,76 @@ pub fn push_incremental_with_idle_disks<L: Link, E: Effects, H: Host>(
 ) -> Result<(), String> {
     scribble(h, 1)?;
     let at_full = both(h)?;
-    call(
-        d,
-        backup(h, BackupMode::Push, None, "/backup/full", Some("c1")),
-    )?;
-    if finish(d, events)? != JobStatus::Completed {
-        return Err("the full push backup did not complete".into());
-    }
-    h.guest_write("vda", 3 * 65_536, &[0x7e; 65_536])?;
+    let full = PushCheck {
+        incremental: None,
+        dir: "/backup/full",
+        checkpoint: "c1",
+        what: "full push",
+    };
+    push_completes_and_restores(d, h, events, &full, None, &at_full)?;
+    h.guest_write("vda", 3 * CLUSTER_BYTES, &[0x7e; CLUSTER_BYTES as usize])?;
     let at_one = both(h)?;
     if at_one[1] != at_full[1] {
         return Err("vdb changed though nothing wrote to it".into());
     }
-    call(
-        d,
-        backup(
-            h,
-            BackupMode::Push,
-            Some("c1"),
-            "/backup/one-idle",
-            Some("c2"),
-        ),
-    )?;
-    if finish(d, events)? != JobStatus::Completed {
-        return Err("the incremental push with vdb idle did not complete".into());
-    }
-    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
-        let path = image(h, "/backup/one-idle", disk);
-        let got = h.restore(&path, Some(&at_full[i]))?;
-        compare(
-            &format!("incremental backup of {disk} (vdb idle)"),
-            &got,
-            &at_one[i],
-        )?;
-    }
-    call(
-        d,
-        backup(
-            h,
-            BackupMode::Push,
-            Some("c2"),
-            "/backup/all-idle",
-            Some("c3"),
-        ),
-    )?;
-    if finish(d, events)? != JobStatus::Completed {
-        return Err("the incremental push with every disk clean did not complete".into());
-    }
-    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
-        let path = image(h, "/backup/all-idle", disk);
-        let got = h.restore(&path, Some(&at_one[i]))?;
-        compare(
-            &format!("incremental backup of clean {disk}"),
-            &got,
-            &at_one[i],
-        )?;
-    }
+    let one_idle = PushCheck {
+        incremental: Some("c1"),
+        dir: "/backup/one-idle",
+        checkpoint: "c2",
+        what: "incremental push with vdb idle",
+    };
+    push_completes_and_restores(d, h, events, &one_idle, Some(&at_full), &at_one)?;
+    let all_idle = PushCheck {
+        incremental: Some("c2"),
+        dir: "/backup/all-idle",
+        checkpoint: "c3",
+        what: "incremental push with every disk clean",
+    };
+    push_completes_and_restores(d, h, events, &all_idle, Some(&at_one), &at_one)?;
     if names(d)? != ["c1", "c2", "c3"] {
         return Err("the incremental backups did not create their checkpoints".into());
+    }
+    Ok(())
+}
+
+/// The lab's cluster size, for writes that fill whole clusters.
+const CLUSTER_BYTES: u64 = 64 << 10;
+
+/// One push backup of both lab disks that must complete.
+struct PushCheck<'a> {
+    incremental: Option<&'a str>,
+    dir: &'a str,
+    checkpoint: &'a str,
+    what: &'a str,
+}
+
+/// Runs the push `p` to its end and checks it completed and that each disk's image, restored
+/// over `base` (the content it is incremental over), equals `expected`.
+fn push_completes_and_restores<L: Link, E: Effects, H: Host>(
+    d: &mut Drv<L, E>,
+    h: &mut H,
+    events: impl Fn(&E) -> &[DomainEvent] + Copy,
+    p: &PushCheck<'_>,
+    base: Option<&[Vec<u8>; 2]>,
+    expected: &[Vec<u8>; 2],
+) -> Result<(), String> {
+    call(
+        d,
+        backup(
+            h,
+            BackupMode::Push,
+            p.incremental,
+            p.dir,
+            Some(p.checkpoint),
+        ),
+    )?;
+    if finish(d, events)? != JobStatus::Completed {
+        return Err(format!("the {} did not complete", p.what));
+    }
+    for (i, disk) in ["vda", "vdb"].iter().enumerate() {
+        let path = image(h, p.dir, disk);
+        let got = h.restore(&path, base.map(|b| b[i].as_slice()))?;
+        compare(&format!("{} of {disk}", p.what), &got, &expected[i])?;
     }
     Ok(())
 }

@@ -338,3 +338,55 @@ fn every_vm_configuration_is_recorded() {
         }
     }
 }
+
+/// The core's side of the recorded incremental pushes over idle disks: real QEMU ran every
+/// job with nothing to copy to its end inside the `transaction` and sent all its events,
+/// through `concluded`, before the reply. Replayed through `ReplayLink`, the core must send
+/// exactly the recorded commands and end each of the three backups completed (an engine that
+/// ignored those early events waited forever for them, and the replay ran out of trace).
+#[test]
+fn core_ends_pushes_whose_jobs_concluded_before_the_transaction_reply() {
+    use vbackup_core::backup::{BackupMode, JobStatus};
+    use vbackup_core::domain::{DomainEvent, Request};
+    use vbackup_sim::world::{lab_backup, lab_checkpoint};
+
+    let mut replayed = 0;
+    for config in CONFIGS {
+        if !recorded(config)
+            .iter()
+            .any(|n| n == "push-incremental-idle-disks")
+        {
+            continue;
+        }
+        let mut d = replay_driver(config, "push-incremental-idle-disks");
+        let backups = [
+            (None, "/backup/full", "c1"),
+            (Some("c1"), "/backup/one-idle", "c2"),
+            (Some("c2"), "/backup/all-idle", "c3"),
+        ];
+        for (incremental, dir, checkpoint) in backups {
+            let request = Request::BackupBegin {
+                spec: lab_backup(BackupMode::Push, incremental, &format!("{ROOT}{dir}")),
+                checkpoint: Some(lab_checkpoint(checkpoint)),
+                reuse_external: false,
+            };
+            let answer = d.call(request, 10_000).expect("the replay goes on");
+            assert!(answer.is_ok(), "{config} {dir}: {answer:?}");
+            let ended = d
+                .run_until(|dom| dom.view().backup.is_none(), 10_000)
+                .unwrap_or_else(|e| panic!("{config} {dir}: {e}"));
+            assert!(ended, "{config} {dir}: the backup never ended");
+            let status = d.effects().events.iter().rev().find_map(|e| match e {
+                DomainEvent::JobCompleted(s) => Some(s.status),
+                _ => None,
+            });
+            assert_eq!(status, Some(JobStatus::Completed), "{config} {dir}");
+        }
+        replayed += 1;
+    }
+    assert_eq!(
+        replayed,
+        CONFIGS.len(),
+        "every configuration has the idle-disk trace"
+    );
+}
