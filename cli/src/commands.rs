@@ -35,11 +35,21 @@ use crate::virsh_args::{DomainArg, fill, required};
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// State directory (default: $XDG_DATA_HOME/vbackup).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Commands that change a domain another vbackup holds wait up to SECONDS for it (default:
     /// fail at once, naming the holder). Read-only commands never wait: they read the store.
-    #[arg(long, global = true, value_name = "SECONDS")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECONDS",
+        help_heading = "Global options"
+    )]
     pub wait_lock: Option<u64>,
 }
 
@@ -408,7 +418,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let file = required("checkpoint-create", "xmlfile", file)?;
             let text = read_file(Path::new(&file))?;
             let name =
-                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)?;
+                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
+                    .map_err(|e| in_file(&file, e))?;
             if redefine {
                 println!("Domain checkpoint {name} redefined");
             } else {
@@ -441,7 +452,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 print!("{text}");
                 return Ok(());
             }
-            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)?;
+            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)
+                .map_err(from_arguments)?;
             println!("Domain checkpoint {name} created");
             Ok(())
         }
@@ -549,9 +561,13 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 [dom.domain, backupxml, checkpointxml],
             )?;
             let domain = required("backup-begin", "domain", domain)?;
-            let backup = backupxml.map(|p| read_file(Path::new(&p))).transpose()?;
+            let backup = backupxml
+                .as_deref()
+                .map(|p| read_file(Path::new(p)))
+                .transpose()?;
             let checkpoint = checkpointxml
-                .map(|p| read_file(Path::new(&p)))
+                .as_deref()
+                .map(|p| read_file(Path::new(p)))
                 .transpose()?;
             backup_begin(
                 &store,
@@ -561,6 +577,20 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 reuse_external,
                 wait,
             )
+            .map_err(|e| {
+                // Name the file the error is in, told by the document's root element.
+                let file = match &e {
+                    CliError::Xml(x) if x.path.starts_with("/domaincheckpoint") => {
+                        checkpointxml.as_deref()
+                    }
+                    CliError::Xml(_) => backupxml.as_deref(),
+                    _ => None,
+                };
+                match file {
+                    Some(f) => in_file(f, e),
+                    None => e,
+                }
+            })
         }
         DomainCommand::BackupDumpxml { dom, xpath, json } => {
             let domain = dom.get("backup-dumpxml")?;
@@ -588,6 +618,35 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             domjobinfo(&store, &dom.get("domjobinfo")?, opts)
         }
         DomainCommand::Domjobabort { dom } => domjobabort(&store, &dom.get("domjobabort")?),
+    }
+}
+
+/// An XML error of a document the user gave as a file, named after the file (other errors
+/// are not about the file and pass unchanged).
+fn in_file(file: &str, e: CliError) -> CliError {
+    match e {
+        CliError::Xml(x) => CliError::Other(format!("XML error: {file}:{x}")),
+        other => other,
+    }
+}
+
+/// An XML error of the document `checkpoint-create-as` built from its arguments, told in
+/// terms of the arguments: the user never saw that document.
+fn from_arguments(e: CliError) -> CliError {
+    match e {
+        CliError::Xml(x) => {
+            let argument = if x.path.contains("/disk") {
+                "--diskspec"
+            } else if x.path.contains("/name") {
+                "NAME (--name)"
+            } else if x.path.contains("/description") {
+                "DESCRIPTION (--description)"
+            } else {
+                "the arguments"
+            };
+            CliError::Other(format!("invalid argument: {argument}: {}", x.message))
+        }
+        other => other,
     }
 }
 
@@ -786,6 +845,11 @@ pub(crate) fn define(
         }
         (domain_xml(file_or_name, None, &found), None)
     } else if disks.is_empty() {
+        if !Path::new(file_or_name).exists() && !file_or_name.contains('/') {
+            return Err(CliError::Other(format!(
+                "invalid argument: '{file_or_name}' is no domain XML file; to define a domain by name, give its disks ('vbackup define {file_or_name} --disk vda=/path/vda.qcow2') or attach to a running QEMU ('vbackup define {file_or_name} --qmp /path/qmp.sock')"
+            )));
+        }
         (read_file(Path::new(file_or_name))?, Some(file_or_name))
     } else {
         (
@@ -859,6 +923,11 @@ fn start(store: &Store, name: &str) -> Result<(), CliError> {
         )));
     }
     let run_dir = loaded.store.run_dir();
+    if run_dir.join(session::KEEP_FILE).is_file() && daemon_running(&run_dir) {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' is already running"
+        )));
+    }
     let s = Session::connect(loaded)?;
     std::fs::write(run_dir.join(session::KEEP_FILE), b"")
         .map_err(CliError::io("cannot mark the daemon as kept"))?;
@@ -879,12 +948,29 @@ fn shutdown(store: &Store, name: &str) -> Result<(), CliError> {
         ));
     }
     let run_dir = loaded.store.run_dir();
+    if loaded.attachment == Attachment::Managed
+        && !run_dir.join(session::KEEP_FILE).is_file()
+        && !daemon_running(&run_dir)
+    {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' is not running"
+        )));
+    }
     let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
     if loaded.attachment == Attachment::Managed {
         session::stop_daemon(&run_dir)?;
     }
     println!("Domain '{name}' is being shutdown");
     Ok(())
+}
+
+/// Whether the managed daemon of a domain's run directory is alive.
+fn daemon_running(run_dir: &Path) -> bool {
+    RunDir::new(run_dir)
+        .read_pid()
+        .ok()
+        .flatten()
+        .is_some_and(daemon_alive)
 }
 
 fn list(store: &Store, json: bool) -> Result<(), CliError> {
@@ -1373,8 +1459,22 @@ fn backup_begin(
         s.close()?;
         return Err(e);
     }
-    match s.driver.domain().view().backup.and_then(export_uris) {
+    let view = s.driver.domain().view();
+    match view.backup.and_then(export_uris) {
         Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
+        // Without a <domainbackup> the targets were chosen here: say where they are.
+        None if backup.is_none() => {
+            let targets: Vec<String> = view
+                .backup
+                .map(|plan| {
+                    plan.disks
+                        .iter()
+                        .map(|d| format!("{} to {}", d.target, d.store_path))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("Backup started; writing {}", targets.join(", "));
+        }
         None => println!("Backup started"),
     }
     if !wait {

@@ -221,6 +221,14 @@ pub enum ManagedCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the directory new managed backups of a domain go to.
+    BackupGetDefaultTarget {
+        #[command(flatten)]
+        dom: DomainArg,
+        /// Machine-readable output (`{domain, target}`, `target` null when none is set).
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the directory new managed backups of a domain go to.
     BackupSetDefaultTarget {
         #[command(flatten)]
@@ -310,6 +318,9 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             check,
             json,
         } => finish(&store, &dom.get("backup-finish")?, cancel, check, json),
+        ManagedCommand::BackupGetDefaultTarget { dom, json } => {
+            get_default_target(&store, &dom.get("backup-get-default-target")?, json)
+        }
         ManagedCommand::BackupSetDefaultTarget { dom, dir } => {
             let command = "backup-set-default-target";
             let [domain, dir] = fill(
@@ -835,6 +846,11 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         if !args.wait {
             if args.json {
                 print_json(json!({"uuid": uuid, "status": "started"}));
+            } else {
+                let domain = s.driver.effects().store().name().to_owned();
+                println!(
+                    "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
+                );
             }
             return s.close();
         }
@@ -1320,8 +1336,21 @@ fn delete(
         } else {
             DeleteMode::Alone
         };
-        cat.delete(target, mode)
-            .map_err(|e| CliError::Other(format!("Requested operation is not valid: {e}")))?
+        cat.delete(target, mode).map_err(|e| {
+            // Backups built on it would lose their base; say both ways forward.
+            let has_children = matches!(
+                e,
+                vbackup_core::catalogue::CatalogueError::HasChildren { .. }
+            );
+            let hint = if !has_children {
+                String::new()
+            } else {
+                format!(
+                    "; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
+                )
+            };
+            CliError::Other(format!("Requested operation is not valid: {e}{hint}"))
+        })?
     };
     let doomed: Vec<&str> = ops
         .iter()
@@ -1479,6 +1508,25 @@ fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
             .map_err(CliError::io("cannot read the current directory"))?
             .join(dir))
     }
+}
+
+fn get_default_target(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let cat = catalogue(&loaded.store)?;
+    let target = cat.default_target();
+    if json {
+        print_json(json!({"domain": name, "target": target}));
+    } else {
+        match target {
+            Some(dir) => println!("{dir}"),
+            None => {
+                return Err(CliError::Other(format!(
+                    "invalid argument: domain '{name}' has no default backup target; set one with 'vbackup backup-set-default-target {name} DIR'"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn set_default_target(store: &Store, name: &str, dir: &Path) -> Result<(), CliError> {

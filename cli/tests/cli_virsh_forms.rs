@@ -233,10 +233,16 @@ fn mask(text: &str) -> String {
             .collect();
         let line = words.join(" ");
         if clock {
-            out.extend(
-                line.chars()
-                    .map(|c| if c.is_ascii_digit() { '#' } else { c }),
-            );
+            // Digit runs of any length become one mark, and the padding after them one space,
+            // so a clock reading's width does not show either.
+            let mut last = ' ';
+            for c in line.chars() {
+                let c = if c.is_ascii_digit() { '#' } else { c };
+                if !(c == last && (c == '#' || c == ' ')) {
+                    out.push(c);
+                }
+                last = c;
+            }
         } else {
             out.push_str(&line);
         }

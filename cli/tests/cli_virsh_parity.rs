@@ -375,3 +375,72 @@ fn every_reporting_command_answers_json_in_camel_case() {
     assert_eq!(v[1]["valid"], false);
     assert!(v[1]["errors"][0]["line"].as_u64().is_some(), "{v}");
 }
+
+#[test]
+fn errors_say_what_to_do_next_and_commands_say_where_they_write() {
+    let lab = lab();
+    assert!(
+        lab.fails(&["start", "vm"])
+            .contains("Requested operation is not valid: domain 'vm' is already running")
+    );
+    let err = lab.fails(&["define", "other"]);
+    assert!(
+        err.contains("--disk vda=") && err.contains("--qmp "),
+        "{err}"
+    );
+    let err = lab.fails(&["checkpoint-create-as", "vm", "a/b"]);
+    assert!(
+        err.starts_with("error: invalid argument: NAME (--name): "),
+        "{err}"
+    );
+    let err = lab.fails(&["checkpoint-create-as", "vm", "c0", "--diskspec", "vdz"]);
+    assert!(
+        err.starts_with("error: invalid argument: --diskspec: "),
+        "{err}"
+    );
+    let bad = lab.file("bad.xml", "<domaincheckpoint><bogus/></domaincheckpoint>");
+    let err = lab.fails(&["checkpoint-create", "vm", &bad]);
+    assert!(
+        err.starts_with(&format!("error: XML error: {bad}:1:")),
+        "{err}"
+    );
+
+    let out = lab.ok(&["backup-begin", "vm", "--wait"]);
+    assert!(out.starts_with("Backup started; writing vda to "), "{out}");
+
+    assert!(
+        lab.fails(&["backup-get-default-target", "vm"])
+            .contains("backup-set-default-target vm DIR")
+    );
+    let target = lab.path("backups");
+    let target = target.to_str().expect("utf-8");
+    lab.ok(&["backup-set-default-target", "vm", target]);
+    assert_eq!(
+        lab.ok(&["backup-get-default-target", "vm"]),
+        format!("{target}\n")
+    );
+    let started = lab.ok(&["backup-create", "vm"]);
+    assert!(
+        started.contains("run 'vbackup backup-finish vm'"),
+        "{started}"
+    );
+    let full = lab.json(&["backup-finish", "vm", "--json"])["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_owned();
+    lab.ok(&["backup-create", "vm", "--parent", &full, "--wait"]);
+    let err = lab.fails(&["backup-delete", &full]);
+    assert!(
+        err.contains(&format!("backup-delete {full} --children"))
+            && err.contains("backup-consolidate"),
+        "{err}"
+    );
+
+    lab.ok(&["shutdown", "vm"]);
+    assert!(
+        lab.fails(&["shutdown", "vm"])
+            .contains("Requested operation is not valid: domain 'vm' is not running")
+    );
+    let help = lab.ok(&["checkpoint-list", "--help"]);
+    assert!(help.contains("\nGlobal options:\n"), "{help}");
+}
