@@ -13,7 +13,7 @@ mod virsh_args;
 mod xml_cmd;
 mod xpath;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Incremental backup for QEMU virtual machines.
@@ -42,6 +42,22 @@ enum Command {
     Config(config::ConfigCommand),
     /// Run the end-to-end demonstration on two fresh qcow2 disks.
     Demo(demo::DemoArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Install for bash: `vbackup completion bash > ~/.local/share/bash-completion/completions/vbackup`
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --dir write one page per command into DIR.
+    ///
+    /// Install: `vbackup man --dir /usr/local/share/man/man1` (then `man vbackup`,
+    /// `man vbackup-backup-begin`).
+    Man {
+        /// Directory to write `vbackup.1` and `vbackup-COMMAND.1` into.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +77,39 @@ fn main() -> ExitCode {
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),
+        Command::Completion { shell } => {
+            // The script comes from the same definitions the parser uses, so it cannot drift.
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "vbackup",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => report(man(dir.as_deref())),
+    }
+}
+
+/// Writes the manual: the top page to stdout, or every page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
+    let command = Cli::command();
+    match dir {
+        None => clap_mangen::Man::new(command)
+            .render(&mut std::io::stdout())
+            .map_err(output::CliError::io("cannot write the manual page")),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(output::CliError::io(format!(
+                "cannot create '{}'",
+                dir.display()
+            )))?;
+            clap_mangen::generate_to(command, dir).map_err(output::CliError::io(format!(
+                "cannot write manual pages into '{}'",
+                dir.display()
+            )))?;
+            println!("Manual pages written to {}", dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -78,7 +127,6 @@ fn report(result: Result<(), output::CliError>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn the_command_definitions_are_consistent() {
