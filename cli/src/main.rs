@@ -61,7 +61,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // Lock files name what their holder does: this command line, without the program.
     let operation: Vec<String> = std::env::args().skip(1).collect();
     session::configure_locking(session::LockSettings {
@@ -113,20 +124,61 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
     }
 }
 
-/// Prints an error as virsh does and turns the outcome into an exit code.
+/// Prints an error as virsh does, with what to do next when the cause is known, and turns the
+/// outcome into an exit code.
 fn report(result: Result<(), output::CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            let message = e.to_string();
+            match next_step(&e, &message) {
+                Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
+                None => eprintln!("error: {message}"),
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to do about an error whose cause is outside vbackup: a daemon that went away, a full
+/// filesystem.
+fn next_step(e: &output::CliError, message: &str) -> Option<&'static str> {
+    use output::CliError;
+    let link_lost = matches!(
+        e,
+        CliError::Drive(vbackup_core::driver::DriveError::Link(_))
+            | CliError::Engine(vbackup_core::error::Error::LinkLost(_))
+            | CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed)
+    ) || message.contains("Broken pipe")
+        || message.contains("connection closed");
+    if message.contains("No space left on device") || message.contains("os error 28") {
+        Some(
+            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again",
+        )
+    } else if link_lost {
+        Some(
+            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo DOMAIN' to see what became of the job, then 'vbackup start DOMAIN' (a managed domain) before trying again",
+        )
+    } else {
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_filesystem_is_named_with_what_to_do() {
+        let e = output::CliError::Io {
+            what: "cannot write 'x'".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let hint = next_step(&e, &e.to_string()).expect("a hint");
+        assert!(hint.starts_with("the filesystem is full"), "{hint}");
+        let other = output::CliError::Other("invalid argument: x".into());
+        assert_eq!(next_step(&other, &other.to_string()), None);
+    }
 
     #[test]
     fn the_command_definitions_are_consistent() {

@@ -444,3 +444,55 @@ fn errors_say_what_to_do_next_and_commands_say_where_they_write() {
     let help = lab.ok(&["checkpoint-list", "--help"]);
     assert!(help.contains("\nGlobal options:\n"), "{help}");
 }
+
+#[test]
+fn a_daemon_that_dies_under_a_waiting_backup_is_named_with_the_next_command() {
+    let lab = lab();
+    let socket = vbackup_qemu::qsd::RunDir::new(lab.state().join("run/vm")).nbd_socket;
+    let pull = lab.file(
+        "pull.xml",
+        &format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/></domainbackup>",
+            socket.display()
+        ),
+    );
+    let follower = lab
+        .cmd(&["backup-begin", "vm", &pull, "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let progress = lab.state().join("domains/vm/job-progress.json");
+    assert!(
+        support::wait_until(
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_millis(20),
+            || progress.is_file()
+        ),
+        "the follower runs the job"
+    );
+    for pid in lab.daemon_pids() {
+        support::kill_and_wait(pid);
+    }
+    let out = follower.wait_with_output().expect("wait");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: the storage daemon (or QEMU) stopped while the command ran")
+            && err.contains("'vbackup domjobinfo DOMAIN'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_1_as_virsh_does_and_help_exits_0() {
+    let lab = Lab::new("usage").expect("the QEMU tools are installed");
+    assert_eq!(
+        lab.run(&["checkpoint-list", "--bogus"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        lab.run(&["checkpoint-list", "--help"]).status.code(),
+        Some(0)
+    );
+}
