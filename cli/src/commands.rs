@@ -1721,9 +1721,11 @@ fn raw_params(st: &Value) -> Vec<(&'static str, String)> {
 }
 
 /// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
-fn print_stats(stats: Option<&Value>, opts: JobInfoOpts) {
+fn print_stats(stats: Option<&Value>, opts: JobInfoOpts, pending: Option<&str>) {
     if opts.json {
-        print_json(stats.cloned().unwrap_or_else(|| json!({"status": "none"})));
+        let mut v = stats.cloned().unwrap_or_else(|| json!({"status": "none"}));
+        v["pendingBackup"] = json!(pending);
+        print_json(v);
         return;
     }
     let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");
@@ -1802,7 +1804,7 @@ fn take_completed(dir: &Path, keep: bool) -> Option<Value> {
 /// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
 /// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
 /// alone says (the status and the time elapsed).
-fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts) {
+fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts, pending: Option<&str>) {
     if opts.completed {
         // A job runs: libvirt has no completed statistics while a new job runs.
         let stats = shared
@@ -1810,11 +1812,11 @@ fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts) {
             .is_none()
             .then(|| take_completed(dir, opts.keep_completed))
             .flatten();
-        print_stats(stats.as_ref(), opts);
+        print_stats(stats.as_ref(), opts, pending);
         return;
     }
     let Some(plan) = &shared.journal else {
-        print_stats(None, opts);
+        print_stats(None, opts, pending);
         return;
     };
     let progress = shared
@@ -1829,7 +1831,7 @@ fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts) {
         }
     };
     stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
-    print_stats(Some(&stats), opts);
+    print_stats(Some(&stats), opts, pending);
 }
 
 /// Milliseconds since the epoch (the clock job start times are kept in).
@@ -1842,11 +1844,28 @@ fn now_ms() -> u64 {
 
 fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliError> {
     let dir = store.root().join("domains").join(name);
+    let running = domjobinfo_stats(store, name, opts)?;
+    // A managed backup that waits for `backup-finish` is otherwise invisible: say so, after
+    // (never inside) libvirt's lines.
+    if !opts.json
+        && !opts.rawstats
+        && let Some(note) = crate::managed::pending_note(&dir, name, running)
+    {
+        println!("{note}");
+    }
+    Ok(())
+}
+
+/// Prints the statistics `domjobinfo` asks for; returns whether a job runs.
+fn domjobinfo_stats(store: &Store, name: &str, opts: JobInfoOpts) -> Result<bool, CliError> {
+    let dir = store.root().join("domains").join(name);
+    let pending = crate::managed::pending_uuid(&dir);
+    let pending = pending.as_deref();
     let loaded = match session::load_for_reading(store, name)? {
         ReadAccess::Locked(loaded) => *loaded,
         ReadAccess::Shared(shared) => {
-            domjobinfo_shared(&shared, &dir, opts);
-            return Ok(());
+            domjobinfo_shared(&shared, &dir, opts, pending);
+            return Ok(shared.journal.is_some());
         }
     };
     let dir = loaded.store.dir().to_path_buf();
@@ -1855,8 +1874,8 @@ fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliErr
             .completed
             .then(|| take_completed(&dir, opts.keep_completed))
             .flatten();
-        print_stats(stats.as_ref(), opts);
-        return Ok(());
+        print_stats(stats.as_ref(), opts, pending);
+        return Ok(false);
     }
     // A journaled job is reconciled with QEMU first: it may have ended while nobody watched.
     let mut s = Session::connect(loaded)?;
@@ -1876,8 +1895,8 @@ fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliErr
         _ if opts.completed && !running => take_completed(&dir, opts.keep_completed),
         _ => None,
     };
-    print_stats(stats.as_ref(), opts);
-    Ok(())
+    print_stats(stats.as_ref(), opts, pending);
+    Ok(running)
 }
 
 fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {

@@ -1157,7 +1157,30 @@ fn list(
     } else {
         print!("{}", table(&HEADERS, &rows(&backups)));
     }
+    if !json && let Some(note) = pending_note(loaded.store.dir(), name, loaded.journal.is_some()) {
+        println!("{note}");
+    }
     Ok(())
+}
+
+/// A line about a managed backup that is started but not recorded yet (it is in no listing
+/// until `backup-finish` records it), or `None` when there is none.
+pub(crate) fn pending_note(dir: &Path, domain: &str, job_running: bool) -> Option<String> {
+    let pending = Pending::read(dir).ok().flatten()?;
+    let state = if job_running {
+        "its job is running"
+    } else {
+        "its job has ended"
+    };
+    Some(format!(
+        "Not yet recorded: backup {} ({state}); 'vbackup backup-finish {domain}' records it",
+        pending.uuid
+    ))
+}
+
+/// The uuid of a managed backup that is started but not recorded yet.
+pub(crate) fn pending_uuid(dir: &Path) -> Option<String> {
+    Pending::read(dir).ok().flatten().map(|p| p.uuid)
 }
 
 fn print_tree(

@@ -424,6 +424,19 @@ fn errors_say_what_to_do_next_and_commands_say_where_they_write() {
         started.contains("run 'vbackup backup-finish vm'"),
         "{started}"
     );
+    let uuid = started
+        .split_whitespace()
+        .nth(1)
+        .expect("the started backup's uuid")
+        .to_owned();
+    let note = format!("Not yet recorded: backup {uuid} (");
+    let info = lab.ok(&["domjobinfo", "vm"]);
+    assert!(info.contains(&note), "{info}");
+    assert!(lab.ok(&["backup-list", "vm"]).contains(&note));
+    assert_eq!(
+        lab.json(&["domjobinfo", "vm", "--json"])["pendingBackup"],
+        uuid.as_str()
+    );
     let full = lab.json(&["backup-finish", "vm", "--json"])["uuid"]
         .as_str()
         .expect("uuid")
