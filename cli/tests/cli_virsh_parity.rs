@@ -509,3 +509,33 @@ fn usage_errors_exit_1_as_virsh_does_and_help_exits_0() {
         Some(0)
     );
 }
+
+#[test]
+fn an_image_locked_by_another_process_is_named_with_its_holder() {
+    let lab = Lab::new("locked image").expect("the QEMU tools are installed");
+    let image = lab.define_vm("vda.qcow2", 16);
+    let socket = lab.path("holder.sock");
+    let mut holder = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "--socket"])
+        .arg(&socket)
+        .arg(&image)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    support::wait_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || socket.exists(),
+    );
+    let err = lab.fails(&["start", "vm"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        err.contains(&format!(
+            "error: image '{}' is in use by process {} (qemu-nbd ",
+            image.display(),
+            holder.id()
+        )),
+        "{err}"
+    );
+}
