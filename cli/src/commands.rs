@@ -43,7 +43,9 @@ pub struct Global {
     )]
     pub state_dir: Option<PathBuf>,
     /// Commands that change a domain another vbackup holds wait up to SECONDS for it (default:
-    /// fail at once, naming the holder). Read-only commands never wait: they read the store.
+    /// fail at once, naming the holder). Refused by the read-only commands (list, domblklist,
+    /// checkpoint-list, -parent, -info, backup-dumpxml, domjobinfo), which never wait: they
+    /// read the store.
     #[arg(
         long,
         global = true,

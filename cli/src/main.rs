@@ -13,7 +13,7 @@ mod virsh_args;
 mod xml_cmd;
 mod xpath;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Incremental backup for QEMU virtual machines.
@@ -62,7 +62,10 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let cli = match Cli::try_parse() {
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -80,6 +83,14 @@ fn main() -> ExitCode {
         operation: operation.join(" "),
     });
     let state_dir = cli.global.state_dir.clone();
+    if cli.global.wait_lock.is_some()
+        && let Some(name) = never_waits(&cli.command)
+    {
+        eprintln!(
+            "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
+        );
+        return ExitCode::FAILURE;
+    }
     match cli.command {
         Command::Xml(command) => xml_cmd::run(command),
         Command::Domain(command) => {
@@ -108,12 +119,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => report(demo::run(&args)),
         Command::Completion { shell } => {
             // The script comes from the same definitions the parser uses, so it cannot drift.
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "vbackup",
-                &mut std::io::stdout(),
-            );
+            clap_complete::generate(shell, &mut command(), "vbackup", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
         Command::Man { dir } => report(man(dir.as_deref())),
@@ -122,7 +128,7 @@ fn main() -> ExitCode {
 
 /// Writes the manual: the top page to stdout, or every page into `dir`.
 fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
-    let command = Cli::command();
+    let command = command();
     match dir {
         None => clap_mangen::Man::new(command)
             .render(&mut std::io::stdout())
@@ -140,6 +146,31 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
             Ok(())
         }
     }
+}
+
+/// The name of a command that never waits for a domain's lock (it reads the store while
+/// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
+/// silently ignored.
+fn never_waits(command: &Command) -> Option<&'static str> {
+    use commands::DomainCommand as D;
+    Some(match command {
+        Command::Domain(D::List { .. }) => "list",
+        Command::Domain(D::Domblklist { .. }) => "domblklist",
+        Command::Domain(D::CheckpointList { .. }) => "checkpoint-list",
+        Command::Domain(D::CheckpointParent { .. }) => "checkpoint-parent",
+        Command::Domain(D::CheckpointInfo { .. }) => "checkpoint-info",
+        Command::Domain(D::BackupDumpxml { .. }) => "backup-dumpxml",
+        Command::Domain(D::Domjobinfo { .. }) => "domjobinfo",
+        Command::Xml(_) => "xml",
+        Command::Completion { .. } => "completion",
+        Command::Man { .. } => "man",
+        _ => return None,
+    })
+}
+
+/// The command line's definition, as parsed, completed and documented.
+fn command() -> clap::Command {
+    Cli::command()
 }
 
 /// Prints an error as virsh does, with what to do next when the cause is known, and turns the

@@ -508,6 +508,8 @@ fn usage_errors_exit_1_as_virsh_does_and_help_exits_0() {
         lab.run(&["checkpoint-list", "--help"]).status.code(),
         Some(0)
     );
+    let err = lab.fails(&["--wait-lock", "1", "domjobinfo", "vm"]);
+    assert!(err.contains("'domjobinfo' never waits"), "{err}");
 }
 
 #[test]
