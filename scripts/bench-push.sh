@@ -7,9 +7,18 @@
 #  3. `checkpoint-create-as` end-to-end latency on an attached domain, median of 20.
 # Every vbackup time is a whole process run (daemon start, QMP, job, daemon quit).
 #
-# Usage: [ROUNDS=N] scripts/bench-push.sh [WORKDIR]   (default: a new directory under /var/tmp,
-# removed at the end)
+# With --vm, only figure 1, against a real running VM instead: qemu-system-x86_64 (KVM where
+# /dev/kvm opens, else TCG) with the 1 GiB image on virtio-blk, attached with
+# `vbackup define NAME --qmp SOCKET`; full push `backup-begin --wait` while the guest idles
+# (it sits in the firmware, there is no guest OS), against `qemu-img convert` + `sync` of the
+# same image taken offline (a copy made before the VM starts). The VM is stopped by its pid.
+#
+# Usage: [ROUNDS=N] scripts/bench-push.sh [--vm] [WORKDIR]   (default: a new directory under
+# /var/tmp, removed at the end)
 set -euo pipefail
+
+VM_MODE=""
+if [ "${1:-}" = "--vm" ]; then VM_MODE=1; shift; fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cargo build --release -q -p vbackup-cli --manifest-path "$ROOT/Cargo.toml"
@@ -23,10 +32,17 @@ WORK=$(cd "$WORK" && pwd)
 ST="$WORK/state"
 V() { "$BIN" --state-dir "$ST" "$@"; }
 QSD_PID=""
+VM_PID=""
 cleanup() {
     V domjobabort bench >/dev/null 2>&1 || true
     V shutdown bench >/dev/null 2>&1 || true
     if [ -n "$QSD_PID" ]; then kill "$QSD_PID" 2>/dev/null || true; wait "$QSD_PID" 2>/dev/null || true; fi
+    if [ -n "$VM_PID" ]; then
+        V domjobabort vm >/dev/null 2>&1 || true
+        # The VM is a daemon, not our child: stop it by its pid and wait until it is gone.
+        kill "$VM_PID" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.1; done
+    fi
     # A directory the script made itself goes (it holds several GiB); a given one is kept.
     if [ -n "$OWN_WORK" ]; then rm -rf "$WORK"; fi
 }
@@ -41,11 +57,60 @@ head -c 1G /dev/urandom > "$WORK/random.raw"
 qemu-img convert -f raw -O qcow2 "$WORK/random.raw" "$WORK/disk.qcow2"
 rm -f "$WORK/random.raw"
 sync
+med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+ROUNDS=${ROUNDS:-5}
+
+if [ -n "$VM_MODE" ]; then
+    accel=tcg
+    if ( exec 3<>/dev/kvm ) 2>/dev/null; then accel=kvm; fi
+    # The baseline reads an offline copy: the running QEMU holds the image's lock, and the
+    # copy has the same content and layout.
+    cp "$WORK/disk.qcow2" "$WORK/offline.qcow2"
+    sync
+    qemu-system-x86_64 -accel "$accel" -m 64 -display none -nodefaults -daemonize \
+        -pidfile "$WORK/qemu.pid" \
+        -blockdev "driver=file,filename=$WORK/disk.qcow2,node-name=libvirt-1-storage" \
+        -blockdev "driver=qcow2,file=libvirt-1-storage,node-name=libvirt-1-format" \
+        -device virtio-blk-pci,drive=libvirt-1-format,id=vda \
+        -qmp "unix:$WORK/qmp.sock,server=on,wait=off"
+    VM_PID=$(cat "$WORK/qemu.pid")
+    echo "VM pid $VM_PID (accel $accel)"
+    V define vm --qmp "$WORK/qmp.sock" >/dev/null
+    cat > "$WORK/full.xml" <<XML
+<domainbackup mode='push'><disks><disk name='vda' type='file'><target file='$WORK/full.qcow2'/><driver type='qcow2'/></disk></disks></domainbackup>
+XML
+    bases=()
+    fulls=()
+    for r in $(seq "$ROUNDS"); do
+        rm -f "$WORK/copy.qcow2"
+        sync
+        t=$(now)
+        qemu-img convert -f qcow2 -O qcow2 "$WORK/offline.qcow2" "$WORK/copy.qcow2"
+        sync
+        bases+=("$(elapsed "$t")")
+        rm -f "$WORK/copy.qcow2" "$WORK/full.qcow2"
+        sync
+        t=$(now)
+        V backup-begin vm "$WORK/full.xml" --wait >/dev/null
+        sync
+        fulls+=("$(elapsed "$t")")
+        # The guest idles, so what the VM saw is what the offline copy holds.
+        qemu-img compare -q "$WORK/offline.qcow2" "$WORK/full.qcow2" || { echo "full backup differs"; exit 1; }
+        printf 'round %d: convert+sync %.3f s, vbackup %.3f s, ratio %.2f\n' "$r" "${bases[-1]}" \
+            "${fulls[-1]}" "$(echo "${bases[-1]} / ${fulls[-1]}" | bc -l)"
+    done
+    base=$(med "${bases[@]}")
+    full=$(med "${fulls[@]}")
+    printf '\n%-66s %s\n' "figure (real VM, accel $accel, $ROUNDS rounds)" "value"
+    printf '%-66s %.3f s\n' "qemu-img convert + sync of the offline image (median)" "$base"
+    printf '%-66s %.3f s\n' "vbackup backup-begin --wait, full push from the VM + sync (median)" "$full"
+    printf '%-66s %.2f (>= 0.9 wanted)\n' "ratio of medians baseline / vbackup" "$(echo "$base / $full" | bc -l)"
+    exit 0
+fi
 
 # 1. Full push against qemu-img convert + sync, alternating for ROUNDS rounds (default 5) so
 # that both see the same machine; medians are compared. Each vbackup round creates checkpoint
 # c<round>; the last round's backup is the base of the incremental below.
-ROUNDS=${ROUNDS:-5}
 V define bench --disk "vda=$WORK/disk.qcow2" >/dev/null
 bases=()
 fulls=()
@@ -70,7 +135,6 @@ EOF
     printf 'round %d: convert+sync %.3f s, vbackup %.3f s, ratio %.2f\n' "$r" "${bases[-1]}" \
         "${fulls[-1]}" "$(echo "${bases[-1]} / ${fulls[-1]}" | bc -l)"
 done
-med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 base=$(med "${bases[@]}")
 full=$(med "${fulls[@]}")
 last=c$ROUNDS

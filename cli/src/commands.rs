@@ -1766,6 +1766,10 @@ fn print_stats(stats: Option<&Value>, opts: JobInfoOpts, pending: Option<&str>) 
             println!("{label:<17} {}", virsh_bytes(b));
         }
     }
+    // Not a libvirt line: what a running backup waits for, when the engine knows it.
+    if let (Some(what), "running") = (st["waiting_for"].as_str(), status) {
+        println!("{:<17} {what}", "Waiting for:");
+    }
     if let Some(msg) = st["errmsg"].as_str() {
         println!("{:<17} {msg}", "Error message:");
     }

@@ -353,8 +353,9 @@ fn bitmap_drift(
 
 /// First delay before a refused cleanup or repair is tried again.
 pub(crate) const RETRY_FIRST_MS: u64 = 250;
-/// Longest delay between two tries.
-pub(crate) const RETRY_MAX_MS: u64 = 8_000;
+/// Longest delay between two tries of a refused cleanup or repair (liveness bounds are built
+/// from it).
+pub const RETRY_MAX_MS: u64 = 8_000;
 
 /// The delay before try number `attempt + 1`: doubling from [`RETRY_FIRST_MS`] up to
 /// [`RETRY_MAX_MS`].
@@ -734,6 +735,13 @@ impl Domain {
             .min()
     }
 
+    /// What the running backup waits for right now, in words (a reply, a file, the end of
+    /// named block jobs); `None` when no backup runs. Liveness checks name it when a backup
+    /// does not end.
+    pub fn backup_waiting_for(&self) -> Option<String> {
+        self.backup.as_ref().map(BackupRun::waiting_for)
+    }
+
     /// A read-only view of the domain.
     pub fn view(&self) -> DomainView<'_> {
         DomainView {
@@ -912,6 +920,11 @@ impl Domain {
             Owner::Backup(tag) => {
                 if let Some(run) = backup.take() {
                     *backup = run.on_reply(core, ctx, tag, &pending.name, result);
+                } else if let BackupTag::Stats(req) = tag {
+                    // The backup ended while its statistics were on their way (its last reply
+                    // came first): no job runs any more. Dropping the request would leave its
+                    // caller waiting forever.
+                    ctx.respond(req, Ok(Reply::Stats(None)));
                 }
             }
         }

@@ -1,14 +1,19 @@
 //! `vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind]
-//! [--engine-faults-between-backups] [--no-abort-during-setup]`: runs seeded histories of the core
+//! [--engine-faults-between-backups] [--no-abort-during-setup] [--stall STALL]`: runs seeded
+//! histories of the core
 //! against the simulated QEMU ([`vbackup_sim::world`]) and prints every failure (one line
 //! each, which reproduces it), seeds per second and the fault mix. `--per-kind` runs the range
-//! once per fault kind alone and prints a line per kind. `SIM_SEED=N` runs that one seed.
+//! once per fault kind alone and prints a line per kind. Every history ends with a liveness
+//! phase (faults off, everything must settle within a bound of virtual time); `--stall
+//! job-events` or `--stall reply:COMMAND` stalls the simulated peer for that phase, to show
+//! that it catches a stalled engine. `SIM_SEED=N` runs that one seed.
 //! Exits 1 when a seed fails, 2 on bad arguments.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
+use vbackup_sim::world::link::Stall;
+use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, liveness_bound_ms, run_history};
 
 /// `println!` that ignores a closed stdout (`| head`) instead of panicking.
 macro_rules! say {
@@ -18,7 +23,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup]
+const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup] [--stall job-events|reply:COMMAND]
 fault kinds: command-refused, job-io-error, target-no-space, qemu-crash, link-drop, engine-restart, store-write-failed
 SIM_SEED=N runs that one seed";
 
@@ -60,6 +65,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
             ("--no-faults", _) => base.faults = false,
             ("--seeds", Some(v)) => {
                 seeds = parse_range(v).ok_or_else(|| format!("bad seed range '{v}'"))?;
+                i += 1;
+            }
+            ("--stall", Some(v)) => {
+                base.stall = Some(Stall::from_name(v).ok_or_else(|| format!("no stall '{v}'"))?);
                 i += 1;
             }
             ("--steps", Some(v)) => {
@@ -164,6 +173,15 @@ fn main() -> ExitCode {
             total.backups_verified
         );
         say!("faults: {}", fault_mix(&total));
+        say!(
+            "liveness: slowest settle {:.1} s of virtual time after faults stopped (bound {} s){}",
+            total.settle_ms_max as f64 / 1000.0,
+            liveness_bound_ms() / 1000,
+            match &opts.base.stall {
+                Some(s) => format!(", stall {}: {} messages withheld", s.name(), total.withheld),
+                None => String::new(),
+            }
+        );
     }
     if any_failed {
         ExitCode::FAILURE

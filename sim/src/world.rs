@@ -3,9 +3,12 @@
 //!
 //! Contract: [`run_history`] is a pure function of its [`HistoryConfig`] (seed included): the
 //! random source is ChaCha8 seeded from it, time is virtual, and nothing reads the OS. A
-//! history has a safety phase (faults on) and a liveness phase (faults off) that must converge:
-//! no job, no temporary bitmap, node or export left behind, every request answered. Checkers
-//! run after every step:
+//! history has a safety phase (faults on) and a liveness phase: faults stop (the link is
+//! reconnected, QEMU runs), and within [`liveness_bound_ms`] of virtual time every request must
+//! be answered and every backup must end, a push one by itself, a pull one once its client says
+//! it is done; then a few fault-free actions must settle the same way, and nothing may be left
+//! behind (no job, temporary bitmap, node or export). A backup that does not end is reported
+//! with what the engine was waiting for. Checkers run after every step:
 //! - every completed backup, restored through its backing chain (an incremental one over the
 //!   disk content at its checkpoint), equals the guest disk at the backup's point in time, and
 //!   a pull export reads that content while guest writes go on;
@@ -31,7 +34,9 @@ use vbackup_core::backup::{
     NbdTransport, StoreKind,
 };
 use vbackup_core::checkpoint::{Checkpoint, CheckpointDisk, CheckpointTree, DeleteScope};
-use vbackup_core::domain::{DomainConfig, DomainEvent, FileOp, Reply, Request, RequestId, StoreOp};
+use vbackup_core::domain::{
+    DomainConfig, DomainEvent, FileOp, RETRY_MAX_MS, Reply, Request, RequestId, StoreOp,
+};
 use vbackup_core::driver::{DriveError, Driver, Effects, MemoryEffects};
 use vbackup_core::error::Error;
 use vbackup_core::export::{ExportReader, STATE_DIRTY};
@@ -43,7 +48,7 @@ use crate::image::{Cluster, FileContent, FileSystem, ImageError, LogicalImage};
 use crate::nbd::ExportView;
 pub mod link;
 
-use self::link::{FaultyLink, LinkFaults, PointInTime, SharedQemu};
+use self::link::{FaultyLink, LinkFaults, PointInTime, SharedQemu, Stall};
 use crate::qemu::{Config, Fault, Qemu};
 
 /// Size of every simulated disk.
@@ -71,6 +76,21 @@ pub struct HistoryConfig {
     /// Abort also while a backup is still being set up (its begin not answered yet; the
     /// default). Off, aborts wait for the begin's answer.
     pub abort_during_setup: bool,
+    /// A stall of the simulated peer armed when the liveness phase starts and never lifted
+    /// (see [`Stall`]): only to prove that the liveness phase catches a stalled engine.
+    pub stall: Option<Stall>,
+}
+
+/// How long, in virtual milliseconds, everything may take to settle once faults stop.
+///
+/// Over a healthy QEMU a correct engine waits at most for: one wait begun before the faults
+/// stopped that ends only at its deadline (a command reply or a file operation, the default
+/// command timeout, 60 s), then a few tries of refused cleanup spaced by the longest back-off
+/// ([`RETRY_MAX_MS`], four of them allowed), and the copying itself (milliseconds for the
+/// lab's 512 KiB disks at 32 MiB/s). A backup still running after that waits for something
+/// that is not coming.
+pub fn liveness_bound_ms() -> u64 {
+    DomainConfig::default().command_timeout_ms + 4 * RETRY_MAX_MS
 }
 
 impl HistoryConfig {
@@ -84,6 +104,7 @@ impl HistoryConfig {
             engine_faults_anywhere: true,
             fault_kinds: FaultKind::ALL.to_vec(),
             abort_during_setup: true,
+            stall: None,
         }
     }
 }
@@ -154,6 +175,10 @@ pub struct HistoryStats {
     pub guest_writes: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<FaultKind, u64>,
+    /// The longest a liveness settle took, in virtual milliseconds (the most over histories).
+    pub settle_ms_max: u64,
+    /// Messages a stall kept from the engine.
+    pub withheld: u64,
 }
 
 impl HistoryStats {
@@ -167,6 +192,8 @@ impl HistoryStats {
         for (k, v) in &other.faults {
             *self.faults.entry(*k).or_default() += v;
         }
+        self.settle_ms_max = self.settle_ms_max.max(other.settle_ms_max);
+        self.withheld += other.withheld;
     }
 }
 
@@ -180,7 +207,7 @@ pub struct Failure {
     /// What is wrong.
     pub what: String,
     /// The environment besides the seed that reproduces it (`SIM_FAULTS=...`, `SIM_STEPS=...`,
-    /// `SIM_ENGINE_FAULTS_ANYWHERE=0`, `SIM_ABORT_DURING_SETUP=0`), or empty.
+    /// `SIM_ENGINE_FAULTS_ANYWHERE=0`, `SIM_ABORT_DURING_SETUP=0`, `SIM_STALL=...`), or empty.
     pub env: String,
 }
 
@@ -209,6 +236,7 @@ pub struct HistoryOutcome {
 pub fn run_history(config: &HistoryConfig) -> HistoryOutcome {
     let mut w = World::new(config);
     let failure = w.run(config.steps).err();
+    w.stats.withheld = w.driver().link().withheld();
     let mut trace = String::new();
     if config.trace {
         if let Some(t) = w.driver.as_ref().and_then(|d| d.link().trace_lines()) {
@@ -566,6 +594,7 @@ struct World {
     engine_faults_anywhere: bool,
     fault_kinds: Vec<FaultKind>,
     abort_during_setup: bool,
+    stall: Option<Stall>,
     trace: bool,
     log: Vec<String>,
     stats: HistoryStats,
@@ -590,6 +619,9 @@ struct World {
     candidates: BTreeMap<RequestId, ActiveBackup>,
     /// Reused for the data of guest writes.
     write_buffer: Vec<u8>,
+    /// Chooses when a client polls job statistics while QMP traffic is in flight, apart
+    /// from `rng` so that the rest of a seed's history does not depend on it.
+    poll_rng: ChaCha8Rng,
 }
 
 impl World {
@@ -627,6 +659,7 @@ impl World {
             engine_faults_anywhere: config.engine_faults_anywhere,
             fault_kinds: config.fault_kinds.clone(),
             abort_during_setup: config.abort_during_setup,
+            stall: config.stall.clone(),
             trace: config.trace,
             log: Vec::new(),
             stats: HistoryStats::default(),
@@ -645,6 +678,7 @@ impl World {
             resurrected: BTreeSet::new(),
             candidates: BTreeMap::new(),
             write_buffer: Vec::new(),
+            poll_rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x706f_6c6c),
         }
     }
 
@@ -664,6 +698,9 @@ impl World {
         }
         if self.steps != HistoryConfig::seed(0).steps {
             env.push_str(&format!(" SIM_STEPS={}", self.steps));
+        }
+        if let Some(stall) = &self.stall {
+            env.push_str(&format!(" SIM_STALL={}", stall.name()));
         }
         Failure {
             seed: self.seed,
@@ -1089,9 +1126,36 @@ impl World {
                 self.note(|| format!("driver stopped: {e}"));
                 self.on_drive_error(e);
             }
+            self.poll_mid_flight();
             self.collect()?;
         }
         self.collect()
+    }
+
+    /// A client such as `backup-begin --wait` asks for the running job's statistics at any
+    /// moment, also while replies are on their way (the history's own requests only come
+    /// when the link is quiet): sometimes, do that.
+    fn poll_mid_flight(&mut self) {
+        let d = self.driver();
+        if !d.link().has_queued() || d.domain().view().backup.is_none() {
+            return;
+        }
+        if self.poll_rng.next_u64() % 100 >= 5 {
+            return;
+        }
+        let request = Request::JobStats {
+            completed: false,
+            keep_completed: true,
+        };
+        self.stats.requests += 1;
+        match self.driver().submit(request) {
+            Ok(id) => {
+                self.note(|| format!("request #{} job-stats (mid-flight poll)", id.0));
+                self.pending
+                    .insert(id, "job-stats (mid-flight poll)".into());
+            }
+            Err(e) => self.on_drive_error(e),
+        }
     }
 
     /// Takes answers, points in time and events; verifies completed backups.
@@ -1260,6 +1324,7 @@ impl World {
             self.check_pull()?;
         }
         self.check_one_job_per_disk()?;
+        self.check_requests_have_a_deadline()?;
         // The tree matches the bitmaps, or the mismatch is explained.
         let connected = self.driver().domain().view().connected;
         if connected && self.qemu.borrow().is_running() {
@@ -1308,6 +1373,24 @@ impl World {
         Ok(())
     }
 
+    /// An unanswered request always has a deadline behind it (a command in flight, a timed
+    /// wait or a retry): otherwise a caller that waits for the answer (`vbackup` waits with
+    /// the engine's next deadline as its read timeout) would wait forever on an idle QEMU.
+    fn check_requests_have_a_deadline(&mut self) -> Result<(), Failure> {
+        let d = self.driver();
+        if !d.link().is_open() || d.domain().next_deadline().is_some() {
+            return Ok(());
+        }
+        let Some((id, desc)) = self.pending.iter().next() else {
+            return Ok(());
+        };
+        let what = format!(
+            "liveness: request #{} {desc} is unanswered while the engine has no deadline (nothing would ever answer it on an idle QEMU)",
+            id.0
+        );
+        Err(self.fail(what))
+    }
+
     /// No disk is the source of two block jobs that have not concluded, and no disk node is
     /// held by two backup jobs.
     fn check_one_job_per_disk(&self) -> Result<(), Failure> {
@@ -1340,24 +1423,97 @@ impl World {
         Ok(())
     }
 
-    /// Asks to abort the running backup (not one still being set up, unless the history
-    /// aborts during setup).
-    fn abort_running_backup(&mut self) {
+    /// Whether nothing runs and every request is answered.
+    fn settled(&mut self) -> bool {
+        self.driver().domain().view().backup.is_none() && self.pending.is_empty()
+    }
+
+    /// A pull backup ends when its client is done: the client says so (an abort) once per
+    /// backup, when the begin has been answered (or at once, if aborts may land during setup).
+    fn finish_pull_client(&mut self, told: &mut Option<u64>) {
+        let Some((mode, started_ms)) = self
+            .driver()
+            .domain()
+            .view()
+            .backup
+            .map(|p| (p.mode, p.started_ms))
+        else {
+            return;
+        };
         let setting_up = self.pending.values().any(|d| d.starts_with("backup-begin"));
-        if self.driver().domain().view().backup.is_some()
-            && (self.abort_during_setup || !setting_up)
+        if mode != BackupMode::Pull
+            || *told == Some(started_ms)
+            || (setting_up && !self.abort_during_setup)
         {
-            let _ = self.driver().submit(Request::AbortJob).map(|id| {
-                self.pending.insert(id, "abort (liveness)".into());
-            });
+            return;
+        }
+        *told = Some(started_ms);
+        if let Ok(id) = self.driver().submit(Request::AbortJob) {
+            self.pending.insert(id, "abort (pull client done)".into());
         }
     }
 
-    /// Faults off: everything must settle.
+    /// Drives time without faults until everything has settled ([`World::settled`]); fails
+    /// when that takes more than [`liveness_bound_ms`]. Returns the virtual time it took.
+    fn settle(&mut self, after: &str) -> Result<u64, Failure> {
+        let bound = liveness_bound_ms();
+        let start = self.now();
+        let mut told = None;
+        loop {
+            if self.settled() {
+                return Ok(self.now() - start);
+            }
+            let elapsed = self.now() - start;
+            if elapsed >= bound {
+                return Err(self.liveness_failure(after, elapsed));
+            }
+            self.finish_pull_client(&mut told);
+            self.pump(1_000.min(bound - elapsed))?;
+            self.check()?;
+        }
+    }
+
+    /// What did not end in time, and what the engine waits for.
+    fn liveness_failure(&mut self, after: &str, elapsed_ms: u64) -> Failure {
+        let view = self.driver().domain().view();
+        let backup = view.backup.map(|p| {
+            format!(
+                "the {} backup begun at {} ms did not end",
+                if p.mode == BackupMode::Push {
+                    "push"
+                } else {
+                    "pull"
+                },
+                p.started_ms
+            )
+        });
+        let waiting = self.driver().domain().backup_waiting_for();
+        let mut what: Vec<String> = backup.into_iter().collect();
+        what.extend(
+            self.pending
+                .iter()
+                .map(|(id, d)| format!("request #{} {d} was never answered", id.0)),
+        );
+        let mut text = format!(
+            "liveness: {} within {} s of virtual time after {after}",
+            what.join(", "),
+            elapsed_ms / 1000
+        );
+        if let Some(w) = waiting {
+            text.push_str(&format!("; the backup waits for {w}"));
+        }
+        self.fail(text)
+    }
+
+    /// Faults stop; everything must settle in bounded virtual time, twice: after the faulty
+    /// history, and after a few fault-free actions. Nothing may be left behind.
     fn liveness(&mut self) -> Result<(), Failure> {
         self.qemu.borrow_mut().clear_faults();
         self.driver().link_mut().set_faults(LinkFaults::default());
         self.driver().effects_mut().fail_next_persist = false;
+        if let Some(stall) = self.stall.clone() {
+            self.driver().link_mut().set_stall(stall);
+        }
         if !self.driver().link().is_open() {
             let running = self.qemu.borrow().is_running();
             if !running {
@@ -1366,20 +1522,8 @@ impl World {
                 self.driver().link_mut().reconnect();
             }
         }
-        self.pump(1)?;
-        // Let a backup being set up start first: an abort during preparation is a history
-        // step of its own, not the liveness phase's business.
-        self.pump(5_000)?;
-        // End a running backup (a pull only ends by abort).
-        for _ in 0..20 {
-            self.step += 1;
-            if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
-                break;
-            }
-            self.abort_running_backup();
-            self.pump(5_000)?;
-            self.check()?;
-        }
+        self.step += 1;
+        let first = self.settle("faults stopped")?;
         // A few fault-free actions must work too.
         for _ in 0..20 {
             self.step += 1;
@@ -1387,20 +1531,9 @@ impl World {
             self.act(false)?;
             self.check()?;
         }
-        for _ in 0..20 {
-            if self.driver().domain().view().backup.is_none() && self.pending.is_empty() {
-                break;
-            }
-            self.abort_running_backup();
-            self.pump(70_000)?;
-        }
         self.step += 1;
-        if let Some((id, desc)) = self.pending.iter().next() {
-            return Err(self.fail(format!("request #{} {desc} was never answered", id.0)));
-        }
-        if self.driver().domain().view().backup.is_some() {
-            return Err(self.fail("a backup is still running after the liveness phase"));
-        }
+        let second = self.settle("the fault-free actions")?;
+        self.stats.settle_ms_max = first.max(second);
         let q = self.qemu.borrow();
         if let Some(j) = q.st.jobs.keys().next() {
             return Err(self.fail(format!("job {j} left behind")));

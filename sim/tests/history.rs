@@ -1,6 +1,7 @@
 //! Seeded histories of the real core against the simulated QEMU, with faults and checkers.
 //! A failure prints one line that reproduces it; `seed_from_env` replays it with its trace.
 
+use vbackup_sim::world::link::Stall;
 use vbackup_sim::world::{FaultKind, HistoryConfig, HistoryStats, run_history};
 
 /// Seeds the suite always runs (fewer in debug builds, where the simulation is slow).
@@ -175,7 +176,7 @@ fn stale_job_never_completes_a_backup_that_did_not_run() {
 
 /// `SIM_SEED=<n>` replays one seed with its QMP trace and step log printed; `SIM_FAULTS`
 /// (`none` or kind names separated by commas), `SIM_STEPS`, `SIM_ENGINE_FAULTS_ANYWHERE=0` and
-/// `SIM_ABORT_DURING_SETUP=0` as the failure line says.
+/// `SIM_ABORT_DURING_SETUP=0`, `SIM_STALL` as the failure line says.
 #[test]
 fn seed_from_env() {
     let Ok(seed) = std::env::var("SIM_SEED") else {
@@ -201,6 +202,9 @@ fn seed_from_env() {
                 .collect();
         }
         Err(_) => {}
+    }
+    if let Ok(stall) = std::env::var("SIM_STALL") {
+        cfg.stall = Some(Stall::from_name(&stall).expect("a stall: job-events or reply:COMMAND"));
     }
     let out = run_history(&cfg);
     println!("{}", out.trace);

@@ -333,6 +333,10 @@ pub struct JobStats {
     pub success: Option<bool>,
     /// Finished job: the first QEMU error.
     pub errmsg: Option<String>,
+    /// Running job: what it waits for right now (a reply, a file, the end of named block
+    /// jobs), so a backup that does not move can be told apart from a slow one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 impl BackupPlan {
@@ -370,6 +374,7 @@ impl BackupPlan {
             } else {
                 None
             },
+            waiting_for: None,
         }
     }
 

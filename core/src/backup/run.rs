@@ -161,6 +161,11 @@ pub(crate) struct BackupRun {
     retries: Vec<(Timestamp, QmpCommand, u32)>,
     /// The reconnection's `query-jobs` failed: when to ask again.
     poll_due: Option<Timestamp>,
+    /// Checks of a job's end that QEMU refused: when to check again, and the job.
+    /// Without them a job whose end check was refused would be waited for forever.
+    check_retries: Vec<(Timestamp, String)>,
+    /// Refused end checks of this run so far (the back-off grows with them).
+    check_attempts: u32,
     /// Failed `query-jobs` of this reconnection so far.
     poll_attempts: u32,
     /// Completed push disks whose target was checked closed (and made durable, or failed).
@@ -316,6 +321,8 @@ impl BackupRun {
             in_flight: None,
             retries: Vec::new(),
             poll_due: None,
+            check_retries: Vec::new(),
+            check_attempts: 0,
             poll_attempts: 0,
             settled: BTreeSet::new(),
             waiting_sync: None,
@@ -403,6 +410,8 @@ impl BackupRun {
             in_flight: None,
             retries: Vec::new(),
             poll_due: None,
+            check_retries: Vec::new(),
+            check_attempts: 0,
             poll_attempts: 0,
             settled: BTreeSet::new(),
             waiting_sync: None,
@@ -1109,10 +1118,12 @@ impl BackupRun {
                 }
             },
             BackupTag::Stats(req) => {
+                let mut jobs_seen = Vec::new();
                 if let Ok(jobs) = result
                     .map_err(|e| refused(command, &e))
                     .and_then(|v| parse_jobs(&v))
                 {
+                    jobs_seen.clone_from(&jobs);
                     for j in &jobs {
                         if let Some(i) = self.plan.disk_by_job(&j.id)
                             && !self.plan.disks[i].state.is_final()
@@ -1122,9 +1133,10 @@ impl BackupRun {
                         }
                     }
                 }
-                let stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+                let mut stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+                stats.waiting_for = Some(self.waiting_for());
                 ctx.respond(req, Ok(Reply::Stats(Some(stats))));
-                Some(self)
+                self.check_missed_ends(core, ctx, &jobs_seen)
             }
         }
     }
@@ -1451,8 +1463,106 @@ impl BackupRun {
         if self.committed && !matches!(self.phase, Phase::Disconnected) {
             ctx.send(Owner::Backup(BackupTag::Stats(req)), cmd::query_jobs());
         } else {
-            let stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+            let mut stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
+            stats.waiting_for = Some(self.waiting_for());
             ctx.respond(req, Ok(Reply::Stats(Some(stats))));
+        }
+    }
+
+    /// After a statistics poll: a job QEMU lists as concluded whose end the run never saw (its
+    /// events were missed) gets its end checked now, as the event would have done. Polling
+    /// (`--wait` asks every second) thus ends a backup that would otherwise wait forever.
+    fn check_missed_ends(
+        mut self,
+        core: &mut Core,
+        ctx: &mut Ctx<'_>,
+        jobs: &[JobInfo],
+    ) -> Option<Self> {
+        if !self.committed || self.phase != Phase::Running {
+            return Some(self);
+        }
+        let mut queued = false;
+        for j in jobs {
+            let unseen = self
+                .plan
+                .disk_by_job(&j.id)
+                .is_some_and(|i| !self.plan.disks[i].state.is_final());
+            if j.status == QemuJobStatus::Concluded
+                && unseen
+                && self.checks_queued.insert(j.id.clone())
+            {
+                self.steps.push_back(Step::Cmd {
+                    command: cmd::query_jobs(),
+                    effect: Effect::CheckJob(j.id.clone()),
+                });
+                queued = true;
+            }
+        }
+        if queued {
+            self.pump(core, ctx)
+        } else {
+            Some(self)
+        }
+    }
+
+    /// What the run waits for right now, in words (for `domjobinfo` and liveness reports).
+    pub(crate) fn waiting_for(&self) -> String {
+        match self.phase {
+            Phase::Disconnected => return "a QMP connection to QEMU".into(),
+            Phase::Reconciling => {
+                return "QEMU's list of jobs after reconnecting (query-jobs)".into();
+            }
+            _ => {}
+        }
+        if self.step_busy {
+            if let Some(job) = &self.waiting_create_job {
+                return format!("image creation job {job} to conclude");
+            }
+            if let Some((_, path)) = &self.waiting_file {
+                return format!("the creation of '{path}'");
+            }
+            if let Some((_, i)) = self.waiting_sync {
+                return format!(
+                    "backup target '{}' to be written to storage",
+                    self.plan.disks[i].store_path
+                );
+            }
+            if let Some(Step::Cmd { command, .. }) = &self.in_flight {
+                return format!("the reply to {}", command.name());
+            }
+        }
+        let jobs: Vec<String> = self
+            .plan
+            .disks
+            .iter()
+            .filter(|d| matches!(d.state, DiskJobState::Running | DiskJobState::Cancelling))
+            .map(|d| {
+                let how = if d.state == DiskJobState::Cancelling {
+                    "cancelling"
+                } else {
+                    "running"
+                };
+                format!("{} ({how})", d.job_id)
+            })
+            .collect();
+        if !jobs.is_empty() {
+            let mut what = format!("the end of block jobs {}", jobs.join(", "));
+            if self.plan.mode == BackupMode::Pull && !self.abort_requested {
+                what.push_str("; a pull backup ends when its client is done (domjobabort)");
+            }
+            return what;
+        }
+        if let Some((due, command, _)) = self.retries.iter().min_by_key(|(due, _, _)| *due) {
+            return format!(
+                "the next try of {} at {} ms (QEMU refused it)",
+                command.name(),
+                due.as_ms()
+            );
+        }
+        if self.steps.is_empty() {
+            "nothing (its end is due)".into()
+        } else {
+            "its next step".into()
         }
     }
 
@@ -1542,6 +1652,8 @@ impl BackupRun {
         self.steps = kept;
         self.in_flight = None;
         self.poll_due = None;
+        // The reconnection's reconcile looks at every job again.
+        self.check_retries.clear();
         self.waiting_since = None;
         self.step_busy = false;
         self.current = None;
@@ -1569,6 +1681,7 @@ impl BackupRun {
             .map(|t| t.plus_ms(timeout_ms))
             .into_iter()
             .chain(self.retries.iter().map(|(due, _, _)| *due))
+            .chain(self.check_retries.iter().map(|(due, _)| *due))
             .chain(self.poll_due)
             .min()
     }
@@ -1582,6 +1695,26 @@ impl BackupRun {
                 ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
             }
             return Some(self);
+        }
+        if self.check_retries.iter().any(|(due, _)| *due <= ctx.now) {
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.check_retries)
+                .into_iter()
+                .partition(|(due, _)| *due <= ctx.now);
+            self.check_retries = later;
+            let running = self.phase == Phase::Running;
+            for (_, job) in due {
+                if running && self.checks_queued.insert(job.clone()) {
+                    self.steps.push_back(Step::Cmd {
+                        command: cmd::query_jobs(),
+                        effect: Effect::CheckJob(job.clone()),
+                    });
+                }
+            }
+            return if running {
+                self.pump(core, ctx)
+            } else {
+                Some(self)
+            };
         }
         if self.retries.iter().any(|(due, _, _)| *due <= ctx.now) {
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
@@ -1729,10 +1862,15 @@ impl BackupRun {
         result: Result<Value, QmpError>,
     ) -> Option<Self> {
         self.checks_queued.remove(job);
-        let jobs = result
-            .ok()
-            .and_then(|v| parse_jobs(&v).ok())
-            .unwrap_or_default();
+        let Some(jobs) = result.ok().and_then(|v| parse_jobs(&v).ok()) else {
+            // QEMU refused the check (or answered nonsense): the job's end event has been
+            // spent, so nothing else would ever look again. Check again after a back-off.
+            let attempt = self.check_attempts;
+            self.check_attempts = attempt.saturating_add(1);
+            let due = ctx.now.plus_ms(crate::domain::retry_delay_ms(attempt));
+            self.check_retries.push((due, job.to_owned()));
+            return self.pump(core, ctx);
+        };
         for j in &jobs {
             if let Some(i) = self.plan.disk_by_job(&j.id)
                 && !self.plan.disks[i].state.is_final()

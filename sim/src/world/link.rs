@@ -37,6 +37,46 @@ pub struct LinkFaults {
     pub drop_after_command: Option<u32>,
 }
 
+/// A peer that stops answering, for proving that liveness checks catch a stalled engine.
+/// Unlike [`LinkFaults`], a stall is never lifted: it lasts through reconnections and
+/// engine restarts, as a bug would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stall {
+    /// Every event about a backup job (`backup-*`) is withheld: the engine never hears that
+    /// a job ended.
+    JobEvents,
+    /// The reply to the next command with this name is withheld.
+    Reply(String),
+}
+
+impl Stall {
+    /// The stall called `name`: `job-events`, or `reply:COMMAND`.
+    pub fn from_name(name: &str) -> Option<Stall> {
+        match name.split_once(':') {
+            None if name == "job-events" => Some(Stall::JobEvents),
+            Some(("reply", command)) if !command.is_empty() => {
+                Some(Stall::Reply(command.to_owned()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The name [`Stall::from_name`] reads.
+    pub fn name(&self) -> String {
+        match self {
+            Stall::JobEvents => "job-events".into(),
+            Stall::Reply(command) => format!("reply:{command}"),
+        }
+    }
+
+    /// Whether the stall withholds `event` (QMP wire JSON).
+    fn withholds_event(&self, event: &Value) -> bool {
+        let data = &event["data"];
+        let id = data["id"].as_str().or_else(|| data["device"].as_str());
+        *self == Stall::JobEvents && id.is_some_and(|id| id.starts_with("backup-"))
+    }
+}
+
 /// The core's [`Link`] over a simulated QEMU.
 #[derive(Debug)]
 pub struct FaultyLink {
@@ -48,6 +88,9 @@ pub struct FaultyLink {
     sent: u64,
     record: Option<Vec<TraceEntry>>,
     points: Vec<PointInTime>,
+    stall: Option<Stall>,
+    /// Messages a stall kept from the engine.
+    withheld: u64,
 }
 
 /// The guest-visible content of every device at the moment a `transaction` succeeded, with
@@ -76,6 +119,8 @@ impl FaultyLink {
             sent: 0,
             record: None,
             points: Vec::new(),
+            stall: None,
+            withheld: 0,
         };
         link.reconnect();
         link
@@ -126,6 +171,16 @@ impl FaultyLink {
     /// Arms link faults (replacing those armed before).
     pub fn set_faults(&mut self, faults: LinkFaults) {
         self.faults = faults;
+    }
+
+    /// Stalls the peer from now on (see [`Stall`]); never lifted.
+    pub fn set_stall(&mut self, stall: Stall) {
+        self.stall = Some(stall);
+    }
+
+    /// How many messages the stall kept from the engine so far.
+    pub fn withheld(&self) -> u64 {
+        self.withheld
     }
 
     /// Drops the connection: queued messages are lost, sends and receives fail with
@@ -202,6 +257,10 @@ impl FaultyLink {
             return;
         }
         for e in events {
+            if self.stall.as_ref().is_some_and(|s| s.withholds_event(&e)) {
+                self.withheld += 1;
+                continue;
+            }
             // The simulator only emits events the core can decode; one that does not decode
             // would be a simulator bug, and is dropped rather than poisoning the session.
             if let Ok(msg) = QmpIn::from_value(e) {
@@ -245,6 +304,14 @@ impl Link for FaultyLink {
                 return Ok(());
             }
             self.faults.drop_after_command = Some(n - 1);
+        }
+        if let Some(Stall::Reply(name)) = &self.stall
+            && name == cmd.name()
+        {
+            // The command ran; its reply never comes (one reply, then the stall is spent).
+            self.stall = None;
+            self.withheld += 1;
+            return Ok(());
         }
         let result = result.map_err(|e| {
             let err: Value = e.to_json();
