@@ -27,29 +27,50 @@ use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
 use vbackup_qemu::store::{Store, write_atomic};
 
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
-use crate::output::{CliError, format_time, human_bytes, table};
+use crate::output::{CliError, format_time, print_json, table};
 use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
+use crate::virsh_args::{DomainArg, fill, required};
 
 /// Options every domain command shares.
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// State directory (default: $XDG_DATA_HOME/vbackup).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Commands that change a domain another vbackup holds wait up to SECONDS for it (default:
-    /// fail at once, naming the holder). Read-only commands never wait: they read the store.
-    #[arg(long, global = true, value_name = "SECONDS")]
+    /// fail at once, naming the holder). Refused by the read-only commands (list, domblklist,
+    /// checkpoint-list, -parent, -info, backup-dumpxml, domjobinfo), which never wait: they
+    /// read the store.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECONDS",
+        help_heading = "Global options"
+    )]
     pub wait_lock: Option<u64>,
 }
 
 /// Domain, checkpoint and backup commands.
+///
+/// Every argument virsh names (`--domain`, `--checkpointname`, `--xmlfile`, `--name`,
+/// `--description`, `--backupxml`, `--checkpointxml`, `--file`) is taken by position or by
+/// name; see [`virsh_args`].
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
     /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
     /// SOCKET with the disks the running QEMU reports.
     Define {
         /// A domain XML file, or the new domain's name (with --disk, or with --qmp alone).
-        file_or_name: String,
+        #[arg(value_name = "FILE_OR_NAME")]
+        file_or_name: Option<String>,
+        /// A domain XML file or name, as virsh's named form of FILE_OR_NAME.
+        #[arg(long = "file", value_name = "FILE")]
+        file_named: Option<String>,
         /// A disk: TARGET=PATH[,format=qcow2|raw] (repeatable).
         #[arg(long, value_name = "TARGET=PATH[,format=F]")]
         disk: Vec<String>,
@@ -60,8 +81,8 @@ pub enum DomainCommand {
     },
     /// Undefine a domain.
     Undefine {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Also drop checkpoint metadata (bitmaps stay in the images).
         #[arg(long)]
         checkpoints_metadata: bool,
@@ -72,13 +93,13 @@ pub enum DomainCommand {
     /// Start a managed domain's qemu-storage-daemon with its guest NBD exports and keep it
     /// running until `shutdown`.
     Start {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
     /// Stop a managed domain's daemon (refused while a backup job runs).
     Shutdown {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
     /// List domains.
     List {
@@ -91,18 +112,22 @@ pub enum DomainCommand {
     },
     /// List a domain's disks.
     Domblklist {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Create a checkpoint from an XML file.
     CheckpointCreate {
-        /// Domain name.
-        domain: String,
-        /// `<domaincheckpoint>` file.
-        file: PathBuf,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domaincheckpoint>` file (or `--xmlfile FILE`).
+        #[arg(value_name = "XMLFILE")]
+        file: Option<String>,
+        /// `<domaincheckpoint>` file, as virsh's named form of XMLFILE.
+        #[arg(long = "xmlfile", value_name = "FILE")]
+        xmlfile: Option<String>,
         /// Re-insert stored metadata.
         #[arg(long)]
         redefine: bool,
@@ -115,12 +140,20 @@ pub enum DomainCommand {
     },
     /// Create a checkpoint from arguments.
     CheckpointCreateAs {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name (default: the current time).
+        #[command(flatten)]
+        dom: DomainArg,
+        /// Checkpoint name (default: the current time; or `--name NAME`).
+        #[arg(value_name = "NAME")]
         name: Option<String>,
-        /// Description.
+        /// Description (or `--description TEXT`).
+        #[arg(value_name = "DESCRIPTION")]
         description: Option<String>,
+        /// Checkpoint name, as virsh's named form of NAME.
+        #[arg(long = "name", id = "name_named", value_name = "NAME")]
+        name_named: Option<String>,
+        /// Description, as virsh's named form of DESCRIPTION.
+        #[arg(long = "description", id = "description_named", value_name = "TEXT")]
+        description_named: Option<String>,
         /// Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable).
         #[arg(long)]
         diskspec: Vec<String>,
@@ -133,8 +166,8 @@ pub enum DomainCommand {
     },
     /// List checkpoints.
     CheckpointList {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Show the tree of checkpoints.
         #[arg(long)]
         tree: bool,
@@ -150,38 +183,52 @@ pub enum DomainCommand {
         /// Parents before children.
         #[arg(long)]
         topological: bool,
-        /// Add a parent column.
-        #[arg(long)]
+        /// Add a parent column (not with --tree, which shows the parents already, as virsh
+        /// refuses it).
+        #[arg(long, conflicts_with = "tree")]
         parent: bool,
         /// Names only.
         #[arg(long)]
         name: bool,
+        /// Only the children of this checkpoint (with --descendants: all its descendants).
+        #[arg(long, value_name = "NAME", conflicts_with = "roots")]
+        from: Option<String>,
+        /// With --from: all descendants, not only the children.
+        #[arg(long, requires = "from")]
+        descendants: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
+    /// Edit a checkpoint's XML with $VISUAL or $EDITOR (default vi); the edited document is
+    /// validated and then redefines the checkpoint, as virsh does.
+    CheckpointEdit {
+        #[command(flatten)]
+        cp: CheckpointArgs,
+    },
     /// Print a checkpoint's XML.
     CheckpointDumpxml {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Leave out the embedded domain.
         #[arg(long)]
         no_domain: bool,
         /// Include the bytes dirtied since the checkpoint per disk.
         #[arg(long)]
         size: bool,
-        /// Machine-readable output.
+        /// Accepted for virsh compatibility: checkpoint XML holds no secrets to hide.
         #[arg(long)]
+        security_info: bool,
+        #[command(flatten)]
+        xpath: XpathArgs,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "xpath")]
         json: bool,
     },
     /// Delete a checkpoint.
     CheckpointDelete {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Also its descendants.
         #[arg(long, conflicts_with = "children_only")]
         children: bool,
@@ -194,32 +241,41 @@ pub enum DomainCommand {
     },
     /// Print a checkpoint's parent.
     CheckpointParent {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show checkpoint information.
     CheckpointInfo {
-        /// Domain name.
-        domain: String,
-        /// Checkpoint name.
-        checkpoint: String,
+        #[command(flatten)]
+        cp: CheckpointArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Begin a backup.
     BackupBegin {
-        /// Domain name.
-        domain: String,
-        /// `<domainbackup>` file (default: push full backup of every disk).
-        backupxml: Option<PathBuf>,
-        /// `<domaincheckpoint>` file: a checkpoint created with the backup.
-        checkpointxml: Option<PathBuf>,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domainbackup>` file (default: push full backup of every disk; or `--backupxml`).
+        #[arg(value_name = "BACKUPXML")]
+        backupxml: Option<String>,
+        /// `<domaincheckpoint>` file: a checkpoint created with the backup (or
+        /// `--checkpointxml`).
+        #[arg(value_name = "CHECKPOINTXML")]
+        checkpointxml: Option<String>,
+        /// `<domainbackup>` file, as virsh's named form of BACKUPXML.
+        #[arg(long = "backupxml", id = "backupxml_named", value_name = "FILE")]
+        backupxml_named: Option<String>,
+        /// `<domaincheckpoint>` file, as virsh's named form of CHECKPOINTXML.
+        #[arg(
+            long = "checkpointxml",
+            id = "checkpointxml_named",
+            value_name = "FILE"
+        )]
+        checkpointxml_named: Option<String>,
         /// Targets or scratch images exist already.
         #[arg(long)]
         reuse_external: bool,
@@ -229,28 +285,92 @@ pub enum DomainCommand {
     },
     /// Print the running backup's XML, or given a uuid the managed backup's `<managedbackup>`.
     BackupDumpxml {
-        /// Domain name, or a managed backup's uuid.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
+        #[command(flatten)]
+        xpath: XpathArgs,
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "xpath")]
         json: bool,
     },
     /// Show job information.
     Domjobinfo {
-        /// Domain name.
-        domain: String,
-        /// The last finished job.
+        #[command(flatten)]
+        dom: DomainArg,
+        /// The last finished job; its statistics are shown once, then discarded unless
+        /// --keep-completed is given (as libvirt does).
         #[arg(long)]
         completed: bool,
-        /// Machine-readable output.
+        /// With --completed: keep the statistics for the next call.
+        #[arg(long, requires = "completed")]
+        keep_completed: bool,
+        /// Print libvirt's raw typed parameters (`name: value`).
         #[arg(long)]
+        rawstats: bool,
+        /// Print the statistics of any job, also a failed or cancelled one.
+        #[arg(long)]
+        anystats: bool,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "rawstats")]
         json: bool,
     },
     /// Abort the running job (ends a pull backup).
     Domjobabort {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
     },
+}
+
+/// `--xpath EXPR [--wrap]`, as virsh's dumpxml commands take them.
+#[derive(Debug, Clone, Args)]
+pub struct XpathArgs {
+    /// Print only the nodes this XPath location path selects.
+    #[arg(long, value_name = "EXPR")]
+    xpath: Option<String>,
+    /// With --xpath: wrap the selected nodes in one `<nodes>` element.
+    #[arg(long, requires = "xpath")]
+    wrap: bool,
+}
+
+impl XpathArgs {
+    /// Prints `xml`, or what the expression selects from it.
+    pub(crate) fn print(&self, xml: &str) -> Result<(), CliError> {
+        match &self.xpath {
+            Some(expr) => print!("{}", crate::xpath::select(xml, expr, self.wrap)?),
+            None => print!("{xml}"),
+        }
+        Ok(())
+    }
+}
+
+/// A domain and one of its checkpoints, by position or as `--domain` and `--checkpointname`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    dom: DomainArg,
+    /// Checkpoint name (or `--checkpointname NAME`).
+    #[arg(value_name = "CHECKPOINTNAME")]
+    checkpoint: Option<String>,
+    /// Checkpoint name, as virsh's named form of CHECKPOINTNAME.
+    #[arg(long = "checkpointname", value_name = "NAME")]
+    checkpointname: Option<String>,
+}
+
+impl CheckpointArgs {
+    /// `(domain, checkpoint)`, both required.
+    fn get(self, command: &str) -> Result<(String, String), CliError> {
+        let [domain, checkpoint] = fill(
+            [
+                ("domain", self.dom.domain_named),
+                ("checkpointname", self.checkpointname),
+            ],
+            [self.dom.domain, self.checkpoint],
+        )?;
+        Ok((
+            required(command, "domain", domain)?,
+            required(command, "checkpointname", checkpoint)?,
+        ))
+    }
 }
 
 /// Runs a command.
@@ -259,46 +379,88 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
     match command {
         DomainCommand::Define {
             file_or_name,
+            file_named,
             disk,
             qmp,
-        } => define(&store, &file_or_name, &disk, qmp),
+        } => {
+            let [file] = fill([("file", file_named)], [file_or_name])?;
+            let said = define(&store, &required("define", "file", file)?, &disk, qmp)?;
+            println!("{said}");
+            Ok(())
+        }
         DomainCommand::Undefine {
-            domain,
+            dom,
             checkpoints_metadata,
             remove_all_backups,
-        } => undefine(&store, &domain, checkpoints_metadata, remove_all_backups),
+        } => undefine(
+            &store,
+            &dom.get("undefine")?,
+            checkpoints_metadata,
+            remove_all_backups,
+        ),
         DomainCommand::List { json, .. } => list(&store, json),
-        DomainCommand::Start { domain } => start(&store, &domain),
-        DomainCommand::Shutdown { domain } => shutdown(&store, &domain),
-        DomainCommand::Domblklist { domain, json } => domblklist(&store, &domain, json),
+        DomainCommand::Start { dom } => start(&store, &dom.get("start")?),
+        DomainCommand::Shutdown { dom } => shutdown(&store, &dom.get("shutdown")?),
+        DomainCommand::Domblklist { dom, json } => {
+            domblklist(&store, &dom.get("domblklist")?, json)
+        }
         DomainCommand::CheckpointCreate {
-            domain,
+            dom,
             file,
+            xmlfile,
             redefine,
             redefine_validate,
             quiesce,
         } => {
-            let text = read_file(&file)?;
-            checkpoint_create(&store, &domain, &text, redefine, redefine_validate, quiesce)
+            let [domain, file] = fill(
+                [("domain", dom.domain_named), ("xmlfile", xmlfile)],
+                [dom.domain, file],
+            )?;
+            let domain = required("checkpoint-create", "domain", domain)?;
+            let file = required("checkpoint-create", "xmlfile", file)?;
+            let text = read_file(Path::new(&file))?;
+            let name =
+                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
+                    .map_err(|e| in_file(&file, e))?;
+            if redefine {
+                println!("Domain checkpoint {name} redefined");
+            } else {
+                println!("Domain checkpoint {name} created from '{file}'");
+            }
+            Ok(())
         }
         DomainCommand::CheckpointCreateAs {
-            domain,
+            dom,
             name,
             description,
+            name_named,
+            description_named,
             diskspec,
             print_xml,
             quiesce,
         } => {
+            let [domain, name, description] = fill(
+                [
+                    ("domain", dom.domain_named),
+                    ("name", name_named),
+                    ("description", description_named),
+                ],
+                [dom.domain, name, description],
+            )?;
+            let domain = required("checkpoint-create-as", "domain", domain)?;
             let text =
                 checkpoint_xml_from_args(name.as_deref(), description.as_deref(), &diskspec)?;
             if print_xml {
                 print!("{text}");
                 return Ok(());
             }
-            checkpoint_create(&store, &domain, &text, false, false, quiesce)
+            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)
+                .map_err(from_arguments)?;
+            println!("Domain checkpoint {name} created");
+            Ok(())
         }
         DomainCommand::CheckpointList {
-            domain,
+            dom,
             tree,
             roots,
             leaves,
@@ -306,6 +468,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             topological,
             parent,
             name,
+            from,
+            descendants,
             json,
         } => {
             let filter = ListFilter {
@@ -314,28 +478,46 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 leaves,
                 no_leaves,
             };
+            let filter = ListFilter {
+                roots_or_descendants: roots || descendants,
+                ..filter
+            };
             let opts = ListOpts {
                 tree,
                 parent,
                 name_only: name,
+                from,
                 json,
             };
-            checkpoint_list(&store, &domain, filter, opts)
+            checkpoint_list(&store, &dom.get("checkpoint-list")?, filter, opts)
+        }
+        DomainCommand::CheckpointEdit { cp } => {
+            let (domain, checkpoint) = cp.get("checkpoint-edit")?;
+            checkpoint_edit(&store, &domain, &checkpoint)
         }
         DomainCommand::CheckpointDumpxml {
-            domain,
-            checkpoint,
+            cp,
             no_domain,
             size,
+            security_info: _,
+            xpath,
             json,
-        } => checkpoint_dumpxml(&store, &domain, &checkpoint, no_domain, size, json),
+        } => {
+            let (domain, checkpoint) = cp.get("checkpoint-dumpxml")?;
+            let opts = DumpOpts {
+                no_domain,
+                size,
+                json,
+            };
+            checkpoint_dumpxml(&store, &domain, &checkpoint, opts, &xpath)
+        }
         DomainCommand::CheckpointDelete {
-            domain,
-            checkpoint,
+            cp,
             children,
             children_only,
             metadata,
         } => {
+            let (domain, checkpoint) = cp.get("checkpoint-delete")?;
             let scope = if children {
                 DeleteScope::WithChildren
             } else if children_only {
@@ -345,35 +527,50 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             };
             checkpoint_delete(&store, &domain, &checkpoint, scope, metadata)
         }
-        DomainCommand::CheckpointParent {
-            domain,
-            checkpoint,
-            json,
-        } => read_tree(&store, &domain, |tree, _| {
-            let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
-            if json {
-                println!("{}", json!({"parent": parent.name}));
-            } else {
-                println!("{}", parent.name);
-            }
-            Ok(())
-        }),
-        DomainCommand::CheckpointInfo {
-            domain,
-            checkpoint,
-            json,
-        } => read_tree(&store, &domain, |tree, dom| {
-            checkpoint_info(tree, dom, &checkpoint, json)
-        }),
+        DomainCommand::CheckpointParent { cp, json } => {
+            let (domain, checkpoint) = cp.get("checkpoint-parent")?;
+            read_tree(&store, &domain, |tree, _| {
+                let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
+                if json {
+                    print_json(json!({"parent": parent.name}));
+                } else {
+                    println!("{}", parent.name);
+                }
+                Ok(())
+            })
+        }
+        DomainCommand::CheckpointInfo { cp, json } => {
+            let (domain, checkpoint) = cp.get("checkpoint-info")?;
+            read_tree(&store, &domain, |tree, dom| {
+                checkpoint_info(tree, dom, &checkpoint, json)
+            })
+        }
         DomainCommand::BackupBegin {
-            domain,
+            dom,
             backupxml,
             checkpointxml,
+            backupxml_named,
+            checkpointxml_named,
             reuse_external,
             wait,
         } => {
-            let backup = backupxml.map(|p| read_file(&p)).transpose()?;
-            let checkpoint = checkpointxml.map(|p| read_file(&p)).transpose()?;
+            let [domain, backupxml, checkpointxml] = fill(
+                [
+                    ("domain", dom.domain_named),
+                    ("backupxml", backupxml_named),
+                    ("checkpointxml", checkpointxml_named),
+                ],
+                [dom.domain, backupxml, checkpointxml],
+            )?;
+            let domain = required("backup-begin", "domain", domain)?;
+            let backup = backupxml
+                .as_deref()
+                .map(|p| read_file(Path::new(p)))
+                .transpose()?;
+            let checkpoint = checkpointxml
+                .as_deref()
+                .map(|p| read_file(Path::new(p)))
+                .transpose()?;
             backup_begin(
                 &store,
                 &domain,
@@ -382,20 +579,76 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 reuse_external,
                 wait,
             )
+            .map_err(|e| {
+                // Name the file the error is in, told by the document's root element.
+                let file = match &e {
+                    CliError::Xml(x) if x.path.starts_with("/domaincheckpoint") => {
+                        checkpointxml.as_deref()
+                    }
+                    CliError::Xml(_) => backupxml.as_deref(),
+                    _ => None,
+                };
+                match file {
+                    Some(f) => in_file(f, e),
+                    None => e,
+                }
+            })
         }
-        DomainCommand::BackupDumpxml { domain, json } => {
+        DomainCommand::BackupDumpxml { dom, xpath, json } => {
+            let domain = dom.get("backup-dumpxml")?;
             if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
-                crate::managed::dumpxml(&store, &domain, json)
+                crate::managed::dumpxml(&store, &domain, json, &xpath)
             } else {
-                backup_dumpxml(&store, &domain, json)
+                backup_dumpxml(&store, &domain, json, &xpath)
             }
         }
         DomainCommand::Domjobinfo {
-            domain,
+            dom,
             completed,
+            keep_completed,
+            rawstats,
+            anystats,
             json,
-        } => domjobinfo(&store, &domain, completed, json),
-        DomainCommand::Domjobabort { domain } => domjobabort(&store, &domain),
+        } => {
+            let opts = JobInfoOpts {
+                completed,
+                keep_completed,
+                rawstats,
+                anystats,
+                json,
+            };
+            domjobinfo(&store, &dom.get("domjobinfo")?, opts)
+        }
+        DomainCommand::Domjobabort { dom } => domjobabort(&store, &dom.get("domjobabort")?),
+    }
+}
+
+/// An XML error of a document the user gave as a file, named after the file (other errors
+/// are not about the file and pass unchanged).
+fn in_file(file: &str, e: CliError) -> CliError {
+    match e {
+        CliError::Xml(x) => CliError::Other(format!("XML error: {file}:{x}")),
+        other => other,
+    }
+}
+
+/// An XML error of the document `checkpoint-create-as` built from its arguments, told in
+/// terms of the arguments: the user never saw that document.
+fn from_arguments(e: CliError) -> CliError {
+    match e {
+        CliError::Xml(x) => {
+            let argument = if x.path.contains("/disk") {
+                "--diskspec"
+            } else if x.path.contains("/name") {
+                "NAME (--name)"
+            } else if x.path.contains("/description") {
+                "DESCRIPTION (--description)"
+            } else {
+                "the arguments"
+            };
+            CliError::Other(format!("invalid argument: {argument}: {}", x.message))
+        }
+        other => other,
     }
 }
 
@@ -571,12 +824,13 @@ fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
     )
 }
 
+/// Defines a domain; returns what to tell the user.
 pub(crate) fn define(
     store: &Store,
     file_or_name: &str,
     disks: &[String],
     qmp: Option<PathBuf>,
-) -> Result<(), CliError> {
+) -> Result<String, CliError> {
     let discovered = match &qmp {
         // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
         Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
@@ -593,6 +847,11 @@ pub(crate) fn define(
         }
         (domain_xml(file_or_name, None, &found), None)
     } else if disks.is_empty() {
+        if !Path::new(file_or_name).exists() && !file_or_name.contains('/') {
+            return Err(CliError::Other(format!(
+                "invalid argument: '{file_or_name}' is no domain XML file; to define a domain by name, give its disks ('vbackup define {file_or_name} --disk vda=/path/vda.qcow2') or attach to a running QEMU ('vbackup define {file_or_name} --qmp /path/qmp.sock')"
+            )));
+        }
         (read_file(Path::new(file_or_name))?, Some(file_or_name))
     } else {
         (
@@ -615,11 +874,10 @@ pub(crate) fn define(
     let ds = session::lock(store, &def.name)?;
     ds.write_domain_xml(&xml)?;
     session::write_meta(&ds, &attachment)?;
-    match from {
-        Some(f) => println!("Domain '{}' defined from {f}", def.name),
-        None => println!("Domain '{}' defined", def.name),
-    }
-    Ok(())
+    Ok(match from {
+        Some(f) => format!("Domain '{}' defined from {f}", def.name),
+        None => format!("Domain '{}' defined", def.name),
+    })
 }
 
 fn undefine(
@@ -667,6 +925,11 @@ fn start(store: &Store, name: &str) -> Result<(), CliError> {
         )));
     }
     let run_dir = loaded.store.run_dir();
+    if run_dir.join(session::KEEP_FILE).is_file() && daemon_running(&run_dir) {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' is already running"
+        )));
+    }
     let s = Session::connect(loaded)?;
     std::fs::write(run_dir.join(session::KEEP_FILE), b"")
         .map_err(CliError::io("cannot mark the daemon as kept"))?;
@@ -687,12 +950,29 @@ fn shutdown(store: &Store, name: &str) -> Result<(), CliError> {
         ));
     }
     let run_dir = loaded.store.run_dir();
+    if loaded.attachment == Attachment::Managed
+        && !run_dir.join(session::KEEP_FILE).is_file()
+        && !daemon_running(&run_dir)
+    {
+        return Err(CliError::Other(format!(
+            "Requested operation is not valid: domain '{name}' is not running"
+        )));
+    }
     let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
     if loaded.attachment == Attachment::Managed {
         session::stop_daemon(&run_dir)?;
     }
     println!("Domain '{name}' is being shutdown");
     Ok(())
+}
+
+/// Whether the managed daemon of a domain's run directory is alive.
+fn daemon_running(run_dir: &Path) -> bool {
+    RunDir::new(run_dir)
+        .read_pid()
+        .ok()
+        .flatten()
+        .is_some_and(daemon_alive)
 }
 
 fn list(store: &Store, json: bool) -> Result<(), CliError> {
@@ -728,7 +1008,7 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
                 json!({"name": n, "state": s, "qmp": q, "job": if *j {"backup"} else {"none"}, "disks": d})
             })
             .collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
         return Ok(());
     }
     let rows: Vec<Vec<String>> = rows
@@ -760,7 +1040,7 @@ fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
             .iter()
             .map(|(t, s)| json!({"target": t, "source": s}))
             .collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else {
         let rows: Vec<Vec<String>> = disks.into_iter().map(|(t, s)| vec![t, s]).collect();
         print!("{}", table(&["Target", "Source"], &rows));
@@ -817,14 +1097,15 @@ pub(crate) fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, 
     Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
 }
 
-fn checkpoint_create(
+/// Creates or redefines a checkpoint from its XML; returns its name.
+fn checkpoint_define(
     store: &Store,
     name: &str,
     text: &str,
     redefine: bool,
     validate: bool,
     quiesce: bool,
-) -> Result<(), CliError> {
+) -> Result<String, CliError> {
     let loaded = session::load(store, name)?;
     let request = if redefine {
         let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
@@ -849,11 +1130,73 @@ fn checkpoint_create(
     let r = s.call(request);
     s.close()?;
     r?;
-    if redefine {
-        println!("Domain checkpoint {cp_name} redefined");
-    } else {
-        println!("Domain checkpoint {cp_name} created");
+    Ok(cp_name)
+}
+
+/// virsh's `checkpoint-edit`: the checkpoint's XML in an editor, then, if it changed and is
+/// valid, a redefinition with it. An invalid edit changes nothing and is kept in a file the
+/// error names, so the work is not lost.
+fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), CliError> {
+    let original = read_tree(store, domain, |tree, _| {
+        Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
+    })?;
+    let xml = original.to_def().format(CheckpointFormat {
+        no_domain: false,
+        include_size: false,
+    });
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("vbackup-{checkpoint}-"))
+        .suffix(".xml")
+        .tempfile()
+        .map_err(CliError::io("cannot create a temporary file to edit"))?;
+    std::io::Write::write_all(&mut file, xml.as_bytes())
+        .map_err(CliError::io("cannot write the temporary file to edit"))?;
+    let editor = ["VISUAL", "EDITOR"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
+        .unwrap_or_else(|| "vi".to_owned());
+    // The editor variable may hold arguments (`code --wait`), so a shell splits it as virsh's
+    // editor launcher does; the file goes as a separate argument, never through the shell.
+    let status = Process::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(file.path())
+        .status()
+        .map_err(CliError::io(format!("cannot run editor '{editor}'")))?;
+    if !status.success() {
+        return Err(CliError::Other(format!(
+            "operation failed: editor '{editor}' exited with {status}; checkpoint {checkpoint} not changed"
+        )));
     }
+    let edited = read_file(file.path())?;
+    if edited == xml {
+        println!("Checkpoint {checkpoint} XML configuration not changed.");
+        return Ok(());
+    }
+    let checked = CheckpointDef::parse(&edited, CheckpointMode::Redefine)
+        .map_err(CliError::from)
+        .and_then(|def| {
+            if def.name.as_deref() == Some(checkpoint) {
+                Ok(())
+            } else {
+                Err(CliError::Other(format!(
+                    "invalid argument: cannot rename checkpoint {checkpoint} to {}",
+                    def.name.as_deref().unwrap_or("(none)")
+                )))
+            }
+        })
+        .and_then(|()| checkpoint_define(store, domain, &edited, true, false, false));
+    if let Err(e) = checked {
+        let kept = file
+            .keep()
+            .map(|(_, path)| path.display().to_string())
+            .unwrap_or_default();
+        return Err(CliError::Other(format!(
+            "{e}\ncheckpoint {checkpoint} not changed; the edited XML is kept in '{kept}'"
+        )));
+    }
+    println!("Domain checkpoint {checkpoint} edited.");
     Ok(())
 }
 
@@ -882,6 +1225,8 @@ struct ListOpts {
     tree: bool,
     parent: bool,
     name_only: bool,
+    /// Only this checkpoint's children or descendants.
+    from: Option<String>,
     json: bool,
 }
 
@@ -892,7 +1237,12 @@ fn checkpoint_list(
     opts: ListOpts,
 ) -> Result<(), CliError> {
     read_tree(store, name, |tree, _| {
-        let list = tree.list(filter);
+        let list = match &opts.from {
+            Some(from) => tree
+                .list_children(from, filter)
+                .map_err(EngineError::from)?,
+            None => tree.list(filter),
+        };
         if opts.json {
             let v: Vec<Value> = list
                 .iter()
@@ -907,7 +1257,7 @@ fn checkpoint_list(
                     })
                 })
                 .collect();
-            println!("{}", Value::Array(v));
+            print_json(Value::Array(v));
         } else if opts.tree {
             let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
             let mut out = String::new();
@@ -967,14 +1317,24 @@ fn print_tree(
     }
 }
 
+struct DumpOpts {
+    no_domain: bool,
+    size: bool,
+    json: bool,
+}
+
 fn checkpoint_dumpxml(
     store: &Store,
     name: &str,
     checkpoint: &str,
-    no_domain: bool,
-    size: bool,
-    json: bool,
+    opts: DumpOpts,
+    xpath: &XpathArgs,
 ) -> Result<(), CliError> {
+    let DumpOpts {
+        no_domain,
+        size,
+        json,
+    } = opts;
     let c = if size {
         let loaded = session::load(store, name)?;
         let mut s = Session::connect(loaded)?;
@@ -997,21 +1357,18 @@ fn checkpoint_dumpxml(
         include_size: size,
     });
     if json {
-        println!(
-            "{}",
-            json!({
-                "name": c.name,
-                "parent": c.parent,
-                "description": c.description,
-                "creation_time": c.creation_time_s,
-                "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes})).collect::<Vec<_>>(),
-                "xml": xml,
-            })
-        );
+        print_json(json!({
+            "name": c.name,
+            "parent": c.parent,
+            "description": c.description,
+            "creation_time": c.creation_time_s,
+            "disks": c.disks.iter().map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes})).collect::<Vec<_>>(),
+            "xml": xml,
+        }));
+        Ok(())
     } else {
-        print!("{xml}");
+        xpath.print(&xml)
     }
-    Ok(())
 }
 
 fn checkpoint_delete(
@@ -1057,10 +1414,9 @@ fn checkpoint_info(
         .len();
     let current = tree.current() == Some(name);
     if json {
-        println!(
-            "{}",
+        print_json(
             json!({"name": c.name, "domain": domain, "parent": c.parent, "children": children,
-                   "descendants": descendants, "current": current})
+                   "descendants": descendants, "current": current}),
         );
     } else {
         println!("{:<15} {}", "Name:", c.name);
@@ -1092,6 +1448,9 @@ fn backup_begin(
     let aligned = align_backup(&def, &loaded.def, &suffix)?;
     let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
     check_pull_server(&loaded, &spec)?;
+    if !reuse_external {
+        check_stores_absent(&spec)?;
+    }
     let mut s = Session::connect(loaded)?;
     let r = s.call(Request::BackupBegin {
         spec,
@@ -1102,8 +1461,22 @@ fn backup_begin(
         s.close()?;
         return Err(e);
     }
-    match s.driver.domain().view().backup.and_then(export_uris) {
+    let view = s.driver.domain().view();
+    match view.backup.and_then(export_uris) {
         Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
+        // Without a <domainbackup> the targets were chosen here: say where they are.
+        None if backup.is_none() => {
+            let targets: Vec<String> = view
+                .backup
+                .map(|plan| {
+                    plan.disks
+                        .iter()
+                        .map(|d| format!("{} to {}", d.target, d.store_path))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("Backup started; writing {}", targets.join(", "));
+        }
         None => println!("Backup started"),
     }
     if !wait {
@@ -1128,6 +1501,23 @@ fn backup_begin(
             "backup job ended without statistics".into(),
         )),
     }
+}
+
+/// Refuses, before anything starts, a backup whose target or scratch image exists already,
+/// with libvirt's message (the engine's exclusive create would refuse it too, but later and
+/// as a store failure).
+fn check_stores_absent(spec: &BackupSpec) -> Result<(), CliError> {
+    for disk in spec.disks.iter().filter(|d| d.backup) {
+        if let Some(path) = disk.store.as_ref().and_then(|s| s.path.as_deref())
+            && std::fs::symlink_metadata(path).is_ok()
+        {
+            return Err(CliError::Other(format!(
+                "invalid argument: store '{}' for backup of '{}' exists (remove it, or pass --reuse-external to write into it)",
+                path, disk.target
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses, before anything starts, a pull backup asking for TLS on an attached domain while
@@ -1255,7 +1645,12 @@ fn write_progress(s: &Session, stats: &JobStats) {
     );
 }
 
-fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+fn backup_dumpxml(
+    store: &Store,
+    name: &str,
+    json: bool,
+    xpath: &XpathArgs,
+) -> Result<(), CliError> {
     let plan = match session::load_for_reading(store, name)? {
         ReadAccess::Shared(shared) => match shared.journal {
             Some(plan) => Box::new(plan),
@@ -1275,69 +1670,159 @@ fn backup_dumpxml(store: &Store, name: &str, json: bool) -> Result<(), CliError>
         }
     };
     if json {
-        println!("{}", serde_json::to_value(&*plan).unwrap_or(Value::Null));
+        print_json(serde_json::to_value(&*plan).unwrap_or(Value::Null));
+        Ok(())
     } else {
-        print!("{}", plan.to_def().format());
+        xpath.print(&plan.to_def().format())
     }
-    Ok(())
 }
 
-fn print_stats(stats: Option<&Value>, json: bool) {
-    if json {
-        println!("{}", stats.cloned().unwrap_or(json!({"status": "none"})));
+/// How `domjobinfo` was asked.
+#[derive(Debug, Clone, Copy)]
+struct JobInfoOpts {
+    completed: bool,
+    keep_completed: bool,
+    rawstats: bool,
+    anystats: bool,
+    json: bool,
+}
+
+/// libvirt's `virDomainJobType` number and virsh's word for a job status.
+fn job_type(status: &str) -> (u8, &'static str) {
+    match status {
+        "running" => (2, "Unbounded"),
+        "completed" => (3, "Completed"),
+        "failed" => (4, "Failed"),
+        "cancelled" => (5, "Cancelled"),
+        _ => (0, "None"),
+    }
+}
+
+/// The statistics as libvirt's typed parameters, in the order libvirt fills them.
+fn raw_params(st: &Value) -> Vec<(&'static str, String)> {
+    let mut params = vec![("operation", "9".to_owned())];
+    for (name, key) in [
+        ("time_elapsed", "time_elapsed_ms"),
+        ("disk_total", "disk_total_bytes"),
+        ("disk_processed", "disk_processed_bytes"),
+        ("disk_remaining", "disk_remaining_bytes"),
+        ("disk_temp_used", "disk_temp_used_bytes"),
+        ("disk_temp_total", "disk_temp_total_bytes"),
+    ] {
+        if let Some(v) = st[key].as_u64() {
+            params.push((name, v.to_string()));
+        }
+    }
+    if let Some(ok) = st["success"].as_bool() {
+        params.push(("success", if ok { "yes" } else { "no" }.to_owned()));
+    }
+    if let Some(msg) = st["errmsg"].as_str() {
+        params.push(("errmsg", msg.to_owned()));
+    }
+    params
+}
+
+/// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
+fn print_stats(stats: Option<&Value>, opts: JobInfoOpts, pending: Option<&str>) {
+    if opts.json {
+        let mut v = stats.cloned().unwrap_or_else(|| json!({"status": "none"}));
+        v["pendingBackup"] = json!(pending);
+        print_json(v);
         return;
     }
+    let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");
+    let (number, word) = job_type(status);
+    if opts.rawstats {
+        println!("Job type: {number}\n");
+        if let Some(st) = stats {
+            for (name, value) in raw_params(st) {
+                println!("{name}: {value}");
+            }
+        }
+        return;
+    }
+    println!("{:<17} {word:<12}", "Job type:");
     let Some(st) = stats else {
-        println!("{:<18}None", "Job type:");
         return;
     };
-    let status = st["status"].as_str().unwrap_or("");
-    let job_type = match status {
-        "running" => "Unbounded",
-        "completed" => "Completed",
-        "failed" => "Failed",
-        "cancelled" => "Cancelled",
-        _ => "None",
-    };
-    println!("{:<18}{job_type}", "Job type:");
-    println!("{:<18}Backup", "Operation:");
+    println!("{:<17} {:<12}", "Operation:", "Backup");
+    // virsh shows a finished job's numbers only for a completed job asked with --completed,
+    // or with --anystats.
+    let shown = matches!(status, "running") || (opts.completed && status == "completed");
+    if !shown && !opts.anystats {
+        return;
+    }
     if let Some(ms) = st["time_elapsed_ms"].as_u64() {
-        println!("{:<18}{ms:<13}ms", "Time elapsed:");
+        println!("{:<17} {ms:<12} ms", "Time elapsed:");
     }
     for (label, key) in [
         ("File processed:", "disk_processed_bytes"),
         ("File remaining:", "disk_remaining_bytes"),
         ("File total:", "disk_total_bytes"),
-        ("Temp used:", "disk_temp_used_bytes"),
-        ("Temp total:", "disk_temp_total_bytes"),
+        ("Temporary disk space use:", "disk_temp_used_bytes"),
+        ("Temporary disk space total:", "disk_temp_total_bytes"),
     ] {
         if let Some(b) = st[key].as_u64() {
-            println!("{label:<18}{}", human_bytes(b));
+            println!("{label:<17} {}", virsh_bytes(b));
         }
     }
+    // Not a libvirt line: what a running backup waits for, when the engine knows it.
     if let (Some(what), "running") = (st["waiting_for"].as_str(), status) {
-        println!("{:<18}{what}", "Waiting for:");
+        println!("{:<17} {what}", "Waiting for:");
     }
-    // A pull backup ended by abort completes; its cancelled block jobs' message is noise.
-    if let (Some(msg), false) = (st["errmsg"].as_str(), status == "completed") {
-        println!("{:<18}{msg}", "Error message:");
+    if let Some(msg) = st["errmsg"].as_str() {
+        println!("{:<17} {msg}", "Error message:");
     }
+}
+
+/// Bytes as virsh prints job sizes: three decimals and a binary unit (`256.000 MiB`).
+pub(crate) fn virsh_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.3} {}", UNITS[unit])
+}
+
+/// The last finished job's statistics for `--completed`, unless they were already shown:
+/// libvirt discards them once read unless `--keep-completed`. Reading marks the record
+/// (rather than removing it) because `backup-finish` still needs the job's outcome.
+fn take_completed(dir: &Path, keep: bool) -> Option<Value> {
+    let path = dir.join(COMPLETED_FILE);
+    let mut stats: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+    if stats["reported"].as_bool() == Some(true) {
+        return None;
+    }
+    if !keep {
+        stats["reported"] = json!(true);
+        // Best effort: failing to mark it only shows the statistics once more.
+        let _ = write_atomic(dir, COMPLETED_FILE, stats.to_string().as_bytes());
+        if let Some(map) = stats.as_object_mut() {
+            map.remove("reported");
+        }
+    }
+    Some(stats)
 }
 
 /// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
 /// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
 /// alone says (the status and the time elapsed).
-fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
-    if completed {
-        let stats: Option<Value> = shared
-            .snapshot
-            .file(COMPLETED_FILE)
-            .and_then(|t| serde_json::from_str(t).ok());
-        print_stats(stats.as_ref(), json);
+fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts, pending: Option<&str>) {
+    if opts.completed {
+        // A job runs: libvirt has no completed statistics while a new job runs.
+        let stats = shared
+            .journal
+            .is_none()
+            .then(|| take_completed(dir, opts.keep_completed))
+            .flatten();
+        print_stats(stats.as_ref(), opts, pending);
         return;
     }
     let Some(plan) = &shared.journal else {
-        print_stats(None, json);
+        print_stats(None, opts, pending);
         return;
     };
     let progress = shared
@@ -1352,7 +1837,7 @@ fn domjobinfo_shared(shared: &Shared, completed: bool, json: bool) {
         }
     };
     stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
-    print_stats(Some(&stats), json);
+    print_stats(Some(&stats), opts, pending);
 }
 
 /// Milliseconds since the epoch (the clock job start times are kept in).
@@ -1363,36 +1848,45 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<(), CliError> {
+fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliError> {
+    let dir = store.root().join("domains").join(name);
+    let running = domjobinfo_stats(store, name, opts)?;
+    // A managed backup that waits for `backup-finish` is otherwise invisible: say so, after
+    // (never inside) libvirt's lines.
+    if !opts.json
+        && !opts.rawstats
+        && let Some(note) = crate::managed::pending_note(&dir, name, running)
+    {
+        println!("{note}");
+    }
+    Ok(())
+}
+
+/// Prints the statistics `domjobinfo` asks for; returns whether a job runs.
+fn domjobinfo_stats(store: &Store, name: &str, opts: JobInfoOpts) -> Result<bool, CliError> {
+    let dir = store.root().join("domains").join(name);
+    let pending = crate::managed::pending_uuid(&dir);
+    let pending = pending.as_deref();
     let loaded = match session::load_for_reading(store, name)? {
         ReadAccess::Locked(loaded) => *loaded,
         ReadAccess::Shared(shared) => {
-            domjobinfo_shared(&shared, completed, json);
-            return Ok(());
+            domjobinfo_shared(&shared, &dir, opts, pending);
+            return Ok(shared.journal.is_some());
         }
     };
-    if completed {
-        let path = loaded.store.dir().join(COMPLETED_FILE);
-        let stats: Option<Value> = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        // A journaled job that ended while nobody watched concludes on reconnect.
-        if loaded.journal.is_some() {
-            let s = Session::connect(loaded)?;
-            let finished = last_completed(&s).and_then(|st| serde_json::to_value(st).ok());
-            s.close()?;
-            print_stats(finished.as_ref().or(stats.as_ref()), json);
-        } else {
-            print_stats(stats.as_ref(), json);
-        }
-        return Ok(());
-    }
+    let dir = loaded.store.dir().to_path_buf();
     if loaded.journal.is_none() {
-        print_stats(None, json);
-        return Ok(());
+        let stats = opts
+            .completed
+            .then(|| take_completed(&dir, opts.keep_completed))
+            .flatten();
+        print_stats(stats.as_ref(), opts, pending);
+        return Ok(false);
     }
+    // A journaled job is reconciled with QEMU first: it may have ended while nobody watched.
     let mut s = Session::connect(loaded)?;
-    let r = if s.job_running() {
+    let running = s.job_running();
+    let r = if running && !opts.completed {
         s.call(Request::JobStats {
             completed: false,
             keep_completed: true,
@@ -1402,14 +1896,13 @@ fn domjobinfo(store: &Store, name: &str, completed: bool, json: bool) -> Result<
         Ok(None)
     };
     s.close()?;
-    match r? {
-        Some(Reply::Stats(st)) => {
-            let v = st.and_then(|st| serde_json::to_value(st).ok());
-            print_stats(v.as_ref(), json);
-        }
-        _ => print_stats(None, json),
-    }
-    Ok(())
+    let stats = match r? {
+        Some(Reply::Stats(st)) => st.and_then(|st| serde_json::to_value(st).ok()),
+        _ if opts.completed && !running => take_completed(&dir, opts.keep_completed),
+        _ => None,
+    };
+    print_stats(stats.as_ref(), opts, pending);
+    Ok(running)
 }
 
 fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {

@@ -412,8 +412,8 @@ fn run_steps(d: &Demo, size_mib: u64) -> Result<Vec<Row>, CliError> {
             .and_then(|a| a.iter().find(|e| e["target"] == disk.as_str()))
             .cloned()
             .unwrap_or(Value::Null);
-        let export = entry["export_name"].as_str().unwrap_or(disk).to_owned();
-        let bitmap = entry["temp_bitmap"].as_str().unwrap_or_default().to_owned();
+        let export = entry["exportName"].as_str().unwrap_or(disk).to_owned();
+        let bitmap = entry["tempBitmap"].as_str().unwrap_or_default().to_owned();
         let overlay = d.path(&format!("backups/inc2-{disk}.qcow2"));
         tool(
             Command::new("qemu-img")

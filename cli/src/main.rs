@@ -9,9 +9,11 @@ mod effects;
 mod managed;
 mod output;
 mod session;
+mod virsh_args;
 mod xml_cmd;
+mod xpath;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Incremental backup for QEMU virtual machines.
@@ -40,35 +42,254 @@ enum Command {
     Config(config::ConfigCommand),
     /// Run the end-to-end demonstration on two fresh qcow2 disks.
     Demo(demo::DemoArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Install for bash: `vbackup completion bash > ~/.local/share/bash-completion/completions/vbackup`
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --dir write one page per command into DIR.
+    ///
+    /// Install: `vbackup man --dir /usr/local/share/man/man1` (then `man vbackup`,
+    /// `man vbackup-backup-begin`).
+    Man {
+        /// Directory to write `vbackup.1` and `vbackup-COMMAND.1` into.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // Lock files name what their holder does: this command line, without the program.
     let operation: Vec<String> = std::env::args().skip(1).collect();
     session::configure_locking(session::LockSettings {
         wait: std::time::Duration::from_secs(cli.global.wait_lock.unwrap_or(0)),
         operation: operation.join(" "),
     });
+    let state_dir = cli.global.state_dir.clone();
+    if cli.global.wait_lock.is_some()
+        && let Some(name) = never_waits(&cli.command)
+    {
+        eprintln!(
+            "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
+        );
+        return ExitCode::FAILURE;
+    }
     match cli.command {
         Command::Xml(command) => xml_cmd::run(command),
-        Command::Domain(command) => report(commands::run(&cli.global, command)),
+        Command::Domain(command) => {
+            let result = commands::run(&cli.global, command);
+            // An image locked by another process: name the image and who holds it.
+            if let Err(e) = &result
+                && e.to_string().contains("lock")
+                && e.to_string().contains("Failed to get")
+            {
+                let holders = lock_holders(state_dir.as_deref(), &operation);
+                if !holders.is_empty() {
+                    eprintln!("error: {e}");
+                    for h in holders {
+                        eprintln!("error: {h}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            }
+            report(result)
+        }
         Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Config(command) => report(
             session::open_store(cli.global.state_dir.as_deref())
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),
+        Command::Completion { shell } => {
+            // The script comes from the same definitions the parser uses, so it cannot drift.
+            clap_complete::generate(shell, &mut command(), "vbackup", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => report(man(dir.as_deref())),
     }
 }
 
-/// Prints an error as virsh does and turns the outcome into an exit code.
+/// Writes the manual: the top page to stdout, or every page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
+    let command = command();
+    match dir {
+        None => clap_mangen::Man::new(command)
+            .render(&mut std::io::stdout())
+            .map_err(output::CliError::io("cannot write the manual page")),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(output::CliError::io(format!(
+                "cannot create '{}'",
+                dir.display()
+            )))?;
+            clap_mangen::generate_to(command, dir).map_err(output::CliError::io(format!(
+                "cannot write manual pages into '{}'",
+                dir.display()
+            )))?;
+            println!("Manual pages written to {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// The name of a command that never waits for a domain's lock (it reads the store while
+/// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
+/// silently ignored.
+fn never_waits(command: &Command) -> Option<&'static str> {
+    use commands::DomainCommand as D;
+    Some(match command {
+        Command::Domain(D::List { .. }) => "list",
+        Command::Domain(D::Domblklist { .. }) => "domblklist",
+        Command::Domain(D::CheckpointList { .. }) => "checkpoint-list",
+        Command::Domain(D::CheckpointParent { .. }) => "checkpoint-parent",
+        Command::Domain(D::CheckpointInfo { .. }) => "checkpoint-info",
+        Command::Domain(D::BackupDumpxml { .. }) => "backup-dumpxml",
+        Command::Domain(D::Domjobinfo { .. }) => "domjobinfo",
+        Command::Xml(_) => "xml",
+        Command::Completion { .. } => "completion",
+        Command::Man { .. } => "man",
+        _ => return None,
+    })
+}
+
+/// The command line's definition, as parsed, completed and documented.
+fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Prints an error as virsh does, with what to do next when the cause is known, and turns the
+/// outcome into an exit code.
 fn report(result: Result<(), output::CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            let message = e.to_string();
+            match next_step(&e, &message) {
+                Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
+                None => eprintln!("error: {message}"),
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// For each disk image of the domains named on the command line, the processes that have it
+/// open, as `image 'PATH' is in use by process PID (COMMAND)`: whoever holds QEMU's lock on an
+/// image has it open.
+fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<String> {
+    let Ok(store) = session::open_store(state_dir) else {
+        return Vec::new();
+    };
+    let mut images = Vec::new();
+    for arg in args {
+        let xml = store.root().join("domains").join(arg).join("domain.xml");
+        if let Ok(def) = std::fs::read_to_string(xml)
+            .map_err(|_| ())
+            .and_then(|t| vbackup_core::xml::parse_domain(&t).map_err(|_| ()))
+        {
+            images.extend(
+                def.disks
+                    .iter()
+                    .flat_map(|d| d.layers.iter())
+                    .filter_map(|l| l.path.clone()),
+            );
+        }
+    }
+    let own = std::process::id().to_string();
+    let mut found = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let open: Vec<String> = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        for image in images.iter().filter(|i| open.contains(i)) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let command: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            found.push(format!(
+                "image '{image}' is in use by process {pid} ({}); stop it, or wait for it to end, and run the command again",
+                command.join(" ")
+            ));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// What to do about an error whose cause is outside vbackup: a daemon that went away, a full
+/// filesystem.
+fn next_step(e: &output::CliError, message: &str) -> Option<&'static str> {
+    use output::CliError;
+    let link_lost = matches!(
+        e,
+        CliError::Drive(vbackup_core::driver::DriveError::Link(_))
+            | CliError::Engine(vbackup_core::error::Error::LinkLost(_))
+            | CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed)
+    ) || message.contains("Broken pipe")
+        || message.contains("connection closed");
+    if message.contains("No space left on device") || message.contains("os error 28") {
+        Some(
+            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again",
+        )
+    } else if link_lost {
+        Some(
+            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo DOMAIN' to see what became of the job, then 'vbackup start DOMAIN' (a managed domain) before trying again",
+        )
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_filesystem_is_named_with_what_to_do() {
+        let e = output::CliError::Io {
+            what: "cannot write 'x'".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let hint = next_step(&e, &e.to_string()).expect("a hint");
+        assert!(hint.starts_with("the filesystem is full"), "{hint}");
+        let other = output::CliError::Other("invalid argument: x".into());
+        assert_eq!(next_step(&other, &other.to_string()), None);
+    }
+
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        // clap checks its definitions only when asked (or in debug builds at parse time).
+        Cli::command().debug_assert();
     }
 }

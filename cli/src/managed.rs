@@ -54,8 +54,9 @@ use vbackup_qemu::store::{DomainStore, Store, write_atomic};
 
 use crate::commands;
 use crate::effects::COMPLETED_FILE;
-use crate::output::{CliError, format_time, human_bytes, table};
+use crate::output::{CliError, format_time, human_bytes, print_json, table};
 use crate::session::{self, Attachment, Loaded, Session};
+use crate::virsh_args::{DomainArg, fill, required};
 
 /// The unfinished managed backup of a domain, beside its `domain.xml`.
 pub const PENDING_FILE: &str = "pending-backup.json";
@@ -66,10 +67,15 @@ pub const PENDING_FILE: &str = "pending-backup.json";
 pub enum ManagedCommand {
     /// Create a managed backup (full, or incremental from --parent) with a checkpoint.
     BackupCreate {
-        /// Domain name.
-        domain: String,
-        /// `<domainbackup>` file (default: every disk, into the default target directory).
-        backupxml: Option<PathBuf>,
+        #[command(flatten)]
+        dom: DomainArg,
+        /// `<domainbackup>` file (default: every disk, into the default target directory; or
+        /// `--backupxml FILE`).
+        #[arg(value_name = "BACKUPXML")]
+        backupxml: Option<String>,
+        /// `<domainbackup>` file, as virsh's named form of BACKUPXML.
+        #[arg(long = "backupxml", id = "backupxml_named", value_name = "FILE")]
+        backupxml_named: Option<String>,
         /// Name of the checkpoint created with the backup (default: the backup's uuid).
         #[arg(long)]
         checkpoint: Option<String>,
@@ -92,8 +98,8 @@ pub enum ManagedCommand {
     },
     /// List a domain's managed backups.
     BackupList {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Only full backups.
         #[arg(long, conflicts_with = "latest")]
         full: bool,
@@ -156,6 +162,9 @@ pub enum ManagedCommand {
         /// Keep the checkpoints the deleted backups created (no QEMU needed).
         #[arg(long)]
         keep_checkpoints: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
     ///
@@ -181,6 +190,9 @@ pub enum ManagedCommand {
         /// Replace the domain's own disk images (only while it is not running).
         #[arg(long)]
         overwrite: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Make an incremental backup a full backup of its own (a synthetic full).
     ///
@@ -191,24 +203,39 @@ pub enum ManagedCommand {
     BackupConsolidate {
         /// Backup uuid.
         uuid: String,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
     BackupFinish {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Cancel the job and discard the backup.
         #[arg(long, conflicts_with = "check")]
         cancel: bool,
         /// Only report whether the job is done (recording it if it is).
         #[arg(long)]
         check: bool,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the directory new managed backups of a domain go to.
+    BackupGetDefaultTarget {
+        #[command(flatten)]
+        dom: DomainArg,
+        /// Machine-readable output (`{domain, target}`, `target` null when none is set).
+        #[arg(long)]
+        json: bool,
     },
     /// Set the directory new managed backups of a domain go to.
     BackupSetDefaultTarget {
-        /// Domain name.
-        domain: String,
+        #[command(flatten)]
+        dom: DomainArg,
         /// Directory (created if missing).
-        dir: PathBuf,
+        #[arg(value_name = "DIR")]
+        dir: Option<String>,
     },
 }
 
@@ -217,8 +244,9 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
     let store = session::open_store(global.state_dir.as_deref())?;
     match command {
         ManagedCommand::BackupCreate {
-            domain,
+            dom,
             backupxml,
+            backupxml_named,
             checkpoint,
             parent,
             description,
@@ -226,7 +254,12 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             wait,
             json,
         } => {
-            let xml = backupxml.map(|p| read(&p)).transpose()?;
+            let [domain, backupxml] = fill(
+                [("domain", dom.domain_named), ("backupxml", backupxml_named)],
+                [dom.domain, backupxml],
+            )?;
+            let domain = required("backup-create", "domain", domain)?;
+            let xml = backupxml.map(|p| read(Path::new(&p))).transpose()?;
             create(
                 &store,
                 &domain,
@@ -242,12 +275,12 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             )
         }
         ManagedCommand::BackupList {
-            domain,
+            dom,
             full,
             latest,
             tree,
             json,
-        } => list(&store, &domain, full, latest, tree, json),
+        } => list(&store, &dom.get("backup-list")?, full, latest, tree, json),
         ManagedCommand::BackupChildren { uuid, json } => children(&store, &uuid, json),
         ManagedCommand::BackupInfo { uuid, json } => info(&store, &uuid, json),
         ManagedCommand::BackupVerify { uuid, json } => verify(&store, &uuid, json),
@@ -256,7 +289,8 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             children,
             all,
             keep_checkpoints,
-        } => delete(&store, &target, children, all, keep_checkpoints),
+            json,
+        } => delete(&store, &target, children, all, keep_checkpoints, json),
         ManagedCommand::BackupRestore {
             uuid,
             until,
@@ -264,6 +298,7 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             dir,
             disk,
             overwrite,
+            json,
         } => restore_cmd(
             &store,
             &RestoreArgs {
@@ -273,16 +308,28 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
                 dir,
                 disks: disk,
                 overwrite,
+                json,
             },
         ),
-        ManagedCommand::BackupConsolidate { uuid } => consolidate(&store, &uuid),
+        ManagedCommand::BackupConsolidate { uuid, json } => consolidate(&store, &uuid, json),
         ManagedCommand::BackupFinish {
-            domain,
+            dom,
             cancel,
             check,
-        } => finish(&store, &domain, cancel, check),
-        ManagedCommand::BackupSetDefaultTarget { domain, dir } => {
-            set_default_target(&store, &domain, &dir)
+            json,
+        } => finish(&store, &dom.get("backup-finish")?, cancel, check, json),
+        ManagedCommand::BackupGetDefaultTarget { dom, json } => {
+            get_default_target(&store, &dom.get("backup-get-default-target")?, json)
+        }
+        ManagedCommand::BackupSetDefaultTarget { dom, dir } => {
+            let command = "backup-set-default-target";
+            let [domain, dir] = fill(
+                [("domain", dom.domain_named), ("dir", None)],
+                [dom.domain, dir],
+            )?;
+            let domain = required(command, "domain", domain)?;
+            let dir = required(command, "dir", dir)?;
+            set_default_target(&store, &domain, Path::new(&dir))
         }
     }
 }
@@ -798,7 +845,12 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     } else {
         if !args.wait {
             if args.json {
-                println!("{}", json!({"uuid": uuid, "status": "started"}));
+                print_json(json!({"uuid": uuid, "status": "started"}));
+            } else {
+                let domain = s.driver.effects().store().name().to_owned();
+                println!(
+                    "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
+                );
             }
             return s.close();
         }
@@ -819,7 +871,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     s.close()?;
     let backup = recorded?;
     if args.json {
-        println!("{}", backup_json(&backup));
+        print_json(backup_json(&backup));
     } else {
         println!(
             "Backup {uuid} created ({}, {})",
@@ -943,7 +995,13 @@ impl CopyProgress {
 
 // ----- backup-finish -----
 
-fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<(), CliError> {
+fn finish(
+    store: &Store,
+    name: &str,
+    cancel: bool,
+    check: bool,
+    json: bool,
+) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let pending = Pending::read(loaded.store.dir())?;
     if pending.is_none() && loaded.journal.is_none() {
@@ -951,7 +1009,7 @@ fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<(), Cl
     }
     let dir = loaded.store.dir().to_owned();
     let mut s = Session::connect(loaded)?;
-    let result = finish_in(&mut s, &dir, pending, cancel, check);
+    let result = finish_in(&mut s, &dir, pending, cancel, check, json);
     s.close()?;
     result
 }
@@ -962,14 +1020,18 @@ fn finish_in(
     pending: Option<Pending>,
     cancel: bool,
     check: bool,
+    json: bool,
 ) -> Result<(), CliError> {
     if cancel {
         end_job(s)?;
-        if let Some(p) = pending {
-            discard(s, dir, &p)?;
-            println!("Backup {} cancelled", p.uuid);
-        } else {
-            println!("Backup job cancelled");
+        let uuid = pending.as_ref().map(|p| p.uuid.clone());
+        if let Some(p) = &pending {
+            discard(s, dir, p)?;
+        }
+        match (&uuid, json) {
+            (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
+            (Some(u), false) => println!("Backup {u} cancelled"),
+            (None, false) => println!("Backup job cancelled"),
         }
         return Ok(());
     }
@@ -990,10 +1052,14 @@ fn finish_in(
     }
     if s.job_running() {
         if check {
-            println!("Backup {} is running", pending.uuid);
+            if json {
+                print_json(json!({"uuid": pending.uuid, "status": "running"}));
+            } else {
+                println!("Backup {} is running", pending.uuid);
+            }
             return Ok(());
         }
-        commands::follow(s, false)?;
+        commands::follow(s, json)?;
     }
     if !last_job_succeeded(dir) {
         discard(s, dir, &pending)?;
@@ -1007,6 +1073,12 @@ fn finish_in(
         let _ = discard(s, dir, &pending);
     }
     let backup = backup?;
+    if json {
+        print_json(
+            json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
+        );
+        return Ok(());
+    }
     println!(
         "Backup {} created ({}, {})",
         backup.uuid,
@@ -1076,7 +1148,7 @@ fn list(
     let backups = cat.list(filter);
     if json {
         let v: Vec<Value> = backups.iter().map(|b| backup_json(b)).collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else if tree {
         let shown: Vec<&str> = backups.iter().map(|b| b.uuid.as_str()).collect();
         for root in backups.iter().filter(|b| b.parent.is_none()) {
@@ -1085,7 +1157,30 @@ fn list(
     } else {
         print!("{}", table(&HEADERS, &rows(&backups)));
     }
+    if !json && let Some(note) = pending_note(loaded.store.dir(), name, loaded.journal.is_some()) {
+        println!("{note}");
+    }
     Ok(())
+}
+
+/// A line about a managed backup that is started but not recorded yet (it is in no listing
+/// until `backup-finish` records it), or `None` when there is none.
+pub(crate) fn pending_note(dir: &Path, domain: &str, job_running: bool) -> Option<String> {
+    let pending = Pending::read(dir).ok().flatten()?;
+    let state = if job_running {
+        "its job is running"
+    } else {
+        "its job has ended"
+    };
+    Some(format!(
+        "Not yet recorded: backup {} ({state}); 'vbackup backup-finish {domain}' records it",
+        pending.uuid
+    ))
+}
+
+/// The uuid of a managed backup that is started but not recorded yet.
+pub(crate) fn pending_uuid(dir: &Path) -> Option<String> {
+    Pending::read(dir).ok().flatten().map(|p| p.uuid)
 }
 
 fn print_tree(
@@ -1126,7 +1221,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let kids = cat.children(uuid).map_err(catalogue_error)?;
     if json {
         let v: Vec<Value> = kids.iter().map(|b| backup_json(b)).collect();
-        println!("{}", Value::Array(v));
+        print_json(Value::Array(v));
     } else {
         print!("{}", table(&HEADERS, &rows(&kids)));
     }
@@ -1159,7 +1254,7 @@ fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
             .iter()
             .map(|(disk, r)| json!({"disk": disk, "ok": r.is_ok(), "error": r.as_ref().err()}))
             .collect();
-        println!("{}", json!({"uuid": uuid, "disks": rows}));
+        print_json(json!({"uuid": uuid, "disks": rows}));
     } else {
         for (disk, r) in &report {
             match r {
@@ -1181,7 +1276,7 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
     let b = backup_in(&cat, uuid)?;
     if json {
-        println!("{}", backup_json(b));
+        print_json(backup_json(b));
         return Ok(());
     }
     let kv = |k: &str, v: String| println!("{:<16}{v}", format!("{k}:"));
@@ -1220,15 +1315,20 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 /// `backup-dumpxml UUID`: the `<managedbackup>` record.
-pub fn dumpxml(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
+pub fn dumpxml(
+    store: &Store,
+    uuid: &str,
+    json: bool,
+    xpath: &commands::XpathArgs,
+) -> Result<(), CliError> {
     let (_ds, cat) = find(store, uuid)?;
     let b = backup_in(&cat, uuid)?;
     if json {
-        println!("{}", backup_json(b));
+        print_json(backup_json(b));
+        Ok(())
     } else {
-        print!("{}", b.format());
+        xpath.print(&b.format())
     }
-    Ok(())
 }
 
 // ----- changing -----
@@ -1239,6 +1339,7 @@ fn delete(
     with_children: bool,
     all: bool,
     keep_checkpoints: bool,
+    json: bool,
 ) -> Result<(), CliError> {
     let domain = if all {
         target.to_owned()
@@ -1258,8 +1359,21 @@ fn delete(
         } else {
             DeleteMode::Alone
         };
-        cat.delete(target, mode)
-            .map_err(|e| CliError::Other(format!("Requested operation is not valid: {e}")))?
+        cat.delete(target, mode).map_err(|e| {
+            // Backups built on it would lose their base; say both ways forward.
+            let has_children = matches!(
+                e,
+                vbackup_core::catalogue::CatalogueError::HasChildren { .. }
+            );
+            let hint = if !has_children {
+                String::new()
+            } else {
+                format!(
+                    "; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
+                )
+            };
+            CliError::Other(format!("Requested operation is not valid: {e}{hint}"))
+        })?
     };
     let doomed: Vec<&str> = ops
         .iter()
@@ -1276,12 +1390,17 @@ fn delete(
         )));
     }
     let n = doomed.len();
+    let deleted: Vec<String> = doomed.iter().map(|u| (*u).to_owned()).collect();
     let ops: Vec<CatalogueOp> = ops
         .into_iter()
         .filter(|o| !(keep_checkpoints && matches!(o, CatalogueOp::DeleteCheckpoint { .. })))
         .collect();
     apply_with_checkpoints(loaded, &ops)?;
-    if all {
+    if json {
+        print_json(
+            json!({"domain": domain, "deleted": deleted, "checkpointsKept": keep_checkpoints}),
+        );
+    } else if all {
         println!("Deleted {n_all} backup(s) of domain '{target}'");
     } else if n > 1 {
         println!("Backup {target} and {} dependent backup(s) deleted", n - 1);
@@ -1291,7 +1410,7 @@ fn delete(
     Ok(())
 }
 
-fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
+fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (ds, _) = find(store, uuid)?;
     let domain = ds.name().to_owned();
     drop(ds);
@@ -1314,7 +1433,13 @@ fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
     }
     let ops = cat.consolidate(uuid).map_err(catalogue_error)?;
     let Some((CatalogueOp::PutBackup(record), rebases)) = ops.split_last() else {
-        println!("Backup {uuid} is already a full backup");
+        if json {
+            print_json(
+                json!({"uuid": uuid, "consolidated": false, "backup": backup_json(&before)}),
+            );
+        } else {
+            println!("Backup {uuid} is already a full backup");
+        }
         return Ok(());
     };
     images::apply_ops(&loaded.store, rebases).map_err(io_error)?;
@@ -1334,7 +1459,12 @@ fn consolidate(store: &Store, uuid: &str) -> Result<(), CliError> {
         record.disks[i] = now;
     }
     let allocated = record.allocated_size_bytes();
+    let shown = backup_json(&record);
     images::apply_ops(&loaded.store, &[CatalogueOp::PutBackup(record)]).map_err(io_error)?;
+    if json {
+        print_json(json!({"uuid": uuid, "consolidated": true, "backup": shown}));
+        return Ok(());
+    }
     println!(
         "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
         before.disks.len(),
@@ -1403,6 +1533,25 @@ fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
     }
 }
 
+fn get_default_target(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
+    let loaded = session::load(store, name)?;
+    let cat = catalogue(&loaded.store)?;
+    let target = cat.default_target();
+    if json {
+        print_json(json!({"domain": name, "target": target}));
+    } else {
+        match target {
+            Some(dir) => println!("{dir}"),
+            None => {
+                return Err(CliError::Other(format!(
+                    "invalid argument: domain '{name}' has no default backup target; set one with 'vbackup backup-set-default-target {name} DIR'"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn set_default_target(store: &Store, name: &str, dir: &Path) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let dir = absolute(dir)?;
@@ -1429,6 +1578,7 @@ struct RestoreArgs {
     dir: Option<PathBuf>,
     disks: Vec<String>,
     overwrite: bool,
+    json: bool,
 }
 
 fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
@@ -1439,7 +1589,9 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
         dir,
         disks,
         overwrite,
+        json,
     } = args;
+    let json = *json;
     let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
     let (ds, cat) = find(store, uuid)?;
     let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
@@ -1459,9 +1611,18 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             )));
         }
     }
-    if until.is_some() {
+    if until.is_some() && !json {
         println!("Restoring backup {} (chain of {uuid})", plan.backup);
     }
+    let restored = |out: &[vbackup_qemu::restore::RestoredDisk], domain: Option<&str>| {
+        let disks: Vec<Value> = out
+            .iter()
+            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
+            .collect();
+        print_json(
+            json!({"backup": plan.backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
+        );
+    };
     let target = if overwrite {
         let domain = ds.name().to_owned();
         drop(ds);
@@ -1503,6 +1664,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             forget_checkpoints(&loaded.store)?;
         }
         let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
+        if json {
+            restored(&out, Some(&domain));
+            return Ok(());
+        }
         for d in &out {
             println!(
                 "Disk {} restored over {} ({})",
@@ -1526,7 +1691,7 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
     };
     let out =
         restore(&plan, &target).map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-    for d in &out {
+    for d in out.iter().filter(|_| !json) {
         println!(
             "Disk {} restored to {} ({})",
             d.disk,
@@ -1534,12 +1699,18 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             d.digest
         );
     }
-    if let Some(name) = new_domain {
+    if let Some(name) = &new_domain {
         let specs: Vec<String> = out
             .iter()
             .map(|d| format!("{}={},format={}", d.disk, d.path.display(), d.format.name()))
             .collect();
-        commands::define(store, &name, &specs, None)?;
+        let said = commands::define(store, name, &specs, None)?;
+        if !json {
+            println!("{said}");
+        }
+    }
+    if json {
+        restored(&out, new_domain.as_deref());
     }
     Ok(())
 }

@@ -80,6 +80,43 @@ fn engine_message(e: &EngineError) -> String {
     format!("{prefix}{e}")
 }
 
+/// The JSON style of every `--json` output: object keys in camelCase, as libvirt spells its XML
+/// attributes (`creationTime`, `allocatedBytes`). Values are left alone.
+pub fn camel_case(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (camel_key(&k), camel_case(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(camel_case).collect()),
+        other => other,
+    }
+}
+
+/// Prints a `--json` answer on one line, in the one JSON style ([`camel_case`]).
+pub fn print_json(value: serde_json::Value) {
+    println!("{}", camel_case(value));
+}
+
+/// `creation_time` → `creationTime`; keys without underscores stay as they are.
+fn camel_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut upper = false;
+    for c in key.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Formats seconds since the epoch as virsh does: `2025-06-01 10:00:00 +0000`.
 pub fn format_time(secs: i64) -> String {
     let days = secs.div_euclid(86_400);

@@ -30,6 +30,9 @@ pub struct ValidateArgs {
     /// Documents to check.
     #[arg(required = true)]
     files: Vec<PathBuf>,
+    /// Machine-readable output: one array with each file's result and errors, on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of `xml format`.
@@ -91,24 +94,51 @@ fn located(path: &Path, err: &XmlError) -> String {
 
 fn validate(args: &ValidateArgs) -> ExitCode {
     let mut all_valid = true;
+    let mut results = Vec::new();
     for path in &args.files {
+        let file = path.display().to_string();
         let text = match read(path) {
             Ok(text) => text,
             Err(message) => {
-                eprintln!("{message}");
                 all_valid = false;
+                if args.json {
+                    results.push(serde_json::json!({"file": file, "valid": false, "root": null,
+                        "errors": [{"line": null, "column": null, "path": null, "message": message}]}));
+                } else {
+                    eprintln!("{message}");
+                }
                 continue;
             }
         };
         match validate_document(&text) {
-            Ok(kind) => println!("{}: valid {}", path.display(), kind.root_name()),
+            Ok(kind) if args.json => results.push(serde_json::json!({
+                "file": file, "valid": true, "root": kind.root_name(), "errors": []
+            })),
+            Ok(kind) => println!("{file}: valid {}", kind.root_name()),
             Err(errors) => {
                 all_valid = false;
-                for err in &errors {
+                if args.json {
+                    let errors: Vec<serde_json::Value> = errors
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "line": e.position.map(|p| p.line),
+                                "column": e.position.map(|p| p.column),
+                                "path": e.path,
+                                "message": e.message,
+                            })
+                        })
+                        .collect();
+                    results.push(serde_json::json!({"file": file, "valid": false, "root": null, "errors": errors}));
+                }
+                for err in errors.iter().filter(|_| !args.json) {
                     eprintln!("{}", located(path, err));
                 }
             }
         }
+    }
+    if args.json {
+        crate::output::print_json(serde_json::Value::Array(results));
     }
     if all_valid {
         ExitCode::SUCCESS

@@ -210,7 +210,7 @@ fn pull_backup_keeps_its_point_in_time_while_the_guest_writes_and_ends_by_abort(
     // The guest overwrites what the backup has not read yet.
     lab.guest_write("vm", "vda", 0x32, "0", "4M");
     let plan = lab.json(&["backup-dumpxml", "vm", "--json"]);
-    let export = plan["disks"][0]["export_name"].as_str().unwrap().to_owned();
+    let export = plan["disks"][0]["exportName"].as_str().unwrap().to_owned();
     let sock = plan["server"]["transport"]["Unix"]["socket"]
         .as_str()
         .map(str::to_owned)
@@ -271,7 +271,7 @@ fn a_job_survives_vbackup_being_killed_and_the_next_run_follows_it() {
     let info = lab.json(&["domjobinfo", "vm", "--json"]);
     assert_eq!(info["status"], "running");
     // The job's clock outlives the process that started it.
-    let elapsed = info["time_elapsed_ms"].as_u64().unwrap_or(0);
+    let elapsed = info["timeElapsedMs"].as_u64().unwrap_or(0);
     assert!(elapsed >= 300, "elapsed {elapsed} ms");
     let xml = lab.ok(&["backup-dumpxml", "vm"]);
     assert!(xml.contains("<incremental>c1</incremental>"), "{xml}");
@@ -507,7 +507,7 @@ fn read_only_commands_work_while_another_vbackup_follows_a_job_and_changes_are_r
 
     let info = lab.json(&["domjobinfo", "vm", "--json"]);
     assert_eq!(info["status"], "running");
-    assert!(info["disk_temp_total_bytes"].as_u64().is_some(), "{info}");
+    assert!(info["diskTempTotalBytes"].as_u64().is_some(), "{info}");
     assert!(
         lab.ok(&["backup-dumpxml", "vm"])
             .contains("<domainbackup mode='pull'")
