@@ -119,8 +119,17 @@ fn main() -> ExitCode {
         Command::Demo(args) => report(demo::run(&args)),
         Command::Completion { shell } => {
             // The script comes from the same definitions the parser uses, so it cannot drift.
-            clap_complete::generate(shell, &mut command(), "vbackup", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            // Rendered into memory first: clap_complete panics on a failed write, and a reader
+            // that stops early (`| head`) is no reason to crash.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "vbackup", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => report(Err(output::CliError::io(
+                    "cannot write the completion script",
+                )(e))),
+            }
         }
         Command::Man { dir } => report(man(dir.as_deref())),
     }

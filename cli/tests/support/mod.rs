@@ -22,8 +22,10 @@ impl Lab {
     /// are missing.
     pub fn new(what: &str) -> Option<Lab> {
         if !tools_available() {
-            eprintln!("QEMU tools missing: {what} skipped");
-            return None;
+            // A live test fails, never skips, where what it needs is missing.
+            panic!(
+                "QEMU tools missing (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon) for {what}: install qemu-utils 10"
+            );
         }
         Some(Lab {
             dir: tempfile::tempdir().expect("tempdir"),
