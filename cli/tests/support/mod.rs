@@ -18,8 +18,8 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// A lab in a fresh temp dir, or `None` (with a note naming `what`) when the QEMU tools
-    /// are missing.
+    /// A lab in a fresh temp dir; panics, naming `what`, when the QEMU tools are missing (a
+    /// live test fails, never skips). Always `Some`: callers keep their `let Some(..) else`.
     pub fn new(what: &str) -> Option<Lab> {
         if !tools_available() {
             // A live test fails, never skips, where what it needs is missing.
