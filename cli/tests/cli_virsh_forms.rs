@@ -214,24 +214,25 @@ fn run_session(named: bool) -> Vec<String> {
 /// Masks what differs from run to run: uuids, clock readings, and the time-derived suffixes of
 /// generated file names (runs of nine digits or more).
 fn mask(text: &str) -> String {
-    let text = mask_long_numbers(text);
+    // Uuids first: one may hold a run of nine digits or more, which the next step would mask
+    // in part, leaving a word no longer recognised as a uuid.
+    let text: String = text
+        .lines()
+        .map(|line| {
+            let words: Vec<&str> = line
+                .split(' ')
+                .map(|w| if is_uuid(w) { "UUID" } else { w })
+                .collect();
+            words.join(" ") + "\n"
+        })
+        .collect();
+    let text = mask_long_numbers(&text);
     let mut out = String::new();
     for line in text.lines() {
         let clock = line.contains("+0000")
             || line.contains("Time elapsed")
             || line.contains("creationTime")
             || line.contains("<uuid>");
-        let words: Vec<String> = line
-            .split(' ')
-            .map(|w| {
-                if is_uuid(w) {
-                    "UUID".to_owned()
-                } else {
-                    w.to_owned()
-                }
-            })
-            .collect();
-        let line = words.join(" ");
         if clock {
             // Digit runs of any length become one mark, and the padding after them one space,
             // so a clock reading's width does not show either.
@@ -244,7 +245,7 @@ fn mask(text: &str) -> String {
                 last = c;
             }
         } else {
-            out.push_str(&line);
+            out.push_str(line);
         }
         out.push('\n');
     }
