@@ -3,6 +3,7 @@
 //! qemu-storage-daemon or QEMU runs), and the last finished job's statistics are kept so a
 //! later invocation can answer `domjobinfo --completed`.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io;
 
@@ -10,7 +11,9 @@ use vbackup_core::checkpoint::Checkpoint;
 use vbackup_core::domain::{DomainEvent, FileOp, StoreOp};
 use vbackup_core::driver::Effects;
 use vbackup_core::xml::CheckpointFormat;
-use vbackup_qemu::store::{Collection, DomainStore, write_atomic};
+use vbackup_qemu::store::{Collection, DomainStore, validate_name, write_atomic};
+
+use crate::checkpoint_index;
 
 /// File of the current checkpoint's name (empty: none).
 pub const CURRENT_FILE: &str = "current-checkpoint";
@@ -29,6 +32,16 @@ pub struct StoreEffects {
     store: DomainStore,
     /// Events seen during this invocation, in order.
     pub events: Vec<DomainEvent>,
+    /// The stored checkpoints as the files now say, kept so the checkpoint index can be written
+    /// once when this invocation is done; `None` when unknown (the index is then left to be
+    /// rebuilt by the next load).
+    checkpoints: Option<BTreeMap<String, Checkpoint>>,
+    /// Whether a checkpoint file changed (the index was removed then).
+    checkpoints_changed: bool,
+    /// Checkpoint files were removed and the directory not yet synced: the removals of one
+    /// request share one directory fsync, done before any other write and before the request
+    /// is answered ([`StoreEffects::sync_removals`]).
+    removals_unsynced: bool,
 }
 
 impl StoreEffects {
@@ -37,6 +50,62 @@ impl StoreEffects {
         Self {
             store,
             events: Vec::new(),
+            checkpoints: None,
+            checkpoints_changed: false,
+            removals_unsynced: false,
+        }
+    }
+
+    /// Makes the checkpoint removals done so far durable (one fsync of their directory).
+    pub fn sync_removals(&mut self) -> Result<(), String> {
+        if !self.removals_unsynced {
+            return Ok(());
+        }
+        let dir = self.store.dir().join("checkpoints");
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync '{}': {e}", dir.display()))?;
+        self.removals_unsynced = false;
+        Ok(())
+    }
+
+    /// Removes `checkpoints/<name>.xml` without syncing the directory yet.
+    fn remove_checkpoint_file(&mut self, name: &str) -> Result<(), String> {
+        validate_name("checkpoint", name).map_err(|e| e.to_string())?;
+        let path = self
+            .store
+            .dir()
+            .join("checkpoints")
+            .join(format!("{name}.xml"));
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.removals_unsynced = true;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove '{}': {e}", path.display())),
+        }
+    }
+
+    /// Starts from the checkpoints the store holds, so their index is kept current.
+    pub fn with_checkpoints<'a>(
+        mut self,
+        stored: impl IntoIterator<Item = &'a Checkpoint>,
+    ) -> Self {
+        self.checkpoints = Some(
+            stored
+                .into_iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Notes a checkpoint file about to change: the index no longer describes the files.
+    fn checkpoints_changing(&mut self) {
+        if !self.checkpoints_changed {
+            self.checkpoints_changed = true;
+            checkpoint_index::remove(&self.store);
         }
     }
 
@@ -55,17 +124,70 @@ pub fn checkpoint_xml(checkpoint: &Checkpoint) -> String {
     def.format(CheckpointFormat::default())
 }
 
+/// Replaces `dir/file_name` atomically (temporary file and rename) without syncing: after a
+/// crash the file holds the old or the new content, or (on file systems that do not order the
+/// rename after the data) is empty.
+fn replace_file(
+    dir: &std::path::Path,
+    file_name: &str,
+    bytes: &[u8],
+) -> Result<(), vbackup_qemu::store::StoreError> {
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let r = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, dir.join(file_name)));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.map_err(|e| vbackup_qemu::store::StoreError::Io {
+        op: "write",
+        path: dir.join(file_name),
+        source: e,
+    })
+}
+
+impl Drop for StoreEffects {
+    fn drop(&mut self) {
+        // Best effort here: `Session::call` synced after each request already.
+        let _ = self.sync_removals();
+        // One index write per invocation, however many checkpoints it changed.
+        if self.checkpoints_changed
+            && let Some(map) = &self.checkpoints
+        {
+            checkpoint_index::write(&self.store, map.values());
+        }
+    }
+}
+
 impl Effects for StoreEffects {
     fn persist(&mut self, op: &StoreOp) -> Result<(), String> {
+        // Removals are durable before anything written after them.
+        if !matches!(op, StoreOp::DeleteCheckpoint(_)) {
+            self.sync_removals()?;
+        }
         let r = match op {
             StoreOp::PutCheckpoint(c) => {
-                self.store
-                    .write_entry(Collection::Checkpoints, &c.name, &checkpoint_xml(c))
+                self.checkpoints_changing();
+                let r =
+                    self.store
+                        .write_entry(Collection::Checkpoints, &c.name, &checkpoint_xml(c));
+                match (&r, &mut self.checkpoints) {
+                    (Ok(()), Some(map)) => {
+                        map.insert(c.name.clone(), (**c).clone());
+                    }
+                    _ => self.checkpoints = None,
+                }
+                r
             }
-            StoreOp::DeleteCheckpoint(name) => self
-                .store
-                .remove_entry(Collection::Checkpoints, name)
-                .map(|_| ()),
+            StoreOp::DeleteCheckpoint(name) => {
+                self.checkpoints_changing();
+                let r = self.remove_checkpoint_file(name);
+                match (&r, &mut self.checkpoints) {
+                    (Ok(()), Some(map)) => {
+                        map.remove(name);
+                    }
+                    _ => self.checkpoints = None,
+                }
+                return r;
+            }
             StoreOp::SetCurrentCheckpoint(current) => write_atomic(
                 self.store.dir(),
                 CURRENT_FILE,
@@ -80,6 +202,13 @@ impl Effects for StoreEffects {
                 let _ = fs::remove_file(self.store.dir().join(PROGRESS_FILE));
                 self.store.remove_journal().map(|_| ())
             }
+            StoreOp::SetPendingCheckpoints(pending) if pending.is_empty() => {
+                // Clearing the record need not be durable (it saves two of a create's fsyncs):
+                // a record that comes back after a crash names checkpoints whose metadata was
+                // written first, which the reconcile never treats as orphans, and every
+                // reconcile pass clears the record again.
+                replace_file(self.store.dir(), PENDING_CHECKPOINT_FILE, b"[]")
+            }
             StoreOp::SetPendingCheckpoints(pending) => {
                 let json = serde_json::to_string(pending).map_err(|e| e.to_string())?;
                 write_atomic(self.store.dir(), PENDING_CHECKPOINT_FILE, json.as_bytes())
@@ -89,6 +218,7 @@ impl Effects for StoreEffects {
     }
 
     fn file(&mut self, op: &FileOp) -> Result<(), String> {
+        self.sync_removals()?;
         match op {
             FileOp::CreateExclusive { path } => OpenOptions::new()
                 .write(true)

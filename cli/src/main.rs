@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file only dispatches.
 
+mod checkpoint_index;
 mod commands;
 mod config;
 mod demo;

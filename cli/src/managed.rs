@@ -1490,11 +1490,28 @@ fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), Cli
         ))
     })?;
     let mut applied = Ok(());
-    for op in ops {
-        applied = match op {
-            CatalogueOp::DeleteCheckpoint { name } => delete_checkpoint(&mut s, name),
-            other => images::apply_ops(s.driver.effects().store(), std::slice::from_ref(other))
-                .map_err(io_error),
+    // Consecutive checkpoint deletions go to the engine as one request: one transaction
+    // removes the bitmaps of all of them.
+    let mut rest = ops;
+    while let Some(op) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|o| matches!(o, CatalogueOp::DeleteCheckpoint { .. }))
+            .count();
+        applied = if run > 0 {
+            let names: Vec<&str> = rest[..run]
+                .iter()
+                .filter_map(|o| match o {
+                    CatalogueOp::DeleteCheckpoint { name } => Some(name.as_str()),
+                    _ => None,
+                })
+                .collect();
+            rest = &rest[run..];
+            delete_checkpoints(&mut s, &names)
+        } else {
+            rest = &rest[1..];
+            images::apply_ops(s.driver.effects().store(), std::slice::from_ref(op))
+                .map_err(io_error)
         };
         if applied.is_err() {
             break;
@@ -1504,23 +1521,28 @@ fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), Cli
     applied
 }
 
-/// Deletes a checkpoint a deleted backup released, alone (its children are re-parented,
-/// other bitmaps untouched); one already gone counts as deleted.
-fn delete_checkpoint(s: &mut Session, name: &str) -> Result<(), CliError> {
-    if s.driver.domain().view().checkpoints.get(name).is_none() {
+/// Deletes the checkpoints deleted backups released, each alone (its children are
+/// re-parented, other bitmaps untouched); those already gone count as deleted.
+fn delete_checkpoints(s: &mut Session, names: &[&str]) -> Result<(), CliError> {
+    let names: Vec<String> = {
+        let tree = s.driver.domain().view().checkpoints;
+        names
+            .iter()
+            .filter(|n| tree.get(n).is_some())
+            .map(|n| (*n).to_owned())
+            .collect()
+    };
+    if names.is_empty() {
         return Ok(());
     }
-    s.call(Request::CheckpointDelete {
-        name: name.to_owned(),
-        scope: DeleteScope::Single,
-        metadata_only: false,
-    })
-    .map(|_| ())
-    .map_err(|e| {
-        CliError::Other(format!(
-            "operation failed: cannot delete checkpoint '{name}' of a deleted backup (the backups are kept; run the deletion again): {e}"
-        ))
-    })
+    let list = names.join("', '");
+    s.call(Request::CheckpointDeleteEach { names })
+        .map(|_| ())
+        .map_err(|e| {
+            CliError::Other(format!(
+                "operation failed: cannot delete checkpoint '{list}' of a deleted backup (the backups are kept; run the deletion again): {e}"
+            ))
+        })
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, CliError> {

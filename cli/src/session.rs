@@ -45,6 +45,7 @@ use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
 
+use crate::checkpoint_index;
 use crate::config::HostConfig;
 use crate::effects::{CURRENT_FILE, PENDING_CHECKPOINT_FILE, StoreEffects};
 use crate::output::CliError;
@@ -162,7 +163,7 @@ struct Parsed {
 fn parse_stored(
     xml: &str,
     meta: Option<&str>,
-    checkpoint_files: Vec<(String, String)>,
+    checkpoints: Vec<Checkpoint>,
     current: Option<&str>,
     journal: Option<&str>,
 ) -> Result<Parsed, CliError> {
@@ -179,14 +180,6 @@ fn parse_stored(
             }
         }
     }
-    let mut checkpoints = Vec::new();
-    for (entry, text) in checkpoint_files {
-        let cdef = CheckpointDef::parse(&text, CheckpointMode::Document)
-            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
-        let c = Checkpoint::from_def(&cdef)
-            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
-        checkpoints.push(c);
-    }
     let current = current.map(str::trim).filter(|s| !s.is_empty());
     let tree = CheckpointTree::load(checkpoints, current);
     let journal = match journal {
@@ -202,6 +195,30 @@ fn parse_stored(
         tree,
         journal,
     })
+}
+
+/// Parses stored checkpoint documents, `(name, xml)`.
+fn parse_checkpoints(files: Vec<(String, String)>) -> Result<Vec<Checkpoint>, CliError> {
+    let mut checkpoints = Vec::with_capacity(files.len());
+    for (entry, text) in files {
+        let cdef = CheckpointDef::parse(&text, CheckpointMode::Document)
+            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
+        let c = Checkpoint::from_def(&cdef)
+            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
+        checkpoints.push(c);
+    }
+    Ok(checkpoints)
+}
+
+/// A locked domain's checkpoints: from the index when it matches the checkpoint files, else
+/// parsed from them (and the index written again for the next invocation).
+fn load_checkpoints(ds: &DomainStore) -> Result<Vec<Checkpoint>, CliError> {
+    if let Some(checkpoints) = checkpoint_index::read(ds) {
+        return Ok(checkpoints);
+    }
+    let checkpoints = parse_checkpoints(ds.load_entries(Collection::Checkpoints)?)?;
+    checkpoint_index::write(ds, &checkpoints);
+    Ok(checkpoints)
 }
 
 /// Locks and loads domain `name`.
@@ -222,7 +239,7 @@ fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, CliError> {
     let parsed = parse_stored(
         &xml,
         meta.as_deref(),
-        ds.load_entries(Collection::Checkpoints)?,
+        load_checkpoints(&ds)?,
         current.as_deref(),
         journal.as_deref(),
     )?;
@@ -276,7 +293,7 @@ pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, CliErro
     let parsed = parse_stored(
         xml,
         snapshot.file(META_FILE),
-        snapshot.checkpoints.clone(),
+        parse_checkpoints(snapshot.checkpoints.clone())?,
         snapshot.file(CURRENT_FILE),
         snapshot.file("journal.json"),
     )?;
@@ -491,7 +508,13 @@ impl Session {
         let domain = Domain::new(def, config, tree, journal).with_pending_checkpoints(pending);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
-        let mut driver = Driver::new(domain, link, StoreEffects::new(store));
+        let effects = StoreEffects::new(store).with_checkpoints(
+            domain
+                .view()
+                .checkpoints
+                .list(vbackup_core::checkpoint::ListFilter::default()),
+        );
+        let mut driver = Driver::new(domain, link, effects);
         driver.connected()?;
         let up = driver.run_until(|d| d.view().connected, STEPS)?;
         if !up {
@@ -540,6 +563,11 @@ impl Session {
     pub fn call(&mut self, request: Request) -> Result<Reply, CliError> {
         let reply = self.driver.call(request, STEPS);
         self.report_events();
+        // What the request changed is durable before its answer is acted on.
+        self.driver
+            .effects_mut()
+            .sync_removals()
+            .map_err(|e| CliError::Other(format!("store write failed: {e}")))?;
         Ok(reply??)
     }
 

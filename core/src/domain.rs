@@ -145,6 +145,14 @@ pub enum Request {
         /// Only the metadata; bitmaps stay in the images.
         metadata_only: bool,
     },
+    /// Delete several checkpoints, each alone as [`DeleteScope::Single`] deletes it (its
+    /// children move to its parent), in the order given. The bitmaps of all of them go in one
+    /// `transaction`, so QEMU removes every one or none; an unknown name is refused before
+    /// anything is sent.
+    CheckpointDeleteEach {
+        /// The checkpoints.
+        names: Vec<String>,
+    },
     /// List all checkpoints.
     CheckpointList {
         /// Filters.
@@ -1000,6 +1008,7 @@ impl Domain {
             Request::CheckpointCreate { .. }
             | Request::CheckpointRedefine { .. }
             | Request::CheckpointDelete { .. }
+            | Request::CheckpointDeleteEach { .. }
             | Request::CheckpointGetXml { .. } => {
                 if let Some(op) = ShortOp::start(core, ctx, req, request) {
                     *short = Some(op);

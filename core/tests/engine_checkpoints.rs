@@ -733,3 +733,121 @@ fn refused_recreate_of_a_pending_name_keeps_its_record() {
     let id = create(&mut h, "c1");
     assert!(matches!(h.answer(id), Some(Ok(_))), "{:?}", h.answer(id));
 }
+
+/// The commands sent since line `from` of the transcript, by QMP name.
+fn commands_since(h: &Harness, from: usize) -> Vec<String> {
+    h.lines[from..]
+        .iter()
+        .filter_map(|l| l.strip_prefix("-> "))
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn checkpoint_delete_children_of_a_hundred_is_one_query_and_one_transaction() {
+    let names: Vec<String> = (0..100).map(|i| format!("c{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut h = lab_like(layered_domain(), &refs);
+    let from = h.lines.len();
+    let id = h.request(Request::CheckpointDelete {
+        name: "c001".into(),
+        scope: DeleteScope::WithChildren,
+        metadata_only: false,
+    });
+    assert!(matches!(h.answer(id), Some(Ok(Reply::Done))));
+    let sent = commands_since(&h, from);
+    assert_eq!(
+        sent.iter()
+            .filter(|c| *c == "query-named-block-nodes")
+            .count(),
+        1
+    );
+    assert_eq!(sent.iter().filter(|c| *c == "transaction").count(), 1);
+    // The read-only backing layer is reopened once for all 99 bitmaps it holds, and back.
+    assert_eq!(sent.iter().filter(|c| *c == "blockdev-reopen").count(), 2);
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.len(), 1);
+    assert_eq!(tree.current(), Some("c000"));
+    for n in &names[1..] {
+        assert!(!h.peer.has_bitmap("libvirt-3-format", n));
+        assert!(!h.peer.has_bitmap("libvirt-2-format", n));
+    }
+    assert!(h.peer.has_bitmap("libvirt-2-format", "c000"));
+    let deleted = h
+        .store
+        .iter()
+        .filter(|op| matches!(op, StoreOp::DeleteCheckpoint(_)))
+        .count();
+    assert_eq!(deleted, 99);
+}
+
+#[test]
+fn checkpoint_delete_children_refused_by_qemu_deletes_none_of_them() {
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3", "c4"]);
+    h.peer.fail_next("transaction", "Bitmap 'c3' is busy");
+    let id = h.request(Request::CheckpointDelete {
+        name: "c1".into(),
+        scope: DeleteScope::ChildrenOnly,
+        metadata_only: false,
+    });
+    assert!(matches!(h.answer(id), Some(Err(Error::QemuRefused { .. }))));
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.len(), 4);
+    assert_eq!(tree.current(), Some("c4"));
+    for n in ["c2", "c3", "c4"] {
+        assert!(h.peer.has_bitmap("libvirt-1-format", n));
+    }
+    assert!(
+        !h.store
+            .iter()
+            .any(|op| matches!(op, StoreOp::DeleteCheckpoint(_)))
+    );
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_each_removes_every_bitmap_in_one_transaction_and_reparents_children() {
+    let mut h = lab_with_checkpoints(&["c1", "c2", "c3", "c4", "c5"]);
+    let from = h.lines.len();
+    let id = h.request(Request::CheckpointDeleteEach {
+        names: vec!["c2".into(), "c4".into()],
+    });
+    assert!(matches!(h.answer(id), Some(Ok(Reply::Done))));
+    assert_eq!(commands_since(&h, from), ["transaction"]);
+    let tree = h.domain.view().checkpoints;
+    assert_eq!(tree.len(), 3);
+    assert_eq!(tree.get("c3").unwrap().parent.as_deref(), Some("c1"));
+    assert_eq!(tree.get("c5").unwrap().parent.as_deref(), Some("c3"));
+    assert_eq!(tree.current(), Some("c5"));
+    for n in ["c2", "c4"] {
+        assert!(!h.peer.has_bitmap("libvirt-1-format", n));
+        assert!(!h.peer.has_bitmap("libvirt-2-format", n));
+    }
+    insta::assert_snapshot!(h.transcript());
+}
+
+#[test]
+fn checkpoint_delete_each_refuses_an_unknown_name_before_sending_anything() {
+    let mut h = lab_with_checkpoints(&["c1", "c2"]);
+    let from = h.lines.len();
+    let id = h.request(Request::CheckpointDeleteEach {
+        names: vec!["c1".into(), "nope".into()],
+    });
+    assert_eq!(
+        h.answer(id),
+        Some(&Err(Error::Request(RequestError::NoCheckpoint(
+            "nope".into()
+        ))))
+    );
+    assert!(commands_since(&h, from).is_empty());
+    assert_eq!(h.domain.view().checkpoints.len(), 2);
+    // The short slot is free again.
+    let id = h.request(Request::CheckpointDeleteEach {
+        names: vec!["c1".into()],
+    });
+    assert!(
+        matches!(h.answer(id), Some(Ok(Reply::Done))),
+        "{:?}",
+        h.answer(id)
+    );
+}

@@ -625,7 +625,10 @@ impl History {
 
     /// Carries out the first `count` operations, in order; stops at the first failure.
     fn apply(&mut self, ops: &[CatalogueOp], count: usize) -> Result<(), String> {
-        for op in ops.iter().take(count) {
+        let ops = &ops[..count.min(ops.len())];
+        let mut i = 0;
+        while let Some(op) = ops.get(i) {
+            i += 1;
             match op {
                 CatalogueOp::PutBackup(b) => {
                     self.store.insert(b.uuid.clone(), b.format());
@@ -642,22 +645,25 @@ impl History {
                     rebase_safe(self.qemu.borrow_mut().fs_mut(), path, backing.as_deref())?;
                 }
                 CatalogueOp::DeleteCheckpoint { name } => {
-                    let exists = self.driver.domain().view().checkpoints.get(name).is_some();
-                    if exists {
+                    // Consecutive checkpoint deletions go as one request, as the CLI sends
+                    // them: one transaction removes the bitmaps of all of them.
+                    let mut names = vec![name.clone()];
+                    while let Some(CatalogueOp::DeleteCheckpoint { name }) = ops.get(i) {
+                        names.push(name.clone());
+                        i += 1;
+                    }
+                    let tree = self.driver.domain().view().checkpoints;
+                    names.retain(|n| tree.get(n).is_some());
+                    if !names.is_empty() {
                         self.requested = true;
+                        let released = names.len() as u64;
+                        let list = names.join(", ");
                         let answer = self
                             .driver
-                            .call(
-                                Request::CheckpointDelete {
-                                    name: name.clone(),
-                                    scope: DeleteScope::Single,
-                                    metadata_only: false,
-                                },
-                                STEPS,
-                            )
+                            .call(Request::CheckpointDeleteEach { names }, STEPS)
                             .map_err(|e| e.to_string())?;
-                        answer.map_err(|e| format!("checkpoint-delete {name}: {e}"))?;
-                        self.stats.released_checkpoints += 1;
+                        answer.map_err(|e| format!("checkpoint-delete {list}: {e}"))?;
+                        self.stats.released_checkpoints += released;
                     }
                 }
                 CatalogueOp::SetDefaultTarget(_) => {}

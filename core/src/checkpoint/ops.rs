@@ -19,8 +19,6 @@
 //! protect none. A missing bitmap the reconcile did not report still fails the delete: the
 //! engine's view of QEMU is then stale and a reconnect re-checks it.
 
-use std::collections::VecDeque;
-
 use serde_json::Value;
 
 use super::{Checkpoint, DeleteScope, TreeChange};
@@ -92,18 +90,18 @@ pub(crate) enum ShortOp {
 #[derive(Debug)]
 pub(crate) struct DeleteRun {
     req: RequestId,
-    remaining: VecDeque<String>,
+    /// Every checkpoint the request deletes, in deletion order (children before parents).
+    /// All their bitmaps go in one transaction, so deleting a hundred checkpoints costs one
+    /// node query and one transaction, and QEMU removes all of them or none.
+    names: Vec<String>,
     phase: DeletePhase,
 }
 
 #[derive(Debug)]
 enum DeletePhase {
     Idle,
-    Querying {
-        name: String,
-    },
+    Querying,
     Batch {
-        name: String,
         outstanding: usize,
         result: Option<Result<(), Error>>,
     },
@@ -253,6 +251,9 @@ impl ShortOp {
                 metadata_only,
                 ..
             } => (JobKind::CheckpointDelete(name.clone()), !metadata_only),
+            Request::CheckpointDeleteEach { names } => {
+                (JobKind::CheckpointDelete(names.join(", ")), true)
+            }
             Request::CheckpointGetXml { name, .. } => (JobKind::CheckpointSize(name.clone()), true),
             _ => return None,
         };
@@ -292,6 +293,27 @@ impl ShortOp {
                 scope,
                 metadata_only,
             } => Self::start_delete(core, ctx, req, &name, scope, metadata_only),
+            Request::CheckpointDeleteEach { names } => {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut order = Vec::with_capacity(names.len());
+                for name in names {
+                    if let Err(e) = core.tree.lookup(&name) {
+                        ctx.respond(req, Err(e.into()));
+                        // Returning here skips the release below.
+                        release(core);
+                        return None;
+                    }
+                    if seen.insert(name.clone()) {
+                        order.push(name);
+                    }
+                }
+                let run = DeleteRun {
+                    req,
+                    names: order,
+                    phase: DeletePhase::Idle,
+                };
+                run.start(core, ctx)
+            }
             Request::CheckpointGetXml { name, .. } => match core.tree.lookup(&name) {
                 Ok(c) => {
                     let checkpoint = c.clone();
@@ -373,10 +395,10 @@ impl ShortOp {
         }
         let run = DeleteRun {
             req,
-            remaining: order.into(),
+            names: order,
             phase: DeletePhase::Idle,
         };
-        run.advance(core, ctx)
+        run.start(core, ctx)
     }
 
     /// Handles a reply addressed to this operation.
@@ -478,60 +500,78 @@ fn marked_invalid(core: &Core, name: &str, target: &str) -> bool {
 }
 
 impl DeleteRun {
-    /// Starts the next checkpoint's removal, or finishes.
-    fn advance(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<ShortOp> {
-        // Each iteration removes one name; checkpoints without bitmaps need no QEMU.
-        while let Some(name) = self.remaining.pop_front() {
-            let Some(c) = core.tree.get(&name) else {
+    /// The bitmaps of every checkpoint still to delete that sit on a disk of the domain, as
+    /// `(checkpoint, disk, bitmap)`.
+    fn bitmaps(&self, core: &Core) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for name in &self.names {
+            let Some(c) = core.tree.get(name) else {
                 continue;
             };
-            let disks: Vec<(String, String)> = c
-                .bitmap_disks()
-                .filter(|(t, _)| core.def.disk(t).is_some())
-                .map(|(t, b)| (t.to_owned(), b.to_owned()))
-                .collect();
-            if disks.is_empty() {
-                self.discard(core, ctx, &name);
-                continue;
-            }
-            let layered = core.config.query_nodes_before_delete
-                || disks
-                    .iter()
-                    .any(|(t, _)| core.def.disk(t).is_some_and(|d| d.layers.len() > 1));
-            // A checkpoint the reconcile marked invalid may have lost its bitmap on some disks
-            // (QEMU killed before it stored them): only a node query tells which ones remain.
-            let known_invalid = core.invalid.contains_key(&name);
-            if layered || known_invalid {
-                ctx.send(Owner::Short(ShortTag::DeleteQuery), cmd::query_nodes());
-                self.phase = DeletePhase::Querying { name };
-                return Some(ShortOp::Delete(self));
-            }
-            // Single-layer disks: the only place the bitmap can be is the top node, so the
-            // removal goes straight into a transaction; QEMU refuses it atomically if a bitmap
-            // is missing.
-            let mut removals = Vec::new();
-            for (t, b) in &disks {
-                match disk_layers(&core.def, t) {
-                    Ok(layers) => {
-                        if let Some(top) = layers.first() {
-                            removals.push(cmd::remove_bitmap_action(top, b));
-                        }
-                    }
-                    Err(e) => return self.fail(core, ctx, e),
+            for (t, b) in c.bitmap_disks() {
+                if core.def.disk(t).is_some() {
+                    out.push((name.clone(), t.to_owned(), b.to_owned()));
                 }
             }
-            return self.send_batch(core, ctx, name, Vec::new(), removals, Vec::new());
         }
-        ctx.respond(self.req, Ok(Reply::Done));
-        release(core);
-        None
+        out
     }
 
-    fn discard(&mut self, core: &mut Core, ctx: &mut Ctx<'_>, name: &str) {
-        if let Ok(change) = core.tree.discard(name) {
-            persist_change(core, ctx, &change);
-            ctx.emit(DomainEvent::CheckpointDeleted(name.to_owned()));
+    /// Whether the bitmap of checkpoint `name` on disk `target` must be looked for with a node
+    /// query rather than removed from the top layer directly.
+    fn needs_query(core: &Core, name: &str, target: &str) -> bool {
+        // A checkpoint the reconcile marked invalid may have lost its bitmap on some disks
+        // (QEMU killed before it stored them): only a node query tells which ones remain.
+        core.config.query_nodes_before_delete
+            || core.def.disk(target).is_some_and(|d| d.layers.len() > 1)
+            || core.invalid.contains_key(name)
+    }
+
+    /// Sends the node query when any bitmap needs one, else the removal transaction.
+    fn start(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<ShortOp> {
+        let bitmaps = self.bitmaps(core);
+        if bitmaps
+            .iter()
+            .any(|(name, target, _)| Self::needs_query(core, name, target))
+        {
+            ctx.send(Owner::Short(ShortTag::DeleteQuery), cmd::query_nodes());
+            self.phase = DeletePhase::Querying;
+            return Some(ShortOp::Delete(self));
         }
+        // Single-layer disks: the only place a bitmap can be is the top node, so the removals
+        // go straight into the transaction; QEMU refuses it atomically if a bitmap is missing.
+        let mut removals = Vec::new();
+        for (_, target, bitmap) in &bitmaps {
+            match disk_layers(&core.def, target) {
+                Ok(layers) => {
+                    if let Some(top) = layers.first() {
+                        removals.push(cmd::remove_bitmap_action(top, bitmap));
+                    }
+                }
+                Err(e) => return self.fail(core, ctx, e),
+            }
+        }
+        self.send_batch(core, ctx, Vec::new(), removals, Vec::new())
+    }
+
+    /// Discards the metadata of every checkpoint (their bitmaps are gone) and answers.
+    fn finish(self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<ShortOp> {
+        let names: Vec<String> = self
+            .names
+            .iter()
+            .filter(|n| core.tree.get(n).is_some())
+            .cloned()
+            .collect();
+        let r = core.tree.discard_all(&names).map_err(Error::from);
+        if let Ok(change) = &r {
+            persist_change(core, ctx, change);
+            for n in &change.removed {
+                ctx.emit(DomainEvent::CheckpointDeleted(n.clone()));
+            }
+        }
+        ctx.respond(self.req, r.map(|_| Reply::Done));
+        release(core);
+        None
     }
 
     fn fail(self, core: &mut Core, ctx: &mut Ctx<'_>, e: Error) -> Option<ShortOp> {
@@ -544,15 +584,13 @@ impl DeleteRun {
         mut self,
         core: &mut Core,
         ctx: &mut Ctx<'_>,
-        name: String,
         reopen_rw: Vec<crate::qmp::QmpCommand>,
         removals: Vec<TransactionAction>,
         reopen_ro: Vec<crate::qmp::QmpCommand>,
     ) -> Option<ShortOp> {
         if removals.is_empty() {
-            // Every bitmap of the checkpoint is already gone: no transaction to send.
-            self.discard(core, ctx, &name);
-            return self.advance(core, ctx);
+            // Every bitmap of the checkpoints is already gone: no transaction to send.
+            return self.finish(core, ctx);
         }
         let mut outstanding = 0;
         for c in reopen_rw {
@@ -575,7 +613,6 @@ impl DeleteRun {
             outstanding += 1;
         }
         self.phase = DeletePhase::Batch {
-            name,
             outstanding,
             result: None,
         };
@@ -591,7 +628,7 @@ impl DeleteRun {
         result: Result<Value, QmpError>,
     ) -> Option<ShortOp> {
         match std::mem::replace(&mut self.phase, DeletePhase::Idle) {
-            DeletePhase::Querying { name } => {
+            DeletePhase::Querying => {
                 let nodes = match result
                     .map_err(|e| refused(command, &e))
                     .and_then(|v| node_table(&v))
@@ -599,22 +636,24 @@ impl DeleteRun {
                     Ok(n) => n,
                     Err(e) => return self.fail(core, ctx, e),
                 };
-                let Some(c) = core.tree.get(&name).cloned() else {
-                    return self.advance(core, ctx);
-                };
                 let mut removals = Vec::new();
                 let mut rw = Vec::new();
                 let mut ro = Vec::new();
-                for (target, bitmap) in c.bitmap_disks() {
-                    if core.def.disk(target).is_none() {
-                        continue;
-                    }
-                    let layers = match disk_layers(&core.def, target) {
+                // A backing node holding bitmaps of several checkpoints is reopened once.
+                let mut reopened = std::collections::BTreeSet::new();
+                for (name, target, bitmap) in self.bitmaps(core) {
+                    let layers = match disk_layers(&core.def, &target) {
                         Ok(l) => l,
                         Err(e) => return self.fail(core, ctx, e),
                     };
-                    let holders = layers_holding(&nodes, &layers, bitmap);
-                    if holders.is_empty() && marked_invalid(core, &name, target) {
+                    if !Self::needs_query(core, &name, &target) {
+                        if let Some(top) = layers.first() {
+                            removals.push(cmd::remove_bitmap_action(top, &bitmap));
+                        }
+                        continue;
+                    }
+                    let holders = layers_holding(&nodes, &layers, &bitmap);
+                    if holders.is_empty() && marked_invalid(core, &name, &target) {
                         // Nothing left to remove on this disk; the metadata still goes.
                         continue;
                     }
@@ -623,17 +662,17 @@ impl DeleteRun {
                             core,
                             ctx,
                             RequestError::BitmapNotInChain {
-                                bitmap: bitmap.to_owned(),
-                                disk: target.to_owned(),
+                                bitmap: bitmap.clone(),
+                                disk: target.clone(),
                             }
                             .into(),
                         );
                     }
                     for h in &holders {
-                        removals.push(cmd::remove_bitmap_action(h, bitmap));
+                        removals.push(cmd::remove_bitmap_action(h, &bitmap));
                         let depth = layers.iter().position(|l| l == h).unwrap_or(0);
                         let read_only = nodes.get(h).is_some_and(|n| n.read_only);
-                        if depth > 0 && read_only {
+                        if depth > 0 && read_only && reopened.insert(h.clone()) {
                             let backing = layers.get(depth + 1).map(String::as_str);
                             let storage = cmd::storage_of(h, &nodes);
                             rw.push(cmd::reopen_qcow2(h, &storage, backing, false));
@@ -641,10 +680,9 @@ impl DeleteRun {
                         }
                     }
                 }
-                self.send_batch(core, ctx, name, rw, removals, ro)
+                self.send_batch(core, ctx, rw, removals, ro)
             }
             DeletePhase::Batch {
-                name,
                 outstanding,
                 result: mut tx,
             } => {
@@ -654,17 +692,13 @@ impl DeleteRun {
                 let outstanding = outstanding.saturating_sub(1);
                 if outstanding > 0 {
                     self.phase = DeletePhase::Batch {
-                        name,
                         outstanding,
                         result: tx,
                     };
                     return Some(ShortOp::Delete(self));
                 }
                 match tx {
-                    Some(Ok(())) => {
-                        self.discard(core, ctx, &name);
-                        self.advance(core, ctx)
-                    }
+                    Some(Ok(())) => self.finish(core, ctx),
                     Some(Err(e)) => self.fail(core, ctx, e),
                     None => self.fail(
                         core,
@@ -673,7 +707,7 @@ impl DeleteRun {
                     ),
                 }
             }
-            DeletePhase::Idle => self.advance(core, ctx),
+            DeletePhase::Idle => self.start(core, ctx),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! link to their children by slot, so a walk down the tree follows indexes instead of looking
 //! every child up by name (a topological listing of 10,000 checkpoints is one pass).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::Checkpoint;
 use crate::error::RequestError;
@@ -95,40 +95,48 @@ impl CheckpointTree {
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        // Children wait under their parent's name until it is in the tree, and each
+        // checkpoint is attached once, so loading is one pass over the checkpoints (a chain of
+        // thousands is not rescanned once per generation).
+        let mut waiting: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut queue: VecDeque<String> = VecDeque::new();
+        for c in pending.values() {
+            match &c.parent {
+                Some(p) if pending.contains_key(p) => {
+                    waiting.entry(p.clone()).or_default().push(c.name.clone());
+                }
+                _ => queue.push_back(c.name.clone()),
+            }
+        }
         let mut tree = Self::new();
-        // Each pass inserts at least one checkpoint (a parent missing from `pending` and from
-        // the tree is treated as absent), so the loop runs at most `pending.len()` times.
+        // Every iteration attaches at least one pending checkpoint or ends, so the loop runs at
+        // most `pending.len()` times; a name is queued at most once.
         let bound = pending.len() + 1;
         for _ in 0..bound {
-            if pending.is_empty() {
-                break;
-            }
-            let ready: Vec<String> = pending
-                .values()
-                .filter(|c| match &c.parent {
-                    None => true,
-                    Some(p) => tree.index.contains_key(p) || !pending.contains_key(p),
-                })
-                .map(|c| c.name.clone())
-                .collect();
-            if ready.is_empty() {
-                // A cycle among the stored files: break it by making the first one a root.
-                if let Some((_, mut c)) = pending.pop_first() {
+            while let Some(name) = queue.pop_front() {
+                let Some(mut c) = pending.remove(&name) else {
+                    continue;
+                };
+                if c.parent
+                    .as_ref()
+                    .is_some_and(|p| !tree.index.contains_key(p))
+                {
                     c.parent = None;
-                    tree.attach(c);
                 }
-                continue;
+                tree.attach(c);
+                if let Some(children) = waiting.remove(&name) {
+                    queue.extend(children);
+                }
             }
-            for name in ready {
-                if let Some(mut c) = pending.remove(&name) {
-                    if c.parent
-                        .as_ref()
-                        .is_some_and(|p| !tree.index.contains_key(p))
-                    {
-                        c.parent = None;
-                    }
-                    tree.attach(c);
-                }
+            // What is left waits on a cycle among the stored files: break it by making the
+            // first one a root.
+            let Some((name, mut c)) = pending.pop_first() else {
+                break;
+            };
+            c.parent = None;
+            tree.attach(c);
+            if let Some(children) = waiting.remove(&name) {
+                queue.extend(children);
             }
         }
         tree.current = match current {
@@ -775,6 +783,44 @@ mod tests {
             None,
         );
         assert_eq!(forked.current(), None);
+    }
+
+    #[test]
+    fn load_breaks_a_stored_cycle_at_its_first_name_and_keeps_orphans_as_roots() {
+        let t = CheckpointTree::load(
+            vec![
+                cp("b", Some("a")),
+                cp("a", Some("b")),
+                cp("d", Some("c")),
+                cp("o", Some("gone")),
+                cp("s", Some("s")),
+            ],
+            None,
+        );
+        t.check_invariants().unwrap();
+        assert_eq!(t.get("a").unwrap().parent, None);
+        assert_eq!(t.get("b").unwrap().parent.as_deref(), Some("a"));
+        assert_eq!(t.get("d").unwrap().parent, None);
+        assert_eq!(t.get("o").unwrap().parent, None);
+        assert_eq!(t.get("s").unwrap().parent, None);
+        assert_eq!(t.len(), 5);
+    }
+
+    #[test]
+    fn load_of_a_long_chain_given_newest_first_links_every_generation() {
+        let mut stored: Vec<Checkpoint> = (0..5_000)
+            .map(|i| {
+                cp(
+                    &format!("c{i}"),
+                    (i > 0).then(|| format!("c{}", i - 1)).as_deref(),
+                )
+            })
+            .collect();
+        stored.reverse();
+        let t = CheckpointTree::load(stored, None);
+        t.check_invariants().unwrap();
+        assert_eq!(t.current(), Some("c4999"));
+        assert_eq!(t.get("c4999").unwrap().parent.as_deref(), Some("c4998"));
     }
 
     #[test]
