@@ -59,6 +59,9 @@ pub const KEEP_FILE: &str = "keep-running";
 
 /// How long connecting and negotiating may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new QMP session may take to be negotiated and reconciled: the engine's command
+/// timeout (60 s) for an unanswered `qmp_capabilities`, plus a few of its retries.
+const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Receive steps allowed for one short request (each step is one message or one tick).
 pub const STEPS: usize = 100_000;
@@ -516,11 +519,22 @@ impl Session {
         );
         let mut driver = Driver::new(domain, link, effects);
         driver.connected()?;
-        let up = driver.run_until(|d| d.view().connected, STEPS)?;
+        // The engine retries a refused or unanswered negotiation after growing delays; the
+        // wait for a usable session is bounded in time here, not only in steps.
+        let give_up = Instant::now() + NEGOTIATE_TIMEOUT;
+        let up = loop {
+            if driver.run_until(|d| d.view().connected, 16)? {
+                break true;
+            }
+            if Instant::now() >= give_up {
+                break false;
+            }
+        };
         if !up {
-            return Err(CliError::Other(
-                "QEMU did not accept the QMP session".into(),
-            ));
+            return Err(CliError::Other(format!(
+                "QEMU did not accept the QMP session within {} s (qmp_capabilities refused or unanswered, or the reconcile did not finish); is another client using the monitor?",
+                NEGOTIATE_TIMEOUT.as_secs()
+            )));
         }
         let mut session = Session {
             driver,

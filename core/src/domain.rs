@@ -520,6 +520,11 @@ pub(crate) struct Core {
     pub pending_checkpoints: std::collections::BTreeSet<String>,
     /// QEMU refused `x-perf` (it predates the knob): push backups copy without offload.
     pub copy_offload_refused: bool,
+    /// When `qmp_capabilities`, refused or unanswered on this session, is sent again: a
+    /// session that never negotiates must not leave the domain waiting with no deadline.
+    pub negotiate_due: Option<Timestamp>,
+    /// Negotiations in a row that failed on this session (the back-off grows with it).
+    pub negotiate_attempt: u32,
 }
 
 /// Sends and answers on behalf of an operation.
@@ -614,6 +619,8 @@ impl Domain {
                 invalid: BTreeMap::new(),
                 pending_checkpoints: std::collections::BTreeSet::new(),
                 copy_offload_refused: false,
+                negotiate_due: None,
+                negotiate_attempt: 0,
             },
             next_command: 0,
             next_file_op: 0,
@@ -700,6 +707,13 @@ impl Domain {
                         );
                     }
                 }
+                if self.core.negotiate_due.is_some_and(|d| now >= d) {
+                    self.core.negotiate_due = None;
+                    ctx.send(
+                        Owner::Session(SessionTag::Capabilities),
+                        cmd::capabilities(),
+                    );
+                }
                 if self.reconcile.due.is_some_and(|d| now >= d) {
                     Self::start_reconcile(&mut self.core, &mut self.reconcile, &mut ctx);
                 }
@@ -740,6 +754,7 @@ impl Domain {
             .map(|p| p.sent.plus_ms(timeout))
             .chain(self.backup.as_ref().and_then(|b| b.deadline(timeout)))
             .chain(self.reconcile.due)
+            .chain(self.core.negotiate_due)
             .min()
     }
 
@@ -771,6 +786,9 @@ impl Domain {
         ctx: &mut Ctx<'_>,
     ) {
         core.connected = false;
+        // A new session negotiates afresh; a lost one has nothing left to retry.
+        core.negotiate_due = None;
+        core.negotiate_attempt = 0;
         // The next connection starts a fresh pass.
         if reconcile.active {
             core.jobs.release_short();
@@ -856,7 +874,16 @@ impl Domain {
     ) {
         match pending.owner {
             Owner::Session(SessionTag::Capabilities) => {
+                if result.is_err() {
+                    // Refused or timed out: try again after a growing delay, so the wait for a
+                    // usable session always has a deadline (the caller bounds the attempts).
+                    core.negotiate_due =
+                        Some(ctx.now.plus_ms(retry_delay_ms(core.negotiate_attempt)));
+                    core.negotiate_attempt = core.negotiate_attempt.saturating_add(1);
+                }
                 if result.is_ok() {
+                    core.negotiate_due = None;
+                    core.negotiate_attempt = 0;
                     core.connected = true;
                     if let Some(run) = backup.take() {
                         *backup = run.on_reconnected(core, ctx);
