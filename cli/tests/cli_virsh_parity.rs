@@ -492,7 +492,8 @@ fn a_daemon_that_dies_under_a_waiting_backup_is_named_with_the_next_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("error: the storage daemon (or QEMU) stopped while the command ran")
-            && err.contains("'vbackup domjobinfo DOMAIN'"),
+            && err.contains("'vbackup domjobinfo vm'")
+            && err.contains("'vbackup start vm'"),
         "{err}"
     );
 }
