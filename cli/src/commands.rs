@@ -422,11 +422,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let name =
                 checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
                     .map_err(|e| in_file(&file, e))?;
-            if redefine {
-                println!("Domain checkpoint {name} redefined");
-            } else {
-                println!("Domain checkpoint {name} created from '{file}'");
-            }
+            // virsh has one message for a checkpoint made from a file, redefined or not.
+            println!("Domain checkpoint {name} created from '{file}'");
             Ok(())
         }
         DomainCommand::CheckpointCreateAs {
