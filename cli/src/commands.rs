@@ -185,7 +185,7 @@ pub enum DomainCommand {
         topological: bool,
         /// Add a parent column (not with --tree, which shows the parents already, as virsh
         /// refuses it).
-        #[arg(long, conflicts_with = "tree")]
+        #[arg(long)]
         parent: bool,
         /// Names only.
         #[arg(long)]
@@ -469,6 +469,13 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             descendants,
             json,
         } => {
+            // Refused here rather than by clap, so that the message is virsh's, given before
+            // the domain is looked up as virsh does.
+            if parent && tree {
+                return Err(CliError::Other(
+                    "Options --parent and --tree are mutually exclusive".into(),
+                ));
+            }
             let filter = ListFilter {
                 roots_or_descendants: roots,
                 topological: topological || tree,

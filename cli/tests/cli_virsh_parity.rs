@@ -118,8 +118,19 @@ fn checkpoint_list_from_shows_children_or_all_descendants_and_parent_with_tree_i
         lab.fails(&["checkpoint-list", "vm", "--from", "nope"])
             .contains("no domain checkpoint with matching name 'nope'")
     );
-    let err = lab.fails(&["checkpoint-list", "vm", "--parent", "--tree"]);
-    assert!(err.contains("--parent") && err.contains("--tree"), "{err}");
+    // virsh's wording, whichever order the options come in, and before the domain is looked up.
+    for args in [
+        ["checkpoint-list", "vm", "--parent", "--tree"],
+        ["checkpoint-list", "vm", "--tree", "--parent"],
+        ["checkpoint-list", "nosuchvm", "--parent", "--tree"],
+    ] {
+        let out = lab.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "error: Options --parent and --tree are mutually exclusive\n"
+        );
+    }
 }
 
 #[test]
