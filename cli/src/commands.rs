@@ -46,12 +46,7 @@ pub struct Global {
     /// fail at once, naming the holder). Refused by the read-only commands (list, domblklist,
     /// checkpoint-list, -parent, -info, backup-dumpxml, domjobinfo), which never wait: they
     /// read the store.
-    #[arg(
-        long,
-        global = true,
-        value_name = "SECONDS",
-        help_heading = "Global options"
-    )]
+    #[arg(long, value_name = "SECONDS", help_heading = "Global options")]
     pub wait_lock: Option<u64>,
 }
 

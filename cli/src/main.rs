@@ -63,10 +63,11 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let (cli, domain) = match command()
-        .try_get_matches()
-        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, domain_of(&m))))
-    {
+    let (cli, domain) = match command().try_get_matches().and_then(|m| {
+        let mut cli = Cli::from_arg_matches(&m)?;
+        cli.global.wait_lock = wait_lock_of(&m);
+        Ok((cli, domain_of(&m)))
+    }) {
         Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
@@ -160,6 +161,20 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
     }
 }
 
+/// The commands [`never_waits`] names, which therefore do not take `--wait-lock` themselves.
+const NEVER_WAIT: [&str; 10] = [
+    "list",
+    "domblklist",
+    "checkpoint-list",
+    "checkpoint-parent",
+    "checkpoint-info",
+    "backup-dumpxml",
+    "domjobinfo",
+    "xml",
+    "completion",
+    "man",
+];
+
 /// The name of a command that never waits for a domain's lock (it reads the store while
 /// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
 /// silently ignored.
@@ -189,8 +204,35 @@ fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
 }
 
 /// The command line's definition, as parsed, completed and documented.
+///
+/// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
+/// that may wait for a domain's lock, but not by those [`never_waits`] names: were it global,
+/// clap would offer it in their help, completion and manual page too.
 fn command() -> clap::Command {
-    Cli::command()
+    let command = Cli::command();
+    let wait_lock = command
+        .get_arguments()
+        .find(|a| a.get_id() == "wait_lock")
+        .cloned()
+        .expect("the global options define --wait-lock");
+    let waiting: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .filter(|name| !NEVER_WAIT.contains(&name.as_str()))
+        .collect();
+    waiting.iter().fold(command, |command, name| {
+        command.mut_subcommand(name, |sub| sub.arg(wait_lock.clone()))
+    })
+}
+
+/// `--wait-lock`'s value, before the command or after it (the latter wins).
+fn wait_lock_of(matches: &clap::ArgMatches) -> Option<u64> {
+    let after = matches
+        .subcommand()
+        .and_then(|(_, sub)| sub.try_get_one::<u64>("wait_lock").ok().flatten());
+    after
+        .or_else(|| matches.try_get_one::<u64>("wait_lock").ok().flatten())
+        .copied()
 }
 
 /// Prints an error as virsh does, with what to do next when the cause is known, and turns the
@@ -354,5 +396,33 @@ mod tests {
     fn the_command_definitions_are_consistent() {
         // clap checks its definitions only when asked (or in debug builds at parse time).
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn wait_lock_goes_before_the_command_or_with_one_that_waits_but_not_with_a_reader() {
+        let parse = |args: &[&str]| {
+            command().try_get_matches_from(std::iter::once("vbackup").chain(args.iter().copied()))
+        };
+        let wait = |args: &[&str]| wait_lock_of(&parse(args).expect("a valid command line"));
+        assert_eq!(wait(&["--wait-lock", "5", "start", "vm"]), Some(5));
+        assert_eq!(wait(&["start", "vm", "--wait-lock", "5"]), Some(5));
+        assert_eq!(
+            wait(&["checkpoint-create-as", "--wait-lock", "7", "vm", "c1"]),
+            Some(7)
+        );
+        assert_eq!(wait(&["backup-create", "vm", "--wait-lock", "3"]), Some(3));
+        assert_eq!(wait(&["start", "vm"]), None);
+        // Before a reader it parses, so that never_waits refuses it with its reason.
+        assert_eq!(wait(&["--wait-lock", "5", "list"]), Some(5));
+        for name in NEVER_WAIT {
+            let sub = command().find_subcommand(name).cloned().expect("a command");
+            assert!(
+                sub.get_arguments().all(|a| a.get_id() != "wait_lock"),
+                "{name} offers --wait-lock"
+            );
+        }
+        let err = parse(&["domjobinfo", "vm", "--wait-lock", "5"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }
