@@ -46,12 +46,7 @@ pub struct Global {
     /// fail at once, naming the holder). Refused by the read-only commands (list, domblklist,
     /// checkpoint-list, -parent, -info, backup-dumpxml, domjobinfo), which never wait: they
     /// read the store.
-    #[arg(
-        long,
-        global = true,
-        value_name = "SECONDS",
-        help_heading = "Global options"
-    )]
+    #[arg(long, value_name = "SECONDS", help_heading = "Global options")]
     pub wait_lock: Option<u64>,
 }
 
@@ -185,7 +180,7 @@ pub enum DomainCommand {
         topological: bool,
         /// Add a parent column (not with --tree, which shows the parents already, as virsh
         /// refuses it).
-        #[arg(long, conflicts_with = "tree")]
+        #[arg(long)]
         parent: bool,
         /// Names only.
         #[arg(long)]
@@ -422,11 +417,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let name =
                 checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
                     .map_err(|e| in_file(&file, e))?;
-            if redefine {
-                println!("Domain checkpoint {name} redefined");
-            } else {
-                println!("Domain checkpoint {name} created from '{file}'");
-            }
+            // virsh has one message for a checkpoint made from a file, redefined or not.
+            println!("Domain checkpoint {name} created from '{file}'");
             Ok(())
         }
         DomainCommand::CheckpointCreateAs {
@@ -472,6 +464,13 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             descendants,
             json,
         } => {
+            // Refused here rather than by clap, so that the message is virsh's, given before
+            // the domain is looked up as virsh does.
+            if parent && tree {
+                return Err(CliError::Other(
+                    "Options --parent and --tree are mutually exclusive".into(),
+                ));
+            }
             let filter = ListFilter {
                 roots_or_descendants: roots,
                 topological: topological || tree,

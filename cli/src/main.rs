@@ -63,11 +63,12 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let cli = match command()
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m))
-    {
-        Ok(cli) => cli,
+    let (cli, domain) = match command().try_get_matches().and_then(|m| {
+        let mut cli = Cli::from_arg_matches(&m)?;
+        cli.global.wait_lock = wait_lock_of(&m);
+        Ok((cli, domain_of(&m)))
+    }) {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -84,6 +85,8 @@ fn main() -> ExitCode {
         operation: operation.join(" "),
     });
     let state_dir = cli.global.state_dir.clone();
+    // Every outcome below is reported with the command's domain, which its hints name.
+    let report = |result: Result<(), output::CliError>| report(result, domain.as_deref());
     if cli.global.wait_lock.is_some()
         && let Some(name) = never_waits(&cli.command)
     {
@@ -158,6 +161,20 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
     }
 }
 
+/// The commands [`never_waits`] names, which therefore do not take `--wait-lock` themselves.
+const NEVER_WAIT: [&str; 10] = [
+    "list",
+    "domblklist",
+    "checkpoint-list",
+    "checkpoint-parent",
+    "checkpoint-info",
+    "backup-dumpxml",
+    "domjobinfo",
+    "xml",
+    "completion",
+    "man",
+];
+
 /// The name of a command that never waits for a domain's lock (it reads the store while
 /// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
 /// silently ignored.
@@ -178,19 +195,54 @@ fn never_waits(command: &Command) -> Option<&'static str> {
     })
 }
 
+/// The domain the command line names, by position or with `--domain` (the named form wins, as
+/// in [`virsh_args::fill`]), so that error hints can name it; `None` for a command without one.
+fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
+    let (_, sub) = matches.subcommand()?;
+    let get = |id: &str| sub.try_get_one::<String>(id).ok().flatten().cloned();
+    get("domain_named").or_else(|| get("domain"))
+}
+
 /// The command line's definition, as parsed, completed and documented.
+///
+/// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
+/// that may wait for a domain's lock, but not by those [`never_waits`] names: were it global,
+/// clap would offer it in their help, completion and manual page too.
 fn command() -> clap::Command {
-    Cli::command()
+    let command = Cli::command();
+    let wait_lock = command
+        .get_arguments()
+        .find(|a| a.get_id() == "wait_lock")
+        .cloned()
+        .expect("the global options define --wait-lock");
+    let waiting: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .filter(|name| !NEVER_WAIT.contains(&name.as_str()))
+        .collect();
+    waiting.iter().fold(command, |command, name| {
+        command.mut_subcommand(name, |sub| sub.arg(wait_lock.clone()))
+    })
+}
+
+/// `--wait-lock`'s value, before the command or after it (the latter wins).
+fn wait_lock_of(matches: &clap::ArgMatches) -> Option<u64> {
+    let after = matches
+        .subcommand()
+        .and_then(|(_, sub)| sub.try_get_one::<u64>("wait_lock").ok().flatten());
+    after
+        .or_else(|| matches.try_get_one::<u64>("wait_lock").ok().flatten())
+        .copied()
 }
 
 /// Prints an error as virsh does, with what to do next when the cause is known, and turns the
-/// outcome into an exit code.
-fn report(result: Result<(), output::CliError>) -> ExitCode {
+/// outcome into an exit code. `domain` is the command's domain, named in the hint when known.
+fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = e.to_string();
-            match next_step(&e, &message) {
+            match next_step(&e, &message, domain) {
                 Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
                 None => eprintln!("error: {message}"),
             }
@@ -258,8 +310,8 @@ fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<Str
 }
 
 /// What to do about an error whose cause is outside vbackup: a daemon that went away, a full
-/// filesystem.
-fn next_step(e: &output::CliError, message: &str) -> Option<&'static str> {
+/// filesystem. The commands to run next name `domain`, or say DOMAIN when the command has none.
+fn next_step(e: &output::CliError, message: &str, domain: Option<&str>) -> Option<String> {
     use output::CliError;
     let link_lost = matches!(
         e,
@@ -270,12 +322,13 @@ fn next_step(e: &output::CliError, message: &str) -> Option<&'static str> {
         || message.contains("connection closed");
     if message.contains("No space left on device") || message.contains("os error 28") {
         Some(
-            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again",
+            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again".to_owned(),
         )
     } else if link_lost {
-        Some(
-            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo DOMAIN' to see what became of the job, then 'vbackup start DOMAIN' (a managed domain) before trying again",
-        )
+        let domain = domain.unwrap_or("DOMAIN");
+        Some(format!(
+            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo {domain}' to see what became of the job, then 'vbackup start {domain}' (a managed domain) before trying again",
+        ))
     } else {
         None
     }
@@ -291,15 +344,85 @@ mod tests {
             what: "cannot write 'x'".into(),
             source: std::io::Error::from_raw_os_error(28),
         };
-        let hint = next_step(&e, &e.to_string()).expect("a hint");
+        let hint = next_step(&e, &e.to_string(), Some("vm")).expect("a hint");
         assert!(hint.starts_with("the filesystem is full"), "{hint}");
         let other = output::CliError::Other("invalid argument: x".into());
-        assert_eq!(next_step(&other, &other.to_string()), None);
+        assert_eq!(next_step(&other, &other.to_string(), Some("vm")), None);
+    }
+
+    #[test]
+    fn a_lost_daemon_names_the_commands_domain_or_says_domain_without_one() {
+        let e = output::CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed);
+        let hint = next_step(&e, &e.to_string(), Some("web1")).expect("a hint");
+        assert!(
+            hint.contains("'vbackup domjobinfo web1'") && hint.contains("'vbackup start web1'"),
+            "{hint}"
+        );
+        assert!(!hint.contains("DOMAIN"), "{hint}");
+        let hint = next_step(&e, &e.to_string(), None).expect("a hint");
+        assert!(
+            hint.contains("'vbackup domjobinfo DOMAIN'") && hint.contains("'vbackup start DOMAIN'"),
+            "{hint}"
+        );
+    }
+
+    #[test]
+    fn the_domain_comes_from_either_argument_form() {
+        let domain = |args: &[&str]| {
+            let matches = command()
+                .try_get_matches_from(std::iter::once("vbackup").chain(args.iter().copied()))
+                .expect("a valid command line");
+            domain_of(&matches)
+        };
+        assert_eq!(domain(&["backup-begin", "web1"]).as_deref(), Some("web1"));
+        assert_eq!(
+            domain(&["backup-begin", "--domain", "web1"]).as_deref(),
+            Some("web1")
+        );
+        // The named form takes the domain; the positional value goes to the next argument.
+        assert_eq!(
+            domain(&["checkpoint-delete", "--domain", "web1", "c1"]).as_deref(),
+            Some("web1")
+        );
+        assert_eq!(
+            domain(&["backup-create", "web1", "--state-dir", "/tmp/s"]).as_deref(),
+            Some("web1")
+        );
+        assert_eq!(domain(&["list"]), None);
+        assert_eq!(domain(&["completion", "bash"]), None);
     }
 
     #[test]
     fn the_command_definitions_are_consistent() {
         // clap checks its definitions only when asked (or in debug builds at parse time).
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn wait_lock_goes_before_the_command_or_with_one_that_waits_but_not_with_a_reader() {
+        let parse = |args: &[&str]| {
+            command().try_get_matches_from(std::iter::once("vbackup").chain(args.iter().copied()))
+        };
+        let wait = |args: &[&str]| wait_lock_of(&parse(args).expect("a valid command line"));
+        assert_eq!(wait(&["--wait-lock", "5", "start", "vm"]), Some(5));
+        assert_eq!(wait(&["start", "vm", "--wait-lock", "5"]), Some(5));
+        assert_eq!(
+            wait(&["checkpoint-create-as", "--wait-lock", "7", "vm", "c1"]),
+            Some(7)
+        );
+        assert_eq!(wait(&["backup-create", "vm", "--wait-lock", "3"]), Some(3));
+        assert_eq!(wait(&["start", "vm"]), None);
+        // Before a reader it parses, so that never_waits refuses it with its reason.
+        assert_eq!(wait(&["--wait-lock", "5", "list"]), Some(5));
+        for name in NEVER_WAIT {
+            let sub = command().find_subcommand(name).cloned().expect("a command");
+            assert!(
+                sub.get_arguments().all(|a| a.get_id() != "wait_lock"),
+                "{name} offers --wait-lock"
+            );
+        }
+        let err = parse(&["domjobinfo", "vm", "--wait-lock", "5"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }

@@ -54,3 +54,42 @@ fn the_manual_has_a_page_for_vbackup_and_one_per_command() {
     assert!(edit.contains("checkpointname"), "{edit}");
     assert!(dir.path().join("vbackup.1").is_file());
 }
+
+#[test]
+fn wait_lock_is_offered_by_the_commands_that_wait_and_not_by_the_readers() {
+    // The readers refuse it (they never wait for a domain's lock), so neither their help nor
+    // the completion scripts offer it.
+    let readers = [
+        "list",
+        "domblklist",
+        "checkpoint-list",
+        "checkpoint-parent",
+        "checkpoint-info",
+        "backup-dumpxml",
+        "domjobinfo",
+    ];
+    for name in readers {
+        let help = ok(&[name, "--help"]);
+        assert!(!help.contains("--wait-lock"), "{name}: {help}");
+    }
+    for name in [
+        "start",
+        "checkpoint-create-as",
+        "backup-begin",
+        "backup-create",
+    ] {
+        let help = ok(&[name, "--help"]);
+        assert!(help.contains("--wait-lock <SECONDS>"), "{name}: {help}");
+    }
+    assert!(ok(&["--help"]).contains("--wait-lock <SECONDS>"));
+    let zsh = ok(&["completion", "zsh"]);
+    let list = zsh
+        .split("\n(list)\n")
+        .nth(1)
+        .and_then(|rest| rest.split(";;").next())
+        .expect("zsh completion for list");
+    assert!(
+        list.contains("--json") && !list.contains("--wait-lock"),
+        "{list}"
+    );
+}

@@ -118,8 +118,19 @@ fn checkpoint_list_from_shows_children_or_all_descendants_and_parent_with_tree_i
         lab.fails(&["checkpoint-list", "vm", "--from", "nope"])
             .contains("no domain checkpoint with matching name 'nope'")
     );
-    let err = lab.fails(&["checkpoint-list", "vm", "--parent", "--tree"]);
-    assert!(err.contains("--parent") && err.contains("--tree"), "{err}");
+    // virsh's wording, whichever order the options come in, and before the domain is looked up.
+    for args in [
+        ["checkpoint-list", "vm", "--parent", "--tree"],
+        ["checkpoint-list", "vm", "--tree", "--parent"],
+        ["checkpoint-list", "nosuchvm", "--parent", "--tree"],
+    ] {
+        let out = lab.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "error: Options --parent and --tree are mutually exclusive\n"
+        );
+    }
 }
 
 #[test]
@@ -492,7 +503,8 @@ fn a_daemon_that_dies_under_a_waiting_backup_is_named_with_the_next_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("error: the storage daemon (or QEMU) stopped while the command ran")
-            && err.contains("'vbackup domjobinfo DOMAIN'"),
+            && err.contains("'vbackup domjobinfo vm'")
+            && err.contains("'vbackup start vm'"),
         "{err}"
     );
 }
