@@ -156,6 +156,19 @@ fn nbdinfo(args: &[&str]) -> Output {
         .expect("run nbdinfo")
 }
 
+/// Begins the pull backup of `xml`, which must say its exports are served at `uri`, and reads
+/// the 16 MiB disk's size there.
+fn begin_serves_at(lab: &Lab, xml: &str, uri: &str) {
+    assert_eq!(
+        lab.ok(&["backup-begin", "vm", xml]),
+        format!("Backup started; exports served at {uri}\n")
+    );
+    assert_eq!(
+        nbdinfo_ok(&["--size", uri]).trim(),
+        (16u64 << 20).to_string()
+    );
+}
+
 fn nbdinfo_ok(args: &[&str]) -> String {
     let out = nbdinfo(args);
     assert!(
@@ -187,10 +200,8 @@ fn managed_pull_is_served_only_on_the_daemons_server_and_other_servers_are_refus
 
     // Naming the daemon's own socket works, and the export is where the output says.
     let px = lab.file("own.xml", &pull_xml(&unix_server(&own), None));
-    let out = lab.ok(&["backup-begin", "vm", &px]);
     let uri = format!("nbd+unix:///vda?socket={own}");
-    assert_eq!(out, format!("Backup started; exports served at {uri}\n"));
-    assert!(nbdinfo_ok(&["--size", &uri]).trim() == (16u64 << 20).to_string());
+    begin_serves_at(&lab, &px, &uri);
     lab.ok(&["domjobabort", "vm"]);
 
     // Anything else is refused before it starts, naming both servers, and changes nothing.
@@ -448,14 +459,7 @@ fn attached_vm_pull_is_served_exactly_where_the_xml_says_over_unix_tcp_and_tls()
     let socket = lab.path("pull.sock").display().to_string();
     let px = lab.file("unix.xml", &pull_xml(&unix_server(&socket), None));
     let uri = format!("nbd+unix:///vda?socket={socket}");
-    assert_eq!(
-        lab.ok(&["backup-begin", "vm", &px]),
-        format!("Backup started; exports served at {uri}\n")
-    );
-    assert_eq!(
-        nbdinfo_ok(&["--size", &uri]).trim(),
-        (16u64 << 20).to_string()
-    );
+    begin_serves_at(&lab, &px, &uri);
     lab.ok(&["domjobabort", "vm"]);
     assert!(
         nbdinfo(&["--size", &uri]).status.code() != Some(0),
@@ -466,14 +470,7 @@ fn attached_vm_pull_is_served_exactly_where_the_xml_says_over_unix_tcp_and_tls()
     let port = free_port();
     let px = lab.file("tcp.xml", &pull_xml(&tcp_server(port, false), None));
     let uri = format!("nbd://127.0.0.1:{port}/vda");
-    assert_eq!(
-        lab.ok(&["backup-begin", "vm", &px]),
-        format!("Backup started; exports served at {uri}\n")
-    );
-    assert_eq!(
-        nbdinfo_ok(&["--size", &uri]).trim(),
-        (16u64 << 20).to_string()
-    );
+    begin_serves_at(&lab, &px, &uri);
     lab.ok(&["domjobabort", "vm"]);
 
     // TCP without a port: the first free port of the configured range.
@@ -494,14 +491,7 @@ fn attached_vm_pull_is_served_exactly_where_the_xml_says_over_unix_tcp_and_tls()
         &pull_xml("<server transport='tcp' name='127.0.0.1'/>", None),
     );
     let uri = format!("nbd://127.0.0.1:{port}/vda");
-    assert_eq!(
-        lab.ok(&["backup-begin", "vm", &px]),
-        format!("Backup started; exports served at {uri}\n")
-    );
-    assert_eq!(
-        nbdinfo_ok(&["--size", &uri]).trim(),
-        (16u64 << 20).to_string()
-    );
+    begin_serves_at(&lab, &px, &uri);
     lab.ok(&["domjobabort", "vm"]);
     lab.ok(&["config-unset", "backup_port_min"]);
     lab.ok(&["config-unset", "backup_port_max"]);

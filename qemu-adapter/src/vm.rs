@@ -492,12 +492,7 @@ impl Vm {
             .ok_or_else(|| VmError::Unexpected(format!("no disk {target}")))?
             .to_owned();
         let block = self.execute("query-block", None)?;
-        let device = block
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["qdev"] == qdev.as_str())
-            .ok_or_else(|| VmError::Unexpected(format!("{qdev} is not in query-block")))?;
+        let device = device_by_qdev(&block, &qdev)?;
         let top = device["inserted"]["node-name"]
             .as_str()
             .ok_or_else(|| VmError::Unexpected(format!("{qdev} has no node")))?
@@ -604,12 +599,7 @@ impl Vm {
         };
         let mut out = Vec::new();
         for (target, qdev) in &self.qdevs {
-            let device = block
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|d| d["qdev"] == qdev.as_str())
-                .ok_or_else(|| VmError::Unexpected(format!("{qdev} is not in query-block")))?;
+            let device = device_by_qdev(&block, qdev)?;
             let mut layers = Vec::new();
             let mut next = device["inserted"]["node-name"].as_str().map(str::to_owned);
             while let Some(format) = next.take() {
@@ -703,4 +693,14 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// The `query-block` entry of the guest device whose QOM path is `qdev`.
+fn device_by_qdev<'a>(block: &'a Value, qdev: &str) -> Result<&'a Value, VmError> {
+    block
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["qdev"] == qdev)
+        .ok_or_else(|| VmError::Unexpected(format!("{qdev} is not in query-block")))
 }

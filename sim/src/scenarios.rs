@@ -305,6 +305,19 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     Ok(())
 }
 
+/// Ends the running pull backup as its client does when done (an abort) and drives until it
+/// has ended.
+fn end_pull<L: Link, E: Effects>(d: &mut Drv<L, E>) -> Result<(), String> {
+    call(d, Request::AbortJob)?;
+    let ended = d
+        .run_until(|dom| dom.view().backup.is_none(), STEPS)
+        .map_err(|e| format!("driver stopped: {e}"))?;
+    if !ended {
+        return Err("the pull backup did not end after abort".into());
+    }
+    Ok(())
+}
+
 /// Push full (creating c1); only `vda` changes, incremental push from c1 (creating c2) with
 /// `vdb` idle; then nothing changes at all and an incremental from c2 (creating c3) finds every
 /// disk clean. QEMU concludes a backup job with nothing to copy inside the `transaction`,
@@ -426,14 +439,7 @@ pub fn pull_point_in_time<L: Link, E: Effects, H: Host>(
             &at_inc[i],
         )?;
     }
-    call(d, Request::AbortJob)?;
-    let ended = d
-        .run_until(|dom| dom.view().backup.is_none(), STEPS)
-        .map_err(|e| format!("driver stopped: {e}"))?;
-    if !ended {
-        return Err("the pull backup did not end after abort".into());
-    }
-    Ok(())
+    end_pull(d)
 }
 
 /// A push backup slowed down (job `speed`) and aborted while it copies ends cancelled, having
@@ -839,12 +845,5 @@ pub fn pull_on_the_running_server<L: Link, E: Effects, H: Host>(
         let got = h.read_export(disk, None)?;
         compare(&format!("pull export of {disk}"), &got, &at_start[i])?;
     }
-    call(d, Request::AbortJob)?;
-    let ended = d
-        .run_until(|dom| dom.view().backup.is_none(), STEPS)
-        .map_err(|e| format!("driver stopped: {e}"))?;
-    if !ended {
-        return Err("the pull backup did not end after abort".into());
-    }
-    Ok(())
+    end_pull(d)
 }

@@ -21,7 +21,7 @@ use vbackup_sim::world::{LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
 use vbackup_sim::{Config, Fault, Flavor, Qemu};
 
 mod common;
-use common::replay::{LiveReplay, ReplayHost, lab_files, memory_events};
+use common::replay::{LiveReplay, ReplayHost, apply_write, lab_files, memory_events};
 
 /// Where the recordings' temporary directory was rewritten to.
 const ROOT: &str = "/lab";
@@ -140,17 +140,8 @@ fn replay(name: &str) -> Qemu {
     let mut r = LiveReplay::new(&[]);
     for i in 0..trace.len() {
         while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
-            let now = q.now_ms();
             if let Some(w) = a.get("write") {
-                let len = w["len"].as_u64().unwrap() as usize;
-                let disk = w["disk"].as_str().unwrap();
-                q.guest_write(
-                    now,
-                    &format!("vbk-{disk}-guest"),
-                    w["offset"].as_u64().unwrap(),
-                    &vec![w["byte"].as_u64().unwrap() as u8; len],
-                )
-                .unwrap();
+                apply_write(&mut q, w, |disk| format!("vbk-{disk}-guest"));
             } else if let Some(s) = a.get("slow") {
                 r.slow = s.as_u64();
             } else if a.get("fail_writes_to").is_some() {

@@ -26,7 +26,7 @@ use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S};
 use vbackup_sim::{Config, DriveLayer, Fault, Flavor, Qemu};
 
 mod common;
-use common::replay::{LiveReplay, ReplayHost, lab_files, memory_events};
+use common::replay::{LiveReplay, ReplayHost, apply_write, lab_files, memory_events};
 
 /// Where the recordings' temporary directory was rewritten to.
 const ROOT: &str = "/lab";
@@ -199,17 +199,8 @@ fn replay(config: &str, name: &str) {
     let mut r = LiveReplay::new(&generated);
     for i in 0..trace.len() {
         while let Some(a) = actions.next_if(|a| a["after"].as_u64().unwrap() <= i as u64) {
-            let now = q.now_ms();
             if let Some(w) = a.get("write") {
-                let len = w["len"].as_u64().unwrap() as usize;
-                let disk = w["disk"].as_str().unwrap();
-                q.guest_write(
-                    now,
-                    &qdev_of(&layout, disk),
-                    w["offset"].as_u64().unwrap(),
-                    &vec![w["byte"].as_u64().unwrap() as u8; len],
-                )
-                .unwrap();
+                apply_write(&mut q, w, |disk| qdev_of(&layout, disk));
             } else if let Some(s) = a.get("slow") {
                 r.slow = s.as_u64();
             } else if let Some(disks) = a.get("boot") {

@@ -274,6 +274,21 @@ impl Host for ReplayHost {
     }
 }
 
+/// Applies a recorded guest write (`{"disk", "offset", "len", "byte"}`) to the simulator,
+/// through the device `device` names for the write's disk.
+pub fn apply_write(q: &mut Qemu, w: &Value, device: impl FnOnce(&str) -> String) {
+    let len = w["len"].as_u64().unwrap() as usize;
+    let target = device(w["disk"].as_str().unwrap());
+    let now = q.now_ms();
+    q.guest_write(
+        now,
+        &target,
+        w["offset"].as_u64().unwrap(),
+        &vec![w["byte"].as_u64().unwrap() as u8; len],
+    )
+    .unwrap();
+}
+
 /// The events of a replay's driver.
 pub fn memory_events(e: &MemoryEffects) -> &[DomainEvent] {
     &e.events
