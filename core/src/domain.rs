@@ -359,19 +359,8 @@ fn bitmap_drift(
     (drift, removals)
 }
 
-/// First delay before a refused cleanup or repair is tried again.
-pub(crate) const RETRY_FIRST_MS: u64 = 250;
-/// Longest delay between two tries of a refused cleanup or repair (liveness bounds are built
-/// from it).
-pub const RETRY_MAX_MS: u64 = 8_000;
-
-/// The delay before try number `attempt + 1`: doubling from [`RETRY_FIRST_MS`] up to
-/// [`RETRY_MAX_MS`].
-pub(crate) fn retry_delay_ms(attempt: u32) -> u64 {
-    RETRY_FIRST_MS
-        .saturating_mul(1u64 << attempt.min(16))
-        .min(RETRY_MAX_MS)
-}
+pub use crate::kernel::RETRY_MAX_MS;
+pub(crate) use crate::kernel::retry::retry_delay_ms;
 
 /// The reconcile after a connection: one pass queries the nodes, marks invalid checkpoints,
 /// removes what the engine owns and reports; a pass whose query or removals QEMU refused is

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod export;
 pub mod jobs;
+mod kernel;
 pub mod link;
 pub mod model;
 pub mod qmp;
