@@ -265,3 +265,35 @@ def test_definitions_and_config_are_checked():
     assert [l["node_name"] for l in domain.definition()["disks"][0]["layers"]] == ["top-node", "base-node"]
     domain.handle(0, GREETING)
     assert domain.next_deadline() == 5000
+
+
+def test_a_restarted_domain_resumes_a_journaled_backup():
+    domain = new_domain()
+    connect(domain)
+    (query,) = sends(domain.handle(3000, {"request": "backup-begin", "id": 1}))
+    journals = [
+        o["persist"]["journal"]
+        for o in domain.handle(3001, {"return": [NODE], "id": query["id"]})
+        if o.get("persist", {}).get("op") == "put-backup-journal"
+    ]
+    assert journals, "a backup is journaled before its first target is created"
+    restarted = vbackup_core.Domain(
+        {"name": "vm", "disks": {"vda": {"node-name": "vda-format", "path": IMAGE}}},
+        journal=journals[-1],
+    )
+    assert restarted.backup_waiting_for() is not None
+    assert domain.backup_waiting_for() is not None and new_domain().backup_waiting_for() is None
+    with pytest.raises(ValueError, match="journal"):
+        vbackup_core.Domain({"name": "vm", "disks": {"vda": "n"}}, journal={"mode": "sideways"})
+
+
+def test_a_failed_file_operation_fails_the_backup_request():
+    domain = new_domain()
+    connect(domain)
+    (query,) = sends(domain.handle(3000, {"request": "backup-begin", "id": 1}))
+    outputs = domain.handle(3001, {"return": [NODE], "id": query["id"]})
+    (create,) = [o["file"] for o in outputs if "file" in o]
+    assert create["op"] == "create-exclusive" and create["path"].startswith("/images/vda.")
+    outputs = domain.handle(3002, {"file-done": {"id": create["id"], "error": "File exists"}})
+    (answer,) = answers(outputs)
+    assert answer["id"] == 1 and "File exists" in answer["error"]["message"]
