@@ -297,3 +297,11 @@ def test_a_failed_file_operation_fails_the_backup_request():
     outputs = domain.handle(3002, {"file-done": {"id": create["id"], "error": "File exists"}})
     (answer,) = answers(outputs)
     assert answer["id"] == 1 and "File exists" in answer["error"]["message"]
+
+
+def test_the_package_has_a_version_and_type_stubs():
+    import importlib.resources
+
+    assert vbackup_core.__version__ == "0.1.0"
+    files = importlib.resources.files("vbackup_core")
+    assert files.joinpath("py.typed").is_file()
