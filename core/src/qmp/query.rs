@@ -308,3 +308,255 @@ pub struct StatusInfo {
     /// The run state.
     pub status: RunState,
 }
+
+/// Decoding of node information straight from a borrowed JSON value, without serde's
+/// visitors: `query-named-block-nodes` is the largest reply the core reads, and the derived
+/// path copies `format-specific.data` into a new value before decoding it. These readers accept
+/// only what the derived `Deserialize` impls accept and build the same result (members walked
+/// once, in order, unknown ones skipped); on anything else (a missing member, a value of another
+/// type) they give up with `None`, and the caller decodes with serde, which then reports the
+/// error.
+pub(crate) mod direct {
+    use serde_json::Value;
+
+    use super::{
+        BlockDeviceInfo, BlockDirtyInfo, ImageInfo, ImageInfoSpecific, Qcow2BitmapFlag,
+        Qcow2BitmapInfo, Qcow2Info,
+    };
+
+    /// An optional member: `null` gives `None`, anything else must read.
+    fn optional<T>(v: &Value, read: impl FnOnce(&Value) -> Option<T>) -> Option<Option<T>> {
+        match v {
+            Value::Null => Some(None),
+            v => read(v).map(Some),
+        }
+    }
+
+    fn string(v: &Value) -> Option<String> {
+        v.as_str().map(str::to_owned)
+    }
+
+    fn opt_string(v: &Value) -> Option<Option<String>> {
+        optional(v, string)
+    }
+
+    fn opt_u64(v: &Value) -> Option<Option<u64>> {
+        optional(v, Value::as_u64)
+    }
+
+    fn opt_bool(v: &Value) -> Option<Option<bool>> {
+        optional(v, Value::as_bool)
+    }
+
+    fn list<T>(v: &Value, read: impl Fn(&Value) -> Option<T>) -> Option<Vec<T>> {
+        v.as_array()?.iter().map(read).collect()
+    }
+
+    /// One element of `query-named-block-nodes` (or `query-block`'s `inserted`).
+    pub(crate) fn block_device_info(v: &Value) -> Option<BlockDeviceInfo> {
+        let (mut drv, mut file, mut ro, mut image) = (None, None, None, None);
+        let mut info = BlockDeviceInfo::default();
+        for (key, v) in v.as_object()? {
+            match key.as_str() {
+                "node-name" => info.node_name = opt_string(v)?,
+                "drv" => drv = Some(string(v)?),
+                "file" => file = Some(string(v)?),
+                "ro" => ro = Some(v.as_bool()?),
+                "backing_file" => info.backing_file = opt_string(v)?,
+                "backing_file_depth" => info.backing_file_depth = v.as_u64()?,
+                "encrypted" => info.encrypted = v.as_bool()?,
+                "active" => info.active = opt_bool(v)?,
+                "image" => image = Some(image_info(v)?),
+                "dirty-bitmaps" => info.dirty_bitmaps = list(v, dirty_info)?,
+                _ => {}
+            }
+        }
+        info.drv = drv?;
+        info.file = file?;
+        info.ro = ro?;
+        info.image = image?;
+        Some(info)
+    }
+
+    fn image_info(v: &Value) -> Option<ImageInfo> {
+        let (mut filename, mut format, mut virtual_size) = (None, None, None);
+        let mut info = ImageInfo::default();
+        for (key, v) in v.as_object()? {
+            match key.as_str() {
+                "filename" => filename = Some(string(v)?),
+                "format" => format = Some(string(v)?),
+                "virtual-size" => virtual_size = Some(v.as_u64()?),
+                "actual-size" => info.actual_size = opt_u64(v)?,
+                "cluster-size" => info.cluster_size = opt_u64(v)?,
+                "dirty-flag" => info.dirty_flag = opt_bool(v)?,
+                "backing-filename" => info.backing_filename = opt_string(v)?,
+                "full-backing-filename" => info.full_backing_filename = opt_string(v)?,
+                "backing-filename-format" => info.backing_filename_format = opt_string(v)?,
+                "backing-image" => {
+                    info.backing_image = optional(v, |v| image_info(v).map(Box::new))?;
+                }
+                "format-specific" => info.format_specific = optional(v, specific)?,
+                _ => {}
+            }
+        }
+        info.filename = filename?;
+        info.format = format?;
+        info.virtual_size = virtual_size?;
+        Some(info)
+    }
+
+    fn specific(v: &Value) -> Option<ImageInfoSpecific> {
+        let m = v.as_object()?;
+        let format = m.get("type")?.as_str()?;
+        let data = m.get("data");
+        Some(match format {
+            "qcow2" => ImageInfoSpecific::Qcow2(qcow2_info(data?)?),
+            _ => ImageInfoSpecific::Other {
+                format: format.to_owned(),
+                data: data.cloned().unwrap_or(Value::Null),
+            },
+        })
+    }
+
+    fn qcow2_info(v: &Value) -> Option<Qcow2Info> {
+        let mut info = Qcow2Info::default();
+        for (key, v) in v.as_object()? {
+            match key.as_str() {
+                "compat" => info.compat = string(v)?,
+                "data-file" => info.data_file = opt_string(v)?,
+                "lazy-refcounts" => info.lazy_refcounts = opt_bool(v)?,
+                "corrupt" => info.corrupt = opt_bool(v)?,
+                "refcount-bits" => info.refcount_bits = opt_u64(v)?,
+                "extended-l2" => info.extended_l2 = opt_bool(v)?,
+                "compression-type" => info.compression_type = opt_string(v)?,
+                "bitmaps" => info.bitmaps = optional(v, |v| list(v, stored_bitmap))?,
+                _ => {}
+            }
+        }
+        Some(info)
+    }
+
+    fn stored_bitmap(v: &Value) -> Option<Qcow2BitmapInfo> {
+        let mut info = Qcow2BitmapInfo::default();
+        for (key, v) in v.as_object()? {
+            match key.as_str() {
+                "name" => info.name = string(v)?,
+                "granularity" => info.granularity = v.as_u64()?,
+                "flags" => {
+                    info.flags = list(v, |f| f.as_str().map(Qcow2BitmapFlag::from_wire))?;
+                }
+                _ => {}
+            }
+        }
+        Some(info)
+    }
+
+    fn dirty_info(v: &Value) -> Option<BlockDirtyInfo> {
+        let mut info = BlockDirtyInfo::default();
+        for (key, v) in v.as_object()? {
+            match key.as_str() {
+                "name" => info.name = opt_string(v)?,
+                "recording" => info.recording = v.as_bool()?,
+                "persistent" => info.persistent = v.as_bool()?,
+                "busy" => info.busy = v.as_bool()?,
+                "inconsistent" => info.inconsistent = v.as_bool()?,
+                "granularity" => info.granularity = v.as_u64()?,
+                "count" => info.count = v.as_u64()?,
+                _ => {}
+            }
+        }
+        Some(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::{BlockDeviceInfo, direct};
+
+    fn node() -> Value {
+        json!({"active": true, "backing_file": "/img/vdb.qcow2", "backing_file_depth": 0,
+            "cache": {"direct": false, "no-flush": false, "writeback": true},
+            "detect_zeroes": "off", "drv": "qcow2", "encrypted": false, "file": "/img/vdb.ovl",
+            "image": {"actual-size": 266240, "backing-filename": "/img/vdb.qcow2",
+                "backing-filename-format": "qcow2", "cluster-size": 65536, "dirty-flag": false,
+                "filename": "/img/vdb.ovl", "format": "qcow2",
+                "format-specific": {"data": {"compat": "1.1", "compression-type": "zlib",
+                    "corrupt": false, "extended-l2": false, "lazy-refcounts": false,
+                    "refcount-bits": 16, "bitmaps": [{"flags": ["in-use", "auto", "odd"],
+                    "granularity": 65536, "name": "c1"}]}, "type": "qcow2"},
+                "full-backing-filename": "/img/vdb.qcow2", "virtual-size": 524288,
+                "backing-image": {"filename": "/img/vdb.qcow2", "format": "qcow2",
+                    "virtual-size": 524288, "actual-size": null,
+                    "format-specific": {"type": "file", "data": {"x": [1]}}}},
+            "node-name": "libvirt-3-format", "ro": false,
+            "dirty-bitmaps": [{"busy": false, "count": 0, "granularity": 65536,
+                "persistent": true, "recording": true, "name": "c1"},
+                {"busy": true, "count": 131072, "granularity": 65536, "persistent": false,
+                "recording": false, "inconsistent": true}]})
+    }
+
+    /// The direct reader either gives up or builds exactly what serde builds.
+    fn agrees(v: &Value) -> bool {
+        let by_serde = BlockDeviceInfo::deserialize(v).ok();
+        match direct::block_device_info(v) {
+            Some(d) => by_serde == Some(d),
+            None => true,
+        }
+    }
+
+    use serde::Deserialize as _;
+
+    #[test]
+    fn direct_node_decoding_builds_what_serde_builds() {
+        let full = node();
+        assert!(direct::block_device_info(&full).is_some());
+        assert!(agrees(&full));
+        let mut variants = Vec::new();
+        // Each member of each object left out, set to null, or to a value of another type.
+        let paths: &[&[&str]] = &[
+            &[],
+            &["image"],
+            &["image", "format-specific"],
+            &["image", "format-specific", "data"],
+            &["image", "backing-image"],
+        ];
+        for path in paths {
+            let mut at = full.clone();
+            let mut target = &mut at;
+            for p in *path {
+                target = &mut target[*p];
+            }
+            let keys: Vec<String> = target.as_object().unwrap().keys().cloned().collect();
+            for key in keys {
+                for replacement in [None, Some(Value::Null), Some(json!("s")), Some(json!(-1))] {
+                    let mut v = full.clone();
+                    let mut t = &mut v;
+                    for p in *path {
+                        t = &mut t[*p];
+                    }
+                    let m = t.as_object_mut().unwrap();
+                    match replacement {
+                        None => {
+                            m.remove(&key);
+                        }
+                        Some(r) => {
+                            m.insert(key.clone(), r);
+                        }
+                    }
+                    variants.push(v);
+                }
+            }
+        }
+        let mut bitmap = full.clone();
+        bitmap["dirty-bitmaps"][0] = json!({});
+        variants.push(bitmap);
+        let mut flags = full.clone();
+        flags["image"]["format-specific"]["data"]["bitmaps"][0]["flags"] = json!([1]);
+        variants.push(flags);
+        for v in &variants {
+            assert!(agrees(v), "{v}");
+        }
+    }
+}
