@@ -10,6 +10,10 @@ use std::time::Instant;
 
 use vbackup_sim::world::{HistoryConfig, HistoryStats, run_history};
 
+// The allocator of the `vbackup-sim` binary (see its `main.rs`), so both measure the same.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CPU time this thread has run, from Linux's schedstat (None elsewhere).
 fn cpu_ns() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
