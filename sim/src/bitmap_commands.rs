@@ -9,7 +9,7 @@ use crate::bitmap::{
 };
 use crate::errors::QmpError;
 use crate::image::FileContent;
-use crate::node::Driver;
+use crate::node::{Driver, Node};
 use crate::qcow2::StoredBitmap;
 use crate::qemu::Qemu;
 
@@ -79,10 +79,7 @@ impl Qemu {
     }
 
     /// `BlockDirtyInfo` records of a node, newest first.
-    pub(crate) fn bitmap_infos(&self, node: &str) -> Vec<Value> {
-        let Some(n) = self.node(node) else {
-            return Vec::new();
-        };
+    pub(crate) fn bitmap_infos_of(&self, n: &Node) -> Vec<Value> {
         if let Driver::CopyBeforeWrite { job: Some(job), .. } = &n.driver {
             return self.filter_bitmap_infos(job);
         }

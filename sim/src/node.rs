@@ -3,7 +3,7 @@
 //! and node queries.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value, json};
 
@@ -26,6 +26,23 @@ pub(crate) fn object<const N: usize>(members: [(&str, Value); N]) -> Map<String,
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
 }
+
+/// `cache` of every node's information (not modelled: always the defaults).
+static CACHE_INFO: LazyLock<Value> = LazyLock::new(|| {
+    Value::Object(object([
+        ("direct", false.into()),
+        ("no-flush", false.into()),
+        ("writeback", true.into()),
+    ]))
+});
+
+/// `format-specific` of a protocol node over a host file.
+static FILE_SPECIFIC: LazyLock<Value> = LazyLock::new(|| {
+    Value::Object(object([
+        ("data", Value::Object(Map::new())),
+        ("type", "file".into()),
+    ]))
+});
 
 /// What a node does.
 #[derive(Debug, Clone)]
@@ -178,21 +195,33 @@ impl Qemu {
         }
     }
 
-    /// The bottom file name QEMU reports for a node (`file` in node info).
-    pub(crate) fn node_filename(&self, node: &str) -> String {
-        let mut cur = node.to_string();
+    /// The file under a format node (what [`Qemu::image_path`] names), without copying its path.
+    pub(crate) fn image_file(&self, node: &str) -> Option<&FileContent> {
+        self.image_of(self.node(node)?)
+    }
+
+    /// The file under `n`, if its `file` child is a protocol node.
+    fn image_of(&self, n: &Node) -> Option<&FileContent> {
+        match &self.node(n.file.as_deref()?)?.driver {
+            Driver::File { path } => self.fs.get(path),
+            _ => None,
+        }
+    }
+
+    /// The bottom file name QEMU reports for `n` (`file` in node info).
+    fn filename_of<'a>(&'a self, n: &'a Node) -> &'a str {
+        let mut n = n;
         for _ in 0..MAX_CHAIN_DEPTH {
-            let Some(n) = self.node(&cur) else { break };
             match &n.driver {
-                Driver::File { path } => return path.clone(),
-                Driver::NullCo { .. } => return "null-co://".to_string(),
-                _ => match &n.file {
-                    Some(f) => cur = f.clone(),
+                Driver::File { path } => return path,
+                Driver::NullCo { .. } => return "null-co://",
+                _ => match n.file.as_deref().and_then(|f| self.node(f)) {
+                    Some(f) => n = f,
                     None => break,
                 },
             }
         }
-        String::new()
+        ""
     }
 
     /// Length of a node in bytes.
@@ -201,13 +230,20 @@ impl Qemu {
     }
 
     fn node_size_depth(&self, node: &str, depth: usize) -> u64 {
-        let Some(n) = self.node(node) else { return 0 };
+        match self.node(node) {
+            Some(n) => self.size_of(n, depth),
+            None => 0,
+        }
+    }
+
+    /// Length of `n` in bytes (see [`Qemu::node_size`]).
+    fn size_of(&self, n: &Node, depth: usize) -> u64 {
         if depth > MAX_CHAIN_DEPTH {
             return 0;
         }
         match &n.driver {
             Driver::File { path } => self.fs.get(path).map(FileContent::file_length).unwrap_or(0),
-            Driver::Qcow2 => match self.image_path(node).and_then(|p| self.fs.get(&p)) {
+            Driver::Qcow2 => match self.image_of(n) {
                 Some(FileContent::Qcow2(q)) => q.virtual_size,
                 _ => 0,
             },
@@ -252,9 +288,7 @@ impl Qemu {
                 _ => buf.fill(0),
             },
             Driver::Qcow2 => {
-                let Some(FileContent::Qcow2(q)) =
-                    self.image_path(node).and_then(|p| self.fs.get(&p))
-                else {
+                let Some(FileContent::Qcow2(q)) = self.image_file(node) else {
                     buf.fill(0);
                     return;
                 };
@@ -335,9 +369,7 @@ impl Qemu {
                 _ => (Alloc::Data, size),
             },
             Driver::Qcow2 => {
-                let Some(FileContent::Qcow2(q)) =
-                    self.image_path(node).and_then(|p| self.fs.get(&p))
-                else {
+                let Some(FileContent::Qcow2(q)) = self.image_file(node) else {
                     return (Alloc::Hole, size);
                 };
                 let idx = offset / q.cluster_size;
@@ -396,9 +428,7 @@ impl Qemu {
             let Some(n) = self.node(&cur) else { break };
             match &n.driver {
                 Driver::Qcow2 => {
-                    let Some(FileContent::Qcow2(q)) =
-                        self.image_path(&cur).and_then(|p| self.fs.get(&p))
-                    else {
+                    let Some(FileContent::Qcow2(q)) = self.image_file(&cur) else {
                         break;
                     };
                     let idx = offset / q.cluster_size;
@@ -440,9 +470,7 @@ impl Qemu {
             let n = self.node(&cur)?;
             match &n.driver {
                 Driver::Qcow2 => {
-                    let Some(FileContent::Qcow2(q)) =
-                        self.image_path(&cur).and_then(|p| self.fs.get(&p))
-                    else {
+                    let Some(FileContent::Qcow2(q)) = self.image_file(&cur) else {
                         return None;
                     };
                     if q.cluster_size != len || !offset.is_multiple_of(len) {
@@ -1169,13 +1197,19 @@ impl Qemu {
 
     /// `BlockDeviceInfo` of one node.
     pub(crate) fn node_info(&self, name: &str, flat: bool) -> Value {
-        let Some(n) = self.node(name) else {
-            return Value::Null;
-        };
+        match self.node(name) {
+            Some(n) => self.info_of(n, flat),
+            None => Value::Null,
+        }
+    }
+
+    /// `BlockDeviceInfo` of `n`.
+    fn info_of(&self, n: &Node, flat: bool) -> Value {
         // Built member by member: `json!` and `v[key] = ...` cost a lookup and a temporary each,
-        // and this reply is the simulator's most frequent (and largest) one.
-        let filename = self.node_filename(name);
-        let img = self.image_path(name).and_then(|p| self.fs.get(&p));
+        // and this reply is the simulator's most frequent (and largest) one. The node is looked
+        // up once and its files are borrowed, not copied.
+        let filename = self.filename_of(n);
+        let img = self.image_of(n);
         // Members in key order: the map sorts them, and a sorted list costs one pass.
         let mut info = object([
             ("active", true.into()),
@@ -1183,18 +1217,11 @@ impl Qemu {
             ("bps", 0.into()),
             ("bps_rd", 0.into()),
             ("bps_wr", 0.into()),
-            (
-                "cache",
-                Value::Object(object([
-                    ("direct", false.into()),
-                    ("no-flush", false.into()),
-                    ("writeback", true.into()),
-                ])),
-            ),
+            ("cache", CACHE_INFO.clone()),
             ("detect_zeroes", n.detect_zeroes.into()),
             ("drv", n.drv.into()),
             ("encrypted", false.into()),
-            ("image", self.image_info(n, img, &filename, flat)),
+            ("image", self.image_info(n, img, filename, flat)),
             ("iops", 0.into()),
             ("iops_rd", 0.into()),
             ("iops_wr", 0.into()),
@@ -1207,8 +1234,8 @@ impl Qemu {
         {
             info.insert("backing_file".to_owned(), b.as_str().into());
         }
-        info.insert("file".to_owned(), Value::String(filename));
-        let bitmaps = self.bitmap_infos(name);
+        info.insert("file".to_owned(), filename.into());
+        let bitmaps = self.bitmap_infos_of(n);
         if !bitmaps.is_empty() {
             info.insert("dirty-bitmaps".to_owned(), Value::Array(bitmaps));
         }
@@ -1228,7 +1255,7 @@ impl Qemu {
         let size = match (&n.driver, img) {
             (Driver::Qcow2, Some(FileContent::Qcow2(q))) => q.virtual_size,
             (Driver::Qcow2, _) => 0,
-            _ => self.node_size(&n.name),
+            _ => self.size_of(n, 0),
         };
         let mut image = object([
             ("actual-size", actual.into()),
@@ -1254,24 +1281,13 @@ impl Qemu {
                     }
                 }
             }
-            Driver::File { .. } => {
-                put(
-                    "format-specific",
-                    Value::Object(object([
-                        ("data", Value::Object(Map::new())),
-                        ("type", "file".into()),
-                    ])),
-                );
-            }
+            Driver::File { .. } => put("format-specific", FILE_SPECIFIC.clone()),
             Driver::CopyBeforeWrite { .. } => put("cluster-size", 65536.into()),
             _ => {}
         }
         if !flat && let Some(b) = &n.backing {
             let backing = match self.node(b) {
-                Some(bn) => {
-                    let img = self.image_path(b).and_then(|p| self.fs.get(&p));
-                    self.image_info(bn, img, &self.node_filename(b), true)
-                }
+                Some(bn) => self.image_info(bn, self.image_of(bn), self.filename_of(bn), true),
                 None => Value::Null,
             };
             put("backing-image", backing);
@@ -1285,10 +1301,7 @@ impl Qemu {
         let mut nodes: Vec<&Node> = self.st.nodes.values().collect();
         nodes.sort_by_key(|n| std::cmp::Reverse(n.seq));
         Ok(Value::Array(
-            nodes
-                .iter()
-                .map(|n| self.node_info(&n.name, flat))
-                .collect(),
+            nodes.iter().map(|n| self.info_of(n, flat)).collect(),
         ))
     }
 

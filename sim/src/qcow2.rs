@@ -3,8 +3,9 @@
 //! with its `in-use` and `auto` flags.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::bitmap::Bits;
 use crate::image::ClusterMap;
@@ -74,15 +75,19 @@ impl Qcow2Image {
 
     /// `format-specific` as QEMU reports it for a qcow2 node.
     pub fn format_specific(&self) -> Value {
-        // Members in key order (see `object`).
-        let mut data = object([
-            ("compat", "1.1".into()),
-            ("compression-type", "zlib".into()),
-            ("corrupt", false.into()),
-            ("extended-l2", false.into()),
-            ("lazy-refcounts", false.into()),
-            ("refcount-bits", 16.into()),
-        ]);
+        // The members every image has are built once and copied.
+        static COMMON: LazyLock<Map<String, Value>> = LazyLock::new(|| {
+            // Members in key order (see `object`).
+            object([
+                ("compat", "1.1".into()),
+                ("compression-type", "zlib".into()),
+                ("corrupt", false.into()),
+                ("extended-l2", false.into()),
+                ("lazy-refcounts", false.into()),
+                ("refcount-bits", 16.into()),
+            ])
+        });
+        let mut data = COMMON.clone();
         if !self.bitmaps.is_empty() {
             let list = self.bitmaps.iter().map(|(name, b)| {
                 Value::Object(object([
