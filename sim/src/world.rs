@@ -320,24 +320,29 @@ impl Effects for StoreEffects {
 
 /// What the store holds after `ops`: checkpoints, the current one, the backup journal.
 pub fn stored_state(ops: &[StoreOp]) -> (Vec<Checkpoint>, Option<String>, Option<BackupPlan>) {
-    let mut cps: BTreeMap<String, Checkpoint> = BTreeMap::new();
+    // Borrowed while replaying: only what survives the last write is copied out.
+    let mut cps: BTreeMap<&str, &Checkpoint> = BTreeMap::new();
     let mut current = None;
     let mut journal = None;
     for op in ops {
         match op {
             StoreOp::PutCheckpoint(c) => {
-                cps.insert(c.name.clone(), (**c).clone());
+                cps.insert(&c.name, &**c);
             }
             StoreOp::DeleteCheckpoint(n) => {
-                cps.remove(n);
+                cps.remove(n.as_str());
             }
-            StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
-            StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
+            StoreOp::SetCurrentCheckpoint(c) => current = c.as_ref(),
+            StoreOp::PutBackupJournal(p) => journal = Some(&**p),
             StoreOp::DeleteBackupJournal => journal = None,
             StoreOp::SetPendingCheckpoints(_) => {}
         }
     }
-    (cps.into_values().collect(), current, journal)
+    (
+        cps.into_values().cloned().collect(),
+        current.cloned(),
+        journal.cloned(),
+    )
 }
 
 /// The simulated domain: `vda` (one qcow2 layer) and `vdb` (an overlay over a base image).
