@@ -20,6 +20,7 @@ use crate::args::Args;
 use crate::bitmap::Bits;
 use crate::errors::{QmpError, job_error};
 use crate::image::FileContent;
+use crate::node::object;
 use crate::qemu::{Fault, Qemu};
 
 /// QEMU's job states. Backups never reach `ready` or `standby`, and `null` exists only as the
@@ -219,7 +220,14 @@ impl Job {
     }
 
     fn block_event_data(&self) -> Value {
-        json!({"device": self.id, "len": self.total, "offset": self.current, "speed": self.speed, "type": self.type_str()})
+        // Members in key order (see `object`).
+        Value::Object(object([
+            ("device", self.id.as_str().into()),
+            ("len", self.total.into()),
+            ("offset", self.current.into()),
+            ("speed", self.speed.into()),
+            ("type", self.type_str().into()),
+        ]))
     }
 }
 
@@ -485,10 +493,8 @@ impl Qemu {
         if let Some(j) = self.st.jobs.get_mut(id) {
             j.status = status;
         }
-        self.emit(
-            "JOB_STATUS_CHANGE",
-            json!({"status": status.as_str(), "id": id}),
-        );
+        let data = object([("id", id.into()), ("status", status.as_str().into())]);
+        self.emit("JOB_STATUS_CHANGE", Value::Object(data));
     }
 
     fn txn_members(&self, id: &str) -> Vec<String> {
@@ -881,12 +887,18 @@ impl Qemu {
             self.jobs_newest_first()
                 .into_iter()
                 .map(|j| {
-                    let mut v = json!({"current-progress": j.current, "status": j.status.as_str(),
-                        "total-progress": j.total, "type": j.type_str(), "id": j.id});
+                    // Members in key order (see `object`).
+                    let mut v = object([
+                        ("current-progress", j.current.into()),
+                        ("id", j.id.as_str().into()),
+                        ("status", j.status.as_str().into()),
+                        ("total-progress", j.total.into()),
+                        ("type", j.type_str().into()),
+                    ]);
                     if let Some(e) = &j.error {
-                        v["error"] = json!(e);
+                        v.insert("error".to_owned(), e.as_str().into());
                     }
-                    v
+                    Value::Object(v)
                 })
                 .collect(),
         ))

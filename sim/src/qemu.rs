@@ -9,7 +9,7 @@ use crate::errors::QmpError;
 use crate::image::FileSystem;
 use crate::job::Job;
 use crate::nbd::{Export, NbdServer};
-use crate::node::Node;
+use crate::node::{Node, object};
 
 /// Which QEMU binary is simulated; they differ in `query-block` and in `quit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,11 +391,16 @@ impl Qemu {
     }
 
     pub(crate) fn emit(&mut self, event: &str, data: Value) {
-        self.events.push(json!({
-            "event": event,
-            "data": data,
-            "timestamp": {"seconds": self.now_ms / 1000, "microseconds": (self.now_ms % 1000) * 1000},
-        }));
+        // Members in key order (see `object`).
+        let timestamp = object([
+            ("microseconds", ((self.now_ms % 1000) * 1000).into()),
+            ("seconds", (self.now_ms / 1000).into()),
+        ]);
+        self.events.push(Value::Object(object([
+            ("data", data),
+            ("event", event.into()),
+            ("timestamp", Value::Object(timestamp)),
+        ])));
     }
 
     /// Executes one command in wire form, `{"execute": NAME, "arguments": {...}}`, at `now_ms`,
