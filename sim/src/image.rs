@@ -519,13 +519,16 @@ impl FileSystem {
             Some(FileContent::Qcow2(q)) => q.backing_file.clone(),
             _ => None,
         };
-        let base = match &backing {
-            Some(b) if self.exists(b) => Some(self.read_image(b)?),
-            _ => None,
-        };
         let cs = match self.get(path) {
             Some(FileContent::Qcow2(q)) => q.cluster_size,
             _ => RAW_CHUNK,
+        };
+        // Only a cluster the write covers in part is filled from the backing chain: a write of
+        // whole clusters needs no read of it.
+        let partial = !offset.is_multiple_of(cs) || !(offset + data.len() as u64).is_multiple_of(cs);
+        let base = match &backing {
+            Some(b) if partial && self.exists(b) => Some(self.read_image(b)?),
+            _ => None,
         };
         let fill = |idx: u64, buf: &mut [u8]| {
             if let Some(base) = &base {
