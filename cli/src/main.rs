@@ -2,17 +2,16 @@
 //!
 //! Each command group lives in its own module; this file only dispatches.
 
-mod checkpoint_index;
 mod commands;
 mod config;
 mod demo;
-mod effects;
 mod managed;
 mod output;
-mod session;
 mod virsh_args;
 mod xml_cmd;
-mod xpath;
+
+// The host runtime's modules under the names the command modules use.
+use vbackup_host::{effects, session};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
@@ -118,6 +117,7 @@ fn main() -> ExitCode {
         Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Config(command) => report(
             session::open_store(cli.global.state_dir.as_deref())
+                .map_err(output::CliError::from)
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),

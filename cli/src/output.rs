@@ -49,6 +49,27 @@ pub enum CliError {
     Other(String),
 }
 
+impl From<vbackup_host::Error> for CliError {
+    /// The host runtime's errors are worded as the command line words its own.
+    fn from(e: vbackup_host::Error) -> Self {
+        use vbackup_host::Error as H;
+        match e {
+            H::Engine(e) => CliError::Engine(e),
+            H::Drive(e) => CliError::Drive(e),
+            H::Store(e) => CliError::Store(e),
+            H::Qsd(e) => CliError::Qsd(e),
+            H::Qmp(e) => CliError::Qmp(e),
+            H::Discover(e) => CliError::Discover(e),
+            H::Xml(e) => CliError::Xml(e),
+            H::Nbd(e) => CliError::Nbd(e),
+            H::NoDomain(name) => CliError::NoDomain(name),
+            H::Corrupt(what) => CliError::Corrupt(what),
+            H::Io { what, source } => CliError::Io { what, source },
+            other @ (H::DomainExists(_) | H::Other(_)) => CliError::Other(other.to_string()),
+        }
+    }
+}
+
 impl CliError {
     /// An IO error with context.
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {

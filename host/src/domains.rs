@@ -1,0 +1,331 @@
+//! Domains on this host: defining one from its images (their backing chains read with
+//! `qemu-img`), the libvirt `<domain>` document vbackup stores for it, and whether its managed
+//! daemon runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use vbackup_core::model::{DiskDef, DiskDevice, ImageFormat, Layer, StorageType};
+use vbackup_core::xml::parse_domain;
+use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
+use vbackup_qemu::store::Store;
+
+use crate::error::Error;
+use crate::session::{self, Attachment};
+
+/// A domain `define` stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defined {
+    /// Its name.
+    pub name: String,
+    /// The XML file it was defined from, when one was given.
+    pub from: Option<String>,
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Escapes text for an XML attribute or element.
+pub fn esc(text: &str) -> String {
+    let mut out = String::new();
+    vbackup_core::xml::writer::escape(text, &mut out);
+    out
+}
+
+pub fn read_file(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(Error::io(format!("failed to read '{}'", path.display())))
+}
+
+/// The backing chain of an image as `(path, format)`, top first, from `qemu-img info`.
+pub fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, Error> {
+    let out = Process::new("qemu-img")
+        .args([
+            "info",
+            "--backing-chain",
+            "--output=json",
+            "-U",
+            "-f",
+            format,
+            path,
+        ])
+        .output()
+        .map_err(Error::io("cannot run qemu-img"))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "qemu-img info {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Other(format!("qemu-img info {path}: {e}")))?;
+    let chain = match v {
+        Value::Array(a) => a,
+        other => vec![other],
+    };
+    Ok(chain
+        .iter()
+        .map(|i| {
+            (
+                i["filename"].as_str().unwrap_or_default().to_owned(),
+                i["format"].as_str().unwrap_or("raw").to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The disks of `--disk` specifications, each with its backing chain from `qemu-img`.
+pub fn disks_from_specs(disks: &[String]) -> Result<Vec<DiskDef>, Error> {
+    let mut defs = Vec::new();
+    for spec in disks {
+        let (target, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::Other(format!("--disk '{spec}': expected TARGET=PATH")))?;
+        let mut parts = rest.split(',');
+        let path = parts.next().unwrap_or_default();
+        let mut format = "qcow2".to_owned();
+        for p in parts {
+            match p.split_once('=') {
+                Some(("format", f)) => format = f.to_owned(),
+                _ => {
+                    return Err(Error::Other(format!(
+                        "--disk '{spec}': unknown option '{p}'"
+                    )));
+                }
+            }
+        }
+        let abs =
+            std::fs::canonicalize(path).map_err(Error::io(format!("disk '{target}': '{path}'")))?;
+        let abs = abs.display().to_string();
+        let layers = backing_chain(&abs, &format)?
+            .into_iter()
+            .map(|(p, f)| Layer {
+                storage: StorageType::File,
+                format: ImageFormat::from_name(&f),
+                path: Some(p),
+                index: None,
+                node_name: None,
+            })
+            .collect();
+        defs.push(DiskDef {
+            target: target.to_owned(),
+            device: DiskDevice::Disk,
+            bus: Some("virtio".to_owned()),
+            readonly: false,
+            transient: false,
+            layers,
+        });
+    }
+    Ok(defs)
+}
+
+/// The `<source>` element of a layer.
+pub fn source_xml(layer: &Layer) -> String {
+    let path = esc(layer.path.as_deref().unwrap_or_default());
+    match layer.storage {
+        StorageType::Block => format!("<source dev='{path}'/>"),
+        StorageType::File => format!("<source file='{path}'/>"),
+        // Discovered network storage has no local path; the element only marks the media.
+        _ => "<source/>".to_owned(),
+    }
+}
+
+pub fn storage_name(storage: StorageType) -> &'static str {
+    match storage {
+        StorageType::Block => "block",
+        StorageType::File => "file",
+        _ => "network",
+    }
+}
+
+/// A libvirt `<domain>` document for `name` (a fresh uuid unless given) with `disks`: what
+/// `vbackup define` stores when no XML file is given. It reads back as the same disks.
+pub fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
+    let mut devices = String::new();
+    for disk in disks {
+        let Some(top) = disk.top() else {
+            continue;
+        };
+        let mut xml = format!(
+            "    <disk type='{}' device='disk'>\n      <driver name='qemu' type='{}'/>\n      {}\n",
+            storage_name(top.storage),
+            esc(top.format.name()),
+            source_xml(top)
+        );
+        let mut closing = String::new();
+        let mut indent = "      ".to_owned();
+        let count = disk.layers.len();
+        for (i, layer) in disk.layers.iter().enumerate().skip(1) {
+            xml.push_str(&format!(
+                "{indent}<backingStore type='{}' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  {}\n",
+                storage_name(layer.storage),
+                count - i,
+                esc(layer.format.name()),
+                source_xml(layer)
+            ));
+            closing = format!("{indent}</backingStore>\n{closing}");
+            indent.push_str("  ");
+        }
+        xml.push_str(&closing);
+        if disk.readonly {
+            xml.push_str("      <readonly/>\n");
+        }
+        let bus = disk
+            .bus
+            .as_deref()
+            .map(|b| format!(" bus='{}'", esc(b)))
+            .unwrap_or_default();
+        xml.push_str(&format!(
+            "      <target dev='{}'{bus}/>\n    </disk>\n",
+            esc(&disk.target)
+        ));
+        devices.push_str(&xml);
+    }
+    let uuid = uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    format!(
+        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{uuid}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
+        esc(name),
+    )
+}
+
+/// Defines a domain from a domain XML file, or by name from `--disk TARGET=PATH[,format=F]`
+/// specifications, or by name from what the QEMU at `qmp` runs. A name another domain has is
+/// refused: nothing takes over an existing domain.
+pub fn define(
+    store: &Store,
+    file_or_name: &str,
+    disks: &[String],
+    qmp: Option<PathBuf>,
+) -> Result<Defined, Error> {
+    let discovered = match &qmp {
+        // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
+        Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
+            Some(session::discover_disks(socket)?)
+        }
+        _ => None,
+    };
+    let (xml, from) = if let Some(found) = discovered {
+        if found.is_empty() {
+            return Err(Error::Other(format!(
+                "QEMU at '{}' has no disks to back up; give them with --disk",
+                qmp.as_deref().unwrap_or(Path::new("")).display()
+            )));
+        }
+        (domain_xml(file_or_name, None, &found), None)
+    } else if disks.is_empty() {
+        if !Path::new(file_or_name).exists() && !file_or_name.contains('/') {
+            return Err(Error::Other(format!(
+                "invalid argument: '{file_or_name}' is no domain XML file; to define a domain by name, give its disks ('vbackup define {file_or_name} --disk vda=/path/vda.qcow2') or attach to a running QEMU ('vbackup define {file_or_name} --qmp /path/qmp.sock')"
+            )));
+        }
+        (read_file(Path::new(file_or_name))?, Some(file_or_name))
+    } else {
+        (
+            domain_xml(file_or_name, None, &disks_from_specs(disks)?),
+            None,
+        )
+    };
+    let def = parse_domain(&xml)?;
+    let attachment = match qmp {
+        Some(p) => Attachment::Attached(
+            std::fs::canonicalize(&p).map_err(Error::io(format!("'{}'", p.display())))?,
+        ),
+        None => Attachment::Managed,
+    };
+    if attachment == Attachment::Managed {
+        for d in def.disks.iter().filter(|d| !d.is_empty()) {
+            QsdDisk::from_disk_def(d)?;
+        }
+    }
+    let ds = session::lock(store, &def.name)?;
+    ds.write_domain_xml(&xml)?;
+    session::write_meta(&ds, &attachment)?;
+    Ok(Defined {
+        name: def.name,
+        from: from.map(str::to_owned),
+    })
+}
+
+/// Whether the managed daemon of a domain's run directory is alive.
+pub fn daemon_running(run_dir: &Path) -> bool {
+    RunDir::new(run_dir)
+        .read_pid()
+        .ok()
+        .flatten()
+        .is_some_and(daemon_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(storage: StorageType, format: ImageFormat, path: Option<&str>) -> Layer {
+        Layer {
+            storage,
+            format,
+            path: path.map(str::to_owned),
+            index: None,
+            node_name: Some("discovered-node".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_defined_domain_reads_back_as_the_disks_it_was_made_from() {
+        let disks = vec![
+            DiskDef {
+                target: "vda".to_owned(),
+                device: DiskDevice::Disk,
+                bus: Some("virtio".to_owned()),
+                readonly: false,
+                transient: false,
+                layers: vec![
+                    layer(
+                        StorageType::File,
+                        ImageFormat::Qcow2,
+                        Some("/i/top's.qcow2"),
+                    ),
+                    layer(StorageType::File, ImageFormat::Qcow2, Some("/i/mid.qcow2")),
+                    layer(StorageType::Block, ImageFormat::Raw, Some("/dev/vg/base")),
+                ],
+            },
+            DiskDef {
+                target: "vdb".to_owned(),
+                device: DiskDevice::Disk,
+                bus: None,
+                readonly: true,
+                transient: false,
+                layers: vec![layer(StorageType::Network, ImageFormat::Raw, None)],
+            },
+        ];
+        let xml = domain_xml(
+            "vm<1>",
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809"),
+            &disks,
+        );
+        let def = parse_domain(&xml).unwrap();
+        assert_eq!(def.name, "vm<1>");
+        assert_eq!(
+            def.uuid.as_deref(),
+            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809")
+        );
+        assert_eq!(def.disks.len(), 2);
+        for (read, made) in def.disks.iter().zip(&disks) {
+            assert_eq!(read.target, made.target);
+            assert_eq!(read.readonly, made.readonly);
+            let shape = |d: &DiskDef| {
+                d.layers
+                    .iter()
+                    .map(|l| (l.storage, l.format.clone(), l.path.clone()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(shape(read), shape(made));
+            // Node names are QEMU's and never stored.
+            assert!(read.layers.iter().all(|l| l.node_name.is_none()));
+        }
+    }
+}
