@@ -8,29 +8,21 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupSpec, JobStats, JobStatus};
-use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
+use vbackup_core::backup::JobStats;
+use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
-use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, align_backup,
-    align_redefined_checkpoint, parse_domain,
-};
-use vbackup_qemu::qsd::{RunDir, daemon_alive};
+use vbackup_core::xml::{CheckpointDef, CheckpointFormat, CheckpointMode};
 use vbackup_qemu::store::Store;
 
-use vbackup_host::domains::{self, daemon_running, read_file};
+use vbackup_host::domains::{self, read_file};
 pub(crate) use vbackup_host::domains::{esc, now_s};
-use vbackup_host::effects::PROGRESS_FILE;
-use vbackup_host::jobs::{
-    self, check_pull_server, checkpoint_xml_from_args, now_ms, take_completed,
-};
+use vbackup_host::jobs::{self, checkpoint_xml_from_args};
 pub(crate) use vbackup_host::jobs::{export_uris, new_checkpoint};
-use vbackup_host::session::{self, Attachment, ReadAccess, Session, Shared};
+use vbackup_host::session::{self, Attachment, ReadAccess, Session};
 
 use crate::output::{CliError, format_time, print_json, table};
 use crate::virsh_args::{DomainArg, fill, required};
@@ -418,9 +410,15 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let domain = required("checkpoint-create", "domain", domain)?;
             let file = required("checkpoint-create", "xmlfile", file)?;
             let text = read_file(Path::new(&file))?;
-            let name =
-                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
-                    .map_err(|e| in_file(&file, e))?;
+            let name = jobs::define_checkpoint(
+                &store,
+                &domain,
+                &text,
+                redefine,
+                redefine_validate,
+                quiesce,
+            )
+            .map_err(|e| in_file(&file, e))?;
             // virsh has one message for a checkpoint made from a file, redefined or not.
             println!("Domain checkpoint {name} created from '{file}'");
             Ok(())
@@ -450,7 +448,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 print!("{text}");
                 return Ok(());
             }
-            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)
+            let name = jobs::define_checkpoint(&store, &domain, &text, false, false, quiesce)
                 .map_err(from_arguments)?;
             println!("Domain checkpoint {name} created");
             Ok(())
@@ -532,7 +530,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         }
         DomainCommand::CheckpointParent { cp, json } => {
             let (domain, checkpoint) = cp.get("checkpoint-parent")?;
-            read_tree(&store, &domain, |tree, _| {
+            jobs::read_tree::<_, CliError>(&store, &domain, |tree, _| {
                 let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
                 if json {
                     print_json(json!({"parent": parent.name}));
@@ -544,7 +542,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         }
         DomainCommand::CheckpointInfo { cp, json } => {
             let (domain, checkpoint) = cp.get("checkpoint-info")?;
-            read_tree(&store, &domain, |tree, dom| {
+            jobs::read_tree::<_, CliError>(&store, &domain, |tree, dom| {
                 checkpoint_info(tree, dom, &checkpoint, json)
             })
         }
@@ -628,8 +626,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
 
 /// An XML error of a document the user gave as a file, named after the file (other errors
 /// are not about the file and pass unchanged).
-fn in_file(file: &str, e: CliError) -> CliError {
-    match e {
+fn in_file(file: &str, e: impl Into<CliError>) -> CliError {
+    match e.into() {
         CliError::Xml(x) => CliError::Other(format!("XML error: {file}:{x}")),
         other => other,
     }
@@ -637,8 +635,8 @@ fn in_file(file: &str, e: CliError) -> CliError {
 
 /// An XML error of the document `checkpoint-create-as` built from its arguments, told in
 /// terms of the arguments: the user never saw that document.
-fn from_arguments(e: CliError) -> CliError {
-    match e {
+fn from_arguments(e: impl Into<CliError>) -> CliError {
+    match e.into() {
         CliError::Xml(x) => {
             let argument = if x.path.contains("/disk") {
                 "--diskspec"
@@ -695,85 +693,28 @@ fn undefine(
 }
 
 fn start(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.attachment != Attachment::Managed {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is attached to an external QEMU"
-        )));
-    }
-    let run_dir = loaded.store.run_dir();
-    if run_dir.join(session::KEEP_FILE).is_file() && daemon_running(&run_dir) {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is already running"
-        )));
-    }
-    let s = Session::connect(loaded)?;
-    std::fs::write(run_dir.join(session::KEEP_FILE), b"")
-        .map_err(CliError::io("cannot mark the daemon as kept"))?;
-    s.close()?;
+    let nbd_socket = domains::start(store, name)?;
     println!("Domain '{name}' started");
     println!(
         "Guest exports: nbd+unix:///guest-<disk>?socket={}",
-        RunDir::new(&run_dir).nbd_socket.display()
+        nbd_socket.display()
     );
     Ok(())
 }
 
 fn shutdown(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_some() {
-        return Err(CliError::Other(
-            "Requested operation is not valid: a backup job is running".into(),
-        ));
-    }
-    let run_dir = loaded.store.run_dir();
-    if loaded.attachment == Attachment::Managed
-        && !run_dir.join(session::KEEP_FILE).is_file()
-        && !daemon_running(&run_dir)
-    {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is not running"
-        )));
-    }
-    let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
-    if loaded.attachment == Attachment::Managed {
-        session::stop_daemon(&run_dir)?;
-    }
+    domains::shutdown(store, name)?;
     println!("Domain '{name}' is being shutdown");
     Ok(())
 }
 
 fn list(store: &Store, json: bool) -> Result<(), CliError> {
-    let mut rows = Vec::new();
-    for name in store.list_domains()? {
-        let dir = store.root().join("domains").join(&name);
-        let Ok(xml) = std::fs::read_to_string(dir.join("domain.xml")) else {
-            continue;
-        };
-        let meta: Value = std::fs::read_to_string(dir.join(session::META_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let attached = meta.get("qmp").and_then(Value::as_str).map(str::to_owned);
-        let state = match &attached {
-            Some(_) => "attached".to_owned(),
-            None => {
-                let run = RunDir::new(store.root().join("run").join(&name));
-                match run.read_pid().ok().flatten() {
-                    Some(pid) if daemon_alive(pid) => "running".to_owned(),
-                    _ => "shut off".to_owned(),
-                }
-            }
-        };
-        let job = dir.join("journal.json").is_file();
-        let disks = parse_domain(&xml).map(|d| d.disks.len()).unwrap_or(0);
-        rows.push((name, state, attached, job, disks));
-    }
+    let rows = domains::list(store)?;
     if json {
         let v: Vec<Value> = rows
             .iter()
-            .map(|(n, s, q, j, d)| {
-                json!({"name": n, "state": s, "qmp": q, "job": if *j {"backup"} else {"none"}, "disks": d})
+            .map(|d| {
+                json!({"name": d.name, "state": d.state, "qmp": d.qmp, "job": if d.job {"backup"} else {"none"}, "disks": d.disks})
             })
             .collect();
         print_json(Value::Array(v));
@@ -781,7 +722,10 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
     }
     let rows: Vec<Vec<String>> = rows
         .into_iter()
-        .map(|(n, s, _, j, _)| vec![n, s, if j { "backup".into() } else { "-".into() }])
+        .map(|d| {
+            let job = if d.job { "backup" } else { "-" };
+            vec![d.name, d.state, job.into()]
+        })
         .collect();
     print!("{}", table(&["Name", "State", "Job"], &rows));
     Ok(())
@@ -818,47 +762,11 @@ fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
 
 // ----- checkpoints -----
 
-/// Creates or redefines a checkpoint from its XML; returns its name.
-fn checkpoint_define(
-    store: &Store,
-    name: &str,
-    text: &str,
-    redefine: bool,
-    validate: bool,
-    quiesce: bool,
-) -> Result<String, CliError> {
-    let loaded = session::load(store, name)?;
-    let request = if redefine {
-        let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
-        let aligned = align_redefined_checkpoint(&def, &loaded.def)?;
-        let checkpoint = Checkpoint::from_def(&aligned).map_err(EngineError::from)?;
-        Request::CheckpointRedefine {
-            checkpoint,
-            validate,
-        }
-    } else {
-        Request::CheckpointCreate {
-            checkpoint: new_checkpoint(text, &loaded)?,
-            quiesce,
-        }
-    };
-    let cp_name = match &request {
-        Request::CheckpointRedefine { checkpoint, .. }
-        | Request::CheckpointCreate { checkpoint, .. } => checkpoint.name.clone(),
-        _ => String::new(),
-    };
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(request);
-    s.close()?;
-    r?;
-    Ok(cp_name)
-}
-
 /// virsh's `checkpoint-edit`: the checkpoint's XML in an editor, then, if it changed and is
 /// valid, a redefinition with it. An invalid edit changes nothing and is kept in a file the
 /// error names, so the work is not lost.
 fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), CliError> {
-    let original = read_tree(store, domain, |tree, _| {
+    let original = jobs::read_tree::<_, CliError>(store, domain, |tree, _| {
         Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
     })?;
     let xml = original.to_def().format(CheckpointFormat {
@@ -907,7 +815,11 @@ fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), 
                 )))
             }
         })
-        .and_then(|()| checkpoint_define(store, domain, &edited, true, false, false));
+        .and_then(|()| {
+            Ok(jobs::define_checkpoint(
+                store, domain, &edited, true, false, false,
+            )?)
+        });
     if let Err(e) = checked {
         let kept = file
             .keep()
@@ -919,27 +831,6 @@ fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), 
     }
     println!("Domain checkpoint {checkpoint} edited.");
     Ok(())
-}
-
-/// Runs `f` on the checkpoint tree: straight from the store, or after reconciling a journaled
-/// job with QEMU.
-fn read_tree<T>(
-    store: &Store,
-    name: &str,
-    f: impl FnOnce(&CheckpointTree, &str) -> Result<T, CliError>,
-) -> Result<T, CliError> {
-    let loaded = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => *loaded,
-        // Another vbackup holds the domain (and reconciles its job): the store is current.
-        ReadAccess::Shared(shared) => return f(&shared.tree, name),
-    };
-    if loaded.journal.is_none() {
-        return f(&loaded.tree, name);
-    }
-    let s = Session::connect(loaded)?;
-    let r = f(s.driver.domain().view().checkpoints, name);
-    s.close()?;
-    r
 }
 
 struct ListOpts {
@@ -957,7 +848,7 @@ fn checkpoint_list(
     filter: ListFilter,
     opts: ListOpts,
 ) -> Result<(), CliError> {
-    read_tree(store, name, |tree, _| {
+    jobs::read_tree::<_, CliError>(store, name, |tree, _| {
         let list = match &opts.from {
             Some(from) => tree
                 .list_children(from, filter)
@@ -1069,7 +960,7 @@ fn checkpoint_dumpxml(
             other => return Err(CliError::Other(format!("unexpected answer {other:?}"))),
         }
     } else {
-        read_tree(store, name, |tree, _| {
+        jobs::read_tree::<_, CliError>(store, name, |tree, _| {
             Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
         })?
     };
@@ -1160,28 +1051,7 @@ fn backup_begin(
     reuse_external: bool,
     wait: bool,
 ) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let checkpoint = checkpoint.map(|t| new_checkpoint(t, &loaded)).transpose()?;
-    let def = BackupDef::parse(backup.unwrap_or("<domainbackup/>"))?;
-    let suffix = checkpoint
-        .as_ref()
-        .map_or_else(|| now_s().to_string(), |c| c.name.clone());
-    let aligned = align_backup(&def, &loaded.def, &suffix)?;
-    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    check_pull_server(&loaded, &spec)?;
-    if !reuse_external {
-        check_stores_absent(&spec)?;
-    }
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::BackupBegin {
-        spec,
-        checkpoint,
-        reuse_external,
-    });
-    if let Err(e) = r {
-        s.close()?;
-        return Err(e.into());
-    }
+    let mut s = jobs::begin(store, name, backup, checkpoint, reuse_external)?;
     let view = s.driver.domain().view();
     match view.backup.and_then(export_uris) {
         Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
@@ -1222,23 +1092,6 @@ fn backup_begin(
             "backup job ended without statistics".into(),
         )),
     }
-}
-
-/// Refuses, before anything starts, a backup whose target or scratch image exists already,
-/// with libvirt's message (the engine's exclusive create would refuse it too, but later and
-/// as a store failure).
-fn check_stores_absent(spec: &BackupSpec) -> Result<(), CliError> {
-    for disk in spec.disks.iter().filter(|d| d.backup) {
-        if let Some(path) = disk.store.as_ref().and_then(|s| s.path.as_deref())
-            && std::fs::symlink_metadata(path).is_ok()
-        {
-            return Err(CliError::Other(format!(
-                "invalid argument: store '{}' for backup of '{}' exists (remove it, or pass --reuse-external to write into it)",
-                path, disk.target
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Drives the session until the backup job ends, showing progress on a terminal unless `quiet`
@@ -1423,39 +1276,6 @@ pub(crate) fn virsh_bytes(bytes: u64) -> String {
     format!("{v:.3} {}", UNITS[unit])
 }
 
-/// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
-/// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
-/// alone says (the status and the time elapsed).
-fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts, pending: Option<&str>) {
-    if opts.completed {
-        // A job runs: libvirt has no completed statistics while a new job runs.
-        let stats = shared
-            .journal
-            .is_none()
-            .then(|| take_completed(dir, opts.keep_completed))
-            .flatten();
-        print_stats(stats.as_ref(), opts, pending);
-        return;
-    }
-    let Some(plan) = &shared.journal else {
-        print_stats(None, opts, pending);
-        return;
-    };
-    let progress = shared
-        .snapshot
-        .file(PROGRESS_FILE)
-        .and_then(|t| serde_json::from_str::<Value>(t).ok())
-        .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
-    let mut stats = match progress {
-        Some(p) => p["stats"].clone(),
-        None => {
-            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
-        }
-    };
-    stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
-    print_stats(Some(&stats), opts, pending);
-}
-
 fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliError> {
     let dir = store.root().join("domains").join(name);
     let running = domjobinfo_stats(store, name, opts)?;
@@ -1474,60 +1294,11 @@ fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliErr
 fn domjobinfo_stats(store: &Store, name: &str, opts: JobInfoOpts) -> Result<bool, CliError> {
     let dir = store.root().join("domains").join(name);
     let pending = crate::managed::pending_uuid(&dir);
-    let pending = pending.as_deref();
-    let loaded = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => *loaded,
-        ReadAccess::Shared(shared) => {
-            domjobinfo_shared(&shared, &dir, opts, pending);
-            return Ok(shared.journal.is_some());
-        }
-    };
-    let dir = loaded.store.dir().to_path_buf();
-    if loaded.journal.is_none() {
-        let stats = opts
-            .completed
-            .then(|| take_completed(&dir, opts.keep_completed))
-            .flatten();
-        print_stats(stats.as_ref(), opts, pending);
-        return Ok(false);
-    }
-    // A journaled job is reconciled with QEMU first: it may have ended while nobody watched.
-    let mut s = Session::connect(loaded)?;
-    let running = s.job_running();
-    let r = if running && !opts.completed {
-        s.call(Request::JobStats {
-            completed: false,
-            keep_completed: true,
-        })
-        .map(Some)
-    } else {
-        Ok(None)
-    };
-    s.close()?;
-    let stats = match r? {
-        Some(Reply::Stats(st)) => st.and_then(|st| serde_json::to_value(st).ok()),
-        _ if opts.completed && !running => take_completed(&dir, opts.keep_completed),
-        _ => None,
-    };
-    print_stats(stats.as_ref(), opts, pending);
-    Ok(running)
+    let info = jobs::job_info(store, name, opts.completed, opts.keep_completed)?;
+    print_stats(info.stats.as_ref(), opts, pending.as_deref());
+    Ok(info.running)
 }
 
 fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_none() {
-        return Err(EngineError::from(RequestError::NoJob).into());
-    }
-    let mut s = Session::connect(loaded)?;
-    if !s.job_running() {
-        s.close()?;
-        return Err(EngineError::from(RequestError::NoJob).into());
-    }
-    if let Err(e) = s.call(Request::AbortJob) {
-        s.close()?;
-        return Err(e.into());
-    }
-    // Wait for the cleanup to finish so the daemon can be stopped with a clean state.
-    s.wait_job_end(Duration::from_secs(60))?;
-    Ok(s.close()?)
+    Ok(jobs::abort(store, name)?)
 }

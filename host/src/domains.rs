@@ -13,7 +13,8 @@ use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
 use vbackup_qemu::store::Store;
 
 use crate::error::Error;
-use crate::session::{self, Attachment};
+use crate::layout::{DOMAIN_FILE, JOURNAL_FILE, KEEP_FILE, META_FILE};
+use crate::session::{self, Attachment, Session};
 
 /// A domain `define` stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +259,104 @@ pub fn daemon_running(run_dir: &Path) -> bool {
         .ok()
         .flatten()
         .is_some_and(daemon_alive)
+}
+
+/// Starts a managed domain's daemon and keeps it running (the "running guest") until
+/// [`shutdown`]; returns the NBD socket its guest exports are served on.
+pub fn start(store: &Store, name: &str) -> Result<PathBuf, Error> {
+    let loaded = session::load(store, name)?;
+    if loaded.attachment != Attachment::Managed {
+        return Err(Error::Other(format!(
+            "Requested operation is not valid: domain '{name}' is attached to an external QEMU"
+        )));
+    }
+    let run_dir = loaded.store.run_dir();
+    if run_dir.join(KEEP_FILE).is_file() && daemon_running(&run_dir) {
+        return Err(Error::Other(format!(
+            "Requested operation is not valid: domain '{name}' is already running"
+        )));
+    }
+    let s = Session::connect(loaded)?;
+    std::fs::write(run_dir.join(KEEP_FILE), b"")
+        .map_err(Error::io("cannot mark the daemon as kept"))?;
+    s.close()?;
+    Ok(RunDir::new(&run_dir).nbd_socket)
+}
+
+/// Stops a domain's kept daemon (an attached domain's QEMU is only forgotten as running).
+pub fn shutdown(store: &Store, name: &str) -> Result<(), Error> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_some() {
+        return Err(Error::Other(
+            "Requested operation is not valid: a backup job is running".into(),
+        ));
+    }
+    let run_dir = loaded.store.run_dir();
+    if loaded.attachment == Attachment::Managed
+        && !run_dir.join(KEEP_FILE).is_file()
+        && !daemon_running(&run_dir)
+    {
+        return Err(Error::Other(format!(
+            "Requested operation is not valid: domain '{name}' is not running"
+        )));
+    }
+    let _ = std::fs::remove_file(run_dir.join(KEEP_FILE));
+    if loaded.attachment == Attachment::Managed {
+        session::stop_daemon(&run_dir)?;
+    }
+    Ok(())
+}
+
+/// One defined domain as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSummary {
+    /// The name.
+    pub name: String,
+    /// `running` or `shut off` (a managed daemon), or `attached`.
+    pub state: String,
+    /// The QMP socket of an attached domain.
+    pub qmp: Option<String>,
+    /// Whether a backup job is journaled.
+    pub job: bool,
+    /// How many disks it defines.
+    pub disks: usize,
+}
+
+/// Every defined domain, read without locking (a domain another vbackup holds is listed as
+/// its files say).
+pub fn list(store: &Store) -> Result<Vec<DomainSummary>, Error> {
+    let mut rows = Vec::new();
+    for name in store.list_domains()? {
+        let dir = store.root().join("domains").join(&name);
+        let Ok(xml) = std::fs::read_to_string(dir.join(DOMAIN_FILE)) else {
+            continue;
+        };
+        let meta: Value = std::fs::read_to_string(dir.join(META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let qmp = meta.get("qmp").and_then(Value::as_str).map(str::to_owned);
+        let state = match &qmp {
+            Some(_) => "attached".to_owned(),
+            None => {
+                let run = RunDir::new(store.root().join("run").join(&name));
+                match run.read_pid().ok().flatten() {
+                    Some(pid) if daemon_alive(pid) => "running".to_owned(),
+                    _ => "shut off".to_owned(),
+                }
+            }
+        };
+        let job = dir.join(JOURNAL_FILE).is_file();
+        let disks = parse_domain(&xml).map(|d| d.disks.len()).unwrap_or(0);
+        rows.push(DomainSummary {
+            name,
+            state,
+            qmp,
+            job,
+            disks,
+        });
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -3,20 +3,25 @@
 //! the statistics files other invocations read meanwhile and afterwards.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use vbackup_core::backup::{BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, NbdServer};
-use vbackup_core::checkpoint::Checkpoint;
+use vbackup_core::backup::{
+    BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer,
+};
+use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
-use vbackup_core::error::Error as EngineError;
-use vbackup_core::xml::{CheckpointDef, CheckpointMode, align_checkpoint};
-use vbackup_qemu::store::write_atomic;
+use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::xml::{
+    BackupDef, CheckpointDef, CheckpointMode, align_backup, align_checkpoint,
+    align_redefined_checkpoint,
+};
+use vbackup_qemu::store::{Store, write_atomic};
 
 use crate::domains::{esc, now_s};
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::error::Error;
-use crate::session::{self, Attachment, Loaded, Session};
+use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 
 /// How often push targets are handed to the host's write-out while a job is followed.
 const WRITE_BEHIND_MS: u64 = 200;
@@ -201,4 +206,224 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Creates (or with `redefine`, redefines) a checkpoint of domain `name` from its XML; returns
+/// its name.
+pub fn define_checkpoint(
+    store: &Store,
+    name: &str,
+    text: &str,
+    redefine: bool,
+    validate: bool,
+    quiesce: bool,
+) -> Result<String, Error> {
+    let loaded = session::load(store, name)?;
+    let request = if redefine {
+        let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
+        let aligned = align_redefined_checkpoint(&def, &loaded.def)?;
+        let checkpoint = Checkpoint::from_def(&aligned).map_err(EngineError::from)?;
+        Request::CheckpointRedefine {
+            checkpoint,
+            validate,
+        }
+    } else {
+        Request::CheckpointCreate {
+            checkpoint: new_checkpoint(text, &loaded)?,
+            quiesce,
+        }
+    };
+    let cp_name = match &request {
+        Request::CheckpointRedefine { checkpoint, .. }
+        | Request::CheckpointCreate { checkpoint, .. } => checkpoint.name.clone(),
+        _ => String::new(),
+    };
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(request);
+    s.close()?;
+    r?;
+    Ok(cp_name)
+}
+
+/// Runs `f` on the checkpoint tree of domain `name`: straight from the store, or after
+/// reconciling a journaled job with QEMU.
+pub fn read_tree<T, E: From<Error>>(
+    store: &Store,
+    name: &str,
+    f: impl FnOnce(&CheckpointTree, &str) -> Result<T, E>,
+) -> Result<T, E> {
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        // Another vbackup holds the domain (and reconciles its job): the store is current.
+        ReadAccess::Shared(shared) => return f(&shared.tree, name),
+    };
+    if loaded.journal.is_none() {
+        return f(&loaded.tree, name);
+    }
+    let s = Session::connect(loaded)?;
+    let r = f(s.driver.domain().view().checkpoints, name);
+    s.close()?;
+    r
+}
+
+/// Refuses, before anything starts, a backup whose target or scratch image exists already,
+/// with libvirt's message (the engine's exclusive create would refuse it too, but later and
+/// as a store failure).
+pub fn check_stores_absent(spec: &BackupSpec) -> Result<(), Error> {
+    for disk in spec.disks.iter().filter(|d| d.backup) {
+        if let Some(path) = disk.store.as_ref().and_then(|s| s.path.as_deref())
+            && std::fs::symlink_metadata(path).is_ok()
+        {
+            return Err(Error::Other(format!(
+                "invalid argument: store '{}' for backup of '{}' exists (remove it, or pass --reuse-external to write into it)",
+                path, disk.target
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Starts a backup of domain `name` from its backup XML (`None`: push every disk beside its
+/// image) and optionally a checkpoint XML; returns the session with the job running.
+pub fn begin(
+    store: &Store,
+    name: &str,
+    backup: Option<&str>,
+    checkpoint: Option<&str>,
+    reuse_external: bool,
+) -> Result<Session, Error> {
+    let loaded = session::load(store, name)?;
+    let checkpoint = checkpoint.map(|t| new_checkpoint(t, &loaded)).transpose()?;
+    let def = BackupDef::parse(backup.unwrap_or("<domainbackup/>"))?;
+    let suffix = checkpoint
+        .as_ref()
+        .map_or_else(|| now_s().to_string(), |c| c.name.clone());
+    let aligned = align_backup(&def, &loaded.def, &suffix)?;
+    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    check_pull_server(&loaded, &spec)?;
+    if !reuse_external {
+        check_stores_absent(&spec)?;
+    }
+    let mut s = Session::connect(loaded)?;
+    let r = s.call(Request::BackupBegin {
+        spec,
+        checkpoint,
+        reuse_external,
+    });
+    if let Err(e) = r {
+        s.close()?;
+        return Err(e);
+    }
+    Ok(s)
+}
+
+/// Aborts the backup job of domain `name` and waits for its cleanup, so the daemon can be
+/// stopped with a clean state.
+pub fn abort(store: &Store, name: &str) -> Result<(), Error> {
+    let loaded = session::load(store, name)?;
+    if loaded.journal.is_none() {
+        return Err(EngineError::from(RequestError::NoJob).into());
+    }
+    let mut s = Session::connect(loaded)?;
+    if !s.job_running() {
+        s.close()?;
+        return Err(EngineError::from(RequestError::NoJob).into());
+    }
+    if let Err(e) = s.call(Request::AbortJob) {
+        s.close()?;
+        return Err(e);
+    }
+    s.wait_job_end(Duration::from_secs(60))?;
+    s.close()
+}
+
+/// What `domjobinfo` reports: the statistics asked for (the running job's, or with
+/// `completed` the last finished job's) and whether a job runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    /// The statistics, as the core's `JobStats` serialise.
+    pub stats: Option<Value>,
+    /// Whether a backup job runs.
+    pub running: bool,
+}
+
+/// The statistics of domain `name`'s job. A journaled job is reconciled with QEMU first (it
+/// may have ended while nobody watched); while another vbackup holds the domain, the last
+/// finished job's statistics, or the running job's as its holder last wrote them
+/// ([`PROGRESS_FILE`]), else what the journal alone says (the status and the time elapsed).
+/// Reading completed statistics marks them read unless `keep_completed`.
+pub fn job_info(
+    store: &Store,
+    name: &str,
+    completed: bool,
+    keep_completed: bool,
+) -> Result<JobInfo, Error> {
+    let dir = store.root().join("domains").join(name);
+    let loaded = match session::load_for_reading(store, name)? {
+        ReadAccess::Locked(loaded) => *loaded,
+        ReadAccess::Shared(shared) => {
+            return Ok(shared_job_info(&shared, &dir, completed, keep_completed));
+        }
+    };
+    let dir = loaded.store.dir().to_path_buf();
+    if loaded.journal.is_none() {
+        let stats = completed
+            .then(|| take_completed(&dir, keep_completed))
+            .flatten();
+        return Ok(JobInfo {
+            stats,
+            running: false,
+        });
+    }
+    let mut s = Session::connect(loaded)?;
+    let running = s.job_running();
+    let r = if running && !completed {
+        s.call(Request::JobStats {
+            completed: false,
+            keep_completed: true,
+        })
+        .map(Some)
+    } else {
+        Ok(None)
+    };
+    s.close()?;
+    let stats = match r? {
+        Some(Reply::Stats(st)) => st.and_then(|st| serde_json::to_value(st).ok()),
+        _ if completed && !running => take_completed(&dir, keep_completed),
+        _ => None,
+    };
+    Ok(JobInfo { stats, running })
+}
+
+fn shared_job_info(shared: &Shared, dir: &Path, completed: bool, keep_completed: bool) -> JobInfo {
+    let running = shared.journal.is_some();
+    if completed {
+        // A job runs: libvirt has no completed statistics while a new job runs.
+        let stats = (!running)
+            .then(|| take_completed(dir, keep_completed))
+            .flatten();
+        return JobInfo { stats, running };
+    }
+    let Some(plan) = &shared.journal else {
+        return JobInfo {
+            stats: None,
+            running,
+        };
+    };
+    let progress = shared
+        .snapshot
+        .file(PROGRESS_FILE)
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
+    let mut stats = match progress {
+        Some(p) => p["stats"].clone(),
+        None => {
+            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
+        }
+    };
+    stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
+    JobInfo {
+        stats: Some(stats),
+        running,
+    }
 }

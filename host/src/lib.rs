@@ -13,12 +13,15 @@
 
 pub mod checkpoint_index;
 pub mod config;
+pub mod demo;
 pub mod domains;
 pub mod effects;
 pub mod error;
 pub mod jobs;
 pub mod layout;
+pub mod processes;
 pub mod session;
+pub mod units;
 pub mod xpath;
 
 pub use error::{Error, Result};
