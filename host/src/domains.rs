@@ -45,7 +45,7 @@ pub fn read_file(path: &Path) -> Result<String, Error> {
 
 /// The backing chain of an image as `(path, format)`, top first, from `qemu-img info`.
 pub fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, Error> {
-    let out = Process::new("qemu-img")
+    let out = vbackup_qemu::children::tied(&mut Process::new("qemu-img"))
         .args([
             "info",
             "--backing-chain",

@@ -116,6 +116,8 @@ pub fn open_store(state_dir: Option<&Path>) -> Result<Store, Error> {
             .map_err(Error::io(format!("state directory '{}'", d.display())))?,
         None => vbackup_qemu::store::default_root_from_env()?,
     };
+    // What a killed vbackup left running or half-written is cleaned by the next one.
+    vbackup_qemu::children::clean_orphans(&std::env::temp_dir());
     Ok(Store::open(root)?.with_operation(&lock_settings().operation))
 }
 
@@ -240,6 +242,15 @@ fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, Error> {
         current.as_deref(),
         journal.as_deref(),
     )?;
+    // Restores killed before their rename left copies beside the disks' images.
+    for dir in parsed
+        .def
+        .disks
+        .iter()
+        .filter_map(|d| d.top()?.path.as_deref().map(Path::new)?.parent())
+    {
+        vbackup_qemu::children::clean_restore_leftovers(dir);
+    }
     Ok(Loaded {
         store: ds,
         xml,
