@@ -243,13 +243,31 @@ pub fn define(
             QsdDisk::from_disk_def(d)?;
         }
     }
+    check_disk_targets(&def.disks)?;
     let ds = session::lock(store, &def.name)?;
+    // Under the domain's lock, so two defines of one name cannot both see it free.
+    if ds.read_domain_xml()?.is_some() {
+        return Err(Error::DomainExists(def.name));
+    }
     ds.write_domain_xml(&xml)?;
     session::write_meta(&ds, &attachment)?;
     Ok(Defined {
         name: def.name,
         from: from.map(str::to_owned),
     })
+}
+
+/// Refuses two disks with one target: every command names disks by target.
+pub fn check_disk_targets(disks: &[DiskDef]) -> Result<(), Error> {
+    for (i, disk) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|d| d.target == disk.target) {
+            return Err(Error::Other(format!(
+                "invalid argument: disk target '{}' is given twice; each disk needs its own target",
+                disk.target
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the managed daemon of a domain's run directory is alive.
