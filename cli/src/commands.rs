@@ -21,7 +21,7 @@ use vbackup_qemu::store::Store;
 use vbackup_host::domains::{self, read_file};
 pub(crate) use vbackup_host::domains::{esc, now_s};
 use vbackup_host::jobs::{self, checkpoint_xml_from_args};
-pub(crate) use vbackup_host::jobs::{export_uris, new_checkpoint};
+pub(crate) use vbackup_host::jobs::{checkpoint_for_backup, export_uris, parse_new_checkpoint};
 use vbackup_host::session::{self, Attachment, ReadAccess, Session};
 
 use crate::output::{CliError, format_time, print_json, table};

@@ -696,13 +696,10 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         None => None,
     };
     let checkpoint_name = args.checkpoint.clone().unwrap_or_else(|| uuid.clone());
-    let checkpoint = commands::new_checkpoint(
-        &format!(
-            "<domaincheckpoint><name>{}</name></domaincheckpoint>",
-            commands::esc(&checkpoint_name)
-        ),
-        &loaded,
-    )?;
+    let checkpoint_xml = format!(
+        "<domaincheckpoint><name>{}</name></domaincheckpoint>",
+        commands::esc(&checkpoint_name)
+    );
 
     let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
     if args.pull {
@@ -781,6 +778,12 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         }
     }
     let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
+    // The checkpoint tracks exactly the disks the backup copies.
+    let checkpoint = commands::checkpoint_for_backup(
+        commands::parse_new_checkpoint(&checkpoint_xml)?,
+        &loaded,
+        &aligned,
+    )?;
     // A pull without <server> goes on the daemon's NBD server; one naming another server is
     // refused by the core before anything starts.
     let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;

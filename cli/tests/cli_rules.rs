@@ -6,7 +6,9 @@
 
 mod support;
 
-use support::Lab;
+use std::process::Command;
+
+use support::{Lab, tool};
 
 /// The `Source` column of `domblklist vm`'s `vda` row.
 fn vda_source(lab: &Lab) -> String {
@@ -56,4 +58,101 @@ fn define_refuses_an_existing_domain_name_and_duplicate_disk_targets() {
     lab.ok(&["undefine", "vm"]);
     lab.ok(&["define", "vm", "--disk", &other_spec]);
     assert_eq!(vda_source(&lab), other.display().to_string());
+}
+
+/// A raw image of `mib` MiB in the lab.
+fn raw_image(lab: &Lab, name: &str, mib: u64) -> std::path::PathBuf {
+    let p = lab.path(name);
+    tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "raw"])
+            .arg(&p)
+            .arg(format!("{mib}M")),
+    );
+    p
+}
+
+/// The uuid `backup-create` prints.
+fn created_uuid(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Backup ")?.split_whitespace().next())
+        .expect("backup-create prints the uuid")
+        .to_owned()
+}
+
+#[test]
+fn a_raw_disk_left_out_of_managed_backups_needs_no_checkpoint_bitmap() {
+    let Some(lab) = Lab::new("live rules test") else {
+        return;
+    };
+    let vda = lab.image("vda.qcow2", 16);
+    let vdb = raw_image(&lab, "vdb.raw", 8);
+    lab.ok(&[
+        "define",
+        "vm",
+        "--disk",
+        &format!("vda={}", vda.display()),
+        "--disk",
+        &format!("vdb={},format=raw", vdb.display()),
+    ]);
+    let target = lab.path("backups");
+    std::fs::create_dir_all(&target).expect("target");
+    lab.ok(&[
+        "backup-set-default-target",
+        "vm",
+        target.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 1, "0", "1M");
+    let only_vda = lab.file(
+        "only-vda.xml",
+        "<domainbackup><disks><disk name='vda' backup='yes' type='file'/><disk name='vdb' backup='no'/></disks></domainbackup>",
+    );
+    let full = created_uuid(&lab.ok(&["backup-create", "vm", &only_vda, "--wait"]));
+    // The checkpoint tracks exactly the disk that was backed up.
+    let checkpoint = lab.json(&["backup-info", &full, "--json"])["checkpoint"]
+        .as_str()
+        .expect("a checkpoint")
+        .to_owned();
+    let xml = lab.ok(&["checkpoint-dumpxml", "vm", &checkpoint]);
+    assert!(xml.contains("<disk name='vdb' checkpoint='no'/>"), "{xml}");
+    assert!(
+        xml.contains("<disk name='vda' checkpoint='bitmap'"),
+        "{xml}"
+    );
+    // An incremental from it works, by push and by pull.
+    lab.guest_write("vm", "vda", 2, "2M", "1M");
+    let push = created_uuid(&lab.ok(&[
+        "backup-create",
+        "vm",
+        &only_vda,
+        "--parent",
+        &full,
+        "--wait",
+    ]));
+    lab.guest_write("vm", "vda", 3, "4M", "1M");
+    created_uuid(&lab.ok(&[
+        "backup-create",
+        "vm",
+        &only_vda,
+        "--parent",
+        &push,
+        "--pull",
+    ]));
+    // The same without a backup XML given to backup-begin: a checkpoint XML naming no disk
+    // tracks only the disks the backup copies.
+    let cp = lab.file(
+        "cp.xml",
+        "<domaincheckpoint><name>by-begin</name></domaincheckpoint>",
+    );
+    let push_xml = lab.file(
+        "push.xml",
+        &format!(
+            "<domainbackup><disks><disk name='vda' type='file'><target file='{}'/></disk><disk name='vdb' backup='no'/></disks></domainbackup>",
+            lab.path("begin-vda.qcow2").display()
+        ),
+    );
+    lab.ok(&["backup-begin", "vm", &push_xml, &cp, "--wait"]);
+    let xml = lab.ok(&["checkpoint-dumpxml", "vm", "by-begin"]);
+    assert!(xml.contains("<disk name='vdb' checkpoint='no'/>"), "{xml}");
 }

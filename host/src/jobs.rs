@@ -13,8 +13,8 @@ use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointMode, align_backup, align_checkpoint,
-    align_redefined_checkpoint,
+    BackupDef, CheckpointDef, CheckpointDisk, CheckpointKind, CheckpointMode, Origin, align_backup,
+    align_checkpoint, align_redefined_checkpoint,
 };
 use vbackup_qemu::store::{Store, write_atomic};
 
@@ -116,6 +116,54 @@ pub fn checkpoint_xml_from_args(
 pub fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, Error> {
     let mut def = CheckpointDef::parse(text, CheckpointMode::Create)?;
     def.fill_create_defaults(now_s());
+    let mut aligned = align_checkpoint(&def, &loaded.def)?;
+    aligned.domain_xml = Some(loaded.xml.trim_end().to_owned());
+    Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
+}
+
+/// A new checkpoint's XML read, with the defaults of a creation filled in (its name, when it
+/// gives none, is the creation time).
+pub fn parse_new_checkpoint(text: &str) -> Result<CheckpointDef, Error> {
+    let mut def = CheckpointDef::parse(text, CheckpointMode::Create)?;
+    def.fill_create_defaults(now_s());
+    Ok(def)
+}
+
+/// The checkpoint created with a backup: as [`new_checkpoint`], except
+/// that a checkpoint naming no disk tracks exactly the disks the (aligned) `backup` copies.
+/// A disk the backup leaves out (`backup='no'`, such as a raw disk, which cannot hold a
+/// bitmap) then gets `checkpoint='no'` rather than a bitmap it may not be able to hold.
+/// `def` is the checkpoint as [`parse_new_checkpoint`] read it.
+pub fn checkpoint_for_backup(
+    mut def: CheckpointDef,
+    loaded: &Loaded,
+    backup: &BackupDef,
+) -> Result<Checkpoint, Error> {
+    if def.disks.is_empty() {
+        let copied = |target: &str| {
+            backup
+                .disks
+                .iter()
+                .any(|d| d.name == target && d.backup.is_some())
+        };
+        def.disks = loaded
+            .def
+            .disks
+            .iter()
+            .filter(|d| !d.is_empty() && !d.readonly)
+            .map(|d| CheckpointDisk {
+                name: d.target.clone(),
+                checkpoint: if copied(&d.target) {
+                    CheckpointKind::Bitmap
+                } else {
+                    CheckpointKind::No
+                },
+                bitmap: None,
+                size_bytes: None,
+                origin: Origin::default(),
+            })
+            .collect();
+    }
     let mut aligned = align_checkpoint(&def, &loaded.def)?;
     aligned.domain_xml = Some(loaded.xml.trim_end().to_owned());
     Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
@@ -293,12 +341,21 @@ pub fn begin(
     reuse_external: bool,
 ) -> Result<Session, Error> {
     let loaded = session::load(store, name)?;
-    let checkpoint = checkpoint.map(|t| new_checkpoint(t, &loaded)).transpose()?;
+    let checkpoint = checkpoint.map(parse_new_checkpoint).transpose()?;
+    if let Some(def) = &checkpoint {
+        // Its errors come before the backup document's, as they always did.
+        align_checkpoint(def, &loaded.def)?;
+    }
     let def = BackupDef::parse(backup.unwrap_or("<domainbackup/>"))?;
+    // The checkpoint's name names the backup's scratch and target files.
     let suffix = checkpoint
         .as_ref()
-        .map_or_else(|| now_s().to_string(), |c| c.name.clone());
+        .and_then(|c| c.name.clone())
+        .unwrap_or_else(|| now_s().to_string());
     let aligned = align_backup(&def, &loaded.def, &suffix)?;
+    let checkpoint = checkpoint
+        .map(|def| checkpoint_for_backup(def, &loaded, &aligned))
+        .transpose()?;
     let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
     check_pull_server(&loaded, &spec)?;
     if !reuse_external {
