@@ -156,3 +156,63 @@ fn a_raw_disk_left_out_of_managed_backups_needs_no_checkpoint_bitmap() {
     let xml = lab.ok(&["checkpoint-dumpxml", "vm", "by-begin"]);
     assert!(xml.contains("<disk name='vdb' checkpoint='no'/>"), "{xml}");
 }
+
+/// The guest's view of `vm`'s `vda` now, as a qcow2 copy.
+fn vda_now(lab: &Lab, name: &str) -> std::path::PathBuf {
+    lab.snapshot("vm", "vda", name)
+}
+
+#[test]
+fn a_grown_disk_backs_up_incrementally_by_pull_as_by_push() {
+    let Some(lab) = Lab::new("live rules test") else {
+        return;
+    };
+    for pull in [true, false] {
+        let image = lab.define_vm("vda.qcow2", 16);
+        let target = lab.path("backups");
+        std::fs::create_dir_all(&target).expect("target");
+        lab.ok(&[
+            "backup-set-default-target",
+            "vm",
+            target.to_str().expect("utf-8"),
+        ]);
+        lab.ok(&["start", "vm"]);
+        lab.guest_write("vm", "vda", 1, "0", "1M");
+        let full = created_uuid(&lab.ok(&["backup-create", "vm", "--wait"]));
+        // The disk grows while the domain is shut down, and the guest writes past the old end.
+        lab.ok(&["shutdown", "vm"]);
+        tool(
+            Command::new("qemu-img")
+                .args(["resize", "-q"])
+                .arg(&image)
+                .arg("24M"),
+        );
+        lab.ok(&["start", "vm"]);
+        lab.guest_write("vm", "vda", 2, "15M", "2M");
+        lab.guest_write("vm", "vda", 3, "20M", "1M");
+        let mode = if pull { "--pull" } else { "--wait" };
+        let inc = created_uuid(&lab.ok(&["backup-create", "vm", "--parent", &full, mode]));
+        let expected = vda_now(&lab, &format!("expected-{pull}.qcow2"));
+        let restored_dir = lab.path(&format!("restored-{pull}"));
+        lab.ok(&[
+            "backup-restore",
+            &inc,
+            "--dir",
+            restored_dir.to_str().expect("utf-8"),
+        ]);
+        let restored = restored_dir.join("vda.qcow2");
+        assert!(
+            support::identical(&restored, &expected),
+            "the {} incremental of the grown disk restores to other data",
+            if pull { "pull" } else { "push" }
+        );
+        lab.ok(&["shutdown", "vm"]);
+        lab.ok(&[
+            "undefine",
+            "vm",
+            "--checkpoints-metadata",
+            "--remove-all-backups",
+        ]);
+        std::fs::remove_file(&image).expect("remove image");
+    }
+}

@@ -152,6 +152,22 @@ pub fn create_overlay(path: &Path, parent: &Path) -> Result<(), ImageError> {
     .map(|_| ())
 }
 
+/// Creates a qcow2 overlay of the qcow2 image `parent` with a virtual size of its own: an
+/// incremental backup of a disk that grew (or shrank) since its parent. Past the parent's end
+/// the overlay reads as zeroes until written.
+pub fn create_overlay_sized(
+    path: &Path,
+    parent: &Path,
+    virtual_size_bytes: u64,
+) -> Result<(), ImageError> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(parent)
+        .arg(path)
+        .arg(virtual_size_bytes.to_string()))
+    .map(|_| ())
+}
+
 /// Rebases a qcow2 image onto `backing` (or makes it standalone with `None`) keeping its
 /// guest-visible content: `qemu-img rebase` in safe mode copies into the image whatever
 /// differs between the old and the new backing.
@@ -532,8 +548,10 @@ pub fn store_extents_observed(
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // The export is the disk as it is now: an overlay takes its size, which a disk that grew
+    // since the parent backup no longer shares with the parent.
     match parent {
-        Some(p) => create_overlay(target, p)?,
+        Some(p) => create_overlay_sized(target, p, source.info().size)?,
         None => create_full(target, source.info().size)?,
     }
     let result = (|| {
