@@ -1300,5 +1300,25 @@ fn domjobinfo_stats(store: &Store, name: &str, opts: JobInfoOpts) -> Result<bool
 }
 
 fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
-    Ok(jobs::abort(store, name)?)
+    if let Some(damaged) = jobs::abort(store, name)? {
+        report_damaged_journal(&damaged);
+    }
+    Ok(())
+}
+
+/// Ends the job of a domain whose journal cannot be read, saying so; whether there was one.
+pub(crate) fn end_damaged_job(store: &Store, name: &str) -> Result<bool, CliError> {
+    let damaged = jobs::end_damaged_job(store, name)?;
+    if let Some(d) = &damaged {
+        report_damaged_journal(d);
+    }
+    Ok(damaged.is_some())
+}
+
+fn report_damaged_journal(damaged: &jobs::DamagedJournal) {
+    eprintln!(
+        "warning: the job journal '{}' was damaged ({}); the job QEMU showed was ended and the journal removed; files the job wrote may remain",
+        damaged.path.display(),
+        damaged.reason
+    );
 }

@@ -1005,6 +1005,10 @@ fn finish(
     check: bool,
     json: bool,
 ) -> Result<(), CliError> {
+    // A damaged journal does not block --cancel: the job ends, then the pending record goes.
+    if cancel {
+        commands::end_damaged_job(store, name)?;
+    }
     let loaded = session::load(store, name)?;
     let pending = Pending::read(loaded.store.dir())?;
     if pending.is_none() && loaded.journal.is_none() {

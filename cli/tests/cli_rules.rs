@@ -216,3 +216,68 @@ fn a_grown_disk_backs_up_incrementally_by_pull_as_by_push() {
         std::fs::remove_file(&image).expect("remove image");
     }
 }
+
+/// Defines and starts `vm` (16 MiB `vda`) with a default backup target.
+fn started_vm(lab: &Lab) {
+    lab.define_vm("vda.qcow2", 16);
+    let target = lab.path("backups");
+    std::fs::create_dir_all(&target).expect("target");
+    lab.ok(&[
+        "backup-set-default-target",
+        "vm",
+        target.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&["start", "vm"]);
+    lab.guest_write("vm", "vda", 1, "0", "1M");
+}
+
+/// Damages `vm`'s job journal as a torn write would; returns its path.
+fn damage_journal(lab: &Lab) -> std::path::PathBuf {
+    let journal = lab.state().join("domains/vm/journal.json");
+    let text = std::fs::read_to_string(&journal).expect("a job is journaled");
+    std::fs::write(&journal, &text[..text.len() / 2]).expect("truncate");
+    journal
+}
+
+#[test]
+fn a_damaged_journal_still_lets_domjobabort_and_backup_finish_cancel_end_the_job() {
+    let Some(lab) = Lab::new("live rules test") else {
+        return;
+    };
+    started_vm(&lab);
+    // A pull backup runs until it is aborted.
+    let socket = vbackup_qemu::qsd::RunDir::new(lab.state().join("run").join("vm")).nbd_socket;
+    let pull = lab.file(
+        "pull.xml",
+        &format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/></domainbackup>",
+            socket.display()
+        ),
+    );
+    lab.ok(&["backup-begin", "vm", &pull]);
+    let journal = damage_journal(&lab);
+    // Other commands still refuse to guess, naming the file.
+    let err = lab.fails(&["domjobinfo", "vm"]);
+    assert!(err.contains("journal"), "{err}");
+    let out = lab.run(&["domjobabort", "vm"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&journal.display().to_string()), "{stderr}");
+    assert!(!journal.exists());
+    assert!(lab.ok(&["domjobinfo", "vm"]).contains("None"));
+    // The domain is usable again: still running (it was started), and a new backup works.
+    assert!(lab.ok(&["list"]).contains("running"));
+    lab.ok(&["backup-create", "vm", "--wait"]);
+
+    // A managed backup left running, then its journal damaged: backup-finish --cancel ends it.
+    let before = lab.json(&["backup-list", "vm", "--json"]);
+    lab.ok(&["backup-create", "vm"]);
+    let journal = damage_journal(&lab);
+    let out = lab.run(&["backup-finish", "vm", "--cancel"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&journal.display().to_string()), "{stderr}");
+    assert!(!journal.exists());
+    assert_eq!(lab.json(&["backup-list", "vm", "--json"]), before);
+    lab.ok(&["backup-create", "vm", "--wait"]);
+}

@@ -2,8 +2,8 @@
 //! made before one starts, following it to its end (with the write-out of push targets), and
 //! the statistics files other invocations read meanwhile and afterwards.
 
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vbackup_core::backup::{
@@ -21,6 +21,7 @@ use vbackup_qemu::store::{Store, write_atomic};
 use crate::domains::{esc, now_s};
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::error::Error;
+use crate::layout::{JOURNAL_FILE, KEEP_FILE};
 use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 
 /// How often push targets are handed to the host's write-out while a job is followed.
@@ -376,7 +377,12 @@ pub fn begin(
 
 /// Aborts the backup job of domain `name` and waits for its cleanup, so the daemon can be
 /// stopped with a clean state.
-pub fn abort(store: &Store, name: &str) -> Result<(), Error> {
+/// A journal that cannot be read does not block it: see [`end_damaged_job`], whose report is
+/// returned.
+pub fn abort(store: &Store, name: &str) -> Result<Option<DamagedJournal>, Error> {
+    if let Some(damaged) = end_damaged_job(store, name)? {
+        return Ok(Some(damaged));
+    }
     let loaded = session::load(store, name)?;
     if loaded.journal.is_none() {
         return Err(EngineError::from(RequestError::NoJob).into());
@@ -391,7 +397,8 @@ pub fn abort(store: &Store, name: &str) -> Result<(), Error> {
         return Err(e);
     }
     s.wait_job_end(Duration::from_secs(60))?;
-    s.close()
+    s.close()?;
+    Ok(None)
 }
 
 /// What `domjobinfo` reports: the statistics asked for (the running job's, or with
@@ -482,5 +489,108 @@ fn shared_job_info(shared: &Shared, dir: &Path, completed: bool, keep_completed:
     JobInfo {
         stats: Some(stats),
         running,
+    }
+}
+
+/// A job journal that could not be read back, which [`end_damaged_job`] ended the job of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedJournal {
+    /// The journal file (removed).
+    pub path: PathBuf,
+    /// Why it could not be read.
+    pub reason: String,
+}
+
+/// How long ending the jobs of an unreadable journal may take.
+const END_UNKNOWN_JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Ends the job of domain `name` when its journal cannot be read (a torn write, a damaged
+/// disk): the job's state is then unknown, so what QEMU shows is ended. A managed domain's
+/// daemon is stopped (`quit` ends its jobs, exports and scratch nodes and writes the
+/// persistent bitmaps) and started again when it was kept running; on an attached QEMU
+/// every backup job is cancelled and dismissed. The journal is removed last. `None` when the
+/// journal is readable or absent (the core ends such a job as usual). Files the job wrote (a
+/// push target, a pull's scratch image) are not known without the journal and are left.
+pub fn end_damaged_job(store: &Store, name: &str) -> Result<Option<DamagedJournal>, Error> {
+    let ds = session::lock(store, name)?;
+    if ds.read_domain_xml()?.is_none() {
+        let _ = std::fs::remove_dir(ds.dir());
+        return Err(Error::NoDomain(name.to_owned()));
+    }
+    let Some(text) = ds.read_journal()? else {
+        return Ok(None);
+    };
+    let Err(reason) = serde_json::from_str::<BackupPlan>(&text) else {
+        return Ok(None);
+    };
+    let damaged = DamagedJournal {
+        path: ds.dir().join(JOURNAL_FILE),
+        reason: reason.to_string(),
+    };
+    let run_dir = ds.run_dir();
+    let kept = match Attachment::of_domain(ds.dir()) {
+        Attachment::Managed => {
+            session::stop_daemon(&run_dir)?;
+            run_dir.join(KEEP_FILE).is_file()
+        }
+        Attachment::Attached(socket) => {
+            cancel_backup_jobs(&socket)?;
+            false
+        }
+    };
+    ds.remove_journal()?;
+    let _ = std::fs::remove_file(ds.dir().join(PROGRESS_FILE));
+    drop(ds);
+    if kept {
+        // The domain was running before: it runs again, without the job.
+        session::Session::connect(session::load(store, name)?)?.close()?;
+    }
+    Ok(Some(damaged))
+}
+
+/// Cancels every backup job of the QEMU at `socket` and dismisses it once concluded.
+fn cancel_backup_jobs(socket: &Path) -> Result<(), Error> {
+    use vbackup_qemu::qmp_socket::QmpSocket;
+    let deadline = Instant::now() + END_UNKNOWN_JOB_TIMEOUT;
+    let mut qmp = QmpSocket::connect(socket, deadline)?;
+    let backups = |qmp: &mut QmpSocket| -> Result<Vec<(String, String)>, Error> {
+        let jobs = qmp.execute("query-jobs", None, deadline)?;
+        Ok(jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|j| j["type"] == "backup")
+            .filter_map(|j| {
+                Some((
+                    j["id"].as_str()?.to_owned(),
+                    j["status"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    };
+    for (id, status) in backups(&mut qmp)? {
+        if status != "concluded" && status != "null" {
+            qmp.execute("job-cancel", Some(json!({"id": id})), deadline)?;
+        }
+    }
+    loop {
+        let jobs = backups(&mut qmp)?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        for (id, status) in &jobs {
+            if status == "concluded" {
+                qmp.execute("job-dismiss", Some(json!({"id": id})), deadline)?;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Other(format!(
+                "operation failed: backup jobs {:?} of the QEMU at '{}' did not end within {} s",
+                jobs.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                socket.display(),
+                END_UNKNOWN_JOB_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -24,6 +24,7 @@
 //!   the store as it is ([`Shared`]), never waits, and neither writes nor talks to QEMU (whose
 //!   monitor the holder may be using).
 
+use crate::layout::JOURNAL_FILE;
 pub use crate::layout::{DRIFT_REPORTED_FILE, KEEP_FILE, META_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -70,6 +71,15 @@ pub enum Attachment {
 }
 
 impl Attachment {
+    /// How the domain stored in `dir` reaches QEMU, from its `vbackup.json`.
+    pub fn of_domain(dir: &Path) -> Self {
+        let meta = std::fs::read_to_string(dir.join(META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or(Value::Null);
+        Attachment::from_meta(&meta)
+    }
+
     fn from_meta(meta: &Value) -> Self {
         match meta.get("qmp").and_then(Value::as_str) {
             Some(p) => Attachment::Attached(PathBuf::from(p)),
@@ -164,7 +174,7 @@ fn parse_stored(
     meta: Option<&str>,
     checkpoints: Vec<Checkpoint>,
     current: Option<&str>,
-    journal: Option<&str>,
+    journal: Option<(&str, &Path)>,
 ) -> Result<Parsed, Error> {
     let mut def = parse_domain(xml)?;
     let meta = meta
@@ -182,10 +192,12 @@ fn parse_stored(
     let current = current.map(str::trim).filter(|s| !s.is_empty());
     let tree = CheckpointTree::load(checkpoints, current);
     let journal = match journal {
-        Some(text) => Some(
-            serde_json::from_str::<BackupPlan>(text)
-                .map_err(|e| Error::Corrupt(format!("job journal: {e}")))?,
-        ),
+        Some((text, path)) => Some(serde_json::from_str::<BackupPlan>(text).map_err(|e| {
+            Error::Corrupt(format!(
+                "job journal '{}': {e}; 'vbackup domjobabort' ends the job it journaled",
+                path.display()
+            ))
+        })?),
         None => None,
     };
     Ok(Parsed {
@@ -240,7 +252,11 @@ fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, Error> {
         meta.as_deref(),
         load_checkpoints(&ds)?,
         current.as_deref(),
-        journal.as_deref(),
+        journal
+            .as_deref()
+            .map(|t| (t, ds.dir().join(JOURNAL_FILE)))
+            .as_ref()
+            .map(|(t, p)| (*t, p.as_path())),
     )?;
     // Restores killed before their rename left copies beside the disks' images.
     for dir in parsed
@@ -295,6 +311,7 @@ pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, Error> 
     let Some(snapshot) = store.read_domain(name)? else {
         return Err(Error::NoDomain(name.to_owned()));
     };
+    let journal_path = store.root().join("domains").join(name).join(JOURNAL_FILE);
     let Some(xml) = snapshot.file("domain.xml") else {
         return Err(Error::NoDomain(name.to_owned()));
     };
@@ -303,7 +320,9 @@ pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, Error> 
         snapshot.file(META_FILE),
         parse_checkpoints(snapshot.checkpoints.clone())?,
         snapshot.file(CURRENT_FILE),
-        snapshot.file("journal.json"),
+        snapshot
+            .file(JOURNAL_FILE)
+            .map(|t| (t, journal_path.as_path())),
     )?;
     Ok(ReadAccess::Shared(Box::new(Shared {
         def: parsed.def,
