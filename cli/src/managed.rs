@@ -618,7 +618,7 @@ fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliEr
 }
 
 fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), CliError> {
-    let out = Process::new("qemu-img")
+    let out = vbackup_qemu::children::tied(&mut Process::new("qemu-img"))
         .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(backing)
         .arg(path)

@@ -460,7 +460,7 @@ fn pull_into(d: &Demo, export: &str, bitmap: &str, overlay: &Path) -> Result<(),
     let sock = d.path("overlay.sock");
     let _ = std::fs::remove_file(&sock);
     let log = File::create(d.path("qemu-nbd.log")).map_err(Error::io("qemu-nbd log"))?;
-    let mut child = Command::new("qemu-nbd")
+    let mut child = vbackup_qemu::children::tied(&mut Command::new("qemu-nbd"))
         .args(["-f", "qcow2", "--cache=unsafe", "-k"])
         .arg(&sock)
         .arg(overlay)
