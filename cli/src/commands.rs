@@ -13,8 +13,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use vbackup_core::backup::JobStats;
 use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
-use vbackup_core::domain::{Reply, Request};
-use vbackup_core::error::{Error as EngineError, RequestError};
+use vbackup_core::error::Error as EngineError;
 use vbackup_core::xml::{CheckpointDef, CheckpointFormat, CheckpointMode};
 use vbackup_qemu::store::Store;
 
@@ -22,7 +21,7 @@ use vbackup_host::domains::{self, read_file};
 pub(crate) use vbackup_host::domains::{esc, now_s};
 use vbackup_host::jobs::{self, checkpoint_xml_from_args};
 pub(crate) use vbackup_host::jobs::{checkpoint_for_backup, export_uris, parse_new_checkpoint};
-use vbackup_host::session::{self, Attachment, ReadAccess, Session};
+use vbackup_host::session::{self, Attachment, Session};
 
 use crate::output::{CliError, format_time, print_json, table};
 use crate::virsh_args::{DomainArg, fill, required};
@@ -732,12 +731,7 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
 }
 
 fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let def = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => loaded.def,
-        ReadAccess::Shared(shared) => shared.def,
-    };
-    let disks: Vec<(String, String)> = def
-        .disks
+    let disks: Vec<(String, String)> = domains::disks(store, name)?
         .iter()
         .map(|d| {
             let src = d
@@ -947,23 +941,7 @@ fn checkpoint_dumpxml(
         size,
         json,
     } = opts;
-    let c = if size {
-        let loaded = session::load(store, name)?;
-        let mut s = Session::connect(loaded)?;
-        let r = s.call(Request::CheckpointGetXml {
-            name: checkpoint.to_owned(),
-            size: true,
-        });
-        s.close()?;
-        match r? {
-            Reply::Checkpoint(c) => *c,
-            other => return Err(CliError::Other(format!("unexpected answer {other:?}"))),
-        }
-    } else {
-        jobs::read_tree::<_, CliError>(store, name, |tree, _| {
-            Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
-        })?
-    };
+    let c = jobs::checkpoint(store, name, checkpoint, size)?;
     let xml = c.to_def().format(CheckpointFormat {
         no_domain,
         include_size: size,
@@ -990,15 +968,7 @@ fn checkpoint_delete(
     scope: DeleteScope,
     metadata_only: bool,
 ) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::CheckpointDelete {
-        name: checkpoint.to_owned(),
-        scope,
-        metadata_only,
-    });
-    s.close()?;
-    r?;
+    jobs::delete_checkpoint(store, name, checkpoint, scope, metadata_only)?;
     match scope {
         DeleteScope::ChildrenOnly => println!("Domain checkpoint {checkpoint} children deleted"),
         _ => println!("Domain checkpoint {checkpoint} deleted"),
@@ -1140,24 +1110,7 @@ fn backup_dumpxml(
     json: bool,
     xpath: &XpathArgs,
 ) -> Result<(), CliError> {
-    let plan = match session::load_for_reading(store, name)? {
-        ReadAccess::Shared(shared) => match shared.journal {
-            Some(plan) => Box::new(plan),
-            None => return Err(EngineError::from(RequestError::NoBackup).into()),
-        },
-        ReadAccess::Locked(loaded) => {
-            if loaded.journal.is_none() {
-                return Err(EngineError::from(RequestError::NoBackup).into());
-            }
-            let mut s = Session::connect(*loaded)?;
-            let r = s.call(Request::BackupGetXml);
-            s.close()?;
-            let Reply::Backup(plan) = r? else {
-                return Err(CliError::Other("unexpected answer".into()));
-            };
-            plan
-        }
-    };
+    let plan = jobs::backup_plan(store, name)?;
     if json {
         print_json(serde_json::to_value(&*plan).unwrap_or(Value::Null));
         Ok(())

@@ -377,6 +377,14 @@ pub fn list(store: &Store) -> Result<Vec<DomainSummary>, Error> {
     Ok(rows)
 }
 
+/// The disks of domain `name` as defined, read without waiting for its lock.
+pub fn disks(store: &Store, name: &str) -> Result<Vec<DiskDef>, Error> {
+    Ok(match session::load_for_reading(store, name)? {
+        session::ReadAccess::Locked(loaded) => loaded.def.disks,
+        session::ReadAccess::Shared(shared) => shared.def.disks,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

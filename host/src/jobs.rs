@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use vbackup_core::backup::{
     BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer,
 };
-use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
+use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::xml::{
@@ -592,5 +592,70 @@ fn cancel_backup_jobs(socket: &Path) -> Result<(), Error> {
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checkpoint `checkpoint` of domain `name`; with `size`, asked of QEMU with the bytes dirtied
+/// since it (its bitmaps' counts), else as stored (a journaled job reconciled first).
+pub fn checkpoint(
+    store: &Store,
+    name: &str,
+    checkpoint: &str,
+    size: bool,
+) -> Result<Checkpoint, Error> {
+    if !size {
+        return read_tree(store, name, |tree, _| {
+            Ok::<_, Error>(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
+        });
+    }
+    let mut s = Session::connect(session::load(store, name)?)?;
+    let r = s.call(Request::CheckpointGetXml {
+        name: checkpoint.to_owned(),
+        size: true,
+    });
+    s.close()?;
+    match r? {
+        Reply::Checkpoint(c) => Ok(*c),
+        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Deletes checkpoint `checkpoint` of domain `name` (with `scope`'s children; with
+/// `metadata_only`, its bitmaps stay in the images).
+pub fn delete_checkpoint(
+    store: &Store,
+    name: &str,
+    checkpoint: &str,
+    scope: DeleteScope,
+    metadata_only: bool,
+) -> Result<(), Error> {
+    let mut s = Session::connect(session::load(store, name)?)?;
+    let r = s.call(Request::CheckpointDelete {
+        name: checkpoint.to_owned(),
+        scope,
+        metadata_only,
+    });
+    s.close()?;
+    r.map(|_| ())
+}
+
+/// The running backup job of domain `name`, as its journal says (reconciled with QEMU first
+/// when this invocation could lock the domain).
+pub fn backup_plan(store: &Store, name: &str) -> Result<Box<BackupPlan>, Error> {
+    let no_backup = || Error::from(EngineError::from(RequestError::NoBackup));
+    match session::load_for_reading(store, name)? {
+        ReadAccess::Shared(shared) => shared.journal.map(Box::new).ok_or_else(no_backup),
+        ReadAccess::Locked(loaded) => {
+            if loaded.journal.is_none() {
+                return Err(no_backup());
+            }
+            let mut s = Session::connect(*loaded)?;
+            let r = s.call(Request::BackupGetXml);
+            s.close()?;
+            match r? {
+                Reply::Backup(plan) => Ok(plan),
+                _ => Err(Error::Other("unexpected answer".into())),
+            }
+        }
     }
 }
