@@ -281,3 +281,51 @@ fn a_damaged_journal_still_lets_domjobabort_and_backup_finish_cancel_end_the_job
     assert_eq!(lab.json(&["backup-list", "vm", "--json"]), before);
     lab.ok(&["backup-create", "vm", "--wait"]);
 }
+
+#[test]
+fn a_damaged_journal_of_an_attached_qemu_lets_domjobabort_dismiss_its_backup_job() {
+    use vbackup_core::model::ImageFormat;
+    use vbackup_qemu::qsd::QsdDisk;
+    let Some(lab) = Lab::new("live rules test") else {
+        return;
+    };
+    let mut qemu = vbackup_qemu::live::LiveLab::new().expect("live lab");
+    let img = lab.image("a.qcow2", 16);
+    let qsd = qemu
+        .start_qsd("q", &[QsdDisk::single("vda", &img, ImageFormat::Qcow2)])
+        .expect("start qemu-storage-daemon");
+    let qmp = qsd.run_dir().qmp_socket.display().to_string();
+    // The monitor serves one client: vbackup's turn.
+    drop(qsd);
+    lab.ok(&[
+        "define",
+        "vm",
+        "--disk",
+        &format!("vda={}", img.display()),
+        "--qmp",
+        &qmp,
+    ]);
+    let push = |name: &str| {
+        lab.file(
+            &format!("{name}.xml"),
+            &format!(
+                "<domainbackup><disks><disk name='vda' type='file'><target file='{}'/><driver type='qcow2'/></disk></disks></domainbackup>",
+                lab.path(&format!("{name}.qcow2")).display()
+            ),
+        )
+    };
+    // Without --wait the job stays journaled (and, once done, concluded in QEMU) until a
+    // later command sees it end.
+    lab.ok(&["backup-begin", "vm", &push("first")]);
+    let journal = damage_journal(&lab);
+    let out = lab.run(&["domjobabort", "vm"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&journal.display().to_string()), "{stderr}");
+    assert!(!journal.exists());
+    // QEMU holds no backup job any more: a new backup runs.
+    lab.ok(&["backup-begin", "vm", &push("second"), "--wait"]);
+    let again = qemu.reconnect("q").expect("the daemon still runs");
+    again.quit().expect("quit");
+    qemu.reap_exited();
+}
