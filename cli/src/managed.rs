@@ -1622,6 +1622,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
     } = args;
     let json = *json;
     let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
+    if let Some(name) = &new_domain {
+        // Refused before any image is written: nothing takes over an existing domain.
+        vbackup_host::domains::check_name_free(store, name)?;
+    }
     let (ds, cat) = find(store, uuid)?;
     let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
     let plan = match until {

@@ -329,3 +329,39 @@ fn a_damaged_journal_of_an_attached_qemu_lets_domjobabort_dismiss_its_backup_job
     again.quit().expect("quit");
     qemu.reap_exited();
 }
+
+#[test]
+fn restore_to_a_new_domain_refuses_an_existing_name_before_writing_anything() {
+    let Some(lab) = Lab::new("live rules test") else {
+        return;
+    };
+    started_vm(&lab);
+    let uuid = created_uuid(&lab.ok(&["backup-create", "vm", "--wait"]));
+    let source = vda_source(&lab);
+    for existing in ["vm", "other"] {
+        if existing == "other" {
+            let img = lab.image("other.qcow2", 16);
+            lab.ok(&[
+                "define",
+                "other",
+                "--disk",
+                &format!("vda={}", img.display()),
+            ]);
+        }
+        let dir = lab.path(&format!("restored-{existing}"));
+        let err = lab.fails(&[
+            "backup-restore",
+            &uuid,
+            "--dir",
+            dir.to_str().expect("utf-8"),
+            "--new-domain",
+            existing,
+        ]);
+        assert!(
+            err.contains(&format!("domain '{existing}' already exists")),
+            "{err}"
+        );
+        assert!(!dir.join("vda.qcow2").exists(), "an image was restored");
+    }
+    assert_eq!(vda_source(&lab), source);
+}

@@ -257,6 +257,16 @@ pub fn define(
     })
 }
 
+/// Refuses a name another domain has, before anything is written for a new domain of that
+/// name (`define` checks again under the domain's lock).
+pub fn check_name_free(store: &Store, name: &str) -> Result<(), Error> {
+    let stored = store.root().join("domains").join(name).join(DOMAIN_FILE);
+    if stored.is_file() {
+        return Err(Error::DomainExists(name.to_owned()));
+    }
+    Ok(())
+}
+
 /// Refuses two disks with one target: every command names disks by target.
 pub fn check_disk_targets(disks: &[DiskDef]) -> Result<(), Error> {
     for (i, disk) in disks.iter().enumerate() {
