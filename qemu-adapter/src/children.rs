@@ -68,7 +68,8 @@ fn same_process(pid: u32, start: u64) -> bool {
     start_time(pid) == Some(start)
 }
 
-/// Records in `dir` that this process owns the helper `helper_pid` serving from it.
+/// Records in `dir` that this process owns the helper `helper_pid` serving from it (0: none
+/// started yet).
 pub fn record_owner(dir: &Path, helper_pid: u32) -> std::io::Result<()> {
     let me = std::process::id();
     let start = start_time(me).unwrap_or(0);
@@ -115,7 +116,7 @@ pub fn clean_orphans(tmp: &Path) -> Cleaned {
         if same_process(owner, owner_start) {
             continue;
         }
-        if start_time(helper).is_some() && helper_serves(helper, &dir) {
+        if helper != 0 && start_time(helper).is_some() && helper_serves(helper, &dir) {
             if let Some(pid) = rustix::process::Pid::from_raw(helper as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
@@ -199,10 +200,8 @@ mod tests {
     }
 
     #[test]
-    fn a_tied_helper_dies_with_its_parent() {
-        // The parent: a shell that starts a tied sleep... a Command cannot tie a grandchild,
-        // so tie a child to this test process and check the settings took: it runs in its own
-        // process group.
+    fn a_tied_helper_runs_in_its_own_process_group() {
+        // Dying with its parent is checked by the live tests, which kill vbackup.
         let mut command = Command::new("sleep");
         command.arg("30");
         let mut child = tied(&mut command).spawn().expect("sleep");
@@ -225,9 +224,14 @@ mod tests {
         let live = tmp.path().join(format!("{EXPORT_DIR_PREFIX}live"));
         std::fs::create_dir(&live).unwrap();
         record_owner(&live, u32::MAX - 1).unwrap();
-        let cleaned = clean_orphans(tmp.path());
-        assert_eq!(cleaned.removed, vec![dead.clone()]);
+        // An owner killed before it started its helper.
+        let early = tmp.path().join(format!("{EXPORT_DIR_PREFIX}early"));
+        std::fs::create_dir(&early).unwrap();
+        std::fs::write(early.join(OWNER_FILE), "0 1 0\n").unwrap();
+        let mut cleaned = clean_orphans(tmp.path());
+        cleaned.removed.sort();
+        assert_eq!(cleaned.removed, vec![dead.clone(), early.clone()]);
         assert!(cleaned.killed.is_empty());
-        assert!(!dead.exists() && live.exists());
+        assert!(!dead.exists() && !early.exists() && live.exists());
     }
 }

@@ -355,8 +355,10 @@ impl NbdExport {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // Tied to vbackup, and recorded beside its socket for the next vbackup should the
+        // Owned before the helper starts (so a kill right now leaves nothing nobody cleans),
+        // tied to vbackup, and recorded beside its socket for the next vbackup should the
         // kernel's death signal not have ended it.
+        crate::children::record_owner(dir.path(), 0)?;
         let child = crate::children::tied(&mut command)
             .spawn()
             .map_err(|source| {
