@@ -618,7 +618,7 @@ fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliEr
 }
 
 fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), CliError> {
-    let out = Process::new("qemu-img")
+    let out = vbackup_qemu::children::tied(&mut Process::new("qemu-img"))
         .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(backing)
         .arg(path)
@@ -696,13 +696,10 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         None => None,
     };
     let checkpoint_name = args.checkpoint.clone().unwrap_or_else(|| uuid.clone());
-    let checkpoint = commands::new_checkpoint(
-        &format!(
-            "<domaincheckpoint><name>{}</name></domaincheckpoint>",
-            commands::esc(&checkpoint_name)
-        ),
-        &loaded,
-    )?;
+    let checkpoint_xml = format!(
+        "<domaincheckpoint><name>{}</name></domaincheckpoint>",
+        commands::esc(&checkpoint_name)
+    );
 
     let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
     if args.pull {
@@ -781,6 +778,12 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         }
     }
     let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
+    // The checkpoint tracks exactly the disks the backup copies.
+    let checkpoint = commands::checkpoint_for_backup(
+        commands::parse_new_checkpoint(&checkpoint_xml)?,
+        &loaded,
+        &aligned,
+    )?;
     // A pull without <server> goes on the daemon's NBD server; one naming another server is
     // refused by the core before anything starts.
     let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
@@ -817,7 +820,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     if let Err(e) = r {
         let _ = discard(&mut s, &dir, &pending);
         s.close()?;
-        return Err(e);
+        return Err(e.into());
     }
     if !args.json {
         match s
@@ -852,7 +855,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
                     "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
                 );
             }
-            return s.close();
+            return Ok(s.close()?);
         }
         let stats = commands::follow(&mut s, args.json)?;
         if stats.as_ref().is_none_or(|st| st.success != Some(true)) {
@@ -1002,6 +1005,10 @@ fn finish(
     check: bool,
     json: bool,
 ) -> Result<(), CliError> {
+    // A damaged journal does not block --cancel: the job ends, then the pending record goes.
+    if cancel {
+        commands::end_damaged_job(store, name)?;
+    }
     let loaded = session::load(store, name)?;
     let pending = Pending::read(loaded.store.dir())?;
     if pending.is_none() && loaded.journal.is_none() {
@@ -1615,6 +1622,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
     } = args;
     let json = *json;
     let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
+    if let Some(name) = &new_domain {
+        // Refused before any image is written: nothing takes over an existing domain.
+        vbackup_host::domains::check_name_free(store, name)?;
+    }
     let (ds, cat) = find(store, uuid)?;
     let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
     let plan = match until {
