@@ -50,6 +50,13 @@ pub enum Journal {
         with_children: bool,
         /// Checkpoints are kept.
         keep_checkpoints: bool,
+        /// The images the deletion removes (removed again on restart: the records naming
+        /// them may be gone already).
+        #[serde(default)]
+        files: Vec<String>,
+        /// The per-backup directories it removes.
+        #[serde(default)]
+        dirs: Vec<String>,
     },
     /// New files are written beside their final names; `renames` are `(temporary, final)`.
     /// Until `committed` the temporaries are removed on restart; once committed (every new

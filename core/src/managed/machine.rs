@@ -874,19 +874,24 @@ impl Managed {
             _ => Vec::new(),
         };
         let mut pending = self.pending().cloned();
+        let mut recorded = None;
         if let Some(p) = &pending
-            && self.catalogue.get(&p.uuid).is_some()
+            && let Some(b) = self.catalogue.get(&p.uuid)
         {
             // Recorded before the journal could be cleared: only the journal is left.
             steps.push(Step::Do(
                 Effect::ClearJournal,
                 "cannot clear the journal".into(),
             ));
+            recorded = Some(b.clone());
             pending = None;
         }
         let rest = match request {
             ManagedRequest::Create(req) => self.plan_create(now, *req, pending)?,
-            ManagedRequest::Finish { cancel, check } => Self::plan_finish(pending, cancel, check),
+            ManagedRequest::Finish { cancel, check } => match recorded {
+                Some(b) => vec![Step::Answer(ManagedReply::Created(Box::new(b)))],
+                None => Self::plan_finish(pending, cancel, check),
+            },
             ManagedRequest::Verify { uuid } => self.plan_verify(&uuid)?,
             ManagedRequest::Delete {
                 target,
@@ -946,11 +951,30 @@ impl Managed {
                 target,
                 with_children,
                 keep_checkpoints,
+                files,
+                dirs,
             } => {
+                // The files and directories of records already deleted go first (nothing
+                // names them any more); what is still catalogued is deleted as planned anew.
+                let named = |path: &str| {
+                    self.catalogue
+                        .list(crate::catalogue::ListFilter::All)
+                        .iter()
+                        .any(|b| b.disks.iter().any(|i| i.path == path))
+                };
+                let mut steps: Vec<Step> = files
+                    .iter()
+                    .filter(|f| !named(f))
+                    .map(|path| Step::Try(Effect::Remove { path: path.clone() }))
+                    .collect();
+                steps.extend(
+                    dirs.iter()
+                        .map(|path| Step::Try(Effect::RemoveDir { path: path.clone() })),
+                );
                 let gone = target
                     .as_deref()
                     .is_some_and(|t| self.catalogue.get(t).is_none());
-                let mut steps = if gone {
+                let again = if gone {
                     Vec::new()
                 } else {
                     self.plan_delete(
@@ -962,12 +986,13 @@ impl Managed {
                     )
                     .unwrap_or_default()
                 };
-                if steps.is_empty() {
+                if again.is_empty() {
                     steps.push(Step::Do(
                         Effect::ClearJournal,
                         "cannot clear the journal".into(),
                     ));
                 }
+                steps.extend(again);
                 steps
             }
             Journal::Replace {
@@ -1285,16 +1310,28 @@ impl Managed {
                 "a running backup is built on '{parent}'"
             )));
         }
+        let mut files: Vec<String> = Vec::new();
+        let mut dirs: Vec<String> = Vec::new();
+        for op in &ops {
+            if let CatalogueOp::RemoveImage { path } = op {
+                let (dir, _) = split(path);
+                if validate_uuid(split(dir).1).is_ok() && !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_owned());
+                }
+                files.push(path.clone());
+            }
+        }
         let mut steps = vec![Step::Do(
             Effect::PutJournal(Box::new(Journal::Delete {
                 target: target.map(str::to_owned),
                 with_children,
                 keep_checkpoints,
+                files,
+                dirs: dirs.clone(),
             })),
             "cannot write the journal".into(),
         )];
         let mut checkpoints = Vec::new();
-        let mut dirs: Vec<String> = Vec::new();
         let flush = |checkpoints: &mut Vec<String>, steps: &mut Vec<Step>| {
             if !checkpoints.is_empty() {
                 steps.push(Step::DeleteCheckpoints(std::mem::take(checkpoints)));
@@ -1327,11 +1364,6 @@ impl Managed {
                     format!("cannot delete the record of {uuid}"),
                 )),
                 CatalogueOp::RemoveImage { path } => {
-                    let (dir, _) = split(&path);
-                    let own = split(dir).1;
-                    if validate_uuid(own).is_ok() && !dirs.iter().any(|d| d == dir) {
-                        dirs.push(dir.to_owned());
-                    }
                     steps.push(Step::Try(Effect::Remove { path }));
                 }
                 CatalogueOp::SetDefaultTarget(_) => {}
