@@ -817,7 +817,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     if let Err(e) = r {
         let _ = discard(&mut s, &dir, &pending);
         s.close()?;
-        return Err(e);
+        return Err(e.into());
     }
     if !args.json {
         match s
@@ -852,7 +852,7 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
                     "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
                 );
             }
-            return s.close();
+            return Ok(s.close()?);
         }
         let stats = commands::follow(&mut s, args.json)?;
         if stats.as_ref().is_none_or(|st| st.success != Some(true)) {

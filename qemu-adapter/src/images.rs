@@ -94,7 +94,8 @@ pub enum ImageError {
 /// Runs a command (stdin closed) and returns its output if it exited with status 0.
 pub fn run_tool(command: &mut Command) -> Result<Output, ToolError> {
     let tool = command.get_program().to_string_lossy().into_owned();
-    let output = command
+    // A tool run for vbackup dies with it (a killed restore leaves no `qemu-img convert`).
+    let output = crate::children::tied(command)
         .stdin(Stdio::null())
         .output()
         .map_err(|source| ToolError::Spawn { tool, source })?;
@@ -306,7 +307,11 @@ impl NbdExport {
     /// Serves `path` (of `format`). A writable export turns written zero blocks into zero
     /// clusters (`--detect-zeroes=on`) so they use no data space.
     pub fn start(path: &Path, format: &ImageFormat, writable: bool) -> Result<Self, ImageError> {
-        let dir = tempfile::Builder::new().prefix("vbackup-nbd").tempdir()?;
+        // What a killed vbackup left of earlier exports goes first.
+        crate::children::clean_orphans(&std::env::temp_dir());
+        let dir = tempfile::Builder::new()
+            .prefix(crate::children::EXPORT_DIR_PREFIX)
+            .tempdir()?;
         let socket = dir.path().join("nbd.sock");
         let log_path = dir.path().join("qemu-nbd.log");
         let log = File::create(&log_path)?;
@@ -334,12 +339,17 @@ impl NbdExport {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let child = command.spawn().map_err(|source| {
-            ImageError::Tool(ToolError::Spawn {
-                tool: "qemu-nbd".into(),
-                source,
-            })
-        })?;
+        // Tied to vbackup, and recorded beside its socket for the next vbackup should the
+        // kernel's death signal not have ended it.
+        let child = crate::children::tied(&mut command)
+            .spawn()
+            .map_err(|source| {
+                ImageError::Tool(ToolError::Spawn {
+                    tool: "qemu-nbd".into(),
+                    source,
+                })
+            })?;
+        let _ = crate::children::record_owner(dir.path(), child.id());
         let mut export = Self {
             child: Some(child),
             socket,
@@ -375,6 +385,11 @@ impl NbdExport {
             EXPORT_NAME,
             meta_contexts,
         )?)
+    }
+
+    /// The pid of qemu-nbd, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The socket path (for `nbd+unix:///image?socket=...` URIs).
@@ -566,6 +581,7 @@ pub fn digest_export(client: &mut NbdClient) -> Result<Digest, ImageError> {
 /// The content digest of an image read through its backing chain.
 pub fn content_digest(path: &Path, format: &ImageFormat) -> Result<Digest, ImageError> {
     let mut export = NbdExport::start(path, format, false)?;
+    crate::children::test_pause_in_digest(export.pid().unwrap_or(0));
     let mut client = export.connect(&[BASE_ALLOCATION])?;
     let digest = digest_export(&mut client)?;
     let _ = client.disconnect();

@@ -3,6 +3,7 @@
 //! qemu-storage-daemon or QEMU runs), and the last finished job's statistics are kept so a
 //! later invocation can answer `domjobinfo --completed`.
 
+pub use crate::layout::{COMPLETED_FILE, CURRENT_FILE, PENDING_CHECKPOINT_FILE, PROGRESS_FILE};
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -14,17 +15,6 @@ use vbackup_core::xml::CheckpointFormat;
 use vbackup_qemu::store::{Collection, DomainStore, validate_name, write_atomic};
 
 use crate::checkpoint_index;
-
-/// File of the current checkpoint's name (empty: none).
-pub const CURRENT_FILE: &str = "current-checkpoint";
-/// File of the last finished job's statistics (JSON).
-pub const COMPLETED_FILE: &str = "completed-job.json";
-/// File of the checkpoints whose bitmaps are being created: a JSON array of names (an older
-/// store holds one bare name, or nothing).
-pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
-/// File of the running job's statistics as last polled by the invocation following it:
-/// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
-pub const PROGRESS_FILE: &str = "job-progress.json";
 
 /// Store-backed effects of one locked domain.
 #[derive(Debug)]
