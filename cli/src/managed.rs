@@ -37,19 +37,22 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 use vbackup_core::backup::BackupSpec;
 use vbackup_core::catalogue::{
-    BackupKind, Catalogue, CatalogueOp, DeleteMode, ListFilter, ManagedBackup, validate_uuid,
+    BackupKind, Catalogue, CatalogueOp, ListFilter, ManagedBackup, validate_uuid,
 };
 use vbackup_core::checkpoint::DeleteScope;
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
+use vbackup_core::managed::{
+    Managed, ManagedError, ManagedReply, ManagedRequest, RestoreRequest, RestoreTarget,
+};
 use vbackup_core::xml::{
     BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
 };
-use vbackup_qemu::images::{self, load_catalogue};
+use vbackup_host::managed_runtime::{self, ManagedHost};
+use vbackup_qemu::images;
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
 use vbackup_qemu::qsd::{RunDir, daemon_alive};
-use vbackup_qemu::restore::{RestoreTarget, restore};
 use vbackup_qemu::store::{DomainStore, Store, write_atomic};
 
 use crate::commands;
@@ -348,7 +351,61 @@ fn io_error(e: images::CatalogueIoError) -> CliError {
 
 /// The catalogue of a locked domain.
 fn catalogue(store: &DomainStore) -> Result<Catalogue, CliError> {
-    load_catalogue(store).map_err(io_error)
+    // A damaged record affects only itself: the intact backups load.
+    let stored = managed_runtime::stored_managed(store)?;
+    Ok(Managed::new(store.name(), stored).catalogue().clone())
+}
+
+/// The domain holding backup `uuid`, intact or with a damaged record.
+fn find_domain(store: &Store, uuid: &str) -> Result<String, CliError> {
+    validate_uuid(uuid).map_err(catalogue_error)?;
+    let mut busy = Vec::new();
+    for name in store.list_domains()? {
+        let ds = match store.lock_domain(&name) {
+            Ok(ds) => ds,
+            Err(vbackup_qemu::store::StoreError::Locked { .. }) => {
+                busy.push(name);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = Managed::new(ds.name(), managed_runtime::stored_managed(&ds)?);
+        let damaged = m.damaged().iter().any(|d| d.uuid.as_deref() == Some(uuid));
+        if m.catalogue().get(uuid).is_some() || damaged {
+            return Ok(name);
+        }
+    }
+    Err(not_found(uuid, &busy))
+}
+
+fn not_found(uuid: &str, busy: &[String]) -> CliError {
+    if busy.is_empty() {
+        CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}'"
+        ))
+    } else {
+        CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
+            busy.join(", ")
+        ))
+    }
+}
+
+/// Asks the managed-backup machine of `loaded`'s domain.
+fn ask(
+    store: &Store,
+    loaded: Loaded,
+    request: ManagedRequest,
+) -> Result<(Result<ManagedReply, ManagedError>, Catalogue), CliError> {
+    let mut host = ManagedHost::open(store, loaded)?;
+    let answer = host.run(request);
+    let catalogue = host.machine().catalogue().clone();
+    host.close()?;
+    Ok((answer?, catalogue))
+}
+
+fn managed_error(e: ManagedError) -> CliError {
+    CliError::Other(e.to_string())
 }
 
 /// The domain holding backup `uuid`, locked, with its catalogue.
@@ -371,16 +428,7 @@ fn find(store: &Store, uuid: &str) -> Result<(DomainStore, Catalogue), CliError>
             return Ok((ds, cat));
         }
     }
-    if busy.is_empty() {
-        Err(CliError::Other(format!(
-            "Domain backup not found: no backup with uuid '{uuid}'"
-        )))
-    } else {
-        Err(CliError::Other(format!(
-            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
-            busy.join(", ")
-        )))
-    }
+    Err(not_found(uuid, &busy))
 }
 
 /// Backup `uuid` of a catalogue [`find`] returned (so present unless the catalogue changed).
@@ -1137,7 +1185,21 @@ fn list(
     json: bool,
 ) -> Result<(), CliError> {
     let loaded: Loaded = session::load(store, name)?;
-    let cat = catalogue(&loaded.store)?;
+    let machine = Managed::new(name, managed_runtime::stored_managed(&loaded.store)?);
+    let cat = machine.catalogue().clone();
+    // A damaged record is listed as such, naming its file; the others list as usual.
+    for d in machine.damaged() {
+        let line = format!(
+            "damaged backup {} (record '{}'): {}; delete it with 'vbackup backup-delete {}'",
+            d.uuid.as_deref().unwrap_or("?"),
+            d.file,
+            d.reason,
+            d.uuid.as_deref().unwrap_or("UUID")
+        );
+        if json {
+            eprintln!("warning: {line}");
+        }
+    }
     let filter = if full {
         ListFilter::Full
     } else if latest {
@@ -1156,6 +1218,16 @@ fn list(
         }
     } else {
         print!("{}", table(&HEADERS, &rows(&backups)));
+    }
+    if !json {
+        for d in machine.damaged() {
+            println!(
+                "Damaged: {} (record '{}'): {}",
+                d.uuid.as_deref().unwrap_or("?"),
+                d.file,
+                d.reason
+            );
+        }
     }
     if !json && let Some(note) = pending_note(loaded.store.dir(), name, loaded.journal.is_some()) {
         println!("{note}");
@@ -1229,25 +1301,33 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let (_ds, cat) = find(store, uuid)?;
+    let domain = find_domain(store, uuid)?;
+    let loaded = session::load(store, &domain)?;
+    let (answer, cat) = ask(store, loaded, ManagedRequest::Verify { uuid: uuid.into() })?;
+    let ManagedReply::Verified { disks, .. } = answer.map_err(managed_error)? else {
+        return Err(CliError::Other(
+            "unexpected answer to a verification".into(),
+        ));
+    };
     let plan = cat.plan_restore(uuid, &[]).map_err(catalogue_error)?;
     let mut report = Vec::new();
-    for d in &plan.disks {
-        let outcome = if let Some(img) = missing_image(&d.images) {
-            Err(format!("image '{}' of its chain is missing", img.path))
-        } else {
-            let top = &d.images[0];
-            match images::content_digest(Path::new(&top.path), &top.format) {
-                Ok(found) if found == d.digest => Ok(()),
-                Ok(found) => Err(format!(
-                    "content digest {} differs from the recorded {}",
-                    found.as_str(),
-                    d.digest.as_str()
-                )),
-                Err(e) => Err(format!("cannot read it: {e}")),
+    for v in &disks {
+        let outcome = match &v.found {
+            Ok(found) if *found == v.recorded => Ok(()),
+            Ok(found) => Err(format!(
+                "content digest {} differs from the recorded {}",
+                found.as_str(),
+                v.recorded.as_str()
+            )),
+            Err(e) => {
+                let chain = plan.disks.iter().find(|d| d.disk == v.disk);
+                match chain.and_then(|d| missing_image(&d.images)) {
+                    Some(img) => Err(format!("image '{}' of its chain is missing", img.path)),
+                    None => Err(format!("cannot read it: {e}")),
+                }
             }
         };
-        report.push((d.disk.clone(), outcome));
+        report.push((v.disk.clone(), outcome));
     }
     if json {
         let rows: Vec<Value> = report
@@ -1344,58 +1424,54 @@ fn delete(
     let domain = if all {
         target.to_owned()
     } else {
-        let (ds, _) = find(store, target)?;
-        ds.name().to_owned()
+        find_domain(store, target)?
     };
-    // Deleting checkpoints needs a session, which needs the domain loaded (and locked) anew.
     let loaded = session::load(store, &domain)?;
-    let mut cat = catalogue(&loaded.store)?;
-    let n_all = cat.len();
-    let ops = if all {
-        cat.delete_all()
-    } else {
-        let mode = if with_children {
-            DeleteMode::WithChildren
-        } else {
-            DeleteMode::Alone
-        };
-        cat.delete(target, mode).map_err(|e| {
-            // Backups built on it would lose their base; say both ways forward.
-            let has_children = matches!(
-                e,
-                vbackup_core::catalogue::CatalogueError::HasChildren { .. }
-            );
-            let hint = if !has_children {
-                String::new()
-            } else {
-                format!(
-                    "; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
-                )
-            };
-            CliError::Other(format!("Requested operation is not valid: {e}{hint}"))
-        })?
-    };
-    let doomed: Vec<&str> = ops
-        .iter()
-        .filter_map(|o| match o {
-            CatalogueOp::DeleteBackup { uuid } => Some(uuid.as_str()),
-            _ => None,
-        })
-        .collect();
-    if let Some(p) = Pending::read(loaded.store.dir())?
-        && let Some(parent) = p.parent.as_deref().filter(|u| doomed.contains(u))
+    let pending = Pending::read(loaded.store.dir())?;
+    let before = catalogue(&loaded.store)?;
+    let n_all = before.len();
+    if let Some(p) = pending
+        && let Some(parent) = p.parent.as_deref()
     {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: a running backup is built on '{parent}'"
-        )));
+        let doomed = all
+            || parent == target
+            || with_children
+                && before
+                    .descendants(target)
+                    .is_ok_and(|d| d.iter().any(|b| b.uuid == parent));
+        if doomed {
+            return Err(CliError::Other(format!(
+                "Requested operation is not valid: a running backup is built on '{parent}'"
+            )));
+        }
     }
-    let n = doomed.len();
-    let deleted: Vec<String> = doomed.iter().map(|u| (*u).to_owned()).collect();
-    let ops: Vec<CatalogueOp> = ops
-        .into_iter()
-        .filter(|o| !(keep_checkpoints && matches!(o, CatalogueOp::DeleteCheckpoint { .. })))
-        .collect();
-    apply_with_checkpoints(loaded, &ops)?;
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Delete {
+            target: (!all).then(|| target.to_owned()),
+            with_children,
+            keep_checkpoints,
+        },
+    )?;
+    let deleted = match answer {
+        Ok(ManagedReply::Deleted { uuids }) => uuids,
+        Ok(_) => return Err(CliError::Other("unexpected answer to a deletion".into())),
+        Err(ManagedError::Catalogue(
+            e @ vbackup_core::catalogue::CatalogueError::HasChildren { .. },
+        )) => {
+            return Err(CliError::Other(format!(
+                "Requested operation is not valid: {e}; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
+            )));
+        }
+        Err(e @ ManagedError::Effect { .. }) => {
+            return Err(CliError::Other(format!(
+                "{e}; the deletion is finished by the next managed-backup command of domain '{domain}' (or run it again, with --keep-checkpoints if QEMU cannot be reached)"
+            )));
+        }
+        Err(e) => return Err(managed_error(e)),
+    };
+    let n = deleted.len();
     if json {
         print_json(
             json!({"domain": domain, "deleted": deleted, "checkpointsKept": keep_checkpoints}),
@@ -1411,138 +1487,35 @@ fn delete(
 }
 
 fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let (ds, _) = find(store, uuid)?;
-    let domain = ds.name().to_owned();
-    drop(ds);
+    let domain = find_domain(store, uuid)?;
     let loaded = session::load(store, &domain)?;
     if Pending::read(loaded.store.dir())?.is_some() || loaded.journal.is_some() {
         return Err(CliError::Other(format!(
             "Requested operation is not valid: a backup of domain '{domain}' is running; consolidate once it ended"
         )));
     }
-    let mut cat = catalogue(&loaded.store)?;
-    let before = cat.get(uuid).cloned().ok_or_else(|| {
-        catalogue_error(vbackup_core::catalogue::CatalogueError::NotFound(
-            uuid.to_owned(),
-        ))
-    })?;
-    if let Some(parent) = &before.parent {
-        for d in &before.disks {
-            check_chain_images(&cat, parent, &d.disk)?;
-        }
-    }
-    let ops = cat.consolidate(uuid).map_err(catalogue_error)?;
-    let Some((CatalogueOp::PutBackup(record), rebases)) = ops.split_last() else {
-        if json {
-            print_json(
-                json!({"uuid": uuid, "consolidated": false, "backup": backup_json(&before)}),
-            );
-        } else {
-            println!("Backup {uuid} is already a full backup");
-        }
-        return Ok(());
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Consolidate { uuid: uuid.into() },
+    )?;
+    let ManagedReply::Consolidated { backup, changed } = answer.map_err(managed_error)? else {
+        return Err(CliError::Other(
+            "unexpected answer to a consolidation".into(),
+        ));
     };
-    images::apply_ops(&loaded.store, rebases).map_err(io_error)?;
-    // The record is rewritten only once every image reads as it did.
-    let mut record = record.clone();
-    for (i, old) in before.disks.iter().enumerate() {
-        let now =
-            images::describe(&old.disk, Path::new(&old.path)).map_err(|e| io_error(e.into()))?;
-        if now.digest != old.digest {
-            return Err(CliError::Other(format!(
-                "operation failed: image '{}' of backup '{uuid}' no longer matches its digest after consolidation ({} recorded, {} now); the record was left as it was",
-                old.path,
-                old.digest.as_str(),
-                now.digest.as_str()
-            )));
-        }
-        record.disks[i] = now;
-    }
-    let allocated = record.allocated_size_bytes();
-    let shown = backup_json(&record);
-    images::apply_ops(&loaded.store, &[CatalogueOp::PutBackup(record)]).map_err(io_error)?;
     if json {
-        print_json(json!({"uuid": uuid, "consolidated": true, "backup": shown}));
-        return Ok(());
+        print_json(json!({"uuid": uuid, "consolidated": changed, "backup": backup_json(&backup)}));
+    } else if changed {
+        println!(
+            "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
+            backup.disks.len(),
+            backup.allocated_size_bytes().div_ceil(1 << 20)
+        );
+    } else {
+        println!("Backup {uuid} is already a full backup");
     }
-    println!(
-        "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
-        before.disks.len(),
-        allocated.div_ceil(1 << 20)
-    );
     Ok(())
-}
-
-/// Carries out catalogue operations whose checkpoint deletions go through the engine: a
-/// session is opened only when one of those checkpoints still exists.
-fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), CliError> {
-    let needs_session = ops.iter().any(
-        |o| matches!(o, CatalogueOp::DeleteCheckpoint { name } if loaded.tree.get(name).is_some()),
-    );
-    if !needs_session {
-        // Every released checkpoint is already gone.
-        return images::apply_ops_with(&loaded.store, ops, &mut |_| Ok(())).map_err(io_error);
-    }
-    let mut s = Session::connect(loaded).map_err(|e| {
-        CliError::Other(format!(
-            "{e}; the backups are kept: run the deletion again once QEMU can be reached, or with \
-             --keep-checkpoints to delete the backups and keep their checkpoints"
-        ))
-    })?;
-    let mut applied = Ok(());
-    // Consecutive checkpoint deletions go to the engine as one request: one transaction
-    // removes the bitmaps of all of them.
-    let mut rest = ops;
-    while let Some(op) = rest.first() {
-        let run = rest
-            .iter()
-            .take_while(|o| matches!(o, CatalogueOp::DeleteCheckpoint { .. }))
-            .count();
-        applied = if run > 0 {
-            let names: Vec<&str> = rest[..run]
-                .iter()
-                .filter_map(|o| match o {
-                    CatalogueOp::DeleteCheckpoint { name } => Some(name.as_str()),
-                    _ => None,
-                })
-                .collect();
-            rest = &rest[run..];
-            delete_checkpoints(&mut s, &names)
-        } else {
-            rest = &rest[1..];
-            images::apply_ops(s.driver.effects().store(), std::slice::from_ref(op))
-                .map_err(io_error)
-        };
-        if applied.is_err() {
-            break;
-        }
-    }
-    s.close()?;
-    applied
-}
-
-/// Deletes the checkpoints deleted backups released, each alone (its children are
-/// re-parented, other bitmaps untouched); those already gone count as deleted.
-fn delete_checkpoints(s: &mut Session, names: &[&str]) -> Result<(), CliError> {
-    let names: Vec<String> = {
-        let tree = s.driver.domain().view().checkpoints;
-        names
-            .iter()
-            .filter(|n| tree.get(n).is_some())
-            .map(|n| (*n).to_owned())
-            .collect()
-    };
-    if names.is_empty() {
-        return Ok(());
-    }
-    let list = names.join("', '");
-    s.call(Request::CheckpointDeleteEach { names })
-        .map(|_| ())
-        .map_err(|e| {
-            CliError::Other(format!(
-                "operation failed: cannot delete checkpoint '{list}' of a deleted backup (the backups are kept; run the deletion again): {e}"
-            ))
-        })
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
@@ -1613,42 +1586,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
         overwrite,
         json,
     } = args;
-    let json = *json;
-    let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
-    let (ds, cat) = find(store, uuid)?;
-    let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
-    let plan = match until {
-        Some(until) => {
-            validate_uuid(until).map_err(catalogue_error)?;
-            cat.plan_restore_until(uuid, until, &chosen)
-        }
-        None => cat.plan_restore(uuid, &chosen),
-    }
-    .map_err(catalogue_error)?;
-    for d in &plan.disks {
-        if let Some(img) = missing_image(&d.images) {
-            return Err(CliError::Other(format!(
-                "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
-                plan.backup, img.path, d.disk
-            )));
-        }
-    }
-    if until.is_some() && !json {
-        println!("Restoring backup {} (chain of {uuid})", plan.backup);
-    }
-    let restored = |out: &[vbackup_qemu::restore::RestoredDisk], domain: Option<&str>| {
-        let disks: Vec<Value> = out
-            .iter()
-            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
-            .collect();
-        print_json(
-            json!({"backup": plan.backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
-        );
-    };
+    let (json, overwrite) = (*json, *overwrite);
+    let domain = find_domain(store, uuid)?;
+    let loaded = session::load(store, &domain)?;
     let target = if overwrite {
-        let domain = ds.name().to_owned();
-        drop(ds);
-        let loaded = session::load(store, &domain)?;
         let run = RunDir::new(loaded.store.run_dir());
         let running = match loaded.attachment {
             Attachment::Managed => run.read_pid().ok().flatten().is_some_and(daemon_alive),
@@ -1660,92 +1601,82 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             )));
         }
         let mut map = std::collections::BTreeMap::new();
-        for d in &plan.disks {
-            let path = loaded
-                .def
-                .disks
-                .iter()
-                .find(|x| x.target == d.disk)
-                .and_then(|x| x.layers.first())
-                .and_then(|l| l.path.clone())
-                .ok_or_else(|| {
-                    CliError::Other(format!(
-                        "invalid argument: domain '{domain}' has no file disk '{}'",
-                        d.disk
-                    ))
-                })?;
-            map.insert(d.disk.clone(), PathBuf::from(path));
+        for d in &loaded.def.disks {
+            if let Some(path) = d.layers.first().and_then(|l| l.path.clone()) {
+                map.insert(d.target.clone(), path);
+            }
         }
-        let out = restore(&plan, &RestoreTarget::Overwrite { disks: map });
-        if !matches!(
-            &out,
-            Err(vbackup_qemu::restore::RestoreError::Exists { .. }
-                | vbackup_qemu::restore::RestoreError::InUse { .. }
-                | vbackup_qemu::restore::RestoreError::ChainMismatch { .. })
-        ) {
-            forget_checkpoints(&loaded.store)?;
-        }
-        let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-        if json {
-            restored(&out, Some(&domain));
-            return Ok(());
-        }
-        for d in &out {
-            println!(
-                "Disk {} restored over {} ({})",
-                d.disk,
-                d.path.display(),
-                d.digest
-            );
-        }
-        return Ok(());
+        RestoreTarget::Overwrite { disks: map }
     } else {
         let Some(dir) = dir else {
             return Err(CliError::Other(
                 "invalid argument: give --dir (and --new-domain) or --overwrite".into(),
             ));
         };
-        let dir = absolute(&dir)?;
-        std::fs::create_dir_all(&dir)
-            .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
-        drop(ds);
-        RestoreTarget::NewImages { dir }
+        RestoreTarget::NewImages {
+            dir: absolute(dir)?.display().to_string(),
+            new_domain: new_domain.clone(),
+        }
     };
-    let out =
-        restore(&plan, &target).map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-    for d in out.iter().filter(|_| !json) {
-        println!(
-            "Disk {} restored to {} ({})",
-            d.disk,
-            d.path.display(),
-            d.digest
-        );
+    if let Some(u) = until {
+        validate_uuid(u).map_err(catalogue_error)?;
     }
-    if let Some(name) = &new_domain {
-        let specs: Vec<String> = out
-            .iter()
-            .map(|d| format!("{}={},format={}", d.disk, d.path.display(), d.format.name()))
-            .collect();
-        let said = commands::define(store, name, &specs, None)?;
-        if !json {
-            println!("{said}");
+    // Refuse a chain with a missing image, naming it, before anything is written.
+    let cat = catalogue(&loaded.store)?;
+    let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
+    let plan = match until {
+        Some(u) => cat.plan_restore_until(uuid, u, &chosen),
+        None => cat.plan_restore(uuid, &chosen),
+    };
+    if let Ok(plan) = &plan {
+        for d in &plan.disks {
+            if let Some(img) = missing_image(&d.images) {
+                return Err(CliError::Other(format!(
+                    "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
+                    plan.backup, img.path, d.disk
+                )));
+            }
+        }
+        if until.is_some() && !json {
+            println!("Restoring backup {} (chain of {uuid})", plan.backup);
         }
     }
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Restore(Box::new(RestoreRequest {
+            uuid: uuid.clone(),
+            until: until.clone(),
+            disks: disks.clone(),
+            target,
+        })),
+    )?;
+    let ManagedReply::Restored {
+        backup,
+        disks: out,
+        domain: defined,
+    } = answer.map_err(managed_error)?
+    else {
+        return Err(CliError::Other("unexpected answer to a restore".into()));
+    };
     if json {
-        restored(&out, new_domain.as_deref());
+        let disks: Vec<Value> = out
+            .iter()
+            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
+            .collect();
+        let domain = if overwrite { Some(domain) } else { defined };
+        print_json(
+            json!({"backup": backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
+        );
+        return Ok(());
     }
-    Ok(())
-}
-
-/// After disks were overwritten, their bitmaps are gone and their content is the backup's: the
-/// domain's checkpoints no longer describe anything, so their metadata is dropped (the next
-/// backup of the domain is a full one).
-fn forget_checkpoints(store: &DomainStore) -> Result<(), CliError> {
-    use vbackup_qemu::store::Collection;
-    for name in store.list_entries(Collection::Checkpoints)? {
-        store.remove_entry(Collection::Checkpoints, &name)?;
+    let verb = if overwrite { "over" } else { "to" };
+    for d in &out {
+        println!("Disk {} restored {verb} {} ({})", d.disk, d.path, d.digest);
     }
-    write_atomic(store.dir(), crate::effects::CURRENT_FILE, b"")?;
+    if let Some(name) = defined {
+        println!("Domain '{name}' defined");
+    }
     Ok(())
 }
 

@@ -1274,13 +1274,21 @@ impl History {
             }
             Ended::Answered(Ok(ManagedReply::Deleted { .. })) => {}
             Ended::Answered(Err(ManagedError::Effect { .. })) if refuse => {
+                // QEMU refused to delete the checkpoints: every backup is kept, nothing is
+                // left to finish; asked again, the deletion is carried out.
                 self.stats.interrupted_deletions += 1;
-                // The next run finishes it.
-                let again = self.ask(ManagedRequest::SetDefaultTarget(
-                    self.default_target.clone(),
-                ))?;
+                if self.journal.is_some() || *self.machine.catalogue() != before {
+                    return Err(self.fail(format!(
+                        "a refused deletion of {target} changed the catalogue or left a journal"
+                    )));
+                }
+                let again = self.ask(ManagedRequest::Delete {
+                    target: (!all).then(|| target.clone()),
+                    with_children,
+                    keep_checkpoints: false,
+                })?;
                 if let Err(e) = again {
-                    return Err(self.fail(format!("finishing the deletion of {target}: {e}")));
+                    return Err(self.fail(format!("deleting {target} again: {e}")));
                 }
             }
             Ended::Killed if self.journal_writes == writes => {
@@ -1291,6 +1299,10 @@ impl History {
             Ended::Killed => {
                 self.stats.interrupted_deletions += 1;
                 self.settle()?;
+                if refuse && *self.machine.catalogue() == before {
+                    // Refused by QEMU, then killed while undoing: nothing was deleted.
+                    return Ok(());
+                }
             }
             Ended::Answered(other) => {
                 return Err(self.fail(format!(

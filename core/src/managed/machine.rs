@@ -867,9 +867,10 @@ impl Managed {
             }
         }
         // A deletion or replacement an interrupted run left is finished (or undone) first.
+        let superseding = matches!(request, ManagedRequest::Delete { .. });
         let mut steps = match &self.journal {
             JournalState::Intact(j @ (Journal::Delete { .. } | Journal::Replace { .. })) => {
-                self.recovery_steps(j)
+                self.recovery_steps(j, superseding)
             }
             _ => Vec::new(),
         };
@@ -944,7 +945,10 @@ impl Managed {
         Err(crate::catalogue::CatalogueError::NotFound(uuid.to_owned()).into())
     }
 
-    fn recovery_steps(&self, journal: &Journal) -> Vec<Step> {
+    /// What finishes (or undoes) what an interrupted run journaled. A deletion is repeated,
+    /// unless `superseding`: a new deletion then replaces it (after the files of the records
+    /// already deleted are removed).
+    fn recovery_steps(&self, journal: &Journal, superseding: bool) -> Vec<Step> {
         match journal {
             Journal::Create(_) => Vec::new(),
             Journal::Delete {
@@ -974,7 +978,7 @@ impl Managed {
                 let gone = target
                     .as_deref()
                     .is_some_and(|t| self.catalogue.get(t).is_none());
-                let again = if gone {
+                let again = if gone || superseding {
                     Vec::new()
                 } else {
                     self.plan_delete(
@@ -1331,6 +1335,13 @@ impl Managed {
             })),
             "cannot write the journal".into(),
         )];
+        // Until a record or an image changes, a failure undoes the deletion entirely (the
+        // checkpoints come first: QEMU refusing to delete one keeps every backup).
+        steps.push(Step::OnFailure(vec![Step::Do(
+            Effect::ClearJournal,
+            "cannot clear the journal".into(),
+        )]));
+        let mut committed = false;
         let mut checkpoints = Vec::new();
         let flush = |checkpoints: &mut Vec<String>, steps: &mut Vec<Step>| {
             if !checkpoints.is_empty() {
@@ -1340,6 +1351,11 @@ impl Managed {
         for op in ops {
             if !matches!(op, CatalogueOp::DeleteCheckpoint { .. }) {
                 flush(&mut checkpoints, &mut steps);
+                if !committed {
+                    // From the first record or image change on, a restart finishes it.
+                    steps.push(Step::OnFailure(Vec::new()));
+                    committed = true;
+                }
             }
             match op {
                 CatalogueOp::DeleteCheckpoint { name } => {
