@@ -28,41 +28,29 @@
 //! - A pull copy shows one progress bar per disk on a terminal (none with `--json` or when
 //!   stderr is not a terminal).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::Command as Process;
-use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 use vbackup_core::backup::BackupSpec;
-use vbackup_core::catalogue::{
-    BackupKind, Catalogue, CatalogueOp, ListFilter, ManagedBackup, validate_uuid,
-};
-use vbackup_core::checkpoint::DeleteScope;
-use vbackup_core::domain::{Reply, Request};
+use vbackup_core::catalogue::{Catalogue, CatalogueOp, ListFilter, ManagedBackup, validate_uuid};
 use vbackup_core::error::{Error as EngineError, RequestError};
-use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
 use vbackup_core::managed::{
-    Managed, ManagedError, ManagedReply, ManagedRequest, RestoreRequest, RestoreTarget,
+    CreateRequest, Journal, Managed, ManagedError, ManagedReply, ManagedRequest, RestoreRequest,
+    RestoreTarget,
 };
 use vbackup_core::xml::{
     BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
 };
 use vbackup_host::managed_runtime::{self, ManagedHost};
 use vbackup_qemu::images;
-use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
 use vbackup_qemu::qsd::{RunDir, daemon_alive};
-use vbackup_qemu::store::{DomainStore, Store, write_atomic};
+use vbackup_qemu::store::{DomainStore, Store};
 
 use crate::commands;
-use crate::effects::COMPLETED_FILE;
 use crate::output::{CliError, format_time, human_bytes, print_json, table};
-use crate::session::{self, Attachment, Loaded, Session};
+use crate::session::{self, Attachment, Loaded};
 use crate::virsh_args::{DomainArg, fill, required};
-
-/// The unfinished managed backup of a domain, beside its `domain.xml`.
-pub const PENDING_FILE: &str = "pending-backup.json";
 
 /// Managed backup commands (named like the rest of vbackup's `backup-*` commands).
 #[derive(Debug, Subcommand)]
@@ -442,246 +430,6 @@ fn backup_in<'c>(cat: &'c Catalogue, uuid: &str) -> Result<&'c ManagedBackup, Cl
 
 // ----- pending backups -----
 
-/// What is needed to record, or to discard, a backup whose job has begun.
-#[derive(Debug, Clone)]
-struct Pending {
-    uuid: String,
-    parent: Option<String>,
-    checkpoint: String,
-    description: Option<String>,
-    creation_time: u64,
-    pull: bool,
-    /// `(disk, image path)`.
-    images: Vec<(String, String)>,
-}
-
-impl Pending {
-    fn to_json(&self) -> Value {
-        json!({
-            "uuid": self.uuid,
-            "parent": self.parent,
-            "checkpoint": self.checkpoint,
-            "description": self.description,
-            "creationTime": self.creation_time,
-            "mode": if self.pull { "pull" } else { "push" },
-            "images": self.images.iter().map(|(d, p)| json!({"disk": d, "path": p})).collect::<Vec<_>>(),
-        })
-    }
-
-    fn from_json(v: &Value) -> Option<Pending> {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-        let images = v
-            .get("images")?
-            .as_array()?
-            .iter()
-            .map(|i| {
-                Some((
-                    i.get("disk")?.as_str()?.to_owned(),
-                    i.get("path")?.as_str()?.to_owned(),
-                ))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Pending {
-            uuid: s("uuid")?,
-            parent: s("parent"),
-            checkpoint: s("checkpoint")?,
-            description: s("description"),
-            creation_time: v.get("creationTime")?.as_u64()?,
-            pull: s("mode")? == "pull",
-            images,
-        })
-    }
-
-    fn write(&self, store: &DomainStore) -> Result<(), CliError> {
-        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
-        write_atomic(store.dir(), PENDING_FILE, text.as_bytes())?;
-        Ok(())
-    }
-
-    fn read(dir: &Path) -> Result<Option<Pending>, CliError> {
-        let path = dir.join(PENDING_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| Pending::from_json(&v))
-                .map(Some)
-                .ok_or_else(|| CliError::Corrupt(format!("'{}' does not parse", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CliError::Io {
-                what: format!("cannot read '{}'", path.display()),
-                source: e,
-            }),
-        }
-    }
-
-    fn clear(dir: &Path) -> Result<(), CliError> {
-        match std::fs::remove_file(dir.join(PENDING_FILE)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(CliError::Io {
-                what: "cannot remove the pending backup".into(),
-                source: e,
-            }),
-        }
-    }
-}
-
-/// Removes a partial image: a qemu-nbd left serving it by an interrupted vbackup is stopped
-/// first (by its pid), then the file and its per-backup directory go.
-fn remove_partial_image(path: &Path) {
-    if let Ok(Some(pid)) = images::holder_pid(path) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "qemu-nbd" {
-            let _ = vbackup_qemu::qsd::kill_pid(pid);
-            // Wait for it to let go of the file (it is not our child, so it cannot be reaped).
-            for _ in 0..200 {
-                if !daemon_alive(pid)
-                    && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_err()
-                {
-                    break;
-                }
-                if !matches!(images::holder_pid(path), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-    let _ = std::fs::remove_file(path);
-    if let Some(dir) = path.parent()
-        && dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| validate_uuid(n).is_ok())
-    {
-        let _ = std::fs::remove_dir(dir);
-    }
-}
-
-/// Discards a pending backup in a session with no job running: images removed, its
-/// checkpoint deleted (its bitmap merges into the parent checkpoint's), the marker removed.
-fn discard(s: &mut Session, dir: &Path, pending: &Pending) -> Result<(), CliError> {
-    for (_, path) in &pending.images {
-        remove_partial_image(Path::new(path));
-    }
-    let exists = s
-        .driver
-        .domain()
-        .view()
-        .checkpoints
-        .get(&pending.checkpoint)
-        .is_some();
-    if exists {
-        s.call(Request::CheckpointDelete {
-            name: pending.checkpoint.clone(),
-            scope: DeleteScope::Single,
-            metadata_only: false,
-        })?;
-    }
-    Pending::clear(dir)
-}
-
-/// Ends the running job (abort) and waits until it is over.
-fn end_job(s: &mut Session) -> Result<(), CliError> {
-    use vbackup_core::link::Link;
-    if !s.job_running() {
-        return Ok(());
-    }
-    s.call(Request::AbortJob)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.job_running() && std::time::Instant::now() < deadline {
-        let until = s.driver.link().now().plus_ms(200);
-        s.driver.step(Some(until))?;
-    }
-    if s.job_running() {
-        return Err(CliError::Other(
-            "operation failed: the backup job did not end within 60 s".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Whether the last finished job succeeded, as the store recorded it, and finished after the
-/// pending backup was written (so it is that backup's job, not an older one).
-fn last_job_succeeded(dir: &Path) -> bool {
-    let modified = |name: &str| std::fs::metadata(dir.join(name)).and_then(|m| m.modified());
-    match (modified(COMPLETED_FILE), modified(PENDING_FILE)) {
-        (Ok(done), Ok(pending)) if done >= pending => {}
-        _ => return false,
-    }
-    std::fs::read_to_string(dir.join(COMPLETED_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("success").and_then(Value::as_bool))
-        .unwrap_or(false)
-}
-
-/// Records a pending backup whose images are complete.
-fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliError> {
-    let mut cat = catalogue(store)?;
-    let parent = match &pending.parent {
-        Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
-            CliError::Other(format!("operation failed: parent backup '{p}' is gone"))
-        })?),
-        None => None,
-    };
-    let mut disks = Vec::new();
-    for (disk, path) in &pending.images {
-        if !pending.pull
-            && let Some(parent) = &parent
-        {
-            // QEMU wrote only the changed clusters into a standalone image: giving it the
-            // parent's image as backing file, without copying, is its exact meaning.
-            let backing = parent.image(disk).ok_or_else(|| {
-                CliError::Other(format!(
-                    "operation failed: parent backup has no image of disk '{disk}'"
-                ))
-            })?;
-            rebase_unsafe(Path::new(path), Path::new(&backing.path))?;
-        }
-        disks.push(
-            images::describe(disk, Path::new(path))
-                .map_err(|e| CliError::Other(format!("operation failed: {e}")))?,
-        );
-    }
-    let backup = ManagedBackup {
-        uuid: pending.uuid.clone(),
-        domain: store.name().to_owned(),
-        parent: pending.parent.clone(),
-        checkpoint: Some(pending.checkpoint.clone()),
-        creation_time: pending.creation_time,
-        sequence: Some(cat.next_sequence()),
-        description: pending.description.clone(),
-        kind: if pending.parent.is_some() {
-            BackupKind::Incremental
-        } else {
-            BackupKind::Full
-        },
-        disks,
-    };
-    let ops = cat.insert(backup.clone()).map_err(catalogue_error)?;
-    images::apply_ops(store, &ops).map_err(io_error)?;
-    Pending::clear(store.dir())?;
-    Ok(backup)
-}
-
-fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), CliError> {
-    let out = Process::new("qemu-img")
-        .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(backing)
-        .arg(path)
-        .output()
-        .map_err(CliError::io("cannot run qemu-img rebase"))?;
-    if !out.status.success() {
-        return Err(CliError::Other(format!(
-            "operation failed: qemu-img rebase of '{}': {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
 // ----- backup-create -----
 
 struct CreateArgs {
@@ -720,13 +468,6 @@ fn check_chain_images(cat: &Catalogue, parent: &str, disk: &str) -> Result<(), C
 fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let cat = catalogue(&loaded.store)?;
-    let stale = Pending::read(loaded.store.dir())?;
-    if stale.is_some() && loaded.journal.is_some() {
-        return Err(CliError::Other(
-            "Requested operation is not valid: a managed backup is still running; finish it with backup-finish"
-                .into(),
-        ));
-    }
     let uuid = uuid::Uuid::new_v4().to_string();
     let parent = match &args.parent {
         Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
@@ -751,7 +492,6 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         ),
         &loaded,
     )?;
-
     let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
     if args.pull {
         def.mode = BackupMode::Pull;
@@ -775,7 +515,8 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
             })
             .collect();
     }
-    let mut image_paths = Vec::new();
+    // The disks whose target the definition names; the others go to the target directory.
+    let mut explicit = Vec::new();
     for disk in &mut def.disks {
         let Some(backup) = &mut disk.backup else {
             continue;
@@ -783,262 +524,83 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         // Every disk is incremental from the parent's checkpoint, or full.
         backup.incremental = None;
         backup.mode = None;
-        if let Some(parent) = &parent
-            && parent.image(&disk.name).is_none()
-        {
-            return Err(CliError::Other(format!(
-                "invalid argument: parent backup '{}' has no image of disk '{}'",
-                parent.uuid, disk.name
-            )));
-        }
         if let Some(parent) = &parent {
             check_chain_images(&cat, &parent.uuid, &disk.name)?;
         }
-        let default = cat
-            .default_image_path(&uuid, &disk.name)
-            .map_err(catalogue_error)?;
-        let path = if def.mode == BackupMode::Pull {
-            default
-        } else {
-            backup.store.as_ref().map(|s| s.path.clone()).or(default)
-        };
-        let Some(path) = path else {
-            return Err(CliError::Other(format!(
-                "invalid argument: disk '{}' has no target and domain '{name}' has no default backup target (see backup-set-default-target)",
-                disk.name
-            )));
-        };
-        if def.mode == BackupMode::Push {
+        if def.mode == BackupMode::Push && backup.store.is_some() {
+            explicit.push(disk.name.clone());
+        } else if def.mode == BackupMode::Push {
+            // A placeholder for alignment; the machine chooses the path.
             backup.store = Some(BackupStore {
-                path: path.clone(),
+                path: format!("/{}.qcow2", disk.name),
                 seclabels: Vec::new(),
                 encryption: None,
             });
         }
-        image_paths.push((disk.name.clone(), path));
-    }
-    if image_paths.is_empty() {
-        return Err(CliError::Other(
-            "invalid argument: the backup includes no disk".into(),
-        ));
-    }
-    for (_, path) in &image_paths {
-        if let Some(dir) = Path::new(path).parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
-        }
     }
     let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
-    // A pull without <server> goes on the daemon's NBD server; one naming another server is
-    // refused by the core before anything starts.
-    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    let pending = Pending {
-        uuid: uuid.clone(),
-        parent: parent.as_ref().map(|p| p.uuid.clone()),
-        checkpoint: checkpoint_name,
-        description: args.description.clone(),
-        creation_time: commands::now_s(),
-        pull: def.mode == BackupMode::Pull,
-        images: image_paths,
-    };
-    let dir = loaded.store.dir().to_owned();
-    let mut s = Session::connect(loaded)?;
-    if let Some(stale) = stale {
-        // A push backup started without --wait may have finished unobserved: keep it.
-        let kept = !stale.pull
-            && last_job_succeeded(&dir)
-            && record(s.driver.effects().store(), &stale).is_ok();
-        if kept {
-            if !args.json {
-                println!("Backup {} recorded", stale.uuid);
-            }
-        } else {
-            discard(&mut s, &dir, &stale)?;
-        }
-    }
-    pending.write(s.driver.effects().store())?;
-    let r = s.call(Request::BackupBegin {
-        spec,
-        checkpoint: Some(checkpoint),
-        reuse_external: false,
-    });
-    if let Err(e) = r {
-        let _ = discard(&mut s, &dir, &pending);
-        s.close()?;
-        return Err(e.into());
-    }
-    if !args.json {
-        match s
-            .driver
-            .domain()
-            .view()
-            .backup
-            .and_then(commands::export_uris)
+    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    for d in &mut spec.disks {
+        if !explicit.contains(&d.target)
+            && let Some(store) = &mut d.store
+            && spec.mode == vbackup_core::backup::BackupMode::Push
         {
-            Some(uris) => println!(
-                "Backup {uuid} started; exports served at {}",
-                uris.join(" ")
-            ),
-            None => println!("Backup {uuid} started"),
+            store.path = None;
         }
     }
-    if pending.pull {
-        let copied = pull_copy(&mut s, &pending, parent.as_ref(), args.json);
-        let ended = end_job(&mut s);
-        if let Err(e) = copied.and(ended) {
-            let _ = discard(&mut s, &dir, &pending);
-            s.close()?;
-            return Err(e);
-        }
-    } else {
-        if !args.wait {
+    let wait = args.wait || args.pull;
+    if args.pull && !args.json {
+        // A managed pull is served on the daemon's own NBD server, one export per disk.
+        let server = session::daemon_nbd_server(&loaded.store.run_dir());
+        let uris: Vec<String> = spec
+            .disks
+            .iter()
+            .filter(|d| d.backup)
+            .map(|d| server.export_uri(d.export_name.as_deref().unwrap_or(&d.target)))
+            .collect();
+        println!(
+            "Backup {uuid} started; exports served at {}",
+            uris.join(" ")
+        );
+    }
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Create(Box::new(CreateRequest {
+            uuid: uuid.clone(),
+            checkpoint,
+            spec,
+            parent: parent.map(|p| p.uuid),
+            description: args.description.clone(),
+            target: None,
+            wait,
+        })),
+    )?;
+    match answer.map_err(managed_error)? {
+        ManagedReply::Started { uuid } => {
             if args.json {
                 print_json(json!({"uuid": uuid, "status": "started"}));
             } else {
-                let domain = s.driver.effects().store().name().to_owned();
+                println!("Backup {uuid} started");
                 println!(
-                    "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
+                    "The backup is recorded once its job ends: run 'vbackup backup-finish {name}' (it waits), or 'backup-finish {name} --check' to see whether it is done"
                 );
             }
-            return Ok(s.close()?);
         }
-        let stats = commands::follow(&mut s, args.json)?;
-        if stats.as_ref().is_none_or(|st| st.success != Some(true)) {
-            let why = stats.and_then(|st| st.errmsg).unwrap_or_default();
-            let _ = discard(&mut s, &dir, &pending);
-            s.close()?;
-            return Err(CliError::Other(format!(
-                "operation failed: backup job failed: {why}"
-            )));
-        }
-    }
-    let recorded = record(s.driver.effects().store(), &pending);
-    if recorded.is_err() {
-        let _ = discard(&mut s, &dir, &pending);
-    }
-    s.close()?;
-    let backup = recorded?;
-    if args.json {
-        print_json(backup_json(&backup));
-    } else {
-        println!(
-            "Backup {uuid} created ({}, {})",
-            backup.kind.name(),
-            human_bytes(backup.allocated_size_bytes())
-        );
-    }
-    Ok(())
-}
-
-/// Reads every disk of a running pull backup over NBD into the pending images, with a
-/// progress bar per disk on a terminal unless `quiet` (machine-readable output).
-fn pull_copy(
-    s: &mut Session,
-    pending: &Pending,
-    parent: Option<&ManagedBackup>,
-    quiet: bool,
-) -> Result<(), CliError> {
-    let Reply::Backup(plan) = s.call(Request::BackupGetXml)? else {
-        return Err(CliError::Other(
-            "unexpected answer to a backup query".into(),
-        ));
-    };
-    let def = plan.to_def();
-    let socket = RunDir::new(&s.run_dir).nbd_socket;
-    for (disk, path) in &pending.images {
-        let backup = def
-            .disks
-            .iter()
-            .find(|d| &d.name == disk)
-            .and_then(|d| d.backup.clone())
-            .ok_or_else(|| CliError::Other(format!("disk '{disk}' is not in the backup job")))?;
-        let export = backup.export_name.clone().unwrap_or_else(|| disk.clone());
-        let base = parent
-            .and_then(|p| p.image(disk))
-            .map(|i| PathBuf::from(&i.path));
-        let (context, dirty) = match (&base, &backup.export_bitmap) {
-            (Some(_), Some(bitmap)) => (dirty_bitmap_context(bitmap), true),
-            (Some(_), None) => {
-                return Err(CliError::Other(format!(
-                    "operation failed: disk '{disk}': the incremental export has no bitmap"
-                )));
-            }
-            (None, _) => (BASE_ALLOCATION.to_owned(), false),
-        };
-        let mut client = NbdClient::connect_unix(&socket, &export, &[context.as_str()])?;
-        let ranges = select_ranges(&mut client, &context, |flags| {
-            if dirty {
-                flags & STATE_DIRTY != 0
+        ManagedReply::Created(backup) => {
+            if args.json {
+                print_json(backup_json(&backup));
             } else {
-                flags & STATE_ZERO == 0
+                println!(
+                    "Backup {uuid} created ({}, {})",
+                    backup.kind.name(),
+                    human_bytes(backup.allocated_size_bytes())
+                );
             }
-        })?;
-        let total_bytes = ranges
-            .iter()
-            .fold(0u64, |t, (_, len)| t.saturating_add(*len));
-        let bar = CopyProgress::new(disk, total_bytes, !quiet && std::io::stderr().is_terminal());
-        let report = images::store_extents_observed(
-            &mut client,
-            &ranges,
-            Path::new(path),
-            base.as_deref(),
-            &mut |bytes| bar.advance(bytes),
-        );
-        bar.finish();
-        let report =
-            report.map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
-        if !quiet {
-            println!(
-                "Disk {disk}: pulled {} in {} extent(s)",
-                human_bytes(report.copy.bytes_copied),
-                report.copy.ranges
-            );
         }
-        let _ = client.disconnect();
+        _ => return Err(CliError::Other("unexpected answer to a backup".into())),
     }
     Ok(())
-}
-
-/// The progress of one disk's pull copy: an indicatif bar on stderr when shown (a terminal
-/// and no machine-readable output, like `backup-begin --wait`), nothing otherwise; it only
-/// counts then.
-struct CopyProgress {
-    bar: Option<indicatif::ProgressBar>,
-    done_bytes: std::cell::Cell<u64>,
-}
-
-impl CopyProgress {
-    fn new(disk: &str, total_bytes: u64, shown: bool) -> Self {
-        let bar = shown.then(|| {
-            let b = indicatif::ProgressBar::new(total_bytes);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} {spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b.set_prefix(disk.to_owned());
-            b
-        });
-        Self {
-            bar,
-            done_bytes: std::cell::Cell::new(0),
-        }
-    }
-
-    fn advance(&self, bytes: u64) {
-        self.done_bytes
-            .set(self.done_bytes.get().saturating_add(bytes));
-        if let Some(b) = &self.bar {
-            b.inc(bytes);
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
 }
 
 // ----- backup-finish -----
@@ -1051,88 +613,40 @@ fn finish(
     json: bool,
 ) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
-    let pending = Pending::read(loaded.store.dir())?;
-    if pending.is_none() && loaded.journal.is_none() {
+    let machine = Managed::new(name, managed_runtime::stored_managed(&loaded.store)?);
+    if machine.pending().is_none() && machine.journal().is_none() && loaded.journal.is_none() {
         return Err(EngineError::from(RequestError::NoJob).into());
     }
-    let dir = loaded.store.dir().to_owned();
-    let mut s = Session::connect(loaded)?;
-    let result = finish_in(&mut s, &dir, pending, cancel, check, json);
-    s.close()?;
-    result
-}
-
-fn finish_in(
-    s: &mut Session,
-    dir: &Path,
-    pending: Option<Pending>,
-    cancel: bool,
-    check: bool,
-    json: bool,
-) -> Result<(), CliError> {
-    if cancel {
-        end_job(s)?;
-        let uuid = pending.as_ref().map(|p| p.uuid.clone());
-        if let Some(p) = &pending {
-            discard(s, dir, p)?;
+    let (answer, _) = ask(store, loaded, ManagedRequest::Finish { cancel, check })?;
+    match answer.map_err(managed_error)? {
+        ManagedReply::Running { uuid } => {
+            if json {
+                print_json(json!({"uuid": uuid, "status": "running"}));
+            } else {
+                println!("Backup {uuid} is running");
+            }
         }
-        match (&uuid, json) {
+        ManagedReply::Cancelled { uuid } => match (&uuid, json) {
             (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
             (Some(u), false) => println!("Backup {u} cancelled"),
             (None, false) => println!("Backup job cancelled"),
-        }
-        return Ok(());
-    }
-    let Some(pending) = pending else {
-        // An unmanaged job: nothing to record.
-        return Err(CliError::Other(
-            "Requested operation is not valid: the running job is not a managed backup".into(),
-        ));
-    };
-    if pending.pull {
-        // The vbackup process reading it is gone: what it stored is incomplete.
-        end_job(s)?;
-        discard(s, dir, &pending)?;
-        return Err(CliError::Other(format!(
-            "operation failed: pull backup {} was interrupted and has been discarded",
-            pending.uuid
-        )));
-    }
-    if s.job_running() {
-        if check {
+        },
+        ManagedReply::Created(backup) => {
             if json {
-                print_json(json!({"uuid": pending.uuid, "status": "running"}));
+                print_json(
+                    json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
+                );
             } else {
-                println!("Backup {} is running", pending.uuid);
+                println!(
+                    "Backup {} created ({}, {})",
+                    backup.uuid,
+                    backup.kind.name(),
+                    human_bytes(backup.allocated_size_bytes())
+                );
             }
-            return Ok(());
         }
-        commands::follow(s, json)?;
+        _ => return Err(CliError::Other("unexpected answer to backup-finish".into())),
     }
-    if !last_job_succeeded(dir) {
-        discard(s, dir, &pending)?;
-        return Err(CliError::Other(format!(
-            "operation failed: backup {} failed and has been discarded",
-            pending.uuid
-        )));
-    }
-    let backup = record(s.driver.effects().store(), &pending);
-    if backup.is_err() {
-        let _ = discard(s, dir, &pending);
-    }
-    let backup = backup?;
-    if json {
-        print_json(
-            json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
-        );
-        return Ok(());
-    }
-    println!(
-        "Backup {} created ({}, {})",
-        backup.uuid,
-        backup.kind.name(),
-        human_bytes(backup.allocated_size_bytes())
-    );
     Ok(())
 }
 
@@ -1238,21 +752,25 @@ fn list(
 /// A line about a managed backup that is started but not recorded yet (it is in no listing
 /// until `backup-finish` records it), or `None` when there is none.
 pub(crate) fn pending_note(dir: &Path, domain: &str, job_running: bool) -> Option<String> {
-    let pending = Pending::read(dir).ok().flatten()?;
+    let uuid = pending_uuid(dir)?;
     let state = if job_running {
         "its job is running"
     } else {
         "its job has ended"
     };
     Some(format!(
-        "Not yet recorded: backup {} ({state}); 'vbackup backup-finish {domain}' records it",
-        pending.uuid
+        "Not yet recorded: backup {uuid} ({state}); 'vbackup backup-finish {domain}' records it"
     ))
 }
 
 /// The uuid of a managed backup that is started but not recorded yet.
 pub(crate) fn pending_uuid(dir: &Path) -> Option<String> {
-    Pending::read(dir).ok().flatten().map(|p| p.uuid)
+    let text =
+        std::fs::read_to_string(dir.join(vbackup_host::layout::MANAGED_JOURNAL_FILE)).ok()?;
+    match Journal::parse(&text).ok()? {
+        Journal::Create(p) => Some(p.uuid),
+        _ => None,
+    }
 }
 
 fn print_tree(
@@ -1427,24 +945,7 @@ fn delete(
         find_domain(store, target)?
     };
     let loaded = session::load(store, &domain)?;
-    let pending = Pending::read(loaded.store.dir())?;
-    let before = catalogue(&loaded.store)?;
-    let n_all = before.len();
-    if let Some(p) = pending
-        && let Some(parent) = p.parent.as_deref()
-    {
-        let doomed = all
-            || parent == target
-            || with_children
-                && before
-                    .descendants(target)
-                    .is_ok_and(|d| d.iter().any(|b| b.uuid == parent));
-        if doomed {
-            return Err(CliError::Other(format!(
-                "Requested operation is not valid: a running backup is built on '{parent}'"
-            )));
-        }
-    }
+    let n_all = catalogue(&loaded.store)?.len();
     let (answer, _) = ask(
         store,
         loaded,
@@ -1489,7 +990,7 @@ fn delete(
 fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let domain = find_domain(store, uuid)?;
     let loaded = session::load(store, &domain)?;
-    if Pending::read(loaded.store.dir())?.is_some() || loaded.journal.is_some() {
+    if loaded.journal.is_some() {
         return Err(CliError::Other(format!(
             "Requested operation is not valid: a backup of domain '{domain}' is running; consolidate once it ended"
         )));
@@ -1697,62 +1198,4 @@ pub fn remove_all_backups(store: &DomainStore) -> Result<usize, CliError> {
 /// How many backups a locked domain has.
 pub fn backup_count(store: &DomainStore) -> Result<usize, CliError> {
     Ok(catalogue(store)?.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pending_backups_round_trip_through_their_json() {
-        let p = Pending {
-            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
-            parent: Some("11234567-89ab-cdef-0123-456789abcdef".into()),
-            checkpoint: "c9".into(),
-            description: None,
-            creation_time: 1_700_000_000,
-            pull: true,
-            images: vec![("vda".into(), "/b/x/vda.qcow2".into())],
-        };
-        let back = Pending::from_json(&p.to_json()).expect("parses");
-        assert_eq!(back.uuid, p.uuid);
-        assert_eq!(back.parent, p.parent);
-        assert_eq!(back.checkpoint, "c9");
-        assert_eq!(back.description, None);
-        assert_eq!(back.creation_time, 1_700_000_000);
-        assert!(back.pull);
-        assert_eq!(back.images, p.images);
-    }
-
-    #[test]
-    fn copy_progress_is_hidden_unless_shown_and_counts_every_byte() {
-        let hidden = CopyProgress::new("vda", 3 << 20, false);
-        assert!(hidden.bar.is_none());
-        hidden.advance(1 << 20);
-        hidden.advance(2 << 20);
-        hidden.finish();
-        assert_eq!(hidden.done_bytes.get(), 3 << 20);
-        let shown = CopyProgress::new("vda", 100, true);
-        shown.advance(40);
-        assert_eq!(shown.bar.as_ref().map(|b| b.position()), Some(40));
-        assert_eq!(shown.bar.as_ref().and_then(|b| b.length()), Some(100));
-        shown.finish();
-    }
-
-    #[test]
-    fn a_pending_record_missing_its_images_does_not_parse() {
-        let mut v = Pending {
-            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
-            parent: None,
-            checkpoint: "c1".into(),
-            description: Some("d".into()),
-            creation_time: 1,
-            pull: false,
-            images: Vec::new(),
-        }
-        .to_json();
-        assert!(Pending::from_json(&v).is_some());
-        v.as_object_mut().expect("object").remove("images");
-        assert!(Pending::from_json(&v).is_none());
-    }
 }

@@ -228,14 +228,15 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     let mut child = lab.spawn(&["backup-create", "vm", "--pull", "--parent", &full]);
     // Killed once the job runs and the overlay receiving the dirty extents exists.
     let journal = lab.path("st/domains/vm/journal.json");
-    let pending = lab.path("st/domains/vm/pending-backup.json");
+    // The managed-backup journal names the pending backup's images.
+    let pending = lab.path("st/domains/vm/managed-journal.json");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut overlay = None;
     while Instant::now() < deadline {
         let path = std::fs::read_to_string(&pending)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["images"][0]["path"].as_str().map(PathBuf::from));
+            .and_then(|v| v["images"][0][1].as_str().map(PathBuf::from));
         if journal.is_file() && path.as_ref().is_some_and(|p| p.is_file()) {
             overlay = path;
             break;
@@ -253,7 +254,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     assert!(err.contains("interrupted"), "{err}");
     assert!(!journal.is_file(), "the job ended");
     assert!(lab.nbd_pids().is_empty(), "no qemu-nbd left behind");
-    assert!(!lab.path("st/domains/vm/pending-backup.json").exists());
+    assert!(!pending.exists());
     let dirs: Vec<String> = std::fs::read_dir(lab.path("backups"))
         .expect("target dir")
         .flatten()
@@ -864,4 +865,35 @@ fn a_truncated_record_is_listed_as_damaged_and_the_others_stay_usable() {
     assert!(!record.exists());
     assert!(!lab.ok(&["backup-list", "vm"]).contains("Damaged"));
     lab.ok(&["backup-delete", &first]);
+}
+
+#[test]
+fn a_backup_into_a_vanished_target_directory_is_refused_and_creates_nothing() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    // The target directory goes away (an unmounted file system).
+    let target = lab.path("backups");
+    let moved = lab.path("backups-elsewhere");
+    std::fs::rename(&target, &moved).expect("move the target away");
+    let err = lab.fails(&["backup-create", "vm", "--wait"]);
+    assert!(
+        err.contains("the backup target directory must exist"),
+        "{err}"
+    );
+    assert!(!target.exists(), "the target directory was created again");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+    // Its checkpoint was not kept: only the full backup's is there.
+    assert_eq!(checkpoint_names(&lab), vec![full.clone()]);
+    assert!(!lab.path("st/domains/vm/managed-journal.json").exists());
+    std::fs::rename(&moved, &target).expect("move it back");
+    lab.vm_write(2, "1M", "1M");
+    let inc = lab.backup(Some(&full), false);
+    assert!(identical(
+        &lab.restore(&inc, &[], "r1"),
+        &lab.vm_snapshot("now.qcow2")
+    ));
 }

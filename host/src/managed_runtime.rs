@@ -16,17 +16,22 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use vbackup_core::backup::{JobStats, JobStatus};
 use vbackup_core::catalogue::StoredRecord;
+use vbackup_core::domain::{Reply, Request};
+use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
 use vbackup_core::link::{Link, Timestamp};
 use vbackup_core::managed::{
     CallId, Effect, EffectError, ImageFacts, Input, Managed, ManagedError, ManagedReply,
     ManagedRequest, Outcome, Output, StoredManaged,
 };
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
+use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
+use vbackup_qemu::qsd::RunDir;
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 
 use crate::error::Error;
-use crate::layout::MANAGED_JOURNAL_FILE;
+use crate::layout::{COMPLETED_FILE, MANAGED_JOURNAL_FILE};
 use crate::session::{Loaded, Session};
 
 /// Bound on the machine's rounds for one request.
@@ -140,6 +145,30 @@ fn creation_options(like: &str) -> Result<(String, Vec<String>), EffectError> {
         }
     }
     Ok((format, options))
+}
+
+/// The last finished job's outcome as the host recorded it ([`COMPLETED_FILE`]).
+fn recorded_completion(dir: &Path) -> Option<JobStats> {
+    let text = std::fs::read_to_string(dir.join(COMPLETED_FILE)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    let success = v["success"].as_bool()?;
+    Some(JobStats {
+        operation: "backup",
+        status: if success {
+            JobStatus::Completed
+        } else {
+            JobStatus::Failed
+        },
+        time_elapsed_ms: v["time_elapsed_ms"].as_u64().unwrap_or(0),
+        disk_total_bytes: None,
+        disk_processed_bytes: None,
+        disk_remaining_bytes: None,
+        disk_temp_used_bytes: None,
+        disk_temp_total_bytes: None,
+        success: Some(success),
+        errmsg: v["errmsg"].as_str().map(str::to_owned),
+        waiting_for: None,
+    })
 }
 
 fn facts(path: &str) -> Result<Outcome, EffectError> {
@@ -341,9 +370,39 @@ impl ManagedHost {
                 tool(&mut cmd)?;
                 facts(into)
             }
-            Effect::CopyPull { .. } => Err(failed(
-                "pull copies are carried out by backup-create itself, not by this runtime yet",
-            )),
+            Effect::CopyPull {
+                export,
+                dirty_bitmap,
+                into,
+                backing,
+            } => {
+                let session = self.session()?;
+                let socket = RunDir::new(&session.run_dir).nbd_socket;
+                let (context, dirty) = match dirty_bitmap {
+                    Some(bitmap) => (dirty_bitmap_context(bitmap), true),
+                    None => (BASE_ALLOCATION.to_owned(), false),
+                };
+                let mut client = NbdClient::connect_unix(&socket, export, &[context.as_str()])
+                    .map_err(failed)?;
+                let ranges = select_ranges(&mut client, &context, |flags| {
+                    if dirty {
+                        flags & STATE_DIRTY != 0
+                    } else {
+                        flags & STATE_ZERO == 0
+                    }
+                })
+                .map_err(failed)?;
+                images::store_extents_observed(
+                    &mut client,
+                    &ranges,
+                    Path::new(into),
+                    backing.as_deref().map(Path::new),
+                    &mut |_| {},
+                )
+                .map_err(failed)?;
+                let _ = client.disconnect();
+                done
+            }
             Effect::Rename { from, to, replace } => {
                 if !Path::new(from).exists() {
                     return Err(EffectError::NotFound(from.clone()));
@@ -426,10 +485,22 @@ impl ManagedHost {
             }
             Effect::Domain(request) => {
                 let session = self.session()?;
-                session
+                let reply = session
                     .call(request.clone())
-                    .map(Outcome::Reply)
-                    .map_err(|e| EffectError::Domain(e.to_string()))
+                    .map_err(|e| EffectError::Domain(e.to_string()))?;
+                // A job that ended while no vbackup followed it was concluded by an earlier
+                // session: the host's record of the last finished job answers for it.
+                if let (
+                    Request::JobStats {
+                        completed: true, ..
+                    },
+                    Reply::Stats(None),
+                ) = (request, &reply)
+                {
+                    let dir = session.driver.effects().store().dir().to_owned();
+                    return Ok(Outcome::Reply(Reply::Stats(recorded_completion(&dir))));
+                }
+                Ok(Outcome::Reply(reply))
             }
         }
     }
