@@ -1,32 +1,13 @@
-//! Managed backups: backups vbackup creates, catalogues, restores and deletes itself, on top of
-//! the job commands (`backup-begin`) and the catalogue of the core.
+//! Managed backups: the `backup-*` commands of the catalogue. Arguments are parsed and
+//! aligned here (the `<domainbackup>`, the checkpoint, the disks an overwrite replaces), the
+//! work is decided by the core's managed-backup machine (`vbackup_core::managed`) and carried
+//! out by the host runtime (`vbackup_host::managed_runtime`); this module prints the answers.
 //!
-//! Contract:
-//! - A managed backup is recorded in the catalogue (`backups/<uuid>.xml` of the domain's store)
-//!   only once its images are complete and described (sizes and content digest). Until then a
-//!   `pending-backup.json` in the domain's directory names the backup, its checkpoint and its
-//!   images; an interrupted or failed backup is cleaned up from it (images removed, the
-//!   checkpoint deleted so its bitmap merges back into its parent's) by `backup-finish
-//!   --cancel` or by the next `backup-create`. So the next incremental from the parent still
-//!   covers every change.
-//! - Push backups write into `<default target>/<uuid>/<disk>.qcow2` (or the targets the
-//!   `<domainbackup>` names). QEMU writes an incremental image as a standalone qcow2 holding
-//!   only the changed clusters; it is then given its parent backup's image as backing file
-//!   without copying anything (`qemu-img rebase -u`), which is exactly its meaning.
-//! - Pull backups are read with vbackup's own NBD client from the export of the managed
-//!   daemon: only the dirty extents (incremental) or the allocated ones (full) are stored, in a
-//!   qcow2 overlay of the parent backup's image or a fresh qcow2. The job is then ended.
-//! - Restores are verified against the recorded digest before an image takes its final name.
-//!   `backup-restore B --until U` restores the disks as they were at U's point in time, U being
-//!   on one chain with B (an ancestor of B, B itself, or a backup built on B); any other U is
-//!   refused before anything is written.
-//! - Deleting backups deletes the checkpoints they created (alone, through the engine), since
-//!   a checkpoint only serves as the base of later incrementals from its backup; the
-//!   checkpoints of remaining backups and the user's own checkpoints stay. Checkpoints go
-//!   before records and records before images, so an interrupted deletion leaves the backups
-//!   it did not reach catalogued and restorable, and repeating it finishes the work.
-//! - A pull copy shows one progress bar per disk on a terminal (none with `--json` or when
-//!   stderr is not a terminal).
+//! Contract: every rule (journal before each interruptible step, consolidation and restore
+//! into new files checked before they take their final names, no takeover of an existing
+//! domain, overwrite keeping ownership, options and the other disks' checkpoints, target
+//! directories that must exist, damaged records affecting only themselves) is the machine's;
+//! the only checks left here name a missing chain image before anything starts.
 
 use std::path::{Path, PathBuf};
 
