@@ -9,6 +9,7 @@
 //! directories that must exist, damaged records affecting only themselves) is the machine's;
 //! the only checks left here name a missing chain image before anything starts.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -23,7 +24,7 @@ use vbackup_core::managed::{
 use vbackup_core::xml::{
     BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
 };
-use vbackup_host::managed_runtime::{self, ManagedHost};
+use vbackup_host::managed_runtime::{self, CopyEvent, CopyObserver, ManagedHost};
 use vbackup_qemu::images;
 use vbackup_qemu::qsd::{RunDir, daemon_alive};
 use vbackup_qemu::store::{DomainStore, Store};
@@ -373,6 +374,48 @@ fn ask(
     Ok((answer?, catalogue))
 }
 
+/// Shows a pull copy: a progress bar per disk on stderr when `shown` (a terminal), and one
+/// line per disk once it is copied.
+fn copy_progress(shown: bool) -> CopyObserver {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    Box::new(move |event| match event {
+        CopyEvent::Started {
+            export,
+            total_bytes,
+        } => {
+            bar = shown.then(|| {
+                let b = indicatif::ProgressBar::new(total_bytes);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{prefix} {spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b.set_prefix(export.to_owned());
+                b
+            });
+        }
+        CopyEvent::Copied(bytes) => {
+            if let Some(b) = &bar {
+                b.inc(bytes);
+            }
+        }
+        CopyEvent::Finished {
+            export,
+            bytes_copied,
+            ranges,
+        } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            println!(
+                "Disk {export}: pulled {} in {ranges} extent(s)",
+                human_bytes(bytes_copied)
+            );
+        }
+    })
+}
+
 fn managed_error(e: ManagedError) -> CliError {
     CliError::Other(e.to_string())
 }
@@ -544,20 +587,21 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
             uris.join(" ")
         );
     }
-    let (answer, _) = ask(
-        store,
-        loaded,
-        ManagedRequest::Create(Box::new(CreateRequest {
-            uuid: uuid.clone(),
-            checkpoint,
-            spec,
-            parent: parent.map(|p| p.uuid),
-            description: args.description.clone(),
-            target: None,
-            wait,
-        })),
-    )?;
-    match answer.map_err(managed_error)? {
+    let mut host = ManagedHost::open(store, loaded)?;
+    if args.pull && !args.json {
+        host.observe_copies(copy_progress(std::io::stderr().is_terminal()));
+    }
+    let answer = host.run(ManagedRequest::Create(Box::new(CreateRequest {
+        uuid: uuid.clone(),
+        checkpoint,
+        spec,
+        parent: parent.map(|p| p.uuid),
+        description: args.description.clone(),
+        target: None,
+        wait,
+    })));
+    host.close()?;
+    match answer?.map_err(managed_error)? {
         ManagedReply::Started { uuid } => {
             if args.json {
                 print_json(json!({"uuid": uuid, "status": "started"}));

@@ -72,12 +72,39 @@ enum Side {
     Gone,
 }
 
+/// What a pull copy reports while it runs (for a progress display).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEvent<'a> {
+    /// The copy of one export begins.
+    Started {
+        /// The export (the disk target for a managed pull).
+        export: &'a str,
+        /// Bytes it will copy.
+        total_bytes: u64,
+    },
+    /// Bytes copied since the last event.
+    Copied(u64),
+    /// The copy of one export is complete.
+    Finished {
+        /// The export.
+        export: &'a str,
+        /// Bytes copied.
+        bytes_copied: u64,
+        /// Extents copied.
+        ranges: u64,
+    },
+}
+
+/// Receives [`CopyEvent`]s.
+pub type CopyObserver = Box<dyn FnMut(CopyEvent<'_>)>;
+
 /// One domain's managed backups on this host: the machine and what carries out its effects.
 pub struct ManagedHost {
     machine: Managed,
     side: Side,
     store_root: PathBuf,
     next_call: u64,
+    observer: Option<CopyObserver>,
 }
 
 fn now() -> Timestamp {
@@ -194,7 +221,13 @@ impl ManagedHost {
             side: Side::Loaded(Box::new(loaded)),
             store_root: store.root().to_owned(),
             next_call: 0,
+            observer: None,
         })
+    }
+
+    /// Reports the progress of pull copies to `observer`.
+    pub fn observe_copies(&mut self, observer: CopyObserver) {
+        self.observer = Some(observer);
     }
 
     /// The machine: the catalogue, the damaged records, the backup in flight.
@@ -392,15 +425,37 @@ impl ManagedHost {
                     }
                 })
                 .map_err(failed)?;
-                images::store_extents_observed(
+                let total_bytes = ranges
+                    .iter()
+                    .fold(0u64, |t, (_, len)| t.saturating_add(*len));
+                let mut observer = self.observer.take();
+                if let Some(o) = observer.as_mut() {
+                    o(CopyEvent::Started {
+                        export,
+                        total_bytes,
+                    });
+                }
+                let report = images::store_extents_observed(
                     &mut client,
                     &ranges,
                     Path::new(into),
                     backing.as_deref().map(Path::new),
-                    &mut |_| {},
-                )
-                .map_err(failed)?;
+                    &mut |bytes| {
+                        if let Some(o) = observer.as_mut() {
+                            o(CopyEvent::Copied(bytes));
+                        }
+                    },
+                );
                 let _ = client.disconnect();
+                if let (Some(o), Ok(r)) = (observer.as_mut(), &report) {
+                    o(CopyEvent::Finished {
+                        export,
+                        bytes_copied: r.copy.bytes_copied,
+                        ranges: r.copy.ranges as u64,
+                    });
+                }
+                self.observer = observer;
+                report.map_err(failed)?;
                 done
             }
             Effect::Rename { from, to, replace } => {
