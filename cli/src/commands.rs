@@ -17,8 +17,8 @@ use vbackup_core::error::Error as EngineError;
 use vbackup_core::xml::{CheckpointDef, CheckpointFormat, CheckpointMode};
 use vbackup_qemu::store::Store;
 
+pub(crate) use vbackup_host::domains::esc;
 use vbackup_host::domains::{self, read_file};
-pub(crate) use vbackup_host::domains::{esc, now_s};
 use vbackup_host::jobs::{self, checkpoint_xml_from_args};
 pub(crate) use vbackup_host::jobs::{checkpoint_for_backup, export_uris, parse_new_checkpoint};
 use vbackup_host::session::{self, Attachment, Session};

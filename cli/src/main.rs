@@ -11,7 +11,7 @@ mod virsh_args;
 mod xml_cmd;
 
 // The host runtime's modules under the names the command modules use.
-use vbackup_host::{effects, session};
+use vbackup_host::session;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;

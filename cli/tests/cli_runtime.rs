@@ -131,8 +131,10 @@ fn a_restore_killed_during_its_digest_leaves_no_helper_and_the_next_command_remo
         .expect("backup-create prints the uuid")
         .to_owned();
     lab.ok(&["shutdown", "vm"]);
+    let before = std::fs::read(lab.path("vda.qcow2")).expect("disk");
     let (vbackup, nbd) = paused_in_digest(&lab, &["backup-restore", &uuid, "--overwrite"]);
-    let copy = lab.path(&format!(".vda.qcow2.restore-{}", vbackup.id()));
+    // The new image is written beside the disk and checked before it takes the disk's name.
+    let copy = lab.path(".vda.qcow2.vbackup-new");
     assert!(copy.is_file(), "the restore's copy is being checked");
     kill_9(vbackup);
     assert!(
@@ -141,11 +143,9 @@ fn a_restore_killed_during_its_digest_leaves_no_helper_and_the_next_command_remo
         }),
         "qemu-nbd {nbd} outlived the restore that started it"
     );
-    // A copy of a live restore is never touched: only a dead pid's copy goes.
-    let live = lab.path(&format!(".vda.qcow2.restore-{}", std::process::id()));
-    std::fs::write(&live, b"").expect("live copy");
-    ok_with_tmp(&lab, &["domblklist", "vm"]);
+    // The disk is as it was; the next managed-backup command undoes the journaled restore.
+    assert_eq!(std::fs::read(lab.path("vda.qcow2")).expect("disk"), before);
+    ok_with_tmp(&lab, &["backup-verify", &uuid]);
     assert!(!copy.exists(), "the killed restore's copy is left behind");
-    assert!(live.exists(), "a live restore's copy was removed");
     assert!(export_dirs(&tmp(&lab)).is_empty());
 }

@@ -23,6 +23,7 @@ pub mod export;
 pub mod jobs;
 mod kernel;
 pub mod link;
+pub mod managed;
 pub mod model;
 pub mod qmp;
 pub mod trace;

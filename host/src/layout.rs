@@ -9,6 +9,7 @@
 //! <state>/domains/<name>/current-checkpoint  the current checkpoint's name
 //! <state>/domains/<name>/pending-checkpoint  checkpoints whose bitmaps are being created
 //! <state>/domains/<name>/journal.json        the running job's journal (vbackup_qemu::store)
+//! <state>/domains/<name>/managed-journal.json  the managed-backup operation in flight (managed_runtime)
 //! <state>/domains/<name>/job-progress.json   the running job's last polled statistics
 //! <state>/domains/<name>/completed-job.json  the last finished job's statistics
 //! <state>/domains/<name>/drift-reported      drift warnings last printed in full
@@ -24,6 +25,8 @@ pub const CONFIG_FILE: &str = "vbackup.conf";
 pub const DOMAIN_FILE: &str = "domain.xml";
 /// The running job's journal.
 pub const JOURNAL_FILE: &str = "journal.json";
+/// The journal of the managed-backup operation in flight (`vbackup_core::managed::Journal`).
+pub const MANAGED_JOURNAL_FILE: &str = "managed-journal.json";
 /// Per-domain settings of vbackup itself, beside `domain.xml`.
 pub const META_FILE: &str = "vbackup.json";
 /// In a managed domain's run directory: the daemon was started with `start` and stays up

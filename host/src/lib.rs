@@ -19,6 +19,7 @@ pub mod effects;
 pub mod error;
 pub mod jobs;
 pub mod layout;
+pub mod managed_runtime;
 pub mod processes;
 pub mod session;
 pub mod units;
