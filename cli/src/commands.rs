@@ -49,7 +49,7 @@ pub struct Global {
 ///
 /// Every argument virsh names (`--domain`, `--checkpointname`, `--xmlfile`, `--name`,
 /// `--description`, `--backupxml`, `--checkpointxml`, `--file`) is taken by position or by
-/// name; see [`virsh_args`].
+/// name; see [`crate::virsh_args`].
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
     /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
@@ -144,8 +144,10 @@ pub enum DomainCommand {
         /// Description, as virsh's named form of DESCRIPTION.
         #[arg(long = "description", id = "description_named", value_name = "TEXT")]
         description_named: Option<String>,
-        /// Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable).
-        #[arg(long)]
+        #[arg(
+            long,
+            help = "Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable)"
+        )]
         diskspec: Vec<String>,
         /// Print the XML instead of creating the checkpoint.
         #[arg(long)]

@@ -15,14 +15,16 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use serde_json::{Value, json};
 use vbackup_core::backup::BackupSpec;
-use vbackup_core::catalogue::{Catalogue, CatalogueOp, ListFilter, ManagedBackup, validate_uuid};
+use vbackup_core::catalogue::{
+    BackupListFilter, Catalogue, CatalogueOp, ManagedBackup, validate_uuid,
+};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::managed::{
     CreateRequest, Journal, Managed, ManagedError, ManagedReply, ManagedRequest, RestoreRequest,
     RestoreTarget,
 };
 use vbackup_core::xml::{
-    BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
+    BackupDef, BackupDisk, BackupModeAttr, BackupStoreDef, DiskBackup, Origin, align_backup,
 };
 use vbackup_host::managed_runtime::{self, CopyEvent, CopyObserver, ManagedHost};
 use vbackup_qemu::images;
@@ -515,9 +517,9 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
     );
     let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
     if args.pull {
-        def.mode = BackupMode::Pull;
+        def.mode = BackupModeAttr::Pull;
     }
-    if def.mode == BackupMode::Pull && loaded.attachment != Attachment::Managed {
+    if def.mode == BackupModeAttr::Pull && loaded.attachment != Attachment::Managed {
         return Err(CliError::Other(
             "Requested operation is not supported: managed pull backups read the exports of a managed domain's daemon".into(),
         ));
@@ -548,11 +550,11 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         if let Some(parent) = &parent {
             check_chain_images(&cat, &parent.uuid, &disk.name)?;
         }
-        if def.mode == BackupMode::Push && backup.store.is_some() {
+        if def.mode == BackupModeAttr::Push && backup.store.is_some() {
             explicit.push(disk.name.clone());
-        } else if def.mode == BackupMode::Push {
+        } else if def.mode == BackupModeAttr::Push {
             // A placeholder for alignment; the machine chooses the path.
-            backup.store = Some(BackupStore {
+            backup.store = Some(BackupStoreDef {
                 path: format!("/{}.qcow2", disk.name),
                 seclabels: Vec::new(),
                 encryption: None,
@@ -747,11 +749,11 @@ fn list(
         }
     }
     let filter = if full {
-        ListFilter::Full
+        BackupListFilter::Full
     } else if latest {
-        ListFilter::LatestChain
+        BackupListFilter::LatestChain
     } else {
-        ListFilter::All
+        BackupListFilter::All
     };
     let backups = cat.list(filter);
     if json {

@@ -35,7 +35,7 @@ pub fn now_s() -> u64 {
 /// Escapes text for an XML attribute or element.
 pub fn esc(text: &str) -> String {
     let mut out = String::new();
-    vbackup_core::xml::writer::escape(text, &mut out);
+    vbackup_core::unstable::xml_writer::escape(text, &mut out);
     out
 }
 

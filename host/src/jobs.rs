@@ -7,14 +7,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vbackup_core::backup::{
-    BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer,
+    BackupMode, BackupPlan, BackupSpec, DiskJobState, DomainJobStatus, JobStats, NbdServer,
 };
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointDisk, CheckpointKind, CheckpointMode, Origin, align_backup,
-    align_checkpoint, align_redefined_checkpoint,
+    BackupDef, CheckpointDef, CheckpointDiskDef, CheckpointKind, CheckpointMode, Origin,
+    align_backup, align_checkpoint, align_redefined_checkpoint,
 };
 use vbackup_qemu::store::{Store, write_atomic};
 
@@ -152,7 +152,7 @@ pub fn checkpoint_for_backup(
             .disks
             .iter()
             .filter(|d| !d.is_empty() && !d.readonly)
-            .map(|d| CheckpointDisk {
+            .map(|d| CheckpointDiskDef {
                 name: d.target.clone(),
                 checkpoint: if copied(&d.target) {
                     CheckpointKind::Bitmap
@@ -481,9 +481,8 @@ fn shared_job_info(shared: &Shared, dir: &Path, completed: bool, keep_completed:
         .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
     let mut stats = match progress {
         Some(p) => p["stats"].clone(),
-        None => {
-            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
-        }
+        None => serde_json::to_value(plan.stats(now_ms(), DomainJobStatus::Running))
+            .unwrap_or(Value::Null),
     };
     stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
     JobInfo {

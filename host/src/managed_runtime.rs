@@ -16,14 +16,14 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use vbackup_core::backup::{JobStats, JobStatus};
+use vbackup_core::backup::{DomainJobStatus, JobStats};
 use vbackup_core::catalogue::StoredRecord;
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
 use vbackup_core::link::{Link, Timestamp};
 use vbackup_core::managed::{
-    CallId, Effect, EffectError, ImageFacts, Input, Managed, ManagedError, ManagedReply,
-    ManagedRequest, Outcome, Output, StoredManaged,
+    CallId, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput, ManagedOutput,
+    ManagedReply, ManagedRequest, Outcome, StoredManaged,
 };
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
@@ -182,9 +182,9 @@ fn recorded_completion(dir: &Path) -> Option<JobStats> {
     Some(JobStats {
         operation: "backup",
         status: if success {
-            JobStatus::Completed
+            DomainJobStatus::Completed
         } else {
-            JobStatus::Failed
+            DomainJobStatus::Failed
         },
         time_elapsed_ms: v["time_elapsed_ms"].as_u64().unwrap_or(0),
         disk_total_bytes: None,
@@ -264,17 +264,18 @@ impl ManagedHost {
         request: ManagedRequest,
     ) -> Result<Result<ManagedReply, ManagedError>, Error> {
         self.next_call += 1;
-        let mut outputs = self
-            .machine
-            .handle(now(), Input::Request(CallId(self.next_call), request));
+        let mut outputs = self.machine.handle(
+            now(),
+            ManagedInput::Request(CallId(self.next_call), request),
+        );
         for _ in 0..ROUNDS {
             let mut next = Vec::new();
             for output in outputs {
                 match output {
-                    Output::Respond(_, answer) => return Ok(answer),
-                    Output::Effect(id, effect) => {
+                    ManagedOutput::Respond(_, answer) => return Ok(answer),
+                    ManagedOutput::Effect(id, effect) => {
                         let result = self.execute(&effect);
-                        next.extend(self.machine.handle(now(), Input::Done(id, result)));
+                        next.extend(self.machine.handle(now(), ManagedInput::Done(id, result)));
                     }
                 }
             }
@@ -293,7 +294,7 @@ impl ManagedHost {
                     }
                     _ => std::thread::sleep(Duration::from_millis(at.ms_since(now()).max(1))),
                 }
-                next = self.machine.handle(now(), Input::Tick);
+                next = self.machine.handle(now(), ManagedInput::Tick);
             }
             outputs = next;
         }

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupPlan, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
-use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
+use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request, StoredState};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::{DiskDef, DomainDef};
@@ -529,7 +529,14 @@ impl Session {
         let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
             .map(|s| pending_checkpoints(&s))
             .unwrap_or_default();
-        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoints(pending);
+        // The restart contract: what the store holds, as the core's own fold describes it.
+        let stored = StoredState {
+            checkpoints: tree.iter().map(|c| (c.name.clone(), c.clone())).collect(),
+            current_checkpoint: tree.current().map(str::to_owned),
+            backup_journal: journal,
+            pending_checkpoints: pending,
+        };
+        let domain = Domain::from_stored(def, config, stored);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
         let effects = StoreEffects::new(store).with_checkpoints(

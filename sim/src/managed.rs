@@ -47,15 +47,16 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use vbackup_core::backup::BackupMode;
-use vbackup_core::catalogue::{CatalogueError, Digest, ListFilter, StoredRecord};
+use vbackup_core::catalogue::{BackupListFilter, CatalogueError, Digest, StoredRecord};
 use vbackup_core::checkpoint::DeleteScope;
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::export::{ExportReader, STATE_DIRTY, STATE_ZERO};
 use vbackup_core::link::{Link, Timestamp};
 use vbackup_core::managed::{
-    CallId, CreateRequest, Effect, EffectError, ImageFacts, Input, Managed, ManagedError,
-    ManagedReply, ManagedRequest, Outcome, Output, RestoreRequest, RestoreTarget, StoredManaged,
+    CallId, CreateRequest, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
+    ManagedOutput, ManagedReply, ManagedRequest, Outcome, RestoreRequest, RestoreTarget,
+    StoredManaged,
 };
 use vbackup_core::model::ImageFormat;
 
@@ -398,13 +399,13 @@ impl History {
         let now = self.now();
         let mut outputs = self
             .machine
-            .handle(now, Input::Request(CallId(self.next_call), request));
+            .handle(now, ManagedInput::Request(CallId(self.next_call), request));
         for _ in 0..ROUNDS {
             let mut next = Vec::new();
             for o in outputs {
                 match o {
-                    Output::Respond(_, answer) => return Ok(Ended::Answered(answer)),
-                    Output::Effect(id, effect) => {
+                    ManagedOutput::Respond(_, answer) => return Ok(Ended::Answered(answer)),
+                    ManagedOutput::Effect(id, effect) => {
                         if self.kills_armed && self.below(1000) < KILL_PER_MILLE {
                             // Killed before the effect, or after it but before its result.
                             if self.chance(50) {
@@ -415,7 +416,7 @@ impl History {
                         }
                         let result = self.execute(&effect)?;
                         let now = self.now();
-                        next.extend(self.machine.handle(now, Input::Done(id, result)));
+                        next.extend(self.machine.handle(now, ManagedInput::Done(id, result)));
                     }
                 }
             }
@@ -430,7 +431,7 @@ impl History {
                 let wait = at.ms_since(self.now()).max(1);
                 self.pass_time(wait)?;
                 let now = self.now();
-                next = self.machine.handle(now, Input::Tick);
+                next = self.machine.handle(now, ManagedInput::Tick);
             }
             outputs = next;
         }
@@ -787,7 +788,7 @@ impl History {
         let listed: Vec<String> = self
             .machine
             .catalogue()
-            .list(ListFilter::All)
+            .list(BackupListFilter::All)
             .iter()
             .map(|b| b.uuid.clone())
             .collect();
@@ -1312,7 +1313,7 @@ impl History {
         }
         self.sync_model()?;
         let gone: Vec<_> = before
-            .list(ListFilter::All)
+            .list(BackupListFilter::All)
             .into_iter()
             .filter(|b| self.machine.catalogue().get(&b.uuid).is_none())
             .cloned()
@@ -1344,7 +1345,7 @@ impl History {
         let q = self.qemu.borrow();
         let fs = q.fs();
         let mut images = Vec::new();
-        for b in self.machine.catalogue().list(ListFilter::All) {
+        for b in self.machine.catalogue().list(BackupListFilter::All) {
             for i in &b.disks {
                 let chain = backing_chain(fs, &i.path)
                     .map(|c| c.into_iter().map(str::to_owned).collect())
@@ -1417,7 +1418,7 @@ impl History {
         let images: Vec<String> = self
             .machine
             .catalogue()
-            .list(ListFilter::All)
+            .list(BackupListFilter::All)
             .iter()
             .flat_map(|b| b.disks.iter().map(|i| i.path.clone()))
             .filter(|p| !self.corrupt.contains_key(p))
@@ -1554,7 +1555,7 @@ impl History {
         let listed: Vec<&str> = self
             .machine
             .catalogue()
-            .list(ListFilter::All)
+            .list(BackupListFilter::All)
             .iter()
             .map(|b| b.uuid.as_str())
             .collect();
@@ -1573,7 +1574,7 @@ impl History {
         for (_, images) in self.damaged.values() {
             named.extend(images.iter().cloned());
         }
-        for b in catalogue.list(ListFilter::All) {
+        for b in catalogue.list(BackupListFilter::All) {
             let chain = catalogue
                 .chain(&b.uuid)
                 .map_err(|e| self.fail(e.to_string()))?;
@@ -1623,7 +1624,7 @@ impl History {
         want.extend(self.damaged.values().filter_map(|(c, _)| c.clone()));
         want.extend(
             catalogue
-                .list(ListFilter::All)
+                .list(BackupListFilter::All)
                 .iter()
                 .filter_map(|b| b.checkpoint.clone()),
         );

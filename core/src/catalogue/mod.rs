@@ -30,7 +30,7 @@ mod xml;
 pub use xml::GRAMMAR;
 
 pub use damaged::{DamagedRecord, StoredRecord};
-pub use index::{Catalogue, CatalogueOp, DeleteMode, ListFilter, find_backup};
+pub use index::{BackupListFilter, Catalogue, CatalogueOp, DeleteMode, find_backup};
 pub use record::{BackupImage, BackupKind, Digest, ManagedBackup, validate_uuid};
 pub use restore::{DiskRestore, RestorePlan};
 

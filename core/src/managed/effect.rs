@@ -1,8 +1,8 @@
 //! The work the managed-backup machine hands to its runtime, and what comes back.
 
 use crate::catalogue::{Digest, ManagedBackup};
-use crate::domain::{Reply, Request};
 use crate::model::ImageFormat;
+use crate::protocol::{Reply, Request};
 
 use super::journal::Journal;
 
@@ -11,7 +11,7 @@ use super::journal::Journal;
 pub struct EffectId(pub u64);
 
 /// One piece of file, store or domain work. The runtime carries it out and answers with
-/// [`super::Input::Done`]. The machine has at most one effect outstanding.
+/// [`super::ManagedInput::Done`]. The machine has at most one effect outstanding.
 #[derive(Debug, Clone)]
 pub enum Effect {
     /// Create exactly this directory. With `parents` false its parent must exist (a backup

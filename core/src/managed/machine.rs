@@ -14,16 +14,16 @@ use crate::catalogue::{
     StoredRecord, validate_uuid,
 };
 use crate::checkpoint::{DeleteScope, ListFilter};
-use crate::domain::{Reply, Request};
 use crate::kernel::timers::TimerTable;
 use crate::link::Timestamp;
 use crate::model::ImageFormat;
+use crate::protocol::{Reply, Request};
 
 use super::effect::{Effect, EffectError, EffectId, Outcome};
 use super::journal::{Journal, NewDomain, PendingBackup};
 use super::{
-    CallId, CreateRequest, DiskVerdict, Input, ManagedError, ManagedReply, ManagedRequest, Output,
-    RestoreRequest, RestoreTarget, RestoredDisk, StoredManaged,
+    CallId, CreateRequest, DiskVerdict, ManagedError, ManagedInput, ManagedOutput, ManagedReply,
+    ManagedRequest, RestoreRequest, RestoreTarget, RestoredDisk, StoredManaged,
 };
 
 /// How often a running push job is asked whether it ended.
@@ -303,7 +303,7 @@ impl Managed {
         self.op.is_some()
     }
 
-    /// When the machine wants a [`Input::Tick`].
+    /// When the machine wants a [`ManagedInput::Tick`].
     pub fn next_deadline(&self) -> Option<Timestamp> {
         self.timers.next()
     }
@@ -330,12 +330,12 @@ impl Managed {
     }
 
     /// The one entry point: consumes an input, returns what to do, in order.
-    pub fn handle(&mut self, now: Timestamp, input: Input) -> Vec<Output> {
+    pub fn handle(&mut self, now: Timestamp, input: ManagedInput) -> Vec<ManagedOutput> {
         let mut out = Vec::new();
         match input {
-            Input::Request(call, request) => {
+            ManagedInput::Request(call, request) => {
                 if self.op.is_some() {
-                    out.push(Output::Respond(
+                    out.push(ManagedOutput::Respond(
                         call,
                         Err(ManagedError::Busy(
                             "another managed-backup operation of this domain is in flight".into(),
@@ -346,12 +346,12 @@ impl Managed {
                 match self.plan(now, request) {
                     Ok(steps) => self.op = Some(Op::new(Some(call), steps)),
                     Err(e) => {
-                        out.push(Output::Respond(call, Err(e)));
+                        out.push(ManagedOutput::Respond(call, Err(e)));
                         return out;
                     }
                 }
             }
-            Input::Done(id, result) => {
+            ManagedInput::Done(id, result) => {
                 let step = match self.op.as_mut() {
                     Some(op) if op.current.as_ref().is_some_and(|(c, _)| *c == id) => {
                         op.current.take().map(|(_, s)| s)
@@ -362,7 +362,7 @@ impl Managed {
                     self.finish_step(now, step, result);
                 }
             }
-            Input::Tick => {
+            ManagedInput::Tick => {
                 for t in self.timers.take_expired(now) {
                     match t {
                         Timer::PollJob => {
@@ -379,7 +379,7 @@ impl Managed {
     }
 
     /// Carries out decisions until an effect leaves or the operation ends.
-    fn pump(&mut self, out: &mut Vec<Output>) {
+    fn pump(&mut self, out: &mut Vec<ManagedOutput>) {
         while let Some(mut op) = self.op.take() {
             if op.current.is_some() || op.waiting {
                 self.op = Some(op);
@@ -403,7 +403,7 @@ impl Managed {
                             Ok(reply)
                         }
                     };
-                    out.push(Output::Respond(call, answer));
+                    out.push(ManagedOutput::Respond(call, answer));
                 }
                 return;
             };
@@ -429,7 +429,7 @@ impl Managed {
                         self.next_effect += 1;
                         let id = EffectId(self.next_effect);
                         op.current = Some((id, step));
-                        out.push(Output::Effect(id, effect));
+                        out.push(ManagedOutput::Effect(id, effect));
                     }
                 }
             }
@@ -962,7 +962,7 @@ impl Managed {
                 // names them any more); what is still catalogued is deleted as planned anew.
                 let named = |path: &str| {
                     self.catalogue
-                        .list(crate::catalogue::ListFilter::All)
+                        .list(crate::catalogue::BackupListFilter::All)
                         .iter()
                         .any(|b| b.disks.iter().any(|i| i.path == path))
                 };

@@ -5,12 +5,12 @@
 //!
 //! Contract (the same as the domain's):
 //! - [`Managed::handle`] is pure: time is an argument, file, store and domain work leaves as
-//!   [`Output::Effect`] values answered by [`Input::Done`], effect ids come from a counter,
+//!   [`ManagedOutput::Effect`] values answered by [`ManagedInput::Done`], effect ids come from a counter,
 //!   no input panics, errors are [`ManagedError`] values. One operation runs at a time and
 //!   has at most one effect outstanding; a second request is refused with
 //!   [`ManagedError::Busy`].
-//! - The machine talks to its domain's engine only through [`crate::domain::Request`] and
-//!   [`crate::domain::Reply`] values ([`Effect::Domain`]).
+//! - The machine talks to its domain's engine only through [`crate::Request`] and
+//!   [`crate::Reply`] values ([`Effect::Domain`]).
 //! - Crash protocol: a [`Journal`] is written before each step that can be interrupted, and
 //!   a machine rebuilt from the stored records and journal ([`Managed::new`]) concludes what
 //!   was left before its next operation: a backup in flight is a journaled pending record
@@ -60,7 +60,7 @@ pub struct CallId(pub u64);
 
 /// Everything that can happen to the machine.
 #[derive(Debug, Clone)]
-pub enum Input {
+pub enum ManagedInput {
     /// A caller asks for something.
     Request(CallId, ManagedRequest),
     /// The runtime carried out an effect.
@@ -71,8 +71,8 @@ pub enum Input {
 
 /// What the machine asks for, in order.
 #[derive(Debug, Clone)]
-pub enum Output {
-    /// Carry out an effect and answer with [`Input::Done`].
+pub enum ManagedOutput {
+    /// Carry out an effect and answer with [`ManagedInput::Done`].
     Effect(EffectId, Effect),
     /// Answer a request.
     Respond(CallId, Result<ManagedReply, ManagedError>),

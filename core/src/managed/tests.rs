@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::backup::{BackupDiskSpec, BackupMode, BackupSpec, JobStats, JobStatus};
+use crate::backup::{BackupDiskSpec, BackupMode, BackupSpec, DomainJobStatus, JobStats};
 use crate::catalogue::{BackupImage, BackupKind, Digest, ManagedBackup, StoredRecord};
 use crate::checkpoint::{Checkpoint, CheckpointDisk};
-use crate::domain::{Reply, Request};
 use crate::link::Timestamp;
 use crate::model::ImageFormat;
+use crate::protocol::{Reply, Request};
 
 const A: &str = "00000000-0000-4000-8000-00000000000a";
 const B: &str = "00000000-0000-4000-8000-00000000000b";
@@ -71,22 +71,22 @@ fn run(
 ) -> (Vec<Effect>, Result<ManagedReply, ManagedError>) {
     let mut effects = Vec::new();
     let mut now = Timestamp::from_ms(1_000_000);
-    let mut pending = m.handle(now, Input::Request(CallId(1), request));
+    let mut pending = m.handle(now, ManagedInput::Request(CallId(1), request));
     for _ in 0..10_000 {
         let mut next = Vec::new();
         for o in pending {
             match o {
-                Output::Respond(_, r) => return (effects, r),
-                Output::Effect(id, e) => {
+                ManagedOutput::Respond(_, r) => return (effects, r),
+                ManagedOutput::Effect(id, e) => {
                     let r = answer(&e);
                     effects.push(e);
-                    next.extend(m.handle(now, Input::Done(id, r)));
+                    next.extend(m.handle(now, ManagedInput::Done(id, r)));
                 }
             }
         }
         if next.is_empty() {
             now = m.next_deadline().unwrap_or(now.plus_ms(1));
-            next = m.handle(now, Input::Tick);
+            next = m.handle(now, ManagedInput::Tick);
         }
         pending = next;
     }
@@ -271,9 +271,9 @@ fn stats(success: Option<bool>) -> Outcome {
     Outcome::Reply(Reply::Stats(Some(JobStats {
         operation: "backup",
         status: if success.is_some() {
-            JobStatus::Completed
+            DomainJobStatus::Completed
         } else {
-            JobStatus::Running
+            DomainJobStatus::Running
         },
         time_elapsed_ms: 1,
         disk_total_bytes: None,
