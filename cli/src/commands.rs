@@ -8,27 +8,22 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::backup::{
-    BackupMode, BackupPlan, BackupSpec, DiskJobState, JobStats, JobStatus, NbdServer,
-};
-use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
-use vbackup_core::domain::{DomainEvent, Reply, Request};
-use vbackup_core::error::{Error as EngineError, RequestError};
-use vbackup_core::model::{DiskDef, DiskDevice, ImageFormat, Layer, StorageType};
-use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, align_backup, align_checkpoint,
-    align_redefined_checkpoint, parse_domain,
-};
-use vbackup_qemu::qsd::{QsdDisk, RunDir, daemon_alive};
-use vbackup_qemu::store::{Store, write_atomic};
+use vbackup_core::backup::JobStats;
+use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
+use vbackup_core::error::Error as EngineError;
+use vbackup_core::xml::{CheckpointDef, CheckpointFormat, CheckpointMode};
+use vbackup_qemu::store::Store;
 
-use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
+pub(crate) use vbackup_host::domains::esc;
+use vbackup_host::domains::{self, read_file};
+use vbackup_host::jobs::{self, checkpoint_xml_from_args};
+pub(crate) use vbackup_host::jobs::{checkpoint_for_backup, export_uris, parse_new_checkpoint};
+use vbackup_host::session::{self, Attachment, Session};
+
 use crate::output::{CliError, format_time, print_json, table};
-use crate::session::{self, Attachment, Loaded, ReadAccess, Session, Shared};
 use crate::virsh_args::{DomainArg, fill, required};
 
 /// Options every domain command shares.
@@ -54,7 +49,7 @@ pub struct Global {
 ///
 /// Every argument virsh names (`--domain`, `--checkpointname`, `--xmlfile`, `--name`,
 /// `--description`, `--backupxml`, `--checkpointxml`, `--file`) is taken by position or by
-/// name; see [`virsh_args`].
+/// name; see [`crate::virsh_args`].
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
     /// Define a domain from a libvirt domain XML file, or NAME with --disk, or NAME --qmp
@@ -149,8 +144,10 @@ pub enum DomainCommand {
         /// Description, as virsh's named form of DESCRIPTION.
         #[arg(long = "description", id = "description_named", value_name = "TEXT")]
         description_named: Option<String>,
-        /// Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable).
-        #[arg(long)]
+        #[arg(
+            long,
+            help = "Per disk: TARGET[,checkpoint=bitmap|no][,bitmap=NAME] (repeatable)"
+        )]
         diskspec: Vec<String>,
         /// Print the XML instead of creating the checkpoint.
         #[arg(long)]
@@ -331,7 +328,7 @@ impl XpathArgs {
     /// Prints `xml`, or what the expression selects from it.
     pub(crate) fn print(&self, xml: &str) -> Result<(), CliError> {
         match &self.xpath {
-            Some(expr) => print!("{}", crate::xpath::select(xml, expr, self.wrap)?),
+            Some(expr) => print!("{}", vbackup_host::xpath::select(xml, expr, self.wrap)?),
             None => print!("{xml}"),
         }
         Ok(())
@@ -414,9 +411,15 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             let domain = required("checkpoint-create", "domain", domain)?;
             let file = required("checkpoint-create", "xmlfile", file)?;
             let text = read_file(Path::new(&file))?;
-            let name =
-                checkpoint_define(&store, &domain, &text, redefine, redefine_validate, quiesce)
-                    .map_err(|e| in_file(&file, e))?;
+            let name = jobs::define_checkpoint(
+                &store,
+                &domain,
+                &text,
+                redefine,
+                redefine_validate,
+                quiesce,
+            )
+            .map_err(|e| in_file(&file, e))?;
             // virsh has one message for a checkpoint made from a file, redefined or not.
             println!("Domain checkpoint {name} created from '{file}'");
             Ok(())
@@ -446,7 +449,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 print!("{text}");
                 return Ok(());
             }
-            let name = checkpoint_define(&store, &domain, &text, false, false, quiesce)
+            let name = jobs::define_checkpoint(&store, &domain, &text, false, false, quiesce)
                 .map_err(from_arguments)?;
             println!("Domain checkpoint {name} created");
             Ok(())
@@ -528,7 +531,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         }
         DomainCommand::CheckpointParent { cp, json } => {
             let (domain, checkpoint) = cp.get("checkpoint-parent")?;
-            read_tree(&store, &domain, |tree, _| {
+            jobs::read_tree::<_, CliError>(&store, &domain, |tree, _| {
                 let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
                 if json {
                     print_json(json!({"parent": parent.name}));
@@ -540,7 +543,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         }
         DomainCommand::CheckpointInfo { cp, json } => {
             let (domain, checkpoint) = cp.get("checkpoint-info")?;
-            read_tree(&store, &domain, |tree, dom| {
+            jobs::read_tree::<_, CliError>(&store, &domain, |tree, dom| {
                 checkpoint_info(tree, dom, &checkpoint, json)
             })
         }
@@ -624,8 +627,8 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
 
 /// An XML error of a document the user gave as a file, named after the file (other errors
 /// are not about the file and pass unchanged).
-fn in_file(file: &str, e: CliError) -> CliError {
-    match e {
+fn in_file(file: &str, e: impl Into<CliError>) -> CliError {
+    match e.into() {
         CliError::Xml(x) => CliError::Other(format!("XML error: {file}:{x}")),
         other => other,
     }
@@ -633,8 +636,8 @@ fn in_file(file: &str, e: CliError) -> CliError {
 
 /// An XML error of the document `checkpoint-create-as` built from its arguments, told in
 /// terms of the arguments: the user never saw that document.
-fn from_arguments(e: CliError) -> CliError {
-    match e {
+fn from_arguments(e: impl Into<CliError>) -> CliError {
+    match e.into() {
         CliError::Xml(x) => {
             let argument = if x.path.contains("/disk") {
                 "--diskspec"
@@ -651,233 +654,7 @@ fn from_arguments(e: CliError) -> CliError {
     }
 }
 
-fn read_file(path: &Path) -> Result<String, CliError> {
-    std::fs::read_to_string(path)
-        .map_err(CliError::io(format!("failed to read '{}'", path.display())))
-}
-
-pub(crate) fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 // ----- domains -----
-
-/// Escapes text for an XML attribute or element.
-pub(crate) fn esc(text: &str) -> String {
-    let mut out = String::new();
-    vbackup_core::xml::writer::escape(text, &mut out);
-    out
-}
-
-/// The backing chain of an image as `(path, format)`, top first, from `qemu-img info`.
-fn backing_chain(path: &str, format: &str) -> Result<Vec<(String, String)>, CliError> {
-    let out = Process::new("qemu-img")
-        .args([
-            "info",
-            "--backing-chain",
-            "--output=json",
-            "-U",
-            "-f",
-            format,
-            path,
-        ])
-        .output()
-        .map_err(CliError::io("cannot run qemu-img"))?;
-    if !out.status.success() {
-        return Err(CliError::Other(format!(
-            "qemu-img info {path}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| CliError::Other(format!("qemu-img info {path}: {e}")))?;
-    let chain = match v {
-        Value::Array(a) => a,
-        other => vec![other],
-    };
-    Ok(chain
-        .iter()
-        .map(|i| {
-            (
-                i["filename"].as_str().unwrap_or_default().to_owned(),
-                i["format"].as_str().unwrap_or("raw").to_owned(),
-            )
-        })
-        .collect())
-}
-
-/// The disks of `--disk` specifications, each with its backing chain from `qemu-img`.
-fn disks_from_specs(disks: &[String]) -> Result<Vec<DiskDef>, CliError> {
-    let mut defs = Vec::new();
-    for spec in disks {
-        let (target, rest) = spec
-            .split_once('=')
-            .ok_or_else(|| CliError::Other(format!("--disk '{spec}': expected TARGET=PATH")))?;
-        let mut parts = rest.split(',');
-        let path = parts.next().unwrap_or_default();
-        let mut format = "qcow2".to_owned();
-        for p in parts {
-            match p.split_once('=') {
-                Some(("format", f)) => format = f.to_owned(),
-                _ => {
-                    return Err(CliError::Other(format!(
-                        "--disk '{spec}': unknown option '{p}'"
-                    )));
-                }
-            }
-        }
-        let abs = std::fs::canonicalize(path)
-            .map_err(CliError::io(format!("disk '{target}': '{path}'")))?;
-        let abs = abs.display().to_string();
-        let layers = backing_chain(&abs, &format)?
-            .into_iter()
-            .map(|(p, f)| Layer {
-                storage: StorageType::File,
-                format: ImageFormat::from_name(&f),
-                path: Some(p),
-                index: None,
-                node_name: None,
-            })
-            .collect();
-        defs.push(DiskDef {
-            target: target.to_owned(),
-            device: DiskDevice::Disk,
-            bus: Some("virtio".to_owned()),
-            readonly: false,
-            transient: false,
-            layers,
-        });
-    }
-    Ok(defs)
-}
-
-/// The `<source>` element of a layer.
-fn source_xml(layer: &Layer) -> String {
-    let path = esc(layer.path.as_deref().unwrap_or_default());
-    match layer.storage {
-        StorageType::Block => format!("<source dev='{path}'/>"),
-        StorageType::File => format!("<source file='{path}'/>"),
-        // Discovered network storage has no local path; the element only marks the media.
-        _ => "<source/>".to_owned(),
-    }
-}
-
-fn storage_name(storage: StorageType) -> &'static str {
-    match storage {
-        StorageType::Block => "block",
-        StorageType::File => "file",
-        _ => "network",
-    }
-}
-
-/// A libvirt `<domain>` document for `name` (a fresh uuid unless given) with `disks`: what
-/// `vbackup define` stores when no XML file is given. It reads back as the same disks.
-fn domain_xml(name: &str, uuid: Option<&str>, disks: &[DiskDef]) -> String {
-    let mut devices = String::new();
-    for disk in disks {
-        let Some(top) = disk.top() else {
-            continue;
-        };
-        let mut xml = format!(
-            "    <disk type='{}' device='disk'>\n      <driver name='qemu' type='{}'/>\n      {}\n",
-            storage_name(top.storage),
-            esc(top.format.name()),
-            source_xml(top)
-        );
-        let mut closing = String::new();
-        let mut indent = "      ".to_owned();
-        let count = disk.layers.len();
-        for (i, layer) in disk.layers.iter().enumerate().skip(1) {
-            xml.push_str(&format!(
-                "{indent}<backingStore type='{}' index='{}'>\n{indent}  <format type='{}'/>\n{indent}  {}\n",
-                storage_name(layer.storage),
-                count - i,
-                esc(layer.format.name()),
-                source_xml(layer)
-            ));
-            closing = format!("{indent}</backingStore>\n{closing}");
-            indent.push_str("  ");
-        }
-        xml.push_str(&closing);
-        if disk.readonly {
-            xml.push_str("      <readonly/>\n");
-        }
-        let bus = disk
-            .bus
-            .as_deref()
-            .map(|b| format!(" bus='{}'", esc(b)))
-            .unwrap_or_default();
-        xml.push_str(&format!(
-            "      <target dev='{}'{bus}/>\n    </disk>\n",
-            esc(&disk.target)
-        ));
-        devices.push_str(&xml);
-    }
-    let uuid = uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    format!(
-        "<domain type='kvm'>\n  <name>{}</name>\n  <uuid>{uuid}</uuid>\n  <devices>\n{devices}  </devices>\n</domain>\n",
-        esc(name),
-    )
-}
-
-/// Defines a domain; returns what to tell the user.
-pub(crate) fn define(
-    store: &Store,
-    file_or_name: &str,
-    disks: &[String],
-    qmp: Option<PathBuf>,
-) -> Result<String, CliError> {
-    let discovered = match &qmp {
-        // NAME --qmp SOCKET without --disk: QEMU says what the disks are.
-        Some(socket) if disks.is_empty() && !Path::new(file_or_name).is_file() => {
-            Some(session::discover_disks(socket)?)
-        }
-        _ => None,
-    };
-    let (xml, from) = if let Some(found) = discovered {
-        if found.is_empty() {
-            return Err(CliError::Other(format!(
-                "QEMU at '{}' has no disks to back up; give them with --disk",
-                qmp.as_deref().unwrap_or(Path::new("")).display()
-            )));
-        }
-        (domain_xml(file_or_name, None, &found), None)
-    } else if disks.is_empty() {
-        if !Path::new(file_or_name).exists() && !file_or_name.contains('/') {
-            return Err(CliError::Other(format!(
-                "invalid argument: '{file_or_name}' is no domain XML file; to define a domain by name, give its disks ('vbackup define {file_or_name} --disk vda=/path/vda.qcow2') or attach to a running QEMU ('vbackup define {file_or_name} --qmp /path/qmp.sock')"
-            )));
-        }
-        (read_file(Path::new(file_or_name))?, Some(file_or_name))
-    } else {
-        (
-            domain_xml(file_or_name, None, &disks_from_specs(disks)?),
-            None,
-        )
-    };
-    let def = parse_domain(&xml)?;
-    let attachment = match qmp {
-        Some(p) => Attachment::Attached(
-            std::fs::canonicalize(&p).map_err(CliError::io(format!("'{}'", p.display())))?,
-        ),
-        None => Attachment::Managed,
-    };
-    if attachment == Attachment::Managed {
-        for d in def.disks.iter().filter(|d| !d.is_empty()) {
-            QsdDisk::from_disk_def(d)?;
-        }
-    }
-    let ds = session::lock(store, &def.name)?;
-    ds.write_domain_xml(&xml)?;
-    session::write_meta(&ds, &attachment)?;
-    Ok(match from {
-        Some(f) => format!("Domain '{}' defined from {f}", def.name),
-        None => format!("Domain '{}' defined", def.name),
-    })
-}
 
 fn undefine(
     store: &Store,
@@ -917,94 +694,28 @@ fn undefine(
 }
 
 fn start(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.attachment != Attachment::Managed {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is attached to an external QEMU"
-        )));
-    }
-    let run_dir = loaded.store.run_dir();
-    if run_dir.join(session::KEEP_FILE).is_file() && daemon_running(&run_dir) {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is already running"
-        )));
-    }
-    let s = Session::connect(loaded)?;
-    std::fs::write(run_dir.join(session::KEEP_FILE), b"")
-        .map_err(CliError::io("cannot mark the daemon as kept"))?;
-    s.close()?;
+    let nbd_socket = domains::start(store, name)?;
     println!("Domain '{name}' started");
     println!(
         "Guest exports: nbd+unix:///guest-<disk>?socket={}",
-        RunDir::new(&run_dir).nbd_socket.display()
+        nbd_socket.display()
     );
     Ok(())
 }
 
 fn shutdown(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_some() {
-        return Err(CliError::Other(
-            "Requested operation is not valid: a backup job is running".into(),
-        ));
-    }
-    let run_dir = loaded.store.run_dir();
-    if loaded.attachment == Attachment::Managed
-        && !run_dir.join(session::KEEP_FILE).is_file()
-        && !daemon_running(&run_dir)
-    {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: domain '{name}' is not running"
-        )));
-    }
-    let _ = std::fs::remove_file(run_dir.join(session::KEEP_FILE));
-    if loaded.attachment == Attachment::Managed {
-        session::stop_daemon(&run_dir)?;
-    }
+    domains::shutdown(store, name)?;
     println!("Domain '{name}' is being shutdown");
     Ok(())
 }
 
-/// Whether the managed daemon of a domain's run directory is alive.
-fn daemon_running(run_dir: &Path) -> bool {
-    RunDir::new(run_dir)
-        .read_pid()
-        .ok()
-        .flatten()
-        .is_some_and(daemon_alive)
-}
-
 fn list(store: &Store, json: bool) -> Result<(), CliError> {
-    let mut rows = Vec::new();
-    for name in store.list_domains()? {
-        let dir = store.root().join("domains").join(&name);
-        let Ok(xml) = std::fs::read_to_string(dir.join("domain.xml")) else {
-            continue;
-        };
-        let meta: Value = std::fs::read_to_string(dir.join(session::META_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let attached = meta.get("qmp").and_then(Value::as_str).map(str::to_owned);
-        let state = match &attached {
-            Some(_) => "attached".to_owned(),
-            None => {
-                let run = RunDir::new(store.root().join("run").join(&name));
-                match run.read_pid().ok().flatten() {
-                    Some(pid) if daemon_alive(pid) => "running".to_owned(),
-                    _ => "shut off".to_owned(),
-                }
-            }
-        };
-        let job = dir.join("journal.json").is_file();
-        let disks = parse_domain(&xml).map(|d| d.disks.len()).unwrap_or(0);
-        rows.push((name, state, attached, job, disks));
-    }
+    let rows = domains::list(store)?;
     if json {
         let v: Vec<Value> = rows
             .iter()
-            .map(|(n, s, q, j, d)| {
-                json!({"name": n, "state": s, "qmp": q, "job": if *j {"backup"} else {"none"}, "disks": d})
+            .map(|d| {
+                json!({"name": d.name, "state": d.state, "qmp": d.qmp, "job": if d.job {"backup"} else {"none"}, "disks": d.disks})
             })
             .collect();
         print_json(Value::Array(v));
@@ -1012,19 +723,17 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
     }
     let rows: Vec<Vec<String>> = rows
         .into_iter()
-        .map(|(n, s, _, j, _)| vec![n, s, if j { "backup".into() } else { "-".into() }])
+        .map(|d| {
+            let job = if d.job { "backup" } else { "-" };
+            vec![d.name, d.state, job.into()]
+        })
         .collect();
     print!("{}", table(&["Name", "State", "Job"], &rows));
     Ok(())
 }
 
 fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let def = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => loaded.def,
-        ReadAccess::Shared(shared) => shared.def,
-    };
-    let disks: Vec<(String, String)> = def
-        .disks
+    let disks: Vec<(String, String)> = domains::disks(store, name)?
         .iter()
         .map(|d| {
             let src = d
@@ -1049,94 +758,11 @@ fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
 
 // ----- checkpoints -----
 
-fn checkpoint_xml_from_args(
-    name: Option<&str>,
-    description: Option<&str>,
-    diskspecs: &[String],
-) -> Result<String, CliError> {
-    let mut xml = String::from("<domaincheckpoint>\n");
-    if let Some(n) = name {
-        xml.push_str(&format!("  <name>{}</name>\n", esc(n)));
-    }
-    if let Some(d) = description {
-        xml.push_str(&format!("  <description>{}</description>\n", esc(d)));
-    }
-    if !diskspecs.is_empty() {
-        xml.push_str("  <disks>\n");
-        for spec in diskspecs {
-            let mut parts = spec.split(',');
-            let target = parts.next().unwrap_or_default();
-            let mut attrs = format!(" name='{}'", esc(target));
-            for p in parts {
-                match p.split_once('=') {
-                    Some((k @ ("checkpoint" | "bitmap"), v)) => {
-                        attrs.push_str(&format!(" {k}='{}'", esc(v)));
-                    }
-                    _ => {
-                        return Err(CliError::Other(format!(
-                            "--diskspec '{spec}': unknown option '{p}'"
-                        )));
-                    }
-                }
-            }
-            xml.push_str(&format!("    <disk{attrs}/>\n"));
-        }
-        xml.push_str("  </disks>\n");
-    }
-    xml.push_str("</domaincheckpoint>\n");
-    Ok(xml)
-}
-
-/// A new checkpoint's engine form: parsed, defaults filled, aligned, domain embedded.
-pub(crate) fn new_checkpoint(text: &str, loaded: &Loaded) -> Result<Checkpoint, CliError> {
-    let mut def = CheckpointDef::parse(text, CheckpointMode::Create)?;
-    def.fill_create_defaults(now_s());
-    let mut aligned = align_checkpoint(&def, &loaded.def)?;
-    aligned.domain_xml = Some(loaded.xml.trim_end().to_owned());
-    Ok(Checkpoint::from_def(&aligned).map_err(EngineError::from)?)
-}
-
-/// Creates or redefines a checkpoint from its XML; returns its name.
-fn checkpoint_define(
-    store: &Store,
-    name: &str,
-    text: &str,
-    redefine: bool,
-    validate: bool,
-    quiesce: bool,
-) -> Result<String, CliError> {
-    let loaded = session::load(store, name)?;
-    let request = if redefine {
-        let def = CheckpointDef::parse(text, CheckpointMode::Redefine)?;
-        let aligned = align_redefined_checkpoint(&def, &loaded.def)?;
-        let checkpoint = Checkpoint::from_def(&aligned).map_err(EngineError::from)?;
-        Request::CheckpointRedefine {
-            checkpoint,
-            validate,
-        }
-    } else {
-        Request::CheckpointCreate {
-            checkpoint: new_checkpoint(text, &loaded)?,
-            quiesce,
-        }
-    };
-    let cp_name = match &request {
-        Request::CheckpointRedefine { checkpoint, .. }
-        | Request::CheckpointCreate { checkpoint, .. } => checkpoint.name.clone(),
-        _ => String::new(),
-    };
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(request);
-    s.close()?;
-    r?;
-    Ok(cp_name)
-}
-
 /// virsh's `checkpoint-edit`: the checkpoint's XML in an editor, then, if it changed and is
 /// valid, a redefinition with it. An invalid edit changes nothing and is kept in a file the
 /// error names, so the work is not lost.
 fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), CliError> {
-    let original = read_tree(store, domain, |tree, _| {
+    let original = jobs::read_tree::<_, CliError>(store, domain, |tree, _| {
         Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
     })?;
     let xml = original.to_def().format(CheckpointFormat {
@@ -1185,7 +811,11 @@ fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), 
                 )))
             }
         })
-        .and_then(|()| checkpoint_define(store, domain, &edited, true, false, false));
+        .and_then(|()| {
+            Ok(jobs::define_checkpoint(
+                store, domain, &edited, true, false, false,
+            )?)
+        });
     if let Err(e) = checked {
         let kept = file
             .keep()
@@ -1197,27 +827,6 @@ fn checkpoint_edit(store: &Store, domain: &str, checkpoint: &str) -> Result<(), 
     }
     println!("Domain checkpoint {checkpoint} edited.");
     Ok(())
-}
-
-/// Runs `f` on the checkpoint tree: straight from the store, or after reconciling a journaled
-/// job with QEMU.
-fn read_tree<T>(
-    store: &Store,
-    name: &str,
-    f: impl FnOnce(&CheckpointTree, &str) -> Result<T, CliError>,
-) -> Result<T, CliError> {
-    let loaded = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => *loaded,
-        // Another vbackup holds the domain (and reconciles its job): the store is current.
-        ReadAccess::Shared(shared) => return f(&shared.tree, name),
-    };
-    if loaded.journal.is_none() {
-        return f(&loaded.tree, name);
-    }
-    let s = Session::connect(loaded)?;
-    let r = f(s.driver.domain().view().checkpoints, name);
-    s.close()?;
-    r
 }
 
 struct ListOpts {
@@ -1235,7 +844,7 @@ fn checkpoint_list(
     filter: ListFilter,
     opts: ListOpts,
 ) -> Result<(), CliError> {
-    read_tree(store, name, |tree, _| {
+    jobs::read_tree::<_, CliError>(store, name, |tree, _| {
         let list = match &opts.from {
             Some(from) => tree
                 .list_children(from, filter)
@@ -1334,23 +943,7 @@ fn checkpoint_dumpxml(
         size,
         json,
     } = opts;
-    let c = if size {
-        let loaded = session::load(store, name)?;
-        let mut s = Session::connect(loaded)?;
-        let r = s.call(Request::CheckpointGetXml {
-            name: checkpoint.to_owned(),
-            size: true,
-        });
-        s.close()?;
-        match r? {
-            Reply::Checkpoint(c) => *c,
-            other => return Err(CliError::Other(format!("unexpected answer {other:?}"))),
-        }
-    } else {
-        read_tree(store, name, |tree, _| {
-            Ok(tree.lookup(checkpoint).map_err(EngineError::from)?.clone())
-        })?
-    };
+    let c = jobs::checkpoint(store, name, checkpoint, size)?;
     let xml = c.to_def().format(CheckpointFormat {
         no_domain,
         include_size: size,
@@ -1377,15 +970,7 @@ fn checkpoint_delete(
     scope: DeleteScope,
     metadata_only: bool,
 ) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::CheckpointDelete {
-        name: checkpoint.to_owned(),
-        scope,
-        metadata_only,
-    });
-    s.close()?;
-    r?;
+    jobs::delete_checkpoint(store, name, checkpoint, scope, metadata_only)?;
     match scope {
         DeleteScope::ChildrenOnly => println!("Domain checkpoint {checkpoint} children deleted"),
         _ => println!("Domain checkpoint {checkpoint} deleted"),
@@ -1438,28 +1023,7 @@ fn backup_begin(
     reuse_external: bool,
     wait: bool,
 ) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    let checkpoint = checkpoint.map(|t| new_checkpoint(t, &loaded)).transpose()?;
-    let def = BackupDef::parse(backup.unwrap_or("<domainbackup/>"))?;
-    let suffix = checkpoint
-        .as_ref()
-        .map_or_else(|| now_s().to_string(), |c| c.name.clone());
-    let aligned = align_backup(&def, &loaded.def, &suffix)?;
-    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    check_pull_server(&loaded, &spec)?;
-    if !reuse_external {
-        check_stores_absent(&spec)?;
-    }
-    let mut s = Session::connect(loaded)?;
-    let r = s.call(Request::BackupBegin {
-        spec,
-        checkpoint,
-        reuse_external,
-    });
-    if let Err(e) = r {
-        s.close()?;
-        return Err(e);
-    }
+    let mut s = jobs::begin(store, name, backup, checkpoint, reuse_external)?;
     let view = s.driver.domain().view();
     match view.backup.and_then(export_uris) {
         Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
@@ -1479,7 +1043,7 @@ fn backup_begin(
         None => println!("Backup started"),
     }
     if !wait {
-        return s.close();
+        return Ok(s.close()?);
     }
     let stats = follow(&mut s, false)?;
     s.close()?;
@@ -1502,63 +1066,10 @@ fn backup_begin(
     }
 }
 
-/// Refuses, before anything starts, a backup whose target or scratch image exists already,
-/// with libvirt's message (the engine's exclusive create would refuse it too, but later and
-/// as a store failure).
-fn check_stores_absent(spec: &BackupSpec) -> Result<(), CliError> {
-    for disk in spec.disks.iter().filter(|d| d.backup) {
-        if let Some(path) = disk.store.as_ref().and_then(|s| s.path.as_deref())
-            && std::fs::symlink_metadata(path).is_ok()
-        {
-            return Err(CliError::Other(format!(
-                "invalid argument: store '{}' for backup of '{}' exists (remove it, or pass --reuse-external to write into it)",
-                path, disk.target
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Refuses, before anything starts, a pull backup asking for TLS on an attached domain while
-/// no certificate directory is configured, saying what to configure. (A managed domain's
-/// daemon serves without TLS: the core refuses `tls='yes'` there, naming its server.)
-pub(crate) fn check_pull_server(loaded: &Loaded, spec: &BackupSpec) -> Result<(), CliError> {
-    let wants_tls = spec.server.as_ref().is_some_and(NbdServer::uses_tls);
-    if spec.mode != BackupMode::Pull || !wants_tls || loaded.attachment == Attachment::Managed {
-        return Ok(());
-    }
-    let config = crate::config::HostConfig::load(&session::state_root(&loaded.store))?;
-    match config.tls_cert_dir() {
-        None => Err(CliError::Other(format!(
-            "Requested operation is not valid: backup TLS directory not configured; {}",
-            crate::config::tls_hint()
-        ))),
-        Some(dir) => crate::config::check_cert_dir(Path::new(dir)),
-    }
-}
-
-/// The NBD URI of every export of a running pull backup, in disk order; `None` for a push.
-pub(crate) fn export_uris(plan: &BackupPlan) -> Option<Vec<String>> {
-    let server = plan
-        .server
-        .as_ref()
-        .filter(|_| plan.mode == BackupMode::Pull)?;
-    Some(
-        plan.disks
-            .iter()
-            .map(|d| server.export_uri(d.export_name.as_deref().unwrap_or(&d.target)))
-            .collect(),
-    )
-}
-
-/// How often push targets are handed to the host's write-out while `--wait` follows a job.
-const WRITE_BEHIND_MS: u64 = 200;
-
 /// Drives the session until the backup job ends, showing progress on a terminal unless `quiet`
 /// (machine-readable output was asked for); returns the job's final statistics.
 pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError> {
-    use vbackup_core::link::Link;
-    let bar = if !quiet && std::io::stderr().is_terminal() {
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -1566,82 +1077,33 @@ pub fn follow(s: &mut Session, quiet: bool) -> Result<Option<JobStats>, CliError
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        Some(b)
-    } else {
-        None
-    };
-    let mut last_poll = None;
-    // Progress is polled for the bar and written for `domjobinfo` run meanwhile by others
-    // (they cannot reach the daemon's monitor while this invocation holds it).
+        b
+    });
     let poll_ms = if bar.is_some() { 200 } else { 1000 };
-    // Push targets are written out while the job copies, so the final sync waits for little.
-    let mut write_behind = vbackup_qemu::writeout::WriteBehind::new();
-    let mut last_kick: Option<vbackup_core::link::Timestamp> = None;
-    while s.job_running() {
-        let now = s.driver.link().now();
-        if last_kick.is_none_or(|t| now.ms_since(t) >= WRITE_BEHIND_MS) {
-            last_kick = Some(now);
-            if let Some(plan) = s.driver.domain().view().backup
-                && plan.mode == BackupMode::Push
-            {
-                write_behind.kick(
-                    plan.disks
-                        .iter()
-                        .filter(|d| d.state == DiskJobState::Running)
-                        .map(|d| d.store_path.as_str()),
-                );
-            }
+    let stats = jobs::follow(s, poll_ms, |st| {
+        if let Some(b) = &bar {
+            b.set_length(st.disk_total_bytes.unwrap_or(0));
+            b.set_position(st.disk_processed_bytes.unwrap_or(0));
         }
-        let due =
-            last_poll.is_none_or(|t: vbackup_core::link::Timestamp| now.ms_since(t) >= poll_ms);
-        if due {
-            last_poll = Some(now);
-            if let Reply::Stats(Some(st)) = s.call(Request::JobStats {
-                completed: false,
-                keep_completed: true,
-            })? {
-                if let Some(b) = &bar {
-                    b.set_length(st.disk_total_bytes.unwrap_or(0));
-                    b.set_position(st.disk_processed_bytes.unwrap_or(0));
-                }
-                write_progress(s, &st);
-            }
-            continue;
-        }
-        let until = s.driver.link().now().plus_ms(200);
-        s.driver.step(Some(until))?;
-    }
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok(last_completed(s))
+    Ok(stats)
 }
 
-/// The statistics of the last job the session saw complete, if any.
-fn last_completed(s: &Session) -> Option<JobStats> {
-    s.driver
-        .effects()
-        .events
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            DomainEvent::JobCompleted(st) => Some(st.clone()),
-            _ => None,
-        })
-}
-
-/// Writes the running job's statistics to [`PROGRESS_FILE`], tagged with the job's start so a
-/// reader never takes an earlier job's progress for this one's. Best effort.
-fn write_progress(s: &Session, stats: &JobStats) {
-    let Some(started_ms) = s.driver.domain().view().backup.map(|b| b.started_ms) else {
-        return;
-    };
-    let doc = json!({"started_ms": started_ms, "stats": stats});
-    let _ = write_atomic(
-        s.driver.effects().store().dir(),
-        PROGRESS_FILE,
-        doc.to_string().as_bytes(),
-    );
+/// Defines a domain; returns what to tell the user.
+pub(crate) fn define(
+    store: &Store,
+    file_or_name: &str,
+    disks: &[String],
+    qmp: Option<PathBuf>,
+) -> Result<String, CliError> {
+    let defined = domains::define(store, file_or_name, disks, qmp)?;
+    Ok(match defined.from {
+        Some(f) => format!("Domain '{}' defined from {f}", defined.name),
+        None => format!("Domain '{}' defined", defined.name),
+    })
 }
 
 fn backup_dumpxml(
@@ -1650,24 +1112,7 @@ fn backup_dumpxml(
     json: bool,
     xpath: &XpathArgs,
 ) -> Result<(), CliError> {
-    let plan = match session::load_for_reading(store, name)? {
-        ReadAccess::Shared(shared) => match shared.journal {
-            Some(plan) => Box::new(plan),
-            None => return Err(EngineError::from(RequestError::NoBackup).into()),
-        },
-        ReadAccess::Locked(loaded) => {
-            if loaded.journal.is_none() {
-                return Err(EngineError::from(RequestError::NoBackup).into());
-            }
-            let mut s = Session::connect(*loaded)?;
-            let r = s.call(Request::BackupGetXml);
-            s.close()?;
-            let Reply::Backup(plan) = r? else {
-                return Err(CliError::Other("unexpected answer".into()));
-            };
-            plan
-        }
-    };
+    let plan = jobs::backup_plan(store, name)?;
     if json {
         print_json(serde_json::to_value(&*plan).unwrap_or(Value::Null));
         Ok(())
@@ -1786,67 +1231,6 @@ pub(crate) fn virsh_bytes(bytes: u64) -> String {
     format!("{v:.3} {}", UNITS[unit])
 }
 
-/// The last finished job's statistics for `--completed`, unless they were already shown:
-/// libvirt discards them once read unless `--keep-completed`. Reading marks the record
-/// (rather than removing it) because `backup-finish` still needs the job's outcome.
-fn take_completed(dir: &Path, keep: bool) -> Option<Value> {
-    let path = dir.join(COMPLETED_FILE);
-    let mut stats: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
-    if stats["reported"].as_bool() == Some(true) {
-        return None;
-    }
-    if !keep {
-        stats["reported"] = json!(true);
-        // Best effort: failing to mark it only shows the statistics once more.
-        let _ = write_atomic(dir, COMPLETED_FILE, stats.to_string().as_bytes());
-        if let Some(map) = stats.as_object_mut() {
-            map.remove("reported");
-        }
-    }
-    Some(stats)
-}
-
-/// `domjobinfo` while another vbackup holds the domain: the last finished job's statistics, or
-/// the running job's as its holder last wrote them ([`PROGRESS_FILE`]), else what the journal
-/// alone says (the status and the time elapsed).
-fn domjobinfo_shared(shared: &Shared, dir: &Path, opts: JobInfoOpts, pending: Option<&str>) {
-    if opts.completed {
-        // A job runs: libvirt has no completed statistics while a new job runs.
-        let stats = shared
-            .journal
-            .is_none()
-            .then(|| take_completed(dir, opts.keep_completed))
-            .flatten();
-        print_stats(stats.as_ref(), opts, pending);
-        return;
-    }
-    let Some(plan) = &shared.journal else {
-        print_stats(None, opts, pending);
-        return;
-    };
-    let progress = shared
-        .snapshot
-        .file(PROGRESS_FILE)
-        .and_then(|t| serde_json::from_str::<Value>(t).ok())
-        .filter(|p| p["started_ms"].as_u64() == Some(plan.started_ms));
-    let mut stats = match progress {
-        Some(p) => p["stats"].clone(),
-        None => {
-            serde_json::to_value(plan.stats(now_ms(), JobStatus::Running)).unwrap_or(Value::Null)
-        }
-    };
-    stats["time_elapsed_ms"] = json!(now_ms().saturating_sub(plan.started_ms));
-    print_stats(Some(&stats), opts, pending);
-}
-
-/// Milliseconds since the epoch (the clock job start times are kept in).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliError> {
     let dir = store.root().join("domains").join(name);
     let running = domjobinfo_stats(store, name, opts)?;
@@ -1865,130 +1249,31 @@ fn domjobinfo(store: &Store, name: &str, opts: JobInfoOpts) -> Result<(), CliErr
 fn domjobinfo_stats(store: &Store, name: &str, opts: JobInfoOpts) -> Result<bool, CliError> {
     let dir = store.root().join("domains").join(name);
     let pending = crate::managed::pending_uuid(&dir);
-    let pending = pending.as_deref();
-    let loaded = match session::load_for_reading(store, name)? {
-        ReadAccess::Locked(loaded) => *loaded,
-        ReadAccess::Shared(shared) => {
-            domjobinfo_shared(&shared, &dir, opts, pending);
-            return Ok(shared.journal.is_some());
-        }
-    };
-    let dir = loaded.store.dir().to_path_buf();
-    if loaded.journal.is_none() {
-        let stats = opts
-            .completed
-            .then(|| take_completed(&dir, opts.keep_completed))
-            .flatten();
-        print_stats(stats.as_ref(), opts, pending);
-        return Ok(false);
-    }
-    // A journaled job is reconciled with QEMU first: it may have ended while nobody watched.
-    let mut s = Session::connect(loaded)?;
-    let running = s.job_running();
-    let r = if running && !opts.completed {
-        s.call(Request::JobStats {
-            completed: false,
-            keep_completed: true,
-        })
-        .map(Some)
-    } else {
-        Ok(None)
-    };
-    s.close()?;
-    let stats = match r? {
-        Some(Reply::Stats(st)) => st.and_then(|st| serde_json::to_value(st).ok()),
-        _ if opts.completed && !running => take_completed(&dir, opts.keep_completed),
-        _ => None,
-    };
-    print_stats(stats.as_ref(), opts, pending);
-    Ok(running)
+    let info = jobs::job_info(store, name, opts.completed, opts.keep_completed)?;
+    print_stats(info.stats.as_ref(), opts, pending.as_deref());
+    Ok(info.running)
 }
 
 fn domjobabort(store: &Store, name: &str) -> Result<(), CliError> {
-    let loaded = session::load(store, name)?;
-    if loaded.journal.is_none() {
-        return Err(EngineError::from(RequestError::NoJob).into());
+    if let Some(damaged) = jobs::abort(store, name)? {
+        report_damaged_journal(&damaged);
     }
-    let mut s = Session::connect(loaded)?;
-    if !s.job_running() {
-        s.close()?;
-        return Err(EngineError::from(RequestError::NoJob).into());
-    }
-    if let Err(e) = s.call(Request::AbortJob) {
-        s.close()?;
-        return Err(e);
-    }
-    // Wait for the cleanup to finish so the daemon can be stopped with a clean state.
-    s.wait_job_end(Duration::from_secs(60))?;
-    s.close()
+    Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn layer(storage: StorageType, format: ImageFormat, path: Option<&str>) -> Layer {
-        Layer {
-            storage,
-            format,
-            path: path.map(str::to_owned),
-            index: None,
-            node_name: Some("discovered-node".to_owned()),
-        }
+/// Ends the job of a domain whose journal cannot be read, saying so; whether there was one.
+pub(crate) fn end_damaged_job(store: &Store, name: &str) -> Result<bool, CliError> {
+    let damaged = jobs::end_damaged_job(store, name)?;
+    if let Some(d) = &damaged {
+        report_damaged_journal(d);
     }
+    Ok(damaged.is_some())
+}
 
-    #[test]
-    fn a_defined_domain_reads_back_as_the_disks_it_was_made_from() {
-        let disks = vec![
-            DiskDef {
-                target: "vda".to_owned(),
-                device: DiskDevice::Disk,
-                bus: Some("virtio".to_owned()),
-                readonly: false,
-                transient: false,
-                layers: vec![
-                    layer(
-                        StorageType::File,
-                        ImageFormat::Qcow2,
-                        Some("/i/top's.qcow2"),
-                    ),
-                    layer(StorageType::File, ImageFormat::Qcow2, Some("/i/mid.qcow2")),
-                    layer(StorageType::Block, ImageFormat::Raw, Some("/dev/vg/base")),
-                ],
-            },
-            DiskDef {
-                target: "vdb".to_owned(),
-                device: DiskDevice::Disk,
-                bus: None,
-                readonly: true,
-                transient: false,
-                layers: vec![layer(StorageType::Network, ImageFormat::Raw, None)],
-            },
-        ];
-        let xml = domain_xml(
-            "vm<1>",
-            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809"),
-            &disks,
-        );
-        let def = parse_domain(&xml).unwrap();
-        assert_eq!(def.name, "vm<1>");
-        assert_eq!(
-            def.uuid.as_deref(),
-            Some("c7a5fdbd-cdaf-9455-926a-d65c16db1809")
-        );
-        assert_eq!(def.disks.len(), 2);
-        for (read, made) in def.disks.iter().zip(&disks) {
-            assert_eq!(read.target, made.target);
-            assert_eq!(read.readonly, made.readonly);
-            let shape = |d: &DiskDef| {
-                d.layers
-                    .iter()
-                    .map(|l| (l.storage, l.format.clone(), l.path.clone()))
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(shape(read), shape(made));
-            // Node names are QEMU's and never stored.
-            assert!(read.layers.iter().all(|l| l.node_name.is_none()));
-        }
-    }
+fn report_damaged_journal(damaged: &jobs::DamagedJournal) {
+    eprintln!(
+        "warning: the job journal '{}' was damaged ({}); the job QEMU showed was ended and the journal removed; files the job wrote may remain",
+        damaged.path.display(),
+        damaged.reason
+    );
 }

@@ -2,17 +2,16 @@
 //!
 //! Each command group lives in its own module; this file only dispatches.
 
-mod checkpoint_index;
 mod commands;
 mod config;
 mod demo;
-mod effects;
 mod managed;
 mod output;
-mod session;
 mod virsh_args;
 mod xml_cmd;
-mod xpath;
+
+// The host runtime's modules under the names the command modules use.
+use vbackup_host::session;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
@@ -118,6 +117,7 @@ fn main() -> ExitCode {
         Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Config(command) => report(
             session::open_store(cli.global.state_dir.as_deref())
+                .map_err(output::CliError::from)
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),
@@ -252,61 +252,18 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
 }
 
 /// For each disk image of the domains named on the command line, the processes that have it
-/// open, as `image 'PATH' is in use by process PID (COMMAND)`: whoever holds QEMU's lock on an
-/// image has it open.
+/// open, as `image 'PATH' is in use by process PID (COMMAND)`.
 fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<String> {
     let Ok(store) = session::open_store(state_dir) else {
         return Vec::new();
     };
-    let mut images = Vec::new();
-    for arg in args {
-        let xml = store.root().join("domains").join(arg).join("domain.xml");
-        if let Ok(def) = std::fs::read_to_string(xml)
-            .map_err(|_| ())
-            .and_then(|t| vbackup_core::xml::parse_domain(&t).map_err(|_| ()))
-        {
-            images.extend(
-                def.disks
-                    .iter()
-                    .flat_map(|d| d.layers.iter())
-                    .filter_map(|l| l.path.clone()),
-            );
-        }
-    }
-    let own = std::process::id().to_string();
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let open: Vec<String> = fds
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .map(|p| p.display().to_string())
-            .collect();
-        for image in images.iter().filter(|i| open.contains(i)) {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let command: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            found.push(format!(
-                "image '{image}' is in use by process {pid} ({}); stop it, or wait for it to end, and run the command again",
-                command.join(" ")
-            ));
-        }
-    }
-    found.sort();
-    found.dedup();
-    found
+    vbackup_host::processes::image_holders(&store, args)
+        .into_iter()
+        .map(|h| format!(
+            "image '{}' is in use by process {} ({}); stop it, or wait for it to end, and run the command again",
+            h.image, h.pid, h.command
+        ))
+        .collect()
 }
 
 /// What to do about an error whose cause is outside vbackup: a daemon that went away, a full

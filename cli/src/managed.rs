@@ -1,65 +1,40 @@
-//! Managed backups: backups vbackup creates, catalogues, restores and deletes itself, on top of
-//! the job commands (`backup-begin`) and the catalogue of the core.
+//! Managed backups: the `backup-*` commands of the catalogue. Arguments are parsed and
+//! aligned here (the `<domainbackup>`, the checkpoint, the disks an overwrite replaces), the
+//! work is decided by the core's managed-backup machine (`vbackup_core::managed`) and carried
+//! out by the host runtime (`vbackup_host::managed_runtime`); this module prints the answers.
 //!
-//! Contract:
-//! - A managed backup is recorded in the catalogue (`backups/<uuid>.xml` of the domain's store)
-//!   only once its images are complete and described (sizes and content digest). Until then a
-//!   `pending-backup.json` in the domain's directory names the backup, its checkpoint and its
-//!   images; an interrupted or failed backup is cleaned up from it (images removed, the
-//!   checkpoint deleted so its bitmap merges back into its parent's) by `backup-finish
-//!   --cancel` or by the next `backup-create`. So the next incremental from the parent still
-//!   covers every change.
-//! - Push backups write into `<default target>/<uuid>/<disk>.qcow2` (or the targets the
-//!   `<domainbackup>` names). QEMU writes an incremental image as a standalone qcow2 holding
-//!   only the changed clusters; it is then given its parent backup's image as backing file
-//!   without copying anything (`qemu-img rebase -u`), which is exactly its meaning.
-//! - Pull backups are read with vbackup's own NBD client from the export of the managed
-//!   daemon: only the dirty extents (incremental) or the allocated ones (full) are stored, in a
-//!   qcow2 overlay of the parent backup's image or a fresh qcow2. The job is then ended.
-//! - Restores are verified against the recorded digest before an image takes its final name.
-//!   `backup-restore B --until U` restores the disks as they were at U's point in time, U being
-//!   on one chain with B (an ancestor of B, B itself, or a backup built on B); any other U is
-//!   refused before anything is written.
-//! - Deleting backups deletes the checkpoints they created (alone, through the engine), since
-//!   a checkpoint only serves as the base of later incrementals from its backup; the
-//!   checkpoints of remaining backups and the user's own checkpoints stay. Checkpoints go
-//!   before records and records before images, so an interrupted deletion leaves the backups
-//!   it did not reach catalogued and restorable, and repeating it finishes the work.
-//! - A pull copy shows one progress bar per disk on a terminal (none with `--json` or when
-//!   stderr is not a terminal).
+//! Contract: every rule (journal before each interruptible step, consolidation and restore
+//! into new files checked before they take their final names, no takeover of an existing
+//! domain, overwrite keeping ownership, options and the other disks' checkpoints, target
+//! directories that must exist, damaged records affecting only themselves) is the machine's;
+//! the only checks left here name a missing chain image before anything starts.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::Command as Process;
-use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 use vbackup_core::backup::BackupSpec;
 use vbackup_core::catalogue::{
-    BackupKind, Catalogue, CatalogueOp, DeleteMode, ListFilter, ManagedBackup, validate_uuid,
+    BackupListFilter, Catalogue, CatalogueOp, ManagedBackup, validate_uuid,
 };
-use vbackup_core::checkpoint::DeleteScope;
-use vbackup_core::domain::{Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
-use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
-use vbackup_core::xml::{
-    BackupDef, BackupDisk, BackupMode, BackupStore, DiskBackup, Origin, align_backup,
+use vbackup_core::managed::{
+    CreateRequest, Journal, Managed, ManagedError, ManagedReply, ManagedRequest, RestoreRequest,
+    RestoreTarget,
 };
-use vbackup_qemu::images::{self, load_catalogue};
-use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
+use vbackup_core::xml::{
+    BackupDef, BackupDisk, BackupModeAttr, BackupStoreDef, DiskBackup, Origin, align_backup,
+};
+use vbackup_host::managed_runtime::{self, CopyEvent, CopyObserver, ManagedHost};
+use vbackup_qemu::images;
 use vbackup_qemu::qsd::{RunDir, daemon_alive};
-use vbackup_qemu::restore::{RestoreTarget, restore};
-use vbackup_qemu::store::{DomainStore, Store, write_atomic};
+use vbackup_qemu::store::{DomainStore, Store};
 
 use crate::commands;
-use crate::effects::COMPLETED_FILE;
 use crate::output::{CliError, format_time, human_bytes, print_json, table};
-use crate::session::{self, Attachment, Loaded, Session};
+use crate::session::{self, Attachment, Loaded};
 use crate::virsh_args::{DomainArg, fill, required};
-
-/// The unfinished managed backup of a domain, beside its `domain.xml`.
-pub const PENDING_FILE: &str = "pending-backup.json";
 
 /// Managed backup commands (named like the rest of vbackup's `backup-*` commands).
 #[derive(Debug, Subcommand)]
@@ -348,7 +323,103 @@ fn io_error(e: images::CatalogueIoError) -> CliError {
 
 /// The catalogue of a locked domain.
 fn catalogue(store: &DomainStore) -> Result<Catalogue, CliError> {
-    load_catalogue(store).map_err(io_error)
+    // A damaged record affects only itself: the intact backups load.
+    let stored = managed_runtime::stored_managed(store)?;
+    Ok(Managed::new(store.name(), stored).catalogue().clone())
+}
+
+/// The domain holding backup `uuid`, intact or with a damaged record.
+fn find_domain(store: &Store, uuid: &str) -> Result<String, CliError> {
+    validate_uuid(uuid).map_err(catalogue_error)?;
+    let mut busy = Vec::new();
+    for name in store.list_domains()? {
+        let ds = match store.lock_domain(&name) {
+            Ok(ds) => ds,
+            Err(vbackup_qemu::store::StoreError::Locked { .. }) => {
+                busy.push(name);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = Managed::new(ds.name(), managed_runtime::stored_managed(&ds)?);
+        let damaged = m.damaged().iter().any(|d| d.uuid.as_deref() == Some(uuid));
+        if m.catalogue().get(uuid).is_some() || damaged {
+            return Ok(name);
+        }
+    }
+    Err(not_found(uuid, &busy))
+}
+
+fn not_found(uuid: &str, busy: &[String]) -> CliError {
+    if busy.is_empty() {
+        CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}'"
+        ))
+    } else {
+        CliError::Other(format!(
+            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
+            busy.join(", ")
+        ))
+    }
+}
+
+/// Asks the managed-backup machine of `loaded`'s domain.
+fn ask(
+    store: &Store,
+    loaded: Loaded,
+    request: ManagedRequest,
+) -> Result<(Result<ManagedReply, ManagedError>, Catalogue), CliError> {
+    let mut host = ManagedHost::open(store, loaded)?;
+    let answer = host.run(request);
+    let catalogue = host.machine().catalogue().clone();
+    host.close()?;
+    Ok((answer?, catalogue))
+}
+
+/// Shows a pull copy: a progress bar per disk on stderr when `shown` (a terminal), and one
+/// line per disk once it is copied.
+fn copy_progress(shown: bool) -> CopyObserver {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    Box::new(move |event| match event {
+        CopyEvent::Started {
+            export,
+            total_bytes,
+        } => {
+            bar = shown.then(|| {
+                let b = indicatif::ProgressBar::new(total_bytes);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{prefix} {spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b.set_prefix(export.to_owned());
+                b
+            });
+        }
+        CopyEvent::Copied(bytes) => {
+            if let Some(b) = &bar {
+                b.inc(bytes);
+            }
+        }
+        CopyEvent::Finished {
+            export,
+            bytes_copied,
+            ranges,
+        } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            println!(
+                "Disk {export}: pulled {} in {ranges} extent(s)",
+                human_bytes(bytes_copied)
+            );
+        }
+    })
+}
+
+fn managed_error(e: ManagedError) -> CliError {
+    CliError::Other(e.to_string())
 }
 
 /// The domain holding backup `uuid`, locked, with its catalogue.
@@ -371,16 +442,7 @@ fn find(store: &Store, uuid: &str) -> Result<(DomainStore, Catalogue), CliError>
             return Ok((ds, cat));
         }
     }
-    if busy.is_empty() {
-        Err(CliError::Other(format!(
-            "Domain backup not found: no backup with uuid '{uuid}'"
-        )))
-    } else {
-        Err(CliError::Other(format!(
-            "Domain backup not found: no backup with uuid '{uuid}' (domains busy with another vbackup command, not searched: {})",
-            busy.join(", ")
-        )))
-    }
+    Err(not_found(uuid, &busy))
 }
 
 /// Backup `uuid` of a catalogue [`find`] returned (so present unless the catalogue changed).
@@ -393,246 +455,6 @@ fn backup_in<'c>(cat: &'c Catalogue, uuid: &str) -> Result<&'c ManagedBackup, Cl
 }
 
 // ----- pending backups -----
-
-/// What is needed to record, or to discard, a backup whose job has begun.
-#[derive(Debug, Clone)]
-struct Pending {
-    uuid: String,
-    parent: Option<String>,
-    checkpoint: String,
-    description: Option<String>,
-    creation_time: u64,
-    pull: bool,
-    /// `(disk, image path)`.
-    images: Vec<(String, String)>,
-}
-
-impl Pending {
-    fn to_json(&self) -> Value {
-        json!({
-            "uuid": self.uuid,
-            "parent": self.parent,
-            "checkpoint": self.checkpoint,
-            "description": self.description,
-            "creationTime": self.creation_time,
-            "mode": if self.pull { "pull" } else { "push" },
-            "images": self.images.iter().map(|(d, p)| json!({"disk": d, "path": p})).collect::<Vec<_>>(),
-        })
-    }
-
-    fn from_json(v: &Value) -> Option<Pending> {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-        let images = v
-            .get("images")?
-            .as_array()?
-            .iter()
-            .map(|i| {
-                Some((
-                    i.get("disk")?.as_str()?.to_owned(),
-                    i.get("path")?.as_str()?.to_owned(),
-                ))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Pending {
-            uuid: s("uuid")?,
-            parent: s("parent"),
-            checkpoint: s("checkpoint")?,
-            description: s("description"),
-            creation_time: v.get("creationTime")?.as_u64()?,
-            pull: s("mode")? == "pull",
-            images,
-        })
-    }
-
-    fn write(&self, store: &DomainStore) -> Result<(), CliError> {
-        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
-        write_atomic(store.dir(), PENDING_FILE, text.as_bytes())?;
-        Ok(())
-    }
-
-    fn read(dir: &Path) -> Result<Option<Pending>, CliError> {
-        let path = dir.join(PENDING_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| Pending::from_json(&v))
-                .map(Some)
-                .ok_or_else(|| CliError::Corrupt(format!("'{}' does not parse", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CliError::Io {
-                what: format!("cannot read '{}'", path.display()),
-                source: e,
-            }),
-        }
-    }
-
-    fn clear(dir: &Path) -> Result<(), CliError> {
-        match std::fs::remove_file(dir.join(PENDING_FILE)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(CliError::Io {
-                what: "cannot remove the pending backup".into(),
-                source: e,
-            }),
-        }
-    }
-}
-
-/// Removes a partial image: a qemu-nbd left serving it by an interrupted vbackup is stopped
-/// first (by its pid), then the file and its per-backup directory go.
-fn remove_partial_image(path: &Path) {
-    if let Ok(Some(pid)) = images::holder_pid(path) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "qemu-nbd" {
-            let _ = vbackup_qemu::qsd::kill_pid(pid);
-            // Wait for it to let go of the file (it is not our child, so it cannot be reaped).
-            for _ in 0..200 {
-                if !daemon_alive(pid)
-                    && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_err()
-                {
-                    break;
-                }
-                if !matches!(images::holder_pid(path), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-    let _ = std::fs::remove_file(path);
-    if let Some(dir) = path.parent()
-        && dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| validate_uuid(n).is_ok())
-    {
-        let _ = std::fs::remove_dir(dir);
-    }
-}
-
-/// Discards a pending backup in a session with no job running: images removed, its
-/// checkpoint deleted (its bitmap merges into the parent checkpoint's), the marker removed.
-fn discard(s: &mut Session, dir: &Path, pending: &Pending) -> Result<(), CliError> {
-    for (_, path) in &pending.images {
-        remove_partial_image(Path::new(path));
-    }
-    let exists = s
-        .driver
-        .domain()
-        .view()
-        .checkpoints
-        .get(&pending.checkpoint)
-        .is_some();
-    if exists {
-        s.call(Request::CheckpointDelete {
-            name: pending.checkpoint.clone(),
-            scope: DeleteScope::Single,
-            metadata_only: false,
-        })?;
-    }
-    Pending::clear(dir)
-}
-
-/// Ends the running job (abort) and waits until it is over.
-fn end_job(s: &mut Session) -> Result<(), CliError> {
-    use vbackup_core::link::Link;
-    if !s.job_running() {
-        return Ok(());
-    }
-    s.call(Request::AbortJob)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.job_running() && std::time::Instant::now() < deadline {
-        let until = s.driver.link().now().plus_ms(200);
-        s.driver.step(Some(until))?;
-    }
-    if s.job_running() {
-        return Err(CliError::Other(
-            "operation failed: the backup job did not end within 60 s".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Whether the last finished job succeeded, as the store recorded it, and finished after the
-/// pending backup was written (so it is that backup's job, not an older one).
-fn last_job_succeeded(dir: &Path) -> bool {
-    let modified = |name: &str| std::fs::metadata(dir.join(name)).and_then(|m| m.modified());
-    match (modified(COMPLETED_FILE), modified(PENDING_FILE)) {
-        (Ok(done), Ok(pending)) if done >= pending => {}
-        _ => return false,
-    }
-    std::fs::read_to_string(dir.join(COMPLETED_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("success").and_then(Value::as_bool))
-        .unwrap_or(false)
-}
-
-/// Records a pending backup whose images are complete.
-fn record(store: &DomainStore, pending: &Pending) -> Result<ManagedBackup, CliError> {
-    let mut cat = catalogue(store)?;
-    let parent = match &pending.parent {
-        Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
-            CliError::Other(format!("operation failed: parent backup '{p}' is gone"))
-        })?),
-        None => None,
-    };
-    let mut disks = Vec::new();
-    for (disk, path) in &pending.images {
-        if !pending.pull
-            && let Some(parent) = &parent
-        {
-            // QEMU wrote only the changed clusters into a standalone image: giving it the
-            // parent's image as backing file, without copying, is its exact meaning.
-            let backing = parent.image(disk).ok_or_else(|| {
-                CliError::Other(format!(
-                    "operation failed: parent backup has no image of disk '{disk}'"
-                ))
-            })?;
-            rebase_unsafe(Path::new(path), Path::new(&backing.path))?;
-        }
-        disks.push(
-            images::describe(disk, Path::new(path))
-                .map_err(|e| CliError::Other(format!("operation failed: {e}")))?,
-        );
-    }
-    let backup = ManagedBackup {
-        uuid: pending.uuid.clone(),
-        domain: store.name().to_owned(),
-        parent: pending.parent.clone(),
-        checkpoint: Some(pending.checkpoint.clone()),
-        creation_time: pending.creation_time,
-        sequence: Some(cat.next_sequence()),
-        description: pending.description.clone(),
-        kind: if pending.parent.is_some() {
-            BackupKind::Incremental
-        } else {
-            BackupKind::Full
-        },
-        disks,
-    };
-    let ops = cat.insert(backup.clone()).map_err(catalogue_error)?;
-    images::apply_ops(store, &ops).map_err(io_error)?;
-    Pending::clear(store.dir())?;
-    Ok(backup)
-}
-
-fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), CliError> {
-    let out = Process::new("qemu-img")
-        .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(backing)
-        .arg(path)
-        .output()
-        .map_err(CliError::io("cannot run qemu-img rebase"))?;
-    if !out.status.success() {
-        return Err(CliError::Other(format!(
-            "operation failed: qemu-img rebase of '{}': {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
 
 // ----- backup-create -----
 
@@ -672,13 +494,6 @@ fn check_chain_images(cat: &Catalogue, parent: &str, disk: &str) -> Result<(), C
 fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> {
     let loaded = session::load(store, name)?;
     let cat = catalogue(&loaded.store)?;
-    let stale = Pending::read(loaded.store.dir())?;
-    if stale.is_some() && loaded.journal.is_some() {
-        return Err(CliError::Other(
-            "Requested operation is not valid: a managed backup is still running; finish it with backup-finish"
-                .into(),
-        ));
-    }
     let uuid = uuid::Uuid::new_v4().to_string();
     let parent = match &args.parent {
         Some(p) => Some(cat.get(p).cloned().ok_or_else(|| {
@@ -696,19 +511,15 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         None => None,
     };
     let checkpoint_name = args.checkpoint.clone().unwrap_or_else(|| uuid.clone());
-    let checkpoint = commands::new_checkpoint(
-        &format!(
-            "<domaincheckpoint><name>{}</name></domaincheckpoint>",
-            commands::esc(&checkpoint_name)
-        ),
-        &loaded,
-    )?;
-
+    let checkpoint_xml = format!(
+        "<domaincheckpoint><name>{}</name></domaincheckpoint>",
+        commands::esc(&checkpoint_name)
+    );
     let mut def = BackupDef::parse(args.xml.as_deref().unwrap_or("<domainbackup/>"))?;
     if args.pull {
-        def.mode = BackupMode::Pull;
+        def.mode = BackupModeAttr::Pull;
     }
-    if def.mode == BackupMode::Pull && loaded.attachment != Attachment::Managed {
+    if def.mode == BackupModeAttr::Pull && loaded.attachment != Attachment::Managed {
         return Err(CliError::Other(
             "Requested operation is not supported: managed pull backups read the exports of a managed domain's daemon".into(),
         ));
@@ -727,7 +538,8 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
             })
             .collect();
     }
-    let mut image_paths = Vec::new();
+    // The disks whose target the definition names; the others go to the target directory.
+    let mut explicit = Vec::new();
     for disk in &mut def.disks {
         let Some(backup) = &mut disk.backup else {
             continue;
@@ -735,262 +547,90 @@ fn create(store: &Store, name: &str, args: &CreateArgs) -> Result<(), CliError> 
         // Every disk is incremental from the parent's checkpoint, or full.
         backup.incremental = None;
         backup.mode = None;
-        if let Some(parent) = &parent
-            && parent.image(&disk.name).is_none()
-        {
-            return Err(CliError::Other(format!(
-                "invalid argument: parent backup '{}' has no image of disk '{}'",
-                parent.uuid, disk.name
-            )));
-        }
         if let Some(parent) = &parent {
             check_chain_images(&cat, &parent.uuid, &disk.name)?;
         }
-        let default = cat
-            .default_image_path(&uuid, &disk.name)
-            .map_err(catalogue_error)?;
-        let path = if def.mode == BackupMode::Pull {
-            default
-        } else {
-            backup.store.as_ref().map(|s| s.path.clone()).or(default)
-        };
-        let Some(path) = path else {
-            return Err(CliError::Other(format!(
-                "invalid argument: disk '{}' has no target and domain '{name}' has no default backup target (see backup-set-default-target)",
-                disk.name
-            )));
-        };
-        if def.mode == BackupMode::Push {
-            backup.store = Some(BackupStore {
-                path: path.clone(),
+        if def.mode == BackupModeAttr::Push && backup.store.is_some() {
+            explicit.push(disk.name.clone());
+        } else if def.mode == BackupModeAttr::Push {
+            // A placeholder for alignment; the machine chooses the path.
+            backup.store = Some(BackupStoreDef {
+                path: format!("/{}.qcow2", disk.name),
                 seclabels: Vec::new(),
                 encryption: None,
             });
         }
-        image_paths.push((disk.name.clone(), path));
-    }
-    if image_paths.is_empty() {
-        return Err(CliError::Other(
-            "invalid argument: the backup includes no disk".into(),
-        ));
-    }
-    for (_, path) in &image_paths {
-        if let Some(dir) = Path::new(path).parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
-        }
     }
     let aligned = align_backup(&def, &loaded.def, &checkpoint_name)?;
-    // A pull without <server> goes on the daemon's NBD server; one naming another server is
-    // refused by the core before anything starts.
-    let spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
-    let pending = Pending {
-        uuid: uuid.clone(),
-        parent: parent.as_ref().map(|p| p.uuid.clone()),
-        checkpoint: checkpoint_name,
-        description: args.description.clone(),
-        creation_time: commands::now_s(),
-        pull: def.mode == BackupMode::Pull,
-        images: image_paths,
-    };
-    let dir = loaded.store.dir().to_owned();
-    let mut s = Session::connect(loaded)?;
-    if let Some(stale) = stale {
-        // A push backup started without --wait may have finished unobserved: keep it.
-        let kept = !stale.pull
-            && last_job_succeeded(&dir)
-            && record(s.driver.effects().store(), &stale).is_ok();
-        if kept {
-            if !args.json {
-                println!("Backup {} recorded", stale.uuid);
-            }
-        } else {
-            discard(&mut s, &dir, &stale)?;
-        }
-    }
-    pending.write(s.driver.effects().store())?;
-    let r = s.call(Request::BackupBegin {
-        spec,
-        checkpoint: Some(checkpoint),
-        reuse_external: false,
-    });
-    if let Err(e) = r {
-        let _ = discard(&mut s, &dir, &pending);
-        s.close()?;
-        return Err(e);
-    }
-    if !args.json {
-        match s
-            .driver
-            .domain()
-            .view()
-            .backup
-            .and_then(commands::export_uris)
+    // The checkpoint tracks exactly the disks the backup copies.
+    let checkpoint = commands::checkpoint_for_backup(
+        commands::parse_new_checkpoint(&checkpoint_xml)?,
+        &loaded,
+        &aligned,
+    )?;
+    let mut spec = BackupSpec::from_def(&aligned).map_err(EngineError::from)?;
+    for d in &mut spec.disks {
+        if !explicit.contains(&d.target)
+            && let Some(store) = &mut d.store
+            && spec.mode == vbackup_core::backup::BackupMode::Push
         {
-            Some(uris) => println!(
-                "Backup {uuid} started; exports served at {}",
-                uris.join(" ")
-            ),
-            None => println!("Backup {uuid} started"),
+            store.path = None;
         }
     }
-    if pending.pull {
-        let copied = pull_copy(&mut s, &pending, parent.as_ref(), args.json);
-        let ended = end_job(&mut s);
-        if let Err(e) = copied.and(ended) {
-            let _ = discard(&mut s, &dir, &pending);
-            s.close()?;
-            return Err(e);
-        }
-    } else {
-        if !args.wait {
+    let wait = args.wait || args.pull;
+    if args.pull && !args.json {
+        // A managed pull is served on the daemon's own NBD server, one export per disk.
+        let server = session::daemon_nbd_server(&loaded.store.run_dir());
+        let uris: Vec<String> = spec
+            .disks
+            .iter()
+            .filter(|d| d.backup)
+            .map(|d| server.export_uri(d.export_name.as_deref().unwrap_or(&d.target)))
+            .collect();
+        println!(
+            "Backup {uuid} started; exports served at {}",
+            uris.join(" ")
+        );
+    }
+    let mut host = ManagedHost::open(store, loaded)?;
+    if args.pull && !args.json {
+        host.observe_copies(copy_progress(std::io::stderr().is_terminal()));
+    }
+    let answer = host.run(ManagedRequest::Create(Box::new(CreateRequest {
+        uuid: uuid.clone(),
+        checkpoint,
+        spec,
+        parent: parent.map(|p| p.uuid),
+        description: args.description.clone(),
+        target: None,
+        wait,
+    })));
+    host.close()?;
+    match answer?.map_err(managed_error)? {
+        ManagedReply::Started { uuid } => {
             if args.json {
                 print_json(json!({"uuid": uuid, "status": "started"}));
             } else {
-                let domain = s.driver.effects().store().name().to_owned();
+                println!("Backup {uuid} started");
                 println!(
-                    "The backup is recorded once its job ends: run 'vbackup backup-finish {domain}' (it waits), or 'backup-finish {domain} --check' to see whether it is done"
+                    "The backup is recorded once its job ends: run 'vbackup backup-finish {name}' (it waits), or 'backup-finish {name} --check' to see whether it is done"
                 );
             }
-            return s.close();
         }
-        let stats = commands::follow(&mut s, args.json)?;
-        if stats.as_ref().is_none_or(|st| st.success != Some(true)) {
-            let why = stats.and_then(|st| st.errmsg).unwrap_or_default();
-            let _ = discard(&mut s, &dir, &pending);
-            s.close()?;
-            return Err(CliError::Other(format!(
-                "operation failed: backup job failed: {why}"
-            )));
-        }
-    }
-    let recorded = record(s.driver.effects().store(), &pending);
-    if recorded.is_err() {
-        let _ = discard(&mut s, &dir, &pending);
-    }
-    s.close()?;
-    let backup = recorded?;
-    if args.json {
-        print_json(backup_json(&backup));
-    } else {
-        println!(
-            "Backup {uuid} created ({}, {})",
-            backup.kind.name(),
-            human_bytes(backup.allocated_size_bytes())
-        );
-    }
-    Ok(())
-}
-
-/// Reads every disk of a running pull backup over NBD into the pending images, with a
-/// progress bar per disk on a terminal unless `quiet` (machine-readable output).
-fn pull_copy(
-    s: &mut Session,
-    pending: &Pending,
-    parent: Option<&ManagedBackup>,
-    quiet: bool,
-) -> Result<(), CliError> {
-    let Reply::Backup(plan) = s.call(Request::BackupGetXml)? else {
-        return Err(CliError::Other(
-            "unexpected answer to a backup query".into(),
-        ));
-    };
-    let def = plan.to_def();
-    let socket = RunDir::new(&s.run_dir).nbd_socket;
-    for (disk, path) in &pending.images {
-        let backup = def
-            .disks
-            .iter()
-            .find(|d| &d.name == disk)
-            .and_then(|d| d.backup.clone())
-            .ok_or_else(|| CliError::Other(format!("disk '{disk}' is not in the backup job")))?;
-        let export = backup.export_name.clone().unwrap_or_else(|| disk.clone());
-        let base = parent
-            .and_then(|p| p.image(disk))
-            .map(|i| PathBuf::from(&i.path));
-        let (context, dirty) = match (&base, &backup.export_bitmap) {
-            (Some(_), Some(bitmap)) => (dirty_bitmap_context(bitmap), true),
-            (Some(_), None) => {
-                return Err(CliError::Other(format!(
-                    "operation failed: disk '{disk}': the incremental export has no bitmap"
-                )));
-            }
-            (None, _) => (BASE_ALLOCATION.to_owned(), false),
-        };
-        let mut client = NbdClient::connect_unix(&socket, &export, &[context.as_str()])?;
-        let ranges = select_ranges(&mut client, &context, |flags| {
-            if dirty {
-                flags & STATE_DIRTY != 0
+        ManagedReply::Created(backup) => {
+            if args.json {
+                print_json(backup_json(&backup));
             } else {
-                flags & STATE_ZERO == 0
+                println!(
+                    "Backup {uuid} created ({}, {})",
+                    backup.kind.name(),
+                    human_bytes(backup.allocated_size_bytes())
+                );
             }
-        })?;
-        let total_bytes = ranges
-            .iter()
-            .fold(0u64, |t, (_, len)| t.saturating_add(*len));
-        let bar = CopyProgress::new(disk, total_bytes, !quiet && std::io::stderr().is_terminal());
-        let report = images::store_extents_observed(
-            &mut client,
-            &ranges,
-            Path::new(path),
-            base.as_deref(),
-            &mut |bytes| bar.advance(bytes),
-        );
-        bar.finish();
-        let report =
-            report.map_err(|e| CliError::Other(format!("operation failed: disk '{disk}': {e}")))?;
-        if !quiet {
-            println!(
-                "Disk {disk}: pulled {} in {} extent(s)",
-                human_bytes(report.copy.bytes_copied),
-                report.copy.ranges
-            );
         }
-        let _ = client.disconnect();
+        _ => return Err(CliError::Other("unexpected answer to a backup".into())),
     }
     Ok(())
-}
-
-/// The progress of one disk's pull copy: an indicatif bar on stderr when shown (a terminal
-/// and no machine-readable output, like `backup-begin --wait`), nothing otherwise; it only
-/// counts then.
-struct CopyProgress {
-    bar: Option<indicatif::ProgressBar>,
-    done_bytes: std::cell::Cell<u64>,
-}
-
-impl CopyProgress {
-    fn new(disk: &str, total_bytes: u64, shown: bool) -> Self {
-        let bar = shown.then(|| {
-            let b = indicatif::ProgressBar::new(total_bytes);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} {spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b.set_prefix(disk.to_owned());
-            b
-        });
-        Self {
-            bar,
-            done_bytes: std::cell::Cell::new(0),
-        }
-    }
-
-    fn advance(&self, bytes: u64) {
-        self.done_bytes
-            .set(self.done_bytes.get().saturating_add(bytes));
-        if let Some(b) = &self.bar {
-            b.inc(bytes);
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
 }
 
 // ----- backup-finish -----
@@ -1002,89 +642,45 @@ fn finish(
     check: bool,
     json: bool,
 ) -> Result<(), CliError> {
+    // A damaged job journal does not block --cancel: the job ends first.
+    if cancel {
+        commands::end_damaged_job(store, name)?;
+    }
     let loaded = session::load(store, name)?;
-    let pending = Pending::read(loaded.store.dir())?;
-    if pending.is_none() && loaded.journal.is_none() {
+    let machine = Managed::new(name, managed_runtime::stored_managed(&loaded.store)?);
+    if machine.pending().is_none() && machine.journal().is_none() && loaded.journal.is_none() {
         return Err(EngineError::from(RequestError::NoJob).into());
     }
-    let dir = loaded.store.dir().to_owned();
-    let mut s = Session::connect(loaded)?;
-    let result = finish_in(&mut s, &dir, pending, cancel, check, json);
-    s.close()?;
-    result
-}
-
-fn finish_in(
-    s: &mut Session,
-    dir: &Path,
-    pending: Option<Pending>,
-    cancel: bool,
-    check: bool,
-    json: bool,
-) -> Result<(), CliError> {
-    if cancel {
-        end_job(s)?;
-        let uuid = pending.as_ref().map(|p| p.uuid.clone());
-        if let Some(p) = &pending {
-            discard(s, dir, p)?;
+    let (answer, _) = ask(store, loaded, ManagedRequest::Finish { cancel, check })?;
+    match answer.map_err(managed_error)? {
+        ManagedReply::Running { uuid } => {
+            if json {
+                print_json(json!({"uuid": uuid, "status": "running"}));
+            } else {
+                println!("Backup {uuid} is running");
+            }
         }
-        match (&uuid, json) {
+        ManagedReply::Cancelled { uuid } => match (&uuid, json) {
             (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
             (Some(u), false) => println!("Backup {u} cancelled"),
             (None, false) => println!("Backup job cancelled"),
-        }
-        return Ok(());
-    }
-    let Some(pending) = pending else {
-        // An unmanaged job: nothing to record.
-        return Err(CliError::Other(
-            "Requested operation is not valid: the running job is not a managed backup".into(),
-        ));
-    };
-    if pending.pull {
-        // The vbackup process reading it is gone: what it stored is incomplete.
-        end_job(s)?;
-        discard(s, dir, &pending)?;
-        return Err(CliError::Other(format!(
-            "operation failed: pull backup {} was interrupted and has been discarded",
-            pending.uuid
-        )));
-    }
-    if s.job_running() {
-        if check {
+        },
+        ManagedReply::Created(backup) => {
             if json {
-                print_json(json!({"uuid": pending.uuid, "status": "running"}));
+                print_json(
+                    json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
+                );
             } else {
-                println!("Backup {} is running", pending.uuid);
+                println!(
+                    "Backup {} created ({}, {})",
+                    backup.uuid,
+                    backup.kind.name(),
+                    human_bytes(backup.allocated_size_bytes())
+                );
             }
-            return Ok(());
         }
-        commands::follow(s, json)?;
+        _ => return Err(CliError::Other("unexpected answer to backup-finish".into())),
     }
-    if !last_job_succeeded(dir) {
-        discard(s, dir, &pending)?;
-        return Err(CliError::Other(format!(
-            "operation failed: backup {} failed and has been discarded",
-            pending.uuid
-        )));
-    }
-    let backup = record(s.driver.effects().store(), &pending);
-    if backup.is_err() {
-        let _ = discard(s, dir, &pending);
-    }
-    let backup = backup?;
-    if json {
-        print_json(
-            json!({"uuid": backup.uuid, "status": "created", "backup": backup_json(&backup)}),
-        );
-        return Ok(());
-    }
-    println!(
-        "Backup {} created ({}, {})",
-        backup.uuid,
-        backup.kind.name(),
-        human_bytes(backup.allocated_size_bytes())
-    );
     Ok(())
 }
 
@@ -1137,13 +733,27 @@ fn list(
     json: bool,
 ) -> Result<(), CliError> {
     let loaded: Loaded = session::load(store, name)?;
-    let cat = catalogue(&loaded.store)?;
+    let machine = Managed::new(name, managed_runtime::stored_managed(&loaded.store)?);
+    let cat = machine.catalogue().clone();
+    // A damaged record is listed as such, naming its file; the others list as usual.
+    for d in machine.damaged() {
+        let line = format!(
+            "damaged backup {} (record '{}'): {}; delete it with 'vbackup backup-delete {}'",
+            d.uuid.as_deref().unwrap_or("?"),
+            d.file,
+            d.reason,
+            d.uuid.as_deref().unwrap_or("UUID")
+        );
+        if json {
+            eprintln!("warning: {line}");
+        }
+    }
     let filter = if full {
-        ListFilter::Full
+        BackupListFilter::Full
     } else if latest {
-        ListFilter::LatestChain
+        BackupListFilter::LatestChain
     } else {
-        ListFilter::All
+        BackupListFilter::All
     };
     let backups = cat.list(filter);
     if json {
@@ -1157,6 +767,16 @@ fn list(
     } else {
         print!("{}", table(&HEADERS, &rows(&backups)));
     }
+    if !json {
+        for d in machine.damaged() {
+            println!(
+                "Damaged: {} (record '{}'): {}",
+                d.uuid.as_deref().unwrap_or("?"),
+                d.file,
+                d.reason
+            );
+        }
+    }
     if !json && let Some(note) = pending_note(loaded.store.dir(), name, loaded.journal.is_some()) {
         println!("{note}");
     }
@@ -1166,21 +786,25 @@ fn list(
 /// A line about a managed backup that is started but not recorded yet (it is in no listing
 /// until `backup-finish` records it), or `None` when there is none.
 pub(crate) fn pending_note(dir: &Path, domain: &str, job_running: bool) -> Option<String> {
-    let pending = Pending::read(dir).ok().flatten()?;
+    let uuid = pending_uuid(dir)?;
     let state = if job_running {
         "its job is running"
     } else {
         "its job has ended"
     };
     Some(format!(
-        "Not yet recorded: backup {} ({state}); 'vbackup backup-finish {domain}' records it",
-        pending.uuid
+        "Not yet recorded: backup {uuid} ({state}); 'vbackup backup-finish {domain}' records it"
     ))
 }
 
 /// The uuid of a managed backup that is started but not recorded yet.
 pub(crate) fn pending_uuid(dir: &Path) -> Option<String> {
-    Pending::read(dir).ok().flatten().map(|p| p.uuid)
+    let text =
+        std::fs::read_to_string(dir.join(vbackup_host::layout::MANAGED_JOURNAL_FILE)).ok()?;
+    match Journal::parse(&text).ok()? {
+        Journal::Create(p) => Some(p.uuid),
+        _ => None,
+    }
 }
 
 fn print_tree(
@@ -1229,25 +853,33 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let (_ds, cat) = find(store, uuid)?;
+    let domain = find_domain(store, uuid)?;
+    let loaded = session::load(store, &domain)?;
+    let (answer, cat) = ask(store, loaded, ManagedRequest::Verify { uuid: uuid.into() })?;
+    let ManagedReply::Verified { disks, .. } = answer.map_err(managed_error)? else {
+        return Err(CliError::Other(
+            "unexpected answer to a verification".into(),
+        ));
+    };
     let plan = cat.plan_restore(uuid, &[]).map_err(catalogue_error)?;
     let mut report = Vec::new();
-    for d in &plan.disks {
-        let outcome = if let Some(img) = missing_image(&d.images) {
-            Err(format!("image '{}' of its chain is missing", img.path))
-        } else {
-            let top = &d.images[0];
-            match images::content_digest(Path::new(&top.path), &top.format) {
-                Ok(found) if found == d.digest => Ok(()),
-                Ok(found) => Err(format!(
-                    "content digest {} differs from the recorded {}",
-                    found.as_str(),
-                    d.digest.as_str()
-                )),
-                Err(e) => Err(format!("cannot read it: {e}")),
+    for v in &disks {
+        let outcome = match &v.found {
+            Ok(found) if *found == v.recorded => Ok(()),
+            Ok(found) => Err(format!(
+                "content digest {} differs from the recorded {}",
+                found.as_str(),
+                v.recorded.as_str()
+            )),
+            Err(e) => {
+                let chain = plan.disks.iter().find(|d| d.disk == v.disk);
+                match chain.and_then(|d| missing_image(&d.images)) {
+                    Some(img) => Err(format!("image '{}' of its chain is missing", img.path)),
+                    None => Err(format!("cannot read it: {e}")),
+                }
             }
         };
-        report.push((d.disk.clone(), outcome));
+        report.push((v.disk.clone(), outcome));
     }
     if json {
         let rows: Vec<Value> = report
@@ -1344,58 +976,37 @@ fn delete(
     let domain = if all {
         target.to_owned()
     } else {
-        let (ds, _) = find(store, target)?;
-        ds.name().to_owned()
+        find_domain(store, target)?
     };
-    // Deleting checkpoints needs a session, which needs the domain loaded (and locked) anew.
     let loaded = session::load(store, &domain)?;
-    let mut cat = catalogue(&loaded.store)?;
-    let n_all = cat.len();
-    let ops = if all {
-        cat.delete_all()
-    } else {
-        let mode = if with_children {
-            DeleteMode::WithChildren
-        } else {
-            DeleteMode::Alone
-        };
-        cat.delete(target, mode).map_err(|e| {
-            // Backups built on it would lose their base; say both ways forward.
-            let has_children = matches!(
-                e,
-                vbackup_core::catalogue::CatalogueError::HasChildren { .. }
-            );
-            let hint = if !has_children {
-                String::new()
-            } else {
-                format!(
-                    "; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
-                )
-            };
-            CliError::Other(format!("Requested operation is not valid: {e}{hint}"))
-        })?
+    let n_all = catalogue(&loaded.store)?.len();
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Delete {
+            target: (!all).then(|| target.to_owned()),
+            with_children,
+            keep_checkpoints,
+        },
+    )?;
+    let deleted = match answer {
+        Ok(ManagedReply::Deleted { uuids }) => uuids,
+        Ok(_) => return Err(CliError::Other("unexpected answer to a deletion".into())),
+        Err(ManagedError::Catalogue(
+            e @ vbackup_core::catalogue::CatalogueError::HasChildren { .. },
+        )) => {
+            return Err(CliError::Other(format!(
+                "Requested operation is not valid: {e}; delete them too with 'vbackup backup-delete {target} --children', or make each child self-contained first with 'vbackup backup-consolidate CHILD'"
+            )));
+        }
+        Err(e @ ManagedError::Effect { .. }) => {
+            return Err(CliError::Other(format!(
+                "{e}; the deletion is finished by the next managed-backup command of domain '{domain}' (or run it again, with --keep-checkpoints if QEMU cannot be reached)"
+            )));
+        }
+        Err(e) => return Err(managed_error(e)),
     };
-    let doomed: Vec<&str> = ops
-        .iter()
-        .filter_map(|o| match o {
-            CatalogueOp::DeleteBackup { uuid } => Some(uuid.as_str()),
-            _ => None,
-        })
-        .collect();
-    if let Some(p) = Pending::read(loaded.store.dir())?
-        && let Some(parent) = p.parent.as_deref().filter(|u| doomed.contains(u))
-    {
-        return Err(CliError::Other(format!(
-            "Requested operation is not valid: a running backup is built on '{parent}'"
-        )));
-    }
-    let n = doomed.len();
-    let deleted: Vec<String> = doomed.iter().map(|u| (*u).to_owned()).collect();
-    let ops: Vec<CatalogueOp> = ops
-        .into_iter()
-        .filter(|o| !(keep_checkpoints && matches!(o, CatalogueOp::DeleteCheckpoint { .. })))
-        .collect();
-    apply_with_checkpoints(loaded, &ops)?;
+    let n = deleted.len();
     if json {
         print_json(
             json!({"domain": domain, "deleted": deleted, "checkpointsKept": keep_checkpoints}),
@@ -1411,138 +1022,35 @@ fn delete(
 }
 
 fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let (ds, _) = find(store, uuid)?;
-    let domain = ds.name().to_owned();
-    drop(ds);
+    let domain = find_domain(store, uuid)?;
     let loaded = session::load(store, &domain)?;
-    if Pending::read(loaded.store.dir())?.is_some() || loaded.journal.is_some() {
+    if loaded.journal.is_some() {
         return Err(CliError::Other(format!(
             "Requested operation is not valid: a backup of domain '{domain}' is running; consolidate once it ended"
         )));
     }
-    let mut cat = catalogue(&loaded.store)?;
-    let before = cat.get(uuid).cloned().ok_or_else(|| {
-        catalogue_error(vbackup_core::catalogue::CatalogueError::NotFound(
-            uuid.to_owned(),
-        ))
-    })?;
-    if let Some(parent) = &before.parent {
-        for d in &before.disks {
-            check_chain_images(&cat, parent, &d.disk)?;
-        }
-    }
-    let ops = cat.consolidate(uuid).map_err(catalogue_error)?;
-    let Some((CatalogueOp::PutBackup(record), rebases)) = ops.split_last() else {
-        if json {
-            print_json(
-                json!({"uuid": uuid, "consolidated": false, "backup": backup_json(&before)}),
-            );
-        } else {
-            println!("Backup {uuid} is already a full backup");
-        }
-        return Ok(());
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Consolidate { uuid: uuid.into() },
+    )?;
+    let ManagedReply::Consolidated { backup, changed } = answer.map_err(managed_error)? else {
+        return Err(CliError::Other(
+            "unexpected answer to a consolidation".into(),
+        ));
     };
-    images::apply_ops(&loaded.store, rebases).map_err(io_error)?;
-    // The record is rewritten only once every image reads as it did.
-    let mut record = record.clone();
-    for (i, old) in before.disks.iter().enumerate() {
-        let now =
-            images::describe(&old.disk, Path::new(&old.path)).map_err(|e| io_error(e.into()))?;
-        if now.digest != old.digest {
-            return Err(CliError::Other(format!(
-                "operation failed: image '{}' of backup '{uuid}' no longer matches its digest after consolidation ({} recorded, {} now); the record was left as it was",
-                old.path,
-                old.digest.as_str(),
-                now.digest.as_str()
-            )));
-        }
-        record.disks[i] = now;
-    }
-    let allocated = record.allocated_size_bytes();
-    let shown = backup_json(&record);
-    images::apply_ops(&loaded.store, &[CatalogueOp::PutBackup(record)]).map_err(io_error)?;
     if json {
-        print_json(json!({"uuid": uuid, "consolidated": true, "backup": shown}));
-        return Ok(());
+        print_json(json!({"uuid": uuid, "consolidated": changed, "backup": backup_json(&backup)}));
+    } else if changed {
+        println!(
+            "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
+            backup.disks.len(),
+            backup.allocated_size_bytes().div_ceil(1 << 20)
+        );
+    } else {
+        println!("Backup {uuid} is already a full backup");
     }
-    println!(
-        "Backup {uuid} is now a full backup ({} image(s), {} MiB allocated)",
-        before.disks.len(),
-        allocated.div_ceil(1 << 20)
-    );
     Ok(())
-}
-
-/// Carries out catalogue operations whose checkpoint deletions go through the engine: a
-/// session is opened only when one of those checkpoints still exists.
-fn apply_with_checkpoints(loaded: Loaded, ops: &[CatalogueOp]) -> Result<(), CliError> {
-    let needs_session = ops.iter().any(
-        |o| matches!(o, CatalogueOp::DeleteCheckpoint { name } if loaded.tree.get(name).is_some()),
-    );
-    if !needs_session {
-        // Every released checkpoint is already gone.
-        return images::apply_ops_with(&loaded.store, ops, &mut |_| Ok(())).map_err(io_error);
-    }
-    let mut s = Session::connect(loaded).map_err(|e| {
-        CliError::Other(format!(
-            "{e}; the backups are kept: run the deletion again once QEMU can be reached, or with \
-             --keep-checkpoints to delete the backups and keep their checkpoints"
-        ))
-    })?;
-    let mut applied = Ok(());
-    // Consecutive checkpoint deletions go to the engine as one request: one transaction
-    // removes the bitmaps of all of them.
-    let mut rest = ops;
-    while let Some(op) = rest.first() {
-        let run = rest
-            .iter()
-            .take_while(|o| matches!(o, CatalogueOp::DeleteCheckpoint { .. }))
-            .count();
-        applied = if run > 0 {
-            let names: Vec<&str> = rest[..run]
-                .iter()
-                .filter_map(|o| match o {
-                    CatalogueOp::DeleteCheckpoint { name } => Some(name.as_str()),
-                    _ => None,
-                })
-                .collect();
-            rest = &rest[run..];
-            delete_checkpoints(&mut s, &names)
-        } else {
-            rest = &rest[1..];
-            images::apply_ops(s.driver.effects().store(), std::slice::from_ref(op))
-                .map_err(io_error)
-        };
-        if applied.is_err() {
-            break;
-        }
-    }
-    s.close()?;
-    applied
-}
-
-/// Deletes the checkpoints deleted backups released, each alone (its children are
-/// re-parented, other bitmaps untouched); those already gone count as deleted.
-fn delete_checkpoints(s: &mut Session, names: &[&str]) -> Result<(), CliError> {
-    let names: Vec<String> = {
-        let tree = s.driver.domain().view().checkpoints;
-        names
-            .iter()
-            .filter(|n| tree.get(n).is_some())
-            .map(|n| (*n).to_owned())
-            .collect()
-    };
-    if names.is_empty() {
-        return Ok(());
-    }
-    let list = names.join("', '");
-    s.call(Request::CheckpointDeleteEach { names })
-        .map(|_| ())
-        .map_err(|e| {
-            CliError::Other(format!(
-                "operation failed: cannot delete checkpoint '{list}' of a deleted backup (the backups are kept; run the deletion again): {e}"
-            ))
-        })
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, CliError> {
@@ -1613,42 +1121,10 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
         overwrite,
         json,
     } = args;
-    let json = *json;
-    let (new_domain, dir, overwrite) = (new_domain.clone(), dir.clone(), *overwrite);
-    let (ds, cat) = find(store, uuid)?;
-    let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
-    let plan = match until {
-        Some(until) => {
-            validate_uuid(until).map_err(catalogue_error)?;
-            cat.plan_restore_until(uuid, until, &chosen)
-        }
-        None => cat.plan_restore(uuid, &chosen),
-    }
-    .map_err(catalogue_error)?;
-    for d in &plan.disks {
-        if let Some(img) = missing_image(&d.images) {
-            return Err(CliError::Other(format!(
-                "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
-                plan.backup, img.path, d.disk
-            )));
-        }
-    }
-    if until.is_some() && !json {
-        println!("Restoring backup {} (chain of {uuid})", plan.backup);
-    }
-    let restored = |out: &[vbackup_qemu::restore::RestoredDisk], domain: Option<&str>| {
-        let disks: Vec<Value> = out
-            .iter()
-            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
-            .collect();
-        print_json(
-            json!({"backup": plan.backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
-        );
-    };
+    let (json, overwrite) = (*json, *overwrite);
+    let domain = find_domain(store, uuid)?;
+    let loaded = session::load(store, &domain)?;
     let target = if overwrite {
-        let domain = ds.name().to_owned();
-        drop(ds);
-        let loaded = session::load(store, &domain)?;
         let run = RunDir::new(loaded.store.run_dir());
         let running = match loaded.attachment {
             Attachment::Managed => run.read_pid().ok().flatten().is_some_and(daemon_alive),
@@ -1660,92 +1136,82 @@ fn restore_cmd(store: &Store, args: &RestoreArgs) -> Result<(), CliError> {
             )));
         }
         let mut map = std::collections::BTreeMap::new();
-        for d in &plan.disks {
-            let path = loaded
-                .def
-                .disks
-                .iter()
-                .find(|x| x.target == d.disk)
-                .and_then(|x| x.layers.first())
-                .and_then(|l| l.path.clone())
-                .ok_or_else(|| {
-                    CliError::Other(format!(
-                        "invalid argument: domain '{domain}' has no file disk '{}'",
-                        d.disk
-                    ))
-                })?;
-            map.insert(d.disk.clone(), PathBuf::from(path));
+        for d in &loaded.def.disks {
+            if let Some(path) = d.layers.first().and_then(|l| l.path.clone()) {
+                map.insert(d.target.clone(), path);
+            }
         }
-        let out = restore(&plan, &RestoreTarget::Overwrite { disks: map });
-        if !matches!(
-            &out,
-            Err(vbackup_qemu::restore::RestoreError::Exists { .. }
-                | vbackup_qemu::restore::RestoreError::InUse { .. }
-                | vbackup_qemu::restore::RestoreError::ChainMismatch { .. })
-        ) {
-            forget_checkpoints(&loaded.store)?;
-        }
-        let out = out.map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-        if json {
-            restored(&out, Some(&domain));
-            return Ok(());
-        }
-        for d in &out {
-            println!(
-                "Disk {} restored over {} ({})",
-                d.disk,
-                d.path.display(),
-                d.digest
-            );
-        }
-        return Ok(());
+        RestoreTarget::Overwrite { disks: map }
     } else {
         let Some(dir) = dir else {
             return Err(CliError::Other(
                 "invalid argument: give --dir (and --new-domain) or --overwrite".into(),
             ));
         };
-        let dir = absolute(&dir)?;
-        std::fs::create_dir_all(&dir)
-            .map_err(CliError::io(format!("cannot create '{}'", dir.display())))?;
-        drop(ds);
-        RestoreTarget::NewImages { dir }
+        RestoreTarget::NewImages {
+            dir: absolute(dir)?.display().to_string(),
+            new_domain: new_domain.clone(),
+        }
     };
-    let out =
-        restore(&plan, &target).map_err(|e| CliError::Other(format!("operation failed: {e}")))?;
-    for d in out.iter().filter(|_| !json) {
-        println!(
-            "Disk {} restored to {} ({})",
-            d.disk,
-            d.path.display(),
-            d.digest
-        );
+    if let Some(u) = until {
+        validate_uuid(u).map_err(catalogue_error)?;
     }
-    if let Some(name) = &new_domain {
-        let specs: Vec<String> = out
-            .iter()
-            .map(|d| format!("{}={},format={}", d.disk, d.path.display(), d.format.name()))
-            .collect();
-        let said = commands::define(store, name, &specs, None)?;
-        if !json {
-            println!("{said}");
+    // Refuse a chain with a missing image, naming it, before anything is written.
+    let cat = catalogue(&loaded.store)?;
+    let chosen: Vec<&str> = disks.iter().map(String::as_str).collect();
+    let plan = match until {
+        Some(u) => cat.plan_restore_until(uuid, u, &chosen),
+        None => cat.plan_restore(uuid, &chosen),
+    };
+    if let Ok(plan) = &plan {
+        for d in &plan.disks {
+            if let Some(img) = missing_image(&d.images) {
+                return Err(CliError::Other(format!(
+                    "operation failed: backup '{}' cannot be restored: image '{}' of disk '{}' in its chain is missing",
+                    plan.backup, img.path, d.disk
+                )));
+            }
+        }
+        if until.is_some() && !json {
+            println!("Restoring backup {} (chain of {uuid})", plan.backup);
         }
     }
+    let (answer, _) = ask(
+        store,
+        loaded,
+        ManagedRequest::Restore(Box::new(RestoreRequest {
+            uuid: uuid.clone(),
+            until: until.clone(),
+            disks: disks.clone(),
+            target,
+        })),
+    )?;
+    let ManagedReply::Restored {
+        backup,
+        disks: out,
+        domain: defined,
+    } = answer.map_err(managed_error)?
+    else {
+        return Err(CliError::Other("unexpected answer to a restore".into()));
+    };
     if json {
-        restored(&out, new_domain.as_deref());
+        let disks: Vec<Value> = out
+            .iter()
+            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
+            .collect();
+        let domain = if overwrite { Some(domain) } else { defined };
+        print_json(
+            json!({"backup": backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
+        );
+        return Ok(());
     }
-    Ok(())
-}
-
-/// After disks were overwritten, their bitmaps are gone and their content is the backup's: the
-/// domain's checkpoints no longer describe anything, so their metadata is dropped (the next
-/// backup of the domain is a full one).
-fn forget_checkpoints(store: &DomainStore) -> Result<(), CliError> {
-    use vbackup_qemu::store::Collection;
-    for name in store.list_entries(Collection::Checkpoints)? {
-        store.remove_entry(Collection::Checkpoints, &name)?;
+    let verb = if overwrite { "over" } else { "to" };
+    for d in &out {
+        println!("Disk {} restored {verb} {} ({})", d.disk, d.path, d.digest);
     }
-    write_atomic(store.dir(), crate::effects::CURRENT_FILE, b"")?;
+    if let Some(name) = defined {
+        println!("Domain '{name}' defined");
+    }
     Ok(())
 }
 
@@ -1766,62 +1232,4 @@ pub fn remove_all_backups(store: &DomainStore) -> Result<usize, CliError> {
 /// How many backups a locked domain has.
 pub fn backup_count(store: &DomainStore) -> Result<usize, CliError> {
     Ok(catalogue(store)?.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pending_backups_round_trip_through_their_json() {
-        let p = Pending {
-            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
-            parent: Some("11234567-89ab-cdef-0123-456789abcdef".into()),
-            checkpoint: "c9".into(),
-            description: None,
-            creation_time: 1_700_000_000,
-            pull: true,
-            images: vec![("vda".into(), "/b/x/vda.qcow2".into())],
-        };
-        let back = Pending::from_json(&p.to_json()).expect("parses");
-        assert_eq!(back.uuid, p.uuid);
-        assert_eq!(back.parent, p.parent);
-        assert_eq!(back.checkpoint, "c9");
-        assert_eq!(back.description, None);
-        assert_eq!(back.creation_time, 1_700_000_000);
-        assert!(back.pull);
-        assert_eq!(back.images, p.images);
-    }
-
-    #[test]
-    fn copy_progress_is_hidden_unless_shown_and_counts_every_byte() {
-        let hidden = CopyProgress::new("vda", 3 << 20, false);
-        assert!(hidden.bar.is_none());
-        hidden.advance(1 << 20);
-        hidden.advance(2 << 20);
-        hidden.finish();
-        assert_eq!(hidden.done_bytes.get(), 3 << 20);
-        let shown = CopyProgress::new("vda", 100, true);
-        shown.advance(40);
-        assert_eq!(shown.bar.as_ref().map(|b| b.position()), Some(40));
-        assert_eq!(shown.bar.as_ref().and_then(|b| b.length()), Some(100));
-        shown.finish();
-    }
-
-    #[test]
-    fn a_pending_record_missing_its_images_does_not_parse() {
-        let mut v = Pending {
-            uuid: "01234567-89ab-cdef-0123-456789abcdef".into(),
-            parent: None,
-            checkpoint: "c1".into(),
-            description: Some("d".into()),
-            creation_time: 1,
-            pull: false,
-            images: Vec::new(),
-        }
-        .to_json();
-        assert!(Pending::from_json(&v).is_some());
-        v.as_object_mut().expect("object").remove("images");
-        assert!(Pending::from_json(&v).is_none());
-    }
 }

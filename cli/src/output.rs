@@ -49,6 +49,27 @@ pub enum CliError {
     Other(String),
 }
 
+impl From<vbackup_host::Error> for CliError {
+    /// The host runtime's errors are worded as the command line words its own.
+    fn from(e: vbackup_host::Error) -> Self {
+        use vbackup_host::Error as H;
+        match e {
+            H::Engine(e) => CliError::Engine(e),
+            H::Drive(e) => CliError::Drive(e),
+            H::Store(e) => CliError::Store(e),
+            H::Qsd(e) => CliError::Qsd(e),
+            H::Qmp(e) => CliError::Qmp(e),
+            H::Discover(e) => CliError::Discover(e),
+            H::Xml(e) => CliError::Xml(e),
+            H::Nbd(e) => CliError::Nbd(e),
+            H::NoDomain(name) => CliError::NoDomain(name),
+            H::Corrupt(what) => CliError::Corrupt(what),
+            H::Io { what, source } => CliError::Io { what, source },
+            other @ (H::DomainExists(_) | H::Other(_)) => CliError::Other(other.to_string()),
+        }
+    }
+}
+
 impl CliError {
     /// An IO error with context.
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -173,21 +194,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Bytes in a human unit (`1.5 MiB`).
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+pub use vbackup_host::units::human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vbackup_core::xml::document::MAX_DOCUMENT_BYTES;
+use vbackup_core::xml::MAX_DOCUMENT_BYTES;
 use vbackup_core::xml::{
     BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, DocumentKind, XmlError,
     align_backup, align_checkpoint, parse_domain, validate_document,

@@ -228,14 +228,15 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     let mut child = lab.spawn(&["backup-create", "vm", "--pull", "--parent", &full]);
     // Killed once the job runs and the overlay receiving the dirty extents exists.
     let journal = lab.path("st/domains/vm/journal.json");
-    let pending = lab.path("st/domains/vm/pending-backup.json");
+    // The managed-backup journal names the pending backup's images.
+    let pending = lab.path("st/domains/vm/managed-journal.json");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut overlay = None;
     while Instant::now() < deadline {
         let path = std::fs::read_to_string(&pending)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["images"][0]["path"].as_str().map(PathBuf::from));
+            .and_then(|v| v["images"][0][1].as_str().map(PathBuf::from));
         if journal.is_file() && path.as_ref().is_some_and(|p| p.is_file()) {
             overlay = path;
             break;
@@ -253,7 +254,7 @@ fn an_interrupted_pull_records_nothing_and_the_next_incremental_works() {
     assert!(err.contains("interrupted"), "{err}");
     assert!(!journal.is_file(), "the job ended");
     assert!(lab.nbd_pids().is_empty(), "no qemu-nbd left behind");
-    assert!(!lab.path("st/domains/vm/pending-backup.json").exists());
+    assert!(!pending.exists());
     let dirs: Vec<String> = std::fs::read_dir(lab.path("backups"))
         .expect("target dir")
         .flatten()
@@ -626,4 +627,273 @@ fn deleting_backups_deletes_their_checkpoints_but_keeps_those_remaining_backups_
     assert_eq!(checkpoint_names(&lab), ["manual"]);
     lab.ok(&["shutdown", "vm"]);
     assert_eq!(stored_bitmaps(&lab.path("vda.qcow2")), ["manual"]);
+}
+
+/// The image path of disk number `i` of a backup.
+fn image_of(lab: &Lab, uuid: &str, i: usize) -> String {
+    lab.json(&["backup-info", uuid, "--json"])["disks"][i]["path"]
+        .as_str()
+        .expect("path")
+        .to_owned()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn consolidating_over_a_corrupt_ancestor_changes_nothing_and_works_once_it_is_repaired() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    let (full, inc) = lab.full_then_incremental(false);
+    let at_inc = lab.vm_snapshot("at-inc.qcow2");
+    let full_image = image_of(&lab, &full, 0);
+    let inc_image = image_of(&lab, &inc, 0);
+    let good = std::fs::read(&full_image).expect("full image");
+    // Damage the full backup where the incremental reads through it.
+    tool(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 0 64k", &full_image]));
+    let inc_before = std::fs::read(&inc_image).expect("inc image");
+    let info_before = lab.json(&["backup-info", &inc, "--json"]);
+    let err = lab.fails(&["backup-consolidate", &inc]);
+    assert!(err.contains("does not match its recorded digest"), "{err}");
+    // Nothing was written: the incremental's image, its record and its directory are as
+    // they were.
+    assert_eq!(std::fs::read(&inc_image).expect("inc image"), inc_before);
+    assert_eq!(lab.json(&["backup-info", &inc, "--json"]), info_before);
+    let dir = Path::new(&inc_image).parent().expect("dir");
+    assert_eq!(files_in(dir), vec!["vda.qcow2".to_owned()]);
+    // Repairing the ancestor is enough: the consolidation then works.
+    std::fs::write(&full_image, &good).expect("repair");
+    let out = lab.ok(&["backup-consolidate", &inc]);
+    assert!(
+        out.starts_with(&format!("Backup {inc} is now a full backup")),
+        "{out}"
+    );
+    lab.ok(&["backup-delete", &full]);
+    assert!(identical(&lab.restore(&inc, &[], "r1"), &at_inc));
+}
+
+#[test]
+fn a_restore_to_a_new_domain_named_like_an_existing_one_is_refused_and_writes_nothing() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    let disks_before = lab.ok(&["domblklist", "vm"]);
+    let dir = lab.path("r");
+    let dir_arg = dir.to_str().expect("utf-8");
+    let err = lab.fails(&[
+        "backup-restore",
+        &full,
+        "--dir",
+        dir_arg,
+        "--new-domain",
+        "vm",
+    ]);
+    assert!(err.contains("domain 'vm' already exists"), "{err}");
+    assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+    assert_eq!(lab.ok(&["domblklist", "vm"]), disks_before);
+    // Another name is defined over the restored copy.
+    let out = lab.ok(&[
+        "backup-restore",
+        &full,
+        "--dir",
+        dir_arg,
+        "--new-domain",
+        "vm2",
+    ]);
+    assert!(out.contains("Domain 'vm2' defined"), "{out}");
+    assert!(
+        lab.ok(&["domblklist", "vm2"])
+            .contains(&dir.join("vda.qcow2").display().to_string())
+    );
+}
+
+#[test]
+fn a_restore_over_the_disk_keeps_its_owner_mode_and_qcow2_options() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    let disk = lab.path("vda.qcow2");
+    tool(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M,lazy_refcounts=on",
+        disk.to_str().expect("utf-8"),
+        "16M",
+    ]));
+    lab.ok(&["define", "vm", "--disk", &format!("vda={}", disk.display())]);
+    let target = lab.path("backups");
+    lab.ok(&[
+        "backup-set-default-target",
+        "vm",
+        target.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&["start", "vm"]);
+    lab.vm_write(5, "0", "1M");
+    let full = lab.backup(None, false);
+    let at_full = lab.vm_snapshot("at-full.qcow2");
+    lab.vm_write(6, "0", "2M");
+    lab.ok(&["shutdown", "vm"]);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(&disk, Some(65534), Some(65534)).expect("chown");
+    lab.ok(&["backup-restore", &full, "--overwrite"]);
+    let meta = std::fs::metadata(&disk).expect("disk");
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    let out = tool(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&disk),
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info["cluster-size"], 2 << 20, "{info}");
+    assert_eq!(
+        info["format-specific"]["data"]["lazy-refcounts"], true,
+        "{info}"
+    );
+    assert!(identical(&disk, &at_full));
+    assert!(!lab.path(".vda.qcow2.vbackup-new").exists());
+}
+
+#[test]
+fn a_restore_over_one_disk_keeps_the_other_disks_checkpoints_and_bitmaps() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    let vda = lab.image("vda.qcow2", 16);
+    let vdb = lab.image("vdb.qcow2", 16);
+    lab.ok(&[
+        "define",
+        "vm",
+        "--disk",
+        &format!("vda={}", vda.display()),
+        "--disk",
+        &format!("vdb={}", vdb.display()),
+    ]);
+    let target = lab.path("backups");
+    lab.ok(&[
+        "backup-set-default-target",
+        "vm",
+        target.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&["start", "vm"]);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "1M", "1M");
+    let inc = lab.backup(Some(&full), false);
+    lab.ok(&["shutdown", "vm"]);
+    let checkpoints = checkpoint_names(&lab);
+    assert_eq!(checkpoints, sorted(vec![full.clone(), inc.clone()]));
+    lab.ok(&["backup-restore", &full, "--overwrite", "--disk", "vda"]);
+    // vda's image is new (no bitmaps); vdb keeps its bitmaps and the checkpoints keep vdb.
+    assert!(
+        stored_bitmaps(&vda).is_empty(),
+        "{:?}",
+        stored_bitmaps(&vda)
+    );
+    assert_eq!(stored_bitmaps(&vdb), checkpoints);
+    assert_eq!(checkpoint_names(&lab), checkpoints);
+    for name in &checkpoints {
+        let xml = lab.ok(&["checkpoint-dumpxml", "vm", name]);
+        assert!(xml.contains("<disk name='vda' checkpoint='no'"), "{xml}");
+        assert!(
+            xml.contains(&format!(
+                "<disk name='vdb' checkpoint='bitmap' bitmap='{name}'"
+            )),
+            "{xml}"
+        );
+    }
+    // Backups go on: a new full backup makes a checkpoint on both disks again.
+    lab.ok(&["start", "vm"]);
+    let again = lab.backup(None, false);
+    lab.ok(&["shutdown", "vm"]);
+    assert_eq!(stored_bitmaps(&vda), vec![again.clone()]);
+    assert_eq!(stored_bitmaps(&vdb), sorted(vec![full, inc, again]));
+}
+
+#[test]
+fn a_truncated_record_is_listed_as_damaged_and_the_others_stay_usable() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let first = lab.backup(None, false);
+    let at_first = lab.vm_snapshot("at-first.qcow2");
+    lab.vm_write(2, "0", "1M");
+    let second = lab.backup(None, false);
+    let record = lab
+        .state()
+        .join("domains/vm/backups")
+        .join(format!("{second}.xml"));
+    let text = std::fs::read_to_string(&record).expect("record");
+    std::fs::write(&record, &text[..text.len() / 2]).expect("truncate");
+    let listed = lab.ok(&["backup-list", "vm"]);
+    assert!(listed.contains(&first), "{listed}");
+    assert!(
+        listed.contains(&format!(
+            "Damaged: {second} (record '{}')",
+            record.display()
+        )),
+        "{listed}"
+    );
+    assert_eq!(lab.ok(&["backup-verify", &first]), "vda: ok\n");
+    assert!(identical(&lab.restore(&first, &[], "r1"), &at_first));
+    let err = lab.fails(&["backup-verify", &second]);
+    assert!(err.contains(&record.display().to_string()), "{err}");
+    assert_eq!(
+        lab.ok(&["backup-delete", &second]),
+        format!("Backup {second} deleted\n")
+    );
+    assert!(!record.exists());
+    assert!(!lab.ok(&["backup-list", "vm"]).contains("Damaged"));
+    lab.ok(&["backup-delete", &first]);
+}
+
+#[test]
+fn a_backup_into_a_vanished_target_directory_is_refused_and_creates_nothing() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    // The target directory goes away (an unmounted file system).
+    let target = lab.path("backups");
+    let moved = lab.path("backups-elsewhere");
+    std::fs::rename(&target, &moved).expect("move the target away");
+    let err = lab.fails(&["backup-create", "vm", "--wait"]);
+    assert!(
+        err.contains("the backup target directory must exist"),
+        "{err}"
+    );
+    assert!(!target.exists(), "the target directory was created again");
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+    // Its checkpoint was not kept: only the full backup's is there.
+    assert_eq!(checkpoint_names(&lab), vec![full.clone()]);
+    assert!(!lab.path("st/domains/vm/managed-journal.json").exists());
+    std::fs::rename(&moved, &target).expect("move it back");
+    lab.vm_write(2, "1M", "1M");
+    let inc = lab.backup(Some(&full), false);
+    assert!(identical(
+        &lab.restore(&inc, &[], "r1"),
+        &lab.vm_snapshot("now.qcow2")
+    ));
 }

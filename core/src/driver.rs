@@ -10,7 +10,10 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::Domain;
-use crate::domain::{DomainEvent, FileOp, Input, Output, Reply, Request, RequestId, StoreOp};
+use crate::domain::{
+    DomainEvent, FileError, FileErrorKind, FileOp, Input, Output, Reply, Request, RequestId,
+    StoreOp,
+};
 use crate::error::Error;
 use crate::link::{Link, LinkError, Timestamp};
 use crate::qmp::QmpIn;
@@ -23,7 +26,7 @@ pub trait Effects {
 
     /// Carries out a file operation on the host where QEMU runs; the outcome goes back to the
     /// domain as [`Input::FileDone`].
-    fn file(&mut self, op: &FileOp) -> Result<(), String>;
+    fn file(&mut self, op: &FileOp) -> Result<(), FileError>;
 
     /// Observes a domain event (progress displays, logs, the JOB_COMPLETED notification).
     fn event(&mut self, event: &DomainEvent);
@@ -268,14 +271,18 @@ impl Effects for MemoryEffects {
         Ok(())
     }
 
-    fn file(&mut self, op: &FileOp) -> Result<(), String> {
+    fn file(&mut self, op: &FileOp) -> Result<(), FileError> {
         self.files.push(op.clone());
         match op {
             FileOp::CreateExclusive { path } => {
                 if self.existing.insert(path.clone()) {
                     Ok(())
                 } else {
-                    Err(format!("file '{path}' exists"))
+                    Err(FileError::new(
+                        FileErrorKind::AlreadyExists,
+                        path,
+                        format!("file '{path}' exists"),
+                    ))
                 }
             }
             FileOp::Remove { path } => {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use vbackup_core::catalogue::{
-    BackupImage, BackupKind, Catalogue, CatalogueError, CatalogueOp, DeleteMode, Digest,
-    ListFilter, ManagedBackup,
+    BackupImage, BackupKind, BackupListFilter, Catalogue, CatalogueError, CatalogueOp, DeleteMode,
+    Digest, ManagedBackup,
 };
 use vbackup_core::model::ImageFormat;
 
@@ -244,7 +244,7 @@ impl StateMachineTest for CatalogueTest {
         // The catalogue holds exactly the model's backups with the model's parents.
         let got: BTreeMap<u8, Option<u8>> = sut
             .catalogue
-            .list(ListFilter::All)
+            .list(BackupListFilter::All)
             .into_iter()
             .map(|b| (id_of(&b.uuid), b.parent.as_deref().map(id_of)))
             .collect();
@@ -293,7 +293,7 @@ impl StateMachineTest for CatalogueTest {
         }
         let full: Vec<u8> = sut
             .catalogue
-            .list(ListFilter::Full)
+            .list(BackupListFilter::Full)
             .into_iter()
             .map(|b| id_of(&b.uuid))
             .collect();
@@ -306,7 +306,7 @@ impl StateMachineTest for CatalogueTest {
         assert_eq!(full, want_full);
         let latest: Vec<u8> = sut
             .catalogue
-            .list(ListFilter::LatestChain)
+            .list(BackupListFilter::LatestChain)
             .into_iter()
             .map(|b| id_of(&b.uuid))
             .collect();

@@ -2,8 +2,8 @@
 //! restore plans.
 
 use vbackup_core::catalogue::{
-    BackupImage, BackupKind, Catalogue, CatalogueError, CatalogueOp, DeleteMode, Digest,
-    ListFilter, ManagedBackup, find_backup,
+    BackupImage, BackupKind, BackupListFilter, Catalogue, CatalogueError, CatalogueOp, DeleteMode,
+    Digest, ManagedBackup, find_backup,
 };
 use vbackup_core::model::ImageFormat;
 use vbackup_core::xml::XmlErrorKind;
@@ -187,11 +187,14 @@ fn lists_children_chains_and_lookup_follow_the_parents() {
     c.insert(backup(other_full, None, 50, &["vda"])).unwrap();
     let uuids = |v: Vec<&ManagedBackup>| v.into_iter().map(|b| b.uuid.clone()).collect::<Vec<_>>();
     assert_eq!(
-        uuids(c.list(ListFilter::All)),
+        uuids(c.list(BackupListFilter::All)),
         [other_full, FULL, INC1, INC2]
     );
-    assert_eq!(uuids(c.list(ListFilter::Full)), [other_full, FULL]);
-    assert_eq!(uuids(c.list(ListFilter::LatestChain)), [FULL, INC1, INC2]);
+    assert_eq!(uuids(c.list(BackupListFilter::Full)), [other_full, FULL]);
+    assert_eq!(
+        uuids(c.list(BackupListFilter::LatestChain)),
+        [FULL, INC1, INC2]
+    );
     assert_eq!(uuids(c.children(FULL).unwrap()), [INC1]);
     assert_eq!(uuids(c.chain(INC2).unwrap()), [FULL, INC1, INC2]);
     assert_eq!(
@@ -475,7 +478,7 @@ fn two_chains_in_one_second(numbered: bool) -> Catalogue {
 fn backups_taken_in_the_same_second_order_by_sequence_number() {
     let c = two_chains_in_one_second(true);
     let order: Vec<&str> = c
-        .list(ListFilter::All)
+        .list(BackupListFilter::All)
         .iter()
         .map(|b| &b.uuid[..])
         .collect();
@@ -495,7 +498,7 @@ fn backups_taken_in_the_same_second_order_by_sequence_number() {
         "00000000-0000-4000-8000-000000000002"
     );
     let latest: Vec<&str> = c
-        .list(ListFilter::LatestChain)
+        .list(BackupListFilter::LatestChain)
         .iter()
         .map(|b| &b.uuid[..])
         .collect();
@@ -508,10 +511,14 @@ fn backups_taken_in_the_same_second_order_by_sequence_number() {
     );
     assert_eq!(c.next_sequence(), 6);
     // The order survives a reload in any record order.
-    let mut records: Vec<ManagedBackup> = c.list(ListFilter::All).into_iter().cloned().collect();
+    let mut records: Vec<ManagedBackup> =
+        c.list(BackupListFilter::All).into_iter().cloned().collect();
     records.reverse();
     let reloaded = Catalogue::load("vm1", records, None).unwrap();
-    assert_eq!(reloaded.list(ListFilter::All), c.list(ListFilter::All));
+    assert_eq!(
+        reloaded.list(BackupListFilter::All),
+        c.list(BackupListFilter::All)
+    );
 }
 
 #[test]
@@ -520,7 +527,7 @@ fn unnumbered_records_of_one_second_order_parents_before_children() {
     // child is never older than its parent, and the order is the same on every load.
     let c = two_chains_in_one_second(false);
     let order: Vec<&str> = c
-        .list(ListFilter::All)
+        .list(BackupListFilter::All)
         .iter()
         .map(|b| &b.uuid[..])
         .collect();
@@ -535,7 +542,7 @@ fn unnumbered_records_of_one_second_order_parents_before_children() {
         ]
     );
     assert_eq!(c.latest().unwrap().uuid, INC2);
-    assert_eq!(c.list(ListFilter::LatestChain).len(), 3);
+    assert_eq!(c.list(BackupListFilter::LatestChain).len(), 3);
     // A numbered backup recorded after them is the latest.
     let mut c = c;
     let mut next = backup(

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use vbackup_core::catalogue::{BackupImage, BackupKind, Digest, GRAMMAR, ManagedBackup};
 use vbackup_core::model::ImageFormat;
-use vbackup_core::xml::relaxng::Schema;
+use vbackup_core::unstable::relaxng::Schema;
 
 fn record(kind: BackupKind) -> ManagedBackup {
     ManagedBackup {

@@ -5,11 +5,12 @@ mod engine_support;
 use engine_support::*;
 use vbackup_core::backup::{
     BackupDiskSpec, BackupMode, BackupPlan, BackupSpec, BackupStage, BackupStore, DiskJobState,
-    JobStatus, NbdServer, NbdTransport, StoreKind,
+    DomainJobStatus, NbdServer, NbdTransport, StoreKind,
 };
 use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::{
-    Domain, DomainConfig, Input, Output, PushWrite, Reply, Request, RequestId, StoreOp, TlsConfig,
+    Domain, DomainConfig, Input, Output, PushWrite, Reply, Request, RequestId, StoreOp,
+    StoredState, TlsConfig,
 };
 use vbackup_core::error::{ConflictError, Error, RequestError};
 use vbackup_core::link::Timestamp;
@@ -117,7 +118,7 @@ fn negotiate(d: &mut Domain, t: Timestamp) {
 /// The finished job ended failed with exactly `errmsg`.
 fn assert_failed_with(h: &Harness, errmsg: &str) {
     let s = completed(h);
-    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.status, DomainJobStatus::Failed);
     assert_eq!(s.errmsg.as_deref(), Some(errmsg));
 }
 
@@ -138,7 +139,7 @@ fn push_full_backup_of_two_disks_completes_and_keeps_targets() {
     h.note("both jobs finish");
     finish_all(&mut h);
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Completed);
+    assert_eq!(s.status, DomainJobStatus::Completed);
     assert_eq!(s.disk_total_bytes, Some(320 << 20));
     assert!(h.peer.files.contains("/backups/vda.qcow2"));
     assert!(h.peer.jobs.is_empty());
@@ -158,7 +159,7 @@ fn push_target_qemu_never_closed_ends_failed_and_is_removed() {
     let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
     h.events(ev);
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.status, DomainJobStatus::Failed);
     let msg = s.errmsg.unwrap_or_default();
     assert!(
         msg.contains("did not confirm closing backup target '/backups/vda.qcow2'"),
@@ -204,7 +205,7 @@ fn push_with_qemu_flushes_sends_libvirts_commands_and_syncs_nothing() {
     h.connect();
     begin(&mut h, push(None), None);
     finish_all(&mut h);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     let t = h.transcript();
     for absent in ["no-flush", "x-perf", "file sync"] {
         assert!(!t.contains(absent), "{absent} in:\n{t}");
@@ -217,7 +218,7 @@ fn push_with_deferred_writes_offloads_copies_and_syncs_after_closing() {
     let mut h = lab_with_checkpoints(&[]);
     begin(&mut h, push(None), None);
     finish_all(&mut h);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     let t = h.transcript();
     assert_eq!(t.matches("\"cache\":{\"no-flush\":true}").count(), 2, "{t}");
     assert_eq!(
@@ -243,7 +244,7 @@ fn a_qemu_without_x_perf_gets_the_transaction_again_without_copy_offload() {
     let id = begin(&mut h, push(Some("c3")), Some("c6"));
     assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
     finish_all(&mut h);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     assert_eq!(h.domain.view().checkpoints.current(), Some("c6"));
     let t = h.transcript();
     let sent: Vec<&str> = t
@@ -295,7 +296,7 @@ fn push_incremental_on_snapshot_layers_merges_every_layer() {
     let mut h = lab_like(layered_domain(), &["c1"]);
     begin(&mut h, push(Some("c1")), None);
     finish_all_layered(&mut h);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -313,7 +314,7 @@ fn push_abort_ends_cancelled_and_deletes_created_targets() {
     let a = h.request(Request::AbortJob);
     assert_eq!(h.answer(a), Some(&Ok(Reply::Done)));
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Cancelled);
+    assert_eq!(s.status, DomainJobStatus::Cancelled);
     assert_eq!(s.success, Some(false));
     assert!(
         h.peer.files.is_empty(),
@@ -404,7 +405,7 @@ fn pull_incremental_over_unix_socket_with_checkpoint_then_abort_completes() {
     let s = completed(&h);
     assert_eq!(
         s.status,
-        JobStatus::Completed,
+        DomainJobStatus::Completed,
         "ending a pull by abort is success"
     );
     assert_eq!(s.success, Some(true));
@@ -482,7 +483,7 @@ fn pull_with_tls_adds_secret_and_credentials_and_removes_them() {
     );
     begin(&mut h, spec, None);
     h.request(Request::AbortJob);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -508,7 +509,7 @@ fn pull_export_failure_keeps_checkpoint_and_cancels_jobs() {
     assert!(h.domain.view().backup.is_none());
     assert!(h.peer.jobs.is_empty());
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.status, DomainJobStatus::Failed);
     assert!(
         s.errmsg
             .unwrap()
@@ -608,7 +609,7 @@ fn running_push_reports_libvirt_job_stats() {
     let Some(Ok(Reply::Stats(Some(s)))) = h.answer(id) else {
         panic!()
     };
-    assert_eq!(s.status, JobStatus::Running);
+    assert_eq!(s.status, DomainJobStatus::Running);
     assert_eq!(s.time_elapsed_ms, 565);
     assert_eq!(s.disk_processed_bytes, Some(64 << 20));
     assert_eq!(s.disk_remaining_bytes, Some(256 << 20));
@@ -662,7 +663,7 @@ fn reconnect_mid_push_resumes_monitoring_and_completes() {
     assert!(h.domain.view().backup.is_some());
     let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
     h.events(ev);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     insta::assert_snapshot!(h.transcript());
 }
 
@@ -691,7 +692,7 @@ fn restart_from_journal_concludes_a_backup_that_finished_meanwhile() {
     );
     restarted.feed(Input::Reconnected);
     let s = completed(&restarted);
-    assert_eq!(s.status, JobStatus::Completed);
+    assert_eq!(s.status, DomainJobStatus::Completed);
     assert!(restarted.store.contains(&StoreOp::DeleteBackupJournal));
     insta::assert_snapshot!(restarted.transcript());
 }
@@ -748,7 +749,7 @@ fn restarted_from(journal: BackupPlan, peer: Peer) -> Harness {
 fn restart_after_a_disk_completed_closes_and_syncs_its_target_and_completes() {
     let h = restart_with_vda_completed(false, false);
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Completed, "{}", h.transcript());
+    assert_eq!(s.status, DomainJobStatus::Completed, "{}", h.transcript());
     let t = h.transcript();
     let close = t
         .find("blockdev-del {\"node-name\":\"libvirt-3-format\"}")
@@ -763,7 +764,7 @@ fn restart_after_a_disk_completed_closes_and_syncs_its_target_and_completes() {
 #[test]
 fn restart_after_a_target_was_closed_only_syncs_it() {
     let h = restart_with_vda_completed(true, false);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     let t = h.transcript();
     assert!(!t.contains("libvirt-3-format\"}"), "{t}");
     assert!(t.contains("file sync /backups/vda.qcow2"), "{t}");
@@ -777,7 +778,7 @@ fn restart_after_a_target_was_closed_only_syncs_it() {
 fn restart_after_qemu_lost_an_unclosed_completed_target_ends_failed() {
     let h = restart_with_vda_completed(false, true);
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.status, DomainJobStatus::Failed);
     assert!(
         s.errmsg
             .unwrap_or_default()
@@ -794,7 +795,7 @@ fn finish_all_silently(h: &mut Harness) {
 
 /// A connected domain asked (request 1, at time 0) for a full push backup: its first command
 /// is on the wire, no reply has come back.
-fn push_begun_without_replies(def: vbackup_core::model::domain::DomainDef) -> (Domain, Timestamp) {
+fn push_begun_without_replies(def: vbackup_core::model::DomainDef) -> (Domain, Timestamp) {
     let mut d = Domain::new(def, DomainConfig::default(), CheckpointTree::new(), None);
     let t = Timestamp::from_ms(0);
     negotiate(&mut d, t);
@@ -865,7 +866,7 @@ fn guest_shutdown_cancels_the_backup() {
     .unwrap();
     h.events(vec![shutdown]);
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Cancelled);
+    assert_eq!(s.status, DomainJobStatus::Cancelled);
     assert!(h.domain.view().backup.is_none());
 }
 
@@ -1044,7 +1045,7 @@ fn cancelling_one_disk_cancels_the_whole_push() {
     let id = h.request(Request::BlockJobAbort { disk: "vdb".into() });
     assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Cancelled);
+    assert_eq!(s.status, DomainJobStatus::Cancelled);
     assert!(h.peer.files.is_empty());
     let cancels: Vec<&String> = h
         .lines
@@ -1068,7 +1069,7 @@ fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
     assert_eq!(h.answer(id), Some(&Ok(Reply::Done)));
     assert!(!h.peer.exports.is_empty());
     h.request(Request::AbortJob);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     let transcript = h.transcript();
     assert!(!transcript.contains("nbd-server-start"), "{transcript}");
     assert!(!transcript.contains("nbd-server-stop"), "{transcript}");
@@ -1078,25 +1079,8 @@ fn pull_on_a_running_nbd_server_adds_and_deletes_only_its_exports() {
 
 /// What the store holds after the first `n` operations: the tree and the journal.
 fn stored_prefix(ops: &[StoreOp], n: usize) -> (CheckpointTree, Option<BackupPlan>) {
-    let mut cps = std::collections::BTreeMap::new();
-    let mut current = None;
-    let mut journal = None;
-    for op in &ops[..n] {
-        match op {
-            StoreOp::PutCheckpoint(c) => {
-                cps.insert(c.name.clone(), (**c).clone());
-            }
-            StoreOp::DeleteCheckpoint(n) => {
-                cps.remove(n);
-            }
-            StoreOp::SetCurrentCheckpoint(c) => current = c.clone(),
-            StoreOp::PutBackupJournal(p) => journal = Some((**p).clone()),
-            StoreOp::DeleteBackupJournal => journal = None,
-            StoreOp::SetPendingCheckpoints(_) => {}
-        }
-    }
-    let tree = CheckpointTree::load(cps.into_values().collect(), current.as_deref());
-    (tree, journal)
+    let stored = StoredState::from_ops(&ops[..n]);
+    (stored.checkpoint_tree(), stored.backup_journal)
 }
 
 /// A new engine process over the same QEMU, from what the store held.
@@ -1127,7 +1111,7 @@ fn failed_metadata_write_after_the_transaction_leaves_the_restart_the_jobs() {
     assert!(r.domain.view().checkpoints.get("c6").is_some());
     assert_eq!(r.domain.view().checkpoints.current(), Some("c6"));
     finish_all(&mut r);
-    assert_eq!(completed(&r).status, JobStatus::Completed);
+    assert_eq!(completed(&r).status, DomainJobStatus::Completed);
     assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
     assert!(r.store.contains(&StoreOp::DeleteBackupJournal));
     assert!(r.domain.view().jobs.long_job().is_none());
@@ -1180,7 +1164,7 @@ fn refused_cleanup_is_checked_and_tried_again_until_gone() {
         h.feed(Input::Tick);
     }
     assert!(h.domain.view().backup.is_none());
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
     assert!(!h.peer.has_bitmap("libvirt-2-format", "backup-vda"));
     assert!(!h.peer.has_bitmap("libvirt-1-format", "backup-vdb"));
@@ -1224,7 +1208,7 @@ fn cleanup_interrupted_by_a_lost_connection_resumes_after_reconnecting() {
     h.feed(Input::Reconnected);
     let ev = h.peer.finish_job("backup-vdb-libvirt-1-format", None);
     h.events(ev);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
     assert_eq!(
         h.peer.nodes.keys().cloned().collect::<Vec<_>>(),
@@ -1245,7 +1229,7 @@ fn refused_job_query_after_reconnecting_is_asked_again() {
     h.now_ms = due.as_ms();
     h.feed(Input::Tick);
     assert!(h.domain.view().backup.is_none());
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     assert!(h.peer.jobs.is_empty(), "jobs left {:?}", h.peer.jobs);
 }
 
@@ -1259,7 +1243,7 @@ fn restart_dismisses_an_image_creation_job_whose_dismissal_was_refused() {
     let (tree, journal) = stored_prefix(&h.store, h.store.len());
     let mut r = restart(&mut h, tree, journal);
     finish_all(&mut r);
-    assert_eq!(completed(&r).status, JobStatus::Completed);
+    assert_eq!(completed(&r).status, DomainJobStatus::Completed);
     assert!(r.peer.jobs.is_empty(), "jobs left {:?}", r.peer.jobs);
 }
 
@@ -1276,7 +1260,7 @@ fn reconnect_after_qemu_restart_ends_pull_backup_failed() {
     h.feed(Input::Reconnected);
     assert!(h.domain.view().backup.is_none(), "{}", h.transcript());
     let s = completed(&h);
-    assert_eq!(s.status, JobStatus::Failed);
+    assert_eq!(s.status, DomainJobStatus::Failed);
     assert_eq!(s.success, Some(false));
     assert_eq!(s.errmsg.as_deref(), Some("job no longer known to QEMU"));
     assert!(h.peer.files.is_empty(), "scratch images are deleted");
@@ -1458,7 +1442,7 @@ fn pull_without_a_server_uses_the_running_one() {
     assert_eq!(plan.server, Some(running_unix()));
     assert!(!h.peer.exports.is_empty());
     h.request(Request::AbortJob);
-    assert_eq!(completed(&h).status, JobStatus::Completed);
+    assert_eq!(completed(&h).status, DomainJobStatus::Completed);
     let transcript = h.transcript();
     assert!(!transcript.contains("nbd-server-start"), "{transcript}");
     assert!(!transcript.contains("nbd-server-stop"), "{transcript}");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use vbackup_core::error::ConflictError;
-use vbackup_core::jobs::{JobKind, JobSlots};
+use vbackup_core::unstable::jobs::{JobKind, JobSlots};
 
 #[derive(Debug, Clone, Default)]
 struct Model {

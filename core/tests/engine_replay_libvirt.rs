@@ -158,7 +158,7 @@ fn try_drive(d: &mut Domain, link: &mut ReplayLink, input: Input) -> Result<Answ
 }
 
 fn replay(text: &str, names: &NameMap) -> ReplayLink {
-    let lines = vbackup_core::trace::parse(text).expect("trace parses");
+    let lines = vbackup_core::unstable::trace::parse(text).expect("trace parses");
     ReplayLink::new(lines, names, Timestamp::from_ms(1_000))
 }
 

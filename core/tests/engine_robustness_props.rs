@@ -290,7 +290,18 @@ fn run(steps: &[Step]) -> Vec<String> {
                     continue;
                 }
                 let id = files.remove(0);
-                Input::FileDone(id, if *ok { Ok(()) } else { Err("exists".into()) })
+                Input::FileDone(
+                    id,
+                    if *ok {
+                        Ok(())
+                    } else {
+                        Err(vbackup_core::domain::FileError::new(
+                            vbackup_core::domain::FileErrorKind::AlreadyExists,
+                            "",
+                            "exists",
+                        ))
+                    },
+                )
             }
             Step::Tick => {
                 now += 120_000;

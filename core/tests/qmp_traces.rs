@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use vbackup_core::qmp::{QmpCommand, QmpEvent, QmpIn, TransactionAction};
-use vbackup_core::trace::{self, Direction, TraceEntry};
+use vbackup_core::unstable::trace::{self, Direction, TraceEntry};
 
 fn trace_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/traces/libvirt-11.3")

@@ -13,7 +13,7 @@ use std::process::Command;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
-use vbackup_core::xml::schema::{Grammar, validate};
+use vbackup_core::unstable::schema::{Grammar, validate};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vbackup_core::xml::schema::{Grammar, validate};
+use vbackup_core::unstable::schema::{Grammar, validate};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

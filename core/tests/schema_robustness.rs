@@ -2,7 +2,7 @@
 //! rejection with a positioned violation.
 
 use proptest::prelude::*;
-use vbackup_core::xml::schema::{Grammar, validate};
+use vbackup_core::unstable::schema::{Grammar, validate};
 
 const NAMES: &[&str] = &[
     "domaincheckpoint",

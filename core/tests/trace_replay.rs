@@ -5,7 +5,7 @@
 use serde_json::json;
 use vbackup_core::link::{CommandId, Link, LinkError, NameMap, Recorder, ReplayLink, Timestamp};
 use vbackup_core::qmp::{JobRef, QmpCommand, QmpEvent, QmpIn};
-use vbackup_core::trace::{self, TraceEntry, TraceLine};
+use vbackup_core::unstable::trace::{self, TraceEntry, TraceLine};
 
 const PUSH_FULL: &str = include_str!("../../testdata/traces/libvirt-11.3/backup-push-full.jsonl");
 const PULL_INCREMENTAL: &str =

@@ -5,11 +5,11 @@ use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use vbackup_core::model::ImageFormat;
-use vbackup_core::xml::backup::STORAGE_FORMATS;
+use vbackup_core::xml::STORAGE_FORMATS;
 use vbackup_core::xml::{
-    BackupDef, BackupDisk, BackupDiskMode, BackupMode, BackupStorage, BackupStore, CheckpointDef,
-    CheckpointDisk, CheckpointFormat, CheckpointKind, CheckpointMode, Cipher, DiskBackup,
-    Encryption, Ivgen, Origin, Seclabel, SecretRef, ServerDef, Transport,
+    BackupDef, BackupDisk, BackupDiskMode, BackupModeAttr, BackupStorage, BackupStoreDef,
+    CheckpointDef, CheckpointDiskDef, CheckpointFormat, CheckpointKind, CheckpointMode, Cipher,
+    DiskBackup, Encryption, Ivgen, Origin, Seclabel, SecretRef, ServerDef, Transport,
 };
 
 fn checkpoint_name() -> impl Strategy<Value = String> {
@@ -48,14 +48,14 @@ fn embedded_domain() -> impl Strategy<Value = String> {
     })
 }
 
-fn checkpoint_disk() -> impl Strategy<Value = CheckpointDisk> {
+fn checkpoint_disk() -> impl Strategy<Value = CheckpointDiskDef> {
     (
         prop_oneof![disk_target(), abs_path()],
         any::<bool>(),
         option::of("\\PC{1,12}"),
         option::of(any::<u64>()),
     )
-        .prop_map(|(name, tracked, bitmap, size_bytes)| CheckpointDisk {
+        .prop_map(|(name, tracked, bitmap, size_bytes)| CheckpointDiskDef {
             name,
             checkpoint: if tracked {
                 CheckpointKind::Bitmap
@@ -156,9 +156,9 @@ fn encryption() -> impl Strategy<Value = Encryption> {
         })
 }
 
-fn store() -> impl Strategy<Value = BackupStore> {
+fn store() -> impl Strategy<Value = BackupStoreDef> {
     (abs_path(), vec(seclabel(), 0..3), option::of(encryption())).prop_map(
-        |(path, seclabels, encryption)| BackupStore {
+        |(path, seclabels, encryption)| BackupStoreDef {
             path,
             seclabels,
             encryption,
@@ -166,8 +166,8 @@ fn store() -> impl Strategy<Value = BackupStore> {
     )
 }
 
-fn disk_backup(mode: BackupMode) -> impl Strategy<Value = DiskBackup> {
-    let pull = mode == BackupMode::Pull;
+fn disk_backup(mode: BackupModeAttr) -> impl Strategy<Value = DiskBackup> {
+    let pull = mode == BackupModeAttr::Pull;
     (
         any::<bool>(),
         option::of(any::<bool>()),
@@ -196,7 +196,7 @@ fn disk_backup(mode: BackupMode) -> impl Strategy<Value = DiskBackup> {
                 // needs a scratch and is qcow2, export names are pull-only, and a full disk
                 // names no checkpoint.
                 let store = match store {
-                    None if pull && block => Some(BackupStore {
+                    None if pull && block => Some(BackupStoreDef {
                         path: "/dev/scratch".to_owned(),
                         seclabels: Vec::new(),
                         encryption: None,
@@ -253,9 +253,9 @@ fn server() -> impl Strategy<Value = ServerDef> {
 fn backup_def() -> impl Strategy<Value = BackupDef> {
     any::<bool>().prop_flat_map(|pull| {
         let mode = if pull {
-            BackupMode::Pull
+            BackupModeAttr::Pull
         } else {
-            BackupMode::Push
+            BackupModeAttr::Push
         };
         let disk =
             (disk_target(), option::of(disk_backup(mode))).prop_map(|(name, backup)| BackupDisk {

@@ -118,7 +118,14 @@ fuzz_target!(|data: &[u8]| {
             6 => Input::LinkDown,
             7 => Input::Reconnected,
             8 => match files.pop() {
-                Some(id) => Input::FileDone(id, if arg & 1 == 0 { Ok(()) } else { Err("refused".into()) }),
+                Some(id) => Input::FileDone(
+                    id,
+                    if arg & 1 == 0 {
+                        Ok(())
+                    } else {
+                        Err(vbackup_core::domain::FileError::other("", "refused"))
+                    },
+                ),
                 None => continue,
             },
             _ => {

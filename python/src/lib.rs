@@ -18,8 +18,8 @@ use vbackup::Domain as Engine;
 use vbackup::backup::{BackupPlan, BackupSpec, NbdServer, NbdTransport};
 use vbackup::checkpoint::{Checkpoint, CheckpointTree, DeleteScope, ListFilter};
 use vbackup::domain::{
-    BitmapDrift, DomainConfig, DomainEvent, FileOp, FileOpId, Input, Output, PushWrite, Reply,
-    Request, RequestId, StoreOp, TlsConfig,
+    BitmapDrift, DomainConfig, DomainEvent, FileError, FileErrorKind, FileOp, FileOpId, Input,
+    Output, PushWrite, Reply, Request, RequestId, StoreOp, TlsConfig,
 };
 use vbackup::error::Error;
 use vbackup::link::Timestamp;
@@ -509,9 +509,23 @@ fn decode_input(state: &DomainState, now_ms: u64, value: Value) -> Result<Decode
         }
         let mut f = Fields::new("file-done", file_done.clone())?;
         let id = f.unsigned("id")?.ok_or("file-done: 'id' is required")?;
+        let kind = match f.string("kind")?.as_deref() {
+            None | Some("other") => FileErrorKind::Other,
+            Some("already-exists") => FileErrorKind::AlreadyExists,
+            Some("not-found") => FileErrorKind::NotFound,
+            Some("permission-denied") => FileErrorKind::PermissionDenied,
+            Some("no-space") => FileErrorKind::NoSpace,
+            Some(other) => {
+                return Err(format!(
+                    "file-done: unknown kind '{other}' (expected already-exists, not-found, \
+                     permission-denied, no-space or other)"
+                ));
+            }
+        };
+        let path = f.string("path")?.unwrap_or_default();
         let result = match f.string("error")? {
             None => Ok(()),
-            Some(message) => Err(message),
+            Some(message) => Err(FileError::new(kind, path, message)),
         };
         f.finish()?;
         return Ok(Decoded::Input(Box::new(Input::FileDone(

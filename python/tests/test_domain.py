@@ -299,6 +299,24 @@ def test_a_failed_file_operation_fails_the_backup_request():
     assert answer["id"] == 1 and "File exists" in answer["error"]["message"]
 
 
+@pytest.mark.parametrize("kind", ["already-exists", "no-space", "other"])
+def test_a_failed_file_operation_carries_its_kind_and_path(kind):
+    domain = new_domain()
+    connect(domain)
+    (query,) = sends(domain.handle(3000, {"request": "backup-begin", "id": 1}))
+    outputs = domain.handle(3001, {"return": [NODE], "id": query["id"]})
+    (create,) = [o["file"] for o in outputs if "file" in o]
+    done = {"id": create["id"], "error": "refused here", "kind": kind, "path": create["path"]}
+    (answer,) = answers(domain.handle(3002, {"file-done": done}))
+    assert answer["id"] == 1 and "refused here" in answer["error"]["message"]
+
+
+def test_an_unknown_file_error_kind_is_refused():
+    domain = new_domain()
+    with pytest.raises(ValueError, match="unknown kind 'sideways'"):
+        domain.handle(3000, {"file-done": {"id": 1, "error": "x", "kind": "sideways"}})
+
+
 def test_the_package_has_a_version_and_type_stubs():
     import importlib.resources
 

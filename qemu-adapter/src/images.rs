@@ -94,7 +94,8 @@ pub enum ImageError {
 /// Runs a command (stdin closed) and returns its output if it exited with status 0.
 pub fn run_tool(command: &mut Command) -> Result<Output, ToolError> {
     let tool = command.get_program().to_string_lossy().into_owned();
-    let output = command
+    // A tool run for vbackup dies with it (a killed restore leaves no `qemu-img convert`).
+    let output = crate::children::tied(command)
         .stdin(Stdio::null())
         .output()
         .map_err(|source| ToolError::Spawn { tool, source })?;
@@ -148,6 +149,22 @@ pub fn create_overlay(path: &Path, parent: &Path) -> Result<(), ImageError> {
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(parent)
         .arg(path))
+    .map(|_| ())
+}
+
+/// Creates a qcow2 overlay of the qcow2 image `parent` with a virtual size of its own: an
+/// incremental backup of a disk that grew (or shrank) since its parent. Past the parent's end
+/// the overlay reads as zeroes until written.
+pub fn create_overlay_sized(
+    path: &Path,
+    parent: &Path,
+    virtual_size_bytes: u64,
+) -> Result<(), ImageError> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(parent)
+        .arg(path)
+        .arg(virtual_size_bytes.to_string()))
     .map(|_| ())
 }
 
@@ -306,7 +323,11 @@ impl NbdExport {
     /// Serves `path` (of `format`). A writable export turns written zero blocks into zero
     /// clusters (`--detect-zeroes=on`) so they use no data space.
     pub fn start(path: &Path, format: &ImageFormat, writable: bool) -> Result<Self, ImageError> {
-        let dir = tempfile::Builder::new().prefix("vbackup-nbd").tempdir()?;
+        // What a killed vbackup left of earlier exports goes first.
+        crate::children::clean_orphans(&std::env::temp_dir());
+        let dir = tempfile::Builder::new()
+            .prefix(crate::children::EXPORT_DIR_PREFIX)
+            .tempdir()?;
         let socket = dir.path().join("nbd.sock");
         let log_path = dir.path().join("qemu-nbd.log");
         let log = File::create(&log_path)?;
@@ -334,12 +355,19 @@ impl NbdExport {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let child = command.spawn().map_err(|source| {
-            ImageError::Tool(ToolError::Spawn {
-                tool: "qemu-nbd".into(),
-                source,
-            })
-        })?;
+        // Owned before the helper starts (so a kill right now leaves nothing nobody cleans),
+        // tied to vbackup, and recorded beside its socket for the next vbackup should the
+        // kernel's death signal not have ended it.
+        crate::children::record_owner(dir.path(), 0)?;
+        let child = crate::children::tied(&mut command)
+            .spawn()
+            .map_err(|source| {
+                ImageError::Tool(ToolError::Spawn {
+                    tool: "qemu-nbd".into(),
+                    source,
+                })
+            })?;
+        let _ = crate::children::record_owner(dir.path(), child.id());
         let mut export = Self {
             child: Some(child),
             socket,
@@ -375,6 +403,11 @@ impl NbdExport {
             EXPORT_NAME,
             meta_contexts,
         )?)
+    }
+
+    /// The pid of qemu-nbd, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The socket path (for `nbd+unix:///image?socket=...` URIs).
@@ -517,8 +550,10 @@ pub fn store_extents_observed(
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // The export is the disk as it is now: an overlay takes its size, which a disk that grew
+    // since the parent backup no longer shares with the parent.
     match parent {
-        Some(p) => create_overlay(target, p)?,
+        Some(p) => create_overlay_sized(target, p, source.info().size)?,
         None => create_full(target, source.info().size)?,
     }
     let result = (|| {
@@ -566,6 +601,7 @@ pub fn digest_export(client: &mut NbdClient) -> Result<Digest, ImageError> {
 /// The content digest of an image read through its backing chain.
 pub fn content_digest(path: &Path, format: &ImageFormat) -> Result<Digest, ImageError> {
     let mut export = NbdExport::start(path, format, false)?;
+    crate::children::test_pause_in_digest(export.pid().unwrap_or(0));
     let mut client = export.connect(&[BASE_ALLOCATION])?;
     let digest = digest_export(&mut client)?;
     let _ = client.disconnect();

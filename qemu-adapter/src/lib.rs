@@ -12,6 +12,8 @@
 //! - [`store`]: the state directory (domains, checkpoints, backups, journal) and its locks.
 //! - [`nbd`]: the NBD client for pull-mode exports.
 //! - [`images`]: backup images (overlays, extent writes through NBD, chains, digests).
+//! - [`children`]: the helpers vbackup starts die with it, and what a killed vbackup left is
+//!   cleaned by the next one.
 //! - [`discover`]: an attached domain's disks from query-block, block exports and the block
 //!   graph.
 //! - [`restore`]: restoring a backup chain into new images or over existing disks.
@@ -20,6 +22,7 @@
 //!   running QEMU.
 //! - [`writeout`]: making push targets durable, and writing them out while the job runs.
 
+pub mod children;
 pub mod discover;
 pub mod images;
 pub mod live;

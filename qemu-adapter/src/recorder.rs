@@ -1,9 +1,9 @@
 //! [`TraceRecorder`]: a link wrapper that streams the core's JSONL trace format to a writer.
 //!
 //! Contract: every command the wrapped link sent successfully and every message it received is
-//! written as one trace line ([`vbackup_core::trace`]), in the order they passed, and flushed
+//! written as one trace line ([`vbackup_core::unstable::trace`]), in the order they passed, and flushed
 //! before the call returns, so a process killed mid-job leaves a trace that is complete up to its
-//! last message and that [`vbackup_core::trace::parse`] reads back. The core's in-memory
+//! last message and that [`vbackup_core::unstable::trace::parse`] reads back. The core's in-memory
 //! [`vbackup_core::link::Recorder`] keeps entries in memory instead; this one is for real runs,
 //! whose traces must survive the process. A failure to write the trace fails the link call with
 //! [`LinkError::Io`]: a recording with silent holes would replay wrongly.
@@ -14,7 +14,7 @@ use std::path::Path;
 
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
-use vbackup_core::trace::TraceEntry;
+use vbackup_core::unstable::trace::TraceEntry;
 
 /// Wraps a link and writes the trace of everything passing through it; see the module contract.
 #[derive(Debug)]
@@ -109,7 +109,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use vbackup_core::link::{NameMap, ReplayLink};
-    use vbackup_core::trace;
+    use vbackup_core::unstable::trace;
 
     const RECORDED: &str = concat!(
         r#"{"dir":"send","msg":{"execute":"query-jobs","id":"libvirt-1"}}"#,

@@ -212,6 +212,8 @@ fn restore_disk(disk: &DiskRestore, target: &RestoreTarget) -> Result<RestoredDi
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A restore killed before its rename left its copy behind: gone before this one starts.
+    crate::children::clean_restore_leftovers(&dir);
     let temp = dir.join(format!(".{file_name}.restore-{}", std::process::id()));
     let result = (|| {
         let top = disk

@@ -5,7 +5,7 @@
 mod images_support;
 
 use images_support::{Lab, tools, uuid};
-use vbackup_core::catalogue::{CatalogueOp, DeleteMode, ListFilter};
+use vbackup_core::catalogue::{BackupListFilter, CatalogueOp, DeleteMode};
 use vbackup_qemu::images::{apply_ops, load_catalogue};
 use vbackup_qemu::restore::{RestoreTarget, restore};
 use vbackup_qemu::store::Store;
@@ -20,7 +20,7 @@ fn catalogue_operations_persist_rebase_and_remove_real_images() {
     let domain = store.lock_domain("vm").unwrap();
     let puts: Vec<CatalogueOp> = lab
         .catalogue
-        .list(ListFilter::All)
+        .list(BackupListFilter::All)
         .into_iter()
         .map(|b| CatalogueOp::PutBackup(Box::new(b.clone())))
         .collect();

@@ -7,7 +7,7 @@ use serde_json::json;
 use vbackup_core::link::{CommandId, Link, NameMap, ReplayLink, Timestamp};
 use vbackup_core::model::ImageFormat;
 use vbackup_core::qmp::{ErrorClass, JobStatus, QmpCommand, QmpEvent, QmpIn};
-use vbackup_core::trace::{self, TraceEntry};
+use vbackup_core::unstable::trace::{self, TraceEntry};
 use vbackup_qemu::live::{self, LiveLab};
 use vbackup_qemu::qmp_socket::SocketLink;
 use vbackup_qemu::qsd::{QsdDisk, format_node};

@@ -1,30 +1,41 @@
-//! Seeded histories of managed backups: the core's catalogue of backups driven against the
-//! simulated QEMU, with guest writes, checkpoints, push and pull backups, deletions (some
-//! interrupted or refused midway) and restores, and checkers after every step.
+//! Seeded histories of managed backups: the core's managed-backup machine
+//! ([`vbackup_core::managed::Managed`], the code the command line runs) driven over the
+//! simulated QEMU, with guest writes, checkpoints, push and pull backups, deletions,
+//! consolidations and restores; vbackup killed at every kind of step; storage corruption
+//! injected into backup images and records; checkers after every step.
 //!
 //! Contract: [`run_managed_history`] is a pure function of its [`ManagedConfig`]: ChaCha8
-//! seeded from it chooses every action, time is virtual, nothing reads the OS. It plays the
-//! part the `vbackup` command line plays on a real host:
-//! - a push backup's images are written by the simulated QEMU; an incremental one is then
-//!   given its parent backup's image as backing file without copying (an unsafe rebase);
-//! - a pull backup is read through the simulated NBD export (the core's [`ExportReader`]):
-//!   the allocated extents of a full one into a fresh qcow2, the dirty extents of an
-//!   incremental one into a qcow2 overlay of the parent backup's image; some pulls are
-//!   interrupted and discarded (images removed, their checkpoint deleted);
-//! - records are kept as `<managedbackup>` documents in a simulated store; catalogue
-//!   operations are carried out in their order, checkpoint deletions through the engine.
+//! seeded from it chooses every action, time is virtual, nothing reads the OS. The history
+//! plays the runtime: it carries out every effect the machine emits on the simulated world
+//! (images in the simulated file system, records and the journal in a simulated store, a
+//! set of directories, a set of defined domains, domain requests through the engine over
+//! the simulated QEMU). A kill drops the machine before or after an effect is carried out
+//! (its result is never delivered) and rebuilds it from the stored records and journal, as
+//! a restarted `vbackup` does; a pending backup is then concluded with `backup-finish` (or
+//! `--cancel`), any other journal by the next operation. The domain's engine and QEMU live
+//! on (they are another process).
 //!
 //! Checkers, after every step:
-//! - the catalogue reloaded from the stored documents equals the one in memory; its order
-//!   (list, latest) is the order the backups were recorded in, although many share a second;
-//! - every catalogued image exists and its backing chain is the catalogue's chain;
-//! - the checkpoints of the domain are exactly those of the catalogued backups plus the
-//!   history's own, each with its bitmap on every disk;
-//! - every restore (of a backup, or of a chain `--until` another backup of it) reads through
-//!   the chain, matches the recorded digest and equals the guest disks at that backup's point
-//!   in time, byte for byte; a restore until a backup of another chain is refused;
-//! - a deletion interrupted after any prefix of its operations, or refused by QEMU, leaves a
-//!   catalogue that loads and whose every backup still restores; repeating it finishes it.
+//! - the machine rebuilt from the store has the same catalogue and the same damaged records;
+//!   no journal is left once an operation (or its recovery) answered;
+//! - the order of backups is the order they were recorded in; every catalogued image exists
+//!   and its backing chain is the catalogue's chain;
+//! - the checkpoints of the domain are exactly those of the catalogued backups, of damaged
+//!   records, and the history's own, each with its bitmap on every disk;
+//! - no file or directory is left that nothing names: the per-backup directory of a failed
+//!   or discarded backup is gone, no temporary file of a consolidation or restore remains;
+//! - every restore (of a backup, or `--until` another backup of its chain) matches the
+//!   recorded digest and equals the guest disks at that backup's point in time, byte for
+//!   byte, unless an image of its chain was corrupted: then it is refused and writes
+//!   nothing; a restore until a backup of another chain is refused; a restore to a new
+//!   domain named like an existing one is refused and writes nothing;
+//! - a consolidation over a corrupted chain is refused and changes no record and no image;
+//!   once the image is repaired it succeeds;
+//! - a backup into a target directory that does not exist is refused, creates nothing and
+//!   leaves no checkpoint;
+//! - a truncated record is listed as damaged (naming its file, with the backups built on
+//!   it); every other backup still verifies and restores; the damaged record can be deleted;
+//! - verification reports exactly the disks whose chain holds a corrupted image.
 //!
 //! A failure is a [`ManagedFailure`] whose `Display` is one line that reproduces it.
 
@@ -36,20 +47,22 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use vbackup_core::backup::BackupMode;
-use vbackup_core::catalogue::{
-    BackupImage, BackupKind, Catalogue, CatalogueError, CatalogueOp, DeleteMode, Digest,
-    ListFilter, ManagedBackup,
-};
+use vbackup_core::catalogue::{BackupListFilter, CatalogueError, Digest, StoredRecord};
 use vbackup_core::checkpoint::DeleteScope;
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::export::{ExportReader, STATE_DIRTY, STATE_ZERO};
-use vbackup_core::link::Link;
+use vbackup_core::link::{Link, Timestamp};
+use vbackup_core::managed::{
+    CallId, CreateRequest, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
+    ManagedOutput, ManagedReply, ManagedRequest, Outcome, RestoreRequest, RestoreTarget,
+    StoredManaged,
+};
 use vbackup_core::model::ImageFormat;
 
 use crate::bitmap_commands::bitmaps_of;
 use crate::errors::QmpError;
-use crate::image::FileSystem;
+use crate::image::{FileContent, FileSystem};
 use crate::qemu::Fault;
 use crate::world::link::{FaultyLink, SharedQemu};
 use crate::world::{CLUSTER, StoreEffects, lab_backup, lab_checkpoint, lab_driver};
@@ -58,12 +71,18 @@ use crate::world::{CLUSTER, StoreEffects, lab_backup, lab_checkpoint, lab_driver
 const DOMAIN: &str = "sim1";
 /// The lab domain's disks and their top format nodes.
 const DISKS: [(&str, &str); 2] = [("vda", "libvirt-1-format"), ("vdb", "libvirt-3-format")];
-/// Receive steps a single request may take.
+/// The backup target directory.
+const TARGET: &str = "/managed";
+/// Where restores go.
+const RESTORES: &str = "/restore";
+/// Receive steps a single engine request may take.
 const STEPS: usize = 100_000;
 /// Longest chain the history builds on (the simulated file system reads 64 levels at most).
 const CHAIN_CAP: usize = 12;
-/// Bound on the waits for a job to end.
-const WAIT_ROUNDS: usize = 10_000;
+/// Bound on the machine's rounds (effects and waits) for one request.
+const ROUNDS: usize = 100_000;
+/// Chance, in per mille, that vbackup is killed at an effect of an operation that may be.
+const KILL_PER_MILLE: u64 = 25;
 
 /// What a managed history does.
 #[derive(Debug, Clone)]
@@ -92,20 +111,44 @@ pub struct ManagedStats {
     pub pull_backups: u64,
     /// Of those, incremental ones.
     pub incrementals: u64,
-    /// Pull backups interrupted and discarded.
+    /// Pull backups interrupted (vbackup killed) and discarded.
     pub discarded_pulls: u64,
+    /// Backups discarded otherwise (cancelled, or killed before their job began).
+    pub discarded_backups: u64,
     /// Restores verified (including `--until`).
     pub restores: u64,
     /// Restores until a backup of another chain, refused.
     pub refused_restores: u64,
-    /// Deletions carried out (each finished, possibly after a retry).
+    /// Restores over a corrupted chain, refused without writing anything.
+    pub refused_corrupt_restores: u64,
+    /// Restores to a new domain named like an existing one, refused.
+    pub refused_new_domains: u64,
+    /// Restores that defined a new domain.
+    pub new_domains: u64,
+    /// Deletions carried out (each finished, possibly after a restart).
     pub deletions: u64,
-    /// Deletions interrupted or refused midway, then repeated.
+    /// Deletions interrupted (killed, or refused by QEMU) and finished by the next run.
     pub interrupted_deletions: u64,
     /// Checkpoints deleted because their backup went.
     pub released_checkpoints: u64,
-    /// Incrementals made full backups of their own (some interrupted, then repeated).
+    /// Incrementals made full backups of their own.
     pub consolidations: u64,
+    /// Consolidations over a corrupted chain, refused with nothing changed.
+    pub refused_consolidations: u64,
+    /// Times vbackup was killed.
+    pub kills: u64,
+    /// Images corrupted.
+    pub corrupted_images: u64,
+    /// Corrupted images repaired.
+    pub repaired_images: u64,
+    /// Records truncated.
+    pub damaged_records: u64,
+    /// Damaged records deleted.
+    pub deleted_damaged: u64,
+    /// Backups into a vanished target directory, refused.
+    pub refused_missing_targets: u64,
+    /// Verifications whose verdicts were checked.
+    pub verifications: u64,
 }
 
 impl ManagedStats {
@@ -116,12 +159,24 @@ impl ManagedStats {
         self.pull_backups += o.pull_backups;
         self.incrementals += o.incrementals;
         self.discarded_pulls += o.discarded_pulls;
+        self.discarded_backups += o.discarded_backups;
         self.restores += o.restores;
         self.refused_restores += o.refused_restores;
+        self.refused_corrupt_restores += o.refused_corrupt_restores;
+        self.refused_new_domains += o.refused_new_domains;
+        self.new_domains += o.new_domains;
         self.deletions += o.deletions;
         self.interrupted_deletions += o.interrupted_deletions;
         self.released_checkpoints += o.released_checkpoints;
         self.consolidations += o.consolidations;
+        self.refused_consolidations += o.refused_consolidations;
+        self.kills += o.kills;
+        self.corrupted_images += o.corrupted_images;
+        self.repaired_images += o.repaired_images;
+        self.damaged_records += o.damaged_records;
+        self.deleted_damaged += o.deleted_damaged;
+        self.refused_missing_targets += o.refused_missing_targets;
+        self.verifications += o.verifications;
     }
 }
 
@@ -156,29 +211,56 @@ pub fn run_managed_history(config: &ManagedConfig) -> Result<ManagedStats, Manag
 /// The guest disks at a backup's point in time, by disk target.
 type Content = BTreeMap<String, Vec<u8>>;
 
+/// The records, and each catalogued image's backing chain and own content.
+type Snapshot = (
+    BTreeMap<String, String>,
+    Vec<(String, Vec<String>, Vec<u8>)>,
+);
+
+/// How a request ended: answered, or vbackup was killed first.
+enum Ended {
+    Answered(Result<ManagedReply, ManagedError>),
+    Killed,
+}
+
 struct History {
     seed: u64,
     step: usize,
     rng: ChaCha8Rng,
     driver: Driver<FaultyLink, StoreEffects>,
     qemu: SharedQemu,
-    catalogue: Catalogue,
-    /// The stored `<managedbackup>` documents, by uuid.
+    machine: Managed,
+    next_call: u64,
+    /// The stored records, by uuid (`backups/<uuid>.xml`).
     store: BTreeMap<String, String>,
-    /// Whether the store changed since the checker last reloaded it.
-    store_changed: bool,
-    /// Whether a request went to the engine since the checker last read the bitmaps (only
-    /// requests change them).
-    requested: bool,
+    /// The stored journal.
+    journal: Option<String>,
+    default_target: Option<String>,
+    /// Directories of the simulated host.
+    dirs: BTreeSet<String>,
+    /// Domains defined on the simulated host.
+    domains: BTreeSet<String>,
+    /// Points in time of backups begun, by checkpoint name.
+    begun_points: BTreeMap<String, Content>,
     /// Each catalogued backup's point in time.
     points: BTreeMap<String, Content>,
-    /// The digests of each catalogued backup's disks when it was recorded (the hash of its
-    /// point in time, checked then).
-    digests: BTreeMap<String, BTreeMap<String, Digest>>,
-    /// Catalogued backups in the order they were recorded.
+    /// Catalogued (intact) backups in the order they were recorded.
     recorded: Vec<String>,
+    /// Backups whose record is damaged (truncated, or built on one): uuid to checkpoint.
+    damaged: BTreeMap<String, (Option<String>, Vec<String>)>,
+    /// Checkpoints and images of damaged records that were deleted: nothing names them.
+    leaked_checkpoints: BTreeSet<String>,
+    leaked_images: BTreeSet<String>,
+    /// Corrupted images, with their content before the corruption.
+    corrupt: BTreeMap<String, FileContent>,
     /// Checkpoints the history created outside backups.
     own_checkpoints: BTreeSet<String>,
+    /// Whether the fault of the operation may kill vbackup.
+    kills_armed: bool,
+    /// Whether vbackup was killed during the current action.
+    killed: bool,
+    /// Journal writes so far.
+    journal_writes: u64,
     next_name: u64,
     stats: ManagedStats,
 }
@@ -192,14 +274,24 @@ impl History {
             rng: ChaCha8Rng::seed_from_u64(seed),
             driver,
             qemu,
-            catalogue: Catalogue::new(DOMAIN),
+            machine: Managed::new(DOMAIN, StoredManaged::default()),
+            next_call: 0,
             store: BTreeMap::new(),
-            store_changed: false,
-            requested: false,
+            journal: None,
+            default_target: None,
+            dirs: [TARGET, RESTORES].iter().map(|d| (*d).to_owned()).collect(),
+            domains: [DOMAIN.to_owned()].into(),
+            begun_points: BTreeMap::new(),
             points: BTreeMap::new(),
-            digests: BTreeMap::new(),
             recorded: Vec::new(),
+            damaged: BTreeMap::new(),
+            leaked_checkpoints: BTreeSet::new(),
+            leaked_images: BTreeSet::new(),
+            corrupt: BTreeMap::new(),
             own_checkpoints: BTreeSet::new(),
+            kills_armed: false,
+            killed: false,
+            journal_writes: 0,
             next_name: 0,
             stats: ManagedStats::default(),
         }
@@ -248,12 +340,11 @@ impl History {
         )
     }
 
-    fn now_ms(&self) -> u64 {
-        self.driver.link().now().as_ms()
+    fn now(&self) -> Timestamp {
+        self.driver.link().now()
     }
 
-    fn call(&mut self, request: Request) -> Result<Result<Reply, String>, ManagedFailure> {
-        self.requested = true;
+    fn engine(&mut self, request: Request) -> Result<Result<Reply, String>, ManagedFailure> {
         match self.driver.call(request, STEPS) {
             Ok(answer) => Ok(answer.map_err(|e| e.to_string())),
             Err(e) => Err(self.fail(format!("the driver stopped: {e}"))),
@@ -262,9 +353,9 @@ impl History {
 
     /// Lets `ms` of virtual time pass (jobs progress).
     fn pass_time(&mut self, ms: u64) -> Result<(), ManagedFailure> {
-        let until = self.driver.link().now().plus_ms(ms);
-        for _ in 0..WAIT_ROUNDS {
-            if self.driver.link().now() >= until {
+        let until = self.now().plus_ms(ms);
+        for _ in 0..ROUNDS {
+            if self.now() >= until {
                 return Ok(());
             }
             if let Err(e) = self.driver.step(Some(until)) {
@@ -274,34 +365,474 @@ impl History {
         Err(self.fail("virtual time does not move"))
     }
 
+    // ----- the machine and its runtime -----
+
+    /// The machine as a restarted vbackup rebuilds it from the store.
+    fn rebuilt(&self) -> Managed {
+        Managed::new(
+            DOMAIN,
+            StoredManaged {
+                records: self
+                    .store
+                    .iter()
+                    .map(|(uuid, text)| StoredRecord::new(format!("backups/{uuid}.xml"), text))
+                    .collect(),
+                default_target: self.default_target.clone(),
+                journal: self
+                    .journal
+                    .clone()
+                    .map(|t| ("managed-journal.json".to_owned(), t)),
+            },
+        )
+    }
+
+    fn restart(&mut self) {
+        self.machine = self.rebuilt();
+        self.stats.kills += 1;
+        self.killed = true;
+    }
+
+    /// Sends a request and carries out the machine's effects until it answers (or, when
+    /// kills are armed, until vbackup is killed).
+    fn call(&mut self, request: ManagedRequest) -> Result<Ended, ManagedFailure> {
+        self.next_call += 1;
+        let now = self.now();
+        let mut outputs = self
+            .machine
+            .handle(now, ManagedInput::Request(CallId(self.next_call), request));
+        for _ in 0..ROUNDS {
+            let mut next = Vec::new();
+            for o in outputs {
+                match o {
+                    ManagedOutput::Respond(_, answer) => return Ok(Ended::Answered(answer)),
+                    ManagedOutput::Effect(id, effect) => {
+                        if self.kills_armed && self.below(1000) < KILL_PER_MILLE {
+                            // Killed before the effect, or after it but before its result.
+                            if self.chance(50) {
+                                let _ = self.execute(&effect)?;
+                            }
+                            self.restart();
+                            return Ok(Ended::Killed);
+                        }
+                        let result = self.execute(&effect)?;
+                        let now = self.now();
+                        next.extend(self.machine.handle(now, ManagedInput::Done(id, result)));
+                    }
+                }
+            }
+            if next.is_empty() {
+                // The machine waits (a push job running): time passes, the guest writes.
+                let Some(at) = self.machine.next_deadline() else {
+                    return Err(self.fail("the machine neither answers nor waits"));
+                };
+                if self.chance(30) {
+                    self.guest_write();
+                }
+                let wait = at.ms_since(self.now()).max(1);
+                self.pass_time(wait)?;
+                let now = self.now();
+                next = self.machine.handle(now, ManagedInput::Tick);
+            }
+            outputs = next;
+        }
+        Err(self.fail("a managed request never ended"))
+    }
+
+    /// [`History::call`] that must be answered (kills are not armed).
+    fn ask(
+        &mut self,
+        request: ManagedRequest,
+    ) -> Result<Result<ManagedReply, ManagedError>, ManagedFailure> {
+        let armed = std::mem::replace(&mut self.kills_armed, false);
+        let ended = self.call(request);
+        self.kills_armed = armed;
+        match ended? {
+            Ended::Answered(a) => Ok(a),
+            Ended::Killed => Err(self.fail("killed with kills disarmed")),
+        }
+    }
+
+    fn facts(&self, path: &str) -> Result<ImageFacts, EffectError> {
+        let q = self.qemu.borrow();
+        let fs = q.fs();
+        if !fs.exists(path) {
+            return Err(EffectError::NotFound(path.to_owned()));
+        }
+        let content = read_disk(fs, path).map_err(EffectError::Failed)?;
+        let allocated = fs
+            .allocated_ranges(path)
+            .map_err(|e| EffectError::Failed(e.to_string()))?
+            .iter()
+            .map(|(_, len)| len)
+            .sum();
+        Ok(ImageFacts {
+            virtual_size_bytes: content.len() as u64,
+            allocated_size_bytes: allocated,
+            digest: digest(&content),
+            format: match fs.get(path) {
+                Some(FileContent::Raw(_)) => ImageFormat::Raw,
+                _ => ImageFormat::Qcow2,
+            },
+        })
+    }
+
+    fn dir_exists(&self, dir: &str) -> bool {
+        dir == "/" || self.dirs.contains(dir)
+    }
+
+    /// Carries out one effect on the simulated world.
+    fn execute(&mut self, effect: &Effect) -> Result<Result<Outcome, EffectError>, ManagedFailure> {
+        let done = Ok(Outcome::Done);
+        let missing = |p: &str| Err(EffectError::NotFound(p.to_owned()));
+        Ok(match effect {
+            Effect::CreateDir { path, parents } => {
+                let parent = parent_of(path);
+                if !parents && !self.dir_exists(parent) {
+                    missing(parent)
+                } else {
+                    let mut p = path.as_str();
+                    while p != "/" && !self.dirs.contains(p) {
+                        self.dirs.insert(p.to_owned());
+                        p = parent_of(p);
+                    }
+                    done
+                }
+            }
+            Effect::RemoveDir { path } => {
+                let prefix = format!("{path}/");
+                let busy = self
+                    .qemu
+                    .borrow()
+                    .fs()
+                    .paths()
+                    .any(|p| p.starts_with(&prefix))
+                    || self.dirs.iter().any(|d| d.starts_with(&prefix));
+                if busy {
+                    Err(EffectError::Failed(format!("'{path}' is not empty")))
+                } else {
+                    self.dirs.remove(path);
+                    done
+                }
+            }
+            Effect::CreateImage {
+                path, size_bytes, ..
+            } => {
+                if !self.dir_exists(parent_of(path)) {
+                    missing(parent_of(path))
+                } else {
+                    self.qemu
+                        .borrow_mut()
+                        .fs_mut()
+                        .create_qcow2(path, *size_bytes, CLUSTER, None);
+                    done
+                }
+            }
+            Effect::Rebase {
+                path,
+                backing,
+                unsafe_rebase,
+            } => {
+                let mut q = self.qemu.borrow_mut();
+                let fs = q.fs_mut();
+                let r = if *unsafe_rebase {
+                    fs.rebase_unsafe(path, backing.as_deref())
+                        .map_err(|e| e.to_string())
+                } else {
+                    rebase_safe(fs, path, backing.as_deref())
+                };
+                r.map(|()| Outcome::Done).map_err(EffectError::Failed)
+            }
+            Effect::Digest { path } => self.facts(path).map(Outcome::Facts),
+            Effect::DigestCopy {
+                source,
+                into,
+                existing,
+                ..
+            } => {
+                let read = {
+                    let q = self.qemu.borrow();
+                    if q.fs().exists(source) {
+                        read_disk(q.fs(), source).map_err(EffectError::Failed)
+                    } else {
+                        Err(EffectError::NotFound(source.clone()))
+                    }
+                };
+                match read {
+                    Err(e) => Err(e),
+                    Ok(_) if !self.dir_exists(parent_of(into)) => missing(parent_of(into)),
+                    Ok(_) if *existing != self.qemu.borrow().fs().exists(into) => Err(
+                        EffectError::Failed(format!("'{into}' exists: {}", !existing)),
+                    ),
+                    Ok(content) => {
+                        {
+                            let mut q = self.qemu.borrow_mut();
+                            let fs = q.fs_mut();
+                            fs.create_qcow2(into, content.len() as u64, CLUSTER, None);
+                            write_sparse(fs, into, 0, &content)?;
+                        }
+                        self.facts(into).map(Outcome::Facts)
+                    }
+                }
+            }
+            Effect::CopyPull {
+                export,
+                dirty_bitmap,
+                into,
+                backing,
+            } => {
+                // The guest goes on writing while the client reads.
+                for _ in 0..self.below(3) {
+                    self.guest_write();
+                }
+                let read = {
+                    let q = self.qemu.borrow();
+                    match q.export_reader(export) {
+                        Ok(mut reader) => read_wanted(&mut reader, dirty_bitmap.is_some()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                match read {
+                    Err(e) => Err(EffectError::Failed(e)),
+                    Ok(_) if !self.dir_exists(parent_of(into)) => missing(parent_of(into)),
+                    Ok((size, pieces)) => {
+                        let mut q = self.qemu.borrow_mut();
+                        let fs = q.fs_mut();
+                        fs.create_qcow2(into, size, CLUSTER, backing.as_deref());
+                        for (offset, data) in pieces {
+                            fs.write_image(into, offset, &data)
+                                .map_err(|e| self.fail(format!("writing {into}: {e}")))?;
+                        }
+                        done
+                    }
+                }
+            }
+            Effect::Rename { from, to, replace } => {
+                let mut q = self.qemu.borrow_mut();
+                let fs = q.fs_mut();
+                match fs.get(from).cloned() {
+                    None => missing(from),
+                    Some(_) if !replace && fs.exists(to) => {
+                        Err(EffectError::Failed(format!("'{to}' exists")))
+                    }
+                    Some(content) => {
+                        fs.remove(from);
+                        fs.put(to, content);
+                        done
+                    }
+                }
+            }
+            Effect::Sync { .. } => done,
+            Effect::Remove { path } => {
+                self.qemu.borrow_mut().fs_mut().remove(path);
+                done
+            }
+            Effect::Exists { path } => Ok(Outcome::Exists(
+                self.qemu.borrow().fs().exists(path) || self.dirs.contains(path),
+            )),
+            Effect::PutRecord(b) => {
+                self.store.insert(b.uuid.clone(), b.format());
+                done
+            }
+            Effect::DeleteRecord { uuid } => {
+                self.store.remove(uuid);
+                done
+            }
+            Effect::SetDefaultTarget(t) => {
+                self.default_target = t.clone();
+                done
+            }
+            Effect::PutJournal(j) => {
+                self.journal_writes += 1;
+                self.journal = Some(j.format());
+                done
+            }
+            Effect::ClearJournal => {
+                self.journal = None;
+                done
+            }
+            Effect::DomainExists { name } => Ok(Outcome::Exists(self.domains.contains(name))),
+            Effect::DefineDomain { name, .. } => {
+                if self.domains.insert(name.clone()) {
+                    done
+                } else {
+                    Err(EffectError::Failed(format!("domain '{name}' exists")))
+                }
+            }
+            Effect::Domain(request) => {
+                let released = match request {
+                    Request::CheckpointDeleteEach { names } => names.len() as u64,
+                    _ => 0,
+                };
+                let begin = matches!(request, Request::BackupBegin { .. });
+                let checkpoint = match request {
+                    Request::BackupBegin {
+                        checkpoint: Some(c),
+                        ..
+                    } => Some(c.name.clone()),
+                    _ => None,
+                };
+                if begin {
+                    self.driver.link_mut().take_points();
+                }
+                let answer = self.engine(request.clone())?;
+                if begin && answer.is_ok() {
+                    let point = self
+                        .driver
+                        .link_mut()
+                        .take_points()
+                        .into_iter()
+                        .rev()
+                        .find(|p| !p.jobs.is_empty())
+                        .map(|p| {
+                            p.disks
+                                .into_iter()
+                                .map(|(disk, content)| (disk, content.to_bytes()))
+                                .collect::<BTreeMap<_, _>>()
+                        })
+                        .ok_or_else(|| self.fail("a backup began without a transaction"))?;
+                    if let Some(c) = checkpoint {
+                        self.begun_points.insert(c, point);
+                    }
+                }
+                if answer.is_ok() {
+                    self.stats.released_checkpoints += released;
+                }
+                answer.map(Outcome::Reply).map_err(EffectError::Domain)
+            }
+        })
+    }
+
+    // ----- the history -----
+
     fn run(&mut self, steps: usize) -> Result<(), ManagedFailure> {
         // The session opens with QEMU's greeting.
         match self.driver.run_until(|d| d.view().connected, STEPS) {
             Ok(true) => {}
             other => return Err(self.fail(format!("the session does not open: {other:?}"))),
         }
+        match self.ask(ManagedRequest::SetDefaultTarget(Some(TARGET.into())))? {
+            Ok(_) => {}
+            Err(e) => return Err(self.fail(format!("backup-set-default-target: {e}"))),
+        }
         for _ in 0..steps {
             self.step += 1;
+            self.killed = false;
             match self.below(100) {
-                0..=29 => self.guest_write(),
-                30..=54 => self.backup()?,
-                55..=61 => self.own_checkpoint_create()?,
-                62..=65 => self.own_checkpoint_delete()?,
-                66..=79 => self.restore()?,
-                80..=93 => self.delete()?,
-                94..=97 => self.consolidate()?,
-                _ => {}
+                0..=24 => self.guest_write(),
+                25..=49 => self.backup()?,
+                50..=54 => self.own_checkpoint_create()?,
+                55..=57 => self.own_checkpoint_delete()?,
+                58..=69 => self.restore()?,
+                70..=79 => self.delete()?,
+                80..=85 => self.consolidate()?,
+                86..=88 => self.corrupt_image(),
+                89..=90 => self.repair_image(),
+                91..=92 => self.damage_record()?,
+                93..=94 => self.delete_damaged()?,
+                95..=96 => self.missing_target()?,
+                _ => self.verify()?,
             }
+            self.settle()?;
             let dt = 1 + self.below(300);
             self.pass_time(dt)?;
             self.check()?;
         }
-        // Every backup left restores to its point in time.
+        // Every backup left restores to its point in time (or, over a corrupted chain, is
+        // refused).
         self.step += 1;
-        let all: Vec<String> = self.recorded.clone();
-        for uuid in all {
-            self.verify_restore(&uuid, None, &[])?;
+        for uuid in self.recorded.clone() {
+            self.verify_restore(&uuid, None, &[], None, false)?;
         }
+        Ok(())
+    }
+
+    /// After a kill: a restarted vbackup concludes the pending backup (`backup-finish`, or
+    /// `--cancel`), and the next operation finishes or undoes any other journal. Those runs
+    /// may be killed too.
+    fn settle(&mut self) -> Result<(), ManagedFailure> {
+        for attempt in 0..8 {
+            self.kills_armed = attempt < 3;
+            let request = if self.machine.pending().is_some() {
+                let cancel = self.chance(25);
+                ManagedRequest::Finish {
+                    cancel,
+                    check: false,
+                }
+            } else if self.journal.is_some() {
+                ManagedRequest::SetDefaultTarget(self.default_target.clone())
+            } else {
+                break;
+            };
+            let ended = self.call(request)?;
+            self.kills_armed = false;
+            if let Ended::Answered(Err(e)) = &ended
+                && !matches!(
+                    e,
+                    ManagedError::JobFailed { .. }
+                        | ManagedError::PullInterrupted(_)
+                        | ManagedError::Effect { .. }
+                )
+            {
+                return Err(self.fail(format!("concluding after a restart: {e}")));
+            }
+        }
+        if self.journal.is_some() {
+            return Err(self.fail("a journal is left after every recovery"));
+        }
+        self.sync_model()
+    }
+
+    /// Follows the catalogue after an operation: backups that appeared (recorded by a
+    /// finish) take their point in time, backups gone leave the model.
+    fn sync_model(&mut self) -> Result<(), ManagedFailure> {
+        let listed: Vec<String> = self
+            .machine
+            .catalogue()
+            .list(BackupListFilter::All)
+            .iter()
+            .map(|b| b.uuid.clone())
+            .collect();
+        let catalogue = self.machine.catalogue().clone();
+        self.recorded.retain(|u| catalogue.get(u).is_some());
+        self.points.retain(|u, _| catalogue.get(u).is_some());
+        if !listed.starts_with(&self.recorded) {
+            return Err(self.fail(format!(
+                "the catalogue lists {listed:?}, they were recorded as {:?}",
+                self.recorded
+            )));
+        }
+        for uuid in &listed[self.recorded.len()..] {
+            let Some(b) = catalogue.get(uuid) else {
+                continue;
+            };
+            let point = b
+                .checkpoint
+                .as_ref()
+                .and_then(|c| self.begun_points.remove(c))
+                .ok_or_else(|| self.fail(format!("backup {uuid} has no point in time")))?;
+            // What the backup holds is the point in time, whatever its chain.
+            for image in &b.disks {
+                let q = self.qemu.borrow();
+                let content = read_disk(q.fs(), &image.path).map_err(|e| self.fail(e))?;
+                if point.get(&image.disk) != Some(&content) {
+                    return Err(self.fail(format!(
+                        "backup {uuid} disk {} does not hold its point in time",
+                        image.disk
+                    )));
+                }
+                if digest(&content) != image.digest {
+                    return Err(self.fail(format!(
+                        "backup {uuid} disk {}: the recorded digest is not its content's",
+                        image.disk
+                    )));
+                }
+            }
+            self.points.insert(uuid.clone(), point);
+            if b.parent.is_some() {
+                self.stats.incrementals += 1;
+            }
+        }
+        self.recorded = listed;
         Ok(())
     }
 
@@ -311,7 +842,7 @@ impl History {
         let offset = self.below(size - 1);
         let len = 1 + self.below((size - offset).min(3 * CLUSTER));
         let byte = (self.below(255) + 1) as u8;
-        let now = self.now_ms();
+        let now = self.now().as_ms();
         let written =
             self.qemu
                 .borrow_mut()
@@ -323,7 +854,7 @@ impl History {
 
     fn own_checkpoint_create(&mut self) -> Result<(), ManagedFailure> {
         let name = format!("own{}", self.fresh());
-        let answer = self.call(Request::CheckpointCreate {
+        let answer = self.engine(Request::CheckpointCreate {
             checkpoint: lab_checkpoint(&name),
             quiesce: false,
         })?;
@@ -338,7 +869,7 @@ impl History {
             return Ok(());
         };
         // Alone: its children (backups' checkpoints among them) are re-parented, not deleted.
-        let answer = self.call(Request::CheckpointDelete {
+        let answer = self.engine(Request::CheckpointDelete {
             name: name.clone(),
             scope: DeleteScope::Single,
             metadata_only: false,
@@ -348,496 +879,181 @@ impl History {
         Ok(())
     }
 
+    /// Whether the image of `disk` of `uuid`, read through its chain, no longer holds its
+    /// point in time (a corrupted image in its chain that no later image hides).
+    fn tainted(&self, uuid: &str, disk: &str) -> bool {
+        let Some(image) = self
+            .machine
+            .catalogue()
+            .get(uuid)
+            .and_then(|b| b.image(disk))
+        else {
+            return false;
+        };
+        let q = self.qemu.borrow();
+        let content = read_disk(q.fs(), &image.path);
+        let want = self.points.get(uuid).and_then(|p| p.get(disk));
+        content.ok().as_ref() != want
+    }
+
+    fn tainted_any(&self, uuid: &str) -> bool {
+        DISKS.iter().any(|(d, _)| self.tainted(uuid, d))
+    }
+
+    /// Whether a consolidation of `uuid` must be refused: an image of its chain, for one of
+    /// its disks, does not hold its backup's point in time.
+    fn chain_tainted(&self, uuid: &str) -> bool {
+        let catalogue = self.machine.catalogue();
+        let (Some(b), Ok(chain)) = (catalogue.get(uuid), catalogue.chain(uuid)) else {
+            return false;
+        };
+        chain.iter().any(|a| {
+            b.disks
+                .iter()
+                .any(|d| a.image(&d.disk).is_some() && self.tainted(&a.uuid, &d.disk))
+        })
+    }
+
     // ----- creating backups -----
+
+    fn create_request(
+        &mut self,
+        uuid: &str,
+        checkpoint: &str,
+        parent: Option<String>,
+        pull: bool,
+        target: Option<String>,
+        wait: bool,
+    ) -> ManagedRequest {
+        let mut spec = if pull {
+            lab_backup(BackupMode::Pull, None, &format!("/scratch/{uuid}"))
+        } else {
+            lab_backup(BackupMode::Push, None, "")
+        };
+        if !pull {
+            for d in &mut spec.disks {
+                if let Some(s) = &mut d.store {
+                    s.path = None;
+                }
+            }
+        }
+        ManagedRequest::Create(Box::new(CreateRequest {
+            uuid: uuid.to_owned(),
+            checkpoint: lab_checkpoint(checkpoint),
+            spec,
+            parent,
+            description: None,
+            target,
+            wait,
+        }))
+    }
 
     fn backup(&mut self) -> Result<(), ManagedFailure> {
         let pull = self.chance(50);
         let candidates: Vec<String> = self
-            .catalogue
-            .list(ListFilter::All)
+            .recorded
             .iter()
-            .filter(|b| {
-                self.catalogue
-                    .chain(&b.uuid)
+            .filter(|u| {
+                self.machine
+                    .catalogue()
+                    .chain(u)
                     .is_ok_and(|c| c.len() < CHAIN_CAP)
+                    && !self.tainted_any(u)
             })
-            .map(|b| b.uuid.clone())
+            .cloned()
             .collect();
         let parent = if self.chance(70) {
             self.pick(&candidates)
-                .and_then(|u| self.catalogue.get(&u).cloned())
         } else {
             None
         };
         let uuid = self.fresh_uuid();
         let checkpoint = format!("b{}", self.fresh());
-        let incremental = parent.as_ref().and_then(|p| p.checkpoint.clone());
-        let mode = if pull {
-            BackupMode::Pull
-        } else {
-            BackupMode::Push
-        };
-        // Push targets are the backup's images; pull needs scratch images of its own.
-        let dir = if pull {
-            format!("/scratch/{uuid}")
-        } else {
-            format!("/managed/{uuid}")
-        };
-        let spec = lab_backup(mode, incremental.as_deref(), &dir);
-        self.driver.link_mut().take_points();
-        let begun_ms = self.now_ms();
-        let answer = self.call(Request::BackupBegin {
-            spec,
-            checkpoint: Some(lab_checkpoint(&checkpoint)),
-            reuse_external: false,
-        })?;
-        answer.map_err(|e| {
-            self.fail(format!(
-                "backup-begin {mode:?} incremental from {incremental:?}: {e}"
-            ))
-        })?;
-        let point = self
-            .driver
-            .link_mut()
-            .take_points()
-            .into_iter()
-            .rev()
-            .find(|p| !p.jobs.is_empty())
-            // Points in time hold shared clusters; this checker compares bytes.
-            .map(|p| {
-                p.disks
-                    .into_iter()
-                    .map(|(disk, content)| (disk, content.to_bytes()))
-                    .collect::<BTreeMap<_, _>>()
-            })
-            .ok_or_else(|| self.fail("a backup began without a transaction"))?;
-        let images = if pull {
-            match self.pull(&uuid, &checkpoint, parent.as_ref())? {
-                Some(images) => images,
-                None => return Ok(()),
+        let wait = pull || self.chance(80);
+        let request = self.create_request(&uuid, &checkpoint, parent.clone(), pull, None, wait);
+        self.kills_armed = true;
+        let ended = self.call(request)?;
+        self.kills_armed = false;
+        match ended {
+            Ended::Answered(Ok(ManagedReply::Created(_))) => {}
+            Ended::Answered(Ok(ManagedReply::Started { .. })) => {
+                // `backup-finish` later, some times asking only whether it is done.
+                for _ in 0..1000 {
+                    let dt = 1 + self.below(50);
+                    self.pass_time(dt)?;
+                    let check = self.chance(50);
+                    self.kills_armed = true;
+                    let ended = self.call(ManagedRequest::Finish {
+                        cancel: false,
+                        check,
+                    })?;
+                    self.kills_armed = false;
+                    match ended {
+                        Ended::Answered(Ok(ManagedReply::Running { .. })) => continue,
+                        Ended::Answered(Ok(ManagedReply::Created(_))) | Ended::Killed => break,
+                        other => {
+                            return Err(self.fail(format!(
+                                "backup-finish of {uuid}: {:?}",
+                                answer_of(&other)
+                            )));
+                        }
+                    }
+                }
             }
-        } else {
-            self.push(&dir, parent.as_ref())?
-        };
-        let mut disks = Vec::new();
-        for (disk, path) in images {
-            let (image, content) = self.describe(&disk, &path)?;
-            // What the backup holds is the point in time, whatever its chain.
-            if point.get(&disk).is_none_or(|want| *want != content) {
+            Ended::Answered(other) => {
                 return Err(self.fail(format!(
-                    "{mode:?} backup {uuid} disk {disk} (incremental from {incremental:?}) does not hold its point in time"
+                    "backup-create {} from {parent:?}: {other:?}",
+                    if pull { "pull" } else { "push" }
                 )));
             }
-            disks.push(image);
+            Ended::Killed => {}
         }
-        let backup = ManagedBackup {
-            uuid: uuid.clone(),
-            domain: DOMAIN.into(),
-            parent: parent.as_ref().map(|p| p.uuid.clone()),
-            checkpoint: Some(checkpoint),
-            creation_time: begun_ms / 1000,
-            sequence: Some(self.catalogue.next_sequence()),
-            description: None,
-            kind: if parent.is_some() {
-                BackupKind::Incremental
+        self.settle()?;
+        if self.machine.catalogue().get(&uuid).is_some() {
+            if pull {
+                self.stats.pull_backups += 1;
             } else {
-                BackupKind::Full
-            },
-            disks,
-        };
-        let digests = backup
-            .disks
-            .iter()
-            .map(|d| (d.disk.clone(), d.digest.clone()))
-            .collect();
-        let ops = self
-            .catalogue
-            .insert(backup)
-            .map_err(|e| self.fail(format!("recording backup {uuid}: {e}")))?;
-        self.apply(&ops, ops.len())
-            .map_err(|e| self.fail(format!("recording backup {uuid}: {e}")))?;
-        self.points.insert(uuid.clone(), point);
-        self.digests.insert(uuid.clone(), digests);
-        self.recorded.push(uuid);
-        if pull {
-            self.stats.pull_backups += 1;
+                self.stats.push_backups += 1;
+            }
+        } else if pull {
+            self.stats.discarded_pulls += 1;
         } else {
-            self.stats.push_backups += 1;
-        }
-        if parent.is_some() {
-            self.stats.incrementals += 1;
+            self.stats.discarded_backups += 1;
         }
         Ok(())
     }
 
-    /// Waits for a push job to end, with guest writes meanwhile, and makes each incremental
-    /// image an overlay of its parent's.
-    fn push(
-        &mut self,
-        dir: &str,
-        parent: Option<&ManagedBackup>,
-    ) -> Result<Vec<(String, String)>, ManagedFailure> {
-        self.wait_for_job_end(true)?;
-        let stats = self.call(Request::JobStats {
-            completed: true,
-            keep_completed: false,
-        })?;
-        match stats {
-            Ok(Reply::Stats(Some(st))) if st.success == Some(true) => {}
-            other => return Err(self.fail(format!("a push backup did not succeed: {other:?}"))),
-        }
-        let mut images = Vec::new();
-        for (disk, _) in DISKS {
-            let path = format!("{dir}/{disk}.qcow2");
-            if let Some(parent) = parent {
-                let backing = parent
-                    .image(disk)
-                    .map(|i| i.path.clone())
-                    .ok_or_else(|| self.fail(format!("parent has no image of {disk}")))?;
-                self.qemu
-                    .borrow_mut()
-                    .fs_mut()
-                    .rebase_unsafe(&path, Some(&backing))
-                    .map_err(|e| self.fail(format!("rebasing {path}: {e}")))?;
-            }
-            images.push((disk.to_owned(), path));
-        }
-        Ok(images)
-    }
-
-    /// Reads every export of a running pull backup into images, then ends the job. `None`
-    /// when the history interrupts it: then it is discarded as the command line does.
-    fn pull(
-        &mut self,
-        uuid: &str,
-        checkpoint: &str,
-        parent: Option<&ManagedBackup>,
-    ) -> Result<Option<Vec<(String, String)>>, ManagedFailure> {
-        let interrupt_after = if self.chance(10) {
-            Some(self.below(DISKS.len() as u64) as usize)
-        } else {
-            None
-        };
-        let mut images = Vec::new();
-        for (i, (disk, _)) in DISKS.iter().enumerate() {
-            // The guest goes on writing while the client reads.
-            for _ in 0..self.below(3) {
-                self.guest_write();
-            }
-            if interrupt_after == Some(i) {
-                break;
-            }
-            let path = format!("/managed/{uuid}/{disk}.qcow2");
-            let base = parent
-                .map(|p| {
-                    p.image(disk)
-                        .map(|i| i.path.clone())
-                        .ok_or_else(|| self.fail(format!("parent has no image of {disk}")))
-                })
-                .transpose()?;
-            self.pull_disk(disk, &path, base.as_deref())?;
-            images.push(((*disk).to_owned(), path));
-        }
-        let ended = self.call(Request::AbortJob)?;
-        ended.map_err(|e| self.fail(format!("ending a pull backup: {e}")))?;
-        self.wait_for_job_end(false)?;
-        if interrupt_after.is_none() {
-            return Ok(Some(images));
-        }
-        // Discarded: images removed, its checkpoint deleted; the parent's stays.
-        for (_, path) in &images {
-            self.qemu.borrow_mut().fs_mut().remove(path);
-        }
-        let answer = self.call(Request::CheckpointDelete {
-            name: checkpoint.to_owned(),
-            scope: DeleteScope::Single,
-            metadata_only: false,
-        })?;
-        answer.map_err(|e| self.fail(format!("discarding pull {uuid}: {e}")))?;
-        self.stats.discarded_pulls += 1;
-        Ok(None)
-    }
-
-    /// Copies one export into `path`: a fresh qcow2 (the allocated extents) or an overlay of
-    /// `base` (the dirty extents, zero runs included so they hide the parent's data).
-    fn pull_disk(
-        &mut self,
-        disk: &str,
-        path: &str,
-        base: Option<&str>,
-    ) -> Result<(), ManagedFailure> {
-        let read = {
-            let q = self.qemu.borrow();
-            match q.export_reader(disk) {
-                Ok(mut reader) => read_wanted(&mut reader, base.is_some()),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        let (size, pieces) =
-            read.map_err(|e| self.fail(format!("reading the export of {disk}: {e}")))?;
-        let mut q = self.qemu.borrow_mut();
-        let fs = q.fs_mut();
-        fs.create_qcow2(path, size, CLUSTER, base);
-        for (offset, data) in pieces {
-            fs.write_image(path, offset, &data)
-                .map_err(|e| self.fail(format!("writing {path}: {e}")))?;
-        }
-        Ok(())
-    }
-
-    fn wait_for_job_end(&mut self, writes: bool) -> Result<(), ManagedFailure> {
-        for _ in 0..WAIT_ROUNDS {
-            if self.driver.domain().view().backup.is_none() {
-                return Ok(());
-            }
-            if writes && self.chance(30) {
-                self.guest_write();
-            }
-            let dt = 1 + self.below(10);
-            self.pass_time(dt)?;
-        }
-        Err(self.fail("a backup job never ended"))
-    }
-
-    /// The catalogue's description of an image, and its content.
-    fn describe(&self, disk: &str, path: &str) -> Result<(BackupImage, Vec<u8>), ManagedFailure> {
-        let q = self.qemu.borrow();
-        let fs = q.fs();
-        let content = read_disk(fs, path).map_err(|e| self.fail(e))?;
-        let allocated = fs
-            .allocated_ranges(path)
-            .map_err(|e| self.fail(format!("{path}: {e}")))?
-            .iter()
-            .map(|(_, len)| len)
-            .sum();
-        let image = BackupImage {
-            disk: disk.to_owned(),
-            path: path.to_owned(),
-            format: ImageFormat::Qcow2,
-            virtual_size_bytes: content.len() as u64,
-            allocated_size_bytes: allocated,
-            digest: digest(&content),
-        };
-        Ok((image, content))
-    }
-
-    // ----- carrying out catalogue operations -----
-
-    /// Carries out the first `count` operations, in order; stops at the first failure.
-    fn apply(&mut self, ops: &[CatalogueOp], count: usize) -> Result<(), String> {
-        let ops = &ops[..count.min(ops.len())];
-        let mut i = 0;
-        while let Some(op) = ops.get(i) {
-            i += 1;
-            match op {
-                CatalogueOp::PutBackup(b) => {
-                    self.store.insert(b.uuid.clone(), b.format());
-                    self.store_changed = true;
-                }
-                CatalogueOp::DeleteBackup { uuid } => {
-                    self.store.remove(uuid);
-                    self.store_changed = true;
-                }
-                CatalogueOp::RemoveImage { path } => {
-                    self.qemu.borrow_mut().fs_mut().remove(path);
-                }
-                CatalogueOp::RebaseImage { path, backing } => {
-                    rebase_safe(self.qemu.borrow_mut().fs_mut(), path, backing.as_deref())?;
-                }
-                CatalogueOp::DeleteCheckpoint { name } => {
-                    // Consecutive checkpoint deletions go as one request, as the CLI sends
-                    // them: one transaction removes the bitmaps of all of them.
-                    let mut names = vec![name.clone()];
-                    while let Some(CatalogueOp::DeleteCheckpoint { name }) = ops.get(i) {
-                        names.push(name.clone());
-                        i += 1;
-                    }
-                    let tree = self.driver.domain().view().checkpoints;
-                    names.retain(|n| tree.get(n).is_some());
-                    if !names.is_empty() {
-                        self.requested = true;
-                        let released = names.len() as u64;
-                        let list = names.join(", ");
-                        let answer = self
-                            .driver
-                            .call(Request::CheckpointDeleteEach { names }, STEPS)
-                            .map_err(|e| e.to_string())?;
-                        answer.map_err(|e| format!("checkpoint-delete {list}: {e}"))?;
-                        self.stats.released_checkpoints += released;
-                    }
-                }
-                CatalogueOp::SetDefaultTarget(_) => {}
+    /// A backup into a target directory that vanished: refused, nothing created.
+    fn missing_target(&mut self) -> Result<(), ManagedFailure> {
+        let gone = format!("/gone{}", self.fresh());
+        let uuid = self.fresh_uuid();
+        let checkpoint = format!("g{}", self.fresh());
+        let dirs = self.dirs.clone();
+        let request =
+            self.create_request(&uuid, &checkpoint, None, false, Some(gone.clone()), true);
+        match self.ask(request)? {
+            Err(ManagedError::Effect { .. }) => {}
+            other => {
+                return Err(self.fail(format!(
+                    "a backup into the missing directory {gone}: {other:?}"
+                )));
             }
         }
-        Ok(())
-    }
-
-    /// The catalogue as the store holds it.
-    fn reload(&self) -> Result<Catalogue, String> {
-        let mut records = Vec::new();
-        for (uuid, text) in &self.store {
-            records.push(ManagedBackup::parse(text).map_err(|e| format!("record {uuid}: {e}"))?);
+        if self.dirs != dirs {
+            return Err(self.fail(format!("a backup into {gone} created a directory")));
         }
-        Catalogue::load(DOMAIN, records, None).map_err(|e| e.to_string())
-    }
-
-    // ----- deleting -----
-
-    fn delete(&mut self) -> Result<(), ManagedFailure> {
-        let uuids: Vec<String> = self.recorded.clone();
-        let Some(target) = self.pick(&uuids) else {
-            return Ok(());
-        };
-        let mode = match self.below(100) {
-            0..=39 => Some(DeleteMode::Alone),
-            40..=69 => Some(DeleteMode::WithChildren),
-            70..=84 => Some(DeleteMode::RebaseChildren),
-            _ => None,
-        };
-        let mut planned = self.catalogue.clone();
-        let ops = match mode {
-            Some(m) => match planned.delete(&target, m) {
-                Ok(ops) => ops,
-                Err(CatalogueError::HasChildren { children, .. }) => {
-                    let kids = self
-                        .catalogue
-                        .children(&target)
-                        .map_err(|e| self.fail(e.to_string()))?;
-                    if kids.is_empty() || kids.len() != children.len() {
-                        return Err(self.fail(format!(
-                            "deleting {target} alone was refused for children {children:?}"
-                        )));
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(self.fail(format!("deleting {target}: {e}"))),
-            },
-            None => planned.delete_all(),
-        };
-        // An interruption after any prefix of the operations, or QEMU refusing to delete a
-        // checkpoint.
-        let cut = if self.chance(20) {
-            self.below(ops.len() as u64) as usize
-        } else {
-            ops.len()
-        };
-        let refuse = self.chance(15);
-        if refuse {
-            self.qemu.borrow_mut().set_fault(Fault::RefuseCommand {
-                command: "transaction".into(),
-                error: QmpError::generic("simulated refusal of transaction"),
-            });
-        }
-        let first = self.apply(&ops, cut);
-        self.qemu.borrow_mut().clear_faults();
-        let finished = cut == ops.len() && first.is_ok();
-        if finished {
-            self.forget_deleted(&ops);
-            self.catalogue = planned;
-        } else {
-            // The command line starts again from the store.
-            self.catalogue = self
-                .reload()
-                .map_err(|e| self.fail(format!("after an interrupted deletion: {e}")))?;
-            self.forget_missing();
-            self.stats.interrupted_deletions += 1;
-            // Every backup still restores. A deletion that rebases children is the exception
-            // until it is repeated: a child whose image was rebased but whose record was not
-            // yet rewritten has the content it should, under a chain its record does not name
-            // yet, and a restore refuses such a mismatch rather than guess.
-            if mode != Some(DeleteMode::RebaseChildren) {
-                for uuid in self.recorded.clone() {
-                    self.verify_restore(&uuid, None, &[])?;
-                }
-            }
-            let again = match mode {
-                Some(m) if self.catalogue.get(&target).is_some() => {
-                    self.catalogue.delete(&target, m)
-                }
-                Some(_) => Ok(Vec::new()),
-                None => Ok(self.catalogue.delete_all()),
-            }
-            .map_err(|e| self.fail(format!("repeating the deletion of {target}: {e}")))?;
-            self.apply(&again, again.len())
-                .map_err(|e| self.fail(format!("repeating the deletion of {target}: {e}")))?;
-            self.forget_deleted(&again);
-        }
-        // Finished deletions leave no image behind.
-        for op in &ops {
-            if let CatalogueOp::RemoveImage { path } = op
-                && finished
-                && self.qemu.borrow().fs().exists(path)
-            {
-                return Err(self.fail(format!("image {path} of a deleted backup is left")));
-            }
-        }
-        self.stats.deletions += 1;
-        Ok(())
-    }
-
-    // ----- consolidating -----
-
-    /// Makes a recorded backup a full of its own, sometimes interrupted after any prefix of
-    /// its operations (then repeated from the store, as the command line would); every backup
-    /// must still restore to its point in time.
-    fn consolidate(&mut self) -> Result<(), ManagedFailure> {
-        let uuids: Vec<String> = self.recorded.clone();
-        let Some(target) = self.pick(&uuids) else {
-            return Ok(());
-        };
-        let mut planned = self.catalogue.clone();
-        let ops = planned
-            .consolidate(&target)
-            .map_err(|e| self.fail(format!("consolidating {target}: {e}")))?;
-        let cut = if self.chance(20) {
-            self.below(ops.len().max(1) as u64) as usize
-        } else {
-            ops.len()
-        };
-        self.apply(&ops, cut)
-            .map_err(|e| self.fail(format!("consolidating {target}: {e}")))?;
-        if cut == ops.len() {
-            self.catalogue = planned;
-        } else {
-            self.catalogue = self
-                .reload()
-                .map_err(|e| self.fail(format!("after an interrupted consolidation: {e}")))?;
-            let again = self
-                .catalogue
-                .consolidate(&target)
-                .map_err(|e| self.fail(format!("repeating the consolidation of {target}: {e}")))?;
-            self.apply(&again, again.len())
-                .map_err(|e| self.fail(format!("repeating the consolidation of {target}: {e}")))?;
-        }
+        let prefix = format!("{gone}/");
         if self
-            .catalogue
-            .get(&target)
-            .is_some_and(|b| b.parent.is_some())
+            .qemu
+            .borrow()
+            .fs()
+            .paths()
+            .any(|p| p.starts_with(&prefix))
         {
-            return Err(self.fail(format!("{target} still has a parent after consolidation")));
+            return Err(self.fail(format!("a backup into {gone} created a file")));
         }
-        for uuid in self.recorded.clone() {
-            self.verify_restore(&uuid, None, &[])?;
-        }
-        self.stats.consolidations += 1;
+        self.stats.refused_missing_targets += 1;
         Ok(())
-    }
-
-    fn forget_deleted(&mut self, ops: &[CatalogueOp]) {
-        for op in ops {
-            if let CatalogueOp::DeleteBackup { uuid } = op {
-                self.points.remove(uuid);
-                self.digests.remove(uuid);
-                self.recorded.retain(|u| u != uuid);
-            }
-        }
-    }
-
-    fn forget_missing(&mut self) {
-        let catalogue = &self.catalogue;
-        self.recorded.retain(|u| catalogue.get(u).is_some());
-        self.points.retain(|u, _| catalogue.get(u).is_some());
-        self.digests.retain(|u, _| catalogue.get(u).is_some());
     }
 
     // ----- restoring -----
@@ -857,104 +1073,489 @@ impl History {
         } else {
             None
         };
-        self.verify_restore(&uuid, until.as_deref(), &disks)
+        let new_domain = match self.below(10) {
+            0 => Some(DOMAIN.to_owned()),
+            1 => Some(format!("restored{}", self.fresh())),
+            _ => None,
+        };
+        let kills = self.chance(40);
+        self.verify_restore(&uuid, until.as_deref(), &disks, new_domain, kills)
     }
 
-    /// Restores `uuid` (until `until`) as the command line does and compares with the point
-    /// in time; a backup of another chain must be refused.
+    /// Restores `uuid` (until `until`) into new images, checks them against the point in
+    /// time, then removes them as the user would.
     fn verify_restore(
         &mut self,
         uuid: &str,
         until: Option<&str>,
         disks: &[&str],
+        new_domain: Option<String>,
+        kills: bool,
     ) -> Result<(), ManagedFailure> {
-        let plan = match until {
-            Some(u) => self.catalogue.plan_restore_until(uuid, u, disks),
-            None => self.catalogue.plan_restore(uuid, disks),
-        };
+        let catalogue = self.machine.catalogue().clone();
         let related = until.is_none_or(|u| {
             let on = |a: &str, b: &str| {
-                self.catalogue
+                catalogue
                     .chain(a)
                     .is_ok_and(|c| c.iter().any(|x| x.uuid == b))
             };
             on(uuid, u) || on(u, uuid)
         });
-        let plan = match plan {
-            Ok(plan) if related => plan,
-            Err(CatalogueError::NotInChain { .. }) if !related => {
+        let point_of = until.unwrap_or(uuid).to_owned();
+        let chosen: Vec<String> = if disks.is_empty() {
+            catalogue
+                .get(&point_of)
+                .map(|b| b.disks.iter().map(|d| d.disk.clone()).collect())
+                .unwrap_or_default()
+        } else {
+            disks.iter().map(|d| (*d).to_owned()).collect()
+        };
+        let tainted = chosen.iter().any(|d| self.tainted(&point_of, d));
+        let taken = new_domain
+            .as_ref()
+            .is_some_and(|n| self.domains.contains(n));
+        let dir = format!("{RESTORES}/r{}", self.fresh());
+        self.kills_armed = kills;
+        let ended = self.call(ManagedRequest::Restore(Box::new(RestoreRequest {
+            uuid: uuid.to_owned(),
+            until: until.map(str::to_owned),
+            disks: disks.iter().map(|d| (*d).to_owned()).collect(),
+            target: RestoreTarget::NewImages {
+                dir: dir.clone(),
+                new_domain: new_domain.clone(),
+            },
+        })))?;
+        self.kills_armed = false;
+        let what = format!("restore of {uuid} until {until:?} disks {disks:?} as {new_domain:?}");
+        let expect_written = match &ended {
+            Ended::Answered(Err(ManagedError::Catalogue(CatalogueError::NotInChain {
+                ..
+            }))) if !related => {
                 self.stats.refused_restores += 1;
-                return Ok(());
+                false
+            }
+            Ended::Answered(Err(ManagedError::DomainExists(_))) if taken && related => {
+                self.stats.refused_new_domains += 1;
+                false
+            }
+            Ended::Answered(Err(ManagedError::DigestMismatch { .. }))
+                if tainted && related && !taken =>
+            {
+                self.stats.refused_corrupt_restores += 1;
+                false
+            }
+            Ended::Answered(Ok(ManagedReply::Restored { backup, .. }))
+                if related && !taken && !tainted =>
+            {
+                if *backup != point_of {
+                    return Err(self.fail(format!("{what} restored {backup}")));
+                }
+                if new_domain.is_some() {
+                    self.stats.new_domains += 1;
+                }
+                true
+            }
+            Ended::Killed => {
+                self.settle()?;
+                // Rolled back or forward: either way no temporary is left (checked below).
+                false
             }
             other => {
                 return Err(self.fail(format!(
-                    "restore of {uuid} until {until:?}: {other:?} (same chain: {related})"
+                    "{what}: {:?} (same chain: {related}, corrupted: {tainted}, name taken: {taken})",
+                    answer_of(other)
                 )));
             }
         };
-        let point_of = until.unwrap_or(uuid);
-        if plan.backup != point_of {
+        // What the directory holds: every chosen disk restored to its point in time, or
+        // (refused, rolled back) nothing.
+        let prefix = format!("{dir}/");
+        let files: Vec<String> = self
+            .qemu
+            .borrow()
+            .fs()
+            .paths()
+            .filter(|p| p.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect();
+        let finals: Vec<String> = chosen.iter().map(|d| format!("{dir}/{d}.qcow2")).collect();
+        let killed = matches!(ended, Ended::Killed);
+        let complete = files.len() == finals.len() && finals.iter().all(|f| files.contains(f));
+        let acceptable = if expect_written {
+            complete
+        } else {
+            files.is_empty() || (killed && complete)
+        };
+        if !acceptable {
+            return Err(self.fail(format!("{what}: the directory holds {files:?}")));
+        }
+        if complete && !files.is_empty() {
+            let expected = self
+                .points
+                .get(&point_of)
+                .cloned()
+                .ok_or_else(|| self.fail(format!("no point in time of {point_of}")))?;
+            for d in &chosen {
+                let q = self.qemu.borrow();
+                let back =
+                    read_disk(q.fs(), &format!("{dir}/{d}.qcow2")).map_err(|e| self.fail(e))?;
+                let want = expected.get(d).map_or(&[][..], Vec::as_slice);
+                if back != want {
+                    return Err(self.fail(format!(
+                        "{what}: disk {d} differs from its point in time at byte {}",
+                        first_difference(&back, want)
+                    )));
+                }
+            }
+            self.stats.restores += 1;
+        }
+        // The user removes the restored images.
+        for f in files {
+            self.qemu.borrow_mut().fs_mut().remove(&f);
+        }
+        self.dirs.remove(&dir);
+        Ok(())
+    }
+
+    fn verify(&mut self) -> Result<(), ManagedFailure> {
+        let uuids = self.recorded.clone();
+        let Some(uuid) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let answer = self.ask(ManagedRequest::Verify { uuid: uuid.clone() })?;
+        let Ok(ManagedReply::Verified { disks, .. }) = answer else {
+            return Err(self.fail(format!("backup-verify {uuid}: {answer:?}")));
+        };
+        for v in disks {
+            if v.ok() == self.tainted(&uuid, &v.disk) {
+                return Err(self.fail(format!(
+                    "backup-verify {uuid} disk {}: {:?} (corrupted chain: {})",
+                    v.disk,
+                    v.found,
+                    self.tainted(&uuid, &v.disk)
+                )));
+            }
+        }
+        self.stats.verifications += 1;
+        Ok(())
+    }
+
+    // ----- deleting -----
+
+    fn delete(&mut self) -> Result<(), ManagedFailure> {
+        let uuids: Vec<String> = self.recorded.clone();
+        let Some(target) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let all = self.chance(8);
+        let with_children = self.chance(40);
+        let before = self.machine.catalogue().clone();
+        let has_children = before.children(&target).is_ok_and(|c| !c.is_empty());
+        let refuse = self.chance(15);
+        if refuse {
+            self.qemu.borrow_mut().set_fault(Fault::RefuseCommand {
+                command: "transaction".into(),
+                error: QmpError::generic("simulated refusal of transaction"),
+            });
+        }
+        self.kills_armed = self.chance(50);
+        let writes = self.journal_writes;
+        let ended = self.call(ManagedRequest::Delete {
+            target: (!all).then(|| target.clone()),
+            with_children,
+            keep_checkpoints: false,
+        })?;
+        self.kills_armed = false;
+        self.qemu.borrow_mut().clear_faults();
+        match ended {
+            Ended::Answered(Err(ManagedError::Catalogue(CatalogueError::HasChildren {
+                ..
+            }))) if !all && !with_children && has_children => {
+                return Ok(());
+            }
+            Ended::Answered(Ok(ManagedReply::Deleted { .. })) => {}
+            Ended::Answered(Err(ManagedError::Effect { .. })) if refuse => {
+                // QEMU refused to delete the checkpoints: every backup is kept, nothing is
+                // left to finish; asked again, the deletion is carried out.
+                self.stats.interrupted_deletions += 1;
+                if self.journal.is_some() || *self.machine.catalogue() != before {
+                    return Err(self.fail(format!(
+                        "a refused deletion of {target} changed the catalogue or left a journal"
+                    )));
+                }
+                let again = self.ask(ManagedRequest::Delete {
+                    target: (!all).then(|| target.clone()),
+                    with_children,
+                    keep_checkpoints: false,
+                })?;
+                if let Err(e) = again {
+                    return Err(self.fail(format!("deleting {target} again: {e}")));
+                }
+            }
+            Ended::Killed if self.journal_writes == writes => {
+                // Killed before the deletion was journaled: nothing happened.
+                self.settle()?;
+                return Ok(());
+            }
+            Ended::Killed => {
+                self.stats.interrupted_deletions += 1;
+                self.settle()?;
+                if refuse && *self.machine.catalogue() == before {
+                    // Refused by QEMU, then killed while undoing: nothing was deleted.
+                    return Ok(());
+                }
+            }
+            Ended::Answered(other) => {
+                return Err(self.fail(format!(
+                    "backup-delete {target} (all: {all}, children: {with_children}): {other:?}"
+                )));
+            }
+        }
+        self.sync_model()?;
+        let gone: Vec<_> = before
+            .list(BackupListFilter::All)
+            .into_iter()
+            .filter(|b| self.machine.catalogue().get(&b.uuid).is_none())
+            .cloned()
+            .collect();
+        if self.machine.catalogue().get(&target).is_some() {
+            return Err(self.fail(format!("backup {target} is still there after its deletion")));
+        }
+        // Finished deletions leave no image behind.
+        for b in gone {
+            for i in &b.disks {
+                if self.qemu.borrow().fs().exists(&i.path) {
+                    return Err(self.fail(format!(
+                        "image {} of deleted backup {} is left",
+                        i.path, b.uuid
+                    )));
+                }
+                self.corrupt.remove(&i.path);
+            }
+        }
+        self.stats.deletions += 1;
+        Ok(())
+    }
+
+    // ----- consolidating -----
+
+    /// What a consolidation must leave alone when it is refused: the records and, for every
+    /// catalogued image, its backing file and content.
+    fn snapshot(&self) -> Snapshot {
+        let q = self.qemu.borrow();
+        let fs = q.fs();
+        let mut images = Vec::new();
+        for b in self.machine.catalogue().list(BackupListFilter::All) {
+            for i in &b.disks {
+                let chain = backing_chain(fs, &i.path)
+                    .map(|c| c.into_iter().map(str::to_owned).collect())
+                    .unwrap_or_default();
+                let own = fs.read_image(&i.path).unwrap_or_default();
+                images.push((i.path.clone(), chain, own));
+            }
+        }
+        (self.store.clone(), images)
+    }
+
+    fn consolidate(&mut self) -> Result<(), ManagedFailure> {
+        let uuids: Vec<String> = self.recorded.clone();
+        let Some(target) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let tainted = self.chain_tainted(&target);
+        let full = self
+            .machine
+            .catalogue()
+            .get(&target)
+            .is_some_and(|b| b.parent.is_none());
+        let before = self.snapshot();
+        self.kills_armed = !tainted && self.chance(40);
+        let ended = self.call(ManagedRequest::Consolidate {
+            uuid: target.clone(),
+        })?;
+        self.kills_armed = false;
+        match ended {
+            Ended::Answered(Err(ManagedError::DigestMismatch { .. })) if tainted && !full => {
+                if self.snapshot() != before {
+                    return Err(self.fail(format!(
+                        "a refused consolidation of {target} changed a record or an image"
+                    )));
+                }
+                self.stats.refused_consolidations += 1;
+                return Ok(());
+            }
+            Ended::Answered(Ok(ManagedReply::Consolidated { changed, .. })) if !tainted || full => {
+                if changed == full {
+                    return Err(self.fail(format!("consolidating {target}: changed {changed}")));
+                }
+            }
+            Ended::Killed => self.settle()?,
+            Ended::Answered(other) => {
+                return Err(self.fail(format!(
+                    "consolidating {target} (corrupted chain: {tainted}): {other:?}"
+                )));
+            }
+        }
+        let killed = self.killed;
+        if !killed
+            && self
+                .machine
+                .catalogue()
+                .get(&target)
+                .is_some_and(|b| b.parent.is_some())
+        {
+            return Err(self.fail(format!("{target} still has a parent after consolidation")));
+        }
+        if !full {
+            self.stats.consolidations += 1;
+        }
+        Ok(())
+    }
+
+    // ----- storage corruption -----
+
+    fn corrupt_image(&mut self) {
+        let images: Vec<String> = self
+            .machine
+            .catalogue()
+            .list(BackupListFilter::All)
+            .iter()
+            .flat_map(|b| b.disks.iter().map(|i| i.path.clone()))
+            .filter(|p| !self.corrupt.contains_key(p))
+            .collect();
+        let Some(path) = self.pick(&images) else {
+            return;
+        };
+        let clusters = crate::world::DISK_BYTES / CLUSTER;
+        let offset = self.below(clusters) * CLUSTER;
+        let mut q = self.qemu.borrow_mut();
+        let fs = q.fs_mut();
+        let Some(original) = fs.get(&path).cloned() else {
+            return;
+        };
+        let before = read_disk(fs, &path);
+        let _ = fs.write_image(&path, offset, &[0xe7; CLUSTER as usize]);
+        if read_disk(fs, &path) == before {
+            fs.put(&path, original);
+            return;
+        }
+        drop(q);
+        self.corrupt.insert(path, original);
+        self.stats.corrupted_images += 1;
+    }
+
+    fn repair_image(&mut self) {
+        let paths: Vec<String> = self.corrupt.keys().cloned().collect();
+        let Some(path) = self.pick(&paths) else {
+            return;
+        };
+        if let Some(original) = self.corrupt.remove(&path) {
+            self.qemu.borrow_mut().fs_mut().put(&path, original);
+            self.stats.repaired_images += 1;
+        }
+    }
+
+    /// Truncates a record; a new run of vbackup loads the others and lists it as damaged,
+    /// with the backups built on it.
+    fn damage_record(&mut self) -> Result<(), ManagedFailure> {
+        let uuids = self.recorded.clone();
+        let Some(uuid) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let catalogue = self.machine.catalogue().clone();
+        let Ok(affected) = catalogue.descendants(&uuid) else {
+            return Err(self.fail(format!("no descendants of {uuid}")));
+        };
+        if let Some(text) = self.store.get_mut(&uuid) {
+            let keep = text.len() / 2;
+            text.truncate(keep);
+        }
+        for b in affected {
+            self.damaged.insert(
+                b.uuid.clone(),
+                (
+                    b.checkpoint.clone(),
+                    b.disks.iter().map(|i| i.path.clone()).collect(),
+                ),
+            );
+            self.points.remove(&b.uuid);
+        }
+        self.machine = self.rebuilt();
+        self.recorded.retain(|u| !self.damaged.contains_key(u));
+        let file = format!("backups/{uuid}.xml");
+        if !self
+            .machine
+            .damaged()
+            .iter()
+            .any(|d| d.file == file && d.uuid.as_deref() == Some(uuid.as_str()))
+        {
             return Err(self.fail(format!(
-                "restore of {uuid} until {until:?} planned {}",
-                plan.backup
+                "the truncated record {file} is not listed as damaged: {:?}",
+                self.machine.damaged()
             )));
         }
-        let expected = self
-            .points
-            .get(point_of)
-            .cloned()
-            .ok_or_else(|| self.fail(format!("no point in time of {point_of}")))?;
-        for d in &plan.disks {
-            let top = d
-                .top()
-                .ok_or_else(|| self.fail("a restore plan without image"))?;
-            let chain: Vec<&str> = d.images.iter().map(|i| i.path.as_str()).collect();
-            let q = self.qemu.borrow();
-            let fs = q.fs();
-            let found = backing_chain(fs, &top.path).map_err(|e| self.fail(e))?;
-            if found != chain {
-                return Err(self.fail(format!(
-                    "disk {} of {point_of}: the chain on disk is {found:?}, the catalogue's {chain:?}",
-                    d.disk
-                )));
-            }
-            // The digest to check is the one recorded, which was the hash of the point in
-            // time; the content is then compared with the point in time itself, which implies
-            // the digest check without hashing again.
-            if self.digests.get(point_of).and_then(|m| m.get(&d.disk)) != Some(&d.digest) {
-                return Err(self.fail(format!(
-                    "disk {} of {point_of}: the plan checks a digest other than the recorded one",
-                    d.disk
-                )));
-            }
-            // Read through the chain, as `qemu-img convert` flattens it.
-            let back = read_disk(fs, &top.path).map_err(|e| self.fail(e))?;
-            let want = expected.get(&d.disk).map_or(&[][..], Vec::as_slice);
-            if back != want {
-                return Err(self.fail(format!(
-                    "restore of {uuid} until {until:?}: disk {} differs from its point in time at byte {}",
-                    d.disk,
-                    first_difference(&back, want)
-                )));
-            }
+        self.stats.damaged_records += 1;
+        Ok(())
+    }
+
+    fn delete_damaged(&mut self) -> Result<(), ManagedFailure> {
+        let uuids: Vec<String> = self.damaged.keys().cloned().collect();
+        let Some(uuid) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        match self.ask(ManagedRequest::Delete {
+            target: Some(uuid.clone()),
+            with_children: false,
+            keep_checkpoints: false,
+        })? {
+            Ok(ManagedReply::Deleted { uuids }) if uuids == vec![uuid.clone()] => {}
+            other => return Err(self.fail(format!("deleting damaged record {uuid}: {other:?}"))),
         }
-        self.stats.restores += 1;
+        if self.store.contains_key(&uuid) {
+            return Err(self.fail(format!("the damaged record {uuid} is still stored")));
+        }
+        if let Some((checkpoint, images)) = self.damaged.remove(&uuid) {
+            self.leaked_checkpoints.extend(checkpoint);
+            self.leaked_images.extend(images);
+        }
+        self.stats.deleted_damaged += 1;
         Ok(())
     }
 
     // ----- checkers -----
 
     fn check(&mut self) -> Result<(), ManagedFailure> {
-        if std::mem::take(&mut self.store_changed) {
-            let stored = self.reload().map_err(|e| self.fail(e))?;
-            if stored != self.catalogue {
-                return Err(self.fail("the stored catalogue differs from the one in memory"));
-            }
+        if self.journal.is_some() || self.machine.journal().is_some() {
+            return Err(self.fail("a journal is left after the operation answered"));
         }
-        // The order is the order of recording, although many backups share a second.
+        let rebuilt = self.rebuilt();
+        if rebuilt.catalogue() != self.machine.catalogue() {
+            return Err(self.fail("the stored catalogue differs from the one in memory"));
+        }
+        if rebuilt.damaged() != self.machine.damaged() {
+            return Err(self.fail(format!(
+                "the stored damaged records {:?} differ from those in memory {:?}",
+                rebuilt.damaged(),
+                self.machine.damaged()
+            )));
+        }
+        let damaged: BTreeSet<&str> = self
+            .machine
+            .damaged()
+            .iter()
+            .filter_map(|d| d.uuid.as_deref())
+            .collect();
+        let want_damaged: BTreeSet<&str> = self.damaged.keys().map(String::as_str).collect();
+        if damaged != want_damaged {
+            return Err(self.fail(format!(
+                "damaged records {damaged:?}, the history damaged {want_damaged:?}"
+            )));
+        }
+        self.sync_model()?;
         let listed: Vec<&str> = self
-            .catalogue
-            .list(ListFilter::All)
+            .machine
+            .catalogue()
+            .list(BackupListFilter::All)
             .iter()
             .map(|b| b.uuid.as_str())
             .collect();
@@ -964,17 +1565,21 @@ impl History {
                 self.recorded
             )));
         }
-        let latest = self.catalogue.latest().map(|b| b.uuid.clone());
-        if latest.as_ref() != self.recorded.last() {
-            return Err(self.fail(format!("latest is {latest:?}")));
+        let catalogue = self.machine.catalogue().clone();
+        if catalogue.latest().map(|b| &b.uuid) != self.recorded.last() {
+            return Err(self.fail("latest is not the last recorded backup"));
         }
         // Images exist and their backing chains are the catalogue's chains.
-        for b in self.catalogue.list(ListFilter::All) {
-            let chain = self
-                .catalogue
+        let mut named: BTreeSet<String> = self.leaked_images.clone();
+        for (_, images) in self.damaged.values() {
+            named.extend(images.iter().cloned());
+        }
+        for b in catalogue.list(BackupListFilter::All) {
+            let chain = catalogue
                 .chain(&b.uuid)
                 .map_err(|e| self.fail(e.to_string()))?;
             for image in &b.disks {
+                named.insert(image.path.clone());
                 let want: Vec<&str> = chain
                     .iter()
                     .rev()
@@ -990,11 +1595,36 @@ impl History {
                 }
             }
         }
-        // The checkpoints are the backups' and the history's own, each with its bitmaps.
+        // Nothing is left that nothing names: no partial image, no temporary, no directory
+        // of a failed backup.
+        {
+            let q = self.qemu.borrow();
+            for p in q.fs().paths() {
+                let engine = p.starts_with("/img/") || p.starts_with("/scratch/");
+                if !engine && !named.contains(p) {
+                    return Err(self.fail(format!("file {p} is left, and nothing names it")));
+                }
+            }
+        }
+        let target_prefix = format!("{TARGET}/");
+        for d in &self.dirs {
+            let used = named.iter().any(|p| parent_of(p) == d);
+            if d.starts_with(&target_prefix) && !used {
+                return Err(self.fail(format!("directory {d} is left, and nothing is in it")));
+            }
+            if d.starts_with(&format!("{RESTORES}/")) {
+                return Err(self.fail(format!("restore directory {d} is left")));
+            }
+        }
+        self.corrupt.retain(|p, _| named.contains(p));
+        // The checkpoints are the backups', the damaged records', the leaked and the
+        // history's own, each with its bitmaps.
         let mut want: BTreeSet<String> = self.own_checkpoints.clone();
+        want.extend(self.leaked_checkpoints.iter().cloned());
+        want.extend(self.damaged.values().filter_map(|(c, _)| c.clone()));
         want.extend(
-            self.catalogue
-                .list(ListFilter::All)
+            catalogue
+                .list(BackupListFilter::All)
                 .iter()
                 .filter_map(|b| b.checkpoint.clone()),
         );
@@ -1011,10 +1641,7 @@ impl History {
                 "the domain has checkpoints {have:?}, the backups and history need {want:?}"
             )));
         }
-        if !std::mem::take(&mut self.requested) {
-            return Ok(());
-        }
-        let now = self.now_ms();
+        let now = self.now().as_ms();
         let nodes = self
             .qemu
             .borrow_mut()
@@ -1040,6 +1667,44 @@ impl History {
         }
         Ok(())
     }
+}
+
+fn answer_of(ended: &Ended) -> Option<&Result<ManagedReply, ManagedError>> {
+    match ended {
+        Ended::Answered(a) => Some(a),
+        Ended::Killed => None,
+    }
+}
+
+/// The directory holding `path`.
+fn parent_of(path: &str) -> &str {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((dir, _)) => dir,
+    }
+}
+
+/// Writes `content` at `offset`, skipping clusters of zeroes (as `qemu-img convert` does).
+fn write_sparse(
+    fs: &mut FileSystem,
+    path: &str,
+    offset: u64,
+    content: &[u8],
+) -> Result<(), ManagedFailure> {
+    for (i, chunk) in content.chunks(CLUSTER as usize).enumerate() {
+        if chunk.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let at = offset + i as u64 * CLUSTER;
+        if let Err(e) = fs.write_image(path, at, chunk) {
+            return Err(ManagedFailure {
+                seed: 0,
+                step: 0,
+                what: format!("writing {path}: {e}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What a pull client read from an export: its size and the pieces `(offset, data)` read.

@@ -21,15 +21,15 @@
 //! system ([`Host::place`]). Disk sizes are the host's: scenarios write below 320 KiB only.
 
 use vbackup_core::Domain;
-use vbackup_core::backup::{BackupMode, JobStatus};
+use vbackup_core::backup::{BackupMode, DomainJobStatus};
 use vbackup_core::backup::{BackupSpec, NbdServer, NbdTransport};
-use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
-use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp};
+use vbackup_core::checkpoint::{DeleteScope, ListFilter};
+use vbackup_core::domain::{DomainConfig, DomainEvent, Reply, Request, StoreOp, StoredState};
 use vbackup_core::driver::{Driver, Effects};
 use vbackup_core::error::{Error, RequestError};
 use vbackup_core::link::Link;
 
-use crate::world::{lab_backup, lab_checkpoint, stored_state};
+use crate::world::{lab_backup, lab_checkpoint};
 
 /// The NBD socket of pull backups on the simulator.
 pub const SIM_NBD_SOCKET: &str = "/run/vbackup-sim.sock";
@@ -148,7 +148,7 @@ fn scribble<H: Host>(h: &mut H, seed: u8) -> Result<(), String> {
 fn finish<L: Link, E: Effects>(
     d: &mut Drv<L, E>,
     events: impl Fn(&E) -> &[DomainEvent],
-) -> Result<JobStatus, String> {
+) -> Result<DomainJobStatus, String> {
     let ended = d
         .run_until(|dom| dom.view().backup.is_none(), STEPS)
         .map_err(|e| format!("driver stopped: {e}"))?;
@@ -279,7 +279,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
     )?;
     // Writes while the jobs copy must not reach the backup.
     scribble(h, 2)?;
-    if finish(d, events)? != JobStatus::Completed {
+    if finish(d, events)? != DomainJobStatus::Completed {
         return Err("the full push backup did not complete".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -294,7 +294,7 @@ pub fn push_full_then_incremental<L: Link, E: Effects, H: Host>(
         backup(h, BackupMode::Push, Some("c1"), "/backup/inc", Some("c2")),
     )?;
     scribble(h, 4)?;
-    if finish(d, events)? != JobStatus::Completed {
+    if finish(d, events)? != DomainJobStatus::Completed {
         return Err("the incremental push backup did not complete".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -393,7 +393,7 @@ fn push_completes_and_restores<L: Link, E: Effects, H: Host>(
             Some(p.checkpoint),
         ),
     )?;
-    if finish(d, events)? != JobStatus::Completed {
+    if finish(d, events)? != DomainJobStatus::Completed {
         return Err(format!("the {} did not complete", p.what));
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -457,7 +457,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
     h.slow_jobs(None)?;
     call(d, Request::AbortJob)?;
     match finish(d, events)? {
-        JobStatus::Cancelled => {}
+        DomainJobStatus::Cancelled => {}
         other => return Err(format!("an aborted push ended {other:?}")),
     }
     let stats = last_stats(d, events)?;
@@ -473,7 +473,7 @@ pub fn push_abort<L: Link, E: Effects, H: Host>(
         backup(h, BackupMode::Push, None, "/backup/after-abort", None),
     )?;
     match finish(d, events)? {
-        JobStatus::Completed => Ok(()),
+        DomainJobStatus::Completed => Ok(()),
         other => Err(format!("the backup after an abort ended {other:?}")),
     }
 }
@@ -517,7 +517,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
         return Err("the host cannot inject an I/O error".into());
     }
     match finish(d, events)? {
-        JobStatus::Failed => {}
+        DomainJobStatus::Failed => {}
         other => return Err(format!("a backup with a failing target ended {other:?}")),
     }
     let stats = last_stats(d, events)?;
@@ -530,7 +530,7 @@ pub fn push_io_error<L: Link, E: Effects, H: Host>(
         backup(h, BackupMode::Push, None, "/backup/after-eio", Some("c1")),
     )?;
     match finish(d, events)? {
-        JobStatus::Completed => {}
+        DomainJobStatus::Completed => {}
         other => return Err(format!("the backup after a failure ended {other:?}")),
     }
     if names(d)? != ["c1"] {
@@ -573,13 +573,16 @@ pub fn engine_restart_mid_backup<L: Link, E: Effects, H: Host>(
     h.slow_jobs(None)?;
     let def = d.domain().view().def.clone();
     let (_, mut link, effects) = d.into_parts();
-    if stored_state(persisted(&effects)).2.is_none() {
+    if StoredState::from_ops(persisted(&effects))
+        .backup_journal
+        .is_none()
+    {
         return Err("a running backup left no journal".into());
     }
     relink(&mut link)?;
     let mut d = restart_engine(def, h.domain_config(), link, effects, persisted)?;
     match finish(&mut d, events)? {
-        JobStatus::Completed => {}
+        DomainJobStatus::Completed => {}
         other => return Err(format!("the recovered backup ended {other:?}")),
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -630,7 +633,7 @@ pub fn crash_after_new_checkpoint<L: Link, E: Effects, H: Host>(
             Some("c1"),
         ),
     )?;
-    if finish(d, events)? != JobStatus::Completed {
+    if finish(d, events)? != DomainJobStatus::Completed {
         return Err("the backup before the crash did not complete".into());
     }
     h.crash_qemu()
@@ -670,7 +673,7 @@ pub fn new_checkpoint_lost_in_crash<L: Link, E: Effects, H: Host>(
         d,
         backup(h, BackupMode::Push, None, "/backup/after-crash", Some("c2")),
     )?;
-    if finish(d, events)? != JobStatus::Completed {
+    if finish(d, events)? != DomainJobStatus::Completed {
         return Err("the full backup after the crash did not complete".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -705,7 +708,7 @@ pub fn checkpoints_survive_a_live_snapshot<L: Link, E: Effects, H: Host>(
         backup(h, BackupMode::Push, None, "/backup/snap-full", Some("c1")),
     )?;
     scribble(h, 12)?;
-    if finish(&mut d, events)? != JobStatus::Completed {
+    if finish(&mut d, events)? != DomainJobStatus::Completed {
         return Err("the full push backup did not complete".into());
     }
     scribble(h, 13)?;
@@ -723,7 +726,7 @@ pub fn checkpoints_survive_a_live_snapshot<L: Link, E: Effects, H: Host>(
         ),
     )?;
     scribble(h, 15)?;
-    if finish(&mut d, events)? != JobStatus::Completed {
+    if finish(&mut d, events)? != DomainJobStatus::Completed {
         return Err("the incremental from the checkpoint before the snapshot failed".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -737,7 +740,7 @@ pub fn checkpoints_survive_a_live_snapshot<L: Link, E: Effects, H: Host>(
         &mut d,
         backup(h, BackupMode::Push, Some("c2"), "/backup/snap-inc2", None),
     )?;
-    if finish(&mut d, events)? != JobStatus::Completed {
+    if finish(&mut d, events)? != DomainJobStatus::Completed {
         return Err("the incremental from the checkpoint after the snapshot failed".into());
     }
     for (i, disk) in ["vda", "vdb"].iter().enumerate() {
@@ -760,9 +763,7 @@ pub fn restart_engine<L: Link, E: Effects>(
     effects: E,
     persisted: impl Fn(&E) -> &[StoreOp],
 ) -> Result<Drv<L, E>, String> {
-    let (checkpoints, current, journal) = stored_state(persisted(&effects));
-    let tree = CheckpointTree::load(checkpoints, current.as_deref());
-    let domain = Domain::new(def, config, tree, journal);
+    let domain = Domain::from_stored(def, config, StoredState::from_ops(persisted(&effects)));
     let mut d = Driver::new(domain, link, effects);
     reconnect(&mut d)?;
     Ok(d)

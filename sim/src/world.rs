@@ -30,12 +30,13 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde_json::json;
 use vbackup_core::Domain;
 use vbackup_core::backup::{
-    BackupDiskSpec, BackupMode, BackupPlan, BackupSpec, BackupStore, JobStatus, NbdServer,
-    NbdTransport, StoreKind,
+    BackupDiskSpec, BackupMode, BackupSpec, BackupStore, DomainJobStatus, NbdServer, NbdTransport,
+    StoreKind,
 };
 use vbackup_core::checkpoint::{Checkpoint, CheckpointDisk, CheckpointTree, DeleteScope};
 use vbackup_core::domain::{
-    DomainConfig, DomainEvent, FileOp, RETRY_MAX_MS, Reply, Request, RequestId, StoreOp,
+    DomainConfig, DomainEvent, FileError, FileErrorKind, FileOp, RETRY_MAX_MS, Reply, Request,
+    RequestId, StoreOp, StoredState,
 };
 use vbackup_core::driver::{DriveError, Driver, Effects, MemoryEffects};
 use vbackup_core::error::Error;
@@ -284,13 +285,17 @@ impl Effects for StoreEffects {
         self.memory.persist(op)
     }
 
-    fn file(&mut self, op: &FileOp) -> Result<(), String> {
+    fn file(&mut self, op: &FileOp) -> Result<(), FileError> {
         self.memory.files.push(op.clone());
         let mut q = self.qemu.borrow_mut();
         match op {
             FileOp::CreateExclusive { path } => {
                 if q.fs().exists(path) {
-                    return Err(format!("file '{path}' exists"));
+                    return Err(FileError::new(
+                        FileErrorKind::AlreadyExists,
+                        path,
+                        format!("file '{path}' exists"),
+                    ));
                 }
                 q.fs_mut().touch(path);
                 Ok(())
@@ -303,11 +308,18 @@ impl Effects for StoreEffects {
             FileOp::Sync { path } => {
                 if self.failing_syncs.remove(path) {
                     q.fs_mut().lose_unwritten_data(path);
-                    Err(format!("cannot sync '{path}': Input/output error"))
+                    Err(FileError::other(
+                        path,
+                        format!("cannot sync '{path}': Input/output error"),
+                    ))
                 } else if q.fs().exists(path) {
                     Ok(())
                 } else {
-                    Err(format!("cannot sync '{path}': no such file"))
+                    Err(FileError::new(
+                        FileErrorKind::NotFound,
+                        path,
+                        format!("cannot sync '{path}': no such file"),
+                    ))
                 }
             }
         }
@@ -316,33 +328,6 @@ impl Effects for StoreEffects {
     fn event(&mut self, event: &DomainEvent) {
         self.memory.event(event);
     }
-}
-
-/// What the store holds after `ops`: checkpoints, the current one, the backup journal.
-pub fn stored_state(ops: &[StoreOp]) -> (Vec<Checkpoint>, Option<String>, Option<BackupPlan>) {
-    // Borrowed while replaying: only what survives the last write is copied out.
-    let mut cps: BTreeMap<&str, &Checkpoint> = BTreeMap::new();
-    let mut current = None;
-    let mut journal = None;
-    for op in ops {
-        match op {
-            StoreOp::PutCheckpoint(c) => {
-                cps.insert(&c.name, &**c);
-            }
-            StoreOp::DeleteCheckpoint(n) => {
-                cps.remove(n.as_str());
-            }
-            StoreOp::SetCurrentCheckpoint(c) => current = c.as_ref(),
-            StoreOp::PutBackupJournal(p) => journal = Some(&**p),
-            StoreOp::DeleteBackupJournal => journal = None,
-            StoreOp::SetPendingCheckpoints(_) => {}
-        }
-    }
-    (
-        cps.into_values().cloned().collect(),
-        current.cloned(),
-        journal.cloned(),
-    )
 }
 
 /// The simulated domain: `vda` (one qcow2 layer) and `vdb` (an overlay over a base image).
@@ -1071,8 +1056,8 @@ impl World {
         };
         let (old, mut link, mut effects) = driver.into_parts();
         effects.fail_next_persist = false;
-        let (cps, current, journal) = stored_state(&effects.memory.persisted);
-        let tree = CheckpointTree::load(cps, current.as_deref());
+        let stored = StoredState::from_ops(&effects.memory.persisted);
+        let tree = stored.checkpoint_tree();
         // A deletion QEMU confirmed but the store never recorded comes back from the store
         // with its bitmaps gone: nothing in the core reconciles that (see the report of
         // `stored_deletion_lost_resurrects_checkpoint_without_bitmaps`).
@@ -1081,17 +1066,7 @@ impl World {
                 self.resurrected.insert(c.name.clone());
             }
         }
-        let pending = effects
-            .memory
-            .persisted
-            .iter()
-            .rev()
-            .find_map(|op| match op {
-                StoreOp::SetPendingCheckpoints(p) => Some(p.clone()),
-                _ => None,
-            });
-        let domain = Domain::new(self.def.clone(), DomainConfig::default(), tree, journal)
-            .with_pending_checkpoints(pending.unwrap_or_default());
+        let domain = Domain::from_stored(self.def.clone(), DomainConfig::default(), stored);
         link.reconnect();
         self.pending.clear();
         self.candidates.clear();
@@ -1209,7 +1184,7 @@ impl World {
             if let DomainEvent::JobCompleted(stats) = e {
                 self.note(|| format!("job completed {:?} {:?}", stats.status, stats.errmsg));
                 let b = self.backup.take();
-                if stats.status == JobStatus::Completed
+                if stats.status == DomainJobStatus::Completed
                     && let Some(b) = b
                     && b.mode == BackupMode::Push
                 {

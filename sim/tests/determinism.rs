@@ -34,6 +34,6 @@ fn traces_parse_back_in_the_core_trace_format() {
         .filter(|l| l.starts_with('{'))
         .map(|l| format!("{l}\n"))
         .collect();
-    let lines = vbackup_core::trace::parse(&qmp).expect("the trace reads back");
+    let lines = vbackup_core::unstable::trace::parse(&qmp).expect("the trace reads back");
     assert!(lines.len() > 100);
 }

@@ -3,7 +3,7 @@
 //! reported as a backup that never ends, with what it was waiting for. And a backup whose job
 //! end was missed is ended by the next statistics poll.
 
-use vbackup_core::backup::{BackupMode, JobStatus};
+use vbackup_core::backup::{BackupMode, DomainJobStatus};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::link::Link;
 use vbackup_sim::world::link::Stall;
@@ -148,12 +148,9 @@ fn stats_poll_ends_a_backup_whose_job_end_event_was_missed() {
         .run_until(|dom| dom.view().backup.is_none(), 1_000)
         .expect("driven");
     assert!(ended, "{:?}", d.domain().backup_waiting_for());
-    let completed = d
-        .effects()
-        .memory
-        .events
-        .iter()
-        .any(|e| matches!(e, DomainEvent::JobCompleted(s) if s.status == JobStatus::Completed));
+    let completed = d.effects().memory.events.iter().any(
+        |e| matches!(e, DomainEvent::JobCompleted(s) if s.status == DomainJobStatus::Completed),
+    );
     assert!(completed, "{:?}", d.effects().memory.events);
 }
 

@@ -1,6 +1,8 @@
-//! Seeded histories of managed backups over the simulator (see `vbackup_sim::managed`): guest
-//! writes, checkpoints, push and pull backups, deletions (some interrupted midway) and
-//! restores, with the catalogue and content checkers after every step. The optimized run (CI)
+//! Seeded histories of managed backups over the simulator (see `vbackup_sim::managed`): the
+//! core's managed-backup machine driven over the simulated QEMU with guest writes,
+//! checkpoints, push and pull backups, deletions, consolidations and restores, vbackup killed
+//! at every kind of step, images and records corrupted, and the catalogue, content and
+//! data-safety checkers after every step. The optimized run (CI)
 //! covers 200 seeds, an unoptimized one fewer so the debug suite stays quick.
 //! `SIM_MANAGED_SEED=N cargo test -p vbackup-sim --release --test managed_histories` reruns one.
 
@@ -41,6 +43,20 @@ fn managed_backup_histories_restore_every_backup_to_its_point_in_time() {
         assert!(total.discarded_pulls > 0, "{total:?}");
         assert!(total.interrupted_deletions > 0, "{total:?}");
         assert!(total.refused_restores > 0, "{total:?}");
+        // The data-safety rules were exercised: kills, corrupted chains refused,
+        // damaged records listed and deleted, vanished targets and taken names refused.
+        assert!(total.kills >= n, "{total:?}");
+        assert!(total.refused_consolidations > 0, "{total:?}");
+        assert!(total.refused_corrupt_restores > 0, "{total:?}");
+        assert!(
+            total.damaged_records > 0 && total.deleted_damaged > 0,
+            "{total:?}"
+        );
+        assert!(total.refused_missing_targets > 0, "{total:?}");
+        assert!(
+            total.refused_new_domains > 0 && total.new_domains > 0,
+            "{total:?}"
+        );
     }
 }
 

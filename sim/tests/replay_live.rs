@@ -15,7 +15,7 @@ use vbackup_core::checkpoint::CheckpointTree;
 use vbackup_core::domain::DomainConfig;
 use vbackup_core::driver::{Driver, MemoryEffects};
 use vbackup_core::link::{NameMap, ReplayLink, Timestamp};
-use vbackup_core::trace;
+use vbackup_core::unstable::trace;
 use vbackup_sim::scenarios;
 use vbackup_sim::world::{LAB_THROUGHPUT_BYTES_PER_S, lab_domain};
 use vbackup_sim::{Config, Fault, Flavor, Qemu};

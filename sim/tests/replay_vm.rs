@@ -20,7 +20,7 @@ use vbackup_core::domain::DomainConfig;
 use vbackup_core::driver::{Driver, MemoryEffects};
 use vbackup_core::link::{NameMap, ReplayLink, Timestamp};
 use vbackup_core::model::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, StorageType};
-use vbackup_core::trace;
+use vbackup_core::unstable::trace;
 use vbackup_sim::scenarios;
 use vbackup_sim::world::{CLUSTER, DISK_BYTES, LAB_THROUGHPUT_BYTES_PER_S};
 use vbackup_sim::{Config, DriveLayer, Fault, Flavor, Qemu};
@@ -337,7 +337,7 @@ fn every_vm_configuration_is_recorded() {
 /// ignored those early events waited forever for them, and the replay ran out of trace).
 #[test]
 fn core_ends_pushes_whose_jobs_concluded_before_the_transaction_reply() {
-    use vbackup_core::backup::{BackupMode, JobStatus};
+    use vbackup_core::backup::{BackupMode, DomainJobStatus};
     use vbackup_core::domain::{DomainEvent, Request};
     use vbackup_sim::world::{lab_backup, lab_checkpoint};
 
@@ -371,7 +371,7 @@ fn core_ends_pushes_whose_jobs_concluded_before_the_transaction_reply() {
                 DomainEvent::JobCompleted(s) => Some(s.status),
                 _ => None,
             });
-            assert_eq!(status, Some(JobStatus::Completed), "{config} {dir}");
+            assert_eq!(status, Some(DomainJobStatus::Completed), "{config} {dir}");
         }
         replayed += 1;
     }

@@ -7,8 +7,8 @@ use super::{
 };
 use crate::error::RequestError;
 use crate::xml::{
-    BackupDef, BackupDisk, BackupDiskMode, BackupMode as XmlMode, BackupStorage,
-    BackupStore as XmlStore, DiskBackup, Origin, ServerDef, Transport,
+    BackupDef, BackupDisk, BackupDiskMode, BackupModeAttr as XmlMode, BackupStorage,
+    BackupStoreDef as XmlStore, DiskBackup, Origin, ServerDef, Transport,
 };
 
 impl BackupSpec {

@@ -299,7 +299,7 @@ pub enum BackupStage {
 /// State of the domain job as reported in statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum JobStatus {
+pub enum DomainJobStatus {
     /// Running (libvirt's "unbounded").
     Running,
     /// Finished successfully.
@@ -316,7 +316,7 @@ pub struct JobStats {
     /// Always a backup here (libvirt's operation 9).
     pub operation: &'static str,
     /// Running or how it ended.
-    pub status: JobStatus,
+    pub status: DomainJobStatus,
     /// Milliseconds since the job began.
     pub time_elapsed_ms: u64,
     /// Push: total bytes to copy.
@@ -341,10 +341,10 @@ pub struct JobStats {
 
 impl BackupPlan {
     /// Statistics of the plan at `now_ms`; `status` is the job's state.
-    pub fn stats(&self, now_ms: u64, status: JobStatus) -> JobStats {
+    pub fn stats(&self, now_ms: u64, status: DomainJobStatus) -> JobStats {
         let current: u64 = self.disks.iter().map(|d| d.progress_current_bytes).sum();
         let total: u64 = self.disks.iter().map(|d| d.progress_total_bytes).sum();
-        let finished = status != JobStatus::Running;
+        let finished = status != DomainJobStatus::Running;
         let (push, pull) = match self.mode {
             BackupMode::Push => (current > 0 || total > 0, false),
             BackupMode::Pull => (false, current > 0 || total > 0),
@@ -358,7 +358,7 @@ impl BackupPlan {
             disk_remaining_bytes: push.then_some(total.saturating_sub(current)),
             disk_temp_used_bytes: pull.then_some(current),
             disk_temp_total_bytes: pull.then_some(total),
-            success: finished.then_some(status == JobStatus::Completed),
+            success: finished.then_some(status == DomainJobStatus::Completed),
             errmsg: if finished {
                 // The cause before its consequences: a failed disk's error, not that of a
                 // disk cancelled because of it.
@@ -380,19 +380,19 @@ impl BackupPlan {
 
     /// The final status once every disk has ended: failed if any disk failed; cancelled if any
     /// was cancelled in push mode; completed otherwise (a pull ended by abort completed).
-    pub fn final_status(&self) -> JobStatus {
+    pub fn final_status(&self) -> DomainJobStatus {
         if self.start_error.is_some() || self.disks.iter().any(|d| d.state == DiskJobState::Failed)
         {
-            JobStatus::Failed
+            DomainJobStatus::Failed
         } else if self.mode == BackupMode::Push
             && self
                 .disks
                 .iter()
                 .any(|d| d.state == DiskJobState::Cancelled)
         {
-            JobStatus::Cancelled
+            DomainJobStatus::Cancelled
         } else {
-            JobStatus::Completed
+            DomainJobStatus::Completed
         }
     }
 
@@ -527,17 +527,20 @@ mod tests {
         )];
         assert_eq!(
             plan(BackupMode::Pull, d.clone()).final_status(),
-            JobStatus::Completed
+            DomainJobStatus::Completed
         );
         assert_eq!(
             plan(BackupMode::Push, d).final_status(),
-            JobStatus::Cancelled
+            DomainJobStatus::Cancelled
         );
         let f = vec![
             disk(DiskJobState::Failed, 0, 10, Some("Input/output error")),
             disk(DiskJobState::Cancelled, 0, 10, None),
         ];
-        assert_eq!(plan(BackupMode::Pull, f).final_status(), JobStatus::Failed);
+        assert_eq!(
+            plan(BackupMode::Pull, f).final_status(),
+            DomainJobStatus::Failed
+        );
     }
 
     #[test]
@@ -549,7 +552,7 @@ mod tests {
                 disk(DiskJobState::Complete, 50, 50, None),
             ],
         );
-        let s = p.stats(1565, JobStatus::Running);
+        let s = p.stats(1565, DomainJobStatus::Running);
         assert_eq!(s.time_elapsed_ms, 565);
         assert_eq!(s.disk_total_bytes, Some(150));
         assert_eq!(s.disk_processed_bytes, Some(80));

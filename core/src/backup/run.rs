@@ -1,11 +1,13 @@
 //! A running backup: preparation, the atomic start, monitoring, abort, cleanup and recovery.
 //!
-//! Phases: `Querying` (node data) → `Preparing` (target/scratch images, TLS, NBD server, then
-//! the one transaction that creates the checkpoint bitmaps and starts every job; pull exports
-//! after it) → `Running` (job monitoring from events and `query-jobs`) → `Finishing` (cleanup
-//! of ended disks) → gone. A failure before the transaction leads to `RollingBack`, which
-//! undoes what was set up. A lost connection leads to `Disconnected`; after [`Input::Reconnected`]
-//! the run queries QEMU's jobs and resumes or concludes.
+//! Phases (the variants of `Phase`): `Querying` (node data) → `Preparing` (target/scratch
+//! images, TLS, NBD server, then the one transaction that creates the checkpoint bitmaps and
+//! starts every job; pull exports after it) → `Running` (job monitoring from events and
+//! `query-jobs`, and the cleanup of each disk as its job ends) → gone, once every disk ended
+//! and its cleanup ran. A failure before the transaction leads to `RollingBack`, which undoes
+//! what was set up. A lost connection leads to `Disconnected`; after [`Input::Reconnected`]
+//! the run is `Reconciling`: it queries QEMU's jobs and resumes (`Preparing` or `Running`) or
+//! concludes.
 //!
 //! Preparation and cleanup commands run one at a time from a queue, so each step sees the
 //! result of the previous one.
@@ -17,27 +19,31 @@
 //! a start whose transaction was never sent and takes over the jobs of one whose transaction
 //! went through.
 //!
-//! [`Input::Reconnected`]: crate::domain::Input::Reconnected
+//! [`Input::Reconnected`]: crate::protocol::Input::Reconnected
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::Value;
 
 use super::{
     BackupDiskPlan, BackupMode, BackupPlan, BackupSpec, BackupStage, BackupStore, DiskJobState,
-    JobStatus, NbdServer, NbdTransport, StoreKind, default_temp_bitmap, job_id, node_index,
+    DomainJobStatus, NbdServer, NbdTransport, StoreKind, default_temp_bitmap, job_id, node_index,
     node_names,
 };
 use crate::chain::{NodeTable, check_chain};
 use crate::checkpoint::Checkpoint;
-use crate::checkpoint::ops::{check_create, commit_created, create_actions};
-use crate::domain::{
-    Core, Ctx, DomainEvent, FileOp, FileOpId, Owner, PushWrite, Reply, RequestId, StoreOp, cmd,
-    node_table, refused,
-};
 use crate::error::{Error, RequestError};
-use crate::link::Timestamp;
+use crate::kernel::checkpoints::{check_create, commit_created, create_actions};
+use crate::kernel::commands as cmd;
+use crate::kernel::ctx::Ctx;
+use crate::kernel::qemu::{disk_layers, node_table, refused};
+use crate::kernel::retry::retry_delay_ms;
+use crate::kernel::state::{BackupTag, BackupTimer, Core, Owner, Timer};
+use crate::kernel::timers::TimerTable;
 use crate::model::ImageFormat;
+use crate::protocol::{
+    DomainEvent, FileError, FileOp, FileOpId, PushWrite, Reply, RequestId, StoreOp,
+};
 use crate::qmp::{
     BitmapRef, BlockExportAdd, InetSocketAddress, JobInfo, JobStatus as QemuJobStatus,
     NbdServerStart, ObjectAdd, ObjectDel, QmpCommand, QmpError, QmpEvent, Secret,
@@ -50,21 +56,6 @@ pub const TLS_OBJECT: &str = "objlibvirt_backup_tls0";
 pub const TLS_SECRET_OBJECT: &str = "objlibvirt_backup_tls0-secret0";
 /// Holder name disks are registered under while a backup uses them.
 pub const DISK_HOLDER: &str = "backup";
-
-/// The step a backup reply answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackupTag {
-    /// The first node query.
-    Query,
-    /// The current queued step.
-    Step,
-    /// `query-jobs` checking an image-creation job.
-    CreateJobCheck(String),
-    /// `query-jobs` after a job concluded (or after a reconnection).
-    Poll,
-    /// `query-jobs` for a statistics request.
-    Stats(RequestId),
-}
 
 /// What a queued step is.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,12 +92,51 @@ enum Effect {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
-    Querying,
+    /// The first node query is out; the request's definition waits for its answer.
+    Querying {
+        spec: Box<BackupSpec>,
+    },
     Preparing,
     Running,
-    RollingBack { error: Error },
+    RollingBack {
+        error: Error,
+    },
     Disconnected,
-    Reconciling,
+    /// After a reconnection, waiting for QEMU's jobs; `poll_attempts` failed `query-jobs`
+    /// so far (the back-off grows with them).
+    Reconciling {
+        poll_attempts: u32,
+    },
+}
+
+/// How far the transaction that starts the backup got; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Not sent: no job can be ours.
+    NotSent,
+    /// Sent, its answer not (yet) known: the jobs exist exactly when QEMU lists them.
+    Sent,
+    /// QEMU confirmed it: the jobs run and the checkpoint exists.
+    Committed,
+}
+
+/// What the queued step in progress waits for. One thing at a time: a command's reply, a
+/// file operation, an image-creation job, or a target's sync.
+#[derive(Debug, Clone, PartialEq)]
+enum Busy {
+    /// Nothing: the next queued step may start.
+    Idle,
+    /// The reply to a command; `effect` records what success means. Kept across a lost
+    /// connection when it cleans up.
+    Command { command: QmpCommand, effect: Effect },
+    /// The creation of an empty image file.
+    File { id: FileOpId, path: String },
+    /// The conclusion of an image-creation job.
+    CreateJob { job: String },
+    /// The `query-jobs` checking a concluded image-creation job.
+    CreateJobCheck,
+    /// The sync of a completed push target (the disk's index).
+    Sync { id: FileOpId, disk: usize },
 }
 
 /// A backup from its begin request to its end.
@@ -116,19 +146,15 @@ pub(crate) struct BackupRun {
     phase: Phase,
     begin_req: Option<RequestId>,
     checkpoint: Option<Checkpoint>,
-    committed: bool,
-    transaction_sent: bool,
+    /// How far the one transaction that starts the jobs got.
+    start: Start,
     abort_requested: bool,
     steps: VecDeque<Step>,
-    /// Whether a queued step waits for its answer (command reply, file, job event).
-    step_busy: bool,
-    /// What the command in flight means when it succeeds.
-    current: Option<Effect>,
+    /// What the queued step in progress waits for.
+    busy: Busy,
     /// The TCP port was chosen by the engine (so another one may be tried).
     port_chosen: bool,
     create_concluded: BTreeSet<String>,
-    waiting_create_job: Option<String>,
-    waiting_file: Option<(FileOpId, String)>,
     /// Whether the plan was journaled (so an ending run must delete the journal).
     journaled: bool,
     added_nodes: Vec<String>,
@@ -147,31 +173,23 @@ pub(crate) struct BackupRun {
     concluded_before_reply: BTreeSet<String>,
     /// An abort arrived before the transaction was sent: roll back at the next quiet moment.
     abort_before_start: bool,
-    /// Since when the run waits for something that is not a command reply (a file operation,
-    /// an image-creation job's conclusion).
-    waiting_since: Option<Timestamp>,
     /// Whether the run holds the short slot, which keeps checkpoint operations out while the
     /// backup is being started.
     holds_start_slot: bool,
     nodes: NodeTable,
-    spec: Option<BackupSpec>,
-    /// The command step in flight (kept across a lost connection when it cleans up).
-    in_flight: Option<Step>,
-    /// Refused cleanup commands waiting for their next try: when, the command, tries so far.
-    retries: Vec<(Timestamp, QmpCommand, u32)>,
-    /// The reconnection's `query-jobs` failed: when to ask again.
-    poll_due: Option<Timestamp>,
-    /// Checks of a job's end that QEMU refused: when to check again, and the job.
-    /// Without them a job whose end check was refused would be waited for forever.
-    check_retries: Vec<(Timestamp, String)>,
+    /// Refused cleanup commands waiting for their next try ([`BackupTimer::Retry`] under the
+    /// same number): the command, tries so far.
+    retries: BTreeMap<u64, (QmpCommand, u32)>,
+    /// Checks of a job's end that QEMU refused, waiting for [`BackupTimer::CheckRetry`] under
+    /// the same number: the job. Without them a job whose end check was refused would be
+    /// waited for forever.
+    check_retries: BTreeMap<u64, String>,
+    /// The number the next retry timer is armed under.
+    next_timer: u64,
     /// Refused end checks of this run so far (the back-off grows with them).
     check_attempts: u32,
-    /// Failed `query-jobs` of this reconnection so far.
-    poll_attempts: u32,
     /// Completed push disks whose target was checked closed (and made durable, or failed).
     settled: BTreeSet<usize>,
-    /// The target sync in progress: the file operation and the disk.
-    waiting_sync: Option<(FileOpId, usize)>,
     /// Disks the journal of a restarted engine already shows ended: their cleanup may not
     /// have run, so the first reconcile queues it again.
     restored_final: Vec<usize>,
@@ -277,12 +295,12 @@ impl BackupRun {
         // What the journal's stage says about the transaction decides how the reconcile goes:
         // before it was sent nothing QEMU lists can be ours; while its answer was unknown the
         // jobs exist exactly when QEMU lists them.
-        let (committed, transaction_sent) = match plan.stage {
-            BackupStage::Preparing => (false, false),
-            BackupStage::Starting => (false, true),
-            BackupStage::Running => (true, true),
+        let start = match plan.stage {
+            BackupStage::Preparing => Start::NotSent,
+            BackupStage::Starting => Start::Sent,
+            BackupStage::Running => Start::Committed,
         };
-        let checkpoint = if committed {
+        let checkpoint = if start == Start::Committed {
             None
         } else {
             plan.checkpoint_def.clone().map(|c| *c)
@@ -295,16 +313,12 @@ impl BackupRun {
             phase: Phase::Disconnected,
             begin_req: None,
             checkpoint,
-            committed,
-            transaction_sent,
+            start,
             abort_requested: false,
             steps: VecDeque::new(),
-            step_busy: false,
-            current: None,
+            busy: Busy::Idle,
             port_chosen: false,
             create_concluded: BTreeSet::new(),
-            waiting_create_job: None,
-            waiting_file: None,
             journaled: true,
             added_nodes: Vec::new(),
             added_objects,
@@ -315,17 +329,12 @@ impl BackupRun {
             concluded_before_reply: BTreeSet::new(),
             holds_start_slot: false,
             abort_before_start: false,
-            waiting_since: None,
             nodes: NodeTable::new(),
-            spec: None,
-            in_flight: None,
-            retries: Vec::new(),
-            poll_due: None,
-            check_retries: Vec::new(),
+            retries: BTreeMap::new(),
+            check_retries: BTreeMap::new(),
+            next_timer: 0,
             check_attempts: 0,
-            poll_attempts: 0,
             settled: BTreeSet::new(),
-            waiting_sync: None,
             restored_final,
         }
     }
@@ -381,22 +390,19 @@ impl BackupRun {
                 checkpoint_def: checkpoint.clone().map(Box::new),
                 created_files: Vec::new(),
             },
-            phase: Phase::Querying,
+            phase: Phase::Querying {
+                spec: Box::new(spec),
+            },
             holds_start_slot: true,
             abort_before_start: false,
-            waiting_since: None,
             begin_req: Some(req),
             checkpoint,
-            committed: false,
-            transaction_sent: false,
+            start: Start::NotSent,
             abort_requested: false,
             steps: VecDeque::new(),
-            step_busy: false,
-            current: None,
+            busy: Busy::Idle,
             port_chosen: false,
             create_concluded: BTreeSet::new(),
-            waiting_create_job: None,
-            waiting_file: None,
             journaled: false,
             added_nodes: Vec::new(),
             added_objects: Vec::new(),
@@ -406,15 +412,11 @@ impl BackupRun {
             checks_queued: BTreeSet::new(),
             concluded_before_reply: BTreeSet::new(),
             nodes: NodeTable::new(),
-            spec: Some(spec),
-            in_flight: None,
-            retries: Vec::new(),
-            poll_due: None,
-            check_retries: Vec::new(),
+            retries: BTreeMap::new(),
+            check_retries: BTreeMap::new(),
+            next_timer: 0,
             check_attempts: 0,
-            poll_attempts: 0,
             settled: BTreeSet::new(),
-            waiting_sync: None,
             restored_final: Vec::new(),
         })
     }
@@ -490,7 +492,7 @@ impl BackupRun {
                 ))
                 .into());
             }
-            crate::domain::disk_layers(&core.def, &d.target)?;
+            disk_layers(&core.def, &d.target)?;
             let format = d
                 .store
                 .as_ref()
@@ -584,7 +586,7 @@ impl BackupRun {
                 self.plan.skipped_disks.push(d.target.clone());
                 continue;
             }
-            let layers = crate::domain::disk_layers(&core.def, &d.target)?;
+            let layers = disk_layers(&core.def, &d.target)?;
             let Some(device_node) = layers.first().cloned() else {
                 return Err(
                     RequestError::Unsupported(format!("disk '{}' has no media", d.target)).into(),
@@ -832,7 +834,7 @@ impl BackupRun {
                     .and_then(|c| c.disks.iter().find(|x| x.target == d.target))
                     .and_then(|x| x.bitmap.clone())
                     .unwrap_or_else(|| cp.clone());
-                let layers = crate::domain::disk_layers(&core.def, &d.target).unwrap_or_default();
+                let layers = disk_layers(&core.def, &d.target).unwrap_or_default();
                 if let Ok(m) = check_chain(&self.nodes, &layers, &cp_bitmap) {
                     actions.push(cmd::add_temp_bitmap(node, bitmap, m.granularity_bytes));
                     actions.push(cmd::merge(node, bitmap, &m.sources));
@@ -859,10 +861,11 @@ impl BackupRun {
 
     /// Runs queued steps until one must wait.
     fn pump(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
-        if self.step_busy {
+        if self.busy != Busy::Idle {
             return Some(self);
         }
-        if self.abort_before_start && !self.transaction_sent && self.phase == Phase::Preparing {
+        if self.abort_before_start && self.start == Start::NotSent && self.phase == Phase::Preparing
+        {
             // Nothing is in flight now, so the roll-back sees everything that was set up.
             self.abort_before_start = false;
             return self.roll_back(core, ctx, RequestError::Aborted.into());
@@ -872,24 +875,18 @@ impl BackupRun {
                 if effect == Effect::Transaction {
                     // Journaled first: if the write fails the driver stops before sending,
                     // and a restart rolls back a start whose jobs cannot exist.
-                    self.transaction_sent = true;
+                    self.start = Start::Sent;
                     self.plan.stage = BackupStage::Starting;
                     self.journal(ctx);
                 }
                 ctx.send(Owner::Backup(BackupTag::Step), command.clone());
-                self.in_flight = Some(Step::Cmd {
-                    command,
-                    effect: effect.clone(),
-                });
-                self.current = Some(effect);
-                self.step_busy = true;
+                self.busy = Busy::Command { command, effect };
                 Some(self)
             }
             Some(Step::CreateFile { path }) => {
                 let id = ctx.file(FileOp::CreateExclusive { path: path.clone() });
-                self.waiting_file = Some((id, path));
-                self.waiting_since = Some(ctx.now);
-                self.step_busy = true;
+                self.busy = Busy::File { id, path };
+                self.arm_wait(ctx);
                 Some(self)
             }
             Some(Step::AwaitCreateJob { job }) => {
@@ -898,11 +895,11 @@ impl BackupRun {
                         Owner::Backup(BackupTag::CreateJobCheck(job)),
                         cmd::query_jobs(),
                     );
+                    self.busy = Busy::CreateJobCheck;
                 } else {
-                    self.waiting_create_job = Some(job);
-                    self.waiting_since = Some(ctx.now);
+                    self.busy = Busy::CreateJob { job };
+                    self.arm_wait(ctx);
                 }
-                self.step_busy = true;
                 Some(self)
             }
             None => self.queue_drained(core, ctx),
@@ -947,14 +944,32 @@ impl BackupRun {
                 None
             }
             Phase::Running => self.maybe_finish(core, ctx),
-            Phase::Querying | Phase::Disconnected | Phase::Reconciling => Some(self),
+            Phase::Querying { .. } | Phase::Disconnected | Phase::Reconciling { .. } => Some(self),
         }
     }
 
     /// Queues a refused cleanup command for another try after a growing delay.
-    fn schedule_retry(&mut self, ctx: &Ctx<'_>, command: QmpCommand, attempt: u32) {
-        let due = ctx.now.plus_ms(crate::domain::retry_delay_ms(attempt));
-        self.retries.push((due, command, attempt.saturating_add(1)));
+    fn schedule_retry(&mut self, ctx: &mut Ctx<'_>, command: QmpCommand, attempt: u32) {
+        let seq = self.take_timer_number();
+        ctx.set_timer_in(
+            Timer::Backup(BackupTimer::Retry(seq)),
+            retry_delay_ms(attempt),
+        );
+        self.retries
+            .insert(seq, (command, attempt.saturating_add(1)));
+    }
+
+    /// A fresh number for a retry timer (numbers grow, so retries expire in arming order).
+    fn take_timer_number(&mut self) -> u64 {
+        self.next_timer += 1;
+        self.next_timer
+    }
+
+    /// Starts the wait for something that is not a command reply (a file operation, an
+    /// image-creation job's conclusion): it times out like a command.
+    fn arm_wait(&self, ctx: &mut Ctx<'_>) {
+        let timeout = ctx.command_timeout_ms();
+        ctx.set_timer_in(Timer::Backup(BackupTimer::Wait), timeout);
     }
 
     /// Writes the plan to the job journal.
@@ -988,7 +1003,7 @@ impl BackupRun {
         // or it stays in QEMU and its id refuses every later backup: keep the queued wait
         // (and the dismissal that follows a checked job) ahead of the undo steps.
         let mut kept = Vec::new();
-        if let Some(job) = self.waiting_create_job.take() {
+        if let Busy::CreateJob { job } = std::mem::replace(&mut self.busy, Busy::Idle) {
             kept.push(Step::AwaitCreateJob { job });
         }
         while let Some(step) = self.steps.pop_front() {
@@ -1009,9 +1024,6 @@ impl BackupRun {
         self.steps.clear();
         self.steps.extend(first);
         self.steps.extend(kept);
-        self.step_busy = false;
-        self.current = None;
-        self.waiting_file = None;
         if self.nbd_started {
             self.steps.push_back(best_effort(QmpCommand::NbdServerStop));
         }
@@ -1050,12 +1062,16 @@ impl BackupRun {
                     Err(e) => return self.roll_back(core, ctx, e),
                 };
                 self.nodes = nodes;
-                let Some(spec) = self.spec.take() else {
-                    return self.roll_back(
-                        core,
-                        ctx,
-                        Error::QemuMisbehaved("backup definition lost".into()),
-                    );
+                let spec = match std::mem::replace(&mut self.phase, Phase::Preparing) {
+                    Phase::Querying { spec } => *spec,
+                    other => {
+                        self.phase = other;
+                        return self.roll_back(
+                            core,
+                            ctx,
+                            Error::QemuMisbehaved("backup definition lost".into()),
+                        );
+                    }
                 };
                 if let Err(e) = self.plan_from_nodes(core, ctx, &spec) {
                     return self.roll_back(core, ctx, e);
@@ -1073,7 +1089,7 @@ impl BackupRun {
                     .and_then(|v| parse_jobs(&v))
                     .map(|jobs| jobs.into_iter().find(|j| j.id == job).and_then(|j| j.error));
                 // The creation job is dismissed whatever happened.
-                self.step_busy = false;
+                self.busy = Busy::Idle;
                 if matches!(self.phase, Phase::RollingBack { .. }) {
                     // Already undoing: only the dismissal is still owed.
                     self.steps.push_front(best_effort(cmd::job_dismiss(&job)));
@@ -1109,10 +1125,10 @@ impl BackupRun {
                 Some(jobs) => self.reconcile(core, ctx, &jobs),
                 None => {
                     // Without QEMU's jobs nothing can be decided: ask again later.
-                    if self.phase == Phase::Reconciling {
-                        let delay = crate::domain::retry_delay_ms(self.poll_attempts);
-                        self.poll_due = Some(ctx.now.plus_ms(delay));
-                        self.poll_attempts = self.poll_attempts.saturating_add(1);
+                    if let Phase::Reconciling { poll_attempts } = &mut self.phase {
+                        let delay = retry_delay_ms(*poll_attempts);
+                        ctx.set_timer_in(Timer::Backup(BackupTimer::Poll), delay);
+                        *poll_attempts = poll_attempts.saturating_add(1);
                     }
                     Some(self)
                 }
@@ -1133,8 +1149,8 @@ impl BackupRun {
                         }
                     }
                 }
-                let mut stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
-                stats.waiting_for = Some(self.waiting_for());
+                let mut stats = self.plan.stats(ctx.now.as_ms(), DomainJobStatus::Running);
+                stats.waiting_for = Some(self.waiting_for(ctx.timers()));
                 ctx.respond(req, Ok(Reply::Stats(Some(stats))));
                 self.check_missed_ends(core, ctx, &jobs_seen)
             }
@@ -1148,9 +1164,10 @@ impl BackupRun {
         command: &str,
         result: Result<Value, QmpError>,
     ) -> Option<Self> {
-        let effect = self.current.take().unwrap_or(Effect::None);
-        let sent = self.in_flight.take();
-        self.step_busy = false;
+        let (effect, sent) = match std::mem::replace(&mut self.busy, Busy::Idle) {
+            Busy::Command { command, effect } => (effect, Some(command)),
+            _ => (Effect::None, None),
+        };
         if let Effect::CheckJob(job) = &effect {
             return self.on_check_job(core, ctx, job, result);
         }
@@ -1162,17 +1179,14 @@ impl BackupRun {
             return self.pump(core, ctx);
         }
         let deleted_node = match &sent {
-            Some(Step::Cmd {
-                command: QmpCommand::BlockdevDel(del),
-                ..
-            }) => Some(del.node_name.clone()),
+            Some(QmpCommand::BlockdevDel(del)) => Some(del.node_name.clone()),
             _ => None,
         };
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
         let best_effort = rolling_back || matches!(effect, Effect::BestEffort | Effect::Retry(_));
         if best_effort
             && let Err(e) = &result
-            && let Some(Step::Cmd { command, .. }) = sent
+            && let Some(command) = sent
             && let Some(gone) = Gone::of(&command)
         {
             // QEMU refused a cleanup command: check whether its object is gone anyway, and
@@ -1297,7 +1311,7 @@ impl BackupRun {
 
     /// The transaction succeeded: the checkpoint exists, the jobs run. Persist both.
     fn commit(&mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Result<(), Error> {
-        self.committed = true;
+        self.start = Start::Committed;
         self.plan.stage = BackupStage::Running;
         for d in &mut self.plan.disks {
             d.state = DiskJobState::Running;
@@ -1345,9 +1359,9 @@ impl BackupRun {
                 }
                 if c.id.starts_with("create-") {
                     self.create_concluded.insert(c.id.clone());
-                    if self.waiting_create_job.as_deref() == Some(c.id.as_str()) {
-                        self.waiting_create_job = None;
-                        self.waiting_since = None;
+                    if matches!(&self.busy, Busy::CreateJob { job } if *job == c.id) {
+                        self.busy = Busy::CreateJobCheck;
+                        ctx.clear_timer(&Timer::Backup(BackupTimer::Wait));
                         ctx.send(
                             Owner::Backup(BackupTag::CreateJobCheck(c.id.clone())),
                             cmd::query_jobs(),
@@ -1355,16 +1369,13 @@ impl BackupRun {
                     }
                     return Some(self);
                 }
-                if self.plan.disk_by_job(&c.id).is_some()
-                    && !self.committed
-                    && self.transaction_sent
-                {
+                if self.plan.disk_by_job(&c.id).is_some() && self.start == Start::Sent {
                     // The job ran to its end before the transaction's reply arrived.
                     self.concluded_before_reply.insert(c.id.clone());
                     return Some(self);
                 }
                 if self.plan.disk_by_job(&c.id).is_some()
-                    && self.committed
+                    && self.start == Start::Committed
                     && self.checks_queued.insert(c.id.clone())
                 {
                     self.steps.push_back(Step::Cmd {
@@ -1393,7 +1404,7 @@ impl BackupRun {
                     );
                 }
                 self.steps.clear();
-                self.step_busy = false;
+                self.busy = Busy::Idle;
                 self.terminate(core, ctx);
                 None
             }
@@ -1407,13 +1418,15 @@ impl BackupRun {
         core: &mut Core,
         ctx: &mut Ctx<'_>,
         id: FileOpId,
-        result: Result<(), String>,
+        result: Result<(), FileError>,
     ) -> Option<Self> {
-        if let Some((waiting, i)) = self.waiting_sync
+        if let Busy::Sync {
+            id: waiting,
+            disk: i,
+        } = self.busy
             && waiting == id
         {
-            self.waiting_sync = None;
-            self.step_busy = false;
+            self.busy = Busy::Idle;
             if let Err(msg) = result {
                 let path = self.plan.disks[i].store_path.clone();
                 self.fail_settling(
@@ -1424,15 +1437,14 @@ impl BackupRun {
             }
             return self.maybe_finish(core, ctx);
         }
-        let Some((waiting, path)) = self.waiting_file.take() else {
-            return Some(self);
+        let path = match std::mem::replace(&mut self.busy, Busy::Idle) {
+            Busy::File { id: waiting, path } if waiting == id => path,
+            other => {
+                self.busy = other;
+                return Some(self);
+            }
         };
-        if waiting != id {
-            self.waiting_file = Some((waiting, path));
-            return Some(self);
-        }
-        self.waiting_since = None;
-        self.step_busy = false;
+        ctx.clear_timer(&Timer::Backup(BackupTimer::Wait));
         match result {
             Ok(()) => {
                 // Recorded before anything else happens to the file: a restarted engine
@@ -1460,11 +1472,11 @@ impl BackupRun {
 
     /// Answers a statistics request for the running job.
     pub(crate) fn stats_request(&mut self, _core: &Core, ctx: &mut Ctx<'_>, req: RequestId) {
-        if self.committed && !matches!(self.phase, Phase::Disconnected) {
+        if self.start == Start::Committed && !matches!(self.phase, Phase::Disconnected) {
             ctx.send(Owner::Backup(BackupTag::Stats(req)), cmd::query_jobs());
         } else {
-            let mut stats = self.plan.stats(ctx.now.as_ms(), JobStatus::Running);
-            stats.waiting_for = Some(self.waiting_for());
+            let mut stats = self.plan.stats(ctx.now.as_ms(), DomainJobStatus::Running);
+            stats.waiting_for = Some(self.waiting_for(ctx.timers()));
             ctx.respond(req, Ok(Reply::Stats(Some(stats))));
         }
     }
@@ -1478,7 +1490,7 @@ impl BackupRun {
         ctx: &mut Ctx<'_>,
         jobs: &[JobInfo],
     ) -> Option<Self> {
-        if !self.committed || self.phase != Phase::Running {
+        if self.start != Start::Committed || self.phase != Phase::Running {
             return Some(self);
         }
         let mut queued = false;
@@ -1506,30 +1518,27 @@ impl BackupRun {
     }
 
     /// What the run waits for right now, in words (for `domjobinfo` and liveness reports).
-    pub(crate) fn waiting_for(&self) -> String {
+    pub(crate) fn waiting_for(&self, timers: &TimerTable<Timer>) -> String {
         match self.phase {
             Phase::Disconnected => return "a QMP connection to QEMU".into(),
-            Phase::Reconciling => {
+            Phase::Reconciling { .. } => {
                 return "QEMU's list of jobs after reconnecting (query-jobs)".into();
             }
             _ => {}
         }
-        if self.step_busy {
-            if let Some(job) = &self.waiting_create_job {
-                return format!("image creation job {job} to conclude");
-            }
-            if let Some((_, path)) = &self.waiting_file {
-                return format!("the creation of '{path}'");
-            }
-            if let Some((_, i)) = self.waiting_sync {
+        match &self.busy {
+            Busy::CreateJob { job } => return format!("image creation job {job} to conclude"),
+            Busy::File { path, .. } => return format!("the creation of '{path}'"),
+            Busy::Sync { disk, .. } => {
                 return format!(
                     "backup target '{}' to be written to storage",
-                    self.plan.disks[i].store_path
+                    self.plan.disks[*disk].store_path
                 );
             }
-            if let Some(Step::Cmd { command, .. }) = &self.in_flight {
+            Busy::Command { command, .. } => {
                 return format!("the reply to {}", command.name());
             }
+            Busy::Idle | Busy::CreateJobCheck => {}
         }
         let jobs: Vec<String> = self
             .plan
@@ -1552,7 +1561,16 @@ impl BackupRun {
             }
             return what;
         }
-        if let Some((due, command, _)) = self.retries.iter().min_by_key(|(due, _, _)| *due) {
+        let next_retry = timers
+            .iter()
+            .filter_map(|(t, due)| match t {
+                Timer::Backup(BackupTimer::Retry(seq)) => {
+                    self.retries.get(seq).map(|(command, _)| (due, command))
+                }
+                _ => None,
+            })
+            .min_by_key(|(due, _)| *due);
+        if let Some((due, command)) = next_retry {
             return format!(
                 "the next try of {} at {} ms (QEMU refused it)",
                 command.name(),
@@ -1575,7 +1593,7 @@ impl BackupRun {
     ) -> Option<Self> {
         ctx.respond(req, Ok(Reply::Done));
         match self.phase {
-            Phase::Running if self.committed => {
+            Phase::Running if self.start == Start::Committed => {
                 // A cancel sent earlier may have been refused or lost with the connection:
                 // every abort sends it again to the disks still cancelling. Their job may
                 // also have concluded while the check of its end failed: check again.
@@ -1597,7 +1615,7 @@ impl BackupRun {
                 }
                 self.pump(core, ctx)
             }
-            Phase::Querying | Phase::Preparing if !self.transaction_sent => {
+            Phase::Querying { .. } | Phase::Preparing if self.start == Start::NotSent => {
                 self.abort_before_start = true;
                 self.pump(core, ctx)
             }
@@ -1632,33 +1650,28 @@ impl BackupRun {
     }
 
     /// The QMP session is gone.
-    pub(crate) fn on_link_down(mut self, _core: &mut Core, _ctx: &mut Ctx<'_>) -> Self {
+    pub(crate) fn on_link_down(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Self {
         // Cleanup still owed (including the command whose reply was lost, and refused ones
         // waiting for another try) runs again after the reconnection; the rest is decided
         // again from QEMU's jobs then.
         let mut kept: VecDeque<Step> = VecDeque::new();
-        if self.step_busy {
-            kept.extend(self.in_flight.take().and_then(surviving_cleanup));
+        if let Busy::Command { command, effect } = std::mem::replace(&mut self.busy, Busy::Idle) {
+            kept.extend(surviving_cleanup(Step::Cmd { command, effect }));
         }
         kept.extend(self.steps.drain(..).filter_map(surviving_cleanup));
         kept.extend(
-            self.retries
-                .drain(..)
-                .map(|(_, command, attempt)| Step::Cmd {
+            std::mem::take(&mut self.retries)
+                .into_values()
+                .map(|(command, attempt)| Step::Cmd {
                     command,
                     effect: Effect::Retry(attempt),
                 }),
         );
         self.steps = kept;
-        self.in_flight = None;
-        self.poll_due = None;
-        // The reconnection's reconcile looks at every job again.
+        // The reconnection's reconcile looks at every job again; nothing of the old session
+        // is waited for.
         self.check_retries.clear();
-        self.waiting_since = None;
-        self.step_busy = false;
-        self.current = None;
-        self.waiting_create_job = None;
-        self.waiting_file = None;
+        ctx.retain_timers(|t| !matches!(t, Timer::Backup(_)));
         self.checks_queued.clear();
         // After the reconnection QEMU's job list decides, not events of the old session.
         self.concluded_before_reply.clear();
@@ -1668,41 +1681,32 @@ impl BackupRun {
 
     /// A new QMP session is negotiated: find out what became of the jobs.
     pub(crate) fn on_reconnected(mut self, _core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
-        self.phase = Phase::Reconciling;
-        self.poll_due = None;
-        self.poll_attempts = 0;
+        self.phase = Phase::Reconciling { poll_attempts: 0 };
+        ctx.clear_timer(&Timer::Backup(BackupTimer::Poll));
         ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
         Some(self)
     }
 
-    /// When the current non-command wait times out.
-    pub(crate) fn deadline(&self, timeout_ms: u64) -> Option<Timestamp> {
-        self.waiting_since
-            .map(|t| t.plus_ms(timeout_ms))
-            .into_iter()
-            .chain(self.retries.iter().map(|(due, _, _)| *due))
-            .chain(self.check_retries.iter().map(|(due, _)| *due))
-            .chain(self.poll_due)
-            .min()
-    }
-
-    /// A deadline passed: refused cleanup comes due, or the current non-command wait took too
-    /// long (then the start is given up).
+    /// A timer of the run expired: a failed poll or a refused check or cleanup comes due, or
+    /// the current non-command wait took too long (then the start is given up). One kind is
+    /// handled per tick, in this order; the others stay armed and are due at once.
     pub(crate) fn on_timeout(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
-        if self.poll_due.is_some_and(|due| due <= ctx.now) {
-            self.poll_due = None;
-            if self.phase == Phase::Reconciling {
+        if ctx.take_due(&Timer::Backup(BackupTimer::Poll)) {
+            if matches!(self.phase, Phase::Reconciling { .. }) {
                 ctx.send(Owner::Backup(BackupTag::Poll), cmd::query_jobs());
             }
             return Some(self);
         }
-        if self.check_retries.iter().any(|(due, _)| *due <= ctx.now) {
-            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.check_retries)
-                .into_iter()
-                .partition(|(due, _)| *due <= ctx.now);
-            self.check_retries = later;
+        let checks = ctx.take_due_where(|t| matches!(t, Timer::Backup(BackupTimer::CheckRetry(_))));
+        if !checks.is_empty() {
             let running = self.phase == Phase::Running;
-            for (_, job) in due {
+            for timer in checks {
+                let Timer::Backup(BackupTimer::CheckRetry(seq)) = timer else {
+                    continue;
+                };
+                let Some(job) = self.check_retries.remove(&seq) else {
+                    continue;
+                };
                 if running && self.checks_queued.insert(job.clone()) {
                     self.steps.push_back(Step::Cmd {
                         command: cmd::query_jobs(),
@@ -1716,42 +1720,39 @@ impl BackupRun {
                 Some(self)
             };
         }
-        if self.retries.iter().any(|(due, _, _)| *due <= ctx.now) {
-            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
-                .into_iter()
-                .partition(|(due, _, _)| *due <= ctx.now);
-            self.retries = later;
-            for (_, command, attempt) in due {
+        let retries = ctx.take_due_where(|t| matches!(t, Timer::Backup(BackupTimer::Retry(_))));
+        if !retries.is_empty() {
+            for timer in retries {
+                let Timer::Backup(BackupTimer::Retry(seq)) = timer else {
+                    continue;
+                };
+                let Some((command, attempt)) = self.retries.remove(&seq) else {
+                    continue;
+                };
                 self.steps.push_back(Step::Cmd {
                     command,
                     effect: Effect::Retry(attempt),
                 });
             }
-            let connected = !matches!(self.phase, Phase::Disconnected | Phase::Reconciling);
+            let connected = !matches!(self.phase, Phase::Disconnected | Phase::Reconciling { .. });
             return if connected {
                 self.pump(core, ctx)
             } else {
                 Some(self)
             };
         }
-        let timeout = core.config.command_timeout_ms;
-        if self
-            .waiting_since
-            .is_none_or(|t| ctx.now < t.plus_ms(timeout))
-        {
+        if !ctx.take_due(&Timer::Backup(BackupTimer::Wait)) {
             return Some(self);
         }
-        let what = if let Some(job) = self.waiting_create_job.take() {
-            format!("image creation job {job} never concluded")
-        } else if let Some((_, path)) = self.waiting_file.take() {
-            format!("creating '{path}' was never confirmed")
-        } else {
-            // Nothing waits any more: the deadline must not fire again.
-            self.waiting_since = None;
-            return Some(self);
+        let what = match std::mem::replace(&mut self.busy, Busy::Idle) {
+            Busy::CreateJob { job } => format!("image creation job {job} never concluded"),
+            Busy::File { path, .. } => format!("creating '{path}' was never confirmed"),
+            other => {
+                // Nothing waits any more (the timer is disarmed, so it does not fire again).
+                self.busy = other;
+                return Some(self);
+            }
         };
-        self.waiting_since = None;
-        self.step_busy = false;
         self.roll_back(core, ctx, Error::QemuMisbehaved(what))
     }
 
@@ -1763,7 +1764,7 @@ impl BackupRun {
     /// ended badly. A backup none of whose jobs QEMU knows any more thus ends failed by itself:
     /// what remains of it is cleaned up and `JobCompleted` is emitted, with no abort needed.
     fn reconcile(mut self, core: &mut Core, ctx: &mut Ctx<'_>, jobs: &[JobInfo]) -> Option<Self> {
-        if self.phase != Phase::Reconciling {
+        if !matches!(self.phase, Phase::Reconciling { .. }) {
             return Some(self);
         }
         let any_known = self
@@ -1771,10 +1772,10 @@ impl BackupRun {
             .disks
             .iter()
             .any(|d| jobs.iter().any(|j| j.id == d.job_id));
-        if !self.committed {
+        if self.start != Start::Committed {
             // Before the transaction was sent no job can be ours, whatever QEMU lists under
             // the same id (a job left behind by an earlier run).
-            if !self.transaction_sent || !any_known {
+            if self.start == Start::NotSent || !any_known {
                 self.phase = Phase::Preparing;
                 // Replies lost with the connection may hide a node that was added or an
                 // image-creation job that was started. The plan's node names were fresh when
@@ -1867,8 +1868,12 @@ impl BackupRun {
             // spent, so nothing else would ever look again. Check again after a back-off.
             let attempt = self.check_attempts;
             self.check_attempts = attempt.saturating_add(1);
-            let due = ctx.now.plus_ms(crate::domain::retry_delay_ms(attempt));
-            self.check_retries.push((due, job.to_owned()));
+            let seq = self.take_timer_number();
+            ctx.set_timer_in(
+                Timer::Backup(BackupTimer::CheckRetry(seq)),
+                retry_delay_ms(attempt),
+            );
+            self.check_retries.insert(seq, job.to_owned());
             return self.pump(core, ctx);
         };
         for j in &jobs {
@@ -2030,7 +2035,11 @@ impl BackupRun {
 
     fn maybe_finish(mut self, core: &mut Core, ctx: &mut Ctx<'_>) -> Option<Self> {
         let all_final = self.plan.disks.iter().all(|d| d.state.is_final());
-        if !(all_final && self.steps.is_empty() && !self.step_busy && self.retries.is_empty()) {
+        if !(all_final
+            && self.steps.is_empty()
+            && self.busy == Busy::Idle
+            && self.retries.is_empty())
+        {
             return Some(self);
         }
         // Cleanup is over, so every target QEMU closed is closed for good. A completed push
@@ -2053,8 +2062,7 @@ impl BackupRun {
             self.settled.insert(i);
             if core.config.push_write == PushWrite::Deferred {
                 let id = ctx.file(FileOp::Sync { path });
-                self.waiting_sync = Some((id, i));
-                self.step_busy = true;
+                self.busy = Busy::Sync { id, disk: i };
                 return Some(self);
             }
         }
@@ -2089,7 +2097,7 @@ impl BackupRun {
         self.release_start_slot(core);
         let status = self.plan.final_status();
         if !self.plan.reuse_external {
-            let keep = self.plan.mode == BackupMode::Push && status == JobStatus::Completed;
+            let keep = self.plan.mode == BackupMode::Push && status == DomainJobStatus::Completed;
             if !keep {
                 for d in &self.plan.disks {
                     if d.created_by_us && d.store_kind == StoreKind::File {

@@ -45,7 +45,7 @@ pub enum CatalogueOp {
 
 /// Which backups [`Catalogue::list`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ListFilter {
+pub enum BackupListFilter {
     /// Every backup.
     #[default]
     All,
@@ -253,13 +253,13 @@ impl Catalogue {
     /// numbered backups (see [`ManagedBackup::sequence`]) come after unnumbered ones, in
     /// sequence order; unnumbered ones (older records) order by creation time, then by depth
     /// in their chain (so a parent precedes a child taken in the same second), then by uuid.
-    pub fn list(&self, filter: ListFilter) -> Vec<&ManagedBackup> {
+    pub fn list(&self, filter: BackupListFilter) -> Vec<&ManagedBackup> {
         match filter {
-            ListFilter::All => self.sorted(self.backups.values()),
-            ListFilter::Full => {
+            BackupListFilter::All => self.sorted(self.backups.values()),
+            BackupListFilter::Full => {
                 self.sorted(self.backups.values().filter(|b| b.kind == BackupKind::Full))
             }
-            ListFilter::LatestChain => match self.latest() {
+            BackupListFilter::LatestChain => match self.latest() {
                 Some(latest) => self.chain(&latest.uuid).unwrap_or_default(),
                 None => Vec::new(),
             },
@@ -422,7 +422,7 @@ impl Catalogue {
     pub fn delete_all(&mut self) -> Vec<CatalogueOp> {
         let mut doomed: Vec<ManagedBackup> = Vec::new();
         let roots: Vec<String> = self
-            .list(ListFilter::Full)
+            .list(BackupListFilter::Full)
             .into_iter()
             .map(|b| b.uuid.clone())
             .collect();

@@ -21,6 +21,7 @@
 //! - No two backups share an image path, so deleting one never removes another's file.
 //! - Errors are [`CatalogueError`] values; no input panics.
 
+mod damaged;
 mod index;
 mod record;
 mod restore;
@@ -28,7 +29,8 @@ mod xml;
 
 pub use xml::GRAMMAR;
 
-pub use index::{Catalogue, CatalogueOp, DeleteMode, ListFilter, find_backup};
+pub use damaged::{DamagedRecord, StoredRecord};
+pub use index::{BackupListFilter, Catalogue, CatalogueOp, DeleteMode, find_backup};
 pub use record::{BackupImage, BackupKind, Digest, ManagedBackup, validate_uuid};
 pub use restore::{DiskRestore, RestorePlan};
 

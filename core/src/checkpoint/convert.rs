@@ -2,7 +2,7 @@
 
 use super::{Checkpoint, CheckpointDisk};
 use crate::error::RequestError;
-use crate::xml::{CheckpointDef, CheckpointDisk as XmlDisk, CheckpointKind, Origin};
+use crate::xml::{CheckpointDef, CheckpointDiskDef as XmlDisk, CheckpointKind, Origin};
 
 impl Checkpoint {
     /// Takes an aligned definition (one disk entry per domain disk, named by target; creation

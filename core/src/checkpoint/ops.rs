@@ -21,52 +21,20 @@
 
 use serde_json::Value;
 
-use super::{Checkpoint, DeleteScope, TreeChange};
+use super::{Checkpoint, DeleteScope};
 use crate::chain::{NodeTable, check_chain, layers_holding};
-use crate::domain::{
-    Core, Ctx, DomainEvent, Owner, Reply, Request, RequestId, StoreOp, cmd, disk_layers,
-    node_table, refused,
-};
 use crate::error::{Error, RequestError};
 use crate::jobs::JobKind;
-use crate::model::{DomainDef, ImageFormat};
+use crate::kernel::checkpoints::{
+    SIZE_BITMAP, check_create, commit_created, create_actions, persist_change,
+};
+use crate::kernel::commands as cmd;
+use crate::kernel::ctx::Ctx;
+use crate::kernel::qemu::{disk_layers, node_table, refused};
+use crate::kernel::state::{Core, Owner, ShortTag, SizeStep};
+use crate::model::DomainDef;
+use crate::protocol::{DomainEvent, Reply, Request, RequestId};
 use crate::qmp::{QmpError, TransactionAction};
-
-/// Name of the temporary bitmap used to compute a checkpoint's size.
-pub const SIZE_BITMAP: &str = "libvirt-tmp-size-xml";
-
-/// A reply's owner tag: the step it answers within the short operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShortTag {
-    /// The bitmap-add transaction of a create.
-    CreateTransaction,
-    /// The node query of a validated redefinition.
-    ValidateQuery,
-    /// The node query before removing a checkpoint's bitmaps.
-    DeleteQuery,
-    /// A command of the removal batch (reopens and the transaction).
-    DeleteBatch {
-        /// Whether this is the removal transaction itself.
-        transaction: bool,
-    },
-    /// The first node query of a size computation.
-    SizeQuery,
-    /// A command of the size batch.
-    SizeBatch(SizeStep),
-}
-
-/// Steps of the size batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SizeStep {
-    /// Removal of stale temporary bitmaps.
-    Clean,
-    /// Add and merge.
-    Merge,
-    /// Reading the counts.
-    Query,
-    /// Removal of the temporary bitmaps.
-    Remove,
-}
 
 /// The short operation in flight.
 #[derive(Debug)]
@@ -124,93 +92,6 @@ enum SizePhase {
         merge: Option<Result<(), Error>>,
         nodes: Option<NodeTable>,
     },
-}
-
-/// Checks a checkpoint definition for creation (libvirt's prepare step).
-pub(crate) fn check_create(
-    def: &DomainDef,
-    tree: &super::CheckpointTree,
-    c: &Checkpoint,
-) -> Result<(), Error> {
-    tree.check_create(&c.name)?;
-    for (target, bitmap) in c.bitmap_disks() {
-        let disk = def
-            .disk(target)
-            .ok_or_else(|| RequestError::NoDisk(target.to_owned()))?;
-        if bitmap != c.name {
-            return Err(RequestError::Unsupported(format!(
-                "bitmap for disk '{target}' must match checkpoint name '{}'",
-                c.name
-            ))
-            .into());
-        }
-        if disk.is_empty() || disk.readonly {
-            return Err(
-                RequestError::Unsupported(format!("disk '{target}' is empty or readonly")).into(),
-            );
-        }
-        if disk.bus.as_deref() == Some("sd") || disk.transient {
-            return Err(RequestError::Unsupported(format!(
-                "block jobs are not supported on disk '{target}'"
-            ))
-            .into());
-        }
-        if let Some(top) = disk.top()
-            && top.format != ImageFormat::Qcow2
-        {
-            return Err(RequestError::Unsupported(format!(
-                "checkpoint for disk {target} unsupported for storage type {}",
-                top.format.name()
-            ))
-            .into());
-        }
-        disk_layers(def, target)?;
-    }
-    Ok(())
-}
-
-/// The bitmap-add actions of a new checkpoint: one per bitmap disk, on its top node.
-pub(crate) fn create_actions(def: &DomainDef, c: &Checkpoint) -> Vec<TransactionAction> {
-    c.bitmap_disks()
-        .filter_map(|(target, bitmap)| {
-            let top = def.disk(target)?.top()?.node_name.as_deref()?;
-            Some(cmd::add_checkpoint_bitmap(top, bitmap))
-        })
-        .collect()
-}
-
-/// Inserts a created checkpoint into the tree and persists it (after QEMU confirmed).
-pub(crate) fn commit_created(
-    core: &mut Core,
-    ctx: &mut Ctx<'_>,
-    checkpoint: Checkpoint,
-) -> Result<Checkpoint, Error> {
-    let name = checkpoint.name.clone();
-    let change = core.tree.insert_created(checkpoint)?;
-    persist_change(core, ctx, &change);
-    ctx.emit(DomainEvent::CheckpointCreated(name.clone()));
-    core.tree
-        .get(&name)
-        .cloned()
-        .ok_or(Error::Request(RequestError::NoCheckpoint(name)))
-}
-
-/// Persists what a tree operation changed.
-pub(crate) fn persist_change(core: &mut Core, ctx: &mut Ctx<'_>, change: &TreeChange) {
-    for name in &change.removed {
-        core.invalid.remove(name);
-        ctx.persist(StoreOp::DeleteCheckpoint(name.clone()));
-    }
-    for name in &change.written {
-        if let Some(c) = core.tree.get(name) {
-            ctx.persist(StoreOp::PutCheckpoint(Box::new(c.clone())));
-        }
-    }
-    if change.current_changed {
-        ctx.persist(StoreOp::SetCurrentCheckpoint(
-            core.tree.current().map(str::to_owned),
-        ));
-    }
 }
 
 /// `REDEFINE` without validation: metadata only, no QEMU.

@@ -71,6 +71,35 @@ impl<K: Ord + Clone> TimerTable<K> {
         expired
     }
 
+    /// Disarms and returns, in key order, every timer `pick` selects that is due at or
+    /// before `now`; the others stay armed.
+    pub fn take_expired_where(
+        &mut self,
+        now: Timestamp,
+        mut pick: impl FnMut(&K) -> bool,
+    ) -> Vec<K> {
+        let expired: Vec<K> = self
+            .due
+            .iter()
+            .filter(|(k, at)| **at <= now && pick(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &expired {
+            self.due.remove(k);
+        }
+        expired
+    }
+
+    /// Whether a timer `pick` selects is due at or before `now`.
+    pub fn any_expired(&self, now: Timestamp, mut pick: impl FnMut(&K) -> bool) -> bool {
+        self.due.iter().any(|(k, at)| *at <= now && pick(k))
+    }
+
+    /// The armed timers and their deadlines, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, Timestamp)> {
+        self.due.iter().map(|(k, at)| (k, *at))
+    }
+
     /// Whether no timer is armed.
     pub fn is_empty(&self) -> bool {
         self.due.is_empty()
@@ -100,6 +129,23 @@ mod tests {
         );
         assert_eq!(t.next(), Some(Timestamp::from_ms(50)));
         assert!(t.take_expired(Timestamp::from_ms(49)).is_empty());
+    }
+
+    #[test]
+    fn taking_some_expired_timers_leaves_the_others_armed() {
+        let mut t = TimerTable::default();
+        t.set(Kind::Retry, Timestamp::from_ms(10));
+        t.set(Kind::Reply(1), Timestamp::from_ms(10));
+        t.set(Kind::Reply(2), Timestamp::from_ms(99));
+        let now = Timestamp::from_ms(20);
+        assert!(t.any_expired(now, |k| matches!(k, Kind::Reply(_))));
+        assert_eq!(
+            t.take_expired_where(now, |k| matches!(k, Kind::Reply(_))),
+            vec![Kind::Reply(1)]
+        );
+        assert!(!t.any_expired(now, |k| matches!(k, Kind::Reply(_))));
+        assert_eq!(t.get(&Kind::Retry), Some(Timestamp::from_ms(10)));
+        assert_eq!(t.iter().count(), 2);
     }
 
     #[test]

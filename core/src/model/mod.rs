@@ -1,5 +1,5 @@
 //! The domain model shared by the XML layer, the planner and the state machines.
 
-pub mod domain;
+mod domain;
 
 pub use domain::{DiskDef, DiskDevice, DomainDef, ImageFormat, Layer, StorageType};

@@ -3,9 +3,9 @@
 //! domain disk exactly once.
 
 use super::backup::{
-    BackupDef, BackupDisk, BackupDiskMode, BackupStorage, BackupStore, DiskBackup,
+    BackupDef, BackupDisk, BackupDiskMode, BackupStorage, BackupStoreDef, DiskBackup,
 };
-use super::checkpoint::{CheckpointDef, CheckpointDisk, CheckpointKind};
+use super::checkpoint::{CheckpointDef, CheckpointDiskDef, CheckpointKind};
 use super::error::{Origin, XmlError, XmlErrorKind};
 use crate::model::{DiskDef, DomainDef, ImageFormat, StorageType};
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,10 +69,10 @@ fn generated_store(
     suffix: &str,
     origin: Origin,
     path: &str,
-) -> Result<BackupStore, XmlError> {
+) -> Result<BackupStoreDef, XmlError> {
     match disk.top() {
         Some(top) if top.storage == StorageType::File => match &top.path {
-            Some(path) => Ok(BackupStore {
+            Some(path) => Ok(BackupStoreDef {
                 path: format!("{path}.{suffix}"),
                 seclabels: Vec::new(),
                 encryption: None,
@@ -275,7 +275,7 @@ pub fn align_checkpoint(
         ));
     }
     let index = DiskIndex::new(domain);
-    let mut listed: BTreeMap<&str, &CheckpointDisk> = BTreeMap::new();
+    let mut listed: BTreeMap<&str, &CheckpointDiskDef> = BTreeMap::new();
     for disk in &def.disks {
         let Some(dom_disk) = index.target_or_path(&disk.name) else {
             return Err(fail(
@@ -315,7 +315,7 @@ pub fn align_checkpoint(
                 CheckpointKind::Bitmap => Some(bitmap.unwrap_or_else(|| name.to_owned())),
                 CheckpointKind::No => None,
             };
-            CheckpointDisk {
+            CheckpointDiskDef {
                 name: dom_disk.target.clone(),
                 checkpoint,
                 bitmap,

@@ -16,7 +16,7 @@ use crate::model::ImageFormat;
 
 /// Push (QEMU writes the copy) or pull (QEMU exports a point-in-time view over NBD).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum BackupMode {
+pub enum BackupModeAttr {
     /// QEMU copies the disks into target images.
     #[default]
     Push,
@@ -24,7 +24,7 @@ pub enum BackupMode {
     Pull,
 }
 
-impl BackupMode {
+impl BackupModeAttr {
     /// The XML spelling.
     pub fn name(self) -> &'static str {
         match self {
@@ -188,7 +188,7 @@ pub struct Encryption {
 
 /// A `<target>` (push) or `<scratch>` (pull).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackupStore {
+pub struct BackupStoreDef {
     /// Absolute path of the file or block device (the grammar requires it on the element).
     pub path: String,
     /// Security labels.
@@ -215,7 +215,7 @@ pub struct DiskBackup {
     /// `<driver type>` of the image; qcow2 on alignment when not given.
     pub format: Option<ImageFormat>,
     /// The `<target>` or `<scratch>`, when given.
-    pub store: Option<BackupStore>,
+    pub store: Option<BackupStoreDef>,
 }
 
 /// One `<disk>` of a backup.
@@ -233,7 +233,7 @@ pub struct BackupDisk {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BackupDef {
     /// Push (default) or pull.
-    pub mode: BackupMode,
+    pub mode: BackupModeAttr,
     /// Default checkpoint for incremental disks.
     pub incremental: Option<String>,
     /// NBD server (pull only, required there).
@@ -302,7 +302,7 @@ fn yes_no(value: bool) -> &'static str {
     if value { "yes" } else { "no" }
 }
 
-fn format_disk(w: &mut Writer, mode: BackupMode, disk: &BackupDisk) {
+fn format_disk(w: &mut Writer, mode: BackupModeAttr, disk: &BackupDisk) {
     let tag = w.tag("disk").attr("name", &disk.name);
     let Some(backup) = &disk.backup else {
         tag.attr("backup", "no").empty();
@@ -384,8 +384,8 @@ pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDe
     ctx.expect_root(root, ROOT)?;
     ctx.check_attributes(root, &["mode"])?;
     let mode = match root.attribute("mode") {
-        None | Some("push") => BackupMode::Push,
-        Some("pull") => BackupMode::Pull,
+        None | Some("push") => BackupModeAttr::Push,
+        Some("pull") => BackupModeAttr::Pull,
         Some(other) => {
             return Err(ctx.schema(
                 root,
@@ -414,18 +414,18 @@ pub(crate) fn read_backup(ctx: &Ctx<'_, '_>, root: N<'_, '_>) -> Result<BackupDe
         def.incremental = Some(ctx.checkpoint_name(node, "checkpoint name", &text)?);
     }
     match (mode, server) {
-        (BackupMode::Push, Some(node)) => {
+        (BackupModeAttr::Push, Some(node)) => {
             return Err(ctx.err(
                 XmlErrorKind::Unsupported,
                 node,
                 "<server> is only allowed in a pull mode backup",
             ));
         }
-        (BackupMode::Pull, None) => {
+        (BackupModeAttr::Pull, None) => {
             return Err(ctx.schema(root, "a pull mode backup requires a <server> element"));
         }
-        (BackupMode::Pull, Some(node)) => def.server = Some(read_server(ctx, node)?),
-        (BackupMode::Push, None) => {}
+        (BackupModeAttr::Pull, Some(node)) => def.server = Some(read_server(ctx, node)?),
+        (BackupModeAttr::Push, None) => {}
     }
     if let Some(node) = disks {
         def.disks = ctx.disks(node, |disk| read_disk(ctx, mode, disk))?;
@@ -542,7 +542,11 @@ fn read_server(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<ServerDef, XmlError
     Ok(server)
 }
 
-fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<BackupDisk, XmlError> {
+fn read_disk(
+    ctx: &Ctx<'_, '_>,
+    mode: BackupModeAttr,
+    node: N<'_, '_>,
+) -> Result<BackupDisk, XmlError> {
     let name = node
         .attribute("name")
         .ok_or_else(|| ctx.schema(node, "missing required attribute 'name'"))?;
@@ -569,10 +573,10 @@ fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<Bac
         "incremental",
         "index",
     ];
-    if mode == BackupMode::Pull {
+    if mode == BackupModeAttr::Pull {
         allowed.extend_from_slice(pull_only);
     }
-    if mode == BackupMode::Push
+    if mode == BackupModeAttr::Push
         && let Some(attr) = node.attributes().find(|a| pull_only.contains(&a.name()))
     {
         return Err(ctx.schema(
@@ -582,7 +586,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<Bac
     }
     ctx.check_attributes(node, &allowed)?;
     let storage = match node.attribute("type") {
-        None if mode == BackupMode::Push => {
+        None if mode == BackupModeAttr::Push => {
             return Err(ctx.schema(node, "a push mode disk requires the attribute 'type'"));
         }
         None | Some("file") => BackupStorage::File,
@@ -666,7 +670,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<Bac
             if !STORAGE_FORMATS.contains(&value) {
                 return Err(ctx.schema(d, format!("unknown storage source format '{value}'")));
             }
-            if mode == BackupMode::Pull && value != "qcow2" {
+            if mode == BackupModeAttr::Pull && value != "qcow2" {
                 return Err(ctx.err(
                     XmlErrorKind::Unsupported,
                     d,
@@ -676,7 +680,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, mode: BackupMode, node: N<'_, '_>) -> Result<Bac
             Some(ImageFormat::from_name(value))
         }
     };
-    if mode == BackupMode::Pull {
+    if mode == BackupModeAttr::Pull {
         if storage == BackupStorage::Block && store_node.is_none() {
             return Err(ctx.schema(node, "a pull mode disk of type 'block' requires <scratch>"));
         }
@@ -708,7 +712,7 @@ fn read_store(
     ctx: &Ctx<'_, '_>,
     storage: BackupStorage,
     node: N<'_, '_>,
-) -> Result<BackupStore, XmlError> {
+) -> Result<BackupStoreDef, XmlError> {
     let attr = storage.path_attribute();
     ctx.check_attributes(node, &[attr])?;
     let path = node
@@ -717,7 +721,7 @@ fn read_store(
     if !is_absolute_path(path) {
         return Err(ctx.schema(node, format!("path '{path}' must be absolute")));
     }
-    let mut store = BackupStore {
+    let mut store = BackupStoreDef {
         path: path.to_owned(),
         seclabels: Vec::new(),
         encryption: None,

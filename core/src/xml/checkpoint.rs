@@ -32,7 +32,7 @@ impl CheckpointKind {
 
 /// One `<disk>` of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointDisk {
+pub struct CheckpointDiskDef {
     /// Disk target (`vda`) or, before alignment, possibly the absolute path of its source.
     pub name: String,
     /// Whether the disk is tracked; a listed disk without the attribute is tracked.
@@ -57,7 +57,7 @@ pub struct CheckpointDef {
     /// Creation time in seconds since the Unix epoch.
     pub creation_time: Option<u64>,
     /// Listed disks; empty means `<disks>` was omitted (the grammar forbids an empty `<disks>`).
-    pub disks: Vec<CheckpointDisk>,
+    pub disks: Vec<CheckpointDiskDef>,
     /// The embedded `<domain>` element, verbatim, indented as if it were a document of its own.
     pub domain_xml: Option<String>,
     /// Where the root element was read from.
@@ -265,7 +265,7 @@ pub fn is_valid_disk_target(name: &str) -> bool {
         })
 }
 
-fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlError> {
+fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDiskDef, XmlError> {
     ctx.check_empty(node, &["name", "checkpoint", "bitmap", "size"])?;
     let name = node
         .attribute("name")
@@ -304,7 +304,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<CheckpointDisk, XmlEr
         Some(text) => Some(ctx.unsigned(node, "attribute 'size'", text)?),
         None => None,
     };
-    Ok(CheckpointDisk {
+    Ok(CheckpointDiskDef {
         name: name.to_owned(),
         checkpoint,
         bitmap,

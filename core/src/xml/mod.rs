@@ -1,8 +1,8 @@
 //! libvirt-compatible `<domaincheckpoint>`, `<domainbackup>` and (a reader for) `<domain>` XML.
 //!
 //! Every document goes through the same stages, each with positioned [`XmlError`]s:
-//! 1. [`document::load`]: well-formedness, no DTD, size, depth and node limits;
-//! 2. [`schema::validate`]: the RELAX NG grammar of the root element;
+//! 1. `document::load`: well-formedness, no DTD, size, depth and node limits;
+//! 2. [`crate::unstable::schema::validate`]: the RELAX NG grammar of the root element;
 //! 3. the parser ([`CheckpointDef::parse`], [`BackupDef::parse`]): libvirt's parser rules,
 //!    which also repeat the grammar's checks so that they hold whatever the grammar says;
 //! 4. alignment with a domain ([`align_checkpoint`], [`align_backup`]).
@@ -13,24 +13,26 @@
 pub mod align;
 pub mod backup;
 pub mod checkpoint;
-pub mod document;
+pub(crate) mod document;
 pub mod domain;
-pub mod embedded;
+pub(crate) mod embedded;
 pub mod error;
-pub mod names;
-pub mod relaxng;
-pub mod schema;
+pub(crate) mod names;
+pub(crate) mod relaxng;
+pub(crate) mod schema;
 pub mod validate;
-pub mod writer;
+pub(crate) mod writer;
 
 pub use align::{align_backup, align_checkpoint, align_redefined_checkpoint};
+pub use backup::STORAGE_FORMATS;
 pub use backup::{
-    BackupDef, BackupDisk, BackupDiskMode, BackupMode, BackupStorage, BackupStore, Cipher,
+    BackupDef, BackupDisk, BackupDiskMode, BackupModeAttr, BackupStorage, BackupStoreDef, Cipher,
     DiskBackup, Encryption, Ivgen, Seclabel, SecretRef, ServerDef, Transport,
 };
 pub use checkpoint::{
-    CheckpointDef, CheckpointDisk, CheckpointFormat, CheckpointKind, CheckpointMode,
+    CheckpointDef, CheckpointDiskDef, CheckpointFormat, CheckpointKind, CheckpointMode,
 };
+pub use document::MAX_DOCUMENT_BYTES;
 pub use domain::parse_domain;
 pub use error::{Origin, Position, XmlError, XmlErrorKind};
 pub use validate::{DocumentKind, validate_document};

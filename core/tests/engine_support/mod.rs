@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_json::{Value, json};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointDisk, CheckpointTree};
 use vbackup_core::domain::{
-    Domain, DomainConfig, FileOp, Input, Output, Reply, Request, RequestId, StoreOp,
+    Domain, DomainConfig, FileError, FileErrorKind, FileOp, Input, Output, Reply, Request,
+    RequestId, StoreOp,
 };
 use vbackup_core::error::Error;
 use vbackup_core::link::{CommandId, Timestamp};
@@ -684,7 +685,11 @@ impl Harness {
                             let r = if self.peer.existing_files.contains(&path)
                                 || self.peer.files.contains(&path)
                             {
-                                Err("File exists".to_owned())
+                                Err(FileError::new(
+                                    FileErrorKind::AlreadyExists,
+                                    &path,
+                                    "File exists",
+                                ))
                             } else {
                                 self.peer.files.insert(path);
                                 Ok(())
@@ -699,7 +704,7 @@ impl Harness {
                         FileOp::Sync { path } => {
                             self.lines.push(format!("file sync {path}"));
                             let r = match self.peer.failing_syncs.get(&path) {
-                                Some(e) => Err(e.clone()),
+                                Some(e) => Err(FileError::other(&path, e.clone())),
                                 None => Ok(()),
                             };
                             q.push_back(Input::FileDone(id, r));

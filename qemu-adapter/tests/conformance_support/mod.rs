@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::{NbdServer, NbdTransport};
 use vbackup_core::checkpoint::CheckpointTree;
-use vbackup_core::domain::{DomainConfig, DomainEvent, FileOp, StoreOp};
+use vbackup_core::domain::{DomainConfig, DomainEvent, FileError, FileErrorKind, FileOp, StoreOp};
 use vbackup_core::driver::{Driver, Effects, MemoryEffects};
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::{DomainDef, ImageFormat};
@@ -210,29 +210,35 @@ impl Effects for LiveEffects {
         self.memory.persist(op)
     }
 
-    fn file(&mut self, op: &FileOp) -> Result<(), String> {
+    fn file(&mut self, op: &FileOp) -> Result<(), FileError> {
         self.memory.files.push(op.clone());
+        let io_error = |path: &str, what: &str, e: io::Error| {
+            FileError::new(
+                FileErrorKind::from_io(e.kind()),
+                path,
+                format!("cannot {what} '{path}': {e}"),
+            )
+        };
         match op {
             FileOp::CreateExclusive { path } => {
                 // As the command line's store does: a backup directory is made on demand.
                 if let Some(parent) = Path::new(path).parent() {
-                    fs::create_dir_all(parent)
-                        .map_err(|e| format!("cannot create '{path}': {e}"))?;
+                    fs::create_dir_all(parent).map_err(|e| io_error(path, "create", e))?;
                 }
                 fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(path)
                     .map(|_| ())
-                    .map_err(|e| format!("cannot create '{path}': {e}"))
+                    .map_err(|e| io_error(path, "create", e))
             }
             FileOp::Remove { path } => match fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(format!("cannot remove '{path}': {e}"))
-                }
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(path, "remove", e)),
                 _ => Ok(()),
             },
-            FileOp::Sync { path } => vbackup_qemu::writeout::sync_target(path),
+            FileOp::Sync { path } => {
+                vbackup_qemu::writeout::sync_target(path).map_err(|m| FileError::other(path, m))
+            }
         }
     }
 

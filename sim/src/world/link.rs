@@ -18,7 +18,7 @@ use std::rc::Rc;
 use serde_json::Value;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::qmp::{QmpCommand, QmpIn};
-use vbackup_core::trace::TraceEntry;
+use vbackup_core::unstable::trace::TraceEntry;
 
 use crate::image::LogicalImage;
 use crate::qemu::Qemu;
@@ -146,7 +146,7 @@ impl FaultyLink {
         self.record.get_or_insert_with(Vec::new);
     }
 
-    /// The recorded trace as JSON Lines ([`vbackup_core::trace`]'s format), if recording.
+    /// The recorded trace as JSON Lines ([`vbackup_core::unstable::trace`]'s format), if recording.
     pub fn trace_lines(&self) -> Option<String> {
         self.record.as_ref().map(|entries| {
             let mut out = String::new();

@@ -3,28 +3,18 @@
 //! qemu-storage-daemon or QEMU runs), and the last finished job's statistics are kept so a
 //! later invocation can answer `domjobinfo --completed`.
 
+pub use crate::layout::{COMPLETED_FILE, CURRENT_FILE, PENDING_CHECKPOINT_FILE, PROGRESS_FILE};
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io;
 
 use vbackup_core::checkpoint::Checkpoint;
-use vbackup_core::domain::{DomainEvent, FileOp, StoreOp};
+use vbackup_core::domain::{DomainEvent, FileError, FileErrorKind, FileOp, StoreOp};
 use vbackup_core::driver::Effects;
 use vbackup_core::xml::CheckpointFormat;
 use vbackup_qemu::store::{Collection, DomainStore, validate_name, write_atomic};
 
 use crate::checkpoint_index;
-
-/// File of the current checkpoint's name (empty: none).
-pub const CURRENT_FILE: &str = "current-checkpoint";
-/// File of the last finished job's statistics (JSON).
-pub const COMPLETED_FILE: &str = "completed-job.json";
-/// File of the checkpoints whose bitmaps are being created: a JSON array of names (an older
-/// store holds one bare name, or nothing).
-pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
-/// File of the running job's statistics as last polled by the invocation following it:
-/// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
-pub const PROGRESS_FILE: &str = "job-progress.json";
 
 /// Store-backed effects of one locked domain.
 #[derive(Debug)]
@@ -217,21 +207,36 @@ impl Effects for StoreEffects {
         r.map_err(|e| e.to_string())
     }
 
-    fn file(&mut self, op: &FileOp) -> Result<(), String> {
-        self.sync_removals()?;
+    fn file(&mut self, op: &FileOp) -> Result<(), FileError> {
+        let path = match op {
+            FileOp::CreateExclusive { path } | FileOp::Remove { path } | FileOp::Sync { path } => {
+                path
+            }
+        };
+        self.sync_removals()
+            .map_err(|m| FileError::other(path, m))?;
+        let io_error = |what: &str, e: io::Error| {
+            FileError::new(
+                FileErrorKind::from_io(e.kind()),
+                path,
+                format!("cannot {what} '{path}': {e}"),
+            )
+        };
         match op {
-            FileOp::CreateExclusive { path } => OpenOptions::new()
+            FileOp::CreateExclusive { .. } => OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(path)
                 .map(|_| ())
-                .map_err(|e| format!("cannot create '{path}': {e}")),
-            FileOp::Remove { path } => match fs::remove_file(path) {
+                .map_err(|e| io_error("create", e)),
+            FileOp::Remove { .. } => match fs::remove_file(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("cannot remove '{path}': {e}")),
+                Err(e) => Err(io_error("remove", e)),
             },
-            FileOp::Sync { path } => vbackup_qemu::writeout::sync_target(path),
+            FileOp::Sync { .. } => {
+                vbackup_qemu::writeout::sync_target(path).map_err(|m| FileError::other(path, m))
+            }
         }
     }
 

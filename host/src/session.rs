@@ -24,6 +24,8 @@
 //!   the store as it is ([`Shared`]), never waits, and neither writes nor talks to QEMU (whose
 //!   monitor the holder may be using).
 
+use crate::layout::JOURNAL_FILE;
+pub use crate::layout::{DRIFT_REPORTED_FILE, KEEP_FILE, META_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +34,7 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupPlan, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
-use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
+use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request, StoredState};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::{DiskDef, DomainDef};
@@ -48,14 +50,7 @@ use vbackup_qemu::store::{
 use crate::checkpoint_index;
 use crate::config::HostConfig;
 use crate::effects::{CURRENT_FILE, PENDING_CHECKPOINT_FILE, StoreEffects};
-use crate::output::CliError;
-
-/// Per-domain settings of vbackup itself, beside `domain.xml`.
-pub const META_FILE: &str = "vbackup.json";
-
-/// In a managed domain's run directory: the daemon was started with `start` and stays up
-/// (the "running guest") until `shutdown`.
-pub const KEEP_FILE: &str = "keep-running";
+use crate::error::Error;
 
 /// How long connecting and negotiating may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +71,15 @@ pub enum Attachment {
 }
 
 impl Attachment {
+    /// How the domain stored in `dir` reaches QEMU, from its `vbackup.json`.
+    pub fn of_domain(dir: &Path) -> Self {
+        let meta = std::fs::read_to_string(dir.join(META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or(Value::Null);
+        Attachment::from_meta(&meta)
+    }
+
     fn from_meta(meta: &Value) -> Self {
         match meta.get("qmp").and_then(Value::as_str) {
             Some(p) => Attachment::Attached(PathBuf::from(p)),
@@ -114,19 +118,21 @@ fn lock_settings() -> LockSettings {
 }
 
 /// Opens the store under `state_dir` (or the default location).
-pub fn open_store(state_dir: Option<&Path>) -> Result<Store, CliError> {
+pub fn open_store(state_dir: Option<&Path>) -> Result<Store, Error> {
     let root = match state_dir {
         // Absolute, because paths under it (the daemon's sockets) are handed to QEMU, which
         // runs elsewhere and wants absolute socket paths.
         Some(d) => std::path::absolute(d)
-            .map_err(CliError::io(format!("state directory '{}'", d.display())))?,
+            .map_err(Error::io(format!("state directory '{}'", d.display())))?,
         None => vbackup_qemu::store::default_root_from_env()?,
     };
+    // What a killed vbackup left running or half-written is cleaned by the next one.
+    vbackup_qemu::children::clean_orphans(&std::env::temp_dir());
     Ok(Store::open(root)?.with_operation(&lock_settings().operation))
 }
 
 /// Locks domain `name` for a command that changes it: at once, or within `--wait-lock`.
-pub fn lock(store: &Store, name: &str) -> Result<DomainStore, CliError> {
+pub fn lock(store: &Store, name: &str) -> Result<DomainStore, Error> {
     let wait = lock_settings().wait;
     match store.lock_domain(name) {
         Err(StoreError::Locked { domain, holder }) if !wait.is_zero() => {
@@ -168,8 +174,8 @@ fn parse_stored(
     meta: Option<&str>,
     checkpoints: Vec<Checkpoint>,
     current: Option<&str>,
-    journal: Option<&str>,
-) -> Result<Parsed, CliError> {
+    journal: Option<(&str, &Path)>,
+) -> Result<Parsed, Error> {
     let mut def = parse_domain(xml)?;
     let meta = meta
         .and_then(|t| serde_json::from_str::<Value>(t).ok())
@@ -186,10 +192,12 @@ fn parse_stored(
     let current = current.map(str::trim).filter(|s| !s.is_empty());
     let tree = CheckpointTree::load(checkpoints, current);
     let journal = match journal {
-        Some(text) => Some(
-            serde_json::from_str::<BackupPlan>(text)
-                .map_err(|e| CliError::Corrupt(format!("job journal: {e}")))?,
-        ),
+        Some((text, path)) => Some(serde_json::from_str::<BackupPlan>(text).map_err(|e| {
+            Error::Corrupt(format!(
+                "job journal '{}': {e}; 'vbackup domjobabort' ends the job it journaled",
+                path.display()
+            ))
+        })?),
         None => None,
     };
     Ok(Parsed {
@@ -201,13 +209,13 @@ fn parse_stored(
 }
 
 /// Parses stored checkpoint documents, `(name, xml)`.
-fn parse_checkpoints(files: Vec<(String, String)>) -> Result<Vec<Checkpoint>, CliError> {
+fn parse_checkpoints(files: Vec<(String, String)>) -> Result<Vec<Checkpoint>, Error> {
     let mut checkpoints = Vec::with_capacity(files.len());
     for (entry, text) in files {
         let cdef = CheckpointDef::parse(&text, CheckpointMode::Document)
-            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
+            .map_err(|e| Error::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         let c = Checkpoint::from_def(&cdef)
-            .map_err(|e| CliError::Corrupt(format!("checkpoint '{entry}': {e}")))?;
+            .map_err(|e| Error::Corrupt(format!("checkpoint '{entry}': {e}")))?;
         checkpoints.push(c);
     }
     Ok(checkpoints)
@@ -215,7 +223,7 @@ fn parse_checkpoints(files: Vec<(String, String)>) -> Result<Vec<Checkpoint>, Cl
 
 /// A locked domain's checkpoints: from the index when it matches the checkpoint files, else
 /// parsed from them (and the index written again for the next invocation).
-fn load_checkpoints(ds: &DomainStore) -> Result<Vec<Checkpoint>, CliError> {
+fn load_checkpoints(ds: &DomainStore) -> Result<Vec<Checkpoint>, Error> {
     if let Some(checkpoints) = checkpoint_index::read(ds) {
         return Ok(checkpoints);
     }
@@ -225,16 +233,16 @@ fn load_checkpoints(ds: &DomainStore) -> Result<Vec<Checkpoint>, CliError> {
 }
 
 /// Locks and loads domain `name`.
-pub fn load(store: &Store, name: &str) -> Result<Loaded, CliError> {
+pub fn load(store: &Store, name: &str) -> Result<Loaded, Error> {
     load_locked(lock(store, name)?, name)
 }
 
-fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, CliError> {
+fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, Error> {
     let Some(xml) = ds.read_domain_xml()? else {
         // Locking made the directory; an unknown name leaves nothing behind (only an empty
         // directory is removed).
         let _ = std::fs::remove_dir(ds.dir());
-        return Err(CliError::NoDomain(name.to_owned()));
+        return Err(Error::NoDomain(name.to_owned()));
     };
     let meta = std::fs::read_to_string(ds.dir().join(META_FILE)).ok();
     let current = std::fs::read_to_string(ds.dir().join(CURRENT_FILE)).ok();
@@ -244,8 +252,21 @@ fn load_locked(ds: DomainStore, name: &str) -> Result<Loaded, CliError> {
         meta.as_deref(),
         load_checkpoints(&ds)?,
         current.as_deref(),
-        journal.as_deref(),
+        journal
+            .as_deref()
+            .map(|t| (t, ds.dir().join(JOURNAL_FILE)))
+            .as_ref()
+            .map(|(t, p)| (*t, p.as_path())),
     )?;
+    // Restores killed before their rename left copies beside the disks' images.
+    for dir in parsed
+        .def
+        .disks
+        .iter()
+        .filter_map(|d| d.top()?.path.as_deref().map(Path::new)?.parent())
+    {
+        vbackup_qemu::children::clean_restore_leftovers(dir);
+    }
     Ok(Loaded {
         store: ds,
         xml,
@@ -281,24 +302,27 @@ pub enum ReadAccess {
 
 /// Opens domain `name` for a read-only command: locked when free, else read without the lock
 /// (never waiting, whatever `--wait-lock` says).
-pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, CliError> {
+pub fn load_for_reading(store: &Store, name: &str) -> Result<ReadAccess, Error> {
     match store.lock_domain(name) {
         Ok(ds) => return Ok(ReadAccess::Locked(Box::new(load_locked(ds, name)?))),
         Err(StoreError::Locked { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     let Some(snapshot) = store.read_domain(name)? else {
-        return Err(CliError::NoDomain(name.to_owned()));
+        return Err(Error::NoDomain(name.to_owned()));
     };
+    let journal_path = store.root().join("domains").join(name).join(JOURNAL_FILE);
     let Some(xml) = snapshot.file("domain.xml") else {
-        return Err(CliError::NoDomain(name.to_owned()));
+        return Err(Error::NoDomain(name.to_owned()));
     };
     let parsed = parse_stored(
         xml,
         snapshot.file(META_FILE),
         parse_checkpoints(snapshot.checkpoints.clone())?,
         snapshot.file(CURRENT_FILE),
-        snapshot.file("journal.json"),
+        snapshot
+            .file(JOURNAL_FILE)
+            .map(|t| (t, journal_path.as_path())),
     )?;
     Ok(ReadAccess::Shared(Box::new(Shared {
         def: parsed.def,
@@ -357,9 +381,6 @@ pub struct Session {
     events_reported: usize,
 }
 
-/// File in a domain's store holding the drift warnings last printed in full.
-pub const DRIFT_REPORTED_FILE: &str = "drift-reported";
-
 /// What to print about a drift found on connecting: the full warnings the first time a given
 /// set of lost bitmaps is seen, then one reminder line naming the checkpoints, as long as they
 /// are not deleted. `dir` is the domain's store directory, where the last full report is kept
@@ -401,7 +422,7 @@ pub fn drift_warnings(drift: &BitmapDrift) -> Vec<String> {
 }
 
 /// Asks the QEMU at `socket` which disks it has (see `vbackup_qemu::discover` for the rule).
-pub fn discover_disks(socket: &Path) -> Result<Vec<DiskDef>, CliError> {
+pub fn discover_disks(socket: &Path) -> Result<Vec<DiskDef>, Error> {
     let mut qmp = QmpSocket::connect(socket, Instant::now() + CONNECT_TIMEOUT)?;
     let replies = discover::query(&mut qmp, Instant::now() + CONNECT_TIMEOUT)?;
     Ok(discover::discover_disks(&replies)?)
@@ -410,11 +431,11 @@ pub fn discover_disks(socket: &Path) -> Result<Vec<DiskDef>, CliError> {
 /// Fills in the node name of each layer of an attached domain from what QEMU runs now: a
 /// defined disk is the discovered disk with the same top image (node names are QEMU's and may
 /// change when it restarts, so they are looked up on every connection, never stored).
-fn resolve_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
+fn resolve_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), Error> {
     let found = discover_disks(socket)?;
     for disk in def.disks.iter_mut().filter(|d| !d.is_empty()) {
         let unresolved = |why: String| {
-            CliError::Other(format!(
+            Error::Other(format!(
                 "disk '{}': {why} in the QEMU at '{}'",
                 disk.target,
                 socket.display()
@@ -457,7 +478,7 @@ fn resolve_nodes(socket: &Path, def: &mut DomainDef) -> Result<(), CliError> {
 impl Session {
     /// Brings QEMU up for `loaded` (starting a managed daemon if none runs), hands the session
     /// to the core and waits until it is negotiated (and a journaled job reconciled).
-    pub fn connect(loaded: Loaded) -> Result<Session, CliError> {
+    pub fn connect(loaded: Loaded) -> Result<Session, Error> {
         let Loaded {
             store,
             mut def,
@@ -508,7 +529,14 @@ impl Session {
         let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
             .map(|s| pending_checkpoints(&s))
             .unwrap_or_default();
-        let domain = Domain::new(def, config, tree, journal).with_pending_checkpoints(pending);
+        // The restart contract: what the store holds, as the core's own fold describes it.
+        let stored = StoredState {
+            checkpoints: tree.iter().map(|c| (c.name.clone(), c.clone())).collect(),
+            current_checkpoint: tree.current().map(str::to_owned),
+            backup_journal: journal,
+            pending_checkpoints: pending,
+        };
+        let domain = Domain::from_stored(def, config, stored);
         let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
         let link = WallClockLink::new(SocketLink::new(qmp));
         let effects = StoreEffects::new(store).with_checkpoints(
@@ -531,7 +559,7 @@ impl Session {
             }
         };
         if !up {
-            return Err(CliError::Other(format!(
+            return Err(Error::Other(format!(
                 "QEMU did not accept the QMP session within {} s (qmp_capabilities refused or unanswered, or the reconcile did not finish); is another client using the monitor?",
                 NEGOTIATE_TIMEOUT.as_secs()
             )));
@@ -563,7 +591,7 @@ impl Session {
     }
 
     /// Drives the session until no backup job runs or `timeout` passes.
-    pub fn wait_job_end(&mut self, timeout: Duration) -> Result<(), CliError> {
+    pub fn wait_job_end(&mut self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         while self.job_running() && Instant::now() < deadline {
             let until = self.driver.link().now().plus_ms(200);
@@ -574,14 +602,14 @@ impl Session {
 
     /// Submits a request and drives until it is answered. Warnings about what the core found
     /// meanwhile (a bitmap drift after connecting) go to stderr first.
-    pub fn call(&mut self, request: Request) -> Result<Reply, CliError> {
+    pub fn call(&mut self, request: Request) -> Result<Reply, Error> {
         let reply = self.driver.call(request, STEPS);
         self.report_events();
         // What the request changed is durable before its answer is acted on.
         self.driver
             .effects_mut()
             .sync_removals()
-            .map_err(|e| CliError::Other(format!("store write failed: {e}")))?;
+            .map_err(|e| Error::Other(format!("store write failed: {e}")))?;
         Ok(reply??)
     }
 
@@ -615,7 +643,7 @@ impl Session {
 
     /// Ends the session: a managed daemon with no job running is stopped cleanly (bitmaps are
     /// written to the images); one with a job keeps running for the next invocation.
-    pub fn close(mut self) -> Result<(), CliError> {
+    pub fn close(mut self) -> Result<(), Error> {
         self.report_events();
         let running = self.job_running();
         let Session {
@@ -663,7 +691,7 @@ pub fn domain_config(
     store: &DomainStore,
     attachment: &Attachment,
     run_dir: &Path,
-) -> Result<DomainConfig, CliError> {
+) -> Result<DomainConfig, Error> {
     let mut config = DomainConfig::default();
     match attachment {
         Attachment::Managed => config.nbd_server_running = Some(daemon_nbd_server(run_dir)),
@@ -683,7 +711,7 @@ fn pending_checkpoints(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_else(|_| vec![text.to_owned()])
 }
 
-pub fn stop_daemon(run_dir: &Path) -> Result<(), CliError> {
+pub fn stop_daemon(run_dir: &Path) -> Result<(), Error> {
     match Qsd::reconnect(run_dir, CONNECT_TIMEOUT) {
         Ok(qsd) => Ok(qsd.quit()?),
         Err(vbackup_qemu::qsd::QsdError::NotRunning { .. })
@@ -693,7 +721,7 @@ pub fn stop_daemon(run_dir: &Path) -> Result<(), CliError> {
 }
 
 /// Writes `vbackup.json`.
-pub fn write_meta(store: &DomainStore, attachment: &Attachment) -> Result<(), CliError> {
+pub fn write_meta(store: &DomainStore, attachment: &Attachment) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(&attachment.to_meta()).unwrap_or_default();
     write_atomic(store.dir(), META_FILE, text.as_bytes())?;
     Ok(())

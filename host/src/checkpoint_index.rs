@@ -14,6 +14,7 @@
 //! - A checkpoint read from the index equals the one parsed from its XML file (sizes are never
 //!   stored in either).
 
+pub use crate::layout::INDEX_FILE;
 use std::collections::BTreeMap;
 use std::fs;
 use std::time::UNIX_EPOCH;
@@ -21,9 +22,6 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use vbackup_core::checkpoint::Checkpoint;
 use vbackup_qemu::store::{Collection, DomainStore};
-
-/// File name of the index, in the domain's directory.
-pub const INDEX_FILE: &str = "checkpoint-index.json";
 
 /// Format version; an index of another version is rebuilt.
 const VERSION: u32 = 1;

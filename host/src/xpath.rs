@@ -11,7 +11,7 @@
 //! attribute or text node as its value, one per line; with `--wrap` the nodes are copied into
 //! a `<nodes>` element instead (attributes become its attributes, as libxml2 copies them).
 
-use crate::output::CliError;
+use crate::error::Error;
 
 /// A selected node: an element or text node, or an attribute of an element.
 #[derive(Clone, Copy, PartialEq)]
@@ -55,8 +55,8 @@ struct Path {
     steps: Vec<Step>,
 }
 
-fn bad(expr: &str, at: usize, why: &str) -> CliError {
-    CliError::Other(format!(
+fn bad(expr: &str, at: usize, why: &str) -> Error {
+    Error::Other(format!(
         "XPath error: {why} at character {} of '{expr}' (supported: location paths with //, *, @name, text(), .., [N], [last()], [@a='v'], [child='v'], and |)",
         at + 1
     ))
@@ -101,7 +101,7 @@ impl Parser<'_> {
         })
     }
 
-    fn literal(&mut self) -> Result<String, CliError> {
+    fn literal(&mut self) -> Result<String, Error> {
         self.skip_space();
         let quote = self.rest().chars().next();
         let Some(q @ ('\'' | '"')) = quote else {
@@ -116,7 +116,7 @@ impl Parser<'_> {
         Ok(value)
     }
 
-    fn predicate(&mut self) -> Result<Predicate, CliError> {
+    fn predicate(&mut self) -> Result<Predicate, Error> {
         self.skip_space();
         let digits: String = self
             .rest()
@@ -155,7 +155,7 @@ impl Parser<'_> {
         Ok(p)
     }
 
-    fn step(&mut self, descendants: bool) -> Result<Step, CliError> {
+    fn step(&mut self, descendants: bool) -> Result<Step, Error> {
         self.skip_space();
         let test = if self.eat("..") {
             Test::Parent
@@ -191,7 +191,7 @@ impl Parser<'_> {
         })
     }
 
-    fn path(&mut self) -> Result<Path, CliError> {
+    fn path(&mut self) -> Result<Path, Error> {
         self.skip_space();
         let mut steps = Vec::new();
         let absolute = self.rest().starts_with('/');
@@ -215,7 +215,7 @@ impl Parser<'_> {
     }
 }
 
-fn parse(expr: &str) -> Result<Vec<Path>, CliError> {
+fn parse(expr: &str) -> Result<Vec<Path>, Error> {
     let mut p = Parser { expr, pos: 0 };
     let mut paths = vec![p.path()?];
     while p.eat("|") {
@@ -305,10 +305,10 @@ fn apply_step<'a, 'i>(context: &[Hit<'a, 'i>], step: &Step) -> Vec<Hit<'a, 'i>> 
 
 /// The text `--xpath EXPR` prints for `xml` (with `wrap`: inside `<nodes>`), or an error when
 /// the expression is outside the supported subset. A path selecting nothing prints nothing.
-pub fn select(xml: &str, expr: &str, wrap: bool) -> Result<String, CliError> {
+pub fn select(xml: &str, expr: &str, wrap: bool) -> Result<String, Error> {
     let paths = parse(expr)?;
     let doc = roxmltree::Document::parse(xml)
-        .map_err(|e| CliError::Other(format!("internal error: document does not parse: {e}")))?;
+        .map_err(|e| Error::Other(format!("internal error: document does not parse: {e}")))?;
     let mut hits: Vec<Hit<'_, '_>> = Vec::new();
     for path in &paths {
         let start = if path.absolute {
@@ -350,7 +350,7 @@ fn wrapped(xml: &str, hits: &[Hit<'_, '_>]) -> String {
     for hit in hits {
         match hit {
             Hit::Attr(_, name, value) => {
-                open.push_str(&format!(" {name}=\"{}\"", crate::commands::esc(value)));
+                open.push_str(&format!(" {name}=\"{}\"", crate::domains::esc(value)));
             }
             Hit::Node(n) if n.is_element() => {
                 children.push_str(&format!("  {}\n", &xml[n.range()]));
@@ -361,7 +361,7 @@ fn wrapped(xml: &str, hits: &[Hit<'_, '_>]) -> String {
             Hit::Node(n) => {
                 children.push_str(&format!(
                     "  {}\n",
-                    crate::commands::esc(n.text().unwrap_or_default())
+                    crate::domains::esc(n.text().unwrap_or_default())
                 ));
             }
         }

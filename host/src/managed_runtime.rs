@@ -1,0 +1,563 @@
+//! Carries out the effects of the core's managed-backup machine
+//! ([`vbackup_core::managed::Managed`]) on this host: images with `qemu-img`, digests through
+//! a read-only `qemu-nbd` export, renames that keep owner, group, mode and qcow2 options,
+//! durable writes, records and the journal in the domain's store, and domain requests
+//! through a session opened when the first one is needed.
+//!
+//! Contract: [`ManagedHost::run`] feeds one request to the machine and carries out every
+//! effect it emits, in order, until it answers; the machine decides everything (what to
+//! check, what to write, what to undo). A failure of an effect goes back to the machine as
+//! an [`EffectError`], which cleans up and answers; only a failure of the store lock or the
+//! clock ends a run with an [`Error`].
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use vbackup_core::backup::{DomainJobStatus, JobStats};
+use vbackup_core::catalogue::StoredRecord;
+use vbackup_core::domain::{Reply, Request};
+use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
+use vbackup_core::link::{Link, Timestamp};
+use vbackup_core::managed::{
+    CallId, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput, ManagedOutput,
+    ManagedReply, ManagedRequest, Outcome, StoredManaged,
+};
+use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
+use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
+use vbackup_qemu::qsd::RunDir;
+use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
+
+use crate::error::Error;
+use crate::layout::{COMPLETED_FILE, MANAGED_JOURNAL_FILE};
+use crate::session::{Loaded, Session};
+
+/// Bound on the machine's rounds for one request.
+const ROUNDS: usize = 1_000_000;
+
+/// What the store holds of a domain's managed backups, for [`Managed::new`].
+pub fn stored_managed(store: &DomainStore) -> Result<StoredManaged, Error> {
+    let records = store
+        .load_entries(Collection::Backups)?
+        .into_iter()
+        .map(|(uuid, text)| {
+            let file = store.dir().join("backups").join(format!("{uuid}.xml"));
+            StoredRecord::new(file.display().to_string(), text)
+        })
+        .collect();
+    let default_target = match std::fs::read_to_string(store.dir().join(DEFAULT_TARGET_FILE)) {
+        Ok(text) => Some(text.trim_end_matches('\n').to_owned()).filter(|t| !t.is_empty()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("cannot read the default target")(e)),
+    };
+    let journal_path = store.dir().join(MANAGED_JOURNAL_FILE);
+    let journal = match std::fs::read_to_string(&journal_path) {
+        Ok(text) => Some((journal_path.display().to_string(), text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("cannot read the managed-backup journal")(e)),
+    };
+    Ok(StoredManaged {
+        records,
+        default_target,
+        journal,
+    })
+}
+
+/// The domain's side: loaded and locked, or with a session open.
+enum Side {
+    Loaded(Box<Loaded>),
+    Session(Box<Session>),
+    Gone,
+}
+
+/// What a pull copy reports while it runs (for a progress display).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEvent<'a> {
+    /// The copy of one export begins.
+    Started {
+        /// The export (the disk target for a managed pull).
+        export: &'a str,
+        /// Bytes it will copy.
+        total_bytes: u64,
+    },
+    /// Bytes copied since the last event.
+    Copied(u64),
+    /// The copy of one export is complete.
+    Finished {
+        /// The export.
+        export: &'a str,
+        /// Bytes copied.
+        bytes_copied: u64,
+        /// Extents copied.
+        ranges: u64,
+    },
+}
+
+/// Receives [`CopyEvent`]s.
+pub type CopyObserver = Box<dyn FnMut(CopyEvent<'_>)>;
+
+/// One domain's managed backups on this host: the machine and what carries out its effects.
+pub struct ManagedHost {
+    machine: Managed,
+    side: Side,
+    store_root: PathBuf,
+    next_call: u64,
+    observer: Option<CopyObserver>,
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Timestamp::from_ms(ms)
+}
+
+fn failed(what: impl std::fmt::Display) -> EffectError {
+    EffectError::Failed(what.to_string())
+}
+
+fn io_failed(path: &str, e: &std::io::Error) -> EffectError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        EffectError::NotFound(path.to_owned())
+    } else {
+        failed(format!("'{path}': {e}"))
+    }
+}
+
+/// Runs a tool; its failure (with its stderr) is the effect's failure.
+fn tool(command: &mut Command) -> Result<Vec<u8>, EffectError> {
+    let out = images::run_tool(command).map_err(failed)?;
+    if !out.status.success() {
+        return Err(failed(images::tool_failure(command, &out)));
+    }
+    Ok(out.stdout)
+}
+
+fn sync_dir_of(path: &Path) {
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+/// The qcow2 creation options of an existing image, as `qemu-img create -o` takes them.
+fn creation_options(like: &str) -> Result<(String, Vec<String>), EffectError> {
+    let json = tool(Command::new("qemu-img").args(["info", "--output=json", "-U", like]))?;
+    let info: Value = serde_json::from_slice(&json).map_err(failed)?;
+    let format = info["format"].as_str().unwrap_or("qcow2").to_owned();
+    let mut options = Vec::new();
+    if format == "qcow2" {
+        if let Some(c) = info["cluster-size"].as_u64() {
+            options.push(format!("cluster_size={c}"));
+        }
+        let data = &info["format-specific"]["data"];
+        if let Some(compat) = data["compat"].as_str() {
+            options.push(format!("compat={compat}"));
+        }
+        if let Some(lazy) = data["lazy-refcounts"].as_bool() {
+            options.push(format!(
+                "lazy_refcounts={}",
+                if lazy { "on" } else { "off" }
+            ));
+        }
+        if let Some(bits) = data["refcount-bits"].as_u64() {
+            options.push(format!("refcount_bits={bits}"));
+        }
+        if data["extended-l2"].as_bool() == Some(true) {
+            options.push("extended_l2=on".into());
+        }
+    }
+    Ok((format, options))
+}
+
+/// The last finished job's outcome as the host recorded it ([`COMPLETED_FILE`]).
+fn recorded_completion(dir: &Path) -> Option<JobStats> {
+    let text = std::fs::read_to_string(dir.join(COMPLETED_FILE)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    let success = v["success"].as_bool()?;
+    Some(JobStats {
+        operation: "backup",
+        status: if success {
+            DomainJobStatus::Completed
+        } else {
+            DomainJobStatus::Failed
+        },
+        time_elapsed_ms: v["time_elapsed_ms"].as_u64().unwrap_or(0),
+        disk_total_bytes: None,
+        disk_processed_bytes: None,
+        disk_remaining_bytes: None,
+        disk_temp_used_bytes: None,
+        disk_temp_total_bytes: None,
+        success: Some(success),
+        errmsg: v["errmsg"].as_str().map(str::to_owned),
+        waiting_for: None,
+    })
+}
+
+fn facts(path: &str) -> Result<Outcome, EffectError> {
+    if !Path::new(path).exists() {
+        return Err(EffectError::NotFound(path.to_owned()));
+    }
+    let image = images::describe("", Path::new(path)).map_err(failed)?;
+    Ok(Outcome::Facts(ImageFacts {
+        virtual_size_bytes: image.virtual_size_bytes,
+        allocated_size_bytes: image.allocated_size_bytes,
+        digest: image.digest,
+        format: image.format,
+    }))
+}
+
+impl ManagedHost {
+    /// The machine of a loaded (locked) domain, rebuilt from its store.
+    pub fn open(store: &Store, loaded: Loaded) -> Result<Self, Error> {
+        let stored = stored_managed(&loaded.store)?;
+        let machine = Managed::new(loaded.store.name(), stored);
+        Ok(Self {
+            machine,
+            side: Side::Loaded(Box::new(loaded)),
+            store_root: store.root().to_owned(),
+            next_call: 0,
+            observer: None,
+        })
+    }
+
+    /// Reports the progress of pull copies to `observer`.
+    pub fn observe_copies(&mut self, observer: CopyObserver) {
+        self.observer = Some(observer);
+    }
+
+    /// The machine: the catalogue, the damaged records, the backup in flight.
+    pub fn machine(&self) -> &Managed {
+        &self.machine
+    }
+
+    fn store(&self) -> Option<&DomainStore> {
+        match &self.side {
+            Side::Loaded(l) => Some(&l.store),
+            Side::Session(s) => Some(s.driver.effects().store()),
+            Side::Gone => None,
+        }
+    }
+
+    fn session(&mut self) -> Result<&mut Session, EffectError> {
+        if let Side::Loaded(_) = self.side {
+            let Side::Loaded(loaded) = std::mem::replace(&mut self.side, Side::Gone) else {
+                return Err(failed("no domain"));
+            };
+            let session =
+                Session::connect(*loaded).map_err(|e| EffectError::Domain(e.to_string()))?;
+            self.side = Side::Session(Box::new(session));
+        }
+        match &mut self.side {
+            Side::Session(s) => Ok(s),
+            _ => Err(failed("the domain's session is gone")),
+        }
+    }
+
+    /// Asks the machine and carries out its effects until it answers.
+    pub fn run(
+        &mut self,
+        request: ManagedRequest,
+    ) -> Result<Result<ManagedReply, ManagedError>, Error> {
+        self.next_call += 1;
+        let mut outputs = self.machine.handle(
+            now(),
+            ManagedInput::Request(CallId(self.next_call), request),
+        );
+        for _ in 0..ROUNDS {
+            let mut next = Vec::new();
+            for output in outputs {
+                match output {
+                    ManagedOutput::Respond(_, answer) => return Ok(answer),
+                    ManagedOutput::Effect(id, effect) => {
+                        let result = self.execute(&effect);
+                        next.extend(self.machine.handle(now(), ManagedInput::Done(id, result)));
+                    }
+                }
+            }
+            if next.is_empty() {
+                let Some(at) = self.machine.next_deadline() else {
+                    return Err(Error::Other(
+                        "internal error: the managed-backup machine neither answers nor waits"
+                            .into(),
+                    ));
+                };
+                // Waiting for a job: the session is driven meanwhile so its events arrive.
+                match &mut self.side {
+                    Side::Session(s) => {
+                        let until = s.driver.link().now().plus_ms(at.ms_since(now()).max(1));
+                        s.driver.step(Some(until))?;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(at.ms_since(now()).max(1))),
+                }
+                next = self.machine.handle(now(), ManagedInput::Tick);
+            }
+            outputs = next;
+        }
+        Err(Error::Other(
+            "internal error: a managed-backup request never ended".into(),
+        ))
+    }
+
+    /// Ends the session, if one was opened.
+    pub fn close(self) -> Result<(), Error> {
+        match self.side {
+            Side::Session(s) => s.close(),
+            _ => Ok(()),
+        }
+    }
+
+    fn execute(&mut self, effect: &Effect) -> Result<Outcome, EffectError> {
+        let done = Ok(Outcome::Done);
+        match effect {
+            Effect::CreateDir { path, parents } => {
+                let r = if *parents {
+                    std::fs::create_dir_all(path)
+                } else {
+                    std::fs::create_dir(path)
+                };
+                match r {
+                    Ok(()) => done,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Err(EffectError::NotFound(
+                            Path::new(path)
+                                .parent()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                        ))
+                    }
+                    Err(e) => Err(io_failed(path, &e)),
+                }
+            }
+            Effect::RemoveDir { path } => match std::fs::remove_dir(path) {
+                Ok(()) => done,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => done,
+                Err(e) => Err(io_failed(path, &e)),
+            },
+            Effect::CreateImage {
+                path,
+                format,
+                size_bytes,
+                like,
+            } => {
+                let (format, options) = match like {
+                    Some(l) => creation_options(l)?,
+                    None => (format.name().to_owned(), Vec::new()),
+                };
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["create", "-q", "-f", &format]);
+                if !options.is_empty() {
+                    cmd.args(["-o", &options.join(",")]);
+                }
+                cmd.arg(path).arg(size_bytes.to_string());
+                tool(&mut cmd)?;
+                if let Some(l) = like {
+                    // The new file takes the old one's owner, group and mode.
+                    let meta = std::fs::metadata(l).map_err(|e| io_failed(l, &e))?;
+                    let _ = std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid()));
+                    std::fs::set_permissions(
+                        path,
+                        std::fs::Permissions::from_mode(meta.mode() & 0o7777),
+                    )
+                    .map_err(|e| io_failed(path, &e))?;
+                }
+                done
+            }
+            Effect::Rebase {
+                path,
+                backing,
+                unsafe_rebase,
+            } => {
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["rebase", "-q"]);
+                if *unsafe_rebase {
+                    cmd.arg("-u");
+                }
+                cmd.args(["-f", "qcow2"]);
+                match backing {
+                    Some(b) => cmd.args(["-F", "qcow2", "-b", b]),
+                    None => cmd.args(["-b", ""]),
+                };
+                cmd.arg(path);
+                tool(&mut cmd).map(|_| Outcome::Done)
+            }
+            Effect::Digest { path } => facts(path),
+            Effect::DigestCopy {
+                source,
+                into,
+                format,
+                existing,
+            } => {
+                if !Path::new(source).exists() {
+                    return Err(EffectError::NotFound(source.clone()));
+                }
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["convert", "-q", "-O", format.name()]);
+                if *existing {
+                    cmd.arg("-n");
+                }
+                cmd.arg(source).arg(into);
+                tool(&mut cmd)?;
+                facts(into)
+            }
+            Effect::CopyPull {
+                export,
+                dirty_bitmap,
+                into,
+                backing,
+            } => {
+                let session = self.session()?;
+                let socket = RunDir::new(&session.run_dir).nbd_socket;
+                let (context, dirty) = match dirty_bitmap {
+                    Some(bitmap) => (dirty_bitmap_context(bitmap), true),
+                    None => (BASE_ALLOCATION.to_owned(), false),
+                };
+                let mut client = NbdClient::connect_unix(&socket, export, &[context.as_str()])
+                    .map_err(failed)?;
+                let ranges = select_ranges(&mut client, &context, |flags| {
+                    if dirty {
+                        flags & STATE_DIRTY != 0
+                    } else {
+                        flags & STATE_ZERO == 0
+                    }
+                })
+                .map_err(failed)?;
+                let total_bytes = ranges
+                    .iter()
+                    .fold(0u64, |t, (_, len)| t.saturating_add(*len));
+                let mut observer = self.observer.take();
+                if let Some(o) = observer.as_mut() {
+                    o(CopyEvent::Started {
+                        export,
+                        total_bytes,
+                    });
+                }
+                let report = images::store_extents_observed(
+                    &mut client,
+                    &ranges,
+                    Path::new(into),
+                    backing.as_deref().map(Path::new),
+                    &mut |bytes| {
+                        if let Some(o) = observer.as_mut() {
+                            o(CopyEvent::Copied(bytes));
+                        }
+                    },
+                );
+                let _ = client.disconnect();
+                if let (Some(o), Ok(r)) = (observer.as_mut(), &report) {
+                    o(CopyEvent::Finished {
+                        export,
+                        bytes_copied: r.copy.bytes_copied,
+                        ranges: r.copy.ranges as u64,
+                    });
+                }
+                self.observer = observer;
+                report.map_err(failed)?;
+                done
+            }
+            Effect::Rename { from, to, replace } => {
+                if !Path::new(from).exists() {
+                    return Err(EffectError::NotFound(from.clone()));
+                }
+                if !replace && Path::new(to).exists() {
+                    return Err(failed(format!("'{to}' exists")));
+                }
+                std::fs::rename(from, to).map_err(|e| io_failed(from, &e))?;
+                sync_dir_of(Path::new(to));
+                done
+            }
+            Effect::Sync { path } => {
+                let f = std::fs::File::open(path).map_err(|e| io_failed(path, &e))?;
+                f.sync_all().map_err(|e| io_failed(path, &e))?;
+                sync_dir_of(Path::new(path));
+                done
+            }
+            Effect::Remove { path } => match std::fs::remove_file(path) {
+                Ok(()) => {
+                    sync_dir_of(Path::new(path));
+                    done
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => done,
+                Err(e) => Err(io_failed(path, &e)),
+            },
+            Effect::Exists { path } => Ok(Outcome::Exists(Path::new(path).exists())),
+            Effect::PutRecord(b) => {
+                let store = self.store().ok_or_else(|| failed("no store"))?;
+                store
+                    .write_entry(Collection::Backups, &b.uuid, &b.format())
+                    .map(|_| Outcome::Done)
+                    .map_err(failed)
+            }
+            Effect::DeleteRecord { uuid } => {
+                let store = self.store().ok_or_else(|| failed("no store"))?;
+                store
+                    .remove_entry(Collection::Backups, uuid)
+                    .map(|_| Outcome::Done)
+                    .map_err(failed)
+            }
+            Effect::SetDefaultTarget(t) => {
+                let store = self.store().ok_or_else(|| failed("no store"))?;
+                let text = t.as_deref().unwrap_or("");
+                write_atomic(store.dir(), DEFAULT_TARGET_FILE, text.as_bytes())
+                    .map(|()| Outcome::Done)
+                    .map_err(failed)
+            }
+            Effect::PutJournal(j) => {
+                let store = self.store().ok_or_else(|| failed("no store"))?;
+                write_atomic(store.dir(), MANAGED_JOURNAL_FILE, j.format().as_bytes())
+                    .map(|()| Outcome::Done)
+                    .map_err(failed)
+            }
+            Effect::ClearJournal => {
+                let store = self.store().ok_or_else(|| failed("no store"))?;
+                let path = store.dir().join(MANAGED_JOURNAL_FILE);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        sync_dir_of(&path);
+                        done
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => done,
+                    Err(e) => Err(io_failed(&path.display().to_string(), &e)),
+                }
+            }
+            Effect::DomainExists { name } => {
+                let store = Store::open(&self.store_root).map_err(failed)?;
+                let exists = store.list_domains().map_err(failed)?.contains(name);
+                Ok(Outcome::Exists(exists))
+            }
+            Effect::DefineDomain { name, disks } => {
+                let store = Store::open(&self.store_root).map_err(failed)?;
+                let specs: Vec<String> = disks
+                    .iter()
+                    .map(|(d, p, f)| format!("{d}={p},format={}", f.name()))
+                    .collect();
+                crate::domains::define(&store, name, &specs, None)
+                    .map(|_| Outcome::Done)
+                    .map_err(failed)
+            }
+            Effect::Domain(request) => {
+                let session = self.session()?;
+                let reply = session
+                    .call(request.clone())
+                    .map_err(|e| EffectError::Domain(e.to_string()))?;
+                // A job that ended while no vbackup followed it was concluded by an earlier
+                // session: the host's record of the last finished job answers for it.
+                if let (
+                    Request::JobStats {
+                        completed: true, ..
+                    },
+                    Reply::Stats(None),
+                ) = (request, &reply)
+                {
+                    let dir = session.driver.effects().store().dir().to_owned();
+                    return Ok(Outcome::Reply(Reply::Stats(recorded_completion(&dir))));
+                }
+                Ok(Outcome::Reply(reply))
+            }
+        }
+    }
+}
