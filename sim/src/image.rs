@@ -525,7 +525,8 @@ impl FileSystem {
         };
         // Only a cluster the write covers in part is filled from the backing chain: a write of
         // whole clusters needs no read of it.
-        let partial = !offset.is_multiple_of(cs) || !(offset + data.len() as u64).is_multiple_of(cs);
+        let partial =
+            !offset.is_multiple_of(cs) || !(offset + data.len() as u64).is_multiple_of(cs);
         let base = match &backing {
             Some(b) if partial && self.exists(b) => Some(self.read_image(b)?),
             _ => None,
