@@ -13,6 +13,7 @@
 //! <state>/domains/<name>/job-progress.json   the running job's last polled statistics
 //! <state>/domains/<name>/completed-job.json  the last finished job's statistics
 //! <state>/domains/<name>/drift-reported      drift warnings last printed in full
+//! <state>/domains/<name>/block-hashes/<hex>.blocks  block hashes of a backup image's digest (vbackup_qemu::digest)
 //! <state>/run/<name>/                        the managed daemon's sockets and pid file (vbackup_qemu::qsd)
 //! <state>/run/<name>/keep-running            the daemon stays up until `shutdown`
 //! ```
@@ -42,6 +43,9 @@ pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
 /// File of the running job's statistics as last polled by the invocation following it:
 /// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
 pub const PROGRESS_FILE: &str = "job-progress.json";
+/// Directory of the block hashes behind backup images' `sha256-tree` digests, one file per
+/// digest, so an incremental reads only the blocks it holds itself.
+pub const BLOCK_HASHES_DIR: &str = "block-hashes";
 /// The checkpoint index (a cache of the parsed checkpoint documents).
 pub const INDEX_FILE: &str = "checkpoint-index.json";
 /// File in a domain's store holding the drift warnings last printed in full.

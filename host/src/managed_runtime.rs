@@ -17,21 +17,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use vbackup_core::backup::{DomainJobStatus, JobStats};
-use vbackup_core::catalogue::StoredRecord;
+use vbackup_core::catalogue::{BackupListFilter, Digest, DigestKind, StoredRecord};
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
 use vbackup_core::link::{Link, Timestamp};
 use vbackup_core::managed::{
-    CallId, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput, ManagedOutput,
-    ManagedReply, ManagedRequest, Outcome, StoredManaged,
+    CallId, DigestBase, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
+    ManagedOutput, ManagedReply, ManagedRequest, Outcome, StoredManaged,
 };
+use vbackup_qemu::digest::{self, HashStore};
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
 use vbackup_qemu::qsd::RunDir;
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 
 use crate::error::Error;
-use crate::layout::{COMPLETED_FILE, MANAGED_JOURNAL_FILE};
+use crate::layout::{BLOCK_HASHES_DIR, COMPLETED_FILE, MANAGED_JOURNAL_FILE};
 use crate::session::{Loaded, Session};
 
 /// Bound on the machine's rounds for one request.
@@ -198,17 +199,59 @@ fn recorded_completion(dir: &Path) -> Option<JobStats> {
     })
 }
 
-fn facts(path: &str) -> Result<Outcome, EffectError> {
-    if !Path::new(path).exists() {
+/// An image's facts with a digest of `kind`. For a [`DigestKind::Sha256Tree`] of an image
+/// written on `base` (its backing file), the blocks it does not hold take the hashes `kept`
+/// has of that parent; the image's own block hashes are kept in turn.
+fn facts(
+    path: &str,
+    kind: DigestKind,
+    base: Option<&DigestBase>,
+    kept: Option<&HashStore>,
+) -> Result<Outcome, EffectError> {
+    let image_path = Path::new(path);
+    if !image_path.exists() {
         return Err(EffectError::NotFound(path.to_owned()));
     }
-    let image = images::describe("", Path::new(path)).map_err(failed)?;
+    if kind == DigestKind::Sha256 {
+        let image = images::describe("", image_path).map_err(failed)?;
+        return Ok(Outcome::Facts(ImageFacts {
+            virtual_size_bytes: image.virtual_size_bytes,
+            allocated_size_bytes: image.allocated_size_bytes,
+            digest: image.digest,
+            format: image.format,
+        }));
+    }
+    let chain = images::backing_chain(image_path).map_err(failed)?;
+    let Some(top) = chain.first() else {
+        return Err(failed(format!("'{path}': qemu-img shows no image")));
+    };
+    // The parent's hashes describe the image's backing content only when the backing file
+    // is that parent.
+    let parent = base
+        .filter(|b| {
+            top.backing
+                .as_deref()
+                .is_some_and(|f| same_file(f, &b.path))
+        })
+        .and_then(|b| kept.and_then(|k| k.load(&b.digest)));
+    let hashes = digest::block_hashes(image_path, &top.format, parent.as_ref()).map_err(failed)?;
+    if let Some(k) = kept {
+        k.keep(&hashes);
+    }
     Ok(Outcome::Facts(ImageFacts {
-        virtual_size_bytes: image.virtual_size_bytes,
-        allocated_size_bytes: image.allocated_size_bytes,
-        digest: image.digest,
-        format: image.format,
+        virtual_size_bytes: top.virtual_size_bytes,
+        allocated_size_bytes: top.actual_size_bytes,
+        digest: hashes.digest(),
+        format: top.format.clone(),
     }))
+}
+
+/// Whether two paths name one file.
+fn same_file(a: &str, b: &str) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
 }
 
 impl ManagedHost {
@@ -233,6 +276,24 @@ impl ManagedHost {
     /// The machine: the catalogue, the damaged records, the backup in flight.
     pub fn machine(&self) -> &Managed {
         &self.machine
+    }
+
+    /// Where the block hashes of the domain's backup images are kept.
+    fn kept_hashes(&self) -> Option<HashStore> {
+        self.store()
+            .map(|s| HashStore::new(s.dir().join(BLOCK_HASHES_DIR)))
+    }
+
+    /// Drops the kept block hashes no recorded image has any more.
+    fn prune_hashes(&self) {
+        if let Some(kept) = self.kept_hashes() {
+            let backups = self.machine.catalogue().list(BackupListFilter::All);
+            let wanted: Vec<&Digest> = backups
+                .iter()
+                .flat_map(|b| b.disks.iter().map(|d| &d.digest))
+                .collect();
+            kept.retain(&wanted);
+        }
     }
 
     fn store(&self) -> Option<&DomainStore> {
@@ -286,15 +347,24 @@ impl ManagedHost {
                             .into(),
                     ));
                 };
-                // Waiting for a job: the session is driven meanwhile so its events arrive.
+                // Waiting for a job: the session is driven meanwhile so its events arrive, and
+                // the machine hears at once when they end the job (not at its next poll).
+                let mut ended = false;
                 match &mut self.side {
                     Side::Session(s) => {
                         let until = s.driver.link().now().plus_ms(at.ms_since(now()).max(1));
+                        let was_running = s.job_running();
                         s.driver.step(Some(until))?;
+                        ended = was_running && !s.job_running();
                     }
                     _ => std::thread::sleep(Duration::from_millis(at.ms_since(now()).max(1))),
                 }
-                next = self.machine.handle(now(), ManagedInput::Tick);
+                let input = if ended {
+                    ManagedInput::JobEnded
+                } else {
+                    ManagedInput::Tick
+                };
+                next = self.machine.handle(now(), input);
             }
             outputs = next;
         }
@@ -305,6 +375,7 @@ impl ManagedHost {
 
     /// Ends the session, if one was opened.
     pub fn close(self) -> Result<(), Error> {
+        self.prune_hashes();
         match self.side {
             Side::Session(s) => s.close(),
             _ => Ok(()),
@@ -385,12 +456,16 @@ impl ManagedHost {
                 cmd.arg(path);
                 tool(&mut cmd).map(|_| Outcome::Done)
             }
-            Effect::Digest { path } => facts(path),
+            Effect::Digest { path, kind, base } => {
+                let kept = self.kept_hashes();
+                facts(path, *kind, base.as_ref(), kept.as_ref())
+            }
             Effect::DigestCopy {
                 source,
                 into,
                 format,
                 existing,
+                kind,
             } => {
                 if !Path::new(source).exists() {
                     return Err(EffectError::NotFound(source.clone()));
@@ -402,7 +477,8 @@ impl ManagedHost {
                 }
                 cmd.arg(source).arg(into);
                 tool(&mut cmd)?;
-                facts(into)
+                let kept = self.kept_hashes();
+                facts(into, *kind, None, kept.as_ref())
             }
             Effect::CopyPull {
                 export,

@@ -310,6 +310,9 @@ const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the single export served by [`NbdExport`].
 pub const EXPORT_NAME: &str = "image";
 
+/// The meta context of [`NbdExport::start_with_allocation_depth`].
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
 /// An image served by `qemu-nbd` on a unix socket in a private temporary directory. The
 /// process is killed by its pid and reaped when the export is stopped or dropped.
 #[derive(Debug)]
@@ -323,6 +326,25 @@ impl NbdExport {
     /// Serves `path` (of `format`). A writable export turns written zero blocks into zero
     /// clusters (`--detect-zeroes=on`) so they use no data space.
     pub fn start(path: &Path, format: &ImageFormat, writable: bool) -> Result<Self, ImageError> {
+        Self::spawn(path, format, writable, false)
+    }
+
+    /// Serves `path` read-only, also answering the `qemu:allocation-depth` meta context
+    /// ([`ALLOCATION_DEPTH`]): 1 for what the image holds itself, more for what its backing
+    /// chain holds, 0 for what none holds.
+    pub fn start_with_allocation_depth(
+        path: &Path,
+        format: &ImageFormat,
+    ) -> Result<Self, ImageError> {
+        Self::spawn(path, format, false, true)
+    }
+
+    fn spawn(
+        path: &Path,
+        format: &ImageFormat,
+        writable: bool,
+        allocation_depth: bool,
+    ) -> Result<Self, ImageError> {
         // What a killed vbackup left of earlier exports goes first.
         crate::children::clean_orphans(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
@@ -349,6 +371,9 @@ impl NbdExport {
             command.arg("--detect-zeroes=on");
         } else {
             command.arg("--read-only");
+        }
+        if allocation_depth {
+            command.arg("--allocation-depth");
         }
         command
             .arg(path)

@@ -23,6 +23,7 @@
 //! - [`writeout`]: making push targets durable, and writing them out while the job runs.
 
 pub mod children;
+pub mod digest;
 pub mod discover;
 pub mod images;
 pub mod live;

@@ -47,7 +47,9 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use vbackup_core::backup::BackupMode;
-use vbackup_core::catalogue::{BackupListFilter, CatalogueError, Digest, StoredRecord};
+use vbackup_core::catalogue::{
+    BackupListFilter, BlockHashes, CatalogueError, Digest, DigestKind, StoredRecord,
+};
 use vbackup_core::checkpoint::DeleteScope;
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::driver::Driver;
@@ -353,9 +355,23 @@ impl History {
 
     /// Lets `ms` of virtual time pass (jobs progress).
     fn pass_time(&mut self, ms: u64) -> Result<(), ManagedFailure> {
+        self.pass_time_until_job_end(ms, false)
+    }
+
+    /// Whether the domain's engine has a backup job.
+    fn job_running(&self) -> bool {
+        self.driver.domain().view().backup.is_some()
+    }
+
+    /// Lets `ms` of virtual time pass, or less when `stop_at_job_end` and the job ends.
+    fn pass_time_until_job_end(
+        &mut self,
+        ms: u64,
+        stop_at_job_end: bool,
+    ) -> Result<(), ManagedFailure> {
         let until = self.now().plus_ms(ms);
         for _ in 0..ROUNDS {
-            if self.now() >= until {
+            if self.now() >= until || (stop_at_job_end && !self.job_running()) {
                 return Ok(());
             }
             if let Err(e) = self.driver.step(Some(until)) {
@@ -428,10 +444,17 @@ impl History {
                 if self.chance(30) {
                     self.guest_write();
                 }
+                // As the host runtime does: the machine hears at once when the job ends.
                 let wait = at.ms_since(self.now()).max(1);
-                self.pass_time(wait)?;
+                let was_running = self.job_running();
+                self.pass_time_until_job_end(wait, was_running)?;
+                let input = if was_running && !self.job_running() {
+                    ManagedInput::JobEnded
+                } else {
+                    ManagedInput::Tick
+                };
                 let now = self.now();
-                next = self.machine.handle(now, ManagedInput::Tick);
+                next = self.machine.handle(now, input);
             }
             outputs = next;
         }
@@ -452,7 +475,7 @@ impl History {
         }
     }
 
-    fn facts(&self, path: &str) -> Result<ImageFacts, EffectError> {
+    fn facts(&self, path: &str, kind: DigestKind) -> Result<ImageFacts, EffectError> {
         let q = self.qemu.borrow();
         let fs = q.fs();
         if !fs.exists(path) {
@@ -468,7 +491,7 @@ impl History {
         Ok(ImageFacts {
             virtual_size_bytes: content.len() as u64,
             allocated_size_bytes: allocated,
-            digest: digest(&content),
+            digest: digest(&content, kind),
             format: match fs.get(path) {
                 Some(FileContent::Raw(_)) => ImageFormat::Raw,
                 _ => ImageFormat::Qcow2,
@@ -542,11 +565,13 @@ impl History {
                 };
                 r.map(|()| Outcome::Done).map_err(EffectError::Failed)
             }
-            Effect::Digest { path } => self.facts(path).map(Outcome::Facts),
+            // The whole content is at hand: a parent's block hashes (`base`) would save nothing.
+            Effect::Digest { path, kind, .. } => self.facts(path, *kind).map(Outcome::Facts),
             Effect::DigestCopy {
                 source,
                 into,
                 existing,
+                kind,
                 ..
             } => {
                 let read = {
@@ -570,7 +595,7 @@ impl History {
                             fs.create_qcow2(into, content.len() as u64, CLUSTER, None);
                             write_sparse(fs, into, 0, &content)?;
                         }
-                        self.facts(into).map(Outcome::Facts)
+                        self.facts(into, *kind).map(Outcome::Facts)
                     }
                 }
             }
@@ -820,7 +845,7 @@ impl History {
                         image.disk
                     )));
                 }
-                if digest(&content) != image.digest {
+                if digest(&content, image.digest.kind()) != image.digest {
                     return Err(self.fail(format!(
                         "backup {uuid} disk {}: the recorded digest is not its content's",
                         image.disk
@@ -1811,8 +1836,11 @@ fn rebase_safe(fs: &mut FileSystem, path: &str, backing: Option<&str>) -> Result
         .map_err(|e| format!("{path}: {e}"))
 }
 
-fn digest(content: &[u8]) -> Digest {
-    Digest::sha256(&Sha256::digest(content).into())
+fn digest(content: &[u8], kind: DigestKind) -> Digest {
+    match kind {
+        DigestKind::Sha256 => Digest::sha256(&Sha256::digest(content).into()),
+        DigestKind::Sha256Tree => BlockHashes::of_content(content).digest(),
+    }
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> usize {

@@ -25,14 +25,18 @@ mod damaged;
 mod index;
 mod record;
 mod restore;
+mod tree;
 mod xml;
 
 pub use xml::GRAMMAR;
 
 pub use damaged::{DamagedRecord, StoredRecord};
 pub use index::{BackupListFilter, Catalogue, CatalogueOp, DeleteMode, find_backup};
-pub use record::{BackupImage, BackupKind, Digest, ManagedBackup, validate_uuid};
+pub use record::{
+    BackupImage, BackupKind, Digest, DigestKind, ManagedBackup, TREE_BLOCK_BYTES, validate_uuid,
+};
 pub use restore::{DiskRestore, RestorePlan};
+pub use tree::{BlockHashes, block_count, block_hash, block_len, zero_block_hash};
 
 /// The longest parent chain accepted, root included. Chain walks stop there, so a corrupted
 /// store cannot make them loop.

@@ -33,19 +33,44 @@ impl BackupKind {
     }
 }
 
-/// A content digest of a disk's logical (guest-visible) content: `sha256:` and 64 lowercase hex
-/// digits. Two images with the same guest-visible bytes have the same digest, whatever their
-/// format, allocation or backing chain.
+/// A content digest of a disk's logical (guest-visible) content: a [`DigestKind`] prefix and 64
+/// lowercase hex digits. Two images with the same guest-visible bytes have the same digest of
+/// one kind, whatever their format, allocation or backing chain.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Digest(String);
 
-/// Prefix of SHA-256 digests.
-const SHA256_PREFIX: &str = "sha256:";
+/// How a [`Digest`] is computed from the content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DigestKind {
+    /// `sha256:`: SHA-256 of the whole content, byte by byte. Computing it reads everything.
+    Sha256,
+    /// `sha256-tree:`: SHA-256 of the content's size (8 bytes, little-endian) followed by the
+    /// SHA-256 of each [`TREE_BLOCK_BYTES`] block in order (the last one as long as what
+    /// remains). A block known to be zero needs no read, and a block an incremental image
+    /// shares with its parent takes the parent's block hash, so computing it costs what
+    /// changed. Every new backup image gets this kind; older records keep theirs.
+    Sha256Tree,
+}
+
+impl DigestKind {
+    /// The text before the hex digits.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Sha256 => "sha256:",
+            Self::Sha256Tree => "sha256-tree:",
+        }
+    }
+}
+
+/// Block size of [`DigestKind::Sha256Tree`].
+pub const TREE_BLOCK_BYTES: u64 = 1 << 20;
 
 impl Digest {
-    /// Parses `sha256:<64 lowercase hex digits>`.
+    /// Parses `sha256:` or `sha256-tree:` followed by 64 lowercase hex digits.
     pub fn parse(text: &str) -> Option<Self> {
-        let hex = text.strip_prefix(SHA256_PREFIX)?;
+        let hex = [DigestKind::Sha256Tree, DigestKind::Sha256]
+            .iter()
+            .find_map(|k| text.strip_prefix(k.prefix()))?;
         let ok = hex.len() == 64
             && hex
                 .bytes()
@@ -53,10 +78,16 @@ impl Digest {
         ok.then(|| Self(text.to_owned()))
     }
 
-    /// A SHA-256 digest from its 32 bytes.
+    /// A SHA-256 digest of the whole content from its 32 bytes.
     pub fn sha256(bytes: &[u8; 32]) -> Self {
-        let mut text = String::with_capacity(SHA256_PREFIX.len() + 64);
-        text.push_str(SHA256_PREFIX);
+        Self::of_kind(DigestKind::Sha256, bytes)
+    }
+
+    /// A digest of `kind` from its 32 bytes.
+    pub fn of_kind(kind: DigestKind, bytes: &[u8; 32]) -> Self {
+        let prefix = kind.prefix();
+        let mut text = String::with_capacity(prefix.len() + 64);
+        text.push_str(prefix);
         for b in bytes {
             text.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
             text.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
@@ -64,7 +95,21 @@ impl Digest {
         Self(text)
     }
 
-    /// The full text, `sha256:...`.
+    /// How it was computed.
+    pub fn kind(&self) -> DigestKind {
+        if self.0.starts_with(DigestKind::Sha256Tree.prefix()) {
+            DigestKind::Sha256Tree
+        } else {
+            DigestKind::Sha256
+        }
+    }
+
+    /// The 64 hex digits.
+    pub fn hex(&self) -> &str {
+        &self.0[self.kind().prefix().len()..]
+    }
+
+    /// The full text, e.g. `sha256-tree:...`.
     pub fn as_str(&self) -> &str {
         &self.0
     }

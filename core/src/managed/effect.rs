@@ -1,6 +1,6 @@
 //! The work the managed-backup machine hands to its runtime, and what comes back.
 
-use crate::catalogue::{Digest, ManagedBackup};
+use crate::catalogue::{Digest, DigestKind, ManagedBackup};
 use crate::model::ImageFormat;
 use crate::protocol::{Reply, Request};
 
@@ -56,6 +56,15 @@ pub enum Effect {
     Digest {
         /// The image.
         path: String,
+        /// The kind of digest wanted: a recorded one's kind when checking it, the
+        /// [`DigestKind::Sha256Tree`] of every new image otherwise.
+        kind: DigestKind,
+        /// For an image vbackup just wrote on top of a recorded parent image: that image and
+        /// its digest. The blocks the new image does not hold itself are the parent's, so
+        /// their hashes may come from the parent's block hashes (when kept and matching its
+        /// digest) instead of being read again. `None` when checking: then every block that
+        /// is not known to be zero is read.
+        base: Option<DigestBase>,
     },
     /// Copy an image's guest-visible content (through its backing chain) into `into`, then
     /// read `into` back: answered with [`Outcome::Facts`] of `into`. With `existing`, `into`
@@ -70,6 +79,8 @@ pub enum Effect {
         format: ImageFormat,
         /// `into` exists already.
         existing: bool,
+        /// The kind of digest wanted of `into` (the recorded digest's it is checked against).
+        kind: DigestKind,
     },
     /// Read one export of the running pull backup into a new qcow2 image: every allocated
     /// extent (full), or with `dirty_bitmap` only the extents that bitmap marks (then
@@ -177,4 +188,13 @@ pub enum EffectError {
     /// The domain's engine refused the request.
     #[error("{0}")]
     Domain(String),
+}
+
+/// A recorded image a new image is built on ([`Effect::Digest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestBase {
+    /// The parent image (the new image's backing file).
+    pub path: String,
+    /// Its recorded digest.
+    pub digest: Digest,
 }

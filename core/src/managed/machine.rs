@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::backup::{BackupMode, BackupStore, StoreKind};
 use crate::catalogue::{
-    BackupImage, BackupKind, Catalogue, CatalogueOp, DamagedRecord, DeleteMode, ManagedBackup,
-    StoredRecord, validate_uuid,
+    BackupImage, BackupKind, Catalogue, CatalogueOp, DamagedRecord, DeleteMode, DigestKind,
+    ManagedBackup, StoredRecord, validate_uuid,
 };
 use crate::checkpoint::{DeleteScope, ListFilter};
 use crate::kernel::timers::TimerTable;
@@ -19,7 +19,7 @@ use crate::link::Timestamp;
 use crate::model::ImageFormat;
 use crate::protocol::{Reply, Request};
 
-use super::effect::{Effect, EffectError, EffectId, Outcome};
+use super::effect::{DigestBase, Effect, EffectError, EffectId, Outcome};
 use super::journal::{Journal, NewDomain, PendingBackup};
 use super::{
     CallId, CreateRequest, DiskVerdict, ManagedError, ManagedInput, ManagedOutput, ManagedReply,
@@ -79,8 +79,12 @@ enum Step {
         existing: bool,
         want: crate::catalogue::Digest,
     },
-    /// Digest an image of the backup being recorded.
-    Describe { disk: String, path: String },
+    /// Digest an image of the backup being recorded; `base` is the parent image it is built on.
+    Describe {
+        disk: String,
+        path: String,
+        base: Option<DigestBase>,
+    },
     /// Refuse when a domain of this name exists.
     RefuseDomain(String),
     /// Refuse when a file exists.
@@ -362,6 +366,13 @@ impl Managed {
                     self.finish_step(now, step, result);
                 }
             }
+            ManagedInput::JobEnded => {
+                if self.timers.clear(&Timer::PollJob)
+                    && let Some(op) = self.op.as_mut()
+                {
+                    op.waiting = false;
+                }
+            }
             ManagedInput::Tick => {
                 for t in self.timers.take_expired(now) {
                     match t {
@@ -534,7 +545,7 @@ impl Managed {
                     e,
                 )),
             },
-            Step::Describe { disk, path } => match result {
+            Step::Describe { disk, path, .. } => match result {
                 Ok(Outcome::Facts(f)) => op.described.push(BackupImage {
                     disk,
                     path,
@@ -1682,6 +1693,10 @@ fn record_steps(catalogue: &Catalogue, pending: &PendingBackup) -> Vec<Step> {
         steps.push(Step::Describe {
             disk: disk.clone(),
             path: path.clone(),
+            base: parent.and_then(|p| p.image(disk)).map(|img| DigestBase {
+                path: img.path.clone(),
+                digest: img.digest.clone(),
+            }),
         });
     }
     steps.push(Step::Record(pending.clone()));
@@ -1727,20 +1742,32 @@ fn effect_of(step: &Step) -> Option<Effect> {
     };
     Some(match step {
         Step::Do(e, _) | Step::Try(e) => e.clone(),
-        Step::Verify { path, .. } | Step::Judge { path, .. } | Step::Describe { path, .. } => {
-            Effect::Digest { path: path.clone() }
-        }
+        Step::Verify { path, want: d }
+        | Step::Judge {
+            path, recorded: d, ..
+        } => Effect::Digest {
+            path: path.clone(),
+            kind: d.kind(),
+            base: None,
+        },
+        Step::Describe { path, base, .. } => Effect::Digest {
+            path: path.clone(),
+            kind: DigestKind::Sha256Tree,
+            base: base.clone(),
+        },
         Step::Copy {
             source,
             into,
             format,
             existing,
+            want,
             ..
         } => Effect::DigestCopy {
             source: source.clone(),
             into: into.clone(),
             format: format.clone(),
             existing: *existing,
+            kind: want.kind(),
         },
         Step::RefuseDomain(name) => Effect::DomainExists { name: name.clone() },
         Step::RefuseFile(path) => Effect::Exists { path: path.clone() },

@@ -43,7 +43,7 @@ mod machine;
 #[cfg(test)]
 mod tests;
 
-pub use effect::{Effect, EffectError, EffectId, ImageFacts, Outcome};
+pub use effect::{DigestBase, Effect, EffectError, EffectId, ImageFacts, Outcome};
 pub use journal::{Journal, NewDomain, PendingBackup};
 pub use machine::Managed;
 
@@ -67,6 +67,10 @@ pub enum ManagedInput {
     Done(EffectId, Result<Outcome, EffectError>),
     /// Time passed (`now` is past [`Managed::next_deadline`]).
     Tick,
+    /// The domain's backup job was seen to end (its events arrived): a wait for it asks the
+    /// domain now instead of at its next poll. Sent too early or when nothing waits, it costs
+    /// one question at most: the machine still takes the domain's answer, not this hint.
+    JobEnded,
 }
 
 /// What the machine asks for, in order.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::backup::{BackupDiskSpec, BackupMode, BackupSpec, DomainJobStatus, JobStats};
-use crate::catalogue::{BackupImage, BackupKind, Digest, ManagedBackup, StoredRecord};
+use crate::catalogue::{BackupImage, BackupKind, Digest, DigestKind, ManagedBackup, StoredRecord};
 use crate::checkpoint::{Checkpoint, CheckpointDisk};
 use crate::link::Timestamp;
 use crate::model::ImageFormat;
@@ -112,7 +112,7 @@ fn consolidate_over_a_corrupt_ancestor_writes_nothing() {
         &mut m,
         ManagedRequest::Consolidate { uuid: B.into() },
         |e| match e {
-            Effect::Digest { path } if path.contains(A) => Ok(Outcome::Facts(ImageFacts {
+            Effect::Digest { path, .. } if path.contains(A) => Ok(Outcome::Facts(ImageFacts {
                 virtual_size_bytes: 1 << 20,
                 allocated_size_bytes: 1,
                 digest: digest(9),
@@ -145,7 +145,7 @@ fn consolidate_checks_the_copy_and_renames_it_into_place_before_the_record() {
         &mut m,
         ManagedRequest::Consolidate { uuid: B.into() },
         |e| match e {
-            Effect::Digest { path } | Effect::DigestCopy { source: path, .. } => {
+            Effect::Digest { path, .. } | Effect::DigestCopy { source: path, .. } => {
                 Ok(Outcome::Facts(ImageFacts {
                     virtual_size_bytes: 1 << 20,
                     allocated_size_bytes: 7,
@@ -337,6 +337,31 @@ fn a_push_incremental_is_journaled_before_it_begins_and_recorded_once_its_job_su
     )));
     assert!(m.catalogue().get(N).is_some());
     assert!(m.journal().is_none());
+    // The new images are digested block by block, on the parent's images of their disks.
+    let parent = machine(Vec::new())
+        .catalogue()
+        .get(B)
+        .cloned()
+        .expect("the parent");
+    let described: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Digest { kind, base, .. } => Some((*kind, base.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(!described.is_empty());
+    for (kind, base) in described {
+        assert_eq!(kind, DigestKind::Sha256Tree);
+        let base = base.expect("a parent image");
+        assert!(
+            parent
+                .disks
+                .iter()
+                .any(|d| d.path == base.path && d.digest == base.digest),
+            "{base:?}"
+        );
+    }
 }
 
 #[test]
@@ -520,4 +545,63 @@ fn a_damaged_journal_blocks_changes_but_a_cancel_ends_the_job_and_clears_it() {
             .any(|e| matches!(e, Effect::Domain(Request::AbortJob)))
     );
     assert!(matches!(effects.last(), Some(Effect::ClearJournal)));
+}
+
+#[test]
+fn a_job_seen_ending_is_asked_about_at_once_not_at_the_next_poll() {
+    let mut m = machine(Vec::new());
+    let now = Timestamp::from_ms(1_000_000);
+    let mut pending = m.handle(now, ManagedInput::Request(CallId(1), create(Some(B))));
+    let mut polls = 0;
+    // Play the runtime until the machine waits for the running job.
+    loop {
+        let mut next = Vec::new();
+        for o in pending {
+            match o {
+                ManagedOutput::Respond(_, r) => panic!("answered while the job runs: {r:?}"),
+                ManagedOutput::Effect(id, e) => {
+                    let r = match &e {
+                        Effect::Domain(Request::JobStats {
+                            completed: false, ..
+                        }) => {
+                            polls += 1;
+                            if polls > 1 {
+                                Ok(Outcome::Reply(Reply::Stats(None)))
+                            } else {
+                                Ok(stats(None))
+                            }
+                        }
+                        _ => Ok(Outcome::Done),
+                    };
+                    next.extend(m.handle(now, ManagedInput::Done(id, r)));
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        pending = next;
+    }
+    assert_eq!(polls, 1);
+    let poll_at = m
+        .next_deadline()
+        .expect("the machine polls the running job");
+    assert!(poll_at > now);
+    // A tick before the poll is due asks nothing; the job seen ending asks at once.
+    assert!(m.handle(now, ManagedInput::Tick).is_empty());
+    let outputs = m.handle(now, ManagedInput::JobEnded);
+    assert!(
+        matches!(
+            outputs.as_slice(),
+            [ManagedOutput::Effect(
+                _,
+                Effect::Domain(Request::JobStats {
+                    completed: false,
+                    ..
+                })
+            )]
+        ),
+        "{outputs:?}"
+    );
+    assert!(m.next_deadline().is_none_or(|t| t != poll_at));
 }

@@ -1,0 +1,137 @@
+//! [`DigestKind::Sha256Tree`]: the content digest built from block hashes, so that blocks known
+//! to be zero or shared with a parent image need no read.
+
+use sha2::{Digest as _, Sha256};
+
+use super::record::{Digest, DigestKind, TREE_BLOCK_BYTES};
+
+/// The block hashes of one content: what a [`DigestKind::Sha256Tree`] digest is computed from,
+/// kept beside a backup so that the next incremental reuses the hashes of the blocks it shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    size: u64,
+    hashes: Vec<[u8; 32]>,
+}
+
+/// Number of blocks of a content of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(TREE_BLOCK_BYTES)
+}
+
+/// Length of block `index` of a content of `size` bytes.
+pub fn block_len(size: u64, index: u64) -> u64 {
+    TREE_BLOCK_BYTES.min(size.saturating_sub(index * TREE_BLOCK_BYTES))
+}
+
+/// The hash of one block's bytes.
+pub fn block_hash(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// The hash of a block of `len` zero bytes.
+pub fn zero_block_hash(len: u64) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    let zeros = [0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        hasher.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    hasher.finalize().into()
+}
+
+impl BlockHashes {
+    /// The hashes of a content of `size` bytes, one per block in order; `None` when their
+    /// number does not match the size.
+    pub fn new(size: u64, hashes: Vec<[u8; 32]>) -> Option<Self> {
+        (hashes.len() as u64 == block_count(size)).then_some(Self { size, hashes })
+    }
+
+    /// The content's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The hash of block `index`.
+    pub fn get(&self, index: u64) -> Option<&[u8; 32]> {
+        self.hashes.get(usize::try_from(index).ok()?)
+    }
+
+    /// The digest these hashes make.
+    pub fn digest(&self) -> Digest {
+        let mut hasher = Sha256::new();
+        hasher.update(self.size.to_le_bytes());
+        for h in &self.hashes {
+            hasher.update(h);
+        }
+        Digest::of_kind(DigestKind::Sha256Tree, &hasher.finalize().into())
+    }
+
+    /// The stored form: the size (8 bytes, little-endian), then the hashes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 32 * self.hashes.len());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        for h in &self.hashes {
+            out.extend_from_slice(h);
+        }
+        out
+    }
+
+    /// Reads the stored form back; `None` when it is torn or inconsistent.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let (size, rest) = bytes.split_first_chunk::<8>()?;
+        let size = u64::from_le_bytes(*size);
+        if rest.len() % 32 != 0 {
+            return None;
+        }
+        let hashes = rest
+            .chunks_exact(32)
+            .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
+            .collect();
+        Self::new(size, hashes)
+    }
+
+    /// The hashes of `content` itself (a whole content held in memory).
+    pub fn of_content(content: &[u8]) -> Self {
+        let size = content.len() as u64;
+        let hashes = content
+            .chunks(TREE_BLOCK_BYTES as usize)
+            .map(block_hash)
+            .collect();
+        Self { size, hashes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_hash_as_their_bytes_and_the_stored_form_reads_back() {
+        let content = vec![0u8; (TREE_BLOCK_BYTES + 4096) as usize];
+        let hashes = BlockHashes::of_content(&content);
+        assert_eq!(hashes.get(0), Some(&zero_block_hash(TREE_BLOCK_BYTES)));
+        assert_eq!(hashes.get(1), Some(&zero_block_hash(4096)));
+        assert_eq!(block_len(content.len() as u64, 1), 4096);
+        let back = BlockHashes::decode(&hashes.encode()).expect("reads back");
+        assert_eq!(back, hashes);
+        assert_eq!(back.digest(), hashes.digest());
+        assert_eq!(back.digest().kind(), DigestKind::Sha256Tree);
+        assert!(BlockHashes::decode(&hashes.encode()[..40]).is_none());
+    }
+
+    #[test]
+    fn the_digest_depends_on_every_byte_and_on_the_size() {
+        let a = vec![1u8; 3 << 20];
+        let mut b = a.clone();
+        b[(2 << 20) + 5] = 2;
+        let mut c = a.clone();
+        c.push(0);
+        let d = |x: &[u8]| BlockHashes::of_content(x).digest();
+        assert_ne!(d(&a), d(&b));
+        assert_ne!(d(&a), d(&c));
+        assert_eq!(d(&a), d(&a.clone()));
+        assert!(Digest::parse(d(&a).as_str()).is_some());
+    }
+}

@@ -1,0 +1,257 @@
+//! Content digests of images ([`DigestKind::Sha256Tree`]) computed from what changed: blocks
+//! the image's allocation reports zero are not read, and an image written on top of a recorded
+//! parent takes that parent's block hashes for every block it does not hold itself. The block
+//! hashes of each digest are kept in a directory of files named by the digest, so the next
+//! incremental finds its parent's; a kept file is used only when its hashes make the digest
+//! that names it, so a torn or stale file costs a read, never a wrong digest.
+
+use std::path::{Path, PathBuf};
+
+use vbackup_core::catalogue::{
+    BlockHashes, Digest, DigestKind, TREE_BLOCK_BYTES, block_count, block_hash, block_len,
+    zero_block_hash,
+};
+use vbackup_core::export::STATE_ZERO;
+use vbackup_core::model::ImageFormat;
+
+use crate::images::{ALLOCATION_DEPTH, ImageError, NbdExport};
+use crate::nbd::BASE_ALLOCATION;
+use crate::nbd::copy::select_ranges;
+use crate::store::write_atomic;
+
+/// Bytes asked for in one read while hashing (whole blocks).
+const READ_BYTES: u64 = 2 * TREE_BLOCK_BYTES;
+/// Buffers of READ_BYTES in flight between the reading and the hashing thread.
+const READ_BUFFERS: usize = 3;
+
+/// Where block hashes are kept: one file per digest, `<hex>.blocks`.
+#[derive(Debug, Clone)]
+pub struct HashStore {
+    dir: PathBuf,
+}
+
+impl HashStore {
+    /// Hashes kept in `dir` (created when the first file is written).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn file(digest: &Digest) -> String {
+        format!("{}.blocks", digest.hex())
+    }
+
+    /// The block hashes of `digest`, if kept and they make that digest.
+    pub fn load(&self, digest: &Digest) -> Option<BlockHashes> {
+        if digest.kind() != DigestKind::Sha256Tree {
+            return None;
+        }
+        let bytes = std::fs::read(self.dir.join(Self::file(digest))).ok()?;
+        BlockHashes::decode(&bytes).filter(|h| h.digest() == *digest)
+    }
+
+    /// Keeps `hashes` under their digest. Best effort: without them the next incremental
+    /// reads its blocks instead.
+    pub fn keep(&self, hashes: &BlockHashes) {
+        if std::fs::create_dir_all(&self.dir).is_ok() {
+            let _ = write_atomic(&self.dir, &Self::file(&hashes.digest()), &hashes.encode());
+        }
+    }
+
+    /// Removes every kept file whose digest is not in `wanted`.
+    pub fn retain(&self, wanted: &[&Digest]) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some(hex) = name.strip_suffix(".blocks") else {
+                continue;
+            };
+            if !wanted.iter().any(|d| d.hex() == hex) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// What a block's hash comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Read,
+    Zero,
+    Base,
+}
+
+/// The block hashes of `path`'s guest-visible content (through its backing chain). With
+/// `base`, the hashes of the content of `path`'s backing image: blocks `path` does not hold
+/// itself (by qemu-nbd's allocation depth) take their hash from it.
+pub fn block_hashes(
+    path: &Path,
+    format: &ImageFormat,
+    base: Option<&BlockHashes>,
+) -> Result<BlockHashes, ImageError> {
+    let mut export = match base {
+        Some(_) => NbdExport::start_with_allocation_depth(path, format)?,
+        None => NbdExport::start(path, format, false)?,
+    };
+    crate::children::test_pause_in_digest(export.pid().unwrap_or(0));
+    let contexts: &[&str] = match base {
+        Some(_) => &[BASE_ALLOCATION, ALLOCATION_DEPTH],
+        None => &[BASE_ALLOCATION],
+    };
+    let mut client = export.connect(contexts)?;
+    let size = client.info().size;
+    let blocks = block_count(size);
+    let mut source = vec![Source::Read; usize::try_from(blocks).unwrap_or(0)];
+    // Blocks wholly inside extents that read as zero.
+    for (offset, length) in select_ranges(&mut client, BASE_ALLOCATION, |f| f & STATE_ZERO != 0)? {
+        let end = offset + length;
+        let mut i = offset.div_ceil(TREE_BLOCK_BYTES);
+        while i < blocks && i * TREE_BLOCK_BYTES + block_len(size, i) <= end {
+            source[i as usize] = Source::Zero;
+            i += 1;
+        }
+    }
+    if let Some(base) = base {
+        // Blocks the image holds no byte of itself are its backing image's, whose hashes
+        // `base` has (when the block is as long there).
+        let own = select_ranges(&mut client, ALLOCATION_DEPTH, |depth| depth == 1)?;
+        let mut own_block = vec![false; source.len()];
+        for (offset, length) in own {
+            let first = offset / TREE_BLOCK_BYTES;
+            let last = (offset + length).div_ceil(TREE_BLOCK_BYTES).min(blocks);
+            for b in first..last {
+                own_block[b as usize] = true;
+            }
+        }
+        for (i, s) in source.iter_mut().enumerate() {
+            let index = i as u64;
+            if *s == Source::Read
+                && !own_block[i]
+                && base.get(index).is_some()
+                && block_len(base.size(), index) == block_len(size, index)
+            {
+                *s = Source::Base;
+            }
+        }
+    }
+    // The runs of blocks to read, in reads of up to READ_BYTES: one thread reads them while
+    // this one hashes what was read before (reading waits on qemu-nbd, hashing on the CPU).
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut i = 0u64;
+    while i < blocks {
+        if source[i as usize] != Source::Read {
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < blocks
+            && source[end as usize] == Source::Read
+            && (end - i) * TREE_BLOCK_BYTES < READ_BYTES
+        {
+            end += 1;
+        }
+        let start = i * TREE_BLOCK_BYTES;
+        runs.push((start, (end * TREE_BLOCK_BYTES).min(size) - start));
+        i = end;
+    }
+    let full_zero = zero_block_hash(TREE_BLOCK_BYTES);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(READ_BUFFERS);
+    let (read_tx, read_rx) =
+        std::sync::mpsc::sync_channel::<Result<Vec<u8>, ImageError>>(READ_BUFFERS);
+    for _ in 0..READ_BUFFERS {
+        let _ = free_tx.send(vec![0u8; READ_BYTES as usize]);
+    }
+    let reader = &mut client;
+    // The channels' ends move into the scope: should hashing stop early, dropping them ends
+    // the reader before the scope waits for it.
+    let hashes = std::thread::scope(move |scope| -> Result<Vec<[u8; 32]>, ImageError> {
+        let mut hashes = Vec::with_capacity(source.len());
+        scope.spawn(move || {
+            for (offset, len) in runs {
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let read = reader
+                    .read_exact_at(offset, &mut buf[..len as usize])
+                    .map(|()| buf)
+                    .map_err(ImageError::from);
+                let failed = read.is_err();
+                if read_tx.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut i = 0u64;
+        while i < blocks {
+            match source[i as usize] {
+                Source::Zero => {
+                    let len = block_len(size, i);
+                    hashes.push(if len == TREE_BLOCK_BYTES {
+                        full_zero
+                    } else {
+                        zero_block_hash(len)
+                    });
+                    i += 1;
+                }
+                Source::Base => {
+                    hashes.push(*base.and_then(|b| b.get(i)).unwrap_or(&full_zero));
+                    i += 1;
+                }
+                Source::Read => {
+                    let buf = read_rx.recv().map_err(|_| {
+                        ImageError::Io(std::io::Error::other("the digest's reader stopped"))
+                    })??;
+                    // The blocks of this run, as the run was cut above.
+                    let mut at = 0u64;
+                    while at < READ_BYTES && i < blocks && source[i as usize] == Source::Read {
+                        let len = block_len(size, i);
+                        hashes.push(block_hash(&buf[at as usize..(at + len) as usize]));
+                        at += len;
+                        i += 1;
+                    }
+                    // Dropped when the reader is done: it needs no buffer any more.
+                    let _ = free_tx.send(buf);
+                }
+            }
+        }
+        Ok(hashes)
+    })?;
+    let _ = client.disconnect();
+    export.stop();
+    BlockHashes::new(size, hashes).ok_or_else(|| {
+        ImageError::Io(std::io::Error::other(format!(
+            "'{}': the block hashes do not cover its {size} bytes",
+            path.display()
+        )))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_file_is_used_only_when_it_makes_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HashStore::new(dir.path().join("hashes"));
+        let hashes = BlockHashes::of_content(&vec![3u8; (2 * TREE_BLOCK_BYTES) as usize]);
+        let digest = hashes.digest();
+        assert!(store.load(&digest).is_none());
+        store.keep(&hashes);
+        assert_eq!(store.load(&digest), Some(hashes.clone()));
+        // A torn file is ignored.
+        let file = dir
+            .path()
+            .join("hashes")
+            .join(format!("{}.blocks", digest.hex()));
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(store.load(&digest).is_none());
+        store.keep(&hashes);
+        let other = BlockHashes::of_content(&[1, 2, 3]);
+        store.keep(&other);
+        store.retain(&[&digest]);
+        assert!(store.load(&digest).is_some());
+        assert!(store.load(&other.digest()).is_none());
+    }
+}
