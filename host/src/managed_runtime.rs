@@ -10,6 +10,7 @@
 //! an [`EffectError`], which cleans up and answers; only a failure of the store lock or the
 //! clock ends a run with an [`Error`].
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use vbackup_core::backup::{DomainJobStatus, JobStats};
-use vbackup_core::catalogue::{BackupListFilter, Digest, DigestKind, StoredRecord};
+use vbackup_core::catalogue::{BackupListFilter, BlockHashes, Digest, DigestKind, StoredRecord};
 use vbackup_core::domain::{Reply, Request};
 use vbackup_core::export::{STATE_DIRTY, STATE_ZERO};
 use vbackup_core::link::{Link, Timestamp};
@@ -106,6 +107,9 @@ pub struct ManagedHost {
     store_root: PathBuf,
     next_call: u64,
     observer: Option<CopyObserver>,
+    /// Block hashes of full images this run copied, taken from the data as it was copied:
+    /// their digest needs no second read.
+    copied: BTreeMap<String, BlockHashes>,
 }
 
 fn now() -> Timestamp {
@@ -199,14 +203,16 @@ fn recorded_completion(dir: &Path) -> Option<JobStats> {
     })
 }
 
-/// An image's facts with a digest of `kind`. For a [`DigestKind::Sha256Tree`] of an image
-/// written on `base` (its backing file), the blocks it does not hold take the hashes `kept`
-/// has of that parent; the image's own block hashes are kept in turn.
+/// An image's facts with a digest of `kind`. For a [`DigestKind::Sha256Tree`]: `known` are
+/// the block hashes taken while this run copied the image (nothing is read then); otherwise,
+/// for an image written on `base` (its backing file), the blocks it does not hold take the
+/// hashes `kept` has of that parent. The image's block hashes are kept in turn.
 fn facts(
     path: &str,
     kind: DigestKind,
     base: Option<&DigestBase>,
     kept: Option<&HashStore>,
+    known: Option<BlockHashes>,
 ) -> Result<Outcome, EffectError> {
     let image_path = Path::new(path);
     if !image_path.exists() {
@@ -234,7 +240,10 @@ fn facts(
                 .is_some_and(|f| same_file(f, &b.path))
         })
         .and_then(|b| kept.and_then(|k| k.load(&b.digest)));
-    let hashes = digest::block_hashes(image_path, &top.format, parent.as_ref()).map_err(failed)?;
+    let hashes = match known.filter(|h| h.size() == top.virtual_size_bytes) {
+        Some(h) => h,
+        None => digest::block_hashes(image_path, &top.format, parent.as_ref()).map_err(failed)?,
+    };
     if let Some(k) = kept {
         k.keep(&hashes);
     }
@@ -265,6 +274,7 @@ impl ManagedHost {
             store_root: store.root().to_owned(),
             next_call: 0,
             observer: None,
+            copied: BTreeMap::new(),
         })
     }
 
@@ -458,7 +468,8 @@ impl ManagedHost {
             }
             Effect::Digest { path, kind, base } => {
                 let kept = self.kept_hashes();
-                facts(path, *kind, base.as_ref(), kept.as_ref())
+                let known = self.copied.remove(path);
+                facts(path, *kind, base.as_ref(), kept.as_ref(), known)
             }
             Effect::DigestCopy {
                 source,
@@ -478,7 +489,7 @@ impl ManagedHost {
                 cmd.arg(source).arg(into);
                 tool(&mut cmd)?;
                 let kept = self.kept_hashes();
-                facts(into, *kind, None, kept.as_ref())
+                facts(into, *kind, None, kept.as_ref(), None)
             }
             Effect::CopyPull {
                 export,
@@ -532,7 +543,9 @@ impl ManagedHost {
                     });
                 }
                 self.observer = observer;
-                report.map_err(failed)?;
+                if let Some(hashes) = report.map_err(failed)?.hashes {
+                    self.copied.insert(into.clone(), hashes);
+                }
                 done
             }
             Effect::Rename { from, to, replace } => {

@@ -5,6 +5,7 @@
 //! incremental finds its parent's; a kept file is used only when its hashes make the digest
 //! that names it, so a torn or stale file costs a read, never a wrong digest.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use vbackup_core::catalogue::{
@@ -16,7 +17,7 @@ use vbackup_core::model::ImageFormat;
 
 use crate::images::{ALLOCATION_DEPTH, ImageError, NbdExport};
 use crate::nbd::BASE_ALLOCATION;
-use crate::nbd::copy::select_ranges;
+use crate::nbd::copy::{ExtentSink, select_ranges};
 use crate::store::write_atomic;
 
 /// Bytes asked for in one read while hashing (whole blocks).
@@ -226,9 +227,180 @@ pub fn block_hashes(
     })
 }
 
+/// A block being filled while it is copied.
+#[derive(Debug)]
+struct Filling {
+    data: Vec<u8>,
+    got: u64,
+}
+
+/// Passes a copy into a new image through to `inner` and hashes it block by block as it goes:
+/// the image's every byte outside the copied ranges is zero. Pieces may arrive in any order;
+/// a block is hashed once all of its copied bytes arrived, so at most the blocks in flight are
+/// held.
+pub struct HashingSink<'s> {
+    inner: &'s mut dyn ExtentSink,
+    size: u64,
+    /// Per block touched by the ranges: the bytes the copy will write into it.
+    expected: BTreeMap<u64, u64>,
+    filling: BTreeMap<u64, Filling>,
+    hashes: Vec<Option<[u8; 32]>>,
+    broken: bool,
+}
+
+impl<'s> HashingSink<'s> {
+    /// A sink for copying `ranges` of a content of `size` bytes into a new (zero) image.
+    pub fn new(inner: &'s mut dyn ExtentSink, size: u64, ranges: &[(u64, u64)]) -> Self {
+        let mut expected = BTreeMap::new();
+        for &(offset, length) in ranges {
+            let end = (offset + length).min(size);
+            let mut at = offset;
+            while at < end {
+                let block = at / TREE_BLOCK_BYTES;
+                let piece = ((block + 1) * TREE_BLOCK_BYTES).min(end) - at;
+                *expected.entry(block).or_insert(0) += piece;
+                at += piece;
+            }
+        }
+        Self {
+            inner,
+            size,
+            expected,
+            filling: BTreeMap::new(),
+            hashes: vec![None; block_count(size) as usize],
+            broken: false,
+        }
+    }
+
+    /// Takes `[offset, offset + len)`, with `data` for it or zeroes.
+    fn take(&mut self, offset: u64, len: u64, data: Option<&[u8]>) {
+        let end = (offset + len).min(self.size);
+        let mut at = offset;
+        while at < end {
+            let block = at / TREE_BLOCK_BYTES;
+            let start = block * TREE_BLOCK_BYTES;
+            let piece = ((block + 1) * TREE_BLOCK_BYTES).min(end) - at;
+            let Some(&want) = self.expected.get(&block) else {
+                // Written outside the ranges it was made for: hash nothing rather than wrong.
+                self.broken = true;
+                return;
+            };
+            let size = self.size;
+            let filling = self.filling.entry(block).or_insert_with(|| Filling {
+                data: vec![0; block_len(size, block) as usize],
+                got: 0,
+            });
+            if let Some(data) = data {
+                let from = (at - offset) as usize;
+                let into = (at - start) as usize;
+                filling.data[into..into + piece as usize]
+                    .copy_from_slice(&data[from..from + piece as usize]);
+            }
+            filling.got += piece;
+            if filling.got == want {
+                if let Some(done) = self.filling.remove(&block) {
+                    self.hashes[block as usize] = Some(block_hash(&done.data));
+                }
+            } else if filling.got > want {
+                self.broken = true;
+            }
+            at += piece;
+        }
+    }
+
+    /// The block hashes of the image, once the copy is done; `None` when the copy did not
+    /// write exactly its ranges (then the image is read to be digested).
+    pub fn finish(self) -> Option<BlockHashes> {
+        if self.broken || !self.filling.is_empty() {
+            return None;
+        }
+        let size = self.size;
+        let full_zero = zero_block_hash(TREE_BLOCK_BYTES);
+        let hashes = self
+            .hashes
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.unwrap_or_else(|| match block_len(size, i as u64) {
+                    TREE_BLOCK_BYTES => full_zero,
+                    len => zero_block_hash(len),
+                })
+            })
+            .collect();
+        BlockHashes::new(size, hashes)
+    }
+}
+
+impl ExtentSink for HashingSink<'_> {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_data(offset, data)?;
+        self.take(offset, data.len() as u64, Some(data));
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, length)?;
+        self.take(offset, length, None);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that keeps nothing.
+    struct Nowhere;
+
+    impl ExtentSink for Nowhere {
+        fn write_data(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn write_zeroes(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pieces_hashed_in_any_order_make_the_hashes_of_the_content() {
+        let size = 3 * TREE_BLOCK_BYTES + 100;
+        let mut content = vec![0u8; size as usize];
+        let ranges = [
+            (1000u64, TREE_BLOCK_BYTES + 5000),
+            (3 * TREE_BLOCK_BYTES, 100),
+        ];
+        for &(o, l) in &ranges {
+            for (k, b) in content[o as usize..(o + l) as usize].iter_mut().enumerate() {
+                *b = (k % 251) as u8 + 1;
+            }
+        }
+        // Two pieces, the second first, and one zero run inside a range.
+        let mut nowhere = Nowhere;
+        let mut sink = HashingSink::new(&mut nowhere, size, &ranges);
+        let split = 1000 + 700_000;
+        sink.write_data(
+            split,
+            &content[split as usize..(1000 + TREE_BLOCK_BYTES + 5000) as usize],
+        )
+        .unwrap();
+        sink.write_data(1000, &content[1000..split as usize - 10])
+            .unwrap();
+        sink.write_zeroes(split - 10, 10).unwrap();
+        content[split as usize - 10..split as usize].fill(0);
+        sink.write_data(
+            3 * TREE_BLOCK_BYTES,
+            &content[(3 * TREE_BLOCK_BYTES) as usize..],
+        )
+        .unwrap();
+        assert_eq!(sink.finish(), Some(BlockHashes::of_content(&content)));
+
+        // A piece missing: no hashes rather than wrong ones.
+        let mut nowhere = Nowhere;
+        let mut sink = HashingSink::new(&mut nowhere, size, &ranges);
+        sink.write_data(1000, &content[1000..2000]).unwrap();
+        assert_eq!(sink.finish(), None);
+    }
 
     #[test]
     fn a_kept_file_is_used_only_when_it_makes_its_digest() {

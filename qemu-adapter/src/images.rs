@@ -519,12 +519,16 @@ impl ExtentSink for NbdImageSink<'_> {
 }
 
 /// What [`store_extents`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreReport {
     /// The copy: ranges and bytes read from the source.
     pub copy: CopyReport,
     /// Bytes of data written into the image (zero runs not counted).
     pub data_bytes: u64,
+    /// For a new full image (no parent): the block hashes of its content, taken from the data
+    /// as it was copied (every byte outside the ranges is zero), so that its digest needs no
+    /// second read.
+    pub hashes: Option<vbackup_core::catalogue::BlockHashes>,
 }
 
 /// Creates `target` (a fresh qcow2 of the source's size, or an overlay of `parent`) and writes
@@ -584,20 +588,28 @@ pub fn store_extents_observed(
     let result = (|| {
         let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
         let mut writer = export.connect(&[])?;
+        let size = source.info().size;
         let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
-        let copy = copy::copy_ranges(
-            source,
-            ranges,
-            &mut ObservedSink {
-                inner: &mut sink,
-                observer: progress,
-            },
-        )?;
+        let mut observed = ObservedSink {
+            inner: &mut sink,
+            observer: progress,
+        };
+        let (copy, hashes) = if parent.is_none() {
+            let mut hashing = crate::digest::HashingSink::new(&mut observed, size, ranges);
+            let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
+            (copy, hashing.finish())
+        } else {
+            (copy::copy_ranges(source, ranges, &mut observed)?, None)
+        };
         let data_bytes = sink.data_bytes;
         writer.flush()?;
         writer.disconnect()?;
         export.stop();
-        Ok(StoreReport { copy, data_bytes })
+        Ok(StoreReport {
+            copy,
+            data_bytes,
+            hashes,
+        })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(target);
