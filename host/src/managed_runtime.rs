@@ -26,6 +26,7 @@ use vbackup_core::managed::{
     CallId, DigestBase, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
     ManagedOutput, ManagedReply, ManagedRequest, Outcome, StoredManaged,
 };
+use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::{self, HashStore};
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
@@ -481,15 +482,33 @@ impl ManagedHost {
                 if !Path::new(source).exists() {
                     return Err(EffectError::NotFound(source.clone()));
                 }
+                let kept = self.kept_hashes();
+                // qemu-img convert copies while the source is read and hashed beside it: the
+                // copy is checked against the recorded digest without reading it back.
+                let hashing = (*kind == DigestKind::Sha256Tree).then(|| {
+                    let source = PathBuf::from(source);
+                    std::thread::spawn(move || -> Result<BlockHashes, EffectError> {
+                        let chain = images::backing_chain(&source).map_err(failed)?;
+                        let format = chain
+                            .first()
+                            .map_or(ImageFormat::Qcow2, |l| l.format.clone());
+                        digest::block_hashes(&source, &format, None).map_err(failed)
+                    })
+                });
                 let mut cmd = Command::new("qemu-img");
                 cmd.args(["convert", "-q", "-O", format.name()]);
                 if *existing {
                     cmd.arg("-n");
                 }
                 cmd.arg(source).arg(into);
-                tool(&mut cmd)?;
-                let kept = self.kept_hashes();
-                facts(into, *kind, None, kept.as_ref(), None)
+                let copied = tool(&mut cmd);
+                let known = match hashing.map(std::thread::JoinHandle::join) {
+                    Some(Ok(hashes)) => Some(hashes?),
+                    Some(Err(_)) => return Err(failed("the digest of the copy's source failed")),
+                    None => None,
+                };
+                copied?;
+                facts(into, *kind, None, kept.as_ref(), known)
             }
             Effect::CopyPull {
                 export,

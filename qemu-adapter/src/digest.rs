@@ -21,7 +21,7 @@ use crate::nbd::copy::{ExtentSink, select_ranges};
 use crate::store::write_atomic;
 
 /// Bytes asked for in one read while hashing (whole blocks).
-const READ_BYTES: u64 = 2 * TREE_BLOCK_BYTES;
+const READ_BYTES: u64 = 8 * TREE_BLOCK_BYTES;
 /// Buffers of READ_BYTES in flight between the reading and the hashing thread.
 const READ_BUFFERS: usize = 3;
 

@@ -470,7 +470,8 @@ impl Drop for NbdExport {
 /// Largest zero buffer sent at once into an overlay.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// An [`ExtentSink`] writing into an image through a writable NBD client.
+/// An [`ExtentSink`] writing into an image through a writable NBD client. Writes are
+/// pipelined: call [`NbdClient::wait_writes`] once the copy is done, before flushing.
 pub struct NbdImageSink<'c> {
     client: &'c mut NbdClient,
     write_zero_runs: bool,
@@ -495,7 +496,11 @@ impl<'c> NbdImageSink<'c> {
 impl ExtentSink for NbdImageSink<'_> {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.data_bytes += data.len() as u64;
-        self.client.write_at(offset, data).map_err(io::Error::other)
+        // Pipelined: the replies are collected as the window fills, and all of them by
+        // `NbdClient::wait_writes` before the image is flushed.
+        self.client
+            .submit_write(offset, data)
+            .map_err(io::Error::other)
     }
 
     fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
@@ -510,7 +515,7 @@ impl ExtentSink for NbdImageSink<'_> {
         while at < end {
             let n = (end - at).min(ZERO_CHUNK_BYTES as u64) as usize;
             self.client
-                .write_at(at, &self.zeroes[..n])
+                .submit_write(at, &self.zeroes[..n])
                 .map_err(io::Error::other)?;
             at += n as u64;
         }
@@ -602,6 +607,7 @@ pub fn store_extents_observed(
             (copy::copy_ranges(source, ranges, &mut observed)?, None)
         };
         let data_bytes = sink.data_bytes;
+        writer.wait_writes()?;
         writer.flush()?;
         writer.disconnect()?;
         export.stop();
