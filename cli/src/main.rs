@@ -182,12 +182,12 @@ fn never_waits(command: &Command) -> Option<&'static str> {
     use commands::DomainCommand as D;
     Some(match command {
         Command::Domain(D::List { .. }) => "list",
-        Command::Domain(D::Domblklist { .. }) => "domblklist",
-        Command::Domain(D::CheckpointList { .. }) => "checkpoint-list",
-        Command::Domain(D::CheckpointParent { .. }) => "checkpoint-parent",
-        Command::Domain(D::CheckpointInfo { .. }) => "checkpoint-info",
+        Command::Domain(D::Domblklist(..)) => "domblklist",
+        Command::Domain(D::CheckpointList(..)) => "checkpoint-list",
+        Command::Domain(D::CheckpointParent(..)) => "checkpoint-parent",
+        Command::Domain(D::CheckpointInfo(..)) => "checkpoint-info",
         Command::Domain(D::BackupDumpxml { .. }) => "backup-dumpxml",
-        Command::Domain(D::Domjobinfo { .. }) => "domjobinfo",
+        Command::Domain(D::Domjobinfo(..)) => "domjobinfo",
         Command::Xml(_) => "xml",
         Command::Completion { .. } => "completion",
         Command::Man { .. } => "man",

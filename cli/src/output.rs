@@ -65,7 +65,9 @@ impl From<vbackup_host::Error> for CliError {
             H::NoDomain(name) => CliError::NoDomain(name),
             H::Corrupt(what) => CliError::Corrupt(what),
             H::Io { what, source } => CliError::Io { what, source },
-            other @ (H::DomainExists(_) | H::Other(_)) => CliError::Other(other.to_string()),
+            other @ (H::DomainExists(_) | H::Managed(_) | H::Catalogue(_) | H::Other(_)) => {
+                CliError::Other(other.to_string())
+            }
         }
     }
 }

@@ -28,6 +28,12 @@ pub enum Error {
     /// NBD.
     #[error("NBD: {0}")]
     Nbd(#[from] vbackup_qemu::nbd::NbdError),
+    /// The managed-backup machine refused or failed a request.
+    #[error("{0}")]
+    Managed(#[from] vbackup_core::managed::ManagedError),
+    /// A request about the catalogue of managed backups is invalid.
+    #[error("invalid argument: {0}")]
+    Catalogue(#[from] vbackup_core::catalogue::CatalogueError),
     /// No such domain.
     #[error("failed to get domain '{0}'")]
     NoDomain(String),

@@ -12,6 +12,7 @@
 //!   bitmap, a restarted daemon) go to stderr as they happen.
 
 pub mod checkpoint_index;
+pub mod checkpoints;
 pub mod config;
 pub mod demo;
 pub mod domains;
@@ -19,6 +20,7 @@ pub mod effects;
 pub mod error;
 pub mod jobs;
 pub mod layout;
+pub mod managed_ops;
 pub mod managed_runtime;
 pub mod processes;
 pub mod session;
