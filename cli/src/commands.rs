@@ -449,7 +449,7 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
                 }
                 Edited::Redefined => println!("Domain checkpoint {checkpoint} edited."),
                 Edited::Refused { error, kept } => {
-                    let e = CliError::from(error);
+                    let e = crate::output::message(&error);
                     return Err(CliError::Other(format!(
                         "{e}\ncheckpoint {checkpoint} not changed; the edited XML is kept in '{kept}'"
                     )));
@@ -791,7 +791,7 @@ fn begin(
         None => println!("Backup started"),
     }
     if !wait {
-        return Ok(s.close()?);
+        return s.close();
     }
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);

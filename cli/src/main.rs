@@ -62,10 +62,10 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let (cli, domain) = match command().try_get_matches().and_then(|m| {
+    let (cli, domain, name) = match command().try_get_matches().and_then(|m| {
         let mut cli = Cli::from_arg_matches(&m)?;
         cli.global.wait_lock = wait_lock_of(&m);
-        Ok((cli, domain_of(&m)))
+        Ok((cli, domain_of(&m), m.subcommand_name().map(str::to_owned)))
     }) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -86,8 +86,8 @@ fn main() -> ExitCode {
     let state_dir = cli.global.state_dir.clone();
     // Every outcome below is reported with the command's domain, which its hints name.
     let report = |result: Result<(), output::CliError>| report(result, domain.as_deref());
-    if cli.global.wait_lock.is_some()
-        && let Some(name) = never_waits(&cli.command)
+    if let Some(name) =
+        name.filter(|n| cli.global.wait_lock.is_some() && NEVER_WAIT.contains(&&**n))
     {
         eprintln!(
             "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
             {
                 let holders = lock_holders(state_dir.as_deref(), &operation);
                 if !holders.is_empty() {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", output::message(e));
                     for h in holders {
                         eprintln!("error: {h}");
                     }
@@ -117,7 +117,6 @@ fn main() -> ExitCode {
         Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Config(command) => report(
             session::open_store(cli.global.state_dir.as_deref())
-                .map_err(output::CliError::from)
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),
@@ -161,7 +160,9 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
     }
 }
 
-/// The commands [`never_waits`] names, which therefore do not take `--wait-lock` themselves.
+/// The commands that never wait for a domain's lock (they read the store while another
+/// vbackup holds the domain), so that `--wait-lock` is refused there rather than silently
+/// ignored, and is not offered in their help.
 const NEVER_WAIT: [&str; 10] = [
     "list",
     "domblklist",
@@ -175,26 +176,6 @@ const NEVER_WAIT: [&str; 10] = [
     "man",
 ];
 
-/// The name of a command that never waits for a domain's lock (it reads the store while
-/// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
-/// silently ignored.
-fn never_waits(command: &Command) -> Option<&'static str> {
-    use commands::DomainCommand as D;
-    Some(match command {
-        Command::Domain(D::List { .. }) => "list",
-        Command::Domain(D::Domblklist(..)) => "domblklist",
-        Command::Domain(D::CheckpointList(..)) => "checkpoint-list",
-        Command::Domain(D::CheckpointParent(..)) => "checkpoint-parent",
-        Command::Domain(D::CheckpointInfo(..)) => "checkpoint-info",
-        Command::Domain(D::BackupDumpxml { .. }) => "backup-dumpxml",
-        Command::Domain(D::Domjobinfo(..)) => "domjobinfo",
-        Command::Xml(_) => "xml",
-        Command::Completion { .. } => "completion",
-        Command::Man { .. } => "man",
-        _ => return None,
-    })
-}
-
 /// The domain the command line names, by position or with `--domain` (the named form wins, as
 /// in [`virsh_args::fill`]), so that error hints can name it; `None` for a command without one.
 fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
@@ -206,7 +187,7 @@ fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
 /// The command line's definition, as parsed, completed and documented.
 ///
 /// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
-/// that may wait for a domain's lock, but not by those [`never_waits`] names: were it global,
+/// that may wait for a domain's lock, but not by those [`NEVER_WAIT`] names: were it global,
 /// clap would offer it in their help, completion and manual page too.
 fn command() -> clap::Command {
     let command = Cli::command();
@@ -241,7 +222,7 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = e.to_string();
+            let message = output::message(&e);
             match next_step(&e, &message, domain) {
                 Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
                 None => eprintln!("error: {message}"),
@@ -370,7 +351,7 @@ mod tests {
         );
         assert_eq!(wait(&["backup-create", "vm", "--wait-lock", "3"]), Some(3));
         assert_eq!(wait(&["start", "vm"]), None);
-        // Before a reader it parses, so that never_waits refuses it with its reason.
+        // Before a reader it parses, so that main refuses it with its reason.
         assert_eq!(wait(&["--wait-lock", "5", "list"]), Some(5));
         for name in NEVER_WAIT {
             let sub = command().find_subcommand(name).cloned().expect("a command");

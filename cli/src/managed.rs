@@ -473,7 +473,7 @@ fn print_tree(
             format!("{prefix}{}", if last { "   " } else { "|  " })
         }
     };
-    let mut kids = cat.children(&b.uuid).map_err(vbackup_host::Error::from)?;
+    let mut kids = cat.children(&b.uuid)?;
     kids.retain(|c| shown.contains(&c.uuid.as_str()));
     for (i, k) in kids.iter().enumerate() {
         print_tree(cat, k, shown, &child_prefix, Some(i + 1 == kids.len()))?;
@@ -483,7 +483,7 @@ fn print_tree(
 
 fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let (_, cat) = ops::find(store, uuid)?;
-    let kids = cat.children(uuid).map_err(vbackup_host::Error::from)?;
+    let kids = cat.children(uuid)?;
     print_backups(&kids, json);
     Ok(())
 }
@@ -518,7 +518,7 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
         print_json(backup_json(&b));
         return Ok(());
     }
-    let children = cat.children(uuid).map_err(vbackup_host::Error::from)?.len();
+    let children = cat.children(uuid)?.len();
     let none = || "-".to_owned();
     for (k, v) in [
         ("UUID", b.uuid.clone()),

@@ -3,80 +3,14 @@
 
 use vbackup_core::error::{ConflictError, Error as EngineError, RequestError};
 
-/// Everything a command can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The engine refused or failed a request.
-    #[error("{}", engine_message(.0))]
-    Engine(#[from] EngineError),
-    /// The driver stopped (link lost, store write failed).
-    #[error("{0}")]
-    Drive(#[from] vbackup_core::driver::DriveError),
-    /// The store.
-    #[error("{0}")]
-    Store(#[from] vbackup_qemu::store::StoreError),
-    /// qemu-storage-daemon.
-    #[error("{0}")]
-    Qsd(#[from] vbackup_qemu::qsd::QsdError),
-    /// QMP.
-    #[error("{0}")]
-    Qmp(#[from] vbackup_qemu::qmp_socket::QmpSocketError),
-    /// Discovering an attached domain's disks.
-    #[error("{0}")]
-    Discover(#[from] vbackup_qemu::discover::DiscoverError),
-    /// An XML document.
-    #[error("XML error: {0}")]
-    Xml(#[from] vbackup_core::xml::XmlError),
-    /// NBD.
-    #[error("NBD: {0}")]
-    Nbd(#[from] vbackup_qemu::nbd::NbdError),
-    /// No such domain.
-    #[error("failed to get domain '{0}'")]
-    NoDomain(String),
-    /// A stored document cannot be read back.
-    #[error("internal error: store is damaged: {0}")]
-    Corrupt(String),
-    /// A file could not be read or written.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// Anything else, already worded.
-    #[error("{0}")]
-    Other(String),
-}
+/// Everything a command can fail with: the host runtime's errors, which [`message`] words.
+pub use vbackup_host::Error as CliError;
 
-impl From<vbackup_host::Error> for CliError {
-    /// The host runtime's errors are worded as the command line words its own.
-    fn from(e: vbackup_host::Error) -> Self {
-        use vbackup_host::Error as H;
-        match e {
-            H::Engine(e) => CliError::Engine(e),
-            H::Drive(e) => CliError::Drive(e),
-            H::Store(e) => CliError::Store(e),
-            H::Qsd(e) => CliError::Qsd(e),
-            H::Qmp(e) => CliError::Qmp(e),
-            H::Discover(e) => CliError::Discover(e),
-            H::Xml(e) => CliError::Xml(e),
-            H::Nbd(e) => CliError::Nbd(e),
-            H::NoDomain(name) => CliError::NoDomain(name),
-            H::Corrupt(what) => CliError::Corrupt(what),
-            H::Io { what, source } => CliError::Io { what, source },
-            other @ (H::DomainExists(_) | H::Managed(_) | H::Catalogue(_) | H::Other(_)) => {
-                CliError::Other(other.to_string())
-            }
-        }
-    }
-}
-
-impl CliError {
-    /// An IO error with context.
-    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
-        let what = what.into();
-        move |source| CliError::Io { what, source }
+/// An error as the command line words it: an engine error after virsh's category prefix.
+pub fn message(e: &CliError) -> String {
+    match e {
+        CliError::Engine(e) => engine_message(e),
+        other => other.to_string(),
     }
 }
 

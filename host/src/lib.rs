@@ -15,6 +15,7 @@ pub mod checkpoint_index;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;
+pub mod documents;
 pub mod domains;
 pub mod effects;
 pub mod error;
