@@ -12,10 +12,10 @@ use vbackup_core::xml::CheckpointFormat;
 use vbackup_host::checkpoints::{self, Edited};
 use vbackup_host::domains::{self, read_file};
 use vbackup_host::jobs::{self, checkpoint_xml_from_args, export_uris};
-use vbackup_host::managed_ops;
+use vbackup_host::{managed_ops, views};
 use vbackup_qemu::store::Store;
 
-use crate::output::{CliError, format_time, print_json, table};
+use crate::output::{CliError, format_time, print_json, table, virsh_bytes};
 use crate::session;
 use crate::virsh_args::{DomainArg, fill, required};
 
@@ -468,19 +468,9 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
             if !a.json {
                 return a.xpath.print(&xml);
             }
-            let disks: Vec<Value> = c
-                .disks
-                .iter()
-                .map(|d| json!({"target": d.target, "bitmap": d.bitmap, "size": d.size_bytes}))
-                .collect();
-            print_json(json!({
-                "name": c.name,
-                "parent": c.parent,
-                "description": c.description,
-                "creation_time": c.creation_time_s,
-                "disks": disks,
-                "xml": xml,
-            }));
+            let mut v = views::checkpoint_json(&c, true);
+            v["xml"] = json!(xml);
+            print_json(v);
         }
         C::CheckpointDelete(a) => {
             let (domain, checkpoint) = a.cp.get("checkpoint-delete")?;
@@ -634,19 +624,9 @@ fn checkpoint_list(store: &Store, a: CheckpointListArgs) -> Result<(), CliError>
             print_json(
                 list.iter()
                     .map(|c| {
-                        let disks: Vec<Value> = c
-                            .disks
-                            .iter()
-                            .map(|d| json!({"target": d.target, "bitmap": d.bitmap}))
-                            .collect();
-                        json!({
-                            "name": c.name,
-                            "parent": c.parent,
-                            "creation_time": c.creation_time_s,
-                            "description": c.description,
-                            "current": tree.current() == Some(c.name.as_str()),
-                            "disks": disks,
-                        })
+                        let mut v = views::checkpoint_json(c, false);
+                        v["current"] = json!(tree.current() == Some(c.name.as_str()));
+                        v
                     })
                     .collect(),
             );
@@ -835,26 +815,6 @@ pub(crate) fn bar_style(prefix: &str) -> indicatif::ProgressStyle {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
 }
 
-/// The statistics as libvirt's typed parameters, in the order libvirt fills them.
-fn raw_params(st: &Value) -> Vec<(&'static str, String)> {
-    let mut params = vec![("operation", "9".to_owned())];
-    for (name, key) in [
-        ("time_elapsed", "time_elapsed_ms"),
-        ("disk_total", "disk_total_bytes"),
-        ("disk_processed", "disk_processed_bytes"),
-        ("disk_remaining", "disk_remaining_bytes"),
-        ("disk_temp_used", "disk_temp_used_bytes"),
-        ("disk_temp_total", "disk_temp_total_bytes"),
-    ] {
-        params.extend(st[key].as_u64().map(|v| (name, v.to_string())));
-    }
-    if let Some(ok) = st["success"].as_bool() {
-        params.push(("success", if ok { "yes" } else { "no" }.to_owned()));
-    }
-    params.extend(st["errmsg"].as_str().map(|m| ("errmsg", m.to_owned())));
-    params
-}
-
 /// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
 fn print_stats(stats: Option<&Value>, opts: &JobInfoArgs, pending: Option<&str>) {
     if opts.json {
@@ -864,17 +824,10 @@ fn print_stats(stats: Option<&Value>, opts: &JobInfoArgs, pending: Option<&str>)
         return;
     }
     let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");
-    // libvirt's `virDomainJobType` number and virsh's word for a job status.
-    let (number, word) = match status {
-        "running" => (2, "Unbounded"),
-        "completed" => (3, "Completed"),
-        "failed" => (4, "Failed"),
-        "cancelled" => (5, "Cancelled"),
-        _ => (0, "None"),
-    };
+    let (number, word) = views::job_type(status);
     if opts.rawstats {
         println!("Job type: {number}\n");
-        for (name, value) in stats.map(raw_params).unwrap_or_default() {
+        for (name, value) in stats.map(views::raw_params).unwrap_or_default() {
             println!("{name}: {value}");
         }
         return;
@@ -911,18 +864,6 @@ fn print_stats(stats: Option<&Value>, opts: &JobInfoArgs, pending: Option<&str>)
     if let Some(msg) = st["errmsg"].as_str() {
         println!("{:<17} {msg}", "Error message:");
     }
-}
-
-/// Bytes as virsh prints job sizes: three decimals and a binary unit (`256.000 MiB`).
-fn virsh_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.3} {}", UNITS[unit])
 }
 
 fn domjobinfo(store: &Store, opts: JobInfoArgs) -> Result<(), CliError> {

@@ -223,7 +223,7 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = output::message(&e);
-            match next_step(&e, &message, domain) {
+            match e.next_step(domain) {
                 Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
                 None => eprintln!("error: {message}"),
             }
@@ -247,62 +247,9 @@ fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<Str
         .collect()
 }
 
-/// What to do about an error whose cause is outside vbackup: a daemon that went away, a full
-/// filesystem. The commands to run next name `domain`, or say DOMAIN when the command has none.
-fn next_step(e: &output::CliError, message: &str, domain: Option<&str>) -> Option<String> {
-    use output::CliError;
-    let link_lost = matches!(
-        e,
-        CliError::Drive(vbackup_core::driver::DriveError::Link(_))
-            | CliError::Engine(vbackup_core::error::Error::LinkLost(_))
-            | CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed)
-    ) || message.contains("Broken pipe")
-        || message.contains("connection closed");
-    if message.contains("No space left on device") || message.contains("os error 28") {
-        Some(
-            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again".to_owned(),
-        )
-    } else if link_lost {
-        let domain = domain.unwrap_or("DOMAIN");
-        Some(format!(
-            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo {domain}' to see what became of the job, then 'vbackup start {domain}' (a managed domain) before trying again",
-        ))
-    } else {
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_filesystem_is_named_with_what_to_do() {
-        let e = output::CliError::Io {
-            what: "cannot write 'x'".into(),
-            source: std::io::Error::from_raw_os_error(28),
-        };
-        let hint = next_step(&e, &e.to_string(), Some("vm")).expect("a hint");
-        assert!(hint.starts_with("the filesystem is full"), "{hint}");
-        let other = output::CliError::Other("invalid argument: x".into());
-        assert_eq!(next_step(&other, &other.to_string(), Some("vm")), None);
-    }
-
-    #[test]
-    fn a_lost_daemon_names_the_commands_domain_or_says_domain_without_one() {
-        let e = output::CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed);
-        let hint = next_step(&e, &e.to_string(), Some("web1")).expect("a hint");
-        assert!(
-            hint.contains("'vbackup domjobinfo web1'") && hint.contains("'vbackup start web1'"),
-            "{hint}"
-        );
-        assert!(!hint.contains("DOMAIN"), "{hint}");
-        let hint = next_step(&e, &e.to_string(), None).expect("a hint");
-        assert!(
-            hint.contains("'vbackup domjobinfo DOMAIN'") && hint.contains("'vbackup start DOMAIN'"),
-            "{hint}"
-        );
-    }
 
     #[test]
     fn the_domain_comes_from_either_argument_form() {

@@ -12,6 +12,7 @@ use vbackup_core::managed::ManagedReply;
 use vbackup_host::domains::read_file;
 use vbackup_host::managed_ops::{self as ops, CreateOptions, RestoreOptions};
 use vbackup_host::managed_runtime::{CopyEvent, CopyObserver};
+use vbackup_host::views::backup_json;
 use vbackup_qemu::store::Store;
 
 use crate::commands::{self, Json};
@@ -338,34 +339,6 @@ fn finish(store: &Store, name: &str, a: &FinishArgs) -> Result<(), CliError> {
         _ => return Err(CliError::Other("unexpected answer to backup-finish".into())),
     }
     Ok(())
-}
-
-fn backup_json(b: &ManagedBackup) -> Value {
-    let disks: Vec<Value> = b
-        .disks
-        .iter()
-        .map(|d| {
-            json!({
-                "disk": d.disk,
-                "path": d.path,
-                "format": d.format.name(),
-                "virtualBytes": d.virtual_size_bytes,
-                "allocatedBytes": d.allocated_size_bytes,
-                "digest": d.digest.as_str(),
-            })
-        })
-        .collect();
-    json!({
-        "uuid": b.uuid,
-        "domain": b.domain,
-        "parent": b.parent,
-        "checkpoint": b.checkpoint,
-        "creationTime": b.creation_time,
-        "description": b.description,
-        "kind": b.kind.name(),
-        "allocatedBytes": b.allocated_size_bytes(),
-        "disks": disks,
-    })
 }
 
 fn created(b: &ManagedBackup) -> String {

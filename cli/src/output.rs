@@ -74,28 +74,6 @@ fn camel_key(key: &str) -> String {
     out
 }
 
-/// Formats seconds since the epoch as virsh does: `2025-06-01 10:00:00 +0000`.
-pub fn format_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// A table in virsh's layout: a header, a dashed rule, one-space indented columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -130,17 +108,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub use vbackup_host::units::human_bytes;
+pub use vbackup_host::units::{format_time, human_bytes, virsh_bytes};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_format_in_utc_like_virsh() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00 +0000");
-        assert_eq!(format_time(1_748_772_000), "2025-06-01 10:00:00 +0000");
-    }
 
     #[test]
     fn tables_align_columns_under_a_rule() {

@@ -26,6 +26,7 @@ pub mod managed_runtime;
 pub mod processes;
 pub mod session;
 pub mod units;
+pub mod views;
 pub mod xpath;
 
 pub use error::{Error, Result};
