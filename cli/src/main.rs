@@ -11,6 +11,7 @@ mod virsh_args;
 mod xml_cmd;
 
 // The host runtime's modules under the names the command modules use.
+use vbackup_host::processes::lock_holder_lines;
 use vbackup_host::session;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -99,18 +100,16 @@ fn main() -> ExitCode {
         Command::Domain(command) => {
             let result = commands::run(&cli.global, command);
             // An image locked by another process: name the image and who holds it.
-            if let Err(e) = &result
-                && e.to_string().contains("lock")
-                && e.to_string().contains("Failed to get")
-            {
-                let holders = lock_holders(state_dir.as_deref(), &operation);
-                if !holders.is_empty() {
-                    eprintln!("error: {}", output::message(e));
-                    for h in holders {
-                        eprintln!("error: {h}");
-                    }
-                    return ExitCode::FAILURE;
-                }
+            let holders = match &result {
+                Err(e) => session::open_store(state_dir.as_deref())
+                    .map(|store| lock_holder_lines(&store, &operation, e))
+                    .unwrap_or_default(),
+                Ok(()) => Vec::new(),
+            };
+            if let (Err(e), false) = (&result, holders.is_empty()) {
+                eprintln!("error: {}", output::message(e));
+                holders.iter().for_each(|h| eprintln!("error: {h}"));
+                return ExitCode::FAILURE;
             }
             report(result)
         }
@@ -230,21 +229,6 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
             ExitCode::FAILURE
         }
     }
-}
-
-/// For each disk image of the domains named on the command line, the processes that have it
-/// open, as `image 'PATH' is in use by process PID (COMMAND)`.
-fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<String> {
-    let Ok(store) = session::open_store(state_dir) else {
-        return Vec::new();
-    };
-    vbackup_host::processes::image_holders(&store, args)
-        .into_iter()
-        .map(|h| format!(
-            "image '{}' is in use by process {} ({}); stop it, or wait for it to end, and run the command again",
-            h.image, h.pid, h.command
-        ))
-        .collect()
 }
 
 #[cfg(test)]
