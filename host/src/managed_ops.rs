@@ -406,17 +406,25 @@ pub fn delete_all_keeping_checkpoints(
     store: &Store,
     loaded: Loaded,
 ) -> Result<(Loaded, usize), Error> {
+    let name = loaded.store.name().to_owned();
     let mut host = ManagedHost::open(store, loaded)?;
     let answer = host.run(ManagedRequest::Delete {
         target: None,
         with_children: true,
         keep_checkpoints: true,
     });
+    // Finishing an interrupted operation first may have needed QEMU: the domain is then
+    // locked again.
     let loaded = host.into_loaded()?;
-    match answer?? {
-        ManagedReply::Deleted { uuids } => Ok((loaded, uuids.len())),
-        _ => Err(unexpected("a deletion")),
-    }
+    let n = match answer?? {
+        ManagedReply::Deleted { uuids } => uuids.len(),
+        _ => return Err(unexpected("a deletion")),
+    };
+    let loaded = match loaded {
+        Some(loaded) => loaded,
+        None => session::load(store, &name)?,
+    };
+    Ok((loaded, n))
 }
 
 /// Makes backup `uuid` a full backup of its own: the backup after, and whether it changed.

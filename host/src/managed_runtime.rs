@@ -303,18 +303,13 @@ impl ManagedHost {
         ))
     }
 
-    /// The domain, still loaded and locked, when no session was opened (else the session is
-    /// closed and the domain unlocked, which is an error for a caller that needs it).
-    pub fn into_loaded(self) -> Result<Loaded, Error> {
+    /// The domain, still loaded and locked, when no session was opened; `None` when one was
+    /// (it is closed, and the domain unlocked).
+    pub fn into_loaded(self) -> Result<Option<Loaded>, Error> {
         match self.side {
-            Side::Loaded(l) => Ok(*l),
-            Side::Session(s) => {
-                s.close()?;
-                Err(Error::Other(
-                    "internal error: the domain was reached through QEMU and unlocked".into(),
-                ))
-            }
-            Side::Gone => Err(Error::Other("internal error: the domain is gone".into())),
+            Side::Loaded(l) => Ok(Some(*l)),
+            Side::Session(s) => s.close().map(|()| None),
+            Side::Gone => Ok(None),
         }
     }
 
