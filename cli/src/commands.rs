@@ -1,13 +1,13 @@
 //! The domain, checkpoint and backup commands, with virsh's names, flags and output. The host
 //! runtime (`vbackup_host`) does the work; this module parses the arguments and prints.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vbackup_core::checkpoint::{CheckpointTree, DeleteScope, ListFilter};
-use vbackup_core::error::Error as EngineError;
+use vbackup_core::checkpoint::{DeleteScope, ListFilter};
 use vbackup_core::xml::CheckpointFormat;
 use vbackup_host::checkpoints::{self, Edited};
 use vbackup_host::domains::{self, read_file};
@@ -489,20 +489,19 @@ pub fn run(global: &Global, command: DomainCommand) -> Result<(), CliError> {
         }
         C::CheckpointParent(a) => {
             let (domain, checkpoint) = a.cp.get("checkpoint-parent")?;
-            jobs::read_tree::<_, CliError>(store, &domain, |tree, _| {
-                let parent = tree.parent(&checkpoint).map_err(EngineError::from)?;
-                match a.json.json {
-                    true => print_json(json!({"parent": parent.name})),
-                    false => println!("{}", parent.name),
-                }
-                Ok(())
-            })?;
+            let parent = checkpoints::parent(store, &domain, &checkpoint)?;
+            match a.json.json {
+                true => print_json(json!({"parent": parent})),
+                false => println!("{parent}"),
+            }
         }
         C::CheckpointInfo(a) => {
             let (domain, checkpoint) = a.cp.get("checkpoint-info")?;
-            jobs::read_tree::<_, CliError>(store, &domain, |tree, dom| {
-                checkpoint_info(tree, dom, &checkpoint, a.json.json)
-            })?;
+            checkpoint_info(
+                &checkpoints::info(store, &domain, &checkpoint)?,
+                &domain,
+                a.json.json,
+            );
         }
         C::BackupBegin(a) => backup_begin(store, a)?,
         C::BackupDumpxml { dom, xpath, json } => {
@@ -613,96 +612,72 @@ fn checkpoint_list(store: &Store, a: CheckpointListArgs) -> Result<(), CliError>
         no_leaves: a.no_leaves,
     };
     let name = a.dom.get("checkpoint-list")?;
-    jobs::read_tree::<_, CliError>(store, &name, |tree, _| {
-        let list = match &a.from {
-            Some(from) => tree
-                .list_children(from, filter)
-                .map_err(EngineError::from)?,
-            None => tree.list(filter),
-        };
-        if a.json.json {
-            print_json(
-                list.iter()
-                    .map(|c| {
-                        let mut v = views::checkpoint_json(c, false);
-                        v["current"] = json!(tree.current() == Some(c.name.as_str()));
-                        v
-                    })
-                    .collect(),
-            );
-        } else if a.tree {
-            let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
-            let mut out = String::new();
-            let roots = list
-                .iter()
-                .filter(|c| c.parent.as_deref().is_none_or(|p| !included.contains(&p)));
-            for root in roots {
-                out.push_str(&format!("{}\n", root.name));
-                print_tree(tree, &included, &root.name, "  ", &mut out);
-            }
-            print!("{out}");
-        } else if a.name {
-            list.iter().for_each(|c| println!("{}", c.name));
-        } else {
-            let mut headers = vec!["Name", "Creation Time"];
-            headers.extend(a.parent.then_some("Parent"));
-            let rows: Vec<Vec<String>> = list
-                .iter()
+    let listing = checkpoints::list(store, &name, filter, a.from.as_deref())?;
+    let list = &listing.checkpoints;
+    if a.json.json {
+        print_json(
+            list.iter()
                 .map(|c| {
-                    let mut r = vec![c.name.clone(), format_time(c.creation_time_s)];
-                    r.extend(a.parent.then(|| c.parent.clone().unwrap_or_default()));
-                    r
+                    let mut v = views::checkpoint_json(c, false);
+                    v["current"] = json!(listing.current.as_deref() == Some(c.name.as_str()));
+                    v
                 })
-                .collect();
-            print!("{}", table(&headers, &rows));
+                .collect(),
+        );
+    } else if a.tree {
+        let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
+        let mut out = String::new();
+        let roots = list
+            .iter()
+            .filter(|c| c.parent.as_deref().is_none_or(|p| !included.contains(&p)));
+        for root in roots {
+            out.push_str(&format!("{}\n", root.name));
+            print_tree(&listing.children, &root.name, "  ", &mut out);
         }
-        Ok(())
-    })
+        print!("{out}");
+    } else if a.name {
+        list.iter().for_each(|c| println!("{}", c.name));
+    } else {
+        let mut headers = vec!["Name", "Creation Time"];
+        headers.extend(a.parent.then_some("Parent"));
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|c| {
+                let mut r = vec![c.name.clone(), format_time(c.creation_time_s)];
+                r.extend(a.parent.then(|| c.parent.clone().unwrap_or_default()));
+                r
+            })
+            .collect();
+        print!("{}", table(&headers, &rows));
+    }
+    Ok(())
 }
 
 /// virsh's tree layout: each child under a `|` line, introduced by `+- `.
 fn print_tree(
-    tree: &CheckpointTree,
-    included: &[&str],
+    children: &BTreeMap<String, Vec<String>>,
     name: &str,
     prefix: &str,
     out: &mut String,
 ) {
-    let children: Vec<&str> = tree
-        .children(name)
-        .filter(|c| included.contains(c))
-        .collect();
-    for (i, c) in children.iter().enumerate() {
+    let kids = children.get(name).map(Vec::as_slice).unwrap_or_default();
+    for (i, c) in kids.iter().enumerate() {
         out.push_str(&format!("{prefix}|\n{prefix}+- {c}\n"));
-        let last = i + 1 == children.len();
+        let last = i + 1 == kids.len();
         let next = format!("{prefix}{}", if last { "    " } else { "|   " });
-        print_tree(tree, included, c, &next, out);
+        print_tree(children, c, &next, out);
     }
 }
 
-fn checkpoint_info(
-    tree: &CheckpointTree,
-    domain: &str,
-    name: &str,
-    json: bool,
-) -> Result<(), CliError> {
-    let c = tree.lookup(name).map_err(EngineError::from)?;
-    let children = tree.children(name).count();
-    let all = ListFilter {
-        roots_or_descendants: true,
-        ..ListFilter::default()
-    };
-    let descendants = tree
-        .list_children(name, all)
-        .map_err(EngineError::from)?
-        .len();
-    let current = tree.current() == Some(name);
+fn checkpoint_info(info: &checkpoints::Info, domain: &str, json: bool) {
+    let c = &info.checkpoint;
+    let (children, descendants, current) = (info.children, info.descendants, info.current);
     if json {
         print_json(
             json!({"name": c.name, "domain": domain, "parent": c.parent, "children": children,
                    "descendants": descendants, "current": current}),
         );
-        return Ok(());
+        return;
     }
     for (label, value) in [
         ("Name:", c.name.as_str()),
@@ -714,7 +689,6 @@ fn checkpoint_info(
     ] {
         println!("{label:<15} {value}");
     }
-    Ok(())
 }
 
 // ----- backups and jobs -----

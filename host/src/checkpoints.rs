@@ -1,8 +1,11 @@
-//! Editing a checkpoint's XML on this host, as virsh's `checkpoint-edit` does: the document
-//! in the user's editor, then, if it changed and is valid, a redefinition with it.
+//! A domain's checkpoints as the reading commands show them (a listing with its tree, one
+//! checkpoint's relations), and editing one's XML as virsh's `checkpoint-edit` does: the
+//! document in the user's editor, then, if it changed and is valid, a redefinition with it.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
+use vbackup_core::checkpoint::{Checkpoint, ListFilter};
 use vbackup_core::error::Error as EngineError;
 use vbackup_core::xml::{CheckpointDef, CheckpointFormat, CheckpointMode};
 use vbackup_qemu::store::Store;
@@ -85,4 +88,84 @@ pub fn edit(store: &Store, domain: &str, checkpoint: &str) -> Result<Edited, Err
         return Ok(Edited::Refused { error: e, kept });
     }
     Ok(Edited::Redefined)
+}
+
+/// Checkpoints as `checkpoint-list` shows them.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The checkpoints chosen, in the filter's order.
+    pub checkpoints: Vec<Checkpoint>,
+    /// The domain's current checkpoint.
+    pub current: Option<String>,
+    /// For each checkpoint chosen, its children among those chosen, in the tree's order.
+    pub children: BTreeMap<String, Vec<String>>,
+}
+
+/// The checkpoints of `domain` that `filter` chooses (with `from`, among that checkpoint's
+/// children, or with the filter's `roots_or_descendants` its descendants).
+pub fn list(
+    store: &Store,
+    domain: &str,
+    filter: ListFilter,
+    from: Option<&str>,
+) -> Result<Listing, Error> {
+    read_tree::<_, Error>(store, domain, |tree, _| {
+        let chosen = match from {
+            Some(from) => tree
+                .list_children(from, filter)
+                .map_err(EngineError::from)?,
+            None => tree.list(filter),
+        };
+        let names: Vec<&str> = chosen.iter().map(|c| c.name.as_str()).collect();
+        let children = names
+            .iter()
+            .map(|n| {
+                let kids = tree.children(n).filter(|c| names.contains(c));
+                (n.to_string(), kids.map(str::to_owned).collect())
+            })
+            .collect();
+        Ok(Listing {
+            checkpoints: chosen.into_iter().cloned().collect(),
+            current: tree.current().map(str::to_owned),
+            children,
+        })
+    })
+}
+
+/// One checkpoint and its relations, as `checkpoint-info` shows them.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Its children.
+    pub children: usize,
+    /// Its descendants.
+    pub descendants: usize,
+    /// Whether it is the domain's current checkpoint.
+    pub current: bool,
+}
+
+/// Checkpoint `name` of `domain` and its relations.
+pub fn info(store: &Store, domain: &str, name: &str) -> Result<Info, Error> {
+    read_tree::<_, Error>(store, domain, |tree, _| {
+        let checkpoint = tree.lookup(name).map_err(EngineError::from)?.clone();
+        let all = ListFilter {
+            roots_or_descendants: true,
+            ..ListFilter::default()
+        };
+        let descendants = tree.list_children(name, all).map_err(EngineError::from)?;
+        Ok(Info {
+            checkpoint,
+            children: tree.children(name).count(),
+            descendants: descendants.len(),
+            current: tree.current() == Some(name),
+        })
+    })
+}
+
+/// The name of the parent of checkpoint `name` of `domain`.
+pub fn parent(store: &Store, domain: &str, name: &str) -> Result<String, Error> {
+    read_tree::<_, Error>(store, domain, |tree, _| {
+        Ok(tree.parent(name).map_err(EngineError::from)?.name.clone())
+    })
 }
