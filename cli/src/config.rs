@@ -1,7 +1,6 @@
 //! The `config-*` commands over the host configuration (`vbackup_host::config`).
 
 use clap::Subcommand;
-use serde_json::{Value, json};
 use vbackup_host::config::{HostConfig, KEYS, Setting, check_key};
 use vbackup_qemu::store::Store;
 
@@ -49,17 +48,7 @@ pub fn run(store: &Store, command: ConfigCommand) -> Result<(), CliError> {
                 None => KEYS.to_vec(),
             };
             if json {
-                let mut out = serde_json::Map::new();
-                for k in &keys {
-                    let (v, default) = config.shown(k);
-                    let value = match v {
-                        Some(Setting::Text(t)) => json!(t),
-                        Some(Setting::Number(n)) => json!(n),
-                        None => Value::Null,
-                    };
-                    out.insert((*k).to_owned(), json!({"value": value, "default": default}));
-                }
-                println!("{}", Value::Object(out));
+                println!("{}", config.shown_json(&keys));
             } else if key.is_some() {
                 match config.shown(keys[0]).0 {
                     Some(Setting::Text(t)) => println!("{t}"),

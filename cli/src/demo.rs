@@ -21,26 +21,8 @@ pub struct DemoArgs {
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
-    let dir = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).map_err(CliError::io("cannot create the demo directory"))?;
-            std::fs::canonicalize(d).map_err(CliError::io("demo directory"))?
-        }
-        None => tempfile::Builder::new()
-            .prefix("vbackup-demo-")
-            .tempdir()
-            .map_err(CliError::io("cannot create a temporary directory"))?
-            .keep(),
-    };
-    let exe = std::env::current_exe().map_err(CliError::io("cannot find the vbackup binary"))?;
-    let d = Demo::new(dir.clone(), exe, |text| print!("{text}"));
-    if d.exists() {
-        return Err(CliError::Other(format!(
-            "{} already holds a demo; use another --dir",
-            dir.display()
-        )));
-    }
-    println!("Demo directory: {}", dir.display());
+    let d = Demo::prepare(args.dir.as_deref(), |text| print!("{text}"))?;
+    println!("Demo directory: {}", d.dir.display());
     let result = run_steps(&d, args.size_mib);
     // Whatever happened, leave no daemon behind.
     d.stop();

@@ -11,6 +11,7 @@ mod virsh_args;
 mod xml_cmd;
 
 // The host runtime's modules under the names the command modules use.
+use vbackup_host::processes::lock_holder_lines;
 use vbackup_host::session;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -62,10 +63,10 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let (cli, domain) = match command().try_get_matches().and_then(|m| {
+    let (cli, domain, name) = match command().try_get_matches().and_then(|m| {
         let mut cli = Cli::from_arg_matches(&m)?;
         cli.global.wait_lock = wait_lock_of(&m);
-        Ok((cli, domain_of(&m)))
+        Ok((cli, domain_of(&m), m.subcommand_name().map(str::to_owned)))
     }) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -86,8 +87,8 @@ fn main() -> ExitCode {
     let state_dir = cli.global.state_dir.clone();
     // Every outcome below is reported with the command's domain, which its hints name.
     let report = |result: Result<(), output::CliError>| report(result, domain.as_deref());
-    if cli.global.wait_lock.is_some()
-        && let Some(name) = never_waits(&cli.command)
+    if let Some(name) =
+        name.filter(|n| cli.global.wait_lock.is_some() && NEVER_WAIT.contains(&&**n))
     {
         eprintln!(
             "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
@@ -99,25 +100,22 @@ fn main() -> ExitCode {
         Command::Domain(command) => {
             let result = commands::run(&cli.global, command);
             // An image locked by another process: name the image and who holds it.
-            if let Err(e) = &result
-                && e.to_string().contains("lock")
-                && e.to_string().contains("Failed to get")
-            {
-                let holders = lock_holders(state_dir.as_deref(), &operation);
-                if !holders.is_empty() {
-                    eprintln!("error: {e}");
-                    for h in holders {
-                        eprintln!("error: {h}");
-                    }
-                    return ExitCode::FAILURE;
-                }
+            let holders = match &result {
+                Err(e) => session::open_store(state_dir.as_deref())
+                    .map(|store| lock_holder_lines(&store, &operation, e))
+                    .unwrap_or_default(),
+                Ok(()) => Vec::new(),
+            };
+            if let (Err(e), false) = (&result, holders.is_empty()) {
+                eprintln!("error: {}", output::message(e));
+                holders.iter().for_each(|h| eprintln!("error: {h}"));
+                return ExitCode::FAILURE;
             }
             report(result)
         }
         Command::Managed(command) => report(managed::run(&cli.global, command)),
         Command::Config(command) => report(
             session::open_store(cli.global.state_dir.as_deref())
-                .map_err(output::CliError::from)
                 .and_then(|store| config::run(&store, command)),
         ),
         Command::Demo(args) => report(demo::run(&args)),
@@ -161,7 +159,9 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
     }
 }
 
-/// The commands [`never_waits`] names, which therefore do not take `--wait-lock` themselves.
+/// The commands that never wait for a domain's lock (they read the store while another
+/// vbackup holds the domain), so that `--wait-lock` is refused there rather than silently
+/// ignored, and is not offered in their help.
 const NEVER_WAIT: [&str; 10] = [
     "list",
     "domblklist",
@@ -175,26 +175,6 @@ const NEVER_WAIT: [&str; 10] = [
     "man",
 ];
 
-/// The name of a command that never waits for a domain's lock (it reads the store while
-/// another vbackup holds the domain), so that `--wait-lock` is refused there rather than
-/// silently ignored.
-fn never_waits(command: &Command) -> Option<&'static str> {
-    use commands::DomainCommand as D;
-    Some(match command {
-        Command::Domain(D::List { .. }) => "list",
-        Command::Domain(D::Domblklist { .. }) => "domblklist",
-        Command::Domain(D::CheckpointList { .. }) => "checkpoint-list",
-        Command::Domain(D::CheckpointParent { .. }) => "checkpoint-parent",
-        Command::Domain(D::CheckpointInfo { .. }) => "checkpoint-info",
-        Command::Domain(D::BackupDumpxml { .. }) => "backup-dumpxml",
-        Command::Domain(D::Domjobinfo { .. }) => "domjobinfo",
-        Command::Xml(_) => "xml",
-        Command::Completion { .. } => "completion",
-        Command::Man { .. } => "man",
-        _ => return None,
-    })
-}
-
 /// The domain the command line names, by position or with `--domain` (the named form wins, as
 /// in [`virsh_args::fill`]), so that error hints can name it; `None` for a command without one.
 fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
@@ -206,7 +186,7 @@ fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
 /// The command line's definition, as parsed, completed and documented.
 ///
 /// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
-/// that may wait for a domain's lock, but not by those [`never_waits`] names: were it global,
+/// that may wait for a domain's lock, but not by those [`NEVER_WAIT`] names: were it global,
 /// clap would offer it in their help, completion and manual page too.
 fn command() -> clap::Command {
     let command = Cli::command();
@@ -241,8 +221,8 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = e.to_string();
-            match next_step(&e, &message, domain) {
+            let message = output::message(&e);
+            match e.next_step(domain) {
                 Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
                 None => eprintln!("error: {message}"),
             }
@@ -251,77 +231,9 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
     }
 }
 
-/// For each disk image of the domains named on the command line, the processes that have it
-/// open, as `image 'PATH' is in use by process PID (COMMAND)`.
-fn lock_holders(state_dir: Option<&std::path::Path>, args: &[String]) -> Vec<String> {
-    let Ok(store) = session::open_store(state_dir) else {
-        return Vec::new();
-    };
-    vbackup_host::processes::image_holders(&store, args)
-        .into_iter()
-        .map(|h| format!(
-            "image '{}' is in use by process {} ({}); stop it, or wait for it to end, and run the command again",
-            h.image, h.pid, h.command
-        ))
-        .collect()
-}
-
-/// What to do about an error whose cause is outside vbackup: a daemon that went away, a full
-/// filesystem. The commands to run next name `domain`, or say DOMAIN when the command has none.
-fn next_step(e: &output::CliError, message: &str, domain: Option<&str>) -> Option<String> {
-    use output::CliError;
-    let link_lost = matches!(
-        e,
-        CliError::Drive(vbackup_core::driver::DriveError::Link(_))
-            | CliError::Engine(vbackup_core::error::Error::LinkLost(_))
-            | CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed)
-    ) || message.contains("Broken pipe")
-        || message.contains("connection closed");
-    if message.contains("No space left on device") || message.contains("os error 28") {
-        Some(
-            "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again".to_owned(),
-        )
-    } else if link_lost {
-        let domain = domain.unwrap_or("DOMAIN");
-        Some(format!(
-            "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo {domain}' to see what became of the job, then 'vbackup start {domain}' (a managed domain) before trying again",
-        ))
-    } else {
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_filesystem_is_named_with_what_to_do() {
-        let e = output::CliError::Io {
-            what: "cannot write 'x'".into(),
-            source: std::io::Error::from_raw_os_error(28),
-        };
-        let hint = next_step(&e, &e.to_string(), Some("vm")).expect("a hint");
-        assert!(hint.starts_with("the filesystem is full"), "{hint}");
-        let other = output::CliError::Other("invalid argument: x".into());
-        assert_eq!(next_step(&other, &other.to_string(), Some("vm")), None);
-    }
-
-    #[test]
-    fn a_lost_daemon_names_the_commands_domain_or_says_domain_without_one() {
-        let e = output::CliError::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed);
-        let hint = next_step(&e, &e.to_string(), Some("web1")).expect("a hint");
-        assert!(
-            hint.contains("'vbackup domjobinfo web1'") && hint.contains("'vbackup start web1'"),
-            "{hint}"
-        );
-        assert!(!hint.contains("DOMAIN"), "{hint}");
-        let hint = next_step(&e, &e.to_string(), None).expect("a hint");
-        assert!(
-            hint.contains("'vbackup domjobinfo DOMAIN'") && hint.contains("'vbackup start DOMAIN'"),
-            "{hint}"
-        );
-    }
 
     #[test]
     fn the_domain_comes_from_either_argument_form() {
@@ -370,7 +282,7 @@ mod tests {
         );
         assert_eq!(wait(&["backup-create", "vm", "--wait-lock", "3"]), Some(3));
         assert_eq!(wait(&["start", "vm"]), None);
-        // Before a reader it parses, so that never_waits refuses it with its reason.
+        // Before a reader it parses, so that main refuses it with its reason.
         assert_eq!(wait(&["--wait-lock", "5", "list"]), Some(5));
         for name in NEVER_WAIT {
             let sub = command().find_subcommand(name).cloned().expect("a command");

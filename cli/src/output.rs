@@ -3,78 +3,14 @@
 
 use vbackup_core::error::{ConflictError, Error as EngineError, RequestError};
 
-/// Everything a command can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The engine refused or failed a request.
-    #[error("{}", engine_message(.0))]
-    Engine(#[from] EngineError),
-    /// The driver stopped (link lost, store write failed).
-    #[error("{0}")]
-    Drive(#[from] vbackup_core::driver::DriveError),
-    /// The store.
-    #[error("{0}")]
-    Store(#[from] vbackup_qemu::store::StoreError),
-    /// qemu-storage-daemon.
-    #[error("{0}")]
-    Qsd(#[from] vbackup_qemu::qsd::QsdError),
-    /// QMP.
-    #[error("{0}")]
-    Qmp(#[from] vbackup_qemu::qmp_socket::QmpSocketError),
-    /// Discovering an attached domain's disks.
-    #[error("{0}")]
-    Discover(#[from] vbackup_qemu::discover::DiscoverError),
-    /// An XML document.
-    #[error("XML error: {0}")]
-    Xml(#[from] vbackup_core::xml::XmlError),
-    /// NBD.
-    #[error("NBD: {0}")]
-    Nbd(#[from] vbackup_qemu::nbd::NbdError),
-    /// No such domain.
-    #[error("failed to get domain '{0}'")]
-    NoDomain(String),
-    /// A stored document cannot be read back.
-    #[error("internal error: store is damaged: {0}")]
-    Corrupt(String),
-    /// A file could not be read or written.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// Anything else, already worded.
-    #[error("{0}")]
-    Other(String),
-}
+/// Everything a command can fail with: the host runtime's errors, which [`message`] words.
+pub use vbackup_host::Error as CliError;
 
-impl From<vbackup_host::Error> for CliError {
-    /// The host runtime's errors are worded as the command line words its own.
-    fn from(e: vbackup_host::Error) -> Self {
-        use vbackup_host::Error as H;
-        match e {
-            H::Engine(e) => CliError::Engine(e),
-            H::Drive(e) => CliError::Drive(e),
-            H::Store(e) => CliError::Store(e),
-            H::Qsd(e) => CliError::Qsd(e),
-            H::Qmp(e) => CliError::Qmp(e),
-            H::Discover(e) => CliError::Discover(e),
-            H::Xml(e) => CliError::Xml(e),
-            H::Nbd(e) => CliError::Nbd(e),
-            H::NoDomain(name) => CliError::NoDomain(name),
-            H::Corrupt(what) => CliError::Corrupt(what),
-            H::Io { what, source } => CliError::Io { what, source },
-            other @ (H::DomainExists(_) | H::Other(_)) => CliError::Other(other.to_string()),
-        }
-    }
-}
-
-impl CliError {
-    /// An IO error with context.
-    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
-        let what = what.into();
-        move |source| CliError::Io { what, source }
+/// An error as the command line words it: an engine error after virsh's category prefix.
+pub fn message(e: &CliError) -> String {
+    match e {
+        CliError::Engine(e) => engine_message(e),
+        other => other.to_string(),
     }
 }
 
@@ -138,28 +74,6 @@ fn camel_key(key: &str) -> String {
     out
 }
 
-/// Formats seconds since the epoch as virsh does: `2025-06-01 10:00:00 +0000`.
-pub fn format_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// A table in virsh's layout: a header, a dashed rule, one-space indented columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -194,17 +108,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub use vbackup_host::units::human_bytes;
+pub use vbackup_host::units::{format_time, human_bytes, virsh_bytes};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_format_in_utc_like_virsh() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00 +0000");
-        assert_eq!(format_time(1_748_772_000), "2025-06-01 10:00:00 +0000");
-    }
 
     #[test]
     fn tables_align_columns_under_a_rule() {

@@ -6,14 +6,10 @@
 //! document in libvirt's canonical form, aligned with a domain's disks when `--domain` is given.
 
 use clap::{Args, Subcommand};
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use vbackup_core::xml::MAX_DOCUMENT_BYTES;
-use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointFormat, CheckpointMode, DocumentKind, XmlError,
-    align_backup, align_checkpoint, parse_domain, validate_document,
-};
+use vbackup_core::xml::validate_document;
+use vbackup_host::documents::{FormatOptions, format_document, located, read_document};
 
 /// The `xml` subcommands.
 #[derive(Debug, Subcommand)]
@@ -58,7 +54,13 @@ pub struct FormatArgs {
 pub fn run(command: XmlCommand) -> ExitCode {
     match command {
         XmlCommand::Validate(args) => validate(&args),
-        XmlCommand::Format(args) => match format(&args) {
+        XmlCommand::Format(a) => match format_document(&FormatOptions {
+            file: a.file,
+            domain: a.domain,
+            suffix: a.suffix,
+            no_domain: a.no_domain,
+            no_size: a.no_size,
+        }) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -71,35 +73,15 @@ pub fn run(command: XmlCommand) -> ExitCode {
     }
 }
 
-/// Reads a document, refusing files over the document size limit without reading them whole.
-fn read(path: &Path) -> Result<String, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    let limit = u64::try_from(MAX_DOCUMENT_BYTES).unwrap_or(u64::MAX) + 1;
-    file.take(limit)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() > MAX_DOCUMENT_BYTES {
-        return Err(format!(
-            "{}: larger than the limit of {MAX_DOCUMENT_BYTES} bytes",
-            path.display()
-        ));
-    }
-    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))
-}
-
-fn located(path: &Path, err: &XmlError) -> String {
-    format!("{}:{err}", path.display())
-}
-
 fn validate(args: &ValidateArgs) -> ExitCode {
     let mut all_valid = true;
     let mut results = Vec::new();
     for path in &args.files {
         let file = path.display().to_string();
-        let text = match read(path) {
+        let text = match read_document(path) {
             Ok(text) => text,
-            Err(message) => {
+            Err(e) => {
+                let message = e.to_string();
                 all_valid = false;
                 if args.json {
                     results.push(serde_json::json!({"file": file, "valid": false, "root": null,
@@ -144,57 +126,5 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
-}
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn format(args: &FormatArgs) -> Result<String, String> {
-    let text = read(&args.file)?;
-    let kind = validate_document(&text).map_err(|errors| {
-        errors
-            .iter()
-            .map(|e| located(&args.file, e))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })?;
-    let at = |e: XmlError| located(&args.file, &e);
-    let domain = match &args.domain {
-        Some(path) => {
-            let domain_text = read(path)?;
-            Some(parse_domain(&domain_text).map_err(|e| located(path, &e))?)
-        }
-        None => None,
-    };
-    match kind {
-        DocumentKind::Checkpoint => {
-            let mut def = CheckpointDef::parse(&text, CheckpointMode::Document).map_err(at)?;
-            if let Some(domain) = &domain {
-                if def.name.is_none() {
-                    def.fill_create_defaults(now_s());
-                }
-                def = align_checkpoint(&def, domain).map_err(at)?;
-            }
-            Ok(def.format(CheckpointFormat {
-                no_domain: args.no_domain,
-                include_size: !args.no_size,
-            }))
-        }
-        DocumentKind::Backup => {
-            let mut def = BackupDef::parse(&text).map_err(at)?;
-            if let Some(domain) = &domain {
-                let suffix = args.suffix.clone().unwrap_or_else(|| now_s().to_string());
-                def = align_backup(&def, domain, &suffix).map_err(at)?;
-            }
-            Ok(def.format())
-        }
-        DocumentKind::Domain => Err(format!(
-            "{}: a <domain> document has no canonical form here; give it with --domain",
-            args.file.display()
-        )),
     }
 }

@@ -219,6 +219,24 @@ impl HostConfig {
         config.tls = self.tls();
     }
 
+    /// `keys` with their values as `config-get --json` shows them: `{key: {value, default}}`,
+    /// `value` null when neither set nor defaulted.
+    pub fn shown_json(&self, keys: &[&str]) -> serde_json::Value {
+        let entry = |k: &&str| {
+            let (v, default) = self.shown(k);
+            let value = match v {
+                Some(Setting::Text(t)) => serde_json::json!(t),
+                Some(Setting::Number(n)) => serde_json::json!(n),
+                None => serde_json::Value::Null,
+            };
+            (
+                (*k).to_owned(),
+                serde_json::json!({"value": value, "default": default}),
+            )
+        };
+        serde_json::Value::Object(keys.iter().map(entry).collect())
+    }
+
     /// The value of `key` as `config-get` shows it: set, or the default, or nothing.
     pub fn shown(&self, key: &str) -> (Option<Setting>, bool) {
         if let Some(v) = self.values.get(key) {

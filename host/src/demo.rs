@@ -62,6 +62,33 @@ fn tool(cmd: &mut Command) -> Result<String, Error> {
 }
 
 impl Demo {
+    /// A demonstration in `dir` (created; by default a new directory under the temporary
+    /// directory, kept) running the steps with this very binary; refused when `dir` holds
+    /// one already.
+    pub fn prepare(dir: Option<&Path>, narrate: fn(&str)) -> Result<Self, Error> {
+        let dir = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)
+                    .map_err(Error::io("cannot create the demo directory"))?;
+                std::fs::canonicalize(d).map_err(Error::io("demo directory"))?
+            }
+            None => tempfile::Builder::new()
+                .prefix("vbackup-demo-")
+                .tempdir()
+                .map_err(Error::io("cannot create a temporary directory"))?
+                .keep(),
+        };
+        let exe = std::env::current_exe().map_err(Error::io("cannot find the vbackup binary"))?;
+        let demo = Demo::new(dir, exe, narrate);
+        if demo.exists() {
+            return Err(Error::Other(format!(
+                "{} already holds a demo; use another --dir",
+                demo.dir.display()
+            )));
+        }
+        Ok(demo)
+    }
+
     /// A demonstration in `dir` (its state in `DIR/state`) running the steps with `exe`.
     pub fn new(dir: PathBuf, exe: PathBuf, narrate: fn(&str)) -> Self {
         let state = dir.join("state");

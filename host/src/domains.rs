@@ -335,6 +335,47 @@ pub fn shutdown(store: &Store, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Undefines domain `name`: refused while a job runs, while it has managed backups (unless
+/// `remove_all_backups`, which deletes them through the managed-backup machine, so its
+/// journal protects the deletion) or checkpoints (unless `checkpoints_metadata`: their
+/// metadata goes with the domain, their bitmaps stay in the images). A managed domain's
+/// daemon is stopped before its store is removed.
+pub fn undefine(
+    store: &Store,
+    name: &str,
+    checkpoints_metadata: bool,
+    remove_all_backups: bool,
+) -> Result<(), Error> {
+    let mut loaded = session::load(store, name)?;
+    if loaded.journal.is_some() {
+        return Err(Error::Other(
+            "Requested operation is not valid: a backup job is running".into(),
+        ));
+    }
+    let backups = crate::managed_ops::catalogue(&loaded.store)?.len();
+    if backups > 0 && !remove_all_backups {
+        return Err(Error::Other(format!(
+            "Requested operation is not valid: domain '{name}' has {backups} managed backup(s); use --remove-all-backups"
+        )));
+    }
+    if !loaded.tree.is_empty() && !checkpoints_metadata {
+        return Err(Error::Other(format!(
+            "Requested operation is not valid: cannot delete inactive domain with {} checkpoints",
+            loaded.tree.len()
+        )));
+    }
+    if loaded.attachment == Attachment::Managed {
+        let run_dir = loaded.store.run_dir();
+        let _ = std::fs::remove_file(run_dir.join(KEEP_FILE));
+        session::stop_daemon(&run_dir)?;
+    }
+    if backups > 0 {
+        loaded = crate::managed_ops::delete_all_keeping_checkpoints(store, loaded)?.0;
+    }
+    loaded.store.remove_all()?;
+    Ok(())
+}
+
 /// One defined domain as `list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainSummary {

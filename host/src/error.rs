@@ -28,6 +28,12 @@ pub enum Error {
     /// NBD.
     #[error("NBD: {0}")]
     Nbd(#[from] vbackup_qemu::nbd::NbdError),
+    /// The managed-backup machine refused or failed a request.
+    #[error("{0}")]
+    Managed(#[from] vbackup_core::managed::ManagedError),
+    /// A request about the catalogue of managed backups is invalid.
+    #[error("invalid argument: {0}")]
+    Catalogue(#[from] vbackup_core::catalogue::CatalogueError),
     /// No such domain.
     #[error("failed to get domain '{0}'")]
     NoDomain(String),
@@ -60,5 +66,65 @@ impl Error {
     }
 }
 
+impl Error {
+    /// What to do about an error whose cause is outside vbackup: a daemon that went away, a
+    /// full filesystem. The commands to run next name `domain`, or say DOMAIN without one.
+    pub fn next_step(&self, domain: Option<&str>) -> Option<String> {
+        let message = self.to_string();
+        let link_lost = matches!(
+            self,
+            Error::Drive(vbackup_core::driver::DriveError::Link(_))
+                | Error::Engine(vbackup_core::error::Error::LinkLost(_))
+                | Error::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed)
+        ) || message.contains("Broken pipe")
+            || message.contains("connection closed");
+        if message.contains("No space left on device") || message.contains("os error 28") {
+            Some(
+                "the filesystem is full (the state directory's, or the one of the file named above): free space there and run the command again".to_owned(),
+            )
+        } else if link_lost {
+            let domain = domain.unwrap_or("DOMAIN");
+            Some(format!(
+                "the storage daemon (or QEMU) stopped while the command ran (killed or crashed); run 'vbackup domjobinfo {domain}' to see what became of the job, then 'vbackup start {domain}' (a managed domain) before trying again",
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 /// A result of the host runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_full_filesystem_is_named_with_what_to_do() {
+        let e = Error::Io {
+            what: "cannot write 'x'".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let hint = e.next_step(Some("vm")).expect("a hint");
+        assert!(hint.starts_with("the filesystem is full"), "{hint}");
+        let other = Error::Other("invalid argument: x".into());
+        assert_eq!(other.next_step(Some("vm")), None);
+    }
+
+    #[test]
+    fn a_lost_daemon_names_the_commands_domain_or_says_domain_without_one() {
+        let e = Error::Qmp(vbackup_qemu::qmp_socket::QmpSocketError::Closed);
+        let hint = e.next_step(Some("web1")).expect("a hint");
+        assert!(
+            hint.contains("'vbackup domjobinfo web1'") && hint.contains("'vbackup start web1'"),
+            "{hint}"
+        );
+        assert!(!hint.contains("DOMAIN"), "{hint}");
+        let hint = e.next_step(None).expect("a hint");
+        assert!(
+            hint.contains("'vbackup domjobinfo DOMAIN'") && hint.contains("'vbackup start DOMAIN'"),
+            "{hint}"
+        );
+    }
+}

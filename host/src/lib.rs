@@ -12,17 +12,21 @@
 //!   bitmap, a restarted daemon) go to stderr as they happen.
 
 pub mod checkpoint_index;
+pub mod checkpoints;
 pub mod config;
 pub mod demo;
+pub mod documents;
 pub mod domains;
 pub mod effects;
 pub mod error;
 pub mod jobs;
 pub mod layout;
+pub mod managed_ops;
 pub mod managed_runtime;
 pub mod processes;
 pub mod session;
 pub mod units;
+pub mod views;
 pub mod xpath;
 
 pub use error::{Error, Result};

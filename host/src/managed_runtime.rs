@@ -384,6 +384,16 @@ impl ManagedHost {
         ))
     }
 
+    /// The domain, still loaded and locked, when no session was opened; `None` when one was
+    /// (it is closed, and the domain unlocked).
+    pub fn into_loaded(self) -> Result<Option<Loaded>, Error> {
+        match self.side {
+            Side::Loaded(l) => Ok(Some(*l)),
+            Side::Session(s) => s.close().map(|()| None),
+            Side::Gone => Ok(None),
+        }
+    }
+
     /// Ends the session, if one was opened.
     pub fn close(self) -> Result<(), Error> {
         self.prune_hashes();

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use vbackup_qemu::store::Store;
 
+use crate::error::Error;
 use crate::layout::DOMAIN_FILE;
 
 /// A process that has an image open.
@@ -15,6 +16,23 @@ pub struct ImageHolder {
     pub pid: u32,
     /// Its command line, arguments joined by spaces.
     pub command: String,
+}
+
+/// When `e` is QEMU refusing an image another process holds locked, one line per process
+/// holding an image of the domains named in `names` (see [`image_holders`]), saying what to
+/// do; empty for any other error, or when no holder is found.
+pub fn lock_holder_lines(store: &Store, names: &[String], e: &Error) -> Vec<String> {
+    let message = e.to_string();
+    if !message.contains("lock") || !message.contains("Failed to get") {
+        return Vec::new();
+    }
+    image_holders(store, names)
+        .into_iter()
+        .map(|h| format!(
+            "image '{}' is in use by process {} ({}); stop it, or wait for it to end, and run the command again",
+            h.image, h.pid, h.command
+        ))
+        .collect()
 }
 
 /// For each disk image of the domains named in `names` (any of a command line's words: those

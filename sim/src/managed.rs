@@ -13,7 +13,8 @@
 //! (its result is never delivered) and rebuilds it from the stored records and journal, as
 //! a restarted `vbackup` does; a pending backup is then concluded with `backup-finish` (or
 //! `--cancel`), any other journal by the next operation. The domain's engine and QEMU live
-//! on (they are another process).
+//! on (they are another process), except that an overwrite stops the domain (a clean close)
+//! and its next domain request starts it again over the replaced image.
 //!
 //! Checkers, after every step:
 //! - the machine rebuilt from the store has the same catalogue and the same damaged records;
@@ -21,7 +22,8 @@
 //! - the order of backups is the order they were recorded in; every catalogued image exists
 //!   and its backing chain is the catalogue's chain;
 //! - the checkpoints of the domain are exactly those of the catalogued backups, of damaged
-//!   records, and the history's own, each with its bitmap on every disk;
+//!   records, and the history's own, each with its bitmap on every disk (but vda for those
+//!   an overwrite of vda forgot there);
 //! - no file or directory is left that nothing names: the per-backup directory of a failed
 //!   or discarded backup is gone, no temporary file of a consolidation or restore remains;
 //! - every restore (of a backup, or `--until` another backup of its chain) matches the
@@ -29,6 +31,10 @@
 //!   byte, unless an image of its chain was corrupted: then it is refused and writes
 //!   nothing; a restore until a backup of another chain is refused; a restore to a new
 //!   domain named like an existing one is refused and writes nothing;
+//! - a restore over the domain's own vda (`--overwrite`, the domain stopped and started
+//!   again) leaves vda equal to the backup's point in time, or (corrupted chain) refused
+//!   and untouched; vdb, the catalogue and the domain's files are unchanged, and every
+//!   checkpoint forgets vda, whose bitmaps went with the old image;
 //! - a consolidation over a corrupted chain is refused and changes no record and no image;
 //!   once the image is repaired it succeeds;
 //! - a backup into a target directory that does not exist is refused, creates nothing and
@@ -67,7 +73,7 @@ use crate::errors::QmpError;
 use crate::image::{FileContent, FileSystem};
 use crate::qemu::Fault;
 use crate::world::link::{FaultyLink, SharedQemu};
-use crate::world::{CLUSTER, StoreEffects, lab_backup, lab_checkpoint, lab_driver};
+use crate::world::{CLUSTER, StoreEffects, boot_lab, lab_backup, lab_checkpoint, lab_driver};
 
 /// The lab domain's name (see [`crate::world::lab_domain`]).
 const DOMAIN: &str = "sim1";
@@ -77,6 +83,9 @@ const DISKS: [(&str, &str); 2] = [("vda", "libvirt-1-format"), ("vdb", "libvirt-
 const TARGET: &str = "/managed";
 /// Where restores go.
 const RESTORES: &str = "/restore";
+/// The lab domain's images an overwrite replaces: vda's, and vdb's top layer.
+const VDA: &str = "/img/vda.qcow2";
+const VDB: &str = "/img/vdb.ovl";
 /// Receive steps a single engine request may take.
 const STEPS: usize = 100_000;
 /// Longest chain the history builds on (the simulated file system reads 64 levels at most).
@@ -127,6 +136,10 @@ pub struct ManagedStats {
     pub refused_new_domains: u64,
     /// Restores that defined a new domain.
     pub new_domains: u64,
+    /// Restores over the domain's own disk (`--overwrite`, the domain stopped), verified.
+    pub overwrites: u64,
+    /// Overwrites from a corrupted chain, refused with the disk untouched.
+    pub refused_corrupt_overwrites: u64,
     /// Deletions carried out (each finished, possibly after a restart).
     pub deletions: u64,
     /// Deletions interrupted (killed, or refused by QEMU) and finished by the next run.
@@ -167,6 +180,8 @@ impl ManagedStats {
         self.refused_corrupt_restores += o.refused_corrupt_restores;
         self.refused_new_domains += o.refused_new_domains;
         self.new_domains += o.new_domains;
+        self.overwrites += o.overwrites;
+        self.refused_corrupt_overwrites += o.refused_corrupt_overwrites;
         self.deletions += o.deletions;
         self.interrupted_deletions += o.interrupted_deletions;
         self.released_checkpoints += o.released_checkpoints;
@@ -257,6 +272,10 @@ struct History {
     corrupt: BTreeMap<String, FileContent>,
     /// Checkpoints the history created outside backups.
     own_checkpoints: BTreeSet<String>,
+    /// Checkpoints that no longer track vda: its bitmaps went with an overwritten image.
+    forgotten_on_vda: BTreeSet<String>,
+    /// Whether the domain is stopped (for an overwrite); the next domain request starts it.
+    domain_stopped: bool,
     /// Whether the fault of the operation may kill vbackup.
     kills_armed: bool,
     /// Whether vbackup was killed during the current action.
@@ -281,7 +300,10 @@ impl History {
             store: BTreeMap::new(),
             journal: None,
             default_target: None,
-            dirs: [TARGET, RESTORES].iter().map(|d| (*d).to_owned()).collect(),
+            dirs: ["/img", TARGET, RESTORES]
+                .iter()
+                .map(|d| (*d).to_owned())
+                .collect(),
             domains: [DOMAIN.to_owned()].into(),
             begun_points: BTreeMap::new(),
             points: BTreeMap::new(),
@@ -291,6 +313,8 @@ impl History {
             leaked_images: BTreeSet::new(),
             corrupt: BTreeMap::new(),
             own_checkpoints: BTreeSet::new(),
+            forgotten_on_vda: BTreeSet::new(),
+            domain_stopped: false,
             kills_armed: false,
             killed: false,
             journal_writes: 0,
@@ -684,6 +708,8 @@ impl History {
                 }
             }
             Effect::Domain(request) => {
+                // The domain's daemon starts for a request, as a session does on a host.
+                self.start_domain()?;
                 let released = match request {
                     Request::CheckpointDeleteEach { names } => names.len() as u64,
                     _ => 0,
@@ -747,7 +773,8 @@ impl History {
                 25..=49 => self.backup()?,
                 50..=54 => self.own_checkpoint_create()?,
                 55..=57 => self.own_checkpoint_delete()?,
-                58..=69 => self.restore()?,
+                58..=66 => self.restore()?,
+                67..=69 => self.overwrite()?,
                 70..=79 => self.delete()?,
                 80..=85 => self.consolidate()?,
                 86..=88 => self.corrupt_image(),
@@ -984,6 +1011,7 @@ impl History {
                     .chain(u)
                     .is_ok_and(|c| c.len() < CHAIN_CAP)
                     && !self.tainted_any(u)
+                    && !self.lost_vda(u)
             })
             .cloned()
             .collect();
@@ -1239,6 +1267,157 @@ impl History {
             self.qemu.borrow_mut().fs_mut().remove(&f);
         }
         self.dirs.remove(&dir);
+        Ok(())
+    }
+
+    /// Whether backup `uuid`'s checkpoint no longer tracks vda (an overwrite forgot it), so
+    /// nothing can be incremental from it.
+    fn lost_vda(&self, uuid: &str) -> bool {
+        let checkpoint = self
+            .machine
+            .catalogue()
+            .get(uuid)
+            .and_then(|b| b.checkpoint.clone());
+        checkpoint.is_some_and(|c| self.forgotten_on_vda.contains(&c))
+    }
+
+    /// Stops the domain as `shutdown` does: a clean close writes the persistent bitmaps.
+    fn stop_domain(&mut self) -> Result<(), ManagedFailure> {
+        self.qemu.borrow_mut().shutdown_cleanly();
+        self.driver.link_mut().drop_connection();
+        if let Err(e) = self.driver.link_down() {
+            return Err(self.fail(format!("the driver stopped: {e}")));
+        }
+        self.domain_stopped = true;
+        Ok(())
+    }
+
+    /// Starts a stopped domain over its (possibly replaced) images and reconnects.
+    fn start_domain(&mut self) -> Result<(), ManagedFailure> {
+        if !std::mem::take(&mut self.domain_stopped) {
+            return Ok(());
+        }
+        let booted = {
+            let mut q = self.qemu.borrow_mut();
+            q.restart();
+            boot_lab(&mut q)
+        };
+        if let Err(e) = booted {
+            return Err(self.fail(format!("the lab does not boot again: {e:?}")));
+        }
+        self.driver.link_mut().reconnect();
+        match self.driver.run_until(|d| d.view().connected, STEPS) {
+            Ok(true) => Ok(()),
+            other => Err(self.fail(format!("the session does not open again: {other:?}"))),
+        }
+    }
+
+    /// The names of the domain's checkpoints, and of those tracking vda.
+    fn checkpoints_on_vda(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let view = self.driver.domain().view();
+        let all = view.checkpoints.iter().map(|c| c.name.clone()).collect();
+        let on_vda = view
+            .checkpoints
+            .iter()
+            .filter(|c| {
+                c.disks
+                    .iter()
+                    .any(|d| d.target == "vda" && d.bitmap.is_some())
+            })
+            .map(|c| c.name.clone())
+            .collect();
+        (all, on_vda)
+    }
+
+    /// `backup-restore UUID --disk vda --overwrite`: with the domain stopped, vda is
+    /// replaced by the backup's point in time (or, from a corrupted chain, refused with the
+    /// disk untouched); vdb, the catalogue and the other files of the domain stay as they
+    /// were, no temporary is left beside the image, and the checkpoints forget vda, whose
+    /// bitmaps went with the old image. The live tests check what the simulated files do not
+    /// have: the new image keeps the old one's owner, mode and qcow2 options.
+    fn overwrite(&mut self) -> Result<(), ManagedFailure> {
+        if self.machine.pending().is_some() || self.driver.domain().view().backup.is_some() {
+            return Ok(());
+        }
+        let uuids = self.recorded.clone();
+        let Some(uuid) = self.pick(&uuids) else {
+            return Ok(());
+        };
+        let tainted = self.tainted(&uuid, "vda");
+        let catalogue = self.machine.catalogue().clone();
+        let (checkpoints, on_vda) = self.checkpoints_on_vda();
+        self.stop_domain()?;
+        let read = |h: &Self, path: &str| {
+            let q = h.qemu.borrow();
+            read_disk(q.fs(), path).map_err(|e| h.fail(e))
+        };
+        let images = |h: &Self| -> Vec<String> {
+            let q = h.qemu.borrow();
+            let paths = q.fs().paths().filter(|p| p.starts_with("/img/"));
+            paths.map(str::to_owned).collect()
+        };
+        let (vda, vdb, files) = (read(self, VDA)?, read(self, VDB)?, images(self));
+        let answer = self.ask(ManagedRequest::Restore(Box::new(RestoreRequest {
+            uuid: uuid.clone(),
+            until: None,
+            disks: vec!["vda".into()],
+            target: RestoreTarget::Overwrite {
+                disks: BTreeMap::from([("vda".into(), VDA.into()), ("vdb".into(), VDB.into())]),
+            },
+        })))?;
+        self.start_domain()?;
+        let what = format!("overwrite of vda with {uuid}");
+        let replaced = match &answer {
+            Ok(ManagedReply::Restored { backup, disks, .. }) if !tainted => {
+                let paths: Vec<&str> = disks.iter().map(|d| d.path.as_str()).collect();
+                if *backup != uuid || paths != [VDA] {
+                    return Err(self.fail(format!("{what} restored {backup} into {paths:?}")));
+                }
+                true
+            }
+            Err(ManagedError::DigestMismatch { .. }) if tainted => {
+                self.stats.refused_corrupt_overwrites += 1;
+                false
+            }
+            other => {
+                return Err(self.fail(format!("{what} (corrupted: {tainted}): {other:?}")));
+            }
+        };
+        let want = match replaced {
+            true => self.points.get(&uuid).and_then(|p| p.get("vda")).cloned(),
+            false => Some(vda),
+        };
+        let now = read(self, VDA)?;
+        if Some(&now) != want.as_ref() {
+            let want = want.unwrap_or_default();
+            return Err(self.fail(format!(
+                "{what}: vda differs from what it should hold at byte {}",
+                first_difference(&now, &want)
+            )));
+        }
+        if read(self, VDB)? != vdb {
+            return Err(self.fail(format!("{what}: vdb changed")));
+        }
+        if images(self) != files {
+            return Err(self.fail(format!(
+                "{what}: the domain's files are {:?}, were {files:?}",
+                images(self)
+            )));
+        }
+        if *self.machine.catalogue() != catalogue {
+            return Err(self.fail(format!("{what}: the catalogue changed")));
+        }
+        let (after, after_on_vda) = self.checkpoints_on_vda();
+        let want_on_vda = if replaced { BTreeSet::new() } else { on_vda };
+        if after != checkpoints || after_on_vda != want_on_vda {
+            return Err(self.fail(format!(
+                "{what}: checkpoints {after:?} (on vda {after_on_vda:?}), were {checkpoints:?} (want on vda {want_on_vda:?})"
+            )));
+        }
+        if replaced {
+            self.forgotten_on_vda.extend(checkpoints);
+            self.stats.overwrites += 1;
+        }
         Ok(())
     }
 
@@ -1676,6 +1855,10 @@ impl History {
             )
             .map_err(|e| self.fail(format!("query-named-block-nodes: {}", e.desc)))?;
         for (disk, node) in DISKS {
+            let want: BTreeSet<String> = match disk {
+                "vda" => want.difference(&self.forgotten_on_vda).cloned().collect(),
+                _ => want.clone(),
+            };
             let bitmaps: BTreeSet<String> = bitmaps_of(&nodes, node)
                 .as_array()
                 .map(|a| {

@@ -1,9 +1,10 @@
 //! Seeded histories of managed backups over the simulator (see `vbackup_sim::managed`): the
 //! core's managed-backup machine driven over the simulated QEMU with guest writes,
-//! checkpoints, push and pull backups, deletions, consolidations and restores, vbackup killed
-//! at every kind of step, images and records corrupted, and the catalogue, content and
-//! data-safety checkers after every step. The optimized run (CI)
-//! covers 200 seeds, an unoptimized one fewer so the debug suite stays quick.
+//! checkpoints, push and pull backups, deletions, consolidations, restores (into new images
+//! and over the stopped domain's own disk), vbackup killed at every kind of step, images and
+//! records corrupted, and the catalogue, content and data-safety checkers after every step.
+//! The optimized run (CI) covers 200 seeds, an unoptimized one fewer so the debug suite
+//! stays quick.
 //! `SIM_MANAGED_SEED=N cargo test -p vbackup-sim --release --test managed_histories` reruns one.
 
 use vbackup_sim::managed::{ManagedConfig, ManagedStats, run_managed_history};
@@ -39,6 +40,11 @@ fn managed_backup_histories_restore_every_backup_to_its_point_in_time() {
     assert!(total.deletions >= n / 2, "{total:?}");
     assert!(total.released_checkpoints >= n / 2, "{total:?}");
     assert!(total.consolidations >= n / 4, "{total:?}");
+    assert!(total.overwrites >= n / 4, "{total:?}");
+    if n >= 100 {
+        // An overwrite from a corrupted chain is refused with the disk untouched.
+        assert!(total.refused_corrupt_overwrites > 0, "{total:?}");
+    }
     if seeds.len() > 1 {
         assert!(total.discarded_pulls > 0, "{total:?}");
         assert!(total.interrupted_deletions > 0, "{total:?}");
