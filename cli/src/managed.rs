@@ -270,7 +270,27 @@ fn copy_progress(shown: bool) -> CopyObserver {
             let bytes = human_bytes(bytes_copied);
             println!("Disk {export}: pulled {bytes} in {ranges} extent(s)");
         }
+        CopyEvent::Checking { image, total_bytes } => {
+            bar = shown.then(|| {
+                let b = indicatif::ProgressBar::new(total_bytes);
+                b.set_style(commands::bar_style("{prefix} "));
+                let name = Path::new(image).file_name().map(|n| n.to_string_lossy());
+                b.set_prefix(format!("reading {}", name.unwrap_or_default()));
+                b
+            });
+        }
+        CopyEvent::Checked { .. } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+        }
     })
+}
+
+/// Progress bars on a terminal (stderr) while images are read, unless the output is JSON.
+fn read_progress(json: bool) -> Option<CopyObserver> {
+    let shown = std::io::stderr().is_terminal() && !json;
+    shown.then(|| copy_progress(true))
 }
 
 fn create(store: &Store, a: CreateArgs) -> Result<(), CliError> {
@@ -293,6 +313,8 @@ fn create(store: &Store, a: CreateArgs) -> Result<(), CliError> {
         let (uuid, uris) = (&create.uuid, create.export_uris.join(" "));
         println!("Backup {uuid} started; exports served at {uris}");
         create.observe_copies(copy_progress(std::io::stderr().is_terminal()));
+    } else if let Some(o) = read_progress(a.json) {
+        create.observe_copies(o);
     }
     match create.run()? {
         ManagedReply::Started { uuid } if a.json => {
@@ -462,7 +484,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let report = ops::verify(store, uuid)?;
+    let report = ops::verify(store, uuid, read_progress(json))?;
     if json {
         let rows: Vec<Value> = report
             .iter()
@@ -548,7 +570,7 @@ fn delete(store: &Store, a: &DeleteArgs) -> Result<(), CliError> {
 }
 
 fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
-    let (backup, changed) = ops::consolidate(store, uuid)?;
+    let (backup, changed) = ops::consolidate(store, uuid, read_progress(json))?;
     if json {
         print_json(json!({"uuid": uuid, "consolidated": changed, "backup": backup_json(&backup)}));
     } else if changed {
@@ -573,7 +595,10 @@ fn restore(store: &Store, a: RestoreArgs) -> Result<(), CliError> {
         disks: a.disk,
         overwrite,
     };
-    let restore = ops::prepare_restore(store, &opts)?;
+    let mut restore = ops::prepare_restore(store, &opts)?;
+    if let Some(o) = read_progress(json) {
+        restore.observe_copies(o);
+    }
     let domain = restore.domain.clone();
     if let Some(backup) = restore.chain_backup.as_ref().filter(|_| !json) {
         println!("Restoring backup {backup} (chain of {})", opts.uuid);

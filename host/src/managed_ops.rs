@@ -103,7 +103,20 @@ fn ask(
     loaded: Loaded,
     request: ManagedRequest,
 ) -> Result<(ManagedReply, Catalogue), Error> {
+    ask_observed(store, loaded, request, None)
+}
+
+/// [`ask`], telling `observer` how reads and copies progress.
+fn ask_observed(
+    store: &Store,
+    loaded: Loaded,
+    request: ManagedRequest,
+    observer: Option<CopyObserver>,
+) -> Result<(ManagedReply, Catalogue), Error> {
     let mut host = ManagedHost::open(store, loaded)?;
+    if let Some(o) = observer {
+        host.observe_copies(o);
+    }
     let answer = host.run(request);
     let catalogue = host.machine().catalogue().clone();
     host.close()?;
@@ -326,10 +339,16 @@ pub fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<Ma
 /// One disk's outcome of a verification: `Err` says what is wrong with it.
 pub type DiskCheck = (String, Result<(), String>);
 
-/// Checks backup `uuid`'s disks against their recorded digests, naming a missing chain image.
-pub fn verify(store: &Store, uuid: &str) -> Result<Vec<DiskCheck>, Error> {
+/// Checks backup `uuid`'s disks against their recorded digests, naming a missing chain image;
+/// `observer` hears how the reads progress.
+pub fn verify(
+    store: &Store,
+    uuid: &str,
+    observer: Option<CopyObserver>,
+) -> Result<Vec<DiskCheck>, Error> {
     let loaded = session::load(store, &find_domain(store, uuid)?)?;
-    let (answer, cat) = ask(store, loaded, ManagedRequest::Verify { uuid: uuid.into() })?;
+    let request = ManagedRequest::Verify { uuid: uuid.into() };
+    let (answer, cat) = ask_observed(store, loaded, request, observer)?;
     let ManagedReply::Verified { disks, .. } = answer else {
         return Err(unexpected("a verification"));
     };
@@ -427,8 +446,13 @@ pub fn delete_all_keeping_checkpoints(
     Ok((loaded, n))
 }
 
-/// Makes backup `uuid` a full backup of its own: the backup after, and whether it changed.
-pub fn consolidate(store: &Store, uuid: &str) -> Result<(ManagedBackup, bool), Error> {
+/// Makes backup `uuid` a full backup of its own: the backup after, and whether it changed;
+/// `observer` hears how the reads progress.
+pub fn consolidate(
+    store: &Store,
+    uuid: &str,
+    observer: Option<CopyObserver>,
+) -> Result<(ManagedBackup, bool), Error> {
     let domain = find_domain(store, uuid)?;
     let loaded = session::load(store, &domain)?;
     if loaded.journal.is_some() {
@@ -436,10 +460,11 @@ pub fn consolidate(store: &Store, uuid: &str) -> Result<(ManagedBackup, bool), E
             "Requested operation is not valid: a backup of domain '{domain}' is running; consolidate once it ended"
         )));
     }
-    match ask(
+    match ask_observed(
         store,
         loaded,
         ManagedRequest::Consolidate { uuid: uuid.into() },
+        observer,
     )?
     .0
     {
@@ -516,6 +541,11 @@ pub struct Restored {
 }
 
 impl Restore {
+    /// Reports the progress of the restore's reads to `observer`.
+    pub fn observe_copies(&mut self, observer: CopyObserver) {
+        self.host.observe_copies(observer);
+    }
+
     /// Restores.
     pub fn run(mut self) -> Result<Restored, Error> {
         let answer = self

@@ -26,7 +26,6 @@ use vbackup_core::managed::{
     CallId, DigestBase, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
     ManagedOutput, ManagedReply, ManagedRequest, Outcome, StoredManaged,
 };
-use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::{self, HashStore};
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
@@ -85,8 +84,20 @@ pub enum CopyEvent<'a> {
         /// Bytes it will copy.
         total_bytes: u64,
     },
-    /// Bytes copied since the last event.
+    /// Bytes copied (or, while checking, hashed) since the last event.
     Copied(u64),
+    /// An image is read to compute or check its digest.
+    Checking {
+        /// The image.
+        image: &'a str,
+        /// Bytes of its content.
+        total_bytes: u64,
+    },
+    /// The image is read.
+    Checked {
+        /// The image.
+        image: &'a str,
+    },
     /// The copy of one export is complete.
     Finished {
         /// The export.
@@ -214,6 +225,7 @@ fn facts(
     base: Option<&DigestBase>,
     kept: Option<&HashStore>,
     known: Option<BlockHashes>,
+    observer: &mut Option<CopyObserver>,
 ) -> Result<Outcome, EffectError> {
     let image_path = Path::new(path);
     if !image_path.exists() {
@@ -243,7 +255,7 @@ fn facts(
         .and_then(|b| kept.and_then(|k| k.load(&b.digest)));
     let hashes = match known.filter(|h| h.size() == top.virtual_size_bytes) {
         Some(h) => h,
-        None => digest::block_hashes(image_path, &top.format, parent.as_ref()).map_err(failed)?,
+        None => hash_observed(image_path, top, parent.as_ref(), observer)?,
     };
     if let Some(k) = kept {
         k.keep(&hashes);
@@ -254,6 +266,31 @@ fn facts(
         digest: hashes.digest(),
         format: top.format.clone(),
     }))
+}
+
+/// [`digest::block_hashes`], told to `observer` ([`CopyEvent::Checking`]).
+fn hash_observed(
+    path: &Path,
+    layer: &images::ChainLayer,
+    base: Option<&BlockHashes>,
+    observer: &mut Option<CopyObserver>,
+) -> Result<BlockHashes, EffectError> {
+    let shown = path.display().to_string();
+    if let Some(o) = observer.as_mut() {
+        o(CopyEvent::Checking {
+            image: &shown,
+            total_bytes: layer.virtual_size_bytes,
+        });
+    }
+    let hashes = digest::block_hashes(path, &layer.format, base, &mut |bytes| {
+        if let Some(o) = observer.as_mut() {
+            o(CopyEvent::Copied(bytes));
+        }
+    });
+    if let Some(o) = observer.as_mut() {
+        o(CopyEvent::Checked { image: &shown });
+    }
+    hashes.map_err(failed)
 }
 
 /// Whether two paths name one file.
@@ -480,7 +517,14 @@ impl ManagedHost {
             Effect::Digest { path, kind, base } => {
                 let kept = self.kept_hashes();
                 let known = self.copied.remove(path);
-                facts(path, *kind, base.as_ref(), kept.as_ref(), known)
+                facts(
+                    path,
+                    *kind,
+                    base.as_ref(),
+                    kept.as_ref(),
+                    known,
+                    &mut self.observer,
+                )
             }
             Effect::DigestCopy {
                 source,
@@ -493,32 +537,36 @@ impl ManagedHost {
                     return Err(EffectError::NotFound(source.clone()));
                 }
                 let kept = self.kept_hashes();
-                // qemu-img convert copies while the source is read and hashed beside it: the
-                // copy is checked against the recorded digest without reading it back.
-                let hashing = (*kind == DigestKind::Sha256Tree).then(|| {
-                    let source = PathBuf::from(source);
-                    std::thread::spawn(move || -> Result<BlockHashes, EffectError> {
-                        let chain = images::backing_chain(&source).map_err(failed)?;
-                        let format = chain
-                            .first()
-                            .map_or(ImageFormat::Qcow2, |l| l.format.clone());
-                        digest::block_hashes(&source, &format, None).map_err(failed)
-                    })
-                });
                 let mut cmd = Command::new("qemu-img");
                 cmd.args(["convert", "-q", "-O", format.name()]);
                 if *existing {
                     cmd.arg("-n");
                 }
                 cmd.arg(source).arg(into);
-                let copied = tool(&mut cmd);
-                let known = match hashing.map(std::thread::JoinHandle::join) {
-                    Some(Ok(hashes)) => Some(hashes?),
-                    Some(Err(_)) => return Err(failed("the digest of the copy's source failed")),
-                    None => None,
-                };
+                if *kind != DigestKind::Sha256Tree {
+                    tool(&mut cmd)?;
+                    return facts(into, *kind, None, kept.as_ref(), None, &mut self.observer);
+                }
+                // qemu-img convert copies while the source is read and hashed beside it: the
+                // copy is checked against the recorded digest without reading it back.
+                let copying = std::thread::spawn(move || tool(&mut cmd));
+                let chain = images::backing_chain(Path::new(source)).map_err(failed);
+                let hashes = chain.and_then(|chain| match chain.first() {
+                    Some(top) => hash_observed(Path::new(source), top, None, &mut self.observer),
+                    None => Err(failed(format!("'{source}': qemu-img shows no image"))),
+                });
+                let copied = copying
+                    .join()
+                    .unwrap_or_else(|_| Err(failed("the copy's thread failed")));
                 copied?;
-                facts(into, *kind, None, kept.as_ref(), known)
+                facts(
+                    into,
+                    *kind,
+                    None,
+                    kept.as_ref(),
+                    Some(hashes?),
+                    &mut self.observer,
+                )
             }
             Effect::CopyPull {
                 export,

@@ -86,11 +86,13 @@ enum Source {
 
 /// The block hashes of `path`'s guest-visible content (through its backing chain). With
 /// `base`, the hashes of the content of `path`'s backing image: blocks `path` does not hold
-/// itself (by qemu-nbd's allocation depth) take their hash from it.
+/// itself (by qemu-nbd's allocation depth) take their hash from it. `progress` hears the bytes
+/// of each block as it is hashed (read or not): they add up to the content's size.
 pub fn block_hashes(
     path: &Path,
     format: &ImageFormat,
     base: Option<&BlockHashes>,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<BlockHashes, ImageError> {
     let mut export = match base {
         Some(_) => NbdExport::start_with_allocation_depth(path, format)?,
@@ -192,10 +194,12 @@ pub fn block_hashes(
                     } else {
                         zero_block_hash(len)
                     });
+                    progress(len);
                     i += 1;
                 }
                 Source::Base => {
                     hashes.push(*base.and_then(|b| b.get(i)).unwrap_or(&full_zero));
+                    progress(block_len(size, i));
                     i += 1;
                 }
                 Source::Read => {
@@ -207,6 +211,7 @@ pub fn block_hashes(
                     while at < READ_BYTES && i < blocks && source[i as usize] == Source::Read {
                         let len = block_len(size, i);
                         hashes.push(block_hash(&buf[at as usize..(at + len) as usize]));
+                        progress(len);
                         at += len;
                         i += 1;
                     }
