@@ -1437,25 +1437,7 @@ impl Managed {
             .iter()
             .map(|d| (temporary(&d.path), d.path.clone()))
             .collect();
-        steps.push(Step::Do(
-            Effect::PutJournal(Box::new(Journal::Replace {
-                renames: renames.clone(),
-                committed: false,
-                record: None,
-                forget_disks: Vec::new(),
-                define: None,
-            })),
-            "cannot write the journal".into(),
-        ));
-        let mut undo: Vec<Step> = renames
-            .iter()
-            .map(|(t, _)| Step::Try(Effect::Remove { path: t.clone() }))
-            .collect();
-        undo.push(Step::Do(
-            Effect::ClearJournal,
-            "cannot clear the journal".into(),
-        ));
-        steps.push(Step::OnFailure(undo));
+        steps.extend(begin_replace(&renames, Vec::new(), None));
         for (d, (tmp, _)) in b.disks.iter().zip(&renames) {
             steps.push(Step::Copy {
                 disk: d.disk.clone(),
@@ -1540,25 +1522,11 @@ impl Managed {
         } else {
             Vec::new()
         };
-        steps.push(Step::Do(
-            Effect::PutJournal(Box::new(Journal::Replace {
-                renames: renames.clone(),
-                committed: false,
-                record: None,
-                forget_disks: forget_disks.clone(),
-                define: define.clone(),
-            })),
-            "cannot write the journal".into(),
+        steps.extend(begin_replace(
+            &renames,
+            forget_disks.clone(),
+            define.clone(),
         ));
-        let mut undo: Vec<Step> = renames
-            .iter()
-            .map(|(t, _)| Step::Try(Effect::Remove { path: t.clone() }))
-            .collect();
-        undo.push(Step::Do(
-            Effect::ClearJournal,
-            "cannot clear the journal".into(),
-        ));
-        steps.push(Step::OnFailure(undo));
         for (d, (tmp, dest)) in plan.disks.iter().zip(&renames) {
             let Some(top) = d.top() else {
                 return Err(ManagedError::Unexpected(
@@ -1669,6 +1637,37 @@ fn commit_restore_steps(
         "cannot clear the journal".into(),
     ));
     steps
+}
+
+/// The start of a replacement of images by new files (`renames`: new file, then the image
+/// it replaces): the journal first, and on failure the new files removed and the journal
+/// cleared.
+fn begin_replace(
+    renames: &[(String, String)],
+    forget_disks: Vec<String>,
+    define: Option<NewDomain>,
+) -> [Step; 2] {
+    let mut undo: Vec<Step> = renames
+        .iter()
+        .map(|(t, _)| Step::Try(Effect::Remove { path: t.clone() }))
+        .collect();
+    undo.push(Step::Do(
+        Effect::ClearJournal,
+        "cannot clear the journal".into(),
+    ));
+    [
+        Step::Do(
+            Effect::PutJournal(Box::new(Journal::Replace {
+                renames: renames.to_vec(),
+                committed: false,
+                record: None,
+                forget_disks,
+                define,
+            })),
+            "cannot write the journal".into(),
+        ),
+        Step::OnFailure(undo),
+    ]
 }
 
 /// After a backup's job succeeded: a push incremental's images get their parent's image as
