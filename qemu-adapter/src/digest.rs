@@ -16,9 +16,8 @@ use vbackup_core::export::STATE_ZERO;
 use vbackup_core::model::ImageFormat;
 
 use crate::images::{ALLOCATION_DEPTH, ImageError, NbdExport};
-use crate::nbd::BASE_ALLOCATION;
 use crate::nbd::copy::{ExtentSink, select_ranges};
-use crate::store::write_atomic;
+use crate::nbd::{BASE_ALLOCATION, NbdClient};
 
 /// Bytes asked for in one read while hashing (whole blocks).
 const READ_BYTES: u64 = 8 * TREE_BLOCK_BYTES;
@@ -50,11 +49,19 @@ impl HashStore {
         BlockHashes::decode(&bytes).filter(|h| h.digest() == *digest)
     }
 
-    /// Keeps `hashes` under their digest. Best effort: without them the next incremental
-    /// reads its blocks instead.
+    /// Keeps `hashes` under their digest. Best effort and not synced: a file lost or torn by
+    /// a crash fails [`HashStore::load`]'s check, and the next incremental reads its blocks
+    /// instead.
     pub fn keep(&self, hashes: &BlockHashes) {
-        if std::fs::create_dir_all(&self.dir).is_ok() {
-            let _ = write_atomic(&self.dir, &Self::file(&hashes.digest()), &hashes.encode());
+        if std::fs::create_dir_all(&self.dir).is_err() {
+            return;
+        }
+        let name = Self::file(&hashes.digest());
+        let temp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let kept = std::fs::write(&temp, hashes.encode())
+            .and_then(|()| std::fs::rename(&temp, self.dir.join(&name)));
+        if kept.is_err() {
+            let _ = std::fs::remove_file(&temp);
         }
     }
 
@@ -100,43 +107,54 @@ pub fn block_hashes(
     };
     crate::children::test_pause_in_digest(export.pid().unwrap_or(0));
     let contexts: &[&str] = match base {
-        Some(_) => &[BASE_ALLOCATION, ALLOCATION_DEPTH],
+        Some(_) => &[ALLOCATION_DEPTH],
         None => &[BASE_ALLOCATION],
     };
     let mut client = export.connect(contexts)?;
     let size = client.info().size;
     let blocks = block_count(size);
     let mut source = vec![Source::Read; usize::try_from(blocks).unwrap_or(0)];
-    // Blocks wholly inside extents that read as zero.
-    for (offset, length) in select_ranges(&mut client, BASE_ALLOCATION, |f| f & STATE_ZERO != 0)? {
-        let end = offset + length;
-        let mut i = offset.div_ceil(TREE_BLOCK_BYTES);
-        while i < blocks && i * TREE_BLOCK_BYTES + block_len(size, i) <= end {
-            source[i as usize] = Source::Zero;
-            i += 1;
-        }
-    }
-    if let Some(base) = base {
-        // Blocks the image holds no byte of itself are its backing image's, whose hashes
-        // `base` has (when the block is as long there).
-        let own = select_ranges(&mut client, ALLOCATION_DEPTH, |depth| depth == 1)?;
-        let mut own_block = vec![false; source.len()];
-        for (offset, length) in own {
-            let first = offset / TREE_BLOCK_BYTES;
-            let last = (offset + length).div_ceil(TREE_BLOCK_BYTES).min(blocks);
-            for b in first..last {
-                own_block[b as usize] = true;
+    let mark = |source: &mut [Source], ranges: Vec<(u64, u64)>, to: Source| {
+        // Blocks wholly inside the ranges.
+        for (offset, length) in ranges {
+            let end = offset + length;
+            let mut i = offset.div_ceil(TREE_BLOCK_BYTES);
+            while i < blocks && i * TREE_BLOCK_BYTES + block_len(size, i) <= end {
+                source[i as usize] = to;
+                i += 1;
             }
         }
-        for (i, s) in source.iter_mut().enumerate() {
-            let index = i as u64;
-            if *s == Source::Read
-                && !own_block[i]
-                && base.get(index).is_some()
-                && block_len(base.size(), index) == block_len(size, index)
-            {
-                *s = Source::Base;
+    };
+    match base {
+        // Everything from the allocation depth alone: 0 is held by no layer (reads as zero),
+        // 1 by the image itself, more by its backing chain, whose hashes `base` has when the
+        // block is as long there. One block holding any byte of the image's own is read.
+        Some(base) => {
+            let (mut unallocated, mut backing) = (Vec::new(), Vec::new());
+            for (offset, length, depth) in extents(&mut client, ALLOCATION_DEPTH)? {
+                match depth {
+                    0 => unallocated.push((offset, length)),
+                    1 => {}
+                    _ => backing.push((offset, length)),
+                }
             }
+            mark(&mut source, unallocated, Source::Zero);
+            let mut shared = vec![Source::Read; source.len()];
+            mark(&mut shared, backing, Source::Base);
+            for (i, s) in source.iter_mut().enumerate() {
+                let index = i as u64;
+                if *s == Source::Read
+                    && shared[i] == Source::Base
+                    && base.get(index).is_some()
+                    && block_len(base.size(), index) == block_len(size, index)
+                {
+                    *s = Source::Base;
+                }
+            }
+        }
+        None => {
+            let zero = select_ranges(&mut client, BASE_ALLOCATION, |f| f & STATE_ZERO != 0)?;
+            mark(&mut source, zero, Source::Zero);
         }
     }
     // The runs of blocks to read, in reads of up to READ_BYTES: one thread reads them while
@@ -230,6 +248,30 @@ pub fn block_hashes(
             path.display()
         )))
     })
+}
+
+/// Every extent of `context` over the whole export, in one pass: `(offset, length, value)`.
+fn extents(client: &mut NbdClient, context: &str) -> Result<Vec<(u64, u64, u32)>, ImageError> {
+    let size = client.info().size;
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let before = offset;
+        for e in client.block_status_of(context, offset, size - offset)? {
+            let length = e.length.min(size - offset);
+            if length == 0 {
+                break;
+            }
+            out.push((offset, length, e.flags));
+            offset += length;
+        }
+        if offset == before {
+            return Err(ImageError::Io(std::io::Error::other(format!(
+                "qemu-nbd reported no extent of '{context}' at offset {offset}"
+            ))));
+        }
+    }
+    Ok(out)
 }
 
 /// A block being filled while it is copied.
