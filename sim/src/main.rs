@@ -6,7 +6,8 @@
 //! once per fault kind alone and prints a line per kind. Every history ends with a liveness
 //! phase (faults off, everything must settle within a bound of virtual time); `--stall
 //! job-events` or `--stall reply:COMMAND` stalls the simulated peer for that phase, to show
-//! that it catches a stalled engine. `SIM_SEED=N` runs that one seed.
+//! that it catches a stalled engine. `SIM_SEED=N` runs that one seed. `--jobs N` runs N
+//! histories at a time (default: the machine's cores); the output does not depend on it.
 //! Exits 1 when a seed fails, 2 on bad arguments.
 
 use std::process::ExitCode;
@@ -29,7 +30,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup] [--stall job-events|reply:COMMAND]
+const USAGE: &str = "usage: vbackup-sim sweep --seeds A..B [--faults KIND,..|none] [--steps N] [--per-kind] [--engine-faults-between-backups] [--no-abort-during-setup] [--stall job-events|reply:COMMAND] [--jobs N]
 fault kinds: command-refused, job-io-error, target-no-space, qemu-crash, link-drop, engine-restart, store-write-failed
 SIM_SEED=N runs that one seed";
 
@@ -52,6 +53,7 @@ struct Options {
     seeds: (u64, u64),
     base: HistoryConfig,
     per_kind: bool,
+    jobs: usize,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -61,6 +63,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut seeds = (0u64, 100u64);
     let mut base = HistoryConfig::seed(0);
     let mut per_kind = false;
+    let mut jobs = std::thread::available_parallelism().map_or(1, usize::from);
     let mut i = 1;
     while i < args.len() {
         let value = args.get(i + 1);
@@ -75,6 +78,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             ("--stall", Some(v)) => {
                 base.stall = Some(Stall::from_name(v).ok_or_else(|| format!("no stall '{v}'"))?);
+                i += 1;
+            }
+            ("--jobs", Some(v)) => {
+                jobs = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("bad job count '{v}'"))?;
                 i += 1;
             }
             ("--steps", Some(v)) => {
@@ -106,22 +117,47 @@ fn parse(args: &[String]) -> Result<Options, String> {
         seeds,
         base,
         per_kind,
+        jobs,
     })
 }
 
 /// Runs the seed range with `base`; prints failures as they come. Returns the totals, the
 /// number of failed seeds and the seconds taken.
-fn sweep(seeds: (u64, u64), base: &HistoryConfig) -> (HistoryStats, u64, f64) {
+fn sweep(seeds: (u64, u64), base: &HistoryConfig, jobs: usize) -> (HistoryStats, u64, f64) {
     let started = Instant::now();
+    // Histories are independent: `jobs` threads take the next seed until none is left, and
+    // the results are added up (and failures printed) in seed order.
+    let next = std::sync::atomic::AtomicU64::new(seeds.0);
+    let mut results: Vec<(u64, HistoryStats, Option<String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs.max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if seed >= seeds.1 {
+                            return done;
+                        }
+                        let out = run_history(&HistoryConfig {
+                            seed,
+                            ..base.clone()
+                        });
+                        done.push((seed, out.stats, out.failure.map(|f| f.to_string())));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    results.sort_by_key(|(seed, _, _)| *seed);
     let mut total = HistoryStats::default();
     let mut failed = 0;
-    for seed in seeds.0..seeds.1 {
-        let out = run_history(&HistoryConfig {
-            seed,
-            ..base.clone()
-        });
-        total.add(&out.stats);
-        if let Some(f) = out.failure {
+    for (_, stats, failure) in &results {
+        total.add(stats);
+        if let Some(f) = failure {
             failed += 1;
             say!("FAIL {f}");
         }
@@ -151,7 +187,7 @@ fn main() -> ExitCode {
                 fault_kinds: vec![kind],
                 ..opts.base.clone()
             };
-            let (total, failed, secs) = sweep(opts.seeds, &base);
+            let (total, failed, secs) = sweep(opts.seeds, &base, opts.jobs);
             any_failed |= failed > 0;
             say!(
                 "{:<20} {n} seeds, {failed} failed, {} injected, {} backups verified, {:.0} seeds/s",
@@ -162,14 +198,15 @@ fn main() -> ExitCode {
             );
         }
     } else {
-        let (total, failed, secs) = sweep(opts.seeds, &opts.base);
+        let (total, failed, secs) = sweep(opts.seeds, &opts.base, opts.jobs);
         any_failed = failed > 0;
         say!(
-            "{n} seeds x {} steps: {failed} failed in {secs:.1} s, {:.0} seeds/s ({:.2} ms per seed), {:.0} steps/s",
+            "{n} seeds x {} steps: {failed} failed in {secs:.1} s, {:.0} seeds/s ({:.2} ms per seed), {:.0} steps/s, {} thread(s)",
             opts.base.steps,
             n as f64 / secs,
             secs * 1000.0 / n as f64,
-            total.steps as f64 / secs
+            total.steps as f64 / secs,
+            opts.jobs
         );
         say!(
             "requests {} ({} ok), guest writes {}, backups verified byte for byte {}",
