@@ -69,17 +69,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Milliseconds since T0 (from `date +%s%N`).
+since_ms() { echo "scale=3; ($(date +%s%N) - $1) / 1000000" | bc; }
 # Milliseconds one command takes, as a whole process; its output is discarded.
 ms() {
-    local t0 t1
+    local t0
     t0=$(date +%s%N)
     "$@" >/dev/null
-    t1=$(date +%s%N)
-    echo "scale=3; ($t1 - $t0) / 1000000" | bc
+    since_ms "$t0"
 }
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
-verdict() { if [ "$(echo "$1 <= $2" | bc)" = 1 ]; then echo "ok"; else echo "OVER"; fi; }
 
 echo "work directory: $WORK (N=$N D=$D ROUNDS=$ROUNDS SIZE=$SIZE DIRTY=$DIRTY BIG=$BIG SMALL=$SMALL PAR=$PAR PSIZE=$PSIZE SEEDS=$SEEDS)"
 qemu-img create -q -f qcow2 "$WORK/disk.qcow2" 64M
@@ -187,7 +187,7 @@ for r in $(seq "$ROUNDS"); do
     sync
     t0=$(date +%s%N)
     full_uuid=$(V backup-create mb --wait --json | uuid_of)
-    creates+=("$(echo "scale=3; ($(date +%s%N) - $t0) / 1000000" | bc)")
+    creates+=("$(since_ms "$t0")")
     [ -n "$full_uuid" ] || { echo "backup-create printed no uuid" >&2; exit 1; }
     guest_write mb 0 "$DIRTY"
     push_xml "$WORK/bb-inc.qcow2" "bf$r" > "$WORK/bb-inc.xml"
@@ -261,7 +261,7 @@ for r in $(seq "$ROUNDS"); do
     done
     wait "$pid"
     sync
-    pulls+=("$(echo "scale=3; ($(date +%s%N) - $t0) / 1000000" | bc)")
+    pulls+=("$(since_ms "$t0")")
     if [ "$kib" -gt "$rss" ]; then rss=$kib; fi
     V backup-delete mb --all >/dev/null
 done
@@ -299,7 +299,7 @@ sync
 t0=$(date +%s%N)
 for i in $(seq "$PAR"); do V backup-create "p$i" --wait >/dev/null; done
 sync
-serial=$(echo "scale=3; ($(date +%s%N) - $t0) / 1000000" | bc)
+serial=$(since_ms "$t0")
 for i in $(seq "$PAR"); do V backup-delete "p$i" --all >/dev/null; done
 sync
 t0=$(date +%s%N)
@@ -307,7 +307,7 @@ pids=()
 for i in $(seq "$PAR"); do V backup-create "p$i" --wait >/dev/null & pids+=($!); done
 for p in "${pids[@]}"; do wait "$p"; done
 sync
-parallel=$(echo "scale=3; ($(date +%s%N) - $t0) / 1000000" | bc)
+parallel=$(since_ms "$t0")
 for i in $(seq "$PAR"); do V shutdown "p$i" >/dev/null; done
 fig "$PAR x backup-create --wait ($PSIZE each), one after another" "$serial" ms
 fig "$PAR x backup-create --wait, concurrently" "$parallel" ms

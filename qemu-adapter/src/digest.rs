@@ -114,17 +114,20 @@ pub fn block_hashes(
     let size = client.info().size;
     let blocks = block_count(size);
     let mut source = vec![Source::Read; usize::try_from(blocks).unwrap_or(0)];
-    let mark = |source: &mut [Source], ranges: Vec<(u64, u64)>, to: Source| {
-        // Blocks wholly inside the ranges.
-        for (offset, length) in ranges {
-            let end = offset + length;
-            let mut i = offset.div_ceil(TREE_BLOCK_BYTES);
-            while i < blocks && i * TREE_BLOCK_BYTES + block_len(size, i) <= end {
-                source[i as usize] = to;
-                i += 1;
+    // Marks the blocks wholly inside `ranges` that are still to be read and `may` allows.
+    let mark =
+        |source: &mut [Source], ranges: Vec<(u64, u64)>, to: Source, may: &dyn Fn(u64) -> bool| {
+            for (offset, length) in ranges {
+                let end = offset + length;
+                let mut i = offset.div_ceil(TREE_BLOCK_BYTES);
+                while i < blocks && i * TREE_BLOCK_BYTES + block_len(size, i) <= end {
+                    if source[i as usize] == Source::Read && may(i) {
+                        source[i as usize] = to;
+                    }
+                    i += 1;
+                }
             }
-        }
-    };
+        };
     match base {
         // Everything from the allocation depth alone: 0 is held by no layer (reads as zero),
         // 1 by the image itself, more by its backing chain, whose hashes `base` has when the
@@ -138,23 +141,14 @@ pub fn block_hashes(
                     _ => backing.push((offset, length)),
                 }
             }
-            mark(&mut source, unallocated, Source::Zero);
-            let mut shared = vec![Source::Read; source.len()];
-            mark(&mut shared, backing, Source::Base);
-            for (i, s) in source.iter_mut().enumerate() {
-                let index = i as u64;
-                if *s == Source::Read
-                    && shared[i] == Source::Base
-                    && base.get(index).is_some()
-                    && block_len(base.size(), index) == block_len(size, index)
-                {
-                    *s = Source::Base;
-                }
-            }
+            mark(&mut source, unallocated, Source::Zero, &|_| true);
+            let shared =
+                |i: u64| base.get(i).is_some() && block_len(base.size(), i) == block_len(size, i);
+            mark(&mut source, backing, Source::Base, &shared);
         }
         None => {
             let zero = select_ranges(&mut client, BASE_ALLOCATION, |f| f & STATE_ZERO != 0)?;
-            mark(&mut source, zero, Source::Zero);
+            mark(&mut source, zero, Source::Zero, &|_| true);
         }
     }
     // The runs of blocks to read, in reads of up to READ_BYTES: one thread reads them while

@@ -123,6 +123,16 @@ pub(crate) fn add_storage_node(
 
 /// `blockdev-add` of a qcow2 format node over `storage`, backed by `backing` or by nothing.
 pub(crate) fn add_qcow2_node(node: &str, storage: &str, backing: Option<&str>) -> QmpCommand {
+    QmpCommand::BlockdevAdd(Box::new(qcow2_options(node, storage, backing, false)))
+}
+
+/// A qcow2 format node over `storage`, backed by `backing` or by nothing.
+fn qcow2_options(
+    node: &str,
+    storage: &str,
+    backing: Option<&str>,
+    read_only: bool,
+) -> BlockdevOptions {
     let mut o = BlockdevOptions::new(
         node,
         BlockdevDriver::Qcow2 {
@@ -133,8 +143,8 @@ pub(crate) fn add_qcow2_node(node: &str, storage: &str, backing: Option<&str>) -
             }),
         },
     );
-    o.read_only = Some(false);
-    QmpCommand::BlockdevAdd(Box::new(o))
+    o.read_only = Some(read_only);
+    o
 }
 
 /// Settings of a new qcow2 image.
@@ -173,18 +183,9 @@ pub(crate) fn reopen_qcow2(
     backing: Option<&str>,
     read_only: bool,
 ) -> QmpCommand {
-    let mut o = BlockdevOptions::new(
-        node,
-        BlockdevDriver::Qcow2 {
-            file: BlockdevRef::Node(storage.to_owned()),
-            backing: Some(match backing {
-                Some(b) => BlockdevRefOrNull::Ref(BlockdevRef::Node(b.to_owned())),
-                None => BlockdevRefOrNull::Null,
-            }),
-        },
-    );
-    o.read_only = Some(read_only);
-    QmpCommand::BlockdevReopen(BlockdevReopen { options: vec![o] })
+    QmpCommand::BlockdevReopen(BlockdevReopen {
+        options: vec![qcow2_options(node, storage, backing, read_only)],
+    })
 }
 
 /// `job-dismiss`.
