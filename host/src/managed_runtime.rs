@@ -582,6 +582,9 @@ impl ManagedHost {
                 };
                 let mut client = NbdClient::connect_unix(&socket, export, &[context.as_str()])
                     .map_err(failed)?;
+                client
+                    .set_io_timeout(Some(images::NBD_IO_TIMEOUT))
+                    .map_err(failed)?;
                 let ranges = select_ranges(&mut client, &context, |flags| {
                     if dirty {
                         flags & STATE_DIRTY != 0

@@ -304,6 +304,10 @@ pub fn holder_pid(path: &Path) -> Result<Option<u32>, ImageError> {
     Ok(None)
 }
 
+/// How long a client of an NBD server vbackup reads or writes waits for it to make progress
+/// (one socket read or write) before the operation fails.
+pub const NBD_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long [`NbdExport::start`] waits for qemu-nbd's socket.
 const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -421,13 +425,12 @@ impl NbdExport {
         }
     }
 
-    /// Connects a client negotiating `meta_contexts`.
+    /// Connects a client negotiating `meta_contexts`. Every socket read and write of it is
+    /// bounded by [`NBD_IO_TIMEOUT`]: a qemu-nbd that stops answering fails the operation.
     pub fn connect(&self, meta_contexts: &[&str]) -> Result<NbdClient, ImageError> {
-        Ok(NbdClient::connect_unix(
-            &self.socket,
-            EXPORT_NAME,
-            meta_contexts,
-        )?)
+        let mut client = NbdClient::connect_unix(&self.socket, EXPORT_NAME, meta_contexts)?;
+        client.set_io_timeout(Some(NBD_IO_TIMEOUT))?;
+        Ok(client)
     }
 
     /// The pid of qemu-nbd, while it runs.
