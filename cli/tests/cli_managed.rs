@@ -398,7 +398,7 @@ fn verify_reads_each_chain_against_its_digest_and_names_a_damaged_or_missing_ima
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.starts_with("vda: FAILED: content digest sha256-tree:")
+        stdout.starts_with("vda: FAILED: content digest blake3-tree:")
             && stdout.contains("differs"),
         "{stdout}"
     );

@@ -15,6 +15,7 @@ use vbackup_core::xml::CheckpointFormat;
 use vbackup_qemu::store::{Collection, DomainStore, validate_name, write_atomic};
 
 use crate::checkpoint_index;
+use crate::target_hashes::TargetHashes;
 
 /// Store-backed effects of one locked domain.
 #[derive(Debug)]
@@ -32,6 +33,9 @@ pub struct StoreEffects {
     /// request share one directory fsync, done before any other write and before the request
     /// is answered ([`StoreEffects::sync_removals`]).
     removals_unsynced: bool,
+    /// Where push targets are hashed beside their fsync, when a managed backup wants their
+    /// digest.
+    target_hashes: Option<TargetHashes>,
 }
 
 impl StoreEffects {
@@ -43,7 +47,13 @@ impl StoreEffects {
             checkpoints: None,
             checkpoints_changed: false,
             removals_unsynced: false,
+            target_hashes: None,
         }
+    }
+
+    /// Hashes every push target without a backing file beside its fsync, into `hashes`.
+    pub fn hash_targets(&mut self, hashes: TargetHashes) {
+        self.target_hashes = Some(hashes);
     }
 
     /// Makes the checkpoint removals done so far durable (one fsync of their directory).
@@ -235,6 +245,9 @@ impl Effects for StoreEffects {
                 Err(e) => Err(io_error("remove", e)),
             },
             FileOp::Sync { .. } => {
+                if let Some(hashes) = &self.target_hashes {
+                    hashes.start(path);
+                }
                 vbackup_qemu::writeout::sync_target(path).map_err(|m| FileError::other(path, m))
             }
         }

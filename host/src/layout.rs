@@ -43,7 +43,7 @@ pub const PENDING_CHECKPOINT_FILE: &str = "pending-checkpoint";
 /// File of the running job's statistics as last polled by the invocation following it:
 /// `{"started_ms": N, "stats": {...}}`. Removed with the job's journal.
 pub const PROGRESS_FILE: &str = "job-progress.json";
-/// Directory of the block hashes behind backup images' `sha256-tree` digests, one file per
+/// Directory of the block hashes behind backup images' tree digests (`blake3-tree`, `sha256-tree`), one file per
 /// digest, so an incremental reads only the blocks it holds itself.
 pub const BLOCK_HASHES_DIR: &str = "block-hashes";
 /// The checkpoint index (a cache of the parsed checkpoint documents).

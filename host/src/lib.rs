@@ -25,6 +25,7 @@ pub mod managed_ops;
 pub mod managed_runtime;
 pub mod processes;
 pub mod session;
+pub mod target_hashes;
 pub mod units;
 pub mod views;
 pub mod xpath;

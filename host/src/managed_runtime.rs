@@ -35,6 +35,7 @@ use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 use crate::error::Error;
 use crate::layout::{BLOCK_HASHES_DIR, COMPLETED_FILE, MANAGED_JOURNAL_FILE};
 use crate::session::{Loaded, Session};
+use crate::target_hashes::TargetHashes;
 
 /// Bound on the machine's rounds for one request.
 const ROUNDS: usize = 1_000_000;
@@ -122,6 +123,8 @@ pub struct ManagedHost {
     /// Block hashes of full images this run copied, taken from the data as it was copied:
     /// their digest needs no second read.
     copied: BTreeMap<String, BlockHashes>,
+    /// Push targets hashed beside their fsync (the session's effects start them).
+    target_hashes: TargetHashes,
 }
 
 fn now() -> Timestamp {
@@ -215,7 +218,7 @@ fn recorded_completion(dir: &Path) -> Option<JobStats> {
     })
 }
 
-/// An image's facts with a digest of `kind`. For a [`DigestKind::Sha256Tree`]: `known` are
+/// An image's facts with a digest of `kind`. For a tree kind ([`DigestKind::is_tree`]): `known` are
 /// the block hashes taken while this run copied the image (nothing is read then); otherwise,
 /// for an image written on `base` (its backing file), the blocks it does not hold take the
 /// hashes `kept` has of that parent. The image's block hashes are kept in turn.
@@ -240,7 +243,7 @@ fn facts(
             format: image.format,
         }));
     }
-    let chain = images::backing_chain(image_path).map_err(failed)?;
+    let chain = images::chain_layers(image_path).map_err(failed)?;
     let Some(top) = chain.first() else {
         return Err(failed(format!("'{path}': qemu-img shows no image")));
     };
@@ -253,9 +256,10 @@ fn facts(
                 .is_some_and(|f| same_file(f, &b.path))
         })
         .and_then(|b| kept.and_then(|k| k.load(&b.digest)));
-    let hashes = match known.filter(|h| h.size() == top.virtual_size_bytes) {
+    let known = known.filter(|h| h.size() == top.virtual_size_bytes && h.kind() == kind);
+    let hashes = match known {
         Some(h) => h,
-        None => hash_observed(image_path, top, parent.as_ref(), observer)?,
+        None => hash_observed(image_path, top, kind, parent.as_ref(), observer)?,
     };
     if let Some(k) = kept {
         k.keep(&hashes);
@@ -272,6 +276,7 @@ fn facts(
 fn hash_observed(
     path: &Path,
     layer: &images::ChainLayer,
+    kind: DigestKind,
     base: Option<&BlockHashes>,
     observer: &mut Option<CopyObserver>,
 ) -> Result<BlockHashes, EffectError> {
@@ -282,7 +287,7 @@ fn hash_observed(
             total_bytes: layer.virtual_size_bytes,
         });
     }
-    let hashes = digest::block_hashes(path, &layer.format, base, &mut |bytes| {
+    let hashes = digest::block_hashes(path, &layer.format, kind, base, &mut |bytes| {
         if let Some(o) = observer.as_mut() {
             o(CopyEvent::Copied(bytes));
         }
@@ -313,6 +318,7 @@ impl ManagedHost {
             next_call: 0,
             observer: None,
             copied: BTreeMap::new(),
+            target_hashes: TargetHashes::new(),
         })
     }
 
@@ -357,8 +363,10 @@ impl ManagedHost {
             let Side::Loaded(loaded) = std::mem::replace(&mut self.side, Side::Gone) else {
                 return Err(failed("no domain"));
             };
-            let session =
+            let mut session =
                 Session::connect(*loaded).map_err(|e| EffectError::Domain(e.to_string()))?;
+            let hashes = self.target_hashes.clone();
+            session.driver.effects_mut().hash_targets(hashes);
             self.side = Side::Session(Box::new(session));
         }
         match &mut self.side {
@@ -516,7 +524,10 @@ impl ManagedHost {
             }
             Effect::Digest { path, kind, base } => {
                 let kept = self.kept_hashes();
-                let known = self.copied.remove(path);
+                let known = self
+                    .copied
+                    .remove(path)
+                    .or_else(|| self.target_hashes.take(path));
                 facts(
                     path,
                     *kind,
@@ -543,16 +554,18 @@ impl ManagedHost {
                     cmd.arg("-n");
                 }
                 cmd.arg(source).arg(into);
-                if *kind != DigestKind::Sha256Tree {
+                if !kind.is_tree() {
                     tool(&mut cmd)?;
                     return facts(into, *kind, None, kept.as_ref(), None, &mut self.observer);
                 }
                 // qemu-img convert copies while the source is read and hashed beside it: the
                 // copy is checked against the recorded digest without reading it back.
                 let copying = std::thread::spawn(move || tool(&mut cmd));
-                let chain = images::backing_chain(Path::new(source)).map_err(failed);
+                let chain = images::chain_layers(Path::new(source)).map_err(failed);
                 let hashes = chain.and_then(|chain| match chain.first() {
-                    Some(top) => hash_observed(Path::new(source), top, None, &mut self.observer),
+                    Some(top) => {
+                        hash_observed(Path::new(source), top, *kind, None, &mut self.observer)
+                    }
                     None => Err(failed(format!("'{source}': qemu-img shows no image"))),
                 });
                 let copied = copying

@@ -167,6 +167,12 @@ pub fn restore_temp_pid(file_name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// Whether the test hook of [`test_pause_in_digest`] is set: digests then go through qemu-nbd
+/// (not read from the image files), so that a helper runs while the digest pauses.
+pub fn test_pause_requested() -> bool {
+    std::env::var_os("VBACKUP_TEST_PAUSE_IN_DIGEST").is_some()
+}
+
 /// The hook the live tests use to stop a command inside a digest, at the point where its
 /// `qemu-nbd` runs: when `VBACKUP_TEST_PAUSE_IN_DIGEST` names a file, this process writes
 /// `VBACKUP_PID HELPER_PID` into it and sleeps (up to a minute) so the test can kill it there.

@@ -1,4 +1,4 @@
-//! Content digests of images ([`DigestKind::Sha256Tree`]) computed from what changed: blocks
+//! Content digests of images (the tree kinds, [`DigestKind::is_tree`]) computed from what changed: blocks
 //! the image's allocation reports zero are not read, and an image written on top of a recorded
 //! parent takes that parent's block hashes for every block it does not hold itself. The block
 //! hashes of each digest are kept in a directory of files named by the digest, so the next
@@ -15,9 +15,12 @@ use vbackup_core::catalogue::{
 use vbackup_core::export::STATE_ZERO;
 use vbackup_core::model::ImageFormat;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use crate::images::{ALLOCATION_DEPTH, ImageError, NbdExport};
 use crate::nbd::copy::{ExtentSink, select_ranges};
 use crate::nbd::{BASE_ALLOCATION, NbdClient};
+use crate::qcow2::{Chain, Piece, ReadError};
 
 /// Bytes asked for in one read while hashing (whole blocks).
 const READ_BYTES: u64 = 8 * TREE_BLOCK_BYTES;
@@ -42,11 +45,11 @@ impl HashStore {
 
     /// The block hashes of `digest`, if kept and they make that digest.
     pub fn load(&self, digest: &Digest) -> Option<BlockHashes> {
-        if digest.kind() != DigestKind::Sha256Tree {
+        if !digest.kind().is_tree() {
             return None;
         }
         let bytes = std::fs::read(self.dir.join(Self::file(digest))).ok()?;
-        BlockHashes::decode(&bytes).filter(|h| h.digest() == *digest)
+        BlockHashes::decode(digest.kind(), &bytes).filter(|h| h.digest() == *digest)
     }
 
     /// Keeps `hashes` under their digest. Best effort and not synced: a file lost or torn by
@@ -91,13 +94,160 @@ enum Source {
     Base,
 }
 
-/// The block hashes of `path`'s guest-visible content (through its backing chain). With
-/// `base`, the hashes of the content of `path`'s backing image: blocks `path` does not hold
-/// itself (by qemu-nbd's allocation depth) take their hash from it. `progress` hears the bytes
-/// of each block as it is hashed (read or not): they add up to the content's size.
+/// The block hashes of `kind` (a tree kind) of `path`'s guest-visible content (through its
+/// backing chain). With `base`, the hashes of the content of `path`'s backing image: blocks
+/// `path` does not hold itself take their hash from it (hashes of another kind are not used). `progress` hears the bytes of each block as it is hashed
+/// (read or not): they add up to the content's size.
+///
+/// The image is read straight from its files ([`crate::qcow2`]) by a reader per core; an image
+/// that module does not read goes through qemu-nbd instead.
 pub fn block_hashes(
     path: &Path,
     format: &ImageFormat,
+    kind: DigestKind,
+    base: Option<&BlockHashes>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<BlockHashes, ImageError> {
+    if !kind.is_tree() {
+        return Err(ImageError::Io(std::io::Error::other(format!(
+            "'{}' is no block-hash digest kind",
+            kind.prefix()
+        ))));
+    }
+    let base = base.filter(|b| b.kind() == kind);
+    if crate::children::test_pause_requested() {
+        return block_hashes_nbd(path, format, kind, base, progress);
+    }
+    let planned = Chain::open(path, format).and_then(|chain| {
+        let plan = plan(&chain, base)?;
+        Ok((chain, plan))
+    });
+    match planned {
+        Ok((chain, plan)) => hash_planned(&chain, kind, plan, base, progress),
+        Err(_) => block_hashes_nbd(path, format, kind, base, progress),
+    }
+}
+
+/// What a block's hash comes from, for an image read from its files.
+#[derive(Debug)]
+enum Planned {
+    Zero,
+    Base,
+    Read(Vec<Piece>),
+}
+
+/// Where each block's hash comes from: a block the image holds nothing of itself takes
+/// `base`'s hash (when `base` has it, as long); a block of zeroes only is not read.
+fn plan(chain: &Chain, base: Option<&BlockHashes>) -> Result<Vec<Planned>, ReadError> {
+    let size = chain.size();
+    let mut plan = Vec::with_capacity(usize::try_from(block_count(size)).unwrap_or(0));
+    for i in 0..block_count(size) {
+        let (offset, len) = (i * TREE_BLOCK_BYTES, block_len(size, i));
+        let shared = base.is_some_and(|b| b.get(i).is_some() && block_len(b.size(), i) == len);
+        if shared && chain.top_unallocated(offset, len)? {
+            plan.push(Planned::Base);
+            continue;
+        }
+        let pieces = chain.resolve(offset, len)?;
+        if pieces.iter().all(|p| matches!(p, Piece::Zero(_))) {
+            plan.push(Planned::Zero);
+        } else {
+            plan.push(Planned::Read(pieces));
+        }
+    }
+    Ok(plan)
+}
+
+/// Hashes the blocks of `plan`: those to read by a thread per core (up to 4), each taking
+/// runs of READ_BYTES in turn, so that reads stay mostly sequential.
+fn hash_planned(
+    chain: &Chain,
+    kind: DigestKind,
+    plan: Vec<Planned>,
+    base: Option<&BlockHashes>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<BlockHashes, ImageError> {
+    let size = chain.size();
+    let full_zero = zero_block_hash(kind, TREE_BLOCK_BYTES);
+    let mut hashes = vec![[0u8; 32]; plan.len()];
+    let mut reads: Vec<(usize, Vec<Piece>)> = Vec::new();
+    for (i, planned) in plan.into_iter().enumerate() {
+        let len = block_len(size, i as u64);
+        match planned {
+            Planned::Zero => {
+                hashes[i] = if len == TREE_BLOCK_BYTES {
+                    full_zero
+                } else {
+                    zero_block_hash(kind, len)
+                };
+                progress(len);
+            }
+            Planned::Base => {
+                hashes[i] = *base.and_then(|b| b.get(i as u64)).unwrap_or(&full_zero);
+                progress(len);
+            }
+            Planned::Read(pieces) => reads.push((i, pieces)),
+        }
+    }
+    let per_run = (READ_BYTES / TREE_BLOCK_BYTES) as usize;
+    let runs: Vec<&[(usize, Vec<Piece>)]> = reads.chunks(per_run).collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4)
+        .min(runs.len().max(1));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(usize, [u8; 32]), ReadError>>();
+    std::thread::scope(|scope| -> Result<(), ImageError> {
+        for _ in 0..workers {
+            let (tx, runs, next, stop) = (tx.clone(), &runs, &next, &stop);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; TREE_BLOCK_BYTES as usize];
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    for (i, pieces) in run.iter() {
+                        let len = block_len(size, *i as u64) as usize;
+                        let hashed = chain
+                            .read(pieces, &mut buf[..len])
+                            .map(|()| (*i, block_hash(kind, &buf[..len])));
+                        let failed = hashed.is_err();
+                        if tx.send(hashed).is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for hashed in rx {
+            match hashed {
+                Ok((i, hash)) => {
+                    hashes[i] = hash;
+                    progress(block_len(size, i as u64));
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(ImageError::Io(std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    BlockHashes::new(kind, size, hashes).ok_or_else(|| {
+        ImageError::Io(std::io::Error::other(
+            "the block hashes do not cover the image",
+        ))
+    })
+}
+
+/// [`block_hashes`] through qemu-nbd (its allocation depth tells which blocks the image holds
+/// itself).
+fn block_hashes_nbd(
+    path: &Path,
+    format: &ImageFormat,
+    kind: DigestKind,
     base: Option<&BlockHashes>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<BlockHashes, ImageError> {
@@ -171,7 +321,7 @@ pub fn block_hashes(
         runs.push((start, (end * TREE_BLOCK_BYTES).min(size) - start));
         i = end;
     }
-    let full_zero = zero_block_hash(TREE_BLOCK_BYTES);
+    let full_zero = zero_block_hash(kind, TREE_BLOCK_BYTES);
     let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(READ_BUFFERS);
     let (read_tx, read_rx) =
         std::sync::mpsc::sync_channel::<Result<Vec<u8>, ImageError>>(READ_BUFFERS);
@@ -204,7 +354,7 @@ pub fn block_hashes(
                     hashes.push(if len == TREE_BLOCK_BYTES {
                         full_zero
                     } else {
-                        zero_block_hash(len)
+                        zero_block_hash(kind, len)
                     });
                     progress(len);
                     i += 1;
@@ -222,7 +372,7 @@ pub fn block_hashes(
                     let mut at = 0u64;
                     while at < READ_BYTES && i < blocks && source[i as usize] == Source::Read {
                         let len = block_len(size, i);
-                        hashes.push(block_hash(&buf[at as usize..(at + len) as usize]));
+                        hashes.push(block_hash(kind, &buf[at as usize..(at + len) as usize]));
                         progress(len);
                         at += len;
                         i += 1;
@@ -236,7 +386,7 @@ pub fn block_hashes(
     })?;
     let _ = client.disconnect();
     export.stop();
-    BlockHashes::new(size, hashes).ok_or_else(|| {
+    BlockHashes::new(kind, size, hashes).ok_or_else(|| {
         ImageError::Io(std::io::Error::other(format!(
             "'{}': the block hashes do not cover its {size} bytes",
             path.display()
@@ -277,21 +427,37 @@ struct Filling {
 
 /// Passes a copy into a new image through to `inner` and hashes it block by block as it goes:
 /// the image's every byte outside the copied ranges is zero. Pieces may arrive in any order;
-/// a block is hashed once all of its copied bytes arrived, so at most the blocks in flight are
-/// held.
+/// a block is hashed once all of its copied bytes arrived, on a thread of its own so that the
+/// copy does not wait for hashing; at most the blocks in flight and HASH_QUEUE_BLOCKS complete
+/// ones are held.
 pub struct HashingSink<'s> {
     inner: &'s mut dyn ExtentSink,
+    kind: DigestKind,
     size: u64,
     /// Per block touched by the ranges: the bytes the copy will write into it.
     expected: BTreeMap<u64, u64>,
     filling: BTreeMap<u64, Filling>,
-    hashes: Vec<Option<[u8; 32]>>,
+    /// Complete blocks on their way to the hashing thread.
+    to_hash: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
+    hashing: Option<std::thread::JoinHandle<Vec<BlockHash>>>,
     broken: bool,
 }
 
+/// A block's index and hash.
+type BlockHash = (u64, [u8; 32]);
+
+/// Complete blocks waiting for the hashing thread of a [`HashingSink`].
+const HASH_QUEUE_BLOCKS: usize = 8;
+
 impl<'s> HashingSink<'s> {
-    /// A sink for copying `ranges` of a content of `size` bytes into a new (zero) image.
-    pub fn new(inner: &'s mut dyn ExtentSink, size: u64, ranges: &[(u64, u64)]) -> Self {
+    /// A sink for copying `ranges` of a content of `size` bytes into a new (zero) image,
+    /// hashing it for a digest of `kind` (a tree kind).
+    pub fn new(
+        inner: &'s mut dyn ExtentSink,
+        kind: DigestKind,
+        size: u64,
+        ranges: &[(u64, u64)],
+    ) -> Self {
         let mut expected = BTreeMap::new();
         for &(offset, length) in ranges {
             let end = (offset + length).min(size);
@@ -303,12 +469,21 @@ impl<'s> HashingSink<'s> {
                 at += piece;
             }
         }
+        let (to_hash, blocks) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(HASH_QUEUE_BLOCKS);
+        let hashing = std::thread::spawn(move || {
+            blocks
+                .into_iter()
+                .map(|(block, data)| (block, block_hash(kind, &data)))
+                .collect()
+        });
         Self {
             inner,
+            kind,
             size,
             expected,
             filling: BTreeMap::new(),
-            hashes: vec![None; block_count(size) as usize],
+            to_hash: Some(to_hash),
+            hashing: Some(hashing),
             broken: false,
         }
     }
@@ -339,8 +514,13 @@ impl<'s> HashingSink<'s> {
             }
             filling.got += piece;
             if filling.got == want {
-                if let Some(done) = self.filling.remove(&block) {
-                    self.hashes[block as usize] = Some(block_hash(&done.data));
+                let done = self.filling.remove(&block);
+                let sent = match (done, &self.to_hash) {
+                    (Some(done), Some(to_hash)) => to_hash.send((block, done.data)).is_ok(),
+                    _ => false,
+                };
+                if !sent {
+                    self.broken = true;
                 }
             } else if filling.got > want {
                 self.broken = true;
@@ -351,24 +531,29 @@ impl<'s> HashingSink<'s> {
 
     /// The block hashes of the image, once the copy is done; `None` when the copy did not
     /// write exactly its ranges (then the image is read to be digested).
-    pub fn finish(self) -> Option<BlockHashes> {
+    pub fn finish(mut self) -> Option<BlockHashes> {
+        drop(self.to_hash.take());
+        let hashed = self.hashing.take()?.join().ok()?;
         if self.broken || !self.filling.is_empty() {
             return None;
         }
-        let size = self.size;
-        let full_zero = zero_block_hash(TREE_BLOCK_BYTES);
-        let hashes = self
-            .hashes
+        let (kind, size) = (self.kind, self.size);
+        let mut hashes = vec![None; block_count(size) as usize];
+        for (block, hash) in hashed {
+            *hashes.get_mut(block as usize)? = Some(hash);
+        }
+        let full_zero = zero_block_hash(kind, TREE_BLOCK_BYTES);
+        let hashes = hashes
             .into_iter()
             .enumerate()
             .map(|(i, h)| {
                 h.unwrap_or_else(|| match block_len(size, i as u64) {
                     TREE_BLOCK_BYTES => full_zero,
-                    len => zero_block_hash(len),
+                    len => zero_block_hash(kind, len),
                 })
             })
             .collect();
-        BlockHashes::new(size, hashes)
+        BlockHashes::new(kind, size, hashes)
     }
 }
 
@@ -389,6 +574,8 @@ impl ExtentSink for HashingSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KIND: DigestKind = DigestKind::NEW_IMAGES;
 
     /// A sink that keeps nothing.
     struct Nowhere;
@@ -418,7 +605,7 @@ mod tests {
         }
         // Two pieces, the second first, and one zero run inside a range.
         let mut nowhere = Nowhere;
-        let mut sink = HashingSink::new(&mut nowhere, size, &ranges);
+        let mut sink = HashingSink::new(&mut nowhere, KIND, size, &ranges);
         let split = 1000 + 700_000;
         sink.write_data(
             split,
@@ -434,11 +621,11 @@ mod tests {
             &content[(3 * TREE_BLOCK_BYTES) as usize..],
         )
         .unwrap();
-        assert_eq!(sink.finish(), Some(BlockHashes::of_content(&content)));
+        assert_eq!(sink.finish(), Some(BlockHashes::of_content(KIND, &content)));
 
         // A piece missing: no hashes rather than wrong ones.
         let mut nowhere = Nowhere;
-        let mut sink = HashingSink::new(&mut nowhere, size, &ranges);
+        let mut sink = HashingSink::new(&mut nowhere, KIND, size, &ranges);
         sink.write_data(1000, &content[1000..2000]).unwrap();
         assert_eq!(sink.finish(), None);
     }
@@ -447,7 +634,7 @@ mod tests {
     fn a_kept_file_is_used_only_when_it_makes_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let store = HashStore::new(dir.path().join("hashes"));
-        let hashes = BlockHashes::of_content(&vec![3u8; (2 * TREE_BLOCK_BYTES) as usize]);
+        let hashes = BlockHashes::of_content(KIND, &vec![3u8; (2 * TREE_BLOCK_BYTES) as usize]);
         let digest = hashes.digest();
         assert!(store.load(&digest).is_none());
         store.keep(&hashes);
@@ -461,7 +648,7 @@ mod tests {
         std::fs::write(&file, &bytes[..bytes.len() - 1]).unwrap();
         assert!(store.load(&digest).is_none());
         store.keep(&hashes);
-        let other = BlockHashes::of_content(&[1, 2, 3]);
+        let other = BlockHashes::of_content(KIND, &[1, 2, 3]);
         store.keep(&other);
         store.retain(&[&digest]);
         assert!(store.load(&digest).is_some());

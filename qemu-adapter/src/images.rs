@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-use vbackup_core::catalogue::{BackupImage, Digest};
+use vbackup_core::catalogue::{BackupImage, Digest, DigestKind};
 use vbackup_core::model::ImageFormat;
 
 use crate::nbd::copy::{self, CopyReport, ExtentSink};
@@ -245,6 +245,22 @@ pub fn backing_chain(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
         .args(["info", "-U", "--backing-chain", "--output=json"])
         .arg(path))?;
     parse_backing_chain(&out)
+}
+
+/// The layers of `path`'s backing chain (top first), as [`backing_chain`] gives them but read
+/// from the files themselves when the top is a qcow2 image [`crate::qcow2`] reads (no process
+/// started); `qemu-img info` otherwise. Backing files are named joined to their overlay's
+/// directory, as given in the overlay, not canonicalized.
+pub fn chain_layers(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
+    let mut magic = [0u8; 4];
+    let qcow2 = std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_exact(&mut &f, &mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if qcow2 && let Ok(chain) = crate::qcow2::Chain::open(path, &ImageFormat::Qcow2) {
+        return Ok(chain.layers());
+    }
+    backing_chain(path)
 }
 
 /// Whether a running QEMU, qemu-storage-daemon or qemu-nbd holds `path` open.
@@ -603,7 +619,12 @@ pub fn store_extents_observed(
             observer: progress,
         };
         let (copy, hashes) = if parent.is_none() {
-            let mut hashing = crate::digest::HashingSink::new(&mut observed, size, ranges);
+            let mut hashing = crate::digest::HashingSink::new(
+                &mut observed,
+                DigestKind::NEW_IMAGES,
+                size,
+                ranges,
+            );
             let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
             (copy, hashing.finish())
         } else {

@@ -11,6 +11,8 @@
 //! - [`qsd`]: starting, reconnecting to and stopping qemu-storage-daemon for managed domains.
 //! - [`store`]: the state directory (domains, checkpoints, backups, journal) and its locks.
 //! - [`nbd`]: the NBD client for pull-mode exports.
+//! - [`qcow2`]: reading qcow2 and raw images and their backing chains straight from their
+//!   files.
 //! - [`images`]: backup images (overlays, extent writes through NBD, chains, digests).
 //! - [`children`]: the helpers vbackup starts die with it, and what a killed vbackup left is
 //!   cleaned by the next one.
@@ -28,6 +30,7 @@ pub mod discover;
 pub mod images;
 pub mod live;
 pub mod nbd;
+pub mod qcow2;
 pub mod qmp_socket;
 pub mod qsd;
 pub mod recorder;

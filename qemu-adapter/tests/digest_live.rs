@@ -9,6 +9,8 @@ use vbackup_core::catalogue::{BlockHashes, DigestKind};
 use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::block_hashes;
 
+const KIND: DigestKind = DigestKind::NEW_IMAGES;
+
 fn qemu(tool: &str, args: &[&str]) {
     let out = Command::new(tool)
         .args(args)
@@ -73,26 +75,26 @@ fn an_incremental_digest_from_its_parent_hashes_equals_the_digest_read_in_full()
     );
 
     let mut heard = 0;
-    let parent = block_hashes(&full, &ImageFormat::Qcow2, None, &mut |n| heard += n).unwrap();
+    let parent = block_hashes(&full, &ImageFormat::Qcow2, KIND, None, &mut |n| heard += n).unwrap();
     assert_eq!(heard, parent.size(), "progress adds up to the size");
     assert_eq!(
         parent,
-        BlockHashes::of_content(&raw_content(&full, dir.path()))
+        BlockHashes::of_content(KIND, &raw_content(&full, dir.path()))
     );
-    assert_eq!(parent.digest().kind(), DigestKind::Sha256Tree);
+    assert_eq!(parent.digest().kind(), KIND);
 
-    let read = block_hashes(&inc, &ImageFormat::Qcow2, None, &mut |_| {}).unwrap();
-    let expected = BlockHashes::of_content(&raw_content(&inc, dir.path()));
+    let read = block_hashes(&inc, &ImageFormat::Qcow2, KIND, None, &mut |_| {}).unwrap();
+    let expected = BlockHashes::of_content(KIND, &raw_content(&inc, dir.path()));
     assert_eq!(read, expected);
-    let reused = block_hashes(&inc, &ImageFormat::Qcow2, Some(&parent), &mut |_| {}).unwrap();
+    let reused = block_hashes(&inc, &ImageFormat::Qcow2, KIND, Some(&parent), &mut |_| {}).unwrap();
     assert_eq!(reused, expected);
     assert_eq!(reused.digest(), read.digest());
 
     // Hashes of some other content taken for the parent's: the blocks the incremental holds
     // itself are still right, the shared ones come out differently, so the digest differs
     // from the recorded one and the damage shows on the next check.
-    let other = BlockHashes::of_content(&vec![9u8; 41472 << 10]);
-    let wrong = block_hashes(&inc, &ImageFormat::Qcow2, Some(&other), &mut |_| {}).unwrap();
+    let other = BlockHashes::of_content(KIND, &vec![9u8; 41472 << 10]);
+    let wrong = block_hashes(&inc, &ImageFormat::Qcow2, KIND, Some(&other), &mut |_| {}).unwrap();
     assert_ne!(wrong.digest(), expected.digest());
     assert_eq!(wrong.get(30), expected.get(30));
 }

@@ -2022,7 +2022,7 @@ fn rebase_safe(fs: &mut FileSystem, path: &str, backing: Option<&str>) -> Result
 fn digest(content: &[u8], kind: DigestKind) -> Digest {
     match kind {
         DigestKind::Sha256 => Digest::sha256(&Sha256::digest(content).into()),
-        DigestKind::Sha256Tree => BlockHashes::of_content(content).digest(),
+        tree => BlockHashes::of_content(tree, content).digest(),
     }
 }
 

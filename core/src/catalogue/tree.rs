@@ -1,14 +1,16 @@
-//! [`DigestKind::Sha256Tree`]: the content digest built from block hashes, so that blocks known
-//! to be zero or shared with a parent image need no read.
+//! The tree digests ([`DigestKind::Sha256Tree`], [`DigestKind::Blake3Tree`]): content digests
+//! built from block hashes, so that blocks known to be zero or shared with a parent image need
+//! no read.
 
 use sha2::{Digest as _, Sha256};
 
 use super::record::{Digest, DigestKind, TREE_BLOCK_BYTES};
 
-/// The block hashes of one content: what a [`DigestKind::Sha256Tree`] digest is computed from,
-/// kept beside a backup so that the next incremental reuses the hashes of the blocks it shares.
+/// The block hashes of one content: what a tree digest is computed from, kept beside a backup
+/// so that the next incremental reuses the hashes of the blocks it shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockHashes {
+    kind: DigestKind,
     size: u64,
     hashes: Vec<[u8; 32]>,
 }
@@ -23,14 +25,50 @@ pub fn block_len(size: u64, index: u64) -> u64 {
     TREE_BLOCK_BYTES.min(size.saturating_sub(index * TREE_BLOCK_BYTES))
 }
 
-/// The hash of one block's bytes.
-pub fn block_hash(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
+/// The hash function of a tree digest kind, fed piece by piece.
+enum Hasher {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
 }
 
-/// The hash of a block of `len` zero bytes.
-pub fn zero_block_hash(len: u64) -> [u8; 32] {
-    let mut hasher = Sha256::new();
+impl Hasher {
+    /// SHA-256 for [`DigestKind::Sha256Tree`] (and the plain [`DigestKind::Sha256`]), BLAKE3
+    /// for [`DigestKind::Blake3Tree`].
+    fn new(kind: DigestKind) -> Self {
+        match kind {
+            DigestKind::Blake3Tree => Self::Blake3(Box::new(blake3::Hasher::new())),
+            DigestKind::Sha256 | DigestKind::Sha256Tree => Self::Sha256(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(data),
+            Self::Blake3(h) => {
+                h.update(data);
+            }
+        }
+    }
+
+    fn finish(self) -> [u8; 32] {
+        match self {
+            Self::Sha256(h) => h.finalize().into(),
+            Self::Blake3(h) => *h.finalize().as_bytes(),
+        }
+    }
+}
+
+/// The hash of one block's bytes, for a digest of `kind`.
+pub fn block_hash(kind: DigestKind, data: &[u8]) -> [u8; 32] {
+    match kind {
+        DigestKind::Blake3Tree => *blake3::hash(data).as_bytes(),
+        DigestKind::Sha256 | DigestKind::Sha256Tree => Sha256::digest(data).into(),
+    }
+}
+
+/// The hash of a block of `len` zero bytes, for a digest of `kind`.
+pub fn zero_block_hash(kind: DigestKind, len: u64) -> [u8; 32] {
+    let mut hasher = Hasher::new(kind);
     let zeros = [0u8; 64 << 10];
     let mut left = len;
     while left > 0 {
@@ -38,14 +76,23 @@ pub fn zero_block_hash(len: u64) -> [u8; 32] {
         hasher.update(&zeros[..n]);
         left -= n as u64;
     }
-    hasher.finalize().into()
+    hasher.finish()
 }
 
 impl BlockHashes {
-    /// The hashes of a content of `size` bytes, one per block in order; `None` when their
-    /// number does not match the size.
-    pub fn new(size: u64, hashes: Vec<[u8; 32]>) -> Option<Self> {
-        (hashes.len() as u64 == block_count(size)).then_some(Self { size, hashes })
+    /// The hashes of `kind` (a tree kind) of a content of `size` bytes, one per block in
+    /// order; `None` when their number does not match the size or the kind is no tree kind.
+    pub fn new(kind: DigestKind, size: u64, hashes: Vec<[u8; 32]>) -> Option<Self> {
+        (kind.is_tree() && hashes.len() as u64 == block_count(size)).then_some(Self {
+            kind,
+            size,
+            hashes,
+        })
+    }
+
+    /// The kind of digest they make.
+    pub fn kind(&self) -> DigestKind {
+        self.kind
     }
 
     /// The content's size in bytes.
@@ -58,17 +105,19 @@ impl BlockHashes {
         self.hashes.get(usize::try_from(index).ok()?)
     }
 
-    /// The digest these hashes make.
+    /// The digest these hashes make: the hash of the size (8 bytes, little-endian) followed
+    /// by the block hashes in order.
     pub fn digest(&self) -> Digest {
-        let mut hasher = Sha256::new();
-        hasher.update(self.size.to_le_bytes());
+        let mut hasher = Hasher::new(self.kind);
+        hasher.update(&self.size.to_le_bytes());
         for h in &self.hashes {
             hasher.update(h);
         }
-        Digest::of_kind(DigestKind::Sha256Tree, &hasher.finalize().into())
+        Digest::of_kind(self.kind, &hasher.finish())
     }
 
-    /// The stored form: the size (8 bytes, little-endian), then the hashes.
+    /// The stored form: the size (8 bytes, little-endian), then the hashes. The kind is not
+    /// in it: files are kept by digest, which names it.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 32 * self.hashes.len());
         out.extend_from_slice(&self.size.to_le_bytes());
@@ -78,8 +127,9 @@ impl BlockHashes {
         out
     }
 
-    /// Reads the stored form back; `None` when it is torn or inconsistent.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
+    /// Reads the stored form of hashes of `kind` back; `None` when it is torn or
+    /// inconsistent.
+    pub fn decode(kind: DigestKind, bytes: &[u8]) -> Option<Self> {
         let (size, rest) = bytes.split_first_chunk::<8>()?;
         let size = u64::from_le_bytes(*size);
         if rest.len() % 32 != 0 {
@@ -89,17 +139,17 @@ impl BlockHashes {
             .chunks_exact(32)
             .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
             .collect();
-        Self::new(size, hashes)
+        Self::new(kind, size, hashes)
     }
 
-    /// The hashes of `content` itself (a whole content held in memory).
-    pub fn of_content(content: &[u8]) -> Self {
+    /// The hashes of `kind` of `content` itself (a whole content held in memory).
+    pub fn of_content(kind: DigestKind, content: &[u8]) -> Self {
         let size = content.len() as u64;
         let hashes = content
             .chunks(TREE_BLOCK_BYTES as usize)
-            .map(block_hash)
+            .map(|block| block_hash(kind, block))
             .collect();
-        Self { size, hashes }
+        Self { kind, size, hashes }
     }
 }
 
@@ -110,15 +160,26 @@ mod tests {
     #[test]
     fn zero_blocks_hash_as_their_bytes_and_the_stored_form_reads_back() {
         let content = vec![0u8; (TREE_BLOCK_BYTES + 4096) as usize];
-        let hashes = BlockHashes::of_content(&content);
-        assert_eq!(hashes.get(0), Some(&zero_block_hash(TREE_BLOCK_BYTES)));
-        assert_eq!(hashes.get(1), Some(&zero_block_hash(4096)));
-        assert_eq!(block_len(content.len() as u64, 1), 4096);
-        let back = BlockHashes::decode(&hashes.encode()).expect("reads back");
-        assert_eq!(back, hashes);
-        assert_eq!(back.digest(), hashes.digest());
-        assert_eq!(back.digest().kind(), DigestKind::Sha256Tree);
-        assert!(BlockHashes::decode(&hashes.encode()[..40]).is_none());
+        for kind in [DigestKind::Sha256Tree, DigestKind::Blake3Tree] {
+            let hashes = BlockHashes::of_content(kind, &content);
+            assert_eq!(
+                hashes.get(0),
+                Some(&zero_block_hash(kind, TREE_BLOCK_BYTES))
+            );
+            assert_eq!(hashes.get(1), Some(&zero_block_hash(kind, 4096)));
+            assert_eq!(block_len(content.len() as u64, 1), 4096);
+            let back = BlockHashes::decode(kind, &hashes.encode()).expect("reads back");
+            assert_eq!(back, hashes);
+            assert_eq!(back.digest(), hashes.digest());
+            assert_eq!(back.digest().kind(), kind);
+            assert!(Digest::parse(back.digest().as_str()).is_some());
+            assert!(BlockHashes::decode(kind, &hashes.encode()[..40]).is_none());
+        }
+        // The kinds differ, and a plain digest kind makes no block hashes.
+        let sha = BlockHashes::of_content(DigestKind::Sha256Tree, &content).digest();
+        let blake = BlockHashes::of_content(DigestKind::Blake3Tree, &content).digest();
+        assert_ne!(sha.hex(), blake.hex());
+        assert!(BlockHashes::new(DigestKind::Sha256, 0, Vec::new()).is_none());
     }
 
     #[test]
@@ -128,7 +189,7 @@ mod tests {
         b[(2 << 20) + 5] = 2;
         let mut c = a.clone();
         c.push(0);
-        let d = |x: &[u8]| BlockHashes::of_content(x).digest();
+        let d = |x: &[u8]| BlockHashes::of_content(DigestKind::NEW_IMAGES, x).digest();
         assert_ne!(d(&a), d(&b));
         assert_ne!(d(&a), d(&c));
         assert_eq!(d(&a), d(&a.clone()));

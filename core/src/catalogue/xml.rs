@@ -235,7 +235,7 @@ fn read_disk(ctx: &Ctx<'_, '_>, node: N<'_, '_>) -> Result<BackupImage, XmlError
         ctx.schema(
             node,
             format!(
-                "invalid digest '{digest_text}' (expected sha256: or sha256-tree: and 64 lowercase hex digits)"
+                "invalid digest '{digest_text}' (expected sha256:, sha256-tree: or blake3-tree: and 64 lowercase hex digits)"
             ),
         )
     })?;

@@ -57,7 +57,7 @@ pub enum Effect {
         /// The image.
         path: String,
         /// The kind of digest wanted: a recorded one's kind when checking it, the
-        /// [`DigestKind::Sha256Tree`] of every new image otherwise.
+        /// [`DigestKind::NEW_IMAGES`] of every new image otherwise.
         kind: DigestKind,
         /// For an image vbackup just wrote on top of a recorded parent image: that image and
         /// its digest. The blocks the new image does not hold itself are the parent's, so

@@ -1751,7 +1751,7 @@ fn effect_of(step: &Step) -> Option<Effect> {
         },
         Step::Describe { path, base, .. } => Effect::Digest {
             path: path.clone(),
-            kind: DigestKind::Sha256Tree,
+            kind: DigestKind::NEW_IMAGES,
             base: base.clone(),
         },
         Step::Copy {

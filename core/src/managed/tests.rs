@@ -352,7 +352,7 @@ fn a_push_incremental_is_journaled_before_it_begins_and_recorded_once_its_job_su
         .collect();
     assert!(!described.is_empty());
     for (kind, base) in described {
-        assert_eq!(kind, DigestKind::Sha256Tree);
+        assert_eq!(kind, DigestKind::NEW_IMAGES);
         let base = base.expect("a parent image");
         assert!(
             parent
