@@ -1,74 +1,26 @@
 //! `vbackup`: incremental backups of QEMU virtual machines, with virsh-like commands.
 //!
-//! Each command group lives in its own module; this file only dispatches.
+//! The commands are declared in `cli/commands.toml` ([`spec`]); each command group lives in its
+//! own module, and this file only dispatches.
 
 mod commands;
 mod config;
 mod demo;
 mod managed;
 mod output;
-mod virsh_args;
+mod spec;
 mod xml_cmd;
 
 // The host runtime's modules under the names the command modules use.
 use vbackup_host::processes::lock_holder_lines;
 use vbackup_host::session;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
-
-/// Incremental backup for QEMU virtual machines.
-#[derive(Debug, Parser)]
-#[command(name = "vbackup", version, about)]
-struct Cli {
-    #[command(flatten)]
-    global: commands::Global,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate and format checkpoint and backup XML documents.
-    #[command(subcommand)]
-    Xml(xml_cmd::XmlCommand),
-    /// Domain, checkpoint, backup and job commands.
-    #[command(flatten)]
-    Domain(commands::DomainCommand),
-    /// Managed backups: create, list, restore, delete.
-    #[command(flatten)]
-    Managed(managed::ManagedCommand),
-    /// Host configuration: pull backup TLS certificates and NBD ports.
-    #[command(flatten)]
-    Config(config::ConfigCommand),
-    /// Run the end-to-end demonstration on two fresh qcow2 disks.
-    Demo(demo::DemoArgs),
-    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    ///
-    /// Install for bash: `vbackup completion bash > ~/.local/share/bash-completion/completions/vbackup`
-    Completion {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-    /// Print the manual page (roff), or with --dir write one page per command into DIR.
-    ///
-    /// Install: `vbackup man --dir /usr/local/share/man/man1` (then `man vbackup`,
-    /// `man vbackup-backup-begin`).
-    Man {
-        /// Directory to write `vbackup.1` and `vbackup-COMMAND.1` into.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<std::path::PathBuf>,
-    },
-}
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let (cli, domain, name) = match command().try_get_matches().and_then(|m| {
-        let mut cli = Cli::from_arg_matches(&m)?;
-        cli.global.wait_lock = wait_lock_of(&m);
-        Ok((cli, domain_of(&m), m.subcommand_name().map(str::to_owned)))
-    }) {
-        Ok(parsed) => parsed,
+    let matches = match command().try_get_matches() {
+        Ok(matches) => matches,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -78,30 +30,58 @@ fn main() -> ExitCode {
             };
         }
     };
+    let wait_lock = wait_lock_of(&matches);
+    let domain = domain_of(&matches);
+    let state_dir = spec::path(&matches, "state_dir");
+    let state_dir = state_dir.as_deref();
+    let (name, sub) = matches.subcommand().expect("a command is required");
     // Lock files name what their holder does: this command line, without the program.
     let operation: Vec<String> = std::env::args().skip(1).collect();
     session::configure_locking(session::LockSettings {
-        wait: std::time::Duration::from_secs(cli.global.wait_lock.unwrap_or(0)),
+        wait: std::time::Duration::from_secs(wait_lock.unwrap_or(0)),
         operation: operation.join(" "),
     });
-    let state_dir = cli.global.state_dir.clone();
     // Every outcome below is reported with the command's domain, which its hints name.
     let report = |result: Result<(), output::CliError>| report(result, domain.as_deref());
-    if let Some(name) =
-        name.filter(|n| cli.global.wait_lock.is_some() && NEVER_WAIT.contains(&&**n))
-    {
+    if wait_lock.is_some() && NEVER_WAIT.contains(&name) {
         eprintln!(
             "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
         );
         return ExitCode::FAILURE;
     }
-    match cli.command {
-        Command::Xml(command) => xml_cmd::run(command),
-        Command::Domain(command) => {
-            let result = commands::run(&cli.global, command);
+    match name {
+        "xml" => xml_cmd::run(sub),
+        "demo" => report(demo::run(sub)),
+        "completion" => {
+            let shell = *sub.get_one("shell").expect("a required argument");
+            // The script comes from the same definitions the parser uses, so it cannot drift.
+            // Rendered into memory first: clap_complete panics on a failed write, and a reader
+            // that stops early (`| head`) is no reason to crash.
+            let mut script = Vec::new();
+            clap_complete::generate::<clap_complete::Shell, _>(
+                shell,
+                &mut command(),
+                "vbackup",
+                &mut script,
+            );
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => report(Err(output::CliError::io(
+                    "cannot write the completion script",
+                )(e))),
+            }
+        }
+        "man" => report(man(spec::path(sub, "dir").as_deref())),
+        _ if name.starts_with("config-") => {
+            report(session::open_store(state_dir).and_then(|store| config::run(&store, name, sub)))
+        }
+        _ if managed::runs(name) => report(managed::run(state_dir, name, sub)),
+        _ => {
+            let result = commands::run(state_dir, name, sub);
             // An image locked by another process: name the image and who holds it.
             let holders = match &result {
-                Err(e) => session::open_store(state_dir.as_deref())
+                Err(e) => session::open_store(state_dir)
                     .map(|store| lock_holder_lines(&store, &operation, e))
                     .unwrap_or_default(),
                 Ok(()) => Vec::new(),
@@ -113,27 +93,6 @@ fn main() -> ExitCode {
             }
             report(result)
         }
-        Command::Managed(command) => report(managed::run(&cli.global, command)),
-        Command::Config(command) => report(
-            session::open_store(cli.global.state_dir.as_deref())
-                .and_then(|store| config::run(&store, command)),
-        ),
-        Command::Demo(args) => report(demo::run(&args)),
-        Command::Completion { shell } => {
-            // The script comes from the same definitions the parser uses, so it cannot drift.
-            // Rendered into memory first: clap_complete panics on a failed write, and a reader
-            // that stops early (`| head`) is no reason to crash.
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command(), "vbackup", &mut script);
-            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                Err(e) => report(Err(output::CliError::io(
-                    "cannot write the completion script",
-                )(e))),
-            }
-        }
-        Command::Man { dir } => report(man(dir.as_deref())),
     }
 }
 
@@ -175,12 +134,11 @@ const NEVER_WAIT: [&str; 10] = [
     "man",
 ];
 
-/// The domain the command line names, by position or with `--domain` (the named form wins, as
-/// in [`virsh_args::fill`]), so that error hints can name it; `None` for a command without one.
+/// The domain the command line names, by position or with `--domain` (as [`spec::virsh`]
+/// assigns them), so that error hints can name it; `None` for a command without one.
 fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
-    let (_, sub) = matches.subcommand()?;
-    let get = |id: &str| sub.try_get_one::<String>(id).ok().flatten().cloned();
-    get("domain_named").or_else(|| get("domain"))
+    let (name, sub) = matches.subcommand()?;
+    spec::virsh(sub, name).ok()?.optional("domain")
 }
 
 /// The command line's definition, as parsed, completed and documented.
@@ -189,7 +147,7 @@ fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
 /// that may wait for a domain's lock, but not by those [`NEVER_WAIT`] names: were it global,
 /// clap would offer it in their help, completion and manual page too.
 fn command() -> clap::Command {
-    let command = Cli::command();
+    let command = spec::command();
     let wait_lock = command
         .get_arguments()
         .find(|a| a.get_id() == "wait_lock")
@@ -264,7 +222,7 @@ mod tests {
     #[test]
     fn the_command_definitions_are_consistent() {
         // clap checks its definitions only when asked (or in debug builds at parse time).
-        Cli::command().debug_assert();
+        spec::command().debug_assert();
         command().debug_assert();
     }
 

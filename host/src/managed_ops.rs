@@ -26,7 +26,7 @@ use vbackup_qemu::store::{DomainStore, Store, StoreError};
 use crate::domains::{daemon_running, esc};
 use crate::error::Error;
 use crate::jobs::{checkpoint_for_backup, parse_new_checkpoint};
-use crate::layout::MANAGED_JOURNAL_FILE;
+use crate::layout::{MANAGED_JOURNAL_FILE, domain_dir};
 use crate::managed_runtime::{CopyObserver, ManagedHost, stored_managed};
 use crate::session::{self, Attachment, Loaded};
 
@@ -48,6 +48,12 @@ pub fn pending_uuid(dir: &Path) -> Option<String> {
         Journal::Create(p) => Some(p.uuid),
         _ => None,
     }
+}
+
+/// The uuid of a managed backup of domain `name` that is started but not recorded yet (read
+/// without the domain's lock).
+pub fn pending_backup(store: &Store, name: &str) -> Option<String> {
+    pending_uuid(&domain_dir(store.root(), name))
 }
 
 /// The domain holding backup `uuid` (with `damaged`, also as a damaged record), locked, with
