@@ -8,14 +8,14 @@ use std::path::Path;
 use clap::ArgMatches;
 use serde_json::{Value, json};
 use vbackup_core::checkpoint::{DeleteScope, ListFilter};
-use vbackup_core::xml::CheckpointFormat;
 use vbackup_host::checkpoints::{self, Edited};
-use vbackup_host::domains::{self, read_file};
+use vbackup_host::domains;
 use vbackup_host::jobs::{self, checkpoint_xml_from_args, export_uris};
 use vbackup_host::{managed_ops, views};
 use vbackup_qemu::store::Store;
 
-use crate::output::{CliError, format_time, print_json, table, virsh_bytes};
+use crate::managed;
+use crate::output::{CliError, format_time, print_json, progress_bar, table, virsh_bytes};
 use crate::session;
 use crate::spec::{domain, path, text, texts, virsh};
 
@@ -68,11 +68,10 @@ pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), C
         "checkpoint-create" => {
             let args = virsh(m, name)?;
             let (domain, file) = (args.required("domain")?, args.required("xmlfile")?);
-            let text = read_file(Path::new(&file))?;
             let (redefine, validate) = (m.get_flag("redefine"), m.get_flag("redefine_validate"));
             let quiesce = m.get_flag("quiesce");
-            let name = jobs::define_checkpoint(store, &domain, &text, redefine, validate, quiesce)
-                .map_err(|e| in_file(&file, e))?;
+            let name =
+                jobs::define_checkpoint_file(store, &domain, &file, redefine, validate, quiesce)?;
             // virsh has one message for a checkpoint made from a file, redefined or not.
             println!("Domain checkpoint {name} created from '{file}'");
         }
@@ -89,7 +88,7 @@ pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), C
             }
             let quiesce = m.get_flag("quiesce");
             let name = jobs::define_checkpoint(store, &domain, &text, false, false, quiesce)
-                .map_err(from_arguments)?;
+                .map_err(jobs::from_arguments)?;
             println!("Domain checkpoint {name} created");
         }
         "checkpoint-list" => checkpoint_list(store, m)?,
@@ -101,7 +100,7 @@ pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), C
                 }
                 Edited::Redefined => println!("Domain checkpoint {checkpoint} edited."),
                 Edited::Refused { error, kept } => {
-                    let e = crate::output::message(&error);
+                    let e = error.message();
                     return Err(CliError::Other(format!(
                         "{e}\ncheckpoint {checkpoint} not changed; the edited XML is kept in '{kept}'"
                     )));
@@ -111,26 +110,15 @@ pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), C
         "checkpoint-dumpxml" => {
             let (domain, checkpoint) = checkpoint_of(m, name)?;
             let (no_domain, size) = (m.get_flag("no_domain"), m.get_flag("size"));
-            let c = jobs::checkpoint(store, &domain, &checkpoint, size)?;
-            let format = CheckpointFormat {
-                no_domain,
-                include_size: size,
-            };
-            let xml = c.to_def().format(format);
+            let (c, xml) = jobs::checkpoint_document(store, &domain, &checkpoint, no_domain, size)?;
             if !json() {
                 return print_xpath(m, &xml);
             }
-            let mut v = views::checkpoint_json(&c, true);
-            v["xml"] = json!(xml);
-            print_json(v);
+            print_json(views::dumped_checkpoint_json(&c, &xml));
         }
         "checkpoint-delete" => {
             let (domain, checkpoint) = checkpoint_of(m, name)?;
-            let scope = match (m.get_flag("children"), m.get_flag("children_only")) {
-                (true, _) => DeleteScope::WithChildren,
-                (_, true) => DeleteScope::ChildrenOnly,
-                _ => DeleteScope::Single,
-            };
+            let scope = jobs::delete_scope(m.get_flag("children"), m.get_flag("children_only"));
             let metadata = m.get_flag("metadata");
             jobs::delete_checkpoint(store, &domain, &checkpoint, scope, metadata)?;
             match scope {
@@ -157,7 +145,7 @@ pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), C
         "backup-dumpxml" => {
             let domain = domain(m, name)?;
             if vbackup_core::catalogue::validate_uuid(&domain).is_ok() {
-                crate::managed::dumpxml(store, &domain, m)?;
+                managed::dumpxml(store, &domain, m)?;
             } else {
                 let plan = jobs::backup_plan(store, &domain)?;
                 if !json() {
@@ -183,44 +171,12 @@ fn checkpoint_of(m: &ArgMatches, command: &str) -> Result<(String, String), CliE
     Ok((args.required("domain")?, args.required("checkpointname")?))
 }
 
-/// An XML error of a document the user gave as a file, named after the file (other errors
-/// are not about the file and pass unchanged).
-fn in_file(file: &str, e: impl Into<CliError>) -> CliError {
-    match e.into() {
-        CliError::Xml(x) => CliError::Other(format!("XML error: {file}:{x}")),
-        other => other,
-    }
-}
-
-/// An XML error of the document `checkpoint-create-as` built from its arguments, told in
-/// terms of the arguments: the user never saw that document.
-fn from_arguments(e: impl Into<CliError>) -> CliError {
-    match e.into() {
-        CliError::Xml(x) => {
-            let argument = if x.path.contains("/disk") {
-                "--diskspec"
-            } else if x.path.contains("/name") {
-                "NAME (--name)"
-            } else if x.path.contains("/description") {
-                "DESCRIPTION (--description)"
-            } else {
-                "the arguments"
-            };
-            CliError::Other(format!("invalid argument: {argument}: {}", x.message))
-        }
-        other => other,
-    }
-}
-
 // ----- domains -----
 
 fn list(store: &Store, json: bool) -> Result<(), CliError> {
     let rows = domains::list(store)?;
     if json {
-        print_json(rows.iter().map(|d| {
-            let job = if d.job { "backup" } else { "none" };
-            json!({"name": d.name, "state": d.state, "qmp": d.qmp, "job": job, "disks": d.disks})
-        }).collect());
+        print_json(rows.iter().map(views::domain_json).collect());
         return Ok(());
     }
     let rows: Vec<Vec<String>> = rows
@@ -235,16 +191,9 @@ fn list(store: &Store, json: bool) -> Result<(), CliError> {
 }
 
 fn domblklist(store: &Store, name: &str, json: bool) -> Result<(), CliError> {
-    let disks: Vec<(String, String)> = domains::disks(store, name)?
-        .iter()
-        .map(|d| {
-            let src = d.top().and_then(|l| l.path.clone());
-            (d.target.clone(), src.unwrap_or_else(|| "-".into()))
-        })
-        .collect();
+    let disks = views::disk_sources(&domains::disks(store, name)?);
     if json {
-        let v = disks.iter().map(|(t, s)| json!({"target": t, "source": s}));
-        print_json(v.collect());
+        print_json(views::disks_json(&disks));
     } else {
         let rows: Vec<Vec<String>> = disks.into_iter().map(|(t, s)| vec![t, s]).collect();
         print!("{}", table(&["Target", "Source"], &rows));
@@ -273,22 +222,13 @@ fn checkpoint_list(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
     let listing = checkpoints::list(store, &name, filter, text(m, "from").as_deref())?;
     let list = &listing.checkpoints;
     if m.get_flag("json") {
-        print_json(
-            list.iter()
-                .map(|c| {
-                    let mut v = views::checkpoint_json(c, false);
-                    v["current"] = json!(listing.current.as_deref() == Some(c.name.as_str()));
-                    v
-                })
-                .collect(),
-        );
+        print_json(views::listed_checkpoints_json(
+            list,
+            listing.current.as_deref(),
+        ));
     } else if tree {
-        let included: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
         let mut out = String::new();
-        let roots = list
-            .iter()
-            .filter(|c| c.parent.as_deref().is_none_or(|p| !included.contains(&p)));
-        for root in roots {
+        for root in listing.roots() {
             out.push_str(&format!("{}\n", root.name));
             print_tree(&listing.children, &root.name, "  ", &mut out);
         }
@@ -329,21 +269,16 @@ fn print_tree(
 
 fn checkpoint_info(info: &checkpoints::Info, domain: &str, json: bool) {
     let c = &info.checkpoint;
-    let (children, descendants, current) = (info.children, info.descendants, info.current);
     if json {
-        print_json(
-            json!({"name": c.name, "domain": domain, "parent": c.parent, "children": children,
-                   "descendants": descendants, "current": current}),
-        );
-        return;
+        return print_json(views::checkpoint_info_json(info, domain));
     }
     for (label, value) in [
         ("Name:", c.name.as_str()),
         ("Domain:", domain),
         ("Parent:", c.parent.as_deref().unwrap_or("-")),
-        ("Children:", &children.to_string()),
-        ("Descendants:", &descendants.to_string()),
-        ("Current:", if current { "yes" } else { "no" }),
+        ("Children:", &info.children.to_string()),
+        ("Descendants:", &info.descendants.to_string()),
+        ("Current:", if info.current { "yes" } else { "no" }),
     ] {
         println!("{label:<15} {value}");
     }
@@ -355,39 +290,14 @@ fn backup_begin(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
     let args = virsh(m, "backup-begin")?;
     let domain = args.required("domain")?;
     let (backupxml, checkpointxml) = (args.optional("backupxml"), args.optional("checkpointxml"));
-    let read = |p: &Option<String>| p.as_deref().map(|p| read_file(Path::new(p))).transpose();
-    let (backup, checkpoint) = (read(&backupxml)?, read(&checkpointxml)?);
-    let (backup, checkpoint) = (backup.as_deref(), checkpoint.as_deref());
-    let (reuse, wait) = (m.get_flag("reuse_external"), m.get_flag("wait"));
-    let begun = begin(store, &domain, backup, checkpoint, reuse, wait);
-    begun.map_err(|e| {
-        // Name the file the error is in, told by the document's root element.
-        let file = match &e {
-            CliError::Xml(x) if x.path.starts_with("/domaincheckpoint") => checkpointxml.as_deref(),
-            CliError::Xml(_) => backupxml.as_deref(),
-            _ => None,
-        };
-        match file {
-            Some(f) => in_file(f, e),
-            None => e,
-        }
-    })
-}
-
-fn begin(
-    store: &Store,
-    name: &str,
-    backup: Option<&str>,
-    checkpoint: Option<&str>,
-    reuse_external: bool,
-    wait: bool,
-) -> Result<(), CliError> {
-    let mut s = jobs::begin(store, name, backup, checkpoint, reuse_external)?;
+    let reuse = m.get_flag("reuse_external");
+    let (backupxml, checkpointxml) = (backupxml.as_deref(), checkpointxml.as_deref());
+    let mut s = jobs::begin_files(store, &domain, backupxml, checkpointxml, reuse)?;
     let view = s.driver.domain().view();
     match view.backup.and_then(export_uris) {
         Some(uris) => println!("Backup started; exports served at {}", uris.join(" ")),
         // Without a <domainbackup> the targets were chosen here: say where they are.
-        None if backup.is_none() => {
+        None if backupxml.is_none() => {
             let targets: Vec<String> = view
                 .backup
                 .iter()
@@ -398,14 +308,12 @@ fn begin(
         }
         None => println!("Backup started"),
     }
-    if !wait {
+    if !m.get_flag("wait") {
         return s.close();
     }
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(bar_style(""));
-        b
-    });
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| progress_bar(0, None));
     let poll_ms = if bar.is_some() { 200 } else { 1000 };
     let stats = jobs::follow(&mut s, poll_ms, |st| {
         if let Some(b) = &bar {
@@ -417,39 +325,15 @@ fn begin(
         b.finish_and_clear();
     }
     s.close()?;
-    match stats {
-        Some(st) if st.success == Some(true) => {
-            println!("Backup complete");
-            Ok(())
-        }
-        Some(st) => {
-            let status = serde_json::to_value(st.status).unwrap_or(Value::Null);
-            let status = status.as_str().unwrap_or("ended");
-            let errmsg = st.errmsg.unwrap_or_default();
-            let message = format!("operation failed: backup job {status}: {errmsg}");
-            Err(CliError::Other(message))
-        }
-        None => Err(CliError::Other(
-            "backup job ended without statistics".into(),
-        )),
-    }
-}
-
-/// The style of a progress bar, after `prefix` (a template part, e.g. `{prefix} `).
-pub(crate) fn bar_style(prefix: &str) -> indicatif::ProgressStyle {
-    let template =
-        "{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})";
-    indicatif::ProgressStyle::with_template(&format!("{prefix}{template}"))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    jobs::outcome(stats)?;
+    println!("Backup complete");
+    Ok(())
 }
 
 /// Prints job statistics as virsh 11.3 does (labels, column widths and `%.3lf` units).
 fn print_stats(stats: Option<&Value>, m: &ArgMatches, pending: Option<&str>) {
     if m.get_flag("json") {
-        let mut v = stats.cloned().unwrap_or_else(|| json!({"status": "none"}));
-        v["pendingBackup"] = json!(pending);
-        print_json(v);
-        return;
+        return print_json(views::job_json(stats, pending));
     }
     let status = stats.and_then(|st| st["status"].as_str()).unwrap_or("none");
     let (number, word) = views::job_type(status);
@@ -504,21 +388,17 @@ fn domjobinfo(store: &Store, name: &str, m: &ArgMatches) -> Result<(), CliError>
     let machine = m.get_flag("json") || m.get_flag("rawstats");
     let pending = managed_ops::pending_backup(store, name).filter(|_| !machine);
     if let Some(uuid) = pending {
-        println!(
-            "{}",
-            crate::managed::pending_note(&uuid, name, info.running)
-        );
+        println!("{}", managed::pending_note(&uuid, name, info.running));
     }
     Ok(())
 }
 
-/// Ends the job of a domain whose journal cannot be read, saying so; whether there was one.
-pub(crate) fn end_damaged_job(store: &Store, name: &str) -> Result<bool, CliError> {
-    let damaged = jobs::end_damaged_job(store, name)?;
-    if let Some(d) = &damaged {
-        report_damaged_journal(d);
+/// Ends the job of a domain whose journal cannot be read, saying so.
+pub(crate) fn end_damaged_job(store: &Store, name: &str) -> Result<(), CliError> {
+    if let Some(d) = jobs::end_damaged_job(store, name)? {
+        report_damaged_journal(&d);
     }
-    Ok(damaged.is_some())
+    Ok(())
 }
 
 fn report_damaged_journal(damaged: &jobs::DamagedJournal) {

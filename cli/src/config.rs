@@ -1,7 +1,7 @@
 //! The `config-*` commands over the host configuration (`vbackup_host::config`).
 
 use clap::ArgMatches;
-use vbackup_host::config::{HostConfig, KEYS, Setting, check_key};
+use vbackup_host::config::{HostConfig, Setting, shown_keys};
 use vbackup_qemu::store::Store;
 
 use crate::output::CliError;
@@ -14,13 +14,7 @@ pub fn run(store: &Store, name: &str, m: &ArgMatches) -> Result<(), CliError> {
     let key = text(m, "key");
     match name {
         "config-get" => {
-            let keys: Vec<&str> = match &key {
-                Some(k) => {
-                    check_key(k)?;
-                    vec![k.as_str()]
-                }
-                None => KEYS.to_vec(),
-            };
+            let keys = shown_keys(key.as_deref())?;
             if m.get_flag("json") {
                 println!("{}", config.shown_json(&keys));
             } else if key.is_some() {

@@ -19,16 +19,14 @@ pub fn run(m: &ArgMatches) -> Result<(), CliError> {
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
+            let compared = if r.verified { "identical" } else { "DIFFERENT" };
+            let (size, time) = (human_bytes(r.size), format!("{:.2} s", r.secs));
             vec![
                 r.backup.clone(),
                 r.disk.clone(),
-                human_bytes(r.size),
-                format!("{:.2} s", r.secs),
-                if r.verified {
-                    "identical".into()
-                } else {
-                    "DIFFERENT".into()
-                },
+                size,
+                time,
+                compared.into(),
             ]
         })
         .collect();

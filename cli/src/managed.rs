@@ -6,17 +6,17 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use clap::ArgMatches;
-use serde_json::{Value, json};
-use vbackup_core::catalogue::{BackupListFilter, Catalogue, ManagedBackup};
+use serde_json::json;
+use vbackup_core::catalogue::{Catalogue, ManagedBackup};
 use vbackup_core::managed::ManagedReply;
 use vbackup_host::domains::read_file;
 use vbackup_host::managed_ops::{self as ops, CreateOptions, RestoreOptions};
 use vbackup_host::managed_runtime::{CopyEvent, CopyObserver};
-use vbackup_host::views::backup_json;
+use vbackup_host::views::{self, backup_json};
 use vbackup_qemu::store::Store;
 
 use crate::commands;
-use crate::output::{CliError, format_time, human_bytes, print_json, table};
+use crate::output::{CliError, format_time, human_bytes, print_json, progress_bar, table};
 use crate::session;
 use crate::spec::{domain, path, text, texts, virsh};
 
@@ -77,18 +77,9 @@ fn copy_progress(shown: bool) -> CopyObserver {
             export,
             total_bytes,
         } => {
-            bar = shown.then(|| {
-                let b = indicatif::ProgressBar::new(total_bytes);
-                b.set_style(commands::bar_style("{prefix} "));
-                b.set_prefix(export.to_owned());
-                b
-            });
+            bar = shown.then(|| progress_bar(total_bytes, Some(export.to_owned())));
         }
-        CopyEvent::Copied(bytes) => {
-            if let Some(b) = &bar {
-                b.inc(bytes);
-            }
-        }
+        CopyEvent::Copied(bytes) => bar.iter().for_each(|b| b.inc(bytes)),
         CopyEvent::Finished {
             export,
             bytes_copied,
@@ -101,13 +92,9 @@ fn copy_progress(shown: bool) -> CopyObserver {
             println!("Disk {export}: pulled {bytes} in {ranges} extent(s)");
         }
         CopyEvent::Checking { image, total_bytes } => {
-            bar = shown.then(|| {
-                let b = indicatif::ProgressBar::new(total_bytes);
-                b.set_style(commands::bar_style("{prefix} "));
-                let name = Path::new(image).file_name().map(|n| n.to_string_lossy());
-                b.set_prefix(format!("reading {}", name.unwrap_or_default()));
-                b
-            });
+            let name = Path::new(image).file_name().map(|n| n.to_string_lossy());
+            let prefix = format!("reading {}", name.unwrap_or_default());
+            bar = shown.then(|| progress_bar(total_bytes, Some(prefix)));
         }
         CopyEvent::Checked { .. } => {
             if let Some(b) = bar.take() {
@@ -146,18 +133,17 @@ fn create(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
     } else if let Some(o) = read_progress(json) {
         create.observe_copies(o);
     }
-    match create.run()? {
-        ManagedReply::Started { uuid } if json => {
-            print_json(json!({"uuid": uuid, "status": "started"}));
-        }
+    let reply = create.run()?;
+    match &reply {
+        ManagedReply::Created(backup) if json => print_json(backup_json(backup)),
+        ManagedReply::Started { .. } if json => print_json(views::job_reply_json(&reply)),
         ManagedReply::Started { uuid } => {
             println!("Backup {uuid} started");
             println!(
                 "The backup is recorded once its job ends: run 'vbackup backup-finish {name}' (it waits), or 'backup-finish {name} --check' to see whether it is done"
             );
         }
-        ManagedReply::Created(backup) if json => print_json(backup_json(&backup)),
-        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(&b)),
+        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(b)),
         _ => return Err(CliError::Other("unexpected answer to a backup".into())),
     }
     Ok(())
@@ -175,20 +161,19 @@ fn finish(store: &Store, name: &str, m: &ArgMatches) -> Result<(), CliError> {
     if cancel {
         commands::end_damaged_job(store, name)?;
     }
-    match ops::finish(store, name, cancel, m.get_flag("check"))? {
-        ManagedReply::Running { uuid } if json => {
-            print_json(json!({"uuid": uuid, "status": "running"}));
+    let reply = ops::finish(store, name, cancel, m.get_flag("check"))?;
+    match &reply {
+        ManagedReply::Running { .. }
+        | ManagedReply::Cancelled { .. }
+        | ManagedReply::Created(_)
+            if json =>
+        {
+            print_json(views::job_reply_json(&reply));
         }
         ManagedReply::Running { uuid } => println!("Backup {uuid} is running"),
-        ManagedReply::Cancelled { uuid } => match (&uuid, json) {
-            (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
-            (Some(u), false) => println!("Backup {u} cancelled"),
-            (None, false) => println!("Backup job cancelled"),
-        },
-        ManagedReply::Created(b) if json => {
-            print_json(json!({"uuid": b.uuid, "status": "created", "backup": backup_json(&b)}))
-        }
-        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(&b)),
+        ManagedReply::Cancelled { uuid: Some(u) } => println!("Backup {u} cancelled"),
+        ManagedReply::Cancelled { uuid: None } => println!("Backup job cancelled"),
+        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(b)),
         _ => return Err(CliError::Other("unexpected answer to backup-finish".into())),
     }
     Ok(())
@@ -207,15 +192,10 @@ fn print_backups(backups: &[&ManagedBackup], json: bool) {
     let rows: Vec<Vec<String>> = backups
         .iter()
         .map(|b| {
-            let (kind, parent) = (b.kind.name().to_owned(), b.parent.clone());
+            let (uuid, kind) = (b.uuid.clone(), b.kind.name().to_owned());
+            let parent = b.parent.clone().unwrap_or_default();
             let size = human_bytes(b.allocated_size_bytes());
-            vec![
-                b.uuid.clone(),
-                created(b),
-                kind,
-                parent.unwrap_or_default(),
-                size,
-            ]
+            vec![uuid, created(b), kind, parent, size]
         })
         .collect();
     let headers = ["UUID", "Creation Time", "Kind", "Parent", "Size"];
@@ -239,11 +219,7 @@ fn list(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
             uuid.unwrap_or("UUID")
         );
     }
-    let filter = match (m.get_flag("full"), m.get_flag("latest")) {
-        (true, _) => BackupListFilter::Full,
-        (_, true) => BackupListFilter::LatestChain,
-        _ => BackupListFilter::All,
-    };
+    let filter = ops::list_filter(m.get_flag("full"), m.get_flag("latest"));
     let backups = cat.list(filter);
     if m.get_flag("tree") && !json {
         let shown: Vec<&str> = backups.iter().map(|b| b.uuid.as_str()).collect();
@@ -317,11 +293,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let report = ops::verify(store, uuid, read_progress(json))?;
     if json {
-        let rows: Vec<Value> = report
-            .iter()
-            .map(|(disk, r)| json!({"disk": disk, "ok": r.is_ok(), "error": r.as_ref().err()}))
-            .collect();
-        print_json(json!({"uuid": uuid, "disks": rows}));
+        print_json(views::verify_json(uuid, &report));
     } else {
         for (disk, r) in &report {
             match r {
@@ -330,12 +302,7 @@ fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
             }
         }
     }
-    match report.iter().filter(|(_, r)| r.is_err()).count() {
-        0 => Ok(()),
-        failed => Err(CliError::Other(format!(
-            "operation failed: backup '{uuid}': {failed} disk(s) failed verification"
-        ))),
-    }
+    ops::verdict(uuid, &report)
 }
 
 fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
@@ -384,8 +351,7 @@ fn delete(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
     let d = ops::delete(store, &target, m.get_flag("children"), all, keep)?;
     let n = d.uuids.len();
     if m.get_flag("json") {
-        let domain = &d.domain;
-        print_json(json!({"domain": domain, "deleted": d.uuids, "checkpointsKept": keep}));
+        print_json(views::delete_json(&d, keep));
     } else if all {
         println!("Deleted {} backup(s) of domain '{target}'", d.had);
     } else if n > 1 {
@@ -432,16 +398,12 @@ fn restore(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
     }
     let r = restore.run()?;
     if json {
-        let disks: Vec<Value> = r
-            .disks
-            .iter()
-            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
-            .collect();
-        let domain = if overwrite { Some(domain) } else { r.defined };
-        let backup = r.backup;
-        print_json(
-            json!({"backup": backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
-        );
+        let domain = if overwrite {
+            Some(domain)
+        } else {
+            r.defined.clone()
+        };
+        print_json(views::restore_json(&r, overwrite, domain.as_deref()));
         return Ok(());
     }
     let verb = if overwrite { "over" } else { "to" };

@@ -32,6 +32,8 @@ struct CommandSpec {
     about: String,
     long_about: Option<String>,
     #[serde(default)]
+    never_waits: bool,
+    #[serde(default)]
     arg: Vec<ArgSpec>,
     #[serde(default)]
     command: Vec<CommandSpec>,
@@ -84,13 +86,35 @@ fn spec() -> &'static Spec {
     })
 }
 
-/// The command line as declared, before `main` adds `--wait-lock` to the commands that wait.
+/// The command line's definition, as parsed, completed and documented.
+///
+/// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
+/// that may wait for a domain's lock, but not by those that [`never_waits`]: were it global,
+/// clap would offer it in their help, completion and manual page too.
 pub fn command() -> Command {
     let spec = spec();
     let root = Command::new("vbackup")
         .version(env!("CARGO_PKG_VERSION"))
         .about(env!("CARGO_PKG_DESCRIPTION"));
-    subcommands(with_args(root, &spec.arg), &spec.command)
+    let root = with_args(root, &spec.arg);
+    let wait_lock = root.get_arguments().find(|a| a.get_id() == "wait_lock");
+    let wait_lock = wait_lock
+        .cloned()
+        .expect("the global options define --wait-lock");
+    // Added after the commands are declared, as `mut_subcommand` moves each command it changes
+    // to the end of the list the completion scripts follow (their help keeps its order).
+    let waiting = spec.command.iter().filter(|c| !c.never_waits);
+    waiting.fold(subcommands(root, &spec.command), |root, c| {
+        root.mut_subcommand(&c.name, |sub| sub.arg(wait_lock.clone()))
+    })
+}
+
+/// Whether `command` never waits for a domain's lock, so refuses `--wait-lock`.
+pub fn never_waits(command: &str) -> bool {
+    spec()
+        .command
+        .iter()
+        .any(|c| c.name == command && c.never_waits)
 }
 
 fn subcommands(parent: Command, specs: &'static [CommandSpec]) -> Command {
@@ -141,25 +165,19 @@ fn arg(a: &'static ArgSpec) -> Arg {
     let mut arg = Arg::new(&a.id)
         .value_name(a.value_name.clone().unwrap_or(a.id.to_uppercase()))
         .help(&a.help)
+        .long_help(a.long_help.as_deref())
+        .help_heading(a.help_heading.as_deref())
+        .default_value(a.default.as_deref())
         .required(a.required)
         .global(a.global);
     if !a.positional {
         arg = arg.long(a.long.clone().unwrap_or(a.id.replace('_', "-")));
-    }
-    if let Some(text) = &a.long_help {
-        arg = arg.long_help(text);
-    }
-    if let Some(heading) = &a.help_heading {
-        arg = arg.help_heading(heading);
     }
     if let Some(other) = &a.conflicts_with {
         arg = arg.conflicts_with(other);
     }
     if let Some(other) = &a.requires {
         arg = arg.requires(other);
-    }
-    if let Some(value) = &a.default {
-        arg = arg.default_value(value);
     }
     arg = match (a.flag, a.repeat) {
         (true, _) => arg.action(ArgAction::SetTrue),
@@ -207,13 +225,11 @@ pub struct Virsh {
 /// way; a positional value left over is refused with virsh's message.
 pub fn virsh(matches: &ArgMatches, command: &str) -> Result<Virsh, CliError> {
     let declared = spec().command.iter().find(|c| c.name == command);
-    let slots: Vec<&ArgSpec> = declared
-        .map(|c| c.arg.iter().map(resolve).collect())
-        .unwrap_or_default();
-    let slots = slots
-        .into_iter()
-        .filter(|a| a.positional && a.kind == Kind::Text);
-    let slots: Vec<&ArgSpec> = slots.collect();
+    let args = declared.map(|c| c.arg.as_slice()).unwrap_or_default();
+    let args = args.iter().map(resolve);
+    let slots: Vec<&ArgSpec> = args
+        .filter(|a| a.positional && a.kind == Kind::Text)
+        .collect();
     let mut positional = slots.iter().filter_map(|a| text(matches, &a.id));
     let values = slots
         .iter()

@@ -8,8 +8,8 @@
 use clap::ArgMatches;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vbackup_core::xml::validate_document;
-use vbackup_host::documents::{FormatOptions, format_document, located, read_document};
+use vbackup_host::documents::{Checked, FormatOptions, check, format_document, located};
+use vbackup_host::views;
 
 use crate::spec::{path, text};
 
@@ -43,45 +43,18 @@ fn validate(m: &ArgMatches) -> ExitCode {
     let mut results = Vec::new();
     for path in m.get_many::<PathBuf>("files").into_iter().flatten() {
         let file = path.display().to_string();
-        let text = match read_document(path) {
-            Ok(text) => text,
-            Err(e) => {
-                let message = e.to_string();
-                all_valid = false;
-                if json {
-                    results.push(serde_json::json!({"file": file, "valid": false, "root": null,
-                        "errors": [{"line": null, "column": null, "path": null, "message": message}]}));
-                } else {
-                    eprintln!("{message}");
-                }
-                continue;
-            }
-        };
-        match validate_document(&text) {
-            Ok(kind) if json => results.push(serde_json::json!({
-                "file": file, "valid": true, "root": kind.root_name(), "errors": []
-            })),
-            Ok(kind) => println!("{file}: valid {}", kind.root_name()),
-            Err(errors) => {
-                all_valid = false;
-                if json {
-                    let errors: Vec<serde_json::Value> = errors
-                        .iter()
-                        .map(|e| {
-                            serde_json::json!({
-                                "line": e.position.map(|p| p.line),
-                                "column": e.position.map(|p| p.column),
-                                "path": e.path,
-                                "message": e.message,
-                            })
-                        })
-                        .collect();
-                    results.push(serde_json::json!({"file": file, "valid": false, "root": null, "errors": errors}));
-                }
-                for err in errors.iter().filter(|_| !json) {
-                    eprintln!("{}", located(path, err));
-                }
-            }
+        let checked = check(path);
+        all_valid &= matches!(checked, Checked::Valid(_));
+        if json {
+            results.push(views::checked_json(&file, &checked));
+            continue;
+        }
+        match checked {
+            Checked::Unreadable(message) => eprintln!("{message}"),
+            Checked::Valid(root) => println!("{file}: valid {root}"),
+            Checked::Invalid(errors) => errors
+                .iter()
+                .for_each(|e| eprintln!("{}", located(path, e))),
         }
     }
     if json {
