@@ -1,208 +1,115 @@
 //! `vbackup`: incremental backups of QEMU virtual machines, with virsh-like commands.
 //!
-//! Each command group lives in its own module; this file only dispatches.
+//! The commands are declared in `cli/commands.toml` ([`spec`]); each command group lives in its
+//! own module, and this file only dispatches.
 
 mod commands;
 mod config;
 mod demo;
 mod managed;
 mod output;
-mod virsh_args;
+mod spec;
 mod xml_cmd;
 
 // The host runtime's modules under the names the command modules use.
 use vbackup_host::processes::lock_holder_lines;
 use vbackup_host::session;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use output::CliError;
 use std::process::ExitCode;
-
-/// Incremental backup for QEMU virtual machines.
-#[derive(Debug, Parser)]
-#[command(name = "vbackup", version, about)]
-struct Cli {
-    #[command(flatten)]
-    global: commands::Global,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate and format checkpoint and backup XML documents.
-    #[command(subcommand)]
-    Xml(xml_cmd::XmlCommand),
-    /// Domain, checkpoint, backup and job commands.
-    #[command(flatten)]
-    Domain(commands::DomainCommand),
-    /// Managed backups: create, list, restore, delete.
-    #[command(flatten)]
-    Managed(managed::ManagedCommand),
-    /// Host configuration: pull backup TLS certificates and NBD ports.
-    #[command(flatten)]
-    Config(config::ConfigCommand),
-    /// Run the end-to-end demonstration on two fresh qcow2 disks.
-    Demo(demo::DemoArgs),
-    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    ///
-    /// Install for bash: `vbackup completion bash > ~/.local/share/bash-completion/completions/vbackup`
-    Completion {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-    /// Print the manual page (roff), or with --dir write one page per command into DIR.
-    ///
-    /// Install: `vbackup man --dir /usr/local/share/man/man1` (then `man vbackup`,
-    /// `man vbackup-backup-begin`).
-    Man {
-        /// Directory to write `vbackup.1` and `vbackup-COMMAND.1` into.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<std::path::PathBuf>,
-    },
-}
 
 fn main() -> ExitCode {
     // Usage errors exit 1 like every other error (as virsh's do); --help and --version 0.
-    let (cli, domain, name) = match command().try_get_matches().and_then(|m| {
-        let mut cli = Cli::from_arg_matches(&m)?;
-        cli.global.wait_lock = wait_lock_of(&m);
-        Ok((cli, domain_of(&m), m.subcommand_name().map(str::to_owned)))
-    }) {
-        Ok(parsed) => parsed,
+    let matches = match spec::command().try_get_matches() {
+        Ok(matches) => matches,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::from(u8::from(e.use_stderr()));
         }
     };
+    let wait_lock = wait_lock_of(&matches);
+    let domain = domain_of(&matches);
+    let state_dir = spec::path(&matches, "state_dir");
+    let state_dir = state_dir.as_deref();
+    let (name, sub) = matches.subcommand().expect("a command is required");
     // Lock files name what their holder does: this command line, without the program.
     let operation: Vec<String> = std::env::args().skip(1).collect();
     session::configure_locking(session::LockSettings {
-        wait: std::time::Duration::from_secs(cli.global.wait_lock.unwrap_or(0)),
+        wait: std::time::Duration::from_secs(wait_lock.unwrap_or(0)),
         operation: operation.join(" "),
     });
-    let state_dir = cli.global.state_dir.clone();
     // Every outcome below is reported with the command's domain, which its hints name.
-    let report = |result: Result<(), output::CliError>| report(result, domain.as_deref());
-    if let Some(name) =
-        name.filter(|n| cli.global.wait_lock.is_some() && NEVER_WAIT.contains(&&**n))
-    {
+    let report = |result: Result<(), CliError>| report(result, domain.as_deref());
+    if wait_lock.is_some() && spec::never_waits(name) {
         eprintln!(
             "error: --wait-lock: '{name}' never waits for the domain lock (it reads the store while another vbackup holds it)"
         );
         return ExitCode::FAILURE;
     }
-    match cli.command {
-        Command::Xml(command) => xml_cmd::run(command),
-        Command::Domain(command) => {
-            let result = commands::run(&cli.global, command);
+    match name {
+        "xml" => xml_cmd::run(sub),
+        "demo" => report(demo::run(sub)),
+        "completion" => {
+            let shell: clap_complete::Shell = *sub.get_one("shell").expect("a required argument");
+            // The script comes from the same definitions the parser uses, so it cannot drift.
+            // Rendered into memory first: clap_complete panics on a failed write, and a reader
+            // that stops early (`| head`) is no reason to crash.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut spec::command(), "vbackup", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => report(Err(CliError::io("cannot write the completion script")(e))),
+            }
+        }
+        "man" => report(man(spec::path(sub, "dir").as_deref())),
+        _ if name.starts_with("config-") => {
+            report(session::open_store(state_dir).and_then(|store| config::run(&store, name, sub)))
+        }
+        _ if managed::runs(name) => report(managed::run(state_dir, name, sub)),
+        _ => {
+            let result = commands::run(state_dir, name, sub);
             // An image locked by another process: name the image and who holds it.
             let holders = match &result {
-                Err(e) => session::open_store(state_dir.as_deref())
+                Err(e) => session::open_store(state_dir)
                     .map(|store| lock_holder_lines(&store, &operation, e))
                     .unwrap_or_default(),
                 Ok(()) => Vec::new(),
             };
             if let (Err(e), false) = (&result, holders.is_empty()) {
-                eprintln!("error: {}", output::message(e));
+                eprintln!("error: {}", e.message());
                 holders.iter().for_each(|h| eprintln!("error: {h}"));
                 return ExitCode::FAILURE;
             }
             report(result)
         }
-        Command::Managed(command) => report(managed::run(&cli.global, command)),
-        Command::Config(command) => report(
-            session::open_store(cli.global.state_dir.as_deref())
-                .and_then(|store| config::run(&store, command)),
-        ),
-        Command::Demo(args) => report(demo::run(&args)),
-        Command::Completion { shell } => {
-            // The script comes from the same definitions the parser uses, so it cannot drift.
-            // Rendered into memory first: clap_complete panics on a failed write, and a reader
-            // that stops early (`| head`) is no reason to crash.
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command(), "vbackup", &mut script);
-            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                Err(e) => report(Err(output::CliError::io(
-                    "cannot write the completion script",
-                )(e))),
-            }
-        }
-        Command::Man { dir } => report(man(dir.as_deref())),
     }
 }
 
 /// Writes the manual: the top page to stdout, or every page into `dir`.
-fn man(dir: Option<&std::path::Path>) -> Result<(), output::CliError> {
-    let command = command();
+fn man(dir: Option<&std::path::Path>) -> Result<(), CliError> {
+    let command = spec::command();
     match dir {
         None => clap_mangen::Man::new(command)
             .render(&mut std::io::stdout())
-            .map_err(output::CliError::io("cannot write the manual page")),
+            .map_err(CliError::io("cannot write the manual page")),
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(output::CliError::io(format!(
-                "cannot create '{}'",
-                dir.display()
-            )))?;
-            clap_mangen::generate_to(command, dir).map_err(output::CliError::io(format!(
-                "cannot write manual pages into '{}'",
-                dir.display()
-            )))?;
-            println!("Manual pages written to {}", dir.display());
+            let shown = dir.display();
+            let failed = format!("cannot create '{shown}'");
+            std::fs::create_dir_all(dir).map_err(CliError::io(failed))?;
+            let failed = format!("cannot write manual pages into '{shown}'");
+            clap_mangen::generate_to(command, dir).map_err(CliError::io(failed))?;
+            println!("Manual pages written to {shown}");
             Ok(())
         }
     }
 }
 
-/// The commands that never wait for a domain's lock (they read the store while another
-/// vbackup holds the domain), so that `--wait-lock` is refused there rather than silently
-/// ignored, and is not offered in their help.
-const NEVER_WAIT: [&str; 10] = [
-    "list",
-    "domblklist",
-    "checkpoint-list",
-    "checkpoint-parent",
-    "checkpoint-info",
-    "backup-dumpxml",
-    "domjobinfo",
-    "xml",
-    "completion",
-    "man",
-];
-
-/// The domain the command line names, by position or with `--domain` (the named form wins, as
-/// in [`virsh_args::fill`]), so that error hints can name it; `None` for a command without one.
+/// The domain the command line names, by position or with `--domain` (as [`spec::virsh`]
+/// assigns them), so that error hints can name it; `None` for a command without one.
 fn domain_of(matches: &clap::ArgMatches) -> Option<String> {
-    let (_, sub) = matches.subcommand()?;
-    let get = |id: &str| sub.try_get_one::<String>(id).ok().flatten().cloned();
-    get("domain_named").or_else(|| get("domain"))
-}
-
-/// The command line's definition, as parsed, completed and documented.
-///
-/// `--wait-lock` is taken before the command (`vbackup --wait-lock N CMD`) and by every command
-/// that may wait for a domain's lock, but not by those [`NEVER_WAIT`] names: were it global,
-/// clap would offer it in their help, completion and manual page too.
-fn command() -> clap::Command {
-    let command = Cli::command();
-    let wait_lock = command
-        .get_arguments()
-        .find(|a| a.get_id() == "wait_lock")
-        .cloned()
-        .expect("the global options define --wait-lock");
-    let waiting: Vec<String> = command
-        .get_subcommands()
-        .map(|sub| sub.get_name().to_owned())
-        .filter(|name| !NEVER_WAIT.contains(&name.as_str()))
-        .collect();
-    waiting.iter().fold(command, |command, name| {
-        command.mut_subcommand(name, |sub| sub.arg(wait_lock.clone()))
-    })
+    let (name, sub) = matches.subcommand()?;
+    spec::virsh(sub, name).ok()?.optional("domain")
 }
 
 /// `--wait-lock`'s value, before the command or after it (the latter wins).
@@ -217,11 +124,11 @@ fn wait_lock_of(matches: &clap::ArgMatches) -> Option<u64> {
 
 /// Prints an error as virsh does, with what to do next when the cause is known, and turns the
 /// outcome into an exit code. `domain` is the command's domain, named in the hint when known.
-fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCode {
+fn report(result: Result<(), CliError>, domain: Option<&str>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = output::message(&e);
+            let message = e.message();
             match e.next_step(domain) {
                 Some(hint) => eprintln!("error: {message}\nerror: {hint}"),
                 None => eprintln!("error: {message}"),
@@ -233,65 +140,9 @@ fn report(result: Result<(), output::CliError>, domain: Option<&str>) -> ExitCod
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn the_domain_comes_from_either_argument_form() {
-        let domain = |args: &[&str]| {
-            let matches = command()
-                .try_get_matches_from(std::iter::once("vbackup").chain(args.iter().copied()))
-                .expect("a valid command line");
-            domain_of(&matches)
-        };
-        assert_eq!(domain(&["backup-begin", "web1"]).as_deref(), Some("web1"));
-        assert_eq!(
-            domain(&["backup-begin", "--domain", "web1"]).as_deref(),
-            Some("web1")
-        );
-        // The named form takes the domain; the positional value goes to the next argument.
-        assert_eq!(
-            domain(&["checkpoint-delete", "--domain", "web1", "c1"]).as_deref(),
-            Some("web1")
-        );
-        assert_eq!(
-            domain(&["backup-create", "web1", "--state-dir", "/tmp/s"]).as_deref(),
-            Some("web1")
-        );
-        assert_eq!(domain(&["list"]), None);
-        assert_eq!(domain(&["completion", "bash"]), None);
-    }
-
     #[test]
     fn the_command_definitions_are_consistent() {
         // clap checks its definitions only when asked (or in debug builds at parse time).
-        Cli::command().debug_assert();
-        command().debug_assert();
-    }
-
-    #[test]
-    fn wait_lock_goes_before_the_command_or_with_one_that_waits_but_not_with_a_reader() {
-        let parse = |args: &[&str]| {
-            command().try_get_matches_from(std::iter::once("vbackup").chain(args.iter().copied()))
-        };
-        let wait = |args: &[&str]| wait_lock_of(&parse(args).expect("a valid command line"));
-        assert_eq!(wait(&["--wait-lock", "5", "start", "vm"]), Some(5));
-        assert_eq!(wait(&["start", "vm", "--wait-lock", "5"]), Some(5));
-        assert_eq!(
-            wait(&["checkpoint-create-as", "--wait-lock", "7", "vm", "c1"]),
-            Some(7)
-        );
-        assert_eq!(wait(&["backup-create", "vm", "--wait-lock", "3"]), Some(3));
-        assert_eq!(wait(&["start", "vm"]), None);
-        // Before a reader it parses, so that main refuses it with its reason.
-        assert_eq!(wait(&["--wait-lock", "5", "list"]), Some(5));
-        for name in NEVER_WAIT {
-            let sub = command().find_subcommand(name).cloned().expect("a command");
-            assert!(
-                sub.get_arguments().all(|a| a.get_id() != "wait_lock"),
-                "{name} offers --wait-lock"
-            );
-        }
-        let err = parse(&["domjobinfo", "vm", "--wait-lock", "5"]).unwrap_err();
-        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        crate::spec::command().debug_assert();
     }
 }

@@ -3,218 +3,50 @@
 //! this module parses the arguments and prints the answers.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use clap::{Args, Subcommand};
-use serde_json::{Value, json};
-use vbackup_core::catalogue::{BackupListFilter, Catalogue, ManagedBackup};
+use clap::ArgMatches;
+use serde_json::json;
+use vbackup_core::catalogue::{Catalogue, ManagedBackup};
 use vbackup_core::managed::ManagedReply;
 use vbackup_host::domains::read_file;
 use vbackup_host::managed_ops::{self as ops, CreateOptions, RestoreOptions};
 use vbackup_host::managed_runtime::{CopyEvent, CopyObserver};
-use vbackup_host::views::backup_json;
+use vbackup_host::views::{self, backup_json};
 use vbackup_qemu::store::Store;
 
-use crate::commands::{self, Json};
-use crate::output::{CliError, format_time, human_bytes, print_json, table};
+use crate::commands;
+use crate::output::{CliError, format_time, human_bytes, print_json, progress_bar, table};
 use crate::session;
-use crate::virsh_args::{DomainArg, fill, required};
+use crate::spec::{domain, path, text, texts, virsh};
 
-/// Managed backup commands (named like the rest of vbackup's `backup-*` commands).
-#[derive(Debug, Subcommand)]
-#[allow(clippy::enum_variant_names)]
-pub enum ManagedCommand {
-    /// Create a managed backup (full, or incremental from --parent) with a checkpoint.
-    BackupCreate(CreateArgs),
-    /// List a domain's managed backups.
-    BackupList(ListArgs),
-    /// List the backups built directly on a backup.
-    BackupChildren(UuidArg),
-    /// Show a managed backup.
-    BackupInfo(UuidArg),
-    /// Check a managed backup without restoring it: every image of its chain is there and each
-    /// disk's content, read through the chain as a restore reads it, matches the digest recorded
-    /// when the backup was taken. Exits non-zero when a disk fails.
-    BackupVerify(UuidArg),
-    /// Delete a managed backup, its images and the checkpoint it created.
-    ///
-    /// A backup's checkpoint only serves as the base of later incrementals from that backup;
-    /// once the backup is deleted nothing can be built on it, so its checkpoint (metadata and
-    /// bitmaps) is deleted with it, alone: other checkpoints and their bitmaps are kept, and
-    /// so is a checkpoint another remaining backup names. The checkpoint of every remaining
-    /// backup stays, so incrementals can still be built on any of them. Checkpoints are
-    /// deleted first, records next, images last: if a step fails, the backups not yet removed
-    /// stay catalogued and restorable, and running the command again finishes the deletion.
-    /// Deleting a checkpoint needs QEMU; with --keep-checkpoints the backups go without it and
-    /// their checkpoints stay (delete them later with checkpoint-delete).
-    BackupDelete(DeleteArgs),
-    /// Restore a managed backup to new images (and a new domain) or over the domain's disks.
-    ///
-    /// The result is the disks as they were at the backup's point in time (with --until: at
-    /// that backup's point in time), checked against the digest recorded in the catalogue.
-    BackupRestore(RestoreArgs),
-    /// Make an incremental backup a full backup of its own (a synthetic full).
-    ///
-    /// Each of its images gets the data it read from its parents' images, so it no longer needs
-    /// them; its content, checked against the recorded digest, does not change, and backups
-    /// built on it stay valid. Its former ancestors remain a chain of their own and can then be
-    /// deleted without it.
-    BackupConsolidate(UuidArg),
-    /// Finish a domain's managed backup: wait for it and record it, check it, or cancel it.
-    BackupFinish(FinishArgs),
-    /// Print the directory new managed backups of a domain go to.
-    BackupGetDefaultTarget {
-        #[command(flatten)]
-        dom: DomainArg,
-        /// Machine-readable output (`{domain, target}`, `target` null when none is set).
-        #[arg(long)]
-        json: bool,
-    },
-    /// Set the directory new managed backups of a domain go to.
-    BackupSetDefaultTarget {
-        #[command(flatten)]
-        dom: DomainArg,
-        /// Directory (created if missing).
-        #[arg(value_name = "DIR")]
-        dir: Option<String>,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct CreateArgs {
-    #[command(flatten)]
-    dom: DomainArg,
-    /// `<domainbackup>` file (default: every disk, into the default target directory; or
-    /// `--backupxml FILE`).
-    #[arg(value_name = "BACKUPXML")]
-    backupxml: Option<String>,
-    /// `<domainbackup>` file, as virsh's named form of BACKUPXML.
-    #[arg(long = "backupxml", id = "backupxml_named", value_name = "FILE")]
-    backupxml_named: Option<String>,
-    /// Name of the checkpoint created with the backup (default: the backup's uuid).
-    #[arg(long)]
-    checkpoint: Option<String>,
-    /// The backup this one is incremental to.
-    #[arg(long)]
-    parent: Option<String>,
-    /// Free-form description.
-    #[arg(long)]
-    description: Option<String>,
-    /// Read the disks over NBD with vbackup's client instead of letting QEMU push them.
-    #[arg(long)]
-    pull: bool,
-    /// Wait for a push backup to finish and record it (pull backups always finish).
-    #[arg(long)]
-    wait: bool,
-    /// Machine-readable output: one JSON object (the recorded backup, or the started
-    /// one's uuid), no progress bar.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    #[command(flatten)]
-    dom: DomainArg,
-    /// Only full backups.
-    #[arg(long, conflicts_with = "latest")]
-    full: bool,
-    /// Only the chain of the most recent backup.
-    #[arg(long)]
-    latest: bool,
-    /// Show the backups as a tree of parents and children.
-    #[arg(long)]
-    tree: bool,
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-pub struct UuidArg {
-    /// Backup uuid.
-    uuid: String,
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-pub struct DeleteArgs {
-    /// Backup uuid (with --all: the domain name).
-    target: String,
-    /// Also delete every backup built on it.
-    #[arg(long, conflicts_with = "all")]
-    children: bool,
-    /// Delete every backup of the domain named instead.
-    #[arg(long)]
-    all: bool,
-    /// Keep the checkpoints the deleted backups created (no QEMU needed).
-    #[arg(long)]
-    keep_checkpoints: bool,
-    /// Machine-readable output (one JSON object).
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct RestoreArgs {
-    /// Backup uuid: the backup restored, or with --until any backup of the chain.
-    uuid: String,
-    /// Restore the chain of UUID only up to this backup: the disks as they were at its
-    /// point in time. It must be on one chain with UUID (an ancestor of it, UUID itself,
-    /// or a backup built on it, directly or not); any other backup is refused.
-    #[arg(long, value_name = "UUID")]
-    until: Option<String>,
-    /// Define a new domain on the restored images.
-    #[arg(long, requires = "dir")]
-    new_domain: Option<String>,
-    /// Directory of the new images `<dir>/<disk>.qcow2`.
-    #[arg(long, conflicts_with = "overwrite")]
-    dir: Option<PathBuf>,
-    /// Only these disks (repeatable; default: every disk of the backup).
-    #[arg(long)]
-    disk: Vec<String>,
-    /// Replace the domain's own disk images (only while it is not running).
-    #[arg(long)]
-    overwrite: bool,
-    /// Machine-readable output (one JSON object).
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct FinishArgs {
-    #[command(flatten)]
-    dom: DomainArg,
-    /// Cancel the job and discard the backup.
-    #[arg(long, conflicts_with = "check")]
-    cancel: bool,
-    /// Only report whether the job is done (recording it if it is).
-    #[arg(long)]
-    check: bool,
-    /// Machine-readable output (one JSON object).
-    #[arg(long)]
-    json: bool,
+/// Whether `name` is a managed backup command (named like the rest of vbackup's `backup-*`
+/// commands, as `backup-begin` and `backup-dumpxml` are).
+pub fn runs(name: &str) -> bool {
+    name.starts_with("backup-") && !matches!(name, "backup-begin" | "backup-dumpxml")
 }
 
 /// Runs a managed backup command.
-pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), CliError> {
-    use ManagedCommand as C;
-    let store = session::open_store(global.state_dir.as_deref())?;
-    match command {
-        C::BackupCreate(a) => create(&store, a),
-        C::BackupList(a) => list(&store, a),
-        C::BackupChildren(UuidArg { uuid, json }) => children(&store, &uuid, json.json),
-        C::BackupInfo(UuidArg { uuid, json }) => info(&store, &uuid, json.json),
-        C::BackupVerify(UuidArg { uuid, json }) => verify(&store, &uuid, json.json),
-        C::BackupDelete(a) => delete(&store, &a),
-        C::BackupRestore(a) => restore(&store, a),
-        C::BackupConsolidate(UuidArg { uuid, json }) => consolidate(&store, &uuid, json.json),
-        C::BackupFinish(a) => finish(&store, &a.dom.clone().get("backup-finish")?, &a),
-        C::BackupGetDefaultTarget { dom, json } => {
-            let name = dom.get("backup-get-default-target")?;
-            let target = ops::default_target(&store, &name)?;
+pub fn run(state_dir: Option<&Path>, name: &str, m: &ArgMatches) -> Result<(), CliError> {
+    let store = session::open_store(state_dir)?;
+    let store = &store;
+    let uuid = || text(m, "uuid").expect("a required argument");
+    let json = || m.get_flag("json");
+    match name {
+        "backup-create" => create(store, m),
+        "backup-list" => list(store, m),
+        "backup-children" => children(store, &uuid(), json()),
+        "backup-info" => info(store, &uuid(), json()),
+        "backup-verify" => verify(store, &uuid(), json()),
+        "backup-delete" => delete(store, m),
+        "backup-restore" => restore(store, m),
+        "backup-consolidate" => consolidate(store, &uuid(), json()),
+        "backup-finish" => finish(store, &domain(m, name)?, m),
+        "backup-get-default-target" => {
+            let name = domain(m, name)?;
+            let target = ops::default_target(store, &name)?;
             match target {
-                _ if json => print_json(json!({"domain": name, "target": target})),
+                _ if json() => print_json(json!({"domain": name, "target": target})),
                 Some(dir) => println!("{dir}"),
                 None => {
                     return Err(CliError::Other(format!(
@@ -224,17 +56,15 @@ pub fn run(global: &commands::Global, command: ManagedCommand) -> Result<(), Cli
             }
             Ok(())
         }
-        C::BackupSetDefaultTarget { dom, dir } => {
-            let command = "backup-set-default-target";
-            let slots = [("domain", dom.domain_named), ("dir", None)];
-            let [domain, dir] = fill(slots, [dom.domain, dir])?;
-            let domain = required(command, "domain", domain)?;
-            let dir = required(command, "dir", dir)?;
-            let dir = ops::set_default_target(&store, &domain, Path::new(&dir))?;
+        "backup-set-default-target" => {
+            let args = virsh(m, name)?;
+            let (domain, dir) = (args.required("domain")?, args.required("dir")?);
+            let dir = ops::set_default_target(store, &domain, Path::new(&dir))?;
             let dir = dir.display();
             println!("Default backup target of domain '{domain}' set to {dir}");
             Ok(())
         }
+        _ => unreachable!("command '{name}' is declared but not handled"),
     }
 }
 
@@ -247,18 +77,9 @@ fn copy_progress(shown: bool) -> CopyObserver {
             export,
             total_bytes,
         } => {
-            bar = shown.then(|| {
-                let b = indicatif::ProgressBar::new(total_bytes);
-                b.set_style(commands::bar_style("{prefix} "));
-                b.set_prefix(export.to_owned());
-                b
-            });
+            bar = shown.then(|| progress_bar(total_bytes, Some(export.to_owned())));
         }
-        CopyEvent::Copied(bytes) => {
-            if let Some(b) = &bar {
-                b.inc(bytes);
-            }
-        }
+        CopyEvent::Copied(bytes) => bar.iter().for_each(|b| b.inc(bytes)),
         CopyEvent::Finished {
             export,
             bytes_copied,
@@ -271,13 +92,9 @@ fn copy_progress(shown: bool) -> CopyObserver {
             println!("Disk {export}: pulled {bytes} in {ranges} extent(s)");
         }
         CopyEvent::Checking { image, total_bytes } => {
-            bar = shown.then(|| {
-                let b = indicatif::ProgressBar::new(total_bytes);
-                b.set_style(commands::bar_style("{prefix} "));
-                let name = Path::new(image).file_name().map(|n| n.to_string_lossy());
-                b.set_prefix(format!("reading {}", name.unwrap_or_default()));
-                b
-            });
+            let name = Path::new(image).file_name().map(|n| n.to_string_lossy());
+            let prefix = format!("reading {}", name.unwrap_or_default());
+            bar = shown.then(|| progress_bar(total_bytes, Some(prefix)));
         }
         CopyEvent::Checked { .. } => {
             if let Some(b) = bar.take() {
@@ -293,41 +110,40 @@ fn read_progress(json: bool) -> Option<CopyObserver> {
     shown.then(|| copy_progress(true))
 }
 
-fn create(store: &Store, a: CreateArgs) -> Result<(), CliError> {
-    let slots = [
-        ("domain", a.dom.domain_named),
-        ("backupxml", a.backupxml_named),
-    ];
-    let [domain, backupxml] = fill(slots, [a.dom.domain, a.backupxml])?;
-    let name = required("backup-create", "domain", domain)?;
+fn create(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
+    let args = virsh(m, "backup-create")?;
+    let name = args.required("domain")?;
     let opts = CreateOptions {
-        xml: backupxml.map(|p| read_file(Path::new(&p))).transpose()?,
-        checkpoint: a.checkpoint,
-        parent: a.parent,
-        description: a.description,
-        pull: a.pull,
-        wait: a.wait,
+        xml: args
+            .optional("backupxml")
+            .map(|p| read_file(Path::new(&p)))
+            .transpose()?,
+        checkpoint: text(m, "checkpoint"),
+        parent: text(m, "parent"),
+        description: text(m, "description"),
+        pull: m.get_flag("pull"),
+        wait: m.get_flag("wait"),
     };
+    let json = m.get_flag("json");
     let mut create = ops::prepare_create(store, &name, &opts)?;
-    if a.pull && !a.json {
+    if opts.pull && !json {
         let (uuid, uris) = (&create.uuid, create.export_uris.join(" "));
         println!("Backup {uuid} started; exports served at {uris}");
         create.observe_copies(copy_progress(std::io::stderr().is_terminal()));
-    } else if let Some(o) = read_progress(a.json) {
+    } else if let Some(o) = read_progress(json) {
         create.observe_copies(o);
     }
-    match create.run()? {
-        ManagedReply::Started { uuid } if a.json => {
-            print_json(json!({"uuid": uuid, "status": "started"}));
-        }
+    let reply = create.run()?;
+    match &reply {
+        ManagedReply::Created(backup) if json => print_json(backup_json(backup)),
+        ManagedReply::Started { .. } if json => print_json(views::job_reply_json(&reply)),
         ManagedReply::Started { uuid } => {
             println!("Backup {uuid} started");
             println!(
                 "The backup is recorded once its job ends: run 'vbackup backup-finish {name}' (it waits), or 'backup-finish {name} --check' to see whether it is done"
             );
         }
-        ManagedReply::Created(backup) if a.json => print_json(backup_json(&backup)),
-        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(&b)),
+        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(b)),
         _ => return Err(CliError::Other("unexpected answer to a backup".into())),
     }
     Ok(())
@@ -339,25 +155,25 @@ fn kind_size(b: &ManagedBackup) -> String {
     format!("{}, {size}", b.kind.name())
 }
 
-fn finish(store: &Store, name: &str, a: &FinishArgs) -> Result<(), CliError> {
+fn finish(store: &Store, name: &str, m: &ArgMatches) -> Result<(), CliError> {
+    let (cancel, json) = (m.get_flag("cancel"), m.get_flag("json"));
     // A damaged job journal does not block --cancel: the job ends first.
-    if a.cancel {
+    if cancel {
         commands::end_damaged_job(store, name)?;
     }
-    match ops::finish(store, name, a.cancel, a.check)? {
-        ManagedReply::Running { uuid } if a.json => {
-            print_json(json!({"uuid": uuid, "status": "running"}));
+    let reply = ops::finish(store, name, cancel, m.get_flag("check"))?;
+    match &reply {
+        ManagedReply::Running { .. }
+        | ManagedReply::Cancelled { .. }
+        | ManagedReply::Created(_)
+            if json =>
+        {
+            print_json(views::job_reply_json(&reply));
         }
         ManagedReply::Running { uuid } => println!("Backup {uuid} is running"),
-        ManagedReply::Cancelled { uuid } => match (&uuid, a.json) {
-            (_, true) => print_json(json!({"uuid": uuid, "status": "cancelled"})),
-            (Some(u), false) => println!("Backup {u} cancelled"),
-            (None, false) => println!("Backup job cancelled"),
-        },
-        ManagedReply::Created(b) if a.json => {
-            print_json(json!({"uuid": b.uuid, "status": "created", "backup": backup_json(&b)}))
-        }
-        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(&b)),
+        ManagedReply::Cancelled { uuid: Some(u) } => println!("Backup {u} cancelled"),
+        ManagedReply::Cancelled { uuid: None } => println!("Backup job cancelled"),
+        ManagedReply::Created(b) => println!("Backup {} created ({})", b.uuid, kind_size(b)),
         _ => return Err(CliError::Other("unexpected answer to backup-finish".into())),
     }
     Ok(())
@@ -376,24 +192,19 @@ fn print_backups(backups: &[&ManagedBackup], json: bool) {
     let rows: Vec<Vec<String>> = backups
         .iter()
         .map(|b| {
-            let (kind, parent) = (b.kind.name().to_owned(), b.parent.clone());
+            let (uuid, kind) = (b.uuid.clone(), b.kind.name().to_owned());
+            let parent = b.parent.clone().unwrap_or_default();
             let size = human_bytes(b.allocated_size_bytes());
-            vec![
-                b.uuid.clone(),
-                created(b),
-                kind,
-                parent.unwrap_or_default(),
-                size,
-            ]
+            vec![uuid, created(b), kind, parent, size]
         })
         .collect();
     let headers = ["UUID", "Creation Time", "Kind", "Parent", "Size"];
     print!("{}", table(&headers, &rows));
 }
 
-fn list(store: &Store, a: ListArgs) -> Result<(), CliError> {
-    let name = a.dom.get("backup-list")?;
-    let json = a.json.json;
+fn list(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
+    let name = domain(m, "backup-list")?;
+    let json = m.get_flag("json");
     let listing = ops::list(store, &name)?;
     let cat = listing.machine.catalogue();
     let damaged = listing.machine.damaged();
@@ -408,13 +219,9 @@ fn list(store: &Store, a: ListArgs) -> Result<(), CliError> {
             uuid.unwrap_or("UUID")
         );
     }
-    let filter = match (a.full, a.latest) {
-        (true, _) => BackupListFilter::Full,
-        (_, true) => BackupListFilter::LatestChain,
-        _ => BackupListFilter::All,
-    };
+    let filter = ops::list_filter(m.get_flag("full"), m.get_flag("latest"));
     let backups = cat.list(filter);
-    if a.tree && !json {
+    if m.get_flag("tree") && !json {
         let shown: Vec<&str> = backups.iter().map(|b| b.uuid.as_str()).collect();
         for root in backups.iter().filter(|b| b.parent.is_none()) {
             print_tree(cat, root, &shown, "", None)?;
@@ -486,11 +293,7 @@ fn children(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     let report = ops::verify(store, uuid, read_progress(json))?;
     if json {
-        let rows: Vec<Value> = report
-            .iter()
-            .map(|(disk, r)| json!({"disk": disk, "ok": r.is_ok(), "error": r.as_ref().err()}))
-            .collect();
-        print_json(json!({"uuid": uuid, "disks": rows}));
+        print_json(views::verify_json(uuid, &report));
     } else {
         for (disk, r) in &report {
             match r {
@@ -499,12 +302,7 @@ fn verify(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
             }
         }
     }
-    match report.iter().filter(|(_, r)| r.is_err()).count() {
-        0 => Ok(()),
-        failed => Err(CliError::Other(format!(
-            "operation failed: backup '{uuid}': {failed} disk(s) failed verification"
-        ))),
-    }
+    ops::verdict(uuid, &report)
 }
 
 fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
@@ -537,29 +335,24 @@ fn info(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
 }
 
 /// `backup-dumpxml UUID`: the `<managedbackup>` record.
-pub fn dumpxml(
-    store: &Store,
-    uuid: &str,
-    json: bool,
-    xpath: &commands::XpathArgs,
-) -> Result<(), CliError> {
+pub fn dumpxml(store: &Store, uuid: &str, m: &ArgMatches) -> Result<(), CliError> {
     let (b, _) = ops::find(store, uuid)?;
-    if json {
+    if m.get_flag("json") {
         print_json(backup_json(&b));
         Ok(())
     } else {
-        xpath.print(&b.format())
+        commands::print_xpath(m, &b.format())
     }
 }
 
-fn delete(store: &Store, a: &DeleteArgs) -> Result<(), CliError> {
-    let (target, keep) = (&a.target, a.keep_checkpoints);
-    let d = ops::delete(store, target, a.children, a.all, keep)?;
+fn delete(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
+    let target = text(m, "target").expect("a required argument");
+    let (all, keep) = (m.get_flag("all"), m.get_flag("keep_checkpoints"));
+    let d = ops::delete(store, &target, m.get_flag("children"), all, keep)?;
     let n = d.uuids.len();
-    if a.json {
-        let domain = &d.domain;
-        print_json(json!({"domain": domain, "deleted": d.uuids, "checkpointsKept": keep}));
-    } else if a.all {
+    if m.get_flag("json") {
+        print_json(views::delete_json(&d, keep));
+    } else if all {
         println!("Deleted {} backup(s) of domain '{target}'", d.had);
     } else if n > 1 {
         println!("Backup {target} and {} dependent backup(s) deleted", n - 1);
@@ -585,14 +378,14 @@ fn consolidate(store: &Store, uuid: &str, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn restore(store: &Store, a: RestoreArgs) -> Result<(), CliError> {
-    let (json, overwrite) = (a.json, a.overwrite);
+fn restore(store: &Store, m: &ArgMatches) -> Result<(), CliError> {
+    let (json, overwrite) = (m.get_flag("json"), m.get_flag("overwrite"));
     let opts = RestoreOptions {
-        uuid: a.uuid,
-        until: a.until,
-        new_domain: a.new_domain,
-        dir: a.dir,
-        disks: a.disk,
+        uuid: text(m, "uuid").expect("a required argument"),
+        until: text(m, "until"),
+        new_domain: text(m, "new_domain"),
+        dir: path(m, "dir"),
+        disks: texts(m, "disk"),
         overwrite,
     };
     let mut restore = ops::prepare_restore(store, &opts)?;
@@ -605,16 +398,12 @@ fn restore(store: &Store, a: RestoreArgs) -> Result<(), CliError> {
     }
     let r = restore.run()?;
     if json {
-        let disks: Vec<Value> = r
-            .disks
-            .iter()
-            .map(|d| json!({"disk": d.disk, "path": d.path, "format": d.format.name(), "digest": d.digest.to_string()}))
-            .collect();
-        let domain = if overwrite { Some(domain) } else { r.defined };
-        let backup = r.backup;
-        print_json(
-            json!({"backup": backup, "overwrite": overwrite, "disks": disks, "domain": domain}),
-        );
+        let domain = if overwrite {
+            Some(domain)
+        } else {
+            r.defined.clone()
+        };
+        print_json(views::restore_json(&r, overwrite, domain.as_deref()));
         return Ok(());
     }
     let verb = if overwrite { "over" } else { "to" };

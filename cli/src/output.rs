@@ -1,77 +1,15 @@
-//! Errors as the command line reports them (virsh's `error: <category>: <detail>` on stderr,
-//! exit code 1), tables in virsh's layout, and times.
+//! What the commands print with: errors (worded by the host runtime as virsh words them, printed
+//! as `error: <category>: <detail>` on stderr by `main`), JSON, tables in virsh's layout, times
+//! and progress bars.
 
-use vbackup_core::error::{ConflictError, Error as EngineError, RequestError};
-
-/// Everything a command can fail with: the host runtime's errors, which [`message`] words.
+/// Everything a command can fail with: the host runtime's errors, worded as virsh words them
+/// ([`vbackup_host::Error::message`]).
 pub use vbackup_host::Error as CliError;
 
-/// An error as the command line words it: an engine error after virsh's category prefix.
-pub fn message(e: &CliError) -> String {
-    match e {
-        CliError::Engine(e) => engine_message(e),
-        other => other.to_string(),
-    }
-}
-
-/// virsh's category prefix for an engine error, then the detail.
-fn engine_message(e: &EngineError) -> String {
-    let prefix = match e {
-        EngineError::Request(r) => match r {
-            RequestError::NoCheckpoint(_) | RequestError::IncrementalCheckpointMissing { .. } => {
-                "Domain checkpoint not found: "
-            }
-            RequestError::CheckpointExists(_) => "operation failed: ",
-            RequestError::CheckpointInconsistent { .. } => "checkpoint inconsistent: ",
-            RequestError::NoJob | RequestError::NotRunning => "Requested operation is not valid: ",
-            RequestError::NoBackup => "Domain backup job id not found: ",
-            RequestError::Unsupported(_) | RequestError::NbdServerInUse { .. } => "",
-            RequestError::InvalidFlags(_) => "",
-            _ => "invalid argument: ",
-        },
-        EngineError::Conflict(ConflictError::DomainJob { .. }) => "Timed out during operation: ",
-        EngineError::Conflict(_) => "Requested operation is not valid: ",
-        EngineError::QemuRefused { .. } | EngineError::QemuMisbehaved(_) => "internal error: ",
-        EngineError::LinkLost(_) | EngineError::Store(_) => "operation failed: ",
-    };
-    format!("{prefix}{e}")
-}
-
-/// The JSON style of every `--json` output: object keys in camelCase, as libvirt spells its XML
-/// attributes (`creationTime`, `allocatedBytes`). Values are left alone.
-pub fn camel_case(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (camel_key(&k), camel_case(v)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(camel_case).collect()),
-        other => other,
-    }
-}
-
-/// Prints a `--json` answer on one line, in the one JSON style ([`camel_case`]).
+/// Prints a `--json` answer on one line, in the one JSON style
+/// ([`vbackup_host::views::camel_case`]).
 pub fn print_json(value: serde_json::Value) {
-    println!("{}", camel_case(value));
-}
-
-/// `creation_time` → `creationTime`; keys without underscores stay as they are.
-fn camel_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    let mut upper = false;
-    for c in key.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    println!("{}", vbackup_host::views::camel_case(value));
 }
 
 /// A table in virsh's layout: a header, a dashed rule, one-space indented columns.
@@ -109,6 +47,23 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub use vbackup_host::units::{format_time, human_bytes, virsh_bytes};
+
+/// A progress bar of `total` bytes on stderr, after `prefix` when one is given.
+pub fn progress_bar(total: u64, prefix: Option<String>) -> indicatif::ProgressBar {
+    let template =
+        "{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})";
+    let template = match &prefix {
+        Some(_) => format!("{{prefix}} {template}"),
+        None => template.to_owned(),
+    };
+    let style = indicatif::ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let bar = indicatif::ProgressBar::new(total).with_style(style);
+    match prefix {
+        Some(prefix) => bar.with_prefix(prefix),
+        None => bar,
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -101,6 +101,16 @@ pub struct Listing {
     pub children: BTreeMap<String, Vec<String>>,
 }
 
+impl Listing {
+    /// The checkpoints chosen whose parent is not among them, in order: the roots of the tree
+    /// the listing shows.
+    pub fn roots(&self) -> impl Iterator<Item = &Checkpoint> {
+        let chosen = |name: &str| self.checkpoints.iter().any(|c| c.name == name);
+        let shown_parent = move |c: &&Checkpoint| c.parent.as_deref().is_some_and(chosen);
+        self.checkpoints.iter().filter(move |c| !shown_parent(c))
+    }
+}
+
 /// The checkpoints of `domain` that `filter` chooses (with `from`, among that checkpoint's
 /// children, or with the filter's `roots_or_descendants` its descendants).
 pub fn list(

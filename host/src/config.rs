@@ -86,6 +86,14 @@ pub fn check_key(key: &str) -> Result<(), Error> {
     }
 }
 
+/// The keys `config-get` shows: `key` (checked), or without one every key.
+pub fn shown_keys(key: Option<&str>) -> Result<Vec<&str>, Error> {
+    match key {
+        Some(k) => check_key(k).map(|()| vec![k]),
+        None => Ok(KEYS.to_vec()),
+    }
+}
+
 /// Whether `key` takes a string (a path) rather than a number.
 fn is_text(key: &str) -> bool {
     key == CERT_DIR || key == SECRET_FILE

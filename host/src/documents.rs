@@ -36,6 +36,26 @@ pub fn located(path: &Path, err: &XmlError) -> String {
     format!("{}:{err}", path.display())
 }
 
+/// A document `xml validate` checked.
+#[derive(Debug)]
+pub enum Checked {
+    /// It could not be read (the message names the file).
+    Unreadable(String),
+    /// It is valid; its root element.
+    Valid(&'static str),
+    /// Its errors.
+    Invalid(Vec<XmlError>),
+}
+
+/// Reads the document at `path` and checks it against the grammar its root element picks.
+pub fn check(path: &Path) -> Checked {
+    match read_document(path).map(|text| validate_document(&text)) {
+        Err(e) => Checked::Unreadable(e.to_string()),
+        Ok(Ok(kind)) => Checked::Valid(kind.root_name()),
+        Ok(Err(errors)) => Checked::Invalid(errors),
+    }
+}
+
 /// What `xml format` was asked.
 #[derive(Debug, Clone, Default)]
 pub struct FormatOptions {

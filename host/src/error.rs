@@ -1,5 +1,8 @@
-//! What the host runtime fails with, sorted by where the failure comes from. The command line
-//! words each for the user (virsh's categories for engine errors) and turns it into an exit code.
+//! What the host runtime fails with, sorted by where the failure comes from, and how each is
+//! worded for the user: after virsh's category for an engine error ([`Error::message`]), with
+//! what to do next when the cause is known ([`Error::next_step`]).
+
+use vbackup_core::error::{ConflictError, Error as EngineError, RequestError};
 
 /// Every failure of the host runtime.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,37 @@ impl Error {
 }
 
 impl Error {
+    /// The error as virsh words it: an engine error after virsh's category prefix.
+    pub fn message(&self) -> String {
+        let Error::Engine(e) = self else {
+            return self.to_string();
+        };
+        let prefix = match e {
+            EngineError::Request(r) => match r {
+                RequestError::NoCheckpoint(_)
+                | RequestError::IncrementalCheckpointMissing { .. } => {
+                    "Domain checkpoint not found: "
+                }
+                RequestError::CheckpointExists(_) => "operation failed: ",
+                RequestError::CheckpointInconsistent { .. } => "checkpoint inconsistent: ",
+                RequestError::NoJob | RequestError::NotRunning => {
+                    "Requested operation is not valid: "
+                }
+                RequestError::NoBackup => "Domain backup job id not found: ",
+                RequestError::Unsupported(_) | RequestError::NbdServerInUse { .. } => "",
+                RequestError::InvalidFlags(_) => "",
+                _ => "invalid argument: ",
+            },
+            EngineError::Conflict(ConflictError::DomainJob { .. }) => {
+                "Timed out during operation: "
+            }
+            EngineError::Conflict(_) => "Requested operation is not valid: ",
+            EngineError::QemuRefused { .. } | EngineError::QemuMisbehaved(_) => "internal error: ",
+            EngineError::LinkLost(_) | EngineError::Store(_) => "operation failed: ",
+        };
+        format!("{prefix}{e}")
+    }
+
     /// What to do about an error whose cause is outside vbackup: a daemon that went away, a
     /// full filesystem. The commands to run next name `domain`, or say DOMAIN without one.
     pub fn next_step(&self, domain: Option<&str>) -> Option<String> {

@@ -13,12 +13,12 @@ use vbackup_core::checkpoint::{Checkpoint, CheckpointTree, DeleteScope};
 use vbackup_core::domain::{DomainEvent, Reply, Request};
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::xml::{
-    BackupDef, CheckpointDef, CheckpointDiskDef, CheckpointKind, CheckpointMode, Origin,
-    align_backup, align_checkpoint, align_redefined_checkpoint,
+    BackupDef, CheckpointDef, CheckpointDiskDef, CheckpointFormat, CheckpointKind, CheckpointMode,
+    Origin, align_backup, align_checkpoint, align_redefined_checkpoint,
 };
 use vbackup_qemu::store::{Store, write_atomic};
 
-use crate::domains::{esc, now_s};
+use crate::domains::{esc, now_s, read_file};
 use crate::effects::{COMPLETED_FILE, PROGRESS_FILE};
 use crate::error::Error;
 use crate::layout::{JOURNAL_FILE, KEEP_FILE};
@@ -73,6 +73,26 @@ pub fn follow(
         s.driver.step(Some(until))?;
     }
     Ok(last_completed(s))
+}
+
+/// An XML error of the document [`checkpoint_xml_from_args`] built from `checkpoint-create-as`'s
+/// arguments, told in terms of the arguments: the user never saw that document.
+pub fn from_arguments(e: impl Into<Error>) -> Error {
+    match e.into() {
+        Error::Xml(x) => {
+            let argument = if x.path.contains("/disk") {
+                "--diskspec"
+            } else if x.path.contains("/name") {
+                "NAME (--name)"
+            } else if x.path.contains("/description") {
+                "DESCRIPTION (--description)"
+            } else {
+                "the arguments"
+            };
+            Error::Other(format!("invalid argument: {argument}: {}", x.message))
+        }
+        other => other,
+    }
 }
 
 pub fn checkpoint_xml_from_args(
@@ -375,6 +395,75 @@ pub fn begin(
     Ok(s)
 }
 
+/// An XML error of a document the user gave as file `file`, named after the file (other
+/// errors are not about the file and pass unchanged).
+pub fn in_file(file: &str, e: impl Into<Error>) -> Error {
+    match e.into() {
+        Error::Xml(x) => Error::Other(format!("XML error: {file}:{x}")),
+        other => other,
+    }
+}
+
+/// [`define_checkpoint`] from the `<domaincheckpoint>` file `file`, whose XML errors are named
+/// after it.
+pub fn define_checkpoint_file(
+    store: &Store,
+    name: &str,
+    file: &str,
+    redefine: bool,
+    validate: bool,
+    quiesce: bool,
+) -> Result<String, Error> {
+    let text = read_file(Path::new(file))?;
+    define_checkpoint(store, name, &text, redefine, validate, quiesce).map_err(|e| in_file(file, e))
+}
+
+/// [`begin`] from the `<domainbackup>` and `<domaincheckpoint>` files given, whose XML errors
+/// are named after the file they are in (told by the document's root element).
+pub fn begin_files(
+    store: &Store,
+    name: &str,
+    backup_file: Option<&str>,
+    checkpoint_file: Option<&str>,
+    reuse_external: bool,
+) -> Result<Session, Error> {
+    let read = |p: Option<&str>| p.map(|p| read_file(Path::new(p))).transpose();
+    let (backup, checkpoint) = (read(backup_file)?, read(checkpoint_file)?);
+    let begun = begin(
+        store,
+        name,
+        backup.as_deref(),
+        checkpoint.as_deref(),
+        reuse_external,
+    );
+    begun.map_err(|e| {
+        let file = match &e {
+            Error::Xml(x) if x.path.starts_with("/domaincheckpoint") => checkpoint_file,
+            Error::Xml(_) => backup_file,
+            _ => None,
+        };
+        match file {
+            Some(f) => in_file(f, e),
+            None => e,
+        }
+    })
+}
+
+/// How a job [`follow`] saw end ended: `Ok` when it completed, else why not.
+pub fn outcome(stats: Option<JobStats>) -> Result<(), Error> {
+    match stats {
+        Some(st) if st.success == Some(true) => Ok(()),
+        Some(st) => {
+            let status = serde_json::to_value(st.status).unwrap_or(Value::Null);
+            let status = status.as_str().unwrap_or("ended");
+            let errmsg = st.errmsg.unwrap_or_default();
+            let message = format!("operation failed: backup job {status}: {errmsg}");
+            Err(Error::Other(message))
+        }
+        None => Err(Error::Other("backup job ended without statistics".into())),
+    }
+}
+
 /// Aborts the backup job of domain `name` and waits for its cleanup, so the daemon can be
 /// stopped with a clean state.
 /// A journal that cannot be read does not block it: see [`end_damaged_job`], whose report is
@@ -591,6 +680,34 @@ fn cancel_backup_jobs(socket: &Path) -> Result<(), Error> {
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checkpoint `checkpoint` of domain `name` (see [`checkpoint`]) and its XML document, without
+/// the embedded domain with `no_domain`.
+pub fn checkpoint_document(
+    store: &Store,
+    name: &str,
+    checkpoint: &str,
+    no_domain: bool,
+    size: bool,
+) -> Result<(Checkpoint, String), Error> {
+    let c = self::checkpoint(store, name, checkpoint, size)?;
+    let format = CheckpointFormat {
+        no_domain,
+        include_size: size,
+    };
+    let xml = c.to_def().format(format);
+    Ok((c, xml))
+}
+
+/// What `checkpoint-delete` deletes: the checkpoint with its descendants (`children`), only its
+/// descendants (`children_only`), or the checkpoint alone.
+pub fn delete_scope(children: bool, children_only: bool) -> DeleteScope {
+    match (children, children_only) {
+        (true, _) => DeleteScope::WithChildren,
+        (_, true) => DeleteScope::ChildrenOnly,
+        _ => DeleteScope::Single,
     }
 }
 

@@ -20,6 +20,13 @@
 //! The locking, atomic writes and the directory walk stay with `vbackup_qemu::store`, which
 //! owns the names it reads itself (`domain.xml`, `journal.json`, `checkpoints/`).
 
+use std::path::{Path, PathBuf};
+
+/// The directory of domain `name` in the state directory `root`.
+pub fn domain_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("domains").join(name)
+}
+
 /// The configuration file, at the root of the state directory.
 pub const CONFIG_FILE: &str = "vbackup.conf";
 /// A domain's definition.

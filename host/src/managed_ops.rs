@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use vbackup_core::backup::{BackupMode, BackupSpec};
 use vbackup_core::catalogue::{
-    BackupImage, Catalogue, CatalogueError, ManagedBackup, validate_uuid,
+    BackupImage, BackupListFilter, Catalogue, CatalogueError, ManagedBackup, validate_uuid,
 };
 use vbackup_core::error::{Error as EngineError, RequestError};
 use vbackup_core::managed::{
@@ -26,7 +26,7 @@ use vbackup_qemu::store::{DomainStore, Store, StoreError};
 use crate::domains::{daemon_running, esc};
 use crate::error::Error;
 use crate::jobs::{checkpoint_for_backup, parse_new_checkpoint};
-use crate::layout::MANAGED_JOURNAL_FILE;
+use crate::layout::{MANAGED_JOURNAL_FILE, domain_dir};
 use crate::managed_runtime::{CopyObserver, ManagedHost, stored_managed};
 use crate::session::{self, Attachment, Loaded};
 
@@ -48,6 +48,12 @@ pub fn pending_uuid(dir: &Path) -> Option<String> {
         Journal::Create(p) => Some(p.uuid),
         _ => None,
     }
+}
+
+/// The uuid of a managed backup of domain `name` that is started but not recorded yet (read
+/// without the domain's lock).
+pub fn pending_backup(store: &Store, name: &str) -> Option<String> {
+    pending_uuid(&domain_dir(store.root(), name))
 }
 
 /// The domain holding backup `uuid` (with `damaged`, also as a damaged record), locked, with
@@ -138,6 +144,15 @@ pub struct Listing {
     pub machine: Managed,
     /// A backup started but not recorded yet, and whether its job runs.
     pub pending: Option<(String, bool)>,
+}
+
+/// What `backup-list` lists: only full backups, only the latest backup's chain, or all.
+pub fn list_filter(full: bool, latest: bool) -> BackupListFilter {
+    match (full, latest) {
+        (true, _) => BackupListFilter::Full,
+        (_, true) => BackupListFilter::LatestChain,
+        _ => BackupListFilter::All,
+    }
 }
 
 /// The managed backups of domain `name`.
@@ -338,6 +353,16 @@ pub fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<Ma
 
 /// One disk's outcome of a verification: `Err` says what is wrong with it.
 pub type DiskCheck = (String, Result<(), String>);
+
+/// Backup `uuid`'s verification as a result: an error counting the disks that failed.
+pub fn verdict(uuid: &str, report: &[DiskCheck]) -> Result<(), Error> {
+    match report.iter().filter(|(_, r)| r.is_err()).count() {
+        0 => Ok(()),
+        failed => Err(Error::Other(format!(
+            "operation failed: backup '{uuid}': {failed} disk(s) failed verification"
+        ))),
+    }
+}
 
 /// Checks backup `uuid`'s disks against their recorded digests, naming a missing chain image;
 /// `observer` hears how the reads progress.
