@@ -26,9 +26,11 @@ use vbackup_core::managed::{
     CallId, DigestBase, Effect, EffectError, ImageFacts, Managed, ManagedError, ManagedInput,
     ManagedOutput, ManagedReply, ManagedRequest, Outcome, StoredManaged,
 };
+use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::{self, HashStore};
 use vbackup_qemu::images::{self, DEFAULT_TARGET_FILE};
 use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_bitmap_context};
+use vbackup_qemu::qcow2_writer;
 use vbackup_qemu::qsd::RunDir;
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 
@@ -332,6 +334,37 @@ impl ManagedHost {
         &self.machine
     }
 
+    /// [`digest::copy_hashed`] of `source` into `into`, told to the observer as a check of
+    /// `source`.
+    fn copy_hashed(
+        &mut self,
+        source: &str,
+        into: &str,
+        kind: DigestKind,
+    ) -> Result<Option<BlockHashes>, EffectError> {
+        let layers = images::chain_layers(Path::new(source)).map_err(failed)?;
+        let Some(top) = layers.first() else {
+            return Err(failed(format!("'{source}': qemu-img shows no image")));
+        };
+        let observer = &mut self.observer;
+        if let Some(o) = observer.as_mut() {
+            o(CopyEvent::Checking {
+                image: source,
+                total_bytes: top.virtual_size_bytes,
+            });
+        }
+        let (from, to) = (Path::new(source), Path::new(into));
+        let copied = digest::copy_hashed(from, &top.format, to, kind, &mut |bytes| {
+            if let Some(o) = observer.as_mut() {
+                o(CopyEvent::Copied(bytes));
+            }
+        });
+        if let Some(o) = observer.as_mut() {
+            o(CopyEvent::Checked { image: source });
+        }
+        copied.map_err(failed)
+    }
+
     /// Where the block hashes of the domain's backup images are kept.
     fn kept_hashes(&self) -> Option<HashStore> {
         self.store()
@@ -509,6 +542,14 @@ impl ManagedHost {
                 backing,
                 unsafe_rebase,
             } => {
+                // Only the header changes: rewritten here when it can be.
+                if *unsafe_rebase {
+                    let backing = backing.as_deref().map(Path::new);
+                    let set = qcow2_writer::set_backing(Path::new(path), backing);
+                    if set.map_err(|e| io_failed(path, &e))? {
+                        return done;
+                    }
+                }
                 let mut cmd = Command::new("qemu-img");
                 cmd.args(["rebase", "-q"]);
                 if *unsafe_rebase {
@@ -548,6 +589,13 @@ impl ManagedHost {
                     return Err(EffectError::NotFound(source.clone()));
                 }
                 let kept = self.kept_hashes();
+                // A new qcow2 image is written and hashed from one read of the source, here.
+                if !*existing && *format == ImageFormat::Qcow2 && kind.is_tree() {
+                    let copied = self.copy_hashed(source, into, *kind)?;
+                    if let Some(hashes) = copied {
+                        return facts(into, *kind, None, kept.as_ref(), Some(hashes), &mut None);
+                    }
+                }
                 let mut cmd = Command::new("qemu-img");
                 cmd.args(["convert", "-q", "-O", format.name()]);
                 if *existing {

@@ -21,6 +21,7 @@ use crate::images::{ALLOCATION_DEPTH, ImageError, NbdExport};
 use crate::nbd::copy::{ExtentSink, select_ranges};
 use crate::nbd::{BASE_ALLOCATION, NbdClient};
 use crate::qcow2::{Chain, Piece, ReadError};
+use crate::qcow2_writer::NewImage;
 
 /// Bytes asked for in one read while hashing (whole blocks).
 const READ_BYTES: u64 = 8 * TREE_BLOCK_BYTES;
@@ -123,9 +124,56 @@ pub fn block_hashes(
         Ok((chain, plan))
     });
     match planned {
-        Ok((chain, plan)) => hash_planned(&chain, kind, plan, base, progress),
+        Ok((chain, plan)) => hash_planned(&chain, kind, plan, base, progress, None),
         Err(_) => block_hashes_nbd(path, format, kind, base, progress),
     }
+}
+
+/// Copies `source`'s guest-visible content (through its backing chain) into `into`, a new
+/// qcow2 image ([`NewImage`]; it must not exist), hashing it for a digest of `kind` (a tree
+/// kind) as it goes: each byte is read once, by a thread per core, and only the clusters
+/// holding data are written. `Ok(None)` (nothing written) when `source` is not read from its
+/// files here: the caller copies it otherwise. On failure `into` is removed.
+pub fn copy_hashed(
+    source: &Path,
+    format: &ImageFormat,
+    into: &Path,
+    kind: DigestKind,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Option<BlockHashes>, ImageError> {
+    if !kind.is_tree() || crate::children::test_pause_requested() {
+        return Ok(None);
+    }
+    let Ok(chain) = Chain::open(source, format) else {
+        return Ok(None);
+    };
+    let Ok(plan) = plan(&chain, None) else {
+        return Ok(None);
+    };
+    // The ranges holding data: the image allocates exactly their clusters.
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (i, planned) in plan.iter().enumerate() {
+        let Planned::Read(pieces) = planned else {
+            continue;
+        };
+        let mut at = i as u64 * TREE_BLOCK_BYTES;
+        for piece in pieces {
+            if let Piece::Data { len, .. } = *piece {
+                match ranges.last_mut() {
+                    Some((o, l)) if *o + *l == at => *l += len,
+                    _ => ranges.push((at, len)),
+                }
+            }
+            at += piece.len();
+        }
+    }
+    let image = NewImage::create(into, chain.size(), None, &ranges)?;
+    let hashed = hash_planned(&chain, kind, plan, None, progress, Some(&image));
+    if hashed.is_err() {
+        drop(image);
+        let _ = std::fs::remove_file(into);
+    }
+    hashed.map(Some)
 }
 
 /// What a block's hash comes from, for an image read from its files.
@@ -159,13 +207,15 @@ fn plan(chain: &Chain, base: Option<&BlockHashes>) -> Result<Vec<Planned>, ReadE
 }
 
 /// Hashes the blocks of `plan`: those to read by a thread per core (up to 4), each taking
-/// runs of READ_BYTES in turn, so that reads stay mostly sequential.
+/// runs of READ_BYTES in turn, so that reads stay mostly sequential. With `copy`, the data
+/// read is written there too.
 fn hash_planned(
     chain: &Chain,
     kind: DigestKind,
     plan: Vec<Planned>,
     base: Option<&BlockHashes>,
     progress: &mut dyn FnMut(u64),
+    copy: Option<&NewImage>,
 ) -> Result<BlockHashes, ImageError> {
     let size = chain.size();
     let full_zero = zero_block_hash(kind, TREE_BLOCK_BYTES);
@@ -209,9 +259,13 @@ fn hash_planned(
                     };
                     for (i, pieces) in run.iter() {
                         let len = block_len(size, *i as u64) as usize;
-                        let hashed = chain
-                            .read(pieces, &mut buf[..len])
-                            .map(|()| (*i, block_hash(kind, &buf[..len])));
+                        let start = *i as u64 * TREE_BLOCK_BYTES;
+                        let hashed = chain.read(pieces, &mut buf[..len]).and_then(|()| {
+                            if let Some(image) = copy {
+                                write_pieces(image, start, pieces, &buf[..len])?;
+                            }
+                            Ok((*i, block_hash(kind, &buf[..len])))
+                        });
                         let failed = hashed.is_err();
                         if tx.send(hashed).is_err() || failed {
                             return;
@@ -240,6 +294,29 @@ fn hash_planned(
             "the block hashes do not cover the image",
         ))
     })
+}
+
+/// Writes the data pieces of a block read at guest offset `start` into `image`.
+fn write_pieces(
+    image: &NewImage,
+    start: u64,
+    pieces: &[Piece],
+    buf: &[u8],
+) -> Result<(), ReadError> {
+    let mut at = 0usize;
+    for piece in pieces {
+        let len = piece.len() as usize;
+        if let Piece::Data { .. } = piece {
+            image
+                .write_at(start + at as u64, &buf[at..at + len])
+                .map_err(|source| ReadError::Io {
+                    path: std::path::PathBuf::from("the new image"),
+                    source,
+                })?;
+        }
+        at += len;
+    }
+    Ok(())
 }
 
 /// [`block_hashes`] through qemu-nbd (its allocation depth tells which blocks the image holds

@@ -31,6 +31,7 @@ use vbackup_core::model::ImageFormat;
 
 use crate::nbd::copy::{self, CopyReport, ExtentSink};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError};
+use crate::qcow2_writer::NewImage;
 
 /// A failure of an external tool (`qemu-img`, `qemu-io`, `qemu-nbd`); shared by the image
 /// operations here and the live-test harness ([`crate::live`]).
@@ -605,6 +606,14 @@ pub fn store_extents_observed(
     }
     // The export is the disk as it is now: an overlay takes its size, which a disk that grew
     // since the parent backup no longer shares with the parent.
+    let size = source.info().size;
+    if NewImage::fits(ranges, size, parent.is_some()) {
+        let result = store_into_new_image(source, ranges, target, parent, progress);
+        if result.is_err() {
+            let _ = std::fs::remove_file(target);
+        }
+        return result;
+    }
     match parent {
         Some(p) => create_overlay_sized(target, p, source.info().size)?,
         None => create_full(target, source.info().size)?,
@@ -645,6 +654,36 @@ pub fn store_extents_observed(
         let _ = std::fs::remove_file(target);
     }
     result
+}
+
+/// [`store_extents_observed`] writing the image straight into its file ([`NewImage`]).
+fn store_into_new_image(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    target: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StoreReport, ImageError> {
+    let size = source.info().size;
+    let mut image = NewImage::create(target, size, parent, ranges)?;
+    let mut observed = ObservedSink {
+        inner: &mut image,
+        observer: progress,
+    };
+    let (copy, hashes) = if parent.is_none() {
+        let kind = DigestKind::NEW_IMAGES;
+        let mut hashing = crate::digest::HashingSink::new(&mut observed, kind, size, ranges);
+        let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
+        (copy, hashing.finish())
+    } else {
+        (copy::copy_ranges(source, ranges, &mut observed)?, None)
+    };
+    image.sync()?;
+    Ok(StoreReport {
+        copy,
+        data_bytes: image.data_bytes,
+        hashes,
+    })
 }
 
 /// Bytes read per request batch while hashing.

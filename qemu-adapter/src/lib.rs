@@ -13,6 +13,7 @@
 //! - [`nbd`]: the NBD client for pull-mode exports.
 //! - [`qcow2`]: reading qcow2 and raw images and their backing chains straight from their
 //!   files.
+//! - [`qcow2_writer`]: new qcow2 images a pull copy writes straight into their files.
 //! - [`images`]: backup images (overlays, extent writes through NBD, chains, digests).
 //! - [`children`]: the helpers vbackup starts die with it, and what a killed vbackup left is
 //!   cleaned by the next one.
@@ -31,6 +32,7 @@ pub mod images;
 pub mod live;
 pub mod nbd;
 pub mod qcow2;
+pub mod qcow2_writer;
 pub mod qmp_socket;
 pub mod qsd;
 pub mod recorder;

@@ -106,10 +106,16 @@ pub enum Piece {
 }
 
 impl Piece {
-    fn len(&self) -> u64 {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
         match *self {
             Piece::Zero(len) | Piece::Data { len, .. } => len,
         }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -466,7 +472,7 @@ impl Chain {
 }
 
 fn push(out: &mut Vec<Piece>, piece: Piece) {
-    if piece.len() == 0 {
+    if piece.is_empty() {
         return;
     }
     match (out.last_mut(), piece) {
