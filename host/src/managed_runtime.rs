@@ -334,6 +334,18 @@ impl ManagedHost {
         &self.machine
     }
 
+    /// The push targets of the full backup in flight are hashed beside their fsync.
+    fn want_full_targets(&self) {
+        let full = self
+            .machine
+            .pending()
+            .filter(|p| p.parent.is_none() && !p.pull);
+        let targets = full
+            .iter()
+            .flat_map(|p| p.images.iter().map(|(_, i)| i.clone()));
+        self.target_hashes.want(targets);
+    }
+
     /// [`digest::copy_hashed`] of `source` into `into`, told to the observer as a check of
     /// `source`.
     fn copy_hashed(
@@ -424,6 +436,7 @@ impl ManagedHost {
                 match output {
                     ManagedOutput::Respond(_, answer) => return Ok(answer),
                     ManagedOutput::Effect(id, effect) => {
+                        self.want_full_targets();
                         let result = self.execute(&effect);
                         next.extend(self.machine.handle(now(), ManagedInput::Done(id, result)));
                     }
@@ -439,6 +452,7 @@ impl ManagedHost {
                 // Waiting for a job: the session is driven meanwhile so its events arrive, and
                 // the machine hears at once when they end the job (not at its next poll).
                 let mut ended = false;
+                self.want_full_targets();
                 match &mut self.side {
                     Side::Session(s) => {
                         let until = s.driver.link().now().plus_ms(at.ms_since(now()).max(1));

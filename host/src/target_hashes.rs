@@ -6,7 +6,7 @@
 //! its own). An incremental target is hashed later, from its parent's block hashes and its own
 //! blocks, once its backing file is set ([`vbackup_qemu::digest::block_hashes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +23,8 @@ type Hashing = JoinHandle<Option<BlockHashes>>;
 #[derive(Debug, Clone, Default)]
 pub struct TargetHashes {
     hashing: Arc<Mutex<BTreeMap<String, Hashing>>>,
+    /// The targets to hash: those of the full backup in flight.
+    wanted: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl TargetHashes {
@@ -31,9 +33,21 @@ impl TargetHashes {
         Self::default()
     }
 
-    /// Starts hashing the closed target at `path` on a thread of its own, if it is an image
-    /// without a backing file.
+    /// The targets [`TargetHashes::start`] hashes from now on (those of a full backup: an
+    /// incremental's are hashed from their parent's hashes once their backing file is set).
+    pub fn want(&self, paths: impl IntoIterator<Item = String>) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        *wanted = paths.into_iter().collect();
+    }
+
+    /// Starts hashing the closed target at `path` on a thread of its own, if it is wanted and
+    /// an image without a backing file.
     pub fn start(&self, path: &str) {
+        let wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if !wanted.contains(path) {
+            return;
+        }
+        drop(wanted);
         let Ok(layers) = images::chain_layers(Path::new(path)) else {
             return;
         };
@@ -53,12 +67,12 @@ impl TargetHashes {
             let mut hashing = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
             hashing.remove(path)?
         };
-        let hashes = handle.join().ok().flatten()?;
+        // An image that got a backing file since (an incremental) is not what was hashed: its
+        // hashing is left to end by itself, unwaited.
         let layers = images::chain_layers(Path::new(path)).ok()?;
-        layers
-            .first()
-            .filter(|l| l.backing.is_none() && l.virtual_size_bytes == hashes.size())
-            .map(|_| hashes)
+        let top = layers.first().filter(|l| l.backing.is_none())?;
+        let hashes = handle.join().ok().flatten()?;
+        (top.virtual_size_bytes == hashes.size()).then_some(hashes)
     }
 }
 

@@ -188,22 +188,79 @@ enum Planned {
 /// `base`'s hash (when `base` has it, as long); a block of zeroes only is not read.
 fn plan(chain: &Chain, base: Option<&BlockHashes>) -> Result<Vec<Planned>, ReadError> {
     let size = chain.size();
-    let mut plan = Vec::with_capacity(usize::try_from(block_count(size)).unwrap_or(0));
-    for i in 0..block_count(size) {
-        let (offset, len) = (i * TREE_BLOCK_BYTES, block_len(size, i));
-        let shared = base.is_some_and(|b| b.get(i).is_some() && block_len(b.size(), i) == len);
-        if shared && chain.top_unallocated(offset, len)? {
-            plan.push(Planned::Base);
-            continue;
+    let blocks = block_count(size);
+    let mut plan = Vec::with_capacity(usize::try_from(blocks).unwrap_or(0));
+    // The top holds nothing of [.., free_end) as last looked.
+    let mut free_end = 0u64;
+    let mut first = 0u64;
+    // The chain is resolved PLAN_CHUNK_BLOCKS at a time, and the pieces cut into blocks: a
+    // sparse disk costs a lookup per L2 table, not one per block.
+    while first < blocks {
+        let last = (first + PLAN_CHUNK_BLOCKS).min(blocks);
+        let from = first * TREE_BLOCK_BYTES;
+        let to = (last * TREE_BLOCK_BYTES).min(size);
+        let mut pieces: std::collections::VecDeque<Piece> = chain.resolve(from, to - from)?.into();
+        for i in first..last {
+            let (offset, len) = (i * TREE_BLOCK_BYTES, block_len(size, i));
+            let block = take_pieces(&mut pieces, len);
+            let shared = base.is_some_and(|b| b.get(i).is_some() && block_len(b.size(), i) == len);
+            if shared {
+                if offset >= free_end {
+                    free_end = chain.top_unallocated_end(offset)?;
+                }
+                if offset + len <= free_end {
+                    plan.push(Planned::Base);
+                    continue;
+                }
+            }
+            if block.iter().all(|p| matches!(p, Piece::Zero(_))) {
+                plan.push(Planned::Zero);
+            } else {
+                plan.push(Planned::Read(block));
+            }
         }
-        let pieces = chain.resolve(offset, len)?;
-        if pieces.iter().all(|p| matches!(p, Piece::Zero(_))) {
-            plan.push(Planned::Zero);
-        } else {
-            plan.push(Planned::Read(pieces));
-        }
+        first = last;
     }
     Ok(plan)
+}
+
+/// Blocks resolved at a time by [`plan`] (1 GiB).
+const PLAN_CHUNK_BLOCKS: u64 = 1024;
+
+/// The first `len` bytes of `pieces`, taken off it (the piece at the cut is split).
+fn take_pieces(pieces: &mut std::collections::VecDeque<Piece>, len: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let Some(front) = pieces.pop_front() else {
+            break;
+        };
+        let n = front.len();
+        if n <= left {
+            out.push(front);
+            left -= n;
+            continue;
+        }
+        let (head, tail) = match front {
+            Piece::Zero(_) => (Piece::Zero(left), Piece::Zero(n - left)),
+            Piece::Data { layer, at, .. } => (
+                Piece::Data {
+                    layer,
+                    at,
+                    len: left,
+                },
+                Piece::Data {
+                    layer,
+                    at: at + left,
+                    len: n - left,
+                },
+            ),
+        };
+        out.push(head);
+        pieces.push_front(tail);
+        left = 0;
+    }
+    out
 }
 
 /// Hashes the blocks of `plan`: those to read by a thread per core (up to 4), each taking

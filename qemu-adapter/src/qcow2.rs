@@ -324,19 +324,44 @@ impl Layer {
             return Ok((Mapping::Unallocated, span_end - at));
         }
         let table = self.l2_table(q, l2_offset)?;
-        let entry = table[(index % per_l2) as usize];
-        if entry & COMPRESSED != 0 {
-            return Err(unsupported(&self.path, "compressed clusters"));
-        }
-        let host = entry & OFFSET_MASK;
-        let mapping = if q.zero_flag && entry & ALL_ZERO != 0 {
-            Mapping::Zero
-        } else if host == 0 {
-            Mapping::Unallocated
-        } else {
-            Mapping::Data(host + (at & (cluster - 1)))
+        let first = (index % per_l2) as usize;
+        let kind = |entry: u64| -> Result<Mapping, ReadError> {
+            if entry & COMPRESSED != 0 {
+                return Err(unsupported(&self.path, "compressed clusters"));
+            }
+            let host = entry & OFFSET_MASK;
+            Ok(if q.zero_flag && entry & ALL_ZERO != 0 {
+                Mapping::Zero
+            } else if host == 0 {
+                Mapping::Unallocated
+            } else {
+                Mapping::Data(host)
+            })
         };
-        Ok((mapping, in_cluster))
+        let mapping = kind(table[first])?;
+        // The run goes on over the next entries of this table that continue it: zero after
+        // zero, unallocated after unallocated, data at the next host cluster after data.
+        let mut clusters = 1usize;
+        while let Some(&next) = table.get(first + clusters) {
+            // A compressed cluster ends the run; its own lookup refuses it.
+            let Ok(next) = kind(next) else {
+                break;
+            };
+            let continues = match (mapping, next) {
+                (Mapping::Data(h), Mapping::Data(n)) => n == h + clusters as u64 * cluster,
+                (a, b) => a == b,
+            };
+            if !continues {
+                break;
+            }
+            clusters += 1;
+        }
+        let run = in_cluster + (clusters as u64 - 1) * cluster;
+        let mapping = match mapping {
+            Mapping::Data(host) => Mapping::Data(host + (at & (cluster - 1))),
+            other => other,
+        };
+        Ok((mapping, run))
     }
 
     fn l2_table(&self, q: &Qcow2, offset: u64) -> Result<Arc<Vec<u64>>, ReadError> {
@@ -394,17 +419,23 @@ impl Chain {
     /// Whether the top image holds nothing of `[offset, offset + len)` itself (every byte
     /// comes from its backing chain).
     pub fn top_unallocated(&self, offset: u64, len: u64) -> Result<bool, ReadError> {
+        let end = (offset + len).min(self.size());
+        Ok(self.top_unallocated_end(offset)? >= end)
+    }
+
+    /// Where the run of content the top image holds nothing of, from `offset`, ends (`offset`
+    /// itself when the top holds that byte; at most the image's size).
+    pub fn top_unallocated_end(&self, offset: u64) -> Result<u64, ReadError> {
         let top = &self.layers[0];
-        let end = (offset + len).min(top.size);
         let mut at = offset;
-        while at < end {
+        while at < top.size {
             let (mapping, run) = top.lookup(at)?;
             if mapping != Mapping::Unallocated {
-                return Ok(false);
+                return Ok(at);
             }
             at += run;
         }
-        Ok(true)
+        Ok(top.size)
     }
 
     /// Where the content of `[offset, offset + len)` comes from, in order, adjacent pieces

@@ -108,11 +108,9 @@ impl BlockHashes {
     /// The digest these hashes make: the hash of the size (8 bytes, little-endian) followed
     /// by the block hashes in order.
     pub fn digest(&self) -> Digest {
+        // In one piece: BLAKE3 hashes a long input several chunks at a time.
         let mut hasher = Hasher::new(self.kind);
-        hasher.update(&self.size.to_le_bytes());
-        for h in &self.hashes {
-            hasher.update(h);
-        }
+        hasher.update(&self.encode());
         Digest::of_kind(self.kind, &hasher.finish())
     }
 
