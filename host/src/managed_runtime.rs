@@ -33,6 +33,7 @@ use vbackup_qemu::nbd::{BASE_ALLOCATION, NbdClient, copy::select_ranges, dirty_b
 use vbackup_qemu::qcow2_writer;
 use vbackup_qemu::qsd::RunDir;
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
+use vbackup_qemu::writeout::WriteBehind;
 
 use crate::error::Error;
 use crate::layout::{BLOCK_HASHES_DIR, COMPLETED_FILE, MANAGED_JOURNAL_FILE};
@@ -127,6 +128,9 @@ pub struct ManagedHost {
     copied: BTreeMap<String, BlockHashes>,
     /// Push targets hashed beside their fsync (the session's effects start them).
     target_hashes: TargetHashes,
+    /// The push targets of the backup in flight, written out while its job copies (their
+    /// pages kept for the digest), so that their final fsync waits for little.
+    write_behind: WriteBehind,
 }
 
 fn now() -> Timestamp {
@@ -321,6 +325,7 @@ impl ManagedHost {
             observer: None,
             copied: BTreeMap::new(),
             target_hashes: TargetHashes::new(),
+            write_behind: WriteBehind::keeping_pages(),
         })
     }
 
@@ -453,6 +458,10 @@ impl ManagedHost {
                 // the machine hears at once when they end the job (not at its next poll).
                 let mut ended = false;
                 self.want_full_targets();
+                if let Some(p) = self.machine.pending().filter(|p| !p.pull) {
+                    self.write_behind
+                        .kick(p.images.iter().map(|(_, i)| i.as_str()));
+                }
                 match &mut self.side {
                     Side::Session(s) => {
                         let until = s.driver.link().now().plus_ms(at.ms_since(now()).max(1));
