@@ -267,13 +267,14 @@ fn facts(
         Some(h) => h,
         None => hash_observed(image_path, top, kind, parent.as_ref(), observer)?,
     };
+    let digest = hashes.digest();
     if let Some(k) = kept {
-        k.keep(&hashes);
+        k.keep_as(&hashes, &digest);
     }
     Ok(Outcome::Facts(ImageFacts {
         virtual_size_bytes: top.virtual_size_bytes,
         allocated_size_bytes: top.actual_size_bytes,
-        digest: hashes.digest(),
+        digest,
         format: top.format.clone(),
     }))
 }

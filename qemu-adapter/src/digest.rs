@@ -57,10 +57,15 @@ impl HashStore {
     /// a crash fails [`HashStore::load`]'s check, and the next incremental reads its blocks
     /// instead.
     pub fn keep(&self, hashes: &BlockHashes) {
+        self.keep_as(hashes, &hashes.digest());
+    }
+
+    /// [`HashStore::keep`] of `hashes` whose digest, `digest`, is known already.
+    pub fn keep_as(&self, hashes: &BlockHashes, digest: &Digest) {
         if std::fs::create_dir_all(&self.dir).is_err() {
             return;
         }
-        let name = Self::file(&hashes.digest());
+        let name = Self::file(digest);
         let temp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let kept = std::fs::write(&temp, hashes.encode())
             .and_then(|()| std::fs::rename(&temp, self.dir.join(&name)));
@@ -199,6 +204,21 @@ fn plan(chain: &Chain, base: Option<&BlockHashes>) -> Result<Vec<Planned>, ReadE
         let last = (first + PLAN_CHUNK_BLOCKS).min(blocks);
         let from = first * TREE_BLOCK_BYTES;
         let to = (last * TREE_BLOCK_BYTES).min(size);
+        // A chunk the top holds nothing of takes every hash from `base`: nothing to resolve.
+        let all_shared = base.is_some_and(|b| {
+            (first..last)
+                .all(|i| b.get(i).is_some() && block_len(b.size(), i) == block_len(size, i))
+        });
+        if all_shared {
+            if from >= free_end {
+                free_end = chain.top_unallocated_end(from)?;
+            }
+            if to <= free_end {
+                plan.extend((first..last).map(|_| Planned::Base));
+                first = last;
+                continue;
+            }
+        }
         let mut pieces: std::collections::VecDeque<Piece> = chain.resolve(from, to - from)?.into();
         for i in first..last {
             let (offset, len) = (i * TREE_BLOCK_BYTES, block_len(size, i));

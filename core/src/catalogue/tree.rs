@@ -108,9 +108,10 @@ impl BlockHashes {
     /// The digest these hashes make: the hash of the size (8 bytes, little-endian) followed
     /// by the block hashes in order.
     pub fn digest(&self) -> Digest {
-        // In one piece: BLAKE3 hashes a long input several chunks at a time.
+        // The hashes in one piece: BLAKE3 hashes a long input several chunks at a time.
         let mut hasher = Hasher::new(self.kind);
-        hasher.update(&self.encode());
+        hasher.update(&self.size.to_le_bytes());
+        hasher.update(self.hashes.as_flattened());
         Digest::of_kind(self.kind, &hasher.finish())
     }
 
@@ -119,9 +120,7 @@ impl BlockHashes {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 32 * self.hashes.len());
         out.extend_from_slice(&self.size.to_le_bytes());
-        for h in &self.hashes {
-            out.extend_from_slice(h);
-        }
+        out.extend_from_slice(self.hashes.as_flattened());
         out
     }
 
