@@ -119,7 +119,15 @@ fn ask_observed(
     request: ManagedRequest,
     observer: Option<CopyObserver>,
 ) -> Result<(ManagedReply, Catalogue), Error> {
-    let mut host = ManagedHost::open(store, loaded)?;
+    ask_host(ManagedHost::open(store, loaded)?, request, observer)
+}
+
+/// [`ask_observed`] of a host opened already.
+fn ask_host(
+    mut host: ManagedHost,
+    request: ManagedRequest,
+    observer: Option<CopyObserver>,
+) -> Result<(ManagedReply, Catalogue), Error> {
     if let Some(o) = observer {
         host.observe_copies(o);
     }
@@ -230,7 +238,9 @@ fn check_chain_images(cat: &Catalogue, parent: &str, disk: &str) -> Result<(), E
 /// them.
 pub fn prepare_create(store: &Store, name: &str, opts: &CreateOptions) -> Result<Create, Error> {
     let loaded = session::load(store, name)?;
-    let cat = catalogue(&loaded.store)?;
+    // The records are read once: this machine checks the parent, then runs the backup.
+    let managed = machine(&loaded.store)?;
+    let cat = managed.catalogue();
     let uuid = uuid::Uuid::new_v4().to_string();
     let parent = match &opts.parent {
         Some(p) => Some(
@@ -287,7 +297,7 @@ pub fn prepare_create(store: &Store, name: &str, opts: &CreateOptions) -> Result
         backup.incremental = None;
         backup.mode = None;
         if let Some(parent) = &parent {
-            check_chain_images(&cat, &parent.uuid, &disk.name)?;
+            check_chain_images(cat, &parent.uuid, &disk.name)?;
         }
         if def.mode == BackupModeAttr::Push && backup.store.is_some() {
             explicit.push(disk.name.clone());
@@ -336,7 +346,7 @@ pub fn prepare_create(store: &Store, name: &str, opts: &CreateOptions) -> Result
     Ok(Create {
         uuid,
         export_uris,
-        host: ManagedHost::open(store, loaded)?,
+        host: ManagedHost::with_machine(store, loaded, managed),
         request,
     })
 }
@@ -348,7 +358,8 @@ pub fn finish(store: &Store, name: &str, cancel: bool, check: bool) -> Result<Ma
     if m.pending().is_none() && m.journal().is_none() && loaded.journal.is_none() {
         return Err(EngineError::from(RequestError::NoJob).into());
     }
-    Ok(ask(store, loaded, ManagedRequest::Finish { cancel, check })?.0)
+    let host = ManagedHost::with_machine(store, loaded, m);
+    Ok(ask_host(host, ManagedRequest::Finish { cancel, check }, None)?.0)
 }
 
 /// One disk's outcome of a verification: `Err` says what is wrong with it.
@@ -422,13 +433,14 @@ pub fn delete(
         find_domain(store, target)?
     };
     let loaded = session::load(store, &domain)?;
-    let had = catalogue(&loaded.store)?.len();
+    let m = machine(&loaded.store)?;
+    let had = m.catalogue().len();
     let request = ManagedRequest::Delete {
         target: (!all).then(|| target.to_owned()),
         with_children,
         keep_checkpoints,
     };
-    match ask(store, loaded, request) {
+    match ask_host(ManagedHost::with_machine(store, loaded, m), request, None) {
         Ok((ManagedReply::Deleted { uuids }, _)) => Ok(Deleted { domain, uuids, had }),
         Ok(_) => Err(unexpected("a deletion")),
         Err(Error::Managed(ManagedError::Catalogue(e @ CatalogueError::HasChildren { .. }))) => {
@@ -630,7 +642,9 @@ pub fn prepare_restore(store: &Store, opts: &RestoreOptions) -> Result<Restore, 
     if let Some(u) = &opts.until {
         validate_uuid(u)?;
     }
-    let cat = catalogue(&loaded.store)?;
+    // The records are read once: this machine plans the restore, then runs it.
+    let managed = machine(&loaded.store)?;
+    let cat = managed.catalogue();
     let chosen: Vec<&str> = opts.disks.iter().map(String::as_str).collect();
     let plan = match &opts.until {
         Some(u) => cat.plan_restore_until(uuid, u, &chosen),
@@ -651,7 +665,7 @@ pub fn prepare_restore(store: &Store, opts: &RestoreOptions) -> Result<Restore, 
     Ok(Restore {
         domain,
         chain_backup,
-        host: ManagedHost::open(store, loaded)?,
+        host: ManagedHost::with_machine(store, loaded, managed),
         request: RestoreRequest {
             uuid: uuid.clone(),
             until: opts.until.clone(),

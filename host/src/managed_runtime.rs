@@ -318,7 +318,13 @@ impl ManagedHost {
     pub fn open(store: &Store, loaded: Loaded) -> Result<Self, Error> {
         let stored = stored_managed(&loaded.store)?;
         let machine = Managed::new(loaded.store.name(), stored);
-        Ok(Self {
+        Ok(Self::with_machine(store, loaded, machine))
+    }
+
+    /// [`ManagedHost::open`] with the machine already rebuilt from the loaded domain's store
+    /// (by [`stored_managed`]), so that the records are read once.
+    pub fn with_machine(store: &Store, loaded: Loaded, machine: Managed) -> Self {
+        Self {
             machine,
             side: Side::Loaded(Box::new(loaded)),
             store_root: store.root().to_owned(),
@@ -327,7 +333,7 @@ impl ManagedHost {
             copied: BTreeMap::new(),
             target_hashes: TargetHashes::new(),
             write_behind: WriteBehind::keeping_pages(),
-        })
+        }
     }
 
     /// Reports the progress of pull copies to `observer`.
