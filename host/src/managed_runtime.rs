@@ -288,21 +288,36 @@ fn hash_observed(
     observer: &mut Option<CopyObserver>,
 ) -> Result<BlockHashes, EffectError> {
     let shown = path.display().to_string();
+    let total = layer.virtual_size_bytes;
+    checking(observer, &shown, total, |progress| {
+        digest::block_hashes(path, &layer.format, kind, base, progress)
+    })
+    .map_err(failed)
+}
+
+/// Runs `work` on `image` (of `total` guest bytes) told to `observer` as a check: the check
+/// starts, `work`'s progress counts the bytes, the check ends.
+fn checking<T>(
+    observer: &mut Option<CopyObserver>,
+    image: &str,
+    total: u64,
+    work: impl FnOnce(&mut dyn FnMut(u64)) -> T,
+) -> T {
     if let Some(o) = observer.as_mut() {
         o(CopyEvent::Checking {
-            image: &shown,
-            total_bytes: layer.virtual_size_bytes,
+            image,
+            total_bytes: total,
         });
     }
-    let hashes = digest::block_hashes(path, &layer.format, kind, base, &mut |bytes| {
+    let done = work(&mut |bytes| {
         if let Some(o) = observer.as_mut() {
             o(CopyEvent::Copied(bytes));
         }
     });
     if let Some(o) = observer.as_mut() {
-        o(CopyEvent::Checked { image: &shown });
+        o(CopyEvent::Checked { image });
     }
-    hashes.map_err(failed)
+    done
 }
 
 /// Whether two paths name one file.
@@ -370,23 +385,12 @@ impl ManagedHost {
         let Some(top) = layers.first() else {
             return Err(failed(format!("'{source}': qemu-img shows no image")));
         };
-        let observer = &mut self.observer;
-        if let Some(o) = observer.as_mut() {
-            o(CopyEvent::Checking {
-                image: source,
-                total_bytes: top.virtual_size_bytes,
-            });
-        }
         let (from, to) = (Path::new(source), Path::new(into));
-        let copied = digest::copy_hashed(from, &top.format, to, kind, &mut |bytes| {
-            if let Some(o) = observer.as_mut() {
-                o(CopyEvent::Copied(bytes));
-            }
-        });
-        if let Some(o) = observer.as_mut() {
-            o(CopyEvent::Checked { image: source });
-        }
-        copied.map_err(failed)
+        let total = top.virtual_size_bytes;
+        checking(&mut self.observer, source, total, |progress| {
+            digest::copy_hashed(from, &top.format, to, kind, progress)
+        })
+        .map_err(failed)
     }
 
     /// Where the block hashes of the domain's backup images are kept.

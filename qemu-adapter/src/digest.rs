@@ -102,8 +102,9 @@ enum Source {
 
 /// The block hashes of `kind` (a tree kind) of `path`'s guest-visible content (through its
 /// backing chain). With `base`, the hashes of the content of `path`'s backing image: blocks
-/// `path` does not hold itself take their hash from it (hashes of another kind are not used). `progress` hears the bytes of each block as it is hashed
-/// (read or not): they add up to the content's size.
+/// `path` does not hold itself take their hash from it (hashes of another kind are not used).
+/// `progress` hears the bytes of each block as it is hashed (read or not): they add up to the
+/// content's size.
 ///
 /// The image is read straight from its files ([`crate::qcow2`]) by a reader per core; an image
 /// that module does not read goes through qemu-nbd instead.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-use vbackup_core::catalogue::{BackupImage, Digest, DigestKind};
+use vbackup_core::catalogue::{BackupImage, BlockHashes, Digest, DigestKind};
 use vbackup_core::model::ImageFormat;
 
 use crate::nbd::copy::{self, CopyReport, ExtentSink};
@@ -253,12 +253,9 @@ pub fn backing_chain(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
 /// started); `qemu-img info` otherwise. Backing files are named joined to their overlay's
 /// directory, as given in the overlay, not canonicalized.
 pub fn chain_layers(path: &Path) -> Result<Vec<ChainLayer>, ImageError> {
-    let mut magic = [0u8; 4];
-    let qcow2 = std::fs::File::open(path)
-        .and_then(|f| std::io::Read::read_exact(&mut &f, &mut magic))
-        .is_ok()
-        && magic == *b"QFI\xfb";
-    if qcow2 && let Ok(chain) = crate::qcow2::Chain::open(path, &ImageFormat::Qcow2) {
+    if crate::qcow2::is_qcow2(path)
+        && let Ok(chain) = crate::qcow2::Chain::open(path, &ImageFormat::Qcow2)
+    {
         return Ok(chain.layers());
     }
     backing_chain(path)
@@ -607,53 +604,65 @@ pub fn store_extents_observed(
     // The export is the disk as it is now: an overlay takes its size, which a disk that grew
     // since the parent backup no longer shares with the parent.
     let size = source.info().size;
-    if NewImage::fits(ranges, size, parent.is_some()) {
-        let result = store_into_new_image(source, ranges, target, parent, progress);
-        if result.is_err() {
-            let _ = std::fs::remove_file(target);
-        }
-        return result;
-    }
-    match parent {
-        Some(p) => create_overlay_sized(target, p, source.info().size)?,
-        None => create_full(target, source.info().size)?,
-    }
-    let result = (|| {
-        let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
-        let mut writer = export.connect(&[])?;
-        let size = source.info().size;
-        let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
-        let mut observed = ObservedSink {
-            inner: &mut sink,
-            observer: progress,
-        };
-        let (copy, hashes) = if parent.is_none() {
-            let mut hashing = crate::digest::HashingSink::new(
-                &mut observed,
-                DigestKind::NEW_IMAGES,
-                size,
-                ranges,
-            );
-            let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
-            (copy, hashing.finish())
-        } else {
-            (copy::copy_ranges(source, ranges, &mut observed)?, None)
-        };
-        let data_bytes = sink.data_bytes;
-        writer.wait_writes()?;
-        writer.flush()?;
-        writer.disconnect()?;
-        export.stop();
-        Ok(StoreReport {
-            copy,
-            data_bytes,
-            hashes,
-        })
-    })();
+    let result = if NewImage::fits(ranges, size, parent.is_some()) {
+        store_into_new_image(source, ranges, target, parent, progress)
+    } else {
+        store_through_qemu_nbd(source, ranges, target, parent, progress)
+    };
     if result.is_err() {
         let _ = std::fs::remove_file(target);
     }
     result
+}
+
+/// [`store_extents_observed`] into an image qemu-img creates, written through qemu-nbd.
+fn store_through_qemu_nbd(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    target: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StoreReport, ImageError> {
+    match parent {
+        Some(p) => create_overlay_sized(target, p, source.info().size)?,
+        None => create_full(target, source.info().size)?,
+    }
+    let mut export = NbdExport::start(target, &ImageFormat::Qcow2, true)?;
+    let mut writer = export.connect(&[])?;
+    let mut sink = NbdImageSink::new(&mut writer, parent.is_some());
+    let mut observed = ObservedSink {
+        inner: &mut sink,
+        observer: progress,
+    };
+    let (copy, hashes) = copy_hashing(source, ranges, &mut observed, parent.is_none())?;
+    let data_bytes = sink.data_bytes;
+    writer.wait_writes()?;
+    writer.flush()?;
+    writer.disconnect()?;
+    export.stop();
+    Ok(StoreReport {
+        copy,
+        data_bytes,
+        hashes,
+    })
+}
+
+/// Copies `ranges` of `source` into `sink`; with `hash` (a new full image: every byte outside
+/// the ranges is zero), also the block hashes of the content, taken as it is copied.
+fn copy_hashing(
+    source: &mut NbdClient,
+    ranges: &[(u64, u64)],
+    sink: &mut dyn ExtentSink,
+    hash: bool,
+) -> Result<(CopyReport, Option<BlockHashes>), ImageError> {
+    if !hash {
+        return Ok((copy::copy_ranges(source, ranges, sink)?, None));
+    }
+    let size = source.info().size;
+    let kind = DigestKind::NEW_IMAGES;
+    let mut hashing = crate::digest::HashingSink::new(sink, kind, size, ranges);
+    let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
+    Ok((copy, hashing.finish()))
 }
 
 /// [`store_extents_observed`] writing the image straight into its file ([`NewImage`]).
@@ -670,14 +679,7 @@ fn store_into_new_image(
         inner: &mut image,
         observer: progress,
     };
-    let (copy, hashes) = if parent.is_none() {
-        let kind = DigestKind::NEW_IMAGES;
-        let mut hashing = crate::digest::HashingSink::new(&mut observed, kind, size, ranges);
-        let copy = copy::copy_ranges(source, ranges, &mut hashing)?;
-        (copy, hashing.finish())
-    } else {
-        (copy::copy_ranges(source, ranges, &mut observed)?, None)
-    };
+    let (copy, hashes) = copy_hashing(source, ranges, &mut observed, parent.is_none())?;
     image.sync()?;
     Ok(StoreReport {
         copy,

@@ -44,8 +44,10 @@ pub enum ReadError {
     },
 }
 
-const MAGIC: u32 = 0x5146_49fb;
-const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
+/// The first four bytes of a qcow2 image.
+pub(crate) const MAGIC: [u8; 4] = *b"QFI\xfb";
+/// The header extension naming the backing file's format.
+pub(crate) const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
 /// Incompatible feature bits read here: the dirty bit (refcounts may be stale, mappings are
 /// not) and the compression type (it matters only for compressed clusters, refused anyway).
 const KNOWN_INCOMPATIBLE: u64 = 0b1001;
@@ -154,9 +156,50 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
+/// One header extension record: its type, its data, and the whole record with its padding.
+#[derive(Debug)]
+pub(crate) struct Extension {
+    pub kind: u32,
+    pub data: std::ops::Range<usize>,
+    pub record: std::ops::Range<usize>,
+}
+
+/// The header extensions in `h` from offset `from`, in order, up to the end marker; and
+/// whether that marker was reached with every record whole in `h`.
+pub(crate) fn extensions(h: &[u8], from: usize) -> (Vec<Extension>, bool) {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at + 8 <= h.len() {
+        let (kind, len) = (be32(h, at), be32(h, at + 4) as usize);
+        if kind == 0 {
+            return (out, true);
+        }
+        let next = at + 8 + len.div_ceil(8) * 8;
+        if next > h.len() {
+            break;
+        }
+        out.push(Extension {
+            kind,
+            data: at + 8..at + 8 + len,
+            record: at..next,
+        });
+        at = next;
+    }
+    (out, false)
+}
+
+/// Whether the file at `path` starts as a qcow2 image does.
+pub fn is_qcow2(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut magic, 0))
+        .is_ok()
+        && magic == MAGIC
+}
+
 /// Reads `buf.len()` bytes at `at`; what lies past the end of the file reads as zero (as QEMU
 /// reads it).
-fn read_full(file: &File, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn read_full(file: &File, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], at + done as u64) {
@@ -194,7 +237,7 @@ impl Layer {
     fn open_qcow2(path: &Path, file: File, allocated: u64) -> Result<Self, ReadError> {
         let mut h = vec![0u8; 4096];
         read_full(&file, 0, &mut h).map_err(io(path))?;
-        if be32(&h, 0) != MAGIC {
+        if h[..4] != MAGIC {
             return Err(invalid(path, "not a qcow2 image".into()));
         }
         let version = be32(&h, 4);
@@ -228,22 +271,11 @@ impl Layer {
             return Err(invalid(path, format!("header length {header_length}")));
         }
         // Header extensions: only the backing file's format is wanted.
-        let mut backing_format: Option<String> = None;
-        let mut at = extensions_from;
-        while at + 8 <= h.len() {
-            let (kind, len) = (be32(&h, at), be32(&h, at + 4) as usize);
-            if kind == 0 {
-                break;
-            }
-            let data = at + 8;
-            if data + len > h.len() {
-                break;
-            }
-            if kind == BACKING_FORMAT_EXTENSION {
-                backing_format = Some(String::from_utf8_lossy(&h[data..data + len]).into_owned());
-            }
-            at = data + len.div_ceil(8) * 8;
-        }
+        let backing_format = extensions(&h, extensions_from)
+            .0
+            .into_iter()
+            .find(|e| e.kind == BACKING_FORMAT_EXTENSION)
+            .map(|e| String::from_utf8_lossy(&h[e.data]).into_owned());
         let backing_offset = be64(&h, 8);
         let backing_len = be32(&h, 16) as usize;
         let backing = if backing_offset != 0 && backing_len != 0 {

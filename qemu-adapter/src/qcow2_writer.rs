@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{Advice, fadvise};
 
 use crate::nbd::copy::ExtentSink;
+use crate::qcow2::{BACKING_FORMAT_EXTENSION, MAGIC, extensions, read_full};
 
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER: u64 = 1 << CLUSTER_BITS;
@@ -30,7 +31,6 @@ const COPIED: u64 = 1 << 63;
 /// An L2 entry's flag: the cluster reads as zero.
 const ALL_ZERO: u64 = 1;
 const HEADER_LENGTH: usize = 112;
-const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
 
 /// A new image being written: [`NewImage::create`] lays it out, [`ExtentSink`] writes its data.
 #[derive(Debug)]
@@ -119,7 +119,7 @@ impl NewImage {
         let written = (|| {
             // Header, the backing file's format and name.
             let mut header = vec![0u8; CLUSTER as usize];
-            header[..4].copy_from_slice(b"QFI\xfb");
+            header[..4].copy_from_slice(&MAGIC);
             be32(&mut header, 4, 3);
             be32(&mut header, 20, CLUSTER_BITS);
             be64(&mut header, 24, size);
@@ -300,15 +300,9 @@ impl ExtentSink for NewImage {
 pub fn set_backing(path: &Path, backing: Option<&Path>) -> io::Result<bool> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     let mut head = [0u8; 4096];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64)? {
-            0 => break,
-            n => got += n,
-        }
-    }
+    read_full(&file, 0, &mut head)?;
     let u32_at = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap_or([0; 4]));
-    if got < 104 || head[..4] != *b"QFI\xfb" {
+    if head[..4] != MAGIC {
         return Ok(false);
     }
     let cluster_bits = u32_at(20);
@@ -317,28 +311,17 @@ pub fn set_backing(path: &Path, backing: Option<&Path>) -> io::Result<bool> {
         3 => u32_at(100) as usize,
         _ => return Ok(false),
     };
-    if !(9..=21).contains(&cluster_bits) || extensions_from < 72 || extensions_from > got {
+    if !(9..=21).contains(&cluster_bits) || extensions_from < 72 || extensions_from > head.len() {
         return Ok(false);
     }
     // The extensions kept: all but the backing file's format.
+    let (found, complete) = extensions(&head, extensions_from);
+    if !complete {
+        return Ok(false);
+    }
     let mut kept: Vec<u8> = Vec::new();
-    let mut at = extensions_from;
-    loop {
-        if at + 8 > got {
-            return Ok(false);
-        }
-        let (kind, len) = (u32_at(at), u32_at(at + 4) as usize);
-        if kind == 0 {
-            break;
-        }
-        let next = at + 8 + len.div_ceil(8) * 8;
-        if next > got {
-            return Ok(false);
-        }
-        if kind != BACKING_FORMAT_EXTENSION {
-            kept.extend_from_slice(&head[at..next]);
-        }
-        at = next;
+    for e in found.iter().filter(|e| e.kind != BACKING_FORMAT_EXTENSION) {
+        kept.extend_from_slice(&head[e.record.clone()]);
     }
     if backing.is_some() {
         let mut extension = [0u8; 16];

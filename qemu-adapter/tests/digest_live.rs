@@ -2,37 +2,14 @@
 //! equals the one read in full, zero blocks are not read yet count, and a parent's hashes that
 //! do not match its image's content are never used (a wrong digest would hide damage).
 
-use std::path::Path;
-use std::process::Command;
+mod tools_support;
 
+use tools_support::{qemu, raw_content};
 use vbackup_core::catalogue::{BlockHashes, DigestKind};
 use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::block_hashes;
 
 const KIND: DigestKind = DigestKind::NEW_IMAGES;
-
-fn qemu(tool: &str, args: &[&str]) {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is needed by this test: {e}"));
-    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-}
-
-fn raw_content(image: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("content.raw");
-    qemu(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(raw).unwrap()
-}
 
 #[test]
 fn an_incremental_digest_from_its_parent_hashes_equals_the_digest_read_in_full() {

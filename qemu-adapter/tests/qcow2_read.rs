@@ -4,9 +4,11 @@
 //! backing names; their layers are what `qemu-img info --backing-chain` shows. What is not read
 //! there (compressed clusters) is refused, and the digest then goes through qemu-nbd.
 
-use std::path::Path;
-use std::process::Command;
+mod tools_support;
 
+use std::path::Path;
+
+use tools_support::{qemu_in, raw_content};
 use vbackup_core::catalogue::{BlockHashes, DigestKind};
 use vbackup_core::model::ImageFormat;
 use vbackup_qemu::digest::block_hashes;
@@ -14,23 +16,6 @@ use vbackup_qemu::images::backing_chain;
 use vbackup_qemu::qcow2::{Chain, ReadError};
 
 const KIND: DigestKind = DigestKind::NEW_IMAGES;
-
-fn qemu(tool: &str, args: &[&str], dir: &Path) {
-    let out = Command::new(tool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is needed by this test: {e}"));
-    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-}
-
-fn raw_content(image: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("content.raw");
-    let _ = std::fs::remove_file(&raw);
-    let (i, r) = (image.to_str().unwrap(), raw.to_str().unwrap());
-    qemu("qemu-img", &["convert", "-O", "raw", i, r], dir);
-    std::fs::read(raw).unwrap()
-}
 
 fn read_all(chain: &Chain) -> Vec<u8> {
     let pieces = chain.resolve(0, chain.size()).unwrap();
@@ -45,7 +30,7 @@ fn io(image: &str, commands: &[&str], dir: &Path) {
         args.extend(["-c", c]);
     }
     args.push(image);
-    qemu("qemu-io", &args, dir);
+    qemu_in(Some(dir), "qemu-io", &args);
 }
 
 #[test]
@@ -62,7 +47,8 @@ fn a_chain_of_raw_and_qcow2_layers_reads_as_qemu_reads_it() {
     drop(f);
     // A qcow2 v3 with 4 KiB clusters on it, by a relative name; then a 2 MiB-cluster top,
     // grown to 40 MiB, by a relative name too.
-    qemu(
+    qemu_in(
+        Some(d),
         "qemu-img",
         &[
             "create",
@@ -77,7 +63,6 @@ fn a_chain_of_raw_and_qcow2_layers_reads_as_qemu_reads_it() {
             "base.raw",
             "mid.qcow2",
         ],
-        d,
     );
     io(
         "mid.qcow2",
@@ -88,7 +73,8 @@ fn a_chain_of_raw_and_qcow2_layers_reads_as_qemu_reads_it() {
         ],
         d,
     );
-    qemu(
+    qemu_in(
+        Some(d),
         "qemu-img",
         &[
             "create",
@@ -104,7 +90,6 @@ fn a_chain_of_raw_and_qcow2_layers_reads_as_qemu_reads_it() {
             "top.qcow2",
             "40M",
         ],
-        d,
     );
     io(
         "top.qcow2",
@@ -172,10 +157,10 @@ fn version_2_images_and_large_clusters_read_as_qemu_reads_them() {
         ("v2.qcow2", "compat=0.10"),
         ("big.qcow2", "cluster_size=2M,lazy_refcounts=on"),
     ] {
-        qemu(
+        qemu_in(
+            Some(d),
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", options, name, "9M"],
-            d,
         );
         io(
             name,
@@ -197,13 +182,14 @@ fn version_2_images_and_large_clusters_read_as_qemu_reads_them() {
 fn compressed_clusters_are_left_to_qemu_nbd_and_the_digest_is_still_the_contents() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    qemu(
+    qemu_in(
+        Some(d),
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "plain.qcow2", "5M"],
-        d,
     );
     io("plain.qcow2", &["write -P 12 1M 2M"], d);
-    qemu(
+    qemu_in(
+        Some(d),
         "qemu-img",
         &[
             "convert",
@@ -213,7 +199,6 @@ fn compressed_clusters_are_left_to_qemu_nbd_and_the_digest_is_still_the_contents
             "plain.qcow2",
             "packed.qcow2",
         ],
-        d,
     );
     let packed = d.join("packed.qcow2");
     let chain = Chain::open(&packed, &ImageFormat::Qcow2).unwrap();

@@ -3,22 +3,15 @@
 //! written: in any order, with zero runs, a partial last cluster, over a backing file whose data
 //! the written clusters hide, and with refcounts spanning several refcount blocks.
 
-use std::path::Path;
-use std::process::Command;
+mod tools_support;
 
+use std::path::Path;
+
+use tools_support::{qemu, raw_content};
 use vbackup_core::model::ImageFormat;
 use vbackup_qemu::nbd::copy::ExtentSink;
 use vbackup_qemu::qcow2::Chain;
 use vbackup_qemu::qcow2_writer::{NewImage, set_backing};
-
-fn qemu(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is needed by this test: {e}"));
-    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn check(image: &Path) {
     let out = qemu("qemu-img", &["check", image.to_str().unwrap()]);
@@ -26,19 +19,7 @@ fn check(image: &Path) {
 }
 
 fn content(image: &Path) -> Vec<u8> {
-    let raw = image.with_extension("raw");
-    let _ = std::fs::remove_file(&raw);
-    qemu(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(raw).unwrap()
+    raw_content(image, image.parent().unwrap())
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
