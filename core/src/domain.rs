@@ -74,6 +74,9 @@ impl Domain {
                 pending_checkpoints: Default::default(),
                 copy_offload_refused: false,
                 negotiate_attempt: 0,
+                trusted: false,
+                in_step: false,
+                refusals: 0,
             },
             wire: Wire::default(),
             short: None,
@@ -86,6 +89,15 @@ impl Domain {
     /// those without metadata have their bitmaps removed at the next reconcile.
     pub fn with_pending_checkpoints(mut self, names: impl IntoIterator<Item = String>) -> Self {
         self.core.pending_checkpoints = names.into_iter().collect();
+        self
+    }
+
+    /// The QEMU of the next session is known to hold exactly what the store describes: it is
+    /// the same process a session left in step ([`DomainView::in_step`]) and nothing has talked
+    /// to it since. That session then skips its reconcile pass (the query of every node and
+    /// bitmap), unless pending checkpoints or a journaled backup call for one.
+    pub fn trusting_qemu(mut self) -> Self {
+        self.core.trusted = true;
         self
     }
 
@@ -224,6 +236,13 @@ impl Domain {
             completed: self.core.completed.as_ref(),
             connected: self.core.connected && !self.reconcile.is_active(),
             invalid_checkpoints: &self.core.invalid,
+            in_step: self.core.in_step
+                && self.core.connected
+                && !self.reconcile.is_active()
+                && self.short.is_none()
+                && self.backup.is_none()
+                && self.core.pending_checkpoints.is_empty()
+                && self.core.invalid.is_empty(),
         }
     }
 
@@ -235,6 +254,7 @@ impl Domain {
         ctx: &mut Ctx<'_>,
     ) {
         core.connected = false;
+        core.in_step = false;
         // A new session negotiates afresh; a lost one has nothing left to retry.
         ctx.clear_timer(&Timer::Negotiate);
         core.negotiate_attempt = 0;
@@ -270,6 +290,11 @@ impl Domain {
         pending: Pending,
         result: Result<Value, QmpError>,
     ) {
+        if result.is_err() {
+            // QEMU refused or did not answer: what it holds is no longer known for sure.
+            core.in_step = false;
+            core.refusals += 1;
+        }
         match pending.owner {
             Owner::Session(SessionTag::Capabilities) => {
                 if result.is_err() {
@@ -285,7 +310,7 @@ impl Domain {
                     if let Some(run) = backup.take() {
                         *backup = run.on_reconnected(core, ctx);
                     }
-                    rec.on_session_ready(core, ctx);
+                    rec.on_session_ready(core, ctx, backup.is_some());
                 }
             }
             Owner::Session(SessionTag::DriftQuery) => {

@@ -399,6 +399,12 @@ pub struct DomainView<'a> {
     /// Checkpoints marked invalid by the last reconcile, with the disks whose chain is missing
     /// or broken.
     pub invalid_checkpoints: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// QEMU is known to hold exactly what the store describes, and nothing is in flight: the
+    /// session was reconciled cleanly (or trusted, see
+    /// [`Domain::trusting_qemu`](crate::Domain::trusting_qemu)), every command since was
+    /// answered with success, no operation or backup runs, and no checkpoint is pending or
+    /// invalid. A host that keeps QEMU running may then vouch for it to the next session.
+    pub in_step: bool,
 }
 
 /// Everything the store holds for one domain, as a restarted engine needs it: the fold of

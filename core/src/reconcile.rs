@@ -31,6 +31,9 @@ pub(crate) struct Reconcile {
     outstanding: usize,
     failed: bool,
     report: BitmapDrift,
+    /// [`Core::refusals`] when the pass started: a pass that ends cleanly puts QEMU in step
+    /// with the store only if nothing else was refused meanwhile.
+    refusals_at_start: u64,
 }
 
 impl Reconcile {
@@ -40,9 +43,16 @@ impl Reconcile {
     }
 
     /// A session was negotiated: orphans and leftovers can exist with or without checkpoints,
-    /// so a pass starts now.
-    pub(crate) fn on_session_ready(&mut self, core: &mut Core, ctx: &mut Ctx<'_>) {
+    /// so a pass starts now; unless the host vouched that this QEMU holds exactly what the
+    /// store describes and neither pending checkpoints nor a journaled backup (`backup`) ask
+    /// for a look.
+    pub(crate) fn on_session_ready(&mut self, core: &mut Core, ctx: &mut Ctx<'_>, backup: bool) {
         self.attempt = 0;
+        let trusted = std::mem::take(&mut core.trusted);
+        if trusted && !backup && core.pending_checkpoints.is_empty() && core.invalid.is_empty() {
+            core.in_step = true;
+            return;
+        }
         self.start(core, ctx);
     }
 
@@ -77,6 +87,7 @@ impl Reconcile {
         self.outstanding = 0;
         self.removals.clear();
         self.report = BitmapDrift::default();
+        self.refusals_at_start = core.refusals;
         ctx.send(Owner::Session(SessionTag::DriftQuery), cmd::query_nodes());
     }
 
@@ -90,6 +101,7 @@ impl Reconcile {
             self.attempt = self.attempt.saturating_add(1);
         } else {
             self.attempt = 0;
+            core.in_step = core.refusals == self.refusals_at_start;
             // The pass held the short slot, so no create ran during it: every recorded name
             // now has metadata or had its bitmaps removed.
             if !core.pending_checkpoints.is_empty() {

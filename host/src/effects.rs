@@ -4,7 +4,6 @@
 //! later invocation can answer `domjobinfo --completed`.
 
 pub use crate::layout::{COMPLETED_FILE, CURRENT_FILE, PENDING_CHECKPOINT_FILE, PROGRESS_FILE};
-use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io;
 
@@ -23,10 +22,9 @@ pub struct StoreEffects {
     store: DomainStore,
     /// Events seen during this invocation, in order.
     pub events: Vec<DomainEvent>,
-    /// The stored checkpoints as the files now say, kept so the checkpoint index can be written
-    /// once when this invocation is done; `None` when unknown (the index is then left to be
-    /// rebuilt by the next load).
-    checkpoints: Option<BTreeMap<String, Checkpoint>>,
+    /// A checkpoint file or the current checkpoint could not be written: the files may not
+    /// say what the engine holds, so no index is written for them.
+    store_failed: bool,
     /// Whether a checkpoint file changed (the index was removed then).
     checkpoints_changed: bool,
     /// Checkpoint files were removed and the directory not yet synced: the removals of one
@@ -44,7 +42,7 @@ impl StoreEffects {
         Self {
             store,
             events: Vec::new(),
-            checkpoints: None,
+            store_failed: false,
             checkpoints_changed: false,
             removals_unsynced: false,
             target_hashes: None,
@@ -87,18 +85,14 @@ impl StoreEffects {
         }
     }
 
-    /// Starts from the checkpoints the store holds, so their index is kept current.
-    pub fn with_checkpoints<'a>(
-        mut self,
-        stored: impl IntoIterator<Item = &'a Checkpoint>,
-    ) -> Self {
-        self.checkpoints = Some(
-            stored
-                .into_iter()
-                .map(|c| (c.name.clone(), c.clone()))
-                .collect(),
-        );
-        self
+    /// Writes the checkpoint index once this invocation changed checkpoint files, from
+    /// `checkpoints`: the engine's checkpoints at the end, which the files now hold. Nothing
+    /// is written when a store write failed (the next load then parses the files).
+    pub fn write_index<'a>(&mut self, checkpoints: impl IntoIterator<Item = &'a Checkpoint>) {
+        if self.checkpoints_changed && !self.store_failed {
+            checkpoint_index::write(&self.store, checkpoints);
+            self.checkpoints_changed = false;
+        }
     }
 
     /// Notes a checkpoint file about to change: the index no longer describes the files.
@@ -146,14 +140,9 @@ fn replace_file(
 
 impl Drop for StoreEffects {
     fn drop(&mut self) {
-        // Best effort here: `Session::call` synced after each request already.
+        // Best effort here: `Session::call` synced after each request already. An index not
+        // written by `write_index` stays removed; the next load rebuilds it.
         let _ = self.sync_removals();
-        // One index write per invocation, however many checkpoints it changed.
-        if self.checkpoints_changed
-            && let Some(map) = &self.checkpoints
-        {
-            checkpoint_index::write(&self.store, map.values());
-        }
     }
 }
 
@@ -169,30 +158,24 @@ impl Effects for StoreEffects {
                 let r =
                     self.store
                         .write_entry(Collection::Checkpoints, &c.name, &checkpoint_xml(c));
-                match (&r, &mut self.checkpoints) {
-                    (Ok(()), Some(map)) => {
-                        map.insert(c.name.clone(), (**c).clone());
-                    }
-                    _ => self.checkpoints = None,
-                }
+                self.store_failed |= r.is_err();
                 r
             }
             StoreOp::DeleteCheckpoint(name) => {
                 self.checkpoints_changing();
                 let r = self.remove_checkpoint_file(name);
-                match (&r, &mut self.checkpoints) {
-                    (Ok(()), Some(map)) => {
-                        map.remove(name);
-                    }
-                    _ => self.checkpoints = None,
-                }
+                self.store_failed |= r.is_err();
                 return r;
             }
-            StoreOp::SetCurrentCheckpoint(current) => write_atomic(
-                self.store.dir(),
-                CURRENT_FILE,
-                current.as_deref().unwrap_or("").as_bytes(),
-            ),
+            StoreOp::SetCurrentCheckpoint(current) => {
+                let r = write_atomic(
+                    self.store.dir(),
+                    CURRENT_FILE,
+                    current.as_deref().unwrap_or("").as_bytes(),
+                );
+                self.store_failed |= r.is_err();
+                r
+            }
             StoreOp::PutBackupJournal(plan) => {
                 let json = serde_json::to_string_pretty(plan).map_err(|e| e.to_string())?;
                 self.store.write_journal(&json)

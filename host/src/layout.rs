@@ -16,6 +16,7 @@
 //! <state>/domains/<name>/block-hashes/<hex>.blocks  block hashes of a backup image's digest (vbackup_qemu::digest)
 //! <state>/run/<name>/                        the managed daemon's sockets and pid file (vbackup_qemu::qsd)
 //! <state>/run/<name>/keep-running            the daemon stays up until `shutdown`
+//! <state>/run/<name>/in-step                 the daemon (pid, start time) holds what the store describes
 //! ```
 //! The locking, atomic writes and the directory walk stay with `vbackup_qemu::store`, which
 //! owns the names it reads itself (`domain.xml`, `journal.json`, `checkpoints/`).
@@ -40,6 +41,13 @@ pub const META_FILE: &str = "vbackup.json";
 /// In a managed domain's run directory: the daemon was started with `start` and stays up
 /// (the "running guest") until `shutdown`.
 pub const KEEP_FILE: &str = "keep-running";
+/// In a managed domain's run directory: the identity of the daemon (its pid and start time)
+/// that the last session left holding exactly what the store describes. The next session
+/// removes it before talking to the daemon and, when the identity still matches, skips its
+/// reconcile pass; a session that ends in step writes it again. A crashed invocation thus
+/// leaves none behind, and a machine crash takes the daemon (and so the identity) with it,
+/// which is why it is written without fsync.
+pub const IN_STEP_FILE: &str = "in-step";
 /// File of the current checkpoint's name (empty: none).
 pub const CURRENT_FILE: &str = "current-checkpoint";
 /// File of the last finished job's statistics (JSON).

@@ -25,7 +25,7 @@
 //!   monitor the holder may be using).
 
 use crate::layout::JOURNAL_FILE;
-pub use crate::layout::{DRIFT_REPORTED_FILE, KEEP_FILE, META_FILE};
+pub use crate::layout::{DRIFT_REPORTED_FILE, IN_STEP_FILE, KEEP_FILE, META_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use vbackup_core::Domain;
 use vbackup_core::backup::{BackupPlan, NbdServer, NbdTransport};
 use vbackup_core::checkpoint::{Checkpoint, CheckpointTree};
-use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request, StoredState};
+use vbackup_core::domain::{BitmapDrift, DomainConfig, DomainEvent, Reply, Request};
 use vbackup_core::driver::Driver;
 use vbackup_core::link::{CommandId, Link, LinkError, Timestamp};
 use vbackup_core::model::{DiskDef, DomainDef};
@@ -42,7 +42,7 @@ use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
 use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
-use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdOptions, RunDir, daemon_alive, format_node};
+use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdError, QsdOptions, RunDir, daemon_alive, format_node};
 use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
@@ -490,61 +490,65 @@ impl Session {
         let run_dir = store.run_dir();
         let had_job = journal.is_some();
         let mut restarted = false;
-        let socket = match &attachment {
+        // Whether the daemon is the one the last session left in step with the store: the
+        // mark is used up here, before anything talks to the daemon (see `IN_STEP_FILE`).
+        let mut trusted = false;
+        let qmp = match &attachment {
             Attachment::Managed => {
-                let disks = def
-                    .disks
-                    .iter()
-                    .filter(|d| !d.is_empty())
-                    .map(QsdDisk::from_disk_def)
-                    .collect::<Result<Vec<_>, _>>()?;
-                // A pid file whose process is gone: the daemon died without a clean stop
-                // (QEMU removes the file when it exits normally).
-                let dead = RunDir::new(&run_dir)
-                    .read_pid()
-                    .ok()
-                    .flatten()
-                    .filter(|pid| !daemon_alive(*pid));
-                let qsd = Qsd::connect_or_start(&run_dir, &disks, &QsdOptions::default())?;
-                if let Some(pid) = dead {
-                    restarted = true;
-                    eprintln!(
-                        "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
-                        store.name(),
-                        qsd.pid()
-                    );
+                let mark = take_in_step_mark(&run_dir);
+                match Qsd::attach_unnegotiated(&run_dir, CONNECT_TIMEOUT) {
+                    Ok((pid, qmp)) => {
+                        trusted = mark.is_some() && mark == daemon_identity(pid);
+                        qmp
+                    }
+                    Err(QsdError::NotRunning { .. } | QsdError::DaemonGone { .. }) => {
+                        let disks = def
+                            .disks
+                            .iter()
+                            .filter(|d| !d.is_empty())
+                            .map(QsdDisk::from_disk_def)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        // A pid file whose process is gone: the daemon died without a clean
+                        // stop (QEMU removes the file when it exits normally).
+                        let dead = RunDir::new(&run_dir)
+                            .read_pid()
+                            .ok()
+                            .flatten()
+                            .filter(|pid| !daemon_alive(*pid));
+                        let qsd = Qsd::start(&run_dir, &disks, &QsdOptions::default())?;
+                        if let Some(pid) = dead {
+                            restarted = true;
+                            eprintln!(
+                                "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
+                                store.name(),
+                                qsd.pid()
+                            );
+                        }
+                        let path = qsd.run_dir().qmp_socket.clone();
+                        // Close the negotiated handle: the monitor serves one client at a time
+                        // and the core negotiates its own session.
+                        drop(qsd.into_qmp());
+                        QmpSocket::connect_unnegotiated(&path, Instant::now() + CONNECT_TIMEOUT)?
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                let path = qsd.run_dir().qmp_socket.clone();
-                // Close the negotiated handle: the monitor serves one client at a time and the
-                // core negotiates its own session.
-                drop(qsd.into_qmp());
-                path
             }
             Attachment::Attached(path) => {
                 resolve_nodes(path, &mut def)?;
-                path.clone()
+                QmpSocket::connect_unnegotiated(path, Instant::now() + CONNECT_TIMEOUT)?
             }
         };
         let config = domain_config(&store, &attachment, &run_dir)?;
         let pending = std::fs::read_to_string(store.dir().join(PENDING_CHECKPOINT_FILE))
             .map(|s| pending_checkpoints(&s))
             .unwrap_or_default();
-        // The restart contract: what the store holds, as the core's own fold describes it.
-        let stored = StoredState {
-            checkpoints: tree.iter().map(|c| (c.name.clone(), c.clone())).collect(),
-            current_checkpoint: tree.current().map(str::to_owned),
-            backup_journal: journal,
-            pending_checkpoints: pending,
-        };
-        let domain = Domain::from_stored(def, config, stored);
-        let qmp = QmpSocket::connect_unnegotiated(&socket, Instant::now() + CONNECT_TIMEOUT)?;
+        // The restart contract: what the store holds (the tree as loaded, not rebuilt).
+        let mut domain = Domain::new(def, config, tree, journal).with_pending_checkpoints(pending);
+        if trusted {
+            domain = domain.trusting_qemu();
+        }
         let link = WallClockLink::new(SocketLink::new(qmp));
-        let effects = StoreEffects::new(store).with_checkpoints(
-            domain
-                .view()
-                .checkpoints
-                .list(vbackup_core::checkpoint::ListFilter::default()),
-        );
+        let effects = StoreEffects::new(store);
         let mut driver = Driver::new(domain, link, effects);
         driver.connected()?;
         // The engine retries a refused or unanswered negotiation after growing delays; the
@@ -646,22 +650,53 @@ impl Session {
     pub fn close(mut self) -> Result<(), Error> {
         self.report_events();
         let running = self.job_running();
+        let in_step = self.driver.domain().view().in_step;
         let Session {
             driver,
             attachment,
             run_dir,
             ..
         } = self;
-        let (_, link, effects) = driver.into_parts();
+        let (domain, link, mut effects) = driver.into_parts();
         drop(link);
+        effects.write_index(domain.view().checkpoints.iter());
+        drop(domain);
         let kept = run_dir.join(KEEP_FILE).is_file();
         if attachment == Attachment::Managed && !running && !kept {
             let qsd = Qsd::reconnect(&run_dir, CONNECT_TIMEOUT)?;
             qsd.quit()?;
+        } else if attachment == Attachment::Managed && in_step {
+            mark_in_step(&run_dir);
         }
         drop(effects);
         Ok(())
     }
+}
+
+/// Removes the in-step mark of the daemon in `run_dir` and returns the identity it named.
+fn take_in_step_mark(run_dir: &Path) -> Option<String> {
+    let path = run_dir.join(IN_STEP_FILE);
+    let mark = std::fs::read_to_string(&path).ok()?;
+    // Used up whatever happens next; if it cannot be removed, it is not trusted.
+    std::fs::remove_file(&path).ok()?;
+    Some(mark.trim().to_owned())
+}
+
+/// Records that the daemon in `run_dir` holds exactly what the store describes. Best effort:
+/// without the mark the next session only reconciles as usual.
+fn mark_in_step(run_dir: &Path) {
+    let Some(pid) = RunDir::new(run_dir).read_pid().ok().flatten() else {
+        return;
+    };
+    if let Some(identity) = daemon_identity(pid) {
+        let _ = std::fs::write(run_dir.join(IN_STEP_FILE), identity);
+    }
+}
+
+/// The daemon `pid` as the in-step mark names it: its pid and start time, so a later process
+/// given the same pid differs.
+fn daemon_identity(pid: u32) -> Option<String> {
+    vbackup_qemu::children::start_time(pid).map(|start| format!("{pid} {start}"))
 }
 
 /// The NBD server a managed domain's daemon runs: its guest exports and pull backups share
@@ -712,6 +747,8 @@ fn pending_checkpoints(text: &str) -> Vec<String> {
 }
 
 pub fn stop_daemon(run_dir: &Path) -> Result<(), Error> {
+    // The mark would name a process that is gone; never trusted, but not left behind either.
+    let _ = std::fs::remove_file(run_dir.join(IN_STEP_FILE));
     match Qsd::reconnect(run_dir, CONNECT_TIMEOUT) {
         Ok(qsd) => Ok(qsd.quit()?),
         Err(vbackup_qemu::qsd::QsdError::NotRunning { .. })

@@ -452,6 +452,28 @@ impl Qsd {
     /// Connects to the daemon already running in `run_dir`: [`QsdError::NotRunning`] without a
     /// pid file, [`QsdError::DaemonGone`] if its process is gone.
     pub fn reconnect(run_dir: &Path, timeout: Duration) -> Result<Qsd, QsdError> {
+        let (pid, mut qmp) = Qsd::attach_unnegotiated(run_dir, timeout)?;
+        let deadline = Instant::now() + timeout;
+        qmp.negotiate(deadline).map_err(|e| match e {
+            _ if !daemon_alive(pid) => QsdError::DaemonGone { pid },
+            other => QsdError::Qmp(other),
+        })?;
+        Ok(Qsd {
+            run: RunDir::new(run_dir),
+            pid,
+            child: None,
+            qmp,
+            timeout,
+        })
+    }
+
+    /// Connects to the daemon already running in `run_dir` and reads its greeting (which it
+    /// sends only to the one client its monitor serves), but leaves the negotiation to the
+    /// caller: its pid and the connection. Errors as [`Qsd::reconnect`].
+    pub fn attach_unnegotiated(
+        run_dir: &Path,
+        timeout: Duration,
+    ) -> Result<(u32, QmpSocket), QsdError> {
         let run = RunDir::new(run_dir);
         let pid = run.read_pid()?.ok_or_else(|| QsdError::NotRunning {
             run_dir: run.dir.clone(),
@@ -459,23 +481,16 @@ impl Qsd {
         if !daemon_alive(pid) {
             return Err(QsdError::DaemonGone { pid });
         }
-        let qmp = QmpSocket::connect(&run.qmp_socket, Instant::now() + timeout).map_err(|e| {
-            match e {
+        let qmp = QmpSocket::connect_unnegotiated(&run.qmp_socket, Instant::now() + timeout)
+            .map_err(|e| match e {
                 // The process may have died between the check and the connect.
                 _ if !daemon_alive(pid) => QsdError::DaemonGone { pid },
                 // The monitor serves one client; a live daemon that sends no greeting is
                 // talking to someone else.
                 QmpSocketError::Timeout { .. } => QsdError::MonitorBusy { pid },
                 other => QsdError::Qmp(other),
-            }
-        })?;
-        Ok(Qsd {
-            run,
-            pid,
-            child: None,
-            qmp,
-            timeout,
-        })
+            })?;
+        Ok((pid, qmp))
     }
 
     /// Reconnects to the daemon running in `run_dir`, or starts one over `disks` if none runs

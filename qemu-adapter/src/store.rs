@@ -14,10 +14,13 @@
 //! Contract:
 //! - Every name that becomes a path component is validated first ([`validate_name`]), so no
 //!   domain, checkpoint or backup name can reach outside its directory.
-//! - Every write is atomic: the bytes go to a temporary file (a dot-file) in the destination
-//!   directory, which is fsynced, renamed over the destination, and the directory is fsynced. A
-//!   crash at any point leaves either the old or the new content, never a mix. Leftover temporary
-//!   files are ignored by every listing and removed when the domain is next locked.
+//! - Every write is atomic: the bytes go to a temporary file (a dot-file), which is fsynced,
+//!   renamed over the destination, and the destination's directory is fsynced. A crash at any
+//!   point leaves either the old or the new content, never a mix. Temporary files live in the
+//!   domain's directory, also for the documents of `checkpoints/` and `backups/` (a rename
+//!   within one file system may cross directories), so that locking a domain sweeps leftovers
+//!   from one small directory and never lists a collection. Leftover temporary files are
+//!   ignored by every listing and removed when the domain is next locked.
 //! - Every change to a domain goes through a [`DomainStore`], which holds an exclusive advisory
 //!   lock (`flock`) on `locks/<domain>.lock` for as long as it lives. A second holder, in this
 //!   process or another, gets [`StoreError::Locked`] at once ([`Store::lock_domain`]) or after
@@ -500,9 +503,7 @@ impl DomainStore {
         name: &str,
         xml: &str,
     ) -> Result<(), StoreError> {
-        validate_name(collection.kind(), name)?;
-        let dir = self.dir.join(collection.dir_name());
-        write_atomic(&dir, &format!("{name}.xml"), xml.as_bytes())
+        self.stage_entry(collection, name, xml)?.commit()
     }
 
     /// Reads `<collection>/<name>.xml`; `None` if it does not exist.
@@ -582,8 +583,8 @@ impl DomainStore {
         }
     }
 
-    /// Writes `bytes` to a temporary file beside `<collection>/<name>.xml` and fsyncs it, but
-    /// does not rename it yet: [`StagedWrite::commit`] finishes the write. This is the first
+    /// Writes `bytes` to a temporary file in the domain's directory and fsyncs it, but does
+    /// not rename it to `<collection>/<name>.xml` yet: [`StagedWrite::commit`] finishes the write. This is the first
     /// half of every write, exposed so a crash between the halves can be tested.
     pub fn stage_entry(
         &self,
@@ -593,30 +594,29 @@ impl DomainStore {
     ) -> Result<StagedWrite, StoreError> {
         validate_name(collection.kind(), name)?;
         let dir = self.dir.join(collection.dir_name());
-        StagedWrite::create(&dir, &format!("{name}.xml"), xml.as_bytes())
+        let file_name = format!("{name}.xml");
+        let stem = format!("{}.{file_name}", collection.dir_name());
+        StagedWrite::create_in(&self.dir, &stem, &dir, &file_name, xml.as_bytes())
     }
 
     fn remove_leftover_temp_files(&self) -> Result<(), StoreError> {
-        for dir in [
-            self.dir.clone(),
-            self.dir.join("checkpoints"),
-            self.dir.join("backups"),
-        ] {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_error("list", &dir)(e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(io_error("list", &dir))?;
-                let name = entry.file_name();
-                let is_temp = name
-                    .to_str()
-                    .is_some_and(|n| n.starts_with('.') && n.contains(TEMP_MARKER));
-                if is_temp {
-                    let path = entry.path();
-                    fs::remove_file(&path).map_err(io_error("remove", &path))?;
-                }
+        // Temporary files are all made in the domain's directory (see the module contract);
+        // older stores' leftovers inside the collections are dot-files no listing reads.
+        let dir = &self.dir;
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("list", dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", dir))?;
+            let name = entry.file_name();
+            let is_temp = name
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.contains(TEMP_MARKER));
+            if is_temp {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io_error("remove", &path))?;
             }
         }
         Ok(())
@@ -681,7 +681,7 @@ fn ensure_dir(dir: &Path, depth: usize) -> Result<(), StoreError> {
 
 /// Writes `bytes` to `dir/file_name` atomically (see the module contract).
 pub fn write_atomic(dir: &Path, file_name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    StagedWrite::create(dir, file_name, bytes)?.commit()
+    StagedWrite::create_in(dir, file_name, dir, file_name, bytes)?.commit()
 }
 
 /// A write whose temporary file is complete and durable but not yet renamed into place.
@@ -695,14 +695,19 @@ pub struct StagedWrite {
 }
 
 impl StagedWrite {
-    fn create(dir: &Path, file_name: &str, bytes: &[u8]) -> Result<StagedWrite, StoreError> {
+    /// Stages `dir/file_name` in `stage_dir` (on the same file system) as
+    /// `.<stem>.tmp-<pid>-<n>`.
+    fn create_in(
+        stage_dir: &Path,
+        stem: &str,
+        dir: &Path,
+        file_name: &str,
+        bytes: &[u8],
+    ) -> Result<StagedWrite, StoreError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         ensure_dir(dir, 0)?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = dir.join(format!(
-            ".{file_name}{TEMP_MARKER}{}-{n}",
-            std::process::id()
-        ));
+        let temp = stage_dir.join(format!(".{stem}{TEMP_MARKER}{}-{n}", std::process::id()));
         let staged = StagedWrite {
             dir: dir.to_owned(),
             temp,

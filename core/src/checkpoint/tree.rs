@@ -5,7 +5,7 @@
 //! link to their children by slot, so a walk down the tree follows indexes instead of looking
 //! every child up by name (a topological listing of 10,000 checkpoints is one pass).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::Checkpoint;
 use crate::error::RequestError;
@@ -91,52 +91,75 @@ impl CheckpointTree {
     /// checkpoint; when it is absent or unknown, the unique leaf becomes current (if there is
     /// exactly one).
     pub fn load(checkpoints: Vec<Checkpoint>, current: Option<&str>) -> Self {
-        let mut pending: BTreeMap<String, Checkpoint> = checkpoints
+        // By name (of duplicates the last), into slots in name order: the index is then
+        // built in one pass from sorted keys, and "the first by name" is the lowest slot.
+        let by_name: BTreeMap<String, Checkpoint> = checkpoints
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
-        // Children wait under their parent's name until it is in the tree, and each
-        // checkpoint is attached once, so loading is one pass over the checkpoints (a chain of
-        // thousands is not rescanned once per generation).
-        let mut waiting: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut queue: VecDeque<String> = VecDeque::new();
-        for c in pending.values() {
-            match &c.parent {
-                Some(p) if pending.contains_key(p) => {
-                    waiting.entry(p.clone()).or_default().push(c.name.clone());
-                }
-                _ => queue.push_back(c.name.clone()),
+        let mut tree = Self::new();
+        let mut names = Vec::with_capacity(by_name.len());
+        for (i, (name, checkpoint)) in by_name.into_iter().enumerate() {
+            tree.slots.push(Some(Entry {
+                checkpoint,
+                children: BTreeMap::new(),
+            }));
+            names.push((name, i));
+        }
+        tree.index = names.into_iter().collect();
+        let n = tree.slots.len();
+        // Each checkpoint's parent slot, when its parent is stored.
+        let parent: Vec<Option<usize>> = tree
+            .slots
+            .iter()
+            .map(|e| {
+                let p = e.as_ref()?.checkpoint.parent.as_deref()?;
+                tree.index.get(p).copied()
+            })
+            .collect();
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, p) in parent.iter().enumerate() {
+            if let Some(p) = *p {
+                children[p].push(i);
             }
         }
-        let mut tree = Self::new();
-        // Every iteration attaches at least one pending checkpoint or ends, so the loop runs at
-        // most `pending.len()` times; a name is queued at most once.
-        let bound = pending.len() + 1;
-        for _ in 0..bound {
-            while let Some(name) = queue.pop_front() {
-                let Some(mut c) = pending.remove(&name) else {
-                    continue;
-                };
-                if c.parent
-                    .as_ref()
-                    .is_some_and(|p| !tree.index.contains_key(p))
-                {
-                    c.parent = None;
-                }
-                tree.attach(c);
-                if let Some(children) = waiting.remove(&name) {
-                    queue.extend(children);
+        // Attached: reachable from a root. What is left hangs on a cycle among the stored
+        // files: the first of it by name becomes a root, again and again. Each slot is
+        // attached once, so this is one pass however long the chains are.
+        let mut attached = vec![false; n];
+        let mut is_root = vec![false; n];
+        let mut stack = Vec::new();
+        for start in (0..n).filter(|&i| parent[i].is_none()).chain(0..n) {
+            if attached[start] {
+                continue;
+            }
+            is_root[start] = true;
+            attached[start] = true;
+            stack.push(start);
+            while let Some(i) = stack.pop() {
+                for &c in &children[i] {
+                    if !attached[c] {
+                        attached[c] = true;
+                        stack.push(c);
+                    }
                 }
             }
-            // What is left waits on a cycle among the stored files: break it by making the
-            // first one a root.
-            let Some((name, mut c)) = pending.pop_first() else {
-                break;
+        }
+        for i in 0..n {
+            let Some(entry) = tree.slots[i].as_mut() else {
+                continue;
             };
-            c.parent = None;
-            tree.attach(c);
-            if let Some(children) = waiting.remove(&name) {
-                queue.extend(children);
+            let name = entry.checkpoint.name.clone();
+            match parent[i].filter(|_| !is_root[i]) {
+                Some(p) => {
+                    if let Some(pe) = tree.slots[p].as_mut() {
+                        pe.children.insert(name, i);
+                    }
+                }
+                None => {
+                    entry.checkpoint.parent = None;
+                    tree.roots.insert(name, i);
+                }
             }
         }
         tree.current = match current {
@@ -794,16 +817,19 @@ mod tests {
                 cp("d", Some("c")),
                 cp("o", Some("gone")),
                 cp("s", Some("s")),
+                // Hangs on the cycle and comes first by name: it is the first one broken off.
+                cp("0x", Some("b")),
             ],
             None,
         );
         t.check_invariants().unwrap();
+        assert_eq!(t.get("0x").unwrap().parent, None);
         assert_eq!(t.get("a").unwrap().parent, None);
         assert_eq!(t.get("b").unwrap().parent.as_deref(), Some("a"));
         assert_eq!(t.get("d").unwrap().parent, None);
         assert_eq!(t.get("o").unwrap().parent, None);
         assert_eq!(t.get("s").unwrap().parent, None);
-        assert_eq!(t.len(), 5);
+        assert_eq!(t.len(), 6);
     }
 
     #[test]

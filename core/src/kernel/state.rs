@@ -56,6 +56,15 @@ pub(crate) struct Core {
     pub copy_offload_refused: bool,
     /// Negotiations in a row that failed on this session (the back-off grows with it).
     pub negotiate_attempt: u32,
+    /// The host vouched that the QEMU of the next session holds exactly what the store
+    /// describes ([`crate::Domain::trusting_qemu`]): its reconcile pass may be skipped. Used
+    /// up by the first negotiated session.
+    pub trusted: bool,
+    /// QEMU is known to hold exactly what the store describes: the session was reconciled
+    /// cleanly (or trusted) and every command since was answered with success.
+    pub in_step: bool,
+    /// Commands QEMU refused or left unanswered on this engine's sessions, all told.
+    pub refusals: u64,
 }
 
 /// A reply's owner tag: the step it answers within the short operation.
