@@ -299,6 +299,8 @@ fn hash_planned(
     let full_zero = zero_block_hash(kind, TREE_BLOCK_BYTES);
     let mut hashes = vec![[0u8; 32]; plan.len()];
     let mut reads: Vec<(usize, Vec<Piece>)> = Vec::new();
+    // Blocks not read are told to `progress` together (a sparse disk has many).
+    let mut unread = 0u64;
     for (i, planned) in plan.into_iter().enumerate() {
         let len = block_len(size, i as u64);
         match planned {
@@ -308,14 +310,17 @@ fn hash_planned(
                 } else {
                     zero_block_hash(kind, len)
                 };
-                progress(len);
+                unread += len;
             }
             Planned::Base => {
                 hashes[i] = *base.and_then(|b| b.get(i as u64)).unwrap_or(&full_zero);
-                progress(len);
+                unread += len;
             }
             Planned::Read(pieces) => reads.push((i, pieces)),
         }
+    }
+    if unread > 0 {
+        progress(unread);
     }
     let per_run = (READ_BYTES / TREE_BLOCK_BYTES) as usize;
     let runs: Vec<&[(usize, Vec<Piece>)]> = reads.chunks(per_run).collect();

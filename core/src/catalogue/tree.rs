@@ -15,6 +15,10 @@ pub struct BlockHashes {
     hashes: Vec<[u8; 32]>,
 }
 
+/// The first 8 bytes of the run-length stored form of [`BlockHashes`]: no content is that
+/// large, so the older plain form (which starts with the size) never starts so.
+const RUNS_MARK: u64 = u64::MAX;
+
 /// Number of blocks of a content of `size` bytes.
 pub fn block_count(size: u64) -> u64 {
     size.div_ceil(TREE_BLOCK_BYTES)
@@ -115,27 +119,55 @@ impl BlockHashes {
         Digest::of_kind(self.kind, &hasher.finish())
     }
 
-    /// The stored form: the size (8 bytes, little-endian), then the hashes. The kind is not
-    /// in it: files are kept by digest, which names it.
+    /// The stored form, run-length coded (a sparse disk's blocks mostly share the zero
+    /// block's hash): [`RUNS_MARK`], the size, then per run of equal hashes its length and
+    /// the hash (8-byte little-endian integers). The kind is not in it: files are kept by
+    /// digest, which names it.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 32 * self.hashes.len());
+        let mut out = Vec::with_capacity(16 + 40 * 16);
+        out.extend_from_slice(&RUNS_MARK.to_le_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(self.hashes.as_flattened());
+        let mut i = 0;
+        while i < self.hashes.len() {
+            let hash = &self.hashes[i];
+            let run = self.hashes[i..].iter().take_while(|h| *h == hash).count();
+            out.extend_from_slice(&(run as u64).to_le_bytes());
+            out.extend_from_slice(hash);
+            i += run;
+        }
         out
     }
 
-    /// Reads the stored form of hashes of `kind` back; `None` when it is torn or
-    /// inconsistent.
+    /// Reads a stored form of hashes of `kind` back: the run-length form of
+    /// [`BlockHashes::encode`], or the older plain one (the size, then every hash); `None`
+    /// when it is torn or inconsistent.
     pub fn decode(kind: DigestKind, bytes: &[u8]) -> Option<Self> {
-        let (size, rest) = bytes.split_first_chunk::<8>()?;
-        let size = u64::from_le_bytes(*size);
-        if rest.len() % 32 != 0 {
-            return None;
+        let (first, rest) = bytes.split_first_chunk::<8>()?;
+        if u64::from_le_bytes(*first) != RUNS_MARK {
+            let size = u64::from_le_bytes(*first);
+            if rest.len() % 32 != 0 {
+                return None;
+            }
+            let hashes = rest
+                .chunks_exact(32)
+                .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
+                .collect();
+            return Self::new(kind, size, hashes);
         }
-        let hashes = rest
-            .chunks_exact(32)
-            .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
-            .collect();
+        let (size, mut rest) = rest.split_first_chunk::<8>()?;
+        let size = u64::from_le_bytes(*size);
+        let blocks = usize::try_from(block_count(size)).ok()?;
+        let mut hashes: Vec<[u8; 32]> = Vec::with_capacity(blocks);
+        while !rest.is_empty() {
+            let (run, after) = rest.split_first_chunk::<8>()?;
+            let (hash, after) = after.split_first_chunk::<32>()?;
+            let run = usize::try_from(u64::from_le_bytes(*run)).ok()?;
+            if run == 0 || run > blocks - hashes.len() {
+                return None;
+            }
+            hashes.resize(hashes.len() + run, *hash);
+            rest = after;
+        }
         Self::new(kind, size, hashes)
     }
 
@@ -171,12 +203,36 @@ mod tests {
             assert_eq!(back.digest().kind(), kind);
             assert!(Digest::parse(back.digest().as_str()).is_some());
             assert!(BlockHashes::decode(kind, &hashes.encode()[..40]).is_none());
+            // The older plain form still reads back.
+            let mut plain = hashes.size().to_le_bytes().to_vec();
+            plain.extend_from_slice(hashes.hashes.as_flattened());
+            assert_eq!(BlockHashes::decode(kind, &plain), Some(hashes.clone()));
         }
         // The kinds differ, and a plain digest kind makes no block hashes.
         let sha = BlockHashes::of_content(DigestKind::Sha256Tree, &content).digest();
         let blake = BlockHashes::of_content(DigestKind::Blake3Tree, &content).digest();
         assert_ne!(sha.hex(), blake.hex());
         assert!(BlockHashes::new(DigestKind::Sha256, 0, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn runs_of_equal_hashes_are_stored_once_and_a_bad_run_is_refused() {
+        let kind = DigestKind::NEW_IMAGES;
+        // 64 blocks: zeros, one written block, zeros again.
+        let mut content = vec![0u8; (64 * TREE_BLOCK_BYTES) as usize];
+        content[(10 * TREE_BLOCK_BYTES) as usize] = 7;
+        let hashes = BlockHashes::of_content(kind, &content);
+        let stored = hashes.encode();
+        assert_eq!(stored.len(), 16 + 3 * 40, "three runs");
+        assert_eq!(BlockHashes::decode(kind, &stored), Some(hashes.clone()));
+        // A run past the end, an empty run, or runs that fall short are refused.
+        let mut long = stored.clone();
+        long[16..24].copy_from_slice(&100u64.to_le_bytes());
+        assert!(BlockHashes::decode(kind, &long).is_none());
+        let mut empty = stored.clone();
+        empty[16..24].copy_from_slice(&0u64.to_le_bytes());
+        assert!(BlockHashes::decode(kind, &empty).is_none());
+        assert!(BlockHashes::decode(kind, &stored[..16 + 40]).is_none());
     }
 
     #[test]
