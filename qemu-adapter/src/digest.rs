@@ -322,12 +322,17 @@ fn hash_planned(
     if unread > 0 {
         progress(unread);
     }
-    let per_run = (READ_BYTES / TREE_BLOCK_BYTES) as usize;
-    let runs: Vec<&[(usize, Vec<Piece>)]> = reads.chunks(per_run).collect();
-    let workers = std::thread::available_parallelism()
+    let cores = std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .clamp(1, 4)
-        .min(runs.len().max(1));
+        .clamp(1, 4);
+    // Runs of up to READ_BYTES, but at least four per worker: an incremental's few blocks
+    // are shared out evenly instead of going mostly to one thread.
+    let per_run = reads
+        .len()
+        .div_ceil(cores * 4)
+        .clamp(1, (READ_BYTES / TREE_BLOCK_BYTES) as usize);
+    let runs: Vec<&[(usize, Vec<Piece>)]> = reads.chunks(per_run).collect();
+    let workers = cores.min(runs.len().max(1));
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel::<Result<(usize, [u8; 32]), ReadError>>();
