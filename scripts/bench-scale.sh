@@ -7,6 +7,8 @@
 #     floor (`vbackup list`): the Nth within 1.25x of the 1st and within 2.5x of the floor;
 #  2. `checkpoint-delete --children` of a chain of D checkpoints (on top of the N above),
 #     against the cost of one create at that size: at most 5 creates;
+#  2b. managed `backup-create --wait` (a full backup of a small sparse disk) with B backups
+#     recorded against the same with one: at most 1.25x;
 #  3. managed `backup-create --wait` against `backup-begin --wait` of the same disk of SIZE
 #     random data (both push, both creating a checkpoint), full and incremental (DIRTY written):
 #     at most 1.3x;
@@ -25,10 +27,10 @@
 # Every time is a whole process run (median of ROUNDS where noted); the domains are started
 # managed domains (qemu-storage-daemon kept running).
 #
-# Usage: [N=300] [D=100] [ROUNDS=7] [SIZE=1G] [DIRTY=10M] [BIG=64G] [SMALL=1G] [PAR=8]
+# Usage: [N=300] [D=100] [B=200] [ROUNDS=7] [SIZE=1G] [DIRTY=10M] [BIG=64G] [SMALL=1G] [PAR=8]
 #        [PSIZE=256M] [SEEDS=1000] [VBACKUP=path] scripts/bench-scale.sh [WORKDIR]
 # (VBACKUP: another vbackup binary to measure, e.g. an older build, instead of this tree's.)
-# The defaults are small (N=50 D=20 ROUNDS=3 SIZE=64M DIRTY=4M BIG=2G SMALL=256M PAR=4
+# The defaults are small (N=50 D=20 B=20 ROUNDS=3 SIZE=64M DIRTY=4M BIG=2G SMALL=256M PAR=4
 # PSIZE=32M SEEDS=200) so that CI can run it as a smoke test; the targets are for the sizes
 # above.
 set -euo pipefail
@@ -43,6 +45,7 @@ fi
 
 N=${N:-50}
 D=${D:-20}
+B=${B:-20}
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-64M}
 DIRTY=${DIRTY:-4M}
@@ -81,7 +84,7 @@ ms() {
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
 
-echo "work directory: $WORK (N=$N D=$D ROUNDS=$ROUNDS SIZE=$SIZE DIRTY=$DIRTY BIG=$BIG SMALL=$SMALL PAR=$PAR PSIZE=$PSIZE SEEDS=$SEEDS)"
+echo "work directory: $WORK (N=$N D=$D B=$B ROUNDS=$ROUNDS SIZE=$SIZE DIRTY=$DIRTY BIG=$BIG SMALL=$SMALL PAR=$PAR PSIZE=$PSIZE SEEDS=$SEEDS)"
 qemu-img create -q -f qcow2 "$WORK/disk.qcow2" 64M
 V define scale --disk "vda=$WORK/disk.qcow2" >/dev/null
 V start scale >/dev/null
@@ -174,6 +177,29 @@ push_xml() { # TARGET [INCREMENTAL]
     if [ -n "${2:-}" ]; then inc="<incremental>$2</incremental>"; fi
     echo "<domainbackup mode='push'>$inc<disks><disk name='vda' type='file'><target file='$1'/><driver type='qcow2'/></disk></disks></domainbackup>"
 }
+
+# 2b. A managed backup with one backup recorded, then with B: each timed backup is deleted
+# again (not timed), so the count stays put.
+timed_backup() { # NAME: milliseconds of one backup-create --wait, whose backup is then deleted
+    local t0 t uuid
+    t0=$(date +%s%N)
+    uuid=$(V backup-create "$1" --wait --json | uuid_of)
+    t=$(since_ms "$t0")
+    V backup-delete "$uuid" >/dev/null
+    echo "$t"
+}
+new_domain many 64M sparse
+V backup-create many --wait >/dev/null
+ones=()
+for _ in $(seq "$ROUNDS"); do ones+=("$(timed_backup many)"); done
+for _ in $(seq $((B - 1))); do V backup-create many --wait >/dev/null; done
+bths=()
+for _ in $(seq "$ROUNDS"); do bths+=("$(timed_backup many)"); done
+one_backup=$(med "${ones[@]}"); bth_backup=$(med "${bths[@]}")
+V shutdown many >/dev/null
+fig "managed backup-create --wait, 1 backup recorded" "$one_backup" ms
+fig "managed backup-create --wait, $B backups recorded" "$bth_backup" ms
+fig "  $B backups / 1" "$(ratio "$bth_backup" "$one_backup")" x "<= 1.25x" "<=" 1.25
 
 # 3. Managed backup-create --wait against backup-begin --wait, push, full and incremental.
 new_domain mb "$SIZE"

@@ -30,11 +30,22 @@ use vbackup_qemu::store::DomainStore;
 /// Format version; an index of another version is rebuilt.
 const VERSION: u32 = 2;
 
-/// What the checkpoint directory looked like when the index was written.
+/// What a directory looked like when an index of its files was written: its modification
+/// time (shared with the backup index, `crate::catalogue_index`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
+pub(crate) struct Stamp {
     mtime_s: u64,
     mtime_ns: u32,
+}
+
+/// The stamp of `dir` as it is now; `None` when it cannot be read.
+pub(crate) fn dir_stamp(dir: &std::path::Path) -> Option<Stamp> {
+    let modified = fs::metadata(dir).ok()?.modified().ok()?;
+    let since = modified.duration_since(UNIX_EPOCH).ok()?;
+    Some(Stamp {
+        mtime_s: since.as_secs(),
+        mtime_ns: since.subsec_nanos(),
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,13 +83,7 @@ struct EntryRef<'a>(
 
 fn stamp(store: &DomainStore) -> Option<Stamp> {
     // The directory `Collection::Checkpoints` lives in.
-    let dir = store.dir().join("checkpoints");
-    let modified = fs::metadata(dir).ok()?.modified().ok()?;
-    let since = modified.duration_since(UNIX_EPOCH).ok()?;
-    Some(Stamp {
-        mtime_s: since.as_secs(),
-        mtime_ns: since.subsec_nanos(),
-    })
+    dir_stamp(&store.dir().join("checkpoints"))
 }
 
 /// The stored checkpoints as the index has them, or `None` when it is missing, unreadable or

@@ -6,6 +6,7 @@
 //! <state>/domains/<name>/vbackup.json        managed or attached (QMP socket)
 //! <state>/domains/<name>/checkpoints/*.xml   one document per checkpoint (vbackup_qemu::store)
 //! <state>/domains/<name>/checkpoint-index.json   the parsed checkpoints, stamped (checkpoint_index)
+//! <state>/domains/<name>/backup-index.json   the parsed backup records, stamped (catalogue_index)
 //! <state>/domains/<name>/current-checkpoint  the current checkpoint's name
 //! <state>/domains/<name>/pending-checkpoint  checkpoints whose bitmaps are being created
 //! <state>/domains/<name>/journal.json        the running job's journal (vbackup_qemu::store)
@@ -61,6 +62,8 @@ pub const PROGRESS_FILE: &str = "job-progress.json";
 /// Directory of the block hashes behind backup images' tree digests (`blake3-tree`, `sha256-tree`), one file per
 /// digest, so an incremental reads only the blocks it holds itself.
 pub const BLOCK_HASHES_DIR: &str = "block-hashes";
+/// The backup index (a cache of the parsed managed-backup records).
+pub const BACKUP_INDEX_FILE: &str = "backup-index.json";
 /// The checkpoint index (a cache of the parsed checkpoint documents).
 pub const INDEX_FILE: &str = "checkpoint-index.json";
 /// File in a domain's store holding the drift warnings last printed in full.

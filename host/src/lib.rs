@@ -11,6 +11,7 @@
 //!   command line words for its user. Warnings a user must see while a command runs (a lost
 //!   bitmap, a restarted daemon) go to stderr as they happen.
 
+pub mod catalogue_index;
 pub mod checkpoint_index;
 pub mod checkpoints;
 pub mod config;

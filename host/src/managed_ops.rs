@@ -27,13 +27,13 @@ use crate::domains::{daemon_running, esc};
 use crate::error::Error;
 use crate::jobs::{checkpoint_for_backup, parse_new_checkpoint};
 use crate::layout::{MANAGED_JOURNAL_FILE, domain_dir};
-use crate::managed_runtime::{CopyObserver, ManagedHost, stored_managed};
+use crate::managed_runtime::{CopyObserver, ManagedHost, load_machine};
 use crate::session::{self, Attachment, Loaded};
 
 /// The machine of a locked domain, rebuilt from its store (a damaged record affects only
 /// itself: the intact backups load).
 pub fn machine(store: &DomainStore) -> Result<Managed, Error> {
-    Ok(Managed::new(store.name(), stored_managed(store)?))
+    load_machine(store)
 }
 
 /// The catalogue of a locked domain.

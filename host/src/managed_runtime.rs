@@ -35,6 +35,7 @@ use vbackup_qemu::qsd::RunDir;
 use vbackup_qemu::store::{Collection, DomainStore, Store, write_atomic};
 use vbackup_qemu::writeout::WriteBehind;
 
+use crate::catalogue_index;
 use crate::error::Error;
 use crate::layout::{BLOCK_HASHES_DIR, COMPLETED_FILE, MANAGED_JOURNAL_FILE};
 use crate::session::{Loaded, Session};
@@ -43,16 +44,30 @@ use crate::target_hashes::TargetHashes;
 /// Bound on the machine's rounds for one request.
 const ROUNDS: usize = 1_000_000;
 
-/// What the store holds of a domain's managed backups, for [`Managed::new`].
+/// The managed-backup machine of a locked domain, rebuilt from its store: the records from
+/// the backup index when it matches their files, else parsed from the files (and the index
+/// written again when none of them is damaged).
+pub fn load_machine(store: &DomainStore) -> Result<Managed, Error> {
+    let stored = stored_managed(store)?;
+    let indexed = stored.records.iter().all(|r| r.parsed.is_some());
+    let machine = Managed::new(store.name(), stored);
+    if !indexed && machine.damaged().is_empty() {
+        catalogue_index::write(store, machine.catalogue().list(BackupListFilter::All));
+    }
+    Ok(machine)
+}
+
+/// What the store holds of a domain's managed backups, for [`Managed::new`]: the records
+/// parsed already when the backup index matches them ([`catalogue_index`]).
 pub fn stored_managed(store: &DomainStore) -> Result<StoredManaged, Error> {
-    let records = store
-        .load_entries(Collection::Backups)?
-        .into_iter()
-        .map(|(uuid, text)| {
-            let file = store.dir().join("backups").join(format!("{uuid}.xml"));
-            StoredRecord::new(file.display().to_string(), text)
-        })
-        .collect();
+    let records = match catalogue_index::read(store) {
+        Some(records) => records,
+        None => store
+            .load_entries(Collection::Backups)?
+            .into_iter()
+            .map(|(uuid, text)| StoredRecord::new(catalogue_index::record_file(store, &uuid), text))
+            .collect(),
+    };
     let default_target = match std::fs::read_to_string(store.dir().join(DEFAULT_TARGET_FILE)) {
         Ok(text) => Some(text.trim_end_matches('\n').to_owned()).filter(|t| !t.is_empty()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -131,6 +146,11 @@ pub struct ManagedHost {
     /// The push targets of the backup in flight, written out while its job copies (their
     /// pages kept for the digest), so that their final fsync waits for little.
     write_behind: WriteBehind,
+    /// A record file was written or removed (the backup index was removed first).
+    records_changed: bool,
+    /// A record file could not be written or removed: the files may not say what the
+    /// machine holds, so no index is written for them.
+    records_failed: bool,
 }
 
 fn now() -> Timestamp {
@@ -331,13 +351,12 @@ fn same_file(a: &str, b: &str) -> bool {
 impl ManagedHost {
     /// The machine of a loaded (locked) domain, rebuilt from its store.
     pub fn open(store: &Store, loaded: Loaded) -> Result<Self, Error> {
-        let stored = stored_managed(&loaded.store)?;
-        let machine = Managed::new(loaded.store.name(), stored);
+        let machine = load_machine(&loaded.store)?;
         Ok(Self::with_machine(store, loaded, machine))
     }
 
     /// [`ManagedHost::open`] with the machine already rebuilt from the loaded domain's store
-    /// (by [`stored_managed`]), so that the records are read once.
+    /// (by [`load_machine`]), so that the records are read once.
     pub fn with_machine(store: &Store, loaded: Loaded, machine: Managed) -> Self {
         Self {
             machine,
@@ -348,6 +367,30 @@ impl ManagedHost {
             copied: BTreeMap::new(),
             target_hashes: TargetHashes::new(),
             write_behind: WriteBehind::keeping_pages(),
+            records_changed: false,
+            records_failed: false,
+        }
+    }
+
+    /// Notes a record file about to change: the backup index no longer describes the files.
+    fn records_changing(&mut self) {
+        if !self.records_changed {
+            self.records_changed = true;
+            if let Some(store) = self.store() {
+                catalogue_index::remove(store);
+            }
+        }
+    }
+
+    /// Writes the backup index again once this run changed record files and the machine's
+    /// catalogue holds every record (nothing damaged, no write failed).
+    fn settle_index(&self) {
+        if self.records_changed
+            && !self.records_failed
+            && self.machine.damaged().is_empty()
+            && let Some(store) = self.store()
+        {
+            catalogue_index::write(store, self.machine.catalogue().list(BackupListFilter::All));
         }
     }
 
@@ -499,6 +542,7 @@ impl ManagedHost {
     /// The domain, still loaded and locked, when no session was opened; `None` when one was
     /// (it is closed, and the domain unlocked).
     pub fn into_loaded(self) -> Result<Option<Loaded>, Error> {
+        self.settle_index();
         match self.side {
             Side::Loaded(l) => Ok(Some(*l)),
             Side::Session(s) => s.close().map(|()| None),
@@ -508,6 +552,7 @@ impl ManagedHost {
 
     /// Ends the session, if one was opened.
     pub fn close(self) -> Result<(), Error> {
+        self.settle_index();
         self.prune_hashes();
         match self.side {
             Side::Session(s) => s.close(),
@@ -750,18 +795,18 @@ impl ManagedHost {
             },
             Effect::Exists { path } => Ok(Outcome::Exists(Path::new(path).exists())),
             Effect::PutRecord(b) => {
+                self.records_changing();
                 let store = self.store().ok_or_else(|| failed("no store"))?;
-                store
-                    .write_entry(Collection::Backups, &b.uuid, &b.format())
-                    .map(|_| Outcome::Done)
-                    .map_err(failed)
+                let r = store.write_entry(Collection::Backups, &b.uuid, &b.format());
+                self.records_failed |= r.is_err();
+                r.map(|_| Outcome::Done).map_err(failed)
             }
             Effect::DeleteRecord { uuid } => {
+                self.records_changing();
                 let store = self.store().ok_or_else(|| failed("no store"))?;
-                store
-                    .remove_entry(Collection::Backups, uuid)
-                    .map(|_| Outcome::Done)
-                    .map_err(failed)
+                let r = store.remove_entry(Collection::Backups, uuid);
+                self.records_failed |= r.is_err();
+                r.map(|_| Outcome::Done).map_err(failed)
             }
             Effect::SetDefaultTarget(t) => {
                 let store = self.store().ok_or_else(|| failed("no store"))?;

@@ -15,6 +15,9 @@ pub struct StoredRecord {
     pub uuid: Option<String>,
     /// The file's content.
     pub text: String,
+    /// The record already parsed from `text` (or from a cache of parsed records the host
+    /// keeps): then `text` is not read.
+    pub parsed: Option<Box<ManagedBackup>>,
 }
 
 impl StoredRecord {
@@ -31,7 +34,15 @@ impl StoredRecord {
             file,
             uuid,
             text: text.into(),
+            parsed: None,
         }
+    }
+
+    /// A record read from `file` and parsed already.
+    pub fn parsed(file: impl Into<String>, record: ManagedBackup) -> Self {
+        let mut stored = Self::new(file, String::new());
+        stored.parsed = Some(Box::new(record));
+        stored
     }
 }
 
@@ -59,24 +70,44 @@ impl Catalogue {
         records: impl IntoIterator<Item = StoredRecord>,
         default_target: Option<String>,
     ) -> (Self, Vec<DamagedRecord>) {
+        let mut unparsed = Vec::new();
+        let parsed: Vec<(StoredRecord, ManagedBackup)> = records
+            .into_iter()
+            .filter_map(|mut stored| match stored.parsed.take() {
+                Some(b) => Some((stored, *b)),
+                None => match ManagedBackup::parse(&stored.text) {
+                    Ok(b) => Some((stored, b)),
+                    Err(e) => {
+                        unparsed.push(DamagedRecord {
+                            uuid: stored.uuid,
+                            file: stored.file,
+                            reason: format!("it does not parse: {e}"),
+                        });
+                        None
+                    }
+                },
+            })
+            .collect();
+        let (catalogue, mut damaged) = Self::load_parsed(domain, parsed, default_target);
+        damaged.extend(unparsed);
+        damaged.sort_by(|a, b| a.file.cmp(&b.file));
+        (catalogue, damaged)
+    }
+
+    /// [`Catalogue::load_tolerant`] of records already parsed, each with the stored file it
+    /// came from (whose `text` is not read again).
+    pub fn load_parsed(
+        domain: impl Into<String>,
+        records: impl IntoIterator<Item = (StoredRecord, ManagedBackup)>,
+        default_target: Option<String>,
+    ) -> (Self, Vec<DamagedRecord>) {
         let mut catalogue = Self::new(domain);
         if let Some(target) = default_target {
             let _ = catalogue.set_default_target(Some(target));
         }
         let mut damaged = Vec::new();
         let mut pending: BTreeMap<String, (String, ManagedBackup)> = BTreeMap::new();
-        for stored in records {
-            let parsed = match ManagedBackup::parse(&stored.text) {
-                Ok(b) => b,
-                Err(e) => {
-                    damaged.push(DamagedRecord {
-                        uuid: stored.uuid,
-                        file: stored.file,
-                        reason: format!("it does not parse: {e}"),
-                    });
-                    continue;
-                }
-            };
+        for (stored, parsed) in records {
             if let Some(u) = &stored.uuid
                 && *u != parsed.uuid
             {

@@ -268,28 +268,34 @@ impl Catalogue {
 
     fn sorted<'a>(&self, it: impl Iterator<Item = &'a ManagedBackup>) -> Vec<&'a ManagedBackup> {
         let mut v: Vec<&ManagedBackup> = it.collect();
-        v.sort_by_cached_key(|b| self.order_key(b));
+        v.sort_by(|a, b| self.order(a, b));
         v
     }
 
-    /// The key of the catalogue's order (see [`Catalogue::list`]). Uuids are unique, so no
-    /// two backups have the same key.
-    fn order_key<'a>(&self, b: &'a ManagedBackup) -> (bool, u64, u64, usize, &'a str) {
+    /// The catalogue's order (see [`Catalogue::list`]): by sequence number (numbered after
+    /// unnumbered), creation time, depth in the chain, then uuid. Uuids are unique, so it is
+    /// total. The depth, a walk up the chain, is only looked at between backups equal in the
+    /// rest, so ordering a long chain of numbered backups walks no chain.
+    fn order(&self, a: &ManagedBackup, b: &ManagedBackup) -> std::cmp::Ordering {
+        let key = |x: &ManagedBackup| {
+            (
+                x.sequence.is_some(),
+                x.sequence.unwrap_or(0),
+                x.creation_time,
+            )
+        };
         // Every catalogued backup has a chain (insert checks it); the fallback only keeps
         // the order total for a record that is not in this catalogue.
-        let depth = self.chain(&b.uuid).map_or(0, |c| c.len());
-        (
-            b.sequence.is_some(),
-            b.sequence.unwrap_or(0),
-            b.creation_time,
-            depth,
-            b.uuid.as_str(),
-        )
+        let depth = |x: &ManagedBackup| self.chain(&x.uuid).map_or(0, |c| c.len());
+        key(a)
+            .cmp(&key(b))
+            .then_with(|| depth(a).cmp(&depth(b)))
+            .then_with(|| a.uuid.cmp(&b.uuid))
     }
 
     /// The most recent backup: the last one in the order of [`Catalogue::list`].
     pub fn latest(&self) -> Option<&ManagedBackup> {
-        self.backups.values().max_by_key(|b| self.order_key(b))
+        self.backups.values().max_by(|a, b| self.order(a, b))
     }
 
     /// The sequence number of the next backup recorded: one more than the greatest so far

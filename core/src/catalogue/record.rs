@@ -2,11 +2,14 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use super::CatalogueError;
 use crate::model::ImageFormat;
 
 /// Whether a backup holds everything or only what changed since its parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackupKind {
     /// A complete copy; the root of a chain.
     Full,
@@ -36,7 +39,8 @@ impl BackupKind {
 /// A content digest of a disk's logical (guest-visible) content: a [`DigestKind`] prefix and 64
 /// lowercase hex digits. Two images with the same guest-visible bytes have the same digest of
 /// one kind, whatever their format, allocation or backing chain.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
 /// How a [`Digest`] is computed from the content.
@@ -132,6 +136,21 @@ impl Digest {
     }
 }
 
+impl TryFrom<String> for Digest {
+    type Error = String;
+
+    /// [`Digest::parse`], for reading a digest back from a cache.
+    fn try_from(text: String) -> Result<Self, String> {
+        Digest::parse(&text).ok_or_else(|| format!("'{text}' is no digest"))
+    }
+}
+
+impl From<Digest> for String {
+    fn from(digest: Digest) -> String {
+        digest.0
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -139,7 +158,7 @@ impl fmt::Display for Digest {
 }
 
 /// The image holding one disk of a backup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupImage {
     /// The disk target (`vda`).
     pub disk: String,
@@ -156,8 +175,9 @@ pub struct BackupImage {
     pub digest: Digest,
 }
 
-/// One finished backup of a domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One finished backup of a domain. Its stored form is the `<managedbackup>` XML
+/// ([`ManagedBackup::format`]); the serde form only serves caches of parsed records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManagedBackup {
     /// Canonical lowercase uuid (see [`validate_uuid`]); also the record's file name.
     pub uuid: String,

@@ -234,8 +234,12 @@ impl Managed {
         let mut records = BTreeMap::new();
         let mut files = BTreeMap::new();
         let mut unreadable = Vec::new();
-        for r in stored.records {
-            match ManagedBackup::parse(&r.text) {
+        for mut r in stored.records {
+            let parsed = match r.parsed.take() {
+                Some(b) => Ok(*b),
+                None => ManagedBackup::parse(&r.text),
+            };
+            match parsed {
                 Ok(b) if r.uuid.as_ref().is_none_or(|u| *u == b.uuid) => {
                     files.insert(b.uuid.clone(), r.file.clone());
                     records.insert(b.uuid.clone(), b);
@@ -313,20 +317,20 @@ impl Managed {
     }
 
     fn rebuild(&mut self) {
+        // The records are parsed once, when the machine is made: they are handed over as
+        // they are, not formatted and parsed again.
         let stored = self.records.values().map(|b| {
             let file = self
                 .files
                 .get(&b.uuid)
                 .cloned()
                 .unwrap_or_else(|| format!("{}.xml", b.uuid));
-            StoredRecord {
-                file,
-                uuid: Some(b.uuid.clone()),
-                text: b.format(),
-            }
+            let mut stored = StoredRecord::new(file, String::new());
+            stored.uuid = Some(b.uuid.clone());
+            (stored, b.clone())
         });
         let (catalogue, mut damaged) =
-            Catalogue::load_tolerant(self.domain.clone(), stored, self.default_target.clone());
+            Catalogue::load_parsed(self.domain.clone(), stored, self.default_target.clone());
         damaged.extend(self.unreadable.iter().cloned());
         damaged.sort();
         self.catalogue = catalogue;
