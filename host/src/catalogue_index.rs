@@ -18,7 +18,8 @@ use std::fs;
 use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
-use vbackup_core::catalogue::{ManagedBackup, StoredRecord};
+use vbackup_core::catalogue::{BackupImage, BackupKind, Digest, ManagedBackup, StoredRecord};
+use vbackup_core::model::ImageFormat;
 use vbackup_qemu::store::DomainStore;
 
 use crate::checkpoint_index::{Stamp, dir_stamp};
@@ -28,17 +29,42 @@ pub use crate::layout::BACKUP_INDEX_FILE;
 const VERSION: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
-struct IndexFile<R> {
+struct IndexFile<S, E> {
     version: u32,
     stamp: Stamp,
-    records: Vec<Entry<R>>,
+    /// The domain every record names.
+    domain: S,
+    records: Vec<E>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Entry<R> {
-    record: R,
-    file: FileStamp,
-}
+/// One record as read, as one JSON array (parsed several times faster than an object per
+/// field): uuid, parent, checkpoint, creation time, sequence number, description, kind,
+/// `[disk, path, format, virtual size, allocated size, digest]` per image, and its file's
+/// stamp.
+type Entry = (
+    String,
+    Option<String>,
+    Option<String>,
+    u64,
+    Option<u64>,
+    Option<String>,
+    BackupKind,
+    Vec<(String, String, ImageFormat, u64, u64, Digest)>,
+    FileStamp,
+);
+
+/// One record as written: [`Entry`], borrowed.
+type EntryRef<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    u64,
+    Option<u64>,
+    Option<&'a str>,
+    BackupKind,
+    Vec<(&'a str, &'a str, &'a ImageFormat, u64, u64, &'a Digest)>,
+    FileStamp,
+);
 
 /// A record file's modification time and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,17 +102,59 @@ pub fn record_file(store: &DomainStore, uuid: &str) -> String {
 /// unreadable or does not match `backups/` (the caller then reads the files).
 pub fn read(store: &DomainStore) -> Option<Vec<StoredRecord>> {
     let text = fs::read(store.dir().join(BACKUP_INDEX_FILE)).ok()?;
-    let index: IndexFile<ManagedBackup> = serde_json::from_slice(&text).ok()?;
+    let index: IndexFile<String, Entry> = serde_json::from_slice(&text).ok()?;
     if index.version != VERSION || Some(index.stamp) != stamp(store) {
         return None;
     }
+    let domain = index.domain;
     index
         .records
         .into_iter()
-        .map(|Entry { record, file }| {
-            let path = record_file(store, &record.uuid);
-            (file_stamp(&path) == Some(file)).then(|| StoredRecord::parsed(path, record))
-        })
+        .map(
+            |(
+                uuid,
+                parent,
+                checkpoint,
+                creation_time,
+                sequence,
+                description,
+                kind,
+                disks,
+                file,
+            )| {
+                let path = record_file(store, &uuid);
+                if file_stamp(&path) != Some(file) {
+                    return None;
+                }
+                let disks = disks
+                    .into_iter()
+                    .map(
+                        |(disk, path, format, virtual_size_bytes, allocated_size_bytes, digest)| {
+                            BackupImage {
+                                disk,
+                                path,
+                                format,
+                                virtual_size_bytes,
+                                allocated_size_bytes,
+                                digest,
+                            }
+                        },
+                    )
+                    .collect();
+                let record = ManagedBackup {
+                    uuid,
+                    domain: domain.clone(),
+                    parent,
+                    checkpoint,
+                    creation_time,
+                    sequence,
+                    description,
+                    kind,
+                    disks,
+                };
+                Some(StoredRecord::parsed(path, record))
+            },
+        )
         .collect()
 }
 
@@ -97,11 +165,40 @@ pub fn write<'a>(store: &DomainStore, records: impl IntoIterator<Item = &'a Mana
         remove(store);
         return;
     };
-    let entries: Option<Vec<Entry<&ManagedBackup>>> = records
+    let domain = store.name();
+    let entries: Option<Vec<EntryRef<'_>>> = records
         .into_iter()
-        .map(|record| {
-            let file = file_stamp(&record_file(store, &record.uuid))?;
-            Some(Entry { record, file })
+        .map(|r| {
+            if r.domain != domain {
+                return None;
+            }
+            let file = file_stamp(&record_file(store, &r.uuid))?;
+            let disks = r
+                .disks
+                .iter()
+                .map(|d| {
+                    let sizes = (d.virtual_size_bytes, d.allocated_size_bytes);
+                    (
+                        d.disk.as_str(),
+                        d.path.as_str(),
+                        &d.format,
+                        sizes.0,
+                        sizes.1,
+                        &d.digest,
+                    )
+                })
+                .collect();
+            Some((
+                r.uuid.as_str(),
+                r.parent.as_deref(),
+                r.checkpoint.as_deref(),
+                r.creation_time,
+                r.sequence,
+                r.description.as_deref(),
+                r.kind,
+                disks,
+                file,
+            ))
         })
         .collect();
     let Some(records) = entries else {
@@ -111,6 +208,7 @@ pub fn write<'a>(store: &DomainStore, records: impl IntoIterator<Item = &'a Mana
     let index = IndexFile {
         version: VERSION,
         stamp,
+        domain,
         records,
     };
     let Ok(json) = serde_json::to_vec(&index) else {
@@ -134,8 +232,7 @@ pub fn remove(store: &DomainStore) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vbackup_core::catalogue::{BackupImage, BackupKind, Digest, DigestKind};
-    use vbackup_core::model::ImageFormat;
+    use vbackup_core::catalogue::DigestKind;
     use vbackup_qemu::store::{Collection, Store};
 
     fn record(uuid: &str) -> ManagedBackup {

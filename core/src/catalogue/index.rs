@@ -73,6 +73,11 @@ pub enum DeleteMode {
 pub struct Catalogue {
     domain: String,
     backups: BTreeMap<String, ManagedBackup>,
+    /// Which backup each image path belongs to, and each sequence number: kept with
+    /// `backups` ([`Catalogue::put`], [`Catalogue::take`]) so that an insert checks them
+    /// without a pass over every backup (a load of N records is then not N^2).
+    paths: BTreeMap<String, String>,
+    sequences: BTreeMap<u64, String>,
     default_target: Option<String>,
 }
 
@@ -82,6 +87,8 @@ impl Catalogue {
         Self {
             domain: domain.into(),
             backups: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            sequences: BTreeMap::new(),
             default_target: None,
         }
     }
@@ -228,25 +235,54 @@ impl Catalogue {
             }
         }
         if let Some(sequence) = backup.sequence
-            && let Some(other) = self.backups.values().find(|b| b.sequence == Some(sequence))
+            && let Some(other) = self.sequences.get(&sequence)
         {
             return Err(CatalogueError::Inconsistent {
                 uuid: backup.uuid.clone(),
-                reason: format!(
-                    "sequence number {sequence} is already used by backup '{}'",
-                    other.uuid
-                ),
+                reason: format!("sequence number {sequence} is already used by backup '{other}'"),
             });
         }
-        self.backups.insert(backup.uuid.clone(), backup.clone());
+        self.put(backup.clone());
         Ok(vec![CatalogueOp::PutBackup(Box::new(backup))])
     }
 
     fn owner_of_path(&self, path: &str) -> Option<&str> {
-        self.backups
-            .values()
-            .find(|b| b.disks.iter().any(|d| d.path == path))
-            .map(|b| b.uuid.as_str())
+        self.paths.get(path).map(String::as_str)
+    }
+
+    /// Stores `backup` (replacing the one of its uuid) with its paths and sequence number.
+    fn put(&mut self, backup: ManagedBackup) {
+        self.take(&backup.uuid);
+        for d in &backup.disks {
+            self.paths.insert(d.path.clone(), backup.uuid.clone());
+        }
+        if let Some(s) = backup.sequence {
+            self.sequences.insert(s, backup.uuid.clone());
+        }
+        self.backups.insert(backup.uuid.clone(), backup);
+    }
+
+    /// Removes backup `uuid` with its paths and sequence number.
+    fn take(&mut self, uuid: &str) -> Option<ManagedBackup> {
+        let backup = self.backups.remove(uuid)?;
+        for d in &backup.disks {
+            if self
+                .paths
+                .get(&d.path)
+                .is_some_and(|owner| *owner == backup.uuid)
+            {
+                self.paths.remove(&d.path);
+            }
+        }
+        if let Some(s) = backup.sequence
+            && self
+                .sequences
+                .get(&s)
+                .is_some_and(|owner| *owner == backup.uuid)
+        {
+            self.sequences.remove(&s);
+        }
+        Some(backup)
     }
 
     /// Backups from oldest to newest. The order is total and the same on every load:
@@ -301,11 +337,9 @@ impl Catalogue {
     /// The sequence number of the next backup recorded: one more than the greatest so far
     /// (1 in a catalogue without numbered backups).
     pub fn next_sequence(&self) -> u64 {
-        self.backups
-            .values()
-            .filter_map(|b| b.sequence)
-            .max()
-            .map_or(1, |s| s.saturating_add(1))
+        self.sequences
+            .last_key_value()
+            .map_or(1, |(s, _)| s.saturating_add(1))
     }
 
     /// The backups whose parent is `uuid`, oldest first.
@@ -389,7 +423,7 @@ impl Catalogue {
                         child.kind = BackupKind::Full;
                     }
                     ops.push(CatalogueOp::PutBackup(Box::new(child.clone())));
-                    self.backups.insert(child.uuid.clone(), child);
+                    self.put(child);
                 }
                 vec![target]
             }
@@ -420,7 +454,7 @@ impl Catalogue {
         backup.parent = None;
         backup.kind = BackupKind::Full;
         ops.push(CatalogueOp::PutBackup(Box::new(backup.clone())));
-        self.backups.insert(backup.uuid.clone(), backup);
+        self.put(backup);
         Ok(ops)
     }
 
@@ -460,7 +494,7 @@ impl Catalogue {
             if !seen.insert(backup.uuid.clone()) {
                 continue;
             }
-            self.backups.remove(&backup.uuid);
+            self.take(&backup.uuid);
             records.push(CatalogueOp::DeleteBackup {
                 uuid: backup.uuid.clone(),
             });

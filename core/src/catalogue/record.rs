@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::CatalogueError;
 use crate::model::ImageFormat;
 
-/// Whether a backup holds everything or only what changed since its parent.
+/// Whether a backup holds everything or only what changed since its parent (its serde form,
+/// `full` or `incremental`, serves caches of parsed records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupKind {
@@ -158,7 +159,7 @@ impl fmt::Display for Digest {
 }
 
 /// The image holding one disk of a backup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupImage {
     /// The disk target (`vda`).
     pub disk: String,
@@ -175,9 +176,8 @@ pub struct BackupImage {
     pub digest: Digest,
 }
 
-/// One finished backup of a domain. Its stored form is the `<managedbackup>` XML
-/// ([`ManagedBackup::format`]); the serde form only serves caches of parsed records.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One finished backup of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedBackup {
     /// Canonical lowercase uuid (see [`validate_uuid`]); also the record's file name.
     pub uuid: String,
