@@ -1,7 +1,7 @@
 //! The checkpoint index against real qemu-storage-daemon: a domain loaded through the index
 //! equals the one parsed from the checkpoint files, and an index that is missing, torn or
-//! stale (a checkpoint file changed behind it) is rebuilt from the files. Tests skip (pass
-//! with a note) when the QEMU tools are missing.
+//! stale (a checkpoint file changed behind it) is rebuilt from the files. A missing QEMU tool
+//! fails the test (it never skips).
 
 mod support;
 

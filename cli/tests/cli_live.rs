@@ -1,5 +1,5 @@
 //! The `vbackup` binary against real qemu-storage-daemon, each test in its own state
-//! directory. Tests skip (pass with a note) when the QEMU tools are missing. Every test stops
+//! directory. A missing QEMU tool fails the test (it never skips). Every test stops
 //! the daemons it caused, even when it fails (see [`Lab`]'s drop).
 
 mod support;

@@ -1,7 +1,7 @@
 //! Managed backups through the `vbackup` binary against real qemu-storage-daemon: creation
 //! (push and pull, full and incremental), listing, restore, deletion and interruption. Each
-//! test has its own state directory and small images; tests skip (pass with a note) when the
-//! QEMU tools are missing, and stop every process they caused (see [`Lab`]'s drop).
+//! test has its own state directory and small images; a missing QEMU tool fails the test (it
+//! never skips), and every test stops the processes it caused (see [`Lab`]'s drop).
 
 mod support;
 
@@ -897,4 +897,40 @@ fn a_backup_into_a_vanished_target_directory_is_refused_and_creates_nothing() {
         &lab.restore(&inc, &[], "r1"),
         &lab.vm_snapshot("now.qcow2")
     ));
+}
+
+#[test]
+fn the_backup_index_is_written_with_the_records_and_rebuilt_when_missing_or_torn() {
+    let Some(lab) = Lab::new("live managed-backup test") else {
+        return;
+    };
+    lab.started_domain(16);
+    lab.vm_write(1, "0", "1M");
+    let full = lab.backup(None, false);
+    lab.vm_write(2, "0", "1M");
+    let inc = lab.backup(Some(&full), false);
+    let index = lab.state().join("domains/vm/backup-index.json");
+    assert!(index.exists(), "the index is written with the records");
+    let listed = lab.ok(&["backup-list", "vm", "--json"]);
+    assert_eq!(
+        lab.uuids(&["backup-list", "vm", "--json"]),
+        [full.as_str(), inc.as_str()]
+    );
+
+    // Missing: the records are parsed, the listing is the same, and the index is back.
+    std::fs::remove_file(&index).unwrap();
+    assert_eq!(lab.ok(&["backup-list", "vm", "--json"]), listed);
+    assert!(index.exists(), "a load under the lock rebuilds the index");
+
+    // Torn: the same.
+    std::fs::write(&index, b"{\"version\":1,\"sta").unwrap();
+    assert_eq!(lab.ok(&["backup-list", "vm", "--json"]), listed);
+    assert!(std::fs::read_to_string(&index).unwrap().len() > 20);
+
+    // A deletion through the index keeps it current, as the files say.
+    lab.ok(&["backup-delete", &inc]);
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+    std::fs::remove_file(&index).unwrap();
+    assert_eq!(lab.uuids(&["backup-list", "vm", "--json"]), [full.as_str()]);
+    assert_eq!(lab.ok(&["backup-verify", &full]), "vda: ok\n");
 }
