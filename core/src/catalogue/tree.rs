@@ -120,9 +120,9 @@ impl BlockHashes {
     }
 
     /// The stored form, run-length coded (a sparse disk's blocks mostly share the zero
-    /// block's hash): [`RUNS_MARK`], the size, then per run of equal hashes its length and
-    /// the hash (8-byte little-endian integers). The kind is not in it: files are kept by
-    /// digest, which names it.
+    /// block's hash): eight bytes 0xff (a size no content has), the size, then per run of
+    /// equal hashes its length and the hash (8-byte little-endian integers). The kind is not
+    /// in it: files are kept by digest, which names it.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + 40 * 16);
         out.extend_from_slice(&RUNS_MARK.to_le_bytes());
