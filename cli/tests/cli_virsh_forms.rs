@@ -143,6 +143,10 @@ const SESSION: &[Step] = &[
         ],
     ),
     (
+        &["backup-set-default-target", "vm", "{lab}/backups"],
+        &["backup-set-default-target", "--dir", "{lab}/backups", "vm"],
+    ),
+    (
         &["backup-create", "vm", "--wait"],
         &["backup-create", "--domain", "vm", "--wait"],
     ),
