@@ -59,7 +59,7 @@ pub fn load_machine(store: &DomainStore) -> Result<Managed, Error> {
 
 /// What the store holds of a domain's managed backups, for [`Managed::new`]: the records
 /// parsed already when the backup index matches them ([`catalogue_index`]).
-pub fn stored_managed(store: &DomainStore) -> Result<StoredManaged, Error> {
+fn stored_managed(store: &DomainStore) -> Result<StoredManaged, Error> {
     let records = match catalogue_index::read(store) {
         Some(records) => records,
         None => store

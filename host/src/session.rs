@@ -42,7 +42,7 @@ use vbackup_core::qmp::{QmpCommand, QmpIn};
 use vbackup_core::xml::{CheckpointDef, CheckpointMode, parse_domain};
 use vbackup_qemu::discover;
 use vbackup_qemu::qmp_socket::{QmpSocket, SocketLink};
-use vbackup_qemu::qsd::{Qsd, QsdDisk, QsdError, QsdOptions, RunDir, daemon_alive, format_node};
+use vbackup_qemu::qsd::{Found, Qsd, QsdDisk, QsdOptions, RunDir, format_node};
 use vbackup_qemu::store::{
     Collection, DomainSnapshot, DomainStore, Store, StoreError, write_atomic,
 };
@@ -495,28 +495,22 @@ impl Session {
         let mut trusted = false;
         let qmp = match &attachment {
             Attachment::Managed => {
+                let disks = def
+                    .disks
+                    .iter()
+                    .filter(|d| !d.is_empty())
+                    .map(QsdDisk::from_disk_def)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mark = take_in_step_mark(&run_dir);
-                match Qsd::attach_unnegotiated(&run_dir, CONNECT_TIMEOUT) {
-                    Ok((pid, qmp)) => {
+                match Qsd::attach_or_start(&run_dir, &disks, &QsdOptions::default())? {
+                    Found::Running { pid, qmp } => {
                         trusted = mark.is_some() && mark == daemon_identity(pid);
                         qmp
                     }
-                    Err(QsdError::NotRunning { .. } | QsdError::DaemonGone { .. }) => {
-                        let disks = def
-                            .disks
-                            .iter()
-                            .filter(|d| !d.is_empty())
-                            .map(QsdDisk::from_disk_def)
-                            .collect::<Result<Vec<_>, _>>()?;
+                    Found::Started { qsd, replaced } => {
                         // A pid file whose process is gone: the daemon died without a clean
                         // stop (QEMU removes the file when it exits normally).
-                        let dead = RunDir::new(&run_dir)
-                            .read_pid()
-                            .ok()
-                            .flatten()
-                            .filter(|pid| !daemon_alive(*pid));
-                        let qsd = Qsd::start(&run_dir, &disks, &QsdOptions::default())?;
-                        if let Some(pid) = dead {
+                        if let Some(pid) = replaced {
                             restarted = true;
                             eprintln!(
                                 "note: the qemu-storage-daemon of domain '{}' (pid {pid}) was gone; started a new one (pid {}); bitmaps it had not written are lost",
@@ -530,7 +524,6 @@ impl Session {
                         drop(qsd.into_qmp());
                         QmpSocket::connect_unnegotiated(&path, Instant::now() + CONNECT_TIMEOUT)?
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
             Attachment::Attached(path) => {

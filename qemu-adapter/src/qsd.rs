@@ -368,6 +368,25 @@ fn qemu_opt_value(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
+/// What [`Qsd::attach_or_start`] found in a run directory.
+#[derive(Debug)]
+pub enum Found {
+    /// A daemon was running: its pid, and the connection with its greeting read.
+    Running {
+        /// The daemon's pid.
+        pid: u32,
+        /// Not negotiated yet.
+        qmp: QmpSocket,
+    },
+    /// None ran, so one was started.
+    Started {
+        /// The new daemon's handle (negotiated).
+        qsd: Qsd,
+        /// The pid of a daemon whose pid file was left behind by its death.
+        replaced: Option<u32>,
+    },
+}
+
 /// A handle on a running qemu-storage-daemon with a negotiated QMP connection.
 #[derive(Debug)]
 pub struct Qsd {
@@ -452,7 +471,18 @@ impl Qsd {
     /// Connects to the daemon already running in `run_dir`: [`QsdError::NotRunning`] without a
     /// pid file, [`QsdError::DaemonGone`] if its process is gone.
     pub fn reconnect(run_dir: &Path, timeout: Duration) -> Result<Qsd, QsdError> {
-        let (pid, mut qmp) = Qsd::attach_unnegotiated(run_dir, timeout)?;
+        let (pid, qmp) = Qsd::attach_unnegotiated(run_dir, timeout)?;
+        Qsd::negotiated(run_dir, pid, qmp, timeout)
+    }
+
+    /// The handle of the running daemon `pid` of `run_dir`, once `qmp` (its greeting read) is
+    /// negotiated.
+    fn negotiated(
+        run_dir: &Path,
+        pid: u32,
+        mut qmp: QmpSocket,
+        timeout: Duration,
+    ) -> Result<Qsd, QsdError> {
         let deadline = Instant::now() + timeout;
         qmp.negotiate(deadline).map_err(|e| match e {
             _ if !daemon_alive(pid) => QsdError::DaemonGone { pid },
@@ -501,10 +531,28 @@ impl Qsd {
         disks: &[QsdDisk],
         options: &QsdOptions,
     ) -> Result<Qsd, QsdError> {
-        match Qsd::reconnect(run_dir, options.timeout) {
-            Ok(qsd) => Ok(qsd),
-            Err(QsdError::NotRunning { .. } | QsdError::DaemonGone { .. }) => {
-                Qsd::start(run_dir, disks, options)
+        match Qsd::attach_or_start(run_dir, disks, options)? {
+            Found::Running { pid, qmp } => Qsd::negotiated(run_dir, pid, qmp, options.timeout),
+            Found::Started { qsd, .. } => Ok(qsd),
+        }
+    }
+
+    /// [`Qsd::connect_or_start`], leaving a running daemon's connection un-negotiated (for a
+    /// caller that negotiates its own session).
+    pub fn attach_or_start(
+        run_dir: &Path,
+        disks: &[QsdDisk],
+        options: &QsdOptions,
+    ) -> Result<Found, QsdError> {
+        match Qsd::attach_unnegotiated(run_dir, options.timeout) {
+            Ok((pid, qmp)) => Ok(Found::Running { pid, qmp }),
+            Err(e @ (QsdError::NotRunning { .. } | QsdError::DaemonGone { .. })) => {
+                let replaced = match e {
+                    QsdError::DaemonGone { pid } => Some(pid),
+                    _ => None,
+                };
+                let qsd = Qsd::start(run_dir, disks, options)?;
+                Ok(Found::Started { qsd, replaced })
             }
             Err(e) => Err(e),
         }

@@ -38,6 +38,14 @@ impl StoredRecord {
         }
     }
 
+    /// The record: the one parsed already, else `text` parsed now.
+    pub fn take_record(&mut self) -> Result<ManagedBackup, crate::xml::XmlError> {
+        match self.parsed.take() {
+            Some(b) => Ok(*b),
+            None => ManagedBackup::parse(&self.text),
+        }
+    }
+
     /// A record read from `file` and parsed already.
     pub fn parsed(file: impl Into<String>, record: ManagedBackup) -> Self {
         let mut stored = Self::new(file, String::new());
@@ -73,19 +81,16 @@ impl Catalogue {
         let mut unparsed = Vec::new();
         let parsed: Vec<(StoredRecord, ManagedBackup)> = records
             .into_iter()
-            .filter_map(|mut stored| match stored.parsed.take() {
-                Some(b) => Some((stored, *b)),
-                None => match ManagedBackup::parse(&stored.text) {
-                    Ok(b) => Some((stored, b)),
-                    Err(e) => {
-                        unparsed.push(DamagedRecord {
-                            uuid: stored.uuid,
-                            file: stored.file,
-                            reason: format!("it does not parse: {e}"),
-                        });
-                        None
-                    }
-                },
+            .filter_map(|mut stored| match stored.take_record() {
+                Ok(b) => Some((stored, b)),
+                Err(e) => {
+                    unparsed.push(DamagedRecord {
+                        uuid: stored.uuid,
+                        file: stored.file,
+                        reason: format!("it does not parse: {e}"),
+                    });
+                    None
+                }
             })
             .collect();
         let (catalogue, mut damaged) = Self::load_parsed(domain, parsed, default_target);

@@ -235,11 +235,7 @@ impl Managed {
         let mut files = BTreeMap::new();
         let mut unreadable = Vec::new();
         for mut r in stored.records {
-            let parsed = match r.parsed.take() {
-                Some(b) => Ok(*b),
-                None => ManagedBackup::parse(&r.text),
-            };
-            match parsed {
+            match r.take_record() {
                 Ok(b) if r.uuid.as_ref().is_none_or(|u| *u == b.uuid) => {
                     files.insert(b.uuid.clone(), r.file.clone());
                     records.insert(b.uuid.clone(), b);
